@@ -1,0 +1,489 @@
+//! Typed configuration: built-in defaults, then the TOML file (`--config`), then environment
+//! variables (`TERN_SECTION__KEY=value`), then `--set section.key=value` flags.
+//!
+//! Owns parsing, layering and validation (`tern check-config`). It must not open sockets or
+//! start anything; validation errors name the offending key.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Errors found while loading or validating the configuration. Each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("--set {arg}: {message}")]
+    Flag { arg: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The whole daemon configuration, one section per face (DESIGN.md, "Naming").
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub turn: TurnConfig,
+    pub api: ApiConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+/// A static long-term credential (RFC 8489 §9.2). Either `password` or `key`
+/// (hex MD5 of `user:realm:password`, as coturn's `turnadmin -k` prints) must be set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticUser {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// `[turn]`: the STUN/TURN face (RFC 8489, RFC 8656).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// Addresses for the UDP and TCP listeners (both transports on each).
+    pub listen: Vec<SocketAddr>,
+    /// Local addresses relay sockets bind to. Empty: the detected primary address.
+    pub relay_ip: Vec<IpAddr>,
+    /// Addresses advertised in XOR-RELAYED-ADDRESS instead of the relay address
+    /// (1:1 NAT, like coturn's `external-ip`). Either one per relay_ip, in the same order, or empty.
+    pub external_ip: Vec<IpAddr>,
+    pub min_port: u16,
+    pub max_port: u16,
+    pub realm: String,
+    /// TURN REST API shared secrets (coturn `static-auth-secret`); all are accepted, so a
+    /// new one can be added before the old one is removed.
+    pub auth_secrets: Vec<String>,
+    /// Files holding one secret per line (blank lines and `#` comments ignored).
+    pub secret_file: Vec<PathBuf>,
+    /// Separator between expiry timestamp and user id in REST usernames.
+    pub username_separator: String,
+    pub users: Vec<StaticUser>,
+    /// An allocation cannot be refreshed past its REST credential's expiry.
+    pub strict_expiry: bool,
+    pub default_lifetime_secs: u32,
+    pub max_lifetime_secs: u32,
+    /// Allocations one user may hold at once (RFC 8656 §7.2 486 Allocation Quota Reached).
+    pub user_quota: u32,
+    /// Allocations the whole server may hold at once (508 Insufficient Capacity past it).
+    pub total_quota: u32,
+    /// Peer ranges allowed even though the default policy denies them (e.g. "127.0.0.0/8").
+    pub allowed_peer_ranges: Vec<IpNet>,
+    /// Extra peer ranges to deny.
+    pub denied_peer_ranges: Vec<IpNet>,
+    /// Unauthenticated requests answered per second per source IP (401 answers included).
+    pub unauth_rate_per_sec: u32,
+    pub unauth_burst: u32,
+    /// A TCP connection that has not completed a message for this long is closed.
+    pub tcp_idle_timeout_secs: u32,
+    /// Open TCP connections per client IP.
+    pub tcp_max_per_ip: u32,
+    /// Worker threads (0: one per core).
+    pub workers: usize,
+    /// SO_RCVBUF / SO_SNDBUF for listener and relay sockets.
+    pub socket_buffer_bytes: usize,
+    /// SOFTWARE attribute on responses; empty to omit.
+    pub software: String,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "0.0.0.0:3478".parse().unwrap(),
+                "[::]:3478".parse().unwrap(),
+            ],
+            relay_ip: vec![],
+            external_ip: vec![],
+            min_port: 49152,
+            max_port: 65535,
+            realm: "tern".into(),
+            auth_secrets: vec![],
+            secret_file: vec![],
+            username_separator: ":".into(),
+            users: vec![],
+            strict_expiry: false,
+            default_lifetime_secs: 600,
+            max_lifetime_secs: 3600,
+            user_quota: 10,
+            total_quota: 10_000,
+            allowed_peer_ranges: vec![],
+            denied_peer_ranges: vec![],
+            unauth_rate_per_sec: 20,
+            unauth_burst: 40,
+            tcp_idle_timeout_secs: 30,
+            tcp_max_per_ip: 64,
+            workers: 0,
+            socket_buffer_bytes: 4 << 20,
+            software: concat!("tern/", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+/// `[api]`: the HTTP listener (credentials API, signaling, web page).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Host name put in ICE server URLs; empty: the first external/relay address.
+    pub public_host: String,
+    /// Lifetime of credentials minted for anonymous browsers.
+    pub anonymous_ttl_secs: u32,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            public_host: String::new(),
+            anonymous_ttl_secs: 600,
+        }
+    }
+}
+
+/// `[metrics]`: Prometheus scrape and health endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9641".parse().unwrap(),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. "info" or "tern=debug".
+    pub level: String,
+    /// "text" or "json".
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file`, then `TERN_*` variables from `env`, then `sets`
+    /// (`section.key=value`), and validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut root = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            root = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+        }
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix("TERN_") else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once("__") else {
+                continue;
+            };
+            let path = format!("{}.{}", section.to_lowercase(), key.to_lowercase());
+            set_path(&mut root, &path, &value).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
+        }
+        for arg in sets {
+            let (path, value) = arg.split_once('=').ok_or_else(|| ConfigError::Flag {
+                arg: arg.clone(),
+                message: "expected section.key=value".into(),
+            })?;
+            set_path(&mut root, path.trim(), value.trim()).map_err(|message| {
+                ConfigError::Flag {
+                    arg: arg.clone(),
+                    message,
+                }
+            })?;
+        }
+        let cfg: Config = toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: file.map(Path::to_path_buf).unwrap_or_default(),
+                message: e.message().to_string() + &describe_span(&e),
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks cross-field rules that serde cannot express; names the key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.turn;
+        if t.listen.is_empty() {
+            return Err(invalid("turn.listen", "at least one address is required"));
+        }
+        if t.min_port == 0 || t.min_port > t.max_port {
+            return Err(invalid(
+                "turn.min_port",
+                format!(
+                    "relay range {}-{} is empty or starts at 0",
+                    t.min_port, t.max_port
+                ),
+            ));
+        }
+        if !t.external_ip.is_empty()
+            && !t.relay_ip.is_empty()
+            && t.external_ip.len() != t.relay_ip.len()
+        {
+            return Err(invalid(
+                "turn.external_ip",
+                "must list one address per turn.relay_ip entry",
+            ));
+        }
+        if t.realm.is_empty() || t.realm.len() > 763 {
+            return Err(invalid(
+                "turn.realm",
+                "must be 1 to 763 bytes (RFC 8489 §14.9)",
+            ));
+        }
+        if t.username_separator.chars().count() != 1 {
+            return Err(invalid("turn.username_separator", "must be one character"));
+        }
+        if t.default_lifetime_secs == 0 || t.default_lifetime_secs > t.max_lifetime_secs {
+            return Err(invalid(
+                "turn.default_lifetime_secs",
+                "must be between 1 and turn.max_lifetime_secs",
+            ));
+        }
+        if t.user_quota == 0 {
+            return Err(invalid("turn.user_quota", "must be at least 1"));
+        }
+        if t.total_quota == 0 {
+            return Err(invalid("turn.total_quota", "must be at least 1"));
+        }
+        if t.unauth_rate_per_sec == 0 || t.unauth_burst == 0 {
+            return Err(invalid(
+                "turn.unauth_rate_per_sec",
+                "rate and burst must be at least 1",
+            ));
+        }
+        if t.socket_buffer_bytes < 65536 {
+            return Err(invalid(
+                "turn.socket_buffer_bytes",
+                "must be at least 65536",
+            ));
+        }
+        for (i, s) in t.auth_secrets.iter().enumerate() {
+            if s.is_empty() {
+                return Err(invalid(&format!("turn.auth_secrets[{i}]"), "empty secret"));
+            }
+        }
+        for (i, u) in t.users.iter().enumerate() {
+            let key = format!("turn.users[{i}]");
+            if u.name.is_empty() {
+                return Err(invalid(&key, "name is empty"));
+            }
+            match (&u.password, &u.key) {
+                (Some(_), None) => {}
+                (None, Some(k)) => {
+                    if k.len() != 32 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(invalid(
+                            &key,
+                            "key must be 32 hex digits (MD5 of user:realm:password)",
+                        ));
+                    }
+                }
+                _ => return Err(invalid(&key, "set exactly one of password or key")),
+            }
+        }
+        // Secret files must be readable now, so a typo fails at start, not at first login.
+        self.turn_secrets()?;
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", "must be \"text\" or \"json\""));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", "not a valid tracing filter"));
+        }
+        Ok(())
+    }
+
+    /// All REST API secrets: inline ones first, then those from `secret_file`s.
+    pub fn turn_secrets(&self) -> Result<Vec<String>, ConfigError> {
+        let mut out = self.turn.auth_secrets.clone();
+        for (i, path) in self.turn.secret_file.iter().enumerate() {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    &format!("turn.secret_file[{i}]"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let before = out.len();
+            out.extend(read_secret_lines(&text));
+            if out.len() == before {
+                return Err(invalid(
+                    &format!("turn.secret_file[{i}]"),
+                    format!("{} holds no secret", path.display()),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Secrets in a secret file: one a line, blank lines and `#` comments skipped.
+pub fn read_secret_lines(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+}
+
+fn describe_span(e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => format!(" (at byte {})", span.start),
+        None => String::new(),
+    }
+}
+
+/// Sets `section.key` in the table from a string: parsed as a TOML value when it is one
+/// (numbers, booleans, arrays), else taken as a string.
+fn set_path(root: &mut toml::Table, path: &str, raw: &str) -> Result<(), String> {
+    let mut parts = path.split('.');
+    let (Some(section), Some(key), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("`{path}` is not section.key"));
+    };
+    let value = parse_scalar(raw);
+    let entry = root
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let table = entry
+        .as_table_mut()
+        .ok_or_else(|| format!("`{section}` is not a section"))?;
+    table.insert(key.to_string(), value);
+    Ok(())
+}
+
+fn parse_scalar(raw: &str) -> toml::Value {
+    let probe = format!("v = {raw}");
+    match probe.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Current `TERN_*` environment variables, for [`Config::load`].
+pub fn tern_env() -> BTreeMap<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("TERN_"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, file).unwrap();
+        Config::load(
+            Some(&p),
+            env.iter().map(|(a, b)| (a.to_string(), b.to_string())),
+            &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, Vec::new(), &[]).unwrap();
+        assert_eq!(c.turn.min_port, 49152);
+        assert_eq!(c.turn.user_quota, 10);
+        assert_eq!(c.turn.listen.len(), 2);
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let c = load(
+            "[turn]\nrealm = \"file\"\nmin_port = 50000\n",
+            &[
+                ("TERN_TURN__REALM", "env"),
+                ("TERN_TURN__MAX_PORT", "50010"),
+            ],
+            &["turn.max_port=50020"],
+        )
+        .unwrap();
+        assert_eq!(c.turn.realm, "env");
+        assert_eq!(c.turn.min_port, 50000);
+        assert_eq!(c.turn.max_port, 50020);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load("[turn]\nmin_port = 6000\nmax_port = 5000\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("turn.min_port"), "{e}");
+        let e = load("[turn]\nrelam = \"x\"\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("relam"), "{e}");
+        let e = load("[turn]\nsecret_file = [\"/nonexistent/x\"]\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("turn.secret_file[0]"), "{e}");
+        let e = load("", &[], &["turn.users=[{name=\"a\"}]"]).unwrap_err();
+        assert!(e.to_string().starts_with("turn.users[0]"), "{e}");
+        let e = load("[log]\nformat = \"xml\"\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("log.format"), "{e}");
+    }
+
+    #[test]
+    fn secret_file_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, "# comment\n\nfirst\n  second  \n").unwrap();
+        let c = load(
+            &format!("[turn]\nauth_secrets=[\"inline\"]\nsecret_file=[{:?}]\n", p),
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.turn_secrets().unwrap(), vec!["inline", "first", "second"]);
+    }
+}

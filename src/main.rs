@@ -1,0 +1,138 @@
+//! The `tern` command line: serve, credentials, check-config.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tern::config::{self, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Self-hosted WebRTC connectivity: STUN/TURN, ICE credentials, signaling"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// TOML config file (see config/tern.example.toml). Without it, built-in defaults.
+    #[arg(long, short = 'c', env = "TERN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override one key: `--set turn.realm=example.org` (repeatable; applied last).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(
+            self.config.as_deref(),
+            config::tern_env(),
+            &self.set,
+        )?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Mint a time-limited TURN REST API credential (username `expiry:user`).
+    Credentials {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// File holding the shared secret (first secret line is used).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// The shared secret itself (prefer --secret-file: command lines are visible to others).
+        #[arg(long, env = "TERN_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// User id put after the expiry.
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 86400)]
+        ttl: u64,
+        /// Print JSON (username, password, ttl, uris-less) instead of two lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration and print the first problem, naming its key.
+    CheckConfig {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { cfg } => {
+            let cfg = cfg.load()?;
+            tern::logging::init(&cfg.log);
+            tern::daemon::run(cfg)?;
+            Ok(())
+        }
+        Command::Credentials {
+            cfg,
+            secret_file,
+            secret,
+            user,
+            ttl,
+            json,
+        } => {
+            let secret = match (secret_file, secret) {
+                (Some(path), _) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let first = config::read_secret_lines(&text).next();
+                    match first {
+                        Some(s) => s,
+                        None => bail!("{} holds no secret", path.display()),
+                    }
+                }
+                (None, Some(s)) => s,
+                (None, None) => {
+                    let c = cfg.load()?;
+                    match c.turn_secrets()?.into_iter().next() {
+                        Some(s) => s,
+                        None => bail!("no secret: pass --secret-file or configure turn.auth_secrets / turn.secret_file"),
+                    }
+                }
+            };
+            let sep = cfg
+                .load()
+                .map(|c| c.turn.username_separator)
+                .unwrap_or_else(|_| ":".into());
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            let c = tern::turn::auth::mint_rest_credential(&secret, &user, ttl, now, &sep);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"username": c.username, "password": c.password, "ttl": ttl})
+                );
+            } else {
+                println!("username: {}\npassword: {}", c.username, c.password);
+            }
+            Ok(())
+        }
+        Command::CheckConfig { cfg } => match cfg.load() {
+            Ok(_) => {
+                println!("config ok");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("config error: {e:#}");
+                std::process::exit(2);
+            }
+        },
+    }
+}
