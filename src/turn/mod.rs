@@ -1,4 +1,82 @@
 //! Sans-IO TURN server (RFC 8656): allocations, permissions, channels, nonces, auth,
 //! quotas and peer policy. Takes bytes, the sender and `now`; never touches a socket or clock.
+//!
+//! # Contract with the IO driver (`crate::net`)
+//! One [`Server`] per worker shard. The driver:
+//! - passes every STUN message from a client to `Server::handle_stun`, which writes any
+//!   response into the caller's buffer and returns an [`Action`];
+//! - for ChannelData from a client calls `Server::channel_to_peer` (O(1), allocation-free);
+//! - for a datagram arriving on a relay socket calls `Server::peer_to_client`;
+//! - calls `Server::handle_timeout` when `Server::poll_timeout` is due;
+//! - calls `Server::client_closed` when a TCP/TLS client connection closes.
+//!
+//! Relay sockets are opened and closed through the [`RelayIo`] trait the driver implements;
+//! the port numbers are chosen by the core's shared port pool.
 
 pub mod auth;
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Instant;
+
+/// Transport between client and server (RFC 8656 §3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+/// The client's 5-tuple (RFC 8656 §2): identifies an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    pub transport: Transport,
+    /// The client's address as seen by the server.
+    pub client: SocketAddr,
+    /// The server's listening address the client reached.
+    pub server: SocketAddr,
+}
+
+/// Handle of a relay socket owned by the IO driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RelayId(pub u32);
+
+/// The time as the driver sees it: monotonic for lifetimes, Unix seconds for REST
+/// credential expiry. Tests simulate both.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub mono: Instant,
+    pub unix_secs: u64,
+}
+
+/// What the driver does after `Server::handle_stun`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to send (an indication consumed, a response ignored, or input dropped and counted).
+    None,
+    /// Send `out[..len]` back to the client on the same 5-tuple.
+    Reply(usize),
+    /// A Send indication: send `msg[payload]` from relay socket `relay` to `peer`.
+    Forward {
+        relay: RelayId,
+        peer: SocketAddr,
+        payload: Range<usize>,
+    },
+}
+
+/// Where peer data arriving on a relay socket goes (RFC 8656 §11.6, §12.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerRoute {
+    pub client: FiveTuple,
+    /// Bound channel for this peer: frame as ChannelData; `None`: send a Data indication.
+    pub channel: Option<u16>,
+}
+
+/// Relay sockets, implemented by the IO driver (a fake in unit tests).
+pub trait RelayIo {
+    /// Opens a UDP relay socket bound to exactly `addr`. `AddrInUse` makes the core try
+    /// another port from its pool.
+    fn open_relay(&mut self, addr: SocketAddr) -> std::io::Result<RelayId>;
+    /// Closes a relay socket (allocation deleted or expired).
+    fn close_relay(&mut self, relay: RelayId);
+}
