@@ -5,5 +5,6 @@ pub mod config;
 pub mod daemon;
 pub mod logging;
 pub mod net;
+pub mod ops;
 pub mod stun;
 pub mod turn;
