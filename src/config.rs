@@ -561,7 +561,10 @@ impl Config {
             }
         }
         if s.relay_ticket_ttl_secs == 0 {
-            return Err(invalid("signal.relay_ticket_ttl_secs", "must be at least 1"));
+            return Err(invalid(
+                "signal.relay_ticket_ttl_secs",
+                "must be at least 1",
+            ));
         }
         if !s.peerjs_path.starts_with('/') || s.peerjs_path.contains(['?', '#', ' ']) {
             return Err(invalid(

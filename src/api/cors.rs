@@ -30,7 +30,9 @@ pub fn check_origin(headers: &HeaderMap, allowed: &[String]) -> OriginCheck {
     let Ok(o) = origin.to_str() else {
         return OriginCheck::Denied;
     };
-    let listed = allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o));
+    let listed = allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(o));
     let own = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -95,7 +97,10 @@ mod tests {
         // Own origin: the built-in page.
         assert!(matches!(
             check_origin(
-                &h(&[("origin", "http://turn.example:8080"), ("host", "turn.example:8080")]),
+                &h(&[
+                    ("origin", "http://turn.example:8080"),
+                    ("host", "turn.example:8080")
+                ]),
                 &[]
             ),
             OriginCheck::Allowed(Some(_))

@@ -127,9 +127,7 @@ fn anon_allowed(st: &AppState, ip: IpAddr) -> bool {
         map.retain(|_, b| !b.is_full(now));
         if map.len() >= MAX_ANON_ENTRIES {
             // Under a spray of addresses, refuse new ones rather than grow without bound.
-            return map
-                .get_mut(&ip)
-                .is_some_and(|b| b.try_take(1.0, now));
+            return map.get_mut(&ip).is_some_and(|b| b.try_take(1.0, now));
         }
     }
     map.entry(ip)
@@ -237,13 +235,7 @@ fn mint(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let c = mint_rest_credential(
-        secret,
-        &user,
-        ttl,
-        now,
-        &st.cfg.turn.username_separator,
-    );
+    let c = mint_rest_credential(secret, &user, ttl, now, &st.cfg.turn.username_separator);
     let port = st.cfg.turn.listen.first().map_or(3478, SocketAddr::port);
     Ok(Minted {
         username: c.username,

@@ -158,7 +158,13 @@ impl HttpService {
             let _ = tx.send(());
         }
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
+            // Blocking on shutdown is not allowed inside another runtime (an embedding
+            // async caller): then let the threads wind down in the background.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            } else {
+                rt.shutdown_timeout(Duration::from_secs(2));
+            }
         }
     }
 }

@@ -107,7 +107,10 @@ fn peerjs_cors(headers: &HeaderMap, mut r: Response) -> Response {
 
 async fn peerjs_info(headers: HeaderMap) -> Response {
     let r = (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         INFO_JSON,
     )
         .into_response();

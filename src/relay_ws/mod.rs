@@ -104,7 +104,12 @@ impl RelayHub {
     }
 
     /// Registers a session for two tickets (one per side), issued by signaling.
-    pub fn register(&self, session: u64, tickets: [&str; 2], now: Instant) -> Result<(), RelayError> {
+    pub fn register(
+        &self,
+        session: u64,
+        tickets: [&str; 2],
+        now: Instant,
+    ) -> Result<(), RelayError> {
         let mut t = self.tables.lock().unwrap_or_else(|e| e.into_inner());
         Self::sweep_locked(&mut t, now);
         // Claim a slot atomically against concurrent registrations.
@@ -131,8 +136,10 @@ impl RelayHub {
                 sides: [Some(side0), Some(side1)],
             },
         );
-        t.tickets.insert(tickets[0].to_string(), (session, 0, expires));
-        t.tickets.insert(tickets[1].to_string(), (session, 1, expires));
+        t.tickets
+            .insert(tickets[0].to_string(), (session, 0, expires));
+        t.tickets
+            .insert(tickets[1].to_string(), (session, 1, expires));
         self.stats.sessions_started.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -226,6 +233,7 @@ mod tests {
         // An unclaimed session is released when its tickets expire.
         hub.sweep(t0 + Duration::from_secs(61));
         assert_eq!(hub.active_sessions(), 0);
-        hub.register(4, ["g", "h"], t0 + Duration::from_secs(61)).unwrap();
+        hub.register(4, ["g", "h"], t0 + Duration::from_secs(61))
+            .unwrap();
     }
 }

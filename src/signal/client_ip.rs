@@ -73,7 +73,11 @@ fn parse_forwarded_node(v: &str) -> Option<IpAddr> {
     if let Some(rest) = v.strip_prefix('[') {
         return rest.split(']').next()?.parse().ok();
     }
-    v.rsplit_once(':')?.0.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+    v.rsplit_once(':')?
+        .0
+        .parse::<Ipv4Addr>()
+        .ok()
+        .map(IpAddr::V4)
 }
 
 /// IPv4-mapped IPv6 addresses become IPv4.
@@ -93,8 +97,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 pub fn lan_key(ip: IpAddr, v6_prefix_len: u8) -> String {
     match canonical(ip) {
         IpAddr::V4(v4) => {
-            if v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified()
-            {
+            if v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified() {
                 "local".into()
             } else {
                 format!("v4:{v4}")

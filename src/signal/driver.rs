@@ -190,8 +190,18 @@ impl<M: Machine> Hub<M> {
         match registered {
             Ok(()) => {
                 let ttl = self.relay_ticket_ttl;
-                Self::push(g, ca, Frame::Text(relay_ticket_text(&peer_b, &ta, ttl)), dropped);
-                Self::push(g, cb, Frame::Text(relay_ticket_text(&peer_a, &tb, ttl)), dropped);
+                Self::push(
+                    g,
+                    ca,
+                    Frame::Text(relay_ticket_text(&peer_b, &ta, ttl)),
+                    dropped,
+                );
+                Self::push(
+                    g,
+                    cb,
+                    Frame::Text(relay_ticket_text(&peer_a, &tb, ttl)),
+                    dropped,
+                );
             }
             Err(message) => {
                 let text = ServerMsg::Error {

@@ -159,8 +159,9 @@ impl PeerJsService {
         }
         if let Some(c) = self.clients.get_mut(id) {
             if c.token != token {
-                let text = serde_json::json!({"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}})
-                    .to_string();
+                let text =
+                    serde_json::json!({"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}})
+                        .to_string();
                 Self::reject(conn, text, &mut out);
                 return out;
             }

@@ -59,7 +59,11 @@ fn id_taken_and_silent_reattach() {
     // The old socket's close does not unregister alice.
     s.disconnect(1, t0);
     open(&mut s, 4, "bob", "tb", t0);
-    let o = s.message(4, r#"{"type":"OFFER","dst":"alice","payload":{"sdp":"x"}}"#, t0);
+    let o = s.message(
+        4,
+        r#"{"type":"OFFER","dst":"alice","payload":{"sdp":"x"}}"#,
+        t0,
+    );
     assert_eq!(texts(&o, 3)[0]["src"], "bob");
 }
 
@@ -80,7 +84,9 @@ fn forward_sets_src_and_keeps_only_protocol_fields() {
     );
     // Malformed and unknown messages are ignored, not answered (ERROR would abort the client).
     assert!(s.message(1, "not json", t0).is_empty());
-    assert!(s.message(1, r#"{"type":"DANCE","dst":"bob"}"#, t0).is_empty());
+    assert!(s
+        .message(1, r#"{"type":"DANCE","dst":"bob"}"#, t0)
+        .is_empty());
     assert!(s.message(1, r#"[1,2]"#, t0).is_empty());
     assert_eq!(s.stats().bad_messages, 3);
 }
@@ -91,11 +97,17 @@ fn queue_for_absent_peer_then_expire_on_simulated_clock() {
     let t0 = Instant::now();
     open(&mut s, 1, "alice", "t1", t0);
     for i in 0..3 {
-        let o = s.message(1, &format!(r#"{{"type":"CANDIDATE","dst":"ghost","payload":{i}}}"#), t0);
+        let o = s.message(
+            1,
+            &format!(r#"{{"type":"CANDIDATE","dst":"ghost","payload":{i}}}"#),
+            t0,
+        );
         assert!(o.is_empty());
     }
     // LEAVE and EXPIRE for an absent peer are dropped, not queued.
-    assert!(s.message(1, r#"{"type":"LEAVE","dst":"ghost"}"#, t0).is_empty());
+    assert!(s
+        .message(1, r#"{"type":"LEAVE","dst":"ghost"}"#, t0)
+        .is_empty());
     assert!(s.tick(t0 + Duration::from_millis(4999)).is_empty());
     let o = s.tick(t0 + Duration::from_secs(5));
     // One EXPIRE per (sender, destination) pair, from the absent peer's id.
@@ -128,7 +140,11 @@ fn queue_is_bounded() {
     let t0 = Instant::now();
     open(&mut s, 1, "alice", "t1", t0);
     for i in 0..10 {
-        s.message(1, &format!(r#"{{"type":"CANDIDATE","dst":"ghost","payload":{i}}}"#), t0);
+        s.message(
+            1,
+            &format!(r#"{{"type":"CANDIDATE","dst":"ghost","payload":{i}}}"#),
+            t0,
+        );
     }
     assert_eq!(s.stats().queued_dropped, 6);
     let o = open(&mut s, 2, "ghost", "g", t0);

@@ -9,13 +9,22 @@ use serde_json::Value;
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ClientMsg {
     /// Join a named room (a share link carries its name).
-    Join { room: String },
+    Join {
+        room: String,
+    },
     /// Leave a room (named or `lan`).
-    Leave { room: String },
+    Leave {
+        room: String,
+    },
     /// Opaque payload (SDP, ICE candidates) for a peer sharing a room.
-    Signal { to: String, data: Value },
+    Signal {
+        to: String,
+        data: Value,
+    },
     /// Ask for a `/relay` session with a peer sharing a room.
-    Relay { to: String },
+    Relay {
+        to: String,
+    },
     /// Application-level keepalive; answered with `pong`.
     Ping,
     Pong,

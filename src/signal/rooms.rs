@@ -472,7 +472,10 @@ impl RoomService {
             out.push(Self::error(
                 conn,
                 ErrorCode::TooManyRooms,
-                format!("at most {} named rooms per peer", self.cfg.max_rooms_per_peer),
+                format!(
+                    "at most {} named rooms per peer",
+                    self.cfg.max_rooms_per_peer
+                ),
                 None,
             ));
             return;
@@ -598,9 +601,15 @@ fn classify_parse_error(text: &str, e: &serde_json::Error) -> (ErrorCode, String
     match v.get("type").and_then(|t| t.as_str()) {
         Some(t) if !CLIENT_TYPES.contains(&t) => {
             let t: String = t.chars().take(32).collect();
-            (ErrorCode::UnknownType, format!("unknown message type {t:?}"))
+            (
+                ErrorCode::UnknownType,
+                format!("unknown message type {t:?}"),
+            )
         }
-        None => (ErrorCode::BadMessage, "missing string field \"type\"".into()),
+        None => (
+            ErrorCode::BadMessage,
+            "missing string field \"type\"".into(),
+        ),
         Some(_) => (ErrorCode::BadMessage, format!("bad message: {e}")),
     }
 }

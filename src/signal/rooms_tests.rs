@@ -62,10 +62,17 @@ fn lan_members_see_each_other_and_other_lans_do_not() {
     assert_eq!(joined["room"], "lan");
     // C from another address sees nobody and nobody hears of C.
     let o = s.connect(3, "v4:198.51.100.9".into(), None, t0);
-    assert_eq!(of_type(&to(&o, 3), "room")[0]["peers"], serde_json::json!([]));
+    assert_eq!(
+        of_type(&to(&o, 3), "room")[0]["peers"],
+        serde_json::json!([])
+    );
     assert!(to(&o, 1).is_empty() && to(&o, 2).is_empty());
     // C cannot signal A: no shared room.
-    let o = s.message(3, &format!(r#"{{"type":"signal","to":"{a}","data":{{}}}}"#), t0);
+    let o = s.message(
+        3,
+        &format!(r#"{{"type":"signal","to":"{a}","data":{{}}}}"#),
+        t0,
+    );
     assert_eq!(to(&o, 3)[0]["code"], "not-in-shared-room");
     assert!(to(&o, 1).is_empty());
 }
@@ -107,13 +114,21 @@ fn named_rooms_join_leave_and_errors() {
     assert_eq!(of_type(&to(&o, 2), "room")[0]["peers"][0]["id"], a.as_str());
     assert_eq!(of_type(&to(&o, 1), "peer-joined")[0]["room"], "share-42");
     // Now they share a room: signaling works across LANs.
-    let o = s.message(2, &format!(r#"{{"type":"signal","to":"{a}","data":1}}"#), t0);
+    let o = s.message(
+        2,
+        &format!(r#"{{"type":"signal","to":"{a}","data":1}}"#),
+        t0,
+    );
     assert_eq!(to(&o, 1)[0]["from"], b.as_str());
     // Leave: A hears peer-left, B gets `left`, signaling stops.
     let o = s.message(2, r#"{"type":"leave","room":"share-42"}"#, t0);
     assert_eq!(of_type(&to(&o, 1), "peer-left")[0]["id"], b.as_str());
     assert_eq!(to(&o, 2)[0]["type"], "left");
-    let o = s.message(2, &format!(r#"{{"type":"signal","to":"{a}","data":1}}"#), t0);
+    let o = s.message(
+        2,
+        &format!(r#"{{"type":"signal","to":"{a}","data":1}}"#),
+        t0,
+    );
     assert_eq!(to(&o, 2)[0]["code"], "not-in-shared-room");
     // Errors.
     let o = s.message(2, r#"{"type":"join","room":"bad room!"}"#, t0);
@@ -170,9 +185,16 @@ fn flood_is_rate_limited_then_cut_off() {
     let mut closed = false;
     for _ in 0..25 {
         let o = s.message(1, r#"{"type":"ping"}"#, t0);
-        if o.iter()
-            .any(|x| matches!(x, Out::Close { conn: 1, code: 1008, .. }))
-        {
+        if o.iter().any(|x| {
+            matches!(
+                x,
+                Out::Close {
+                    conn: 1,
+                    code: 1008,
+                    ..
+                }
+            )
+        }) {
             closed = true;
             break;
         }
@@ -202,7 +224,14 @@ fn heartbeat_ping_then_timeout_tells_rooms() {
     // B answers (a pong frame), A stays silent.
     s.alive(2, t0 + Duration::from_secs(30));
     let o = s.tick(t0 + Duration::from_secs(60));
-    assert!(o.iter().any(|x| matches!(x, Out::Close { conn: 1, code: 4001, .. })));
+    assert!(o.iter().any(|x| matches!(
+        x,
+        Out::Close {
+            conn: 1,
+            code: 4001,
+            ..
+        }
+    )));
     assert_eq!(of_type(&to(&o, 2), "peer-left")[0]["id"], a.as_str());
     assert!(!o.iter().any(|x| matches!(x, Out::Close { conn: 2, .. })));
     assert_eq!(s.live_peers(), 1);
@@ -219,7 +248,12 @@ fn resume_within_grace_keeps_id_and_rooms() {
     let o = s.disconnect(1, t0);
     assert_eq!(of_type(&to(&o, 2), "peer-left").len(), 2, "left lan and r1");
     // Back within the grace period on a new connection: same id, same rooms.
-    let o = s.connect(3, "local".into(), Some(&token), t0 + Duration::from_secs(10));
+    let o = s.connect(
+        3,
+        "local".into(),
+        Some(&token),
+        t0 + Duration::from_secs(10),
+    );
     let (id, _) = welcome(&o, 3);
     assert_eq!(id, a);
     let w = of_type(&to(&o, 3), "welcome")[0].clone();
@@ -230,7 +264,12 @@ fn resume_within_grace_keeps_id_and_rooms() {
     s.disconnect(3, t0 + Duration::from_secs(20));
     s.tick(t0 + Duration::from_secs(51));
     let (id2, _) = welcome(
-        &s.connect(4, "local".into(), Some(&token), t0 + Duration::from_secs(52)),
+        &s.connect(
+            4,
+            "local".into(),
+            Some(&token),
+            t0 + Duration::from_secs(52),
+        ),
         4,
     );
     assert_ne!(id2, a);
@@ -242,7 +281,14 @@ fn resume_while_attached_replaces_the_old_socket() {
     let t0 = Instant::now();
     let (a, token) = welcome(&s.connect(1, "local".into(), None, t0), 1);
     let o = s.connect(2, "local".into(), Some(&token), t0);
-    assert!(o.iter().any(|x| matches!(x, Out::Close { conn: 1, code: 4000, .. })));
+    assert!(o.iter().any(|x| matches!(
+        x,
+        Out::Close {
+            conn: 1,
+            code: 4000,
+            ..
+        }
+    )));
     assert_eq!(welcome(&o, 2).0, a);
     assert_eq!(s.live_peers(), 1);
     // The old socket's late close changes nothing.
@@ -287,5 +333,12 @@ fn server_full_is_refused_with_1013() {
     let t0 = Instant::now();
     s.connect(1, "local".into(), None, t0);
     let o = s.connect(2, "local".into(), None, t0);
-    assert!(matches!(o[..], [Out::Close { conn: 2, code: 1013, .. }]));
+    assert!(matches!(
+        o[..],
+        [Out::Close {
+            conn: 2,
+            code: 1013,
+            ..
+        }]
+    ));
 }
