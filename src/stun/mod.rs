@@ -17,7 +17,7 @@ mod rfc5769_tests;
 pub use channel_data::{write_channel_data_header, CHANNEL_DATA_HEADER};
 pub use data_indication::{write_data_indication, DATA_INDICATION_HEADROOM};
 pub use framing::{tcp_frame_len, FrameError};
-pub use integrity::{verify_integrity, IntegrityError, IntegrityKind};
+pub use integrity::{find_integrity, verify_integrity, IntegrityError, IntegrityKind};
 pub use writer::{MessageWriter, WriteError};
 
 /// The magic cookie of every RFC 8489 message (§5).
