@@ -77,8 +77,14 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        assert_eq!(tcp_frame_len(&[0xC0, 0, 0, 0]), Err(FrameError::UnknownFrame));
-        assert_eq!(tcp_frame_len(b"POST /"), Err(FrameError::BadChannel(0x504f)));
+        assert_eq!(
+            tcp_frame_len(&[0xC0, 0, 0, 0]),
+            Err(FrameError::UnknownFrame)
+        );
+        assert_eq!(
+            tcp_frame_len(b"POST /"),
+            Err(FrameError::BadChannel(0x504f))
+        );
         assert_eq!(
             tcp_frame_len(&[0, 1, 0, 0, 1, 2, 3, 4]),
             Err(FrameError::BadCookie)

@@ -38,9 +38,7 @@ pub fn find_integrity(msg: &[u8]) -> Option<(IntegrityKind, usize)> {
         let l = u16::from_be_bytes([msg[off + 2], msg[off + 3]]) as usize;
         match t {
             attr::MESSAGE_INTEGRITY_SHA256 => return Some((IntegrityKind::Sha256, off)),
-            attr::MESSAGE_INTEGRITY if found.is_none() => {
-                found = Some((IntegrityKind::Sha1, off))
-            }
+            attr::MESSAGE_INTEGRITY if found.is_none() => found = Some((IntegrityKind::Sha1, off)),
             _ => {}
         }
         off += 4 + pad4(l);
@@ -72,8 +70,7 @@ pub fn verify_integrity(msg: &[u8], key: &[u8]) -> Result<IntegrityKind, Integri
             mac.finalize().into_bytes().ct_eq(expected).into()
         }
         IntegrityKind::Sha256 => {
-            let mut mac =
-                Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+            let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
             mac.update(&msg[..2]);
             mac.update(&len_field);
             mac.update(&msg[4..off]);

@@ -78,7 +78,9 @@ fn sample_ipv4_response() {
 fn sample_ipv6_response() {
     check_response(
         RESPONSE_V6,
-        "[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().unwrap(),
+        "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+            .parse()
+            .unwrap(),
     );
 }
 

@@ -324,7 +324,10 @@ mod tests {
     fn rest_credentials_verify_with_any_secret() {
         let c = Credentials::new("r", ':', vec!["old".into(), "new".into()], &[]).unwrap();
         let cred = mint_rest_credential("new", "alice", 60, 1000, ":");
-        let msg = signed(&cred.username, &Key::md5(&cred.username, "r", &cred.password));
+        let msg = signed(
+            &cred.username,
+            &Key::md5(&cred.username, "r", &cred.password),
+        );
         let v = c.verify(&cred.username, &msg).unwrap();
         assert_eq!(v.expiry_unix, Some(1060));
         assert_eq!(v.quota_user, "alice");
@@ -337,10 +340,7 @@ mod tests {
             c.verify(&cred.username, &msg).unwrap_err(),
             AuthError::BadIntegrity
         );
-        assert_eq!(
-            c.verify("alice", &msg).unwrap_err(),
-            AuthError::UnknownUser
-        );
+        assert_eq!(c.verify("alice", &msg).unwrap_err(), AuthError::UnknownUser);
     }
 
     #[test]

@@ -68,15 +68,15 @@ fn v6_denied(a: Ipv6Addr) -> bool {
     }
     let embedded_v4 = |hi: u16, lo: u16| Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
     match s[0] {
-        0xfc00..=0xfdff => true,               // fc00::/7 ULA
-        0xfe80..=0xfebf => true,               // fe80::/10 link-local
-        0xfec0..=0xfeff => true,               // fec0::/10 deprecated site-local
+        0xfc00..=0xfdff => true, // fc00::/7 ULA
+        0xfe80..=0xfebf => true, // fe80::/10 link-local
+        0xfec0..=0xfeff => true, // fec0::/10 deprecated site-local
         0x0064 if s[1] == 0xff9b => {
             // 64:ff9b::/96 NAT64 (and 64:ff9b:1::/48 local-use NAT64)
             s[2] != 0 || v4_denied(embedded_v4(s[6], s[7]))
         }
         0x0100 if s[1..4] == [0, 0, 0] => true, // 100::/64 discard
-        0x2001 if s[1] == 0x0db8 => true,      // 2001:db8::/32 documentation
+        0x2001 if s[1] == 0x0db8 => true,       // 2001:db8::/32 documentation
         0x2001 if s[1] == 0x0002 && s[2] == 0 => true, // 2001:2::/48 benchmarking
         0x2001 if (0x0010..=0x002f).contains(&s[1]) => true, // ORCHID 2001:10::/28, 2001:20::/28
         // Teredo 2001::/32: server IPv4 in bits 32-63, client IPv4 (inverted) in the last 32.
@@ -152,8 +152,14 @@ mod tests {
     #[test]
     fn allow_and_deny_lists() {
         let p = PeerPolicy::new(
-            vec!["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap()],
-            vec!["8.8.8.0/24".parse().unwrap(), "10.9.0.0/16".parse().unwrap()],
+            vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+            ],
+            vec![
+                "8.8.8.0/24".parse().unwrap(),
+                "10.9.0.0/16".parse().unwrap(),
+            ],
         );
         assert!(p.allows(ip("127.0.0.1")));
         assert!(p.allows(ip("10.1.1.1")));

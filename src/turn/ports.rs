@@ -194,13 +194,18 @@ mod tests {
     fn exhausts_and_releases() {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let pool = PortPool::new([ip], 50000, 50003);
-        let mut got: Vec<u16> = (0..4).map(|_| pool.acquire(ip, false, false).unwrap()).collect();
+        let mut got: Vec<u16> = (0..4)
+            .map(|_| pool.acquire(ip, false, false).unwrap())
+            .collect();
         got.sort();
         assert_eq!(got, vec![50000, 50001, 50002, 50003]);
         assert_eq!(pool.acquire(ip, false, false), None);
         pool.release(SocketAddr::new(ip, 50002));
         assert_eq!(pool.acquire(ip, false, false), Some(50002));
-        assert_eq!(pool.acquire("192.0.2.2".parse().unwrap(), false, false), None);
+        assert_eq!(
+            pool.acquire("192.0.2.2".parse().unwrap(), false, false),
+            None
+        );
     }
 
     #[test]

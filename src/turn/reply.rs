@@ -52,7 +52,11 @@ impl Server {
         body: impl FnOnce(&mut MessageWriter) -> Result<(), WriteError>,
     ) -> Action {
         self.stats.request(ctx.label, code);
-        let cls = if code == 0 { class::SUCCESS } else { class::ERROR };
+        let cls = if code == 0 {
+            class::SUCCESS
+        } else {
+            class::ERROR
+        };
         let software = &self.cfg.software;
         let res = (|| {
             let mut w = MessageWriter::new(out, message_type(ctx.method, cls), ctx.txid)?;

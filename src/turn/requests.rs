@@ -146,7 +146,9 @@ impl Server {
         let cls = t & 0x0110;
         let meth = ((t & 0x3E00) >> 2) | ((t & 0x00E0) >> 1) | (t & 0x000F);
         match cls {
-            crate::stun::class::INDICATION if meth == method::SEND => self.send_indication(&m, &from),
+            crate::stun::class::INDICATION if meth == method::SEND => {
+                self.send_indication(&m, &from)
+            }
             crate::stun::class::REQUEST => {
                 let ctx = Ctx {
                     method: meth,
@@ -182,9 +184,14 @@ impl Server {
                 }
                 self.stats.bindings += 1;
                 let client = ctx.from.client;
-                self.respond_unauth(ctx, out, 0, |w| w.xor_addr(attr::XOR_MAPPED_ADDRESS, client))
+                self.respond_unauth(ctx, out, 0, |w| {
+                    w.xor_addr(attr::XOR_MAPPED_ADDRESS, client)
+                })
             }
-            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND => {
+            method::ALLOCATE
+            | method::REFRESH
+            | method::CREATE_PERMISSION
+            | method::CHANNEL_BIND => {
                 let v = match self.authenticate(ctx, m, msg, out) {
                     Ok(v) => v,
                     Err(a) => return a,
@@ -288,11 +295,19 @@ impl Server {
     }
 
     /// The client's allocation, checked against the request's username (441).
-    fn own_allocation(&mut self, ctx: &Ctx, out: &mut [u8], v: &Verified, username: &str) -> Result<usize, Action> {
+    fn own_allocation(
+        &mut self,
+        ctx: &Ctx,
+        out: &mut [u8],
+        v: &Verified,
+        username: &str,
+    ) -> Result<usize, Action> {
         let Some(&slot) = self.by_tuple.get(&ctx.from) else {
             return Err(self.respond(ctx, out, 437, Some(v), |_| Ok(())));
         };
-        let same_user = self.slots[slot].as_ref().is_some_and(|a| a.username == username);
+        let same_user = self.slots[slot]
+            .as_ref()
+            .is_some_and(|a| a.username == username);
         if !same_user {
             return Err(self.respond(ctx, out, 441, Some(v), |_| Ok(())));
         }
@@ -388,10 +403,11 @@ impl Server {
             })
         } else {
             let pair = even == Some(true);
-            self.open_relay(want_v6, even.is_some(), pair, io).map(|(r, next)| {
-                relays[family_index(r.local.ip())] = Some(r);
-                reserved_next = next;
-            })
+            self.open_relay(want_v6, even.is_some(), pair, io)
+                .map(|(r, next)| {
+                    relays[family_index(r.local.ip())] = Some(r);
+                    reserved_next = next;
+                })
         };
         let mut v6_refused = false;
         let opened = opened.and_then(|()| {
@@ -402,7 +418,8 @@ impl Server {
                 v6_refused = true;
                 return Ok(());
             }
-            self.open_relay(true, false, false, io).map(|(r, _)| relays[1] = Some(r))
+            self.open_relay(true, false, false, io)
+                .map(|(r, _)| relays[1] = Some(r))
         });
         if let Err(code) = opened {
             for r in relays.iter().flatten() {
@@ -516,7 +533,14 @@ impl Server {
             match io.open_relay(local) {
                 Ok(id) => {
                     let advertised = SocketAddr::new(ra.advertised, port);
-                    result = Ok((Relay { id, local, advertised }, next));
+                    result = Ok((
+                        Relay {
+                            id,
+                            local,
+                            advertised,
+                        },
+                        next,
+                    ));
                     break;
                 }
                 Err(e) => {
@@ -540,7 +564,13 @@ impl Server {
     /// token is unknown or expired.
     fn open_reserved(&mut self, token: u64, now: Now, io: &mut impl RelayIo) -> Result<Relay, u16> {
         let local = self.shared.ports.claim(token, now.mono).ok_or(508u16)?;
-        let Some(ra) = self.cfg.relay.iter().find(|r| r.local == local.ip()).copied() else {
+        let Some(ra) = self
+            .cfg
+            .relay
+            .iter()
+            .find(|r| r.local == local.ip())
+            .copied()
+        else {
             self.shared.ports.release(local);
             return Err(508);
         };
@@ -609,7 +639,9 @@ impl Server {
             None => return Action::None,
         };
         self.push_timer(expires, TimerKind::Allocation { slot, id });
-        self.respond(ctx, out, 0, Some(v), |w| w.attr_u32(attr::LIFETIME, lifetime))
+        self.respond(ctx, out, 0, Some(v), |w| {
+            w.attr_u32(attr::LIFETIME, lifetime)
+        })
     }
 
     /// Checks a peer for a permission or channel: the allocation has a relay of its family
@@ -732,7 +764,8 @@ impl Server {
                 expires,
             });
             self.peer_channels.insert((relay.id, peer), number);
-            self.client_channels.insert((tuple, number), (relay.id, peer));
+            self.client_channels
+                .insert((tuple, number), (relay.id, peer));
             self.stats.channels_created += 1;
             self.stats.channels_active += 1;
         }
@@ -761,7 +794,9 @@ impl Server {
             return Action::None;
         };
         let len = data.header.length() as usize;
-        let relay = self.slots[slot].as_ref().and_then(|a| a.relay_for(peer.ip()));
+        let relay = self.slots[slot]
+            .as_ref()
+            .and_then(|a| a.relay_for(peer.ip()));
         match relay {
             Some(r) if self.perms.contains_key(&(r.id, peer.ip())) => {
                 self.stats.sends_forwarded += 1;
@@ -779,7 +814,10 @@ impl Server {
     }
 }
 
-fn write_unknown(w: &mut crate::stun::MessageWriter, types: &[u16]) -> Result<(), crate::stun::WriteError> {
+fn write_unknown(
+    w: &mut crate::stun::MessageWriter,
+    types: &[u16],
+) -> Result<(), crate::stun::WriteError> {
     let mut v = [0u8; 2 * MAX_UNKNOWN];
     for (i, t) in types.iter().enumerate() {
         v[2 * i..2 * i + 2].copy_from_slice(&t.to_be_bytes());

@@ -138,8 +138,12 @@ impl Server {
                     }
                 }
                 TimerKind::Permission { slot, id, ip } => {
-                    let Some(a) = self.live(slot, id) else { continue };
-                    let Some(relay) = a.relay_for(ip) else { continue };
+                    let Some(a) = self.live(slot, id) else {
+                        continue;
+                    };
+                    let Some(relay) = a.relay_for(ip) else {
+                        continue;
+                    };
                     let key = (relay.id, ip);
                     if self.perms.get(&key).is_some_and(|&e| e <= now.mono) {
                         self.perms.remove(&key);
@@ -150,7 +154,9 @@ impl Server {
                     }
                 }
                 TimerKind::Channel { slot, id, number } => {
-                    let Some(a) = self.live(slot, id) else { continue };
+                    let Some(a) = self.live(slot, id) else {
+                        continue;
+                    };
                     let Some(ch) = a.channels.iter().find(|c| c.number == number).copied() else {
                         continue;
                     };

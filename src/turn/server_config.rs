@@ -117,7 +117,11 @@ impl Shared {
     pub fn new(cfg: &ServerConfig) -> Shared {
         Shared {
             nonce: NonceKey::random(),
-            ports: PortPool::new(cfg.relay.iter().map(|r| r.local), cfg.min_port, cfg.max_port),
+            ports: PortPool::new(
+                cfg.relay.iter().map(|r| r.local),
+                cfg.min_port,
+                cfg.max_port,
+            ),
             per_user: Mutex::new(FxHashMap::default()),
             total: AtomicU32::new(0),
         }
@@ -129,7 +133,12 @@ impl Shared {
     }
 
     /// Counts one more allocation for `user` if both quotas allow it.
-    pub(crate) fn acquire_quota(&self, user: &str, user_quota: u32, total_quota: u32) -> Result<(), QuotaError> {
+    pub(crate) fn acquire_quota(
+        &self,
+        user: &str,
+        user_quota: u32,
+        total_quota: u32,
+    ) -> Result<(), QuotaError> {
         let mut m = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.get(user).copied().unwrap_or(0);
         if n >= user_quota {
@@ -137,7 +146,9 @@ impl Shared {
         }
         if self
             .total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| (t < total_quota).then_some(t + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t < total_quota).then_some(t + 1)
+            })
             .is_err()
         {
             return Err(QuotaError::Total);
