@@ -138,5 +138,9 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
             other => panic!("unexpected {other}"),
         }
     }
+    // Counted for the metrics face.
+    let st = svc.stats();
+    assert!(st.signal.bad_messages >= 3, "{st:?}");
+    assert!(st.signal.rate_limited >= 1, "{st:?}");
     let _ = get;
 }

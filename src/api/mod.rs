@@ -46,11 +46,24 @@ pub(crate) struct AppState {
     pub relay: Option<Arc<RelayHub>>,
 }
 
+/// A snapshot of the HTTP face's counters, for the metrics face.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpStats {
+    pub signal_peers: usize,
+    pub signal: crate::signal::rooms::RoomStats,
+    pub peerjs: crate::signal::peerjs::PeerJsStats,
+    pub relay_sessions_active: usize,
+    pub relay_bytes_forwarded: u64,
+    pub relay_oversized_frames: u64,
+    pub relay_bad_tickets: u64,
+}
+
 /// The running HTTP listener.
 pub struct HttpService {
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     rt: Option<tokio::runtime::Runtime>,
+    state: Arc<AppState>,
 }
 
 impl HttpService {
@@ -140,12 +153,33 @@ impl HttpService {
             addr: local,
             stop: Some(stop_tx),
             rt: Some(rt),
+            state,
         })
     }
 
     /// The bound address (with the real port when port 0 was configured).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> HttpStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (signal_peers, signal) = self.state.rooms.with_core(|c| (c.live_peers(), c.stats()));
+        let peerjs = self.state.peerjs.with_core(|c| c.stats());
+        let mut s = HttpStats {
+            signal_peers,
+            signal,
+            peerjs,
+            ..HttpStats::default()
+        };
+        if let Some(r) = &self.state.relay {
+            s.relay_sessions_active = r.active_sessions();
+            s.relay_bytes_forwarded = r.stats.bytes_forwarded.load(Relaxed);
+            s.relay_oversized_frames = r.stats.oversized_frames.load(Relaxed);
+            s.relay_bad_tickets = r.stats.bad_tickets.load(Relaxed);
+        }
+        s
     }
 
     /// Stops accepting, closes open connections after a short grace, joins the runtime.

@@ -243,6 +243,7 @@ impl PeerJsService {
         }
         let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(text) else {
             self.stats.bad_messages += 1;
+            tracing::debug!(conn, "PeerJS message is not a JSON object; ignored");
             return out;
         };
         let kind = match msg.get("type").and_then(Value::as_str) {

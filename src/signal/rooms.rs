@@ -140,22 +140,28 @@ impl RoomService {
                     code: 4000,
                     reason: "replaced by a new connection",
                 });
-            } else {
-                peer.detached_at = None;
+                // Leave the rooms as a disconnect would; they are rejoined below.
+                let rooms: Vec<RoomKey> = peer.rooms.iter().cloned().collect();
+                for r in &rooms {
+                    self.remove_from_room(&id, r, &mut out);
+                }
             }
+            let peer = self.peers.get_mut(&id).expect("still there");
+            peer.detached_at = None;
             peer.conn = Some(conn);
             peer.last_seen = now;
             peer.last_ping = now;
-            let was_in: Vec<RoomKey> = peer.rooms.iter().cloned().collect();
-            let old_lan = std::mem::replace(&mut peer.lan, lan.clone());
+            peer.strikes = 0;
+            // The LAN room follows the client's current address; named rooms are kept.
+            let named = peer
+                .rooms
+                .iter()
+                .filter(|r| matches!(r, RoomKey::Named(_)))
+                .cloned();
+            let targets: Vec<RoomKey> = std::iter::once(lan.clone()).chain(named).collect();
+            peer.lan = lan;
+            peer.rooms.clear();
             self.conns.insert(conn, id.clone());
-            let mut targets: Vec<RoomKey> = was_in.into_iter().filter(|r| *r != old_lan).collect();
-            // The LAN room follows the client's current address.
-            if self.in_room(&id, &old_lan) {
-                self.remove_from_room(&id, &old_lan, &mut out);
-            }
-            targets.insert(0, lan);
-            self.peers.get_mut(&id).unwrap().rooms.clear();
             self.send_welcome(&id, true, &targets, &mut out);
             for room in targets {
                 self.add_to_room(&id, room, &mut out);
@@ -357,6 +363,7 @@ impl RoomService {
             Err(e) => {
                 self.stats.bad_messages += 1;
                 let (code, message) = classify_parse_error(text, &e);
+                tracing::debug!(conn, ?code, "bad signaling message");
                 out.push(Self::error(conn, code, message, None));
                 return out;
             }
