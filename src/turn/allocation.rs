@@ -35,6 +35,8 @@ pub struct Allocation {
     /// `[IPv4, IPv6]` relays (RFC 8656 §7.2 dual allocation).
     pub relays: [Option<Relay>; 2],
     pub expires: Instant,
+    /// When the allocation's pending timer entry fires (at or before `expires`).
+    pub timer_at: Instant,
     /// Permissions by peer IP; expiry lives in the server's table.
     pub perms: Vec<IpAddr>,
     pub channels: Vec<Channel>,

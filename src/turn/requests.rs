@@ -82,7 +82,8 @@ fn u32_attr(v: &[u8]) -> Option<u32> {
 
 /// Parses an ADDRESS-FAMILY-like attribute value: `Some(true)` IPv6, `Some(false)` IPv4.
 fn family(v: &[u8]) -> Option<Option<bool>> {
-    if v.len() != 4 {
+    // RFC 8656 §18.8 says 4 bytes (family + 3 reserved); some clients send just the family.
+    if v.is_empty() || v.len() > 4 {
         return None;
     }
     Some(match v[0] {
@@ -446,6 +447,7 @@ impl Server {
             quota_user: v.quota_user.clone(),
             relays,
             expires,
+            timer_at: expires,
             perms: Vec::new(),
             channels: Vec::new(),
             txid: ctx.txid,
@@ -630,15 +632,22 @@ impl Server {
             return self.challenge(ctx, out, 401);
         };
         let expires = ctx.now.mono + Duration::from_secs(lifetime as u64);
-        let id = match self.slots[slot].as_mut() {
+        let rearm = match self.slots[slot].as_mut() {
             Some(a) => {
                 a.expires = expires;
                 a.lifetime_secs = lifetime;
-                a.id
+                // A longer lifetime is picked up when the pending entry fires; a shorter
+                // one needs an earlier entry.
+                (expires < a.timer_at).then(|| {
+                    a.timer_at = expires;
+                    a.id
+                })
             }
             None => return Action::None,
         };
-        self.push_timer(expires, TimerKind::Allocation { slot, id });
+        if let Some(id) = rearm {
+            self.push_timer(expires, TimerKind::Allocation { slot, id });
+        }
         self.respond(ctx, out, 0, Some(v), |w| {
             w.attr_u32(attr::LIFETIME, lifetime)
         })
@@ -669,8 +678,8 @@ impl Server {
             a.perms.push(ip);
             self.stats.permissions_created += 1;
             self.stats.permissions_active += 1;
+            self.push_timer(exp, TimerKind::Permission { slot, id, ip });
         }
-        self.push_timer(exp, TimerKind::Permission { slot, id, ip });
     }
 
     /// CreatePermission (RFC 8656 §9.2): all XOR-PEER-ADDRESSes or none.
@@ -768,8 +777,8 @@ impl Server {
                 .insert((tuple, number), (relay.id, peer));
             self.stats.channels_created += 1;
             self.stats.channels_active += 1;
+            self.push_timer(expires, TimerKind::Channel { slot, id, number });
         }
-        self.push_timer(expires, TimerKind::Channel { slot, id, number });
         self.install_permission(slot, relay, peer.ip(), ctx.now);
         self.respond(ctx, out, 0, Some(v), |_| Ok(()))
     }

@@ -131,10 +131,22 @@ impl Server {
             self.timers.pop();
             match kind {
                 TimerKind::Allocation { slot, id } => {
-                    if let Some(a) = self.live(slot, id) {
-                        if a.expires <= now.mono {
-                            self.delete(slot, DeleteReason::Expired, io);
+                    let Some(a) = self.live(slot, id) else {
+                        continue;
+                    };
+                    // Only the entry the allocation is waiting on counts; earlier ones
+                    // were superseded by a shortening refresh.
+                    if a.timer_at != t {
+                        continue;
+                    }
+                    if a.expires <= now.mono {
+                        self.delete(slot, DeleteReason::Expired, io);
+                    } else {
+                        let at = a.expires;
+                        if let Some(a) = self.slots[slot].as_mut() {
+                            a.timer_at = at;
                         }
+                        self.push_timer(at, kind);
                     }
                 }
                 TimerKind::Permission { slot, id, ip } => {
@@ -145,12 +157,18 @@ impl Server {
                         continue;
                     };
                     let key = (relay.id, ip);
-                    if self.perms.get(&key).is_some_and(|&e| e <= now.mono) {
-                        self.perms.remove(&key);
-                        if let Some(a) = self.slots[slot].as_mut() {
-                            a.perms.retain(|p| *p != ip);
+                    match self.perms.get(&key).copied() {
+                        Some(e) if e <= now.mono => {
+                            self.perms.remove(&key);
+                            if let Some(a) = self.slots[slot].as_mut() {
+                                a.perms.retain(|p| *p != ip);
+                            }
+                            self.stats.permissions_active -= 1;
                         }
-                        self.stats.permissions_active -= 1;
+                        // Refreshed since: one entry per permission, re-armed here
+                        // rather than pushed on every refresh (bounded heap).
+                        Some(e) => self.push_timer(e, kind),
+                        None => {}
                     }
                 }
                 TimerKind::Channel { slot, id, number } => {
@@ -162,6 +180,8 @@ impl Server {
                     };
                     if ch.expires <= now.mono {
                         self.remove_channel(slot, number);
+                    } else {
+                        self.push_timer(ch.expires, kind);
                     }
                 }
                 TimerKind::Reservations => {

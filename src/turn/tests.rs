@@ -1414,3 +1414,169 @@ fn set_config_swaps_policy() {
     h.server.set_config(Arc::new(sc));
     assert_eq!(h.auth(client(1), &req, &u, &k).code(), 0);
 }
+
+/// Counts heap allocations made by the current thread (the lib's test binary only).
+mod alloc_count {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            COUNT.with(|c| c.set(c.get() + 1));
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            unsafe { System.dealloc(p, l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+            COUNT.with(|c| c.set(c.get() + 1));
+            unsafe { System.realloc(p, l, n) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    pub fn count() -> u64 {
+        COUNT.with(|c| c.get())
+    }
+}
+
+#[test]
+fn data_path_does_not_allocate() {
+    let mut h = H::new(|_| {});
+    h.allocate(client(1));
+    let (u, k) = h.alice();
+    let bind = Req::new(method::CHANNEL_BIND).channel(0x4000).peer(PEER);
+    assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
+    let mut send = Req::new(method::SEND).peer(PEER);
+    send.class = class::INDICATION;
+    send.data = Some(vec![7; 1200]);
+    let msg = send.encode(None);
+    let peer: SocketAddr = PEER.parse().unwrap();
+    let mut out = vec![0u8; 2048];
+    let mut buf = vec![0u8; 2048];
+    let now = h.now();
+    let before = alloc_count::count();
+    for _ in 0..1000 {
+        assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
+        assert!(h.server.peer_to_client(RelayId(1), peer).is_some());
+        let a = h
+            .server
+            .handle_stun(now, client(1), &msg, &mut out, &mut h.io);
+        assert!(matches!(a, Action::Forward { .. }));
+        let r = crate::stun::write_data_indication(&mut buf, 48, 1200, peer, [1; 12]);
+        assert_eq!(
+            r.start, 12,
+            "IPv4 peer: 36 bytes of header before the payload"
+        );
+        crate::stun::write_channel_data_header(&mut buf, 0x4000, 1200);
+    }
+    assert_eq!(
+        alloc_count::count() - before,
+        0,
+        "heap allocations on the data path"
+    );
+}
+
+#[test]
+fn refresh_can_shorten_and_timers_stay_bounded() {
+    let mut h = H::new(|_| {});
+    let (u, k) = h.alice();
+    let req = Req::new(method::ALLOCATE).udp().u32(attr::LIFETIME, 3600);
+    assert_eq!(h.auth(client(1), &req, &u, &k).code(), 0);
+    let perm = Req::new(method::CREATE_PERMISSION).peer(PEER);
+    let bind = Req::new(method::CHANNEL_BIND).channel(0x4000).peer(PEER);
+    // Many refreshes do not pile up timer entries.
+    for _ in 0..200 {
+        assert_eq!(h.auth(client(1), &perm, &u, &k).code(), 0);
+        assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
+        assert_eq!(
+            h.auth(
+                client(1),
+                &Req::new(method::REFRESH).u32(attr::LIFETIME, 3600),
+                &u,
+                &k
+            )
+            .code(),
+            0
+        );
+    }
+    assert!(
+        h.server.timers.len() <= 4,
+        "{} timer entries",
+        h.server.timers.len()
+    );
+    // Shortening works: 3600 s → 600 s.
+    let r = h.auth(
+        client(1),
+        &Req::new(method::REFRESH).u32(attr::LIFETIME, 600),
+        &u,
+        &k,
+    );
+    assert_eq!(r.lifetime(), 600);
+    h.advance(599);
+    assert_eq!(h.server.allocation_count(), 1);
+    h.advance(1);
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+mod fuzzish {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A valid message with a random attribute section, a consistent length and a valid
+    /// FINGERPRINT, so it gets past the framing checks into the attribute handling.
+    fn framed(method: u16, cls: u16, body: &[u8]) -> Vec<u8> {
+        let body_len = body.len() & !3;
+        let mut m = Vec::with_capacity(20 + body_len + 8);
+        m.extend_from_slice(&message_type(method, cls).to_be_bytes());
+        m.extend_from_slice(&((body_len + 8) as u16).to_be_bytes());
+        m.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        m.extend_from_slice(&[9; 12]);
+        m.extend_from_slice(&body[..body_len]);
+        let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(&m) ^ 0x5354_554e;
+        m.extend_from_slice(&attr::FINGERPRINT.to_be_bytes());
+        m.extend_from_slice(&4u16.to_be_bytes());
+        m.extend_from_slice(&crc.to_be_bytes());
+        m
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Hostile bytes never panic the core, and the server keeps serving afterwards.
+        #[test]
+        fn hostile_messages_do_not_panic(
+            method in prop_oneof![Just(1u16), Just(3), Just(4), Just(6), Just(8), Just(9), 0u16..0x1000],
+            cls in prop_oneof![Just(class::REQUEST), Just(class::INDICATION), Just(class::SUCCESS)],
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+            raw in proptest::collection::vec(any::<u8>(), 0..100),
+        ) {
+            let mut h = H::new(|c| c.turn.allowed_peer_ranges = vec!["0.0.0.0/0".parse().unwrap()]);
+            h.allocate(client(1));
+            let msg = framed(method, cls, &body);
+            let _ = h.raw(client(1), &msg);
+            let _ = h.raw(client(1), &raw);
+            let _ = crate::stun::tcp_frame_len(&raw);
+            let _ = crate::stun::classify(&raw);
+            // Also with attributes that look like ours: sprinkle known types into the body.
+            let mut b2 = body.clone();
+            for (i, t) in [attr::XOR_PEER_ADDRESS, attr::DATA, attr::CHANNEL_NUMBER, attr::LIFETIME,
+                           attr::USERNAME, attr::MESSAGE_INTEGRITY, attr::EVEN_PORT]
+                .iter().enumerate() {
+                let at = (i * 40) % b2.len().max(1);
+                if at + 2 <= b2.len() {
+                    b2[at..at + 2].copy_from_slice(&t.to_be_bytes());
+                }
+            }
+            let _ = h.raw(client(1), &framed(method, cls, &b2));
+            prop_assert_eq!(h.send(client(2), &Req::new(method::BINDING).encode(None)).code(), 0);
+        }
+    }
+}
