@@ -16,13 +16,20 @@ pub struct Relay {
     pub advertised: SocketAddr,
 }
 
-/// A channel binding (RFC 8656 §12).
+/// A channel binding (RFC 8656 §12). After it expires it stays here, inactive, for the
+/// cooldown: neither its number nor its peer may be bound to anything else meanwhile, so
+/// late packets cannot reach the wrong peer.
 #[derive(Debug, Clone, Copy)]
 pub struct Channel {
     pub number: u16,
     pub peer: SocketAddr,
     pub expires: Instant,
+    /// In the data-path tables (false during the cooldown).
+    pub active: bool,
 }
+
+/// How long an expired channel's number and peer stay reserved (RFC 8656 §12: 5 minutes).
+pub const CHANNEL_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Debug)]
 pub struct Allocation {

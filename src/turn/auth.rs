@@ -10,7 +10,7 @@ use sha1::Sha1;
 use sha2::Sha256;
 
 use crate::config::StaticUser;
-use crate::stun::{verify_integrity, IntegrityError, IntegrityKind};
+use crate::stun::{find_integrity, verify_integrity, IntegrityError, IntegrityKind};
 
 /// Password for a TURN REST API username: `base64(HMAC-SHA1(secret, username))`
 /// (draft-uberti-behave-turn-rest-00 §2.2).
@@ -241,11 +241,13 @@ impl Credentials {
         if self.secrets.is_empty() {
             return Err(AuthError::UnknownUser);
         }
+        // The SHA-256 key is only worth computing for MESSAGE-INTEGRITY-SHA256.
+        let sha256 = matches!(find_integrity(msg), Some((IntegrityKind::Sha256, _)));
         for secret in &self.secrets {
             let password = rest_password(secret, username);
             let md5 = Key::md5(username, &self.realm, &password);
-            let sha = Key::sha256(username, &self.realm, &password);
-            for key in [md5, sha] {
+            let sha = sha256.then(|| Key::sha256(username, &self.realm, &password));
+            for key in std::iter::once(md5).chain(sha) {
                 if let Some(kind) = check(msg, &key)? {
                     return Ok(Verified {
                         key,

@@ -748,7 +748,8 @@ impl Server {
             return Action::None;
         };
         // Rebind rules (§11.2): the number may not move to another peer, nor the peer
-        // to another number; refreshing the same binding is fine.
+        // to another number, also during an expired binding's cooldown; refreshing the
+        // same binding is fine (and revives it from the cooldown).
         let conflict = a
             .channels
             .iter()
@@ -764,20 +765,29 @@ impl Server {
         let tuple: FiveTuple = a.tuple;
         let expires = ctx.now.mono + Duration::from_secs(self.cfg.channel_lifetime_secs as u64);
         let a = self.slots[slot].as_mut().expect("checked above");
-        if let Some(c) = a.channels.iter_mut().find(|c| c.number == number) {
-            c.expires = expires;
-        } else {
-            a.channels.push(Channel {
-                number,
-                peer,
-                expires,
-            });
+        let revived = match a.channels.iter_mut().find(|c| c.number == number) {
+            Some(c) => {
+                // Its pending timer entry (expiry or cooldown end) re-arms itself.
+                c.expires = expires;
+                !std::mem::replace(&mut c.active, true)
+            }
+            None => {
+                a.channels.push(Channel {
+                    number,
+                    peer,
+                    expires,
+                    active: true,
+                });
+                self.stats.channels_created += 1;
+                self.push_timer(expires, TimerKind::Channel { slot, id, number });
+                true
+            }
+        };
+        if revived {
             self.peer_channels.insert((relay.id, peer), number);
             self.client_channels
                 .insert((tuple, number), (relay.id, peer));
-            self.stats.channels_created += 1;
             self.stats.channels_active += 1;
-            self.push_timer(expires, TimerKind::Channel { slot, id, number });
         }
         self.install_permission(slot, relay, peer.ip(), ctx.now);
         self.respond(ctx, out, 0, Some(v), |_| Ok(()))

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
-use super::allocation::{family_index, Allocation};
+use super::allocation::{family_index, Allocation, CHANNEL_COOLDOWN};
 use super::ratelimit::RateLimiter;
 use super::server_config::{ServerConfig, Shared};
 use super::stats::TurnStats;
@@ -178,10 +178,18 @@ impl Server {
                     let Some(ch) = a.channels.iter().find(|c| c.number == number).copied() else {
                         continue;
                     };
-                    if ch.expires <= now.mono {
-                        self.remove_channel(slot, number);
-                    } else {
+                    let end = ch.expires + CHANNEL_COOLDOWN;
+                    if ch.active && ch.expires <= now.mono {
+                        self.deactivate_channel(slot, number);
+                        self.push_timer(end, kind);
+                    } else if ch.active {
                         self.push_timer(ch.expires, kind);
+                    } else if end <= now.mono {
+                        if let Some(a) = self.slots[slot].as_mut() {
+                            a.channels.retain(|c| c.number != number);
+                        }
+                    } else {
+                        self.push_timer(end, kind);
                     }
                 }
                 TimerKind::Reservations => {
@@ -205,17 +213,25 @@ impl Server {
             .filter(|a| a.id == id)
     }
 
-    pub(super) fn remove_channel(&mut self, slot: usize, number: u16) {
+    /// Takes an expired channel out of the data path; it stays in the allocation for
+    /// the cooldown.
+    pub(super) fn deactivate_channel(&mut self, slot: usize, number: u16) {
         let Some(a) = self.slots[slot].as_mut() else {
             return;
         };
-        let Some(pos) = a.channels.iter().position(|c| c.number == number) else {
+        let tuple = a.tuple;
+        let relays = a.relays;
+        let Some(ch) = a
+            .channels
+            .iter_mut()
+            .find(|c| c.number == number && c.active)
+        else {
             return;
         };
-        let ch = a.channels.swap_remove(pos);
-        let tuple = a.tuple;
-        if let Some(relay) = a.relays[family_index(ch.peer.ip())] {
-            self.peer_channels.remove(&(relay.id, ch.peer));
+        ch.active = false;
+        let peer = ch.peer;
+        if let Some(relay) = relays[family_index(peer.ip())] {
+            self.peer_channels.remove(&(relay.id, peer));
         }
         self.client_channels.remove(&(tuple, number));
         self.stats.channels_active -= 1;
@@ -235,13 +251,13 @@ impl Server {
             }
         }
         self.stats.permissions_active -= a.perms.len() as u64;
-        for ch in &a.channels {
+        for ch in a.channels.iter().filter(|c| c.active) {
             if let Some(r) = a.relay_for(ch.peer.ip()) {
                 self.peer_channels.remove(&(r.id, ch.peer));
             }
             self.client_channels.remove(&(a.tuple, ch.number));
+            self.stats.channels_active -= 1;
         }
-        self.stats.channels_active -= a.channels.len() as u64;
         for r in a.relays.iter().flatten() {
             self.by_relay.remove(&r.id);
             io.close_relay(r.id);

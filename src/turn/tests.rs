@@ -1580,3 +1580,50 @@ mod fuzzish {
         }
     }
 }
+
+#[test]
+fn expired_channel_cools_down_before_reuse() {
+    let mut h = H::new(|_| {});
+    let (u, k) = h.alice();
+    let req = Req::new(method::ALLOCATE).udp().u32(attr::LIFETIME, 3600);
+    assert_eq!(h.auth(client(1), &req, &u, &k).code(), 0);
+    let bind = |n: u16, p: &str| Req::new(method::CHANNEL_BIND).channel(n).peer(p);
+    assert_eq!(h.auth(client(1), &bind(0x4000, PEER), &u, &k).code(), 0);
+    h.advance(600);
+    assert_eq!(h.server.stats().channels_active, 0);
+    assert!(h.server.client_channels.is_empty());
+    // During the 5-minute cooldown neither the number nor the peer can move.
+    assert_eq!(h.auth(client(1), &bind(0x4000, PEER2), &u, &k).code(), 400);
+    assert_eq!(h.auth(client(1), &bind(0x4001, PEER), &u, &k).code(), 400);
+    h.advance(299);
+    assert_eq!(h.auth(client(1), &bind(0x4000, PEER2), &u, &k).code(), 400);
+    h.advance(1);
+    assert_eq!(h.auth(client(1), &bind(0x4000, PEER2), &u, &k).code(), 0);
+    assert_eq!(h.auth(client(1), &bind(0x4001, PEER), &u, &k).code(), 0);
+    assert_eq!(h.server.stats().channels_active, 2);
+}
+
+#[test]
+fn same_binding_revives_during_cooldown() {
+    let mut h = H::new(|_| {});
+    let (u, k) = h.alice();
+    let req = Req::new(method::ALLOCATE).udp().u32(attr::LIFETIME, 3600);
+    assert_eq!(h.auth(client(1), &req, &u, &k).code(), 0);
+    let bind = Req::new(method::CHANNEL_BIND).channel(0x4000).peer(PEER);
+    assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
+    h.advance(700);
+    assert_eq!(h.server.channel_to_peer(&client(1), 0x4000), None);
+    assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
+    assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
+    assert_eq!(h.server.stats().channels_active, 1);
+    // The revived binding lives its full 600 s from the rebind.
+    h.advance(290);
+    let perm = Req::new(method::CREATE_PERMISSION).peer(PEER);
+    assert_eq!(h.auth(client(1), &perm, &u, &k).code(), 0);
+    h.advance(290);
+    assert_eq!(h.auth(client(1), &perm, &u, &k).code(), 0);
+    h.advance(19);
+    assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
+    h.advance(1);
+    assert_eq!(h.server.channel_to_peer(&client(1), 0x4000), None);
+}
