@@ -169,7 +169,10 @@ async fn lan_rooms_follow_forwarded_addresses_only_from_trusted_proxies() {
     // Same public address as A (a spoofed left-most hop is ignored): A's room.
     let mut c = ws_via_proxy(addr, "192.0.2.99, 203.0.113.10").await;
     let c_id = next_json(&mut c).await["id"].as_str().unwrap().to_string();
-    assert_eq!(next_json(&mut c).await["peers"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        next_json(&mut c).await["peers"].as_array().unwrap().len(),
+        1
+    );
     assert_eq!(next_json(&mut a).await["peer"]["id"], c_id.as_str());
     // IPv6 clients in one /64 share a room.
     let mut d = ws_via_proxy(addr, "2001:db8:5:6::1").await;
@@ -177,7 +180,10 @@ async fn lan_rooms_follow_forwarded_addresses_only_from_trusted_proxies() {
     next_json(&mut d).await;
     let mut e = ws_via_proxy(addr, "2001:db8:5:6:ffff::2").await;
     next_json(&mut e).await;
-    assert_eq!(next_json(&mut e).await["peers"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        next_json(&mut e).await["peers"].as_array().unwrap().len(),
+        1
+    );
     drop(svc);
 
     // Without trusted proxies the header is ignored: every loopback client is "local".
@@ -188,5 +194,8 @@ async fn lan_rooms_follow_forwarded_addresses_only_from_trusted_proxies() {
     next_json(&mut a).await;
     let mut b = ws_via_proxy(addr, "198.51.100.20").await;
     next_json(&mut b).await;
-    assert_eq!(next_json(&mut b).await["peers"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        next_json(&mut b).await["peers"].as_array().unwrap().len(),
+        1
+    );
 }
