@@ -12,6 +12,8 @@ use crate::config::Config;
 pub enum DaemonError {
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -28,7 +30,19 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     for addr in turn.local_addrs() {
         tracing::info!(%addr, "TURN listening (udp+tcp)");
     }
-    // READY=1 once the TURN listeners answer; WATCHDOG=1 only while they keep answering.
+    let http = if cfg.api.enabled {
+        // ICE URLs carry the TURN port actually bound (it may have been configured as 0).
+        let mut api_cfg = cfg.clone();
+        if !turn.local_addrs().is_empty() {
+            api_cfg.turn.listen = turn.local_addrs().to_vec();
+        }
+        let http = crate::api::HttpService::start(&api_cfg)?;
+        tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
+        Some(http)
+    } else {
+        None
+    };
+    // READY=1 once every listener is bound and TURN answers; WATCHDOG=1 only while it does.
     sup.watch_turn(turn.local_addrs());
     sup.ready(&crate::ops::supervisor::serving_status(turn.local_addrs()));
     while !stop.load(Ordering::Relaxed) {
@@ -37,6 +51,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("signal received, shutting down");
     sup.stopping("shutting down");
+    if let Some(http) = http {
+        http.shutdown();
+    }
     turn.shutdown();
     Ok(())
 }
