@@ -46,9 +46,9 @@ pub fn tcp_frame_len(b: &[u8]) -> Result<Option<usize>, Garbage> {
     }
 }
 
-pub fn write_channel_data_header(dst: &mut [u8], channel: u16, payload_len: usize) {
+pub fn write_channel_data_header(dst: &mut [u8], channel: u16, payload_len: u16) {
     dst[..2].copy_from_slice(&channel.to_be_bytes());
-    dst[2..4].copy_from_slice(&(payload_len as u16).to_be_bytes());
+    dst[2..4].copy_from_slice(&payload_len.to_be_bytes());
 }
 
 pub fn write_data_indication(

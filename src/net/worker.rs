@@ -219,6 +219,9 @@ pub struct Worker<S: Shard> {
     stats_out: Arc<Mutex<NetStats>>,
     /// Sockets left readable after their turn (fairness cap), served on the next turn.
     pending: Vec<Token>,
+    /// accept() failed (e.g. out of file descriptors): retry at the next housekeeping
+    /// instead of spinning.
+    accept_retry: bool,
 }
 
 fn now() -> Now {
@@ -281,6 +284,7 @@ impl<S: Shard> Worker<S> {
             stats: NetStats::default(),
             stats_out: p.stats_out,
             pending: Vec::new(),
+            accept_retry: false,
         })
     }
 
@@ -324,6 +328,11 @@ impl<S: Shard> Worker<S> {
             }
             if now.mono >= next_housekeeping {
                 self.close_idle(now.mono);
+                if std::mem::take(&mut self.accept_retry) {
+                    for li in 0..self.tcp.len() {
+                        self.dispatch(token(K_TCP_LISTENER, li), true, false, now);
+                    }
+                }
                 self.publish_stats();
                 next_housekeeping = now.mono + HOUSEKEEPING;
             }
@@ -505,7 +514,8 @@ impl<S: Shard> Worker<S> {
                         write_channel_data_header(
                             &mut slot[at - CHANNEL_DATA_HEADER..at],
                             ch,
-                            r.len,
+                            // A UDP payload always fits 16 bits (the slot holds at most 65536).
+                            r.len as u16,
                         );
                         let mut end = at + r.len;
                         if stream {
@@ -597,9 +607,10 @@ impl<S: Shard> Worker<S> {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
-                    // EMFILE and friends: try again on the next turn rather than spin.
+                    // EMFILE and friends: try again a little later rather than spin.
                     tracing::debug!(error = %e, "TCP accept failed");
-                    return true;
+                    self.accept_retry = true;
+                    return false;
                 }
             };
             let Some(permit) = self.per_ip.try_acquire(client.ip()) else {
