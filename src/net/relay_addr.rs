@@ -29,9 +29,14 @@ fn routed_source(probe: SocketAddr) -> Option<IpAddr> {
 fn usable(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => !v4.is_unspecified() && !v4.is_loopback() && !v4.is_link_local(),
-        // Link-local IPv6 needs a scope id and cannot serve remote peers.
+        // Link-local IPv6 needs a scope id, and IPv6 is rarely NATed, so a unique-local
+        // (fc00::/7) relay address would be unreachable for peers: only global ones count.
         IpAddr::V6(v6) => {
-            !v6.is_unspecified() && !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80
+            let s0 = v6.segments()[0];
+            !v6.is_unspecified()
+                && !v6.is_loopback()
+                && (s0 & 0xffc0) != 0xfe80
+                && (s0 & 0xfe00) != 0xfc00
         }
     }
 }
@@ -72,7 +77,7 @@ fn first_interface_ipv4() -> Option<IpAddr> {
 }
 
 /// The local relay addresses when turn.relay_ip is empty: the routed IPv4 source (else the
-/// first interface address, else 127.0.0.1), plus the routed IPv6 source if there is one.
+/// first interface address, else 127.0.0.1), plus the routed IPv6 source if it is global.
 pub fn detect() -> Vec<IpAddr> {
     let v4 = routed_source("8.8.8.8:53".parse().unwrap())
         .or_else(first_interface_ipv4)
