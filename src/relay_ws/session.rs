@@ -15,6 +15,9 @@ use crate::signal::rate::TokenBucket;
 /// Framing overhead charged per frame so empty frames still use buffer budget.
 const FRAME_OVERHEAD: usize = 64;
 
+/// Longest one frame may wait for the receiver's socket before the session is ended.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What one connected side owns: its outgoing pipe (with the byte budget that bounds it),
 /// its incoming pipe, and a share of the session slot.
 pub struct RelaySide {
@@ -119,7 +122,9 @@ pub async fn run_side(hub: Arc<RelayHub>, side: RelaySide, socket: WebSocket) {
     let writer = async {
         while let Some((data, permit)) = rx.recv().await {
             let n = data.len() as u64;
-            if sink.send(Message::Binary(data)).await.is_err() {
+            // A receiver that never reads would otherwise hold the session open forever.
+            let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Binary(data))).await;
+            if !matches!(sent, Ok(Ok(()))) {
                 return;
             }
             drop(permit);

@@ -73,6 +73,9 @@ impl Machine for PeerJsService {
     }
 }
 
+/// Longest a single frame may take to go out before the connection is given up.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 enum Frame {
     Text(String),
     Ping,
@@ -244,7 +247,9 @@ impl<M: Machine> Hub<M> {
                         true,
                     ),
                 };
-                if sink.send(msg).await.is_err() || last {
+                // A client that stops reading must not pin this task and its socket forever.
+                let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await;
+                if !matches!(sent, Ok(Ok(()))) || last {
                     break;
                 }
             }
