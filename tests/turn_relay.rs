@@ -25,6 +25,24 @@ fn assert_all_echoed(r: &UclientReport, expect_sent: u64) {
 }
 
 fn relay_case(relay_min: u16, args: &[&str], expect_sent: u64) {
+    relay_case_with_log(relay_min, args, expect_sent, |_| {});
+}
+
+/// Relayed ports from the daemon's "allocation created ... relayed=[127.0.0.1:PORT]" lines.
+fn relayed_ports(log: &str) -> Vec<u16> {
+    log.lines()
+        .filter(|l| l.contains("allocation created"))
+        .filter_map(|l| {
+            let rest = &l[l.find("relayed=[127.0.0.1:")? + "relayed=[127.0.0.1:".len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn relay_case_with_log(relay_min: u16, args: &[&str], expect_sent: u64, check: impl Fn(&str)) {
     if !have_tool("turnutils_uclient") {
         return;
     }
@@ -37,6 +55,7 @@ fn relay_case(relay_min: u16, args: &[&str], expect_sent: u64) {
         r.sent, r.received, r.lost, r.rtt_ms
     );
     assert!(tern.alive());
+    check(&tern.log());
 }
 
 #[test]
@@ -105,7 +124,24 @@ fn tcp_send_indications() {
 fn udp_rtp_rtcp_pair_with_even_port_and_reservation_token() {
     // Without -c uclient allocates an even port with EVEN-PORT R=1, then the odd port with the
     // RESERVATION-TOKEN it got; the relay log shows both.
-    relay_case(22000, &["-m", "10", "-n", "20", "-z", "20"], 10 * 20);
+    relay_case_with_log(
+        22000,
+        &["-m", "10", "-n", "20", "-z", "20"],
+        10 * 20,
+        |log| {
+            let ports = relayed_ports(log);
+            let pairs = ports
+                .iter()
+                .filter(|&&p| p % 2 == 0 && ports.contains(&(p + 1)))
+                .count();
+            // uclient pairs only some of its sessions (7 pairs for -m 10 here); with random
+            // ports from a 400-port range, adjacent even/odd pairs appear only by reservation.
+            assert!(
+            pairs >= 3,
+            "expected even/odd relay port pairs (EVEN-PORT then RESERVATION-TOKEN), got {pairs} in {ports:?}"
+        );
+        },
+    );
 }
 
 #[test]
@@ -172,12 +208,8 @@ fn uclient_with_wrong_secret_relays_nothing() {
         &["-n", "5", "-c"],
         Duration::from_secs(30),
     );
-    assert_eq!(r.received, 0, "{}", r.output);
-    assert!(
-        r.output.contains("401"),
-        "uclient saw no 401:\n{}",
-        r.output
-    );
+    // uclient does not print the code: the exact 401 is checked by the hand-built test above.
+    assert_refused(&r);
 
     let expired = format!("{}:bob", unix_now() - 10);
     let r = uclient_with(
@@ -188,10 +220,13 @@ fn uclient_with_wrong_secret_relays_nothing() {
         &["-n", "5", "-c"],
         Duration::from_secs(30),
     );
-    assert_eq!(r.received, 0, "{}", r.output);
+    assert_refused(&r);
+}
+
+fn assert_refused(r: &UclientReport) {
     assert!(
-        r.output.contains("401"),
-        "uclient saw no 401:\n{}",
+        !r.success && r.received == 0 && r.output.contains("Cannot complete Allocation"),
+        "uclient was not refused:\n{}",
         r.output
     );
 }

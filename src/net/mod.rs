@@ -11,7 +11,7 @@ mod shard;
 mod socket;
 mod stats;
 mod tcp;
-mod wire;
+mod turn_shard;
 mod worker;
 
 use std::net::SocketAddr;
@@ -21,10 +21,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::config::{Config, TurnConfig};
+use crate::turn::RelayAddr;
 
-pub use relay_addr::RelayIp;
 pub use shard::{Shard, OUT_LEN};
-pub use stats::NetStats;
+pub use stats::{NetStats, WorkerStats};
 
 /// Errors starting the network service.
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +41,13 @@ pub enum NetError {
 struct WorkerHandle {
     waker: mio::Waker,
     thread: JoinHandle<()>,
-    stats: Arc<Mutex<NetStats>>,
+    stats: Arc<Mutex<WorkerStats>>,
 }
 
 /// The running TURN listeners and workers.
 pub struct TurnService {
     addrs: Vec<SocketAddr>,
-    relay_ips: Vec<RelayIp>,
+    relay_ips: Vec<RelayAddr>,
     stop: Arc<AtomicBool>,
     workers: Vec<WorkerHandle>,
 }
@@ -57,15 +57,20 @@ impl TurnService {
     /// starts the workers, each with its own shard of the TURN server.
     pub fn start(cfg: &Config) -> Result<TurnService, NetError> {
         let relay_ips = relay_addr::choose(&cfg.turn);
-        // TEMPORARY until the TURN core lands on main.
-        let _ = relay_ips;
-        Err(NetError::Other("TURN core not merged yet".into()))
+        let scfg = Arc::new(
+            crate::turn::ServerConfig::from_config(cfg, relay_ips.clone())
+                .map_err(|e| NetError::Other(e.to_string()))?,
+        );
+        let shared = Arc::new(crate::turn::Shared::new(&scfg));
+        Self::start_with(&cfg.turn, relay_ips, move || {
+            crate::turn::Server::new(Arc::clone(&scfg), Arc::clone(&shared))
+        })
     }
 
     /// Starts the workers with shards built by `make` (on each worker's own thread).
     pub fn start_with<S, F>(
         t: &TurnConfig,
-        relay_ips: Vec<RelayIp>,
+        relay_ips: Vec<RelayAddr>,
         make: F,
     ) -> Result<TurnService, NetError>
     where
@@ -110,7 +115,7 @@ impl TurnService {
             let poll = mio::Poll::new().map_err(|e| NetError::Other(format!("poll: {e}")))?;
             let waker = mio::Waker::new(poll.registry(), worker::WAKER)
                 .map_err(|e| NetError::Other(format!("waker: {e}")))?;
-            let stats = Arc::new(Mutex::new(NetStats::default()));
+            let stats = Arc::new(Mutex::new(WorkerStats::default()));
             let params = worker::WorkerParams {
                 index,
                 listeners,
@@ -168,7 +173,7 @@ impl TurnService {
     }
 
     /// The relay addresses in use (local and advertised).
-    pub fn relay_ips(&self) -> &[RelayIp] {
+    pub fn relay_ips(&self) -> &[RelayAddr] {
         &self.relay_ips
     }
 
@@ -176,7 +181,16 @@ impl TurnService {
     pub fn stats(&self) -> NetStats {
         let mut sum = NetStats::default();
         for w in &self.workers {
-            sum += *w.stats.lock().unwrap_or_else(|p| p.into_inner());
+            sum += w.stats.lock().unwrap_or_else(|p| p.into_inner()).net;
+        }
+        sum
+    }
+
+    /// The TURN core's counters summed over the workers' shards (same cadence).
+    pub fn turn_stats(&self) -> crate::turn::TurnStats {
+        let mut sum = crate::turn::TurnStats::default();
+        for w in &self.workers {
+            sum.add(&w.stats.lock().unwrap_or_else(|p| p.into_inner()).turn);
         }
         sum
     }

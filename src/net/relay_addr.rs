@@ -5,12 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 
 use crate::config::TurnConfig;
 
-/// A relay address: where sockets bind, and what clients are told (differs behind 1:1 NAT).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RelayIp {
-    pub local: IpAddr,
-    pub advertised: IpAddr,
-}
+use crate::turn::RelayAddr;
 
 /// The address the kernel would use to reach the public Internet: a UDP `connect` picks a
 /// route and source address without sending anything.
@@ -91,14 +86,14 @@ pub fn detect() -> Vec<IpAddr> {
 
 /// Relay addresses from the config: `relay_ip` (or detected ones), each paired with the
 /// `external_ip` at the same index, or of the same family when `relay_ip` was detected.
-pub fn choose(cfg: &TurnConfig) -> Vec<RelayIp> {
+pub fn choose(cfg: &TurnConfig) -> Vec<RelayAddr> {
     let detected = cfg.relay_ip.is_empty();
     let locals = if detected {
         detect()
     } else {
         cfg.relay_ip.clone()
     };
-    let out: Vec<RelayIp> = locals
+    let out: Vec<RelayAddr> = locals
         .iter()
         .enumerate()
         .map(|(i, &local)| {
@@ -113,7 +108,7 @@ pub fn choose(cfg: &TurnConfig) -> Vec<RelayIp> {
                     .find(|e| e.is_ipv4() == local.is_ipv4())
                     .unwrap_or(local)
             };
-            RelayIp { local, advertised }
+            RelayAddr { local, advertised }
         })
         .collect();
     for r in &out {

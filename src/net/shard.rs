@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use crate::turn::{Action, FiveTuple, Now, PeerRoute, RelayId, RelayIo};
+use crate::turn::{Action, FiveTuple, Now, PeerRoute, RelayId, RelayIo, TurnStats};
 
 /// Size of the response buffer handed to [`Shard::handle_stun`].
 pub const OUT_LEN: usize = 2048;
@@ -30,4 +30,8 @@ pub trait Shard {
     fn poll_timeout(&self) -> Option<Instant>;
     /// A TCP/TLS client connection closed: its allocation goes too (RFC 8656 §3.1).
     fn client_closed(&mut self, client: &FiveTuple, io: &mut impl RelayIo);
+    /// The core's counters, published beside the worker's own (none for a test fake).
+    fn turn_stats(&self) -> Option<&TurnStats> {
+        None
+    }
 }

@@ -122,11 +122,27 @@ pub fn bind_listeners(
     Err(last_err.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
 }
 
+/// Fails with `AddrInUse` if another socket already holds `addr` on `ty`. SO_REUSEPORT
+/// would otherwise let our listeners silently join another process's group (a second
+/// Tern, or coturn, which uses SO_REUSEPORT too) and split the clients between the two.
+fn probe_exclusive(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<()> {
+    let s = new_socket(addr, ty, proto)?;
+    if ty == Type::STREAM {
+        // A listener in TIME_WAIT from our own previous run must not block a restart.
+        s.set_reuse_address(true)?;
+    }
+    s.bind(&SockAddr::from(addr))
+}
+
 fn bind_once(
     addr: SocketAddr,
     workers: usize,
     buffer_bytes: usize,
 ) -> io::Result<(SocketAddr, Vec<ListenerPair>)> {
+    if addr.port() != 0 {
+        probe_exclusive(addr, Type::DGRAM, Protocol::UDP)?;
+        probe_exclusive(addr, Type::STREAM, Protocol::TCP)?;
+    }
     let first_udp = udp_listener(addr, buffer_bytes)?;
     let bound = first_udp.local_addr()?;
     let mut pairs = Vec::with_capacity(workers);
@@ -155,6 +171,16 @@ mod tests {
             assert_eq!(p.udp.local_addr().unwrap(), bound);
             assert_eq!(p.tcp.local_addr().unwrap(), bound);
         }
+    }
+
+    #[test]
+    fn a_port_held_by_another_reuseport_group_is_refused() {
+        // Someone else's SO_REUSEPORT listener (another daemon on the same port).
+        let (bound, _theirs) = bind_listeners("127.0.0.1:0".parse().unwrap(), 1, 1 << 16).unwrap();
+        let e = bind_listeners(bound, 2, 1 << 16)
+            .err()
+            .expect("must not join their group");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
     }
 
     #[test]

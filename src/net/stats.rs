@@ -3,6 +3,15 @@
 
 use std::ops::AddAssign;
 
+use crate::turn::TurnStats;
+
+/// What one worker publishes: its data-path counters and its TURN shard's counters.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerStats {
+    pub net: NetStats,
+    pub turn: TurnStats,
+}
+
 /// Packets and bytes relayed, by direction and client transport, and drops by reason.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetStats {

@@ -18,9 +18,9 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use super::mmsg::{RecvBatch, SendBatch};
 use super::shard::{Shard, OUT_LEN};
 use super::socket::{self, ListenerPair};
-use super::stats::NetStats;
+use super::stats::{NetStats, WorkerStats};
 use super::tcp::{InBuf, IpPermit, OutBuf, PerIpLimit, MAX_FRAME};
-use super::wire::{
+use crate::stun::{
     classify, tcp_frame_len, write_channel_data_header, write_data_indication, Kind,
     CHANNEL_DATA_HEADER, DATA_INDICATION_HEADROOM,
 };
@@ -192,7 +192,7 @@ pub struct WorkerParams {
     pub per_ip: PerIpLimit,
     pub stop: Arc<AtomicBool>,
     /// Where the worker publishes its counters (about twice a second).
-    pub stats_out: Arc<Mutex<NetStats>>,
+    pub stats_out: Arc<Mutex<WorkerStats>>,
 }
 
 /// A worker's event loop state. Built and run on its own thread.
@@ -216,7 +216,7 @@ pub struct Worker<S: Shard> {
     per_ip: PerIpLimit,
     stop: Arc<AtomicBool>,
     stats: NetStats,
-    stats_out: Arc<Mutex<NetStats>>,
+    stats_out: Arc<Mutex<WorkerStats>>,
     /// Sockets left readable after their turn (fairness cap), served on the next turn.
     pending: Vec<Token>,
     /// accept() failed (e.g. out of file descriptors): retry at the next housekeeping
@@ -343,7 +343,10 @@ impl<S: Shard> Worker<S> {
 
     fn publish_stats(&self) {
         let mut s = self.stats_out.lock().unwrap_or_else(|p| p.into_inner());
-        *s = self.stats;
+        s.net = self.stats;
+        if let Some(t) = self.shard.turn_stats() {
+            s.turn.clone_from(t);
+        }
     }
 
     fn dispatch(&mut self, tok: Token, readable: bool, writable: bool, now: Now) {

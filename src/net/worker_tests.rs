@@ -73,7 +73,7 @@ fn service(peer: SocketAddr, tweak: impl FnOnce(&mut TurnConfig)) -> TurnService
     let ip: IpAddr = "127.0.0.1".parse().unwrap();
     TurnService::start_with(
         &t,
-        vec![RelayIp {
+        vec![RelayAddr {
             local: ip,
             advertised: ip,
         }],

@@ -169,8 +169,9 @@ impl Tern {
         self.dir.path().join("tern.log")
     }
 
+    /// The daemon's log so far, without terminal colour codes.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        strip_ansi(&std::fs::read_to_string(self.log_path()).unwrap_or_default())
     }
 
     /// Waits until a STUN Binding request over UDP is answered.
@@ -235,6 +236,24 @@ impl Drop for Tern {
             eprintln!("---- tern log ----\n{}", self.log());
         }
     }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `turnutils_peer`: a UDP echo peer on 127.0.0.1, killed on drop.
