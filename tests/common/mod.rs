@@ -488,3 +488,101 @@ pub fn udp_transaction(sock: &UdpSocket, to: SocketAddr, req: &[u8]) -> Option<V
 pub fn in_dir(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// A minimal hand-built TURN client over UDP (RFC 8656), for the paths uclient cannot
+/// aim at precisely: long-term credentials from the daemon's secret, retry on 401/438.
+pub struct TurnClient {
+    pub sock: UdpSocket,
+    server: SocketAddr,
+    user: String,
+    password: String,
+    realm: String,
+    nonce: String,
+}
+
+impl TurnClient {
+    /// Allocates a UDP relay; returns the client and its XOR-RELAYED-ADDRESS.
+    pub fn allocate(tern: &Tern) -> (TurnClient, SocketAddr) {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let first = udp_transaction(&sock, tern.addr(), &allocate_unauthenticated())
+            .expect("401 to the first Allocate");
+        let (realm, nonce) = realm_and_nonce(&first).expect("REALM and NONCE");
+        let user = format!("{}:hand", unix_now() + 3600);
+        let password = rest_password(&tern.secret, &user);
+        let mut c = TurnClient {
+            sock,
+            server: tern.addr(),
+            user,
+            password,
+            realm,
+            nonce,
+        };
+        let resp = c.request(ALLOCATE, |m| {
+            m.add_attribute(&requested_transport_udp()).unwrap()
+        });
+        assert_eq!(error_code(&resp), None, "Allocate refused");
+        let msg = Message::from_bytes(&resp).unwrap();
+        let relayed = msg
+            .attribute::<turn_types::attribute::XorRelayedAddress>()
+            .expect("XOR-RELAYED-ADDRESS")
+            .addr(msg.transaction_id());
+        (c, relayed)
+    }
+
+    /// Sends an authenticated request built by `add` and returns the final response
+    /// (retrying once with a fresh nonce on 438).
+    pub fn request(&mut self, method: Method, add: impl Fn(&mut MessageWriteVec)) -> Vec<u8> {
+        for _ in 0..2 {
+            let mut m = Message::builder_request(method, MessageWriteVec::new());
+            add(&mut m);
+            m.add_attribute(&Username::new(&self.user).unwrap())
+                .unwrap();
+            m.add_attribute(&Realm::new(&self.realm).unwrap()).unwrap();
+            m.add_attribute(&Nonce::new(&self.nonce).unwrap()).unwrap();
+            let creds = LongTermCredentials::new(self.user.clone(), self.password.clone())
+                .to_key(self.realm.clone());
+            m.add_message_integrity(&creds.into(), IntegrityAlgorithm::Sha1)
+                .unwrap();
+            let resp = udp_transaction(&self.sock, self.server, &m.finish()).expect("answer");
+            if error_code(&resp) == Some(438) {
+                if let Some((realm, nonce)) = realm_and_nonce(&resp) {
+                    self.realm = realm;
+                    self.nonce = nonce;
+                    continue;
+                }
+            }
+            return resp;
+        }
+        panic!("stale nonce twice");
+    }
+
+    /// CreatePermission for `peer` (RFC 8656 §10); returns the error code, if any.
+    pub fn create_permission(&mut self, peer: SocketAddr) -> Option<u16> {
+        let resp = self.request(turn_types::message::CREATE_PERMISSION, |m| {
+            let tid = m.transaction_id();
+            m.add_attribute(&turn_types::attribute::XorPeerAddress::new(peer, tid))
+                .unwrap();
+        });
+        error_code(&resp)
+    }
+
+    /// ChannelBind `channel` to `peer` (RFC 8656 §11); returns the error code, if any.
+    pub fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Option<u16> {
+        let resp = self.request(turn_types::message::CHANNEL_BIND, |m| {
+            let tid = m.transaction_id();
+            m.add_attribute(&turn_types::attribute::ChannelNumber::new(channel))
+                .unwrap();
+            m.add_attribute(&turn_types::attribute::XorPeerAddress::new(peer, tid))
+                .unwrap();
+        });
+        error_code(&resp)
+    }
+
+    /// Sends `payload` as ChannelData on `channel` (RFC 8656 §12.4).
+    pub fn channel_data(&self, channel: u16, payload: &[u8]) {
+        let mut m = channel.to_be_bytes().to_vec();
+        m.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        m.extend_from_slice(payload);
+        self.sock.send_to(&m, self.server).unwrap();
+    }
+}
