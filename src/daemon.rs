@@ -14,12 +14,21 @@ pub enum DaemonError {
     Net(#[from] crate::net::NetError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
 
 /// Runs until SIGINT or SIGTERM, then stops the listeners and returns.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+pub fn run(mut cfg: Config) -> Result<(), DaemonError> {
+    if cfg.add_ephemeral_secret_if_none()? {
+        tracing::warn!(
+            "no turn.auth_secrets, turn.secret_file or turn.users configured: using a random \
+             secret for this run only (the built-in page and /api/ice work; a backend minting its \
+             own credentials needs turn.secret_file)"
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
