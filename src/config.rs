@@ -42,6 +42,8 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub turn: TurnConfig,
     pub api: ApiConfig,
+    pub signal: SignalConfig,
+    pub relay_ws: RelayWsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -147,10 +149,31 @@ impl Default for TurnConfig {
 pub struct ApiConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
-    /// Host name put in ICE server URLs; empty: the first external/relay address.
+    /// Host name put in ICE server URLs; empty: the first external/relay address, else the
+    /// request's Host header.
     pub public_host: String,
     /// Lifetime of credentials minted for anonymous browsers.
     pub anonymous_ttl_secs: u32,
+    /// Whether browsers without a bearer token may mint (only from allowed origins).
+    pub anonymous_enabled: bool,
+    /// Anonymous mints per minute per client IP, and the burst allowed above that rate.
+    pub anonymous_rate_per_min: u32,
+    pub anonymous_burst: u32,
+    /// Origins (`https://app.example.org`) allowed to mint anonymously; `"*"` allows any.
+    /// The API's own origin (the built-in page) is always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Bearer tokens that may mint for any user id and TTL up to `max_ttl_secs`.
+    pub tokens: Vec<String>,
+    /// Files holding one token per line (blank lines and `#` comments ignored).
+    pub token_files: Vec<PathBuf>,
+    /// Longest TTL a token holder may ask for.
+    pub max_ttl_secs: u32,
+    /// TTL when a token holder does not ask for one.
+    pub default_ttl_secs: u32,
+    /// Reverse proxies whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Worker threads of the HTTP runtime.
+    pub workers: usize,
 }
 
 impl Default for ApiConfig {
@@ -160,6 +183,116 @@ impl Default for ApiConfig {
             listen: "0.0.0.0:8080".parse().unwrap(),
             public_host: String::new(),
             anonymous_ttl_secs: 600,
+            anonymous_enabled: true,
+            anonymous_rate_per_min: 10,
+            anonymous_burst: 20,
+            allowed_origins: vec![],
+            tokens: vec![],
+            token_files: vec![],
+            max_ttl_secs: 86400,
+            default_ttl_secs: 86400,
+            trusted_proxies: vec![],
+            workers: 2,
+        }
+    }
+}
+
+/// `[signal]`: native WebSocket signaling with rooms (`/ws`) and the PeerJS-compatible server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignalConfig {
+    /// IPv6 clients share a LAN room when their addresses share this prefix.
+    pub lan_ipv6_prefix_len: u8,
+    /// The server pings a quiet peer this often.
+    pub ping_interval_secs: u32,
+    /// A peer silent for this long is dropped and its rooms are told.
+    pub peer_timeout_secs: u32,
+    /// A reconnect with the resume token within this time keeps the peer id.
+    pub resume_grace_secs: u32,
+    /// Largest signaling message accepted (larger: an error message; far larger: close 1009).
+    pub max_message_bytes: usize,
+    /// Messages per second per connection, and the burst allowed above that rate.
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    /// Named rooms one peer may be in at once.
+    pub max_rooms_per_peer: usize,
+    /// Peers in one room.
+    pub max_room_size: usize,
+    /// Native signaling connections the server holds at once.
+    pub max_peers: usize,
+    /// Lifetime of a `/relay` ticket that has not been used.
+    pub relay_ticket_ttl_secs: u32,
+    /// Frames queued towards one slow connection before it is dropped.
+    pub send_queue: usize,
+    pub peerjs_enabled: bool,
+    /// PeerJS mount path (the client's `path` option).
+    pub peerjs_path: String,
+    /// PeerJS API key (the client's `key` option).
+    pub peerjs_key: String,
+    /// `GET {path}{key}/peers` lists connected ids when true.
+    pub peerjs_allow_discovery: bool,
+    /// A PeerJS client without a HEARTBEAT for this long is dropped.
+    pub peerjs_alive_timeout_secs: u32,
+    /// Messages for an absent PeerJS peer are answered with EXPIRE after this long.
+    pub peerjs_expire_timeout_secs: u32,
+    pub peerjs_concurrent_limit: usize,
+    /// Messages queued for one absent PeerJS peer (the `peer` server's queue is unbounded).
+    pub peerjs_queue_bound: usize,
+}
+
+impl Default for SignalConfig {
+    fn default() -> Self {
+        Self {
+            lan_ipv6_prefix_len: 64,
+            ping_interval_secs: 20,
+            peer_timeout_secs: 60,
+            resume_grace_secs: 30,
+            max_message_bytes: 64 * 1024,
+            rate_per_sec: 50,
+            burst: 200,
+            max_rooms_per_peer: 8,
+            max_room_size: 256,
+            max_peers: 20_000,
+            relay_ticket_ttl_secs: 60,
+            send_queue: 256,
+            peerjs_enabled: true,
+            peerjs_path: "/peerjs".into(),
+            peerjs_key: "peerjs".into(),
+            peerjs_allow_discovery: false,
+            peerjs_alive_timeout_secs: 60,
+            peerjs_expire_timeout_secs: 5,
+            peerjs_concurrent_limit: 5000,
+            peerjs_queue_bound: 64,
+        }
+    }
+}
+
+/// `[relay_ws]`: the WebSocket data relay (`/relay`) used when ICE fails entirely.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayWsConfig {
+    pub enabled: bool,
+    /// Largest binary frame forwarded; a larger one closes the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Bytes buffered per direction of a session; past it the sender is not read.
+    pub buffer_bytes: usize,
+    /// Per-session bandwidth cap in bytes per second, each direction (0: none).
+    pub session_bytes_per_sec: u64,
+    /// Cap on all sessions together, bytes per second (0: none).
+    pub global_bytes_per_sec: u64,
+    /// Sessions (paired or waiting for the second side) held at once.
+    pub max_sessions: usize,
+}
+
+impl Default for RelayWsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_frame_bytes: 256 * 1024,
+            buffer_bytes: 1 << 20,
+            session_bytes_per_sec: 0,
+            global_bytes_per_sec: 0,
+            max_sessions: 1000,
         }
     }
 }
@@ -338,6 +471,7 @@ impl Config {
         }
         // Secret files must be readable now, so a typo fails at start, not at first login.
         self.turn_secrets()?;
+        self.validate_api()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }
@@ -345,6 +479,143 @@ impl Config {
             return Err(invalid("log.level", "not a valid tracing filter"));
         }
         Ok(())
+    }
+
+    /// Rules for `[api]`, `[signal]` and `[relay_ws]`.
+    fn validate_api(&self) -> Result<(), ConfigError> {
+        let a = &self.api;
+        if a.anonymous_ttl_secs == 0 || a.anonymous_ttl_secs > a.max_ttl_secs {
+            return Err(invalid(
+                "api.anonymous_ttl_secs",
+                "must be between 1 and api.max_ttl_secs",
+            ));
+        }
+        if a.default_ttl_secs == 0 || a.default_ttl_secs > a.max_ttl_secs {
+            return Err(invalid(
+                "api.default_ttl_secs",
+                "must be between 1 and api.max_ttl_secs",
+            ));
+        }
+        if a.anonymous_rate_per_min == 0 || a.anonymous_burst == 0 {
+            return Err(invalid(
+                "api.anonymous_rate_per_min",
+                "rate and burst must be at least 1",
+            ));
+        }
+        if a.workers == 0 || a.workers > 64 {
+            return Err(invalid("api.workers", "must be 1 to 64"));
+        }
+        for (i, o) in a.allowed_origins.iter().enumerate() {
+            let ok = o == "*"
+                || ((o.starts_with("http://") || o.starts_with("https://"))
+                    && !o.ends_with('/')
+                    && !o.contains(char::is_whitespace));
+            if !ok {
+                return Err(invalid(
+                    &format!("api.allowed_origins[{i}]"),
+                    "must be \"*\" or scheme://host[:port] without a trailing slash",
+                ));
+            }
+        }
+        for (i, t) in a.tokens.iter().enumerate() {
+            if t.len() < 16 {
+                return Err(invalid(
+                    &format!("api.tokens[{i}]"),
+                    "tokens must be at least 16 characters",
+                ));
+            }
+        }
+        self.api_tokens()?;
+        let s = &self.signal;
+        if !(1..=128).contains(&s.lan_ipv6_prefix_len) {
+            return Err(invalid("signal.lan_ipv6_prefix_len", "must be 1 to 128"));
+        }
+        if s.ping_interval_secs == 0 || s.ping_interval_secs >= s.peer_timeout_secs {
+            return Err(invalid(
+                "signal.ping_interval_secs",
+                "must be at least 1 and less than signal.peer_timeout_secs",
+            ));
+        }
+        if !(256..=16 << 20).contains(&s.max_message_bytes) {
+            return Err(invalid(
+                "signal.max_message_bytes",
+                "must be 256 to 16777216",
+            ));
+        }
+        if s.rate_per_sec == 0 || s.burst == 0 {
+            return Err(invalid(
+                "signal.rate_per_sec",
+                "rate and burst must be at least 1",
+            ));
+        }
+        for (key, v) in [
+            ("signal.max_rooms_per_peer", s.max_rooms_per_peer),
+            ("signal.max_room_size", s.max_room_size),
+            ("signal.max_peers", s.max_peers),
+            ("signal.send_queue", s.send_queue),
+            ("signal.peerjs_concurrent_limit", s.peerjs_concurrent_limit),
+            ("signal.peerjs_queue_bound", s.peerjs_queue_bound),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if s.relay_ticket_ttl_secs == 0 {
+            return Err(invalid(
+                "signal.relay_ticket_ttl_secs",
+                "must be at least 1",
+            ));
+        }
+        if !s.peerjs_path.starts_with('/') || s.peerjs_path.contains(['?', '#', ' ']) {
+            return Err(invalid(
+                "signal.peerjs_path",
+                "must start with / and hold no ?, # or space",
+            ));
+        }
+        if s.peerjs_key.is_empty() || s.peerjs_key.contains(['/', '?', '#', ' ']) {
+            return Err(invalid(
+                "signal.peerjs_key",
+                "must be non-empty without /, ?, # or space",
+            ));
+        }
+        if s.peerjs_alive_timeout_secs == 0 || s.peerjs_expire_timeout_secs == 0 {
+            return Err(invalid(
+                "signal.peerjs_alive_timeout_secs",
+                "alive and expire timeouts must be at least 1",
+            ));
+        }
+        let r = &self.relay_ws;
+        if !(1024..=64 << 20).contains(&r.max_frame_bytes) {
+            return Err(invalid(
+                "relay_ws.max_frame_bytes",
+                "must be 1024 to 67108864",
+            ));
+        }
+        if r.buffer_bytes < r.max_frame_bytes {
+            return Err(invalid(
+                "relay_ws.buffer_bytes",
+                "must be at least relay_ws.max_frame_bytes",
+            ));
+        }
+        if r.max_sessions == 0 {
+            return Err(invalid("relay_ws.max_sessions", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// All API bearer tokens: inline ones first, then those from `token_files`.
+    pub fn api_tokens(&self) -> Result<Vec<String>, ConfigError> {
+        let mut out = self.api.tokens.clone();
+        for (i, path) in self.api.token_files.iter().enumerate() {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    &format!("api.token_files[{i}]"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            out.extend(read_secret_lines(&text));
+        }
+        Ok(out)
     }
 
     /// All REST API secrets: inline ones first, then those from `secret_file`s.
@@ -471,6 +742,25 @@ mod tests {
         assert!(e.to_string().starts_with("turn.users[0]"), "{e}");
         let e = load("[log]\nformat = \"xml\"\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("log.format"), "{e}");
+    }
+
+    #[test]
+    fn api_signal_relay_keys_are_validated() {
+        let c = Config::load(None, Vec::new(), &[]).unwrap();
+        assert!(c.api.anonymous_enabled);
+        assert_eq!(c.signal.peerjs_path, "/peerjs");
+        assert_eq!(c.signal.peerjs_expire_timeout_secs, 5);
+        assert_eq!(c.signal.lan_ipv6_prefix_len, 64);
+        let e = load("[api]\ntokens = [\"short\"]\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("api.tokens[0]"), "{e}");
+        let e = load("", &[], &["api.allowed_origins=[\"example.org\"]"]).unwrap_err();
+        assert!(e.to_string().starts_with("api.allowed_origins[0]"), "{e}");
+        let e = load("[signal]\npeerjs_path = \"x\"\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("signal.peerjs_path"), "{e}");
+        let e = load("[relay_ws]\nbuffer_bytes = 2000\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("relay_ws.buffer_bytes"), "{e}");
+        let e = load("[api]\ntoken_files = [\"/nonexistent/t\"]\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("api.token_files[0]"), "{e}");
     }
 
     #[test]

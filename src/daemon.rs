@@ -12,6 +12,8 @@ use crate::config::Config;
 pub enum DaemonError {
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -26,10 +28,25 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     for addr in turn.local_addrs() {
         tracing::info!(%addr, "TURN listening (udp+tcp)");
     }
+    let http = if cfg.api.enabled {
+        // ICE URLs carry the TURN port actually bound (it may have been configured as 0).
+        let mut api_cfg = cfg.clone();
+        if !turn.local_addrs().is_empty() {
+            api_cfg.turn.listen = turn.local_addrs().to_vec();
+        }
+        let http = crate::api::HttpService::start(&api_cfg)?;
+        tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
+        Some(http)
+    } else {
+        None
+    };
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("signal received, shutting down");
+    if let Some(http) = http {
+        http.shutdown();
+    }
     turn.shutdown();
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! Tern: one daemon for STUN/TURN (RFC 8489, RFC 8656, RFC 6062), ephemeral ICE
 //! credentials, WebSocket signaling and a WebSocket data relay. See DESIGN.md for the layout.
 
+pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod logging;
 pub mod net;
+pub mod relay_ws;
+pub mod signal;
 pub mod stun;
 pub mod turn;

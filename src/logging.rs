@@ -6,7 +6,15 @@ use crate::config::LogConfig;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init(cfg: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let mut filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    // stun-types logs malformed network input at warn; Tern counts it and logs at debug
+    // itself, so those lines would only let a remote sender flood the log.
+    if !cfg.level.contains("stun_types") {
+        if let Ok(d) = "stun_types=error".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

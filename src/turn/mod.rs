@@ -13,7 +13,23 @@
 //! Relay sockets are opened and closed through the [`RelayIo`] trait the driver implements;
 //! the port numbers are chosen by the core's shared port pool.
 
+mod allocation;
 pub mod auth;
+pub mod nonce;
+pub mod policy;
+pub mod ports;
+pub mod ratelimit;
+mod reply;
+mod requests;
+mod server;
+mod server_config;
+pub mod stats;
+#[cfg(test)]
+mod tests;
+
+pub use server::Server;
+pub use server_config::{QuotaError, RelayAddr, ServerConfig, Shared};
+pub use stats::TurnStats;
 
 use std::net::SocketAddr;
 use std::ops::Range;

@@ -1,0 +1,210 @@
+//! The HTTP face (axum): ephemeral ICE credentials (`/api/ice`, `/api/turn`), native
+//! signaling (`/ws`), the PeerJS-compatible server (`signal.peerjs_path`) and the
+//! WebSocket relay (`/relay`), on one listener with its own small tokio runtime.
+//!
+//! Owns routing, HTTP-level auth (tokens, origins, rate limits) and CORS. It must not hold
+//! protocol state itself: rooms and PeerJS live in `signal`, relay sessions in `relay_ws`.
+
+mod cors;
+mod ice;
+mod routes;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::relay_ws::RelayHub;
+use crate::signal::driver::Hub;
+use crate::signal::peerjs::PeerJsService;
+use crate::signal::rate::TokenBucket;
+use crate::signal::rooms::RoomService;
+
+/// Errors starting the HTTP service.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting the HTTP runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Everything the handlers share.
+pub(crate) struct AppState {
+    pub cfg: Config,
+    pub secrets: Vec<String>,
+    pub tokens: Vec<String>,
+    pub anon_buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    pub rooms: Arc<Hub<RoomService>>,
+    pub peerjs: Arc<Hub<PeerJsService>>,
+    pub relay: Option<Arc<RelayHub>>,
+}
+
+/// A snapshot of the HTTP face's counters, for the metrics face.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpStats {
+    pub signal_peers: usize,
+    pub signal: crate::signal::rooms::RoomStats,
+    pub peerjs: crate::signal::peerjs::PeerJsStats,
+    pub relay_sessions_active: usize,
+    pub relay_bytes_forwarded: u64,
+    pub relay_oversized_frames: u64,
+    pub relay_bad_tickets: u64,
+}
+
+/// The running HTTP listener.
+pub struct HttpService {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    rt: Option<tokio::runtime::Runtime>,
+    state: Arc<AppState>,
+}
+
+impl HttpService {
+    /// Binds `api.listen` and serves on a runtime of `api.workers` threads.
+    /// ICE URLs use the port of the first `turn.listen` address.
+    pub fn start(cfg: &Config) -> Result<HttpService, ApiError> {
+        let addr = cfg.api.listen;
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|source| ApiError::Bind { addr, source })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ApiError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| ApiError::Bind { addr, source })?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.api.workers)
+            .thread_name("tern-http")
+            .enable_all()
+            .build()
+            .map_err(ApiError::Runtime)?;
+        let secrets = cfg.turn_secrets()?;
+        let tokens = cfg.api_tokens()?;
+        let relay = cfg.relay_ws.enabled.then(|| {
+            RelayHub::new(
+                cfg.relay_ws.clone(),
+                Duration::from_secs(cfg.signal.relay_ticket_ttl_secs.into()),
+            )
+        });
+        let seed: u64 = rand::random();
+        let rooms = Hub::new(
+            RoomService::new(cfg.signal.clone(), relay.is_some(), seed),
+            cfg.signal.send_queue,
+            relay.clone(),
+            cfg.signal.relay_ticket_ttl_secs,
+        );
+        let peerjs = Hub::new(
+            PeerJsService::new(cfg.signal.clone(), seed ^ 0x9e37_79b9_7f4a_7c15),
+            cfg.signal.send_queue,
+            None,
+            0,
+        );
+        let state = Arc::new(AppState {
+            cfg: cfg.clone(),
+            secrets,
+            tokens,
+            anon_buckets: Mutex::new(HashMap::new()),
+            rooms,
+            peerjs,
+            relay,
+        });
+        let app = routes::router(Arc::clone(&state));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serve_state = Arc::clone(&state);
+        rt.spawn(async move {
+            serve_state.rooms.spawn_ticker();
+            serve_state.peerjs.spawn_ticker();
+            if let Some(relay) = serve_state.relay.clone() {
+                tokio::spawn(async move {
+                    let mut iv = tokio::time::interval(Duration::from_secs(5));
+                    loop {
+                        iv.tick().await;
+                        relay.sweep(std::time::Instant::now());
+                    }
+                });
+            }
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "HTTP listener");
+                    return;
+                }
+            };
+            let served = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+        Ok(HttpService {
+            addr: local,
+            stop: Some(stop_tx),
+            rt: Some(rt),
+            state,
+        })
+    }
+
+    /// The bound address (with the real port when port 0 was configured).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> HttpStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (signal_peers, signal) = self.state.rooms.with_core(|c| (c.live_peers(), c.stats()));
+        let peerjs = self.state.peerjs.with_core(|c| c.stats());
+        let mut s = HttpStats {
+            signal_peers,
+            signal,
+            peerjs,
+            ..HttpStats::default()
+        };
+        if let Some(r) = &self.state.relay {
+            s.relay_sessions_active = r.active_sessions();
+            s.relay_bytes_forwarded = r.stats.bytes_forwarded.load(Relaxed);
+            s.relay_oversized_frames = r.stats.oversized_frames.load(Relaxed);
+            s.relay_bad_tickets = r.stats.bad_tickets.load(Relaxed);
+        }
+        s
+    }
+
+    /// Stops accepting, closes open connections after a short grace, joins the runtime.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(rt) = self.rt.take() {
+            // Blocking on shutdown is not allowed inside another runtime (an embedding
+            // async caller): then let the threads wind down in the background.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            } else {
+                rt.shutdown_timeout(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+impl Drop for HttpService {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}

@@ -1,0 +1,173 @@
+//! The router: credential routes, WebSocket upgrades, and the PeerJS HTTP routes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::{cors, ice, AppState};
+use crate::signal::client_ip::{client_ip, lan_key};
+use crate::signal::peerjs::INFO_JSON;
+
+/// WebSocket message limit for signaling: past `max_message_bytes` the state machine
+/// answers "too large"; far past it the socket is closed with 1009 before buffering more.
+fn ws_limit(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_mul(4).max(64 * 1024)
+}
+
+pub(super) fn router(st: Arc<AppState>) -> Router {
+    let mut r = Router::new()
+        .route("/api/ice", get(ice::ice).options(ice::preflight))
+        .route("/api/turn", get(ice::turn_rest).options(ice::preflight))
+        .route("/ws", get(ws_native))
+        .route("/relay", get(relay));
+    if st.cfg.signal.peerjs_enabled {
+        let base = st.cfg.signal.peerjs_path.trim_end_matches('/').to_string();
+        let root = if base.is_empty() {
+            "/".to_string()
+        } else {
+            base.clone()
+        };
+        r = r
+            .route(&root, get(peerjs_info))
+            .route(&format!("{base}/peerjs"), get(peerjs_ws))
+            .route(&format!("{base}/{{key}}/id"), get(peerjs_id))
+            .route(&format!("{base}/{{key}}/peers"), get(peerjs_peers));
+        if !base.is_empty() {
+            r = r.route(&format!("{base}/"), get(peerjs_info));
+        }
+    }
+    r.with_state(st)
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// `GET /ws[?resume=TOKEN]`: native signaling.
+async fn ws_native(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let ip = client_ip(peer.ip(), &headers, &st.cfg.api.trusted_proxies);
+    let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
+    let resume = q.get("resume").cloned();
+    let hub = Arc::clone(&st.rooms);
+    let limit = ws_limit(st.cfg.signal.max_message_bytes);
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| {
+            hub.run(socket, move |core, conn, now| {
+                core.connect(conn, lan, resume.as_deref(), now)
+            })
+        })
+}
+
+/// `GET /relay?ticket=T`: one side of a relay session.
+async fn relay(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(hub) = st.relay.clone() else {
+        return json_error(StatusCode::NOT_FOUND, "the WebSocket relay is disabled");
+    };
+    let Some(ticket) = q.get("ticket") else {
+        return json_error(StatusCode::BAD_REQUEST, "missing ticket parameter");
+    };
+    let side = match hub.claim(ticket, Instant::now()) {
+        Ok(s) => s,
+        Err(e) => return json_error(StatusCode::FORBIDDEN, &e.to_string()),
+    };
+    let max = hub.config().max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| crate::relay_ws::run_side(hub, side, socket))
+}
+
+/// The `peer` server answers every PeerJS route with CORS `origin: true` (echo).
+fn peerjs_cors(headers: &HeaderMap, mut r: Response) -> Response {
+    if let Some(o) = headers.get(header::ORIGIN) {
+        cors::allow(r.headers_mut(), o);
+    }
+    r
+}
+
+async fn peerjs_info(headers: HeaderMap) -> Response {
+    let r = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        INFO_JSON,
+    )
+        .into_response();
+    peerjs_cors(&headers, r)
+}
+
+/// `GET {path}/{key}/id`: a fresh id, as text/html like the `peer` server.
+async fn peerjs_id(
+    State(st): State<Arc<AppState>>,
+    Path(_key): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let id = st.peerjs.with_core(|c| c.fresh_id());
+    let r = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        id,
+    )
+        .into_response();
+    peerjs_cors(&headers, r)
+}
+
+/// `GET {path}/{key}/peers`: connected ids when discovery is on, else 401.
+async fn peerjs_peers(
+    State(st): State<Arc<AppState>>,
+    Path(_key): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let r = if st.cfg.signal.peerjs_allow_discovery {
+        Json(st.peerjs.with_core(|c| c.ids())).into_response()
+    } else {
+        (StatusCode::UNAUTHORIZED, "Unauthorized").into_response()
+    };
+    peerjs_cors(&headers, r)
+}
+
+/// `GET {path}/peerjs?key=&id=&token=&version=`: the PeerJS signaling socket.
+async fn peerjs_ws(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let hub = Arc::clone(&st.peerjs);
+    let limit = ws_limit(st.cfg.signal.max_message_bytes);
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| {
+            hub.run(socket, move |core, conn, now| {
+                core.connect(
+                    conn,
+                    q.get("key").map(String::as_str),
+                    q.get("id").map(String::as_str),
+                    q.get("token").map(String::as_str),
+                    now,
+                )
+            })
+        })
+}

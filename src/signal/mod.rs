@@ -1,0 +1,35 @@
+//! Signaling: the native room service (`/ws`) and the PeerJS-compatible server, each a
+//! sans-IO state machine ([`rooms::RoomService`], [`peerjs::PeerJsService`]) plus a thin
+//! axum WebSocket driver.
+//!
+//! Owns peer ids, rooms, LAN grouping, message routing, heartbeats and relay grants.
+//! It must not carry media or relay data (that is `relay_ws`), mint TURN credentials
+//! (that is `api`), or trust anything a client says about who it is.
+
+pub mod client_ip;
+pub mod driver;
+pub mod names;
+pub mod peerjs;
+pub mod protocol;
+pub mod rate;
+pub mod rooms;
+
+/// A connection handle chosen by the driver.
+pub type ConnId = u64;
+
+/// What a state machine asks its driver to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    /// Send a JSON text frame.
+    Send { conn: ConnId, text: String },
+    /// Send a WebSocket ping (browsers answer it without application code).
+    Ping { conn: ConnId },
+    /// Close the connection with this WebSocket close code (RFC 6455 §7.4).
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: &'static str,
+    },
+    /// Register a relay session and hand each side its ticket.
+    Relay(rooms::RelayGrant),
+}

@@ -1,0 +1,406 @@
+//! The PeerJS server protocol (as the `peer` npm server 1.0 speaks it), sans-IO.
+//!
+//! WebSocket `{path}/peerjs?key=&id=&token=`: OPEN on success; ERROR with
+//! `payload.msg` for missing parameters, a bad key or the concurrent limit; ID-TAKEN when
+//! the id is held under another token; a silent re-attach for the same token. OFFER,
+//! ANSWER, CANDIDATE, LEAVE and EXPIRE are forwarded as `{type,src,dst,payload}` with
+//! `src` set by the server. Messages for an absent peer wait in a bounded queue and are
+//! answered with EXPIRE after `expire_timeout`; a client without HEARTBEAT for
+//! `alive_timeout` is dropped.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::rate::TokenBucket;
+use super::{ConnId, Out};
+use crate::config::SignalConfig;
+
+/// The `peer` server's error texts, which clients show to users.
+pub const INVALID_KEY: &str = "Invalid key provided";
+pub const INVALID_WS_PARAMETERS: &str = "No id, token, or key supplied to websocket server";
+pub const CONNECTION_LIMIT_EXCEED: &str = "Server has reached its concurrent user limit";
+
+/// `GET {path}`: the same info document the `peer` server returns.
+pub const INFO_JSON: &str = r#"{"name":"PeerJS Server","description":"A server side element to broker connections between PeerJS clients.","website":"https://peerjs.com/"}"#;
+
+/// Longest id or token accepted (the `peer` server has no limit; memory needs one).
+const MAX_ID_LEN: usize = 256;
+
+/// A forwarded message, serialized exactly as the `peer` server does (absent fields omitted).
+#[derive(Debug, Clone, Serialize)]
+struct Fwd {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    src: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dst: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<Value>,
+}
+
+struct Client {
+    token: String,
+    conn: ConnId,
+    last_ping: Instant,
+    bucket: TokenBucket,
+    strikes: u32,
+}
+
+struct Queue {
+    created: Instant,
+    msgs: VecDeque<Fwd>,
+}
+
+/// Counters for the metrics face.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PeerJsStats {
+    pub bad_messages: u64,
+    pub forwarded: u64,
+    pub queued_dropped: u64,
+    pub expired: u64,
+}
+
+/// The PeerJS realm: clients by id, connections, queues for absent peers.
+pub struct PeerJsService {
+    cfg: SignalConfig,
+    rng: StdRng,
+    clients: HashMap<String, Client>,
+    conns: HashMap<ConnId, String>,
+    queues: HashMap<String, Queue>,
+    stats: PeerJsStats,
+}
+
+fn error_text(msg: &str) -> String {
+    serde_json::json!({"type": "ERROR", "payload": {"msg": msg}}).to_string()
+}
+
+impl PeerJsService {
+    pub fn new(cfg: SignalConfig, seed: u64) -> Self {
+        Self {
+            cfg,
+            rng: StdRng::seed_from_u64(seed),
+            clients: HashMap::new(),
+            conns: HashMap::new(),
+            queues: HashMap::new(),
+            stats: PeerJsStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> PeerJsStats {
+        self.stats
+    }
+
+    /// Connected ids (for `GET {path}{key}/peers` when discovery is on).
+    pub fn ids(&self) -> Vec<String> {
+        self.clients.keys().cloned().collect()
+    }
+
+    /// `GET {path}{key}/id`: a random UUID no client holds.
+    pub fn fresh_id(&mut self) -> String {
+        loop {
+            let mut b = [0u8; 16];
+            self.rng.fill(&mut b);
+            b[6] = (b[6] & 0x0f) | 0x40;
+            b[8] = (b[8] & 0x3f) | 0x80;
+            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            let id = format!(
+                "{}-{}-{}-{}-{}",
+                &h[0..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..32]
+            );
+            if !self.clients.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn reject(conn: ConnId, text: String, out: &mut Vec<Out>) {
+        out.push(Out::Send { conn, text });
+        out.push(Out::Close {
+            conn,
+            code: 1000,
+            reason: "",
+        });
+    }
+
+    /// A WebSocket connection with the query parameters `key`, `id`, `token`.
+    pub fn connect(
+        &mut self,
+        conn: ConnId,
+        key: Option<&str>,
+        id: Option<&str>,
+        token: Option<&str>,
+        now: Instant,
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        let (Some(key), Some(id), Some(token)) = (key, id, token) else {
+            Self::reject(conn, error_text(INVALID_WS_PARAMETERS), &mut out);
+            return out;
+        };
+        if id.is_empty() || token.is_empty() || key.is_empty() {
+            Self::reject(conn, error_text(INVALID_WS_PARAMETERS), &mut out);
+            return out;
+        }
+        if key != self.cfg.peerjs_key {
+            Self::reject(conn, error_text(INVALID_KEY), &mut out);
+            return out;
+        }
+        if id.len() > MAX_ID_LEN || token.len() > MAX_ID_LEN {
+            Self::reject(conn, error_text(INVALID_WS_PARAMETERS), &mut out);
+            return out;
+        }
+        if let Some(c) = self.clients.get_mut(id) {
+            if c.token != token {
+                let text =
+                    serde_json::json!({"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}})
+                        .to_string();
+                Self::reject(conn, text, &mut out);
+                return out;
+            }
+            // Same token: the client reconnected; attach the new socket without OPEN.
+            let old = std::mem::replace(&mut c.conn, conn);
+            c.last_ping = now;
+            self.conns.remove(&old);
+            self.conns.insert(conn, id.to_string());
+            out.push(Out::Close {
+                conn: old,
+                code: 1000,
+                reason: "",
+            });
+            self.flush_queue(id, now, &mut out);
+            return out;
+        }
+        if self.clients.len() >= self.cfg.peerjs_concurrent_limit {
+            Self::reject(conn, error_text(CONNECTION_LIMIT_EXCEED), &mut out);
+            return out;
+        }
+        let bucket = TokenBucket::new(
+            f64::from(self.cfg.rate_per_sec),
+            f64::from(self.cfg.burst),
+            now,
+        );
+        self.clients.insert(
+            id.to_string(),
+            Client {
+                token: token.to_string(),
+                conn,
+                last_ping: now,
+                bucket,
+                strikes: 0,
+            },
+        );
+        self.conns.insert(conn, id.to_string());
+        out.push(Out::Send {
+            conn,
+            text: r#"{"type":"OPEN"}"#.into(),
+        });
+        self.flush_queue(id, now, &mut out);
+        out
+    }
+
+    fn flush_queue(&mut self, id: &str, now: Instant, out: &mut Vec<Out>) {
+        if let Some(q) = self.queues.remove(id) {
+            for m in q.msgs {
+                self.transmit(m, now, out);
+            }
+        }
+    }
+
+    /// A text frame from `conn`. Bad JSON and unknown types are ignored, as the `peer`
+    /// server does: answering ERROR would make the client abort its Peer.
+    pub fn message(&mut self, conn: ConnId, text: &str, now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(id) = self.conns.get(&conn).cloned() else {
+            return out;
+        };
+        let burst = self.cfg.burst;
+        let c = self.clients.get_mut(&id).expect("conns and clients agree");
+        if !c.bucket.try_take(1.0, now) {
+            c.strikes += 1;
+            self.stats.bad_messages += 1;
+            if c.strikes > burst.saturating_mul(4) {
+                self.drop_client(&id);
+                out.push(Out::Close {
+                    conn,
+                    code: 1008,
+                    reason: "rate limit exceeded",
+                });
+            }
+            return out;
+        }
+        c.strikes = 0;
+        if text.len() > self.cfg.max_message_bytes {
+            self.stats.bad_messages += 1;
+            return out;
+        }
+        let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(text) else {
+            self.stats.bad_messages += 1;
+            tracing::debug!(conn, "PeerJS message is not a JSON object; ignored");
+            return out;
+        };
+        let kind = match msg.get("type").and_then(Value::as_str) {
+            Some("HEARTBEAT") => {
+                c.last_ping = now;
+                return out;
+            }
+            Some("OFFER") => "OFFER",
+            Some("ANSWER") => "ANSWER",
+            Some("CANDIDATE") => "CANDIDATE",
+            Some("LEAVE") => "LEAVE",
+            Some("EXPIRE") => "EXPIRE",
+            _ => {
+                self.stats.bad_messages += 1;
+                return out;
+            }
+        };
+        let dst = match msg.remove("dst") {
+            Some(Value::String(s)) => Some(s),
+            None | Some(Value::Null) => None,
+            Some(_) => {
+                self.stats.bad_messages += 1;
+                return out;
+            }
+        };
+        let fwd = Fwd {
+            kind,
+            src: id.clone(),
+            dst,
+            payload: msg.remove("payload"),
+        };
+        if fwd.kind == "LEAVE" && fwd.dst.is_none() {
+            // The `peer` server unregisters a client that leaves without a destination.
+            self.drop_client(&id);
+            out.push(Out::Close {
+                conn,
+                code: 1000,
+                reason: "",
+            });
+            return out;
+        }
+        self.transmit(fwd, now, &mut out);
+        out
+    }
+
+    /// Delivers to a connected destination, or queues for an absent one.
+    fn transmit(&mut self, m: Fwd, now: Instant, out: &mut Vec<Out>) {
+        let Some(dst) = m.dst.clone() else {
+            return;
+        };
+        if let Some(c) = self.clients.get(&dst) {
+            self.stats.forwarded += 1;
+            out.push(Out::Send {
+                conn: c.conn,
+                text: serde_json::to_string(&m).expect("serializes"),
+            });
+            return;
+        }
+        if m.kind == "LEAVE" || m.kind == "EXPIRE" {
+            return;
+        }
+        let bound = self.cfg.peerjs_queue_bound;
+        let room_for_queue = self.queues.len() < self.cfg.peerjs_concurrent_limit;
+        match self.queues.get_mut(&dst) {
+            Some(q) if q.msgs.len() < bound => q.msgs.push_back(m),
+            // Full queue: the pair is already queued, so its EXPIRE will still come.
+            Some(_) => self.stats.queued_dropped += 1,
+            None if room_for_queue => {
+                self.queues.insert(
+                    dst,
+                    Queue {
+                        created: now,
+                        msgs: VecDeque::from([m]),
+                    },
+                );
+            }
+            None => {
+                // No memory for another queue: answer EXPIRE now.
+                self.stats.queued_dropped += 1;
+                let src = m.src.clone();
+                self.expire(dst, src, now, out);
+            }
+        }
+    }
+
+    fn expire(&mut self, from: String, to: String, now: Instant, out: &mut Vec<Out>) {
+        self.stats.expired += 1;
+        self.transmit(
+            Fwd {
+                kind: "EXPIRE",
+                src: from,
+                dst: Some(to),
+                payload: None,
+            },
+            now,
+            out,
+        );
+    }
+
+    fn drop_client(&mut self, id: &str) {
+        if let Some(c) = self.clients.remove(id) {
+            self.conns.remove(&c.conn);
+        }
+    }
+
+    /// The connection closed.
+    pub fn disconnect(&mut self, conn: ConnId, _now: Instant) -> Vec<Out> {
+        if let Some(id) = self.conns.remove(&conn) {
+            if self.clients.get(&id).is_some_and(|c| c.conn == conn) {
+                self.clients.remove(&id);
+            }
+        }
+        Vec::new()
+    }
+
+    /// Drops clients without a heartbeat for `alive_timeout`; answers queued messages
+    /// older than `expire_timeout` with one EXPIRE per (sender, destination) pair.
+    pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
+        let alive = Duration::from_secs(self.cfg.peerjs_alive_timeout_secs.into());
+        let dead: Vec<String> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| now.saturating_duration_since(c.last_ping) >= alive)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in dead {
+            if let Some(c) = self.clients.remove(&id) {
+                self.conns.remove(&c.conn);
+                out.push(Out::Close {
+                    conn: c.conn,
+                    code: 1000,
+                    reason: "",
+                });
+            }
+            self.queues.remove(&id);
+        }
+        let expire = Duration::from_secs(self.cfg.peerjs_expire_timeout_secs.into());
+        let due: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| now.saturating_duration_since(q.created) >= expire)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for dst in due {
+            let q = self.queues.remove(&dst).expect("listed above");
+            let mut seen = HashSet::new();
+            for m in q.msgs {
+                if seen.insert(m.src.clone()) {
+                    self.expire(dst.clone(), m.src, now, &mut out);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[path = "peerjs_tests.rs"]
+mod tests;

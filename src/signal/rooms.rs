@@ -1,0 +1,626 @@
+//! The native room service: a sans-IO state machine. Events in (connect, message,
+//! disconnect, tick with `now`), [`Out`] commands out. No sockets, no clock, no tasks.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::names::friendly_name;
+use super::protocol::{ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
+use super::rate::TokenBucket;
+use super::{ConnId, Out};
+use crate::config::SignalConfig;
+
+/// A room: the automatic LAN room of a client address, or one joined by name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum RoomKey {
+    Lan(String),
+    Named(String),
+}
+
+impl RoomKey {
+    /// The name clients see: every client sees its own LAN room as `lan`.
+    fn label(&self) -> &str {
+        match self {
+            RoomKey::Lan(_) => "lan",
+            RoomKey::Named(n) => n,
+        }
+    }
+}
+
+struct Peer {
+    id: String,
+    name: String,
+    resume: String,
+    conn: Option<ConnId>,
+    lan: RoomKey,
+    /// Rooms the peer is in; kept while detached so a resume rejoins them.
+    rooms: BTreeSet<RoomKey>,
+    last_seen: Instant,
+    last_ping: Instant,
+    detached_at: Option<Instant>,
+    bucket: TokenBucket,
+    /// Messages dropped by the rate limit since the last accepted one.
+    strikes: u32,
+}
+
+/// Counters for the metrics face.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RoomStats {
+    pub bad_messages: u64,
+    pub rate_limited: u64,
+    pub signals_forwarded: u64,
+}
+
+/// A `/relay` session the service granted to two peers sharing a room: the driver registers
+/// the tickets with the relay and sends each peer its ticket (see [`relay_ticket_text`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayGrant {
+    pub session: u64,
+    /// (connection, peer id of the *other* side, ticket) for each side.
+    pub sides: [(ConnId, String, String); 2],
+}
+
+/// The text of a `relay-ticket` message.
+pub fn relay_ticket_text(other: &str, ticket: &str, ttl_secs: u32) -> String {
+    ServerMsg::RelayTicket {
+        peer: other,
+        ticket,
+        path: "/relay",
+        expires_in: ttl_secs,
+    }
+    .to_text()
+}
+
+/// The room service. One per daemon; the driver serializes calls.
+pub struct RoomService {
+    cfg: SignalConfig,
+    relay_enabled: bool,
+    rng: StdRng,
+    conns: HashMap<ConnId, String>,
+    peers: HashMap<String, Peer>,
+    by_resume: HashMap<String, String>,
+    rooms: HashMap<RoomKey, BTreeSet<String>>,
+    next_session: u64,
+    stats: RoomStats,
+}
+
+impl RoomService {
+    pub fn new(cfg: SignalConfig, relay_enabled: bool, seed: u64) -> Self {
+        Self {
+            cfg,
+            relay_enabled,
+            rng: StdRng::seed_from_u64(seed),
+            conns: HashMap::new(),
+            peers: HashMap::new(),
+            by_resume: HashMap::new(),
+            rooms: HashMap::new(),
+            next_session: 1,
+            stats: RoomStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> RoomStats {
+        self.stats
+    }
+
+    /// Connected (attached) peers.
+    pub fn live_peers(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn token(&mut self, bytes: usize) -> String {
+        let mut b = vec![0u8; bytes];
+        self.rng.fill(&mut b[..]);
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// A new connection from a client whose LAN key is `lan` (see `client_ip::lan_key`).
+    /// `resume` is the token from an earlier `welcome`, if the client has one.
+    pub fn connect(
+        &mut self,
+        conn: ConnId,
+        lan: String,
+        resume: Option<&str>,
+        now: Instant,
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        let lan = RoomKey::Lan(lan);
+        let existing = resume.and_then(|r| self.by_resume.get(r)).cloned();
+        if let Some(id) = existing {
+            // Same peer again: a reconnect within the grace period, or a new socket
+            // replacing one the server has not noticed is dead yet.
+            let peer = self.peers.get_mut(&id).expect("resume index is consistent");
+            if let Some(old) = peer.conn.take() {
+                self.conns.remove(&old);
+                out.push(Out::Close {
+                    conn: old,
+                    code: 4000,
+                    reason: "replaced by a new connection",
+                });
+                // Leave the rooms as a disconnect would; they are rejoined below.
+                let rooms: Vec<RoomKey> = peer.rooms.iter().cloned().collect();
+                for r in &rooms {
+                    self.remove_from_room(&id, r, &mut out);
+                }
+            }
+            let peer = self.peers.get_mut(&id).expect("still there");
+            peer.detached_at = None;
+            peer.conn = Some(conn);
+            peer.last_seen = now;
+            peer.last_ping = now;
+            peer.strikes = 0;
+            // The LAN room follows the client's current address; named rooms are kept.
+            let named = peer
+                .rooms
+                .iter()
+                .filter(|r| matches!(r, RoomKey::Named(_)))
+                .cloned();
+            let targets: Vec<RoomKey> = std::iter::once(lan.clone()).chain(named).collect();
+            peer.lan = lan;
+            peer.rooms.clear();
+            self.conns.insert(conn, id.clone());
+            self.send_welcome(&id, true, &targets, &mut out);
+            for room in targets {
+                self.add_to_room(&id, room, &mut out);
+            }
+            return out;
+        }
+        if self.conns.len() >= self.cfg.max_peers {
+            out.push(Out::Close {
+                conn,
+                code: 1013,
+                reason: "server full, try again later",
+            });
+            return out;
+        }
+        let id = loop {
+            let id = self.token(8);
+            if !self.peers.contains_key(&id) {
+                break id;
+            }
+        };
+        let resume = self.token(16);
+        let name = friendly_name(&mut self.rng);
+        let bucket = TokenBucket::new(
+            f64::from(self.cfg.rate_per_sec),
+            f64::from(self.cfg.burst),
+            now,
+        );
+        self.peers.insert(
+            id.clone(),
+            Peer {
+                id: id.clone(),
+                name,
+                resume: resume.clone(),
+                conn: Some(conn),
+                lan: lan.clone(),
+                rooms: BTreeSet::new(),
+                last_seen: now,
+                last_ping: now,
+                detached_at: None,
+                bucket,
+                strikes: 0,
+            },
+        );
+        self.by_resume.insert(resume, id.clone());
+        self.conns.insert(conn, id.clone());
+        self.send_welcome(&id, false, std::slice::from_ref(&lan), &mut out);
+        self.add_to_room(&id, lan, &mut out);
+        out
+    }
+
+    fn send_welcome(&self, id: &str, resumed: bool, rooms: &[RoomKey], out: &mut Vec<Out>) {
+        let p = &self.peers[id];
+        let text = ServerMsg::Welcome {
+            id: &p.id,
+            name: &p.name,
+            resume: &p.resume,
+            resumed,
+            rooms: rooms.iter().map(RoomKey::label).collect(),
+        }
+        .to_text();
+        out.push(Out::Send {
+            conn: p.conn.expect("welcome goes to an attached peer"),
+            text,
+        });
+    }
+
+    fn in_room(&self, id: &str, room: &RoomKey) -> bool {
+        self.rooms.get(room).is_some_and(|m| m.contains(id))
+    }
+
+    fn info(&self, id: &str) -> PeerInfo {
+        let p = &self.peers[id];
+        PeerInfo {
+            id: p.id.clone(),
+            name: p.name.clone(),
+        }
+    }
+
+    /// Adds `id` to `room`: the member list to it, `peer-joined` to the others.
+    fn add_to_room(&mut self, id: &str, room: RoomKey, out: &mut Vec<Out>) {
+        let members = self.rooms.entry(room.clone()).or_default();
+        let others: Vec<String> = members.iter().cloned().collect();
+        members.insert(id.to_string());
+        self.peers.get_mut(id).unwrap().rooms.insert(room.clone());
+        let me = self.info(id);
+        let peers: Vec<PeerInfo> = others.iter().map(|o| self.info(o)).collect();
+        let conn = self.peers[id].conn.expect("joining peer is attached");
+        out.push(Out::Send {
+            conn,
+            text: ServerMsg::Room {
+                room: room.label(),
+                peers,
+            }
+            .to_text(),
+        });
+        let joined = ServerMsg::PeerJoined {
+            room: room.label(),
+            peer: me,
+        }
+        .to_text();
+        for o in others {
+            if let Some(c) = self.peers[&o].conn {
+                out.push(Out::Send {
+                    conn: c,
+                    text: joined.clone(),
+                });
+            }
+        }
+    }
+
+    /// Removes `id` from `room` and tells the remaining members.
+    fn remove_from_room(&mut self, id: &str, room: &RoomKey, out: &mut Vec<Out>) {
+        let Some(members) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if !members.remove(id) {
+            return;
+        }
+        let rest: Vec<String> = members.iter().cloned().collect();
+        if rest.is_empty() {
+            self.rooms.remove(room);
+        }
+        let left = ServerMsg::PeerLeft {
+            room: room.label(),
+            id,
+        }
+        .to_text();
+        for o in rest {
+            if let Some(c) = self.peers[&o].conn {
+                out.push(Out::Send {
+                    conn: c,
+                    text: left.clone(),
+                });
+            }
+        }
+    }
+
+    fn error(conn: ConnId, code: ErrorCode, message: String, to: Option<&str>) -> Out {
+        Out::Send {
+            conn,
+            text: ServerMsg::Error { code, message, to }.to_text(),
+        }
+    }
+
+    /// Any frame (including a WebSocket pong) proves the peer alive.
+    pub fn alive(&mut self, conn: ConnId, now: Instant) {
+        if let Some(p) = self.conns.get(&conn).and_then(|id| self.peers.get_mut(id)) {
+            p.last_seen = now;
+        }
+    }
+
+    /// A text frame from `conn`.
+    pub fn message(&mut self, conn: ConnId, text: &str, now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(id) = self.conns.get(&conn).cloned() else {
+            return out;
+        };
+        let burst = self.cfg.burst;
+        let max = self.cfg.max_message_bytes;
+        {
+            let p = self.peers.get_mut(&id).unwrap();
+            p.last_seen = now;
+            if !p.bucket.try_take(1.0, now) {
+                p.strikes += 1;
+                self.stats.rate_limited += 1;
+                if p.strikes == 1 {
+                    out.push(Self::error(
+                        conn,
+                        ErrorCode::RateLimited,
+                        "too many messages; this one and the next ones are dropped until the rate falls".into(),
+                        None,
+                    ));
+                } else if p.strikes > burst.saturating_mul(4) {
+                    // A client that ignores the warning is flooding: cut it off.
+                    self.conns.remove(&conn);
+                    out.push(Out::Close {
+                        conn,
+                        code: 1008,
+                        reason: "rate limit exceeded",
+                    });
+                    self.detach(&id, now, &mut out);
+                }
+                return out;
+            }
+            p.strikes = 0;
+        }
+        if text.len() > max {
+            self.stats.bad_messages += 1;
+            out.push(Self::error(
+                conn,
+                ErrorCode::TooLarge,
+                format!("message of {} bytes exceeds the limit of {max}", text.len()),
+                None,
+            ));
+            return out;
+        }
+        let msg = match serde_json::from_str::<ClientMsg>(text) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.bad_messages += 1;
+                let (code, message) = classify_parse_error(text, &e);
+                tracing::debug!(conn, ?code, "bad signaling message");
+                out.push(Self::error(conn, code, message, None));
+                return out;
+            }
+        };
+        match msg {
+            ClientMsg::Ping => out.push(Out::Send {
+                conn,
+                text: ServerMsg::Pong.to_text(),
+            }),
+            ClientMsg::Pong => {}
+            ClientMsg::Join { room } => self.join(conn, &id, room, &mut out),
+            ClientMsg::Leave { room } => {
+                let key = self.key_for(&id, &room);
+                if !self.in_room(&id, &key) {
+                    out.push(Self::error(
+                        conn,
+                        ErrorCode::NotInRoom,
+                        format!("not in room {room:?}"),
+                        None,
+                    ));
+                } else {
+                    self.remove_from_room(&id, &key, &mut out);
+                    self.peers.get_mut(&id).unwrap().rooms.remove(&key);
+                    out.push(Out::Send {
+                        conn,
+                        text: ServerMsg::Left { room: &room }.to_text(),
+                    });
+                }
+            }
+            ClientMsg::Signal { to, data } => {
+                if let Some(target) = self.check_target(conn, &id, &to, &mut out) {
+                    self.stats.signals_forwarded += 1;
+                    // `from` is always set here, from the connection: never from the client.
+                    out.push(Out::Send {
+                        conn: target,
+                        text: ServerMsg::Signal {
+                            from: &id,
+                            data: &data,
+                        }
+                        .to_text(),
+                    });
+                }
+            }
+            ClientMsg::Relay { to } => {
+                if !self.relay_enabled {
+                    out.push(Self::error(
+                        conn,
+                        ErrorCode::RelayUnavailable,
+                        "the WebSocket relay is disabled on this server".into(),
+                        Some(&to),
+                    ));
+                } else if let Some(target) = self.check_target(conn, &id, &to, &mut out) {
+                    let session = self.next_session;
+                    self.next_session += 1;
+                    let (ta, tb) = (self.token(16), self.token(16));
+                    out.push(Out::Relay(RelayGrant {
+                        session,
+                        sides: [(conn, to.clone(), ta), (target, id.clone(), tb)],
+                    }));
+                }
+            }
+        }
+        out
+    }
+
+    fn key_for(&self, id: &str, room: &str) -> RoomKey {
+        if room == "lan" {
+            self.peers[id].lan.clone()
+        } else {
+            RoomKey::Named(room.to_string())
+        }
+    }
+
+    fn join(&mut self, conn: ConnId, id: &str, room: String, out: &mut Vec<Out>) {
+        let valid = !room.is_empty()
+            && room.len() <= 64
+            && room
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid || room == "lan" {
+            out.push(Self::error(
+                conn,
+                ErrorCode::BadRoom,
+                "room names are 1-64 characters of A-Z a-z 0-9 - _ . (and not \"lan\")".into(),
+                None,
+            ));
+            return;
+        }
+        let key = RoomKey::Named(room);
+        if self.in_room(id, &key) {
+            // Idempotent: resend the member list.
+            let peers = self.rooms[&key]
+                .iter()
+                .filter(|m| m.as_str() != id)
+                .map(|m| self.info(m))
+                .collect();
+            out.push(Out::Send {
+                conn,
+                text: ServerMsg::Room {
+                    room: key.label(),
+                    peers,
+                }
+                .to_text(),
+            });
+            return;
+        }
+        let named = self.peers[id]
+            .rooms
+            .iter()
+            .filter(|r| matches!(r, RoomKey::Named(_)))
+            .count();
+        if named >= self.cfg.max_rooms_per_peer {
+            out.push(Self::error(
+                conn,
+                ErrorCode::TooManyRooms,
+                format!(
+                    "at most {} named rooms per peer",
+                    self.cfg.max_rooms_per_peer
+                ),
+                None,
+            ));
+            return;
+        }
+        if self.rooms.get(&key).map_or(0, BTreeSet::len) >= self.cfg.max_room_size {
+            out.push(Self::error(
+                conn,
+                ErrorCode::RoomFull,
+                format!("room holds at most {} peers", self.cfg.max_room_size),
+                None,
+            ));
+            return;
+        }
+        self.add_to_room(id, key, out);
+    }
+
+    /// The target's connection if it exists, is connected and shares a room with `id`.
+    fn check_target(
+        &mut self,
+        conn: ConnId,
+        id: &str,
+        to: &str,
+        out: &mut Vec<Out>,
+    ) -> Option<ConnId> {
+        let target = self.peers.get(to).and_then(|t| t.conn.map(|c| (t, c)));
+        let Some((t, tconn)) = target else {
+            out.push(Self::error(
+                conn,
+                ErrorCode::PeerNotFound,
+                "no connected peer with that id".into(),
+                Some(to),
+            ));
+            return None;
+        };
+        let me = &self.peers[id];
+        if t.id == me.id || me.rooms.is_disjoint(&t.rooms) {
+            out.push(Self::error(
+                conn,
+                ErrorCode::NotInSharedRoom,
+                "that peer is not in a room with you".into(),
+                Some(to),
+            ));
+            return None;
+        }
+        Some(tconn)
+    }
+
+    /// The connection closed (or the driver dropped it).
+    pub fn disconnect(&mut self, conn: ConnId, now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
+        if let Some(id) = self.conns.remove(&conn) {
+            self.detach(&id, now, &mut out);
+        }
+        out
+    }
+
+    /// Leaves every room (members are told now) but keeps id and room list for a resume.
+    fn detach(&mut self, id: &str, now: Instant, out: &mut Vec<Out>) {
+        let rooms: Vec<RoomKey> = self.peers[id].rooms.iter().cloned().collect();
+        for r in &rooms {
+            self.remove_from_room(id, r, out);
+        }
+        let p = self.peers.get_mut(id).unwrap();
+        p.conn = None;
+        p.detached_at = Some(now);
+        if self.cfg.resume_grace_secs == 0 {
+            self.forget(id);
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        if let Some(p) = self.peers.remove(id) {
+            self.by_resume.remove(&p.resume);
+        }
+    }
+
+    /// Periodic work: pings quiet peers, drops silent ones, forgets expired resumes.
+    pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
+        let ping = Duration::from_secs(self.cfg.ping_interval_secs.into());
+        let timeout = Duration::from_secs(self.cfg.peer_timeout_secs.into());
+        let grace = Duration::from_secs(self.cfg.resume_grace_secs.into());
+        let mut dead = Vec::new();
+        let mut expired = Vec::new();
+        for p in self.peers.values_mut() {
+            match (p.conn, p.detached_at) {
+                (Some(conn), _) => {
+                    let quiet = now.saturating_duration_since(p.last_seen);
+                    if quiet >= timeout {
+                        dead.push((conn, p.id.clone()));
+                    } else if quiet >= ping && now.saturating_duration_since(p.last_ping) >= ping {
+                        p.last_ping = now;
+                        out.push(Out::Ping { conn });
+                    }
+                }
+                (None, Some(at)) if now.saturating_duration_since(at) >= grace => {
+                    expired.push(p.id.clone());
+                }
+                _ => {}
+            }
+        }
+        for (conn, id) in dead {
+            self.conns.remove(&conn);
+            out.push(Out::Close {
+                conn,
+                code: 4001,
+                reason: "heartbeat timeout",
+            });
+            self.detach(&id, now, &mut out);
+        }
+        for id in expired {
+            self.forget(&id);
+        }
+        out
+    }
+}
+
+/// Tells "not JSON", "unknown type" and "bad fields" apart for a precise error.
+fn classify_parse_error(text: &str, e: &serde_json::Error) -> (ErrorCode, String) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return (ErrorCode::BadJson, format!("not valid JSON: {e}"));
+    };
+    match v.get("type").and_then(|t| t.as_str()) {
+        Some(t) if !CLIENT_TYPES.contains(&t) => {
+            let t: String = t.chars().take(32).collect();
+            (
+                ErrorCode::UnknownType,
+                format!("unknown message type {t:?}"),
+            )
+        }
+        None => (
+            ErrorCode::BadMessage,
+            "missing string field \"type\"".into(),
+        ),
+        Some(_) => (ErrorCode::BadMessage, format!("bad message: {e}")),
+    }
+}
+
+#[cfg(test)]
+#[path = "rooms_tests.rs"]
+mod tests;

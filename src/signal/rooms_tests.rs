@@ -1,0 +1,344 @@
+use super::*;
+use serde_json::Value;
+
+fn cfg() -> SignalConfig {
+    SignalConfig::default()
+}
+
+fn svc() -> RoomService {
+    RoomService::new(cfg(), true, 7)
+}
+
+/// Messages sent to `conn`, parsed.
+fn to(outs: &[Out], conn: ConnId) -> Vec<Value> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Send { conn: c, text } if *c == conn => Some(serde_json::from_str(text).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn of_type<'a>(msgs: &'a [Value], t: &str) -> Vec<&'a Value> {
+    msgs.iter().filter(|m| m["type"] == t).collect()
+}
+
+fn welcome(outs: &[Out], conn: ConnId) -> (String, String) {
+    let w = to(outs, conn)
+        .into_iter()
+        .find(|m| m["type"] == "welcome")
+        .expect("welcome");
+    (
+        w["id"].as_str().unwrap().to_string(),
+        w["resume"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn connect_assigns_id_name_and_lan_room() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let o = s.connect(1, "v4:203.0.113.1".into(), None, t0);
+    let m = to(&o, 1);
+    assert_eq!(m[0]["type"], "welcome");
+    assert_eq!(m[0]["rooms"], serde_json::json!(["lan"]));
+    assert!(m[0]["name"].as_str().unwrap().contains(' '));
+    assert_eq!(m[1]["type"], "room");
+    assert_eq!(m[1]["peers"], serde_json::json!([]));
+}
+
+#[test]
+fn lan_members_see_each_other_and_other_lans_do_not() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let (a, _) = welcome(&s.connect(1, "v4:203.0.113.1".into(), None, t0), 1);
+    let o = s.connect(2, "v4:203.0.113.1".into(), None, t0);
+    let (b, _) = welcome(&o, 2);
+    // B gets the member list with A; A is told B joined.
+    let room = of_type(&to(&o, 2), "room")[0].clone();
+    assert_eq!(room["peers"][0]["id"], a.as_str());
+    let joined = of_type(&to(&o, 1), "peer-joined")[0].clone();
+    assert_eq!(joined["peer"]["id"], b.as_str());
+    assert_eq!(joined["room"], "lan");
+    // C from another address sees nobody and nobody hears of C.
+    let o = s.connect(3, "v4:198.51.100.9".into(), None, t0);
+    assert_eq!(
+        of_type(&to(&o, 3), "room")[0]["peers"],
+        serde_json::json!([])
+    );
+    assert!(to(&o, 1).is_empty() && to(&o, 2).is_empty());
+    // C cannot signal A: no shared room.
+    let o = s.message(
+        3,
+        &format!(r#"{{"type":"signal","to":"{a}","data":{{}}}}"#),
+        t0,
+    );
+    assert_eq!(to(&o, 3)[0]["code"], "not-in-shared-room");
+    assert!(to(&o, 1).is_empty());
+}
+
+#[test]
+fn signal_from_is_set_by_server_not_client() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let (a, _) = welcome(&s.connect(1, "local".into(), None, t0), 1);
+    let (b, _) = welcome(&s.connect(2, "local".into(), None, t0), 2);
+    // A tries to pretend to be someone else: unknown fields are rejected outright...
+    let o = s.message(
+        1,
+        &format!(r#"{{"type":"signal","to":"{b}","from":"mallory","data":{{"sdp":"x"}}}}"#),
+        t0,
+    );
+    assert_eq!(to(&o, 1)[0]["code"], "bad-message");
+    assert!(to(&o, 2).is_empty());
+    // ...and a spoofed `from` inside data stays opaque data; the envelope says A.
+    let o = s.message(
+        1,
+        &format!(r#"{{"type":"signal","to":"{b}","data":{{"from":"mallory","sdp":"v=0"}}}}"#),
+        t0,
+    );
+    let got = to(&o, 2);
+    assert_eq!(got[0]["type"], "signal");
+    assert_eq!(got[0]["from"], a.as_str());
+    assert_eq!(got[0]["data"]["sdp"], "v=0");
+}
+
+#[test]
+fn named_rooms_join_leave_and_errors() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let (a, _) = welcome(&s.connect(1, "v4:203.0.113.1".into(), None, t0), 1);
+    let (b, _) = welcome(&s.connect(2, "v4:198.51.100.2".into(), None, t0), 2);
+    s.message(1, r#"{"type":"join","room":"share-42"}"#, t0);
+    let o = s.message(2, r#"{"type":"join","room":"share-42"}"#, t0);
+    assert_eq!(of_type(&to(&o, 2), "room")[0]["peers"][0]["id"], a.as_str());
+    assert_eq!(of_type(&to(&o, 1), "peer-joined")[0]["room"], "share-42");
+    // Now they share a room: signaling works across LANs.
+    let o = s.message(
+        2,
+        &format!(r#"{{"type":"signal","to":"{a}","data":1}}"#),
+        t0,
+    );
+    assert_eq!(to(&o, 1)[0]["from"], b.as_str());
+    // Leave: A hears peer-left, B gets `left`, signaling stops.
+    let o = s.message(2, r#"{"type":"leave","room":"share-42"}"#, t0);
+    assert_eq!(of_type(&to(&o, 1), "peer-left")[0]["id"], b.as_str());
+    assert_eq!(to(&o, 2)[0]["type"], "left");
+    let o = s.message(
+        2,
+        &format!(r#"{{"type":"signal","to":"{a}","data":1}}"#),
+        t0,
+    );
+    assert_eq!(to(&o, 2)[0]["code"], "not-in-shared-room");
+    // Errors.
+    let o = s.message(2, r#"{"type":"join","room":"bad room!"}"#, t0);
+    assert_eq!(to(&o, 2)[0]["code"], "bad-room");
+    let o = s.message(2, r#"{"type":"join","room":"lan"}"#, t0);
+    assert_eq!(to(&o, 2)[0]["code"], "bad-room");
+    let o = s.message(2, r#"{"type":"signal","to":"nobody","data":1}"#, t0);
+    assert_eq!(to(&o, 2)[0]["code"], "peer-not-found");
+    assert_eq!(to(&o, 2)[0]["to"], "nobody");
+}
+
+#[test]
+fn bad_input_gets_precise_errors() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    s.connect(1, "local".into(), None, t0);
+    let code = |s: &mut RoomService, text: &str| {
+        let o = s.message(1, text, t0);
+        to(&o, 1)[0]["code"].as_str().unwrap().to_string()
+    };
+    assert_eq!(code(&mut s, "{nope"), "bad-json");
+    assert_eq!(code(&mut s, r#"{"type":"dance"}"#), "unknown-type");
+    assert_eq!(code(&mut s, r#"{"kind":"join"}"#), "bad-message");
+    assert_eq!(code(&mut s, r#"{"type":"join"}"#), "bad-message");
+    let big = format!(
+        r#"{{"type":"signal","to":"x","data":"{}"}}"#,
+        "a".repeat(70_000)
+    );
+    assert_eq!(code(&mut s, &big), "too-large");
+    assert_eq!(s.stats().bad_messages, 5);
+}
+
+#[test]
+fn flood_is_rate_limited_then_cut_off() {
+    let mut s = RoomService::new(
+        SignalConfig {
+            rate_per_sec: 5,
+            burst: 5,
+            ..cfg()
+        },
+        true,
+        7,
+    );
+    let t0 = Instant::now();
+    s.connect(1, "local".into(), None, t0);
+    s.connect(2, "local".into(), None, t0);
+    for _ in 0..5 {
+        let o = s.message(1, r#"{"type":"ping"}"#, t0);
+        assert_eq!(to(&o, 1)[0]["type"], "pong");
+    }
+    let o = s.message(1, r#"{"type":"ping"}"#, t0);
+    assert_eq!(to(&o, 1)[0]["code"], "rate-limited");
+    // Further drops are silent until the flood passes 4x the burst, then the socket closes.
+    let mut closed = false;
+    for _ in 0..25 {
+        let o = s.message(1, r#"{"type":"ping"}"#, t0);
+        if o.iter().any(|x| {
+            matches!(
+                x,
+                Out::Close {
+                    conn: 1,
+                    code: 1008,
+                    ..
+                }
+            )
+        }) {
+            closed = true;
+            break;
+        }
+        assert!(to(&o, 1).is_empty());
+    }
+    assert!(closed);
+    // The other peer was told and is still served.
+    let o = s.message(2, r#"{"type":"ping"}"#, t0);
+    assert_eq!(to(&o, 2)[0]["type"], "pong");
+    // After a second the limit refills for a well-behaved client.
+    let o = s.message(2, r#"{"type":"ping"}"#, t0 + Duration::from_secs(1));
+    assert_eq!(to(&o, 2)[0]["type"], "pong");
+}
+
+#[test]
+fn heartbeat_ping_then_timeout_tells_rooms() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let (a, _) = welcome(&s.connect(1, "local".into(), None, t0), 1);
+    s.connect(2, "local".into(), None, t0);
+    let o = s.tick(t0 + Duration::from_secs(19));
+    assert!(o.is_empty());
+    let o = s.tick(t0 + Duration::from_secs(20));
+    assert!(o.contains(&Out::Ping { conn: 1 }) && o.contains(&Out::Ping { conn: 2 }));
+    // No second ping within the interval.
+    assert!(s.tick(t0 + Duration::from_secs(21)).is_empty());
+    // B answers (a pong frame), A stays silent.
+    s.alive(2, t0 + Duration::from_secs(30));
+    let o = s.tick(t0 + Duration::from_secs(60));
+    assert!(o.iter().any(|x| matches!(
+        x,
+        Out::Close {
+            conn: 1,
+            code: 4001,
+            ..
+        }
+    )));
+    assert_eq!(of_type(&to(&o, 2), "peer-left")[0]["id"], a.as_str());
+    assert!(!o.iter().any(|x| matches!(x, Out::Close { conn: 2, .. })));
+    assert_eq!(s.live_peers(), 1);
+}
+
+#[test]
+fn resume_within_grace_keeps_id_and_rooms() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let (a, token) = welcome(&s.connect(1, "local".into(), None, t0), 1);
+    s.message(1, r#"{"type":"join","room":"r1"}"#, t0);
+    s.connect(2, "local".into(), None, t0);
+    s.message(2, r#"{"type":"join","room":"r1"}"#, t0);
+    let o = s.disconnect(1, t0);
+    assert_eq!(of_type(&to(&o, 2), "peer-left").len(), 2, "left lan and r1");
+    // Back within the grace period on a new connection: same id, same rooms.
+    let o = s.connect(
+        3,
+        "local".into(),
+        Some(&token),
+        t0 + Duration::from_secs(10),
+    );
+    let (id, _) = welcome(&o, 3);
+    assert_eq!(id, a);
+    let w = of_type(&to(&o, 3), "welcome")[0].clone();
+    assert_eq!(w["resumed"], true);
+    assert_eq!(w["rooms"], serde_json::json!(["lan", "r1"]));
+    assert_eq!(of_type(&to(&o, 2), "peer-joined").len(), 2);
+    // After the grace period the token is forgotten: a fresh id.
+    s.disconnect(3, t0 + Duration::from_secs(20));
+    s.tick(t0 + Duration::from_secs(51));
+    let (id2, _) = welcome(
+        &s.connect(
+            4,
+            "local".into(),
+            Some(&token),
+            t0 + Duration::from_secs(52),
+        ),
+        4,
+    );
+    assert_ne!(id2, a);
+}
+
+#[test]
+fn resume_while_attached_replaces_the_old_socket() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let (a, token) = welcome(&s.connect(1, "local".into(), None, t0), 1);
+    let o = s.connect(2, "local".into(), Some(&token), t0);
+    assert!(o.iter().any(|x| matches!(
+        x,
+        Out::Close {
+            conn: 1,
+            code: 4000,
+            ..
+        }
+    )));
+    assert_eq!(welcome(&o, 2).0, a);
+    assert_eq!(s.live_peers(), 1);
+    // The old socket's late close changes nothing.
+    assert!(s.disconnect(1, t0).is_empty());
+    assert_eq!(s.live_peers(), 1);
+}
+
+#[test]
+fn relay_grant_only_for_peers_sharing_a_room() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let (a, _) = welcome(&s.connect(1, "local".into(), None, t0), 1);
+    let (b, _) = welcome(&s.connect(2, "local".into(), None, t0), 2);
+    let (c, _) = welcome(&s.connect(3, "v4:198.51.100.1".into(), None, t0), 3);
+    let o = s.message(1, &format!(r#"{{"type":"relay","to":"{b}"}}"#), t0);
+    let Some(Out::Relay(g)) = o.first() else {
+        panic!("{o:?}")
+    };
+    assert_eq!(g.sides[0].0, 1);
+    assert_eq!(g.sides[0].1, b);
+    assert_eq!(g.sides[1].0, 2);
+    assert_eq!(g.sides[1].1, a);
+    assert_ne!(g.sides[0].2, g.sides[1].2);
+    let o = s.message(1, &format!(r#"{{"type":"relay","to":"{c}"}}"#), t0);
+    assert_eq!(to(&o, 1)[0]["code"], "not-in-shared-room");
+    let mut off = RoomService::new(cfg(), false, 1);
+    off.connect(1, "local".into(), None, t0);
+    let o = off.message(1, r#"{"type":"relay","to":"x"}"#, t0);
+    assert_eq!(to(&o, 1)[0]["code"], "relay-unavailable");
+}
+
+#[test]
+fn server_full_is_refused_with_1013() {
+    let mut s = RoomService::new(
+        SignalConfig {
+            max_peers: 1,
+            ..cfg()
+        },
+        true,
+        1,
+    );
+    let t0 = Instant::now();
+    s.connect(1, "local".into(), None, t0);
+    let o = s.connect(2, "local".into(), None, t0);
+    assert!(matches!(
+        o[..],
+        [Out::Close {
+            conn: 2,
+            code: 1013,
+            ..
+        }]
+    ));
+}

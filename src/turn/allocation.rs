@@ -1,0 +1,68 @@
+//! One client's allocation (RFC 8656 §2, §5): relayed addresses, lifetime, permissions
+//! and channel bindings. Plain data; the [`super::Server`] keeps the lookup tables.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use super::{FiveTuple, RelayId};
+
+/// A relay socket of an allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Relay {
+    pub id: RelayId,
+    /// Address the socket is bound to (returned to the port pool on close).
+    pub local: SocketAddr,
+    /// Address put in XOR-RELAYED-ADDRESS.
+    pub advertised: SocketAddr,
+}
+
+/// A channel binding (RFC 8656 §12). After it expires it stays here, inactive, for the
+/// cooldown: neither its number nor its peer may be bound to anything else meanwhile, so
+/// late packets cannot reach the wrong peer.
+#[derive(Debug, Clone, Copy)]
+pub struct Channel {
+    pub number: u16,
+    pub peer: SocketAddr,
+    pub expires: Instant,
+    /// In the data-path tables (false during the cooldown).
+    pub active: bool,
+}
+
+/// How long an expired channel's number and peer stay reserved (RFC 8656 §12: 5 minutes).
+pub const CHANNEL_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(300);
+
+#[derive(Debug)]
+pub struct Allocation {
+    /// Unique for the life of the server, so a timer for a deleted allocation whose slot
+    /// was reused does nothing.
+    pub id: u64,
+    pub tuple: FiveTuple,
+    pub username: String,
+    pub quota_user: String,
+    /// `[IPv4, IPv6]` relays (RFC 8656 §7.2 dual allocation).
+    pub relays: [Option<Relay>; 2],
+    pub expires: Instant,
+    /// When the allocation's pending timer entry fires (at or before `expires`).
+    pub timer_at: Instant,
+    /// Permissions by peer IP; expiry lives in the server's table.
+    pub perms: Vec<IpAddr>,
+    pub channels: Vec<Channel>,
+    /// The Allocate transaction, answered again if retransmitted (RFC 8656 §7.2).
+    pub txid: [u8; 12],
+    pub lifetime_secs: u32,
+    pub reservation_token: Option<u64>,
+    /// ADDITIONAL-ADDRESS-FAMILY asked for IPv6 and we have none: ADDRESS-ERROR-CODE 440.
+    pub v6_refused: bool,
+}
+
+impl Allocation {
+    /// The relay that serves peers of `peer`'s family.
+    pub fn relay_for(&self, peer: IpAddr) -> Option<Relay> {
+        self.relays[family_index(peer)]
+    }
+}
+
+/// 0 for IPv4, 1 for IPv6.
+pub fn family_index(ip: IpAddr) -> usize {
+    usize::from(ip.is_ipv6())
+}

@@ -1,0 +1,286 @@
+//! The per-shard TURN server state machine: allocation tables, the per-packet lookups,
+//! timers. Request handling is in `requests.rs`.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustc_hash::FxHashMap;
+
+use super::allocation::{family_index, Allocation, CHANNEL_COOLDOWN};
+use super::ratelimit::RateLimiter;
+use super::server_config::{ServerConfig, Shared};
+use super::stats::TurnStats;
+use super::{FiveTuple, Now, PeerRoute, RelayId, RelayIo};
+
+/// What a timer entry is for. Entries are checked against the live state when they fire,
+/// so refreshes just push a later entry and stale ones are skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum TimerKind {
+    Allocation { slot: usize, id: u64 },
+    Permission { slot: usize, id: u64, ip: IpAddr },
+    Channel { slot: usize, id: u64, number: u16 },
+    Reservations,
+}
+
+/// Why an allocation goes away (for counters and the log line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DeleteReason {
+    Expired,
+    Refreshed0,
+    ClientClosed,
+}
+
+/// One worker shard's TURN server (RFC 8656). See the module docs for the contract.
+pub struct Server {
+    pub(super) cfg: Arc<ServerConfig>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) slots: Vec<Option<Allocation>>,
+    pub(super) free_slots: Vec<usize>,
+    pub(super) next_id: u64,
+    pub(super) by_tuple: FxHashMap<FiveTuple, usize>,
+    pub(super) by_relay: FxHashMap<RelayId, usize>,
+    /// Permission expiry by (relay of the peer's family, peer IP).
+    pub(super) perms: FxHashMap<(RelayId, IpAddr), Instant>,
+    /// Channel number by (relay, peer), for peer → client.
+    pub(super) peer_channels: FxHashMap<(RelayId, SocketAddr), u16>,
+    /// (relay, peer) by (client 5-tuple, channel), for client → peer.
+    pub(super) client_channels: FxHashMap<(FiveTuple, u16), (RelayId, SocketAddr)>,
+    pub(super) timers: BinaryHeap<Reverse<(Instant, TimerKind)>>,
+    pub(super) limiter: RateLimiter,
+    pub(super) stats: TurnStats,
+}
+
+impl Server {
+    pub fn new(cfg: Arc<ServerConfig>, shared: Arc<Shared>) -> Server {
+        let limiter = RateLimiter::new(cfg.unauth_rate_per_sec, cfg.unauth_burst);
+        Server {
+            cfg,
+            shared,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            next_id: 1,
+            by_tuple: FxHashMap::default(),
+            by_relay: FxHashMap::default(),
+            perms: FxHashMap::default(),
+            peer_channels: FxHashMap::default(),
+            client_channels: FxHashMap::default(),
+            timers: BinaryHeap::new(),
+            limiter,
+            stats: TurnStats::default(),
+        }
+    }
+
+    /// Swaps the configuration (reload). Existing allocations keep their lifetimes; new
+    /// requests see the new credentials, limits and policy.
+    pub fn set_config(&mut self, cfg: Arc<ServerConfig>) {
+        self.limiter
+            .set_limits(cfg.unauth_rate_per_sec, cfg.unauth_burst);
+        self.cfg = cfg;
+    }
+
+    pub fn config(&self) -> &Arc<ServerConfig> {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &TurnStats {
+        &self.stats
+    }
+
+    /// Allocations held by this shard.
+    pub fn allocation_count(&self) -> usize {
+        self.by_tuple.len()
+    }
+
+    /// ChannelData from a client (RFC 8656 §12.5): the relay and peer, if the channel is
+    /// bound and the peer's permission is alive. O(1), no allocation.
+    pub fn channel_to_peer(&self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)> {
+        let &(relay, peer) = self.client_channels.get(&(*from, channel))?;
+        self.perms
+            .contains_key(&(relay, peer.ip()))
+            .then_some((relay, peer))
+    }
+
+    /// A datagram from `peer` on relay socket `relay` (RFC 8656 §11.6, §12.5): where it
+    /// goes, if a permission exists. O(1), no allocation.
+    pub fn peer_to_client(&self, relay: RelayId, peer: SocketAddr) -> Option<PeerRoute> {
+        if !self.perms.contains_key(&(relay, peer.ip())) {
+            return None;
+        }
+        let slot = *self.by_relay.get(&relay)?;
+        let a = self.slots.get(slot)?.as_ref()?;
+        Some(PeerRoute {
+            client: a.tuple,
+            channel: self.peer_channels.get(&(relay, peer)).copied(),
+        })
+    }
+
+    /// The earliest time `handle_timeout` has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Expires allocations, permissions, channels and EVEN-PORT reservations due at `now`.
+    pub fn handle_timeout(&mut self, now: Now, io: &mut impl RelayIo) {
+        while let Some(Reverse((t, kind))) = self.timers.peek().copied() {
+            if t > now.mono {
+                break;
+            }
+            self.timers.pop();
+            match kind {
+                TimerKind::Allocation { slot, id } => {
+                    let Some(a) = self.live(slot, id) else {
+                        continue;
+                    };
+                    // Only the entry the allocation is waiting on counts; earlier ones
+                    // were superseded by a shortening refresh.
+                    if a.timer_at != t {
+                        continue;
+                    }
+                    if a.expires <= now.mono {
+                        self.delete(slot, DeleteReason::Expired, io);
+                    } else {
+                        let at = a.expires;
+                        if let Some(a) = self.slots[slot].as_mut() {
+                            a.timer_at = at;
+                        }
+                        self.push_timer(at, kind);
+                    }
+                }
+                TimerKind::Permission { slot, id, ip } => {
+                    let Some(a) = self.live(slot, id) else {
+                        continue;
+                    };
+                    let Some(relay) = a.relay_for(ip) else {
+                        continue;
+                    };
+                    let key = (relay.id, ip);
+                    match self.perms.get(&key).copied() {
+                        Some(e) if e <= now.mono => {
+                            self.perms.remove(&key);
+                            if let Some(a) = self.slots[slot].as_mut() {
+                                a.perms.retain(|p| *p != ip);
+                            }
+                            self.stats.permissions_active -= 1;
+                        }
+                        // Refreshed since: one entry per permission, re-armed here
+                        // rather than pushed on every refresh (bounded heap).
+                        Some(e) => self.push_timer(e, kind),
+                        None => {}
+                    }
+                }
+                TimerKind::Channel { slot, id, number } => {
+                    let Some(a) = self.live(slot, id) else {
+                        continue;
+                    };
+                    let Some(ch) = a.channels.iter().find(|c| c.number == number).copied() else {
+                        continue;
+                    };
+                    let end = ch.expires + CHANNEL_COOLDOWN;
+                    if ch.active && ch.expires <= now.mono {
+                        self.deactivate_channel(slot, number);
+                        self.push_timer(end, kind);
+                    } else if ch.active {
+                        self.push_timer(ch.expires, kind);
+                    } else if end <= now.mono {
+                        if let Some(a) = self.slots[slot].as_mut() {
+                            a.channels.retain(|c| c.number != number);
+                        }
+                    } else {
+                        self.push_timer(end, kind);
+                    }
+                }
+                TimerKind::Reservations => {
+                    self.shared.ports.expire_reservations(now.mono);
+                }
+            }
+        }
+    }
+
+    /// A TCP/TLS client connection closed: its allocation goes (RFC 8656 §3.1).
+    pub fn client_closed(&mut self, from: &FiveTuple, io: &mut impl RelayIo) {
+        if let Some(&slot) = self.by_tuple.get(from) {
+            self.delete(slot, DeleteReason::ClientClosed, io);
+        }
+    }
+
+    pub(super) fn live(&self, slot: usize, id: u64) -> Option<&Allocation> {
+        self.slots
+            .get(slot)
+            .and_then(Option::as_ref)
+            .filter(|a| a.id == id)
+    }
+
+    /// Takes an expired channel out of the data path; it stays in the allocation for
+    /// the cooldown.
+    pub(super) fn deactivate_channel(&mut self, slot: usize, number: u16) {
+        let Some(a) = self.slots[slot].as_mut() else {
+            return;
+        };
+        let tuple = a.tuple;
+        let relays = a.relays;
+        let Some(ch) = a
+            .channels
+            .iter_mut()
+            .find(|c| c.number == number && c.active)
+        else {
+            return;
+        };
+        ch.active = false;
+        let peer = ch.peer;
+        if let Some(relay) = relays[family_index(peer.ip())] {
+            self.peer_channels.remove(&(relay.id, peer));
+        }
+        self.client_channels.remove(&(tuple, number));
+        self.stats.channels_active -= 1;
+    }
+
+    /// Removes an allocation and everything hanging off it; closes its relay sockets and
+    /// returns ports and quota.
+    pub(super) fn delete(&mut self, slot: usize, reason: DeleteReason, io: &mut impl RelayIo) {
+        let Some(a) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free_slots.push(slot);
+        self.by_tuple.remove(&a.tuple);
+        for ip in &a.perms {
+            if let Some(r) = a.relay_for(*ip) {
+                self.perms.remove(&(r.id, *ip));
+            }
+        }
+        self.stats.permissions_active -= a.perms.len() as u64;
+        for ch in a.channels.iter().filter(|c| c.active) {
+            if let Some(r) = a.relay_for(ch.peer.ip()) {
+                self.peer_channels.remove(&(r.id, ch.peer));
+            }
+            self.client_channels.remove(&(a.tuple, ch.number));
+            self.stats.channels_active -= 1;
+        }
+        for r in a.relays.iter().flatten() {
+            self.by_relay.remove(&r.id);
+            io.close_relay(r.id);
+            self.shared.ports.release(r.local);
+        }
+        self.shared.release_quota(&a.quota_user);
+        self.stats.allocations_active -= 1;
+        match reason {
+            DeleteReason::Expired => self.stats.allocations_expired += 1,
+            DeleteReason::Refreshed0 | DeleteReason::ClientClosed => {
+                self.stats.allocations_deleted += 1
+            }
+        }
+        tracing::info!(
+            user = %a.username,
+            client = %a.tuple.client,
+            relayed = ?a.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
+            reason = ?reason,
+            "allocation deleted"
+        );
+    }
+
+    pub(super) fn push_timer(&mut self, at: Instant, kind: TimerKind) {
+        self.timers.push(Reverse((at, kind)));
+    }
+}

@@ -1,0 +1,172 @@
+//! What the sans-IO core needs from the configuration ([`ServerConfig`]) and the state
+//! shared by all shards ([`Shared`]: port pool, quotas, nonce key).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use rustc_hash::FxHashMap;
+
+use super::auth::Credentials;
+use super::nonce::NonceKey;
+use super::policy::PeerPolicy;
+use super::ports::PortPool;
+use crate::config::{Config, ConfigError};
+
+/// A relay address: sockets bind `local`, XOR-RELAYED-ADDRESS says `advertised` (1:1 NAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayAddr {
+    pub local: IpAddr,
+    pub advertised: IpAddr,
+}
+
+/// Everything the TURN core needs, built from [`Config`]. Held behind an `Arc` so a
+/// config reload can swap it (`Server::set_config`).
+#[derive(Debug)]
+pub struct ServerConfig {
+    pub realm: String,
+    /// SOFTWARE attribute value; empty to omit.
+    pub software: String,
+    pub credentials: Credentials,
+    pub strict_expiry: bool,
+    pub default_lifetime_secs: u32,
+    pub max_lifetime_secs: u32,
+    /// RFC 8656 §9: 300 s.
+    pub permission_lifetime_secs: u32,
+    /// RFC 8656 §12: 600 s.
+    pub channel_lifetime_secs: u32,
+    /// A NONCE older than this gets 438 (RFC 8489 §9.2).
+    pub nonce_lifetime_secs: u64,
+    /// Unclaimed EVEN-PORT reservations are released after this (RFC 8656 §14.9: ~30 s).
+    pub reservation_lifetime_secs: u32,
+    pub user_quota: u32,
+    pub total_quota: u32,
+    pub policy: PeerPolicy,
+    pub unauth_rate_per_sec: u32,
+    pub unauth_burst: u32,
+    /// Relay addresses; the first of each family is used for allocations of that family.
+    pub relay: Vec<RelayAddr>,
+    pub min_port: u16,
+    pub max_port: u16,
+}
+
+impl ServerConfig {
+    /// Builds the core's view of `cfg`. `relay` are the relay addresses the daemon
+    /// resolved (turn.relay_ip or the detected primary address, with turn.external_ip).
+    pub fn from_config(cfg: &Config, relay: Vec<RelayAddr>) -> Result<ServerConfig, ConfigError> {
+        let t = &cfg.turn;
+        if relay.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "turn.relay_ip".into(),
+                message: "no relay address".into(),
+            });
+        }
+        let separator = t.username_separator.chars().next().unwrap_or(':');
+        let credentials = Credentials::new(&t.realm, separator, cfg.turn_secrets()?, &t.users)
+            .map_err(|e| ConfigError::Invalid {
+                key: "turn.users".into(),
+                message: e.to_string(),
+            })?;
+        Ok(ServerConfig {
+            realm: t.realm.clone(),
+            software: t.software.clone(),
+            credentials,
+            strict_expiry: t.strict_expiry,
+            default_lifetime_secs: t.default_lifetime_secs,
+            max_lifetime_secs: t.max_lifetime_secs,
+            permission_lifetime_secs: 300,
+            channel_lifetime_secs: 600,
+            nonce_lifetime_secs: 600,
+            reservation_lifetime_secs: 30,
+            user_quota: t.user_quota,
+            total_quota: t.total_quota,
+            policy: PeerPolicy::new(t.allowed_peer_ranges.clone(), t.denied_peer_ranges.clone()),
+            unauth_rate_per_sec: t.unauth_rate_per_sec,
+            unauth_burst: t.unauth_burst,
+            relay,
+            min_port: t.min_port,
+            max_port: t.max_port,
+        })
+    }
+
+    /// The relay address used for family `v6`.
+    pub fn relay_for(&self, v6: bool) -> Option<RelayAddr> {
+        self.relay.iter().copied().find(|r| r.local.is_ipv6() == v6)
+    }
+}
+
+/// Why an allocation could not be counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaError {
+    /// 486 Allocation Quota Reached.
+    User,
+    /// 508 Insufficient Capacity.
+    Total,
+}
+
+/// State shared by all shards. Locks here are taken on the control path only.
+#[derive(Debug)]
+pub struct Shared {
+    pub(crate) nonce: NonceKey,
+    pub(crate) ports: PortPool,
+    per_user: Mutex<FxHashMap<String, u32>>,
+    total: AtomicU32,
+}
+
+impl Shared {
+    pub fn new(cfg: &ServerConfig) -> Shared {
+        Shared {
+            nonce: NonceKey::random(),
+            ports: PortPool::new(
+                cfg.relay.iter().map(|r| r.local),
+                cfg.min_port,
+                cfg.max_port,
+            ),
+            per_user: Mutex::new(FxHashMap::default()),
+            total: AtomicU32::new(0),
+        }
+    }
+
+    /// Allocations held across all shards.
+    pub fn total_allocations(&self) -> u32 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more allocation for `user` if both quotas allow it.
+    pub(crate) fn acquire_quota(
+        &self,
+        user: &str,
+        user_quota: u32,
+        total_quota: u32,
+    ) -> Result<(), QuotaError> {
+        let mut m = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.get(user).copied().unwrap_or(0);
+        if n >= user_quota {
+            return Err(QuotaError::User);
+        }
+        if self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t < total_quota).then_some(t + 1)
+            })
+            .is_err()
+        {
+            return Err(QuotaError::Total);
+        }
+        m.insert(user.to_string(), n + 1);
+        Ok(())
+    }
+
+    pub(crate) fn release_quota(&self, user: &str) {
+        let mut m = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(user);
+            }
+        }
+        let _ = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1));
+    }
+}

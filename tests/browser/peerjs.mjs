@@ -1,0 +1,113 @@
+// The real `peerjs` client (1.5.5) in headless Chromium against Tern's PeerJS endpoint:
+// two Peers get ids from the server, open a DataConnection, exchange text both ways and a
+// 5 MiB binary blob whose SHA-256 is checked on arrival.
+//
+// Usage: TERN_PORT=8080 node tests/browser/peerjs.mjs   (prints "PASS ..." and exits 0)
+import { chromium } from 'playwright-core';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+import fs from 'node:fs';
+import os from 'node:os';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const port = Number(process.env.TERN_PORT);
+const peerPath = process.env.TERN_PEERJS_PATH || '/peerjs';
+const key = process.env.TERN_PEERJS_KEY || 'peerjs';
+if (!port) {
+  console.error('TERN_PORT is required');
+  process.exit(2);
+}
+
+const flags = [
+  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  // Host candidates on 127.0.0.1 (TESTING-NOTES.md): needs this flag and media permission.
+  '--allow-loopback-in-peer-connection',
+];
+
+const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-peerjs-'));
+const context = await chromium.launchPersistentContext(userDataDir, {
+  executablePath: '/usr/bin/chromium',
+  headless: true,
+  args: flags,
+});
+const watchdog = setTimeout(() => {
+  console.error('FAIL: timed out after 120 s');
+  process.exit(1);
+}, 120_000);
+
+let code = 1;
+try {
+  const origin = `http://127.0.0.1:${port}`;
+  await context.grantPermissions(['camera', 'microphone'], { origin });
+  const page = context.pages()[0] || (await context.newPage());
+  page.on('console', (m) => console.error(`[page] ${m.text()}`));
+  // A page on Tern's own origin (the PeerJS info route), so fetches are same-origin.
+  await page.goto(`${origin}${peerPath}`);
+  await page.addScriptTag({ path: path.join(here, 'node_modules/peerjs/dist/peerjs.min.js') });
+  const result = await page.evaluate(async ({ port, peerPath, key }) => {
+    const opts = { host: '127.0.0.1', port, path: peerPath, key, secure: false, debug: 1,
+      config: { iceServers: [] } };
+    const open = (p) => new Promise((res, rej) => {
+      p.on('open', res);
+      p.on('error', (e) => rej(new Error(`peer error ${e.type}: ${e.message}`)));
+    });
+    const a = new Peer(opts);
+    const b = new Peer(opts);
+    const [idA, idB] = await Promise.all([open(a), open(b)]);
+    const hex = async (buf) => Array.from(new Uint8Array(await crypto.subtle.digest('SHA-256', buf)))
+      .map((x) => x.toString(16).padStart(2, '0')).join('');
+
+    // 5 MiB of pseudo-random bytes (xorshift), so a lost or reordered chunk changes the hash.
+    const blob = new Uint8Array(5 * 1024 * 1024);
+    let x = 0x12345678;
+    for (let i = 0; i < blob.length; i++) {
+      x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
+      blob[i] = x & 0xff;
+    }
+    const sentHash = await hex(blob);
+
+    const got = new Promise((resolve, reject) => {
+      b.on('connection', (conn) => {
+        const msgs = [];
+        conn.on('data', async (d) => {
+          if (typeof d === 'string') {
+            msgs.push(d);
+            conn.send(`pong:${d}`);
+          } else {
+            const buf = d instanceof ArrayBuffer ? d : d.buffer.slice(d.byteOffset, d.byteOffset + d.byteLength);
+            resolve({ from: conn.peer, msgs, bytes: buf.byteLength, hash: await hex(buf) });
+          }
+        });
+        conn.on('error', reject);
+      });
+    });
+    const conn = a.connect(idB, { reliable: true });
+    await new Promise((res, rej) => { conn.on('open', res); conn.on('error', rej); });
+    const reply = new Promise((res) => conn.on('data', (d) => { if (typeof d === 'string') res(d); }));
+    conn.send('hello from A');
+    const replyText = await reply;
+    conn.send(blob.buffer);
+    const r = await got;
+    a.destroy();
+    b.destroy();
+    return { idA, idB, replyText, sentHash, ...r };
+  }, { port, peerPath, key });
+
+  const ok = result.from === result.idA
+    && result.msgs[0] === 'hello from A'
+    && result.replyText === 'pong:hello from A'
+    && result.bytes === 5 * 1024 * 1024
+    && result.hash === result.sentHash
+    && /^[0-9a-f-]{36}$/.test(result.idA);
+  console.log(`${ok ? 'PASS' : 'FAIL'} ${JSON.stringify(result)}`);
+  code = ok ? 0 : 1;
+} catch (e) {
+  console.error(`FAIL: ${e && e.stack ? e.stack : e}`);
+  code = 1;
+} finally {
+  clearTimeout(watchdog);
+  await context.close().catch(() => {});
+  fs.rmSync(userDataDir, { recursive: true, force: true });
+}
+process.exit(code);

@@ -1,0 +1,94 @@
+//! The PeerJS protocol over real sockets, as the `peer` npm server speaks it.
+
+mod signal_common;
+
+use signal_common::{close_code, get, next_json, send_text, start, ws};
+
+#[tokio::test]
+async fn peerjs_http_routes() {
+    let svc = start("", "");
+    let a = svc.local_addr();
+    let info = tokio::task::spawn_blocking(move || {
+        (
+            get(a, "/peerjs", &[("Origin", "https://peer.app")]),
+            get(a, "/peerjs/peerjs/id", &[]),
+            get(a, "/peerjs/peerjs/peers", &[]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(info.0.status, 200);
+    assert_eq!(info.0.json()["name"], "PeerJS Server");
+    assert_eq!(
+        info.0.header("access-control-allow-origin"),
+        Some("https://peer.app")
+    );
+    assert_eq!(info.1.status, 200);
+    assert_eq!(info.1.body.len(), 36, "uuid: {}", info.1.body);
+    assert!(info
+        .1
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    assert_eq!(info.2.status, 401, "discovery is off by default");
+}
+
+#[tokio::test]
+async fn open_forward_id_taken_and_expire() {
+    let svc = start("", "[signal]\npeerjs_allow_discovery = true\n");
+    let addr = svc.local_addr();
+    let path = |id: &str, token: &str| {
+        format!("/peerjs/peerjs?key=peerjs&id={id}&token={token}&version=1.5.5")
+    };
+    let mut a = ws(addr, &path("alice", "ta")).await;
+    assert_eq!(next_json(&mut a).await, serde_json::json!({"type":"OPEN"}));
+    let mut b = ws(addr, &path("bob", "tb")).await;
+    assert_eq!(next_json(&mut b).await["type"], "OPEN");
+    let peers = tokio::task::spawn_blocking(move || get(addr, "/peerjs/peerjs/peers", &[]))
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = serde_json::from_str(&peers.body).unwrap();
+    ids.sort();
+    assert_eq!(ids, ["alice", "bob"]);
+    // Forwarded with src from the server.
+    send_text(
+        &mut a,
+        r#"{"type":"OFFER","src":"bob","dst":"bob","payload":{"sdp":"x","type":"data"}}"#,
+    )
+    .await;
+    let m = next_json(&mut b).await;
+    assert_eq!(m["type"], "OFFER");
+    assert_eq!(m["src"], "alice");
+    assert_eq!(m["payload"]["sdp"], "x");
+    // Same id, other token: ID-TAKEN and closed; alice is unaffected.
+    let mut thief = ws(addr, &path("alice", "stolen")).await;
+    assert_eq!(next_json(&mut thief).await["type"], "ID-TAKEN");
+    assert!(close_code(&mut thief).await.is_some());
+    // Bad key and missing parameters: ERROR with the peer server's texts.
+    let mut badkey = ws(addr, "/peerjs/peerjs?key=nope&id=x&token=y").await;
+    let e = next_json(&mut badkey).await;
+    assert_eq!(e["payload"]["msg"], "Invalid key provided");
+    let mut noid = ws(addr, "/peerjs/peerjs?key=peerjs").await;
+    let e = next_json(&mut noid).await;
+    assert_eq!(
+        e["payload"]["msg"],
+        "No id, token, or key supplied to websocket server"
+    );
+    // Garbage is ignored and the connection keeps working.
+    send_text(&mut a, "}{ not json").await;
+    send_text(&mut a, r#"{"type":"HEARTBEAT"}"#).await;
+    // A message for an absent peer is answered with EXPIRE after expire_timeout (5 s).
+    send_text(&mut a, r#"{"type":"OFFER","dst":"carol","payload":{}}"#).await;
+    let m = next_json(&mut a).await;
+    assert_eq!(
+        m,
+        serde_json::json!({"type":"EXPIRE","src":"carol","dst":"alice"})
+    );
+    // Bob still served after all that.
+    send_text(
+        &mut a,
+        r#"{"type":"CANDIDATE","dst":"bob","payload":{"c":1}}"#,
+    )
+    .await;
+    assert_eq!(next_json(&mut b).await["type"], "CANDIDATE");
+}

@@ -1,0 +1,67 @@
+//! The real `peerjs` npm client in headless Chromium (tests/browser/peerjs.mjs) against
+//! Tern's PeerJS endpoint: two Peers, a DataConnection, text and a 5 MiB blob with SHA-256.
+
+mod signal_common;
+
+use std::path::Path;
+use std::process::Command;
+
+/// Whether the browser tooling is here; in CI its absence is a failure, not a skip.
+fn tooling_present() -> bool {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let missing: Vec<&str> = [
+        (
+            "tests/browser/node_modules/peerjs",
+            root.join("tests/browser/node_modules/peerjs").exists(),
+        ),
+        (
+            "tests/browser/node_modules/playwright-core",
+            root.join("tests/browser/node_modules/playwright-core")
+                .exists(),
+        ),
+        ("/usr/bin/chromium", Path::new("/usr/bin/chromium").exists()),
+        (
+            "node",
+            Command::new("node").arg("--version").output().is_ok(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(name, _)| name)
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("browser test tooling missing in CI: {missing:?} (run `npm ci` in tests/browser)");
+    }
+    eprintln!(
+        "\n!!! SKIPPING the PeerJS browser test: missing {missing:?}.\n\
+         !!! Install chromium and run `npm ci` in tests/browser. (With CI set this fails.)\n"
+    );
+    false
+}
+
+#[test]
+fn real_peerjs_client_in_chromium_exchanges_text_and_5_mib() {
+    if !tooling_present() {
+        return;
+    }
+    let svc = signal_common::start("", "");
+    let port = svc.local_addr().port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/peerjs.mjs");
+    let out = Command::new("node")
+        .arg(&script)
+        .env("TERN_PORT", port.to_string())
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("PASS"),
+        "peerjs.mjs failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    eprintln!("{}", stdout.trim());
+    svc.shutdown();
+}
