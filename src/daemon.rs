@@ -24,6 +24,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
     }
+    let mut sup = crate::ops::supervisor::Supervisor::from_env();
+    sup.status("starting");
     let turn = crate::net::TurnService::start(&cfg)?;
     for addr in turn.local_addrs() {
         tracing::info!(%addr, "TURN listening (udp+tcp)");
@@ -40,10 +42,15 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     } else {
         None
     };
+    // READY=1 once every listener is bound and TURN answers; WATCHDOG=1 only while it does.
+    sup.watch_turn(turn.local_addrs());
+    sup.ready(&crate::ops::supervisor::serving_status(turn.local_addrs()));
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
+        sup.tick();
     }
     tracing::info!("signal received, shutting down");
+    sup.stopping("shutting down");
     if let Some(http) = http {
         http.shutdown();
     }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod logging;
 pub mod net;
+pub mod ops;
 pub mod relay_ws;
 pub mod signal;
 pub mod stun;

@@ -1,4 +1,4 @@
-//! The `tern` command line: serve, credentials, check-config.
+//! The `tern` command line: serve, credentials, check-config, firewall, migrate-coturn.
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -70,6 +70,30 @@ enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// Print firewall rules opening exactly what the config listens on.
+    #[command(group(clap::ArgGroup::new("backend").required(true).args(["ufw", "nftables", "firewalld"])))]
+    Firewall {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// `ufw allow` commands.
+        #[arg(long)]
+        ufw: bool,
+        /// An nftables ruleset (chain tern_input in table inet filter), for `nft -f`.
+        #[arg(long)]
+        nftables: bool,
+        /// `firewall-cmd --permanent` commands.
+        #[arg(long)]
+        firewalld: bool,
+    },
+    /// Print a tern.toml equivalent to a coturn turnserver.conf; list what cannot be carried over.
+    MigrateCoturn {
+        /// coturn's config file, e.g. /etc/turnserver.conf.
+        file: PathBuf,
+        /// Write static-auth-secret values to this new file (mode 0600) and reference it,
+        /// instead of putting them in the printed config.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -124,6 +148,56 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Firewall {
+            cfg,
+            ufw,
+            nftables,
+            firewalld: _,
+        } => {
+            let c = cfg.load()?;
+            let backend = if ufw {
+                tern::ops::firewall::Backend::Ufw
+            } else if nftables {
+                tern::ops::firewall::Backend::Nftables
+            } else {
+                tern::ops::firewall::Backend::Firewalld
+            };
+            let source = cfg.config.as_ref().map_or_else(
+                || "the built-in defaults".to_string(),
+                |p| p.display().to_string(),
+            );
+            print!("{}", tern::ops::firewall::render(&c, backend, &source));
+            Ok(())
+        }
+        Command::MigrateCoturn { file, secret_file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let m = tern::ops::migrate::migrate(
+                &text,
+                &file.display().to_string(),
+                secret_file.as_deref(),
+            );
+            if let (Some(path), false) = (&secret_file, m.secrets.is_empty()) {
+                write_secret_file(path, &m.secrets)?;
+            }
+            print!("{}", m.toml);
+            for d in &m.dropped {
+                let at = if d.line == 0 {
+                    String::new()
+                } else {
+                    format!("line {}: ", d.line)
+                };
+                eprintln!("not carried over: {at}{}: {}", d.option, d.reason);
+            }
+            let checked = toml::from_str::<Config>(&m.toml)
+                .map_err(|e| e.message().to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()));
+            if let Err(e) = checked {
+                eprintln!("the generated config does not validate: {e}");
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::CheckConfig { cfg } => match cfg.load() {
             Ok(_) => {
                 println!("config ok");
@@ -135,4 +209,21 @@ fn main() -> anyhow::Result<()> {
             }
         },
     }
+}
+
+/// Creates `path` with mode 0600 holding one secret a line; refuses to overwrite.
+fn write_secret_file(path: &std::path::Path, secrets: &[String]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    let mut text = secrets.join("\n");
+    text.push('\n');
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }

@@ -144,3 +144,58 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
     assert!(st.signal.rate_limited >= 1, "{st:?}");
     let _ = get;
 }
+
+/// A `/ws` client claiming `xff` in X-Forwarded-For.
+async fn ws_via_proxy(addr: std::net::SocketAddr, xff: &str) -> signal_common::Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-forwarded-for", xff.parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
+#[tokio::test]
+async fn lan_rooms_follow_forwarded_addresses_only_from_trusted_proxies() {
+    // 127.0.0.0/8 is the trusted proxy: the forwarded address decides the LAN room.
+    let svc = start("trusted_proxies = [\"127.0.0.0/8\"]\n", "");
+    let addr = svc.local_addr();
+    let mut a = ws_via_proxy(addr, "203.0.113.10").await;
+    next_json(&mut a).await;
+    assert_eq!(next_json(&mut a).await["peers"], serde_json::json!([]));
+    // Another public address: another LAN room.
+    let mut b = ws_via_proxy(addr, "198.51.100.20").await;
+    next_json(&mut b).await;
+    assert_eq!(next_json(&mut b).await["peers"], serde_json::json!([]));
+    // Same public address as A (a spoofed left-most hop is ignored): A's room.
+    let mut c = ws_via_proxy(addr, "192.0.2.99, 203.0.113.10").await;
+    let c_id = next_json(&mut c).await["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        next_json(&mut c).await["peers"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(next_json(&mut a).await["peer"]["id"], c_id.as_str());
+    // IPv6 clients in one /64 share a room.
+    let mut d = ws_via_proxy(addr, "2001:db8:5:6::1").await;
+    next_json(&mut d).await;
+    next_json(&mut d).await;
+    let mut e = ws_via_proxy(addr, "2001:db8:5:6:ffff::2").await;
+    next_json(&mut e).await;
+    assert_eq!(
+        next_json(&mut e).await["peers"].as_array().unwrap().len(),
+        1
+    );
+    drop(svc);
+
+    // Without trusted proxies the header is ignored: every loopback client is "local".
+    let svc = start("", "");
+    let addr = svc.local_addr();
+    let mut a = ws_via_proxy(addr, "203.0.113.10").await;
+    next_json(&mut a).await;
+    next_json(&mut a).await;
+    let mut b = ws_via_proxy(addr, "198.51.100.20").await;
+    next_json(&mut b).await;
+    assert_eq!(
+        next_json(&mut b).await["peers"].as_array().unwrap().len(),
+        1
+    );
+}

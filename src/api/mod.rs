@@ -14,6 +14,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
 use crate::config::Config;
 use crate::relay_ws::RelayHub;
 use crate::signal::driver::Hub;
@@ -93,15 +96,14 @@ impl HttpService {
                 Duration::from_secs(cfg.signal.relay_ticket_ttl_secs.into()),
             )
         });
-        let seed: u64 = rand::random();
         let rooms = Hub::new(
-            RoomService::new(cfg.signal.clone(), relay.is_some(), seed),
+            RoomService::new(cfg.signal.clone(), relay.is_some(), StdRng::from_os_rng()),
             cfg.signal.send_queue,
             relay.clone(),
             cfg.signal.relay_ticket_ttl_secs,
         );
         let peerjs = Hub::new(
-            PeerJsService::new(cfg.signal.clone(), seed ^ 0x9e37_79b9_7f4a_7c15),
+            PeerJsService::new(cfg.signal.clone(), StdRng::from_os_rng()),
             cfg.signal.send_queue,
             None,
             0,

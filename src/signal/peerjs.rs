@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -80,10 +80,11 @@ fn error_text(msg: &str) -> String {
 }
 
 impl PeerJsService {
-    pub fn new(cfg: SignalConfig, seed: u64) -> Self {
+    /// `rng` makes the ids `GET {path}{key}/id` hands out.
+    pub fn new(cfg: SignalConfig, rng: StdRng) -> Self {
         Self {
             cfg,
-            rng: StdRng::seed_from_u64(seed),
+            rng,
             clients: HashMap::new(),
             conns: HashMap::new(),
             queues: HashMap::new(),

@@ -1,4 +1,5 @@
 use super::*;
+use rand::SeedableRng;
 
 fn cfg() -> SignalConfig {
     SignalConfig {
@@ -28,7 +29,7 @@ fn open(s: &mut PeerJsService, conn: ConnId, id: &str, token: &str, now: Instant
 
 #[test]
 fn open_and_parameter_errors() {
-    let mut s = PeerJsService::new(cfg(), 1);
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
     let o = open(&mut s, 1, "alice", "t1", t0);
     assert_eq!(texts(&o, 1), vec![serde_json::json!({"type":"OPEN"})]);
@@ -43,7 +44,7 @@ fn open_and_parameter_errors() {
 
 #[test]
 fn id_taken_and_silent_reattach() {
-    let mut s = PeerJsService::new(cfg(), 1);
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
     open(&mut s, 1, "alice", "t1", t0);
     let o = open(&mut s, 2, "alice", "other", t0);
@@ -69,7 +70,7 @@ fn id_taken_and_silent_reattach() {
 
 #[test]
 fn forward_sets_src_and_keeps_only_protocol_fields() {
-    let mut s = PeerJsService::new(cfg(), 1);
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
     open(&mut s, 1, "alice", "t1", t0);
     open(&mut s, 2, "bob", "t2", t0);
@@ -93,7 +94,7 @@ fn forward_sets_src_and_keeps_only_protocol_fields() {
 
 #[test]
 fn queue_for_absent_peer_then_expire_on_simulated_clock() {
-    let mut s = PeerJsService::new(cfg(), 1);
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
     open(&mut s, 1, "alice", "t1", t0);
     for i in 0..3 {
@@ -120,7 +121,7 @@ fn queue_for_absent_peer_then_expire_on_simulated_clock() {
 
 #[test]
 fn queued_messages_are_delivered_when_the_peer_arrives() {
-    let mut s = PeerJsService::new(cfg(), 1);
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
     open(&mut s, 1, "alice", "t1", t0);
     s.message(1, r#"{"type":"OFFER","dst":"bob","payload":"o"}"#, t0);
@@ -136,7 +137,7 @@ fn queued_messages_are_delivered_when_the_peer_arrives() {
 
 #[test]
 fn queue_is_bounded() {
-    let mut s = PeerJsService::new(cfg(), 1);
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
     open(&mut s, 1, "alice", "t1", t0);
     for i in 0..10 {
@@ -153,7 +154,7 @@ fn queue_is_bounded() {
 
 #[test]
 fn alive_timeout_drops_silent_clients() {
-    let mut s = PeerJsService::new(cfg(), 1);
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
     open(&mut s, 1, "alice", "t1", t0);
     open(&mut s, 2, "bob", "t2", t0);
@@ -165,7 +166,7 @@ fn alive_timeout_drops_silent_clients() {
 
 #[test]
 fn concurrent_limit() {
-    let mut s = PeerJsService::new(cfg(), 1);
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
     for i in 0..3 {
         open(&mut s, i, &format!("p{i}"), "t", t0);
@@ -177,7 +178,7 @@ fn concurrent_limit() {
 
 #[test]
 fn fresh_ids_are_uuids() {
-    let mut s = PeerJsService::new(cfg(), 1);
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let id = s.fresh_id();
     assert_eq!(id.len(), 36);
     assert_eq!(&id[14..15], "4");

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 use super::names::friendly_name;
 use super::protocol::{ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
@@ -88,11 +88,13 @@ pub struct RoomService {
 }
 
 impl RoomService {
-    pub fn new(cfg: SignalConfig, relay_enabled: bool, seed: u64) -> Self {
+    /// `rng` makes ids, resume tokens and relay tickets: seed it from the OS
+    /// (`StdRng::from_os_rng()`) outside tests, since tokens and tickets are secrets.
+    pub fn new(cfg: SignalConfig, relay_enabled: bool, rng: StdRng) -> Self {
         Self {
             cfg,
             relay_enabled,
-            rng: StdRng::seed_from_u64(seed),
+            rng,
             conns: HashMap::new(),
             peers: HashMap::new(),
             by_resume: HashMap::new(),

@@ -1,4 +1,5 @@
 use super::*;
+use rand::SeedableRng;
 use serde_json::Value;
 
 fn cfg() -> SignalConfig {
@@ -6,7 +7,7 @@ fn cfg() -> SignalConfig {
 }
 
 fn svc() -> RoomService {
-    RoomService::new(cfg(), true, 7)
+    RoomService::new(cfg(), true, StdRng::seed_from_u64(7))
 }
 
 /// Messages sent to `conn`, parsed.
@@ -170,7 +171,7 @@ fn flood_is_rate_limited_then_cut_off() {
             ..cfg()
         },
         true,
-        7,
+        StdRng::seed_from_u64(7),
     );
     let t0 = Instant::now();
     s.connect(1, "local".into(), None, t0);
@@ -314,7 +315,7 @@ fn relay_grant_only_for_peers_sharing_a_room() {
     assert_ne!(g.sides[0].2, g.sides[1].2);
     let o = s.message(1, &format!(r#"{{"type":"relay","to":"{c}"}}"#), t0);
     assert_eq!(to(&o, 1)[0]["code"], "not-in-shared-room");
-    let mut off = RoomService::new(cfg(), false, 1);
+    let mut off = RoomService::new(cfg(), false, StdRng::seed_from_u64(1));
     off.connect(1, "local".into(), None, t0);
     let o = off.message(1, r#"{"type":"relay","to":"x"}"#, t0);
     assert_eq!(to(&o, 1)[0]["code"], "relay-unavailable");
@@ -328,7 +329,7 @@ fn server_full_is_refused_with_1013() {
             ..cfg()
         },
         true,
-        1,
+        StdRng::seed_from_u64(1),
     );
     let t0 = Instant::now();
     s.connect(1, "local".into(), None, t0);

@@ -1,5 +1,7 @@
-//! The real `peerjs` npm client in headless Chromium (tests/browser/peerjs.mjs) against
-//! Tern's PeerJS endpoint: two Peers, a DataConnection, text and a 5 MiB blob with SHA-256.
+//! Real browsers against the HTTP face: the `peerjs` npm client in headless Chromium
+//! (tests/browser/peerjs.mjs: two Peers, a DataConnection, text and a 5 MiB blob with
+//! SHA-256), and the native protocol (tests/browser/signal.mjs: /api/ice, /ws signaling for
+//! an RTCDataChannel, then /relay with 2 MiB and SHA-256).
 
 mod signal_common;
 
@@ -42,14 +44,12 @@ fn tooling_present() -> bool {
     false
 }
 
-#[test]
-fn real_peerjs_client_in_chromium_exchanges_text_and_5_mib() {
-    if !tooling_present() {
-        return;
-    }
-    let svc = signal_common::start("", "");
+fn run_script(name: &str, api_extra: &str) {
+    let svc = signal_common::start(api_extra, "");
     let port = svc.local_addr().port();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/peerjs.mjs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/browser")
+        .join(name);
     let out = Command::new("node")
         .arg(&script)
         .env("TERN_PORT", port.to_string())
@@ -59,9 +59,23 @@ fn real_peerjs_client_in_chromium_exchanges_text_and_5_mib() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && stdout.contains("PASS"),
-        "peerjs.mjs failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        "{name} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
     eprintln!("{}", stdout.trim());
     svc.shutdown();
+}
+
+#[test]
+fn real_peerjs_client_in_chromium_exchanges_text_and_5_mib() {
+    if tooling_present() {
+        run_script("peerjs.mjs", "");
+    }
+}
+
+#[test]
+fn native_signaling_and_relay_in_chromium() {
+    if tooling_present() {
+        run_script("signal.mjs", "");
+    }
 }
