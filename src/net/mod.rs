@@ -1,8 +1,30 @@
-//! IO drivers around the sans-IO TURN core: UDP workers, TCP framing, relay port pool.
+//! IO drivers around the sans-IO TURN core: worker threads that own UDP and TCP listener
+//! sockets (SO_REUSEPORT), TCP framing, relay sockets, batched syscalls and data-path counters.
+//!
+//! Owns sockets, threads and the event loops. It must not interpret STUN beyond
+//! classification and framing (that is `crate::stun` / `crate::turn`), and it must not
+//! allocate, lock, log or copy per relayed packet (DESIGN.md principle 2).
+
+mod mmsg;
+mod relay_addr;
+mod shard;
+mod socket;
+mod stats;
+mod tcp;
+mod turn_shard;
+mod worker;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, TurnConfig};
+use crate::turn::RelayAddr;
+
+pub use shard::{Shard, OUT_LEN};
+pub use stats::{NetStats, WorkerStats};
 
 /// Errors starting the network service.
 #[derive(Debug, thiserror::Error)]
@@ -16,15 +38,133 @@ pub enum NetError {
     Other(String),
 }
 
+struct WorkerHandle {
+    waker: mio::Waker,
+    thread: JoinHandle<()>,
+    stats: Arc<Mutex<WorkerStats>>,
+}
+
 /// The running TURN listeners and workers.
 pub struct TurnService {
     addrs: Vec<SocketAddr>,
+    relay_ips: Vec<RelayAddr>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<WorkerHandle>,
 }
 
 impl TurnService {
-    /// Binds every listener and starts the workers.
-    pub fn start(_cfg: &Config) -> Result<TurnService, NetError> {
-        Err(NetError::Other("TURN service not built yet".into()))
+    /// Binds every listener (UDP and TCP on each `turn.listen` address, RFC 8656 §3.1) and
+    /// starts the workers, each with its own shard of the TURN server.
+    pub fn start(cfg: &Config) -> Result<TurnService, NetError> {
+        let relay_ips = relay_addr::choose(&cfg.turn);
+        let scfg = Arc::new(
+            crate::turn::ServerConfig::from_config(cfg, relay_ips.clone())
+                .map_err(|e| NetError::Other(e.to_string()))?,
+        );
+        let shared = Arc::new(crate::turn::Shared::new(&scfg));
+        Self::start_with(&cfg.turn, relay_ips, move || {
+            crate::turn::Server::new(Arc::clone(&scfg), Arc::clone(&shared))
+        })
+    }
+
+    /// Starts the workers with shards built by `make` (on each worker's own thread).
+    pub fn start_with<S, F>(
+        t: &TurnConfig,
+        relay_ips: Vec<RelayAddr>,
+        make: F,
+    ) -> Result<TurnService, NetError>
+    where
+        S: Shard + 'static,
+        F: Fn() -> S + Send + Sync + 'static,
+    {
+        let n = if t.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            t.workers
+        };
+        let default_listen = t.listen == TurnConfig::default().listen;
+        let mut addrs = Vec::new();
+        let mut per_worker: Vec<Vec<(SocketAddr, socket::ListenerPair)>> =
+            (0..n).map(|_| Vec::new()).collect();
+        for &addr in &t.listen {
+            match socket::bind_listeners(addr, n, t.socket_buffer_bytes) {
+                Ok((bound, pairs)) => {
+                    addrs.push(bound);
+                    for (w, p) in pairs.into_iter().enumerate() {
+                        per_worker[w].push((bound, p));
+                    }
+                }
+                // The built-in `[::]` listener is best effort: hosts without IPv6 still work.
+                Err(e) if default_listen && addr.is_ipv6() => {
+                    tracing::warn!(%addr, error = %e, "IPv6 listener not available; continuing without it");
+                }
+                Err(source) => return Err(NetError::Bind { addr, source }),
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let per_ip = tcp::PerIpLimit::new(t.tcp_max_per_ip);
+        let make = Arc::new(make);
+        let mut workers = Vec::with_capacity(n);
+        let mut service = TurnService {
+            addrs,
+            relay_ips,
+            stop: Arc::clone(&stop),
+            workers: Vec::new(),
+        };
+        for (index, listeners) in per_worker.into_iter().enumerate() {
+            let poll = mio::Poll::new().map_err(|e| NetError::Other(format!("poll: {e}")))?;
+            let waker = mio::Waker::new(poll.registry(), worker::WAKER)
+                .map_err(|e| NetError::Other(format!("waker: {e}")))?;
+            let stats = Arc::new(Mutex::new(WorkerStats::default()));
+            let params = worker::WorkerParams {
+                index,
+                listeners,
+                buffer_bytes: t.socket_buffer_bytes,
+                tcp_idle: Duration::from_secs(t.tcp_idle_timeout_secs.max(1).into()),
+                per_ip: per_ip.clone(),
+                stop: Arc::clone(&stop),
+                stats_out: Arc::clone(&stats),
+            };
+            let make = Arc::clone(&make);
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("tern-turn-{index}"))
+                .spawn(move || {
+                    // Built here: the worker's buffers and shard never leave this thread.
+                    match worker::Worker::new(params, poll, make()) {
+                        Ok(w) => {
+                            let _ = ready_tx.send(Ok(()));
+                            w.run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(|e| NetError::Other(format!("spawn worker: {e}")))?;
+            let ready = ready_rx.recv();
+            workers.push(WorkerHandle {
+                waker,
+                thread,
+                stats,
+            });
+            match ready {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    service.workers = workers;
+                    service.stop_and_join();
+                    return Err(NetError::Other(format!("worker {index}: {e}")));
+                }
+                Err(_) => {
+                    service.workers = workers;
+                    service.stop_and_join();
+                    return Err(NetError::Other(format!("worker {index} died at start")));
+                }
+            }
+        }
+        service.workers = workers;
+        tracing::info!(workers = n, "TURN workers started");
+        Ok(service)
     }
 
     /// The bound listener addresses (with real ports when port 0 was configured).
@@ -32,6 +172,53 @@ impl TurnService {
         &self.addrs
     }
 
+    /// The relay addresses in use (local and advertised).
+    pub fn relay_ips(&self) -> &[RelayAddr] {
+        &self.relay_ips
+    }
+
+    /// Data-path counters summed over workers (each publishes about twice a second).
+    pub fn stats(&self) -> NetStats {
+        let mut sum = NetStats::default();
+        for w in &self.workers {
+            sum += w.stats.lock().unwrap_or_else(|p| p.into_inner()).net;
+        }
+        sum
+    }
+
+    /// The TURN core's counters summed over the workers' shards (same cadence).
+    pub fn turn_stats(&self) -> crate::turn::TurnStats {
+        let mut sum = crate::turn::TurnStats::default();
+        for w in &self.workers {
+            sum.add(&w.stats.lock().unwrap_or_else(|p| p.into_inner()).turn);
+        }
+        sum
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in &self.workers {
+            let _ = w.waker.wake();
+        }
+        for w in self.workers.drain(..) {
+            if w.thread.join().is_err() {
+                tracing::error!("a TURN worker panicked");
+            }
+        }
+    }
+
     /// Stops the workers and joins them.
-    pub fn shutdown(self) {}
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+        tracing::info!("TURN stopped");
+    }
 }
+
+impl Drop for TurnService {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+#[cfg(test)]
+mod worker_tests;

@@ -414,10 +414,22 @@ fn finish(
             }
         }
     }
+    // Without relay-ip, coturn relays from the address the client reached: with specific
+    // listening-ip addresses that is one of them, so they become the relay addresses.
+    let from_listen = relay_ips.is_empty()
+        && !st.listen_ips.is_empty()
+        && st.listen_ips.iter().all(|ip| !ip.is_unspecified());
+    if from_listen {
+        relay_ips = st.listen_ips.clone();
+    }
     if !relay_ips.is_empty() {
         key(
             &mut turn,
-            "relay-ip, external-ip (private part)",
+            if from_listen {
+                "listening-ip (no relay-ip: coturn relays from the listening address)"
+            } else {
+                "relay-ip, external-ip (private part)"
+            },
             format!(
                 "relay_ip = {}",
                 strings(relay_ips.iter().map(|ip| ip.to_string()))

@@ -281,3 +281,15 @@ fn use_auth_secret_without_a_secret_is_reported() {
     assert!(m.dropped[0].reason.contains("without use-auth-secret"));
     assert!(!m.toml.contains("abc"));
 }
+
+#[test]
+fn specific_listening_addresses_become_relay_addresses() {
+    let text = "listening-ip=198.51.100.4\nlistening-ip=2001:db8::4\nexternal-ip=203.0.113.4\n";
+    let c = load(&migrate(text, "t", None));
+    assert_eq!(ips(&c.turn.relay_ip), ["198.51.100.4", "2001:db8::4"]);
+    // A bare external-ip applies to the relay address of its family; the other keeps its own.
+    assert_eq!(ips(&c.turn.external_ip), ["203.0.113.4", "2001:db8::4"]);
+    // listening-ip=0.0.0.0 leaves relay addresses to detection.
+    let c = load(&migrate("listening-ip=0.0.0.0\n", "t", None));
+    assert!(c.turn.relay_ip.is_empty());
+}

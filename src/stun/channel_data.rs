@@ -19,7 +19,7 @@ mod tests {
     proptest! {
         #[test]
         fn header_round_trips_through_classify_and_framing(
-            channel in 0x4000u16..=0x4FFF,
+            channel in 0x4000u16..=0x7FFE,
             payload in proptest::collection::vec(any::<u8>(), 0..1500),
         ) {
             let mut buf = vec![0u8; CHANNEL_DATA_HEADER + payload.len() + 3];

@@ -1,5 +1,11 @@
 //! Sans-IO TURN server (RFC 8656): allocations, permissions, channels, nonces, auth,
 //! quotas and peer policy. Takes bytes, the sender and `now`; never touches a socket or clock.
+//! It must not spawn threads or tasks, and the per-packet lookups (`channel_to_peer`,
+//! `peer_to_client`, Send indications) must not allocate, lock or log.
+//!
+//! Files: `server.rs` (tables, lookups, timers), `requests.rs` (each method), `reply.rs`
+//! (responses), `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool),
+//! `policy.rs` (peer addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`.
 //!
 //! # Contract with the IO driver (`crate::net`)
 //! One [`Server`] per worker shard. The driver:

@@ -53,7 +53,7 @@ const MAX_UNKNOWN: usize = 8;
 const PORT_ATTEMPTS: usize = 16;
 /// Per-allocation bounds (memory is bounded even for a hostile authenticated client).
 const MAX_PERMISSIONS: usize = 1024;
-const MAX_CHANNELS: usize = (CHANNEL_MAX - CHANNEL_MIN) as usize + 1;
+const MAX_CHANNELS: usize = 4096;
 /// REQUESTED-TRANSPORT value for UDP (RFC 8656 §18.7).
 const PROTO_UDP: u8 = 17;
 

@@ -34,10 +34,19 @@ impl MethodLabel {
     }
 }
 
-/// Result codes a request can get (0 = success), in counter order.
+/// Result codes a request can get (0 = success, 999 = any other code), in counter order.
 pub const RESULT_CODES: [u16; 15] = [
     0, 400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508, 999,
 ];
+
+/// Label of `RESULT_CODES[i]` for a metric: "success", the code ("401"), or "other".
+pub fn result_label(i: usize) -> &'static str {
+    const LABELS: [&str; RESULT_CODES.len()] = [
+        "success", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "486",
+        "500", "508", "other",
+    ];
+    LABELS.get(i).copied().unwrap_or("other")
+}
 
 fn result_index(code: u16) -> usize {
     RESULT_CODES
@@ -150,5 +159,27 @@ impl TurnStats {
         self.reservations_created += o.reservations_created;
         self.sends_forwarded += o.sends_forwarded;
         self.sends_dropped += o.sends_dropped;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_labels() {
+        let mut a = TurnStats::default();
+        a.request(MethodLabel::Allocate, 401);
+        a.request(MethodLabel::Allocate, 0);
+        a.request(MethodLabel::Refresh, 299);
+        let mut total = TurnStats::default();
+        total.add(&a);
+        total.add(&a);
+        assert_eq!(total.requests_with(MethodLabel::Allocate, 401), 2);
+        assert_eq!(total.requests_with(MethodLabel::Allocate, 0), 2);
+        assert_eq!(total.requests_with(MethodLabel::Refresh, 999), 2);
+        assert_eq!(result_label(0), "success");
+        assert_eq!(result_label(2), "401");
+        assert_eq!(result_label(RESULT_CODES.len() - 1), "other");
     }
 }

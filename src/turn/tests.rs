@@ -1168,7 +1168,7 @@ fn channel_bind_rules_and_lookups() {
     assert_eq!(h.auth(client(1), &bind(0x4001, PEER), &u, &k).code(), 400);
     // Out of range numbers and missing attributes.
     assert_eq!(h.auth(client(1), &bind(0x3FFF, PEER2), &u, &k).code(), 400);
-    assert_eq!(h.auth(client(1), &bind(0x5000, PEER2), &u, &k).code(), 400);
+    assert_eq!(h.auth(client(1), &bind(0x7FFF, PEER2), &u, &k).code(), 400);
     assert_eq!(
         h.auth(
             client(1),

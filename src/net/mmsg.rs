@@ -1,0 +1,432 @@
+//! Batched UDP syscalls (`recvmmsg`/`sendmmsg`) over buffers allocated once per worker and
+//! reused forever: the relayed-packet path makes no heap allocation here.
+
+use std::io;
+use std::mem;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+use std::ptr;
+
+/// Writes `addr` into `storage` as a `sockaddr_in`/`sockaddr_in6`; returns its length.
+pub fn write_sockaddr(addr: SocketAddr, storage: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr type.
+            let sin = unsafe { &mut *(storage as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            };
+            sin.sin_zero = [0; 8];
+            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above.
+            let sin6 = unsafe { &mut *(storage as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
+            sin6.sin6_scope_id = a.scope_id();
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+/// Reads a `sockaddr_in`/`sockaddr_in6` the kernel wrote; `None` for other families.
+pub fn read_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn zeroed_storage() -> libc::sockaddr_storage {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    unsafe { mem::zeroed() }
+}
+
+fn zeroed_hdr() -> libc::mmsghdr {
+    // SAFETY: mmsghdr is plain old data (pointers may be null); all-zero is valid.
+    unsafe { mem::zeroed() }
+}
+
+/// One datagram received by [`RecvBatch::recv`].
+#[derive(Clone, Copy, Debug)]
+pub struct Received {
+    pub from: SocketAddr,
+    /// Payload length (bytes at `data_at` in the slot).
+    pub len: usize,
+    /// The datagram did not fit its slot and was cut (MSG_TRUNC): drop it.
+    pub truncated: bool,
+}
+
+/// `slots` receive buffers of `slot_size` bytes each, filled by one `recvmmsg` call.
+///
+/// Each datagram lands at a caller-chosen offset in its slot, so a header can later be
+/// written in place before the payload (ChannelData, Data indication: RFC 8656 §11.6, §12.5)
+/// and `tail` bytes stay free after it (ChannelData padding over TCP).
+pub struct RecvBatch {
+    buf: Box<[u8]>,
+    slot_size: usize,
+    data_at: usize,
+    iov: Box<[libc::iovec]>,
+    addrs: Box<[libc::sockaddr_storage]>,
+    hdrs: Box<[libc::mmsghdr]>,
+    received: Box<[Received]>,
+}
+
+impl RecvBatch {
+    pub fn new(slots: usize, slot_size: usize) -> RecvBatch {
+        assert!(slots > 0 && slot_size > 0);
+        let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        RecvBatch {
+            buf: vec![0u8; slots * slot_size].into_boxed_slice(),
+            slot_size,
+            data_at: 0,
+            iov: vec![
+                libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0
+                };
+                slots
+            ]
+            .into_boxed_slice(),
+            addrs: vec![zeroed_storage(); slots].into_boxed_slice(),
+            hdrs: vec![zeroed_hdr(); slots].into_boxed_slice(),
+            received: vec![
+                Received {
+                    from: unspecified,
+                    len: 0,
+                    truncated: false
+                };
+                slots
+            ]
+            .into_boxed_slice(),
+        }
+    }
+
+    /// Receives up to one batch from the non-blocking socket `fd`, each datagram placed at
+    /// `data_at` in its slot with `tail` bytes kept free after the largest accepted payload.
+    /// Returns how many arrived; `WouldBlock` when none were waiting.
+    pub fn recv(&mut self, fd: RawFd, data_at: usize, tail: usize) -> io::Result<usize> {
+        assert!(data_at + tail < self.slot_size);
+        self.data_at = data_at;
+        let room = self.slot_size - data_at - tail;
+        let base = self.buf.as_mut_ptr();
+        for i in 0..self.hdrs.len() {
+            // SAFETY: i * slot_size + data_at stays inside buf (checked above).
+            self.iov[i].iov_base = unsafe { base.add(i * self.slot_size + data_at) }.cast();
+            self.iov[i].iov_len = room;
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        let n = loop {
+            // SAFETY: every header points at live buffers owned by self with correct lengths.
+            let r = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr(),
+                    self.hdrs.len() as libc::c_uint,
+                    0,
+                    ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                break r as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        for i in 0..n {
+            let h = &self.hdrs[i];
+            // Slots keep their index so `slot_mut(i)` matches; an unknown address family is
+            // marked truncated so the caller drops it.
+            self.received[i] = match read_sockaddr(&self.addrs[i]) {
+                Some(from) => Received {
+                    from,
+                    len: h.msg_len as usize,
+                    truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                },
+                None => Received {
+                    from: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+                    len: 0,
+                    truncated: true,
+                },
+            };
+        }
+        Ok(n)
+    }
+
+    /// Metadata of datagram `i` of the last `recv`.
+    pub fn received(&self, i: usize) -> Received {
+        self.received[i]
+    }
+
+    /// Offset of the payload inside each slot for the last `recv`.
+    pub fn data_at(&self) -> usize {
+        self.data_at
+    }
+
+    /// Payload of datagram `i`.
+    pub fn payload(&self, i: usize) -> &[u8] {
+        let start = i * self.slot_size + self.data_at;
+        &self.buf[start..start + self.received[i].len]
+    }
+
+    /// The whole slot of datagram `i` (payload at [`Self::data_at`]), for in-place framing.
+    pub fn slot_mut(&mut self, i: usize) -> &mut [u8] {
+        let start = i * self.slot_size;
+        &mut self.buf[start..start + self.slot_size]
+    }
+}
+
+/// Outcome of [`SendBatch::flush`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    pub sent: usize,
+    pub sent_bytes: usize,
+    /// Datagrams the kernel refused (full socket buffer, unreachable destination, ...).
+    pub failed: usize,
+}
+
+/// Up to `capacity` outgoing datagrams for one `sendmmsg` call. Holds pointers to bytes the
+/// caller owns (usually a [`RecvBatch`] slot), so nothing is copied.
+pub struct SendBatch {
+    iov: Box<[libc::iovec]>,
+    addrs: Box<[libc::sockaddr_storage]>,
+    hdrs: Box<[libc::mmsghdr]>,
+    len: usize,
+}
+
+impl SendBatch {
+    pub fn new(capacity: usize) -> SendBatch {
+        assert!(capacity > 0);
+        SendBatch {
+            iov: vec![
+                libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0
+                };
+                capacity
+            ]
+            .into_boxed_slice(),
+            addrs: vec![zeroed_storage(); capacity].into_boxed_slice(),
+            hdrs: vec![zeroed_hdr(); capacity].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len == self.hdrs.len()
+    }
+
+    /// Queues `data` for `to`. The caller must flush before `data`'s memory is written again or freed; on a full batch it returns `false`
+    /// and queues nothing.
+    ///
+    /// # Safety
+    /// `data` must stay valid and unchanged until the next [`Self::flush`].
+    pub unsafe fn push(&mut self, data: &[u8], to: SocketAddr) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        let i = self.len;
+        let namelen = write_sockaddr(to, &mut self.addrs[i]);
+        self.iov[i] = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let h = &mut self.hdrs[i].msg_hdr;
+        h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+        h.msg_namelen = namelen;
+        h.msg_iov = &mut self.iov[i];
+        h.msg_iovlen = 1;
+        h.msg_control = ptr::null_mut();
+        h.msg_controllen = 0;
+        h.msg_flags = 0;
+        self.len += 1;
+        true
+    }
+
+    /// Sends everything queued from the non-blocking socket `fd`. A datagram the kernel
+    /// refuses is counted in `failed` and skipped; a full socket buffer drops the rest
+    /// (UDP: better than stalling every other client of this worker).
+    pub fn flush(&mut self, fd: RawFd) -> Flushed {
+        let mut out = Flushed::default();
+        let mut i = 0;
+        while i < self.len {
+            // SAFETY: headers i..len point at live iovecs/addresses owned by self and at
+            // caller data that `push`'s contract keeps valid until now.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs[i..].as_mut_ptr(),
+                    (self.len - i) as libc::c_uint,
+                    0,
+                )
+            };
+            if r > 0 {
+                for h in &self.hdrs[i..i + r as usize] {
+                    out.sent_bytes += h.msg_len as usize;
+                }
+                out.sent += r as usize;
+                i += r as usize;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    out.failed += self.len - i;
+                    break;
+                }
+                // This datagram's destination is refused: skip it, keep the others.
+                _ => {
+                    out.failed += 1;
+                    i += 1;
+                }
+            }
+        }
+        self.len = 0;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    #[test]
+    fn sockaddr_round_trip() {
+        for a in [
+            "127.0.0.1:3478",
+            "[::1]:49152",
+            "[fe80::1%2]:5",
+            "0.0.0.0:0",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            let mut s = zeroed_storage();
+            write_sockaddr(a, &mut s);
+            assert_eq!(read_sockaddr(&s), Some(a));
+        }
+    }
+
+    #[test]
+    fn batch_send_and_receive_with_headroom() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10 + i as usize]).collect();
+        let mut sb = SendBatch::new(4);
+        let mut sent = 0;
+        for p in &payloads {
+            // SAFETY: payloads outlive every flush below.
+            if !unsafe { sb.push(p, to) } {
+                sent += sb.flush(tx.as_raw_fd()).sent;
+                assert!(unsafe { sb.push(p, to) });
+            }
+        }
+        let f = sb.flush(tx.as_raw_fd());
+        sent += f.sent;
+        assert_eq!(sent, 5);
+        assert_eq!(f.failed, 0);
+
+        let mut rb = RecvBatch::new(8, 128);
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < 5 && std::time::Instant::now() < deadline {
+            match rb.recv(rx.as_raw_fd(), 48, 4) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let r = rb.received(i);
+                        assert_eq!(r.from, tx.local_addr().unwrap());
+                        assert!(!r.truncated);
+                        got.push(rb.payload(i).to_vec());
+                        // The payload really sits at the headroom offset of its slot.
+                        let at = rb.data_at();
+                        assert_eq!(&rb.slot_mut(i)[at..at + r.len], &got.last().unwrap()[..]);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, payloads);
+    }
+
+    #[test]
+    fn oversized_datagram_is_flagged_truncated() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(&[7u8; 200], rx.local_addr().unwrap()).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Wait until it is queued, then read it non-blocking through the batch.
+        let mut peek = [0u8; 1];
+        rx.peek_from(&mut peek).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let mut rb = RecvBatch::new(2, 100);
+        assert_eq!(rb.recv(rx.as_raw_fd(), 0, 0).unwrap(), 1);
+        assert!(rb.received(0).truncated);
+        assert_eq!(
+            rb.recv(rx.as_raw_fd(), 0, 0).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+    }
+
+    #[test]
+    fn refused_destination_is_skipped_not_fatal() {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.set_nonblocking(true).unwrap();
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let good = rx.local_addr().unwrap();
+        // An IPv6 destination from an IPv4 socket fails with EAFNOSUPPORT / EINVAL.
+        let bad: SocketAddr = "[::1]:9".parse().unwrap();
+        let data = [1u8; 8];
+        let mut sb = SendBatch::new(4);
+        unsafe {
+            assert!(sb.push(&data, bad));
+            assert!(sb.push(&data, good));
+        }
+        let f = sb.flush(tx.as_raw_fd());
+        assert_eq!((f.sent, f.failed, f.sent_bytes), (1, 1, 8));
+    }
+}

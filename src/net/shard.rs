@@ -1,0 +1,37 @@
+//! What a worker needs from its protocol shard: the `turn::Server` API, as a trait so the
+//! event loop can also be driven by a small fake in unit tests.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::turn::{Action, FiveTuple, Now, PeerRoute, RelayId, RelayIo, TurnStats};
+
+/// Size of the response buffer handed to [`Shard::handle_stun`].
+pub const OUT_LEN: usize = 2048;
+
+/// One worker's share of the TURN server state (RFC 8656), see `crate::turn`'s contract.
+pub trait Shard {
+    /// A STUN message from a client; any response is written into `out`.
+    fn handle_stun(
+        &mut self,
+        now: Now,
+        from: FiveTuple,
+        msg: &[u8],
+        out: &mut [u8; OUT_LEN],
+        io: &mut impl RelayIo,
+    ) -> Action;
+    /// Where ChannelData `channel` from `from` goes (RFC 8656 §12.4).
+    fn channel_to_peer(&mut self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)>;
+    /// Where data from `peer` arriving on `relay` goes, if a permission allows it.
+    fn peer_to_client(&mut self, relay: RelayId, peer: SocketAddr) -> Option<PeerRoute>;
+    /// Expires what is due at `now`.
+    fn handle_timeout(&mut self, now: Now, io: &mut impl RelayIo);
+    /// When `handle_timeout` next needs to run.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// A TCP/TLS client connection closed: its allocation goes too (RFC 8656 §3.1).
+    fn client_closed(&mut self, client: &FiveTuple, io: &mut impl RelayIo);
+    /// The core's counters, published beside the worker's own (none for a test fake).
+    fn turn_stats(&self) -> Option<&TurnStats> {
+        None
+    }
+}

@@ -1,0 +1,44 @@
+//! The sans-IO TURN server (`crate::turn::Server`) as a worker's [`Shard`].
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::shard::{Shard, OUT_LEN};
+use crate::turn::{Action, FiveTuple, Now, PeerRoute, RelayId, RelayIo, Server, TurnStats};
+
+impl Shard for Server {
+    fn handle_stun(
+        &mut self,
+        now: Now,
+        from: FiveTuple,
+        msg: &[u8],
+        out: &mut [u8; OUT_LEN],
+        io: &mut impl RelayIo,
+    ) -> Action {
+        Server::handle_stun(self, now, from, msg, out, io)
+    }
+
+    fn channel_to_peer(&mut self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)> {
+        Server::channel_to_peer(self, from, channel)
+    }
+
+    fn peer_to_client(&mut self, relay: RelayId, peer: SocketAddr) -> Option<PeerRoute> {
+        Server::peer_to_client(self, relay, peer)
+    }
+
+    fn handle_timeout(&mut self, now: Now, io: &mut impl RelayIo) {
+        Server::handle_timeout(self, now, io)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        Server::poll_timeout(self)
+    }
+
+    fn client_closed(&mut self, client: &FiveTuple, io: &mut impl RelayIo) {
+        Server::client_closed(self, client, io)
+    }
+
+    fn turn_stats(&self) -> Option<&TurnStats> {
+        Some(Server::stats(self))
+    }
+}

@@ -1,0 +1,490 @@
+//! Shared helpers for the TURN integration tests: free ports, the real `tern` binary with a
+//! generated config, coturn's client tools (`turnutils_peer`, `turnutils_uclient`,
+//! `turnutils_stunclient`), and hand-built STUN messages. Everything runs on loopback.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use stun_types::attribute::{Nonce, Realm, Username};
+use stun_types::message::{
+    IntegrityAlgorithm, LongTermCredentials, Message, MessageWrite, MessageWriteExt,
+    MessageWriteVec, Method, BINDING,
+};
+
+/// TURN Allocate (RFC 8656 §7).
+pub const ALLOCATE: Method = Method::new(0x003);
+
+/// A port free for both UDP and TCP on 127.0.0.1 (from the ephemeral range, so it never
+/// collides with the relay ranges below 32768 that tests use).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP");
+}
+
+/// True if coturn's client tool `name` is installed. When it is missing the test is skipped
+/// locally, but fails under CI (the `CI` variable), where .ci/run must have installed it.
+pub fn have_tool(name: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is missing (apt-get install coturn)"
+        );
+        eprintln!("SKIPPED: {name} not installed (apt-get install coturn)");
+    }
+    found
+}
+
+/// A random secret for one daemon.
+pub fn random_secret() -> String {
+    let bytes: [u8; 24] = rand::random();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The TURN REST API password for `username` (base64 HMAC-SHA1 of the shared secret).
+pub fn rest_password(secret: &str, username: &str) -> String {
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// How to start a daemon for one test.
+pub struct TernOpts {
+    /// First port of this test's private relay range (ranges must not overlap between tests
+    /// that run at the same time; keep them below 32768).
+    pub relay_min: u16,
+    pub relay_ports: u16,
+    /// Allow loopback peers (false: the default peer policy, which refuses them).
+    pub allow_loopback: bool,
+    /// Extra `[turn]` lines.
+    pub extra_turn: String,
+}
+
+impl TernOpts {
+    pub fn new(relay_min: u16) -> TernOpts {
+        TernOpts {
+            relay_min,
+            relay_ports: 400,
+            allow_loopback: true,
+            // Many clients from 127.0.0.1 at once: lift the per-source limits that protect
+            // a public server (the abuse tests set their own).
+            extra_turn: "unauth_rate_per_sec = 5000\nunauth_burst = 5000\nuser_quota = 1000\n"
+                .into(),
+        }
+    }
+}
+
+/// A running `tern serve`, killed on drop.
+pub struct Tern {
+    child: Child,
+    pub port: u16,
+    pub secret: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Tern {
+    pub fn start(opts: TernOpts) -> Tern {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = random_secret();
+        let port = free_port();
+        let allowed = if opts.allow_loopback {
+            "allowed_peer_ranges = [\"127.0.0.0/8\"]\n"
+        } else {
+            ""
+        };
+        let config = format!(
+            "[turn]\n\
+             listen = [\"127.0.0.1:{port}\"]\n\
+             relay_ip = [\"127.0.0.1\"]\n\
+             min_port = {min}\n\
+             max_port = {max}\n\
+             auth_secrets = [\"{secret}\"]\n\
+             {allowed}\
+             workers = 2\n\
+             {extra}\n\
+             [api]\nenabled = false\n\
+             [metrics]\nenabled = false\n\
+             [log]\nlevel = \"info,tern=debug\"\n",
+            min = opts.relay_min,
+            max = opts.relay_min + opts.relay_ports - 1,
+            extra = opts.extra_turn,
+        );
+        let cfg_path = dir.path().join("tern.toml");
+        std::fs::write(&cfg_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("tern.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg_path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tern");
+        let mut t = Tern {
+            child,
+            port,
+            secret,
+            dir,
+        };
+        t.wait_ready();
+        t
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tern.log")
+    }
+
+    /// The daemon's log so far, without terminal colour codes.
+    pub fn log(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(self.log_path()).unwrap_or_default())
+    }
+
+    /// Waits until a STUN Binding request over UDP is answered.
+    fn wait_ready(&mut self) {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let req = binding_request();
+        let mut buf = [0u8; 1500];
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tern exited at start ({status}):\n{}", self.log());
+            }
+            sock.send_to(&req, self.addr()).unwrap();
+            if sock.recv_from(&mut buf).is_ok() {
+                return;
+            }
+        }
+        panic!(
+            "tern did not answer a Binding request in time:\n{}",
+            self.log()
+        );
+    }
+
+    /// Still running (not crashed)?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident set size in KiB, from /proc/PID/status.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status success.
+    pub fn terminate(mut self) -> bool {
+        // SAFETY: plain kill(2) on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Tern {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- tern log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `turnutils_peer`: a UDP echo peer on 127.0.0.1, killed on drop.
+pub struct EchoPeer {
+    child: Child,
+    pub port: u16,
+}
+
+impl EchoPeer {
+    pub fn start() -> EchoPeer {
+        let port = free_port();
+        let child = Command::new("turnutils_peer")
+            .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn turnutils_peer");
+        // Wait until its UDP port is taken.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            assert!(Instant::now() < deadline, "turnutils_peer did not bind");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        EchoPeer { child, port }
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The summary `turnutils_uclient` prints.
+#[derive(Debug, Default, Clone)]
+pub struct UclientReport {
+    pub success: bool,
+    pub sent: u64,
+    pub received: u64,
+    pub lost: Option<u64>,
+    pub rtt_ms: Option<f64>,
+    pub output: String,
+}
+
+/// Runs `turnutils_uclient` against `tern` with REST credentials from its secret, the echo
+/// peer on 127.0.0.1:`peer_port`, and `args` (e.g. `-m 10 -n 20 -c -s -t`). Killed if it
+/// runs longer than `limit`.
+pub fn uclient(tern: &Tern, peer_port: u16, args: &[&str], limit: Duration) -> UclientReport {
+    let mut cmd = Command::new("turnutils_uclient");
+    cmd.args(["-W", &tern.secret, "-u", "tester"]);
+    uclient_run(&mut cmd, tern, peer_port, args, limit)
+}
+
+/// Like [`uclient`] but with explicit long-term credentials (`-u USER -w PASSWORD`).
+pub fn uclient_with(
+    tern: &Tern,
+    peer_port: u16,
+    user: &str,
+    password: &str,
+    args: &[&str],
+    limit: Duration,
+) -> UclientReport {
+    let mut cmd = Command::new("turnutils_uclient");
+    cmd.args(["-u", user, "-w", password]);
+    uclient_run(&mut cmd, tern, peer_port, args, limit)
+}
+
+fn uclient_run(
+    cmd: &mut Command,
+    tern: &Tern,
+    peer_port: u16,
+    args: &[&str],
+    limit: Duration,
+) -> UclientReport {
+    cmd.args(["-p", &tern.port.to_string(), "-e", "127.0.0.1"])
+        .args(["-r", &peer_port.to_string()])
+        .args(args)
+        .arg("127.0.0.1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = run_with_limit(cmd, limit);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let mut r = parse_uclient(&text);
+    r.success = out.status.success();
+    r.output = text;
+    r
+}
+
+/// Runs `cmd`, killing it after `limit`.
+pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut v);
+        }
+        v
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut v);
+        }
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_thread.join().unwrap(),
+        stderr: err_thread.join().unwrap(),
+    }
+}
+
+/// Parses uclient's closing lines: `tot_send_msgs=N, tot_recv_msgs=M`, `Total lost packets
+/// N (...)`, `Average round trip delay X ms`.
+pub fn parse_uclient(text: &str) -> UclientReport {
+    let mut r = UclientReport::default();
+    let num_after = |line: &str, key: &str| -> Option<String> {
+        let i = line.find(key)? + key.len();
+        Some(
+            line[i..]
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect(),
+        )
+    };
+    for line in text.lines() {
+        if line.contains("tot_send_msgs=") && line.contains("tot_recv_msgs=") {
+            if let Some(v) = num_after(line, "tot_send_msgs=").and_then(|s| s.parse().ok()) {
+                r.sent = v;
+            }
+            if let Some(v) = num_after(line, "tot_recv_msgs=").and_then(|s| s.parse().ok()) {
+                r.received = v;
+            }
+        }
+        if let Some(v) = num_after(line, "Total lost packets") {
+            r.lost = v.parse().ok();
+        }
+        if let Some(v) = num_after(line, "Average round trip delay") {
+            r.rtt_ms = v.parse().ok();
+        }
+    }
+    r
+}
+
+/// A STUN Binding request (RFC 8489 §3), no attributes.
+pub fn binding_request() -> Vec<u8> {
+    Message::builder_request(BINDING, MessageWriteVec::new()).finish()
+}
+
+/// REQUESTED-TRANSPORT = UDP (RFC 8656 §18.11).
+pub fn requested_transport_udp() -> stun_types::attribute::RawAttribute<'static> {
+    stun_types::attribute::RawAttribute::new(0x0019.into(), &[17, 0, 0, 0])
+}
+
+/// An Allocate request without credentials (the first step of RFC 8656 §7.1).
+pub fn allocate_unauthenticated() -> Vec<u8> {
+    let mut m = Message::builder_request(ALLOCATE, MessageWriteVec::new());
+    m.add_attribute(&requested_transport_udp()).unwrap();
+    m.finish()
+}
+
+/// An authenticated Allocate with USERNAME, REALM, NONCE and MESSAGE-INTEGRITY keyed with
+/// `password` (RFC 8489 §9.2).
+pub fn allocate_authenticated(user: &str, password: &str, realm: &str, nonce: &str) -> Vec<u8> {
+    let mut m = Message::builder_request(ALLOCATE, MessageWriteVec::new());
+    m.add_attribute(&requested_transport_udp()).unwrap();
+    m.add_attribute(&Username::new(user).unwrap()).unwrap();
+    m.add_attribute(&Realm::new(realm).unwrap()).unwrap();
+    m.add_attribute(&Nonce::new(nonce).unwrap()).unwrap();
+    let creds = LongTermCredentials::new(user.into(), password.into()).to_key(realm.into());
+    m.add_message_integrity(&creds.into(), IntegrityAlgorithm::Sha1)
+        .unwrap();
+    m.finish()
+}
+
+/// The error code of a STUN error response, if it is one.
+pub fn error_code(resp: &[u8]) -> Option<u16> {
+    let msg = Message::from_bytes(resp).ok()?;
+    let e = msg.attribute::<stun_types::attribute::ErrorCode>().ok()?;
+    Some(e.code())
+}
+
+/// REALM and NONCE of a 401 response.
+pub fn realm_and_nonce(resp: &[u8]) -> Option<(String, String)> {
+    let msg = Message::from_bytes(resp).ok()?;
+    let realm = msg.attribute::<Realm>().ok()?.realm().to_string();
+    let nonce = msg.attribute::<Nonce>().ok()?.nonce().to_string();
+    Some((realm, nonce))
+}
+
+/// Sends `req` over UDP from `sock` to `to` and waits (up to 5 s) for a response with the
+/// same transaction id.
+pub fn udp_transaction(sock: &UdpSocket, to: SocketAddr, req: &[u8]) -> Option<Vec<u8>> {
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    for _ in 0..10 {
+        sock.send_to(req, to).unwrap();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            match sock.recv_from(&mut buf) {
+                Ok((n, _)) if n >= 20 && buf[8..20] == req[8..20] => {
+                    return Some(buf[..n].to_vec())
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    None
+}
+
+/// Path of a file next to the test config.
+pub fn in_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
