@@ -135,11 +135,15 @@ fn unsupported_reason(name: &str) -> Option<&'static str> {
         "no-dtls" | "dtls-listening-port" => "Tern has no DTLS (no browser uses TURN over DTLS); nothing to turn off",
         "lt-cred-mech" => "Tern always uses long-term credentials (RFC 8489 §9.2); nothing to set",
         "no-auth" => "Tern always authenticates TURN requests: an unauthenticated relay is an open proxy",
-        "fingerprint" => "Tern has no switch for FINGERPRINT (RFC 8489 §14.7); nothing to set",
+        "fingerprint" => {
+            "Tern always adds FINGERPRINT to its responses (RFC 8489 §14.7); nothing to set"
+        }
         "no-loopback-peers" | "no-multicast-peers" => {
             "Tern denies loopback and multicast peers by default; nothing to set"
         }
-        "stale-nonce" => "Tern's nonces are stateless and rotate on their own; not configurable",
+        "stale-nonce" => {
+            "Tern's nonces are stateless and go stale after a fixed 600 s (RFC 8489 §9.2); not configurable"
+        }
         "alt-listening-port" | "rfc5780" | "no-rfc5780" | "response-origin-only-with-rfc5780" => {
             "Tern does not implement NAT behaviour discovery (RFC 5780)"
         }
