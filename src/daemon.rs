@@ -35,7 +35,8 @@ pub fn run(mut cfg: Config) -> Result<(), DaemonError> {
     }
     let mut sup = crate::ops::supervisor::Supervisor::from_env();
     sup.status("starting");
-    let turn = crate::net::TurnService::start(&cfg)?;
+    let failed = |e: &dyn std::fmt::Display| format!("failed to start: {e}");
+    let turn = crate::net::TurnService::start(&cfg).inspect_err(|e| sup.status(&failed(e)))?;
     for addr in turn.local_addrs() {
         tracing::info!(%addr, "TURN listening (udp+tcp)");
     }
@@ -45,7 +46,8 @@ pub fn run(mut cfg: Config) -> Result<(), DaemonError> {
         if !turn.local_addrs().is_empty() {
             api_cfg.turn.listen = turn.local_addrs().to_vec();
         }
-        let http = crate::api::HttpService::start(&api_cfg)?;
+        let http =
+            crate::api::HttpService::start(&api_cfg).inspect_err(|e| sup.status(&failed(e)))?;
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
         Some(http)
     } else {
