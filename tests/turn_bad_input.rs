@@ -168,6 +168,46 @@ fn channel_data_on_unbound_channel_is_dropped() {
 }
 
 #[test]
+fn allocated_client_channel_data_needs_a_bound_channel() {
+    let mut tern = Tern::start(TernOpts::new(27200));
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let (mut client, relayed) = TurnClient::allocate(&tern);
+    assert_eq!(client.create_permission(peer_addr), None);
+
+    // Channel 0x4001 is not bound: dropped. Then 0x4002 is bound and carries data.
+    client.channel_data(0x4001, b"unbound");
+    assert_eq!(client.channel_bind(0x4002, peer_addr), None);
+    client.channel_data(0x4002, b"bound");
+    let mut buf = [0u8; 2048];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    // Datagrams from one socket over loopback keep their order: the unbound one never left.
+    assert_eq!((&buf[..n], from), (&b"bound"[..], relayed));
+
+    // Back from the peer: framed as ChannelData on the bound channel.
+    peer.send_to(b"reply", relayed).unwrap();
+    client
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (n, _) = client.sock.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        &[0x40, 0x02, 0x00, 0x05, b'r', b'e', b'p', b'l', b'y'][..]
+    );
+
+    // A peer without a permission is not relayed to the client.
+    let stranger = UdpSocket::bind("127.0.0.2:0").unwrap();
+    stranger.send_to(b"intruder", relayed).unwrap();
+    peer.send_to(b"after", relayed).unwrap();
+    let (n, _) = client.sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[4..n], b"after");
+    assert_still_serving(&mut tern, "127.0.0.1");
+}
+
+#[test]
 fn tcp_garbage_and_oversized_frames_close_the_connection() {
     let mut tern = Tern::start(TernOpts::new(25600));
     // Not STUN, not ChannelData (first two bits 11).

@@ -150,6 +150,39 @@ fn tcp_rtp_rtcp_pair() {
 }
 
 #[test]
+fn ipv6_clients_and_relays() {
+    if !have_tool("turnutils_uclient") || !have_tool("turnutils_peer") {
+        return;
+    }
+    if !have_ipv6() {
+        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        return;
+    }
+    let tern = Tern::start(TernOpts {
+        ipv6: true,
+        ..TernOpts::new(27600)
+    });
+    let peer = EchoPeer::start_on("::1");
+    // IPv6 relay (-x, REQUESTED-ADDRESS-FAMILY) over UDP with channels, UDP with Send
+    // indications, and TCP.
+    for args in [
+        &["-x", "-c", "-m", "5", "-n", "20", "-z", "20"][..],
+        &["-x", "-c", "-s", "-m", "5", "-n", "20", "-z", "20"][..],
+        &["-x", "-c", "-t", "-m", "5", "-n", "20", "-z", "20"][..],
+    ] {
+        let t = std::time::Instant::now();
+        let r = uclient_at(&tern, "::1", peer.port, args, UCLIENT_LIMIT);
+        assert_all_echoed(&r, 5 * 20);
+        eprintln!("uclient {args:?} over ::1: {:?}", t.elapsed());
+    }
+    let log = tern.log();
+    assert!(
+        log.contains("client=[::1]:") && log.contains("relayed=[[::1]:"),
+        "no IPv6 client with an IPv6 relay in the log:\n{log}"
+    );
+}
+
+#[test]
 fn wrong_secret_and_expired_username_are_refused_with_401() {
     let tern = Tern::start(TernOpts::new(22800));
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();

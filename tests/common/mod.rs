@@ -33,6 +33,22 @@ pub fn free_port() -> u16 {
     panic!("no port free for both UDP and TCP");
 }
 
+/// Like [`free_port`], and also free on ::1.
+pub fn free_port_v4_v6() -> u16 {
+    for _ in 0..100 {
+        let p = free_port();
+        if UdpSocket::bind(("::1", p)).is_ok() && TcpListener::bind(("::1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and ::1");
+}
+
+/// True if this machine has IPv6 loopback.
+pub fn have_ipv6() -> bool {
+    UdpSocket::bind("[::1]:0").is_ok()
+}
+
 /// True if coturn's client tool `name` is installed. When it is missing the test is skipped
 /// locally, but fails under CI (the `CI` variable), where .ci/run must have installed it.
 pub fn have_tool(name: &str) -> bool {
@@ -81,6 +97,8 @@ pub struct TernOpts {
     pub relay_ports: u16,
     /// Allow loopback peers (false: the default peer policy, which refuses them).
     pub allow_loopback: bool,
+    /// Also listen and relay on ::1 (same port).
+    pub ipv6: bool,
     /// Extra `[turn]` lines.
     pub extra_turn: String,
     /// Serve the HTTP API on a free loopback port, with these extra `[api]` lines
@@ -96,6 +114,7 @@ impl TernOpts {
             relay_min,
             relay_ports: 400,
             allow_loopback: true,
+            ipv6: false,
             // Many clients from 127.0.0.1 at once: lift the per-source limits that protect
             // a public server (the abuse tests set their own).
             extra_turn: "unauth_rate_per_sec = 5000\nunauth_burst = 5000\nuser_quota = 1000\n"
@@ -120,11 +139,23 @@ impl Tern {
     pub fn start(opts: TernOpts) -> Tern {
         let dir = tempfile::tempdir().unwrap();
         let secret = random_secret();
-        let port = free_port();
-        let allowed = if opts.allow_loopback {
-            "allowed_peer_ranges = [\"127.0.0.0/8\"]\n"
+        let port = if opts.ipv6 {
+            free_port_v4_v6()
         } else {
-            ""
+            free_port()
+        };
+        let allowed = match (opts.allow_loopback, opts.ipv6) {
+            (false, _) => "",
+            (true, false) => "allowed_peer_ranges = [\"127.0.0.0/8\"]\n",
+            (true, true) => "allowed_peer_ranges = [\"127.0.0.0/8\", \"::1/128\"]\n",
+        };
+        let (listen, relay) = if opts.ipv6 {
+            (
+                format!("\"127.0.0.1:{port}\", \"[::1]:{port}\""),
+                "\"127.0.0.1\", \"::1\"",
+            )
+        } else {
+            (format!("\"127.0.0.1:{port}\""), "\"127.0.0.1\"")
         };
         let api_port = if opts.api.is_some() { free_port() } else { 0 };
         let api = match &opts.api {
@@ -133,8 +164,8 @@ impl Tern {
         };
         let config = format!(
             "[turn]\n\
-             listen = [\"127.0.0.1:{port}\"]\n\
-             relay_ip = [\"127.0.0.1\"]\n\
+             listen = [{listen}]\n\
+             relay_ip = [{relay}]\n\
              min_port = {min}\n\
              max_port = {max}\n\
              auth_secrets = [\"{secret}\"]\n\
@@ -304,9 +335,18 @@ pub struct EchoPeer {
 
 impl EchoPeer {
     pub fn start() -> EchoPeer {
-        let port = free_port();
+        EchoPeer::start_on("127.0.0.1")
+    }
+
+    /// An echo peer listening on `ip` (a loopback address).
+    pub fn start_on(ip: &str) -> EchoPeer {
+        let port = if ip.contains(':') {
+            free_port_v4_v6()
+        } else {
+            free_port()
+        };
         let child = Command::new("turnutils_peer")
-            .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-L", ip, "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -314,7 +354,7 @@ impl EchoPeer {
             .expect("spawn turnutils_peer");
         // Wait until its UDP port is taken.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        while UdpSocket::bind((ip, port)).is_ok() {
             assert!(Instant::now() < deadline, "turnutils_peer did not bind");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -344,9 +384,20 @@ pub struct UclientReport {
 /// peer on 127.0.0.1:`peer_port`, and `args` (e.g. `-m 10 -n 20 -c -s -t`). Killed if it
 /// runs longer than `limit`.
 pub fn uclient(tern: &Tern, peer_port: u16, args: &[&str], limit: Duration) -> UclientReport {
+    uclient_at(tern, "127.0.0.1", peer_port, args, limit)
+}
+
+/// Like [`uclient`], with the server and the peer both at `ip` (127.0.0.1 or ::1).
+pub fn uclient_at(
+    tern: &Tern,
+    ip: &str,
+    peer_port: u16,
+    args: &[&str],
+    limit: Duration,
+) -> UclientReport {
     let mut cmd = Command::new("turnutils_uclient");
     cmd.args(["-W", &tern.secret, "-u", "tester"]);
-    uclient_run(&mut cmd, tern, peer_port, args, limit)
+    uclient_run(&mut cmd, tern, ip, peer_port, args, limit)
 }
 
 /// Like [`uclient`] but with explicit long-term credentials (`-u USER -w PASSWORD`).
@@ -360,20 +411,21 @@ pub fn uclient_with(
 ) -> UclientReport {
     let mut cmd = Command::new("turnutils_uclient");
     cmd.args(["-u", user, "-w", password]);
-    uclient_run(&mut cmd, tern, peer_port, args, limit)
+    uclient_run(&mut cmd, tern, "127.0.0.1", peer_port, args, limit)
 }
 
 fn uclient_run(
     cmd: &mut Command,
     tern: &Tern,
+    ip: &str,
     peer_port: u16,
     args: &[&str],
     limit: Duration,
 ) -> UclientReport {
-    cmd.args(["-p", &tern.port.to_string(), "-e", "127.0.0.1"])
+    cmd.args(["-p", &tern.port.to_string(), "-e", ip])
         .args(["-r", &peer_port.to_string()])
         .args(args)
-        .arg("127.0.0.1")
+        .arg(ip)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -527,4 +579,102 @@ pub fn udp_transaction(sock: &UdpSocket, to: SocketAddr, req: &[u8]) -> Option<V
 /// Path of a file next to the test config.
 pub fn in_dir(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
+}
+
+/// A minimal hand-built TURN client over UDP (RFC 8656), for the paths uclient cannot
+/// aim at precisely: long-term credentials from the daemon's secret, retry on 401/438.
+pub struct TurnClient {
+    pub sock: UdpSocket,
+    server: SocketAddr,
+    user: String,
+    password: String,
+    realm: String,
+    nonce: String,
+}
+
+impl TurnClient {
+    /// Allocates a UDP relay; returns the client and its XOR-RELAYED-ADDRESS.
+    pub fn allocate(tern: &Tern) -> (TurnClient, SocketAddr) {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let first = udp_transaction(&sock, tern.addr(), &allocate_unauthenticated())
+            .expect("401 to the first Allocate");
+        let (realm, nonce) = realm_and_nonce(&first).expect("REALM and NONCE");
+        let user = format!("{}:hand", unix_now() + 3600);
+        let password = rest_password(&tern.secret, &user);
+        let mut c = TurnClient {
+            sock,
+            server: tern.addr(),
+            user,
+            password,
+            realm,
+            nonce,
+        };
+        let resp = c.request(ALLOCATE, |m| {
+            m.add_attribute(&requested_transport_udp()).unwrap()
+        });
+        assert_eq!(error_code(&resp), None, "Allocate refused");
+        let msg = Message::from_bytes(&resp).unwrap();
+        let relayed = msg
+            .attribute::<turn_types::attribute::XorRelayedAddress>()
+            .expect("XOR-RELAYED-ADDRESS")
+            .addr(msg.transaction_id());
+        (c, relayed)
+    }
+
+    /// Sends an authenticated request built by `add` and returns the final response
+    /// (retrying once with a fresh nonce on 438).
+    pub fn request(&mut self, method: Method, add: impl Fn(&mut MessageWriteVec)) -> Vec<u8> {
+        for _ in 0..2 {
+            let mut m = Message::builder_request(method, MessageWriteVec::new());
+            add(&mut m);
+            m.add_attribute(&Username::new(&self.user).unwrap())
+                .unwrap();
+            m.add_attribute(&Realm::new(&self.realm).unwrap()).unwrap();
+            m.add_attribute(&Nonce::new(&self.nonce).unwrap()).unwrap();
+            let creds = LongTermCredentials::new(self.user.clone(), self.password.clone())
+                .to_key(self.realm.clone());
+            m.add_message_integrity(&creds.into(), IntegrityAlgorithm::Sha1)
+                .unwrap();
+            let resp = udp_transaction(&self.sock, self.server, &m.finish()).expect("answer");
+            if error_code(&resp) == Some(438) {
+                if let Some((realm, nonce)) = realm_and_nonce(&resp) {
+                    self.realm = realm;
+                    self.nonce = nonce;
+                    continue;
+                }
+            }
+            return resp;
+        }
+        panic!("stale nonce twice");
+    }
+
+    /// CreatePermission for `peer` (RFC 8656 §10); returns the error code, if any.
+    pub fn create_permission(&mut self, peer: SocketAddr) -> Option<u16> {
+        let resp = self.request(turn_types::message::CREATE_PERMISSION, |m| {
+            let tid = m.transaction_id();
+            m.add_attribute(&turn_types::attribute::XorPeerAddress::new(peer, tid))
+                .unwrap();
+        });
+        error_code(&resp)
+    }
+
+    /// ChannelBind `channel` to `peer` (RFC 8656 §11); returns the error code, if any.
+    pub fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Option<u16> {
+        let resp = self.request(turn_types::message::CHANNEL_BIND, |m| {
+            let tid = m.transaction_id();
+            m.add_attribute(&turn_types::attribute::ChannelNumber::new(channel))
+                .unwrap();
+            m.add_attribute(&turn_types::attribute::XorPeerAddress::new(peer, tid))
+                .unwrap();
+        });
+        error_code(&resp)
+    }
+
+    /// Sends `payload` as ChannelData on `channel` (RFC 8656 §12.4).
+    pub fn channel_data(&self, channel: u16, payload: &[u8]) {
+        let mut m = channel.to_be_bytes().to_vec();
+        m.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        m.extend_from_slice(payload);
+        self.sock.send_to(&m, self.server).unwrap();
+    }
 }
