@@ -522,10 +522,7 @@ impl Config {
             }
         }
         if self.daemon.drain_timeout_secs > 3600 {
-            return Err(invalid(
-                "daemon.drain_timeout_secs",
-                "must be at most 3600",
-            ));
+            return Err(invalid("daemon.drain_timeout_secs", "must be at most 3600"));
         }
         // Secret files must be readable now, so a typo fails at start, not at first login.
         self.turn_secrets()?;

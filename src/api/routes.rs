@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{cors, ice, AppState};
+use super::{cors, ice, AppState, Live};
 use crate::signal::client_ip::{client_ip, lan_key};
 use crate::signal::peerjs::INFO_JSON;
 
@@ -24,7 +24,8 @@ fn ws_limit(max_message_bytes: usize) -> usize {
     max_message_bytes.saturating_mul(4).max(64 * 1024)
 }
 
-pub(super) fn router(st: Arc<AppState>) -> Router {
+pub(super) fn router(live: Live) -> Router {
+    let st = live.current();
     let mut r = Router::new()
         .route("/api/ice", get(ice::ice).options(ice::preflight))
         .route("/api/turn", get(ice::turn_rest).options(ice::preflight))
@@ -46,7 +47,16 @@ pub(super) fn router(st: Arc<AppState>) -> Router {
             r = r.route(&format!("{base}/"), get(peerjs_info));
         }
     }
-    r.with_state(st)
+    r.with_state(live)
+}
+
+/// New signaling connections are refused while draining (the load balancer sends them
+/// to another node; `/readyz` says not ready).
+fn draining_refusal() -> Response {
+    json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server is draining; connect to another node",
+    )
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -61,6 +71,9 @@ async fn ws_native(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if st.draining() {
+        return draining_refusal();
+    }
     let ip = client_ip(peer.ip(), &headers, &st.cfg.api.trusted_proxies);
     let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
     let resume = q.get("resume").cloned();
@@ -155,6 +168,9 @@ async fn peerjs_ws(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if st.draining() {
+        return draining_refusal();
+    }
     let hub = Arc::clone(&st.peerjs);
     let limit = ws_limit(st.cfg.signal.max_message_bytes);
     ws.max_message_size(limit)

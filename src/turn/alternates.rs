@@ -78,23 +78,30 @@ mod tests {
 
     #[test]
     fn round_robin_within_transport_and_family() {
-        let mut t = TurnConfig::default();
-        t.alternate_udp = vec![
-            "192.0.2.1:3478".parse().unwrap(),
-            "[2001:db8::1]:3478".parse().unwrap(),
-            "192.0.2.2:3478".parse().unwrap(),
-        ];
-        t.alternate_tls = vec![TlsAlternate {
-            addr: "192.0.2.9:5349".parse().unwrap(),
-            domain: "turn2.example.org".into(),
-        }];
+        let t = TurnConfig {
+            alternate_udp: vec![
+                "192.0.2.1:3478".parse().unwrap(),
+                "[2001:db8::1]:3478".parse().unwrap(),
+                "192.0.2.2:3478".parse().unwrap(),
+            ],
+            alternate_tls: vec![TlsAlternate {
+                addr: "192.0.2.9:5349".parse().unwrap(),
+                domain: "turn2.example.org".into(),
+            }],
+            ..TurnConfig::default()
+        };
         let a = Alternates::from_config(&t);
         let v4: Vec<_> = (0..4)
             .map(|n| a.pick(Transport::Udp, false, n).unwrap().addr.to_string())
             .collect();
         assert_eq!(
             v4,
-            ["192.0.2.1:3478", "192.0.2.2:3478", "192.0.2.1:3478", "192.0.2.2:3478"]
+            [
+                "192.0.2.1:3478",
+                "192.0.2.2:3478",
+                "192.0.2.1:3478",
+                "192.0.2.2:3478"
+            ]
         );
         assert_eq!(
             a.pick(Transport::Udp, true, 7).unwrap().addr.to_string(),

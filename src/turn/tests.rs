@@ -1677,9 +1677,15 @@ fn draining_with_alternates_answers_300_round_robin_in_the_clients_family() {
         assert!(r.verifies_with(&k));
         let v = r.attr(attr::ALTERNATE_SERVER).expect("ALTERNATE-SERVER");
         seen.push(plain_addr(&v).to_string());
-        assert!(!r.has(attr::ALTERNATE_DOMAIN), "UDP alternates carry no domain");
+        assert!(
+            !r.has(attr::ALTERNATE_DOMAIN),
+            "UDP alternates carry no domain"
+        );
     }
-    assert_eq!(seen, ["192.0.2.50:3478", "192.0.2.51:3479", "192.0.2.50:3478"]);
+    assert_eq!(
+        seen,
+        ["192.0.2.50:3478", "192.0.2.51:3479", "192.0.2.50:3478"]
+    );
     assert_eq!(h.server.allocation_count(), 0);
     assert_eq!(h.shared.total_allocations(), 0, "no quota held by refusals");
 }
