@@ -19,6 +19,8 @@ pub enum DaemonError {
     Net(#[from] crate::net::NetError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -49,7 +51,17 @@ impl Faces {
 
 /// Runs until SIGINT, or SIGTERM and the drain, then stops the listeners and returns.
 /// `source` is where `cfg` came from; SIGHUP loads it again.
-pub fn run(cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
+pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
+    // Kept across reloads while the config still names no secret and no user.
+    let mut ephemeral = None;
+    if cfg.add_ephemeral_secret_if_none()? {
+        ephemeral = cfg.turn.auth_secrets.last().cloned();
+        tracing::warn!(
+            "no turn.auth_secrets, turn.secret_file or turn.users configured: using a random \
+             secret for this run only (the built-in page and /api/ice work; a backend minting its \
+             own credentials needs turn.secret_file)"
+        );
+    }
     let int = Arc::new(AtomicBool::new(false));
     let term = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
@@ -62,13 +74,15 @@ pub fn run(cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
     }
     let mut sup = crate::ops::supervisor::Supervisor::from_env();
     sup.status("starting");
-    let turn = TurnService::start(&cfg)?;
+    let failed = |e: &dyn std::fmt::Display| format!("failed to start: {e}");
+    let turn = TurnService::start(&cfg).inspect_err(|e| sup.status(&failed(e)))?;
     for addr in turn.local_addrs() {
         tracing::info!(%addr, "TURN listening (udp+tcp)");
     }
     let mut faces = Faces { turn, http: None };
     if cfg.api.enabled {
-        let http = HttpService::start(&faces.api_config(&cfg))?;
+        let http =
+            HttpService::start(&faces.api_config(&cfg)).inspect_err(|e| sup.status(&failed(e)))?;
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
         faces.http = Some(http);
     }
@@ -90,7 +104,7 @@ pub fn run(cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
             break;
         }
         if hup.swap(false, Ordering::Relaxed) {
-            reload(&source, &mut running, &faces);
+            reload(&source, ephemeral.as_deref(), &mut running, &faces);
         }
         if term.swap(false, Ordering::Relaxed) {
             if drain.is_some() {
@@ -170,7 +184,7 @@ fn write_pid_file(cfg: &Config) -> Option<lifecycle::PidFile> {
 /// SIGHUP: loads the configuration again the way it was loaded at start and applies what
 /// can change live. Anything invalid refuses the whole reload with one log line; keys
 /// that need a restart keep their running values and are named in one log line.
-fn reload(source: &ConfigSource, running: &mut Config, faces: &Faces) {
+fn reload(source: &ConfigSource, ephemeral: Option<&str>, running: &mut Config, faces: &Faces) {
     let refuse = |why: String| {
         tracing::error!("reload refused, the running configuration stays in force: {why}");
     };
@@ -178,6 +192,11 @@ fn reload(source: &ConfigSource, running: &mut Config, faces: &Faces) {
         Ok(c) => c,
         Err(e) => return refuse(lifecycle::one_line(&e)),
     };
+    if let Some(secret) = ephemeral {
+        if new.turn_secrets().is_ok_and(|s| s.is_empty()) && new.turn.users.is_empty() {
+            new.turn.auth_secrets.push(secret.to_string());
+        }
+    }
     let restart = lifecycle::keep_restart_only(running, &mut new);
     let scfg = match crate::turn::ServerConfig::from_config(&new, faces.turn.relay_ips().to_vec()) {
         Ok(s) => Arc::new(s),

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -140,7 +140,7 @@ impl PeerBatch {
         }
         self.fd = fd;
         self.transport = transport;
-        self.batch.push(data, peer);
+        self.batch.push(data, peer, None);
     }
 
     fn flush(&mut self, stats: &mut NetStats) {
@@ -161,9 +161,26 @@ impl PeerBatch {
 
 struct UdpListener {
     addr: SocketAddr,
+    /// Bound to 0.0.0.0 or [::]: the real local address comes from packet info.
+    wildcard: bool,
     sock: UdpSocket,
     /// Peer→client datagrams leaving through this socket.
     out: SendBatch,
+}
+
+impl UdpListener {
+    /// Whether a client's 5-tuple with server address `server` belongs to this listener.
+    fn serves(&self, server: SocketAddr) -> bool {
+        self.addr == server
+            || (self.wildcard
+                && self.addr.port() == server.port()
+                && self.addr.is_ipv4() == server.is_ipv4())
+    }
+
+    /// The source address to put on datagrams to a client that reached `server`.
+    fn source_for(&self, server: SocketAddr) -> Option<IpAddr> {
+        self.wildcard.then_some(server.ip())
+    }
 }
 
 struct Conn {
@@ -214,6 +231,8 @@ pub struct Worker<S: Shard> {
     dirty_conns: Vec<usize>,
     rx: RecvBatch,
     to_peer: PeerBatch,
+    /// One control response at a time, with packet info when the listener is a wildcard.
+    reply: SendBatch,
     out: Box<[u8; OUT_LEN]>,
     txid_prefix: [u8; 4],
     txid_counter: u64,
@@ -251,6 +270,7 @@ impl<S: Shard> Worker<S> {
             registry.register(&mut u, token(K_UDP, i), Interest::READABLE)?;
             udp.push(UdpListener {
                 addr,
+                wildcard: addr.ip().is_unspecified(),
                 sock: u,
                 out: SendBatch::new(BATCH),
             });
@@ -276,6 +296,7 @@ impl<S: Shard> Worker<S> {
             conn_by_tuple: HashMap::new(),
             dirty_conns: Vec::new(),
             rx: RecvBatch::new(BATCH, DATA_INDICATION_HEADROOM + MAX_DATAGRAM + TAIL_ROOM),
+            reply: SendBatch::new(1),
             to_peer: PeerBatch {
                 batch: SendBatch::new(BATCH),
                 fd: -1,
@@ -402,7 +423,7 @@ impl<S: Shard> Worker<S> {
             return false;
         };
         let fd = l.sock.as_raw_fd();
-        let server = l.addr;
+        let (bound, wildcard) = (l.addr, l.wildcard);
         for _ in 0..MAX_BATCHES_PER_TURN {
             let n = match self.rx.recv(fd, 0, 0) {
                 Ok(n) => n,
@@ -418,6 +439,12 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_truncated += 1;
                     continue;
                 }
+                // On a wildcard listener the server side of the 5-tuple is the address the
+                // client actually reached.
+                let server = match (wildcard, r.dst) {
+                    (true, Some(ip)) => SocketAddr::new(ip, bound.port()),
+                    _ => bound,
+                };
                 let from = FiveTuple {
                     transport: Transport::Udp,
                     client: r.from,
@@ -457,10 +484,11 @@ impl<S: Shard> Worker<S> {
                         ) {
                             Action::None => {}
                             Action::Reply(len) => {
-                                if let Err(e) = self.udp[li].sock.send_to(&self.out[..len], r.from)
-                                {
+                                let src = wildcard.then_some(server.ip());
+                                // SAFETY: `out` is not touched before this flush.
+                                unsafe { self.reply.push(&self.out[..len], r.from, src) };
+                                if self.reply.flush(fd).failed > 0 {
                                     self.stats.drop_send_error += 1;
-                                    tracing::debug!(error = %e, "UDP response not sent");
                                 }
                             }
                             Action::Forward {
@@ -559,8 +587,8 @@ impl<S: Shard> Worker<S> {
                     None => write_data_indication(slot, at, r.len, r.from, txid),
                 };
                 if !stream {
-                    let Some(l) = self.udp.iter_mut().find(|l| l.addr == route.client.server)
-                    else {
+                    let server = route.client.server;
+                    let Some(l) = self.udp.iter_mut().find(|l| l.serves(server)) else {
                         self.stats.drop_send_error += 1;
                         continue;
                     };
@@ -570,8 +598,9 @@ impl<S: Shard> Worker<S> {
                         self.stats.peer_to_client_udp_bytes += f.sent_bytes as u64;
                         self.stats.drop_send_error += f.failed as u64;
                     }
+                    let src = l.source_for(server);
                     // SAFETY: the slot is not written again before the flush below.
-                    unsafe { l.out.push(&slot[frame], route.client.client) };
+                    unsafe { l.out.push(&slot[frame], route.client.client, src) };
                 } else {
                     let Some(c) = self
                         .conn_by_tuple
@@ -649,6 +678,8 @@ impl<S: Shard> Worker<S> {
                 continue;
             };
             let _ = sock.set_nodelay(true);
+            // The address the client reached (the listener may be a wildcard).
+            let server = sock.local_addr().unwrap_or(server);
             let ci = match self.free_conns.pop() {
                 Some(i) => i,
                 None => {

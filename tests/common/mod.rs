@@ -103,6 +103,11 @@ pub struct TernOpts {
     pub extra_turn: String,
     /// Longest graceful drain after SIGTERM (short, so `terminate` stays quick).
     pub drain_timeout_secs: u32,
+    /// Serve the HTTP API on a free loopback port, with these extra `[api]` lines
+    /// (None: `[api] enabled = false`).
+    pub api: Option<String>,
+    /// Extra sections appended to the config (e.g. `[signal]`, `[relay_ws]`).
+    pub extra_sections: String,
 }
 
 impl TernOpts {
@@ -117,6 +122,8 @@ impl TernOpts {
             extra_turn: "unauth_rate_per_sec = 5000\nunauth_burst = 5000\nuser_quota = 1000\n"
                 .into(),
             drain_timeout_secs: 5,
+            api: None,
+            extra_sections: String::new(),
         }
     }
 }
@@ -125,6 +132,8 @@ impl TernOpts {
 pub struct Tern {
     child: Child,
     pub port: u16,
+    /// The HTTP API port (0 when the API is disabled).
+    pub api_port: u16,
     pub secret: String,
     pub dir: tempfile::TempDir,
 }
@@ -151,6 +160,11 @@ impl Tern {
         } else {
             (format!("\"127.0.0.1:{port}\""), "\"127.0.0.1\"")
         };
+        let api_port = if opts.api.is_some() { free_port() } else { 0 };
+        let api = match &opts.api {
+            Some(lines) => format!("[api]\nlisten = \"127.0.0.1:{api_port}\"\n{lines}\n"),
+            None => "[api]\nenabled = false\n".into(),
+        };
         let config = format!(
             "[turn]\n\
              listen = [{listen}]\n\
@@ -161,7 +175,8 @@ impl Tern {
              {allowed}\
              workers = 2\n\
              {extra}\n\
-             [api]\nenabled = false\n\
+             {api}\
+             {sections}\n\
              [metrics]\nenabled = false\n\
              [log]\nlevel = \"info,tern=debug\"\n\
              [daemon]\npid_file = {pid:?}\ndrain_timeout_secs = {drain}\n",
@@ -170,6 +185,7 @@ impl Tern {
             extra = opts.extra_turn,
             pid = dir.path().join("tern.pid"),
             drain = opts.drain_timeout_secs,
+            sections = opts.extra_sections,
         );
         let cfg_path = dir.path().join("tern.toml");
         std::fs::write(&cfg_path, config).unwrap();
@@ -187,10 +203,14 @@ impl Tern {
         let mut t = Tern {
             child,
             port,
+            api_port,
             secret,
             dir,
         };
         t.wait_ready();
+        if api_port != 0 {
+            t.wait_api_ready();
+        }
         t
     }
 
@@ -242,6 +262,26 @@ impl Tern {
             "tern did not answer a Binding request in time:\n{}",
             self.log()
         );
+    }
+
+    /// The HTTP API address (when started with `api`).
+    pub fn api_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.api_port))
+    }
+
+    /// Waits until the HTTP listener accepts connections.
+    fn wait_api_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.api_addr()).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tern exited at start ({status}):\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tern's HTTP listener did not come up:\n{}", self.log());
     }
 
     /// Still running (not crashed)?
