@@ -14,6 +14,10 @@ pub enum DaemonError {
     Net(#[from] crate::net::NetError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Registry(#[from] crate::metrics::RegistryError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -42,18 +46,40 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     } else {
         None
     };
+    // /healthz answers from here on; /readyz once every listener is bound.
+    let readiness = crate::metrics::Readiness::new();
+    let metrics = if cfg.metrics.enabled {
+        let registry = crate::metrics::Metrics::new(
+            Some(turn.stats_source()),
+            http.as_ref().map(|h| h.stats_source()),
+        )?;
+        let m = crate::metrics::MetricsService::start(
+            cfg.metrics.listen,
+            registry,
+            Arc::clone(&readiness),
+        )?;
+        tracing::info!(addr = %m.local_addr(), "metrics listening (/metrics, /healthz, /readyz)");
+        Some(m)
+    } else {
+        None
+    };
     // READY=1 once every listener is bound and TURN answers; WATCHDOG=1 only while it does.
     sup.watch_turn(turn.local_addrs());
     sup.ready(&crate::ops::supervisor::serving_status(turn.local_addrs()));
+    readiness.set(crate::metrics::ReadyState::Ready);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         sup.tick();
     }
     tracing::info!("signal received, shutting down");
+    readiness.set(crate::metrics::ReadyState::Draining);
     sup.stopping("shutting down");
     if let Some(http) = http {
         http.shutdown();
     }
     turn.shutdown();
+    if let Some(m) = metrics {
+        m.shutdown();
+    }
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod ops;
 pub mod relay_ws;

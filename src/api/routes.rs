@@ -46,7 +46,31 @@ pub(super) fn router(st: Arc<AppState>) -> Router {
             r = r.route(&format!("{base}/"), get(peerjs_info));
         }
     }
-    r.with_state(st)
+    r.layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&st.http_metrics),
+        count_request,
+    ))
+    .with_state(st)
+}
+
+/// Counts every request by route template (bounded: never the raw path) and status.
+async fn count_request(
+    State(m): State<Arc<crate::metrics::HttpMetrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    m.observe(
+        route.as_deref().unwrap_or("unmatched"),
+        resp.status().as_u16(),
+        t0.elapsed().as_secs_f64(),
+    );
+    resp
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {

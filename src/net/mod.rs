@@ -24,7 +24,7 @@ use crate::config::{Config, TurnConfig};
 use crate::turn::RelayAddr;
 
 pub use shard::{Shard, OUT_LEN};
-pub use stats::{NetStats, WorkerStats};
+pub use stats::{NetStats, PortUse, StatsSource, WorkerStats};
 
 /// Errors starting the network service.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,8 @@ pub struct TurnService {
     relay_ips: Vec<RelayAddr>,
     stop: Arc<AtomicBool>,
     workers: Vec<WorkerHandle>,
+    /// The TURN core's shared state (port pool), when started with the real core.
+    shared: Option<Arc<crate::turn::Shared>>,
 }
 
 impl TurnService {
@@ -62,9 +64,12 @@ impl TurnService {
                 .map_err(|e| NetError::Other(e.to_string()))?,
         );
         let shared = Arc::new(crate::turn::Shared::new(&scfg));
-        Self::start_with(&cfg.turn, relay_ips, move || {
-            crate::turn::Server::new(Arc::clone(&scfg), Arc::clone(&shared))
-        })
+        let core_shared = Arc::clone(&shared);
+        let mut service = Self::start_with(&cfg.turn, relay_ips, move || {
+            crate::turn::Server::new(Arc::clone(&scfg), Arc::clone(&core_shared))
+        })?;
+        service.shared = Some(shared);
+        Ok(service)
     }
 
     /// Starts the workers with shards built by `make` (on each worker's own thread).
@@ -110,6 +115,7 @@ impl TurnService {
             relay_ips,
             stop: Arc::clone(&stop),
             workers: Vec::new(),
+            shared: None,
         };
         for (index, listeners) in per_worker.into_iter().enumerate() {
             let poll = mio::Poll::new().map_err(|e| NetError::Other(format!("poll: {e}")))?;
@@ -179,20 +185,21 @@ impl TurnService {
 
     /// Data-path counters summed over workers (each publishes about twice a second).
     pub fn stats(&self) -> NetStats {
-        let mut sum = NetStats::default();
-        for w in &self.workers {
-            sum += w.stats.lock().unwrap_or_else(|p| p.into_inner()).net;
-        }
-        sum
+        self.stats_source().net()
     }
 
     /// The TURN core's counters summed over the workers' shards (same cadence).
     pub fn turn_stats(&self) -> crate::turn::TurnStats {
-        let mut sum = crate::turn::TurnStats::default();
-        for w in &self.workers {
-            sum.add(&w.stats.lock().unwrap_or_else(|p| p.into_inner()).turn);
+        self.stats_source().turn()
+    }
+
+    /// A handle that reads the workers' counters, for the metrics face.
+    pub fn stats_source(&self) -> StatsSource {
+        StatsSource {
+            workers: self.workers.iter().map(|w| Arc::clone(&w.stats)).collect(),
+            shared: self.shared.clone(),
+            relay_ips: self.relay_ips.iter().map(|r| r.local).collect(),
         }
-        sum
     }
 
     fn stop_and_join(&mut self) {

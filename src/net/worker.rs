@@ -24,7 +24,7 @@ use crate::stun::{
     classify, tcp_frame_len, write_channel_data_header, write_data_indication, Kind,
     CHANNEL_DATA_HEADER, DATA_INDICATION_HEADROOM,
 };
-use crate::turn::{Action, FiveTuple, Now, RelayId, RelayIo, Transport};
+use crate::turn::{Action, FiveTuple, Now, RelayId, RelayIo, RelayUsage, Transport};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
@@ -58,10 +58,16 @@ fn token(kind: usize, index: usize) -> Token {
     Token((kind << KIND_SHIFT) | index)
 }
 
+/// A relay socket and what it carried (plain integers: only this worker writes them).
+struct RelaySock {
+    sock: UdpSocket,
+    usage: RelayUsage,
+}
+
 /// The relay sockets of this worker's allocations; the shard opens and closes them.
 pub struct Relays {
     registry: Registry,
-    socks: Vec<Option<UdpSocket>>,
+    socks: Vec<Option<RelaySock>>,
     free: Vec<u32>,
     buffer_bytes: usize,
 }
@@ -71,8 +77,28 @@ impl Relays {
         self.socks
             .get(id.0 as usize)
             .and_then(|s| s.as_ref())
-            .map(|s| s.as_raw_fd())
+            .map(|s| s.sock.as_raw_fd())
     }
+
+    /// The socket to send `len` payload bytes to a peer from, counting them.
+    fn peer_send_fd(&mut self, id: RelayId, len: usize) -> Option<RawFd> {
+        let s = self.socks.get_mut(id.0 as usize)?.as_mut()?;
+        s.usage.to_peer_bytes += len as u64;
+        s.usage.to_peer_packets += 1;
+        Some(s.sock.as_raw_fd())
+    }
+
+    fn count_to_client(&mut self, id: RelayId, bytes: u64, packets: u64) {
+        if let Some(s) = self.socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            s.usage.to_client_bytes += bytes;
+            s.usage.to_client_packets += packets;
+        }
+    }
+}
+
+/// A STUN request (as opposed to an indication or a response), RFC 8489 §5.
+fn is_request(msg: &[u8]) -> bool {
+    msg.len() >= 2 && msg[0] & 0x01 == 0 && msg[1] & 0x10 == 0
 }
 
 impl RelayIo for Relays {
@@ -95,16 +121,27 @@ impl RelayIo for Relays {
             self.free.push(idx as u32);
             return Err(e);
         }
-        self.socks[idx] = Some(sock);
+        self.socks[idx] = Some(RelaySock {
+            sock,
+            usage: RelayUsage::default(),
+        });
         Ok(RelayId(idx as u32))
     }
 
     fn close_relay(&mut self, relay: RelayId) {
         let idx = relay.0 as usize;
         if let Some(mut s) = self.socks.get_mut(idx).and_then(Option::take) {
-            let _ = self.registry.deregister(&mut s);
+            let _ = self.registry.deregister(&mut s.sock);
             self.free.push(relay.0);
         }
+    }
+
+    fn usage(&self, relay: RelayId) -> RelayUsage {
+        self.socks
+            .get(relay.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|s| s.usage)
+            .unwrap_or_default()
     }
 }
 
@@ -401,7 +438,7 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&from, channel) {
                             Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.fd(relay) {
+                                if let Some(rfd) = self.relays.peer_send_fd(relay, len) {
                                     let payload =
                                         &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `rx` is not received into again before the
@@ -421,13 +458,14 @@ impl<S: Shard> Worker<S> {
                         }
                     }
                     Kind::Stun => {
-                        match self.shard.handle_stun(
-                            now,
-                            from,
-                            msg,
-                            &mut self.out,
-                            &mut self.relays,
-                        ) {
+                        let t0 = is_request(msg).then(Instant::now);
+                        let action =
+                            self.shard
+                                .handle_stun(now, from, msg, &mut self.out, &mut self.relays);
+                        if let Some(t0) = t0 {
+                            self.shard.record_request_time(t0.elapsed());
+                        }
+                        match action {
                             Action::None => {}
                             Action::Reply(len) => {
                                 if let Err(e) = self.udp[li].sock.send_to(&self.out[..len], r.from)
@@ -441,8 +479,9 @@ impl<S: Shard> Worker<S> {
                                 peer,
                                 payload,
                             } => {
-                                if let (Some(rfd), Some(data)) =
-                                    (self.relays.fd(relay), msg.get(payload))
+                                let len = payload.len();
+                                if let (Some(data), Some(rfd)) =
+                                    (msg.get(payload), self.relays.peer_send_fd(relay, len))
                                 {
                                     // SAFETY: as above.
                                     unsafe {
@@ -495,6 +534,8 @@ impl<S: Shard> Worker<S> {
                 }
             };
             let at = self.rx.data_at();
+            // This allocation's share, added to its relay entry once per batch.
+            let (mut to_client_bytes, mut to_client_packets) = (0u64, 0u64);
             for i in 0..n {
                 let r = self.rx.received(i);
                 if r.truncated {
@@ -505,6 +546,8 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_no_permission += 1;
                     continue;
                 };
+                to_client_bytes += r.len as u64;
+                to_client_packets += 1;
                 let stream = route.client.transport != Transport::Udp;
                 let txid = if route.channel.is_none() {
                     self.next_txid()
@@ -577,6 +620,8 @@ impl<S: Shard> Worker<S> {
                 }
             }
             self.flush_dirty_conns();
+            self.relays
+                .count_to_client(relay, to_client_bytes, to_client_packets);
             if n < BATCH {
                 return false;
             }
@@ -717,7 +762,7 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&conn.tuple, channel) {
                             Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.fd(relay) {
+                                if let Some(rfd) = self.relays.peer_send_fd(relay, len) {
                                     let payload =
                                         &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `inbuf` is neither refilled nor compacted
@@ -737,13 +782,18 @@ impl<S: Shard> Worker<S> {
                         }
                     }
                     Kind::Stun => {
-                        match self.shard.handle_stun(
+                        let t0 = is_request(frame).then(Instant::now);
+                        let action = self.shard.handle_stun(
                             now,
                             conn.tuple,
                             frame,
                             &mut self.out,
                             &mut self.relays,
-                        ) {
+                        );
+                        if let Some(t0) = t0 {
+                            self.shard.record_request_time(t0.elapsed());
+                        }
+                        match action {
                             Action::None => {}
                             Action::Reply(len) => {
                                 if !conn.out.push_control(&self.out[..len]) {
@@ -755,8 +805,9 @@ impl<S: Shard> Worker<S> {
                                 peer,
                                 payload,
                             } => {
-                                if let (Some(rfd), Some(d)) =
-                                    (self.relays.fd(relay), frame.get(payload))
+                                let len = payload.len();
+                                if let (Some(d), Some(rfd)) =
+                                    (frame.get(payload), self.relays.peer_send_fd(relay, len))
                                 {
                                     // SAFETY: as above.
                                     unsafe {
@@ -813,7 +864,7 @@ impl<S: Shard> Worker<S> {
         let _ = self.poll.registry().deregister(&mut c.sock);
         self.conn_by_tuple.remove(&c.tuple);
         self.free_conns.push(ci);
-        self.shard.client_closed(&c.tuple, &mut self.relays);
+        self.shard.client_closed(&c.tuple, now(), &mut self.relays);
         // The socket and the per-IP permit go with `c`.
     }
 

@@ -101,6 +101,8 @@ pub struct TernOpts {
     pub ipv6: bool,
     /// Extra `[turn]` lines.
     pub extra_turn: String,
+    /// Config sections after `[turn]`; `None`: the API and metrics faces are disabled.
+    pub sections: Option<String>,
 }
 
 impl TernOpts {
@@ -114,6 +116,7 @@ impl TernOpts {
             // a public server (the abuse tests set their own).
             extra_turn: "unauth_rate_per_sec = 5000\nunauth_burst = 5000\nuser_quota = 1000\n"
                 .into(),
+            sections: None,
         }
     }
 }
@@ -158,12 +161,15 @@ impl Tern {
              {allowed}\
              workers = 2\n\
              {extra}\n\
-             [api]\nenabled = false\n\
-             [metrics]\nenabled = false\n\
+             {sections}\n\
              [log]\nlevel = \"info,tern=debug\"\n",
             min = opts.relay_min,
             max = opts.relay_min + opts.relay_ports - 1,
             extra = opts.extra_turn,
+            sections = opts
+                .sections
+                .as_deref()
+                .unwrap_or("[api]\nenabled = false\n[metrics]\nenabled = false\n"),
         );
         let cfg_path = dir.path().join("tern.toml");
         std::fs::write(&cfg_path, config).unwrap();
