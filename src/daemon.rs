@@ -18,19 +18,29 @@ pub enum DaemonError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Registry(#[from] crate::metrics::RegistryError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
 
 /// Runs until SIGINT or SIGTERM, then stops the listeners and returns.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+pub fn run(mut cfg: Config) -> Result<(), DaemonError> {
+    if cfg.add_ephemeral_secret_if_none()? {
+        tracing::warn!(
+            "no turn.auth_secrets, turn.secret_file or turn.users configured: using a random \
+             secret for this run only (the built-in page and /api/ice work; a backend minting its \
+             own credentials needs turn.secret_file)"
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
     }
     let mut sup = crate::ops::supervisor::Supervisor::from_env();
     sup.status("starting");
-    let turn = crate::net::TurnService::start(&cfg)?;
+    let failed = |e: &dyn std::fmt::Display| format!("failed to start: {e}");
+    let turn = crate::net::TurnService::start(&cfg).inspect_err(|e| sup.status(&failed(e)))?;
     for addr in turn.local_addrs() {
         tracing::info!(%addr, "TURN listening (udp+tcp)");
     }
@@ -40,7 +50,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         if !turn.local_addrs().is_empty() {
             api_cfg.turn.listen = turn.local_addrs().to_vec();
         }
-        let http = crate::api::HttpService::start(&api_cfg)?;
+        let http =
+            crate::api::HttpService::start(&api_cfg).inspect_err(|e| sup.status(&failed(e)))?;
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
         Some(http)
     } else {
@@ -52,12 +63,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         let registry = crate::metrics::Metrics::new(
             Some(turn.stats_source()),
             http.as_ref().map(|h| h.stats_source()),
-        )?;
+        )
+        .inspect_err(|e| sup.status(&failed(e)))?;
         let m = crate::metrics::MetricsService::start(
             cfg.metrics.listen,
             registry,
             Arc::clone(&readiness),
-        )?;
+        )
+        .inspect_err(|e| sup.status(&failed(e)))?;
         tracing::info!(addr = %m.local_addr(), "metrics listening (/metrics, /healthz, /readyz)");
         Some(m)
     } else {

@@ -101,8 +101,13 @@ pub struct TernOpts {
     pub ipv6: bool,
     /// Extra `[turn]` lines.
     pub extra_turn: String,
-    /// Config sections after `[turn]`; `None`: the API and metrics faces are disabled.
-    pub sections: Option<String>,
+    /// Serve the HTTP API on a free loopback port, with these extra `[api]` lines
+    /// (None: `[api] enabled = false`).
+    pub api: Option<String>,
+    /// Extra sections appended to the config (e.g. `[signal]`, `[relay_ws]`).
+    pub extra_sections: String,
+    /// Serve `/metrics`, `/healthz`, `/readyz` on a free loopback port (false: disabled).
+    pub metrics: bool,
 }
 
 impl TernOpts {
@@ -116,7 +121,9 @@ impl TernOpts {
             // a public server (the abuse tests set their own).
             extra_turn: "unauth_rate_per_sec = 5000\nunauth_burst = 5000\nuser_quota = 1000\n"
                 .into(),
-            sections: None,
+            api: None,
+            extra_sections: String::new(),
+            metrics: false,
         }
     }
 }
@@ -125,6 +132,10 @@ impl TernOpts {
 pub struct Tern {
     child: Child,
     pub port: u16,
+    /// The HTTP API port (0 when the API is disabled).
+    pub api_port: u16,
+    /// The metrics port (0 when metrics are disabled).
+    pub metrics_port: u16,
     pub secret: String,
     pub dir: tempfile::TempDir,
 }
@@ -151,6 +162,17 @@ impl Tern {
         } else {
             (format!("\"127.0.0.1:{port}\""), "\"127.0.0.1\"")
         };
+        let api_port = if opts.api.is_some() { free_port() } else { 0 };
+        let api = match &opts.api {
+            Some(lines) => format!("[api]\nlisten = \"127.0.0.1:{api_port}\"\n{lines}\n"),
+            None => "[api]\nenabled = false\n".into(),
+        };
+        let metrics_port = if opts.metrics { free_port() } else { 0 };
+        let metrics = if opts.metrics {
+            format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
+        } else {
+            "[metrics]\nenabled = false\n".into()
+        };
         let config = format!(
             "[turn]\n\
              listen = [{listen}]\n\
@@ -161,15 +183,14 @@ impl Tern {
              {allowed}\
              workers = 2\n\
              {extra}\n\
+             {api}\
              {sections}\n\
+             {metrics}\
              [log]\nlevel = \"info,tern=debug\"\n",
             min = opts.relay_min,
             max = opts.relay_min + opts.relay_ports - 1,
             extra = opts.extra_turn,
-            sections = opts
-                .sections
-                .as_deref()
-                .unwrap_or("[api]\nenabled = false\n[metrics]\nenabled = false\n"),
+            sections = opts.extra_sections,
         );
         let cfg_path = dir.path().join("tern.toml");
         std::fs::write(&cfg_path, config).unwrap();
@@ -187,10 +208,15 @@ impl Tern {
         let mut t = Tern {
             child,
             port,
+            api_port,
+            metrics_port,
             secret,
             dir,
         };
         t.wait_ready();
+        if api_port != 0 {
+            t.wait_api_ready();
+        }
         t
     }
 
@@ -232,6 +258,26 @@ impl Tern {
             "tern did not answer a Binding request in time:\n{}",
             self.log()
         );
+    }
+
+    /// The HTTP API address (when started with `api`).
+    pub fn api_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.api_port))
+    }
+
+    /// Waits until the HTTP listener accepts connections.
+    fn wait_api_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.api_addr()).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tern exited at start ({status}):\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tern's HTTP listener did not come up:\n{}", self.log());
     }
 
     /// Still running (not crashed)?
