@@ -341,13 +341,9 @@ impl<S: Shard> Worker<S> {
                     }
                     Kind::Stun => {
                         let t0 = is_request(msg).then(Instant::now);
-                        let action = self.shard.handle_stun(
-                            now,
-                            from,
-                            msg,
-                            &mut self.out,
-                            &mut self.relays,
-                        );
+                        let action =
+                            self.shard
+                                .handle_stun(now, from, msg, &mut self.out, &mut self.relays);
                         if let Some(t0) = t0 {
                             self.shard.record_request_time(t0.elapsed());
                         }

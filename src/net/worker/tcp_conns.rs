@@ -273,7 +273,8 @@ impl<S: Shard> Worker<S> {
         let _ = self.poll.registry().deregister(&mut c.sock);
         self.conn_by_tuple.remove(&c.tuple);
         self.free_conns.push(ci);
-        self.shard.client_closed(&c.tuple, super::now(), &mut self.relays);
+        self.shard
+            .client_closed(&c.tuple, super::now(), &mut self.relays);
         // The socket and the per-IP permit go with `c`.
     }
 
