@@ -10,7 +10,6 @@
 mod collect;
 mod server;
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use prometheus::core::{Collector, Desc};
@@ -24,7 +23,7 @@ use crate::turn::stats::{
 };
 use collect::Families;
 
-pub use server::{MetricsError, MetricsService};
+pub use server::{readiness, MetricsError, MetricsService};
 
 /// Prometheus metric type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,44 +454,6 @@ fn status_label(status: u16, buf: &mut [u8; 3]) -> &str {
     buf[1] = b'0' + (status / 10 % 10) as u8;
     buf[2] = b'0' + (status % 10) as u8;
     std::str::from_utf8(buf).unwrap_or("other")
-}
-
-/// Whether the daemon is ready for traffic, for `/readyz`.
-#[derive(Debug, Default)]
-pub struct Readiness(AtomicU8);
-
-/// The states `/readyz` reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadyState {
-    /// Listeners not all bound yet.
-    Starting,
-    /// Every listener bound and serving.
-    Ready,
-    /// Shutting down or draining: load balancers should stop sending new clients.
-    Draining,
-}
-
-impl Readiness {
-    pub fn new() -> Arc<Readiness> {
-        Arc::new(Readiness::default())
-    }
-
-    pub fn set(&self, s: ReadyState) {
-        let v = match s {
-            ReadyState::Starting => 0,
-            ReadyState::Ready => 1,
-            ReadyState::Draining => 2,
-        };
-        self.0.store(v, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> ReadyState {
-        match self.0.load(Ordering::Relaxed) {
-            1 => ReadyState::Ready,
-            2 => ReadyState::Draining,
-            _ => ReadyState::Starting,
-        }
-    }
 }
 
 /// Errors building the registry.

@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use super::{Metrics, Readiness, ReadyState};
+use super::Metrics;
+use crate::lifecycle::{Lifecycle, STATE};
 
 /// Errors starting the metrics listener.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +34,6 @@ const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 struct Shared {
     metrics: Metrics,
-    ready: Arc<Readiness>,
 }
 
 /// The running metrics listener.
@@ -45,11 +45,7 @@ pub struct MetricsService {
 
 impl MetricsService {
     /// Binds `listen` and serves until [`MetricsService::shutdown`].
-    pub fn start(
-        listen: SocketAddr,
-        metrics: Metrics,
-        ready: Arc<Readiness>,
-    ) -> Result<MetricsService, MetricsError> {
+    pub fn start(listen: SocketAddr, metrics: Metrics) -> Result<MetricsService, MetricsError> {
         let bind = |source| MetricsError::Bind {
             addr: listen,
             source,
@@ -65,7 +61,7 @@ impl MetricsService {
             .route("/metrics", get(scrape))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .with_state(Arc::new(Shared { metrics, ready }));
+            .with_state(Arc::new(Shared { metrics }));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("tern-metrics".into())
@@ -144,12 +140,19 @@ async fn healthz() -> Response {
         .into_response()
 }
 
-async fn readyz(State(s): State<Arc<Shared>>) -> Response {
-    let (code, body) = match s.ready.get() {
-        ReadyState::Ready => (StatusCode::OK, "ready\n"),
-        ReadyState::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
-        ReadyState::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-    };
+/// `/readyz`'s answer for a lifecycle state: 200 only while serving and not draining.
+pub fn readiness(state: &Lifecycle) -> (StatusCode, &'static str) {
+    if state.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if state.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+async fn readyz() -> Response {
+    let (code, body) = readiness(&STATE);
     (
         code,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],

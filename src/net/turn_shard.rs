@@ -42,6 +42,10 @@ impl Shard for Server {
         Server::record_request_time(self, took)
     }
 
+    fn set_config(&mut self, cfg: std::sync::Arc<crate::turn::ServerConfig>) {
+        Server::set_config(self, cfg)
+    }
+
     fn turn_stats(&self) -> Option<&TurnStats> {
         Some(Server::stats(self))
     }
