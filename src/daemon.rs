@@ -21,6 +21,10 @@ pub enum DaemonError {
     Api(#[from] crate::api::ApiError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Registry(#[from] crate::metrics::RegistryError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -86,6 +90,20 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
         faces.http = Some(http);
     }
+    // /healthz answers from here on; /readyz once STATE says ready (below).
+    let metrics = if cfg.metrics.enabled {
+        let registry = crate::metrics::Metrics::new(
+            Some(faces.turn.stats_source()),
+            faces.http.as_ref().map(HttpService::stats_source),
+        )
+        .inspect_err(|e| sup.status(&failed(e)))?;
+        let m = crate::metrics::MetricsService::start(cfg.metrics.listen, registry)
+            .inspect_err(|e| sup.status(&failed(e)))?;
+        tracing::info!(addr = %m.local_addr(), "metrics listening (/metrics, /healthz, /readyz)");
+        Some(m)
+    } else {
+        None
+    };
     let _pid = write_pid_file(&cfg);
     // READY=1 once every listener is bound and TURN answers; WATCHDOG=1 only while it does.
     sup.watch_turn(faces.turn.local_addrs());
@@ -160,6 +178,9 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
         http.shutdown();
     }
     faces.turn.shutdown();
+    if let Some(m) = metrics {
+        m.shutdown();
+    }
     Ok(())
 }
 

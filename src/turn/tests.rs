@@ -1352,9 +1352,10 @@ fn tcp_client_close_deletes_allocation() {
     let mut tcp = client(1);
     tcp.transport = Transport::Tcp;
     assert_eq!(h.allocate(tcp).code(), 0);
-    h.server.client_closed(&client(1), &mut h.io);
+    let now = h.now();
+    h.server.client_closed(&client(1), now, &mut h.io);
     assert_eq!(h.server.allocation_count(), 1, "another 5-tuple");
-    h.server.client_closed(&tcp, &mut h.io);
+    h.server.client_closed(&tcp, now, &mut h.io);
     assert_eq!(h.server.allocation_count(), 0);
     assert!(h.io.open.is_empty());
     assert_eq!(h.shared.total_allocations(), 0);
