@@ -122,7 +122,9 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
             break;
         }
         if hup.swap(false, Ordering::Relaxed) {
-            reload(&source, ephemeral.as_deref(), &mut running, &faces);
+            sup.reloading();
+            let applied = reload(&source, ephemeral.as_deref(), &mut running, &faces);
+            sup.reloaded(if applied { "" } else { "last reload refused" });
         }
         if term.swap(false, Ordering::Relaxed) {
             if drain.is_some() {
@@ -205,9 +207,16 @@ fn write_pid_file(cfg: &Config) -> Option<lifecycle::PidFile> {
 /// SIGHUP: loads the configuration again the way it was loaded at start and applies what
 /// can change live. Anything invalid refuses the whole reload with one log line; keys
 /// that need a restart keep their running values and are named in one log line.
-fn reload(source: &ConfigSource, ephemeral: Option<&str>, running: &mut Config, faces: &Faces) {
+/// Returns whether the new configuration was applied.
+fn reload(
+    source: &ConfigSource,
+    ephemeral: Option<&str>,
+    running: &mut Config,
+    faces: &Faces,
+) -> bool {
     let refuse = |why: String| {
         tracing::error!("reload refused, the running configuration stays in force: {why}");
+        false
     };
     let mut new = match source.load() {
         Ok(c) => c,
@@ -244,4 +253,5 @@ fn reload(source: &ConfigSource, ephemeral: Option<&str>, running: &mut Config, 
         );
     }
     *running = new;
+    true
 }

@@ -40,7 +40,7 @@ fn sigterm_drains_live_relays_redirects_new_allocations_and_exits_0() {
         return;
     }
     let mut opts = TernOpts::new(32000);
-    opts.relay_ports = 150;
+    opts.relay_ports = 100;
     opts.drain_timeout_secs = 25;
     opts.extra_turn += "alternate_udp = [\"192.0.2.7:3478\", \"192.0.2.8:3479\"]\n";
     let mut tern = Tern::start(opts);
@@ -109,8 +109,8 @@ fn sigterm_drains_live_relays_redirects_new_allocations_and_exits_0() {
 
 #[test]
 fn draining_without_alternates_answers_508_and_a_second_sigterm_exits_at_once() {
-    let mut opts = TernOpts::new(32150);
-    opts.relay_ports = 150;
+    let mut opts = TernOpts::new(32100);
+    opts.relay_ports = 100;
     opts.drain_timeout_secs = 600;
     let mut tern = Tern::start(opts);
     let live = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -137,8 +137,8 @@ fn draining_without_alternates_answers_508_and_a_second_sigterm_exits_at_once() 
 
 #[test]
 fn sigterm_with_nothing_to_drain_exits_at_once() {
-    let mut opts = TernOpts::new(32300);
-    opts.relay_ports = 150;
+    let mut opts = TernOpts::new(32200);
+    opts.relay_ports = 100;
     opts.drain_timeout_secs = 600;
     let mut tern = Tern::start(opts);
     tern.signal(libc::SIGTERM);
@@ -147,4 +147,53 @@ fn sigterm_with_nothing_to_drain_exits_at_once() {
         .expect("nothing to drain: exits at once");
     assert!(status.success());
     assert!(!tern.pid_file().exists(), "pid file removed at exit");
+}
+
+/// The status line of a WebSocket upgrade request to `path` on the HTTP listener.
+fn ws_upgrade_status(api_port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", api_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{api_port}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn draining_refuses_new_signaling_connections() {
+    let mut opts = TernOpts::new(32300);
+    opts.relay_ports = 100;
+    opts.drain_timeout_secs = 600;
+    opts.api = Some(String::new());
+    let mut tern = Tern::start(opts);
+    assert!(
+        ws_upgrade_status(tern.api_port, "/ws").contains(" 101 "),
+        "signaling is not served before the drain"
+    );
+    // A live allocation keeps the daemon draining.
+    let live = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert_eq!(error_code(&allocate(&tern, &live)), None, "{}", tern.log());
+    tern.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tern.log().contains("draining") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for path in ["/ws", "/peerjs/peerjs?key=peerjs&id=abc&token=t"] {
+        let status = ws_upgrade_status(tern.api_port, path);
+        assert!(status.contains(" 503 "), "{path}: {status}");
+    }
+    tern.signal(libc::SIGTERM);
+    let status = tern.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success());
 }

@@ -58,8 +58,8 @@ fn sighup_rotates_the_secret_without_touching_a_running_relay() {
     if !have_tool("turnutils_uclient") {
         return;
     }
-    let mut opts = TernOpts::new(32450);
-    opts.relay_ports = 150;
+    let mut opts = TernOpts::new(32400);
+    opts.relay_ports = 100;
     let tern = Tern::start(opts);
     let peer = EchoPeer::start();
     let old = tern.secret.clone();
@@ -117,8 +117,8 @@ fn a_broken_config_is_refused_and_the_old_one_stays() {
     if !have_tool("turnutils_uclient") {
         return;
     }
-    let mut opts = TernOpts::new(32600);
-    opts.relay_ports = 150;
+    let mut opts = TernOpts::new(32500);
+    opts.relay_ports = 100;
     let tern = Tern::start(opts);
     let peer = EchoPeer::start();
     let good = std::fs::read_to_string(tern.config_path()).unwrap();
@@ -179,7 +179,7 @@ fn tern_reload_applies_live_keys_and_reports_restart_only_ones() {
     if !have_tool("turnutils_uclient") {
         return;
     }
-    let mut opts = TernOpts::new(31900);
+    let mut opts = TernOpts::new(32600);
     opts.relay_ports = 100;
     let tern = Tern::start(opts);
     let peer = EchoPeer::start();
@@ -208,4 +208,39 @@ fn tern_reload_applies_live_keys_and_reports_restart_only_ones() {
     assert!(all_echoed(&fresh), "{}", fresh.output);
     let stale = uclient(&tern, peer.port, &["-n", "5", "-c"], LIMIT);
     assert_eq!(stale.received, 0, "{}", stale.output);
+}
+
+#[test]
+fn certbot_deploy_hook_installs_the_certificate_and_reloads() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut opts = TernOpts::new(32700);
+    opts.relay_ports = 50;
+    let tern = Tern::start(opts);
+    let lineage = tern.dir.path().join("live");
+    std::fs::create_dir(&lineage).unwrap();
+    std::fs::write(lineage.join("fullchain.pem"), "CHAIN\n").unwrap();
+    std::fs::write(lineage.join("privkey.pem"), "KEY\n").unwrap();
+    let tls = tern.dir.path().join("tls");
+    // The daemon's config names its pid file; the hook finds the daemon through it.
+    let out = Command::new("sh")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/certbot-deploy-hook.sh"
+        ))
+        .env("RENEWED_LINEAGE", &lineage)
+        .env("TERN_TLS_DIR", &tls)
+        .env("TERN_GROUP", "root")
+        .env("TERN_BIN", env!("CARGO_BIN_EXE_tern"))
+        .env("TERN_CONFIG_FILE", tern.config_path())
+        .env_remove("TERN_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for (f, body) in [("fullchain.pem", "CHAIN\n"), ("privkey.pem", "KEY\n")] {
+        let p = tls.join(f);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), body);
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{f} is mode {mode:o}");
+    }
+    wait_log(&tern, "configuration reloaded", 1);
 }
