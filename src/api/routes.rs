@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{cors, ice, AppState};
+use super::{cors, ice, AppState, Live};
 use crate::signal::client_ip::{client_ip, lan_key};
 use crate::signal::peerjs::INFO_JSON;
 
@@ -35,7 +35,8 @@ fn signaling_socket(ws: WebSocketUpgrade, max_message_bytes: usize) -> WebSocket
         .max_frame_size(limit)
 }
 
-pub(super) fn router(st: Arc<AppState>) -> Router {
+pub(super) fn router(live: Live) -> Router {
+    let st = live.current();
     let mut r = Router::new()
         .route("/api/ice", get(ice::ice).options(ice::preflight))
         .route("/api/turn", get(ice::turn_rest).options(ice::preflight))
@@ -57,7 +58,38 @@ pub(super) fn router(st: Arc<AppState>) -> Router {
             r = r.route(&format!("{base}/"), get(peerjs_info));
         }
     }
-    r.with_state(st)
+    let metrics = Arc::clone(&live.current().http_metrics);
+    r.layer(axum::middleware::from_fn_with_state(metrics, count_request))
+        .with_state(live)
+}
+
+/// Counts every request by route template (bounded: never the raw path) and status.
+async fn count_request(
+    State(m): State<Arc<crate::metrics::HttpMetrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    m.observe(
+        route.as_deref().unwrap_or("unmatched"),
+        resp.status().as_u16(),
+        t0.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+/// New signaling connections are refused while draining (the load balancer sends them
+/// to another node; `/readyz` says not ready).
+fn draining_refusal() -> Response {
+    json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server is draining; connect to another node",
+    )
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -72,6 +104,9 @@ async fn ws_native(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if st.draining() {
+        return draining_refusal();
+    }
     let ip = client_ip(peer.ip(), &headers, &st.cfg.api.trusted_proxies);
     let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
     let resume = q.get("resume").cloned();
@@ -168,6 +203,9 @@ async fn peerjs_ws(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if st.draining() {
+        return draining_refusal();
+    }
     let hub = Arc::clone(&st.peerjs);
     signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
         hub.run(socket, move |core, conn, now| {

@@ -61,7 +61,10 @@ const K_TCP_LISTENER: usize = 2;
 const K_CONN: usize = 3;
 const K_RELAY: usize = 4;
 
-/// The token that wakes a worker for shutdown.
+/// A configuration handed to a worker, picked up when its waker fires.
+pub type ConfigSlot = Arc<Mutex<Option<Arc<crate::turn::ServerConfig>>>>;
+
+/// The token that wakes a worker for shutdown or a new configuration.
 pub const WAKER: Token = Token(K_WAKER << KIND_SHIFT);
 
 fn token(kind: usize, index: usize) -> Token {
@@ -102,6 +105,8 @@ pub struct WorkerParams {
     pub stop: Arc<AtomicBool>,
     /// Where the worker publishes its counters (about twice a second).
     pub stats_out: Arc<Mutex<WorkerStats>>,
+    /// A reloaded configuration waiting for this worker (checked when woken).
+    pub config_in: ConfigSlot,
 }
 
 /// A worker's event loop state. Built and run on its own thread.
@@ -128,6 +133,7 @@ pub struct Worker<S: Shard> {
     stop: Arc<AtomicBool>,
     stats: NetStats,
     stats_out: Arc<Mutex<WorkerStats>>,
+    config_in: ConfigSlot,
     /// Sockets left readable after their turn (fairness cap), served on the next turn.
     pending: Vec<Token>,
     /// accept() failed (e.g. out of file descriptors): retry at the next housekeeping
@@ -196,6 +202,7 @@ impl<S: Shard> Worker<S> {
             stop: p.stop,
             stats: NetStats::default(),
             stats_out: p.stats_out,
+            config_in: p.config_in,
             pending: Vec::new(),
             accept_retry: false,
         })
@@ -254,6 +261,22 @@ impl<S: Shard> Worker<S> {
         tracing::debug!(worker = self.index, "TURN worker stopped");
     }
 
+    /// Hands a reloaded configuration to the shard (one lock per reload, not per packet).
+    fn take_config(&mut self) {
+        let next = self
+            .config_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(cfg) = next {
+            self.shard.set_config(cfg);
+            tracing::debug!(
+                worker = self.index,
+                "TURN worker took the new configuration"
+            );
+        }
+    }
+
     fn publish_stats(&self) {
         let mut s = self.stats_out.lock().unwrap_or_else(|p| p.into_inner());
         s.net = self.stats;
@@ -274,6 +297,10 @@ impl<S: Shard> Worker<S> {
                 readable && self.conn_readable(idx, now)
             }
             K_RELAY => self.relay_readable(idx),
+            K_WAKER => {
+                self.take_config();
+                false
+            }
             _ => false,
         };
         if more && !self.pending.contains(&tok) {
@@ -320,7 +347,7 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&from, channel) {
                             Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.fd(relay) {
+                                if let Some(rfd) = self.relays.peer_send_fd(relay, len) {
                                     let payload =
                                         &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `rx` is not received into again before the
@@ -340,13 +367,14 @@ impl<S: Shard> Worker<S> {
                         }
                     }
                     Kind::Stun => {
-                        match self.shard.handle_stun(
-                            now,
-                            from,
-                            msg,
-                            &mut self.out,
-                            &mut self.relays,
-                        ) {
+                        let t0 = is_request(msg).then(Instant::now);
+                        let action =
+                            self.shard
+                                .handle_stun(now, from, msg, &mut self.out, &mut self.relays);
+                        if let Some(t0) = t0 {
+                            self.shard.record_request_time(t0.elapsed());
+                        }
+                        match action {
                             Action::None => {}
                             Action::Reply(len) => {
                                 let src = wildcard.then_some(server.ip());
@@ -361,8 +389,9 @@ impl<S: Shard> Worker<S> {
                                 peer,
                                 payload,
                             } => {
-                                if let (Some(rfd), Some(data)) =
-                                    (self.relays.fd(relay), msg.get(payload))
+                                let len = payload.len();
+                                if let (Some(data), Some(rfd)) =
+                                    (msg.get(payload), self.relays.peer_send_fd(relay, len))
                                 {
                                     // SAFETY: as above.
                                     unsafe {
@@ -415,6 +444,8 @@ impl<S: Shard> Worker<S> {
                 }
             };
             let at = self.rx.data_at();
+            // This allocation's share, added to its relay entry once per batch.
+            let (mut to_client_bytes, mut to_client_packets) = (0u64, 0u64);
             for i in 0..n {
                 let r = self.rx.received(i);
                 if r.truncated {
@@ -425,6 +456,8 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_no_permission += 1;
                     continue;
                 };
+                to_client_bytes += r.len as u64;
+                to_client_packets += 1;
                 let stream = route.client.transport != Transport::Udp;
                 let txid = if route.channel.is_none() {
                     self.next_txid()
@@ -498,10 +531,17 @@ impl<S: Shard> Worker<S> {
                 }
             }
             self.flush_dirty_conns();
+            self.relays
+                .count_to_client(relay, to_client_bytes, to_client_packets);
             if n < BATCH {
                 return false;
             }
         }
         true
     }
+}
+
+/// A STUN request (as opposed to an indication or a response), RFC 8489 §5.
+pub(super) fn is_request(msg: &[u8]) -> bool {
+    msg.len() >= 2 && msg[0] & 0x01 == 0 && msg[1] & 0x10 == 0
 }
