@@ -437,6 +437,16 @@ fn counters_move_while_sessions_are_open() {
         2.0
     );
     assert!(value(&s, "process_resident_memory_bytes", &[]) > 0.0);
+    assert_eq!(value(&s, "tern_ready", &[]), 1.0);
+    assert_eq!(value(&s, "tern_draining", &[]), 0.0);
+    assert_eq!(
+        value(
+            &s,
+            "tern_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
     assert!(value(&s, "process_open_fds", &[]) > 0.0);
 
     // No label carries a user name or an address.
@@ -500,6 +510,9 @@ fn counters_move_while_sessions_are_open() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(get(mp, "/healthz"), (200, "ok\n".to_string()));
+    let (_, s) = get(mp, "/metrics");
+    assert_eq!(value(&s, "tern_ready", &[]), 0.0);
+    assert_eq!(value(&s, "tern_draining", &[]), 1.0);
     // The drain ends once the last allocation and relay session are gone.
     rt.block_on(async {
         let _ = ra.close(None).await;

@@ -719,6 +719,9 @@ fn dual_stack_allocations() {
         &k,
     );
     assert_eq!(r.code(), 0);
+    // Gauges: UDP allocations by family [ipv4, ipv6, dual], permissions by peer family.
+    assert_eq!(h.server.stats().allocations_by[0], [0, 1, 1]);
+    assert_eq!(h.server.stats().permissions_by[0], [0, 1]);
 }
 
 #[test]
