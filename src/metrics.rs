@@ -58,6 +58,25 @@ const fn def(
 
 use Kind::{Counter, Gauge, Histogram};
 
+// The daemon.
+pub const BUILD_INFO: Def = def(
+    "tern_build_info",
+    Gauge,
+    &["version"],
+    "Always 1; the version label is the running Tern's.",
+);
+pub const READY: Def = def(
+    "tern_ready",
+    Gauge,
+    &[],
+    "1 while every listener serves and no drain is running (what /readyz answers 200 for).",
+);
+pub const DRAINING: Def = def(
+    "tern_draining",
+    Gauge,
+    &[],
+    "1 from the first SIGTERM until exit (new allocations and signaling refused).",
+);
 // TURN data path (summed over the workers' snapshots).
 pub const RELAY_BYTES: Def = def(
     "tern_relay_bytes_total",
@@ -318,6 +337,9 @@ pub const HTTP_DURATION: Def = def(
 
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
 pub const ALL: &[&Def] = &[
+    &BUILD_INFO,
+    &READY,
+    &DRAINING,
     &RELAY_BYTES,
     &RELAY_PACKETS,
     &RELAY_DROPPED,
@@ -361,6 +383,8 @@ pub const ALL: &[&Def] = &[
     &HTTP_REQUESTS,
     &HTTP_DURATION,
 ];
+
+const DAEMON_DEFS: &[&Def] = &[&BUILD_INFO, &READY, &DRAINING];
 
 const TURN_DEFS: &[&Def] = &[
     &RELAY_BYTES,
@@ -473,6 +497,9 @@ impl Metrics {
         http: Option<crate::api::StatsSource>,
     ) -> Result<Metrics, RegistryError> {
         let registry = Registry::new();
+        registry.register(Box::new(DaemonCollector {
+            descs: descs(DAEMON_DEFS),
+        }))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -513,6 +540,26 @@ fn descs(defs: &[&Def]) -> Vec<Desc> {
             .expect("valid metric definition")
         })
         .collect()
+}
+
+/// The daemon's version and lifecycle state.
+struct DaemonCollector {
+    descs: Vec<Desc>,
+}
+
+impl Collector for DaemonCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let st = &crate::lifecycle::STATE;
+        let mut f = Families::default();
+        f.sample(&BUILD_INFO, &[env!("CARGO_PKG_VERSION")], 1);
+        f.sample(&READY, &[], u64::from(st.ready()));
+        f.sample(&DRAINING, &[], u64::from(st.draining()));
+        f.finish()
+    }
 }
 
 /// Reads the TURN workers' snapshots at scrape time.
@@ -694,7 +741,7 @@ mod tests {
                 );
             }
         }
-        for d in TURN_DEFS.iter().chain(HTTP_FACE_DEFS) {
+        for d in DAEMON_DEFS.iter().chain(TURN_DEFS).chain(HTTP_FACE_DEFS) {
             assert!(ALL.iter().any(|a| a.name == d.name));
         }
     }
