@@ -14,6 +14,8 @@ pub enum DaemonError {
     Net(#[from] crate::net::NetError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -26,9 +28,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     let mut sup = crate::ops::supervisor::Supervisor::from_env();
     sup.status("starting");
-    let turn = crate::net::TurnService::start(&cfg)?;
+    // One certificate store for TURN over TLS and HTTPS: one reload swaps both.
+    let tls = crate::tls::TlsContext::from_config(&cfg.tls)?;
+    let turn = crate::net::TurnService::start_tls(&cfg, tls.clone())?;
     for addr in turn.local_addrs() {
-        tracing::info!(%addr, "TURN listening (udp+tcp)");
+        tracing::info!(%addr, sniff_tls = cfg.turn.sniff_tls && tls.is_some(), "TURN listening (udp+tcp)");
+    }
+    for addr in turn.local_tls_addrs() {
+        tracing::info!(%addr, "TURN listening (tls)");
     }
     let http = if cfg.api.enabled {
         // ICE URLs carry the TURN port actually bound (it may have been configured as 0).
@@ -36,7 +43,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         if !turn.local_addrs().is_empty() {
             api_cfg.turn.listen = turn.local_addrs().to_vec();
         }
-        let http = crate::api::HttpService::start(&api_cfg)?;
+        api_cfg.tls.listen = turn.local_tls_addrs().to_vec();
+        let http =
+            crate::api::HttpService::start_tls(&api_cfg, tls.clone().filter(|_| cfg.api.tls))?;
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
         Some(http)
     } else {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Registry, Token};
 
+use super::link::{is_tls_error, Link};
 use super::mmsg::{RecvBatch, SendBatch};
 use super::shard::{Shard, OUT_LEN};
 use super::socket::{self, ListenerPair};
@@ -163,8 +164,19 @@ struct UdpListener {
     out: SendBatch,
 }
 
+/// What a TCP listener accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenMode {
+    Plain,
+    Tls,
+    /// Plain TURN/TCP or TLS, told apart by the first byte (`turn.sniff_tls`).
+    Sniff,
+}
+
 struct Conn {
     sock: TcpStream,
+    link: Link,
+    opened: Instant,
     tuple: FiveTuple,
     inbuf: InBuf,
     out: OutBuf,
@@ -181,12 +193,21 @@ enum CloseReason {
     Garbage,
     Idle,
     Backlog,
+    TlsError,
+    HandshakeTimeout,
 }
 
 /// Settings a worker starts with.
 pub struct WorkerParams {
     pub index: usize,
     pub listeners: Vec<(SocketAddr, ListenerPair)>,
+    /// TCP-only TURN over TLS listeners.
+    pub tls_listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+    /// TLS server state; `None` when no certificate is configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub handshake_timeout: Duration,
+    /// The plain TCP listeners also accept TLS (`turn.sniff_tls`).
+    pub sniff_tls: bool,
     pub buffer_bytes: usize,
     pub tcp_idle: Duration,
     pub per_ip: PerIpLimit,
@@ -202,7 +223,9 @@ pub struct Worker<S: Shard> {
     shard: S,
     relays: Relays,
     udp: Vec<UdpListener>,
-    tcp: Vec<(SocketAddr, TcpListener)>,
+    tcp: Vec<(SocketAddr, TcpListener, ListenMode)>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handshake_timeout: Duration,
     conns: Vec<Option<Conn>>,
     free_conns: Vec<usize>,
     conn_by_tuple: HashMap<FiveTuple, usize>,
@@ -250,7 +273,17 @@ impl<S: Shard> Worker<S> {
             });
             let mut t = TcpListener::from_std(pair.tcp);
             registry.register(&mut t, token(K_TCP_LISTENER, i), Interest::READABLE)?;
-            tcp.push((addr, t));
+            let mode = if p.sniff_tls && p.tls.is_some() {
+                ListenMode::Sniff
+            } else {
+                ListenMode::Plain
+            };
+            tcp.push((addr, t, mode));
+        }
+        for (addr, l) in p.tls_listeners {
+            let mut t = TcpListener::from_std(l);
+            registry.register(&mut t, token(K_TCP_LISTENER, tcp.len()), Interest::READABLE)?;
+            tcp.push((addr, t, ListenMode::Tls));
         }
         let seed = rand::random::<u32>();
         Ok(Worker {
@@ -265,6 +298,8 @@ impl<S: Shard> Worker<S> {
             shard,
             udp,
             tcp,
+            tls: p.tls,
+            handshake_timeout: p.handshake_timeout,
             conns: Vec::new(),
             free_conns: Vec::new(),
             conn_by_tuple: HashMap::new(),
@@ -589,7 +624,7 @@ impl<S: Shard> Worker<S> {
             let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
                 Some(c) => {
                     c.dirty = false;
-                    c.out.write_to(&mut c.sock).is_err()
+                    c.link.flush(&mut c.sock, &mut c.out).is_err()
                 }
                 None => false,
             };
@@ -602,10 +637,10 @@ impl<S: Shard> Worker<S> {
     /// New TCP clients on listener `li`, within the per-IP limit. `true` if more may wait.
     fn accept(&mut self, li: usize, now: Now) -> bool {
         for _ in 0..256 {
-            let Some((server, l)) = self.tcp.get(li) else {
+            let Some((server, l, mode)) = self.tcp.get(li) else {
                 return false;
             };
-            let server = *server;
+            let (server, mode) = (*server, *mode);
             let (mut sock, client) = match l.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
@@ -622,6 +657,18 @@ impl<S: Shard> Worker<S> {
                 continue;
             };
             let _ = sock.set_nodelay(true);
+            let (link, transport) = match (mode, &self.tls) {
+                (ListenMode::Tls, Some(cfg)) => match Link::tls(cfg) {
+                    Ok(l) => (l, Transport::Tls),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS session setup failed");
+                        continue;
+                    }
+                },
+                // A sniffed connection is filed as TCP until its first byte says otherwise.
+                (ListenMode::Sniff, Some(_)) => (Link::Sniff, Transport::Tcp),
+                _ => (Link::Plain, Transport::Tcp),
+            };
             let ci = match self.free_conns.pop() {
                 Some(i) => i,
                 None => {
@@ -639,7 +686,7 @@ impl<S: Shard> Worker<S> {
                 continue;
             }
             let tuple = FiveTuple {
-                transport: Transport::Tcp,
+                transport,
                 client,
                 server,
             };
@@ -647,6 +694,8 @@ impl<S: Shard> Worker<S> {
             self.conn_by_tuple.insert(tuple, ci);
             self.conns[ci] = Some(Conn {
                 sock,
+                link,
+                opened: now.mono,
                 tuple,
                 inbuf: InBuf::default(),
                 out: OutBuf::new(TCP_DATA_QUEUE, TCP_HARD_QUEUE),
@@ -660,7 +709,7 @@ impl<S: Shard> Worker<S> {
 
     fn conn_writable(&mut self, ci: usize) {
         let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
-            Some(c) => c.out.write_to(&mut c.sock).is_err(),
+            Some(c) => c.link.flush(&mut c.sock, &mut c.out).is_err(),
             None => false,
         };
         if failed {
@@ -676,7 +725,21 @@ impl<S: Shard> Worker<S> {
             let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
                 return false;
             };
-            match conn.inbuf.fill(&mut conn.sock) {
+            let was_sniffing = matches!(conn.link, Link::Sniff);
+            let was_handshaking = conn.link.handshaking();
+            let filled = conn
+                .link
+                .fill(&mut conn.sock, &mut conn.inbuf, self.tls.as_ref());
+            if was_sniffing && conn.link.is_tls() {
+                // The sniffed first byte opened TLS: the 5-tuple's transport says so.
+                self.conn_by_tuple.remove(&conn.tuple);
+                conn.tuple.transport = Transport::Tls;
+                self.conn_by_tuple.insert(conn.tuple, ci);
+            }
+            if was_handshaking && conn.link.is_tls() && !conn.link.handshaking() {
+                self.stats.tls_handshakes += 1;
+            }
+            match filled {
                 Ok(0) => {
                     close = Some(CloseReason::Eof);
                     break;
@@ -687,6 +750,11 @@ impl<S: Shard> Worker<S> {
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_tls_error(&e) => {
+                    tracing::debug!(client = %conn.tuple.client, error = %e, "TLS error");
+                    close = Some(CloseReason::TlsError);
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     close = Some(CloseReason::Garbage);
                     break;
@@ -786,12 +854,20 @@ impl<S: Shard> Worker<S> {
             if close.is_some() {
                 break;
             }
-            if conn.out.write_to(&mut conn.sock).is_err() {
+            if conn.link.flush(&mut conn.sock, &mut conn.out).is_err() {
                 close = Some(CloseReason::Error);
                 break;
             }
         }
         self.to_peer.flush(&mut self.stats);
+        if close.is_none() {
+            // TLS handshake records produced by the last read wait for no frame.
+            if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+                if conn.link.flush(&mut conn.sock, &mut conn.out).is_err() {
+                    close = Some(CloseReason::Error);
+                }
+            }
+        }
         if let Some(reason) = close {
             self.close_conn(ci, reason);
             return false;
@@ -807,6 +883,8 @@ impl<S: Shard> Worker<S> {
             CloseReason::Garbage => self.stats.tcp_closed_garbage += 1,
             CloseReason::Idle => self.stats.tcp_closed_idle += 1,
             CloseReason::Backlog => self.stats.tcp_closed_backlog += 1,
+            CloseReason::TlsError => self.stats.tls_closed_error += 1,
+            CloseReason::HandshakeTimeout => self.stats.tls_closed_handshake_timeout += 1,
             CloseReason::Eof | CloseReason::Error => {}
         }
         tracing::debug!(client = %c.tuple.client, ?reason, "TCP connection closed");
@@ -819,10 +897,16 @@ impl<S: Shard> Worker<S> {
 
     fn close_idle(&mut self, now: Instant) {
         for ci in 0..self.conns.len() {
-            let idle = self.conns[ci]
-                .as_ref()
-                .is_some_and(|c| now.saturating_duration_since(c.last_message) >= self.tcp_idle);
-            if idle {
+            let Some(c) = self.conns[ci].as_ref() else {
+                continue;
+            };
+            // A handshake (or a sniffed first byte) gets handshake_timeout, however
+            // slowly its bytes trickle in.
+            if c.link.handshaking()
+                && now.saturating_duration_since(c.opened) >= self.handshake_timeout
+            {
+                self.close_conn(ci, CloseReason::HandshakeTimeout);
+            } else if now.saturating_duration_since(c.last_message) >= self.tcp_idle {
                 self.close_conn(ci, CloseReason::Idle);
             }
         }
