@@ -702,6 +702,22 @@ impl Config {
         Ok(out)
     }
 
+    /// With no REST secret and no static user, TURN could authenticate nobody and `/api/ice`
+    /// could mint nothing, so `tern serve` with defaults would not work. In that case this adds
+    /// a random secret that lives only as long as the process and returns true; the caller
+    /// warns that backends cannot mint credentials for it.
+    pub fn add_ephemeral_secret_if_none(&mut self) -> Result<bool, ConfigError> {
+        if !self.turn_secrets()?.is_empty() || !self.turn.users.is_empty() {
+            return Ok(false);
+        }
+        use base64::Engine;
+        let bytes: [u8; 32] = rand::random();
+        self.turn
+            .auth_secrets
+            .push(base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes));
+        Ok(true)
+    }
+
     /// All REST API secrets: inline ones first, then those from `secret_file`s.
     pub fn turn_secrets(&self) -> Result<Vec<String>, ConfigError> {
         let mut out = self.turn.auth_secrets.clone();
@@ -845,6 +861,33 @@ mod tests {
         assert!(e.to_string().starts_with("relay_ws.buffer_bytes"), "{e}");
         let e = load("[api]\ntoken_files = [\"/nonexistent/t\"]\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("api.token_files[0]"), "{e}");
+    }
+
+    #[test]
+    fn ephemeral_secret_only_when_nothing_configured() {
+        let mut c = Config::default();
+        assert!(c.add_ephemeral_secret_if_none().unwrap());
+        let s = c.turn_secrets().unwrap();
+        assert_eq!(s.len(), 1);
+        assert!(s[0].len() >= 40, "32 random bytes, base64");
+        assert!(
+            !c.add_ephemeral_secret_if_none().unwrap(),
+            "a second call adds nothing"
+        );
+        let mut d = Config::default();
+        assert_ne!(
+            d.add_ephemeral_secret_if_none()
+                .map(|_| d.turn_secrets().unwrap())
+                .unwrap(),
+            s
+        );
+        let mut e = Config::default();
+        e.turn.users.push(StaticUser {
+            name: "a".into(),
+            password: Some("p".into()),
+            key: None,
+        });
+        assert!(!e.add_ephemeral_secret_if_none().unwrap());
     }
 
     #[test]

@@ -15,22 +15,34 @@ pub enum DaemonError {
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
 
 /// Runs until SIGINT or SIGTERM, then stops the listeners and returns.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+pub fn run(mut cfg: Config) -> Result<(), DaemonError> {
+    if cfg.add_ephemeral_secret_if_none()? {
+        tracing::warn!(
+            "no turn.auth_secrets, turn.secret_file or turn.users configured: using a random \
+             secret for this run only (the built-in page and /api/ice work; a backend minting its \
+             own credentials needs turn.secret_file)"
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
     }
     let mut sup = crate::ops::supervisor::Supervisor::from_env();
     sup.status("starting");
+    let failed = |e: &dyn std::fmt::Display| format!("failed to start: {e}");
     // One certificate store for TURN over TLS and HTTPS: one reload swaps both.
-    let tls = crate::tls::TlsContext::from_config(&cfg.tls)?;
-    let turn = crate::net::TurnService::start_tls(&cfg, tls.clone())?;
+    let tls =
+        crate::tls::TlsContext::from_config(&cfg.tls).inspect_err(|e| sup.status(&failed(e)))?;
+    let turn = crate::net::TurnService::start_tls(&cfg, tls.clone())
+        .inspect_err(|e| sup.status(&failed(e)))?;
     for addr in turn.local_addrs() {
         tracing::info!(%addr, sniff_tls = cfg.turn.sniff_tls && tls.is_some(), "TURN listening (udp+tcp)");
     }
@@ -45,7 +57,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         }
         api_cfg.tls.listen = turn.local_tls_addrs().to_vec();
         let http =
-            crate::api::HttpService::start_tls(&api_cfg, tls.clone().filter(|_| cfg.api.tls))?;
+            crate::api::HttpService::start_tls(&api_cfg, tls.clone().filter(|_| cfg.api.tls))
+                .inspect_err(|e| sup.status(&failed(e)))?;
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
         Some(http)
     } else {

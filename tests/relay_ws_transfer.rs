@@ -1,6 +1,7 @@
 //! `/relay`: tickets from signaling, 50 MiB in order with a SHA-256 check, bounded memory
 //! when a receiver stops reading, 1009 past the frame limit.
 
+mod common;
 mod signal_common;
 
 use std::time::Duration;
@@ -49,8 +50,16 @@ fn pattern(i: u64, len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_mib_through_the_relay_with_sha256() {
-    let svc = start("", "");
-    let addr = svc.local_addr();
+    // Through the real daemon.
+    let tern = tokio::task::spawn_blocking(|| {
+        common::Tern::start(common::TernOpts {
+            api: Some(String::new()),
+            ..common::TernOpts::new(31600)
+        })
+    })
+    .await
+    .unwrap();
+    let addr = tern.api_addr();
     let (_sa, _sb, ta, tb) = tickets(addr).await;
     let mut ra = ws(addr, &format!("/relay?ticket={ta}")).await;
     let mut rb = ws(addr, &format!("/relay?ticket={tb}")).await;
@@ -92,6 +101,8 @@ async fn fifty_mib_through_the_relay_with_sha256() {
     assert_eq!(got, TOTAL);
     assert_eq!(h.finalize(), sent_digest);
     assert_eq!(code, Some(1000));
+    let mut tern = tern;
+    assert!(tern.alive());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

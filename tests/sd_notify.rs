@@ -87,3 +87,25 @@ fn abstract_socket_without_watchdog() {
     assert!(clean);
     assert!(!after.iter().any(|m| m.contains("WATCHDOG")), "{after:?}");
 }
+
+#[test]
+fn start_failure_is_reported_in_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    // The TURN port is taken: the daemon cannot start and must say why before exiting.
+    let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let args = vec![
+        "--set".to_string(),
+        format!("turn.listen=[\"127.0.0.1:{port}\"]"),
+    ];
+    let t = Supervised::start(&cfg, &args, NotifyAddr::Path, None);
+    let (msgs, clean) = t.until_exit();
+    assert!(!clean, "tern exited successfully with its port taken");
+    assert!(!msgs.iter().any(|m| m.contains("READY=1")), "{msgs:?}");
+    let last = msgs.last().expect("no notification at all");
+    assert!(
+        last.starts_with("STATUS=failed to start: ") && last.contains(&port.to_string()),
+        "{msgs:?}"
+    );
+}

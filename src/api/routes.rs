@@ -24,6 +24,17 @@ fn ws_limit(max_message_bytes: usize) -> usize {
     max_message_bytes.saturating_mul(4).max(64 * 1024)
 }
 
+/// Socket settings for signaling: small messages, so small buffers (tungstenite's defaults
+/// of 128 KiB read + 128 KiB write per socket would cost ~256 KiB per idle peer).
+fn signaling_socket(ws: WebSocketUpgrade, max_message_bytes: usize) -> WebSocketUpgrade {
+    let limit = ws_limit(max_message_bytes);
+    ws.read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limit.saturating_mul(2))
+        .max_message_size(limit)
+        .max_frame_size(limit)
+}
+
 pub(super) fn router(st: Arc<AppState>) -> Router {
     let mut r = Router::new()
         .route("/api/ice", get(ice::ice).options(ice::preflight))
@@ -65,14 +76,11 @@ async fn ws_native(
     let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
     let resume = q.get("resume").cloned();
     let hub = Arc::clone(&st.rooms);
-    let limit = ws_limit(st.cfg.signal.max_message_bytes);
-    ws.max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| {
-            hub.run(socket, move |core, conn, now| {
-                core.connect(conn, lan, resume.as_deref(), now)
-            })
+    signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
+        hub.run(socket, move |core, conn, now| {
+            core.connect(conn, lan, resume.as_deref(), now)
         })
+    })
 }
 
 /// `GET /relay?ticket=T`: one side of a relay session.
@@ -92,7 +100,12 @@ async fn relay(
         Err(e) => return json_error(StatusCode::FORBIDDEN, &e.to_string()),
     };
     let max = hub.config().max_frame_bytes;
-    ws.max_message_size(max)
+    // Buffers are counted in the relay's memory bound: 64 KiB each way per socket, and
+    // at most two frames queued in the codec's write buffer.
+    ws.read_buffer_size(64 * 1024)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(64 * 1024 + 2 * max)
+        .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| crate::relay_ws::run_side(hub, side, socket))
 }
@@ -156,18 +169,15 @@ async fn peerjs_ws(
     ws: WebSocketUpgrade,
 ) -> Response {
     let hub = Arc::clone(&st.peerjs);
-    let limit = ws_limit(st.cfg.signal.max_message_bytes);
-    ws.max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| {
-            hub.run(socket, move |core, conn, now| {
-                core.connect(
-                    conn,
-                    q.get("key").map(String::as_str),
-                    q.get("id").map(String::as_str),
-                    q.get("token").map(String::as_str),
-                    now,
-                )
-            })
+    signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
+        hub.run(socket, move |core, conn, now| {
+            core.connect(
+                conn,
+                q.get("key").map(String::as_str),
+                q.get("id").map(String::as_str),
+                q.get("token").map(String::as_str),
+                now,
+            )
         })
+    })
 }

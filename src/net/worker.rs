@@ -2,30 +2,39 @@
 //! workers through SO_REUSEPORT), its TCP client connections, its [`Shard`] of the TURN
 //! state and the relay sockets of that shard's allocations. Nothing here is shared with other
 //! workers on the data path (DESIGN.md principle 2).
+//!
+//! This file holds the loop and the UDP paths; `relays` the relay sockets, `tcp_conns` the
+//! TCP client connections.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mio::net::{TcpListener, TcpStream, UdpSocket};
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::net::{TcpListener, UdpSocket};
+use mio::{Events, Interest, Poll, Token};
 
-use super::link::{is_tls_error, Link};
+mod relays;
+mod tcp_conns;
+
+use relays::PeerBatch;
+pub use relays::Relays;
+use tcp_conns::{Conn, ListenMode};
+
 use super::mmsg::{RecvBatch, SendBatch};
 use super::shard::{Shard, OUT_LEN};
-use super::socket::{self, ListenerPair};
+use super::socket::ListenerPair;
 use super::stats::{NetStats, WorkerStats};
-use super::tcp::{InBuf, IpPermit, OutBuf, PerIpLimit, MAX_FRAME};
+use super::tcp::PerIpLimit;
 use crate::stun::{
-    classify, tcp_frame_len, write_channel_data_header, write_data_indication, Kind,
-    CHANNEL_DATA_HEADER, DATA_INDICATION_HEADROOM,
+    classify, write_channel_data_header, write_data_indication, Kind, CHANNEL_DATA_HEADER,
+    DATA_INDICATION_HEADROOM,
 };
-use crate::turn::{Action, FiveTuple, Now, RelayId, RelayIo, Transport};
+use crate::turn::{Action, FiveTuple, Now, RelayId, Transport};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
@@ -59,142 +68,28 @@ fn token(kind: usize, index: usize) -> Token {
     Token((kind << KIND_SHIFT) | index)
 }
 
-/// The relay sockets of this worker's allocations; the shard opens and closes them.
-pub struct Relays {
-    registry: Registry,
-    socks: Vec<Option<UdpSocket>>,
-    free: Vec<u32>,
-    buffer_bytes: usize,
-}
-
-impl Relays {
-    fn fd(&self, id: RelayId) -> Option<RawFd> {
-        self.socks
-            .get(id.0 as usize)
-            .and_then(|s| s.as_ref())
-            .map(|s| s.as_raw_fd())
-    }
-}
-
-impl RelayIo for Relays {
-    fn open_relay(&mut self, addr: SocketAddr) -> io::Result<RelayId> {
-        let mut sock = UdpSocket::from_std(socket::relay_socket(addr, self.buffer_bytes)?);
-        let idx = match self.free.pop() {
-            Some(i) => i as usize,
-            None => {
-                if self.socks.len() > INDEX_MASK {
-                    return Err(io::Error::other("too many relay sockets in one worker"));
-                }
-                self.socks.push(None);
-                self.socks.len() - 1
-            }
-        };
-        if let Err(e) = self
-            .registry
-            .register(&mut sock, token(K_RELAY, idx), Interest::READABLE)
-        {
-            self.free.push(idx as u32);
-            return Err(e);
-        }
-        self.socks[idx] = Some(sock);
-        Ok(RelayId(idx as u32))
-    }
-
-    fn close_relay(&mut self, relay: RelayId) {
-        let idx = relay.0 as usize;
-        if let Some(mut s) = self.socks.get_mut(idx).and_then(Option::take) {
-            let _ = self.registry.deregister(&mut s);
-            self.free.push(relay.0);
-        }
-    }
-}
-
-/// Client→peer datagrams for one relay socket at a time, sent with one sendmmsg.
-struct PeerBatch {
-    batch: SendBatch,
-    fd: RawFd,
-    transport: Transport,
-}
-
-impl PeerBatch {
-    /// Queues `data` to `peer` from relay socket `fd`, flushing first if the batch holds
-    /// another socket's datagrams or is full.
-    ///
-    /// # Safety
-    /// `data` must stay valid until the next [`Self::flush`].
-    unsafe fn push(
-        &mut self,
-        fd: RawFd,
-        transport: Transport,
-        data: &[u8],
-        peer: SocketAddr,
-        stats: &mut NetStats,
-    ) {
-        if !self.batch.is_empty() && (self.fd != fd || self.transport != transport) {
-            self.flush(stats);
-        }
-        if self.batch.is_full() {
-            self.flush(stats);
-        }
-        self.fd = fd;
-        self.transport = transport;
-        self.batch.push(data, peer);
-    }
-
-    fn flush(&mut self, stats: &mut NetStats) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let f = self.batch.flush(self.fd);
-        if self.transport == Transport::Udp {
-            stats.client_to_peer_udp_packets += f.sent as u64;
-            stats.client_to_peer_udp_bytes += f.sent_bytes as u64;
-        } else {
-            stats.client_to_peer_tcp_packets += f.sent as u64;
-            stats.client_to_peer_tcp_bytes += f.sent_bytes as u64;
-        }
-        stats.drop_send_error += f.failed as u64;
-    }
-}
-
 struct UdpListener {
     addr: SocketAddr,
+    /// Bound to 0.0.0.0 or [::]: the real local address comes from packet info.
+    wildcard: bool,
     sock: UdpSocket,
     /// Peer→client datagrams leaving through this socket.
     out: SendBatch,
 }
 
-/// What a TCP listener accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListenMode {
-    Plain,
-    Tls,
-    /// Plain TURN/TCP or TLS, told apart by the first byte (`turn.sniff_tls`).
-    Sniff,
-}
+impl UdpListener {
+    /// Whether a client's 5-tuple with server address `server` belongs to this listener.
+    fn serves(&self, server: SocketAddr) -> bool {
+        self.addr == server
+            || (self.wildcard
+                && self.addr.port() == server.port()
+                && self.addr.is_ipv4() == server.is_ipv4())
+    }
 
-struct Conn {
-    sock: TcpStream,
-    link: Link,
-    opened: Instant,
-    tuple: FiveTuple,
-    inbuf: InBuf,
-    out: OutBuf,
-    last_message: Instant,
-    dirty: bool,
-    _permit: IpPermit,
-}
-
-/// Why a TCP connection is closed (counted, logged at debug).
-#[derive(Clone, Copy, Debug)]
-enum CloseReason {
-    Eof,
-    Error,
-    Garbage,
-    Idle,
-    Backlog,
-    TlsError,
-    HandshakeTimeout,
+    /// The source address to put on datagrams to a client that reached `server`.
+    fn source_for(&self, server: SocketAddr) -> Option<IpAddr> {
+        self.wildcard.then_some(server.ip())
+    }
 }
 
 /// Settings a worker starts with.
@@ -232,6 +127,8 @@ pub struct Worker<S: Shard> {
     dirty_conns: Vec<usize>,
     rx: RecvBatch,
     to_peer: PeerBatch,
+    /// One control response at a time, with packet info when the listener is a wildcard.
+    reply: SendBatch,
     out: Box<[u8; OUT_LEN]>,
     txid_prefix: [u8; 4],
     txid_counter: u64,
@@ -268,6 +165,7 @@ impl<S: Shard> Worker<S> {
             registry.register(&mut u, token(K_UDP, i), Interest::READABLE)?;
             udp.push(UdpListener {
                 addr,
+                wildcard: addr.ip().is_unspecified(),
                 sock: u,
                 out: SendBatch::new(BATCH),
             });
@@ -305,6 +203,7 @@ impl<S: Shard> Worker<S> {
             conn_by_tuple: HashMap::new(),
             dirty_conns: Vec::new(),
             rx: RecvBatch::new(BATCH, DATA_INDICATION_HEADROOM + MAX_DATAGRAM + TAIL_ROOM),
+            reply: SendBatch::new(1),
             to_peer: PeerBatch {
                 batch: SendBatch::new(BATCH),
                 fd: -1,
@@ -410,7 +309,7 @@ impl<S: Shard> Worker<S> {
             return false;
         };
         let fd = l.sock.as_raw_fd();
-        let server = l.addr;
+        let (bound, wildcard) = (l.addr, l.wildcard);
         for _ in 0..MAX_BATCHES_PER_TURN {
             let n = match self.rx.recv(fd, 0, 0) {
                 Ok(n) => n,
@@ -426,6 +325,12 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_truncated += 1;
                     continue;
                 }
+                // On a wildcard listener the server side of the 5-tuple is the address the
+                // client actually reached.
+                let server = match (wildcard, r.dst) {
+                    (true, Some(ip)) => SocketAddr::new(ip, bound.port()),
+                    _ => bound,
+                };
                 let from = FiveTuple {
                     transport: Transport::Udp,
                     client: r.from,
@@ -465,10 +370,11 @@ impl<S: Shard> Worker<S> {
                         ) {
                             Action::None => {}
                             Action::Reply(len) => {
-                                if let Err(e) = self.udp[li].sock.send_to(&self.out[..len], r.from)
-                                {
+                                let src = wildcard.then_some(server.ip());
+                                // SAFETY: `out` is not touched before this flush.
+                                unsafe { self.reply.push(&self.out[..len], r.from, src) };
+                                if self.reply.flush(fd).failed > 0 {
                                     self.stats.drop_send_error += 1;
-                                    tracing::debug!(error = %e, "UDP response not sent");
                                 }
                             }
                             Action::Forward {
@@ -567,8 +473,8 @@ impl<S: Shard> Worker<S> {
                     None => write_data_indication(slot, at, r.len, r.from, txid),
                 };
                 if !stream {
-                    let Some(l) = self.udp.iter_mut().find(|l| l.addr == route.client.server)
-                    else {
+                    let server = route.client.server;
+                    let Some(l) = self.udp.iter_mut().find(|l| l.serves(server)) else {
                         self.stats.drop_send_error += 1;
                         continue;
                     };
@@ -578,8 +484,9 @@ impl<S: Shard> Worker<S> {
                         self.stats.peer_to_client_udp_bytes += f.sent_bytes as u64;
                         self.stats.drop_send_error += f.failed as u64;
                     }
+                    let src = l.source_for(server);
                     // SAFETY: the slot is not written again before the flush below.
-                    unsafe { l.out.push(&slot[frame], route.client.client) };
+                    unsafe { l.out.push(&slot[frame], route.client.client, src) };
                 } else {
                     let Some(c) = self
                         .conn_by_tuple
@@ -617,298 +524,5 @@ impl<S: Shard> Worker<S> {
             }
         }
         true
-    }
-
-    fn flush_dirty_conns(&mut self) {
-        while let Some(ci) = self.dirty_conns.pop() {
-            let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
-                Some(c) => {
-                    c.dirty = false;
-                    c.link.flush(&mut c.sock, &mut c.out).is_err()
-                }
-                None => false,
-            };
-            if failed {
-                self.close_conn(ci, CloseReason::Error);
-            }
-        }
-    }
-
-    /// New TCP clients on listener `li`, within the per-IP limit. `true` if more may wait.
-    fn accept(&mut self, li: usize, now: Now) -> bool {
-        for _ in 0..256 {
-            let Some((server, l, mode)) = self.tcp.get(li) else {
-                return false;
-            };
-            let (server, mode) = (*server, *mode);
-            let (mut sock, client) = match l.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) => {
-                    // EMFILE and friends: try again a little later rather than spin.
-                    tracing::debug!(error = %e, "TCP accept failed");
-                    self.accept_retry = true;
-                    return false;
-                }
-            };
-            let Some(permit) = self.per_ip.try_acquire(client.ip()) else {
-                self.stats.tcp_rejected_per_ip += 1;
-                tracing::debug!(%client, "TCP connection refused: turn.tcp_max_per_ip reached");
-                continue;
-            };
-            let _ = sock.set_nodelay(true);
-            let (link, transport) = match (mode, &self.tls) {
-                (ListenMode::Tls, Some(cfg)) => match Link::tls(cfg) {
-                    Ok(l) => (l, Transport::Tls),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "TLS session setup failed");
-                        continue;
-                    }
-                },
-                // A sniffed connection is filed as TCP until its first byte says otherwise.
-                (ListenMode::Sniff, Some(_)) => (Link::Sniff, Transport::Tcp),
-                _ => (Link::Plain, Transport::Tcp),
-            };
-            let ci = match self.free_conns.pop() {
-                Some(i) => i,
-                None => {
-                    self.conns.push(None);
-                    self.conns.len() - 1
-                }
-            };
-            if let Err(e) = self.poll.registry().register(
-                &mut sock,
-                token(K_CONN, ci),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                tracing::debug!(error = %e, "TCP register failed");
-                self.free_conns.push(ci);
-                continue;
-            }
-            let tuple = FiveTuple {
-                transport,
-                client,
-                server,
-            };
-            self.stats.tcp_accepted += 1;
-            self.conn_by_tuple.insert(tuple, ci);
-            self.conns[ci] = Some(Conn {
-                sock,
-                link,
-                opened: now.mono,
-                tuple,
-                inbuf: InBuf::default(),
-                out: OutBuf::new(TCP_DATA_QUEUE, TCP_HARD_QUEUE),
-                last_message: now.mono,
-                dirty: false,
-                _permit: permit,
-            });
-        }
-        true
-    }
-
-    fn conn_writable(&mut self, ci: usize) {
-        let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
-            Some(c) => c.link.flush(&mut c.sock, &mut c.out).is_err(),
-            None => false,
-        };
-        if failed {
-            self.close_conn(ci, CloseReason::Error);
-        }
-    }
-
-    /// Frames from TCP client `ci`. `true` if more may wait.
-    fn conn_readable(&mut self, ci: usize, now: Now) -> bool {
-        let mut close = None;
-        let mut more = true;
-        for _ in 0..MAX_BATCHES_PER_TURN {
-            let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
-                return false;
-            };
-            let was_sniffing = matches!(conn.link, Link::Sniff);
-            let was_handshaking = conn.link.handshaking();
-            let filled = conn
-                .link
-                .fill(&mut conn.sock, &mut conn.inbuf, self.tls.as_ref());
-            if was_sniffing && conn.link.is_tls() {
-                // The sniffed first byte opened TLS: the 5-tuple's transport says so.
-                self.conn_by_tuple.remove(&conn.tuple);
-                conn.tuple.transport = Transport::Tls;
-                self.conn_by_tuple.insert(conn.tuple, ci);
-            }
-            if was_handshaking && conn.link.is_tls() && !conn.link.handshaking() {
-                self.stats.tls_handshakes += 1;
-            }
-            match filled {
-                Ok(0) => {
-                    close = Some(CloseReason::Eof);
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    more = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if is_tls_error(&e) => {
-                    tracing::debug!(client = %conn.tuple.client, error = %e, "TLS error");
-                    close = Some(CloseReason::TlsError);
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    close = Some(CloseReason::Garbage);
-                    break;
-                }
-                Err(_) => {
-                    close = Some(CloseReason::Error);
-                    break;
-                }
-            }
-            loop {
-                let data = conn.inbuf.data();
-                let n = match tcp_frame_len(data) {
-                    Ok(None) => break,
-                    Ok(Some(n)) if n > MAX_FRAME || n == 0 => {
-                        close = Some(CloseReason::Garbage);
-                        break;
-                    }
-                    Ok(Some(n)) if n > data.len() => break,
-                    Ok(Some(n)) => n,
-                    Err(_) => {
-                        close = Some(CloseReason::Garbage);
-                        break;
-                    }
-                };
-                let frame = &data[..n];
-                conn.last_message = now.mono;
-                match classify(frame) {
-                    Kind::ChannelData { channel, len } => {
-                        match self.shard.channel_to_peer(&conn.tuple, channel) {
-                            Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.fd(relay) {
-                                    let payload =
-                                        &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
-                                    // SAFETY: `inbuf` is neither refilled nor compacted
-                                    // before the flush after this frame loop.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            Transport::Tcp,
-                                            payload,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
-                                }
-                            }
-                            None => self.stats.drop_no_channel += 1,
-                        }
-                    }
-                    Kind::Stun => {
-                        match self.shard.handle_stun(
-                            now,
-                            conn.tuple,
-                            frame,
-                            &mut self.out,
-                            &mut self.relays,
-                        ) {
-                            Action::None => {}
-                            Action::Reply(len) => {
-                                if !conn.out.push_control(&self.out[..len]) {
-                                    close = Some(CloseReason::Backlog);
-                                }
-                            }
-                            Action::Forward {
-                                relay,
-                                peer,
-                                payload,
-                            } => {
-                                if let (Some(rfd), Some(d)) =
-                                    (self.relays.fd(relay), frame.get(payload))
-                                {
-                                    // SAFETY: as above.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            Transport::Tcp,
-                                            d,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
-                                }
-                            }
-                        }
-                    }
-                    Kind::Invalid => {
-                        self.stats.drop_invalid += 1;
-                        close = Some(CloseReason::Garbage);
-                    }
-                }
-                if close.is_some() {
-                    break;
-                }
-                conn.inbuf.consume(n);
-            }
-            self.to_peer.flush(&mut self.stats);
-            if close.is_some() {
-                break;
-            }
-            if conn.link.flush(&mut conn.sock, &mut conn.out).is_err() {
-                close = Some(CloseReason::Error);
-                break;
-            }
-        }
-        self.to_peer.flush(&mut self.stats);
-        if close.is_none() {
-            // TLS handshake records produced by the last read wait for no frame.
-            if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
-                if conn.link.flush(&mut conn.sock, &mut conn.out).is_err() {
-                    close = Some(CloseReason::Error);
-                }
-            }
-        }
-        if let Some(reason) = close {
-            self.close_conn(ci, reason);
-            return false;
-        }
-        more
-    }
-
-    fn close_conn(&mut self, ci: usize, reason: CloseReason) {
-        let Some(mut c) = self.conns.get_mut(ci).and_then(Option::take) else {
-            return;
-        };
-        match reason {
-            CloseReason::Garbage => self.stats.tcp_closed_garbage += 1,
-            CloseReason::Idle => self.stats.tcp_closed_idle += 1,
-            CloseReason::Backlog => self.stats.tcp_closed_backlog += 1,
-            CloseReason::TlsError => self.stats.tls_closed_error += 1,
-            CloseReason::HandshakeTimeout => self.stats.tls_closed_handshake_timeout += 1,
-            CloseReason::Eof | CloseReason::Error => {}
-        }
-        tracing::debug!(client = %c.tuple.client, ?reason, "TCP connection closed");
-        let _ = self.poll.registry().deregister(&mut c.sock);
-        self.conn_by_tuple.remove(&c.tuple);
-        self.free_conns.push(ci);
-        self.shard.client_closed(&c.tuple, &mut self.relays);
-        // The socket and the per-IP permit go with `c`.
-    }
-
-    fn close_idle(&mut self, now: Instant) {
-        for ci in 0..self.conns.len() {
-            let Some(c) = self.conns[ci].as_ref() else {
-                continue;
-            };
-            // A handshake (or a sniffed first byte) gets handshake_timeout, however
-            // slowly its bytes trickle in.
-            if c.link.handshaking()
-                && now.saturating_duration_since(c.opened) >= self.handshake_timeout
-            {
-                self.close_conn(ci, CloseReason::HandshakeTimeout);
-            } else if now.saturating_duration_since(c.last_message) >= self.tcp_idle {
-                self.close_conn(ci, CloseReason::Idle);
-            }
-        }
     }
 }

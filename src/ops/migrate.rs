@@ -10,6 +10,9 @@ use std::path::Path;
 
 use ipnet::IpNet;
 
+use super::cidr::peer_ranges;
+use super::coturn_options::{flag_on, sensitive, unsupported_reason};
+
 /// One coturn option that has no Tern equivalent, with the reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dropped {
@@ -30,164 +33,6 @@ pub struct Migration {
     /// REST secrets (`static-auth-secret`), for the caller to write into `secret_file`
     /// when one was asked for (then `toml` references the file instead of holding them).
     pub secrets: Vec<String>,
-}
-
-/// Options whose values are credentials or connection strings: never echoed.
-fn sensitive(name: &str) -> bool {
-    matches!(
-        name,
-        "static-auth-secret"
-            | "user"
-            | "cli-password"
-            | "web-admin-password"
-            | "pkey-pwd"
-            | "userdb"
-            | "db"
-            | "psql-userdb"
-            | "sql-userdb"
-            | "mysql-userdb"
-            | "mongo-userdb"
-            | "redis-userdb"
-            | "redis-statsdb"
-            | "secret-ttl"
-            | "oauth"
-    ) || name.contains("password")
-        || name.contains("secret")
-}
-
-/// A flag's value: absent means on; coturn also accepts 1/yes/true/on and 0/no/false/off.
-fn flag_on(value: Option<&str>) -> bool {
-    !matches!(
-        value.map(|v| v.to_ascii_lowercase()),
-        Some(v) if v == "0" || v == "no" || v == "false" || v == "off"
-    )
-}
-
-/// Minimal CIDR blocks covering exactly `lo..=hi` (both of the same family).
-fn range_to_cidrs(lo: IpAddr, hi: IpAddr) -> Option<Vec<IpNet>> {
-    let (bits, mut a, b) = match (lo, hi) {
-        (IpAddr::V4(l), IpAddr::V4(h)) => {
-            (32u32, u128::from(u32::from(l)), u128::from(u32::from(h)))
-        }
-        (IpAddr::V6(l), IpAddr::V6(h)) => (128u32, u128::from(l), u128::from(h)),
-        _ => return None,
-    };
-    if a > b {
-        return None;
-    }
-    let mask = |k: u32| {
-        if k >= 128 {
-            u128::MAX
-        } else {
-            (1u128 << k) - 1
-        }
-    };
-    let mut out = Vec::new();
-    loop {
-        // The largest block starting at `a` (aligned to its size) that ends by `b`.
-        let mut k = if a == 0 {
-            bits
-        } else {
-            a.trailing_zeros().min(bits)
-        };
-        while k > 0 && (a | mask(k)) > b {
-            k -= 1;
-        }
-        let prefix = (bits - k) as u8;
-        out.push(if bits == 32 {
-            IpNet::new(IpAddr::V4((a as u32).into()), prefix).ok()?
-        } else {
-            IpNet::new(IpAddr::V6(a.into()), prefix).ok()?
-        });
-        let end = a | mask(k);
-        if end >= b {
-            return Some(out);
-        }
-        a = end + 1;
-    }
-}
-
-/// `ip`, `ip1-ip2` or `net/len` as CIDR blocks.
-fn peer_ranges(value: &str) -> Option<Vec<IpNet>> {
-    let v = value.trim();
-    if let Some((l, h)) = v.split_once('-') {
-        return range_to_cidrs(l.trim().parse().ok()?, h.trim().parse().ok()?);
-    }
-    if let Ok(net) = v.parse::<IpNet>() {
-        return Some(vec![net.trunc()]);
-    }
-    let ip: IpAddr = v.parse().ok()?;
-    Some(vec![IpNet::from(ip)])
-}
-
-/// Why an option is not carried over, for the options Tern knowingly does without.
-fn unsupported_reason(name: &str) -> Option<&'static str> {
-    Some(match name {
-        "tls-listening-port" | "alt-tls-listening-port" | "cert" | "pkey" | "pkey-pwd"
-        | "cipher-list" | "CA-file" | "ec-curve-name" | "dh566" | "dh1066" | "dh2066"
-        | "dh-file" | "no-tlsv1" | "no-tlsv1_1" | "no-tlsv1_2" => {
-            "TURN over TLS is not built into Tern yet (issue 4); until it is, clients use turn: over UDP or TCP"
-        }
-        "no-tcp" | "no-udp" => {
-            "Tern serves UDP and TCP on every turn.listen address; block the transport you do not want at the firewall"
-        }
-        "no-tls" => "Tern has no TLS listener unless configured; nothing to turn off",
-        "no-dtls" | "dtls-listening-port" => "Tern has no DTLS (no browser uses TURN over DTLS); nothing to turn off",
-        "lt-cred-mech" => "Tern always uses long-term credentials (RFC 8489 §9.2); nothing to set",
-        "no-auth" => "Tern always authenticates TURN requests: an unauthenticated relay is an open proxy",
-        "fingerprint" => "Tern has no switch for FINGERPRINT (RFC 8489 §14.7); nothing to set",
-        "no-loopback-peers" | "no-multicast-peers" => {
-            "Tern denies loopback and multicast peers by default; nothing to set"
-        }
-        "stale-nonce" => "Tern's nonces are stateless and rotate on their own; not configurable",
-        "alt-listening-port" | "rfc5780" | "no-rfc5780" | "response-origin-only-with-rfc5780" => {
-            "Tern does not implement NAT behaviour discovery (RFC 5780)"
-        }
-        "listening-device" | "relay-device" => {
-            "Tern binds addresses, not interfaces: use turn.listen / turn.relay_ip with the interface's address"
-        }
-        "log-file" | "syslog" | "simple-log" | "new-log-timestamp" | "new-log-timestamp-format"
-        | "log-binding" | "no-stdout-log" | "syslog-facility" => {
-            "Tern logs to stderr, which journald collects; use log.level and log.format"
-        }
-        "pidfile" => "systemd tracks the process (systemd/tern.service); no pid file needed",
-        "proc-user" | "proc-group" => {
-            "systemd runs Tern as the unprivileged user tern (systemd/tern.service)"
-        }
-        "no-cli" | "cli-ip" | "cli-port" | "cli-password" | "cli-max-output-sessions" => {
-            "Tern has no telnet CLI; there is nothing to turn off"
-        }
-        "web-admin" | "web-admin-ip" | "web-admin-port" | "web-admin-listen-on-workers" => {
-            "Tern has no web admin interface"
-        }
-        "userdb" | "db" | "psql-userdb" | "sql-userdb" | "mysql-userdb" | "mongo-userdb"
-        | "redis-userdb" => {
-            "Tern reads no user database: export users (`turnadmin -l`) into [[turn.users]] and secrets (`turnadmin -S`) into turn.secret_file"
-        }
-        "redis-statsdb" | "prometheus-username-labels" => {
-            "Tern's statistics are Prometheus metrics without per-user labels (bounded labels only)"
-        }
-        "bps-capacity" | "max-bps" => "Tern has no bandwidth limit option",
-        "server-name" => "Tern has no server name; realm is set by turn.realm",
-        "mobility" => "Tern does not implement ICE mobility (RFC 8016)",
-        "secure-stun" => "Tern answers Binding requests without authentication, as RFC 8489 intends",
-        "no-stun" | "stun-only" => "Tern always serves both STUN and TURN on its listeners",
-        "aux-server" | "udp-self-balance" | "alternate-server" | "tls-alternate-server" => {
-            "ALTERNATE-SERVER redirection is not configurable in this Tern version"
-        }
-        "channel-lifetime" | "permission-lifetime" => {
-            "Tern uses RFC 8656's fixed lifetimes (600 s channels, 300 s permissions)"
-        }
-        "oauth" | "server-relay" | "check-origin-consistency" => "not supported by Tern",
-        "keep-address-family" | "allocation-default-address-family" => {
-            "Tern follows RFC 8656 §7.2 address-family rules; not configurable"
-        }
-        "no-multicast-peers-denied" | "allow-multicast-peers" => {
-            "Tern never relays to multicast addresses"
-        }
-        "daemon" | "prod" | "no-software-attribute-check" => "not needed under systemd",
-        _ => return None,
-    })
 }
 
 #[derive(Default)]
@@ -645,53 +490,5 @@ fn finish(
         toml: out,
         dropped,
         secrets,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cidrs(lo: &str, hi: &str) -> Option<Vec<String>> {
-        range_to_cidrs(lo.parse().unwrap(), hi.parse().unwrap())
-            .map(|v| v.iter().map(|n| n.to_string()).collect())
-    }
-
-    #[test]
-    fn ranges_become_exact_cidr_blocks() {
-        assert_eq!(
-            cidrs("10.0.0.1", "10.0.0.6").unwrap(),
-            ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]
-        );
-        assert_eq!(cidrs("0.0.0.0", "255.255.255.255").unwrap(), ["0.0.0.0/0"]);
-        assert_eq!(cidrs("192.0.2.7", "192.0.2.7").unwrap(), ["192.0.2.7/32"]);
-        assert_eq!(
-            cidrs("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff").unwrap(),
-            ["::/0"]
-        );
-        assert_eq!(
-            cidrs("fe80::", "febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff").unwrap(),
-            ["fe80::/10"]
-        );
-        assert_eq!(cidrs("10.0.0.2", "10.0.0.1"), None);
-        assert_eq!(cidrs("10.0.0.1", "::1"), None);
-    }
-
-    #[test]
-    fn peer_values() {
-        let s =
-            |v: &str| peer_ranges(v).map(|v| v.iter().map(|n| n.to_string()).collect::<Vec<_>>());
-        assert_eq!(s("192.0.2.1").unwrap(), ["192.0.2.1/32"]);
-        assert_eq!(s("192.0.2.9/24").unwrap(), ["192.0.2.0/24"]);
-        assert_eq!(s(" 10.0.0.0 - 10.0.0.255 ").unwrap(), ["10.0.0.0/24"]);
-        assert_eq!(s("nonsense"), None);
-    }
-
-    #[test]
-    fn flags_accept_coturn_booleans() {
-        assert!(flag_on(None));
-        assert!(flag_on(Some("yes")));
-        assert!(!flag_on(Some("0")));
-        assert!(!flag_on(Some("OFF")));
     }
 }

@@ -5,6 +5,8 @@
 //! or sit on the data path: the daemon calls it from its main loop only, and the firewall
 //! and migration code only read configs and print text.
 
+mod cidr;
+mod coturn_options;
 pub mod firewall;
 pub mod migrate;
 pub mod notify;

@@ -117,6 +117,8 @@ impl Supervisor {
                     tracing::warn!(%target, "TURN listener does not answer its self-probe; reporting ready anyway");
                     break;
                 }
+                // A refused probe fails at once: do not spin.
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
         self.status = status.to_string();

@@ -101,6 +101,11 @@ pub struct TernOpts {
     pub ipv6: bool,
     /// Extra `[turn]` lines.
     pub extra_turn: String,
+    /// Serve the HTTP API on a free loopback port, with these extra `[api]` lines
+    /// (None: `[api] enabled = false`).
+    pub api: Option<String>,
+    /// Extra sections appended to the config (e.g. `[signal]`, `[relay_ws]`).
+    pub extra_sections: String,
 }
 
 impl TernOpts {
@@ -114,6 +119,8 @@ impl TernOpts {
             // a public server (the abuse tests set their own).
             extra_turn: "unauth_rate_per_sec = 5000\nunauth_burst = 5000\nuser_quota = 1000\n"
                 .into(),
+            api: None,
+            extra_sections: String::new(),
         }
     }
 }
@@ -122,6 +129,8 @@ impl TernOpts {
 pub struct Tern {
     child: Child,
     pub port: u16,
+    /// The HTTP API port (0 when the API is disabled).
+    pub api_port: u16,
     pub secret: String,
     pub dir: tempfile::TempDir,
 }
@@ -148,6 +157,11 @@ impl Tern {
         } else {
             (format!("\"127.0.0.1:{port}\""), "\"127.0.0.1\"")
         };
+        let api_port = if opts.api.is_some() { free_port() } else { 0 };
+        let api = match &opts.api {
+            Some(lines) => format!("[api]\nlisten = \"127.0.0.1:{api_port}\"\n{lines}\n"),
+            None => "[api]\nenabled = false\n".into(),
+        };
         let config = format!(
             "[turn]\n\
              listen = [{listen}]\n\
@@ -158,12 +172,14 @@ impl Tern {
              {allowed}\
              workers = 2\n\
              {extra}\n\
-             [api]\nenabled = false\n\
+             {api}\
+             {sections}\n\
              [metrics]\nenabled = false\n\
              [log]\nlevel = \"info,tern=debug\"\n",
             min = opts.relay_min,
             max = opts.relay_min + opts.relay_ports - 1,
             extra = opts.extra_turn,
+            sections = opts.extra_sections,
         );
         let cfg_path = dir.path().join("tern.toml");
         std::fs::write(&cfg_path, config).unwrap();
@@ -181,10 +197,14 @@ impl Tern {
         let mut t = Tern {
             child,
             port,
+            api_port,
             secret,
             dir,
         };
         t.wait_ready();
+        if api_port != 0 {
+            t.wait_api_ready();
+        }
         t
     }
 
@@ -226,6 +246,26 @@ impl Tern {
             "tern did not answer a Binding request in time:\n{}",
             self.log()
         );
+    }
+
+    /// The HTTP API address (when started with `api`).
+    pub fn api_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.api_port))
+    }
+
+    /// Waits until the HTTP listener accepts connections.
+    fn wait_api_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.api_addr()).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tern exited at start ({status}):\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tern's HTTP listener did not come up:\n{}", self.log());
     }
 
     /// Still running (not crashed)?

@@ -109,6 +109,26 @@ impl Supervised {
         panic!("no READY=1 in time; got {seen:?}\n{}", self.log());
     }
 
+    /// Messages until the daemon exits on its own (bounded wait), and its exit success.
+    pub fn until_exit(mut self) -> (Vec<String>, bool) {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                continue;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                while let Ok(n) = self.notify.recv(&mut buf) {
+                    seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+                return (seen, status.success());
+            }
+        }
+        panic!("tern did not exit; sent {seen:?}\n{}", self.log());
+    }
+
     /// SIGTERM, then the messages sent until exit and whether it exited successfully.
     pub fn terminate(mut self) -> (Vec<String>, bool) {
         // SAFETY: kill(2) on the PID of a child we started and have not reaped.

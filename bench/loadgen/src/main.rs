@@ -1,0 +1,381 @@
+//! tern-loadgen: a TURN load generator for side-by-side benchmarks (Tern vs coturn).
+//!
+//! Creates N allocations with TURN REST credentials, ChannelBinds each to a UDP echo peer it
+//! runs itself on loopback, sends ChannelData (RFC 8656 §12) at a target rate with batched
+//! sendmmsg, counts the echoes, and prints one JSON line. Bounded: it stops after
+//! `--packets` or `--duration` seconds, whichever comes first, then drains for 2 s.
+
+mod control;
+mod mmsg;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use control::{Challenge, Session};
+
+const CHANNEL: u16 = 0x4000;
+const USAGE: &str = "usage: tern-loadgen --server IP:PORT (--secret S | --secret-file F)
+  [--allocations 50] [--rate 20000 (packets/s, 0 = as fast as possible)] [--packets 1000000]
+  [--duration 20 (seconds)] [--size 100 (payload bytes, >= 16)] [--batch 32]
+  [--user-prefix loadgen] [--peer-ip 127.0.0.1] [--buffers 4194304]";
+
+struct Args {
+    server: SocketAddr,
+    secret: String,
+    allocations: usize,
+    rate: u64,
+    packets: u64,
+    duration: f64,
+    size: usize,
+    batch: usize,
+    user_prefix: String,
+    peer_ip: IpAddr,
+    buffers: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let mut server = None;
+    let mut secret = None;
+    let mut a = Args {
+        server: "127.0.0.1:3478".parse().unwrap(),
+        secret: String::new(),
+        allocations: 50,
+        rate: 20_000,
+        packets: 1_000_000,
+        duration: 20.0,
+        size: 100,
+        batch: 32,
+        user_prefix: "loadgen".into(),
+        peer_ip: "127.0.0.1".parse().unwrap(),
+        buffers: 4 << 20,
+    };
+    while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err(USAGE.into());
+        }
+        let v = it.next().ok_or(format!("{flag} needs a value"))?;
+        let bad = |e: &dyn std::fmt::Display| format!("{flag} {v}: {e}");
+        match flag.as_str() {
+            "--server" => server = Some(v.parse().map_err(|e| bad(&e))?),
+            "--secret" => secret = Some(v),
+            "--secret-file" => {
+                let text = std::fs::read_to_string(&v).map_err(|e| bad(&e))?;
+                let line = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .ok_or(format!("{v} holds no secret"))?;
+                secret = Some(line.to_string());
+            }
+            "--allocations" => a.allocations = v.parse().map_err(|e| bad(&e))?,
+            "--rate" => a.rate = v.parse().map_err(|e| bad(&e))?,
+            "--packets" => a.packets = v.parse().map_err(|e| bad(&e))?,
+            "--duration" => a.duration = v.parse().map_err(|e| bad(&e))?,
+            "--size" => a.size = v.parse().map_err(|e| bad(&e))?,
+            "--batch" => a.batch = v.parse().map_err(|e| bad(&e))?,
+            "--user-prefix" => a.user_prefix = v,
+            "--peer-ip" => a.peer_ip = v.parse().map_err(|e| bad(&e))?,
+            "--buffers" => a.buffers = v.parse().map_err(|e| bad(&e))?,
+            _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
+        }
+    }
+    a.server = server.ok_or(format!("--server is required\n{USAGE}"))?;
+    a.secret = secret.ok_or(format!("--secret or --secret-file is required\n{USAGE}"))?;
+    if a.allocations == 0 || a.size < 16 || a.size > 1400 || a.batch == 0 {
+        return Err("need --allocations >= 1, 16 <= --size <= 1400, --batch >= 1".into());
+    }
+    if !(a.duration > 0.0 && a.duration <= 600.0) {
+        return Err("--duration must be in (0, 600] seconds".into());
+    }
+    a.batch = a.batch.min(mmsg::MAX_BATCH);
+    Ok(a)
+}
+
+/// Counters shared by the data-path threads.
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    send_eagain: AtomicU64,
+    received: AtomicU64,
+    bad_packets: AtomicU64,
+    rtt_sum_us: AtomicU64,
+    rtt_max_us: AtomicU64,
+    peer_received: AtomicU64,
+    peer_sent: AtomicU64,
+    sending_done: AtomicBool,
+    receiving_done: AtomicBool,
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    match run(&args) {
+        Ok(report) => println!("{report}"),
+        Err(e) => {
+            println!(
+                "{}",
+                serde_json::json!({"ok": false, "error": e.to_string()})
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(a: &Args) -> io::Result<serde_json::Value> {
+    let counters = Arc::new(Counters::default());
+
+    // The echo peer: every datagram goes back to the relay address it came from.
+    let peer = UdpSocket::bind((a.peer_ip, 0))?;
+    mmsg::set_buffers(peer.as_raw_fd(), a.buffers);
+    peer.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let peer_addr = peer.local_addr()?;
+    let echo = {
+        let c = Arc::clone(&counters);
+        std::thread::spawn(move || echo_loop(&peer, &c))
+    };
+
+    let setup_start = Instant::now();
+    let sessions = setup(a, peer_addr);
+    let setup_s = setup_start.elapsed().as_secs_f64();
+    let sessions = match sessions {
+        Ok(s) => s,
+        Err(e) => {
+            counters.receiving_done.store(true, Ordering::Relaxed);
+            let _ = echo.join();
+            return Err(e);
+        }
+    };
+
+    for s in &sessions {
+        s.sock.set_nonblocking(true)?;
+    }
+    let fds: Vec<_> = sessions.iter().map(|s| s.sock.as_raw_fd()).collect();
+    let start = Instant::now();
+    let receiver = {
+        let c = Arc::clone(&counters);
+        let fds = fds.clone();
+        let plen = 4 + a.size;
+        std::thread::spawn(move || receive_loop(&fds, plen, start, &c))
+    };
+    let send_s = send_loop(a, &fds, start, &counters);
+    counters.sending_done.store(true, Ordering::Release);
+    let _ = receiver.join();
+    let _ = echo.join();
+
+    // Free the allocations so back-to-back runs do not hit quotas.
+    let mut release_errors = 0;
+    let mut ch = Challenge::default();
+    for s in &sessions {
+        s.sock.set_nonblocking(false)?;
+        if s.release(&mut ch).is_err() {
+            release_errors += 1;
+        }
+    }
+
+    let c = &counters;
+    let sent = c.sent.load(Ordering::Relaxed);
+    let received = c.received.load(Ordering::Relaxed);
+    let peer_received = c.peer_received.load(Ordering::Relaxed);
+    let relayed = peer_received + received;
+    let round = |x: f64| (x * 100.0).round() / 100.0;
+    Ok(serde_json::json!({
+        "ok": true,
+        "server": a.server.to_string(),
+        "allocations": sessions.len(),
+        "payload_bytes": a.size,
+        "target_pps": a.rate,
+        "setup_s": round(setup_s),
+        "duration_s": round(send_s),
+        "sent": sent,
+        "peer_received": peer_received,
+        "peer_sent": c.peer_sent.load(Ordering::Relaxed),
+        "received": received,
+        "lost": sent.saturating_sub(received),
+        "loss_pct": if sent > 0 { round(100.0 * sent.saturating_sub(received) as f64 / sent as f64) } else { 0.0 },
+        "relayed_packets": relayed,
+        "relayed_pps": round(relayed as f64 / send_s),
+        "send_pps": round(sent as f64 / send_s),
+        "avg_rtt_us": c.rtt_sum_us.load(Ordering::Relaxed).checked_div(received).unwrap_or(0),
+        "max_rtt_us": c.rtt_max_us.load(Ordering::Relaxed),
+        "send_eagain": c.send_eagain.load(Ordering::Relaxed),
+        "bad_packets": c.bad_packets.load(Ordering::Relaxed),
+        "release_errors": release_errors,
+    }))
+}
+
+/// Allocates and channel-binds every session, one after the other.
+fn setup(a: &Args, peer: SocketAddr) -> io::Result<Vec<Session>> {
+    let expiry = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(io::Error::other)?
+        .as_secs()
+        + 3600;
+    let local: IpAddr = if a.server.is_ipv4() {
+        "127.0.0.1".parse().unwrap()
+    } else {
+        "::1".parse().unwrap()
+    };
+    let mut ch = Challenge::default();
+    let mut out = Vec::with_capacity(a.allocations);
+    for i in 0..a.allocations {
+        let username = format!("{expiry}:{}{i}", a.user_prefix);
+        let password = control::rest_password(&a.secret, &username);
+        // 437: the kernel reused a local port whose old allocation (another client's, e.g. a
+        // turnutils_uclient run that never deleted its own) is still alive: take a new port.
+        let mut attempt = 0;
+        let s = loop {
+            let sock = UdpSocket::bind((local, 0))?;
+            sock.connect(a.server)?;
+            mmsg::set_buffers(sock.as_raw_fd(), a.buffers);
+            let s = Session {
+                sock,
+                server: a.server,
+                username: username.clone(),
+                password: password.clone(),
+            };
+            match s.allocate(&mut ch) {
+                Ok(_) => break s,
+                Err(e) if control::refused_code(&e) == Some(437) && attempt < 10 => attempt += 1,
+                Err(e) => {
+                    return Err(io::Error::new(e.kind(), format!("allocation {i}: {e}")));
+                }
+            }
+        };
+        s.channel_bind(&mut ch, CHANNEL, peer)
+            .map_err(|e| io::Error::new(e.kind(), format!("channel bind {i}: {e}")))?;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Sends ChannelData at the target rate, round-robin over the sessions, in batches.
+/// Returns the seconds it spent sending.
+fn send_loop(a: &Args, fds: &[i32], start: Instant, c: &Counters) -> f64 {
+    let plen = 4 + a.size;
+    let mut buf = vec![0u8; plen * a.batch];
+    for p in buf.chunks_mut(plen) {
+        p[..2].copy_from_slice(&CHANNEL.to_be_bytes());
+        p[2..4].copy_from_slice(&(a.size as u16).to_be_bytes());
+    }
+    let limit = Duration::from_secs_f64(a.duration);
+    // Sleep about one batch's worth of time when ahead of schedule.
+    let nap = if a.rate == 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs_f64((a.batch as f64 / a.rate as f64).clamp(50e-6, 2e-3))
+    };
+    let mut sent = 0u64;
+    let mut seq = 0u64;
+    let mut next = 0usize;
+    loop {
+        let elapsed = start.elapsed();
+        if sent >= a.packets || elapsed >= limit {
+            break;
+        }
+        let due = if a.rate == 0 {
+            a.packets
+        } else {
+            ((a.rate as f64 * elapsed.as_secs_f64()) as u64).min(a.packets)
+        };
+        if sent >= due {
+            std::thread::sleep(nap);
+            continue;
+        }
+        let n = ((due - sent) as usize).min(a.batch);
+        let now_ns = start.elapsed().as_nanos() as u64;
+        for p in buf.chunks_mut(plen).take(n) {
+            p[4..12].copy_from_slice(&now_ns.to_le_bytes());
+            p[12..20].copy_from_slice(&seq.to_le_bytes());
+            seq += 1;
+        }
+        match mmsg::send_connected(fds[next], &mut buf, plen, n) {
+            Ok(k) => {
+                sent += k as u64;
+                if k < n {
+                    c.send_eagain.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                c.send_eagain.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        c.sent.store(sent, Ordering::Relaxed);
+        next = (next + 1) % fds.len();
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// Counts echoed ChannelData on every client socket until all sent packets came back or
+/// 2 s after sending stopped.
+fn receive_loop(fds: &[i32], plen: usize, start: Instant, c: &Counters) {
+    let mut batch = mmsg::RecvBatch::new();
+    let mut drain_deadline: Option<Instant> = None;
+    let (mut received, mut bad, mut rtt_sum, mut rtt_max) = (0u64, 0u64, 0u64, 0u64);
+    loop {
+        let mut got = 0usize;
+        for &fd in fds {
+            // Err is WouldBlock (or a queued ICMP error): go on with the next socket.
+            while let Ok(n) = batch.recv(fd, false) {
+                let now_ns = start.elapsed().as_nanos() as u64;
+                for i in 0..n {
+                    let p = batch.packet(i);
+                    if p.len() != plen || p[..2] != CHANNEL.to_be_bytes() {
+                        bad += 1;
+                        continue;
+                    }
+                    let sent_ns = u64::from_le_bytes(p[4..12].try_into().unwrap());
+                    let rtt = now_ns.saturating_sub(sent_ns) / 1000;
+                    rtt_sum += rtt;
+                    rtt_max = rtt_max.max(rtt);
+                    received += 1;
+                }
+                got += n;
+                if n < mmsg::MAX_BATCH {
+                    break;
+                }
+            }
+        }
+        c.received.store(received, Ordering::Relaxed);
+        if got > 0 {
+            continue;
+        }
+        if c.sending_done.load(Ordering::Acquire) {
+            let deadline =
+                *drain_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(2));
+            if received >= c.sent.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                break;
+            }
+        }
+        mmsg::poll_readable(fds, 5);
+    }
+    c.bad_packets.store(bad, Ordering::Relaxed);
+    c.rtt_sum_us.store(rtt_sum, Ordering::Relaxed);
+    c.rtt_max_us.store(rtt_max, Ordering::Relaxed);
+    c.receiving_done.store(true, Ordering::Release);
+}
+
+/// The echo peer's loop: batches in, the same batches back out.
+fn echo_loop(sock: &UdpSocket, c: &Counters) {
+    let mut batch = mmsg::RecvBatch::new();
+    let fd = sock.as_raw_fd();
+    while !c.receiving_done.load(Ordering::Acquire) {
+        let n = match batch.recv(fd, true) {
+            Ok(n) => n,
+            Err(_) => continue, // SO_RCVTIMEO: check the stop flag
+        };
+        c.peer_received.fetch_add(n as u64, Ordering::Relaxed);
+        if let Ok(k) = batch.echo(fd, n) {
+            c.peer_sent.fetch_add(k as u64, Ordering::Relaxed);
+        }
+    }
+}

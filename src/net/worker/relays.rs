@@ -1,0 +1,113 @@
+//! The relay sockets of one worker's allocations (opened and closed by its shard through
+//! [`RelayIo`]) and the batch that sends client→peer datagrams out of them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+
+use mio::net::UdpSocket;
+use mio::{Interest, Registry};
+
+use super::{token, INDEX_MASK, K_RELAY};
+use crate::net::mmsg::SendBatch;
+use crate::net::socket;
+use crate::net::stats::NetStats;
+use crate::turn::{RelayId, RelayIo, Transport};
+
+/// The relay sockets of this worker's allocations; the shard opens and closes them.
+pub struct Relays {
+    pub(super) registry: Registry,
+    pub(super) socks: Vec<Option<UdpSocket>>,
+    pub(super) free: Vec<u32>,
+    pub(super) buffer_bytes: usize,
+}
+
+impl Relays {
+    pub(super) fn fd(&self, id: RelayId) -> Option<RawFd> {
+        self.socks
+            .get(id.0 as usize)
+            .and_then(|s| s.as_ref())
+            .map(|s| s.as_raw_fd())
+    }
+}
+
+impl RelayIo for Relays {
+    fn open_relay(&mut self, addr: SocketAddr) -> io::Result<RelayId> {
+        let mut sock = UdpSocket::from_std(socket::relay_socket(addr, self.buffer_bytes)?);
+        let idx = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                if self.socks.len() > INDEX_MASK {
+                    return Err(io::Error::other("too many relay sockets in one worker"));
+                }
+                self.socks.push(None);
+                self.socks.len() - 1
+            }
+        };
+        if let Err(e) = self
+            .registry
+            .register(&mut sock, token(K_RELAY, idx), Interest::READABLE)
+        {
+            self.free.push(idx as u32);
+            return Err(e);
+        }
+        self.socks[idx] = Some(sock);
+        Ok(RelayId(idx as u32))
+    }
+
+    fn close_relay(&mut self, relay: RelayId) {
+        let idx = relay.0 as usize;
+        if let Some(mut s) = self.socks.get_mut(idx).and_then(Option::take) {
+            let _ = self.registry.deregister(&mut s);
+            self.free.push(relay.0);
+        }
+    }
+}
+
+/// Client→peer datagrams for one relay socket at a time, sent with one sendmmsg.
+pub(super) struct PeerBatch {
+    pub(super) batch: SendBatch,
+    pub(super) fd: RawFd,
+    pub(super) transport: Transport,
+}
+
+impl PeerBatch {
+    /// Queues `data` to `peer` from relay socket `fd`, flushing first if the batch holds
+    /// another socket's datagrams or is full.
+    ///
+    /// # Safety
+    /// `data` must stay valid until the next [`Self::flush`].
+    pub(super) unsafe fn push(
+        &mut self,
+        fd: RawFd,
+        transport: Transport,
+        data: &[u8],
+        peer: SocketAddr,
+        stats: &mut NetStats,
+    ) {
+        if !self.batch.is_empty() && (self.fd != fd || self.transport != transport) {
+            self.flush(stats);
+        }
+        if self.batch.is_full() {
+            self.flush(stats);
+        }
+        self.fd = fd;
+        self.transport = transport;
+        self.batch.push(data, peer, None);
+    }
+
+    pub(super) fn flush(&mut self, stats: &mut NetStats) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let f = self.batch.flush(self.fd);
+        if self.transport == Transport::Udp {
+            stats.client_to_peer_udp_packets += f.sent as u64;
+            stats.client_to_peer_udp_bytes += f.sent_bytes as u64;
+        } else {
+            stats.client_to_peer_tcp_packets += f.sent as u64;
+            stats.client_to_peer_tcp_bytes += f.sent_bytes as u64;
+        }
+        stats.drop_send_error += f.failed as u64;
+    }
+}

@@ -1,0 +1,161 @@
+// Shared helpers for Tern's real-browser tests: Debian Chromium driven by playwright-core,
+// pages served from a tiny loopback HTTP server, TURN REST credentials, and the in-page
+// helper that reads the selected ICE candidate pair from getStats().
+
+import { createHmac } from 'node:crypto';
+import { mkdtemp, rm, readFile } from 'node:fs/promises';
+import { createServer } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+export const CHROMIUM = process.env.TERN_CHROMIUM || '/usr/bin/chromium';
+
+// Flags that keep Chromium quiet on a machine without outside network (see TESTING-NOTES).
+export const CHROMIUM_ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+
+/**
+ * Launches Chromium with a fresh user-data-dir in a temp dir.
+ * Returns { context, newPage(), close() }; close() also removes the profile.
+ */
+export async function launchChromium({ extraArgs = [] } = {}) {
+  const profile = await mkdtemp(join(tmpdir(), 'tern-chromium-'));
+  let context;
+  try {
+    context = await chromium.launchPersistentContext(profile, {
+      executablePath: CHROMIUM,
+      headless: true,
+      args: [...CHROMIUM_ARGS, ...extraArgs],
+    });
+  } catch (e) {
+    await rm(profile, { recursive: true, force: true });
+    throw e;
+  }
+  return {
+    context,
+    async newPage() {
+      const page = await context.newPage();
+      // Page console output helps when a test fails; keep it on stderr, off the result line.
+      page.on('console', (m) => process.stderr.write(`[page ${m.type()}] ${m.text()}\n`));
+      page.on('pageerror', (e) => process.stderr.write(`[page error] ${e.message}\n`));
+      return page;
+    },
+    async close() {
+      await context.close().catch(() => {});
+      await rm(profile, { recursive: true, force: true });
+    },
+  };
+}
+
+/** A data: URL holding `html` (for pages that need no secure context). */
+export function dataUrl(html) {
+  return 'data:text/html;base64,' + Buffer.from(html).toString('base64');
+}
+
+/**
+ * Serves `html` at http://127.0.0.1:PORT/ (a secure context, so WebCrypto works).
+ * Returns { url, close() }.
+ */
+export async function servePage(html) {
+  const server = createServer((req, res) => {
+    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+    res.end(html);
+  });
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', resolve);
+  });
+  const { port } = server.address();
+  return {
+    url: `http://127.0.0.1:${port}/`,
+    close: () => new Promise((resolve) => server.close(() => resolve())),
+  };
+}
+
+/**
+ * A TURN REST API credential (draft-uberti-behave-turn-rest-00 §2.2, coturn's use-auth-secret):
+ * username `expiry:user`, password base64(HMAC-SHA1(secret, username)).
+ */
+export function restCredential(secret, user, ttlSecs = 3600, separator = ':') {
+  const expiry = Math.floor(Date.now() / 1000) + ttlSecs;
+  const username = user ? `${expiry}${separator}${user}` : `${expiry}`;
+  const credential = createHmac('sha1', secret).update(username).digest('base64');
+  return { username, credential };
+}
+
+/** The shared secret from --secret, --secret-file or TERN_TEST_SECRET (first non-comment line). */
+export async function readSecret(args) {
+  if (args.secret) return args.secret;
+  const file = args['secret-file'] || process.env.TERN_TEST_SECRET_FILE;
+  if (file) {
+    const line = (await readFile(file, 'utf8'))
+      .split('\n')
+      .map((l) => l.trim())
+      .find((l) => l && !l.startsWith('#'));
+    if (!line) throw new Error(`${file} holds no secret`);
+    return line;
+  }
+  if (process.env.TERN_TEST_SECRET) return process.env.TERN_TEST_SECRET;
+  throw new Error('no TURN secret: pass --secret, --secret-file or set TERN_TEST_SECRET');
+}
+
+/** Parses `--key value` and `--flag` arguments into an object. */
+export function parseArgs(argv) {
+  const out = {};
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (!a.startsWith('--')) throw new Error(`unexpected argument ${a}`);
+    const key = a.slice(2);
+    if (i + 1 < argv.length && !argv[i + 1].startsWith('--')) out[key] = argv[++i];
+    else out[key] = true;
+  }
+  return out;
+}
+
+/**
+ * In-page JavaScript (a string to put in a page's <script>): `selectedPair(pc)` resolves to
+ * the candidate pair ICE selected, as
+ * { state, local: {candidateType, relayProtocol, protocol, address, port}, remote: {...} },
+ * or null when no pair is selected.
+ */
+export const PAGE_HELPERS = String.raw`
+async function selectedPair(pc) {
+  const stats = await pc.getStats();
+  let pair = null;
+  stats.forEach((s) => {
+    if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+  });
+  if (!pair) {
+    stats.forEach((s) => {
+      if (!pair && s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
+    });
+  }
+  if (!pair) return null;
+  const cand = (id) => {
+    const c = stats.get(id) || {};
+    return {
+      candidateType: c.candidateType,
+      relayProtocol: c.relayProtocol,
+      protocol: c.protocol,
+      address: c.address,
+      port: c.port,
+    };
+  };
+  return { state: pair.state, local: cand(pair.localCandidateId), remote: cand(pair.remoteCandidateId) };
+}
+`;
+
+/** Prints the one JSON result line on stdout and exits with 0 (ok) or 1. */
+export function finish(result) {
+  process.stdout.write(JSON.stringify(result) + '\n');
+  process.exit(result.ok ? 0 : 1);
+}
