@@ -47,6 +47,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub tls: TlsConfig,
     pub log: LogConfig,
+    pub daemon: DaemonConfig,
 }
 
 /// A static long-term credential (RFC 8489 §9.2). Either `password` or `key`
@@ -59,6 +60,15 @@ pub struct StaticUser {
     pub password: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+}
+
+/// An alternate TURN server reached over TLS (RFC 8489 §14.15, §14.16): its address for
+/// ALTERNATE-SERVER and the name its certificate carries, for ALTERNATE-DOMAIN.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsAlternate {
+    pub addr: SocketAddr,
+    pub domain: String,
 }
 
 /// `[turn]`: the STUN/TURN face (RFC 8489, RFC 8656).
@@ -108,6 +118,12 @@ pub struct TurnConfig {
     pub socket_buffer_bytes: usize,
     /// SOFTWARE attribute on responses; empty to omit.
     pub software: String,
+    /// Servers a client is sent to (300 Try Alternate with ALTERNATE-SERVER, RFC 8489 §10)
+    /// when this one is at capacity or draining, round-robin, per client transport. Only
+    /// alternates of the client's address family are offered; with none, 508.
+    pub alternate_udp: Vec<SocketAddr>,
+    pub alternate_tcp: Vec<SocketAddr>,
+    pub alternate_tls: Vec<TlsAlternate>,
     /// The TCP listeners on `listen` also accept TLS, told apart by the first byte (0x16 is
     /// a TLS handshake record), so one port (e.g. 443) carries `turn:` over TCP and `turns:`.
     /// Needs `[tls]` cert_file and key_file.
@@ -144,6 +160,9 @@ impl Default for TurnConfig {
             workers: 0,
             socket_buffer_bytes: 4 << 20,
             software: concat!("tern/", env!("CARGO_PKG_VERSION")).into(),
+            alternate_udp: vec![],
+            alternate_tcp: vec![],
+            alternate_tls: vec![],
             sniff_tls: false,
         }
     }
@@ -380,6 +399,26 @@ impl Default for LogConfig {
     }
 }
 
+/// `[daemon]`: the process itself: reload (SIGHUP, `tern reload`) and drain (SIGTERM).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Where `tern serve` writes its process id and `tern reload` reads it. Empty: none.
+    pub pid_file: PathBuf,
+    /// After SIGTERM, how long existing allocations may keep relaying before the daemon
+    /// exits anyway (a second SIGTERM ends the drain at once).
+    pub drain_timeout_secs: u32,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            pid_file: "/run/tern/tern.pid".into(),
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file`, then `TERN_*` variables from `env`, then `sets`
     /// (`section.key=value`), and validates the result.
@@ -515,6 +554,22 @@ impl Config {
                 }
                 _ => return Err(invalid(&key, "set exactly one of password or key")),
             }
+        }
+        for (i, a) in t.alternate_tls.iter().enumerate() {
+            let d = &a.domain;
+            let ok = !d.is_empty()
+                && d.len() <= 253
+                && d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                return Err(invalid(
+                    &format!("turn.alternate_tls[{i}].domain"),
+                    "must be a DNS name (letters, digits, '-', '.'; at most 253 bytes)",
+                ));
+            }
+        }
+        if self.daemon.drain_timeout_secs > 3600 {
+            return Err(invalid("daemon.drain_timeout_secs", "must be at most 3600"));
         }
         // Secret files must be readable now, so a typo fails at start, not at first login.
         self.turn_secrets()?;

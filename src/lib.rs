@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod lifecycle;
 pub mod logging;
 pub mod net;
 pub mod ops;

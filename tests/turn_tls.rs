@@ -46,7 +46,7 @@ fn have_tools() -> bool {
 struct TlsTern {
     tern: Tern,
     tls_port: u16,
-    _certs: tempfile::TempDir,
+    certs: tempfile::TempDir,
 }
 
 fn start(relay_min: u16, sniff: bool, extra: &str) -> TlsTern {
@@ -62,7 +62,7 @@ fn start(relay_min: u16, sniff: bool, extra: &str) -> TlsTern {
     TlsTern {
         tern: Tern::start(opts),
         tls_port,
-        _certs: certs,
+        certs,
     }
 }
 
@@ -435,4 +435,105 @@ fn check_config_names_bad_tls_files() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The SHA-256 fingerprint of the certificate a TLS server at `port` presents now.
+fn presented_fingerprint(port: u16) -> Option<String> {
+    let chain = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    x509.stdin.take()?.write_all(&chain.stdout).ok()?;
+    let out = x509.wait_with_output().ok()?;
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !s.is_empty()).then_some(s)
+}
+
+fn file_fingerprint(cert: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(cert)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn sighup_swaps_the_certificate_for_new_handshakes_and_keeps_sessions() {
+    if !have_tools() {
+        return;
+    }
+    let t = start(30000, false, "");
+    let cert = t.certs.path().join("cert.pem");
+    let before = file_fingerprint(&cert);
+    assert_eq!(presented_fingerprint(t.tls_port).as_deref(), Some(&*before));
+
+    // A TLS session that stays open across the reload.
+    let peer = EchoPeer::start();
+    let secret = t.tern.secret.clone();
+    let tls_port = t.tls_port;
+    let peer_port = peer.port;
+    let long = std::thread::spawn(move || {
+        let mut cmd = Command::new("turnutils_uclient");
+        cmd.args(["-W", &secret, "-u", "tester", "-p", &tls_port.to_string()])
+            .args(["-e", "127.0.0.1", "-r", &peer_port.to_string()])
+            .args([
+                "-t",
+                "-S",
+                "-m",
+                "2",
+                "-n",
+                "60",
+                "-z",
+                "50",
+                "-c",
+                "127.0.0.1",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = run_with_limit(&mut cmd, UCLIENT_LIMIT);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        let mut r = parse_uclient(&text);
+        r.output = text;
+        r
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Renewal: new files in place (written beside and renamed), then SIGHUP.
+    let fresh = tempfile::tempdir().unwrap();
+    let (c2, k2) = self_signed(fresh.path());
+    std::fs::copy(&k2, t.certs.path().join("key.new")).unwrap();
+    std::fs::copy(&c2, t.certs.path().join("cert.new")).unwrap();
+    std::fs::rename(
+        t.certs.path().join("key.new"),
+        t.certs.path().join("key.pem"),
+    )
+    .unwrap();
+    std::fs::rename(t.certs.path().join("cert.new"), &cert).unwrap();
+    let after = file_fingerprint(&cert);
+    assert_ne!(before, after);
+    // SAFETY: kill(2) on the PID of the daemon this test started.
+    unsafe { libc::kill(t.tern.pid() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while presented_fingerprint(t.tls_port).as_deref() != Some(&*after) {
+        assert!(
+            Instant::now() < deadline,
+            "new handshakes still get the old certificate:\n{}",
+            t.tern.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = long.join().unwrap();
+    assert_all_echoed(&r, 2 * 60);
 }

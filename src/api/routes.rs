@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{cors, ice, AppState};
+use super::{cors, ice, AppState, Live};
 use crate::signal::client_ip::{client_ip, lan_key};
 use crate::signal::peerjs::INFO_JSON;
 
@@ -35,7 +35,8 @@ fn signaling_socket(ws: WebSocketUpgrade, max_message_bytes: usize) -> WebSocket
         .max_frame_size(limit)
 }
 
-pub(super) fn router(st: Arc<AppState>) -> Router {
+pub(super) fn router(live: Live) -> Router {
+    let st = live.current();
     let mut r = Router::new()
         .route("/api/ice", get(ice::ice).options(ice::preflight))
         .route("/api/turn", get(ice::turn_rest).options(ice::preflight))
@@ -57,7 +58,16 @@ pub(super) fn router(st: Arc<AppState>) -> Router {
             r = r.route(&format!("{base}/"), get(peerjs_info));
         }
     }
-    r.with_state(st)
+    r.with_state(live)
+}
+
+/// New signaling connections are refused while draining (the load balancer sends them
+/// to another node; `/readyz` says not ready).
+fn draining_refusal() -> Response {
+    json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server is draining; connect to another node",
+    )
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -72,6 +82,9 @@ async fn ws_native(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if st.draining() {
+        return draining_refusal();
+    }
     let ip = client_ip(peer.ip(), &headers, &st.cfg.api.trusted_proxies);
     let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
     let resume = q.get("resume").cloned();
@@ -168,6 +181,9 @@ async fn peerjs_ws(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if st.draining() {
+        return draining_refusal();
+    }
     let hub = Arc::clone(&st.peerjs);
     signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
         hub.run(socket, move |core, conn, now| {

@@ -9,12 +9,14 @@ use mio::net::TcpStream;
 use rustls::ServerConnection;
 
 use super::tcp::{InBuf, OutBuf};
+use crate::stun::tcp_frame_len;
 
 /// First byte of a TLS record carrying a handshake message (RFC 8446 §5.1).
 const TLS_HANDSHAKE: u8 = 0x16;
-/// Plaintext rustls may hold on its side of the write queue; the rest waits in [`OutBuf`],
-/// whose limits decide what is dropped, so the two together stay bounded.
-const TLS_PLAINTEXT_BUFFER: usize = 64 * 1024;
+/// Plaintext handed to rustls per round, only once its previous records have reached the
+/// socket; the rest waits in [`OutBuf`], whose limits decide what is dropped, so the two
+/// together stay bounded.
+const TLS_ROUND: usize = 64 * 1024;
 
 /// What a client connection speaks.
 pub enum Link {
@@ -33,7 +35,8 @@ impl Link {
     /// A TLS link for a new connection.
     pub fn tls(config: &Arc<rustls::ServerConfig>) -> io::Result<Link> {
         let mut c = ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
-        c.set_buffer_limit(Some(TLS_PLAINTEXT_BUFFER));
+        // Bounded by TLS_ROUND instead: a limit inside rustls could split a message.
+        c.set_buffer_limit(None);
         Ok(Link::Tls(Box::new(c)))
     }
 
@@ -111,25 +114,39 @@ impl Link {
             if out.queued() == 0 {
                 return Ok(true);
             }
-            let moved = out.write_to(&mut Plaintext(c))?;
-            if !moved && !c.wants_write() {
-                // Still handshaking, or rustls' buffer is full and waits for the socket.
+            if c.is_handshaking() {
+                // rustls would hold the plaintext until the handshake ends; it stays here.
                 return Ok(false);
             }
+            out.write_to(&mut Plaintext {
+                conn: c,
+                budget: TLS_ROUND,
+            })?;
         }
     }
 }
 
-/// rustls' plaintext writer, reporting a full buffer as `WouldBlock` so [`OutBuf`] keeps
-/// the rest.
-struct Plaintext<'a>(&'a mut ServerConnection);
+/// rustls' plaintext writer taking one TURN message per call, so each message travels in
+/// its own TLS record as coturn sends them: clients such as coturn's uclient read one
+/// record as one message. Past `budget` it reports `WouldBlock` and [`OutBuf`] keeps the rest.
+struct Plaintext<'a> {
+    conn: &'a mut ServerConnection,
+    budget: usize,
+}
 
 impl Write for Plaintext<'_> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        match self.0.writer().write(b)? {
-            0 if !b.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
-            n => Ok(n),
+        if self.budget == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
         }
+        // Only whole frames are ever queued; the fallback just keeps bytes moving.
+        let n = match tcp_frame_len(b) {
+            Ok(Some(n)) if n <= b.len() => n,
+            _ => b.len(),
+        };
+        let n = self.conn.writer().write(&b[..n])?;
+        self.budget = self.budget.saturating_sub(n);
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -42,6 +42,7 @@ pub enum NetError {
 
 struct WorkerHandle {
     waker: mio::Waker,
+    config_in: worker::ConfigSlot,
     thread: JoinHandle<()>,
     stats: Arc<Mutex<WorkerStats>>,
 }
@@ -54,6 +55,9 @@ pub struct TurnService {
     relay_ips: Vec<RelayAddr>,
     stop: Arc<AtomicBool>,
     workers: Vec<WorkerHandle>,
+    /// The TURN core's cross-shard state (drain flag, allocation count); `None` when
+    /// started with another shard type.
+    shared: Option<Arc<crate::turn::Shared>>,
 }
 
 impl TurnService {
@@ -74,10 +78,37 @@ impl TurnService {
                 .map_err(|e| NetError::Other(e.to_string()))?,
         );
         let shared = Arc::new(crate::turn::Shared::new(&scfg));
+        let core_shared = Arc::clone(&shared);
         let tls = tls.map(|ctx| (cfg.tls.clone(), ctx));
-        Self::start_with_tls(&cfg.turn, tls, relay_ips, move || {
+        let mut service = Self::start_with_tls(&cfg.turn, tls, relay_ips, move || {
             crate::turn::Server::new(Arc::clone(&scfg), Arc::clone(&shared))
-        })
+        })?;
+        service.shared = Some(core_shared);
+        Ok(service)
+    }
+
+    /// Hands a reloaded configuration to every worker through its waker; each swaps it in
+    /// between events (RFC 8656 state is untouched: allocations keep running).
+    pub fn set_config(&self, cfg: Arc<crate::turn::ServerConfig>) {
+        for w in &self.workers {
+            *w.config_in.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&cfg));
+            if let Err(e) = w.waker.wake() {
+                tracing::warn!(error = %e, "cannot wake a TURN worker for the new configuration");
+            }
+        }
+    }
+
+    /// Starts or ends a graceful drain: new Allocate requests get 300 (an alternate) or
+    /// 508; existing allocations are untouched.
+    pub fn set_draining(&self, on: bool) {
+        if let Some(s) = &self.shared {
+            s.set_draining(on);
+        }
+    }
+
+    /// Allocations alive across all workers (0 when started with another shard type).
+    pub fn allocations(&self) -> u32 {
+        self.shared.as_ref().map_or(0, |s| s.total_allocations())
     }
 
     /// Starts the workers with shards built by `make` (on each worker's own thread).
@@ -163,6 +194,7 @@ impl TurnService {
             relay_ips,
             stop: Arc::clone(&stop),
             workers: Vec::new(),
+            shared: None,
         };
         for (index, (listeners, tls_listeners)) in
             per_worker.into_iter().zip(tls_per_worker).enumerate()
@@ -171,6 +203,7 @@ impl TurnService {
             let waker = mio::Waker::new(poll.registry(), worker::WAKER)
                 .map_err(|e| NetError::Other(format!("waker: {e}")))?;
             let stats = Arc::new(Mutex::new(WorkerStats::default()));
+            let config_in: worker::ConfigSlot = Arc::new(Mutex::new(None));
             let params = worker::WorkerParams {
                 index,
                 listeners,
@@ -183,6 +216,7 @@ impl TurnService {
                 per_ip: per_ip.clone(),
                 stop: Arc::clone(&stop),
                 stats_out: Arc::clone(&stats),
+                config_in: Arc::clone(&config_in),
             };
             let make = Arc::clone(&make);
             let (ready_tx, ready_rx) = mpsc::channel();
@@ -204,6 +238,7 @@ impl TurnService {
             let ready = ready_rx.recv();
             workers.push(WorkerHandle {
                 waker,
+                config_in,
                 thread,
                 stats,
             });

@@ -30,6 +30,9 @@ pub trait Shard {
     fn poll_timeout(&self) -> Option<Instant>;
     /// A TCP/TLS client connection closed: its allocation goes too (RFC 8656 §3.1).
     fn client_closed(&mut self, client: &FiveTuple, io: &mut impl RelayIo);
+    /// A reloaded configuration (SIGHUP): new requests see it, existing allocations keep
+    /// running. Delivered through the worker's waker, off the data path.
+    fn set_config(&mut self, _cfg: std::sync::Arc<crate::turn::ServerConfig>) {}
     /// The core's counters, published beside the worker's own (none for a test fake).
     fn turn_stats(&self) -> Option<&TurnStats> {
         None

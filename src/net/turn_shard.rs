@@ -38,6 +38,10 @@ impl Shard for Server {
         Server::client_closed(self, client, io)
     }
 
+    fn set_config(&mut self, cfg: std::sync::Arc<crate::turn::ServerConfig>) {
+        Server::set_config(self, cfg)
+    }
+
     fn turn_stats(&self) -> Option<&TurnStats> {
         Some(Server::stats(self))
     }

@@ -61,7 +61,10 @@ const K_TCP_LISTENER: usize = 2;
 const K_CONN: usize = 3;
 const K_RELAY: usize = 4;
 
-/// The token that wakes a worker for shutdown.
+/// A configuration handed to a worker, picked up when its waker fires.
+pub type ConfigSlot = Arc<Mutex<Option<Arc<crate::turn::ServerConfig>>>>;
+
+/// The token that wakes a worker for shutdown or a new configuration.
 pub const WAKER: Token = Token(K_WAKER << KIND_SHIFT);
 
 fn token(kind: usize, index: usize) -> Token {
@@ -109,6 +112,8 @@ pub struct WorkerParams {
     pub stop: Arc<AtomicBool>,
     /// Where the worker publishes its counters (about twice a second).
     pub stats_out: Arc<Mutex<WorkerStats>>,
+    /// A reloaded configuration waiting for this worker (checked when woken).
+    pub config_in: ConfigSlot,
 }
 
 /// A worker's event loop state. Built and run on its own thread.
@@ -137,6 +142,7 @@ pub struct Worker<S: Shard> {
     stop: Arc<AtomicBool>,
     stats: NetStats,
     stats_out: Arc<Mutex<WorkerStats>>,
+    config_in: ConfigSlot,
     /// Sockets left readable after their turn (fairness cap), served on the next turn.
     pending: Vec<Token>,
     /// accept() failed (e.g. out of file descriptors): retry at the next housekeeping
@@ -217,6 +223,7 @@ impl<S: Shard> Worker<S> {
             stop: p.stop,
             stats: NetStats::default(),
             stats_out: p.stats_out,
+            config_in: p.config_in,
             pending: Vec::new(),
             accept_retry: false,
         })
@@ -275,6 +282,22 @@ impl<S: Shard> Worker<S> {
         tracing::debug!(worker = self.index, "TURN worker stopped");
     }
 
+    /// Hands a reloaded configuration to the shard (one lock per reload, not per packet).
+    fn take_config(&mut self) {
+        let next = self
+            .config_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(cfg) = next {
+            self.shard.set_config(cfg);
+            tracing::debug!(
+                worker = self.index,
+                "TURN worker took the new configuration"
+            );
+        }
+    }
+
     fn publish_stats(&self) {
         let mut s = self.stats_out.lock().unwrap_or_else(|p| p.into_inner());
         s.net = self.stats;
@@ -295,6 +318,10 @@ impl<S: Shard> Worker<S> {
                 readable && self.conn_readable(idx, now)
             }
             K_RELAY => self.relay_readable(idx),
+            K_WAKER => {
+                self.take_config();
+                false
+            }
             _ => false,
         };
         if more && !self.pending.contains(&tok) {

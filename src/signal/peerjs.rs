@@ -80,6 +80,11 @@ fn error_text(msg: &str) -> String {
 }
 
 impl PeerJsService {
+    /// Takes reloaded limits and key (SIGHUP); connected clients stay.
+    pub fn set_config(&mut self, cfg: SignalConfig) {
+        self.cfg = cfg;
+    }
+
     /// `rng` makes the ids `GET {path}{key}/id` hands out.
     pub fn new(cfg: SignalConfig, rng: StdRng) -> Self {
         Self {

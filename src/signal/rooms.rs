@@ -88,6 +88,12 @@ pub struct RoomService {
 }
 
 impl RoomService {
+    /// Takes reloaded limits (SIGHUP): new messages and connections see them; peers and
+    /// rooms already present stay.
+    pub fn set_config(&mut self, cfg: SignalConfig) {
+        self.cfg = cfg;
+    }
+
     /// `rng` makes ids, resume tokens and relay tickets: seed it from the OS
     /// (`StdRng::from_os_rng()`) outside tests, since tokens and tickets are secrets.
     pub fn new(cfg: SignalConfig, relay_enabled: bool, rng: StdRng) -> Self {

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use super::auth::Verified;
 use super::{FiveTuple, RelayId};
 
 /// A relay socket of an allocation.
@@ -39,6 +40,9 @@ pub struct Allocation {
     pub tuple: FiveTuple,
     pub username: String,
     pub quota_user: String,
+    /// The credential that created it, still honoured for this allocation's own requests
+    /// after a reload removed it (not under `strict_expiry`).
+    pub cred: Verified,
     /// `[IPv4, IPv6]` relays (RFC 8656 §7.2 dual allocation).
     pub relays: [Option<Relay>; 2],
     pub expires: Instant,

@@ -5,7 +5,8 @@
 //!
 //! Files: `server.rs` (tables, lookups, timers), `requests.rs` (each method), `reply.rs`
 //! (responses), `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool),
-//! `policy.rs` (peer addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`.
+//! `policy.rs` (peer addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`,
+//! `alternates.rs` (300 Try Alternate targets).
 //!
 //! # Contract with the IO driver (`crate::net`)
 //! One [`Server`] per worker shard. The driver:
@@ -20,6 +21,7 @@
 //! the port numbers are chosen by the core's shared port pool.
 
 mod allocation;
+pub mod alternates;
 pub mod auth;
 pub mod nonce;
 pub mod policy;

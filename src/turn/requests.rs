@@ -264,6 +264,9 @@ impl Server {
         match cfg.credentials.verify(&username, msg) {
             Ok(v) => Ok((v, username)),
             Err(e) => {
+                if let Some(v) = self.kept_credential(ctx, &username, msg) {
+                    return Ok((v, username));
+                }
                 self.stats.auth_failure(match e {
                     AuthError::UnknownUser => AuthFailure::UnknownUser,
                     AuthError::BadIntegrity => AuthFailure::BadIntegrity,
@@ -272,6 +275,23 @@ impl Server {
                 Err(self.challenge(ctx, out, 401))
             }
         }
+    }
+
+    /// A Refresh, CreatePermission or ChannelBind on an existing allocation whose
+    /// credential a reload removed (a rotated secret, a deleted static user): verified
+    /// with the allocation's own key, so rotation stops new allocations without cutting
+    /// running ones. Not under `strict_expiry`, where such requests get 401 and the
+    /// allocation ends with its current lifetime.
+    fn kept_credential(&self, ctx: &Ctx, username: &str, msg: &[u8]) -> Option<Verified> {
+        if ctx.method == method::ALLOCATE || self.cfg.strict_expiry {
+            return None;
+        }
+        let slot = *self.by_tuple.get(&ctx.from)?;
+        let a = self.slots.get(slot)?.as_ref()?;
+        if a.username != username {
+            return None;
+        }
+        a.cred.reverify(msg)
     }
 
     /// Lifetime granted for a requested one (RFC 8656 §7.2 item 9, §7.3): at most the
@@ -334,6 +354,10 @@ impl Server {
             }
             return self.respond(ctx, out, 437, Some(v), |_| Ok(()));
         }
+        // Draining (SIGTERM): existing allocations carry on, new ones go elsewhere.
+        if self.shared.draining() {
+            return self.no_capacity(ctx, out, v);
+        }
         let bad = |s: &mut Self, out: &mut [u8]| s.respond(ctx, out, 400, Some(v), |_| Ok(()));
         let Some(rt) = raw(m, attr::REQUESTED_TRANSPORT) else {
             return bad(self, out);
@@ -394,7 +418,7 @@ impl Server {
         {
             Ok(()) => {}
             Err(QuotaError::User) => return self.respond(ctx, out, 486, Some(v), |_| Ok(())),
-            Err(QuotaError::Total) => return self.respond(ctx, out, 508, Some(v), |_| Ok(())),
+            Err(QuotaError::Total) => return self.no_capacity(ctx, out, v),
         }
         let mut relays: [Option<Relay>; 2] = [None, None];
         let mut reserved_next = None;
@@ -428,6 +452,9 @@ impl Server {
                 self.shared.ports.release(r.local);
             }
             self.shared.release_quota(&v.quota_user);
+            if code == 508 {
+                return self.no_capacity(ctx, out, v);
+            }
             return self.respond(ctx, out, code, Some(v), |_| Ok(()));
         }
         let reservation_token = reserved_next.map(|addr| {
@@ -445,6 +472,7 @@ impl Server {
             tuple: ctx.from,
             username,
             quota_user: v.quota_user.clone(),
+            cred: v.clone(),
             relays,
             expires,
             timer_at: expires,
