@@ -23,6 +23,10 @@ pub enum DaemonError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Registry(#[from] crate::metrics::RegistryError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -102,6 +106,20 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
         faces.http = Some(http);
     }
+    // /healthz answers from here on; /readyz once STATE says ready (below).
+    let metrics = if cfg.metrics.enabled {
+        let registry = crate::metrics::Metrics::new(
+            Some(faces.turn.stats_source()),
+            faces.http.as_ref().map(HttpService::stats_source),
+        )
+        .inspect_err(|e| sup.status(&failed(e)))?;
+        let m = crate::metrics::MetricsService::start(cfg.metrics.listen, registry)
+            .inspect_err(|e| sup.status(&failed(e)))?;
+        tracing::info!(addr = %m.local_addr(), "metrics listening (/metrics, /healthz, /readyz)");
+        Some(m)
+    } else {
+        None
+    };
     let _pid = write_pid_file(&cfg);
     // READY=1 once every listener is bound and TURN answers; WATCHDOG=1 only while it does.
     sup.watch_turn(faces.turn.local_addrs());
@@ -120,7 +138,9 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
             break;
         }
         if hup.swap(false, Ordering::Relaxed) {
-            reload(&source, ephemeral.as_deref(), &mut running, &faces);
+            sup.reloading();
+            let applied = reload(&source, ephemeral.as_deref(), &mut running, &faces);
+            sup.reloaded(if applied { "" } else { "last reload refused" });
         }
         if term.swap(false, Ordering::Relaxed) {
             if drain.is_some() {
@@ -174,6 +194,9 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
         http.shutdown();
     }
     faces.turn.shutdown();
+    if let Some(m) = metrics {
+        m.shutdown();
+    }
     Ok(())
 }
 
@@ -200,9 +223,16 @@ fn write_pid_file(cfg: &Config) -> Option<lifecycle::PidFile> {
 /// SIGHUP: loads the configuration again the way it was loaded at start and applies what
 /// can change live. Anything invalid refuses the whole reload with one log line; keys
 /// that need a restart keep their running values and are named in one log line.
-fn reload(source: &ConfigSource, ephemeral: Option<&str>, running: &mut Config, faces: &Faces) {
+/// Returns whether the new configuration was applied.
+fn reload(
+    source: &ConfigSource,
+    ephemeral: Option<&str>,
+    running: &mut Config,
+    faces: &Faces,
+) -> bool {
     let refuse = |why: String| {
         tracing::error!("reload refused, the running configuration stays in force: {why}");
+        false
     };
     let mut new = match source.load() {
         Ok(c) => c,
@@ -255,4 +285,5 @@ fn reload(source: &ConfigSource, ephemeral: Option<&str>, running: &mut Config, 
         );
     }
     *running = new;
+    true
 }

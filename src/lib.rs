@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod ops;
 pub mod relay_ws;

@@ -180,7 +180,7 @@ fn tern_reload_applies_live_keys_and_reports_restart_only_ones() {
         return;
     }
     let mut opts = TernOpts::new(32600);
-    opts.relay_ports = 100;
+    opts.relay_ports = 50;
     let tern = Tern::start(opts);
     let peer = EchoPeer::start();
     let new = random_secret();

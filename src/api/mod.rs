@@ -54,6 +54,8 @@ pub(crate) struct AppState {
     pub relay: Option<Arc<RelayHub>>,
     /// Set during a graceful drain: new signaling connections are refused (503).
     pub draining: Arc<AtomicBool>,
+    /// Per-route request counters (kept across reloads).
+    pub http_metrics: Arc<crate::metrics::HttpMetrics>,
 }
 
 impl AppState {
@@ -87,12 +89,58 @@ impl axum::extract::FromRef<Live> for Arc<AppState> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HttpStats {
     pub signal_peers: usize,
+    pub signal_rooms: usize,
     pub signal: crate::signal::rooms::RoomStats,
+    pub peerjs_clients: usize,
     pub peerjs: crate::signal::peerjs::PeerJsStats,
     pub relay_sessions_active: usize,
+    pub relay_sessions_started: u64,
     pub relay_bytes_forwarded: u64,
+    pub relay_frames_forwarded: u64,
     pub relay_oversized_frames: u64,
     pub relay_bad_tickets: u64,
+}
+
+/// Read access to the HTTP face's counters, for the metrics face (cheap to clone; follows
+/// reloads).
+#[derive(Clone)]
+pub struct StatsSource(Live);
+
+impl StatsSource {
+    /// Current counters (locks the signaling state machines briefly).
+    pub fn snapshot(&self) -> HttpStats {
+        snapshot(&self.0.current())
+    }
+
+    /// The per-route request counters the router's middleware updates.
+    pub fn http_metrics(&self) -> Arc<crate::metrics::HttpMetrics> {
+        Arc::clone(&self.0.current().http_metrics)
+    }
+}
+
+fn snapshot(st: &AppState) -> HttpStats {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (signal_peers, signal_rooms, signal) = st
+        .rooms
+        .with_core(|c| (c.live_peers(), c.room_count(), c.stats()));
+    let (peerjs_clients, peerjs) = st.peerjs.with_core(|c| (c.client_count(), c.stats()));
+    let mut s = HttpStats {
+        signal_peers,
+        signal_rooms,
+        signal,
+        peerjs_clients,
+        peerjs,
+        ..HttpStats::default()
+    };
+    if let Some(r) = &st.relay {
+        s.relay_sessions_active = r.active_sessions();
+        s.relay_sessions_started = r.stats.sessions_started.load(Relaxed);
+        s.relay_bytes_forwarded = r.stats.bytes_forwarded.load(Relaxed);
+        s.relay_frames_forwarded = r.stats.frames_forwarded.load(Relaxed);
+        s.relay_oversized_frames = r.stats.oversized_frames.load(Relaxed);
+        s.relay_bad_tickets = r.stats.bad_tickets.load(Relaxed);
+    }
+    s
 }
 
 /// The running HTTP listener.
@@ -166,6 +214,7 @@ impl HttpService {
             peerjs,
             relay,
             draining: Arc::new(AtomicBool::new(false)),
+            http_metrics: crate::metrics::HttpMetrics::new(),
         });
         let live = Live(Arc::new(RwLock::new(Arc::clone(&state))));
         let app = routes::router(live.clone());
@@ -255,6 +304,7 @@ impl HttpService {
             peerjs: Arc::clone(&old.peerjs),
             relay: old.relay.clone(),
             draining: Arc::clone(&old.draining),
+            http_metrics: Arc::clone(&old.http_metrics),
         }));
         Ok(())
     }
@@ -280,23 +330,12 @@ impl HttpService {
 
     /// Current counters.
     pub fn stats(&self) -> HttpStats {
-        use std::sync::atomic::Ordering::Relaxed;
-        let state = self.live.current();
-        let (signal_peers, signal) = state.rooms.with_core(|c| (c.live_peers(), c.stats()));
-        let peerjs = state.peerjs.with_core(|c| c.stats());
-        let mut s = HttpStats {
-            signal_peers,
-            signal,
-            peerjs,
-            ..HttpStats::default()
-        };
-        if let Some(r) = &state.relay {
-            s.relay_sessions_active = r.active_sessions();
-            s.relay_bytes_forwarded = r.stats.bytes_forwarded.load(Relaxed);
-            s.relay_oversized_frames = r.stats.oversized_frames.load(Relaxed);
-            s.relay_bad_tickets = r.stats.bad_tickets.load(Relaxed);
-        }
-        s
+        snapshot(&self.live.current())
+    }
+
+    /// A handle that reads the counters, for the metrics face.
+    pub fn stats_source(&self) -> StatsSource {
+        StatsSource(self.live.clone())
     }
 
     /// Stops accepting, closes open connections after a short grace, joins the runtime.

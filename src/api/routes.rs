@@ -58,7 +58,29 @@ pub(super) fn router(live: Live) -> Router {
             r = r.route(&format!("{base}/"), get(peerjs_info));
         }
     }
-    r.with_state(live)
+    let metrics = Arc::clone(&live.current().http_metrics);
+    r.layer(axum::middleware::from_fn_with_state(metrics, count_request))
+        .with_state(live)
+}
+
+/// Counts every request by route template (bounded: never the raw path) and status.
+async fn count_request(
+    State(m): State<Arc<crate::metrics::HttpMetrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    m.observe(
+        route.as_deref().unwrap_or("unmatched"),
+        resp.status().as_u16(),
+        t0.elapsed().as_secs_f64(),
+    );
+    resp
 }
 
 /// New signaling connections are refused while draining (the load balancer sends them

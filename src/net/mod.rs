@@ -26,7 +26,7 @@ use crate::tls::TlsContext;
 use crate::turn::RelayAddr;
 
 pub use shard::{Shard, OUT_LEN};
-pub use stats::{NetStats, WorkerStats};
+pub use stats::{NetStats, PortUse, StatsSource, WorkerStats};
 
 /// Errors starting the network service.
 #[derive(Debug, thiserror::Error)]
@@ -283,20 +283,21 @@ impl TurnService {
 
     /// Data-path counters summed over workers (each publishes about twice a second).
     pub fn stats(&self) -> NetStats {
-        let mut sum = NetStats::default();
-        for w in &self.workers {
-            sum += w.stats.lock().unwrap_or_else(|p| p.into_inner()).net;
-        }
-        sum
+        self.stats_source().net()
     }
 
     /// The TURN core's counters summed over the workers' shards (same cadence).
     pub fn turn_stats(&self) -> crate::turn::TurnStats {
-        let mut sum = crate::turn::TurnStats::default();
-        for w in &self.workers {
-            sum.add(&w.stats.lock().unwrap_or_else(|p| p.into_inner()).turn);
+        self.stats_source().turn()
+    }
+
+    /// A handle that reads the workers' counters, for the metrics face.
+    pub fn stats_source(&self) -> StatsSource {
+        StatsSource {
+            workers: self.workers.iter().map(|w| Arc::clone(&w.stats)).collect(),
+            shared: self.shared.clone(),
+            relay_ips: self.relay_ips.iter().map(|r| r.local).collect(),
         }
-        sum
     }
 
     fn stop_and_join(&mut self) {

@@ -368,7 +368,7 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&from, channel) {
                             Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.fd(relay) {
+                                if let Some(rfd) = self.relays.peer_send_fd(relay, len) {
                                     let payload =
                                         &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `rx` is not received into again before the
@@ -388,13 +388,14 @@ impl<S: Shard> Worker<S> {
                         }
                     }
                     Kind::Stun => {
-                        match self.shard.handle_stun(
-                            now,
-                            from,
-                            msg,
-                            &mut self.out,
-                            &mut self.relays,
-                        ) {
+                        let t0 = is_request(msg).then(Instant::now);
+                        let action =
+                            self.shard
+                                .handle_stun(now, from, msg, &mut self.out, &mut self.relays);
+                        if let Some(t0) = t0 {
+                            self.shard.record_request_time(t0.elapsed());
+                        }
+                        match action {
                             Action::None => {}
                             Action::Reply(len) => {
                                 let src = wildcard.then_some(server.ip());
@@ -409,8 +410,9 @@ impl<S: Shard> Worker<S> {
                                 peer,
                                 payload,
                             } => {
-                                if let (Some(rfd), Some(data)) =
-                                    (self.relays.fd(relay), msg.get(payload))
+                                let len = payload.len();
+                                if let (Some(data), Some(rfd)) =
+                                    (msg.get(payload), self.relays.peer_send_fd(relay, len))
                                 {
                                     // SAFETY: as above.
                                     unsafe {
@@ -463,6 +465,8 @@ impl<S: Shard> Worker<S> {
                 }
             };
             let at = self.rx.data_at();
+            // This allocation's share, added to its relay entry once per batch.
+            let (mut to_client_bytes, mut to_client_packets) = (0u64, 0u64);
             for i in 0..n {
                 let r = self.rx.received(i);
                 if r.truncated {
@@ -473,6 +477,8 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_no_permission += 1;
                     continue;
                 };
+                to_client_bytes += r.len as u64;
+                to_client_packets += 1;
                 let stream = route.client.transport != Transport::Udp;
                 let txid = if route.channel.is_none() {
                     self.next_txid()
@@ -546,10 +552,17 @@ impl<S: Shard> Worker<S> {
                 }
             }
             self.flush_dirty_conns();
+            self.relays
+                .count_to_client(relay, to_client_bytes, to_client_packets);
             if n < BATCH {
                 return false;
             }
         }
         true
     }
+}
+
+/// A STUN request (as opposed to an indication or a response), RFC 8489 §5.
+pub(super) fn is_request(msg: &[u8]) -> bool {
+    msg.len() >= 2 && msg[0] & 0x01 == 0 && msg[1] & 0x10 == 0
 }

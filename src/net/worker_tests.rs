@@ -52,7 +52,7 @@ impl Shard for Fake {
     fn poll_timeout(&self) -> Option<std::time::Instant> {
         None
     }
-    fn client_closed(&mut self, client: &FiveTuple, io: &mut impl RelayIo) {
+    fn client_closed(&mut self, client: &FiveTuple, _now: Now, io: &mut impl RelayIo) {
         if let Some((id, t)) = self.alloc {
             if t == *client {
                 io.close_relay(id);

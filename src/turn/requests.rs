@@ -8,7 +8,7 @@ use stun_types::attribute::AttributeType;
 use stun_types::message::Message;
 use turn_types::attribute::XorPeerAddress;
 
-use super::allocation::{family_index, Allocation, Channel, Relay};
+use super::allocation::{allocation_family, family_index, Allocation, Channel, Relay};
 use super::auth::{AuthError, Verified};
 use super::nonce::NonceCheck;
 use super::reply::Ctx;
@@ -482,6 +482,7 @@ impl Server {
             lifetime_secs: lifetime,
             reservation_token,
             v6_refused,
+            created: ctx.now.mono,
         };
         tracing::info!(
             user = %alloc.username,
@@ -507,7 +508,8 @@ impl Server {
         }
         self.push_timer(expires, TimerKind::Allocation { slot, id });
         self.stats.allocations_created += 1;
-        self.stats.allocations_active += 1;
+        self.stats
+            .allocation_added(ctx.from.transport, allocation_family(&relays));
         self.allocate_success(ctx, out, v, slot)
     }
 
@@ -652,7 +654,7 @@ impl Server {
             },
         };
         if requested == Some(0) {
-            self.delete(slot, DeleteReason::Refreshed0, io);
+            self.delete(slot, DeleteReason::Refreshed0, ctx.now.mono, io);
             return self.respond(ctx, out, 0, Some(v), |w| w.attr_u32(attr::LIFETIME, 0));
         }
         let Some(lifetime) = self.grant_lifetime(requested, v, ctx.now) else {
@@ -704,8 +706,8 @@ impl Server {
         let id = a.id;
         if self.perms.insert((relay.id, ip), exp).is_none() {
             a.perms.push(ip);
-            self.stats.permissions_created += 1;
-            self.stats.permissions_active += 1;
+            self.stats
+                .permission_added(a.tuple.transport, family_index(ip));
             self.push_timer(exp, TimerKind::Permission { slot, id, ip });
         }
     }
@@ -815,7 +817,8 @@ impl Server {
             self.peer_channels.insert((relay.id, peer), number);
             self.client_channels
                 .insert((tuple, number), (relay.id, peer));
-            self.stats.channels_active += 1;
+            self.stats
+                .channel_activated(tuple.transport, family_index(peer.ip()));
         }
         self.install_permission(slot, relay, peer.ip(), ctx.now);
         self.respond(ctx, out, 0, Some(v), |_| Ok(()))

@@ -719,6 +719,9 @@ fn dual_stack_allocations() {
         &k,
     );
     assert_eq!(r.code(), 0);
+    // Gauges: UDP allocations by family [ipv4, ipv6, dual], permissions by peer family.
+    assert_eq!(h.server.stats().allocations_by[0], [0, 1, 1]);
+    assert_eq!(h.server.stats().permissions_by[0], [0, 1]);
 }
 
 #[test]
@@ -1352,9 +1355,10 @@ fn tcp_client_close_deletes_allocation() {
     let mut tcp = client(1);
     tcp.transport = Transport::Tcp;
     assert_eq!(h.allocate(tcp).code(), 0);
-    h.server.client_closed(&client(1), &mut h.io);
+    let now = h.now();
+    h.server.client_closed(&client(1), now, &mut h.io);
     assert_eq!(h.server.allocation_count(), 1, "another 5-tuple");
-    h.server.client_closed(&tcp, &mut h.io);
+    h.server.client_closed(&tcp, now, &mut h.io);
     assert_eq!(h.server.allocation_count(), 0);
     assert!(h.io.open.is_empty());
     assert_eq!(h.shared.total_allocations(), 0);
@@ -1749,4 +1753,39 @@ fn removed_secret_under_strict_expiry_refuses_the_old_allocations_requests() {
     let (u, k) = h.alice();
     let refresh = Req::new(method::REFRESH).u32(attr::LIFETIME, 600);
     assert_eq!(h.auth(client(1), &refresh, &u, &k).code(), 401);
+}
+
+#[test]
+fn gauges_by_transport_and_family_and_the_lifetime_histogram() {
+    let mut h = H::new(|_| {});
+    let mut tcp = client(2);
+    tcp.transport = Transport::Tcp;
+    assert_eq!(h.allocate(client(1)).code(), 0);
+    assert_eq!(h.allocate(tcp).code(), 0);
+    let (u, k) = h.alice();
+    let bind = Req::new(method::CHANNEL_BIND).channel(0x4000).peer(PEER);
+    assert_eq!(h.auth(tcp, &bind, &u, &k).code(), 0);
+    let s = h.server.stats().clone();
+    // [transport: udp, tcp, tls][family: ipv4, ipv6(, dual)]
+    assert_eq!(s.allocations_by, [[1, 0, 0], [1, 0, 0], [0, 0, 0]]);
+    assert_eq!(s.channels_by, [[0, 0], [1, 0], [0, 0]]);
+    assert_eq!(s.permissions_by, [[0, 0], [1, 0], [0, 0]]);
+    h.advance(30);
+    let now = h.now();
+    h.server.client_closed(&tcp, now, &mut h.io);
+    let s = h.server.stats().clone();
+    assert_eq!(s.allocations_by, [[1, 0, 0], [0, 0, 0], [0, 0, 0]]);
+    assert_eq!(s.channels_by, [[0; 2]; 3]);
+    assert_eq!(s.permissions_by, [[0; 2]; 3]);
+    assert_eq!(s.allocation_lifetime_seconds.count, 1);
+    assert_eq!(s.allocation_lifetime_seconds.sum, 30.0);
+    // 30 s falls in the "<= 30" bucket.
+    assert_eq!(s.allocation_lifetime_seconds.cumulative()[..2], [0, 1]);
+    // The UDP allocation expires at the end of its lifetime.
+    h.advance(7200);
+    let s = h.server.stats();
+    assert_eq!(s.allocations_by, [[0; 3]; 3]);
+    assert_eq!(s.allocations_active, 0);
+    assert_eq!(s.allocation_lifetime_seconds.count, 2);
+    assert!(s.allocation_lifetime_seconds.sum > 30.0);
 }

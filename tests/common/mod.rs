@@ -108,6 +108,8 @@ pub struct TernOpts {
     pub api: Option<String>,
     /// Extra sections appended to the config (e.g. `[signal]`, `[relay_ws]`).
     pub extra_sections: String,
+    /// Serve `/metrics`, `/healthz`, `/readyz` on a free loopback port (false: disabled).
+    pub metrics: bool,
 }
 
 impl TernOpts {
@@ -124,6 +126,7 @@ impl TernOpts {
             drain_timeout_secs: 5,
             api: None,
             extra_sections: String::new(),
+            metrics: false,
         }
     }
 }
@@ -134,6 +137,8 @@ pub struct Tern {
     pub port: u16,
     /// The HTTP API port (0 when the API is disabled).
     pub api_port: u16,
+    /// The metrics port (0 when metrics are disabled).
+    pub metrics_port: u16,
     pub secret: String,
     pub dir: tempfile::TempDir,
 }
@@ -165,6 +170,12 @@ impl Tern {
             Some(lines) => format!("[api]\nlisten = \"127.0.0.1:{api_port}\"\n{lines}\n"),
             None => "[api]\nenabled = false\n".into(),
         };
+        let metrics_port = if opts.metrics { free_port() } else { 0 };
+        let metrics = if opts.metrics {
+            format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
+        } else {
+            "[metrics]\nenabled = false\n".into()
+        };
         let config = format!(
             "[turn]\n\
              listen = [{listen}]\n\
@@ -177,7 +188,7 @@ impl Tern {
              {extra}\n\
              {api}\
              {sections}\n\
-             [metrics]\nenabled = false\n\
+             {metrics}\
              [log]\nlevel = \"info,tern=debug\"\n\
              [daemon]\npid_file = {pid:?}\ndrain_timeout_secs = {drain}\n",
             min = opts.relay_min,
@@ -204,6 +215,7 @@ impl Tern {
             child,
             port,
             api_port,
+            metrics_port,
             secret,
             dir,
         };

@@ -12,12 +12,18 @@ use super::{token, INDEX_MASK, K_RELAY};
 use crate::net::mmsg::SendBatch;
 use crate::net::socket;
 use crate::net::stats::NetStats;
-use crate::turn::{RelayId, RelayIo, Transport};
+use crate::turn::{RelayId, RelayIo, RelayUsage, Transport};
+
+/// A relay socket and what it carried (plain integers: only this worker writes them).
+pub(super) struct RelaySock {
+    sock: UdpSocket,
+    usage: RelayUsage,
+}
 
 /// The relay sockets of this worker's allocations; the shard opens and closes them.
 pub struct Relays {
     pub(super) registry: Registry,
-    pub(super) socks: Vec<Option<UdpSocket>>,
+    pub(super) socks: Vec<Option<RelaySock>>,
     pub(super) free: Vec<u32>,
     pub(super) buffer_bytes: usize,
 }
@@ -27,7 +33,24 @@ impl Relays {
         self.socks
             .get(id.0 as usize)
             .and_then(|s| s.as_ref())
-            .map(|s| s.as_raw_fd())
+            .map(|s| s.sock.as_raw_fd())
+    }
+
+    /// The socket to send `len` payload bytes to a peer from, counting them for the
+    /// allocation's log line.
+    pub(super) fn peer_send_fd(&mut self, id: RelayId, len: usize) -> Option<RawFd> {
+        let s = self.socks.get_mut(id.0 as usize)?.as_mut()?;
+        s.usage.to_peer_bytes += len as u64;
+        s.usage.to_peer_packets += 1;
+        Some(s.sock.as_raw_fd())
+    }
+
+    /// Counts payload relayed from peers to the client of relay `id`.
+    pub(super) fn count_to_client(&mut self, id: RelayId, bytes: u64, packets: u64) {
+        if let Some(s) = self.socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            s.usage.to_client_bytes += bytes;
+            s.usage.to_client_packets += packets;
+        }
     }
 }
 
@@ -51,16 +74,27 @@ impl RelayIo for Relays {
             self.free.push(idx as u32);
             return Err(e);
         }
-        self.socks[idx] = Some(sock);
+        self.socks[idx] = Some(RelaySock {
+            sock,
+            usage: RelayUsage::default(),
+        });
         Ok(RelayId(idx as u32))
     }
 
     fn close_relay(&mut self, relay: RelayId) {
         let idx = relay.0 as usize;
         if let Some(mut s) = self.socks.get_mut(idx).and_then(Option::take) {
-            let _ = self.registry.deregister(&mut s);
+            let _ = self.registry.deregister(&mut s.sock);
             self.free.push(relay.0);
         }
+    }
+
+    fn usage(&self, relay: RelayId) -> RelayUsage {
+        self.socks
+            .get(relay.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|s| s.usage)
+            .unwrap_or_default()
     }
 }
 

@@ -7,7 +7,9 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::Interest;
 
-use super::{token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE};
+use super::{
+    is_request, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE,
+};
 use crate::net::link::{is_tls_error, Link};
 use crate::net::shard::Shard;
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
@@ -216,7 +218,7 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&conn.tuple, channel) {
                             Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.fd(relay) {
+                                if let Some(rfd) = self.relays.peer_send_fd(relay, len) {
                                     let payload =
                                         &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `inbuf` is neither refilled nor compacted
@@ -236,13 +238,18 @@ impl<S: Shard> Worker<S> {
                         }
                     }
                     Kind::Stun => {
-                        match self.shard.handle_stun(
+                        let t0 = is_request(frame).then(Instant::now);
+                        let action = self.shard.handle_stun(
                             now,
                             conn.tuple,
                             frame,
                             &mut self.out,
                             &mut self.relays,
-                        ) {
+                        );
+                        if let Some(t0) = t0 {
+                            self.shard.record_request_time(t0.elapsed());
+                        }
+                        match action {
                             Action::None => {}
                             Action::Reply(len) => {
                                 if !conn.out.push_control(&self.out[..len]) {
@@ -254,8 +261,9 @@ impl<S: Shard> Worker<S> {
                                 peer,
                                 payload,
                             } => {
-                                if let (Some(rfd), Some(d)) =
-                                    (self.relays.fd(relay), frame.get(payload))
+                                let len = payload.len();
+                                if let (Some(d), Some(rfd)) =
+                                    (frame.get(payload), self.relays.peer_send_fd(relay, len))
                                 {
                                     // SAFETY: as above.
                                     unsafe {
@@ -322,7 +330,8 @@ impl<S: Shard> Worker<S> {
         let _ = self.poll.registry().deregister(&mut c.sock);
         self.conn_by_tuple.remove(&c.tuple);
         self.free_conns.push(ci);
-        self.shard.client_closed(&c.tuple, &mut self.relays);
+        self.shard
+            .client_closed(&c.tuple, super::now(), &mut self.relays);
         // The socket and the per-IP permit go with `c`.
     }
 
