@@ -46,6 +46,7 @@ pub struct Config {
     pub relay_ws: RelayWsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub daemon: DaemonConfig,
 }
 
 /// A static long-term credential (RFC 8489 §9.2). Either `password` or `key`
@@ -58,6 +59,15 @@ pub struct StaticUser {
     pub password: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+}
+
+/// An alternate TURN server reached over TLS (RFC 8489 §14.15, §14.16): its address for
+/// ALTERNATE-SERVER and the name its certificate carries, for ALTERNATE-DOMAIN.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsAlternate {
+    pub addr: SocketAddr,
+    pub domain: String,
 }
 
 /// `[turn]`: the STUN/TURN face (RFC 8489, RFC 8656).
@@ -107,6 +117,12 @@ pub struct TurnConfig {
     pub socket_buffer_bytes: usize,
     /// SOFTWARE attribute on responses; empty to omit.
     pub software: String,
+    /// Servers a client is sent to (300 Try Alternate with ALTERNATE-SERVER, RFC 8489 §10)
+    /// when this one is at capacity or draining, round-robin, per client transport. Only
+    /// alternates of the client's address family are offered; with none, 508.
+    pub alternate_udp: Vec<SocketAddr>,
+    pub alternate_tcp: Vec<SocketAddr>,
+    pub alternate_tls: Vec<TlsAlternate>,
 }
 
 impl Default for TurnConfig {
@@ -139,6 +155,9 @@ impl Default for TurnConfig {
             workers: 0,
             socket_buffer_bytes: 4 << 20,
             software: concat!("tern/", env!("CARGO_PKG_VERSION")).into(),
+            alternate_udp: vec![],
+            alternate_tcp: vec![],
+            alternate_tls: vec![],
         }
     }
 }
@@ -333,6 +352,26 @@ impl Default for LogConfig {
     }
 }
 
+/// `[daemon]`: the process itself: reload (SIGHUP, `tern reload`) and drain (SIGTERM).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Where `tern serve` writes its process id and `tern reload` reads it. Empty: none.
+    pub pid_file: PathBuf,
+    /// After SIGTERM, how long existing allocations may keep relaying before the daemon
+    /// exits anyway (a second SIGTERM ends the drain at once).
+    pub drain_timeout_secs: u32,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            pid_file: "/run/tern/tern.pid".into(),
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file`, then `TERN_*` variables from `env`, then `sets`
     /// (`section.key=value`), and validates the result.
@@ -468,6 +507,22 @@ impl Config {
                 }
                 _ => return Err(invalid(&key, "set exactly one of password or key")),
             }
+        }
+        for (i, a) in t.alternate_tls.iter().enumerate() {
+            let d = &a.domain;
+            let ok = !d.is_empty()
+                && d.len() <= 253
+                && d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                return Err(invalid(
+                    &format!("turn.alternate_tls[{i}].domain"),
+                    "must be a DNS name (letters, digits, '-', '.'; at most 253 bytes)",
+                ));
+            }
+        }
+        if self.daemon.drain_timeout_secs > 3600 {
+            return Err(invalid("daemon.drain_timeout_secs", "must be at most 3600"));
         }
         // Secret files must be readable now, so a typo fails at start, not at first login.
         self.turn_secrets()?;
@@ -618,6 +673,22 @@ impl Config {
         Ok(out)
     }
 
+    /// With no REST secret and no static user, TURN could authenticate nobody and `/api/ice`
+    /// could mint nothing, so `tern serve` with defaults would not work. In that case this adds
+    /// a random secret that lives only as long as the process and returns true; the caller
+    /// warns that backends cannot mint credentials for it.
+    pub fn add_ephemeral_secret_if_none(&mut self) -> Result<bool, ConfigError> {
+        if !self.turn_secrets()?.is_empty() || !self.turn.users.is_empty() {
+            return Ok(false);
+        }
+        use base64::Engine;
+        let bytes: [u8; 32] = rand::random();
+        self.turn
+            .auth_secrets
+            .push(base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes));
+        Ok(true)
+    }
+
     /// All REST API secrets: inline ones first, then those from `secret_file`s.
     pub fn turn_secrets(&self) -> Result<Vec<String>, ConfigError> {
         let mut out = self.turn.auth_secrets.clone();
@@ -761,6 +832,33 @@ mod tests {
         assert!(e.to_string().starts_with("relay_ws.buffer_bytes"), "{e}");
         let e = load("[api]\ntoken_files = [\"/nonexistent/t\"]\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("api.token_files[0]"), "{e}");
+    }
+
+    #[test]
+    fn ephemeral_secret_only_when_nothing_configured() {
+        let mut c = Config::default();
+        assert!(c.add_ephemeral_secret_if_none().unwrap());
+        let s = c.turn_secrets().unwrap();
+        assert_eq!(s.len(), 1);
+        assert!(s[0].len() >= 40, "32 random bytes, base64");
+        assert!(
+            !c.add_ephemeral_secret_if_none().unwrap(),
+            "a second call adds nothing"
+        );
+        let mut d = Config::default();
+        assert_ne!(
+            d.add_ephemeral_secret_if_none()
+                .map(|_| d.turn_secrets().unwrap())
+                .unwrap(),
+            s
+        );
+        let mut e = Config::default();
+        e.turn.users.push(StaticUser {
+            name: "a".into(),
+            password: Some("p".into()),
+            key: None,
+        });
+        assert!(!e.add_ephemeral_secret_if_none().unwrap());
     }
 
     #[test]

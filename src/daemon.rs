@@ -1,11 +1,16 @@
-//! `tern serve`: starts every face on the shared config and waits for SIGINT/SIGTERM.
-//! Owns process-level wiring only; protocol logic lives in the faces' modules.
+//! `tern serve`: starts every face on the shared config, reloads it on SIGHUP, drains on
+//! SIGTERM (a second SIGTERM or `daemon.drain_timeout_secs` ends the drain), stops at
+//! once on SIGINT. Owns process-level wiring only; protocol logic lives in the faces'
+//! modules, reload policy in `crate::lifecycle`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::api::HttpService;
 use crate::config::Config;
+use crate::lifecycle::{self, ConfigSource, STATE};
+use crate::net::TurnService;
 
 /// Errors that stop the daemon at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -14,48 +19,239 @@ pub enum DaemonError {
     Net(#[from] crate::net::NetError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Registry(#[from] crate::metrics::RegistryError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
 
-/// Runs until SIGINT or SIGTERM, then stops the listeners and returns.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
+/// The running faces, as a reload or drain sees them.
+struct Faces {
+    turn: TurnService,
+    http: Option<HttpService>,
+}
+
+impl Faces {
+    /// The HTTP face's view of `cfg`: ICE URLs carry the TURN port actually bound (it may
+    /// have been configured as 0).
+    fn api_config(&self, cfg: &Config) -> Config {
+        let mut api_cfg = cfg.clone();
+        if !self.turn.local_addrs().is_empty() {
+            api_cfg.turn.listen = self.turn.local_addrs().to_vec();
+        }
+        api_cfg
+    }
+
+    /// What a drain waits for: TURN allocations and `/relay` sessions.
+    fn in_flight(&self) -> (u32, usize) {
+        let relay = self.http.as_ref().map_or(0, HttpService::relay_sessions);
+        (self.turn.allocations(), relay)
+    }
+}
+
+/// Runs until SIGINT, or SIGTERM and the drain, then stops the listeners and returns.
+/// `source` is where `cfg` came from; SIGHUP loads it again.
+pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
+    // Kept across reloads while the config still names no secret and no user.
+    let mut ephemeral = None;
+    if cfg.add_ephemeral_secret_if_none()? {
+        ephemeral = cfg.turn.auth_secrets.last().cloned();
+        tracing::warn!(
+            "no turn.auth_secrets, turn.secret_file or turn.users configured: using a random \
+             secret for this run only (the built-in page and /api/ice work; a backend minting its \
+             own credentials needs turn.secret_file)"
+        );
+    }
+    let int = Arc::new(AtomicBool::new(false));
+    let term = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    for (sig, flag) in [
+        (signal_hook::consts::SIGINT, &int),
+        (signal_hook::consts::SIGTERM, &term),
+        (signal_hook::consts::SIGHUP, &hup),
+    ] {
+        signal_hook::flag::register(sig, Arc::clone(flag)).map_err(DaemonError::Signals)?;
     }
     let mut sup = crate::ops::supervisor::Supervisor::from_env();
     sup.status("starting");
     let failed = |e: &dyn std::fmt::Display| format!("failed to start: {e}");
-    let turn = crate::net::TurnService::start(&cfg).inspect_err(|e| sup.status(&failed(e)))?;
+    let turn = TurnService::start(&cfg).inspect_err(|e| sup.status(&failed(e)))?;
     for addr in turn.local_addrs() {
         tracing::info!(%addr, "TURN listening (udp+tcp)");
     }
-    let http = if cfg.api.enabled {
-        // ICE URLs carry the TURN port actually bound (it may have been configured as 0).
-        let mut api_cfg = cfg.clone();
-        if !turn.local_addrs().is_empty() {
-            api_cfg.turn.listen = turn.local_addrs().to_vec();
-        }
+    let mut faces = Faces { turn, http: None };
+    if cfg.api.enabled {
         let http =
-            crate::api::HttpService::start(&api_cfg).inspect_err(|e| sup.status(&failed(e)))?;
+            HttpService::start(&faces.api_config(&cfg)).inspect_err(|e| sup.status(&failed(e)))?;
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
-        Some(http)
+        faces.http = Some(http);
+    }
+    // /healthz answers from here on; /readyz once STATE says ready (below).
+    let metrics = if cfg.metrics.enabled {
+        let registry = crate::metrics::Metrics::new(
+            Some(faces.turn.stats_source()),
+            faces.http.as_ref().map(HttpService::stats_source),
+        )
+        .inspect_err(|e| sup.status(&failed(e)))?;
+        let m = crate::metrics::MetricsService::start(cfg.metrics.listen, registry)
+            .inspect_err(|e| sup.status(&failed(e)))?;
+        tracing::info!(addr = %m.local_addr(), "metrics listening (/metrics, /healthz, /readyz)");
+        Some(m)
     } else {
         None
     };
+    let _pid = write_pid_file(&cfg);
     // READY=1 once every listener is bound and TURN answers; WATCHDOG=1 only while it does.
-    sup.watch_turn(turn.local_addrs());
-    sup.ready(&crate::ops::supervisor::serving_status(turn.local_addrs()));
-    while !stop.load(Ordering::Relaxed) {
+    sup.watch_turn(faces.turn.local_addrs());
+    sup.ready(&crate::ops::supervisor::serving_status(
+        faces.turn.local_addrs(),
+    ));
+    STATE.set_ready(true);
+    let mut running = cfg;
+    let mut drain: Option<Instant> = None;
+    let mut last_status = (u32::MAX, usize::MAX);
+    loop {
         std::thread::sleep(Duration::from_millis(100));
         sup.tick();
+        if int.load(Ordering::Relaxed) {
+            tracing::info!("SIGINT received, shutting down");
+            break;
+        }
+        if hup.swap(false, Ordering::Relaxed) {
+            sup.reloading();
+            let applied = reload(&source, ephemeral.as_deref(), &mut running, &faces);
+            sup.reloaded(if applied { "" } else { "last reload refused" });
+        }
+        if term.swap(false, Ordering::Relaxed) {
+            if drain.is_some() {
+                tracing::info!("second SIGTERM: ending the drain now");
+                break;
+            }
+            let (allocs, relays) = faces.in_flight();
+            let timeout = running.daemon.drain_timeout_secs;
+            if (allocs == 0 && relays == 0) || timeout == 0 {
+                tracing::info!("SIGTERM received, shutting down");
+                break;
+            }
+            STATE.set_draining(true);
+            faces.turn.set_draining(true);
+            if let Some(h) = &faces.http {
+                h.set_draining(true);
+            }
+            tracing::info!(
+                allocations = allocs,
+                relay_sessions = relays,
+                timeout_secs = timeout,
+                "SIGTERM received: draining (new allocations and signaling connections are refused; a second SIGTERM stops at once)"
+            );
+            sup.stopping(&drain_status(allocs, relays));
+            last_status = (allocs, relays);
+            drain = Some(Instant::now() + Duration::from_secs(timeout.into()));
+        }
+        if let Some(deadline) = drain {
+            let (allocs, relays) = faces.in_flight();
+            if allocs == 0 && relays == 0 {
+                tracing::info!("drain complete: no allocations or relay sessions left");
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::info!(
+                    allocations = allocs,
+                    relay_sessions = relays,
+                    "drain timeout reached; closing what is left"
+                );
+                break;
+            }
+            if (allocs, relays) != last_status {
+                last_status = (allocs, relays);
+                sup.status(&drain_status(allocs, relays));
+            }
+        }
     }
-    tracing::info!("signal received, shutting down");
+    STATE.set_ready(false);
     sup.stopping("shutting down");
-    if let Some(http) = http {
+    if let Some(http) = faces.http.take() {
         http.shutdown();
     }
-    turn.shutdown();
+    faces.turn.shutdown();
+    if let Some(m) = metrics {
+        m.shutdown();
+    }
     Ok(())
+}
+
+fn drain_status(allocs: u32, relays: usize) -> String {
+    format!("draining: {allocs} allocations, {relays} relay sessions left")
+}
+
+/// Writes `daemon.pid_file` if set. A failure is logged, not fatal: the daemon serves
+/// without it, only `tern reload` cannot find it (`systemctl reload` still works).
+fn write_pid_file(cfg: &Config) -> Option<lifecycle::PidFile> {
+    let path = &cfg.daemon.pid_file;
+    if path.as_os_str().is_empty() {
+        return None;
+    }
+    match lifecycle::PidFile::create(path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(error = %e, "no pid file; `tern reload` will not find this daemon (send SIGHUP instead)");
+            None
+        }
+    }
+}
+
+/// SIGHUP: loads the configuration again the way it was loaded at start and applies what
+/// can change live. Anything invalid refuses the whole reload with one log line; keys
+/// that need a restart keep their running values and are named in one log line.
+/// Returns whether the new configuration was applied.
+fn reload(
+    source: &ConfigSource,
+    ephemeral: Option<&str>,
+    running: &mut Config,
+    faces: &Faces,
+) -> bool {
+    let refuse = |why: String| {
+        tracing::error!("reload refused, the running configuration stays in force: {why}");
+        false
+    };
+    let mut new = match source.load() {
+        Ok(c) => c,
+        Err(e) => return refuse(lifecycle::one_line(&e)),
+    };
+    if let Some(secret) = ephemeral {
+        if new.turn_secrets().is_ok_and(|s| s.is_empty()) && new.turn.users.is_empty() {
+            new.turn.auth_secrets.push(secret.to_string());
+        }
+    }
+    let restart = lifecycle::keep_restart_only(running, &mut new);
+    let scfg = match crate::turn::ServerConfig::from_config(&new, faces.turn.relay_ips().to_vec()) {
+        Ok(s) => Arc::new(s),
+        Err(e) => return refuse(lifecycle::one_line(&e)),
+    };
+    // The HTTP face re-reads secret and token files: the only step left that can fail,
+    // so it goes first and nothing is applied if it does.
+    if let Some(http) = &faces.http {
+        if let Err(e) = http.reload(&faces.api_config(&new)) {
+            return refuse(e.to_string());
+        }
+    }
+    faces.turn.set_config(scfg);
+    let secrets = new.turn_secrets().map_or(0, |s| s.len());
+    tracing::info!(
+        secrets,
+        static_users = new.turn.users.len(),
+        "configuration reloaded"
+    );
+    if !restart.is_empty() {
+        tracing::warn!(
+            "changed keys need a restart and keep their running values until then: {}",
+            restart.join(", ")
+        );
+    }
+    *running = new;
+    true
 }

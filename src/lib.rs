@@ -4,7 +4,9 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod ops;
 pub mod relay_ws;

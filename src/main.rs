@@ -1,4 +1,4 @@
-//! The `tern` command line: serve, credentials, check-config, firewall, migrate-coturn.
+//! The `tern` command line: serve, reload, credentials, check-config, firewall, migrate-coturn.
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,11 +30,17 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn load(&self) -> anyhow::Result<Config> {
-        Ok(Config::load(
-            self.config.as_deref(),
-            config::tern_env(),
-            &self.set,
-        )?)
+        Ok(self.source().load()?)
+    }
+
+    /// The layers as given now: the file, `TERN_*` variables and `--set` flags. The
+    /// daemon keeps this to load the same way again on reload.
+    fn source(&self) -> tern::lifecycle::ConfigSource {
+        tern::lifecycle::ConfigSource {
+            file: self.config.clone(),
+            env: config::tern_env(),
+            sets: self.set.clone(),
+        }
     }
 }
 
@@ -64,6 +70,15 @@ enum Command {
         /// Print JSON (username, password, ttl, uris-less) instead of two lines.
         #[arg(long)]
         json: bool,
+    },
+    /// Ask the running daemon to reload its configuration, secrets and certificates
+    /// (SIGHUP to the pid in daemon.pid_file). The daemon logs the outcome.
+    Reload {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The daemon's pid file (default: daemon.pid_file of the config).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// Validate the configuration and print the first problem, naming its key.
     CheckConfig {
@@ -100,10 +115,35 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { cfg } => {
-            let cfg = cfg.load()?;
+            let source = cfg.source();
+            let cfg = source.load()?;
             tern::logging::init(&cfg.log);
-            tern::daemon::run(cfg)?;
+            tern::daemon::run(cfg, source)?;
             Ok(())
+        }
+        Command::Reload { cfg, pid_file } => {
+            // Check the config first, as the daemon will: a broken file is reported here
+            // and the daemon is not disturbed.
+            let pid_file = match (pid_file, cfg.load()) {
+                (_, Err(e)) => {
+                    eprintln!("config error: {e:#}\nnot reloading: the daemon would refuse it");
+                    std::process::exit(2);
+                }
+                (Some(p), Ok(_)) => p,
+                (None, Ok(c)) => c.daemon.pid_file,
+            };
+            match tern::lifecycle::signal_reload(&pid_file) {
+                Ok(pid) => {
+                    println!(
+                        "reload requested (SIGHUP to tern pid {pid}); the daemon logs the outcome"
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(1);
+                }
+            }
         }
         Command::Credentials {
             cfg,

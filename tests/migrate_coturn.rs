@@ -205,6 +205,8 @@ fn coturn_rest_config_migrates_and_serves_coturn_credentials() {
         "turn.listen=[\"127.0.0.1:0\"]",
         "api.enabled=false",
         "metrics.enabled=false",
+        // uclient leaves its allocations to expire; a short drain keeps the SIGTERM quick.
+        "daemon.drain_timeout_secs=1",
     ]
     .iter()
     .flat_map(|s| ["--set".to_string(), s.to_string()])

@@ -77,7 +77,7 @@ impl Shard for OneAllocation {
     fn poll_timeout(&self) -> Option<Instant> {
         None
     }
-    fn client_closed(&mut self, _client: &FiveTuple, _io: &mut impl RelayIo) {}
+    fn client_closed(&mut self, _client: &FiveTuple, _now: Now, _io: &mut impl RelayIo) {}
 }
 
 fn service(peer: SocketAddr) -> TurnService {

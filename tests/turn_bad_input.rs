@@ -287,7 +287,7 @@ fn unauthenticated_allocate_flood_keeps_memory_flat() {
 #[test]
 fn silent_tcp_connections_time_out_and_are_bounded_per_source() {
     let mut tern = Tern::start(TernOpts {
-        extra_turn: "tcp_idle_timeout_secs = 2\ntcp_max_per_ip = 3\n".into(),
+        extra_turn: "tcp_idle_timeout_secs = 3\ntcp_max_per_ip = 3\n".into(),
         ..TernOpts::new(26400)
     });
     let src = "127.0.0.3";

@@ -11,7 +11,8 @@ mod routes;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -38,27 +39,105 @@ pub enum ApiError {
     Config(#[from] crate::config::ConfigError),
 }
 
-/// Everything the handlers share.
+/// Everything the handlers share. A reload builds a new one around the same hubs and
+/// buckets and swaps it in whole ([`Live`]); a request keeps the snapshot it started with.
 pub(crate) struct AppState {
     pub cfg: Config,
     pub secrets: Vec<String>,
     pub tokens: Vec<String>,
-    pub anon_buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    pub anon_buckets: Arc<Mutex<HashMap<IpAddr, TokenBucket>>>,
     pub rooms: Arc<Hub<RoomService>>,
     pub peerjs: Arc<Hub<PeerJsService>>,
     pub relay: Option<Arc<RelayHub>>,
+    /// Set during a graceful drain: new signaling connections are refused (503).
+    pub draining: Arc<AtomicBool>,
+    /// Per-route request counters (kept across reloads).
+    pub http_metrics: Arc<crate::metrics::HttpMetrics>,
+}
+
+impl AppState {
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// The router's state: the current [`AppState`], replaced on reload. Handlers extract
+/// `State<Arc<AppState>>`, a snapshot taken per request (one uncontended read lock).
+#[derive(Clone)]
+pub(crate) struct Live(Arc<RwLock<Arc<AppState>>>);
+
+impl Live {
+    pub fn current(&self) -> Arc<AppState> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn replace(&self, st: Arc<AppState>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = st;
+    }
+}
+
+impl axum::extract::FromRef<Live> for Arc<AppState> {
+    fn from_ref(live: &Live) -> Arc<AppState> {
+        live.current()
+    }
 }
 
 /// A snapshot of the HTTP face's counters, for the metrics face.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HttpStats {
     pub signal_peers: usize,
+    pub signal_rooms: usize,
     pub signal: crate::signal::rooms::RoomStats,
+    pub peerjs_clients: usize,
     pub peerjs: crate::signal::peerjs::PeerJsStats,
     pub relay_sessions_active: usize,
+    pub relay_sessions_started: u64,
     pub relay_bytes_forwarded: u64,
+    pub relay_frames_forwarded: u64,
     pub relay_oversized_frames: u64,
     pub relay_bad_tickets: u64,
+}
+
+/// Read access to the HTTP face's counters, for the metrics face (cheap to clone; follows
+/// reloads).
+#[derive(Clone)]
+pub struct StatsSource(Live);
+
+impl StatsSource {
+    /// Current counters (locks the signaling state machines briefly).
+    pub fn snapshot(&self) -> HttpStats {
+        snapshot(&self.0.current())
+    }
+
+    /// The per-route request counters the router's middleware updates.
+    pub fn http_metrics(&self) -> Arc<crate::metrics::HttpMetrics> {
+        Arc::clone(&self.0.current().http_metrics)
+    }
+}
+
+fn snapshot(st: &AppState) -> HttpStats {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (signal_peers, signal_rooms, signal) = st
+        .rooms
+        .with_core(|c| (c.live_peers(), c.room_count(), c.stats()));
+    let (peerjs_clients, peerjs) = st.peerjs.with_core(|c| (c.client_count(), c.stats()));
+    let mut s = HttpStats {
+        signal_peers,
+        signal_rooms,
+        signal,
+        peerjs_clients,
+        peerjs,
+        ..HttpStats::default()
+    };
+    if let Some(r) = &st.relay {
+        s.relay_sessions_active = r.active_sessions();
+        s.relay_sessions_started = r.stats.sessions_started.load(Relaxed);
+        s.relay_bytes_forwarded = r.stats.bytes_forwarded.load(Relaxed);
+        s.relay_frames_forwarded = r.stats.frames_forwarded.load(Relaxed);
+        s.relay_oversized_frames = r.stats.oversized_frames.load(Relaxed);
+        s.relay_bad_tickets = r.stats.bad_tickets.load(Relaxed);
+    }
+    s
 }
 
 /// The running HTTP listener.
@@ -66,7 +145,7 @@ pub struct HttpService {
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     rt: Option<tokio::runtime::Runtime>,
-    state: Arc<AppState>,
+    live: Live,
 }
 
 impl HttpService {
@@ -112,12 +191,15 @@ impl HttpService {
             cfg: cfg.clone(),
             secrets,
             tokens,
-            anon_buckets: Mutex::new(HashMap::new()),
+            anon_buckets: Arc::new(Mutex::new(HashMap::new())),
             rooms,
             peerjs,
             relay,
+            draining: Arc::new(AtomicBool::new(false)),
+            http_metrics: crate::metrics::HttpMetrics::new(),
         });
-        let app = routes::router(Arc::clone(&state));
+        let live = Live(Arc::new(RwLock::new(Arc::clone(&state))));
+        let app = routes::router(live.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serve_state = Arc::clone(&state);
         rt.spawn(async move {
@@ -155,8 +237,46 @@ impl HttpService {
             addr: local,
             stop: Some(stop_tx),
             rt: Some(rt),
-            state,
+            live,
         })
+    }
+
+    /// Applies a reloaded configuration (SIGHUP): credentials API settings, secrets and
+    /// tokens (files re-read), and signaling limits take effect for new requests and
+    /// messages; open WebSocket sessions stay. The listener, the routes (`peerjs_enabled`,
+    /// `peerjs_path`) and `[relay_ws]` need a restart (the caller reports those).
+    pub fn reload(&self, cfg: &Config) -> Result<(), ApiError> {
+        let old = self.live.current();
+        let secrets = cfg.turn_secrets()?;
+        let tokens = cfg.api_tokens()?;
+        old.rooms.with_core(|c| c.set_config(cfg.signal.clone()));
+        old.peerjs.with_core(|c| c.set_config(cfg.signal.clone()));
+        self.live.replace(Arc::new(AppState {
+            cfg: cfg.clone(),
+            secrets,
+            tokens,
+            anon_buckets: Arc::clone(&old.anon_buckets),
+            rooms: Arc::clone(&old.rooms),
+            peerjs: Arc::clone(&old.peerjs),
+            relay: old.relay.clone(),
+            draining: Arc::clone(&old.draining),
+            http_metrics: Arc::clone(&old.http_metrics),
+        }));
+        Ok(())
+    }
+
+    /// Starts a graceful drain: new signaling connections get 503; open ones stay.
+    pub fn set_draining(&self, on: bool) {
+        self.live.current().draining.store(on, Ordering::Relaxed);
+    }
+
+    /// `/relay` sessions open (paired or waiting), for the drain's end.
+    pub fn relay_sessions(&self) -> usize {
+        self.live
+            .current()
+            .relay
+            .as_ref()
+            .map_or(0, |r| r.active_sessions())
     }
 
     /// The bound address (with the real port when port 0 was configured).
@@ -166,22 +286,12 @@ impl HttpService {
 
     /// Current counters.
     pub fn stats(&self) -> HttpStats {
-        use std::sync::atomic::Ordering::Relaxed;
-        let (signal_peers, signal) = self.state.rooms.with_core(|c| (c.live_peers(), c.stats()));
-        let peerjs = self.state.peerjs.with_core(|c| c.stats());
-        let mut s = HttpStats {
-            signal_peers,
-            signal,
-            peerjs,
-            ..HttpStats::default()
-        };
-        if let Some(r) = &self.state.relay {
-            s.relay_sessions_active = r.active_sessions();
-            s.relay_bytes_forwarded = r.stats.bytes_forwarded.load(Relaxed);
-            s.relay_oversized_frames = r.stats.oversized_frames.load(Relaxed);
-            s.relay_bad_tickets = r.stats.bad_tickets.load(Relaxed);
-        }
-        s
+        snapshot(&self.live.current())
+    }
+
+    /// A handle that reads the counters, for the metrics face.
+    pub fn stats_source(&self) -> StatsSource {
+        StatsSource(self.live.clone())
     }
 
     /// Stops accepting, closes open connections after a short grace, joins the runtime.

@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{cors, ice, AppState};
+use super::{cors, ice, AppState, Live};
 use crate::signal::client_ip::{client_ip, lan_key};
 use crate::signal::peerjs::INFO_JSON;
 
@@ -24,7 +24,19 @@ fn ws_limit(max_message_bytes: usize) -> usize {
     max_message_bytes.saturating_mul(4).max(64 * 1024)
 }
 
-pub(super) fn router(st: Arc<AppState>) -> Router {
+/// Socket settings for signaling: small messages, so small buffers (tungstenite's defaults
+/// of 128 KiB read + 128 KiB write per socket would cost ~256 KiB per idle peer).
+fn signaling_socket(ws: WebSocketUpgrade, max_message_bytes: usize) -> WebSocketUpgrade {
+    let limit = ws_limit(max_message_bytes);
+    ws.read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limit.saturating_mul(2))
+        .max_message_size(limit)
+        .max_frame_size(limit)
+}
+
+pub(super) fn router(live: Live) -> Router {
+    let st = live.current();
     let mut r = Router::new()
         .route("/api/ice", get(ice::ice).options(ice::preflight))
         .route("/api/turn", get(ice::turn_rest).options(ice::preflight))
@@ -46,7 +58,38 @@ pub(super) fn router(st: Arc<AppState>) -> Router {
             r = r.route(&format!("{base}/"), get(peerjs_info));
         }
     }
-    r.with_state(st)
+    let metrics = Arc::clone(&live.current().http_metrics);
+    r.layer(axum::middleware::from_fn_with_state(metrics, count_request))
+        .with_state(live)
+}
+
+/// Counts every request by route template (bounded: never the raw path) and status.
+async fn count_request(
+    State(m): State<Arc<crate::metrics::HttpMetrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    m.observe(
+        route.as_deref().unwrap_or("unmatched"),
+        resp.status().as_u16(),
+        t0.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+/// New signaling connections are refused while draining (the load balancer sends them
+/// to another node; `/readyz` says not ready).
+fn draining_refusal() -> Response {
+    json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server is draining; connect to another node",
+    )
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -61,18 +104,18 @@ async fn ws_native(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if st.draining() {
+        return draining_refusal();
+    }
     let ip = client_ip(peer.ip(), &headers, &st.cfg.api.trusted_proxies);
     let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
     let resume = q.get("resume").cloned();
     let hub = Arc::clone(&st.rooms);
-    let limit = ws_limit(st.cfg.signal.max_message_bytes);
-    ws.max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| {
-            hub.run(socket, move |core, conn, now| {
-                core.connect(conn, lan, resume.as_deref(), now)
-            })
+    signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
+        hub.run(socket, move |core, conn, now| {
+            core.connect(conn, lan, resume.as_deref(), now)
         })
+    })
 }
 
 /// `GET /relay?ticket=T`: one side of a relay session.
@@ -92,7 +135,12 @@ async fn relay(
         Err(e) => return json_error(StatusCode::FORBIDDEN, &e.to_string()),
     };
     let max = hub.config().max_frame_bytes;
-    ws.max_message_size(max)
+    // Buffers are counted in the relay's memory bound: 64 KiB each way per socket, and
+    // at most two frames queued in the codec's write buffer.
+    ws.read_buffer_size(64 * 1024)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(64 * 1024 + 2 * max)
+        .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| crate::relay_ws::run_side(hub, side, socket))
 }
@@ -155,19 +203,19 @@ async fn peerjs_ws(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if st.draining() {
+        return draining_refusal();
+    }
     let hub = Arc::clone(&st.peerjs);
-    let limit = ws_limit(st.cfg.signal.max_message_bytes);
-    ws.max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| {
-            hub.run(socket, move |core, conn, now| {
-                core.connect(
-                    conn,
-                    q.get("key").map(String::as_str),
-                    q.get("id").map(String::as_str),
-                    q.get("token").map(String::as_str),
-                    now,
-                )
-            })
+    signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
+        hub.run(socket, move |core, conn, now| {
+            core.connect(
+                conn,
+                q.get("key").map(String::as_str),
+                q.get("id").map(String::as_str),
+                q.get("token").map(String::as_str),
+                now,
+            )
         })
+    })
 }

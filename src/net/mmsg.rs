@@ -1,9 +1,11 @@
 //! Batched UDP syscalls (`recvmmsg`/`sendmmsg`) over buffers allocated once per worker and
-//! reused forever: the relayed-packet path makes no heap allocation here.
+//! reused forever: the relayed-packet path makes no heap allocation here. Packet-info
+//! control messages carry the local address of wildcard listeners both ways, so a reply
+//! leaves from the address the client reached on a multi-homed host.
 
 use std::io;
 use std::mem;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 use std::ptr;
 
@@ -61,6 +63,96 @@ pub fn read_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// Control-message room per datagram: one IPv4 or IPv6 packet-info message.
+const CTRL_LEN: usize = 64;
+
+/// A control-message buffer, aligned for `cmsghdr`.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct Ctrl([u8; CTRL_LEN]);
+
+/// The destination address of a received datagram, from its IP_PKTINFO / IPV6_PKTINFO
+/// control message (present only on sockets where packet info was enabled).
+///
+/// # Safety
+/// `hdr` must be a msghdr the kernel just filled, its control buffer still alive.
+// msg_controllen is size_t on glibc but socklen_t on musl.
+#[allow(clippy::unnecessary_cast)]
+unsafe fn read_pktinfo(hdr: &libc::msghdr) -> Option<IpAddr> {
+    if hdr.msg_control.is_null() || (hdr.msg_controllen as usize) < mem::size_of::<libc::cmsghdr>()
+    {
+        return None;
+    }
+    // SAFETY: the control buffer holds `msg_controllen` bytes of cmsgs written by the kernel.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            let (level, ty) = ((*c).cmsg_level, (*c).cmsg_type);
+            if level == libc::IPPROTO_IP && ty == libc::IP_PKTINFO {
+                let info: libc::in_pktinfo = ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                return Some(IpAddr::V4(Ipv4Addr::from(
+                    info.ipi_addr.s_addr.to_ne_bytes(),
+                )));
+            }
+            if level == libc::IPPROTO_IPV6 && ty == libc::IPV6_PKTINFO {
+                let info: libc::in6_pktinfo = ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                return Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    None
+}
+
+/// Writes a packet-info control message asking the kernel to send from `src`; returns the
+/// control length to put in the msghdr.
+fn write_pktinfo(ctrl: &mut Ctrl, hdr: &mut libc::msghdr, src: IpAddr) {
+    ctrl.0 = [0; CTRL_LEN];
+    hdr.msg_control = ctrl.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_* only compute sizes and offsets inside the CTRL_LEN-byte buffer set
+    // just above, which is large enough for one in6_pktinfo message.
+    unsafe {
+        let (level, ty, len) = match src {
+            IpAddr::V4(_) => (
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                mem::size_of::<libc::in_pktinfo>(),
+            ),
+            IpAddr::V6(_) => (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                mem::size_of::<libc::in6_pktinfo>(),
+            ),
+        };
+        hdr.msg_controllen = libc::CMSG_SPACE(len as u32) as _;
+        let c = libc::CMSG_FIRSTHDR(hdr);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = ty;
+        (*c).cmsg_len = libc::CMSG_LEN(len as u32) as _;
+        match src {
+            IpAddr::V4(a) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.octets()),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+            }
+            IpAddr::V6(a) => {
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: a.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+            }
+        }
+    }
+}
+
 fn zeroed_storage() -> libc::sockaddr_storage {
     // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
     unsafe { mem::zeroed() }
@@ -79,6 +171,8 @@ pub struct Received {
     pub len: usize,
     /// The datagram did not fit its slot and was cut (MSG_TRUNC): drop it.
     pub truncated: bool,
+    /// The local address it was sent to, when the socket reports packet info.
+    pub dst: Option<IpAddr>,
 }
 
 /// `slots` receive buffers of `slot_size` bytes each, filled by one `recvmmsg` call.
@@ -92,6 +186,7 @@ pub struct RecvBatch {
     data_at: usize,
     iov: Box<[libc::iovec]>,
     addrs: Box<[libc::sockaddr_storage]>,
+    ctrl: Box<[Ctrl]>,
     hdrs: Box<[libc::mmsghdr]>,
     received: Box<[Received]>,
 }
@@ -113,12 +208,14 @@ impl RecvBatch {
             ]
             .into_boxed_slice(),
             addrs: vec![zeroed_storage(); slots].into_boxed_slice(),
+            ctrl: vec![Ctrl([0; CTRL_LEN]); slots].into_boxed_slice(),
             hdrs: vec![zeroed_hdr(); slots].into_boxed_slice(),
             received: vec![
                 Received {
                     from: unspecified,
                     len: 0,
-                    truncated: false
+                    truncated: false,
+                    dst: None,
                 };
                 slots
             ]
@@ -143,8 +240,8 @@ impl RecvBatch {
             h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut self.iov[i];
             h.msg_iovlen = 1;
-            h.msg_control = ptr::null_mut();
-            h.msg_controllen = 0;
+            h.msg_control = self.ctrl[i].0.as_mut_ptr().cast();
+            h.msg_controllen = CTRL_LEN as _;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
@@ -176,11 +273,14 @@ impl RecvBatch {
                     from,
                     len: h.msg_len as usize,
                     truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                    // SAFETY: the kernel just filled this header and its control buffer.
+                    dst: unsafe { read_pktinfo(&h.msg_hdr) },
                 },
                 None => Received {
                     from: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
                     len: 0,
                     truncated: true,
+                    dst: None,
                 },
             };
         }
@@ -224,6 +324,7 @@ pub struct Flushed {
 pub struct SendBatch {
     iov: Box<[libc::iovec]>,
     addrs: Box<[libc::sockaddr_storage]>,
+    ctrl: Box<[Ctrl]>,
     hdrs: Box<[libc::mmsghdr]>,
     len: usize,
 }
@@ -241,6 +342,7 @@ impl SendBatch {
             ]
             .into_boxed_slice(),
             addrs: vec![zeroed_storage(); capacity].into_boxed_slice(),
+            ctrl: vec![Ctrl([0; CTRL_LEN]); capacity].into_boxed_slice(),
             hdrs: vec![zeroed_hdr(); capacity].into_boxed_slice(),
             len: 0,
         }
@@ -254,12 +356,13 @@ impl SendBatch {
         self.len == self.hdrs.len()
     }
 
-    /// Queues `data` for `to`. The caller must flush before `data`'s memory is written again or freed; on a full batch it returns `false`
-    /// and queues nothing.
+    /// Queues `data` for `to`, sent from local address `src` if given (a wildcard socket's
+    /// packet info). The caller must flush before `data`'s memory is written again or freed;
+    /// on a full batch it returns `false` and queues nothing.
     ///
     /// # Safety
     /// `data` must stay valid and unchanged until the next [`Self::flush`].
-    pub unsafe fn push(&mut self, data: &[u8], to: SocketAddr) -> bool {
+    pub unsafe fn push(&mut self, data: &[u8], to: SocketAddr, src: Option<IpAddr>) -> bool {
         if self.is_full() {
             return false;
         }
@@ -274,9 +377,14 @@ impl SendBatch {
         h.msg_namelen = namelen;
         h.msg_iov = &mut self.iov[i];
         h.msg_iovlen = 1;
-        h.msg_control = ptr::null_mut();
-        h.msg_controllen = 0;
         h.msg_flags = 0;
+        match src {
+            Some(ip) => write_pktinfo(&mut self.ctrl[i], h, ip),
+            None => {
+                h.msg_control = ptr::null_mut();
+                h.msg_controllen = 0;
+            }
+        }
         self.len += 1;
         true
     }
@@ -358,9 +466,9 @@ mod tests {
         let mut sent = 0;
         for p in &payloads {
             // SAFETY: payloads outlive every flush below.
-            if !unsafe { sb.push(p, to) } {
+            if !unsafe { sb.push(p, to, None) } {
                 sent += sb.flush(tx.as_raw_fd()).sent;
-                assert!(unsafe { sb.push(p, to) });
+                assert!(unsafe { sb.push(p, to, None) });
             }
         }
         let f = sb.flush(tx.as_raw_fd());
@@ -423,8 +531,8 @@ mod tests {
         let data = [1u8; 8];
         let mut sb = SendBatch::new(4);
         unsafe {
-            assert!(sb.push(&data, bad));
-            assert!(sb.push(&data, good));
+            assert!(sb.push(&data, bad, None));
+            assert!(sb.push(&data, good, None));
         }
         let f = sb.flush(tx.as_raw_fd());
         assert_eq!((f.sent, f.failed, f.sent_bytes), (1, 1, 8));

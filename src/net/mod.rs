@@ -24,7 +24,7 @@ use crate::config::{Config, TurnConfig};
 use crate::turn::RelayAddr;
 
 pub use shard::{Shard, OUT_LEN};
-pub use stats::{NetStats, WorkerStats};
+pub use stats::{NetStats, PortUse, StatsSource, WorkerStats};
 
 /// Errors starting the network service.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,7 @@ pub enum NetError {
 
 struct WorkerHandle {
     waker: mio::Waker,
+    config_in: worker::ConfigSlot,
     thread: JoinHandle<()>,
     stats: Arc<Mutex<WorkerStats>>,
 }
@@ -50,6 +51,9 @@ pub struct TurnService {
     relay_ips: Vec<RelayAddr>,
     stop: Arc<AtomicBool>,
     workers: Vec<WorkerHandle>,
+    /// The TURN core's cross-shard state (drain flag, allocation count); `None` when
+    /// started with another shard type.
+    shared: Option<Arc<crate::turn::Shared>>,
 }
 
 impl TurnService {
@@ -62,9 +66,36 @@ impl TurnService {
                 .map_err(|e| NetError::Other(e.to_string()))?,
         );
         let shared = Arc::new(crate::turn::Shared::new(&scfg));
-        Self::start_with(&cfg.turn, relay_ips, move || {
+        let core_shared = Arc::clone(&shared);
+        let mut service = Self::start_with(&cfg.turn, relay_ips, move || {
             crate::turn::Server::new(Arc::clone(&scfg), Arc::clone(&shared))
-        })
+        })?;
+        service.shared = Some(core_shared);
+        Ok(service)
+    }
+
+    /// Hands a reloaded configuration to every worker through its waker; each swaps it in
+    /// between events (RFC 8656 state is untouched: allocations keep running).
+    pub fn set_config(&self, cfg: Arc<crate::turn::ServerConfig>) {
+        for w in &self.workers {
+            *w.config_in.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&cfg));
+            if let Err(e) = w.waker.wake() {
+                tracing::warn!(error = %e, "cannot wake a TURN worker for the new configuration");
+            }
+        }
+    }
+
+    /// Starts or ends a graceful drain: new Allocate requests get 300 (an alternate) or
+    /// 508; existing allocations are untouched.
+    pub fn set_draining(&self, on: bool) {
+        if let Some(s) = &self.shared {
+            s.set_draining(on);
+        }
+    }
+
+    /// Allocations alive across all workers (0 when started with another shard type).
+    pub fn allocations(&self) -> u32 {
+        self.shared.as_ref().map_or(0, |s| s.total_allocations())
     }
 
     /// Starts the workers with shards built by `make` (on each worker's own thread).
@@ -110,12 +141,14 @@ impl TurnService {
             relay_ips,
             stop: Arc::clone(&stop),
             workers: Vec::new(),
+            shared: None,
         };
         for (index, listeners) in per_worker.into_iter().enumerate() {
             let poll = mio::Poll::new().map_err(|e| NetError::Other(format!("poll: {e}")))?;
             let waker = mio::Waker::new(poll.registry(), worker::WAKER)
                 .map_err(|e| NetError::Other(format!("waker: {e}")))?;
             let stats = Arc::new(Mutex::new(WorkerStats::default()));
+            let config_in: worker::ConfigSlot = Arc::new(Mutex::new(None));
             let params = worker::WorkerParams {
                 index,
                 listeners,
@@ -124,6 +157,7 @@ impl TurnService {
                 per_ip: per_ip.clone(),
                 stop: Arc::clone(&stop),
                 stats_out: Arc::clone(&stats),
+                config_in: Arc::clone(&config_in),
             };
             let make = Arc::clone(&make);
             let (ready_tx, ready_rx) = mpsc::channel();
@@ -145,6 +179,7 @@ impl TurnService {
             let ready = ready_rx.recv();
             workers.push(WorkerHandle {
                 waker,
+                config_in,
                 thread,
                 stats,
             });
@@ -179,20 +214,21 @@ impl TurnService {
 
     /// Data-path counters summed over workers (each publishes about twice a second).
     pub fn stats(&self) -> NetStats {
-        let mut sum = NetStats::default();
-        for w in &self.workers {
-            sum += w.stats.lock().unwrap_or_else(|p| p.into_inner()).net;
-        }
-        sum
+        self.stats_source().net()
     }
 
     /// The TURN core's counters summed over the workers' shards (same cadence).
     pub fn turn_stats(&self) -> crate::turn::TurnStats {
-        let mut sum = crate::turn::TurnStats::default();
-        for w in &self.workers {
-            sum.add(&w.stats.lock().unwrap_or_else(|p| p.into_inner()).turn);
+        self.stats_source().turn()
+    }
+
+    /// A handle that reads the workers' counters, for the metrics face.
+    pub fn stats_source(&self) -> StatsSource {
+        StatsSource {
+            workers: self.workers.iter().map(|w| Arc::clone(&w.stats)).collect(),
+            shared: self.shared.clone(),
+            relay_ips: self.relay_ips.iter().map(|r| r.local).collect(),
         }
-        sum
     }
 
     fn stop_and_join(&mut self) {

@@ -29,9 +29,14 @@ pub trait Shard {
     /// When `handle_timeout` next needs to run.
     fn poll_timeout(&self) -> Option<Instant>;
     /// A TCP/TLS client connection closed: its allocation goes too (RFC 8656 §3.1).
-    fn client_closed(&mut self, client: &FiveTuple, io: &mut impl RelayIo);
+    fn client_closed(&mut self, client: &FiveTuple, now: Now, io: &mut impl RelayIo);
+    /// A reloaded configuration (SIGHUP): new requests see it, existing allocations keep
+    /// running. Delivered through the worker's waker, off the data path.
+    fn set_config(&mut self, _cfg: std::sync::Arc<crate::turn::ServerConfig>) {}
     /// The core's counters, published beside the worker's own (none for a test fake).
     fn turn_stats(&self) -> Option<&TurnStats> {
         None
     }
+    /// How long the worker took to handle one request (for the core's histogram).
+    fn record_request_time(&mut self, _took: std::time::Duration) {}
 }

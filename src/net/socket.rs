@@ -64,11 +64,41 @@ pub fn set_buffers(s: &Socket, bytes: usize) {
     }
 }
 
+/// Asks the kernel to report each datagram's destination address (and accept a source
+/// address when sending): needed on wildcard listeners so a reply leaves from the address
+/// the client reached, not whatever the routing table prefers on a multi-homed host.
+fn enable_pktinfo(s: &Socket, v6: bool) -> io::Result<()> {
+    let (level, opt) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: a live socket and a c_int option value.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            opt,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A UDP listener socket that other workers can bind too (SO_REUSEPORT: the kernel hashes
-/// each client's 4-tuple to one of them).
+/// each client's 4-tuple to one of them). Wildcard listeners report packet info.
 pub fn udp_listener(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::net::UdpSocket> {
     let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
     s.set_reuse_port(true)?;
+    if addr.ip().is_unspecified() {
+        enable_pktinfo(&s, addr.is_ipv6())?;
+    }
     set_buffers(&s, buffer_bytes);
     s.bind(&SockAddr::from(addr))?;
     Ok(s.into())

@@ -1,9 +1,71 @@
 //! Per-worker data-path counters: plain integers owned by one worker thread, published
 //! once a second as a snapshot and summed by whoever reads them (metrics, tests).
 
+use std::net::IpAddr;
 use std::ops::AddAssign;
+use std::sync::{Arc, Mutex};
 
-use crate::turn::TurnStats;
+use crate::turn::{Shared, TurnStats};
+
+/// Relay ports of one address family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortUse {
+    pub in_use: usize,
+    pub free: usize,
+}
+
+/// Read access to every worker's published counters, for the metrics face: cheap to
+/// clone, sums at each call (a short lock per worker, never on the data path).
+#[derive(Clone)]
+pub struct StatsSource {
+    pub(super) workers: Vec<Arc<Mutex<WorkerStats>>>,
+    pub(super) shared: Option<Arc<Shared>>,
+    pub(super) relay_ips: Vec<IpAddr>,
+}
+
+impl StatsSource {
+    /// Data-path counters summed over workers.
+    pub fn net(&self) -> NetStats {
+        let mut sum = NetStats::default();
+        for w in &self.workers {
+            sum += w.lock().unwrap_or_else(|p| p.into_inner()).net;
+        }
+        sum
+    }
+
+    /// The TURN core's counters summed over the shards.
+    pub fn turn(&self) -> TurnStats {
+        let mut sum = TurnStats::default();
+        for w in &self.workers {
+            sum.add(&w.lock().unwrap_or_else(|p| p.into_inner()).turn);
+        }
+        sum
+    }
+
+    /// Relay ports of the IPv6 (`v6`) or IPv4 relay addresses; `None` without any.
+    pub fn relay_ports(&self, v6: bool) -> Option<PortUse> {
+        let shared = self.shared.as_ref()?;
+        let mut ips: Vec<IpAddr> = self
+            .relay_ips
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv6() == v6)
+            .collect();
+        ips.sort();
+        ips.dedup();
+        if ips.is_empty() {
+            return None;
+        }
+        let cap = shared.ports.capacity();
+        let mut u = PortUse::default();
+        for ip in ips {
+            let used = shared.ports.used(ip).min(cap);
+            u.in_use += used;
+            u.free += cap - used;
+        }
+        Some(u)
+    }
+}
 
 /// What one worker publishes: its data-path counters and its TURN shard's counters.
 #[derive(Clone, Debug, Default)]

@@ -34,8 +34,16 @@ impl Shard for Server {
         Server::poll_timeout(self)
     }
 
-    fn client_closed(&mut self, client: &FiveTuple, io: &mut impl RelayIo) {
-        Server::client_closed(self, client, io)
+    fn client_closed(&mut self, client: &FiveTuple, now: Now, io: &mut impl RelayIo) {
+        Server::client_closed(self, client, now, io)
+    }
+
+    fn record_request_time(&mut self, took: std::time::Duration) {
+        Server::record_request_time(self, took)
+    }
+
+    fn set_config(&mut self, cfg: std::sync::Arc<crate::turn::ServerConfig>) {
+        Server::set_config(self, cfg)
     }
 
     fn turn_stats(&self) -> Option<&TurnStats> {

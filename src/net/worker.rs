@@ -2,29 +2,39 @@
 //! workers through SO_REUSEPORT), its TCP client connections, its [`Shard`] of the TURN
 //! state and the relay sockets of that shard's allocations. Nothing here is shared with other
 //! workers on the data path (DESIGN.md principle 2).
+//!
+//! This file holds the loop and the UDP paths; `relays` the relay sockets, `tcp_conns` the
+//! TCP client connections.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mio::net::{TcpListener, TcpStream, UdpSocket};
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::net::{TcpListener, UdpSocket};
+use mio::{Events, Interest, Poll, Token};
+
+mod relays;
+mod tcp_conns;
+
+use relays::PeerBatch;
+pub use relays::Relays;
+use tcp_conns::Conn;
 
 use super::mmsg::{RecvBatch, SendBatch};
 use super::shard::{Shard, OUT_LEN};
-use super::socket::{self, ListenerPair};
+use super::socket::ListenerPair;
 use super::stats::{NetStats, WorkerStats};
-use super::tcp::{InBuf, IpPermit, OutBuf, PerIpLimit, MAX_FRAME};
+use super::tcp::PerIpLimit;
 use crate::stun::{
-    classify, tcp_frame_len, write_channel_data_header, write_data_indication, Kind,
-    CHANNEL_DATA_HEADER, DATA_INDICATION_HEADROOM,
+    classify, write_channel_data_header, write_data_indication, Kind, CHANNEL_DATA_HEADER,
+    DATA_INDICATION_HEADROOM,
 };
-use crate::turn::{Action, FiveTuple, Now, RelayId, RelayIo, Transport};
+use crate::turn::{Action, FiveTuple, Now, RelayId, Transport};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
@@ -51,136 +61,38 @@ const K_TCP_LISTENER: usize = 2;
 const K_CONN: usize = 3;
 const K_RELAY: usize = 4;
 
-/// The token that wakes a worker for shutdown.
+/// A configuration handed to a worker, picked up when its waker fires.
+pub type ConfigSlot = Arc<Mutex<Option<Arc<crate::turn::ServerConfig>>>>;
+
+/// The token that wakes a worker for shutdown or a new configuration.
 pub const WAKER: Token = Token(K_WAKER << KIND_SHIFT);
 
 fn token(kind: usize, index: usize) -> Token {
     Token((kind << KIND_SHIFT) | index)
 }
 
-/// The relay sockets of this worker's allocations; the shard opens and closes them.
-pub struct Relays {
-    registry: Registry,
-    socks: Vec<Option<UdpSocket>>,
-    free: Vec<u32>,
-    buffer_bytes: usize,
-}
-
-impl Relays {
-    fn fd(&self, id: RelayId) -> Option<RawFd> {
-        self.socks
-            .get(id.0 as usize)
-            .and_then(|s| s.as_ref())
-            .map(|s| s.as_raw_fd())
-    }
-}
-
-impl RelayIo for Relays {
-    fn open_relay(&mut self, addr: SocketAddr) -> io::Result<RelayId> {
-        let mut sock = UdpSocket::from_std(socket::relay_socket(addr, self.buffer_bytes)?);
-        let idx = match self.free.pop() {
-            Some(i) => i as usize,
-            None => {
-                if self.socks.len() > INDEX_MASK {
-                    return Err(io::Error::other("too many relay sockets in one worker"));
-                }
-                self.socks.push(None);
-                self.socks.len() - 1
-            }
-        };
-        if let Err(e) = self
-            .registry
-            .register(&mut sock, token(K_RELAY, idx), Interest::READABLE)
-        {
-            self.free.push(idx as u32);
-            return Err(e);
-        }
-        self.socks[idx] = Some(sock);
-        Ok(RelayId(idx as u32))
-    }
-
-    fn close_relay(&mut self, relay: RelayId) {
-        let idx = relay.0 as usize;
-        if let Some(mut s) = self.socks.get_mut(idx).and_then(Option::take) {
-            let _ = self.registry.deregister(&mut s);
-            self.free.push(relay.0);
-        }
-    }
-}
-
-/// Client→peer datagrams for one relay socket at a time, sent with one sendmmsg.
-struct PeerBatch {
-    batch: SendBatch,
-    fd: RawFd,
-    transport: Transport,
-}
-
-impl PeerBatch {
-    /// Queues `data` to `peer` from relay socket `fd`, flushing first if the batch holds
-    /// another socket's datagrams or is full.
-    ///
-    /// # Safety
-    /// `data` must stay valid until the next [`Self::flush`].
-    unsafe fn push(
-        &mut self,
-        fd: RawFd,
-        transport: Transport,
-        data: &[u8],
-        peer: SocketAddr,
-        stats: &mut NetStats,
-    ) {
-        if !self.batch.is_empty() && (self.fd != fd || self.transport != transport) {
-            self.flush(stats);
-        }
-        if self.batch.is_full() {
-            self.flush(stats);
-        }
-        self.fd = fd;
-        self.transport = transport;
-        self.batch.push(data, peer);
-    }
-
-    fn flush(&mut self, stats: &mut NetStats) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let f = self.batch.flush(self.fd);
-        if self.transport == Transport::Udp {
-            stats.client_to_peer_udp_packets += f.sent as u64;
-            stats.client_to_peer_udp_bytes += f.sent_bytes as u64;
-        } else {
-            stats.client_to_peer_tcp_packets += f.sent as u64;
-            stats.client_to_peer_tcp_bytes += f.sent_bytes as u64;
-        }
-        stats.drop_send_error += f.failed as u64;
-    }
-}
-
 struct UdpListener {
     addr: SocketAddr,
+    /// Bound to 0.0.0.0 or [::]: the real local address comes from packet info.
+    wildcard: bool,
     sock: UdpSocket,
     /// Peer→client datagrams leaving through this socket.
     out: SendBatch,
 }
 
-struct Conn {
-    sock: TcpStream,
-    tuple: FiveTuple,
-    inbuf: InBuf,
-    out: OutBuf,
-    last_message: Instant,
-    dirty: bool,
-    _permit: IpPermit,
-}
+impl UdpListener {
+    /// Whether a client's 5-tuple with server address `server` belongs to this listener.
+    fn serves(&self, server: SocketAddr) -> bool {
+        self.addr == server
+            || (self.wildcard
+                && self.addr.port() == server.port()
+                && self.addr.is_ipv4() == server.is_ipv4())
+    }
 
-/// Why a TCP connection is closed (counted, logged at debug).
-#[derive(Clone, Copy, Debug)]
-enum CloseReason {
-    Eof,
-    Error,
-    Garbage,
-    Idle,
-    Backlog,
+    /// The source address to put on datagrams to a client that reached `server`.
+    fn source_for(&self, server: SocketAddr) -> Option<IpAddr> {
+        self.wildcard.then_some(server.ip())
+    }
 }
 
 /// Settings a worker starts with.
@@ -193,6 +105,8 @@ pub struct WorkerParams {
     pub stop: Arc<AtomicBool>,
     /// Where the worker publishes its counters (about twice a second).
     pub stats_out: Arc<Mutex<WorkerStats>>,
+    /// A reloaded configuration waiting for this worker (checked when woken).
+    pub config_in: ConfigSlot,
 }
 
 /// A worker's event loop state. Built and run on its own thread.
@@ -209,6 +123,8 @@ pub struct Worker<S: Shard> {
     dirty_conns: Vec<usize>,
     rx: RecvBatch,
     to_peer: PeerBatch,
+    /// One control response at a time, with packet info when the listener is a wildcard.
+    reply: SendBatch,
     out: Box<[u8; OUT_LEN]>,
     txid_prefix: [u8; 4],
     txid_counter: u64,
@@ -217,6 +133,7 @@ pub struct Worker<S: Shard> {
     stop: Arc<AtomicBool>,
     stats: NetStats,
     stats_out: Arc<Mutex<WorkerStats>>,
+    config_in: ConfigSlot,
     /// Sockets left readable after their turn (fairness cap), served on the next turn.
     pending: Vec<Token>,
     /// accept() failed (e.g. out of file descriptors): retry at the next housekeeping
@@ -245,6 +162,7 @@ impl<S: Shard> Worker<S> {
             registry.register(&mut u, token(K_UDP, i), Interest::READABLE)?;
             udp.push(UdpListener {
                 addr,
+                wildcard: addr.ip().is_unspecified(),
                 sock: u,
                 out: SendBatch::new(BATCH),
             });
@@ -270,6 +188,7 @@ impl<S: Shard> Worker<S> {
             conn_by_tuple: HashMap::new(),
             dirty_conns: Vec::new(),
             rx: RecvBatch::new(BATCH, DATA_INDICATION_HEADROOM + MAX_DATAGRAM + TAIL_ROOM),
+            reply: SendBatch::new(1),
             to_peer: PeerBatch {
                 batch: SendBatch::new(BATCH),
                 fd: -1,
@@ -283,6 +202,7 @@ impl<S: Shard> Worker<S> {
             stop: p.stop,
             stats: NetStats::default(),
             stats_out: p.stats_out,
+            config_in: p.config_in,
             pending: Vec::new(),
             accept_retry: false,
         })
@@ -341,6 +261,22 @@ impl<S: Shard> Worker<S> {
         tracing::debug!(worker = self.index, "TURN worker stopped");
     }
 
+    /// Hands a reloaded configuration to the shard (one lock per reload, not per packet).
+    fn take_config(&mut self) {
+        let next = self
+            .config_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(cfg) = next {
+            self.shard.set_config(cfg);
+            tracing::debug!(
+                worker = self.index,
+                "TURN worker took the new configuration"
+            );
+        }
+    }
+
     fn publish_stats(&self) {
         let mut s = self.stats_out.lock().unwrap_or_else(|p| p.into_inner());
         s.net = self.stats;
@@ -361,6 +297,10 @@ impl<S: Shard> Worker<S> {
                 readable && self.conn_readable(idx, now)
             }
             K_RELAY => self.relay_readable(idx),
+            K_WAKER => {
+                self.take_config();
+                false
+            }
             _ => false,
         };
         if more && !self.pending.contains(&tok) {
@@ -375,7 +315,7 @@ impl<S: Shard> Worker<S> {
             return false;
         };
         let fd = l.sock.as_raw_fd();
-        let server = l.addr;
+        let (bound, wildcard) = (l.addr, l.wildcard);
         for _ in 0..MAX_BATCHES_PER_TURN {
             let n = match self.rx.recv(fd, 0, 0) {
                 Ok(n) => n,
@@ -391,6 +331,12 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_truncated += 1;
                     continue;
                 }
+                // On a wildcard listener the server side of the 5-tuple is the address the
+                // client actually reached.
+                let server = match (wildcard, r.dst) {
+                    (true, Some(ip)) => SocketAddr::new(ip, bound.port()),
+                    _ => bound,
+                };
                 let from = FiveTuple {
                     transport: Transport::Udp,
                     client: r.from,
@@ -401,7 +347,7 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&from, channel) {
                             Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.fd(relay) {
+                                if let Some(rfd) = self.relays.peer_send_fd(relay, len) {
                                     let payload =
                                         &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `rx` is not received into again before the
@@ -421,19 +367,21 @@ impl<S: Shard> Worker<S> {
                         }
                     }
                     Kind::Stun => {
-                        match self.shard.handle_stun(
-                            now,
-                            from,
-                            msg,
-                            &mut self.out,
-                            &mut self.relays,
-                        ) {
+                        let t0 = is_request(msg).then(Instant::now);
+                        let action =
+                            self.shard
+                                .handle_stun(now, from, msg, &mut self.out, &mut self.relays);
+                        if let Some(t0) = t0 {
+                            self.shard.record_request_time(t0.elapsed());
+                        }
+                        match action {
                             Action::None => {}
                             Action::Reply(len) => {
-                                if let Err(e) = self.udp[li].sock.send_to(&self.out[..len], r.from)
-                                {
+                                let src = wildcard.then_some(server.ip());
+                                // SAFETY: `out` is not touched before this flush.
+                                unsafe { self.reply.push(&self.out[..len], r.from, src) };
+                                if self.reply.flush(fd).failed > 0 {
                                     self.stats.drop_send_error += 1;
-                                    tracing::debug!(error = %e, "UDP response not sent");
                                 }
                             }
                             Action::Forward {
@@ -441,8 +389,9 @@ impl<S: Shard> Worker<S> {
                                 peer,
                                 payload,
                             } => {
-                                if let (Some(rfd), Some(data)) =
-                                    (self.relays.fd(relay), msg.get(payload))
+                                let len = payload.len();
+                                if let (Some(data), Some(rfd)) =
+                                    (msg.get(payload), self.relays.peer_send_fd(relay, len))
                                 {
                                     // SAFETY: as above.
                                     unsafe {
@@ -495,6 +444,8 @@ impl<S: Shard> Worker<S> {
                 }
             };
             let at = self.rx.data_at();
+            // This allocation's share, added to its relay entry once per batch.
+            let (mut to_client_bytes, mut to_client_packets) = (0u64, 0u64);
             for i in 0..n {
                 let r = self.rx.received(i);
                 if r.truncated {
@@ -505,6 +456,8 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_no_permission += 1;
                     continue;
                 };
+                to_client_bytes += r.len as u64;
+                to_client_packets += 1;
                 let stream = route.client.transport != Transport::Udp;
                 let txid = if route.channel.is_none() {
                     self.next_txid()
@@ -532,8 +485,8 @@ impl<S: Shard> Worker<S> {
                     None => write_data_indication(slot, at, r.len, r.from, txid),
                 };
                 if !stream {
-                    let Some(l) = self.udp.iter_mut().find(|l| l.addr == route.client.server)
-                    else {
+                    let server = route.client.server;
+                    let Some(l) = self.udp.iter_mut().find(|l| l.serves(server)) else {
                         self.stats.drop_send_error += 1;
                         continue;
                     };
@@ -543,8 +496,9 @@ impl<S: Shard> Worker<S> {
                         self.stats.peer_to_client_udp_bytes += f.sent_bytes as u64;
                         self.stats.drop_send_error += f.failed as u64;
                     }
+                    let src = l.source_for(server);
                     // SAFETY: the slot is not written again before the flush below.
-                    unsafe { l.out.push(&slot[frame], route.client.client) };
+                    unsafe { l.out.push(&slot[frame], route.client.client, src) };
                 } else {
                     let Some(c) = self
                         .conn_by_tuple
@@ -577,254 +531,17 @@ impl<S: Shard> Worker<S> {
                 }
             }
             self.flush_dirty_conns();
+            self.relays
+                .count_to_client(relay, to_client_bytes, to_client_packets);
             if n < BATCH {
                 return false;
             }
         }
         true
     }
+}
 
-    fn flush_dirty_conns(&mut self) {
-        while let Some(ci) = self.dirty_conns.pop() {
-            let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
-                Some(c) => {
-                    c.dirty = false;
-                    c.out.write_to(&mut c.sock).is_err()
-                }
-                None => false,
-            };
-            if failed {
-                self.close_conn(ci, CloseReason::Error);
-            }
-        }
-    }
-
-    /// New TCP clients on listener `li`, within the per-IP limit. `true` if more may wait.
-    fn accept(&mut self, li: usize, now: Now) -> bool {
-        for _ in 0..256 {
-            let Some((server, l)) = self.tcp.get(li) else {
-                return false;
-            };
-            let server = *server;
-            let (mut sock, client) = match l.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) => {
-                    // EMFILE and friends: try again a little later rather than spin.
-                    tracing::debug!(error = %e, "TCP accept failed");
-                    self.accept_retry = true;
-                    return false;
-                }
-            };
-            let Some(permit) = self.per_ip.try_acquire(client.ip()) else {
-                self.stats.tcp_rejected_per_ip += 1;
-                tracing::debug!(%client, "TCP connection refused: turn.tcp_max_per_ip reached");
-                continue;
-            };
-            let _ = sock.set_nodelay(true);
-            let ci = match self.free_conns.pop() {
-                Some(i) => i,
-                None => {
-                    self.conns.push(None);
-                    self.conns.len() - 1
-                }
-            };
-            if let Err(e) = self.poll.registry().register(
-                &mut sock,
-                token(K_CONN, ci),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                tracing::debug!(error = %e, "TCP register failed");
-                self.free_conns.push(ci);
-                continue;
-            }
-            let tuple = FiveTuple {
-                transport: Transport::Tcp,
-                client,
-                server,
-            };
-            self.stats.tcp_accepted += 1;
-            self.conn_by_tuple.insert(tuple, ci);
-            self.conns[ci] = Some(Conn {
-                sock,
-                tuple,
-                inbuf: InBuf::default(),
-                out: OutBuf::new(TCP_DATA_QUEUE, TCP_HARD_QUEUE),
-                last_message: now.mono,
-                dirty: false,
-                _permit: permit,
-            });
-        }
-        true
-    }
-
-    fn conn_writable(&mut self, ci: usize) {
-        let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
-            Some(c) => c.out.write_to(&mut c.sock).is_err(),
-            None => false,
-        };
-        if failed {
-            self.close_conn(ci, CloseReason::Error);
-        }
-    }
-
-    /// Frames from TCP client `ci`. `true` if more may wait.
-    fn conn_readable(&mut self, ci: usize, now: Now) -> bool {
-        let mut close = None;
-        let mut more = true;
-        for _ in 0..MAX_BATCHES_PER_TURN {
-            let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
-                return false;
-            };
-            match conn.inbuf.fill(&mut conn.sock) {
-                Ok(0) => {
-                    close = Some(CloseReason::Eof);
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    more = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    close = Some(CloseReason::Garbage);
-                    break;
-                }
-                Err(_) => {
-                    close = Some(CloseReason::Error);
-                    break;
-                }
-            }
-            loop {
-                let data = conn.inbuf.data();
-                let n = match tcp_frame_len(data) {
-                    Ok(None) => break,
-                    Ok(Some(n)) if n > MAX_FRAME || n == 0 => {
-                        close = Some(CloseReason::Garbage);
-                        break;
-                    }
-                    Ok(Some(n)) if n > data.len() => break,
-                    Ok(Some(n)) => n,
-                    Err(_) => {
-                        close = Some(CloseReason::Garbage);
-                        break;
-                    }
-                };
-                let frame = &data[..n];
-                conn.last_message = now.mono;
-                match classify(frame) {
-                    Kind::ChannelData { channel, len } => {
-                        match self.shard.channel_to_peer(&conn.tuple, channel) {
-                            Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.fd(relay) {
-                                    let payload =
-                                        &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
-                                    // SAFETY: `inbuf` is neither refilled nor compacted
-                                    // before the flush after this frame loop.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            Transport::Tcp,
-                                            payload,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
-                                }
-                            }
-                            None => self.stats.drop_no_channel += 1,
-                        }
-                    }
-                    Kind::Stun => {
-                        match self.shard.handle_stun(
-                            now,
-                            conn.tuple,
-                            frame,
-                            &mut self.out,
-                            &mut self.relays,
-                        ) {
-                            Action::None => {}
-                            Action::Reply(len) => {
-                                if !conn.out.push_control(&self.out[..len]) {
-                                    close = Some(CloseReason::Backlog);
-                                }
-                            }
-                            Action::Forward {
-                                relay,
-                                peer,
-                                payload,
-                            } => {
-                                if let (Some(rfd), Some(d)) =
-                                    (self.relays.fd(relay), frame.get(payload))
-                                {
-                                    // SAFETY: as above.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            Transport::Tcp,
-                                            d,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
-                                }
-                            }
-                        }
-                    }
-                    Kind::Invalid => {
-                        self.stats.drop_invalid += 1;
-                        close = Some(CloseReason::Garbage);
-                    }
-                }
-                if close.is_some() {
-                    break;
-                }
-                conn.inbuf.consume(n);
-            }
-            self.to_peer.flush(&mut self.stats);
-            if close.is_some() {
-                break;
-            }
-            if conn.out.write_to(&mut conn.sock).is_err() {
-                close = Some(CloseReason::Error);
-                break;
-            }
-        }
-        self.to_peer.flush(&mut self.stats);
-        if let Some(reason) = close {
-            self.close_conn(ci, reason);
-            return false;
-        }
-        more
-    }
-
-    fn close_conn(&mut self, ci: usize, reason: CloseReason) {
-        let Some(mut c) = self.conns.get_mut(ci).and_then(Option::take) else {
-            return;
-        };
-        match reason {
-            CloseReason::Garbage => self.stats.tcp_closed_garbage += 1,
-            CloseReason::Idle => self.stats.tcp_closed_idle += 1,
-            CloseReason::Backlog => self.stats.tcp_closed_backlog += 1,
-            CloseReason::Eof | CloseReason::Error => {}
-        }
-        tracing::debug!(client = %c.tuple.client, ?reason, "TCP connection closed");
-        let _ = self.poll.registry().deregister(&mut c.sock);
-        self.conn_by_tuple.remove(&c.tuple);
-        self.free_conns.push(ci);
-        self.shard.client_closed(&c.tuple, &mut self.relays);
-        // The socket and the per-IP permit go with `c`.
-    }
-
-    fn close_idle(&mut self, now: Instant) {
-        for ci in 0..self.conns.len() {
-            let idle = self.conns[ci]
-                .as_ref()
-                .is_some_and(|c| now.saturating_duration_since(c.last_message) >= self.tcp_idle);
-            if idle {
-                self.close_conn(ci, CloseReason::Idle);
-            }
-        }
-    }
+/// A STUN request (as opposed to an indication or a response), RFC 8489 §5.
+pub(super) fn is_request(msg: &[u8]) -> bool {
+    msg.len() >= 2 && msg[0] & 0x01 == 0 && msg[1] & 0x10 == 0
 }

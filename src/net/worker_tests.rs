@@ -52,7 +52,7 @@ impl Shard for Fake {
     fn poll_timeout(&self) -> Option<std::time::Instant> {
         None
     }
-    fn client_closed(&mut self, client: &FiveTuple, io: &mut impl RelayIo) {
+    fn client_closed(&mut self, client: &FiveTuple, _now: Now, io: &mut impl RelayIo) {
         if let Some((id, t)) = self.alloc {
             if t == *client {
                 io.close_relay(id);
@@ -243,5 +243,41 @@ fn tcp_idle_timeout_and_per_ip_limit() {
     let mut echoed = [0u8; 20];
     c.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed[..], &stun(1)[..]);
+    svc.shutdown();
+}
+
+#[test]
+fn wildcard_listener_replies_from_the_address_the_client_reached() {
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let svc = service(peer.local_addr().unwrap(), |t| {
+        t.listen = vec!["0.0.0.0:0".parse().unwrap()];
+    });
+    // 127.0.0.2 is local but not the address the kernel would pick to answer 127.0.0.1.
+    let server: SocketAddr = SocketAddr::new([127, 0, 0, 2].into(), svc.local_addrs()[0].port());
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+
+    client.send_to(&stun(3), server).unwrap();
+    let (n, from) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        (&buf[..n], from),
+        (&stun(3)[..], server),
+        "control reply source"
+    );
+
+    client
+        .send_to(&channel_data(CHANNEL, b"hello", false), server)
+        .unwrap();
+    let (n, relay) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello");
+    peer.send_to(b"back", relay).unwrap();
+    let (n, from) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(from, server, "relayed data source");
+    assert_eq!(&buf[..n], &channel_data(CHANNEL, b"back", false)[..]);
     svc.shutdown();
 }

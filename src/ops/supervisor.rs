@@ -164,6 +164,30 @@ impl Supervisor {
     pub fn stopping(&mut self, status: &str) {
         self.send(&format!("STOPPING=1\n{}", notify::status_line(status)));
     }
+
+    /// A reload starts: RELOADING=1 with the monotonic time (sd_notify(3)); follow with
+    /// [`Self::reloaded`].
+    pub fn reloading(&mut self) {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we pass.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+    }
+
+    /// The reload is over (applied or refused): READY=1 again, with the serving status and
+    /// `note` (e.g. "reload refused").
+    pub fn reloaded(&mut self, note: &str) {
+        let status = if note.is_empty() {
+            self.status.clone()
+        } else {
+            format!("{}; {note}", self.status)
+        };
+        self.send(&format!("READY=1\n{}", notify::status_line(&status)));
+    }
 }
 
 /// The STATUS= line while serving: the TURN listener addresses.

@@ -56,6 +56,18 @@ struct Queue {
     msgs: VecDeque<Fwd>,
 }
 
+/// Labels of [`PeerJsStats::messages`]: PeerJS message types, then "invalid".
+pub const MESSAGE_TYPES: [&str; 7] = [
+    "heartbeat",
+    "offer",
+    "answer",
+    "candidate",
+    "leave",
+    "expire",
+    "invalid",
+];
+const INVALID: usize = 6;
+
 /// Counters for the metrics face.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PeerJsStats {
@@ -63,6 +75,8 @@ pub struct PeerJsStats {
     pub forwarded: u64,
     pub queued_dropped: u64,
     pub expired: u64,
+    /// Messages accepted past the rate limit, by type ([`MESSAGE_TYPES`]).
+    pub messages: [u64; MESSAGE_TYPES.len()],
 }
 
 /// The PeerJS realm: clients by id, connections, queues for absent peers.
@@ -80,6 +94,11 @@ fn error_text(msg: &str) -> String {
 }
 
 impl PeerJsService {
+    /// Takes reloaded limits and key (SIGHUP); connected clients stay.
+    pub fn set_config(&mut self, cfg: SignalConfig) {
+        self.cfg = cfg;
+    }
+
     /// `rng` makes the ids `GET {path}{key}/id` hands out.
     pub fn new(cfg: SignalConfig, rng: StdRng) -> Self {
         Self {
@@ -94,6 +113,11 @@ impl PeerJsService {
 
     pub fn stats(&self) -> PeerJsStats {
         self.stats
+    }
+
+    /// Registered clients (connected ids).
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
     }
 
     /// Connected ids (for `GET {path}{key}/peers` when discovery is on).
@@ -240,28 +264,33 @@ impl PeerJsService {
         c.strikes = 0;
         if text.len() > self.cfg.max_message_bytes {
             self.stats.bad_messages += 1;
+            self.stats.messages[INVALID] += 1;
             return out;
         }
         let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(text) else {
             self.stats.bad_messages += 1;
+            self.stats.messages[INVALID] += 1;
             tracing::debug!(conn, "PeerJS message is not a JSON object; ignored");
             return out;
         };
-        let kind = match msg.get("type").and_then(Value::as_str) {
+        let (kind, label) = match msg.get("type").and_then(Value::as_str) {
             Some("HEARTBEAT") => {
                 c.last_ping = now;
+                self.stats.messages[0] += 1;
                 return out;
             }
-            Some("OFFER") => "OFFER",
-            Some("ANSWER") => "ANSWER",
-            Some("CANDIDATE") => "CANDIDATE",
-            Some("LEAVE") => "LEAVE",
-            Some("EXPIRE") => "EXPIRE",
+            Some("OFFER") => ("OFFER", 1),
+            Some("ANSWER") => ("ANSWER", 2),
+            Some("CANDIDATE") => ("CANDIDATE", 3),
+            Some("LEAVE") => ("LEAVE", 4),
+            Some("EXPIRE") => ("EXPIRE", 5),
             _ => {
                 self.stats.bad_messages += 1;
+                self.stats.messages[INVALID] += 1;
                 return out;
             }
         };
+        self.stats.messages[label] += 1;
         let dst = match msg.remove("dst") {
             Some(Value::String(s)) => Some(s),
             None | Some(Value::Null) => None,

@@ -46,12 +46,21 @@ struct Peer {
     strikes: u32,
 }
 
+/// Labels of [`RoomStats::messages`]: the client message types, then "invalid" (too
+/// large, not JSON, unknown type or bad fields).
+pub const MESSAGE_TYPES: [&str; 7] = [
+    "join", "leave", "signal", "relay", "ping", "pong", "invalid",
+];
+const INVALID: usize = 6;
+
 /// Counters for the metrics face.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RoomStats {
     pub bad_messages: u64,
     pub rate_limited: u64,
     pub signals_forwarded: u64,
+    /// Messages accepted past the rate limit, by type ([`MESSAGE_TYPES`]).
+    pub messages: [u64; MESSAGE_TYPES.len()],
 }
 
 /// A `/relay` session the service granted to two peers sharing a room: the driver registers
@@ -88,6 +97,12 @@ pub struct RoomService {
 }
 
 impl RoomService {
+    /// Takes reloaded limits (SIGHUP): new messages and connections see them; peers and
+    /// rooms already present stay.
+    pub fn set_config(&mut self, cfg: SignalConfig) {
+        self.cfg = cfg;
+    }
+
     /// `rng` makes ids, resume tokens and relay tickets: seed it from the OS
     /// (`StdRng::from_os_rng()`) outside tests, since tokens and tickets are secrets.
     pub fn new(cfg: SignalConfig, relay_enabled: bool, rng: StdRng) -> Self {
@@ -111,6 +126,11 @@ impl RoomService {
     /// Connected (attached) peers.
     pub fn live_peers(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Rooms with at least one member (named rooms and LAN groups).
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
     }
 
     fn token(&mut self, bytes: usize) -> String {
@@ -352,6 +372,7 @@ impl RoomService {
         }
         if text.len() > max {
             self.stats.bad_messages += 1;
+            self.stats.messages[INVALID] += 1;
             out.push(Self::error(
                 conn,
                 ErrorCode::TooLarge,
@@ -364,12 +385,22 @@ impl RoomService {
             Ok(m) => m,
             Err(e) => {
                 self.stats.bad_messages += 1;
+                self.stats.messages[INVALID] += 1;
                 let (code, message) = classify_parse_error(text, &e);
                 tracing::debug!(conn, ?code, "bad signaling message");
                 out.push(Self::error(conn, code, message, None));
                 return out;
             }
         };
+        let kind = match &msg {
+            ClientMsg::Join { .. } => 0,
+            ClientMsg::Leave { .. } => 1,
+            ClientMsg::Signal { .. } => 2,
+            ClientMsg::Relay { .. } => 3,
+            ClientMsg::Ping => 4,
+            ClientMsg::Pong => 5,
+        };
+        self.stats.messages[kind] += 1;
         match msg {
             ClientMsg::Ping => out.push(Out::Send {
                 conn,

@@ -83,6 +83,26 @@ impl<'a> MessageWriter<'a> {
         Ok(())
     }
 
+    /// Appends a plain (not XOR-encoded) address attribute, the MAPPED-ADDRESS format
+    /// (RFC 8489 §14.1) that ALTERNATE-SERVER uses (§14.15).
+    pub fn addr(&mut self, atype: u16, addr: SocketAddr) -> Result<(), WriteError> {
+        let n = if addr.is_ipv4() { 8 } else { 20 };
+        let v = self.reserve(atype, n)?;
+        v[0] = 0;
+        v[2..4].copy_from_slice(&addr.port().to_be_bytes());
+        match addr {
+            SocketAddr::V4(a) => {
+                v[1] = 0x01;
+                v[4..8].copy_from_slice(&a.ip().octets());
+            }
+            SocketAddr::V6(a) => {
+                v[1] = 0x02;
+                v[4..20].copy_from_slice(&a.ip().octets());
+            }
+        }
+        Ok(())
+    }
+
     /// Appends ERROR-CODE (RFC 8489 §14.8).
     pub fn error_code(&mut self, code: u16, reason: &str) -> Result<(), WriteError> {
         let v = self.reserve(attr::ERROR_CODE, 4 + reason.len())?;

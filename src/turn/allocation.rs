@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use super::auth::Verified;
 use super::{FiveTuple, RelayId};
 
 /// A relay socket of an allocation.
@@ -39,6 +40,9 @@ pub struct Allocation {
     pub tuple: FiveTuple,
     pub username: String,
     pub quota_user: String,
+    /// The credential that created it, still honoured for this allocation's own requests
+    /// after a reload removed it (not under `strict_expiry`).
+    pub cred: Verified,
     /// `[IPv4, IPv6]` relays (RFC 8656 §7.2 dual allocation).
     pub relays: [Option<Relay>; 2],
     pub expires: Instant,
@@ -53,12 +57,28 @@ pub struct Allocation {
     pub reservation_token: Option<u64>,
     /// ADDITIONAL-ADDRESS-FAMILY asked for IPv6 and we have none: ADDRESS-ERROR-CODE 440.
     pub v6_refused: bool,
+    /// When the Allocate succeeded (for the lifetime histogram and the log line).
+    pub created: Instant,
 }
 
 impl Allocation {
     /// The relay that serves peers of `peer`'s family.
     pub fn relay_for(&self, peer: IpAddr) -> Option<Relay> {
         self.relays[family_index(peer)]
+    }
+
+    /// Index of the allocation's family in `stats::ALLOCATION_FAMILIES`.
+    pub fn family(&self) -> usize {
+        allocation_family(&self.relays)
+    }
+}
+
+/// 0 IPv4, 1 IPv6, 2 both (`stats::ALLOCATION_FAMILIES`).
+pub fn allocation_family(relays: &[Option<Relay>; 2]) -> usize {
+    match relays {
+        [Some(_), Some(_)] => 2,
+        [None, Some(_)] => 1,
+        _ => 0,
     }
 }
 

@@ -128,6 +128,18 @@ pub struct Verified {
 }
 
 impl Verified {
+    /// Verifies `msg` with this earlier-verified key again: an allocation keeps the
+    /// credential it was created with, so a reload that removes its secret does not cut it.
+    pub fn reverify(&self, msg: &[u8]) -> Option<Verified> {
+        match check(msg, &self.key) {
+            Ok(Some(kind)) => Some(Verified {
+                kind,
+                ..self.clone()
+            }),
+            _ => None,
+        }
+    }
+
     /// The REST credential's timestamp is in the past (the caller decides what that
     /// refuses: always a new allocation, everything under `strict_expiry`).
     pub fn expired(&self, now_unix: u64) -> bool {

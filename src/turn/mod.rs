@@ -5,7 +5,8 @@
 //!
 //! Files: `server.rs` (tables, lookups, timers), `requests.rs` (each method), `reply.rs`
 //! (responses), `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool),
-//! `policy.rs` (peer addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`.
+//! `policy.rs` (peer addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`,
+//! `alternates.rs` (300 Try Alternate targets).
 //!
 //! # Contract with the IO driver (`crate::net`)
 //! One [`Server`] per worker shard. The driver:
@@ -14,12 +15,14 @@
 //! - for ChannelData from a client calls `Server::channel_to_peer` (O(1), allocation-free);
 //! - for a datagram arriving on a relay socket calls `Server::peer_to_client`;
 //! - calls `Server::handle_timeout` when `Server::poll_timeout` is due;
-//! - calls `Server::client_closed` when a TCP/TLS client connection closes.
+//! - calls `Server::client_closed` when a TCP/TLS client connection closes;
+//! - may count each relay socket's traffic and report it through `RelayIo::usage`.
 //!
 //! Relay sockets are opened and closed through the [`RelayIo`] trait the driver implements;
 //! the port numbers are chosen by the core's shared port pool.
 
 mod allocation;
+pub mod alternates;
 pub mod auth;
 pub mod nonce;
 pub mod policy;
@@ -101,4 +104,28 @@ pub trait RelayIo {
     fn open_relay(&mut self, addr: SocketAddr) -> std::io::Result<RelayId>;
     /// Closes a relay socket (allocation deleted or expired).
     fn close_relay(&mut self, relay: RelayId);
+    /// What the relay socket carried so far (read just before it is closed, for the
+    /// allocation's log line). Drivers that do not count return zeros.
+    fn usage(&self, _relay: RelayId) -> RelayUsage {
+        RelayUsage::default()
+    }
+}
+
+/// Application data a relay socket carried, counted by the IO driver on its data path
+/// (payload bytes, without TURN framing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayUsage {
+    pub to_peer_bytes: u64,
+    pub to_peer_packets: u64,
+    pub to_client_bytes: u64,
+    pub to_client_packets: u64,
+}
+
+impl std::ops::AddAssign for RelayUsage {
+    fn add_assign(&mut self, o: RelayUsage) {
+        self.to_peer_bytes += o.to_peer_bytes;
+        self.to_peer_packets += o.to_peer_packets;
+        self.to_client_bytes += o.to_client_bytes;
+        self.to_client_packets += o.to_client_packets;
+    }
 }

@@ -156,6 +156,11 @@ impl PortPool {
         expired.len()
     }
 
+    /// Ports in the range, per relay address.
+    pub fn capacity(&self) -> usize {
+        self.range_len()
+    }
+
     /// Ports taken on `ip` (allocated or reserved).
     pub fn used(&self, ip: IpAddr) -> usize {
         let g = self.lock();

@@ -97,6 +97,31 @@ impl Server {
         self.respond(ctx, out, code, None, body)
     }
 
+    /// No room for a new allocation (full, out of relay ports, or draining): 300 Try
+    /// Alternate with the next ALTERNATE-SERVER of the client's transport and family
+    /// (RFC 8489 §10, §14.15; ALTERNATE-DOMAIN for TLS, §14.16), else 508 Insufficient
+    /// Capacity (RFC 8656 §7.2). Signed like the request, so the client can trust it.
+    pub(super) fn no_capacity(&mut self, ctx: &Ctx, out: &mut [u8], v: &Verified) -> Action {
+        let cfg = self.cfg.clone();
+        let pick = if cfg.alternates.is_empty() {
+            None
+        } else {
+            let n = self.shared.next_alternate();
+            cfg.alternates
+                .pick(ctx.from.transport, ctx.from.client.is_ipv6(), n)
+        };
+        match pick {
+            Some(a) => self.respond(ctx, out, 300, Some(v), |w| {
+                w.addr(attr::ALTERNATE_SERVER, a.addr)?;
+                match a.domain {
+                    Some(d) => w.attr(attr::ALTERNATE_DOMAIN, d.as_bytes()),
+                    None => Ok(()),
+                }
+            }),
+            None => self.respond(ctx, out, 508, Some(v), |_| Ok(())),
+        }
+    }
+
     /// 401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4), rate-limited.
     pub(super) fn challenge(&mut self, ctx: &Ctx, out: &mut [u8], code: u16) -> Action {
         let nonce = self

@@ -8,7 +8,7 @@ use stun_types::attribute::AttributeType;
 use stun_types::message::Message;
 use turn_types::attribute::XorPeerAddress;
 
-use super::allocation::{family_index, Allocation, Channel, Relay};
+use super::allocation::{allocation_family, family_index, Allocation, Channel, Relay};
 use super::auth::{AuthError, Verified};
 use super::nonce::NonceCheck;
 use super::reply::Ctx;
@@ -264,6 +264,9 @@ impl Server {
         match cfg.credentials.verify(&username, msg) {
             Ok(v) => Ok((v, username)),
             Err(e) => {
+                if let Some(v) = self.kept_credential(ctx, &username, msg) {
+                    return Ok((v, username));
+                }
                 self.stats.auth_failure(match e {
                     AuthError::UnknownUser => AuthFailure::UnknownUser,
                     AuthError::BadIntegrity => AuthFailure::BadIntegrity,
@@ -272,6 +275,23 @@ impl Server {
                 Err(self.challenge(ctx, out, 401))
             }
         }
+    }
+
+    /// A Refresh, CreatePermission or ChannelBind on an existing allocation whose
+    /// credential a reload removed (a rotated secret, a deleted static user): verified
+    /// with the allocation's own key, so rotation stops new allocations without cutting
+    /// running ones. Not under `strict_expiry`, where such requests get 401 and the
+    /// allocation ends with its current lifetime.
+    fn kept_credential(&self, ctx: &Ctx, username: &str, msg: &[u8]) -> Option<Verified> {
+        if ctx.method == method::ALLOCATE || self.cfg.strict_expiry {
+            return None;
+        }
+        let slot = *self.by_tuple.get(&ctx.from)?;
+        let a = self.slots.get(slot)?.as_ref()?;
+        if a.username != username {
+            return None;
+        }
+        a.cred.reverify(msg)
     }
 
     /// Lifetime granted for a requested one (RFC 8656 §7.2 item 9, §7.3): at most the
@@ -334,6 +354,10 @@ impl Server {
             }
             return self.respond(ctx, out, 437, Some(v), |_| Ok(()));
         }
+        // Draining (SIGTERM): existing allocations carry on, new ones go elsewhere.
+        if self.shared.draining() {
+            return self.no_capacity(ctx, out, v);
+        }
         let bad = |s: &mut Self, out: &mut [u8]| s.respond(ctx, out, 400, Some(v), |_| Ok(()));
         let Some(rt) = raw(m, attr::REQUESTED_TRANSPORT) else {
             return bad(self, out);
@@ -394,7 +418,7 @@ impl Server {
         {
             Ok(()) => {}
             Err(QuotaError::User) => return self.respond(ctx, out, 486, Some(v), |_| Ok(())),
-            Err(QuotaError::Total) => return self.respond(ctx, out, 508, Some(v), |_| Ok(())),
+            Err(QuotaError::Total) => return self.no_capacity(ctx, out, v),
         }
         let mut relays: [Option<Relay>; 2] = [None, None];
         let mut reserved_next = None;
@@ -428,6 +452,9 @@ impl Server {
                 self.shared.ports.release(r.local);
             }
             self.shared.release_quota(&v.quota_user);
+            if code == 508 {
+                return self.no_capacity(ctx, out, v);
+            }
             return self.respond(ctx, out, code, Some(v), |_| Ok(()));
         }
         let reservation_token = reserved_next.map(|addr| {
@@ -445,6 +472,7 @@ impl Server {
             tuple: ctx.from,
             username,
             quota_user: v.quota_user.clone(),
+            cred: v.clone(),
             relays,
             expires,
             timer_at: expires,
@@ -454,6 +482,7 @@ impl Server {
             lifetime_secs: lifetime,
             reservation_token,
             v6_refused,
+            created: ctx.now.mono,
         };
         tracing::info!(
             user = %alloc.username,
@@ -479,7 +508,8 @@ impl Server {
         }
         self.push_timer(expires, TimerKind::Allocation { slot, id });
         self.stats.allocations_created += 1;
-        self.stats.allocations_active += 1;
+        self.stats
+            .allocation_added(ctx.from.transport, allocation_family(&relays));
         self.allocate_success(ctx, out, v, slot)
     }
 
@@ -624,7 +654,7 @@ impl Server {
             },
         };
         if requested == Some(0) {
-            self.delete(slot, DeleteReason::Refreshed0, io);
+            self.delete(slot, DeleteReason::Refreshed0, ctx.now.mono, io);
             return self.respond(ctx, out, 0, Some(v), |w| w.attr_u32(attr::LIFETIME, 0));
         }
         let Some(lifetime) = self.grant_lifetime(requested, v, ctx.now) else {
@@ -676,8 +706,8 @@ impl Server {
         let id = a.id;
         if self.perms.insert((relay.id, ip), exp).is_none() {
             a.perms.push(ip);
-            self.stats.permissions_created += 1;
-            self.stats.permissions_active += 1;
+            self.stats
+                .permission_added(a.tuple.transport, family_index(ip));
             self.push_timer(exp, TimerKind::Permission { slot, id, ip });
         }
     }
@@ -787,7 +817,8 @@ impl Server {
             self.peer_channels.insert((relay.id, peer), number);
             self.client_channels
                 .insert((tuple, number), (relay.id, peer));
-            self.stats.channels_active += 1;
+            self.stats
+                .channel_activated(tuple.transport, family_index(peer.ip()));
         }
         self.install_permission(slot, relay, peer.ip(), ctx.now);
         self.respond(ctx, out, 0, Some(v), |_| Ok(()))

@@ -12,8 +12,10 @@ use rustc_hash::FxHashMap;
 use super::allocation::{family_index, Allocation, CHANNEL_COOLDOWN};
 use super::ratelimit::RateLimiter;
 use super::server_config::{ServerConfig, Shared};
-use super::stats::TurnStats;
-use super::{FiveTuple, Now, PeerRoute, RelayId, RelayIo};
+use super::stats::{
+    transport_index, TurnStats, LIFETIME_SECONDS_BOUNDS, REQUEST_SECONDS_BOUNDS, TRANSPORTS,
+};
+use super::{FiveTuple, Now, PeerRoute, RelayId, RelayIo, RelayUsage};
 
 /// What a timer entry is for. Entries are checked against the live state when they fire,
 /// so refreshes just push a later entry and stale ones are skipped.
@@ -31,6 +33,16 @@ pub(super) enum DeleteReason {
     Expired,
     Refreshed0,
     ClientClosed,
+}
+
+impl DeleteReason {
+    fn label(self) -> &'static str {
+        match self {
+            DeleteReason::Expired => "expired",
+            DeleteReason::Refreshed0 => "refresh_zero",
+            DeleteReason::ClientClosed => "client_closed",
+        }
+    }
 }
 
 /// One worker shard's TURN server (RFC 8656). See the module docs for the contract.
@@ -140,7 +152,7 @@ impl Server {
                         continue;
                     }
                     if a.expires <= now.mono {
-                        self.delete(slot, DeleteReason::Expired, io);
+                        self.delete(slot, DeleteReason::Expired, now.mono, io);
                     } else {
                         let at = a.expires;
                         if let Some(a) = self.slots[slot].as_mut() {
@@ -156,6 +168,7 @@ impl Server {
                     let Some(relay) = a.relay_for(ip) else {
                         continue;
                     };
+                    let transport = a.tuple.transport;
                     let key = (relay.id, ip);
                     match self.perms.get(&key).copied() {
                         Some(e) if e <= now.mono => {
@@ -163,7 +176,7 @@ impl Server {
                             if let Some(a) = self.slots[slot].as_mut() {
                                 a.perms.retain(|p| *p != ip);
                             }
-                            self.stats.permissions_active -= 1;
+                            self.stats.permission_removed(transport, family_index(ip));
                         }
                         // Refreshed since: one entry per permission, re-armed here
                         // rather than pushed on every refresh (bounded heap).
@@ -200,10 +213,17 @@ impl Server {
     }
 
     /// A TCP/TLS client connection closed: its allocation goes (RFC 8656 §3.1).
-    pub fn client_closed(&mut self, from: &FiveTuple, io: &mut impl RelayIo) {
+    pub fn client_closed(&mut self, from: &FiveTuple, now: Now, io: &mut impl RelayIo) {
         if let Some(&slot) = self.by_tuple.get(from) {
-            self.delete(slot, DeleteReason::ClientClosed, io);
+            self.delete(slot, DeleteReason::ClientClosed, now.mono, io);
         }
+    }
+
+    /// Counts the time the IO driver took to handle one request (the core has no clock).
+    pub fn record_request_time(&mut self, took: std::time::Duration) {
+        self.stats
+            .request_seconds
+            .observe(&REQUEST_SECONDS_BOUNDS, took.as_secs_f64());
     }
 
     pub(super) fn live(&self, slot: usize, id: u64) -> Option<&Allocation> {
@@ -234,49 +254,72 @@ impl Server {
             self.peer_channels.remove(&(relay.id, peer));
         }
         self.client_channels.remove(&(tuple, number));
-        self.stats.channels_active -= 1;
+        self.stats
+            .channel_deactivated(tuple.transport, family_index(peer.ip()));
     }
 
     /// Removes an allocation and everything hanging off it; closes its relay sockets and
     /// returns ports and quota.
-    pub(super) fn delete(&mut self, slot: usize, reason: DeleteReason, io: &mut impl RelayIo) {
+    pub(super) fn delete(
+        &mut self,
+        slot: usize,
+        reason: DeleteReason,
+        now: Instant,
+        io: &mut impl RelayIo,
+    ) {
         let Some(a) = self.slots.get_mut(slot).and_then(Option::take) else {
             return;
         };
         self.free_slots.push(slot);
         self.by_tuple.remove(&a.tuple);
+        let transport = a.tuple.transport;
         for ip in &a.perms {
             if let Some(r) = a.relay_for(*ip) {
                 self.perms.remove(&(r.id, *ip));
             }
+            self.stats.permission_removed(transport, family_index(*ip));
         }
-        self.stats.permissions_active -= a.perms.len() as u64;
         for ch in a.channels.iter().filter(|c| c.active) {
             if let Some(r) = a.relay_for(ch.peer.ip()) {
                 self.peer_channels.remove(&(r.id, ch.peer));
             }
             self.client_channels.remove(&(a.tuple, ch.number));
-            self.stats.channels_active -= 1;
+            self.stats
+                .channel_deactivated(transport, family_index(ch.peer.ip()));
         }
+        let mut usage = RelayUsage::default();
         for r in a.relays.iter().flatten() {
             self.by_relay.remove(&r.id);
+            usage += io.usage(r.id);
             io.close_relay(r.id);
             self.shared.ports.release(r.local);
         }
         self.shared.release_quota(&a.quota_user);
-        self.stats.allocations_active -= 1;
+        self.stats.allocation_removed(transport, a.family());
         match reason {
             DeleteReason::Expired => self.stats.allocations_expired += 1,
             DeleteReason::Refreshed0 | DeleteReason::ClientClosed => {
                 self.stats.allocations_deleted += 1
             }
         }
+        let lived = now.saturating_duration_since(a.created);
+        self.stats
+            .allocation_lifetime_seconds
+            .observe(&LIFETIME_SECONDS_BOUNDS, lived.as_secs_f64());
+        // Issue 5 item 8: one line per ended allocation, for accounting from journald.
+        // The user name only: never a password or key.
         tracing::info!(
             user = %a.username,
+            transport = TRANSPORTS[transport_index(transport)],
             client = %a.tuple.client,
             relayed = ?a.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
-            reason = ?reason,
-            "allocation deleted"
+            reason = reason.label(),
+            duration_secs = (lived.as_millis() as f64) / 1000.0,
+            bytes_to_peer = usage.to_peer_bytes,
+            packets_to_peer = usage.to_peer_packets,
+            bytes_to_client = usage.to_client_bytes,
+            packets_to_client = usage.to_client_packets,
+            "allocation ended"
         );
     }
 

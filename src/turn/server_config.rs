@@ -2,11 +2,12 @@
 //! shared by all shards ([`Shared`]: port pool, quotas, nonce key).
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use rustc_hash::FxHashMap;
 
+use super::alternates::Alternates;
 use super::auth::Credentials;
 use super::nonce::NonceKey;
 use super::policy::PeerPolicy;
@@ -48,6 +49,8 @@ pub struct ServerConfig {
     pub relay: Vec<RelayAddr>,
     pub min_port: u16,
     pub max_port: u16,
+    /// Where clients are redirected when this server is full or draining.
+    pub alternates: Alternates,
 }
 
 impl ServerConfig {
@@ -86,6 +89,7 @@ impl ServerConfig {
             relay,
             min_port: t.min_port,
             max_port: t.max_port,
+            alternates: Alternates::from_config(t),
         })
     }
 
@@ -111,6 +115,10 @@ pub struct Shared {
     pub(crate) ports: PortPool,
     per_user: Mutex<FxHashMap<String, u32>>,
     total: AtomicU32,
+    /// Set on SIGTERM: new allocations are refused (300 to an alternate, else 508).
+    draining: AtomicBool,
+    /// Round-robin position among the alternates, across all shards.
+    next_alternate: AtomicUsize,
 }
 
 impl Shared {
@@ -124,7 +132,24 @@ impl Shared {
             ),
             per_user: Mutex::new(FxHashMap::default()),
             total: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
+            next_alternate: AtomicUsize::new(0),
         }
+    }
+
+    /// Starts (or ends) a graceful drain: existing allocations keep working, new ones are
+    /// redirected or refused. Read on the Allocate path only.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The next round-robin index into the alternates.
+    pub(crate) fn next_alternate(&self) -> usize {
+        self.next_alternate.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Allocations held across all shards.

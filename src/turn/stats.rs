@@ -1,6 +1,82 @@
 //! Per-shard TURN counters: plain integers owned by one shard, summed at scrape time.
 //! Label values are bounded enums (never a user name or an address).
 
+use super::Transport;
+
+/// Client transport labels, indexed by [`transport_index`].
+pub const TRANSPORTS: [&str; 3] = ["udp", "tcp", "tls"];
+/// Address family labels (a peer's, a relayed address's).
+pub const FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
+/// Family labels of an allocation: its relayed addresses (RFC 8656 §7.2 dual allocation).
+pub const ALLOCATION_FAMILIES: [&str; 3] = ["ipv4", "ipv6", "dual"];
+
+/// Index of `t` in [`TRANSPORTS`].
+pub fn transport_index(t: Transport) -> usize {
+    match t {
+        Transport::Udp => 0,
+        Transport::Tcp => 1,
+        Transport::Tls => 2,
+    }
+}
+
+/// Upper bounds (seconds) of the request handling time histogram.
+pub const REQUEST_SECONDS_BOUNDS: [f64; 12] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.1,
+];
+/// Upper bounds (seconds) of the allocation lifetime histogram.
+pub const LIFETIME_SECONDS_BOUNDS: [f64; 11] = [
+    10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 43200.0, 86400.0,
+];
+
+/// A histogram as plain per-bucket counts (not cumulative), so one shard can own it and
+/// the scrape can add shards up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Histo<const N: usize> {
+    /// Observations `<= bounds[i]` and above the previous bound; those above the last
+    /// bound are only in `count`.
+    pub buckets: [u64; N],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl<const N: usize> Default for Histo<N> {
+    fn default() -> Self {
+        Self {
+            buckets: [0; N],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+}
+
+impl<const N: usize> Histo<N> {
+    pub fn observe(&mut self, bounds: &[f64; N], v: f64) {
+        if let Some(i) = bounds.iter().position(|&b| v <= b) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    pub fn add(&mut self, o: &Self) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
+            *a += b;
+        }
+        self.count += o.count;
+        self.sum += o.sum;
+    }
+
+    /// Cumulative counts per bound, as Prometheus wants them.
+    pub fn cumulative(&self) -> [u64; N] {
+        let mut c = self.buckets;
+        for i in 1..N {
+            c[i] += c[i - 1];
+        }
+        c
+    }
+}
+
 /// Request methods, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MethodLabel {
@@ -110,6 +186,17 @@ pub struct TurnStats {
     /// Send indications relayed, and dropped (no allocation or no permission).
     pub sends_forwarded: u64,
     pub sends_dropped: u64,
+    /// Live allocations by client transport ([`TRANSPORTS`]) and relayed family
+    /// ([`ALLOCATION_FAMILIES`]).
+    pub allocations_by: [[u64; 3]; 3],
+    /// Live permissions by client transport and peer family ([`FAMILIES`]).
+    pub permissions_by: [[u64; 2]; 3],
+    /// Live (active) channel bindings by client transport and peer family.
+    pub channels_by: [[u64; 2]; 3],
+    /// Time to handle one request, measured by the IO driver.
+    pub request_seconds: Histo<{ REQUEST_SECONDS_BOUNDS.len() }>,
+    /// Lifetime of ended allocations.
+    pub allocation_lifetime_seconds: Histo<{ LIFETIME_SECONDS_BOUNDS.len() }>,
 }
 
 impl TurnStats {
@@ -127,6 +214,37 @@ impl TurnStats {
     pub fn requests_with(&self, m: MethodLabel, code: u16) -> u64 {
         let mi = MethodLabel::ALL.iter().position(|&x| x == m).unwrap_or(5);
         self.requests[mi][result_index(code)]
+    }
+
+    pub(crate) fn allocation_added(&mut self, t: Transport, family: usize) {
+        self.allocations_active += 1;
+        self.allocations_by[transport_index(t)][family] += 1;
+    }
+
+    pub(crate) fn allocation_removed(&mut self, t: Transport, family: usize) {
+        self.allocations_active -= 1;
+        self.allocations_by[transport_index(t)][family] -= 1;
+    }
+
+    pub(crate) fn permission_added(&mut self, t: Transport, family: usize) {
+        self.permissions_created += 1;
+        self.permissions_active += 1;
+        self.permissions_by[transport_index(t)][family] += 1;
+    }
+
+    pub(crate) fn permission_removed(&mut self, t: Transport, family: usize) {
+        self.permissions_active -= 1;
+        self.permissions_by[transport_index(t)][family] -= 1;
+    }
+
+    pub(crate) fn channel_activated(&mut self, t: Transport, family: usize) {
+        self.channels_active += 1;
+        self.channels_by[transport_index(t)][family] += 1;
+    }
+
+    pub(crate) fn channel_deactivated(&mut self, t: Transport, family: usize) {
+        self.channels_active -= 1;
+        self.channels_by[transport_index(t)][family] -= 1;
     }
 
     pub fn auth_failures_for(&self, r: AuthFailure) -> u64 {
@@ -159,6 +277,24 @@ impl TurnStats {
         self.reservations_created += o.reservations_created;
         self.sends_forwarded += o.sends_forwarded;
         self.sends_dropped += o.sends_dropped;
+        for (a, b) in self.allocations_by.iter_mut().zip(o.allocations_by.iter()) {
+            for (x, y) in a.iter_mut().zip(b.iter()) {
+                *x += y;
+            }
+        }
+        for (a, b) in self.permissions_by.iter_mut().zip(o.permissions_by.iter()) {
+            for (x, y) in a.iter_mut().zip(b.iter()) {
+                *x += y;
+            }
+        }
+        for (a, b) in self.channels_by.iter_mut().zip(o.channels_by.iter()) {
+            for (x, y) in a.iter_mut().zip(b.iter()) {
+                *x += y;
+            }
+        }
+        self.request_seconds.add(&o.request_seconds);
+        self.allocation_lifetime_seconds
+            .add(&o.allocation_lifetime_seconds);
     }
 }
 
@@ -181,5 +317,21 @@ mod tests {
         assert_eq!(result_label(0), "success");
         assert_eq!(result_label(2), "401");
         assert_eq!(result_label(RESULT_CODES.len() - 1), "other");
+    }
+
+    #[test]
+    fn histogram_buckets_add_up() {
+        let bounds = [1.0, 10.0];
+        let mut a = Histo::<2>::default();
+        a.observe(&bounds, 0.5);
+        a.observe(&bounds, 1.0);
+        a.observe(&bounds, 5.0);
+        a.observe(&bounds, 50.0);
+        let mut t = Histo::<2>::default();
+        t.add(&a);
+        t.add(&a);
+        assert_eq!(t.cumulative(), [4, 6]);
+        assert_eq!(t.count, 8);
+        assert_eq!(t.sum, 113.0);
     }
 }

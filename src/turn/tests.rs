@@ -719,6 +719,9 @@ fn dual_stack_allocations() {
         &k,
     );
     assert_eq!(r.code(), 0);
+    // Gauges: UDP allocations by family [ipv4, ipv6, dual], permissions by peer family.
+    assert_eq!(h.server.stats().allocations_by[0], [0, 1, 1]);
+    assert_eq!(h.server.stats().permissions_by[0], [0, 1]);
 }
 
 #[test]
@@ -1352,9 +1355,10 @@ fn tcp_client_close_deletes_allocation() {
     let mut tcp = client(1);
     tcp.transport = Transport::Tcp;
     assert_eq!(h.allocate(tcp).code(), 0);
-    h.server.client_closed(&client(1), &mut h.io);
+    let now = h.now();
+    h.server.client_closed(&client(1), now, &mut h.io);
     assert_eq!(h.server.allocation_count(), 1, "another 5-tuple");
-    h.server.client_closed(&tcp, &mut h.io);
+    h.server.client_closed(&tcp, now, &mut h.io);
     assert_eq!(h.server.allocation_count(), 0);
     assert!(h.io.open.is_empty());
     assert_eq!(h.shared.total_allocations(), 0);
@@ -1626,4 +1630,162 @@ fn same_binding_revives_during_cooldown() {
     assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
     h.advance(1);
     assert_eq!(h.server.channel_to_peer(&client(1), 0x4000), None);
+}
+
+// ---- reload, drain and ALTERNATE-SERVER (issue 4) ----
+
+/// A plain (non-XOR) address attribute value (RFC 8489 §14.1).
+fn plain_addr(v: &[u8]) -> SocketAddr {
+    let port = u16::from_be_bytes([v[2], v[3]]);
+    let ip: IpAddr = match v[1] {
+        1 => <[u8; 4]>::try_from(&v[4..8]).unwrap().into(),
+        _ => <[u8; 16]>::try_from(&v[4..20]).unwrap().into(),
+    };
+    SocketAddr::new(ip, port)
+}
+
+#[test]
+fn draining_refuses_new_allocations_with_508_and_keeps_existing_ones() {
+    let mut h = H::new(|_| {});
+    assert_eq!(h.allocate(client(1)).code(), 0);
+    h.shared.set_draining(true);
+    let (u, k) = h.alice();
+    let r = h.allocate(client(2));
+    assert_eq!(r.code(), 508);
+    assert!(r.verifies_with(&k), "the refusal is signed");
+    assert!(!r.has(attr::ALTERNATE_SERVER));
+    // The existing allocation still refreshes and binds.
+    let refresh = Req::new(method::REFRESH).u32(attr::LIFETIME, 600);
+    assert_eq!(h.auth(client(1), &refresh, &u, &k).code(), 0);
+    let bind = Req::new(method::CHANNEL_BIND).channel(0x4000).peer(PEER);
+    assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
+    assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+#[test]
+fn draining_with_alternates_answers_300_round_robin_in_the_clients_family() {
+    let mut h = H::new(|c| {
+        c.turn.alternate_udp = vec![
+            "192.0.2.50:3478".parse().unwrap(),
+            "[2001:db8::50]:3478".parse().unwrap(),
+            "192.0.2.51:3479".parse().unwrap(),
+        ];
+    });
+    h.shared.set_draining(true);
+    let (_, k) = h.alice();
+    let mut seen = Vec::new();
+    for n in 1..=3 {
+        let r = h.allocate(client(n));
+        assert_eq!(r.code(), 300);
+        assert!(r.verifies_with(&k));
+        let v = r.attr(attr::ALTERNATE_SERVER).expect("ALTERNATE-SERVER");
+        seen.push(plain_addr(&v).to_string());
+        assert!(
+            !r.has(attr::ALTERNATE_DOMAIN),
+            "UDP alternates carry no domain"
+        );
+    }
+    assert_eq!(
+        seen,
+        ["192.0.2.50:3478", "192.0.2.51:3479", "192.0.2.50:3478"]
+    );
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.shared.total_allocations(), 0, "no quota held by refusals");
+}
+
+#[test]
+fn total_quota_redirects_to_an_alternate_when_configured() {
+    let mut h = H::new(|c| {
+        c.turn.total_quota = 1;
+        c.turn.alternate_udp = vec!["192.0.2.60:3478".parse().unwrap()];
+    });
+    assert_eq!(h.allocate(client(1)).code(), 0);
+    let r = h.allocate(client(2));
+    assert_eq!(r.code(), 300);
+    let v = r.attr(attr::ALTERNATE_SERVER).unwrap();
+    assert_eq!(plain_addr(&v).to_string(), "192.0.2.60:3478");
+}
+
+fn reloaded(h: &H, tweak: impl FnOnce(&mut Config)) -> Arc<ServerConfig> {
+    let mut cfg = Config::default();
+    cfg.turn.realm = REALM.into();
+    cfg.turn.min_port = 50000;
+    cfg.turn.max_port = 50099;
+    cfg.turn.unauth_burst = 1000;
+    cfg.turn.unauth_rate_per_sec = 1000;
+    tweak(&mut cfg);
+    Arc::new(ServerConfig::from_config(&cfg, h.server.config().relay.clone()).unwrap())
+}
+
+#[test]
+fn removed_secret_stops_new_allocations_but_not_existing_ones() {
+    let mut h = H::new(|_| {});
+    assert_eq!(h.allocate(client(1)).code(), 0);
+    let sc = reloaded(&h, |c| c.turn.auth_secrets = vec!["rotated".into()]);
+    h.server.set_config(sc);
+    let (u, k) = h.alice();
+    // A new allocation with the old secret's credential: 401.
+    assert_eq!(h.allocate(client(2)).code(), 401);
+    // The existing allocation keeps refreshing and binding with its own credential.
+    let refresh = Req::new(method::REFRESH).u32(attr::LIFETIME, 600);
+    let r = h.auth(client(1), &refresh, &u, &k);
+    assert_eq!(r.code(), 0);
+    assert!(r.verifies_with(&k));
+    let perm = Req::new(method::CREATE_PERMISSION).peer(PEER);
+    assert_eq!(h.auth(client(1), &perm, &u, &k).code(), 0);
+    // The new secret's credentials allocate.
+    let c = mint_rest_credential("rotated", "bob", 3600, T0_UNIX, ":");
+    let k2 = Key::md5(&c.username, REALM, &c.password);
+    let req = Req::new(method::ALLOCATE).udp();
+    assert_eq!(h.auth(client(3), &req, &c.username, &k2).code(), 0);
+}
+
+#[test]
+fn removed_secret_under_strict_expiry_refuses_the_old_allocations_requests() {
+    let mut h = H::new(|c| c.turn.strict_expiry = true);
+    assert_eq!(h.allocate(client(1)).code(), 0);
+    let sc = reloaded(&h, |c| {
+        c.turn.auth_secrets = vec!["rotated".into()];
+        c.turn.strict_expiry = true;
+    });
+    h.server.set_config(sc);
+    let (u, k) = h.alice();
+    let refresh = Req::new(method::REFRESH).u32(attr::LIFETIME, 600);
+    assert_eq!(h.auth(client(1), &refresh, &u, &k).code(), 401);
+}
+
+#[test]
+fn gauges_by_transport_and_family_and_the_lifetime_histogram() {
+    let mut h = H::new(|_| {});
+    let mut tcp = client(2);
+    tcp.transport = Transport::Tcp;
+    assert_eq!(h.allocate(client(1)).code(), 0);
+    assert_eq!(h.allocate(tcp).code(), 0);
+    let (u, k) = h.alice();
+    let bind = Req::new(method::CHANNEL_BIND).channel(0x4000).peer(PEER);
+    assert_eq!(h.auth(tcp, &bind, &u, &k).code(), 0);
+    let s = h.server.stats().clone();
+    // [transport: udp, tcp, tls][family: ipv4, ipv6(, dual)]
+    assert_eq!(s.allocations_by, [[1, 0, 0], [1, 0, 0], [0, 0, 0]]);
+    assert_eq!(s.channels_by, [[0, 0], [1, 0], [0, 0]]);
+    assert_eq!(s.permissions_by, [[0, 0], [1, 0], [0, 0]]);
+    h.advance(30);
+    let now = h.now();
+    h.server.client_closed(&tcp, now, &mut h.io);
+    let s = h.server.stats().clone();
+    assert_eq!(s.allocations_by, [[1, 0, 0], [0, 0, 0], [0, 0, 0]]);
+    assert_eq!(s.channels_by, [[0; 2]; 3]);
+    assert_eq!(s.permissions_by, [[0; 2]; 3]);
+    assert_eq!(s.allocation_lifetime_seconds.count, 1);
+    assert_eq!(s.allocation_lifetime_seconds.sum, 30.0);
+    // 30 s falls in the "<= 30" bucket.
+    assert_eq!(s.allocation_lifetime_seconds.cumulative()[..2], [0, 1]);
+    // The UDP allocation expires at the end of its lifetime.
+    h.advance(7200);
+    let s = h.server.stats();
+    assert_eq!(s.allocations_by, [[0; 3]; 3]);
+    assert_eq!(s.allocations_active, 0);
+    assert_eq!(s.allocation_lifetime_seconds.count, 2);
+    assert!(s.allocation_lifetime_seconds.sum > 30.0);
 }

@@ -101,11 +101,15 @@ pub struct TernOpts {
     pub ipv6: bool,
     /// Extra `[turn]` lines.
     pub extra_turn: String,
+    /// Longest graceful drain after SIGTERM (short, so `terminate` stays quick).
+    pub drain_timeout_secs: u32,
     /// Serve the HTTP API on a free loopback port, with these extra `[api]` lines
     /// (None: `[api] enabled = false`).
     pub api: Option<String>,
     /// Extra sections appended to the config (e.g. `[signal]`, `[relay_ws]`).
     pub extra_sections: String,
+    /// Serve `/metrics`, `/healthz`, `/readyz` on a free loopback port (false: disabled).
+    pub metrics: bool,
 }
 
 impl TernOpts {
@@ -119,8 +123,10 @@ impl TernOpts {
             // a public server (the abuse tests set their own).
             extra_turn: "unauth_rate_per_sec = 5000\nunauth_burst = 5000\nuser_quota = 1000\n"
                 .into(),
+            drain_timeout_secs: 5,
             api: None,
             extra_sections: String::new(),
+            metrics: false,
         }
     }
 }
@@ -131,6 +137,8 @@ pub struct Tern {
     pub port: u16,
     /// The HTTP API port (0 when the API is disabled).
     pub api_port: u16,
+    /// The metrics port (0 when metrics are disabled).
+    pub metrics_port: u16,
     pub secret: String,
     pub dir: tempfile::TempDir,
 }
@@ -162,6 +170,12 @@ impl Tern {
             Some(lines) => format!("[api]\nlisten = \"127.0.0.1:{api_port}\"\n{lines}\n"),
             None => "[api]\nenabled = false\n".into(),
         };
+        let metrics_port = if opts.metrics { free_port() } else { 0 };
+        let metrics = if opts.metrics {
+            format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
+        } else {
+            "[metrics]\nenabled = false\n".into()
+        };
         let config = format!(
             "[turn]\n\
              listen = [{listen}]\n\
@@ -174,11 +188,14 @@ impl Tern {
              {extra}\n\
              {api}\
              {sections}\n\
-             [metrics]\nenabled = false\n\
-             [log]\nlevel = \"info,tern=debug\"\n",
+             {metrics}\
+             [log]\nlevel = \"info,tern=debug\"\n\
+             [daemon]\npid_file = {pid:?}\ndrain_timeout_secs = {drain}\n",
             min = opts.relay_min,
             max = opts.relay_min + opts.relay_ports - 1,
             extra = opts.extra_turn,
+            pid = dir.path().join("tern.pid"),
+            drain = opts.drain_timeout_secs,
             sections = opts.extra_sections,
         );
         let cfg_path = dir.path().join("tern.toml");
@@ -198,6 +215,7 @@ impl Tern {
             child,
             port,
             api_port,
+            metrics_port,
             secret,
             dir,
         };
@@ -214,6 +232,16 @@ impl Tern {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The pid file the daemon writes (for `tern reload --pid-file`).
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("tern.pid")
+    }
+
+    /// The config file the daemon was started with (tests may rewrite it and reload).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("tern.toml")
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -282,6 +310,24 @@ impl Tern {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGHUP`) to the daemon without waiting.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `limit` for the daemon to exit; its status, or `None` if still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit status success.

@@ -1,0 +1,793 @@
+//! Prometheus metrics (issue 5): the one registry, every metric name Tern exports, the
+//! scrape-time collectors and the metrics listener (`/metrics`, `/healthz`, `/readyz`,
+//! in `metrics/server.rs`). docs/metrics.md describes each metric.
+//!
+//! Owns names, help texts, labels and the sums taken at scrape time: the TURN workers keep
+//! their counters as plain integers and publish snapshots; a scrape reads and adds them.
+//! It must not put work on the data path (no shared atomic or lock per packet), and label
+//! values are bounded sets only (never a user name, a room name or an address).
+
+mod collect;
+mod server;
+
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use crate::signal::{peerjs, rooms};
+use crate::turn::stats::{
+    result_label, AuthFailure, MethodLabel, ALLOCATION_FAMILIES, FAMILIES, LIFETIME_SECONDS_BOUNDS,
+    REQUEST_SECONDS_BOUNDS, RESULT_CODES, TRANSPORTS,
+};
+use collect::Families;
+
+pub use server::{readiness, MetricsError, MetricsService};
+
+/// Prometheus metric type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric Tern exports: name (with the `tern_` prefix and base unit), help, labels.
+#[derive(Debug)]
+pub struct Def {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+}
+
+const fn def(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Def {
+    Def {
+        name,
+        help,
+        kind,
+        labels,
+    }
+}
+
+use Kind::{Counter, Gauge, Histogram};
+
+// The daemon.
+pub const BUILD_INFO: Def = def(
+    "tern_build_info",
+    Gauge,
+    &["version"],
+    "Always 1; the version label is the running Tern's.",
+);
+pub const READY: Def = def(
+    "tern_ready",
+    Gauge,
+    &[],
+    "1 while every listener serves and no drain is running (what /readyz answers 200 for).",
+);
+pub const DRAINING: Def = def(
+    "tern_draining",
+    Gauge,
+    &[],
+    "1 from the first SIGTERM until exit (new allocations and signaling refused).",
+);
+// TURN data path (summed over the workers' snapshots).
+pub const RELAY_BYTES: Def = def(
+    "tern_relay_bytes_total",
+    Counter,
+    &["direction", "transport"],
+    "Bytes sent on the relay path: to peers (payload) and to clients (with TURN framing).",
+);
+pub const RELAY_PACKETS: Def = def(
+    "tern_relay_packets_total",
+    Counter,
+    &["direction", "transport"],
+    "Packets relayed, by direction and client transport.",
+);
+pub const RELAY_DROPPED: Def = def(
+    "tern_relay_dropped_packets_total",
+    Counter,
+    &["reason"],
+    "Packets not relayed, by reason.",
+);
+pub const TCP_ACCEPTED: Def = def(
+    "tern_turn_tcp_connections_accepted_total",
+    Counter,
+    &[],
+    "TCP client connections accepted by the TURN listeners.",
+);
+pub const TCP_REFUSED: Def = def(
+    "tern_turn_tcp_connections_refused_total",
+    Counter,
+    &[],
+    "TCP client connections refused because their source IP reached turn.tcp_max_per_ip.",
+);
+pub const TCP_CLOSED: Def = def(
+    "tern_turn_tcp_connections_closed_total",
+    Counter,
+    &["reason"],
+    "TCP client connections closed by Tern, by reason.",
+);
+// TURN control path (summed over the shards' snapshots).
+pub const REQUESTS: Def = def(
+    "tern_turn_requests_total",
+    Counter,
+    &["method", "result"],
+    "STUN/TURN requests answered, by method and result (success or error code).",
+);
+pub const REQUEST_DURATION: Def = def(
+    "tern_turn_request_duration_seconds",
+    Histogram,
+    &[],
+    "Time to handle one STUN/TURN request, from decoding to the response written.",
+);
+pub const AUTH_FAILURES: Def = def(
+    "tern_turn_auth_failures_total",
+    Counter,
+    &["reason"],
+    "Requests that failed authentication, by reason.",
+);
+pub const RATE_LIMITED: Def = def(
+    "tern_turn_rate_limited_total",
+    Counter,
+    &[],
+    "Unauthenticated requests dropped by the per-source rate limit.",
+);
+pub const PEER_DENIED: Def = def(
+    "tern_turn_peer_denied_total",
+    Counter,
+    &[],
+    "CreatePermission/ChannelBind requests refused by the peer address policy (403).",
+);
+pub const MALFORMED: Def = def(
+    "tern_turn_malformed_messages_total",
+    Counter,
+    &[],
+    "STUN messages dropped as malformed (framing, FINGERPRINT, attributes).",
+);
+pub const UNKNOWN_ATTRIBUTES: Def = def(
+    "tern_turn_unknown_attribute_requests_total",
+    Counter,
+    &[],
+    "Requests answered 420 for an unknown comprehension-required attribute.",
+);
+pub const BINDINGS: Def = def(
+    "tern_stun_bindings_total",
+    Counter,
+    &[],
+    "STUN Binding requests answered with the client's address.",
+);
+pub const SEND_INDICATIONS: Def = def(
+    "tern_turn_send_indications_total",
+    Counter,
+    &["result"],
+    "Send indications from clients, forwarded or dropped (no allocation or permission).",
+);
+pub const ALLOCATIONS: Def = def(
+    "tern_turn_allocations",
+    Gauge,
+    &["transport", "family"],
+    "Live allocations by client transport and relayed address family (dual: IPv4 and IPv6).",
+);
+pub const ALLOCATIONS_CREATED: Def = def(
+    "tern_turn_allocations_created_total",
+    Counter,
+    &[],
+    "Allocations created.",
+);
+pub const ALLOCATIONS_ENDED: Def = def(
+    "tern_turn_allocations_ended_total",
+    Counter,
+    &["reason"],
+    "Allocations ended: expired, or deleted (Refresh with lifetime 0, TCP connection closed).",
+);
+pub const ALLOCATION_LIFETIME: Def = def(
+    "tern_turn_allocation_lifetime_seconds",
+    Histogram,
+    &[],
+    "How long ended allocations lived.",
+);
+pub const PERMISSIONS: Def = def(
+    "tern_turn_permissions",
+    Gauge,
+    &["transport", "family"],
+    "Live permissions by client transport and peer address family.",
+);
+pub const PERMISSIONS_CREATED: Def = def(
+    "tern_turn_permissions_created_total",
+    Counter,
+    &[],
+    "Permissions installed (refreshes of a live permission not counted).",
+);
+pub const CHANNELS: Def = def(
+    "tern_turn_channels",
+    Gauge,
+    &["transport", "family"],
+    "Live channel bindings by client transport and peer address family.",
+);
+pub const CHANNELS_CREATED: Def = def(
+    "tern_turn_channels_created_total",
+    Counter,
+    &[],
+    "Channel bindings created.",
+);
+pub const RESERVATIONS_CREATED: Def = def(
+    "tern_turn_reservations_created_total",
+    Counter,
+    &[],
+    "Relay ports reserved by EVEN-PORT with the R bit.",
+);
+pub const RELAY_PORTS_IN_USE: Def = def(
+    "tern_turn_relay_ports_in_use",
+    Gauge,
+    &["family"],
+    "Relay ports taken (allocated or reserved), summed over the relay addresses of a family.",
+);
+pub const RELAY_PORTS_FREE: Def = def(
+    "tern_turn_relay_ports_free",
+    Gauge,
+    &["family"],
+    "Relay ports free, summed over the relay addresses of a family.",
+);
+// Signaling.
+pub const SIGNAL_CONNECTIONS: Def = def(
+    "tern_signal_connections",
+    Gauge,
+    &["protocol"],
+    "Open signaling WebSockets: native (/ws) and PeerJS.",
+);
+pub const SIGNAL_ROOMS: Def = def(
+    "tern_signal_rooms",
+    Gauge,
+    &[],
+    "Native signaling rooms with at least one member (named rooms and LAN groups).",
+);
+pub const SIGNAL_MESSAGES: Def = def(
+    "tern_signal_messages_total",
+    Counter,
+    &["protocol", "type"],
+    "Signaling messages received past the rate limit, by protocol and type (invalid: unparsable, unknown or too large).",
+);
+pub const SIGNAL_FORWARDED: Def = def(
+    "tern_signal_forwarded_total",
+    Counter,
+    &["protocol"],
+    "Signaling messages delivered to another peer.",
+);
+pub const SIGNAL_RATE_LIMITED: Def = def(
+    "tern_signal_rate_limited_total",
+    Counter,
+    &["protocol"],
+    "Signaling messages dropped by the per-connection rate limit.",
+);
+pub const PEERJS_CLIENTS: Def = def(
+    "tern_peerjs_clients",
+    Gauge,
+    &[],
+    "Registered PeerJS clients.",
+);
+pub const PEERJS_QUEUE_DROPPED: Def = def(
+    "tern_peerjs_queued_dropped_total",
+    Counter,
+    &[],
+    "PeerJS messages for absent peers dropped because the queue was full.",
+);
+pub const PEERJS_EXPIRED: Def = def(
+    "tern_peerjs_expired_total",
+    Counter,
+    &[],
+    "PeerJS messages for absent peers that expired (EXPIRE sent back).",
+);
+// WebSocket relay.
+pub const WS_RELAY_SESSIONS: Def = def(
+    "tern_ws_relay_sessions",
+    Gauge,
+    &[],
+    "WebSocket relay sessions granted and not yet finished.",
+);
+pub const WS_RELAY_SESSIONS_STARTED: Def = def(
+    "tern_ws_relay_sessions_started_total",
+    Counter,
+    &[],
+    "WebSocket relay sessions granted.",
+);
+pub const WS_RELAY_BYTES: Def = def(
+    "tern_ws_relay_bytes_total",
+    Counter,
+    &[],
+    "Payload bytes delivered through the WebSocket relay (both directions).",
+);
+pub const WS_RELAY_FRAMES: Def = def(
+    "tern_ws_relay_frames_total",
+    Counter,
+    &[],
+    "Frames delivered through the WebSocket relay (both directions).",
+);
+pub const WS_RELAY_OVERSIZED: Def = def(
+    "tern_ws_relay_oversized_frames_total",
+    Counter,
+    &[],
+    "WebSocket relay connections closed for a frame over relay_ws.max_frame_bytes (1009).",
+);
+pub const WS_RELAY_BAD_TICKETS: Def = def(
+    "tern_ws_relay_bad_tickets_total",
+    Counter,
+    &[],
+    "WebSocket relay connections refused for an unknown, used or expired ticket.",
+);
+// HTTP API.
+pub const HTTP_REQUESTS: Def = def(
+    "tern_http_requests_total",
+    Counter,
+    &["route", "status"],
+    "HTTP requests by route template and status code (WebSocket upgrades count as 101).",
+);
+pub const HTTP_DURATION: Def = def(
+    "tern_http_request_duration_seconds",
+    Histogram,
+    &["route"],
+    "Time to answer an HTTP request (for WebSockets: the upgrade only).",
+);
+
+/// Every metric defined above (the process_* metrics come from the prometheus crate).
+pub const ALL: &[&Def] = &[
+    &BUILD_INFO,
+    &READY,
+    &DRAINING,
+    &RELAY_BYTES,
+    &RELAY_PACKETS,
+    &RELAY_DROPPED,
+    &TCP_ACCEPTED,
+    &TCP_REFUSED,
+    &TCP_CLOSED,
+    &REQUESTS,
+    &REQUEST_DURATION,
+    &AUTH_FAILURES,
+    &RATE_LIMITED,
+    &PEER_DENIED,
+    &MALFORMED,
+    &UNKNOWN_ATTRIBUTES,
+    &BINDINGS,
+    &SEND_INDICATIONS,
+    &ALLOCATIONS,
+    &ALLOCATIONS_CREATED,
+    &ALLOCATIONS_ENDED,
+    &ALLOCATION_LIFETIME,
+    &PERMISSIONS,
+    &PERMISSIONS_CREATED,
+    &CHANNELS,
+    &CHANNELS_CREATED,
+    &RESERVATIONS_CREATED,
+    &RELAY_PORTS_IN_USE,
+    &RELAY_PORTS_FREE,
+    &SIGNAL_CONNECTIONS,
+    &SIGNAL_ROOMS,
+    &SIGNAL_MESSAGES,
+    &SIGNAL_FORWARDED,
+    &SIGNAL_RATE_LIMITED,
+    &PEERJS_CLIENTS,
+    &PEERJS_QUEUE_DROPPED,
+    &PEERJS_EXPIRED,
+    &WS_RELAY_SESSIONS,
+    &WS_RELAY_SESSIONS_STARTED,
+    &WS_RELAY_BYTES,
+    &WS_RELAY_FRAMES,
+    &WS_RELAY_OVERSIZED,
+    &WS_RELAY_BAD_TICKETS,
+    &HTTP_REQUESTS,
+    &HTTP_DURATION,
+];
+
+const DAEMON_DEFS: &[&Def] = &[&BUILD_INFO, &READY, &DRAINING];
+
+const TURN_DEFS: &[&Def] = &[
+    &RELAY_BYTES,
+    &RELAY_PACKETS,
+    &RELAY_DROPPED,
+    &TCP_ACCEPTED,
+    &TCP_REFUSED,
+    &TCP_CLOSED,
+    &REQUESTS,
+    &REQUEST_DURATION,
+    &AUTH_FAILURES,
+    &RATE_LIMITED,
+    &PEER_DENIED,
+    &MALFORMED,
+    &UNKNOWN_ATTRIBUTES,
+    &BINDINGS,
+    &SEND_INDICATIONS,
+    &ALLOCATIONS,
+    &ALLOCATIONS_CREATED,
+    &ALLOCATIONS_ENDED,
+    &ALLOCATION_LIFETIME,
+    &PERMISSIONS,
+    &PERMISSIONS_CREATED,
+    &CHANNELS,
+    &CHANNELS_CREATED,
+    &RESERVATIONS_CREATED,
+    &RELAY_PORTS_IN_USE,
+    &RELAY_PORTS_FREE,
+];
+
+const HTTP_FACE_DEFS: &[&Def] = &[
+    &SIGNAL_CONNECTIONS,
+    &SIGNAL_ROOMS,
+    &SIGNAL_MESSAGES,
+    &SIGNAL_FORWARDED,
+    &SIGNAL_RATE_LIMITED,
+    &PEERJS_CLIENTS,
+    &PEERJS_QUEUE_DROPPED,
+    &PEERJS_EXPIRED,
+    &WS_RELAY_SESSIONS,
+    &WS_RELAY_SESSIONS_STARTED,
+    &WS_RELAY_BYTES,
+    &WS_RELAY_FRAMES,
+    &WS_RELAY_OVERSIZED,
+    &WS_RELAY_BAD_TICKETS,
+];
+
+/// Upper bounds (seconds) of the HTTP request duration histogram.
+const HTTP_SECONDS_BOUNDS: [f64; 10] = [
+    0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
+];
+
+/// Per-route HTTP counters, updated by the API's middleware (control path: one request,
+/// one labelled increment).
+pub struct HttpMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl HttpMetrics {
+    pub fn new() -> Arc<HttpMetrics> {
+        let requests = IntCounterVec::new(
+            Opts::new(HTTP_REQUESTS.name, HTTP_REQUESTS.help),
+            HTTP_REQUESTS.labels,
+        )
+        .expect("valid metric definition");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(HTTP_DURATION.name, HTTP_DURATION.help)
+                .buckets(HTTP_SECONDS_BOUNDS.to_vec()),
+            HTTP_DURATION.labels,
+        )
+        .expect("valid metric definition");
+        Arc::new(HttpMetrics { requests, duration })
+    }
+
+    /// One answered request. `route` is the matched route template (bounded) or
+    /// "unmatched"; never the raw path.
+    pub fn observe(&self, route: &str, status: u16, seconds: f64) {
+        let mut buf = [0u8; 3];
+        let status = status_label(status, &mut buf);
+        self.requests.with_label_values(&[route, status]).inc();
+        self.duration.with_label_values(&[route]).observe(seconds);
+    }
+}
+
+fn status_label(status: u16, buf: &mut [u8; 3]) -> &str {
+    if !(100..=599).contains(&status) {
+        return "other";
+    }
+    buf[0] = b'0' + (status / 100) as u8;
+    buf[1] = b'0' + (status / 10 % 10) as u8;
+    buf[2] = b'0' + (status % 10) as u8;
+    std::str::from_utf8(buf).unwrap_or("other")
+}
+
+/// Errors building the registry.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics registry: {0}")]
+pub struct RegistryError(#[from] prometheus::Error);
+
+/// The registry: process metrics plus the faces that are running.
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    /// Registers the process collector and a collector per running face.
+    pub fn new(
+        turn: Option<crate::net::StatsSource>,
+        http: Option<crate::api::StatsSource>,
+    ) -> Result<Metrics, RegistryError> {
+        let registry = Registry::new();
+        registry.register(Box::new(DaemonCollector {
+            descs: descs(DAEMON_DEFS),
+        }))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        if let Some(src) = turn {
+            registry.register(Box::new(TurnCollector {
+                descs: descs(TURN_DEFS),
+                src,
+            }))?;
+        }
+        if let Some(src) = http {
+            let m = src.http_metrics();
+            registry.register(Box::new(m.requests.clone()))?;
+            registry.register(Box::new(m.duration.clone()))?;
+            registry.register(Box::new(HttpCollector {
+                descs: descs(HTTP_FACE_DEFS),
+                src,
+            }))?;
+        }
+        Ok(Metrics { registry })
+    }
+
+    /// The Prometheus text exposition of everything (format 0.0.4).
+    pub fn encode(&self) -> Result<String, RegistryError> {
+        Ok(prometheus::TextEncoder::new().encode_to_string(&self.registry.gather())?)
+    }
+}
+
+fn descs(defs: &[&Def]) -> Vec<Desc> {
+    defs.iter()
+        .map(|d| {
+            Desc::new(
+                d.name.to_string(),
+                d.help.to_string(),
+                d.labels.iter().map(|l| l.to_string()).collect(),
+                Default::default(),
+            )
+            .expect("valid metric definition")
+        })
+        .collect()
+}
+
+/// The daemon's version and lifecycle state.
+struct DaemonCollector {
+    descs: Vec<Desc>,
+}
+
+impl Collector for DaemonCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let st = &crate::lifecycle::STATE;
+        let mut f = Families::default();
+        f.sample(&BUILD_INFO, &[env!("CARGO_PKG_VERSION")], 1);
+        f.sample(&READY, &[], u64::from(st.ready()));
+        f.sample(&DRAINING, &[], u64::from(st.draining()));
+        f.finish()
+    }
+}
+
+/// Reads the TURN workers' snapshots at scrape time.
+struct TurnCollector {
+    descs: Vec<Desc>,
+    src: crate::net::StatsSource,
+}
+
+impl Collector for TurnCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let net = self.src.net();
+        let t = self.src.turn();
+        let mut f = Families::default();
+        for (dir, tr, bytes, packets) in [
+            (
+                "client_to_peer",
+                "udp",
+                net.client_to_peer_udp_bytes,
+                net.client_to_peer_udp_packets,
+            ),
+            (
+                "client_to_peer",
+                "tcp",
+                net.client_to_peer_tcp_bytes,
+                net.client_to_peer_tcp_packets,
+            ),
+            (
+                "peer_to_client",
+                "udp",
+                net.peer_to_client_udp_bytes,
+                net.peer_to_client_udp_packets,
+            ),
+            (
+                "peer_to_client",
+                "tcp",
+                net.peer_to_client_tcp_bytes,
+                net.peer_to_client_tcp_packets,
+            ),
+        ] {
+            f.sample(&RELAY_BYTES, &[dir, tr], bytes);
+            f.sample(&RELAY_PACKETS, &[dir, tr], packets);
+        }
+        for (reason, v) in [
+            ("no_channel", net.drop_no_channel),
+            ("no_permission", net.drop_no_permission),
+            ("tcp_queue_full", net.drop_tcp_queue_full),
+            ("send_error", net.drop_send_error),
+            ("truncated", net.drop_truncated),
+            ("invalid", net.drop_invalid),
+        ] {
+            f.sample(&RELAY_DROPPED, &[reason], v);
+        }
+        f.sample(&TCP_ACCEPTED, &[], net.tcp_accepted);
+        f.sample(&TCP_REFUSED, &[], net.tcp_rejected_per_ip);
+        for (reason, v) in [
+            ("garbage", net.tcp_closed_garbage),
+            ("idle", net.tcp_closed_idle),
+            ("backlog", net.tcp_closed_backlog),
+        ] {
+            f.sample(&TCP_CLOSED, &[reason], v);
+        }
+        for (mi, m) in MethodLabel::ALL.iter().enumerate() {
+            for ri in 0..RESULT_CODES.len() {
+                f.sample(&REQUESTS, &[m.name(), result_label(ri)], t.requests[mi][ri]);
+            }
+        }
+        f.histogram(
+            &REQUEST_DURATION,
+            &[],
+            &REQUEST_SECONDS_BOUNDS,
+            &t.request_seconds,
+        );
+        for (i, r) in AuthFailure::ALL.iter().enumerate() {
+            f.sample(&AUTH_FAILURES, &[r.name()], t.auth_failures[i]);
+        }
+        f.sample(&RATE_LIMITED, &[], t.rate_limited);
+        f.sample(&PEER_DENIED, &[], t.peer_denied);
+        f.sample(&MALFORMED, &[], t.malformed);
+        f.sample(&UNKNOWN_ATTRIBUTES, &[], t.unknown_attributes);
+        f.sample(&BINDINGS, &[], t.bindings);
+        f.sample(&SEND_INDICATIONS, &["forwarded"], t.sends_forwarded);
+        f.sample(&SEND_INDICATIONS, &["dropped"], t.sends_dropped);
+        for (ti, tr) in TRANSPORTS.iter().enumerate() {
+            for (fi, fam) in ALLOCATION_FAMILIES.iter().enumerate() {
+                f.sample(&ALLOCATIONS, &[tr, fam], t.allocations_by[ti][fi]);
+            }
+            for (fi, fam) in FAMILIES.iter().enumerate() {
+                f.sample(&PERMISSIONS, &[tr, fam], t.permissions_by[ti][fi]);
+                f.sample(&CHANNELS, &[tr, fam], t.channels_by[ti][fi]);
+            }
+        }
+        f.sample(&ALLOCATIONS_CREATED, &[], t.allocations_created);
+        f.sample(&ALLOCATIONS_ENDED, &["expired"], t.allocations_expired);
+        f.sample(&ALLOCATIONS_ENDED, &["deleted"], t.allocations_deleted);
+        f.histogram(
+            &ALLOCATION_LIFETIME,
+            &[],
+            &LIFETIME_SECONDS_BOUNDS,
+            &t.allocation_lifetime_seconds,
+        );
+        f.sample(&PERMISSIONS_CREATED, &[], t.permissions_created);
+        f.sample(&CHANNELS_CREATED, &[], t.channels_created);
+        f.sample(&RESERVATIONS_CREATED, &[], t.reservations_created);
+        for (fi, fam) in FAMILIES.iter().enumerate() {
+            if let Some(p) = self.src.relay_ports(fi == 1) {
+                f.sample(&RELAY_PORTS_IN_USE, &[fam], p.in_use as u64);
+                f.sample(&RELAY_PORTS_FREE, &[fam], p.free as u64);
+            }
+        }
+        f.finish()
+    }
+}
+
+/// Reads the HTTP face's signaling and relay counters at scrape time.
+struct HttpCollector {
+    descs: Vec<Desc>,
+    src: crate::api::StatsSource,
+}
+
+impl Collector for HttpCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let s = self.src.snapshot();
+        let mut f = Families::default();
+        f.sample(&SIGNAL_CONNECTIONS, &["native"], s.signal_peers as u64);
+        f.sample(&SIGNAL_CONNECTIONS, &["peerjs"], s.peerjs_clients as u64);
+        f.sample(&SIGNAL_ROOMS, &[], s.signal_rooms as u64);
+        for (i, ty) in rooms::MESSAGE_TYPES.iter().enumerate() {
+            f.sample(&SIGNAL_MESSAGES, &["native", ty], s.signal.messages[i]);
+        }
+        for (i, ty) in peerjs::MESSAGE_TYPES.iter().enumerate() {
+            f.sample(&SIGNAL_MESSAGES, &["peerjs", ty], s.peerjs.messages[i]);
+        }
+        f.sample(&SIGNAL_FORWARDED, &["native"], s.signal.signals_forwarded);
+        f.sample(&SIGNAL_FORWARDED, &["peerjs"], s.peerjs.forwarded);
+        f.sample(&SIGNAL_RATE_LIMITED, &["native"], s.signal.rate_limited);
+        f.sample(&PEERJS_CLIENTS, &[], s.peerjs_clients as u64);
+        f.sample(&PEERJS_QUEUE_DROPPED, &[], s.peerjs.queued_dropped);
+        f.sample(&PEERJS_EXPIRED, &[], s.peerjs.expired);
+        f.sample(&WS_RELAY_SESSIONS, &[], s.relay_sessions_active as u64);
+        f.sample(&WS_RELAY_SESSIONS_STARTED, &[], s.relay_sessions_started);
+        f.sample(&WS_RELAY_BYTES, &[], s.relay_bytes_forwarded);
+        f.sample(&WS_RELAY_FRAMES, &[], s.relay_frames_forwarded);
+        f.sample(&WS_RELAY_OVERSIZED, &[], s.relay_oversized_frames);
+        f.sample(&WS_RELAY_BAD_TICKETS, &[], s.relay_bad_tickets);
+        f.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_naming_rules() {
+        let mut seen = std::collections::HashSet::new();
+        for d in ALL {
+            assert!(d.name.starts_with("tern_"), "{}", d.name);
+            assert!(seen.insert(d.name), "{} defined twice", d.name);
+            match d.kind {
+                Kind::Counter => assert!(d.name.ends_with("_total"), "{}", d.name),
+                _ => assert!(!d.name.ends_with("_total"), "{}", d.name),
+            }
+            if d.kind == Kind::Histogram {
+                assert!(d.name.ends_with("_seconds"), "{}", d.name);
+            }
+            for l in d.labels {
+                assert!(
+                    !["user", "username", "ip", "addr", "address", "room", "peer"].contains(l),
+                    "{}: unbounded label {l}",
+                    d.name
+                );
+            }
+        }
+        for d in DAEMON_DEFS.iter().chain(TURN_DEFS).chain(HTTP_FACE_DEFS) {
+            assert!(ALL.iter().any(|a| a.name == d.name));
+        }
+    }
+
+    #[test]
+    fn docs_list_every_metric() {
+        let doc = include_str!("../docs/metrics.md");
+        for d in ALL {
+            assert!(
+                doc.contains(&format!("`{}`", d.name)),
+                "docs/metrics.md does not describe {}",
+                d.name
+            );
+            for l in d.labels {
+                assert!(
+                    doc.contains(&format!("`{l}`")),
+                    "docs/metrics.md does not name label {l} of {}",
+                    d.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn status_labels() {
+        let mut b = [0u8; 3];
+        assert_eq!(status_label(200, &mut b), "200");
+        assert_eq!(status_label(101, &mut b), "101");
+        assert_eq!(status_label(503, &mut b), "503");
+        assert_eq!(status_label(42, &mut b), "other");
+    }
+
+    #[test]
+    fn http_metrics_encode() {
+        let registry = Registry::new();
+        let m = HttpMetrics::new();
+        registry.register(Box::new(m.requests.clone())).unwrap();
+        registry.register(Box::new(m.duration.clone())).unwrap();
+        m.observe("/api/ice", 200, 0.002);
+        m.observe("/api/ice", 200, 0.003);
+        m.observe("unmatched", 404, 0.0001);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        assert!(text.contains("tern_http_requests_total{route=\"/api/ice\",status=\"200\"} 2"));
+        assert!(text.contains("tern_http_requests_total{route=\"unmatched\",status=\"404\"} 1"));
+        assert!(text.contains("tern_http_request_duration_seconds_count{route=\"/api/ice\"} 2"));
+    }
+}

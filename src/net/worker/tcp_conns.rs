@@ -1,0 +1,291 @@
+//! TURN over TCP (RFC 8656 §3.1) for one worker: accepting within the per-IP limit,
+//! framing client input, relaying, write queues, idle timeout and close.
+
+use std::io;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::Interest;
+
+use super::{
+    is_request, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE,
+};
+use crate::net::shard::Shard;
+use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
+use crate::stun::{classify, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
+use crate::turn::{Action, FiveTuple, Now, Transport};
+
+pub(super) struct Conn {
+    pub(super) sock: TcpStream,
+    pub(super) tuple: FiveTuple,
+    pub(super) inbuf: InBuf,
+    pub(super) out: OutBuf,
+    pub(super) last_message: Instant,
+    pub(super) dirty: bool,
+    pub(super) _permit: IpPermit,
+}
+
+/// Why a TCP connection is closed (counted, logged at debug).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum CloseReason {
+    Eof,
+    Error,
+    Garbage,
+    Idle,
+    Backlog,
+}
+
+impl<S: Shard> Worker<S> {
+    pub(super) fn flush_dirty_conns(&mut self) {
+        while let Some(ci) = self.dirty_conns.pop() {
+            let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
+                Some(c) => {
+                    c.dirty = false;
+                    c.out.write_to(&mut c.sock).is_err()
+                }
+                None => false,
+            };
+            if failed {
+                self.close_conn(ci, CloseReason::Error);
+            }
+        }
+    }
+
+    /// New TCP clients on listener `li`, within the per-IP limit. `true` if more may wait.
+    pub(super) fn accept(&mut self, li: usize, now: Now) -> bool {
+        for _ in 0..256 {
+            let Some((server, l)) = self.tcp.get(li) else {
+                return false;
+            };
+            let server = *server;
+            let (mut sock, client) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    // EMFILE and friends: try again a little later rather than spin.
+                    tracing::debug!(error = %e, "TCP accept failed");
+                    self.accept_retry = true;
+                    return false;
+                }
+            };
+            let Some(permit) = self.per_ip.try_acquire(client.ip()) else {
+                self.stats.tcp_rejected_per_ip += 1;
+                tracing::debug!(%client, "TCP connection refused: turn.tcp_max_per_ip reached");
+                continue;
+            };
+            let _ = sock.set_nodelay(true);
+            // The address the client reached (the listener may be a wildcard).
+            let server = sock.local_addr().unwrap_or(server);
+            let ci = match self.free_conns.pop() {
+                Some(i) => i,
+                None => {
+                    self.conns.push(None);
+                    self.conns.len() - 1
+                }
+            };
+            if let Err(e) = self.poll.registry().register(
+                &mut sock,
+                token(K_CONN, ci),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::debug!(error = %e, "TCP register failed");
+                self.free_conns.push(ci);
+                continue;
+            }
+            let tuple = FiveTuple {
+                transport: Transport::Tcp,
+                client,
+                server,
+            };
+            self.stats.tcp_accepted += 1;
+            self.conn_by_tuple.insert(tuple, ci);
+            self.conns[ci] = Some(Conn {
+                sock,
+                tuple,
+                inbuf: InBuf::default(),
+                out: OutBuf::new(TCP_DATA_QUEUE, TCP_HARD_QUEUE),
+                last_message: now.mono,
+                dirty: false,
+                _permit: permit,
+            });
+        }
+        true
+    }
+
+    pub(super) fn conn_writable(&mut self, ci: usize) {
+        let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
+            Some(c) => c.out.write_to(&mut c.sock).is_err(),
+            None => false,
+        };
+        if failed {
+            self.close_conn(ci, CloseReason::Error);
+        }
+    }
+
+    /// Frames from TCP client `ci`. `true` if more may wait.
+    pub(super) fn conn_readable(&mut self, ci: usize, now: Now) -> bool {
+        let mut close = None;
+        let mut more = true;
+        for _ in 0..MAX_BATCHES_PER_TURN {
+            let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+                return false;
+            };
+            match conn.inbuf.fill(&mut conn.sock) {
+                Ok(0) => {
+                    close = Some(CloseReason::Eof);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    close = Some(CloseReason::Garbage);
+                    break;
+                }
+                Err(_) => {
+                    close = Some(CloseReason::Error);
+                    break;
+                }
+            }
+            loop {
+                let data = conn.inbuf.data();
+                let n = match tcp_frame_len(data) {
+                    Ok(None) => break,
+                    Ok(Some(n)) if n > MAX_FRAME || n == 0 => {
+                        close = Some(CloseReason::Garbage);
+                        break;
+                    }
+                    Ok(Some(n)) if n > data.len() => break,
+                    Ok(Some(n)) => n,
+                    Err(_) => {
+                        close = Some(CloseReason::Garbage);
+                        break;
+                    }
+                };
+                let frame = &data[..n];
+                conn.last_message = now.mono;
+                match classify(frame) {
+                    Kind::ChannelData { channel, len } => {
+                        match self.shard.channel_to_peer(&conn.tuple, channel) {
+                            Some((relay, peer)) => {
+                                if let Some(rfd) = self.relays.peer_send_fd(relay, len) {
+                                    let payload =
+                                        &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
+                                    // SAFETY: `inbuf` is neither refilled nor compacted
+                                    // before the flush after this frame loop.
+                                    unsafe {
+                                        self.to_peer.push(
+                                            rfd,
+                                            Transport::Tcp,
+                                            payload,
+                                            peer,
+                                            &mut self.stats,
+                                        )
+                                    };
+                                }
+                            }
+                            None => self.stats.drop_no_channel += 1,
+                        }
+                    }
+                    Kind::Stun => {
+                        let t0 = is_request(frame).then(Instant::now);
+                        let action = self.shard.handle_stun(
+                            now,
+                            conn.tuple,
+                            frame,
+                            &mut self.out,
+                            &mut self.relays,
+                        );
+                        if let Some(t0) = t0 {
+                            self.shard.record_request_time(t0.elapsed());
+                        }
+                        match action {
+                            Action::None => {}
+                            Action::Reply(len) => {
+                                if !conn.out.push_control(&self.out[..len]) {
+                                    close = Some(CloseReason::Backlog);
+                                }
+                            }
+                            Action::Forward {
+                                relay,
+                                peer,
+                                payload,
+                            } => {
+                                let len = payload.len();
+                                if let (Some(d), Some(rfd)) =
+                                    (frame.get(payload), self.relays.peer_send_fd(relay, len))
+                                {
+                                    // SAFETY: as above.
+                                    unsafe {
+                                        self.to_peer.push(
+                                            rfd,
+                                            Transport::Tcp,
+                                            d,
+                                            peer,
+                                            &mut self.stats,
+                                        )
+                                    };
+                                }
+                            }
+                        }
+                    }
+                    Kind::Invalid => {
+                        self.stats.drop_invalid += 1;
+                        close = Some(CloseReason::Garbage);
+                    }
+                }
+                if close.is_some() {
+                    break;
+                }
+                conn.inbuf.consume(n);
+            }
+            self.to_peer.flush(&mut self.stats);
+            if close.is_some() {
+                break;
+            }
+            if conn.out.write_to(&mut conn.sock).is_err() {
+                close = Some(CloseReason::Error);
+                break;
+            }
+        }
+        self.to_peer.flush(&mut self.stats);
+        if let Some(reason) = close {
+            self.close_conn(ci, reason);
+            return false;
+        }
+        more
+    }
+
+    pub(super) fn close_conn(&mut self, ci: usize, reason: CloseReason) {
+        let Some(mut c) = self.conns.get_mut(ci).and_then(Option::take) else {
+            return;
+        };
+        match reason {
+            CloseReason::Garbage => self.stats.tcp_closed_garbage += 1,
+            CloseReason::Idle => self.stats.tcp_closed_idle += 1,
+            CloseReason::Backlog => self.stats.tcp_closed_backlog += 1,
+            CloseReason::Eof | CloseReason::Error => {}
+        }
+        tracing::debug!(client = %c.tuple.client, ?reason, "TCP connection closed");
+        let _ = self.poll.registry().deregister(&mut c.sock);
+        self.conn_by_tuple.remove(&c.tuple);
+        self.free_conns.push(ci);
+        self.shard
+            .client_closed(&c.tuple, super::now(), &mut self.relays);
+        // The socket and the per-IP permit go with `c`.
+    }
+
+    pub(super) fn close_idle(&mut self, now: Instant) {
+        for ci in 0..self.conns.len() {
+            let idle = self.conns[ci]
+                .as_ref()
+                .is_some_and(|c| now.saturating_duration_since(c.last_message) >= self.tcp_idle);
+            if idle {
+                self.close_conn(ci, CloseReason::Idle);
+            }
+        }
+    }
+}
