@@ -418,12 +418,16 @@ impl Config {
                 }
             })?;
         }
-        let cfg: Config = toml::Value::Table(root)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: file.map(Path::to_path_buf).unwrap_or_default(),
-                message: e.message().to_string() + &describe_span(&e),
-            })?;
+        let cfg: Config =
+            toml::Value::Table(root.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: file.map(Path::to_path_buf).unwrap_or_default(),
+                    message: match bad_key(&root) {
+                        Some(key) => format!("{key}: {}", e.message()),
+                        None => e.message().to_string() + &describe_span(&e),
+                    },
+                })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -720,6 +724,26 @@ pub fn read_secret_lines(text: &str) -> impl Iterator<Item = String> + '_ {
         .map(str::to_string)
 }
 
+/// The first `section.key` whose value alone does not deserialize (the merged table has
+/// lost the file's positions, so a type error would otherwise not say where it is).
+fn bad_key(root: &toml::Table) -> Option<String> {
+    for (section, v) in root {
+        let Some(table) = v.as_table() else {
+            return Some(section.clone());
+        };
+        for (key, value) in table {
+            let mut one = toml::Table::new();
+            one.insert(key.clone(), value.clone());
+            let mut probe = toml::Table::new();
+            probe.insert(section.clone(), toml::Value::Table(one));
+            if toml::Value::Table(probe).try_into::<Config>().is_err() {
+                return Some(format!("{section}.{key}"));
+            }
+        }
+    }
+    None
+}
+
 fn describe_span(e: &toml::de::Error) -> String {
     match e.span() {
         Some(span) => format!(" (at byte {})", span.start),
@@ -811,6 +835,10 @@ mod tests {
         assert!(e.to_string().starts_with("turn.secret_file[0]"), "{e}");
         let e = load("", &[], &["turn.users=[{name=\"a\"}]"]).unwrap_err();
         assert!(e.to_string().starts_with("turn.users[0]"), "{e}");
+        let e = load("[turn]\nmin_port = \"x\"\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("turn.min_port: invalid type"), "{e}");
+        let e = load("", &[("TERN_API__WORKERS", "many")], &[]).unwrap_err();
+        assert!(e.to_string().contains("api.workers: invalid type"), "{e}");
         let e = load("[log]\nformat = \"xml\"\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("log.format"), "{e}");
     }

@@ -127,11 +127,15 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
     changed
 }
 
-/// A config error as one log line without source excerpts: TOML parse errors quote the
-/// offending line, which may hold a secret.
+/// A config error as one log line without source excerpts or quoted values: TOML parse
+/// errors quote the offending line or value (`invalid type: string "…"`), which may be a
+/// secret. Key names (in backticks or before the colon) stay.
 pub fn one_line(e: &ConfigError) -> String {
-    e.to_string()
-        .lines()
+    let text = match e {
+        ConfigError::Parse { .. } => redact_quoted(&e.to_string()),
+        _ => e.to_string(),
+    };
+    text.lines()
         .map(str::trim)
         .filter(|l| {
             let digits = l.bytes().take_while(u8::is_ascii_digit).count();
@@ -140,6 +144,24 @@ pub fn one_line(e: &ConfigError) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// `"anything"` becomes `"…"`.
+fn redact_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for c in text.chars() {
+        if c == '"' {
+            if inside {
+                out.push('…');
+            }
+            inside = !inside;
+            out.push(c);
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The pid file of a running daemon, removed on drop if it still names this process.
@@ -254,6 +276,10 @@ mod tests {
         assert!(!line.contains('\n'), "{line}");
         assert!(!line.contains("s3cr3t"), "the secret leaked: {line}");
         assert!(line.contains("t.toml"), "{line}");
+        std::fs::write(&p, "[turn]\nauth_secrets = \"s3cr3t-value\"\n").unwrap();
+        let e = Config::load(Some(&p), Vec::new(), &[]).unwrap_err();
+        let line = one_line(&e);
+        assert!(!line.contains("s3cr3t"), "the secret leaked: {line}");
         std::fs::write(&p, "[turn]\nmin_port = 7000\nmax_port = 6000\n").unwrap();
         let e = Config::load(Some(&p), Vec::new(), &[]).unwrap_err();
         assert!(one_line(&e).starts_with("turn.min_port"));
