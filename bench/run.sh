@@ -11,7 +11,7 @@
 # usage: bench/run.sh [--quick]
 # env:   ALLOCS (200) RATE (20000 packets/s for the steady load) SECS (15)
 #        UC_CLIENTS (100) UC_MSGS (1000) UC_INTERVAL_MS (5) SIZE (100 payload bytes)
-#        SERVERS ("tern coturn")
+#        SERVERS ("tern coturn")   TERN_BIN (use this tern binary instead of building one)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,12 +49,12 @@ trap cleanup EXIT
 
 echo "==> building tern (release) and bench/loadgen (release)"
 TERN_TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-if [[ " $SERVERS " == *" tern "* ]]; then
+if [ -z "${TERN_BIN:-}" ] && [[ " $SERVERS " == *" tern "* ]]; then
     cargo build --release --quiet --bin tern
 fi
 LOADGEN_TARGET="$ROOT/bench/out/target-loadgen"
 CARGO_TARGET_DIR="$LOADGEN_TARGET" cargo build --release --quiet --manifest-path bench/loadgen/Cargo.toml
-TERN="$TERN_TARGET/release/tern"
+TERN="${TERN_BIN:-$TERN_TARGET/release/tern}"
 LOADGEN="$LOADGEN_TARGET/release/tern-loadgen"
 
 SECRET=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')

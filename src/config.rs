@@ -45,6 +45,7 @@ pub struct Config {
     pub signal: SignalConfig,
     pub relay_ws: RelayWsConfig,
     pub metrics: MetricsConfig,
+    pub tls: TlsConfig,
     pub log: LogConfig,
     pub daemon: DaemonConfig,
 }
@@ -123,6 +124,10 @@ pub struct TurnConfig {
     pub alternate_udp: Vec<SocketAddr>,
     pub alternate_tcp: Vec<SocketAddr>,
     pub alternate_tls: Vec<TlsAlternate>,
+    /// The TCP listeners on `listen` also accept TLS, told apart by the first byte (0x16 is
+    /// a TLS handshake record), so one port (e.g. 443) carries `turn:` over TCP and `turns:`.
+    /// Needs `[tls]` cert_file and key_file.
+    pub sniff_tls: bool,
 }
 
 impl Default for TurnConfig {
@@ -158,6 +163,7 @@ impl Default for TurnConfig {
             alternate_udp: vec![],
             alternate_tcp: vec![],
             alternate_tls: vec![],
+            sniff_tls: false,
         }
     }
 }
@@ -193,6 +199,8 @@ pub struct ApiConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Worker threads of the HTTP runtime.
     pub workers: usize,
+    /// Serve HTTPS with the `[tls]` certificate instead of plain HTTP.
+    pub tls: bool,
 }
 
 impl Default for ApiConfig {
@@ -212,6 +220,7 @@ impl Default for ApiConfig {
             default_ttl_secs: 86400,
             trusted_proxies: vec![],
             workers: 2,
+            tls: false,
         }
     }
 }
@@ -330,6 +339,44 @@ impl Default for MetricsConfig {
             enabled: true,
             listen: "127.0.0.1:9641".parse().unwrap(),
         }
+    }
+}
+
+/// `[tls]`: the certificate for TURN over TLS (RFC 8656 §3.1) and the HTTPS API. TLS is on
+/// when both `cert_file` and `key_file` are set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first (e.g. certbot's fullchain.pem).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the leaf certificate (e.g. certbot's privkey.pem).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// TURN over TLS listeners (TCP only).
+    pub listen: Vec<SocketAddr>,
+    /// A client that has not completed its TLS handshake by then is dropped.
+    pub handshake_timeout_secs: u32,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            listen: vec![
+                "0.0.0.0:5349".parse().unwrap(),
+                "[::]:5349".parse().unwrap(),
+            ],
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether a certificate is configured.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some()
     }
 }
 
@@ -531,11 +578,48 @@ impl Config {
         // Secret files must be readable now, so a typo fails at start, not at first login.
         self.turn_secrets()?;
         self.validate_api()?;
+        self.validate_tls()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", "not a valid tracing filter"));
+        }
+        Ok(())
+    }
+
+    /// Rules for `[tls]` and the options that need it; the certificate and key are loaded
+    /// now so a bad file fails `check-config` and start-up, not the first handshake.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let t = &self.tls;
+        match (&t.cert_file, &t.key_file) {
+            (Some(c), Some(k)) => {
+                crate::tls::load_certified_key(c, k).map_err(|e| match e {
+                    crate::tls::TlsError::Cert { path, message } => {
+                        invalid("tls.cert_file", format!("{}: {message}", path.display()))
+                    }
+                    crate::tls::TlsError::Key { path, message } => {
+                        invalid("tls.key_file", format!("{}: {message}", path.display()))
+                    }
+                    crate::tls::TlsError::Config(m) => invalid("tls", m),
+                })?;
+            }
+            (Some(_), None) => return Err(invalid("tls.key_file", "required with tls.cert_file")),
+            (None, Some(_)) => return Err(invalid("tls.cert_file", "required with tls.key_file")),
+            (None, None) => {
+                if self.turn.sniff_tls {
+                    return Err(invalid(
+                        "turn.sniff_tls",
+                        "needs tls.cert_file and tls.key_file",
+                    ));
+                }
+                if self.api.tls {
+                    return Err(invalid("api.tls", "needs tls.cert_file and tls.key_file"));
+                }
+            }
+        }
+        if t.handshake_timeout_secs == 0 || t.handshake_timeout_secs > 300 {
+            return Err(invalid("tls.handshake_timeout_secs", "must be 1 to 300"));
         }
         Ok(())
     }

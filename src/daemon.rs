@@ -22,6 +22,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Registry(#[from] crate::metrics::RegistryError),
@@ -33,6 +35,8 @@ pub enum DaemonError {
 struct Faces {
     turn: TurnService,
     http: Option<HttpService>,
+    /// The certificate store TURN over TLS and HTTPS share (`[tls]`), if configured.
+    tls: Option<crate::tls::TlsContext>,
 }
 
 impl Faces {
@@ -43,6 +47,7 @@ impl Faces {
         if !self.turn.local_addrs().is_empty() {
             api_cfg.turn.listen = self.turn.local_addrs().to_vec();
         }
+        api_cfg.tls.listen = self.turn.local_tls_addrs().to_vec();
         api_cfg
     }
 
@@ -79,14 +84,25 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
     let mut sup = crate::ops::supervisor::Supervisor::from_env();
     sup.status("starting");
     let failed = |e: &dyn std::fmt::Display| format!("failed to start: {e}");
-    let turn = TurnService::start(&cfg).inspect_err(|e| sup.status(&failed(e)))?;
+    // One certificate store for TURN over TLS and HTTPS: one reload swaps both.
+    let tls =
+        crate::tls::TlsContext::from_config(&cfg.tls).inspect_err(|e| sup.status(&failed(e)))?;
+    let turn = TurnService::start_tls(&cfg, tls.clone()).inspect_err(|e| sup.status(&failed(e)))?;
     for addr in turn.local_addrs() {
-        tracing::info!(%addr, "TURN listening (udp+tcp)");
+        tracing::info!(%addr, sniff_tls = cfg.turn.sniff_tls && tls.is_some(), "TURN listening (udp+tcp)");
     }
-    let mut faces = Faces { turn, http: None };
+    for addr in turn.local_tls_addrs() {
+        tracing::info!(%addr, "TURN listening (tls)");
+    }
+    let mut faces = Faces {
+        turn,
+        http: None,
+        tls,
+    };
     if cfg.api.enabled {
-        let http =
-            HttpService::start(&faces.api_config(&cfg)).inspect_err(|e| sup.status(&failed(e)))?;
+        let https = faces.tls.clone().filter(|_| cfg.api.tls);
+        let http = HttpService::start_tls(&faces.api_config(&cfg), https)
+            .inspect_err(|e| sup.status(&failed(e)))?;
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
         faces.http = Some(http);
     }
@@ -238,6 +254,22 @@ fn reload(
         if let Err(e) = http.reload(&faces.api_config(&new)) {
             return refuse(e.to_string());
         }
+    }
+    // The certificate files were loaded and checked by the config validation above; a
+    // failure here (a file replaced in between) keeps the old certificate.
+    match (&faces.tls, new.tls.enabled()) {
+        (Some(tls), true) => {
+            if let Err(e) = tls.reload(&new.tls) {
+                tracing::error!("TLS certificate not reloaded, the old one stays in use: {e}");
+            }
+        }
+        (None, true) => {
+            tracing::warn!("[tls] was enabled by a reload: TLS listeners start on restart")
+        }
+        (Some(_), false) => tracing::warn!(
+            "[tls] removed by a reload: the running certificate stays in use until restart"
+        ),
+        (None, false) => {}
     }
     faces.turn.set_config(scfg);
     let secrets = new.turn_secrets().map_or(0, |s| s.len());

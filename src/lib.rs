@@ -12,4 +12,5 @@ pub mod ops;
 pub mod relay_ws;
 pub mod signal;
 pub mod stun;
+pub mod tls;
 pub mod turn;

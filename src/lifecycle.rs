@@ -123,6 +123,10 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
         "metrics" => metrics;
         "log" => log;
         "daemon.pid_file" => daemon.pid_file;
+        "turn.sniff_tls" => turn.sniff_tls;
+        "api.tls" => api.tls;
+        "tls.listen" => tls.listen;
+        "tls.handshake_timeout_secs" => tls.handshake_timeout_secs;
     }
     changed
 }

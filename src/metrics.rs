@@ -622,6 +622,8 @@ impl Collector for TurnCollector {
             ("garbage", net.tcp_closed_garbage),
             ("idle", net.tcp_closed_idle),
             ("backlog", net.tcp_closed_backlog),
+            ("tls_error", net.tls_closed_error),
+            ("tls_handshake_timeout", net.tls_closed_handshake_timeout),
         ] {
             f.sample(&TCP_CLOSED, &[reason], v);
         }

@@ -184,6 +184,20 @@ struct Minted {
     ttl: u64,
     host: String,
     port: u16,
+    /// TURN over TLS port, when a certificate is configured (RFC 8656 §3.1).
+    tls_port: Option<u16>,
+}
+
+/// Where `turns:` clients connect: the first TLS listener, else the sniffing TURN port.
+fn turns_port(cfg: &crate::config::Config) -> Option<u16> {
+    if !cfg.tls.enabled() {
+        return None;
+    }
+    match cfg.tls.listen.first() {
+        Some(a) => Some(a.port()),
+        None if cfg.turn.sniff_tls => Some(cfg.turn.listen.first().map_or(3478, SocketAddr::port)),
+        None => None,
+    }
 }
 
 fn mint(
@@ -243,6 +257,7 @@ fn mint(
         ttl,
         host,
         port,
+        tls_port: turns_port(&st.cfg),
     })
 }
 
@@ -287,11 +302,14 @@ pub async fn ice(
     let r = match r {
         Ok(m) => {
             let (h, p) = (&m.host, m.port);
-            let urls: Vec<Value> = vec![
+            let mut urls: Vec<Value> = vec![
                 format!("stun:{h}:{p}").into(),
                 format!("turn:{h}:{p}?transport=udp").into(),
                 format!("turn:{h}:{p}?transport=tcp").into(),
             ];
+            if let Some(tp) = m.tls_port {
+                urls.push(format!("turns:{h}:{tp}?transport=tcp").into());
+            }
             Json(json!({
                 "iceServers": [{
                     "urls": urls,
@@ -333,14 +351,18 @@ pub async fn turn_rest(
     let r = match r {
         Ok(m) => {
             let (h, p) = (&m.host, m.port);
+            let mut uris = vec![
+                format!("turn:{h}:{p}?transport=udp"),
+                format!("turn:{h}:{p}?transport=tcp"),
+            ];
+            if let Some(tp) = m.tls_port {
+                uris.push(format!("turns:{h}:{tp}?transport=tcp"));
+            }
             Json(json!({
                 "username": m.username,
                 "password": m.password,
                 "ttl": m.ttl,
-                "uris": [
-                    format!("turn:{h}:{p}?transport=udp"),
-                    format!("turn:{h}:{p}?transport=tcp"),
-                ],
+                "uris": uris,
             }))
             .into_response()
         }

@@ -8,6 +8,7 @@
 mod cors;
 mod ice;
 mod routes;
+mod tls_listener;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -37,6 +38,8 @@ pub enum ApiError {
     Runtime(std::io::Error),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Everything the handlers share. A reload builds a new one around the same hubs and
@@ -152,6 +155,21 @@ impl HttpService {
     /// Binds `api.listen` and serves on a runtime of `api.workers` threads.
     /// ICE URLs use the port of the first `turn.listen` address.
     pub fn start(cfg: &Config) -> Result<HttpService, ApiError> {
+        let tls = if cfg.api.tls {
+            crate::tls::TlsContext::from_config(&cfg.tls)
+                .map_err(|e| ApiError::Tls(e.to_string()))?
+        } else {
+            None
+        };
+        Self::start_tls(cfg, tls)
+    }
+
+    /// As [`Self::start`], serving HTTPS with `tls` (the process's shared certificate
+    /// store) when given.
+    pub fn start_tls(
+        cfg: &Config,
+        tls: Option<crate::tls::TlsContext>,
+    ) -> Result<HttpService, ApiError> {
         let addr = cfg.api.listen;
         let listener =
             std::net::TcpListener::bind(addr).map_err(|source| ApiError::Bind { addr, source })?;
@@ -221,14 +239,40 @@ impl HttpService {
                     return;
                 }
             };
-            let served = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async {
+            let stopped = async {
                 let _ = stop_rx.await;
-            })
-            .await;
+            };
+            let served = match tls {
+                None => {
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(stopped)
+                    .await
+                }
+                Some(tls) => {
+                    use axum::serve::ListenerExt;
+                    let listener = match tls_listener::TlsListener::start(
+                        listener,
+                        Arc::clone(&tls.server_config),
+                        tls.handshake_timeout,
+                    ) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "HTTPS listener");
+                            return;
+                        }
+                    };
+                    // tap_io: axum's ConnectInfo<SocketAddr> works for wrapped listeners.
+                    axum::serve(
+                        listener.tap_io(|_| {}),
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(stopped)
+                    .await
+                }
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server stopped");
             }

@@ -5,6 +5,7 @@
 //! classification and framing (that is `crate::stun` / `crate::turn`), and it must not
 //! allocate, lock, log or copy per relayed packet (DESIGN.md principle 2).
 
+mod link;
 mod mmsg;
 mod relay_addr;
 mod shard;
@@ -20,7 +21,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::config::{Config, TurnConfig};
+use crate::config::{Config, TlsConfig, TurnConfig};
+use crate::tls::TlsContext;
 use crate::turn::RelayAddr;
 
 pub use shard::{Shard, OUT_LEN};
@@ -48,6 +50,8 @@ struct WorkerHandle {
 /// The running TURN listeners and workers.
 pub struct TurnService {
     addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
+    tls: Option<TlsContext>,
     relay_ips: Vec<RelayAddr>,
     stop: Arc<AtomicBool>,
     workers: Vec<WorkerHandle>,
@@ -60,6 +64,14 @@ impl TurnService {
     /// Binds every listener (UDP and TCP on each `turn.listen` address, RFC 8656 §3.1) and
     /// starts the workers, each with its own shard of the TURN server.
     pub fn start(cfg: &Config) -> Result<TurnService, NetError> {
+        let tls = TlsContext::from_config(&cfg.tls).map_err(|e| NetError::Other(e.to_string()))?;
+        Self::start_tls(cfg, tls)
+    }
+
+    /// As [`Self::start`], with the process's TLS context (shared with the HTTPS API, so one
+    /// reload swaps the certificate everywhere). TLS listeners on `tls.listen` (RFC 8656
+    /// §3.1) start when `tls` is given.
+    pub fn start_tls(cfg: &Config, tls: Option<TlsContext>) -> Result<TurnService, NetError> {
         let relay_ips = relay_addr::choose(&cfg.turn);
         let scfg = Arc::new(
             crate::turn::ServerConfig::from_config(cfg, relay_ips.clone())
@@ -67,7 +79,8 @@ impl TurnService {
         );
         let shared = Arc::new(crate::turn::Shared::new(&scfg));
         let core_shared = Arc::clone(&shared);
-        let mut service = Self::start_with(&cfg.turn, relay_ips, move || {
+        let tls = tls.map(|ctx| (cfg.tls.clone(), ctx));
+        let mut service = Self::start_with_tls(&cfg.turn, tls, relay_ips, move || {
             crate::turn::Server::new(Arc::clone(&scfg), Arc::clone(&shared))
         })?;
         service.shared = Some(core_shared);
@@ -108,6 +121,20 @@ impl TurnService {
         S: Shard + 'static,
         F: Fn() -> S + Send + Sync + 'static,
     {
+        Self::start_with_tls(t, None, relay_ips, make)
+    }
+
+    /// As [`Self::start_with`], plus TLS listeners and sniffing when `tls` is given.
+    pub fn start_with_tls<S, F>(
+        t: &TurnConfig,
+        tls: Option<(TlsConfig, TlsContext)>,
+        relay_ips: Vec<RelayAddr>,
+        make: F,
+    ) -> Result<TurnService, NetError>
+    where
+        S: Shard + 'static,
+        F: Fn() -> S + Send + Sync + 'static,
+    {
         let n = if t.workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -132,18 +159,46 @@ impl TurnService {
                 Err(source) => return Err(NetError::Bind { addr, source }),
             }
         }
+        let mut tls_addrs = Vec::new();
+        let mut tls_per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
+            (0..n).map(|_| Vec::new()).collect();
+        if let Some((tc, _)) = &tls {
+            let default_tls = tc.listen == TlsConfig::default().listen;
+            for &addr in &tc.listen {
+                match socket::bind_tcp_listeners(addr, n, t.socket_buffer_bytes) {
+                    Ok((bound, ls)) => {
+                        tls_addrs.push(bound);
+                        for (w, l) in ls.into_iter().enumerate() {
+                            tls_per_worker[w].push((bound, l));
+                        }
+                    }
+                    Err(e) if default_tls && addr.is_ipv6() => {
+                        tracing::warn!(%addr, error = %e, "IPv6 TLS listener not available; continuing without it");
+                    }
+                    Err(source) => return Err(NetError::Bind { addr, source }),
+                }
+            }
+        }
+        let tls_ctx = tls.map(|(_, x)| x);
+        let handshake_timeout = tls_ctx
+            .as_ref()
+            .map_or(Duration::from_secs(10), |x| x.handshake_timeout);
         let stop = Arc::new(AtomicBool::new(false));
         let per_ip = tcp::PerIpLimit::new(t.tcp_max_per_ip);
         let make = Arc::new(make);
         let mut workers = Vec::with_capacity(n);
         let mut service = TurnService {
             addrs,
+            tls_addrs,
+            tls: tls_ctx.clone(),
             relay_ips,
             stop: Arc::clone(&stop),
             workers: Vec::new(),
             shared: None,
         };
-        for (index, listeners) in per_worker.into_iter().enumerate() {
+        for (index, (listeners, tls_listeners)) in
+            per_worker.into_iter().zip(tls_per_worker).enumerate()
+        {
             let poll = mio::Poll::new().map_err(|e| NetError::Other(format!("poll: {e}")))?;
             let waker = mio::Waker::new(poll.registry(), worker::WAKER)
                 .map_err(|e| NetError::Other(format!("waker: {e}")))?;
@@ -152,6 +207,10 @@ impl TurnService {
             let params = worker::WorkerParams {
                 index,
                 listeners,
+                tls_listeners,
+                tls: tls_ctx.as_ref().map(|x| Arc::clone(&x.server_config)),
+                handshake_timeout,
+                sniff_tls: t.sniff_tls,
                 buffer_bytes: t.socket_buffer_bytes,
                 tcp_idle: Duration::from_secs(t.tcp_idle_timeout_secs.max(1).into()),
                 per_ip: per_ip.clone(),
@@ -205,6 +264,16 @@ impl TurnService {
     /// The bound listener addresses (with real ports when port 0 was configured).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The bound TURN over TLS listener addresses.
+    pub fn local_tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
+    }
+
+    /// The TLS context (certificate store) in use, for reloading the certificate.
+    pub fn tls(&self) -> Option<&TlsContext> {
+        self.tls.as_ref()
     }
 
     /// The relay addresses in use (local and advertised).

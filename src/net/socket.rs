@@ -188,6 +188,25 @@ fn bind_once(
     Ok((bound, pairs))
 }
 
+/// Binds `workers` TCP-only listeners on `addr` (TURN over TLS, RFC 8656 §3.1), all on the
+/// same port when `addr` has port 0.
+pub fn bind_tcp_listeners(
+    addr: SocketAddr,
+    workers: usize,
+    buffer_bytes: usize,
+) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+    if addr.port() != 0 {
+        probe_exclusive(addr, Type::STREAM, Protocol::TCP)?;
+    }
+    let first = tcp_listener(addr, buffer_bytes)?;
+    let bound = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        all.push(tcp_listener(bound, buffer_bytes)?);
+    }
+    Ok((bound, all))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,8 +105,16 @@ pub struct NetStats {
     pub tcp_rejected_per_ip: u64,
     /// TCP connections closed because control responses could not be queued.
     pub tcp_closed_backlog: u64,
-    /// TCP connections accepted.
+    /// TCP connections accepted (TLS included).
     pub tcp_accepted: u64,
+    /// TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// TLS connections closed for a protocol error (plain text on a TLS port, a bad or
+    /// truncated record, a failed handshake).
+    pub tls_closed_error: u64,
+    /// TLS connections closed because the handshake did not finish within
+    /// tls.handshake_timeout_secs.
+    pub tls_closed_handshake_timeout: u64,
 }
 
 impl AddAssign for NetStats {
@@ -130,5 +138,8 @@ impl AddAssign for NetStats {
         self.tcp_rejected_per_ip += o.tcp_rejected_per_ip;
         self.tcp_closed_backlog += o.tcp_closed_backlog;
         self.tcp_accepted += o.tcp_accepted;
+        self.tls_handshakes += o.tls_handshakes;
+        self.tls_closed_error += o.tls_closed_error;
+        self.tls_closed_handshake_timeout += o.tls_closed_handshake_timeout;
     }
 }

@@ -23,7 +23,7 @@ mod tcp_conns;
 
 use relays::PeerBatch;
 pub use relays::Relays;
-use tcp_conns::Conn;
+use tcp_conns::{Conn, ListenMode};
 
 use super::mmsg::{RecvBatch, SendBatch};
 use super::shard::{Shard, OUT_LEN};
@@ -99,6 +99,13 @@ impl UdpListener {
 pub struct WorkerParams {
     pub index: usize,
     pub listeners: Vec<(SocketAddr, ListenerPair)>,
+    /// TCP-only TURN over TLS listeners.
+    pub tls_listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+    /// TLS server state; `None` when no certificate is configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub handshake_timeout: Duration,
+    /// The plain TCP listeners also accept TLS (`turn.sniff_tls`).
+    pub sniff_tls: bool,
     pub buffer_bytes: usize,
     pub tcp_idle: Duration,
     pub per_ip: PerIpLimit,
@@ -116,7 +123,9 @@ pub struct Worker<S: Shard> {
     shard: S,
     relays: Relays,
     udp: Vec<UdpListener>,
-    tcp: Vec<(SocketAddr, TcpListener)>,
+    tcp: Vec<(SocketAddr, TcpListener, ListenMode)>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handshake_timeout: Duration,
     conns: Vec<Option<Conn>>,
     free_conns: Vec<usize>,
     conn_by_tuple: HashMap<FiveTuple, usize>,
@@ -168,7 +177,17 @@ impl<S: Shard> Worker<S> {
             });
             let mut t = TcpListener::from_std(pair.tcp);
             registry.register(&mut t, token(K_TCP_LISTENER, i), Interest::READABLE)?;
-            tcp.push((addr, t));
+            let mode = if p.sniff_tls && p.tls.is_some() {
+                ListenMode::Sniff
+            } else {
+                ListenMode::Plain
+            };
+            tcp.push((addr, t, mode));
+        }
+        for (addr, l) in p.tls_listeners {
+            let mut t = TcpListener::from_std(l);
+            registry.register(&mut t, token(K_TCP_LISTENER, tcp.len()), Interest::READABLE)?;
+            tcp.push((addr, t, ListenMode::Tls));
         }
         let seed = rand::random::<u32>();
         Ok(Worker {
@@ -183,6 +202,8 @@ impl<S: Shard> Worker<S> {
             shard,
             udp,
             tcp,
+            tls: p.tls,
+            handshake_timeout: p.handshake_timeout,
             conns: Vec::new(),
             free_conns: Vec::new(),
             conn_by_tuple: HashMap::new(),

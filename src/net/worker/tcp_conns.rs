@@ -10,13 +10,25 @@ use mio::Interest;
 use super::{
     is_request, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE,
 };
+use crate::net::link::{is_tls_error, Link};
 use crate::net::shard::Shard;
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
 use crate::stun::{classify, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
 use crate::turn::{Action, FiveTuple, Now, Transport};
 
+/// What a TCP listener accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ListenMode {
+    Plain,
+    Tls,
+    /// Plain TURN/TCP or TLS, told apart by the first byte (`turn.sniff_tls`).
+    Sniff,
+}
+
 pub(super) struct Conn {
     pub(super) sock: TcpStream,
+    pub(super) link: Link,
+    pub(super) opened: Instant,
     pub(super) tuple: FiveTuple,
     pub(super) inbuf: InBuf,
     pub(super) out: OutBuf,
@@ -33,6 +45,8 @@ pub(super) enum CloseReason {
     Garbage,
     Idle,
     Backlog,
+    TlsError,
+    HandshakeTimeout,
 }
 
 impl<S: Shard> Worker<S> {
@@ -41,7 +55,7 @@ impl<S: Shard> Worker<S> {
             let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
                 Some(c) => {
                     c.dirty = false;
-                    c.out.write_to(&mut c.sock).is_err()
+                    c.link.flush(&mut c.sock, &mut c.out).is_err()
                 }
                 None => false,
             };
@@ -54,10 +68,10 @@ impl<S: Shard> Worker<S> {
     /// New TCP clients on listener `li`, within the per-IP limit. `true` if more may wait.
     pub(super) fn accept(&mut self, li: usize, now: Now) -> bool {
         for _ in 0..256 {
-            let Some((server, l)) = self.tcp.get(li) else {
+            let Some((server, l, mode)) = self.tcp.get(li) else {
                 return false;
             };
-            let server = *server;
+            let (server, mode) = (*server, *mode);
             let (mut sock, client) = match l.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
@@ -74,6 +88,18 @@ impl<S: Shard> Worker<S> {
                 continue;
             };
             let _ = sock.set_nodelay(true);
+            let (link, transport) = match (mode, &self.tls) {
+                (ListenMode::Tls, Some(cfg)) => match Link::tls(cfg) {
+                    Ok(l) => (l, Transport::Tls),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS session setup failed");
+                        continue;
+                    }
+                },
+                // A sniffed connection is filed as TCP until its first byte says otherwise.
+                (ListenMode::Sniff, Some(_)) => (Link::Sniff, Transport::Tcp),
+                _ => (Link::Plain, Transport::Tcp),
+            };
             // The address the client reached (the listener may be a wildcard).
             let server = sock.local_addr().unwrap_or(server);
             let ci = match self.free_conns.pop() {
@@ -93,7 +119,7 @@ impl<S: Shard> Worker<S> {
                 continue;
             }
             let tuple = FiveTuple {
-                transport: Transport::Tcp,
+                transport,
                 client,
                 server,
             };
@@ -101,6 +127,8 @@ impl<S: Shard> Worker<S> {
             self.conn_by_tuple.insert(tuple, ci);
             self.conns[ci] = Some(Conn {
                 sock,
+                link,
+                opened: now.mono,
                 tuple,
                 inbuf: InBuf::default(),
                 out: OutBuf::new(TCP_DATA_QUEUE, TCP_HARD_QUEUE),
@@ -114,7 +142,7 @@ impl<S: Shard> Worker<S> {
 
     pub(super) fn conn_writable(&mut self, ci: usize) {
         let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
-            Some(c) => c.out.write_to(&mut c.sock).is_err(),
+            Some(c) => c.link.flush(&mut c.sock, &mut c.out).is_err(),
             None => false,
         };
         if failed {
@@ -130,7 +158,21 @@ impl<S: Shard> Worker<S> {
             let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
                 return false;
             };
-            match conn.inbuf.fill(&mut conn.sock) {
+            let was_sniffing = matches!(conn.link, Link::Sniff);
+            let was_handshaking = conn.link.handshaking();
+            let filled = conn
+                .link
+                .fill(&mut conn.sock, &mut conn.inbuf, self.tls.as_ref());
+            if was_sniffing && conn.link.is_tls() {
+                // The sniffed first byte opened TLS: the 5-tuple's transport says so.
+                self.conn_by_tuple.remove(&conn.tuple);
+                conn.tuple.transport = Transport::Tls;
+                self.conn_by_tuple.insert(conn.tuple, ci);
+            }
+            if was_handshaking && conn.link.is_tls() && !conn.link.handshaking() {
+                self.stats.tls_handshakes += 1;
+            }
+            match filled {
                 Ok(0) => {
                     close = Some(CloseReason::Eof);
                     break;
@@ -141,6 +183,11 @@ impl<S: Shard> Worker<S> {
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_tls_error(&e) => {
+                    tracing::debug!(client = %conn.tuple.client, error = %e, "TLS error");
+                    close = Some(CloseReason::TlsError);
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     close = Some(CloseReason::Garbage);
                     break;
@@ -246,12 +293,20 @@ impl<S: Shard> Worker<S> {
             if close.is_some() {
                 break;
             }
-            if conn.out.write_to(&mut conn.sock).is_err() {
+            if conn.link.flush(&mut conn.sock, &mut conn.out).is_err() {
                 close = Some(CloseReason::Error);
                 break;
             }
         }
         self.to_peer.flush(&mut self.stats);
+        if close.is_none() {
+            // TLS handshake records produced by the last read wait for no frame.
+            if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+                if conn.link.flush(&mut conn.sock, &mut conn.out).is_err() {
+                    close = Some(CloseReason::Error);
+                }
+            }
+        }
         if let Some(reason) = close {
             self.close_conn(ci, reason);
             return false;
@@ -267,6 +322,8 @@ impl<S: Shard> Worker<S> {
             CloseReason::Garbage => self.stats.tcp_closed_garbage += 1,
             CloseReason::Idle => self.stats.tcp_closed_idle += 1,
             CloseReason::Backlog => self.stats.tcp_closed_backlog += 1,
+            CloseReason::TlsError => self.stats.tls_closed_error += 1,
+            CloseReason::HandshakeTimeout => self.stats.tls_closed_handshake_timeout += 1,
             CloseReason::Eof | CloseReason::Error => {}
         }
         tracing::debug!(client = %c.tuple.client, ?reason, "TCP connection closed");
@@ -280,10 +337,16 @@ impl<S: Shard> Worker<S> {
 
     pub(super) fn close_idle(&mut self, now: Instant) {
         for ci in 0..self.conns.len() {
-            let idle = self.conns[ci]
-                .as_ref()
-                .is_some_and(|c| now.saturating_duration_since(c.last_message) >= self.tcp_idle);
-            if idle {
+            let Some(c) = self.conns[ci].as_ref() else {
+                continue;
+            };
+            // A handshake (or a sniffed first byte) gets handshake_timeout, however
+            // slowly its bytes trickle in.
+            if c.link.handshaking()
+                && now.saturating_duration_since(c.opened) >= self.handshake_timeout
+            {
+                self.close_conn(ci, CloseReason::HandshakeTimeout);
+            } else if now.saturating_duration_since(c.last_message) >= self.tcp_idle {
                 self.close_conn(ci, CloseReason::Idle);
             }
         }
