@@ -145,7 +145,7 @@ fn token_credentials_for_a_user_relay_and_origins_are_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_serves_signaling() {
-    let tern = tokio::task::spawn_blocking(|| start(30800)).await.unwrap();
+    let tern = tokio::task::spawn_blocking(|| start(32000)).await.unwrap();
     let addr = tern.api_addr();
     let mut a = ws(addr, "/ws").await;
     let a_id = next_json(&mut a).await["id"].as_str().unwrap().to_string();

@@ -300,6 +300,20 @@ impl<M: Machine> Hub<M> {
             let outs = g.core.disconnect(conn, Instant::now());
             self.dispatch(&mut g, outs);
         }
+        if writer_done {
+            // We sent Close: finish the closing handshake (RFC 6455 §7.1.1) by reading, and
+            // discarding, until the client's Close. Dropping the socket with unread input
+            // would make the kernel send RST, and the client could lose our Close frame
+            // (and with it the close code) or the error message before it.
+            let drain = async {
+                while let Some(Ok(m)) = stream.next().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        }
         // Let a queued Close go out, but never wait on a dead client for long.
         if !writer_done
             && tokio::time::timeout(Duration::from_secs(5), &mut writer)

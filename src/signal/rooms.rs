@@ -184,10 +184,7 @@ impl RoomService {
             peer.lan = lan;
             peer.rooms.clear();
             self.conns.insert(conn, id.clone());
-            self.send_welcome(&id, true, &targets, &mut out);
-            for room in targets {
-                self.add_to_room(&id, room, &mut out);
-            }
+            self.enter_rooms(conn, &id, true, targets, &mut out);
             return out;
         }
         if self.conns.len() >= self.cfg.max_peers {
@@ -229,9 +226,37 @@ impl RoomService {
         );
         self.by_resume.insert(resume, id.clone());
         self.conns.insert(conn, id.clone());
-        self.send_welcome(&id, false, std::slice::from_ref(&lan), &mut out);
-        self.add_to_room(&id, lan, &mut out);
+        self.enter_rooms(conn, &id, false, vec![lan], &mut out);
         out
+    }
+
+    /// Welcomes the peer into `rooms`, skipping (with a `room-full` error) any room at
+    /// `max_room_size`: a LAN room too, so thousands of clients behind one address (or an
+    /// untrusted proxy) cannot make every join a broadcast to thousands.
+    fn enter_rooms(
+        &mut self,
+        conn: ConnId,
+        id: &str,
+        resumed: bool,
+        rooms: Vec<RoomKey>,
+        out: &mut Vec<Out>,
+    ) {
+        let max = self.cfg.max_room_size;
+        let (fits, full): (Vec<RoomKey>, Vec<RoomKey>) = rooms
+            .into_iter()
+            .partition(|r| self.rooms.get(r).map_or(0, BTreeSet::len) < max);
+        self.send_welcome(id, resumed, &fits, out);
+        for r in full {
+            out.push(Self::error(
+                conn,
+                ErrorCode::RoomFull,
+                format!("room {:?} holds at most {max} peers", r.label()),
+                None,
+            ));
+        }
+        for room in fits {
+            self.add_to_room(id, room, out);
+        }
     }
 
     fn send_welcome(&self, id: &str, resumed: bool, rooms: &[RoomKey], out: &mut Vec<Out>) {

@@ -343,3 +343,28 @@ fn server_full_is_refused_with_1013() {
         }]
     ));
 }
+
+#[test]
+fn a_full_lan_room_is_not_joined() {
+    let mut s = RoomService::new(
+        SignalConfig {
+            max_room_size: 2,
+            ..cfg()
+        },
+        true,
+        StdRng::seed_from_u64(3),
+    );
+    let t0 = Instant::now();
+    s.connect(1, "local".into(), None, t0);
+    s.connect(2, "local".into(), None, t0);
+    let o = s.connect(3, "local".into(), None, t0);
+    let m = to(&o, 3);
+    assert_eq!(m[0]["type"], "welcome");
+    assert_eq!(m[0]["rooms"], serde_json::json!([]));
+    assert_eq!(m[1]["code"], "room-full");
+    // Nobody in the full room heard of it.
+    assert!(to(&o, 1).is_empty() && to(&o, 2).is_empty());
+    // It can still use named rooms.
+    let o = s.message(3, r#"{"type":"join","room":"side"}"#, t0);
+    assert_eq!(to(&o, 3)[0]["type"], "room");
+}
