@@ -66,10 +66,15 @@ fn browser_available(test: &str) -> bool {
 /// Runs `node tests/browser/turn_relay.mjs` and returns its JSON result line.
 /// The secret goes through the environment, not the command line (visible to other users).
 fn run_page(port: u16, transport: &str, secret: &str) -> serde_json::Value {
+    run_page_with(port, transport, secret, &[])
+}
+
+fn run_page_with(port: u16, transport: &str, secret: &str, extra: &[&str]) -> serde_json::Value {
     let mut child = Command::new("node")
         .current_dir(manifest_dir())
         .arg("tests/browser/turn_relay.mjs")
         .args(["--port", &port.to_string(), "--transport", transport])
+        .args(extra)
         .args(["--timeout", "240"])
         .env("TERN_TEST_SECRET", secret)
         .env_remove("TERN_TEST_SECRET_FILE")
@@ -148,4 +153,86 @@ fn chromium_gets_no_relay_with_credentials_for_another_secret() {
         err.contains("no relay candidate"),
         "unexpected failure: {r}"
     );
+}
+
+/// A self-signed certificate for 127.0.0.1 in `dir` and the base64 SHA-256 of its SPKI (what
+/// `--ignore-certificate-errors-spki-list` takes), from the openssl CLI.
+fn self_signed_with_spki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl")
+        .success();
+    assert!(ok, "openssl req failed");
+    let spki = Command::new("sh")
+        .arg("-c")
+        .arg(
+            "openssl x509 -in \"$1\" -pubkey -noout | openssl pkey -pubin -outform der \
+             | openssl dgst -sha256 -binary | openssl base64 -A",
+        )
+        .arg("sh")
+        .arg(&cert)
+        .output()
+        .expect("openssl spki");
+    let spki = String::from_utf8_lossy(&spki.stdout).trim().to_string();
+    assert_eq!(spki.len(), 44, "bad SPKI hash {spki:?}");
+    (cert, key, spki)
+}
+
+/// 20 MiB through `turns:` (RFC 8656 §3.1): on the TLS listener, or with `sniff` on the one
+/// TURN port that also carries UDP and plain TCP.
+fn relay_20_mib_over_tls(sniff: bool) {
+    let _one = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, spki) = self_signed_with_spki(certs.path());
+    let tls_port = common::free_port();
+    let mut opts = TernOpts::new(RELAY_MIN);
+    let listen = if sniff {
+        "[]".to_string()
+    } else {
+        format!("[\"127.0.0.1:{tls_port}\"]")
+    };
+    opts.extra_turn += &format!(
+        "sniff_tls = {sniff}\n[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nlisten = {listen}\n"
+    );
+    let tern = Tern::start(opts);
+    let port = if sniff { tern.port } else { tls_port };
+    let r = run_page_with(port, "tls", &tern.secret, &["--spki", &spki]);
+    assert_eq!(r["ok"], true, "browser relay over TLS failed: {r}");
+    assert_eq!(r["bytes"], 20 * 1024 * 1024);
+    assert_eq!(r["sha256Match"], true);
+    for pair in ["pairA", "pairB"] {
+        assert_eq!(r[pair]["local"]["candidateType"], "relay", "{r}");
+        assert_eq!(r[pair]["remote"]["candidateType"], "relay", "{r}");
+        assert_eq!(r[pair]["local"]["relayProtocol"], "tls", "{r}");
+    }
+    assert!(
+        tern.log()
+            .lines()
+            .any(|l| l.contains("allocation created") && l.contains("transport=Tls")),
+        "no allocation over TLS in the daemon log"
+    );
+}
+
+#[test]
+fn chromium_relays_20_mib_through_tern_over_tls() {
+    if browser_available("chromium_relays_20_mib_through_tern_over_tls") {
+        relay_20_mib_over_tls(false);
+    }
+}
+
+#[test]
+fn chromium_relays_20_mib_over_tls_on_the_sniffing_turn_port() {
+    if browser_available("chromium_relays_20_mib_over_tls_on_the_sniffing_turn_port") {
+        relay_20_mib_over_tls(true);
+    }
 }

@@ -472,7 +472,7 @@ fn sighup_swaps_the_certificate_for_new_handshakes_and_keeps_sessions() {
     if !have_tools() {
         return;
     }
-    let t = start(30000, false, "");
+    let t = start(30400, false, "");
     let cert = t.certs.path().join("cert.pem");
     let before = file_fingerprint(&cert);
     assert_eq!(presented_fingerprint(t.tls_port).as_deref(), Some(&*before));

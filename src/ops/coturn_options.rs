@@ -36,10 +36,12 @@ pub(super) fn flag_on(value: Option<&str>) -> bool {
 /// Why an option is not carried over, for the options Tern knowingly does without.
 pub(super) fn unsupported_reason(name: &str) -> Option<&'static str> {
     Some(match name {
-        "tls-listening-port" | "alt-tls-listening-port" | "cert" | "pkey" | "pkey-pwd"
-        | "cipher-list" | "CA-file" | "ec-curve-name" | "dh566" | "dh1066" | "dh2066"
-        | "dh-file" | "no-tlsv1" | "no-tlsv1_1" | "no-tlsv1_2" => {
-            "TURN over TLS is not built into Tern yet (issue 4); until it is, clients use turn: over UDP or TCP"
+        "tls-listening-port" | "cert" | "pkey" => {
+            "set [tls] cert_file, key_file and listen by hand, with copies of the certificate the tern user can read (deploy/certbot-deploy-hook.sh); Tern loads them at check-config, so they are not copied blindly"
+        }
+        "alt-tls-listening-port" | "pkey-pwd" | "cipher-list" | "CA-file" | "ec-curve-name"
+        | "dh566" | "dh1066" | "dh2066" | "dh-file" | "no-tlsv1" | "no-tlsv1_1" | "no-tlsv1_2" => {
+            "Tern's TLS (rustls) offers TLS 1.2 and 1.3 with its own cipher choice; encrypted keys and these settings are not configurable"
         }
         "no-tcp" | "no-udp" => {
             "Tern serves UDP and TCP on every turn.listen address; block the transport you do not want at the firewall"

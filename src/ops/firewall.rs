@@ -1,5 +1,6 @@
 //! `tern firewall`: the firewall rules that open exactly what a config listens on, for ufw,
-//! nftables or firewalld. TURN listeners (UDP and TCP, RFC 8656 §3.1), the UDP relay range,
+//! nftables or firewalld. TURN listeners (UDP and TCP, RFC 8656 §3.1), TURN over TLS
+//! listeners when `[tls]` has a certificate, the UDP relay range,
 //! the HTTP listener when enabled and not on loopback, and the metrics listener only when it
 //! is not on loopback. Loopback listeners need no rule and are listed as skipped.
 
@@ -72,6 +73,12 @@ fn plan(cfg: &Config) -> (Vec<Rule>, Vec<String>) {
     };
     for &addr in &cfg.turn.listen {
         listener(addr, &[Proto::Udp, Proto::Tcp], "STUN/TURN");
+    }
+    // TURN over TLS (RFC 8656 §3.1): only served when a certificate is configured.
+    if cfg.tls.enabled() {
+        for &addr in &cfg.tls.listen {
+            listener(addr, &[Proto::Tcp], "TURN over TLS");
+        }
     }
     if cfg.api.enabled {
         listener(cfg.api.listen, &[Proto::Tcp], "HTTP API and signaling");
@@ -361,6 +368,23 @@ mod tests {
         assert!(nft.contains("ip daddr 203.0.113.5 udp dport 50000-50999 accept"));
         let fwd = render(&c, Backend::Firewalld, "t");
         assert!(fwd.contains("rule family=\"ipv6\" destination address=\"2001:db8::5\" port port=\"443\" protocol=\"udp\" accept"));
+    }
+
+    #[test]
+    fn tls_listeners_only_with_a_certificate() {
+        let c = cfg(&[]);
+        assert!(!render(&c, Backend::Ufw, "t").contains("5349"));
+        let mut c = cfg(&[]);
+        c.tls.cert_file = Some("/etc/tern/tls/fullchain.pem".into());
+        c.tls.key_file = Some("/etc/tern/tls/privkey.pem".into());
+        let ufw = render(&c, Backend::Ufw, "t");
+        assert!(
+            ufw.contains("ufw allow 5349/tcp comment 'tern TURN over TLS'"),
+            "{ufw}"
+        );
+        assert!(!ufw.contains("5349/udp"), "{ufw}");
+        let nft = render(&c, Backend::Nftables, "t");
+        assert!(nft.contains("tcp dport 5349 accept"), "{nft}");
     }
 
     #[test]

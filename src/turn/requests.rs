@@ -56,6 +56,8 @@ const MAX_PERMISSIONS: usize = 1024;
 const MAX_CHANNELS: usize = 4096;
 /// REQUESTED-TRANSPORT value for UDP (RFC 8656 §18.7).
 const PROTO_UDP: u8 = 17;
+/// REQUESTED-TRANSPORT for an RFC 6062 TCP allocation.
+const PROTO_TCP: u8 = 6;
 
 fn label(m: u16) -> MethodLabel {
     match m {
@@ -363,6 +365,11 @@ impl Server {
             return bad(self, out);
         };
         if rt.len() != 4 {
+            return bad(self, out);
+        }
+        // RFC 6062 §5.1: a TCP allocation needs a TCP or TLS control connection; asked for
+        // over UDP it is a bad request. Over TCP/TLS it is not supported yet (442).
+        if rt[0] == PROTO_TCP && ctx.from.transport == super::Transport::Udp {
             return bad(self, out);
         }
         if rt[0] != PROTO_UDP {

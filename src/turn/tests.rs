@@ -627,7 +627,23 @@ fn transport_and_family_errors() {
         &u,
         &k,
     );
-    assert_eq!(r.code(), 442, "TCP relay not yet");
+    assert_eq!(r.code(), 400, "TCP allocation over UDP (RFC 6062 §5.1)");
+    let mut tcp = client(1);
+    tcp.transport = Transport::Tcp;
+    let r = h.auth(
+        tcp,
+        &Req::new(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]),
+        &u,
+        &k,
+    );
+    assert_eq!(r.code(), 442, "TCP relays (RFC 6062) not built yet");
+    let r = h.auth(
+        client(1),
+        &Req::new(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[1, 0, 0, 0]),
+        &u,
+        &k,
+    );
+    assert_eq!(r.code(), 442, "neither UDP nor TCP");
     let r = h.auth(
         client(1),
         &Req::new(method::ALLOCATE)

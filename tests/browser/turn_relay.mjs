@@ -3,7 +3,9 @@
 // checked with SHA-256 on both sides, and getStats must show a relay/relay pair whose local
 // candidates use the expected relay protocol.
 //
-// usage: node turn_relay.mjs --port PORT [--host 127.0.0.1] [--transport udp|tcp]
+// usage: node turn_relay.mjs --port PORT [--host 127.0.0.1] [--transport udp|tcp|tls]
+//          [--spki BASE64]   (tls: turns:HOST:PORT?transport=tcp; BASE64 is the SHA-256 of the
+//                             self-signed certificate's SPKI, which Chromium is told to accept)
 //          (--secret S | --secret-file F | env TERN_TEST_SECRET) [--user U] [--bytes N]
 //          [--timeout SECONDS]
 // Prints one JSON line ({"ok":true,...} or {"ok":false,"error":...}); exit status 0 or 1.
@@ -143,14 +145,20 @@ async function main() {
   const totalBytes = Number(args.bytes || 20 * 1024 * 1024);
   const timeoutSecs = Number(args.timeout || 180);
   if (!Number.isInteger(port) || port <= 0 || port > 65535) throw new Error('--port PORT is required');
-  if (!['udp', 'tcp'].includes(transport)) throw new Error('--transport must be udp or tcp');
+  if (!['udp', 'tcp', 'tls'].includes(transport)) throw new Error('--transport must be udp, tcp or tls');
   const secret = await readSecret(args);
   const { username, credential } = restCredential(secret, args.user || 'browser-test');
-  const iceServer = { urls: `turn:${host}:${port}?transport=${transport}`, username, credential };
+  // TURN over TLS is `turns:` over TCP; getStats reports its relayProtocol as `tls`.
+  const url = transport === 'tls'
+    ? `turns:${host}:${port}?transport=tcp`
+    : `turn:${host}:${port}?transport=${transport}`;
+  const iceServer = { urls: url, username, credential };
 
   const base = { transport, url: iceServer.urls };
   const server = await servePage(PAGE);
-  const browser = await launchChromium();
+  const browser = await launchChromium({
+    extraArgs: args.spki ? [`--ignore-certificate-errors-spki-list=${args.spki}`] : [],
+  });
   // Playwright kills the browser it launched when this process exits, so a hung run ends here.
   const overall = setTimeout(() => {
     finish({ ok: false, ...base, error: `timed out after ${timeoutSecs}s` });
