@@ -105,7 +105,8 @@ pub struct TurnConfig {
     pub allowed_peer_ranges: Vec<IpNet>,
     /// Extra peer ranges to deny.
     pub denied_peer_ranges: Vec<IpNet>,
-    /// Unauthenticated requests answered per second per source IP (401 answers included).
+    /// Unauthenticated requests answered per second per source IP (401 answers included),
+    /// across all workers (each worker enforces its share).
     pub unauth_rate_per_sec: u32,
     pub unauth_burst: u32,
     /// A TCP connection that has not completed a message for this long is closed.
@@ -128,6 +129,17 @@ pub struct TurnConfig {
     /// a TLS handshake record), so one port (e.g. 443) carries `turn:` over TCP and `turns:`.
     /// Needs `[tls]` cert_file and key_file.
     pub sniff_tls: bool,
+}
+
+impl TurnConfig {
+    /// Worker threads the TURN service runs: `workers`, or one per core when 0.
+    pub fn worker_count(&self) -> usize {
+        if self.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.workers
+        }
+    }
 }
 
 impl Default for TurnConfig {

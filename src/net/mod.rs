@@ -135,11 +135,7 @@ impl TurnService {
         S: Shard + 'static,
         F: Fn() -> S + Send + Sync + 'static,
     {
-        let n = if t.workers == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            t.workers
-        };
+        let n = t.worker_count();
         let default_listen = t.listen == TurnConfig::default().listen;
         let mut addrs = Vec::new();
         let mut per_worker: Vec<Vec<(SocketAddr, socket::ListenerPair)>> =

@@ -84,8 +84,11 @@ impl ServerConfig {
             user_quota: t.user_quota,
             total_quota: t.total_quota,
             policy: PeerPolicy::new(t.allowed_peer_ranges.clone(), t.denied_peer_ranges.clone()),
-            unauth_rate_per_sec: t.unauth_rate_per_sec,
-            unauth_burst: t.unauth_burst,
+            // SO_REUSEPORT spreads one source IP's ports over every worker, and each worker
+            // has its own limiter, so each gets its share: the source's total stays at the
+            // configured rate, not the rate times the worker count.
+            unauth_rate_per_sec: per_shard(t.unauth_rate_per_sec, t.worker_count()),
+            unauth_burst: per_shard(t.unauth_burst, t.worker_count()),
             relay,
             min_port: t.min_port,
             max_port: t.max_port,
@@ -193,5 +196,25 @@ impl Shared {
         let _ = self
             .total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1));
+    }
+}
+
+/// `total` split over `shards`, rounded up and never 0 (a limiter must let something through).
+fn per_shard(total: u32, shards: usize) -> u32 {
+    let shards = u32::try_from(shards.max(1)).unwrap_or(u32::MAX);
+    total.div_ceil(shards).max(1)
+}
+
+#[cfg(test)]
+mod per_shard_tests {
+    use super::per_shard;
+
+    #[test]
+    fn unauthenticated_budget_is_split_over_workers() {
+        assert_eq!(per_shard(20, 1), 20);
+        assert_eq!(per_shard(20, 2), 10);
+        assert_eq!(per_shard(40, 3), 14);
+        assert_eq!(per_shard(1, 8), 1);
+        assert_eq!(per_shard(5, 0), 5);
     }
 }

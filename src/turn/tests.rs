@@ -220,6 +220,7 @@ impl H {
         cfg.turn.max_port = 50099;
         cfg.turn.unauth_burst = 1000;
         cfg.turn.unauth_rate_per_sec = 1000;
+        cfg.turn.workers = 1;
         tweak(&mut cfg);
         let relay = relays
             .iter()
