@@ -602,6 +602,18 @@ impl Collector for TurnCollector {
                 net.peer_to_client_tcp_bytes,
                 net.peer_to_client_tcp_packets,
             ),
+            (
+                "client_to_peer",
+                "tls",
+                net.client_to_peer_tls_bytes,
+                net.client_to_peer_tls_packets,
+            ),
+            (
+                "peer_to_client",
+                "tls",
+                net.peer_to_client_tls_bytes,
+                net.peer_to_client_tls_packets,
+            ),
         ] {
             f.sample(&RELAY_BYTES, &[dir, tr], bytes);
             f.sample(&RELAY_PACKETS, &[dir, tr], packets);

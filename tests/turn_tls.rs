@@ -50,10 +50,15 @@ struct TlsTern {
 }
 
 fn start(relay_min: u16, sniff: bool, extra: &str) -> TlsTern {
+    start_with(relay_min, sniff, extra, false)
+}
+
+fn start_with(relay_min: u16, sniff: bool, extra: &str, metrics: bool) -> TlsTern {
     let certs = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(certs.path());
     let tls_port = free_port();
     let mut opts = TernOpts::new(relay_min);
+    opts.metrics = metrics;
     opts.extra_turn += &format!(
         "sniff_tls = {sniff}\n{extra}\n\
          [tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n\
@@ -108,7 +113,7 @@ fn tls_case(relay_min: u16, extra_args: &[&str]) {
         eprintln!("openssl or coturn's client tools missing: skipping");
         return;
     }
-    let mut t = start(relay_min, false, "");
+    let mut t = start_with(relay_min, false, "", true);
     let peer = EchoPeer::start();
     let mut args = vec![
         "-t", "-S", "-m", "10", "-n", "30", "-z", "20", "-l", "200", "-c",
@@ -126,6 +131,20 @@ fn tls_case(relay_min: u16, extra_args: &[&str]) {
         tls_allocations(&log) >= 10,
         "allocations were not made over TLS:\n{log}"
     );
+    // The relayed packets are counted under transport="tls", not folded into "tcp".
+    let packets = |s: &str, dir: &str, tr: &str| {
+        common::scrape::value(
+            s,
+            "tern_relay_packets_total",
+            &[("direction", dir), ("transport", tr)],
+        )
+    };
+    let scrape = common::scrape::scrape_until(t.tern.metrics_port, "TLS relay packets", |s| {
+        packets(s, "client_to_peer", "tls") >= r.sent as f64
+            && packets(s, "peer_to_client", "tls") >= r.received as f64
+    });
+    assert_eq!(packets(&scrape, "client_to_peer", "tcp"), 0.0, "{scrape}");
+    assert_eq!(packets(&scrape, "peer_to_client", "tcp"), 0.0, "{scrape}");
 }
 
 #[test]

@@ -85,6 +85,10 @@ pub struct NetStats {
     pub peer_to_client_udp_bytes: u64,
     pub peer_to_client_tcp_packets: u64,
     pub peer_to_client_tcp_bytes: u64,
+    pub client_to_peer_tls_packets: u64,
+    pub client_to_peer_tls_bytes: u64,
+    pub peer_to_client_tls_packets: u64,
+    pub peer_to_client_tls_bytes: u64,
     /// ChannelData for a channel the client has not bound (RFC 8656 §12.4).
     pub drop_no_channel: u64,
     /// Peer data without a permission for the peer (RFC 8656 §9).
@@ -127,6 +131,10 @@ impl AddAssign for NetStats {
         self.peer_to_client_udp_bytes += o.peer_to_client_udp_bytes;
         self.peer_to_client_tcp_packets += o.peer_to_client_tcp_packets;
         self.peer_to_client_tcp_bytes += o.peer_to_client_tcp_bytes;
+        self.client_to_peer_tls_packets += o.client_to_peer_tls_packets;
+        self.client_to_peer_tls_bytes += o.client_to_peer_tls_bytes;
+        self.peer_to_client_tls_packets += o.peer_to_client_tls_packets;
+        self.peer_to_client_tls_bytes += o.peer_to_client_tls_bytes;
         self.drop_no_channel += o.drop_no_channel;
         self.drop_no_permission += o.drop_no_permission;
         self.drop_tcp_queue_full += o.drop_tcp_queue_full;

@@ -532,8 +532,13 @@ impl<S: Shard> Worker<S> {
                     let (ci, conn) = c;
                     let len = frame.len() as u64;
                     if conn.out.push_data(&slot[frame]) {
-                        self.stats.peer_to_client_tcp_packets += 1;
-                        self.stats.peer_to_client_tcp_bytes += len;
+                        if route.client.transport == Transport::Tls {
+                            self.stats.peer_to_client_tls_packets += 1;
+                            self.stats.peer_to_client_tls_bytes += len;
+                        } else {
+                            self.stats.peer_to_client_tcp_packets += 1;
+                            self.stats.peer_to_client_tcp_bytes += len;
+                        }
                         if !conn.dirty {
                             conn.dirty = true;
                             self.dirty_conns.push(ci);

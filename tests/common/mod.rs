@@ -3,6 +3,8 @@
 //! `turnutils_stunclient`), and hand-built STUN messages. Everything runs on loopback.
 #![allow(dead_code)]
 
+pub mod scrape;
+
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};

@@ -135,13 +135,22 @@ impl PeerBatch {
             return;
         }
         let f = self.batch.flush(self.fd);
-        if self.transport == Transport::Udp {
-            stats.client_to_peer_udp_packets += f.sent as u64;
-            stats.client_to_peer_udp_bytes += f.sent_bytes as u64;
-        } else {
-            stats.client_to_peer_tcp_packets += f.sent as u64;
-            stats.client_to_peer_tcp_bytes += f.sent_bytes as u64;
-        }
+        let (packets, bytes) = match self.transport {
+            Transport::Udp => (
+                &mut stats.client_to_peer_udp_packets,
+                &mut stats.client_to_peer_udp_bytes,
+            ),
+            Transport::Tcp => (
+                &mut stats.client_to_peer_tcp_packets,
+                &mut stats.client_to_peer_tcp_bytes,
+            ),
+            Transport::Tls => (
+                &mut stats.client_to_peer_tls_packets,
+                &mut stats.client_to_peer_tls_bytes,
+            ),
+        };
+        *packets += f.sent as u64;
+        *bytes += f.sent_bytes as u64;
         stats.drop_send_error += f.failed as u64;
     }
 }

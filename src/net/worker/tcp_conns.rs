@@ -226,7 +226,7 @@ impl<S: Shard> Worker<S> {
                                     unsafe {
                                         self.to_peer.push(
                                             rfd,
-                                            Transport::Tcp,
+                                            conn.tuple.transport,
                                             payload,
                                             peer,
                                             &mut self.stats,
@@ -269,7 +269,7 @@ impl<S: Shard> Worker<S> {
                                     unsafe {
                                         self.to_peer.push(
                                             rfd,
-                                            Transport::Tcp,
+                                            conn.tuple.transport,
                                             d,
                                             peer,
                                             &mut self.stats,
