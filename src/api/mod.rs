@@ -1,6 +1,7 @@
 //! The HTTP face (axum): ephemeral ICE credentials (`/api/ice`, `/api/turn`), native
 //! signaling (`/ws`), the PeerJS-compatible server (`signal.peerjs_path`) and the
-//! WebSocket relay (`/relay`), on one listener with its own small tokio runtime.
+//! WebSocket relay (`/relay`), and the built-in page (`/`, `/tern.js`), on one listener
+//! with its own small tokio runtime.
 //!
 //! Owns routing, HTTP-level auth (tokens, origins, rate limits) and CORS. It must not hold
 //! protocol state itself: rooms and PeerJS live in `signal`, relay sessions in `relay_ws`.
@@ -9,6 +10,7 @@ mod cors;
 mod ice;
 mod routes;
 mod tls_listener;
+mod web;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -42,6 +42,18 @@ pub(super) fn router(live: Live) -> Router {
         .route("/api/turn", get(ice::turn_rest).options(ice::preflight))
         .route("/ws", get(ws_native))
         .route("/relay", get(relay));
+    let peerjs_at_root =
+        st.cfg.signal.peerjs_enabled && st.cfg.signal.peerjs_path.trim_end_matches('/').is_empty();
+    for asset in super::web::ASSETS {
+        // A PeerJS server mounted at `/` keeps `/` (its info route); the rest still serve.
+        if asset.path == "/" && peerjs_at_root {
+            continue;
+        }
+        r = r.route(
+            asset.path,
+            get(move || async move { super::web::serve(asset) }),
+        );
+    }
     if st.cfg.signal.peerjs_enabled {
         let base = st.cfg.signal.peerjs_path.trim_end_matches('/').to_string();
         let root = if base.is_empty() {
