@@ -158,21 +158,7 @@ fn chromium_gets_no_relay_with_credentials_for_another_secret() {
 /// A self-signed certificate for 127.0.0.1 in `dir` and the base64 SHA-256 of its SPKI (what
 /// `--ignore-certificate-errors-spki-list` takes), from the openssl CLI.
 fn self_signed_with_spki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .arg("ec_paramgen_curve:prime256v1")
-        .args(["-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl")
-        .success();
-    assert!(ok, "openssl req failed");
+    let (cert, key) = common::tls::self_signed(dir, "cert", "127.0.0.1");
     let spki = Command::new("sh")
         .arg("-c")
         .arg(

@@ -4,33 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-/// A self-signed P-256 certificate for "localhost" at `name`.pem / `name`.key in `dir`.
-fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let cert = dir.join(format!("{name}.pem"));
-    let key = dir.join(format!("{name}.key"));
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .arg("ec_paramgen_curve:prime256v1")
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl")
-        .success();
-    assert!(ok, "openssl req failed");
-    (cert, key)
-}
 
 /// SHA-256 fingerprint of a PEM certificate file.
 fn file_fingerprint(cert: &Path) -> String {
@@ -83,8 +63,8 @@ fn sighup_swaps_the_certificate_for_new_handshakes_only() {
         return;
     }
     let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed(certs.path(), "live");
-    let (cert2, key2) = self_signed(certs.path(), "next");
+    let (cert, key) = common::tls::self_signed(certs.path(), "live", "localhost");
+    let (cert2, key2) = common::tls::self_signed(certs.path(), "next", "localhost");
     let (fp1, fp2) = (file_fingerprint(&cert), file_fingerprint(&cert2));
     assert_ne!(fp1, fp2);
     let tls_port = free_port();

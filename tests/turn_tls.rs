@@ -14,29 +14,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A self-signed certificate for "localhost" in `dir`: (cert.pem, cert.key).
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    common::tls::self_signed(dir, "cert", "localhost")
+}
+
 const UCLIENT_LIMIT: Duration = Duration::from_secs(60);
 /// The handshake timeout the bad-input tests configure.
 const HANDSHAKE_SECS: u64 = 2;
-
-/// A self-signed P-256 certificate for "localhost" in `dir`: (cert, key).
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .arg("ec_paramgen_curve:prime256v1")
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl")
-        .success();
-    assert!(ok, "openssl req failed");
-    (cert, key)
-}
 
 fn have_tools() -> bool {
     have_tool("openssl") && have_tool("turnutils_uclient") && have_tool("turnutils_peer")
@@ -536,7 +521,7 @@ fn sighup_swaps_the_certificate_for_new_handshakes_and_keeps_sessions() {
     std::fs::copy(&c2, t.certs.path().join("cert.new")).unwrap();
     std::fs::rename(
         t.certs.path().join("key.new"),
-        t.certs.path().join("key.pem"),
+        t.certs.path().join("cert.key"),
     )
     .unwrap();
     std::fs::rename(t.certs.path().join("cert.new"), &cert).unwrap();

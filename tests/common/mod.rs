@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod scrape;
+pub mod tls;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
