@@ -48,14 +48,20 @@ impl RateLimiter {
         self.burst = burst.max(1) as f32;
     }
 
-    /// Takes one token for `ip`; false means drop the request.
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+    /// The bucket `ip` shares with every address that hashes alike (IPv6 by /64).
+    pub(crate) fn bucket_of(&self, ip: IpAddr) -> usize {
         let mut h = self.hasher.build_hasher();
         match ip {
             IpAddr::V4(a) => a.octets().hash(&mut h),
             IpAddr::V6(a) => a.octets()[..8].hash(&mut h),
         }
-        let b = &mut self.buckets[(h.finish() as usize) % BUCKETS];
+        (h.finish() as usize) % BUCKETS
+    }
+
+    /// Takes one token for `ip`; false means drop the request.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let i = self.bucket_of(ip);
+        let b = &mut self.buckets[i];
         let tokens = match b.last {
             None => self.burst,
             Some(last) => {

@@ -1349,9 +1349,14 @@ fn unauthenticated_flood_is_rate_limited_per_source() {
         .count();
     assert_eq!(answered, 10);
     assert_eq!(h.server.stats().rate_limited, 990);
-    // Another source is still answered.
+    // Another source is still answered. Buckets are picked by a per-process keyed hash, so
+    // take a source that does not share the flooded one's bucket (1 in 4096 would).
+    let flooded = h.server.limiter.bucket_of(client(1).client.ip());
     let mut other = client(1);
-    other.client = "192.0.2.200:1".parse().unwrap();
+    other.client = (200..=255u8)
+        .map(|n| SocketAddr::from(([192, 0, 2, n], 1)))
+        .find(|a| h.server.limiter.bucket_of(a.ip()) != flooded)
+        .unwrap();
     assert_eq!(h.send(other, &req).code(), 401);
     // Authenticated requests from the flooded source pass (nonce obtained from the other source is
     // bound to that IP, so fetch one after the bucket refills).
