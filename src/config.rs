@@ -129,6 +129,12 @@ pub struct TurnConfig {
     /// a TLS handshake record), so one port (e.g. 443) carries `turn:` over TCP and `turns:`.
     /// Needs `[tls]` cert_file and key_file.
     pub sniff_tls: bool,
+    /// Allow RFC 6062 TCP allocations (REQUESTED-TRANSPORT TCP over a TCP/TLS control
+    /// connection). coturn's `no-tcp-relay` is the opposite switch.
+    pub tcp_relay: bool,
+    /// Peer TCP connections (pending and bound) one TCP allocation may hold at once; past it
+    /// Connect gets 508 and incoming peer connections are refused.
+    pub tcp_relay_max_connections: u32,
 }
 
 impl TurnConfig {
@@ -176,6 +182,8 @@ impl Default for TurnConfig {
             alternate_tcp: vec![],
             alternate_tls: vec![],
             sniff_tls: false,
+            tcp_relay: true,
+            tcp_relay_max_connections: 64,
         }
     }
 }

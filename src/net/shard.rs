@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use crate::turn::{Action, FiveTuple, Now, PeerRoute, RelayId, RelayIo, TurnStats};
+use crate::turn::{Action, ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo, TurnStats};
 
 /// Size of the response buffer handed to [`Shard::handle_stun`].
 pub const OUT_LEN: usize = 2048;
@@ -39,4 +39,27 @@ pub trait Shard {
     }
     /// How long the worker took to handle one request (for the core's histogram).
     fn record_request_time(&mut self, _took: std::time::Duration) {}
+    /// The worker's index, called once at start (top bits of RFC 6062 CONNECTION-IDs).
+    fn set_shard_index(&mut self, _index: u8) {}
+    /// Whether `tuple` is an allocation's control connection on this shard.
+    fn has_allocation(&self, _tuple: &FiveTuple) -> bool {
+        false
+    }
+    /// RFC 6062 §5.2: the connect for `conn` finished; `false`: close the socket.
+    fn tcp_connect_done(&mut self, _now: Now, _conn: ConnId, _ok: bool) -> bool {
+        false
+    }
+    /// RFC 6062 §5.3: a peer connected to TCP relay `relay`; `None`: close it.
+    fn tcp_peer_accepted(
+        &mut self,
+        _now: Now,
+        _relay: RelayId,
+        _peer: SocketAddr,
+    ) -> Option<ConnId> {
+        None
+    }
+    /// The driver closed peer connection `conn`.
+    fn tcp_conn_closed(&mut self, _conn: ConnId) {}
+    /// Messages for control connections made outside a request (RFC 6062 §5.2, §5.3).
+    fn drain_outbox(&mut self, _f: impl FnMut(&FiveTuple, &[u8])) {}
 }

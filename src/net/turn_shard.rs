@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::shard::{Shard, OUT_LEN};
-use crate::turn::{Action, FiveTuple, Now, PeerRoute, RelayId, RelayIo, Server, TurnStats};
+use crate::turn::{Action, ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo, Server, TurnStats};
 
 impl Shard for Server {
     fn handle_stun(
@@ -48,5 +48,29 @@ impl Shard for Server {
 
     fn turn_stats(&self) -> Option<&TurnStats> {
         Some(Server::stats(self))
+    }
+
+    fn set_shard_index(&mut self, index: u8) {
+        Server::set_shard_index(self, index)
+    }
+
+    fn has_allocation(&self, tuple: &FiveTuple) -> bool {
+        Server::has_allocation(self, tuple)
+    }
+
+    fn tcp_connect_done(&mut self, now: Now, conn: ConnId, ok: bool) -> bool {
+        Server::tcp_connect_done(self, now, conn, ok)
+    }
+
+    fn tcp_peer_accepted(&mut self, now: Now, relay: RelayId, peer: SocketAddr) -> Option<ConnId> {
+        Server::tcp_peer_accepted(self, now, relay, peer)
+    }
+
+    fn tcp_conn_closed(&mut self, conn: ConnId) {
+        Server::tcp_conn_closed(self, conn)
+    }
+
+    fn drain_outbox(&mut self, f: impl FnMut(&FiveTuple, &[u8])) {
+        Server::drain_outbox(self, f)
     }
 }

@@ -397,7 +397,8 @@ impl<S: Shard> Worker<S> {
                         }
                         match action {
                             Action::None => {}
-                            Action::Reply(len) => {
+                            // ConnectionBind over UDP gets 400 from the core; never BindData.
+                            Action::Reply(len) | Action::BindData { len, .. } => {
                                 let src = wildcard.then_some(server.ip());
                                 // SAFETY: `out` is not touched before this flush.
                                 unsafe { self.reply.push(&self.out[..len], r.from, src) };

@@ -33,6 +33,7 @@ mod requests;
 mod server;
 mod server_config;
 pub mod stats;
+mod tcp_relay;
 #[cfg(test)]
 mod tests;
 
@@ -87,6 +88,20 @@ pub enum Action {
         peer: SocketAddr,
         payload: Range<usize>,
     },
+    /// A ConnectionBind succeeded (RFC 6062 §5.4): send `out[..len]` on this TCP/TLS
+    /// connection; from then on it is the client data connection of peer connection
+    /// `conn`, carrying raw bytes both ways (no more STUN framing).
+    BindData { conn: ConnId, len: usize },
+}
+
+/// CONNECTION-ID of an RFC 6062 peer data connection (§6.2.1). Unique across shards: the
+/// top 8 bits are the index of the shard that owns the allocation ([`conn_shard`]).
+pub type ConnId = u32;
+
+/// The shard (worker index) owning peer connection `id`: where a ConnectionBind for it
+/// must be handled (RFC 6062 §5.4).
+pub const fn conn_shard(id: ConnId) -> usize {
+    (id >> 24) as usize
 }
 
 /// Where peer data arriving on a relay socket goes (RFC 8656 §11.6, §12.5).
@@ -102,8 +117,30 @@ pub trait RelayIo {
     /// Opens a UDP relay socket bound to exactly `addr`. `AddrInUse` makes the core try
     /// another port from its pool.
     fn open_relay(&mut self, addr: SocketAddr) -> std::io::Result<RelayId>;
-    /// Closes a relay socket (allocation deleted or expired).
+    /// Closes a relay socket or TCP relay listener (allocation deleted or expired).
     fn close_relay(&mut self, relay: RelayId);
+    /// Opens a TCP relay listener bound to exactly `addr` for an RFC 6062 TCP allocation
+    /// (§5.1), accepting peer connections (reported through `Server::tcp_peer_accepted`).
+    /// Must let outgoing connections bind the same address (§5.2). `AddrInUse` makes the
+    /// core try another port.
+    fn open_tcp_relay(&mut self, _addr: SocketAddr) -> std::io::Result<RelayId> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    /// Starts a non-blocking TCP connect to `peer` from the address of TCP relay `relay`
+    /// (RFC 6062 §5.2); the outcome comes back through `Server::tcp_connect_done(conn, ..)`.
+    /// `Err` means it could not even start (the core answers 447).
+    fn tcp_connect(
+        &mut self,
+        _relay: RelayId,
+        _peer: SocketAddr,
+        _conn: ConnId,
+    ) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    /// Closes peer connection `conn` in whatever state it is (connecting, waiting for
+    /// ConnectionBind, or bound: then its client data connection closes too). Not called
+    /// for a connection the driver reported closed through `Server::tcp_conn_closed`.
+    fn close_tcp_conn(&mut self, _conn: ConnId) {}
     /// What the relay socket carried so far (read just before it is closed, for the
     /// allocation's log line). Drivers that do not count return zeros.
     fn usage(&self, _relay: RelayId) -> RelayUsage {

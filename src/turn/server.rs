@@ -63,6 +63,10 @@ pub struct Server {
     pub(super) timers: BinaryHeap<Reverse<(Instant, TimerKind)>>,
     pub(super) limiter: RateLimiter,
     pub(super) stats: TurnStats,
+    /// Top 8 bits of this shard's CONNECTION-IDs (RFC 6062).
+    pub(super) shard_index: u8,
+    /// Messages for clients made outside a request (see `drain_outbox`).
+    pub(super) outbox: Vec<(FiveTuple, Vec<u8>)>,
 }
 
 impl Server {
@@ -82,6 +86,8 @@ impl Server {
             timers: BinaryHeap::new(),
             limiter,
             stats: TurnStats::default(),
+            shard_index: 0,
+            outbox: Vec::new(),
         }
     }
 

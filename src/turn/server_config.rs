@@ -51,6 +51,10 @@ pub struct ServerConfig {
     pub max_port: u16,
     /// Where clients are redirected when this server is full or draining.
     pub alternates: Alternates,
+    /// RFC 6062 TCP allocations allowed (`turn.tcp_relay`); when off, 442.
+    pub tcp_relay: bool,
+    /// Peer connections per TCP allocation (`turn.tcp_relay_max_connections`).
+    pub tcp_relay_max_connections: u32,
 }
 
 impl ServerConfig {
@@ -93,6 +97,8 @@ impl ServerConfig {
             min_port: t.min_port,
             max_port: t.max_port,
             alternates: Alternates::from_config(t),
+            tcp_relay: t.tcp_relay,
+            tcp_relay_max_connections: t.tcp_relay_max_connections,
         })
     }
 

@@ -251,7 +251,9 @@ impl<S: Shard> Worker<S> {
                         }
                         match action {
                             Action::None => {}
-                            Action::Reply(len) => {
+                            // RFC 6062 data connections: not spliced yet (the TCP relay
+                            // driver is being built), so only the response goes out.
+                            Action::Reply(len) | Action::BindData { len, .. } => {
                                 if !conn.out.push_control(&self.out[..len]) {
                                     close = Some(CloseReason::Backlog);
                                 }
