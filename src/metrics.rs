@@ -334,6 +334,30 @@ pub const HTTP_DURATION: Def = def(
     &["route"],
     "Time to answer an HTTP request (for WebSockets: the upgrade only).",
 );
+pub const HTTP_CONNECTIONS: Def = def(
+    "tern_http_connections",
+    Gauge,
+    &[],
+    "HTTP connections open on the API listener (plain or TLS, WebSockets included).",
+);
+pub const HTTP_CONNECTIONS_ACCEPTED: Def = def(
+    "tern_http_connections_accepted_total",
+    Counter,
+    &[],
+    "HTTP connections admitted under api.max_connections and api.max_connections_per_ip.",
+);
+pub const HTTP_CONNECTIONS_REFUSED: Def = def(
+    "tern_http_connections_refused_total",
+    Counter,
+    &["reason"],
+    "HTTP connections closed right after accept, by the cap reached.",
+);
+pub const HTTP_CONNECTIONS_CLOSED: Def = def(
+    "tern_http_connections_closed_total",
+    Counter,
+    &["reason"],
+    "HTTP connections closed by Tern for a failed TLS handshake or no request head in time.",
+);
 
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
 pub const ALL: &[&Def] = &[
@@ -382,6 +406,10 @@ pub const ALL: &[&Def] = &[
     &WS_RELAY_BAD_TICKETS,
     &HTTP_REQUESTS,
     &HTTP_DURATION,
+    &HTTP_CONNECTIONS,
+    &HTTP_CONNECTIONS_ACCEPTED,
+    &HTTP_CONNECTIONS_REFUSED,
+    &HTTP_CONNECTIONS_CLOSED,
 ];
 
 const DAEMON_DEFS: &[&Def] = &[&BUILD_INFO, &READY, &DRAINING];
@@ -430,6 +458,10 @@ const HTTP_FACE_DEFS: &[&Def] = &[
     &WS_RELAY_FRAMES,
     &WS_RELAY_OVERSIZED,
     &WS_RELAY_BAD_TICKETS,
+    &HTTP_CONNECTIONS,
+    &HTTP_CONNECTIONS_ACCEPTED,
+    &HTTP_CONNECTIONS_REFUSED,
+    &HTTP_CONNECTIONS_CLOSED,
 ];
 
 /// Upper bounds (seconds) of the HTTP request duration histogram.
@@ -726,6 +758,23 @@ impl Collector for HttpCollector {
         f.sample(&WS_RELAY_FRAMES, &[], s.relay_frames_forwarded);
         f.sample(&WS_RELAY_OVERSIZED, &[], s.relay_oversized_frames);
         f.sample(&WS_RELAY_BAD_TICKETS, &[], s.relay_bad_tickets);
+        f.sample(&HTTP_CONNECTIONS, &[], s.connections_open as u64);
+        f.sample(&HTTP_CONNECTIONS_ACCEPTED, &[], s.connections_accepted);
+        let refused = [
+            ("max_connections", s.connections_refused_total),
+            ("max_connections_per_ip", s.connections_refused_per_ip),
+        ];
+        for (reason, n) in refused {
+            f.sample(&HTTP_CONNECTIONS_REFUSED, &[reason], n);
+        }
+        let closed = [
+            ("tls_handshake", s.tls_handshakes_failed),
+            ("header_timeout", s.header_timeouts_first),
+            ("idle_timeout", s.header_timeouts_keep_alive),
+        ];
+        for (reason, n) in closed {
+            f.sample(&HTTP_CONNECTIONS_CLOSED, &[reason], n);
+        }
         f.finish()
     }
 }
