@@ -9,7 +9,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -398,22 +397,10 @@ fn tcp_relay_errors_are_precise() {
 /// Runs `turnutils_uclient -T` (RFC 6062 client-to-client: each client's TCP allocation
 /// connects to the other's) against `port`.
 fn uclient_tcp_relay(tern: &Tern, port: u16, extra: &[&str]) -> UclientReport {
-    let mut cmd = Command::new("turnutils_uclient");
-    cmd.args(["-W", &tern.secret, "-u", "tester"])
-        .args(["-p", &port.to_string(), "-e", "127.0.0.1", "-r", "9"])
-        .args(["-T", "-m", "10", "-n", "30", "-l", "200", "-z", "20"])
-        .args(extra)
-        .arg("127.0.0.1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let out = run_with_limit(&mut cmd, UCLIENT_LIMIT);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let mut r = parse_uclient(&text);
-    r.success = out.status.success();
-    r.output = text;
-    r
+    // -T makes uclient client-to-client: no echo peer is involved (port 9 is never used).
+    let mut args = vec!["-T", "-m", "10", "-n", "30", "-l", "200", "-z", "20"];
+    args.extend_from_slice(extra);
+    uclient_port(tern, port, 9, &args, UCLIENT_LIMIT)
 }
 
 fn assert_all_relayed(r: &UclientReport, tern: &Tern) {
