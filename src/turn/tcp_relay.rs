@@ -170,10 +170,31 @@ impl Server {
     }
 
     /// The driver closed peer connection `conn` (either side of a bound pair ended, or a
-    /// peer waiting for its ConnectionBind hung up).
+    /// peer waiting for its ConnectionBind hung up). One still connecting has its Connect
+    /// answered with 447, so the client does not wait for an answer that cannot come.
     pub fn tcp_conn_closed(&mut self, conn: ConnId) {
-        if let Some(ConnState::Bound { data }) = self.tcp_conns.get(&conn).map(|pc| &pc.state) {
-            tracing::debug!(client = %data.client, conn, "TCP relay connection ended");
+        let Some(pc) = self.tcp_conns.get(&conn) else {
+            return;
+        };
+        match &pc.state {
+            ConnState::Bound { data } => {
+                tracing::debug!(client = %data.client, conn, "TCP relay connection ended");
+            }
+            ConnState::Connecting { txid, cred } => {
+                let (txid, cred) = (*txid, cred.clone());
+                if let Some(a) = self.live(pc.slot, pc.alloc_id) {
+                    let (tuple, created) = (a.tuple, a.created);
+                    self.stats.tcp_connects[CONNECT_FAILED] += 1;
+                    // A signed answer does not read the clock (only unauthenticated
+                    // ones pass the rate limiter), so this call needs no `now`.
+                    let now = Now {
+                        mono: created,
+                        unix_secs: 0,
+                    };
+                    self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+                }
+            }
+            ConnState::Pending => {}
         }
         self.forget_conn(conn);
     }

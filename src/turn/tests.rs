@@ -82,6 +82,12 @@ impl RelayIo for FakeIo {
         Ok(())
     }
     fn close_tcp_conn(&mut self, conn: ConnId) {
+        if let Some((relay, _, _)) = self.connects.iter().find(|c| c.2 == conn) {
+            assert!(
+                self.open.contains_key(relay),
+                "conn {conn} closed after its listener"
+            );
+        }
         assert!(
             !self.closed_conns.contains(&conn),
             "conn {conn} closed twice"

@@ -370,10 +370,18 @@ fn connect_failures_answer_447() {
         "the driver closes its own socket"
     );
     // The peer can be tried again.
+    let conn = start_connect(&mut h, ctl, &connect_req(PEER));
+    // The driver drops a connect without reporting its end: the Connect still gets 447.
+    h.server.tcp_conn_closed(conn);
+    let out = outbox(&mut h);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1.code(), 447);
+    assert!(out[0].1.verifies_with(&k));
+    assert!(h.io.closed_conns.is_empty());
     start_connect(&mut h, ctl, &connect_req(PEER));
     let s = h.server.stats();
-    assert_eq!(s.tcp_connects, [0, 2, 0, 0]);
-    assert_eq!(s.requests_with(MethodLabel::Connect, 447), 2);
+    assert_eq!(s.tcp_connects, [0, 3, 0, 0]);
+    assert_eq!(s.requests_with(MethodLabel::Connect, 447), 3);
     assert_eq!(s.tcp_conns_by_state, [1, 0, 0]);
 }
 
