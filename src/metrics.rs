@@ -19,7 +19,8 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use crate::signal::{peerjs, rooms};
 use crate::turn::stats::{
     result_label, AuthFailure, MethodLabel, ALLOCATION_FAMILIES, FAMILIES, LIFETIME_SECONDS_BOUNDS,
-    REQUEST_SECONDS_BOUNDS, RESULT_CODES, TRANSPORTS,
+    REQUEST_SECONDS_BOUNDS, RESULT_CODES, TCP_BIND_RESULTS, TCP_CONNECT_RESULTS, TCP_CONN_STATES,
+    TCP_PEER_RESULTS, TRANSPORTS,
 };
 use collect::Families;
 
@@ -235,6 +236,37 @@ pub const RELAY_PORTS_FREE: Def = def(
     &["family"],
     "Relay ports free, summed over the relay addresses of a family.",
 );
+// RFC 6062 TCP allocations.
+pub const TCP_ALLOCATIONS: Def = def(
+    "tern_turn_tcp_allocations",
+    Gauge,
+    &[],
+    "Live RFC 6062 TCP allocations (also counted in tern_turn_allocations).",
+);
+pub const TCP_CONNECTS: Def = def(
+    "tern_turn_tcp_connects_total",
+    Counter,
+    &["result"],
+    "RFC 6062 Connect requests: ok, failed (447), timeout (447 after 30 s), refused.",
+);
+pub const TCP_PEER_INCOMING: Def = def(
+    "tern_turn_tcp_peer_connections_incoming_total",
+    Counter,
+    &["result"],
+    "Peer connections to TCP relays: attempt_sent, no_permission, over_limit.",
+);
+pub const TCP_BINDS: Def = def(
+    "tern_turn_tcp_connection_binds_total",
+    Counter,
+    &["result"],
+    "RFC 6062 ConnectionBinds: ok, rejected, expired (none within 30 s).",
+);
+pub const TCP_PEER_CONNECTIONS: Def = def(
+    "tern_turn_tcp_peer_connections",
+    Gauge,
+    &["state"],
+    "Live RFC 6062 peer connections by state: connecting, pending, bound.",
+);
 // Signaling.
 pub const SIGNAL_CONNECTIONS: Def = def(
     "tern_signal_connections",
@@ -390,6 +422,11 @@ pub const ALL: &[&Def] = &[
     &RESERVATIONS_CREATED,
     &RELAY_PORTS_IN_USE,
     &RELAY_PORTS_FREE,
+    &TCP_ALLOCATIONS,
+    &TCP_CONNECTS,
+    &TCP_PEER_INCOMING,
+    &TCP_BINDS,
+    &TCP_PEER_CONNECTIONS,
     &SIGNAL_CONNECTIONS,
     &SIGNAL_ROOMS,
     &SIGNAL_MESSAGES,
@@ -441,6 +478,11 @@ const TURN_DEFS: &[&Def] = &[
     &RESERVATIONS_CREATED,
     &RELAY_PORTS_IN_USE,
     &RELAY_PORTS_FREE,
+    &TCP_ALLOCATIONS,
+    &TCP_CONNECTS,
+    &TCP_PEER_INCOMING,
+    &TCP_BINDS,
+    &TCP_PEER_CONNECTIONS,
 ];
 
 const HTTP_FACE_DEFS: &[&Def] = &[
@@ -713,6 +755,19 @@ impl Collector for TurnCollector {
         f.sample(&PERMISSIONS_CREATED, &[], t.permissions_created);
         f.sample(&CHANNELS_CREATED, &[], t.channels_created);
         f.sample(&RESERVATIONS_CREATED, &[], t.reservations_created);
+        f.sample(&TCP_ALLOCATIONS, &[], t.tcp_allocations);
+        for (i, r) in TCP_CONNECT_RESULTS.iter().enumerate() {
+            f.sample(&TCP_CONNECTS, &[r], t.tcp_connects[i]);
+        }
+        for (i, r) in TCP_PEER_RESULTS.iter().enumerate() {
+            f.sample(&TCP_PEER_INCOMING, &[r], t.tcp_peer_incoming[i]);
+        }
+        for (i, r) in TCP_BIND_RESULTS.iter().enumerate() {
+            f.sample(&TCP_BINDS, &[r], t.tcp_binds[i]);
+        }
+        for (i, st) in TCP_CONN_STATES.iter().enumerate() {
+            f.sample(&TCP_PEER_CONNECTIONS, &[st], t.tcp_conns_by_state[i]);
+        }
         for (fi, fam) in FAMILIES.iter().enumerate() {
             if let Some(p) = self.src.relay_ports(fi == 1) {
                 f.sample(&RELAY_PORTS_IN_USE, &[fam], p.in_use as u64);
