@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side TURN benchmark: Tern and coturn's turnserver (Debian package), one after the
-# other, under the same loads: coturn's turnutils_uclient, and bench/loadgen (N allocations
+# other, under the same loads: coturn's turnutils_uclient over UDP, turnutils_uclient -T (RFC
+# 6062 TCP relays: client pairs whose TCP allocations connect to each other, the bytes spliced
+# between TCP connections), and bench/loadgen (N allocations
 # with channels, its own UDP echo peer, batched sends). For each server and load it measures
 # relayed packets/s, loss, server CPU seconds per relayed packet (utime+stime from
 # /proc/PID/stat around the load) and peak RSS (VmHWM), and prints Tern/coturn ratios.
@@ -11,6 +13,7 @@
 # usage: bench/run.sh [--quick]
 # env:   ALLOCS (200) RATE (20000 packets/s for the steady load) SECS (15)
 #        UC_CLIENTS (100) UC_MSGS (1000) UC_INTERVAL_MS (5) SIZE (100 payload bytes)
+#        TCP_CLIENTS (50) TCP_MSGS (1000) TCP_SIZE (1000 bytes) for the uclient -T load
 #        SERVERS ("tern coturn")   TERN_BIN (use this tern binary instead of building one)
 set -euo pipefail
 
@@ -26,8 +29,12 @@ UC_MSGS=${UC_MSGS:-1000}
 UC_INTERVAL_MS=${UC_INTERVAL_MS:-5}
 SIZE=${SIZE:-100}
 SERVERS=${SERVERS:-tern coturn}
+TCP_CLIENTS=${TCP_CLIENTS:-50}
+TCP_MSGS=${TCP_MSGS:-1000}
+TCP_SIZE=${TCP_SIZE:-1000}
 if [ "${1:-}" = "--quick" ]; then
     ALLOCS=50 RATE=10000 SECS=5 MAX_PACKETS=300000 UC_CLIENTS=20 UC_MSGS=300
+    TCP_CLIENTS=10 TCP_MSGS=300
 fi
 RELAY_PORTS=2000 # same relay range size for both servers
 
@@ -141,8 +148,10 @@ record() { # server load relayed_packets secs loss_pct cpu_ticks pid
         "$1" "$2" "$pps" "$5" "$cpu_us" "$(hwm_kib "$7")"
 }
 
-run_uclient() { # server port pid
-    local peer_port t0 t1 c0 c1 log="$OUT/$1-uclient.log"
+run_uclient() { # server port pid [label clients msgs size extra-flags...]
+    local label=${4:-uclient} clients=${5:-$UC_CLIENTS} msgs=${6:-$UC_MSGS} size=${7:-$SIZE}
+    local extra=("${@:8}")
+    local peer_port t0 t1 c0 c1 log="$OUT/$1-$label.log"
     peer_port=$(free_port)
     turnutils_peer -p "$peer_port" -L 127.0.0.1 >"$OUT/$1-peer.log" 2>&1 &
     local peer=$!
@@ -151,7 +160,7 @@ run_uclient() { # server port pid
     c0=$(cpu_ticks "$3")
     t0=$(date +%s.%N)
     timeout 300 turnutils_uclient -W "$SECRET" -u bench -p "$2" -e 127.0.0.1 -r "$peer_port" \
-        -m "$UC_CLIENTS" -n "$UC_MSGS" -l "$SIZE" -c -z "$UC_INTERVAL_MS" 127.0.0.1 >"$log" 2>&1 || true
+        -m "$clients" -n "$msgs" -l "$size" -c -z "$UC_INTERVAL_MS" "${extra[@]}" 127.0.0.1 >"$log" 2>&1 || true
     t1=$(date +%s.%N)
     c1=$(cpu_ticks "$3")
     kill "$peer" 2>/dev/null || true
@@ -161,11 +170,11 @@ run_uclient() { # server port pid
     recv=$(sed -n 's/.*tot_send_msgs=\([0-9]*\), tot_recv_msgs=\([0-9]*\)$/\2/p' "$log" | tail -1)
     loss=$(sed -n 's/.*Total lost packets [0-9]* (\([0-9.]*\)%).*/\1/p' "$log" | tail -1)
     if [ -z "$sent" ] || [ -z "$recv" ]; then
-        echo "    $1 uclient: no totals in $log" >&2
+        echo "    $1 $label: no totals in $log" >&2
         tail -5 "$log" >&2
         return
     fi
-    record "$1" uclient "$((sent + recv))" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')" \
+    record "$1" "$label" "$((sent + recv))" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')" \
         "$(printf '%.2f' "${loss:-0}")" "$((c1 - c0))" "$3"
 }
 
@@ -197,6 +206,7 @@ for server in $SERVERS; do
     pid=$SERVER_PID
     echo "    idle RSS $(rss_kib "$pid") KiB"
     run_uclient "$server" "$port" "$pid"
+    run_uclient "$server" "$port" "$pid" uclient-tcp-relay "$TCP_CLIENTS" "$TCP_MSGS" "$TCP_SIZE" -T
     run_loadgen "$server" "$port" "$pid" "loadgen-${RATE}pps" "$RATE" "$((RATE * SECS))"
     run_loadgen "$server" "$port" "$pid" "loadgen-max" 0 "$MAX_PACKETS"
     stop_server "$pid"
@@ -204,6 +214,7 @@ done
 
 echo
 echo "==> Tern / coturn (uclient: $UC_CLIENTS clients x $UC_MSGS msgs every ${UC_INTERVAL_MS} ms;" \
+    "uclient-tcp-relay: $TCP_CLIENTS client pairs x $TCP_MSGS msgs of $TCP_SIZE bytes;" \
     "loadgen: $ALLOCS allocations, ${SIZE}-byte payloads, ${SECS} s; relayed = both directions)"
 awk -F'\t' '
 NR == 1 { next }

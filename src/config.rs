@@ -228,6 +228,16 @@ pub struct ApiConfig {
     pub workers: usize,
     /// Serve HTTPS with the `[tls]` certificate instead of plain HTTP.
     pub tls: bool,
+    /// A client must send each request's head (request line and headers) within this many
+    /// seconds of connecting or of its previous response; also how long an idle keep-alive
+    /// connection stays open. WebSocket sessions are not affected once upgraded.
+    pub header_read_timeout_secs: u32,
+    /// Open HTTP connections (plain or TLS, WebSockets included); past it new connections
+    /// are closed right after accept.
+    pub max_connections: usize,
+    /// Open HTTP connections per client IP (IPv6: per /64). Behind a reverse proxy every
+    /// connection comes from the proxy's address: raise it there.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for ApiConfig {
@@ -248,6 +258,9 @@ impl Default for ApiConfig {
             trusted_proxies: vec![],
             workers: 2,
             tls: false,
+            header_read_timeout_secs: 10,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
         }
     }
 }
@@ -680,6 +693,15 @@ impl Config {
         }
         if a.workers == 0 || a.workers > 64 {
             return Err(invalid("api.workers", "must be 1 to 64"));
+        }
+        if a.header_read_timeout_secs == 0 || a.header_read_timeout_secs > 3600 {
+            return Err(invalid("api.header_read_timeout_secs", "must be 1 to 3600"));
+        }
+        if a.max_connections == 0 {
+            return Err(invalid("api.max_connections", "must be at least 1"));
+        }
+        if a.max_connections_per_ip == 0 {
+            return Err(invalid("api.max_connections_per_ip", "must be at least 1"));
         }
         for (i, o) in a.allowed_origins.iter().enumerate() {
             let ok = o == "*"

@@ -19,7 +19,8 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use crate::signal::{peerjs, rooms};
 use crate::turn::stats::{
     result_label, AuthFailure, MethodLabel, ALLOCATION_FAMILIES, FAMILIES, LIFETIME_SECONDS_BOUNDS,
-    REQUEST_SECONDS_BOUNDS, RESULT_CODES, TRANSPORTS,
+    REQUEST_SECONDS_BOUNDS, RESULT_CODES, TCP_BIND_RESULTS, TCP_CONNECT_RESULTS, TCP_CONN_STATES,
+    TCP_PEER_RESULTS, TRANSPORTS,
 };
 use collect::Families;
 
@@ -266,6 +267,37 @@ pub const RELAY_PORTS_FREE: Def = def(
     &["family"],
     "Relay ports free, summed over the relay addresses of a family.",
 );
+// RFC 6062 TCP allocations.
+pub const TCP_ALLOCATIONS: Def = def(
+    "tern_turn_tcp_allocations",
+    Gauge,
+    &[],
+    "Live RFC 6062 TCP allocations (also counted in tern_turn_allocations).",
+);
+pub const TCP_CONNECTS: Def = def(
+    "tern_turn_tcp_connects_total",
+    Counter,
+    &["result"],
+    "RFC 6062 Connect requests: ok, failed (447), timeout (447 after 30 s), refused.",
+);
+pub const TCP_PEER_INCOMING: Def = def(
+    "tern_turn_tcp_peer_connections_incoming_total",
+    Counter,
+    &["result"],
+    "Peer connections to TCP relays: attempt_sent, no_permission, over_limit.",
+);
+pub const TCP_BINDS: Def = def(
+    "tern_turn_tcp_connection_binds_total",
+    Counter,
+    &["result"],
+    "RFC 6062 ConnectionBinds: ok, rejected, expired (none within 30 s).",
+);
+pub const TCP_PEER_CONNECTIONS: Def = def(
+    "tern_turn_tcp_peer_connections",
+    Gauge,
+    &["state"],
+    "Live RFC 6062 peer connections by state: connecting, pending, bound.",
+);
 // Signaling.
 pub const SIGNAL_CONNECTIONS: Def = def(
     "tern_signal_connections",
@@ -365,6 +397,30 @@ pub const HTTP_DURATION: Def = def(
     &["route"],
     "Time to answer an HTTP request (for WebSockets: the upgrade only).",
 );
+pub const HTTP_CONNECTIONS: Def = def(
+    "tern_http_connections",
+    Gauge,
+    &[],
+    "HTTP connections open on the API listener (plain or TLS, WebSockets included).",
+);
+pub const HTTP_CONNECTIONS_ACCEPTED: Def = def(
+    "tern_http_connections_accepted_total",
+    Counter,
+    &[],
+    "HTTP connections admitted under api.max_connections and api.max_connections_per_ip.",
+);
+pub const HTTP_CONNECTIONS_REFUSED: Def = def(
+    "tern_http_connections_refused_total",
+    Counter,
+    &["reason"],
+    "HTTP connections closed right after accept, by the cap reached.",
+);
+pub const HTTP_CONNECTIONS_CLOSED: Def = def(
+    "tern_http_connections_closed_total",
+    Counter,
+    &["reason"],
+    "HTTP connections closed by Tern for a failed TLS handshake or no request head in time.",
+);
 
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
 pub const ALL: &[&Def] = &[
@@ -402,6 +458,11 @@ pub const ALL: &[&Def] = &[
     &RESERVATIONS_CREATED,
     &RELAY_PORTS_IN_USE,
     &RELAY_PORTS_FREE,
+    &TCP_ALLOCATIONS,
+    &TCP_CONNECTS,
+    &TCP_PEER_INCOMING,
+    &TCP_BINDS,
+    &TCP_PEER_CONNECTIONS,
     &SIGNAL_CONNECTIONS,
     &SIGNAL_ROOMS,
     &SIGNAL_MESSAGES,
@@ -418,6 +479,10 @@ pub const ALL: &[&Def] = &[
     &WS_RELAY_BAD_TICKETS,
     &HTTP_REQUESTS,
     &HTTP_DURATION,
+    &HTTP_CONNECTIONS,
+    &HTTP_CONNECTIONS_ACCEPTED,
+    &HTTP_CONNECTIONS_REFUSED,
+    &HTTP_CONNECTIONS_CLOSED,
 ];
 
 const DAEMON_DEFS: &[&Def] = &[&BUILD_INFO, &READY, &DRAINING];
@@ -454,6 +519,11 @@ const TURN_DEFS: &[&Def] = &[
     &RESERVATIONS_CREATED,
     &RELAY_PORTS_IN_USE,
     &RELAY_PORTS_FREE,
+    &TCP_ALLOCATIONS,
+    &TCP_CONNECTS,
+    &TCP_PEER_INCOMING,
+    &TCP_BINDS,
+    &TCP_PEER_CONNECTIONS,
 ];
 
 const HTTP_FACE_DEFS: &[&Def] = &[
@@ -471,6 +541,10 @@ const HTTP_FACE_DEFS: &[&Def] = &[
     &WS_RELAY_FRAMES,
     &WS_RELAY_OVERSIZED,
     &WS_RELAY_BAD_TICKETS,
+    &HTTP_CONNECTIONS,
+    &HTTP_CONNECTIONS_ACCEPTED,
+    &HTTP_CONNECTIONS_REFUSED,
+    &HTTP_CONNECTIONS_CLOSED,
 ];
 
 /// Upper bounds (seconds) of the HTTP request duration histogram.
@@ -744,6 +818,19 @@ impl Collector for TurnCollector {
         f.sample(&PERMISSIONS_CREATED, &[], t.permissions_created);
         f.sample(&CHANNELS_CREATED, &[], t.channels_created);
         f.sample(&RESERVATIONS_CREATED, &[], t.reservations_created);
+        f.sample(&TCP_ALLOCATIONS, &[], t.tcp_allocations);
+        for (i, r) in TCP_CONNECT_RESULTS.iter().enumerate() {
+            f.sample(&TCP_CONNECTS, &[r], t.tcp_connects[i]);
+        }
+        for (i, r) in TCP_PEER_RESULTS.iter().enumerate() {
+            f.sample(&TCP_PEER_INCOMING, &[r], t.tcp_peer_incoming[i]);
+        }
+        for (i, r) in TCP_BIND_RESULTS.iter().enumerate() {
+            f.sample(&TCP_BINDS, &[r], t.tcp_binds[i]);
+        }
+        for (i, st) in TCP_CONN_STATES.iter().enumerate() {
+            f.sample(&TCP_PEER_CONNECTIONS, &[st], t.tcp_conns_by_state[i]);
+        }
         for (fi, fam) in FAMILIES.iter().enumerate() {
             if let Some(p) = self.src.relay_ports(fi == 1) {
                 f.sample(&RELAY_PORTS_IN_USE, &[fam], p.in_use as u64);
@@ -789,6 +876,23 @@ impl Collector for HttpCollector {
         f.sample(&WS_RELAY_FRAMES, &[], s.relay_frames_forwarded);
         f.sample(&WS_RELAY_OVERSIZED, &[], s.relay_oversized_frames);
         f.sample(&WS_RELAY_BAD_TICKETS, &[], s.relay_bad_tickets);
+        f.sample(&HTTP_CONNECTIONS, &[], s.connections_open as u64);
+        f.sample(&HTTP_CONNECTIONS_ACCEPTED, &[], s.connections_accepted);
+        let refused = [
+            ("max_connections", s.connections_refused_total),
+            ("max_connections_per_ip", s.connections_refused_per_ip),
+        ];
+        for (reason, n) in refused {
+            f.sample(&HTTP_CONNECTIONS_REFUSED, &[reason], n);
+        }
+        let closed = [
+            ("tls_handshake", s.tls_handshakes_failed),
+            ("header_timeout", s.header_timeouts_first),
+            ("idle_timeout", s.header_timeouts_keep_alive),
+        ];
+        for (reason, n) in closed {
+            f.sample(&HTTP_CONNECTIONS_CLOSED, &[reason], n);
+        }
         f.finish()
     }
 }

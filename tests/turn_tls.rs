@@ -58,22 +58,7 @@ fn start_with(relay_min: u16, sniff: bool, extra: &str, metrics: bool) -> TlsTer
 
 /// uclient against `port` with REST credentials from the daemon's secret.
 fn uclient_port(t: &Tern, port: u16, peer: u16, args: &[&str]) -> UclientReport {
-    let mut cmd = Command::new("turnutils_uclient");
-    cmd.args(["-W", &t.secret, "-u", "tester"])
-        .args(["-p", &port.to_string(), "-e", "127.0.0.1"])
-        .args(["-r", &peer.to_string()])
-        .args(args)
-        .arg("127.0.0.1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let out = run_with_limit(&mut cmd, UCLIENT_LIMIT);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let mut r = parse_uclient(&text);
-    r.success = out.status.success();
-    r.output = text;
-    r
+    common::uclient_port(t, port, peer, args, UCLIENT_LIMIT)
 }
 
 fn assert_all_echoed(r: &UclientReport, expect_sent: u64) {

@@ -3,12 +3,16 @@
 //! WebSocket relay (`/relay`), and the built-in page (`/`, `/tern.js`), on one listener
 //! with its own small tokio runtime.
 //!
-//! Owns routing, HTTP-level auth (tokens, origins, rate limits) and CORS. It must not hold
-//! protocol state itself: rooms and PeerJS live in `signal`, relay sessions in `relay_ws`.
+//! Owns routing, HTTP-level auth (tokens, origins, rate limits), CORS, and the listener's
+//! defences against slow and excess clients (header read timeout, connection caps). It must
+//! not hold protocol state itself: rooms and PeerJS live in `signal`, relay sessions in
+//! `relay_ws`.
 
+mod conn_limit;
 mod cors;
 mod ice;
 mod routes;
+mod serve;
 mod tls_listener;
 mod web;
 
@@ -58,6 +62,8 @@ pub(crate) struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Per-route request counters (kept across reloads).
     pub http_metrics: Arc<crate::metrics::HttpMetrics>,
+    /// Connection caps and counters of the listener (kept across reloads).
+    pub conn_limits: Arc<conn_limit::ConnLimits>,
 }
 
 impl AppState {
@@ -101,6 +107,20 @@ pub struct HttpStats {
     pub relay_frames_forwarded: u64,
     pub relay_oversized_frames: u64,
     pub relay_bad_tickets: u64,
+    /// HTTP connections open now (plain or TLS, WebSockets included).
+    pub connections_open: usize,
+    pub connections_accepted: u64,
+    /// Closed right after accept: `api.max_connections` reached ...
+    pub connections_refused_total: u64,
+    /// ... or `api.max_connections_per_ip` reached for the client's address.
+    pub connections_refused_per_ip: u64,
+    /// TLS handshakes failed or not finished within `tls.handshake_timeout_secs`.
+    pub tls_handshakes_failed: u64,
+    /// Closed for no request head within `api.header_read_timeout_secs`: before the first
+    /// request (slow or silent clients) ...
+    pub header_timeouts_first: u64,
+    /// ... or after answered requests (idle keep-alive connections).
+    pub header_timeouts_keep_alive: u64,
 }
 
 /// Read access to the HTTP face's counters, for the metrics face (cheap to clone; follows
@@ -134,6 +154,14 @@ fn snapshot(st: &AppState) -> HttpStats {
         peerjs,
         ..HttpStats::default()
     };
+    let c = &st.conn_limits.stats;
+    s.connections_open = st.conn_limits.open();
+    s.connections_accepted = c.accepted.load(Relaxed);
+    s.connections_refused_total = c.refused_total.load(Relaxed);
+    s.connections_refused_per_ip = c.refused_per_ip.load(Relaxed);
+    s.tls_handshakes_failed = c.tls_handshake_failed.load(Relaxed);
+    s.header_timeouts_first = c.header_timeout_first.load(Relaxed);
+    s.header_timeouts_keep_alive = c.header_timeout_keep_alive.load(Relaxed);
     if let Some(r) = &st.relay {
         s.relay_sessions_active = r.active_sessions();
         s.relay_sessions_started = r.stats.sessions_started.load(Relaxed);
@@ -217,11 +245,16 @@ impl HttpService {
             relay,
             draining: Arc::new(AtomicBool::new(false)),
             http_metrics: crate::metrics::HttpMetrics::new(),
+            conn_limits: conn_limit::ConnLimits::new(
+                cfg.api.max_connections,
+                cfg.api.max_connections_per_ip,
+            ),
         });
         let live = Live(Arc::new(RwLock::new(Arc::clone(&state))));
         let app = routes::router(live.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serve_state = Arc::clone(&state);
+        let serve_live = live.clone();
         rt.spawn(async move {
             serve_state.rooms.spawn_ticker();
             serve_state.peerjs.spawn_ticker();
@@ -244,40 +277,16 @@ impl HttpService {
             let stopped = async {
                 let _ = stop_rx.await;
             };
-            let served = match tls {
-                None => {
-                    axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<SocketAddr>(),
-                    )
-                    .with_graceful_shutdown(stopped)
-                    .await
-                }
-                Some(tls) => {
-                    use axum::serve::ListenerExt;
-                    let listener = match tls_listener::TlsListener::start(
-                        listener,
-                        Arc::clone(&tls.server_config),
-                        tls.handshake_timeout,
-                    ) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "HTTPS listener");
-                            return;
-                        }
-                    };
-                    // tap_io: axum's ConnectInfo<SocketAddr> works for wrapped listeners.
-                    axum::serve(
-                        listener.tap_io(|_| {}),
-                        app.into_make_service_with_connect_info::<SocketAddr>(),
-                    )
-                    .with_graceful_shutdown(stopped)
-                    .await
-                }
-            };
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server stopped");
+            serve::Server {
+                app,
+                live: serve_live,
+                limits: Arc::clone(&serve_state.conn_limits),
+                tls: tls.map(|t| {
+                    tls_listener::Handshaker::new(Arc::clone(&t.server_config), t.handshake_timeout)
+                }),
             }
+            .run(listener, stopped)
+            .await;
         });
         Ok(HttpService {
             addr: local,
@@ -288,8 +297,9 @@ impl HttpService {
     }
 
     /// Applies a reloaded configuration (SIGHUP): credentials API settings, secrets and
-    /// tokens (files re-read), and signaling limits take effect for new requests and
-    /// messages; open WebSocket sessions stay. The listener, the routes (`peerjs_enabled`,
+    /// tokens (files re-read), signaling limits, the connection caps and the header read
+    /// timeout take effect for new requests, messages and connections; open WebSocket
+    /// sessions stay. The listener, the routes (`peerjs_enabled`,
     /// `peerjs_path`) and `[relay_ws]` need a restart (the caller reports those).
     pub fn reload(&self, cfg: &Config) -> Result<(), ApiError> {
         let old = self.live.current();
@@ -307,7 +317,10 @@ impl HttpService {
             relay: old.relay.clone(),
             draining: Arc::clone(&old.draining),
             http_metrics: Arc::clone(&old.http_metrics),
+            conn_limits: Arc::clone(&old.conn_limits),
         }));
+        old.conn_limits
+            .set_limits(cfg.api.max_connections, cfg.api.max_connections_per_ip);
         Ok(())
     }
 

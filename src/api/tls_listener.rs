@@ -1,88 +1,63 @@
-//! HTTPS for the API listener (`api.tls = true`): an axum [`Listener`] whose connections are
-//! TLS sessions with the shared `[tls]` certificate (tokio-rustls).
+//! HTTPS for the API listener (`api.tls = true`): the TLS handshake of one accepted
+//! connection with the shared `[tls]` certificate (tokio-rustls).
 //!
-//! Handshakes run in their own tasks, bounded in number and in time, so a client that
-//! never finishes one holds neither the accept loop nor memory for long.
+//! Handshakes are bounded in number (CPU) and in time (including the wait for a slot), so
+//! a client that never finishes one holds neither a worker nor its socket for long.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::Listener;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// Handshakes in progress at once; further clients wait in the kernel's accept queue.
+use super::conn_limit::ConnStats;
+
+/// Handshakes computed at once; further clients wait (within their handshake timeout).
 const MAX_HANDSHAKES: usize = 512;
 
-/// Accepts TCP, completes TLS, yields finished sessions.
-pub struct TlsListener {
-    local: SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+/// Completes TLS handshakes for the HTTP listener.
+#[derive(Clone)]
+pub struct Handshaker {
+    acceptor: TlsAcceptor,
+    slots: Arc<Semaphore>,
+    timeout: Duration,
 }
 
-impl TlsListener {
-    /// Starts the accept loop on the current tokio runtime.
-    pub fn start(
-        tcp: TcpListener,
-        config: Arc<rustls::ServerConfig>,
-        handshake_timeout: Duration,
-    ) -> std::io::Result<TlsListener> {
-        let local = tcp.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(config);
-        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-                    return;
-                };
-                let (sock, peer) = match tcp.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::debug!(error = %e, "HTTPS accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if tx.is_closed() {
-                    return;
-                }
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let _ = sock.set_nodelay(true);
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(sock)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTPS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "HTTPS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener { local, ready })
-    }
-}
-
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(x) => x,
-            // The accept loop only ends with the runtime; never hand out a fake session.
-            None => std::future::pending().await,
+impl Handshaker {
+    pub fn new(config: Arc<rustls::ServerConfig>, timeout: Duration) -> Handshaker {
+        Handshaker {
+            acceptor: TlsAcceptor::from(config),
+            slots: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            timeout,
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
+    /// The TLS session over `io`, or `None` (counted, logged at debug) if the client did not
+    /// complete a handshake within `tls.handshake_timeout_secs`.
+    pub async fn accept<IO>(
+        &self,
+        io: IO,
+        peer: SocketAddr,
+        stats: &ConnStats,
+    ) -> Option<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let done = tokio::time::timeout(self.timeout, async {
+            let _slot = self.slots.acquire().await;
+            self.acceptor.accept(io).await
+        })
+        .await;
+        match done {
+            Ok(Ok(tls)) => return Some(tls),
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTPS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "HTTPS handshake timed out"),
+        }
+        stats.tls_handshake_failed.fetch_add(1, Relaxed);
+        None
     }
 }

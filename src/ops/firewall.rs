@@ -1,6 +1,7 @@
 //! `tern firewall`: the firewall rules that open exactly what a config listens on, for ufw,
 //! nftables or firewalld. TURN listeners (UDP and TCP, RFC 8656 §3.1), TURN over TLS
-//! listeners when `[tls]` has a certificate, the UDP relay range,
+//! listeners when `[tls]` has a certificate, the relay range (UDP, and TCP too for RFC 6062
+//! TCP allocations when `turn.tcp_relay` is on),
 //! the HTTP listener when enabled and not on loopback, and the metrics listener only when it
 //! is not on loopback. Loopback listeners need no rule and are listed as skipped.
 
@@ -94,21 +95,31 @@ fn plan(cfg: &Config) -> (Vec<Rule>, Vec<String>) {
     }
     let ports = (cfg.turn.min_port, cfg.turn.max_port);
     let what = "TURN relay ports";
+    // RFC 6062: peers connect to a TCP allocation's relayed address over TCP.
+    let relay_protos: &[Proto] = if cfg.turn.tcp_relay {
+        &[Proto::Udp, Proto::Tcp]
+    } else {
+        &[Proto::Udp]
+    };
     if cfg.turn.relay_ip.is_empty() {
         // Detected relay addresses: whatever the routed address of each family is.
-        rules.push(Rule {
-            proto: Proto::Udp,
-            ports,
-            dest: Dest::Any,
-            what,
-        });
+        for &proto in relay_protos {
+            rules.push(Rule {
+                proto,
+                ports,
+                dest: Dest::Any,
+                what,
+            });
+        }
     } else {
         for &ip in &cfg.turn.relay_ip {
             if ip.is_loopback() {
                 skipped.push(format!("Not opened: {what} on {ip} (loopback only)."));
-            } else {
+                continue;
+            }
+            for &proto in relay_protos {
                 rules.push(Rule {
-                    proto: Proto::Udp,
+                    proto,
                     ports,
                     dest: dest_of(ip),
                     what,
@@ -303,6 +314,7 @@ mod tests {
                 "ufw allow 3478/tcp comment 'tern STUN/TURN'",
                 "ufw allow proto tcp to 0.0.0.0/0 port 8080 comment 'tern HTTP API and signaling'",
                 "ufw allow 49152:65535/udp comment 'tern TURN relay ports'",
+                "ufw allow 49152:65535/tcp comment 'tern TURN relay ports'",
             ]
         );
         assert!(ufw.contains("# Not opened: metrics on 127.0.0.1:9641 (loopback only)."));
@@ -317,6 +329,7 @@ mod tests {
                 "firewall-cmd --permanent --add-port=3478/tcp",
                 "firewall-cmd --permanent --add-rich-rule='rule family=\"ipv4\" port port=\"8080\" protocol=\"tcp\" accept'",
                 "firewall-cmd --permanent --add-port=49152-65535/udp",
+                "firewall-cmd --permanent --add-port=49152-65535/tcp",
                 "firewall-cmd --reload",
             ]
         );
@@ -333,6 +346,7 @@ mod tests {
                 "tcp dport 3478 accept comment \"tern STUN/TURN\"",
                 "meta nfproto ipv4 tcp dport 8080 accept comment \"tern HTTP API and signaling\"",
                 "udp dport 49152-65535 accept comment \"tern TURN relay ports\"",
+                "tcp dport 49152-65535 accept comment \"tern TURN relay ports\"",
             ]
         );
     }
@@ -357,7 +371,9 @@ mod tests {
                 "ufw allow proto tcp to 2001:db8::5 port 443 comment 'tern STUN/TURN'",
                 "ufw allow proto tcp to 10.0.0.2 port 9641 comment 'tern metrics'",
                 "ufw allow proto udp to 203.0.113.5 port 50000:50999 comment 'tern TURN relay ports'",
+                "ufw allow proto tcp to 203.0.113.5 port 50000:50999 comment 'tern TURN relay ports'",
                 "ufw allow proto udp to 2001:db8::5 port 50000:50999 comment 'tern TURN relay ports'",
+                "ufw allow proto tcp to 2001:db8::5 port 50000:50999 comment 'tern TURN relay ports'",
             ]
         );
         assert!(ufw.contains("# Not opened: STUN/TURN on 127.0.0.1:3479 (loopback only)."));
@@ -368,6 +384,15 @@ mod tests {
         assert!(nft.contains("ip daddr 203.0.113.5 udp dport 50000-50999 accept"));
         let fwd = render(&c, Backend::Firewalld, "t");
         assert!(fwd.contains("rule family=\"ipv6\" destination address=\"2001:db8::5\" port port=\"443\" protocol=\"udp\" accept"));
+    }
+
+    #[test]
+    fn relay_range_over_tcp_only_with_tcp_relays() {
+        let on = render(&cfg(&[]), Backend::Ufw, "t");
+        assert!(on.contains("ufw allow 49152:65535/tcp"), "{on}");
+        let off = render(&cfg(&["turn.tcp_relay=false"]), Backend::Ufw, "t");
+        assert!(off.contains("ufw allow 49152:65535/udp"), "{off}");
+        assert!(!off.contains("49152:65535/tcp"), "{off}");
     }
 
     #[test]

@@ -55,6 +55,7 @@ struct State {
     allow_loopback: bool,
     max_lifetime: Option<u32>,
     no_software: bool,
+    no_tcp_relay: bool,
     separator: Option<String>,
     workers: Option<usize>,
     sock_buf: Option<usize>,
@@ -199,6 +200,7 @@ fn apply(st: &mut State, name: &str, value: Option<&str>) -> Result<(), String> 
         "allow-loopback-peers" => st.allow_loopback = flag_on(value),
         "max-allocate-lifetime" => st.max_lifetime = Some(number(value)?),
         "no-software-attribute" => st.no_software = flag_on(value),
+        "no-tcp-relay" => st.no_tcp_relay = flag_on(value),
         "relay-threads" | "general-relay-threads" => st.workers = Some(number(value)?),
         "sock-buf-size" => st.sock_buf = Some(number(value)?),
         "prometheus" => st.prometheus = flag_on(value),
@@ -407,6 +409,9 @@ fn finish(
     }
     if st.no_software {
         key(&mut turn, "no-software-attribute", "software = \"\"".into());
+    }
+    if st.no_tcp_relay {
+        key(&mut turn, "no-tcp-relay", "tcp_relay = false".into());
     }
     if let Some(n) = st.workers {
         key(&mut turn, "relay-threads", format!("workers = {n}"));

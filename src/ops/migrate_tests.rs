@@ -243,7 +243,7 @@ fn secret_file_keeps_the_secret_out_of_the_toml() {
 
 #[test]
 fn loopback_peers_and_lifetimes() {
-    let text = "allow-loopback-peers\nmax-allocate-lifetime=300\nno-software-attribute\nrest-api-separator=-\nrelay-threads=3\nVerbose\nprometheus-port=9700\nexternal-ip=198.51.100.9\n";
+    let text = "allow-loopback-peers\nmax-allocate-lifetime=300\nno-software-attribute\nno-tcp-relay\nrest-api-separator=-\nrelay-threads=3\nVerbose\nprometheus-port=9700\nexternal-ip=198.51.100.9\n";
     let m = migrate(text, "t", None);
     let c = load(&m);
     let nets: Vec<String> = c
@@ -258,6 +258,7 @@ fn loopback_peers_and_lifetimes() {
         (300, 300)
     );
     assert_eq!(c.turn.software, "");
+    assert!(!c.turn.tcp_relay, "no-tcp-relay turns RFC 6062 relays off");
     assert_eq!(c.turn.username_separator, "-");
     assert_eq!(c.turn.workers, 3);
     assert_eq!(c.log.level, "debug");

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::auth::Verified;
-use super::{FiveTuple, RelayId};
+use super::{ConnId, FiveTuple, RelayId};
 
 /// A relay socket of an allocation.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +59,12 @@ pub struct Allocation {
     pub v6_refused: bool,
     /// When the Allocate succeeded (for the lifetime histogram and the log line).
     pub created: Instant,
+    /// An RFC 6062 TCP allocation: its relay is a TCP listener, peers are reached with
+    /// Connect and ConnectionBind, never with Send indications or channels (§5).
+    pub tcp: bool,
+    /// Its peer connections in any state (RFC 6062 §5.2, §5.3), at most
+    /// `tcp_relay_max_connections`.
+    pub conns: Vec<ConnId>,
 }
 
 impl Allocation {

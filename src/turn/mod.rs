@@ -6,7 +6,8 @@
 //! Files: `server.rs` (tables, lookups, timers), `requests.rs` (each method), `reply.rs`
 //! (responses), `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool),
 //! `policy.rs` (peer addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`,
-//! `alternates.rs` (300 Try Alternate targets).
+//! `alternates.rs` (300 Try Alternate targets), `tcp_relay.rs` (RFC 6062 TCP allocations:
+//! Connect, ConnectionBind, ConnectionAttempt and the peer connection table).
 //!
 //! # Contract with the IO driver (`crate::net`)
 //! One [`Server`] per worker shard. The driver:
@@ -16,7 +17,11 @@
 //! - for a datagram arriving on a relay socket calls `Server::peer_to_client`;
 //! - calls `Server::handle_timeout` when `Server::poll_timeout` is due;
 //! - calls `Server::client_closed` when a TCP/TLS client connection closes;
-//! - may count each relay socket's traffic and report it through `RelayIo::usage`.
+//! - may count each relay socket's traffic and report it through `RelayIo::usage`;
+//! - for RFC 6062 TCP allocations: reports connects finishing (`Server::tcp_connect_done`),
+//!   peers accepted on a TCP relay listener (`Server::tcp_peer_accepted`) and peer
+//!   connections it closed (`Server::tcp_conn_closed`), splices the bound pair after
+//!   `Action::BindData`, and after every call sends what `Server::drain_outbox` yields.
 //!
 //! Relay sockets are opened and closed through the [`RelayIo`] trait the driver implements;
 //! the port numbers are chosen by the core's shared port pool.
@@ -36,6 +41,8 @@ pub mod stats;
 mod tcp_relay;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_tcp;
 
 pub use server::Server;
 pub use server_config::{QuotaError, RelayAddr, ServerConfig, Shared};

@@ -18,7 +18,7 @@ pub(super) struct Ctx {
     pub now: Now,
 }
 
-/// Reason phrases (RFC 8489 §14.8, RFC 8656 §18).
+/// Reason phrases (RFC 8489 §14.8, RFC 8656 §18, RFC 6062 §6.3).
 pub(super) fn reason(code: u16) -> &'static str {
     match code {
         300 => "Try Alternate",
@@ -32,6 +32,8 @@ pub(super) fn reason(code: u16) -> &'static str {
         441 => "Wrong Credentials",
         442 => "Unsupported Transport Protocol",
         443 => "Peer Address Family Mismatch",
+        446 => "Connection Already Exists",
+        447 => "Connection Timeout or Failure",
         486 => "Allocation Quota Reached",
         500 => "Server Error",
         508 => "Insufficient Capacity",

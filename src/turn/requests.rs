@@ -1,5 +1,6 @@
 //! Handling of STUN/TURN messages from clients (RFC 8489 §6.3, RFC 8656 §7-§12):
 //! Binding, authentication, Allocate, Refresh, CreatePermission, ChannelBind, Send.
+//! Connect and ConnectionBind (RFC 6062) are in `tcp_relay.rs`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -45,6 +46,7 @@ const UNDERSTOOD: &[u16] = &[
     attr::RESERVATION_TOKEN,
     attr::PRIORITY,
     attr::USE_CANDIDATE,
+    attr::CONNECTION_ID,
 ];
 
 /// At most this many types are listed in UNKNOWN-ATTRIBUTES (keeps the answer small).
@@ -66,11 +68,13 @@ fn label(m: u16) -> MethodLabel {
         method::REFRESH => MethodLabel::Refresh,
         method::CREATE_PERMISSION => MethodLabel::CreatePermission,
         method::CHANNEL_BIND => MethodLabel::ChannelBind,
+        method::CONNECT => MethodLabel::Connect,
+        method::CONNECTION_BIND => MethodLabel::ConnectionBind,
         _ => MethodLabel::Other,
     }
 }
 
-fn raw<'m>(m: &'m Message<'_>, t: u16) -> Option<&'m [u8]> {
+pub(super) fn raw<'m>(m: &'m Message<'_>, t: u16) -> Option<&'m [u8]> {
     m.raw_attribute_and_offset(AttributeType::new(t))
         .map(|(off, a)| {
             let b = m.as_bytes();
@@ -78,7 +82,7 @@ fn raw<'m>(m: &'m Message<'_>, t: u16) -> Option<&'m [u8]> {
         })
 }
 
-fn u32_attr(v: &[u8]) -> Option<u32> {
+pub(super) fn u32_attr(v: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(v.try_into().ok()?))
 }
 
@@ -96,7 +100,7 @@ fn family(v: &[u8]) -> Option<Option<bool>> {
 }
 
 /// Every XOR-PEER-ADDRESS in the request, or `Err` if one is malformed.
-fn peer_addresses(m: &Message<'_>) -> Result<Vec<SocketAddr>, ()> {
+pub(super) fn peer_addresses(m: &Message<'_>) -> Result<Vec<SocketAddr>, ()> {
     let tid = m.transaction_id();
     let mut v = Vec::new();
     for (_, a) in m.iter_attributes() {
@@ -194,7 +198,16 @@ impl Server {
             method::ALLOCATE
             | method::REFRESH
             | method::CREATE_PERMISSION
-            | method::CHANNEL_BIND => {
+            | method::CHANNEL_BIND
+            | method::CONNECT
+            | method::CONNECTION_BIND => {
+                // RFC 6062 §5.4: a data connection is TCP or TLS, never UDP.
+                if ctx.method == method::CONNECTION_BIND
+                    && ctx.from.transport == super::Transport::Udp
+                {
+                    self.stats.tcp_binds[1] += 1;
+                    return self.respond_unauth(ctx, out, 400, |_| Ok(()));
+                }
                 let v = match self.authenticate(ctx, m, msg, out) {
                     Ok(v) => v,
                     Err(a) => return a,
@@ -214,6 +227,8 @@ impl Server {
                     method::ALLOCATE => self.allocate(ctx, m, out, &v.0, v.1, io),
                     method::REFRESH => self.refresh(ctx, m, out, &v.0, &v.1, io),
                     method::CREATE_PERMISSION => self.create_permission(ctx, m, out, &v.0, &v.1),
+                    method::CONNECT => self.connect(ctx, m, out, &v.0, &v.1, io),
+                    method::CONNECTION_BIND => self.connection_bind(ctx, m, out, &v.0, &v.1),
                     _ => self.channel_bind(ctx, m, out, &v.0, &v.1),
                 }
             }
@@ -266,7 +281,7 @@ impl Server {
         match cfg.credentials.verify(&username, msg) {
             Ok(v) => Ok((v, username)),
             Err(e) => {
-                if let Some(v) = self.kept_credential(ctx, &username, msg) {
+                if let Some(v) = self.kept_credential(ctx, m, &username, msg) {
                     return Ok((v, username));
                 }
                 self.stats.auth_failure(match e {
@@ -279,16 +294,28 @@ impl Server {
         }
     }
 
-    /// A Refresh, CreatePermission or ChannelBind on an existing allocation whose
+    /// A request on an existing allocation (Refresh, CreatePermission, ChannelBind,
+    /// Connect; a ConnectionBind, whose allocation its CONNECTION-ID names) whose
     /// credential a reload removed (a rotated secret, a deleted static user): verified
     /// with the allocation's own key, so rotation stops new allocations without cutting
     /// running ones. Not under `strict_expiry`, where such requests get 401 and the
     /// allocation ends with its current lifetime.
-    fn kept_credential(&self, ctx: &Ctx, username: &str, msg: &[u8]) -> Option<Verified> {
+    fn kept_credential(
+        &self,
+        ctx: &Ctx,
+        m: &Message<'_>,
+        username: &str,
+        msg: &[u8],
+    ) -> Option<Verified> {
         if ctx.method == method::ALLOCATE || self.cfg.strict_expiry {
             return None;
         }
-        let slot = *self.by_tuple.get(&ctx.from)?;
+        let slot = if ctx.method == method::CONNECTION_BIND {
+            let id = raw(m, attr::CONNECTION_ID).and_then(u32_attr)?;
+            self.tcp_conns.get(&id)?.slot
+        } else {
+            *self.by_tuple.get(&ctx.from)?
+        };
         let a = self.slots.get(slot)?.as_ref()?;
         if a.username != username {
             return None;
@@ -318,7 +345,7 @@ impl Server {
     }
 
     /// The client's allocation, checked against the request's username (441).
-    fn own_allocation(
+    pub(super) fn own_allocation(
         &mut self,
         ctx: &Ctx,
         out: &mut [u8],
@@ -368,12 +395,23 @@ impl Server {
             return bad(self, out);
         }
         // RFC 6062 §5.1: a TCP allocation needs a TCP or TLS control connection; asked for
-        // over UDP it is a bad request. Over TCP/TLS it is not supported yet (442).
-        if rt[0] == PROTO_TCP && ctx.from.transport == super::Transport::Udp {
+        // over UDP it is a bad request. Switched off by `turn.tcp_relay`: 442.
+        let tcp = rt[0] == PROTO_TCP;
+        if tcp && ctx.from.transport == super::Transport::Udp {
             return bad(self, out);
         }
-        if rt[0] != PROTO_UDP {
+        if (tcp && !self.cfg.tcp_relay) || (!tcp && rt[0] != PROTO_UDP) {
             return self.respond(ctx, out, 442, Some(v), |_| Ok(()));
+        }
+        // RFC 6062 §5.1: these make no sense for a TCP relay.
+        let udp_only = [
+            attr::EVEN_PORT,
+            attr::RESERVATION_TOKEN,
+            attr::DONT_FRAGMENT,
+            attr::ADDITIONAL_ADDRESS_FAMILY,
+        ];
+        if tcp && udp_only.iter().any(|&t| raw(m, t).is_some()) {
+            return bad(self, out);
         }
         let token = match raw(m, attr::RESERVATION_TOKEN) {
             None => None,
@@ -435,7 +473,7 @@ impl Server {
             })
         } else {
             let pair = even == Some(true);
-            self.open_relay(want_v6, even.is_some(), pair, io)
+            self.open_relay(want_v6, even.is_some(), pair, tcp, io)
                 .map(|(r, next)| {
                     relays[family_index(r.local.ip())] = Some(r);
                     reserved_next = next;
@@ -450,7 +488,7 @@ impl Server {
                 v6_refused = true;
                 return Ok(());
             }
-            self.open_relay(true, false, false, io)
+            self.open_relay(true, false, false, false, io)
                 .map(|(r, _)| relays[1] = Some(r))
         });
         if let Err(code) = opened {
@@ -490,11 +528,14 @@ impl Server {
             reservation_token,
             v6_refused,
             created: ctx.now.mono,
+            tcp,
+            conns: Vec::new(),
         };
         tracing::info!(
             user = %alloc.username,
             client = %ctx.from.client,
             transport = ?ctx.from.transport,
+            tcp_relay = tcp,
             relayed = ?alloc.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
             lifetime,
             "allocation created"
@@ -515,6 +556,9 @@ impl Server {
         }
         self.push_timer(expires, TimerKind::Allocation { slot, id });
         self.stats.allocations_created += 1;
+        if tcp {
+            self.stats.tcp_allocations += 1;
+        }
         self.stats
             .allocation_added(ctx.from.transport, allocation_family(&relays));
         self.allocate_success(ctx, out, v, slot)
@@ -552,12 +596,14 @@ impl Server {
     }
 
     /// Opens a relay socket on a port of the pool (EVEN-PORT: even, `pair` also holds the
-    /// next one and returns it). Error = the STUN error code.
+    /// next one and returns it); `tcp`: an RFC 6062 TCP relay listener (§5.1). Error = the
+    /// STUN error code.
     fn open_relay(
         &mut self,
         v6: bool,
         even: bool,
         pair: bool,
+        tcp: bool,
         io: &mut impl RelayIo,
     ) -> Result<(Relay, Option<SocketAddr>), u16> {
         let ra = self.cfg.relay_for(v6).ok_or(440u16)?;
@@ -569,7 +615,12 @@ impl Server {
             };
             let local = SocketAddr::new(ra.local, port);
             let next = pair.then(|| SocketAddr::new(ra.local, port + 1));
-            match io.open_relay(local) {
+            let opened = if tcp {
+                io.open_tcp_relay(local)
+            } else {
+                io.open_relay(local)
+            };
+            match opened {
                 Ok(id) => {
                     let advertised = SocketAddr::new(ra.advertised, port);
                     result = Ok((
@@ -585,6 +636,11 @@ impl Server {
                 Err(e) => {
                     busy.push(local);
                     busy.extend(next);
+                    // A driver without TCP relays (RFC 6062): the transport is unsupported.
+                    if tcp && e.kind() == std::io::ErrorKind::Unsupported {
+                        result = Err(442);
+                        break;
+                    }
                     if e.kind() != std::io::ErrorKind::AddrInUse {
                         tracing::warn!(addr = %local, error = %e, "cannot open relay socket");
                         break;
@@ -661,7 +717,15 @@ impl Server {
             },
         };
         if requested == Some(0) {
-            self.delete(slot, DeleteReason::Refreshed0, ctx.now.mono, io);
+            let dual = self.slots[slot]
+                .as_ref()
+                .is_some_and(|a| a.relays.iter().all(Option::is_some));
+            // RFC 8656 §7.3: with REQUESTED-ADDRESS-FAMILY only that family's relay goes;
+            // the allocation stays while the other family remains.
+            match raf {
+                Some(v6) if dual => self.delete_family(slot, v6, io),
+                _ => self.delete(slot, DeleteReason::Refreshed0, ctx.now.mono, io),
+            }
             return self.respond(ctx, out, 0, Some(v), |w| w.attr_u32(attr::LIFETIME, 0));
         }
         let Some(lifetime) = self.grant_lifetime(requested, v, ctx.now) else {
@@ -692,7 +756,7 @@ impl Server {
 
     /// Checks a peer for a permission or channel: the allocation has a relay of its family
     /// (else 443) and the policy allows it (else 403).
-    fn check_peer(&mut self, slot: usize, peer: IpAddr) -> Result<Relay, u16> {
+    pub(super) fn check_peer(&mut self, slot: usize, peer: IpAddr) -> Result<Relay, u16> {
         let relay = self.slots[slot]
             .as_ref()
             .and_then(|a| a.relay_for(peer))
@@ -766,6 +830,10 @@ impl Server {
             Ok(s) => s,
             Err(a) => return a,
         };
+        // RFC 6062 §5: a TCP allocation has no channels (data goes over connections).
+        if self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
+            return self.respond(ctx, out, 400, Some(v), |_| Ok(()));
+        }
         let number = match raw(m, attr::CHANNEL_NUMBER) {
             Some([a, b, _, _]) => u16::from_be_bytes([*a, *b]),
             _ => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
@@ -838,6 +906,11 @@ impl Server {
             self.stats.sends_dropped += 1;
             return Action::None;
         };
+        // RFC 6062 §5: a TCP allocation relays over peer connections only.
+        if self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
+            self.stats.sends_dropped += 1;
+            return Action::None;
+        }
         let tid = m.transaction_id();
         let peer = match m.attribute::<XorPeerAddress>() {
             Ok(p) => p.addr(tid),

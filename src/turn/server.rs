@@ -15,16 +15,32 @@ use super::server_config::{ServerConfig, Shared};
 use super::stats::{
     transport_index, TurnStats, LIFETIME_SECONDS_BOUNDS, REQUEST_SECONDS_BOUNDS, TRANSPORTS,
 };
-use super::{FiveTuple, Now, PeerRoute, RelayId, RelayIo, RelayUsage};
+use super::tcp_relay::PeerConn;
+use super::{ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo, RelayUsage};
 
 /// What a timer entry is for. Entries are checked against the live state when they fire,
 /// so refreshes just push a later entry and stale ones are skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum TimerKind {
-    Allocation { slot: usize, id: u64 },
-    Permission { slot: usize, id: u64, ip: IpAddr },
-    Channel { slot: usize, id: u64, number: u16 },
+    Allocation {
+        slot: usize,
+        id: u64,
+    },
+    Permission {
+        slot: usize,
+        id: u64,
+        ip: IpAddr,
+    },
+    Channel {
+        slot: usize,
+        id: u64,
+        number: u16,
+    },
     Reservations,
+    /// The 30 s wait of an RFC 6062 peer connection (connecting, or awaiting its bind).
+    TcpConn {
+        conn: ConnId,
+    },
 }
 
 /// Why an allocation goes away (for counters and the log line).
@@ -67,6 +83,10 @@ pub struct Server {
     pub(super) shard_index: u8,
     /// Messages for clients made outside a request (see `drain_outbox`).
     pub(super) outbox: Vec<(FiveTuple, Vec<u8>)>,
+    /// RFC 6062 peer connections of this shard's TCP allocations.
+    pub(super) tcp_conns: FxHashMap<ConnId, PeerConn>,
+    /// Low 24 bits of the last CONNECTION-ID handed out.
+    pub(super) next_conn: u32,
 }
 
 impl Server {
@@ -88,6 +108,8 @@ impl Server {
             stats: TurnStats::default(),
             shard_index: 0,
             outbox: Vec::new(),
+            tcp_conns: FxHashMap::default(),
+            next_conn: 0,
         }
     }
 
@@ -214,6 +236,7 @@ impl Server {
                 TimerKind::Reservations => {
                     self.shared.ports.expire_reservations(now.mono);
                 }
+                TimerKind::TcpConn { conn } => self.tcp_conn_timeout(now, conn, io),
             }
         }
     }
@@ -293,6 +316,16 @@ impl Server {
             self.stats
                 .channel_deactivated(transport, family_index(ch.peer.ip()));
         }
+        // RFC 6062: the peer connections go with their allocation, before its listener.
+        for &c in &a.conns {
+            if let Some(pc) = self.tcp_conns.remove(&c) {
+                self.stats.tcp_conns_by_state[pc.state.index()] -= 1;
+                io.close_tcp_conn(c);
+            }
+        }
+        if a.tcp {
+            self.stats.tcp_allocations -= 1;
+        }
         let mut usage = RelayUsage::default();
         for r in a.relays.iter().flatten() {
             self.by_relay.remove(&r.id);
@@ -317,6 +350,7 @@ impl Server {
         tracing::info!(
             user = %a.username,
             transport = TRANSPORTS[transport_index(transport)],
+            tcp_relay = a.tcp,
             client = %a.tuple.client,
             relayed = ?a.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
             reason = reason.label(),
@@ -326,6 +360,59 @@ impl Server {
             bytes_to_client = usage.to_client_bytes,
             packets_to_client = usage.to_client_packets,
             "allocation ended"
+        );
+    }
+
+    /// Refresh with REQUESTED-ADDRESS-FAMILY and LIFETIME 0 on a dual-stack allocation
+    /// (RFC 8656 §7.3): only that family's relay goes, with its permissions and channels;
+    /// the allocation lives on with the other family.
+    pub(super) fn delete_family(&mut self, slot: usize, v6: bool, io: &mut impl RelayIo) {
+        let fi = usize::from(v6);
+        let Some(a) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let old_family = a.family();
+        let Some(r) = a.relays[fi].take() else {
+            return;
+        };
+        let tuple = a.tuple;
+        let gone_perms: Vec<IpAddr> = a
+            .perms
+            .iter()
+            .copied()
+            .filter(|ip| family_index(*ip) == fi)
+            .collect();
+        a.perms.retain(|ip| family_index(*ip) != fi);
+        let gone_channels: Vec<_> = a
+            .channels
+            .iter()
+            .copied()
+            .filter(|c| family_index(c.peer.ip()) == fi)
+            .collect();
+        a.channels.retain(|c| family_index(c.peer.ip()) != fi);
+        let new_family = a.family();
+        let username = a.username.clone();
+        // Pending timer entries of what goes here find nothing and do nothing.
+        for ip in gone_perms {
+            self.perms.remove(&(r.id, ip));
+            self.stats.permission_removed(tuple.transport, fi);
+        }
+        for c in gone_channels.iter().filter(|c| c.active) {
+            self.peer_channels.remove(&(r.id, c.peer));
+            self.client_channels.remove(&(tuple, c.number));
+            self.stats.channel_deactivated(tuple.transport, fi);
+        }
+        self.by_relay.remove(&r.id);
+        io.close_relay(r.id);
+        self.shared.ports.release(r.local);
+        let ti = transport_index(tuple.transport);
+        self.stats.allocations_by[ti][old_family] -= 1;
+        self.stats.allocations_by[ti][new_family] += 1;
+        tracing::info!(
+            user = %username,
+            client = %tuple.client,
+            relayed = %r.advertised,
+            "allocation released one address family"
         );
     }
 

@@ -85,18 +85,31 @@ pub enum MethodLabel {
     Refresh,
     CreatePermission,
     ChannelBind,
+    /// RFC 6062 §5.2.
+    Connect,
+    /// RFC 6062 §5.4.
+    ConnectionBind,
     Other,
 }
 
 impl MethodLabel {
-    pub const ALL: [MethodLabel; 6] = [
+    pub const ALL: [MethodLabel; 8] = [
         MethodLabel::Binding,
         MethodLabel::Allocate,
         MethodLabel::Refresh,
         MethodLabel::CreatePermission,
         MethodLabel::ChannelBind,
+        MethodLabel::Connect,
+        MethodLabel::ConnectionBind,
         MethodLabel::Other,
     ];
+
+    fn index(self) -> usize {
+        MethodLabel::ALL
+            .iter()
+            .position(|&x| x == self)
+            .unwrap_or(MethodLabel::ALL.len() - 1)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -105,21 +118,23 @@ impl MethodLabel {
             MethodLabel::Refresh => "refresh",
             MethodLabel::CreatePermission => "create_permission",
             MethodLabel::ChannelBind => "channel_bind",
+            MethodLabel::Connect => "connect",
+            MethodLabel::ConnectionBind => "connection_bind",
             MethodLabel::Other => "other",
         }
     }
 }
 
 /// Result codes a request can get (0 = success, 999 = any other code), in counter order.
-pub const RESULT_CODES: [u16; 15] = [
-    0, 400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508, 999,
+pub const RESULT_CODES: [u16; 17] = [
+    0, 400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 446, 447, 486, 500, 508, 999,
 ];
 
 /// Label of `RESULT_CODES[i]` for a metric: "success", the code ("401"), or "other".
 pub fn result_label(i: usize) -> &'static str {
     const LABELS: [&str; RESULT_CODES.len()] = [
-        "success", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "486",
-        "500", "508", "other",
+        "success", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "446",
+        "447", "486", "500", "508", "other",
     ];
     LABELS.get(i).copied().unwrap_or("other")
 }
@@ -158,11 +173,26 @@ impl AuthFailure {
     }
 }
 
+/// Outcomes of RFC 6062 Connect requests (§5.2), in [`TurnStats::tcp_connects`] order:
+/// `ok` (success response sent), `failed` (447: the connect failed or could not start),
+/// `timeout` (447: no connection within 30 s), `refused` (an error answer before any
+/// connect: 400, 403, 437, 441, 443, 446, 508).
+pub const TCP_CONNECT_RESULTS: [&str; 4] = ["ok", "failed", "timeout", "refused"];
+/// Outcomes of incoming peer connections on a TCP relay (§5.3): `attempt_sent`
+/// (ConnectionAttempt indication queued), `no_permission`, `over_limit`.
+pub const TCP_PEER_RESULTS: [&str; 3] = ["attempt_sent", "no_permission", "over_limit"];
+/// Outcomes of ConnectionBind (§5.4) and of the wait for it: `ok`, `rejected` (400 or 441
+/// after the credential checks), `expired` (no ConnectionBind within 30 s).
+pub const TCP_BIND_RESULTS: [&str; 3] = ["ok", "rejected", "expired"];
+/// States of a peer connection: `connecting` (Connect sent, not connected yet), `pending`
+/// (connected, waiting for its ConnectionBind), `bound` (spliced to a client data connection).
+pub const TCP_CONN_STATES: [&str; 3] = ["connecting", "pending", "bound"];
+
 /// Counters of one shard's TURN core.
 #[derive(Debug, Clone, Default)]
 pub struct TurnStats {
     /// Requests by method (index of [`MethodLabel::ALL`]) and result ([`RESULT_CODES`]).
-    pub requests: [[u64; RESULT_CODES.len()]; 6],
+    pub requests: [[u64; RESULT_CODES.len()]; MethodLabel::ALL.len()],
     /// Authentication failures by reason (index of [`AuthFailure::ALL`]).
     pub auth_failures: [u64; 4],
     /// Unauthenticated requests dropped by the per-source rate limit.
@@ -197,12 +227,21 @@ pub struct TurnStats {
     pub request_seconds: Histo<{ REQUEST_SECONDS_BOUNDS.len() }>,
     /// Lifetime of ended allocations.
     pub allocation_lifetime_seconds: Histo<{ LIFETIME_SECONDS_BOUNDS.len() }>,
+    /// Live RFC 6062 TCP allocations (also counted in `allocations_by`).
+    pub tcp_allocations: u64,
+    /// Connect requests by outcome ([`TCP_CONNECT_RESULTS`]).
+    pub tcp_connects: [u64; 4],
+    /// Incoming peer connections by outcome ([`TCP_PEER_RESULTS`]).
+    pub tcp_peer_incoming: [u64; 3],
+    /// ConnectionBinds by outcome ([`TCP_BIND_RESULTS`]).
+    pub tcp_binds: [u64; 3],
+    /// Live peer connections by state ([`TCP_CONN_STATES`]).
+    pub tcp_conns_by_state: [u64; 3],
 }
 
 impl TurnStats {
     pub(crate) fn request(&mut self, m: MethodLabel, code: u16) {
-        let mi = MethodLabel::ALL.iter().position(|&x| x == m).unwrap_or(5);
-        self.requests[mi][result_index(code)] += 1;
+        self.requests[m.index()][result_index(code)] += 1;
     }
 
     pub(crate) fn auth_failure(&mut self, r: AuthFailure) {
@@ -212,8 +251,7 @@ impl TurnStats {
 
     /// Requests of method `m` answered with `code` (0 = success).
     pub fn requests_with(&self, m: MethodLabel, code: u16) -> u64 {
-        let mi = MethodLabel::ALL.iter().position(|&x| x == m).unwrap_or(5);
-        self.requests[mi][result_index(code)]
+        self.requests[m.index()][result_index(code)]
     }
 
     pub(crate) fn allocation_added(&mut self, t: Transport, family: usize) {
@@ -288,6 +326,17 @@ impl TurnStats {
             }
         }
         for (a, b) in self.channels_by.iter_mut().zip(o.channels_by.iter()) {
+            for (x, y) in a.iter_mut().zip(b.iter()) {
+                *x += y;
+            }
+        }
+        self.tcp_allocations += o.tcp_allocations;
+        for (a, b) in [
+            (&mut self.tcp_connects[..], &o.tcp_connects[..]),
+            (&mut self.tcp_peer_incoming[..], &o.tcp_peer_incoming[..]),
+            (&mut self.tcp_binds[..], &o.tcp_binds[..]),
+            (&mut self.tcp_conns_by_state[..], &o.tcp_conns_by_state[..]),
+        ] {
             for (x, y) in a.iter_mut().zip(b.iter()) {
                 *x += y;
             }

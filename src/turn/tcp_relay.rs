@@ -3,9 +3,74 @@
 //! through here: the IO driver splices them.
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
-use super::server::Server;
-use super::{ConnId, FiveTuple, Now, RelayId};
+use stun_types::message::Message;
+
+use super::auth::Verified;
+use super::reply::Ctx;
+use super::requests::{peer_addresses, raw, u32_attr};
+use super::server::{Server, TimerKind};
+use super::stats::MethodLabel;
+use super::{conn_shard, Action, ConnId, FiveTuple, Now, RelayId, RelayIo};
+use crate::stun::{attr, class, message_type, method, MessageWriter};
+
+/// How long a peer connection may stay connecting, or wait for its ConnectionBind
+/// (RFC 6062 §5.2, §5.3: 30 seconds).
+pub(super) const TCP_CONN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Low 24 bits of a CONNECTION-ID: the per-shard counter (the top 8 name the shard).
+const CONN_COUNTER_MASK: u32 = 0x00FF_FFFF;
+
+/// Where a peer connection is in its life (RFC 6062 §5.2-§5.4).
+#[derive(Debug, Clone)]
+pub(super) enum ConnState {
+    /// The driver is connecting to the peer for a Connect request; the request is answered
+    /// when it finishes, signed with the credential that authenticated it.
+    Connecting { txid: [u8; 12], cred: Verified },
+    /// Connected (or accepted from a peer), waiting for the client's ConnectionBind.
+    Pending,
+    /// Spliced to the client data connection `data`.
+    Bound { data: FiveTuple },
+}
+
+impl ConnState {
+    /// Index in `stats::TCP_CONN_STATES`.
+    pub(super) fn index(&self) -> usize {
+        match self {
+            ConnState::Connecting { .. } => 0,
+            ConnState::Pending => 1,
+            ConnState::Bound { .. } => 2,
+        }
+    }
+}
+
+/// One peer connection of a TCP allocation.
+#[derive(Debug)]
+pub(super) struct PeerConn {
+    pub slot: usize,
+    /// The owning allocation's id (guards against a reused slot).
+    pub alloc_id: u64,
+    pub peer: SocketAddr,
+    pub state: ConnState,
+    /// End of the current state's 30 s wait (meaningless once bound). A timer entry
+    /// earlier than this is stale and ignored.
+    pub deadline: Instant,
+}
+
+/// Results in `TurnStats::tcp_connects`.
+const CONNECT_OK: usize = 0;
+const CONNECT_FAILED: usize = 1;
+const CONNECT_TIMEOUT: usize = 2;
+const CONNECT_REFUSED: usize = 3;
+/// Results in `TurnStats::tcp_peer_incoming`.
+const PEER_ATTEMPT_SENT: usize = 0;
+const PEER_NO_PERMISSION: usize = 1;
+const PEER_OVER_LIMIT: usize = 2;
+/// Results in `TurnStats::tcp_binds`.
+const BIND_OK: usize = 0;
+const BIND_REJECTED: usize = 1;
+const BIND_EXPIRED: usize = 2;
 
 impl Server {
     /// Sets the index of this shard's worker; it becomes the top 8 bits of every
@@ -24,8 +89,31 @@ impl Server {
     /// and the 30 s ConnectionBind timer starts; on failure a 447 response is queued and
     /// the core forgets `conn`. Returns whether the driver keeps the socket (`false`:
     /// close it, e.g. the allocation went meanwhile or `ok` was false).
-    pub fn tcp_connect_done(&mut self, _now: Now, _conn: ConnId, _ok: bool) -> bool {
-        false
+    pub fn tcp_connect_done(&mut self, now: Now, conn: ConnId, ok: bool) -> bool {
+        let Some(pc) = self.tcp_conns.get(&conn) else {
+            return false;
+        };
+        let ConnState::Connecting { txid, cred } = &pc.state else {
+            return false;
+        };
+        let (txid, cred) = (*txid, cred.clone());
+        let Some(tuple) = self.live(pc.slot, pc.alloc_id).map(|a| a.tuple) else {
+            self.forget_conn(conn);
+            return false;
+        };
+        if !ok {
+            self.forget_conn(conn);
+            self.stats.tcp_connects[CONNECT_FAILED] += 1;
+            tracing::debug!(client = %tuple.client, conn, "TCP relay connect failed");
+            self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+            return false;
+        }
+        let deadline = now.mono + TCP_CONN_TIMEOUT;
+        self.set_state(conn, ConnState::Pending, deadline);
+        self.push_timer(deadline, TimerKind::TcpConn { conn });
+        self.stats.tcp_connects[CONNECT_OK] += 1;
+        self.queue_connect_response(tuple, txid, now, 0, &cred, Some(conn));
+        true
     }
 
     /// A peer connected to TCP relay listener `relay` (RFC 6062 §5.3). `Some(conn)`: keep
@@ -33,16 +121,83 @@ impl Server {
     /// indication is queued in the outbox. `None`: no permission or over the limit, close it.
     pub fn tcp_peer_accepted(
         &mut self,
-        _now: Now,
-        _relay: RelayId,
-        _peer: SocketAddr,
+        now: Now,
+        relay: RelayId,
+        peer: SocketAddr,
     ) -> Option<ConnId> {
-        None
+        let slot = *self.by_relay.get(&relay)?;
+        let a = self.slots.get(slot)?.as_ref()?;
+        if !a.tcp {
+            return None;
+        }
+        let tuple = a.tuple;
+        let permitted = self
+            .perms
+            .get(&(relay, peer.ip()))
+            .is_some_and(|&exp| exp > now.mono);
+        if !permitted {
+            self.stats.tcp_peer_incoming[PEER_NO_PERMISSION] += 1;
+            tracing::debug!(client = %tuple.client, %peer, "TCP peer without permission refused");
+            return None;
+        }
+        if a.conns.len() >= self.cfg.tcp_relay_max_connections as usize {
+            self.stats.tcp_peer_incoming[PEER_OVER_LIMIT] += 1;
+            tracing::debug!(client = %tuple.client, %peer, "TCP peer over the connection limit");
+            return None;
+        }
+        let Some(conn) = self.new_conn_id() else {
+            self.stats.tcp_peer_incoming[PEER_OVER_LIMIT] += 1;
+            return None;
+        };
+        self.add_conn(slot, conn, peer, ConnState::Pending, now.mono);
+        // ConnectionAttempt (RFC 6062 §6.2.2): XOR-PEER-ADDRESS and CONNECTION-ID.
+        let mut buf = [0u8; 128];
+        let written = (|| {
+            let mut w = MessageWriter::new(
+                &mut buf,
+                message_type(method::CONNECTION_ATTEMPT, class::INDICATION),
+                rand::random(),
+            )?;
+            w.xor_addr(attr::XOR_PEER_ADDRESS, peer)?;
+            w.attr_u32(attr::CONNECTION_ID, conn)?;
+            w.finish_with_fingerprint()
+        })();
+        if let Ok(n) = written {
+            self.outbox.push((tuple, buf[..n].to_vec()));
+        }
+        self.stats.tcp_peer_incoming[PEER_ATTEMPT_SENT] += 1;
+        Some(conn)
     }
 
     /// The driver closed peer connection `conn` (either side of a bound pair ended, or a
-    /// peer waiting for its ConnectionBind hung up).
-    pub fn tcp_conn_closed(&mut self, _conn: ConnId) {}
+    /// peer waiting for its ConnectionBind hung up). One still connecting has its Connect
+    /// answered with 447, so the client does not wait for an answer that cannot come.
+    pub fn tcp_conn_closed(&mut self, conn: ConnId) {
+        let Some(pc) = self.tcp_conns.get(&conn) else {
+            return;
+        };
+        match &pc.state {
+            ConnState::Bound { data } => {
+                tracing::debug!(client = %data.client, conn, "TCP relay connection ended");
+            }
+            ConnState::Connecting { txid, cred } => {
+                let (txid, cred) = (*txid, cred.clone());
+                if let Some(a) = self.live(pc.slot, pc.alloc_id) {
+                    let (tuple, created) = (a.tuple, a.created);
+                    self.stats.tcp_connects[CONNECT_FAILED] += 1;
+                    // A signed answer does not read the clock (only unauthenticated
+                    // ones pass the rate limiter), so this call needs no `now`.
+                    let now = Now {
+                        mono: created,
+                        unix_secs: 0,
+                    };
+                    self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+                }
+            }
+            ConnState::Pending => {}
+        }
+        self.forget_conn(conn);
+    }
 
     /// Messages for clients produced outside a request: Connect responses, ConnectionAttempt
     /// indications and 447 timeouts (RFC 6062 §5.2, §5.3). Each goes on control connection
@@ -50,6 +205,243 @@ impl Server {
     pub fn drain_outbox(&mut self, mut f: impl FnMut(&FiveTuple, &[u8])) {
         for (t, m) in self.outbox.drain(..) {
             f(&t, &m);
+        }
+    }
+
+    /// Connect (RFC 6062 §5.2), authenticated. Answered now only when it fails early;
+    /// otherwise the driver connects and `tcp_connect_done` (or the 30 s timer) answers.
+    pub(super) fn connect(
+        &mut self,
+        ctx: &Ctx,
+        m: &Message<'_>,
+        out: &mut [u8],
+        v: &Verified,
+        username: &str,
+        io: &mut impl RelayIo,
+    ) -> Action {
+        let refuse = |s: &mut Self, out: &mut [u8], code: u16| {
+            s.stats.tcp_connects[CONNECT_REFUSED] += 1;
+            s.respond(ctx, out, code, Some(v), |_| Ok(()))
+        };
+        let slot = match self.own_allocation(ctx, out, v, username) {
+            Ok(s) => s,
+            Err(a) => {
+                self.stats.tcp_connects[CONNECT_REFUSED] += 1;
+                return a;
+            }
+        };
+        if !self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
+            return refuse(self, out, 400);
+        }
+        let peer = match peer_addresses(m).as_deref() {
+            Ok([p]) => *p,
+            _ => return refuse(self, out, 400),
+        };
+        let relay = match self.check_peer(slot, peer.ip()) {
+            Ok(r) => r,
+            Err(code) => return refuse(self, out, code),
+        };
+        let Some(a) = self.slots[slot].as_ref() else {
+            return Action::None;
+        };
+        // §5.2: one connection per peer address, whether still connecting, waiting for
+        // its bind, or bound.
+        let exists = a
+            .conns
+            .iter()
+            .any(|c| self.tcp_conns.get(c).is_some_and(|pc| pc.peer == peer));
+        if exists {
+            return refuse(self, out, 446);
+        }
+        if a.conns.len() >= self.cfg.tcp_relay_max_connections as usize {
+            return refuse(self, out, 508);
+        }
+        let Some(conn) = self.new_conn_id() else {
+            return refuse(self, out, 508);
+        };
+        if let Err(e) = io.tcp_connect(relay.id, peer, conn) {
+            tracing::debug!(client = %ctx.from.client, %peer, error = %e, "TCP relay connect could not start");
+            self.stats.tcp_connects[CONNECT_FAILED] += 1;
+            return self.respond(ctx, out, 447, Some(v), |_| Ok(()));
+        }
+        let state = ConnState::Connecting {
+            txid: ctx.txid,
+            cred: v.clone(),
+        };
+        self.add_conn(slot, conn, peer, state, ctx.now.mono);
+        Action::None
+    }
+
+    /// ConnectionBind (RFC 6062 §5.4), authenticated, on a new TCP/TLS connection: it
+    /// becomes the client data connection of peer connection CONNECTION-ID.
+    pub(super) fn connection_bind(
+        &mut self,
+        ctx: &Ctx,
+        m: &Message<'_>,
+        out: &mut [u8],
+        v: &Verified,
+        username: &str,
+    ) -> Action {
+        let reject = |s: &mut Self, out: &mut [u8], code: u16| {
+            s.stats.tcp_binds[BIND_REJECTED] += 1;
+            s.respond(ctx, out, code, Some(v), |_| Ok(()))
+        };
+        let Some(conn) = raw(m, attr::CONNECTION_ID).and_then(u32_attr) else {
+            return reject(self, out, 400);
+        };
+        if conn_shard(conn) != usize::from(self.shard_index) {
+            return reject(self, out, 400);
+        }
+        let Some(pc) = self.tcp_conns.get(&conn) else {
+            return reject(self, out, 400);
+        };
+        if !matches!(pc.state, ConnState::Pending) {
+            return reject(self, out, 400);
+        }
+        // A control connection cannot turn into a data connection (§5.4).
+        if self.by_tuple.contains_key(&ctx.from) {
+            return reject(self, out, 400);
+        }
+        let Some(a) = self.live(pc.slot, pc.alloc_id) else {
+            return reject(self, out, 400);
+        };
+        if a.username != username {
+            return reject(self, out, 441);
+        }
+        let deadline = pc.deadline;
+        self.set_state(conn, ConnState::Bound { data: ctx.from }, deadline);
+        self.stats.tcp_binds[BIND_OK] += 1;
+        tracing::debug!(client = %ctx.from.client, conn, "TCP relay connection bound");
+        match self.respond(ctx, out, 0, Some(v), |_| Ok(())) {
+            Action::Reply(len) => Action::BindData { conn, len },
+            other => other,
+        }
+    }
+
+    /// A peer connection's 30 s wait ended (RFC 6062 §5.2, §5.3): still connecting → the
+    /// Connect gets 447; still waiting for its ConnectionBind → closed.
+    pub(super) fn tcp_conn_timeout(&mut self, now: Now, conn: ConnId, io: &mut impl RelayIo) {
+        let Some(pc) = self.tcp_conns.get(&conn) else {
+            return;
+        };
+        // A later deadline: the id was reused, or the state moved on and re-armed.
+        if pc.deadline > now.mono {
+            return;
+        }
+        let tuple = self.live(pc.slot, pc.alloc_id).map(|a| a.tuple);
+        match &pc.state {
+            ConnState::Connecting { txid, cred } => {
+                let (txid, cred) = (*txid, cred.clone());
+                io.close_tcp_conn(conn);
+                self.forget_conn(conn);
+                self.stats.tcp_connects[CONNECT_TIMEOUT] += 1;
+                if let Some(tuple) = tuple {
+                    tracing::debug!(client = %tuple.client, conn, "TCP relay connect timed out");
+                    self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+                }
+            }
+            ConnState::Pending => {
+                io.close_tcp_conn(conn);
+                self.forget_conn(conn);
+                self.stats.tcp_binds[BIND_EXPIRED] += 1;
+            }
+            ConnState::Bound { .. } => {}
+        }
+    }
+
+    /// A fresh CONNECTION-ID: this shard's index on top, a 24-bit counter below, never 0
+    /// there and never one in use. `None` only if all 2^24 - 1 are in use.
+    fn new_conn_id(&mut self) -> Option<ConnId> {
+        if self.tcp_conns.len() >= CONN_COUNTER_MASK as usize {
+            return None;
+        }
+        loop {
+            self.next_conn = (self.next_conn + 1) & CONN_COUNTER_MASK;
+            if self.next_conn == 0 {
+                continue;
+            }
+            let id = (u32::from(self.shard_index) << 24) | self.next_conn;
+            if !self.tcp_conns.contains_key(&id) {
+                return Some(id);
+            }
+        }
+    }
+
+    /// Records a new peer connection of the allocation in `slot`, with its 30 s timer.
+    fn add_conn(
+        &mut self,
+        slot: usize,
+        conn: ConnId,
+        peer: SocketAddr,
+        state: ConnState,
+        now: Instant,
+    ) {
+        let Some(a) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        a.conns.push(conn);
+        let deadline = now + TCP_CONN_TIMEOUT;
+        self.stats.tcp_conns_by_state[state.index()] += 1;
+        self.tcp_conns.insert(
+            conn,
+            PeerConn {
+                slot,
+                alloc_id: a.id,
+                peer,
+                state,
+                deadline,
+            },
+        );
+        self.push_timer(deadline, TimerKind::TcpConn { conn });
+    }
+
+    fn set_state(&mut self, conn: ConnId, state: ConnState, deadline: Instant) {
+        if let Some(pc) = self.tcp_conns.get_mut(&conn) {
+            self.stats.tcp_conns_by_state[pc.state.index()] -= 1;
+            self.stats.tcp_conns_by_state[state.index()] += 1;
+            pc.state = state;
+            pc.deadline = deadline;
+        }
+    }
+
+    /// Drops `conn` from the tables (no IO).
+    fn forget_conn(&mut self, conn: ConnId) {
+        let Some(pc) = self.tcp_conns.remove(&conn) else {
+            return;
+        };
+        self.stats.tcp_conns_by_state[pc.state.index()] -= 1;
+        if let Some(a) = self.slots.get_mut(pc.slot).and_then(Option::as_mut) {
+            if a.id == pc.alloc_id {
+                a.conns.retain(|&c| c != conn);
+            }
+        }
+    }
+
+    /// Queues the deferred answer to a Connect: success with CONNECTION-ID, or 447.
+    fn queue_connect_response(
+        &mut self,
+        tuple: FiveTuple,
+        txid: [u8; 12],
+        now: Now,
+        code: u16,
+        cred: &Verified,
+        conn: Option<ConnId>,
+    ) {
+        let ctx = Ctx {
+            method: method::CONNECT,
+            label: MethodLabel::Connect,
+            txid,
+            from: tuple,
+            now,
+        };
+        let mut buf = vec![0u8; 512];
+        let reply = self.respond(&ctx, &mut buf, code, Some(cred), |w| match conn {
+            Some(c) => w.attr_u32(attr::CONNECTION_ID, c),
+            None => Ok(()),
+        });
+        if let Action::Reply(n) = reply {
+            buf.truncate(n);
+            self.outbox.push((tuple, buf));
         }
     }
 }

@@ -14,21 +14,30 @@ use super::*;
 use crate::config::{Config, StaticUser};
 use crate::stun::{attr, class, message_type, method, MessageWriter, MAGIC_COOKIE};
 
-const SECRET: &str = "test-secret";
-const REALM: &str = "tern";
-const RELAY_V4: &str = "192.0.2.10";
-const ADV_V4: &str = "198.51.100.10";
-const RELAY_V6: &str = "2001:db8::10";
-const PEER: &str = "8.8.8.8:5000";
-const PEER2: &str = "1.1.1.1:6000";
-const T0_UNIX: u64 = 1_800_000_000;
+pub(super) const SECRET: &str = "test-secret";
+pub(super) const REALM: &str = "tern";
+pub(super) const RELAY_V4: &str = "192.0.2.10";
+pub(super) const ADV_V4: &str = "198.51.100.10";
+pub(super) const RELAY_V6: &str = "2001:db8::10";
+pub(super) const PEER: &str = "8.8.8.8:5000";
+pub(super) const PEER2: &str = "1.1.1.1:6000";
+pub(super) const T0_UNIX: u64 = 1_800_000_000;
 
 #[derive(Default)]
-struct FakeIo {
-    next: u32,
-    open: HashMap<RelayId, SocketAddr>,
-    busy: HashSet<SocketAddr>,
-    fail_all: bool,
+pub(super) struct FakeIo {
+    pub(super) next: u32,
+    pub(super) open: HashMap<RelayId, SocketAddr>,
+    pub(super) busy: HashSet<SocketAddr>,
+    pub(super) fail_all: bool,
+    /// RFC 6062: which open relays are TCP listeners, the connects started (relay, peer,
+    /// conn), and the peer connections closed by the core.
+    pub(super) tcp_listeners: HashSet<RelayId>,
+    pub(super) connects: Vec<(RelayId, SocketAddr, ConnId)>,
+    pub(super) closed_conns: Vec<ConnId>,
+    /// `tcp_connect` fails to start.
+    pub(super) fail_connect: bool,
+    /// A driver without TCP relays: `open_tcp_relay` is unsupported.
+    pub(super) no_tcp: bool,
 }
 
 impl RelayIo for FakeIo {
@@ -46,20 +55,58 @@ impl RelayIo for FakeIo {
     }
     fn close_relay(&mut self, relay: RelayId) {
         assert!(self.open.remove(&relay).is_some(), "closing unknown relay");
+        self.tcp_listeners.remove(&relay);
+    }
+    fn open_tcp_relay(&mut self, addr: SocketAddr) -> std::io::Result<RelayId> {
+        if self.no_tcp {
+            return Err(std::io::ErrorKind::Unsupported.into());
+        }
+        let id = self.open_relay(addr)?;
+        self.tcp_listeners.insert(id);
+        Ok(id)
+    }
+    fn tcp_connect(
+        &mut self,
+        relay: RelayId,
+        peer: SocketAddr,
+        conn: ConnId,
+    ) -> std::io::Result<()> {
+        assert!(
+            self.tcp_listeners.contains(&relay),
+            "connect from a non-TCP relay"
+        );
+        if self.fail_connect {
+            return Err(std::io::ErrorKind::ConnectionRefused.into());
+        }
+        self.connects.push((relay, peer, conn));
+        Ok(())
+    }
+    fn close_tcp_conn(&mut self, conn: ConnId) {
+        if let Some((relay, _, _)) = self.connects.iter().find(|c| c.2 == conn) {
+            assert!(
+                self.open.contains_key(relay),
+                "conn {conn} closed after its listener"
+            );
+        }
+        assert!(
+            !self.closed_conns.contains(&conn),
+            "conn {conn} closed twice"
+        );
+        self.closed_conns.push(conn);
     }
 }
 
 /// A parsed response.
-struct Resp {
-    bytes: Vec<u8>,
+pub(super) struct Resp {
+    pub(super) bytes: Vec<u8>,
 }
 
 impl Resp {
-    fn msg(&self) -> Message<'_> {
+    pub(super) fn msg(&self) -> Message<'_> {
         Message::from_bytes(&self.bytes).expect("response parses, FINGERPRINT ok")
     }
     /// 0 for success, else the ERROR-CODE.
-    fn code(&self) -> u16 {
+    pub(super) fn code(&self) -> u16 {
         let t = u16::from_be_bytes([self.bytes[0], self.bytes[1]]);
         if t & 0x0110 == class::SUCCESS {
             return 0;
@@ -68,7 +115,7 @@ impl Resp {
         let v = self.attr(attr::ERROR_CODE).expect("ERROR-CODE");
         v[2] as u16 * 100 + v[3] as u16
     }
-    fn attrs(&self, t: u16) -> Vec<Vec<u8>> {
+    pub(super) fn attrs(&self, t: u16) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut off = 20;
         while off + 4 <= self.bytes.len() {
@@ -81,30 +128,30 @@ impl Resp {
         }
         out
     }
-    fn attr(&self, t: u16) -> Option<Vec<u8>> {
+    pub(super) fn attr(&self, t: u16) -> Option<Vec<u8>> {
         self.attrs(t).into_iter().next()
     }
-    fn has(&self, t: u16) -> bool {
+    pub(super) fn has(&self, t: u16) -> bool {
         self.attr(t).is_some()
     }
-    fn xor_addrs(&self, t: u16) -> Vec<SocketAddr> {
+    pub(super) fn xor_addrs(&self, t: u16) -> Vec<SocketAddr> {
         self.attrs(t)
             .iter()
             .map(|v| unxor(v, &self.bytes[8..20]))
             .collect()
     }
-    fn lifetime(&self) -> u32 {
+    pub(super) fn lifetime(&self) -> u32 {
         u32::from_be_bytes(self.attr(attr::LIFETIME).unwrap().try_into().unwrap())
     }
-    fn nonce(&self) -> Vec<u8> {
+    pub(super) fn nonce(&self) -> Vec<u8> {
         self.attr(attr::NONCE).expect("NONCE")
     }
-    fn verifies_with(&self, key: &Key) -> bool {
+    pub(super) fn verifies_with(&self, key: &Key) -> bool {
         crate::stun::verify_integrity(&self.bytes, key.as_bytes()).is_ok()
     }
 }
 
-fn unxor(v: &[u8], txid: &[u8]) -> SocketAddr {
+pub(super) fn unxor(v: &[u8], txid: &[u8]) -> SocketAddr {
     let port = u16::from_be_bytes([v[2], v[3]]) ^ (MAGIC_COOKIE >> 16) as u16;
     let mut key = MAGIC_COOKIE.to_be_bytes().to_vec();
     key.extend_from_slice(txid);
@@ -120,17 +167,17 @@ fn unxor(v: &[u8], txid: &[u8]) -> SocketAddr {
 
 /// A request a test client sends.
 #[derive(Clone)]
-struct Req {
-    method: u16,
-    class: u16,
-    txid: [u8; 12],
-    attrs: Vec<(u16, Vec<u8>)>,
-    peers: Vec<SocketAddr>,
-    data: Option<Vec<u8>>,
+pub(super) struct Req {
+    pub(super) method: u16,
+    pub(super) class: u16,
+    pub(super) txid: [u8; 12],
+    pub(super) attrs: Vec<(u16, Vec<u8>)>,
+    pub(super) peers: Vec<SocketAddr>,
+    pub(super) data: Option<Vec<u8>>,
 }
 
 impl Req {
-    fn new(method: u16) -> Req {
+    pub(super) fn new(method: u16) -> Req {
         Req {
             method,
             class: class::REQUEST,
@@ -140,26 +187,26 @@ impl Req {
             data: None,
         }
     }
-    fn attr(mut self, t: u16, v: &[u8]) -> Req {
+    pub(super) fn attr(mut self, t: u16, v: &[u8]) -> Req {
         self.attrs.push((t, v.to_vec()));
         self
     }
-    fn u32(self, t: u16, v: u32) -> Req {
+    pub(super) fn u32(self, t: u16, v: u32) -> Req {
         self.attr(t, &v.to_be_bytes())
     }
-    fn udp(self) -> Req {
+    pub(super) fn udp(self) -> Req {
         self.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
     }
-    fn peer(mut self, p: &str) -> Req {
+    pub(super) fn peer(mut self, p: &str) -> Req {
         self.peers.push(p.parse().unwrap());
         self
     }
-    fn channel(self, n: u16) -> Req {
+    pub(super) fn channel(self, n: u16) -> Req {
         let b = n.to_be_bytes();
         self.attr(attr::CHANNEL_NUMBER, &[b[0], b[1], 0, 0])
     }
     /// Encodes, signed when `auth` is given (username, key, nonce).
-    fn encode(&self, auth: Option<(&str, &Key, &[u8])>) -> Vec<u8> {
+    pub(super) fn encode(&self, auth: Option<(&str, &Key, &[u8])>) -> Vec<u8> {
         let mut buf = vec![0u8; 4096];
         let mut w =
             MessageWriter::new(&mut buf, message_type(self.method, self.class), self.txid).unwrap();
@@ -184,16 +231,16 @@ impl Req {
     }
 }
 
-struct H {
-    server: Server,
-    shared: Arc<Shared>,
-    io: FakeIo,
-    t0: Instant,
-    elapsed: Duration,
-    nonce: Vec<u8>,
+pub(super) struct H {
+    pub(super) server: Server,
+    pub(super) shared: Arc<Shared>,
+    pub(super) io: FakeIo,
+    pub(super) t0: Instant,
+    pub(super) elapsed: Duration,
+    pub(super) nonce: Vec<u8>,
 }
 
-fn client(n: u16) -> FiveTuple {
+pub(super) fn client(n: u16) -> FiveTuple {
     FiveTuple {
         transport: Transport::Udp,
         client: SocketAddr::new("203.0.113.5".parse().unwrap(), 40000 + n),
@@ -201,18 +248,18 @@ fn client(n: u16) -> FiveTuple {
     }
 }
 
-fn cred(user: &str, ttl: u64) -> (String, Key) {
+pub(super) fn cred(user: &str, ttl: u64) -> (String, Key) {
     let c = mint_rest_credential(SECRET, user, ttl, T0_UNIX, ":");
     let key = Key::md5(&c.username, REALM, &c.password);
     (c.username, key)
 }
 
 impl H {
-    fn new(tweak: impl FnOnce(&mut Config)) -> H {
+    pub(super) fn new(tweak: impl FnOnce(&mut Config)) -> H {
         Self::with_relays(tweak, vec![(RELAY_V4, ADV_V4)])
     }
 
-    fn with_relays(tweak: impl FnOnce(&mut Config), relays: Vec<(&str, &str)>) -> H {
+    pub(super) fn with_relays(tweak: impl FnOnce(&mut Config), relays: Vec<(&str, &str)>) -> H {
         let mut cfg = Config::default();
         cfg.turn.auth_secrets = vec![SECRET.into()];
         cfg.turn.realm = REALM.into();
@@ -241,7 +288,7 @@ impl H {
         }
     }
 
-    fn now(&self) -> Now {
+    pub(super) fn now(&self) -> Now {
         Now {
             mono: self.t0 + self.elapsed,
             unix_secs: T0_UNIX + self.elapsed.as_secs(),
@@ -249,7 +296,7 @@ impl H {
     }
 
     /// Advances the clock, running timers that fall due.
-    fn advance(&mut self, secs: u64) {
+    pub(super) fn advance(&mut self, secs: u64) {
         let end = self.elapsed + Duration::from_secs(secs);
         loop {
             match self.server.poll_timeout() {
@@ -264,7 +311,7 @@ impl H {
         self.elapsed = end;
     }
 
-    fn raw(&mut self, from: FiveTuple, msg: &[u8]) -> (Action, Vec<u8>) {
+    pub(super) fn raw(&mut self, from: FiveTuple, msg: &[u8]) -> (Action, Vec<u8>) {
         let mut out = vec![0u8; 2048];
         let now = self.now();
         let a = self
@@ -274,7 +321,7 @@ impl H {
     }
 
     /// Sends and expects an answer.
-    fn send(&mut self, from: FiveTuple, msg: &[u8]) -> Resp {
+    pub(super) fn send(&mut self, from: FiveTuple, msg: &[u8]) -> Resp {
         match self.raw(from, msg) {
             (Action::Reply(n), out) => Resp {
                 bytes: out[..n].to_vec(),
@@ -284,7 +331,7 @@ impl H {
     }
 
     /// Sends `req` signed with (user, key), fetching a nonce first when we have none.
-    fn auth(&mut self, from: FiveTuple, req: &Req, user: &str, key: &Key) -> Resp {
+    pub(super) fn auth(&mut self, from: FiveTuple, req: &Req, user: &str, key: &Key) -> Resp {
         if self.nonce.is_empty() {
             let r = self.send(from, &req.encode(None));
             assert_eq!(r.code(), 401);
@@ -302,18 +349,18 @@ impl H {
     }
 
     /// Like `auth` but without the 438 retry.
-    fn auth_once(&mut self, from: FiveTuple, req: &Req, user: &str, key: &Key) -> Resp {
+    pub(super) fn auth_once(&mut self, from: FiveTuple, req: &Req, user: &str, key: &Key) -> Resp {
         let nonce = self.nonce.clone();
         self.send(from, &req.encode(Some((user, key, &nonce))))
     }
 
     /// Allocates for `from` as user "alice" and returns the response.
-    fn allocate(&mut self, from: FiveTuple) -> Resp {
+    pub(super) fn allocate(&mut self, from: FiveTuple) -> Resp {
         let (u, k) = cred("alice", 86400);
         self.auth(from, &Req::new(method::ALLOCATE).udp(), &u, &k)
     }
 
-    fn alice(&self) -> (String, Key) {
+    pub(super) fn alice(&self) -> (String, Key) {
         cred("alice", 86400)
     }
 }
@@ -637,7 +684,7 @@ fn transport_and_family_errors() {
         &u,
         &k,
     );
-    assert_eq!(r.code(), 442, "TCP relays (RFC 6062) not built yet");
+    assert_eq!(r.code(), 0, "TCP relay (RFC 6062)");
     let r = h.auth(
         client(1),
         &Req::new(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[1, 0, 0, 0]),
@@ -1729,7 +1776,7 @@ fn total_quota_redirects_to_an_alternate_when_configured() {
     assert_eq!(plain_addr(&v).to_string(), "192.0.2.60:3478");
 }
 
-fn reloaded(h: &H, tweak: impl FnOnce(&mut Config)) -> Arc<ServerConfig> {
+pub(super) fn reloaded(h: &H, tweak: impl FnOnce(&mut Config)) -> Arc<ServerConfig> {
     let mut cfg = Config::default();
     cfg.turn.realm = REALM.into();
     cfg.turn.min_port = 50000;

@@ -444,9 +444,32 @@ pub fn uclient_at(
     args: &[&str],
     limit: Duration,
 ) -> UclientReport {
-    let mut cmd = Command::new("turnutils_uclient");
-    cmd.args(["-W", &tern.secret, "-u", "tester"]);
-    uclient_run(&mut cmd, tern, ip, peer_port, args, limit)
+    uclient_run_port(
+        &mut rest_uclient(tern),
+        tern.port,
+        ip,
+        peer_port,
+        args,
+        limit,
+    )
+}
+
+/// Like [`uclient`] against another listener of the daemon: `port` (its TLS port, say).
+pub fn uclient_port(
+    tern: &Tern,
+    port: u16,
+    peer_port: u16,
+    args: &[&str],
+    limit: Duration,
+) -> UclientReport {
+    uclient_run_port(
+        &mut rest_uclient(tern),
+        port,
+        "127.0.0.1",
+        peer_port,
+        args,
+        limit,
+    )
 }
 
 /// Like [`uclient`] but with explicit long-term credentials (`-u USER -w PASSWORD`).
@@ -460,18 +483,25 @@ pub fn uclient_with(
 ) -> UclientReport {
     let mut cmd = Command::new("turnutils_uclient");
     cmd.args(["-u", user, "-w", password]);
-    uclient_run(&mut cmd, tern, "127.0.0.1", peer_port, args, limit)
+    uclient_run_port(&mut cmd, tern.port, "127.0.0.1", peer_port, args, limit)
 }
 
-fn uclient_run(
+/// `turnutils_uclient` with REST credentials (`-W`) from the daemon's secret.
+fn rest_uclient(tern: &Tern) -> Command {
+    let mut cmd = Command::new("turnutils_uclient");
+    cmd.args(["-W", &tern.secret, "-u", "tester"]);
+    cmd
+}
+
+fn uclient_run_port(
     cmd: &mut Command,
-    tern: &Tern,
+    port: u16,
     ip: &str,
     peer_port: u16,
     args: &[&str],
     limit: Duration,
 ) -> UclientReport {
-    cmd.args(["-p", &tern.port.to_string(), "-e", ip])
+    cmd.args(["-p", &port.to_string(), "-e", ip])
         .args(["-r", &peer_port.to_string()])
         .args(args)
         .arg(ip)
