@@ -21,8 +21,9 @@ pub(super) const SPLICE_QUEUE: usize = TCP_DATA_QUEUE;
 pub(super) const SPLICE_READ: usize = 64 * 1024;
 /// Peer connections accepted from one relay listener per turn.
 const ACCEPT_BATCH: usize = 64;
-/// An outgoing peer connect that has not finished by then fails (447, RFC 6062 §5.2).
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// An outgoing peer connect that has not finished by then fails (447, RFC 6062 §5.2): a
+/// safety net behind the core's own 30 s timer.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(35);
 
 /// The state of a client data connection spliced to peer connection `id`.
 #[derive(Clone, Copy, Debug)]
@@ -198,6 +199,7 @@ impl<S: Shard> Worker<S> {
             return false;
         };
         peer.state = PeerState::Bound(ci);
+        conn.permit = None;
         conn.inbuf.set_max(SPLICE_QUEUE);
         conn.dirty = false;
         conn.splice = Some(Splice {
@@ -214,9 +216,11 @@ impl<S: Shard> Worker<S> {
 
     /// Moves bytes both ways between spliced client connection `ci` and its peer, as far as
     /// sockets and queues allow: a side is read only while the other side's queue has room
-    /// (edge-triggered: the other side's writable event calls this again). EOF from a side
-    /// is passed on as a write shutdown once its queue is flushed; both directions done, or
-    /// an error, closes the pair. `true` if more may wait (fairness cap).
+    /// (edge-triggered: the other side's writable event calls this again). The client's
+    /// EOF is passed on as a write shutdown to the peer once its queue is flushed, and the
+    /// peer may still answer; the peer's EOF (once the client has every byte before it,
+    /// then FIN or TLS close_notify) or an error closes the pair. `true` if more may wait
+    /// (fairness cap).
     pub(super) fn pump(&mut self, ci: usize, now: Now) -> bool {
         let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
             return false;
@@ -340,7 +344,10 @@ impl<S: Shard> Worker<S> {
                 Err(_) => failed = true,
             }
         }
-        let done = sp.peer_shut && sp.client_shut;
+        // The pair ends once the client has everything the peer sent: after the client's
+        // FIN the peer may still answer (half-close), but a peer's FIN ends the pair as
+        // RFC 6062 servers do (coturn too), which frees the peer address for a new Connect.
+        let done = sp.client_shut;
         if to_client_n + to_peer_n > 0 {
             conn.last_message = now.mono;
         }

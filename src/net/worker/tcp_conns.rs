@@ -40,7 +40,10 @@ pub(super) struct Conn {
     pub(super) dirty: bool,
     /// Set once this is an RFC 6062 client data connection carrying raw bytes (§5.4).
     pub(super) splice: Option<Splice>,
-    pub(super) _permit: IpPermit,
+    /// This connection's slot in turn.tcp_max_per_ip. Released once it is bound as an
+    /// RFC 6062 data connection: the allocation's turn.tcp_relay_max_connections (an
+    /// authenticated quota) governs those, so one client can use its whole allowance.
+    pub(super) permit: Option<IpPermit>,
 }
 
 /// Why a client connection's frame loop stopped before reading everything.
@@ -150,7 +153,7 @@ impl<S: Shard> Worker<S> {
                 last_message: now.mono,
                 dirty: false,
                 splice: None,
-                _permit: permit,
+                permit: Some(permit),
             });
         }
         true
