@@ -449,3 +449,48 @@ async fn websocket_sessions_outlive_the_header_timeout() {
     .await
     .unwrap();
 }
+
+#[test]
+fn a_client_that_stops_reading_its_responses_is_disconnected() {
+    let tern = start(20400, "write_stall_timeout_secs = 2\n", "");
+    let addr = tern.api_addr();
+    // Pipelined requests for far more than the socket buffers hold (about 40 MiB of
+    // /tern.js), through a small receive window, and then no read at all.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let requests = 2000;
+    let req = "GET /tern.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(requests);
+    let _ = s.write_all(req.as_bytes());
+
+    scrape_until(tern.metrics_port, "the stalled reader cut", |m| {
+        closed_count(m, "write_stall") == 1.0
+    });
+    // Others are served meanwhile and after.
+    let r = get(
+        addr,
+        "/api/ice",
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+    );
+    assert_eq!(r.status, 200);
+    // What was sent before the cut is readable, then the stream ends, well short of every
+    // response.
+    let (_, js) = common::scrape::get(tern.api_port, "/tern.js");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no end of stream after {got} bytes: {e}"),
+        }
+    }
+    assert!(
+        got < requests * js.len() / 2,
+        "{got} bytes: the stalled connection kept being served"
+    );
+}
