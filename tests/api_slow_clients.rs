@@ -406,6 +406,30 @@ fn connections_past_the_caps_are_closed_and_the_held_ones_served() {
         );
         thread::sleep(Duration::from_millis(100));
     }
+
+    // Raised caps apply on SIGHUP to new connections; the held ones stay.
+    let text = std::fs::read_to_string(tern.config_path()).unwrap();
+    let text = text
+        .replace("max_connections = 6\n", "max_connections = 10\n")
+        .replace(
+            "max_connections_per_ip = 3\n",
+            "max_connections_per_ip = 5\n",
+        );
+    std::fs::write(tern.config_path(), text).unwrap();
+    tern.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !tern.log().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", tern.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..2 {
+        let mut s = connect_from("127.0.0.1", addr);
+        assert_eq!(keep_alive_get(&mut s, "/api/ice"), Some(200));
+        held.push(s);
+    }
+    for s in &mut held {
+        assert_eq!(keep_alive_get(s, "/api/ice"), Some(200));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
