@@ -232,6 +232,10 @@ pub struct ApiConfig {
     /// seconds of connecting or of its previous response; also how long an idle keep-alive
     /// connection stays open. WebSocket sessions are not affected once upgraded.
     pub header_read_timeout_secs: u32,
+    /// A client that accepts no byte of a response for this many seconds is disconnected
+    /// (a slow reader otherwise holds its connection and buffers). Not applied to upgraded
+    /// WebSockets, whose backpressure rules are their own.
+    pub write_stall_timeout_secs: u32,
     /// Open HTTP connections (plain or TLS, WebSockets included); past it new connections
     /// are closed right after accept.
     pub max_connections: usize,
@@ -259,6 +263,7 @@ impl Default for ApiConfig {
             workers: 2,
             tls: false,
             header_read_timeout_secs: 10,
+            write_stall_timeout_secs: 30,
             max_connections: 10_000,
             max_connections_per_ip: 256,
         }
@@ -696,6 +701,9 @@ impl Config {
         }
         if a.header_read_timeout_secs == 0 || a.header_read_timeout_secs > 3600 {
             return Err(invalid("api.header_read_timeout_secs", "must be 1 to 3600"));
+        }
+        if a.write_stall_timeout_secs == 0 || a.write_stall_timeout_secs > 3600 {
+            return Err(invalid("api.write_stall_timeout_secs", "must be 1 to 3600"));
         }
         if a.max_connections == 0 {
             return Err(invalid("api.max_connections", "must be at least 1"));

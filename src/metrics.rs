@@ -419,7 +419,8 @@ pub const HTTP_CONNECTIONS_CLOSED: Def = def(
     "tern_http_connections_closed_total",
     Counter,
     &["reason"],
-    "HTTP connections closed by Tern for a failed TLS handshake or no request head in time.",
+    "HTTP connections closed by Tern: failed TLS handshake, no request head in time, or a \
+     client that stopped reading a response.",
 );
 
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
@@ -889,6 +890,7 @@ impl Collector for HttpCollector {
             ("tls_handshake", s.tls_handshakes_failed),
             ("header_timeout", s.header_timeouts_first),
             ("idle_timeout", s.header_timeouts_keep_alive),
+            ("write_stall", s.write_stalls),
         ];
         for (reason, n) in closed {
             f.sample(&HTTP_CONNECTIONS_CLOSED, &[reason], n);

@@ -406,6 +406,30 @@ fn connections_past_the_caps_are_closed_and_the_held_ones_served() {
         );
         thread::sleep(Duration::from_millis(100));
     }
+
+    // Raised caps apply on SIGHUP to new connections; the held ones stay.
+    let text = std::fs::read_to_string(tern.config_path()).unwrap();
+    let text = text
+        .replace("max_connections = 6\n", "max_connections = 10\n")
+        .replace(
+            "max_connections_per_ip = 3\n",
+            "max_connections_per_ip = 5\n",
+        );
+    std::fs::write(tern.config_path(), text).unwrap();
+    tern.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !tern.log().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", tern.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..2 {
+        let mut s = connect_from("127.0.0.1", addr);
+        assert_eq!(keep_alive_get(&mut s, "/api/ice"), Some(200));
+        held.push(s);
+    }
+    for s in &mut held {
+        assert_eq!(keep_alive_get(s, "/api/ice"), Some(200));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,4 +472,49 @@ async fn websocket_sessions_outlive_the_header_timeout() {
     })
     .await
     .unwrap();
+}
+
+#[test]
+fn a_client_that_stops_reading_its_responses_is_disconnected() {
+    let tern = start(20400, "write_stall_timeout_secs = 2\n", "");
+    let addr = tern.api_addr();
+    // Pipelined requests for far more than the socket buffers hold (about 40 MiB of
+    // /tern.js), through a small receive window, and then no read at all.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let requests = 2000;
+    let req = "GET /tern.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(requests);
+    let _ = s.write_all(req.as_bytes());
+
+    scrape_until(tern.metrics_port, "the stalled reader cut", |m| {
+        closed_count(m, "write_stall") == 1.0
+    });
+    // Others are served meanwhile and after.
+    let r = get(
+        addr,
+        "/api/ice",
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+    );
+    assert_eq!(r.status, 200);
+    // What was sent before the cut is readable, then the stream ends, well short of every
+    // response.
+    let (_, js) = common::scrape::get(tern.api_port, "/tern.js");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no end of stream after {got} bytes: {e}"),
+        }
+    }
+    assert!(
+        got < requests * js.len() / 2,
+        "{got} bytes: the stalled connection kept being served"
+    );
 }

@@ -43,6 +43,9 @@ pub struct ConnStats {
     pub header_timeout_first: AtomicU64,
     /// ... or after at least one answered request (an idle keep-alive connection).
     pub header_timeout_keep_alive: AtomicU64,
+    /// Connections closed because the client read nothing of a response for
+    /// `api.write_stall_timeout_secs`.
+    pub write_stalled: AtomicU64,
 }
 
 /// The caps and the live counts they are checked against.

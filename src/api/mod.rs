@@ -121,6 +121,8 @@ pub struct HttpStats {
     pub header_timeouts_first: u64,
     /// ... or after answered requests (idle keep-alive connections).
     pub header_timeouts_keep_alive: u64,
+    /// Closed because the client stopped reading a response (`api.write_stall_timeout_secs`).
+    pub write_stalls: u64,
 }
 
 /// Read access to the HTTP face's counters, for the metrics face (cheap to clone; follows
@@ -162,6 +164,7 @@ fn snapshot(st: &AppState) -> HttpStats {
     s.tls_handshakes_failed = c.tls_handshake_failed.load(Relaxed);
     s.header_timeouts_first = c.header_timeout_first.load(Relaxed);
     s.header_timeouts_keep_alive = c.header_timeout_keep_alive.load(Relaxed);
+    s.write_stalls = c.write_stalled.load(Relaxed);
     if let Some(r) = &st.relay {
         s.relay_sessions_active = r.active_sessions();
         s.relay_sessions_started = r.stats.sessions_started.load(Relaxed);

@@ -4,13 +4,16 @@
 //!
 //! hyper starts that timer whenever it waits for a request head: on a new connection and
 //! again after each response, so it bounds a slowloris client (a header byte every few
-//! seconds) and an idle keep-alive connection alike. An upgraded WebSocket leaves hyper,
-//! and the timer with it; its socket keeps the connection's [`ConnGuard`] until it closes.
+//! seconds) and an idle keep-alive connection alike. A client that stops reading a response
+//! is cut after `api.write_stall_timeout_secs` without progress. An upgraded WebSocket
+//! leaves hyper, and both timers with it; its socket keeps the connection's [`ConnGuard`]
+//! until it closes.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +25,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Sleep;
 
 use super::conn_limit::{ConnGuard, ConnLimits};
 use super::tls_listener::Handshaker;
@@ -40,7 +44,7 @@ pub(super) struct Server {
 impl Server {
     /// Accepts until `stop` resolves; then open connections finish the request in flight
     /// and close (idle ones at once).
-    pub async fn run(self, listener: TcpListener, stop: impl std::future::Future<Output = ()>) {
+    pub async fn run(self, listener: TcpListener, stop: impl Future<Output = ()>) {
         // Never sent on: dropping it tells every connection to shut down gracefully.
         let (closing_tx, closing_rx) = watch::channel(());
         tokio::pin!(stop);
@@ -63,18 +67,23 @@ impl Server {
                 continue;
             };
             let _ = sock.set_nodelay(true);
+            let api = &self.live.current().cfg.api;
+            let state = Arc::new(ConnState::default());
             let conn = Conn {
                 app: self.app.clone(),
                 peer,
-                header_timeout: Duration::from_secs(
-                    self.live.current().cfg.api.header_read_timeout_secs.into(),
-                ),
+                header_timeout: Duration::from_secs(api.header_read_timeout_secs.into()),
                 closing: closing_rx.clone(),
                 limits: Arc::clone(&self.limits),
+                state: Arc::clone(&state),
             };
             let io = Counted {
                 inner: sock,
                 _guard: guard,
+                state,
+                stall_limit: Duration::from_secs(api.write_stall_timeout_secs.into()),
+                stall: None,
+                stall_armed: false,
             };
             match &self.tls {
                 None => {
@@ -101,6 +110,18 @@ struct Conn {
     header_timeout: Duration,
     closing: watch::Receiver<()>,
     limits: Arc<ConnLimits>,
+    state: Arc<ConnState>,
+}
+
+/// What the connection's task and its socket share.
+#[derive(Default)]
+struct ConnState {
+    /// Requests received (to tell a slow first request from an idle keep-alive).
+    requests: AtomicU64,
+    /// hyper is done with the socket: closed, or handed to an upgraded WebSocket.
+    http_done: AtomicBool,
+    /// The socket gave up on a client that stopped reading.
+    write_stalled: AtomicBool,
 }
 
 impl Conn {
@@ -108,11 +129,10 @@ impl Conn {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let requests = Arc::new(AtomicU64::new(0));
         let svc = WithPeer {
             app: self.app,
             peer: self.peer,
-            requests: Arc::clone(&requests),
+            state: Arc::clone(&self.state),
         };
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -127,10 +147,14 @@ impl Conn {
                 conn.await
             }
         };
+        self.state.http_done.store(true, Relaxed);
         let Err(e) = done else { return };
         let stats = &self.limits.stats;
-        if e.is_timeout() {
-            if requests.load(Relaxed) == 0 {
+        if self.state.write_stalled.load(Relaxed) {
+            stats.write_stalled.fetch_add(1, Relaxed);
+            tracing::debug!(peer = %self.peer, "HTTP client stopped reading its response");
+        } else if e.is_timeout() {
+            if self.state.requests.load(Relaxed) == 0 {
                 stats.header_timeout_first.fetch_add(1, Relaxed);
                 tracing::debug!(peer = %self.peer, "HTTP request head not received in time");
             } else {
@@ -146,7 +170,7 @@ impl Conn {
 struct WithPeer {
     app: Router,
     peer: SocketAddr,
-    requests: Arc<AtomicU64>,
+    state: Arc<ConnState>,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for WithPeer {
@@ -155,7 +179,7 @@ impl hyper::service::Service<hyper::Request<Incoming>> for WithPeer {
     type Future = axum::routing::future::RouteFuture<std::convert::Infallible>;
 
     fn call(&self, mut req: hyper::Request<Incoming>) -> Self::Future {
-        self.requests.fetch_add(1, Relaxed);
+        self.state.requests.fetch_add(1, Relaxed);
         req.extensions_mut().insert(ConnectInfo(self.peer));
         // Router is always ready (its Service::poll_ready returns Ready).
         let mut app = self.app.clone();
@@ -163,10 +187,50 @@ impl hyper::service::Service<hyper::Request<Incoming>> for WithPeer {
     }
 }
 
-/// A socket holding its place under the connection caps until it is dropped.
+/// A socket holding its place under the connection caps until it is dropped, and giving
+/// up on a client that accepts no byte of a response for `stall_limit` while hyper serves
+/// it (an upgraded WebSocket is not cut: its backpressure rules are its own).
 struct Counted<S> {
     inner: S,
     _guard: ConnGuard,
+    state: Arc<ConnState>,
+    stall_limit: Duration,
+    /// The deadline of a blocked write; allocated on the first blocked write only.
+    stall: Option<Pin<Box<Sleep>>>,
+    /// Whether `stall` runs (a write is blocked since it was set).
+    stall_armed: bool,
+}
+
+impl<S> Counted<S> {
+    /// Called with the outcome of a write: `Pending` for too long becomes an error.
+    fn check_stall<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if r.is_ready() || self.state.http_done.load(Relaxed) {
+            self.stall_armed = false;
+            return r;
+        }
+        let deadline = tokio::time::Instant::now() + self.stall_limit;
+        let sleep = match (&mut self.stall, self.stall_armed) {
+            (Some(s), true) => s,
+            (Some(s), false) => {
+                s.as_mut().reset(deadline);
+                s
+            }
+            (slot @ None, _) => slot.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.stall_armed = true;
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.state.write_stalled.store(true, Relaxed);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client read nothing of the response in time",
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
@@ -185,11 +249,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check_stall(cx, r)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check_stall(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -201,10 +267,73 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check_stall(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn counted(
+        inner: tokio::io::DuplexStream,
+        stall_limit: Duration,
+    ) -> (Counted<tokio::io::DuplexStream>, Arc<ConnState>) {
+        let limits = ConnLimits::new(10, 10);
+        let state = Arc::new(ConnState::default());
+        let c = Counted {
+            inner,
+            _guard: limits.admit("192.0.2.1".parse().unwrap()).unwrap(),
+            state: Arc::clone(&state),
+            stall_limit,
+            stall: None,
+            stall_armed: false,
+        };
+        (c, state)
+    }
+
+    /// Writes until the peer's buffer is full, then once more: the blocked write's outcome.
+    async fn blocked_write(c: &mut Counted<tokio::io::DuplexStream>) -> Option<io::Result<()>> {
+        let chunk = [0u8; 256];
+        for _ in 0..64 {
+            match tokio::time::timeout(Duration::from_secs(2), c.write_all(&chunk)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => return Some(Err(e)),
+                Err(_) => return None,
+            }
+        }
+        panic!("the duplex buffer never filled");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_write_fails_while_hyper_serves() {
+        let (a, _b) = tokio::io::duplex(1024);
+        let (mut c, state) = counted(a, Duration::from_millis(50));
+        let e = blocked_write(&mut c)
+            .await
+            .expect("the stall ended the write");
+        assert_eq!(e.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(state.write_stalled.load(Relaxed));
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_socket_may_stall() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let (mut c, state) = counted(a, Duration::from_millis(50));
+        state.http_done.store(true, Relaxed);
+        assert!(blocked_write(&mut c).await.is_none(), "the write was cut");
+        assert!(!state.write_stalled.load(Relaxed));
+        // Once the peer reads, writing goes on.
+        let mut buf = [0u8; 4096];
+        let _ = tokio::io::AsyncReadExt::read(&mut b, &mut buf)
+            .await
+            .unwrap();
+        c.write_all(&[1u8; 16]).await.unwrap();
     }
 }
