@@ -109,7 +109,8 @@ pub struct TurnConfig {
     /// across all workers (each worker enforces its share).
     pub unauth_rate_per_sec: u32,
     pub unauth_burst: u32,
-    /// A TCP connection that has not completed a message for this long is closed.
+    /// A TCP connection that has not completed a message for this long is closed (not one
+    /// holding an allocation; data sent to the client and spliced RFC 6062 bytes count).
     pub tcp_idle_timeout_secs: u32,
     /// Open TCP connections per client IP.
     pub tcp_max_per_ip: u32,
@@ -137,11 +138,17 @@ pub struct TurnConfig {
     pub tcp_relay_max_connections: u32,
 }
 
+/// Most TURN worker threads: RFC 6062 CONNECTION-IDs carry the worker index in 8 bits.
+pub const MAX_TURN_WORKERS: usize = 255;
+
 impl TurnConfig {
-    /// Worker threads the TURN service runs: `workers`, or one per core when 0.
+    /// Worker threads the TURN service runs: `workers`, or one per core when 0 (at most
+    /// [`MAX_TURN_WORKERS`]).
     pub fn worker_count(&self) -> usize {
         if self.workers == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_TURN_WORKERS)
         } else {
             self.workers
         }
@@ -568,6 +575,12 @@ impl Config {
                 "rate and burst must be at least 1",
             ));
         }
+        if t.workers > MAX_TURN_WORKERS {
+            return Err(invalid(
+                "turn.workers",
+                "must be at most 255 (RFC 6062 CONNECTION-IDs carry the worker index in 8 bits)",
+            ));
+        }
         if t.socket_buffer_bytes < 65536 {
             return Err(invalid(
                 "turn.socket_buffer_bytes",
@@ -975,6 +988,9 @@ mod tests {
         assert!(e.to_string().contains("api.workers: invalid type"), "{e}");
         let e = load("[log]\nformat = \"xml\"\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("log.format"), "{e}");
+        let e = load("[turn]\nworkers = 256\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("turn.workers"), "{e}");
+        assert!(load("[turn]\nworkers = 255\n", &[], &[]).is_ok());
     }
 
     #[test]

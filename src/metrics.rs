@@ -115,6 +115,37 @@ pub const TCP_CLOSED: Def = def(
     &["reason"],
     "TCP client connections closed by Tern, by reason.",
 );
+// RFC 6062 TCP relays (summed over the workers' snapshots).
+pub const TCP_RELAY_BYTES: Def = def(
+    "tern_turn_tcp_relay_bytes_total",
+    Counter,
+    &["direction"],
+    "Bytes spliced between RFC 6062 client data connections and their peers.",
+);
+pub const TCP_RELAY_CHUNKS: Def = def(
+    "tern_turn_tcp_relay_chunks_total",
+    Counter,
+    &["direction"],
+    "Socket reads (client_to_peer: writes) that carried the spliced bytes.",
+);
+pub const TCP_RELAY_PEER_CONNECTIONS: Def = def(
+    "tern_turn_tcp_relay_peer_connections",
+    Gauge,
+    &[],
+    "Peer TCP connections open: connecting, waiting for ConnectionBind, or spliced.",
+);
+pub const TCP_RELAY_CONNECT_FAILURES: Def = def(
+    "tern_turn_tcp_relay_connect_failures_total",
+    Counter,
+    &[],
+    "Connect requests whose TCP connection to the peer failed or timed out (447).",
+);
+pub const TCP_HANDOVERS: Def = def(
+    "tern_turn_tcp_handovers_total",
+    Counter,
+    &[],
+    "Client data connections moved to the worker owning their CONNECTION-ID.",
+);
 // TURN control path (summed over the shards' snapshots).
 pub const REQUESTS: Def = def(
     "tern_turn_requests_total",
@@ -403,6 +434,11 @@ pub const ALL: &[&Def] = &[
     &TCP_ACCEPTED,
     &TCP_REFUSED,
     &TCP_CLOSED,
+    &TCP_RELAY_BYTES,
+    &TCP_RELAY_CHUNKS,
+    &TCP_RELAY_PEER_CONNECTIONS,
+    &TCP_RELAY_CONNECT_FAILURES,
+    &TCP_HANDOVERS,
     &REQUESTS,
     &REQUEST_DURATION,
     &AUTH_FAILURES,
@@ -459,6 +495,11 @@ const TURN_DEFS: &[&Def] = &[
     &TCP_ACCEPTED,
     &TCP_REFUSED,
     &TCP_CLOSED,
+    &TCP_RELAY_BYTES,
+    &TCP_RELAY_CHUNKS,
+    &TCP_RELAY_PEER_CONNECTIONS,
+    &TCP_RELAY_CONNECT_FAILURES,
+    &TCP_HANDOVERS,
     &REQUESTS,
     &REQUEST_DURATION,
     &AUTH_FAILURES,
@@ -714,6 +755,28 @@ impl Collector for TurnCollector {
         ] {
             f.sample(&TCP_CLOSED, &[reason], v);
         }
+        for (dir, bytes, chunks) in [
+            (
+                "client_to_peer",
+                net.tcp_relay_client_to_peer_bytes,
+                net.tcp_relay_client_to_peer_chunks,
+            ),
+            (
+                "peer_to_client",
+                net.tcp_relay_peer_to_client_bytes,
+                net.tcp_relay_peer_to_client_chunks,
+            ),
+        ] {
+            f.sample(&TCP_RELAY_BYTES, &[dir], bytes);
+            f.sample(&TCP_RELAY_CHUNKS, &[dir], chunks);
+        }
+        f.sample(&TCP_RELAY_PEER_CONNECTIONS, &[], net.tcp_relay_peer_sockets);
+        f.sample(
+            &TCP_RELAY_CONNECT_FAILURES,
+            &[],
+            net.tcp_relay_connect_failures,
+        );
+        f.sample(&TCP_HANDOVERS, &[], net.tcp_handovers);
         for (mi, m) in MethodLabel::ALL.iter().enumerate() {
             for ri in 0..RESULT_CODES.len() {
                 f.sample(&REQUESTS, &[m.name(), result_label(ri)], t.requests[mi][ri]);

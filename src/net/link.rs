@@ -95,9 +95,20 @@ impl Link {
         }
     }
 
-    /// Writes queued bytes (and TLS handshake records) as far as the socket takes them.
-    /// `Ok(true)` when nothing is left.
+    /// Writes queued TURN frames (and TLS handshake records) as far as the socket takes
+    /// them. `Ok(true)` when nothing is left.
     pub fn flush(&mut self, sock: &mut TcpStream, out: &mut OutBuf) -> io::Result<bool> {
+        self.flush_as(sock, out, true)
+    }
+
+    /// As [`Self::flush`]; `framed: false` for the raw bytes of a spliced RFC 6062 data
+    /// connection (§5.4), which must not be cut at what looks like a TURN frame.
+    pub fn flush_as(
+        &mut self,
+        sock: &mut TcpStream,
+        out: &mut OutBuf,
+        framed: bool,
+    ) -> io::Result<bool> {
         let Link::Tls(c) = self else {
             return out.write_to(sock);
         };
@@ -121,7 +132,16 @@ impl Link {
             out.write_to(&mut Plaintext {
                 conn: c,
                 budget: TLS_ROUND,
+                framed,
             })?;
+        }
+    }
+
+    /// Starts closing the sending direction: TLS queues close_notify (RFC 8446 §6.1),
+    /// which [`Self::flush`] then writes; the caller shuts TCP down once that returns true.
+    pub fn send_close(&mut self) {
+        if let Link::Tls(c) = self {
+            c.send_close_notify();
         }
     }
 }
@@ -129,9 +149,11 @@ impl Link {
 /// rustls' plaintext writer taking one TURN message per call, so each message travels in
 /// its own TLS record as coturn sends them: clients such as coturn's uclient read one
 /// record as one message. Past `budget` it reports `WouldBlock` and [`OutBuf`] keeps the rest.
+/// Unframed (spliced raw bytes) it takes up to `budget` bytes per call.
 struct Plaintext<'a> {
     conn: &'a mut ServerConnection,
     budget: usize,
+    framed: bool,
 }
 
 impl Write for Plaintext<'_> {
@@ -139,10 +161,12 @@ impl Write for Plaintext<'_> {
         if self.budget == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        // Only whole frames are ever queued; the fallback just keeps bytes moving.
-        let n = match tcp_frame_len(b) {
-            Ok(Some(n)) if n <= b.len() => n,
-            _ => b.len(),
+        // Only whole frames are ever queued; the fallback just keeps bytes moving. `b` is
+        // never empty (OutBuf writes only what it holds), so neither is the slice.
+        let n = match (self.framed, tcp_frame_len(b)) {
+            (true, Ok(Some(n))) if n > 0 && n <= b.len() => n,
+            (true, _) => b.len(),
+            (false, _) => b.len().min(self.budget),
         };
         let n = self.conn.writer().write(&b[..n])?;
         self.budget = self.budget.saturating_sub(n);

@@ -41,7 +41,7 @@ pub enum NetError {
 }
 
 struct WorkerHandle {
-    waker: mio::Waker,
+    waker: Arc<mio::Waker>,
     config_in: worker::ConfigSlot,
     thread: JoinHandle<()>,
     stats: Arc<Mutex<WorkerStats>>,
@@ -192,12 +192,27 @@ impl TurnService {
             workers: Vec::new(),
             shared: None,
         };
-        for (index, (listeners, tls_listeners)) in
-            per_worker.into_iter().zip(tls_per_worker).enumerate()
-        {
+        // Every worker's poll and waker first: each worker can hand RFC 6062 data
+        // connections to any other through its inbox.
+        let mut polls = Vec::with_capacity(n);
+        let mut wakers = Vec::with_capacity(n);
+        for _ in 0..n {
             let poll = mio::Poll::new().map_err(|e| NetError::Other(format!("poll: {e}")))?;
             let waker = mio::Waker::new(poll.registry(), worker::WAKER)
                 .map_err(|e| NetError::Other(format!("waker: {e}")))?;
+            polls.push(poll);
+            wakers.push(Arc::new(waker));
+        }
+        let inboxes: Arc<[worker::Inbox]> = wakers
+            .iter()
+            .map(|w| worker::Inbox::new(Arc::clone(w)))
+            .collect();
+        for (index, ((listeners, tls_listeners), (poll, waker))) in per_worker
+            .into_iter()
+            .zip(tls_per_worker)
+            .zip(polls.into_iter().zip(wakers))
+            .enumerate()
+        {
             let stats = Arc::new(Mutex::new(WorkerStats::default()));
             let config_in: worker::ConfigSlot = Arc::new(Mutex::new(None));
             let params = worker::WorkerParams {
@@ -213,6 +228,7 @@ impl TurnService {
                 stop: Arc::clone(&stop),
                 stats_out: Arc::clone(&stats),
                 config_in: Arc::clone(&config_in),
+                inboxes: Arc::clone(&inboxes),
             };
             let make = Arc::clone(&make);
             let (ready_tx, ready_rx) = mpsc::channel();
@@ -321,5 +337,7 @@ impl Drop for TurnService {
     }
 }
 
+#[cfg(test)]
+mod tcp_relay_tests;
 #[cfg(test)]
 mod worker_tests;

@@ -124,6 +124,54 @@ pub fn relay_socket(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::ne
     Ok(s.into())
 }
 
+/// An RFC 6062 TCP relay listener bound to exactly `addr` (§5.1). SO_REUSEADDR and
+/// SO_REUSEPORT let the outgoing peer connections of the same allocation bind this address
+/// too (§5.2); a probe first makes sure no other socket holds the port already, so the
+/// port still belongs to one allocation.
+/// Accepted peer connections inherit its `buffer_bytes` socket buffers.
+pub fn tcp_relay_listener(
+    addr: SocketAddr,
+    buffer_bytes: usize,
+) -> io::Result<std::net::TcpListener> {
+    if addr.port() != 0 {
+        probe_exclusive(addr, Type::STREAM, Protocol::TCP)?;
+    }
+    let s = new_socket(addr, Type::STREAM, Protocol::TCP)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    set_buffers(&s, buffer_bytes);
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(TCP_BACKLOG)?;
+    Ok(s.into())
+}
+
+/// A non-blocking TCP connect to `peer` from `from`, the address of the allocation's TCP
+/// relay listener (RFC 6062 §5.2: the peer sees the relayed transport address).
+pub fn tcp_relay_connect(
+    from: SocketAddr,
+    peer: SocketAddr,
+    buffer_bytes: usize,
+) -> io::Result<std::net::TcpStream> {
+    if from.is_ipv4() != peer.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "peer and relay address families differ",
+        ));
+    }
+    let s = new_socket(from, Type::STREAM, Protocol::TCP)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nodelay(true)?;
+    set_buffers(&s, buffer_bytes);
+    s.bind(&SockAddr::from(from))?;
+    match s.connect(&SockAddr::from(peer)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(s.into())
+}
+
 /// The UDP and TCP listener sockets of one worker for one listen address.
 pub struct ListenerPair {
     pub udp: std::net::UdpSocket,
@@ -238,6 +286,19 @@ mod tests {
         let taken = a.local_addr().unwrap();
         let e = relay_socket(taken, 1 << 16).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn tcp_relay_listener_is_exclusive_but_lets_its_own_connects_bind_its_address() {
+        let l = tcp_relay_listener("127.0.0.1:0".parse().unwrap(), 1 << 16).unwrap();
+        let addr = l.local_addr().unwrap();
+        let e = tcp_relay_listener(addr, 1 << 16).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = tcp_relay_connect(addr, target.local_addr().unwrap(), 1 << 16).unwrap();
+        assert_eq!(c.local_addr().unwrap(), addr);
+        let (_, seen) = target.accept().unwrap();
+        assert_eq!(seen, addr, "the peer sees the relayed address");
     }
 
     #[test]

@@ -119,6 +119,19 @@ pub struct NetStats {
     /// TLS connections closed because the handshake did not finish within
     /// tls.handshake_timeout_secs.
     pub tls_closed_handshake_timeout: u64,
+    /// RFC 6062 TCP relays: bytes and reads spliced from client data connections to peers.
+    pub tcp_relay_client_to_peer_bytes: u64,
+    pub tcp_relay_client_to_peer_chunks: u64,
+    /// RFC 6062 TCP relays: bytes and reads spliced from peers to client data connections.
+    pub tcp_relay_peer_to_client_bytes: u64,
+    pub tcp_relay_peer_to_client_chunks: u64,
+    /// Peer TCP sockets open now (connecting, waiting for ConnectionBind, or spliced): a gauge.
+    pub tcp_relay_peer_sockets: u64,
+    /// Outgoing peer connects (RFC 6062 §5.2 Connect) that failed or timed out.
+    pub tcp_relay_connect_failures: u64,
+    /// Client connections handed to the worker owning their CONNECTION-ID (ConnectionBind
+    /// arriving on another worker, RFC 6062 §5.4).
+    pub tcp_handovers: u64,
 }
 
 impl AddAssign for NetStats {
@@ -149,5 +162,12 @@ impl AddAssign for NetStats {
         self.tls_handshakes += o.tls_handshakes;
         self.tls_closed_error += o.tls_closed_error;
         self.tls_closed_handshake_timeout += o.tls_closed_handshake_timeout;
+        self.tcp_relay_client_to_peer_bytes += o.tcp_relay_client_to_peer_bytes;
+        self.tcp_relay_client_to_peer_chunks += o.tcp_relay_client_to_peer_chunks;
+        self.tcp_relay_peer_to_client_bytes += o.tcp_relay_peer_to_client_bytes;
+        self.tcp_relay_peer_to_client_chunks += o.tcp_relay_peer_to_client_chunks;
+        self.tcp_relay_peer_sockets += o.tcp_relay_peer_sockets;
+        self.tcp_relay_connect_failures += o.tcp_relay_connect_failures;
+        self.tcp_handovers += o.tcp_handovers;
     }
 }

@@ -20,6 +20,9 @@ pub struct InBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Largest size the buffer grows to: [`MAX_FRAME`] for framed TURN, more for a
+    /// spliced RFC 6062 data connection (where it is the client→peer queue).
+    max: usize,
 }
 
 impl Default for InBuf {
@@ -28,6 +31,7 @@ impl Default for InBuf {
             buf: vec![0; INITIAL_READ],
             start: 0,
             end: 0,
+            max: MAX_FRAME,
         }
     }
 }
@@ -40,8 +44,8 @@ impl InBuf {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
-            } else if self.buf.len() < MAX_FRAME {
-                let grown = (self.buf.len() * 2).min(MAX_FRAME);
+            } else if self.buf.len() < self.max {
+                let grown = (self.buf.len() * 2).min(self.max);
                 self.buf.resize(grown, 0);
             } else {
                 // Only reachable if the framer accepted a frame longer than MAX_FRAME.
@@ -54,6 +58,17 @@ impl InBuf {
         let n = r.read(&mut self.buf[self.end..])?;
         self.end += n;
         Ok(n)
+    }
+
+    /// Lets the buffer grow to `max` bytes (a spliced data connection's queue).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = self.max.max(max);
+    }
+
+    /// Whether [`Self::fill`] has room to read into (otherwise the reader must wait
+    /// until bytes are consumed).
+    pub fn has_room(&self) -> bool {
+        self.end < self.buf.len() || self.start > 0 || self.buf.len() < self.max
     }
 
     /// Unconsumed bytes.
@@ -95,6 +110,11 @@ impl OutBuf {
     /// Bytes waiting to be written.
     pub fn queued(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    /// Room left for data before [`Self::push_data`] refuses it.
+    pub fn data_room(&self) -> usize {
+        self.data_limit.saturating_sub(self.queued())
     }
 
     fn push(&mut self, bytes: &[u8], limit: usize) -> bool {

@@ -18,9 +18,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 
+mod handover;
+mod peers;
 mod relays;
+mod splice;
 mod tcp_conns;
 
+pub use handover::Inbox;
 use relays::PeerBatch;
 pub use relays::Relays;
 use tcp_conns::{Conn, ListenMode};
@@ -60,6 +64,8 @@ const K_UDP: usize = 1;
 const K_TCP_LISTENER: usize = 2;
 const K_CONN: usize = 3;
 const K_RELAY: usize = 4;
+/// An RFC 6062 peer connection of a TCP relay.
+const K_PEER: usize = 5;
 
 /// A configuration handed to a worker, picked up when its waker fires.
 pub type ConfigSlot = Arc<Mutex<Option<Arc<crate::turn::ServerConfig>>>>;
@@ -114,6 +120,8 @@ pub struct WorkerParams {
     pub stats_out: Arc<Mutex<WorkerStats>>,
     /// A reloaded configuration waiting for this worker (checked when woken).
     pub config_in: ConfigSlot,
+    /// Every worker's inbox, by index (RFC 6062 data connections handed over).
+    pub inboxes: Arc<[Inbox]>,
 }
 
 /// A worker's event loop state. Built and run on its own thread.
@@ -148,6 +156,12 @@ pub struct Worker<S: Shard> {
     /// accept() failed (e.g. out of file descriptors): retry at the next housekeeping
     /// instead of spinning.
     accept_retry: bool,
+    inboxes: Arc<[Inbox]>,
+    /// Peer→client reads of spliced RFC 6062 connections land here first.
+    splice_buf: Box<[u8]>,
+    /// Reused lists (control path): connections to close for backlog, connects timed out.
+    backlog: Vec<usize>,
+    expired_ids: Vec<crate::turn::ConnId>,
 }
 
 fn now() -> Now {
@@ -162,7 +176,11 @@ fn now() -> Now {
 
 impl<S: Shard> Worker<S> {
     /// Registers the listeners with `poll` (which already holds the shutdown waker).
-    pub fn new(p: WorkerParams, poll: Poll, shard: S) -> io::Result<Worker<S>> {
+    pub fn new(p: WorkerParams, poll: Poll, mut shard: S) -> io::Result<Worker<S>> {
+        // RFC 6062 CONNECTION-IDs carry the worker index in 8 bits (config caps workers).
+        let index =
+            u8::try_from(p.index).map_err(|_| io::Error::other("more than 256 TURN workers"))?;
+        shard.set_shard_index(index);
         let registry = poll.registry().try_clone()?;
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
@@ -197,6 +215,7 @@ impl<S: Shard> Worker<S> {
                 socks: Vec::new(),
                 free: Vec::new(),
                 buffer_bytes: p.buffer_bytes,
+                peers: Default::default(),
             },
             poll,
             shard,
@@ -226,6 +245,10 @@ impl<S: Shard> Worker<S> {
             config_in: p.config_in,
             pending: Vec::new(),
             accept_retry: false,
+            inboxes: p.inboxes,
+            splice_buf: vec![0u8; splice::SPLICE_READ].into_boxed_slice(),
+            backlog: Vec::new(),
+            expired_ids: Vec::new(),
         })
     }
 
@@ -266,9 +289,11 @@ impl<S: Shard> Worker<S> {
             }
             if self.shard.poll_timeout().is_some_and(|d| d <= now.mono) {
                 self.shard.handle_timeout(now, &mut self.relays);
+                self.after_shard();
             }
             if now.mono >= next_housekeeping {
                 self.close_idle(now.mono);
+                self.expire_connects(now);
                 if std::mem::take(&mut self.accept_retry) {
                     for li in 0..self.tcp.len() {
                         self.dispatch(token(K_TCP_LISTENER, li), true, false, now);
@@ -299,8 +324,11 @@ impl<S: Shard> Worker<S> {
     }
 
     fn publish_stats(&self) {
+        let mut net = self.stats;
+        net.tcp_relay_peer_sockets = self.relays.peers.open() as u64;
+        net.tcp_relay_connect_failures += self.relays.peers.connect_failures;
         let mut s = self.stats_out.lock().unwrap_or_else(|p| p.into_inner());
-        s.net = self.stats;
+        s.net = net;
         if let Some(t) = self.shard.turn_stats() {
             s.turn.clone_from(t);
         }
@@ -312,14 +340,26 @@ impl<S: Shard> Worker<S> {
             K_UDP => self.udp_readable(idx, now),
             K_TCP_LISTENER => self.accept(idx, now),
             K_CONN => {
-                if writable {
-                    self.conn_writable(idx);
+                let spliced = self
+                    .conns
+                    .get(idx)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| c.splice.is_some());
+                if spliced {
+                    self.pump(idx, now)
+                } else {
+                    if writable {
+                        self.conn_writable(idx);
+                    }
+                    readable && self.conn_readable(idx, now)
                 }
-                readable && self.conn_readable(idx, now)
             }
-            K_RELAY => self.relay_readable(idx),
+            K_RELAY if self.relays.is_tcp(RelayId(idx as u32)) => self.relay_accept(idx, now),
+            K_RELAY => self.relay_readable(idx, now.mono),
+            K_PEER => self.peer_event(idx, now),
             K_WAKER => {
                 self.take_config();
+                self.take_inbox(now);
                 false
             }
             _ => false,
@@ -346,6 +386,7 @@ impl<S: Shard> Worker<S> {
                     return false;
                 }
             };
+            let mut stun_seen = false;
             for i in 0..n {
                 let r = self.rx.received(i);
                 if r.truncated {
@@ -388,6 +429,7 @@ impl<S: Shard> Worker<S> {
                         }
                     }
                     Kind::Stun => {
+                        stun_seen = true;
                         let t0 = is_request(msg).then(Instant::now);
                         let action =
                             self.shard
@@ -433,6 +475,9 @@ impl<S: Shard> Worker<S> {
                 }
             }
             self.to_peer.flush(&mut self.stats);
+            if stun_seen {
+                self.after_shard();
+            }
             if n < BATCH {
                 return false;
             }
@@ -450,7 +495,7 @@ impl<S: Shard> Worker<S> {
 
     /// Peer datagrams on relay socket `ri`: framed in place (ChannelData header or Data
     /// indication before the payload) and batch-sent to the client. `true` if more may wait.
-    fn relay_readable(&mut self, ri: usize) -> bool {
+    fn relay_readable(&mut self, ri: usize, now: Instant) -> bool {
         let relay = RelayId(ri as u32);
         let Some(fd) = self.relays.fd(relay) else {
             return false;
@@ -533,6 +578,9 @@ impl<S: Shard> Worker<S> {
                     let (ci, conn) = c;
                     let len = frame.len() as u64;
                     if conn.out.push_data(&slot[frame]) {
+                        // A client that only receives is not idle (its allocation's
+                        // lifetime governs it).
+                        conn.last_message = now;
                         if route.client.transport == Transport::Tls {
                             self.stats.peer_to_client_tls_packets += 1;
                             self.stats.peer_to_client_tls_bytes += len;

@@ -1,22 +1,34 @@
 //! The relay sockets of one worker's allocations (opened and closed by its shard through
-//! [`RelayIo`]) and the batch that sends client→peer datagrams out of them.
+//! [`RelayIo`]): UDP relay sockets, RFC 6062 TCP relay listeners and their peer
+//! connections (`peers.rs`), and the batch that sends client→peer datagrams.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
-use mio::net::UdpSocket;
+use mio::net::{TcpListener, UdpSocket};
 use mio::{Interest, Registry};
 
+use super::peers::Peers;
 use super::{token, INDEX_MASK, K_RELAY};
 use crate::net::mmsg::SendBatch;
 use crate::net::socket;
 use crate::net::stats::NetStats;
-use crate::turn::{RelayId, RelayIo, RelayUsage, Transport};
+use crate::turn::{ConnId, RelayId, RelayIo, RelayUsage, Transport};
+
+/// What a relay is: a UDP socket, or a TCP listener for an RFC 6062 allocation (§5.1).
+pub(super) enum RelayKind {
+    Udp(UdpSocket),
+    Tcp {
+        listener: TcpListener,
+        /// The exact address bound, which outgoing peer connects bind too (§5.2).
+        addr: SocketAddr,
+    },
+}
 
 /// A relay socket and what it carried (plain integers: only this worker writes them).
 pub(super) struct RelaySock {
-    sock: UdpSocket,
+    kind: RelayKind,
     usage: RelayUsage,
 }
 
@@ -26,23 +38,65 @@ pub struct Relays {
     pub(super) socks: Vec<Option<RelaySock>>,
     pub(super) free: Vec<u32>,
     pub(super) buffer_bytes: usize,
+    /// Peer connections of the TCP relays (RFC 6062).
+    pub(super) peers: Peers,
 }
 
 impl Relays {
     pub(super) fn fd(&self, id: RelayId) -> Option<RawFd> {
+        match &self.socks.get(id.0 as usize)?.as_ref()?.kind {
+            RelayKind::Udp(s) => Some(s.as_raw_fd()),
+            RelayKind::Tcp { .. } => None,
+        }
+    }
+
+    /// Whether relay `id` is an RFC 6062 TCP relay listener.
+    pub(super) fn is_tcp(&self, id: RelayId) -> bool {
         self.socks
             .get(id.0 as usize)
-            .and_then(|s| s.as_ref())
-            .map(|s| s.sock.as_raw_fd())
+            .and_then(Option::as_ref)
+            .is_some_and(|s| matches!(s.kind, RelayKind::Tcp { .. }))
+    }
+
+    /// The TCP relay listener of `id` and its address.
+    pub(super) fn tcp_listener(&self, id: RelayId) -> Option<(&TcpListener, SocketAddr)> {
+        match &self.socks.get(id.0 as usize)?.as_ref()?.kind {
+            RelayKind::Tcp { listener, addr } => Some((listener, *addr)),
+            RelayKind::Udp(_) => None,
+        }
     }
 
     /// The socket to send `len` payload bytes to a peer from, counting them for the
     /// allocation's log line.
     pub(super) fn peer_send_fd(&mut self, id: RelayId, len: usize) -> Option<RawFd> {
         let s = self.socks.get_mut(id.0 as usize)?.as_mut()?;
+        let RelayKind::Udp(sock) = &s.kind else {
+            return None;
+        };
         s.usage.to_peer_bytes += len as u64;
         s.usage.to_peer_packets += 1;
-        Some(s.sock.as_raw_fd())
+        Some(sock.as_raw_fd())
+    }
+
+    /// Counts bytes spliced from a client data connection to a peer of TCP relay `id`.
+    pub(super) fn count_to_peer(&mut self, id: RelayId, bytes: u64, chunks: u64) {
+        if let Some(s) = self.socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            s.usage.to_peer_bytes += bytes;
+            s.usage.to_peer_packets += chunks;
+        }
+    }
+
+    fn slot(&mut self) -> io::Result<usize> {
+        match self.free.pop() {
+            Some(i) => Ok(i as usize),
+            None => {
+                if self.socks.len() > INDEX_MASK {
+                    return Err(io::Error::other("too many relay sockets in one worker"));
+                }
+                self.socks.push(None);
+                Ok(self.socks.len() - 1)
+            }
+        }
     }
 
     /// Counts payload relayed from peers to the client of relay `id`.
@@ -57,16 +111,7 @@ impl Relays {
 impl RelayIo for Relays {
     fn open_relay(&mut self, addr: SocketAddr) -> io::Result<RelayId> {
         let mut sock = UdpSocket::from_std(socket::relay_socket(addr, self.buffer_bytes)?);
-        let idx = match self.free.pop() {
-            Some(i) => i as usize,
-            None => {
-                if self.socks.len() > INDEX_MASK {
-                    return Err(io::Error::other("too many relay sockets in one worker"));
-                }
-                self.socks.push(None);
-                self.socks.len() - 1
-            }
-        };
+        let idx = self.slot()?;
         if let Err(e) = self
             .registry
             .register(&mut sock, token(K_RELAY, idx), Interest::READABLE)
@@ -75,7 +120,7 @@ impl RelayIo for Relays {
             return Err(e);
         }
         self.socks[idx] = Some(RelaySock {
-            sock,
+            kind: RelayKind::Udp(sock),
             usage: RelayUsage::default(),
         });
         Ok(RelayId(idx as u32))
@@ -83,10 +128,53 @@ impl RelayIo for Relays {
 
     fn close_relay(&mut self, relay: RelayId) {
         let idx = relay.0 as usize;
-        if let Some(mut s) = self.socks.get_mut(idx).and_then(Option::take) {
-            let _ = self.registry.deregister(&mut s.sock);
+        if let Some(s) = self.socks.get_mut(idx).and_then(Option::take) {
+            let _ = match s.kind {
+                RelayKind::Udp(mut u) => self.registry.deregister(&mut u),
+                RelayKind::Tcp { mut listener, .. } => self.registry.deregister(&mut listener),
+            };
             self.free.push(relay.0);
         }
+    }
+
+    fn open_tcp_relay(&mut self, addr: SocketAddr) -> io::Result<RelayId> {
+        let mut listener =
+            TcpListener::from_std(socket::tcp_relay_listener(addr, self.buffer_bytes)?);
+        let addr = listener.local_addr()?;
+        let idx = self.slot()?;
+        if let Err(e) =
+            self.registry
+                .register(&mut listener, token(K_RELAY, idx), Interest::READABLE)
+        {
+            self.free.push(idx as u32);
+            return Err(e);
+        }
+        self.socks[idx] = Some(RelaySock {
+            kind: RelayKind::Tcp { listener, addr },
+            usage: RelayUsage::default(),
+        });
+        Ok(RelayId(idx as u32))
+    }
+
+    fn tcp_connect(&mut self, relay: RelayId, peer: SocketAddr, conn: ConnId) -> io::Result<()> {
+        let Some((_, from)) = self.tcp_listener(relay) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a TCP relay",
+            ));
+        };
+        let r = socket::tcp_relay_connect(from, peer, self.buffer_bytes).and_then(|sock| {
+            let state = super::peers::PeerState::connecting();
+            self.peers.add(&self.registry, sock, conn, relay, state)
+        });
+        if r.is_err() {
+            self.peers.connect_failures += 1;
+        }
+        r
+    }
+
+    fn close_tcp_conn(&mut self, conn: ConnId) {
+        self.peers.close_by_core(&self.registry, conn);
     }
 
     fn usage(&self, relay: RelayId) -> RelayUsage {

@@ -7,6 +7,8 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::Interest;
 
+use super::handover::connection_bind_id;
+use super::splice::Splice;
 use super::{
     is_request, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE,
 };
@@ -14,7 +16,7 @@ use crate::net::link::{is_tls_error, Link};
 use crate::net::shard::Shard;
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
 use crate::stun::{classify, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
-use crate::turn::{Action, FiveTuple, Now, Transport};
+use crate::turn::{conn_shard, Action, ConnId, FiveTuple, Now, Transport};
 
 /// What a TCP listener accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,9 +34,25 @@ pub(super) struct Conn {
     pub(super) tuple: FiveTuple,
     pub(super) inbuf: InBuf,
     pub(super) out: OutBuf,
+    /// Last message from the client, or (control connections) peer data sent to it, or
+    /// (data connections) bytes spliced either way: the idle timeout runs from here.
     pub(super) last_message: Instant,
     pub(super) dirty: bool,
-    pub(super) _permit: IpPermit,
+    /// Set once this is an RFC 6062 client data connection carrying raw bytes (§5.4).
+    pub(super) splice: Option<Splice>,
+    /// This connection's slot in turn.tcp_max_per_ip. Released once it is bound as an
+    /// RFC 6062 data connection: the allocation's turn.tcp_relay_max_connections (an
+    /// authenticated quota) governs those, so one client can use its whole allowance.
+    pub(super) permit: Option<IpPermit>,
+}
+
+/// Why a client connection's frame loop stopped before reading everything.
+enum Stop {
+    Close(CloseReason),
+    /// ConnectionBind succeeded: the rest of the InBuf is raw client data (RFC 6062 §5.4).
+    Bind(ConnId),
+    /// ConnectionBind for another worker's CONNECTION-ID: move the connection there.
+    HandOver(usize),
 }
 
 /// Why a TCP connection is closed (counted, logged at debug).
@@ -134,7 +152,8 @@ impl<S: Shard> Worker<S> {
                 out: OutBuf::new(TCP_DATA_QUEUE, TCP_HARD_QUEUE),
                 last_message: now.mono,
                 dirty: false,
-                _permit: permit,
+                splice: None,
+                permit: Some(permit),
             });
         }
         true
@@ -150,65 +169,33 @@ impl<S: Shard> Worker<S> {
         }
     }
 
-    /// Frames from TCP client `ci`. `true` if more may wait.
+    /// Frames from TCP client `ci`: first those already buffered (a handed-over connection
+    /// arrives with its ConnectionBind unread), then what the socket has. A spliced data
+    /// connection is pumped instead. `true` if more may wait.
     pub(super) fn conn_readable(&mut self, ci: usize, now: Now) -> bool {
-        let mut close = None;
+        match self.conns.get(ci).and_then(Option::as_ref) {
+            None => return false,
+            Some(c) if c.splice.is_some() => return self.pump(ci, now),
+            Some(_) => {}
+        }
+        let mut stop = None;
         let mut more = true;
-        for _ in 0..MAX_BATCHES_PER_TURN {
+        for turn in 0..=MAX_BATCHES_PER_TURN {
             let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
                 return false;
             };
-            let was_sniffing = matches!(conn.link, Link::Sniff);
-            let was_handshaking = conn.link.handshaking();
-            let filled = conn
-                .link
-                .fill(&mut conn.sock, &mut conn.inbuf, self.tls.as_ref());
-            if was_sniffing && conn.link.is_tls() {
-                // The sniffed first byte opened TLS: the 5-tuple's transport says so.
-                self.conn_by_tuple.remove(&conn.tuple);
-                conn.tuple.transport = Transport::Tls;
-                self.conn_by_tuple.insert(conn.tuple, ci);
-            }
-            if was_handshaking && conn.link.is_tls() && !conn.link.handshaking() {
-                self.stats.tls_handshakes += 1;
-            }
-            match filled {
-                Ok(0) => {
-                    close = Some(CloseReason::Eof);
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    more = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if is_tls_error(&e) => {
-                    tracing::debug!(client = %conn.tuple.client, error = %e, "TLS error");
-                    close = Some(CloseReason::TlsError);
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    close = Some(CloseReason::Garbage);
-                    break;
-                }
-                Err(_) => {
-                    close = Some(CloseReason::Error);
-                    break;
-                }
-            }
             loop {
                 let data = conn.inbuf.data();
                 let n = match tcp_frame_len(data) {
                     Ok(None) => break,
                     Ok(Some(n)) if n > MAX_FRAME || n == 0 => {
-                        close = Some(CloseReason::Garbage);
+                        stop = Some(Stop::Close(CloseReason::Garbage));
                         break;
                     }
                     Ok(Some(n)) if n > data.len() => break,
                     Ok(Some(n)) => n,
                     Err(_) => {
-                        close = Some(CloseReason::Garbage);
+                        stop = Some(Stop::Close(CloseReason::Garbage));
                         break;
                     }
                 };
@@ -238,6 +225,17 @@ impl<S: Shard> Worker<S> {
                         }
                     }
                     Kind::Stun => {
+                        // RFC 6062 §5.4: a ConnectionBind belongs to the shard that issued
+                        // its CONNECTION-ID; a control connection's own requests stay here.
+                        if let Some(target) = connection_bind_id(frame)
+                            .map(conn_shard)
+                            .filter(|&t| t != self.index && t < self.inboxes.len())
+                        {
+                            if !self.shard.has_allocation(&conn.tuple) {
+                                stop = Some(Stop::HandOver(target));
+                                break;
+                            }
+                        }
                         let t0 = is_request(frame).then(Instant::now);
                         let action = self.shard.handle_stun(
                             now,
@@ -251,12 +249,17 @@ impl<S: Shard> Worker<S> {
                         }
                         match action {
                             Action::None => {}
-                            // RFC 6062 data connections: not spliced yet (the TCP relay
-                            // driver is being built), so only the response goes out.
-                            Action::Reply(len) | Action::BindData { len, .. } => {
+                            Action::Reply(len) => {
                                 if !conn.out.push_control(&self.out[..len]) {
-                                    close = Some(CloseReason::Backlog);
+                                    stop = Some(Stop::Close(CloseReason::Backlog));
                                 }
+                            }
+                            Action::BindData { conn: id, len } => {
+                                stop = Some(if conn.out.push_control(&self.out[..len]) {
+                                    Stop::Bind(id)
+                                } else {
+                                    Stop::Close(CloseReason::Backlog)
+                                });
                             }
                             Action::Forward {
                                 relay,
@@ -283,37 +286,86 @@ impl<S: Shard> Worker<S> {
                     }
                     Kind::Invalid => {
                         self.stats.drop_invalid += 1;
-                        close = Some(CloseReason::Garbage);
+                        stop = Some(Stop::Close(CloseReason::Garbage));
                     }
                 }
-                if close.is_some() {
-                    break;
+                match stop {
+                    // The ConnectionBind itself is consumed; what follows is raw data.
+                    Some(Stop::Bind(_)) => {
+                        conn.inbuf.consume(n);
+                        break;
+                    }
+                    Some(_) => break,
+                    None => conn.inbuf.consume(n),
                 }
-                conn.inbuf.consume(n);
             }
             self.to_peer.flush(&mut self.stats);
-            if close.is_some() {
+            if stop.is_some() {
                 break;
             }
             if conn.link.flush(&mut conn.sock, &mut conn.out).is_err() {
-                close = Some(CloseReason::Error);
+                stop = Some(Stop::Close(CloseReason::Error));
                 break;
             }
+            if turn == MAX_BATCHES_PER_TURN {
+                break;
+            }
+            let was_sniffing = matches!(conn.link, Link::Sniff);
+            let was_handshaking = conn.link.handshaking();
+            let filled = conn
+                .link
+                .fill(&mut conn.sock, &mut conn.inbuf, self.tls.as_ref());
+            if was_sniffing && conn.link.is_tls() {
+                // The sniffed first byte opened TLS: the 5-tuple's transport says so.
+                self.conn_by_tuple.remove(&conn.tuple);
+                conn.tuple.transport = Transport::Tls;
+                self.conn_by_tuple.insert(conn.tuple, ci);
+            }
+            if was_handshaking && conn.link.is_tls() && !conn.link.handshaking() {
+                self.stats.tls_handshakes += 1;
+            }
+            let reason = match filled {
+                Ok(0) => CloseReason::Eof,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_tls_error(&e) => {
+                    tracing::debug!(client = %conn.tuple.client, error = %e, "TLS error");
+                    CloseReason::TlsError
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => CloseReason::Garbage,
+                Err(_) => CloseReason::Error,
+            };
+            stop = Some(Stop::Close(reason));
+            break;
         }
         self.to_peer.flush(&mut self.stats);
-        if close.is_none() {
+        if stop.is_none() {
             // TLS handshake records produced by the last read wait for no frame.
             if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
                 if conn.link.flush(&mut conn.sock, &mut conn.out).is_err() {
-                    close = Some(CloseReason::Error);
+                    stop = Some(Stop::Close(CloseReason::Error));
                 }
             }
         }
-        if let Some(reason) = close {
+        if let Some(Stop::Close(reason)) = stop {
+            // Also delivers what the shard queued meanwhile.
             self.close_conn(ci, reason);
             return false;
         }
-        more
+        // Connect responses and attempts the requests queued, peers the core closed.
+        self.after_shard();
+        match stop {
+            Some(Stop::HandOver(target)) => {
+                self.hand_over(ci, target);
+                false
+            }
+            Some(Stop::Bind(id)) => self.bind_data(ci, id, now),
+            _ => more,
+        }
     }
 
     pub(super) fn close_conn(&mut self, ci: usize, reason: CloseReason) {
@@ -332,8 +384,21 @@ impl<S: Shard> Worker<S> {
         let _ = self.poll.registry().deregister(&mut c.sock);
         self.conn_by_tuple.remove(&c.tuple);
         self.free_conns.push(ci);
-        self.shard
-            .client_closed(&c.tuple, super::now(), &mut self.relays);
+        match c.splice {
+            // A data connection takes its peer connection along (unless the core closed
+            // that one first) and is no allocation's control connection.
+            Some(sp) => {
+                if let Some(p) = self.relays.peers.take(&self.relays.registry, sp.id) {
+                    drop(p);
+                    self.shard.tcp_conn_closed(sp.id);
+                }
+            }
+            None => {
+                self.shard
+                    .client_closed(&c.tuple, super::now(), &mut self.relays);
+                self.after_shard();
+            }
+        }
         // The socket and the per-IP permit go with `c`.
     }
 
@@ -348,7 +413,12 @@ impl<S: Shard> Worker<S> {
                 && now.saturating_duration_since(c.opened) >= self.handshake_timeout
             {
                 self.close_conn(ci, CloseReason::HandshakeTimeout);
-            } else if now.saturating_duration_since(c.last_message) >= self.tcp_idle {
+            } else if now.saturating_duration_since(c.last_message) >= self.tcp_idle
+                // An allocation's control connection lives as long as the allocation (its
+                // lifetime and Refresh govern it): an RFC 6062 client may send nothing on
+                // it for minutes while its data connections carry the traffic.
+                && !self.shard.has_allocation(&c.tuple)
+            {
                 self.close_conn(ci, CloseReason::Idle);
             }
         }
