@@ -888,3 +888,34 @@ fn tls_data_connection_carries_raw_bytes_in_full_records_and_ends_with_close_not
     });
     svc.shutdown();
 }
+
+#[test]
+fn a_connection_moves_between_workers_at_most_once() {
+    let seen = Arc::new(Seen::default());
+    let svc = service(2, &seen);
+    let server = svc.local_addrs()[0];
+    let bind_for = |shard: u32| {
+        msg(
+            ty(method::CONNECTION_BIND, class::REQUEST),
+            &[(attr::CONNECTION_ID, &((shard << 24) | 999).to_be_bytes())],
+        )
+    };
+    // Forged CONNECTION-IDs naming each worker in turn: whichever worker a connection
+    // lands on, one of the two binds moves it, and the other is answered where it is.
+    for _ in 0..8 {
+        let mut c = connect(server);
+        for shard in [0, 1, 0, 1] {
+            c.write_all(&bind_for(shard)).unwrap();
+            let r = read_msg(&mut c);
+            assert_eq!(
+                u16::from_be_bytes([r[0], r[1]]),
+                ty(method::CONNECTION_BIND, class::ERROR)
+            );
+        }
+    }
+    wait_stats(&svc, |s| s.tcp_handovers >= 8);
+    // Every answer is in, so every move happened; one more publish interval shows all.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(svc.stats().tcp_handovers, 8);
+    svc.shutdown();
+}

@@ -69,6 +69,7 @@ impl<S: Shard> Worker<S> {
         self.conn_by_tuple.remove(&c.tuple);
         self.free_conns.push(ci);
         c.dirty = false;
+        c.handed_over = true;
         self.stats.tcp_handovers += 1;
         tracing::debug!(client = %c.tuple.client, from = self.index, to = target, "RFC 6062 data connection handed over");
         inbox

@@ -40,6 +40,9 @@ pub(super) struct Conn {
     pub(super) dirty: bool,
     /// Set once this is an RFC 6062 client data connection carrying raw bytes (§5.4).
     pub(super) splice: Option<Splice>,
+    /// Already moved to another worker once: a legitimate data connection needs one move,
+    /// so a client cannot bounce its connection between workers with forged IDs.
+    pub(super) handed_over: bool,
     /// This connection's slot in turn.tcp_max_per_ip. Released once it is bound as an
     /// RFC 6062 data connection: the allocation's turn.tcp_relay_max_connections (an
     /// authenticated quota) governs those, so one client can use its whole allowance.
@@ -153,6 +156,7 @@ impl<S: Shard> Worker<S> {
                 last_message: now.mono,
                 dirty: false,
                 splice: None,
+                handed_over: false,
                 permit: Some(permit),
             });
         }
@@ -227,10 +231,10 @@ impl<S: Shard> Worker<S> {
                     Kind::Stun => {
                         // RFC 6062 §5.4: a ConnectionBind belongs to the shard that issued
                         // its CONNECTION-ID; a control connection's own requests stay here.
-                        if let Some(target) = connection_bind_id(frame)
+                        let foreign = connection_bind_id(frame)
                             .map(conn_shard)
-                            .filter(|&t| t != self.index && t < self.inboxes.len())
-                        {
+                            .filter(|&t| t != self.index && t < self.inboxes.len());
+                        if let Some(target) = foreign.filter(|_| !conn.handed_over) {
                             if !self.shard.has_allocation(&conn.tuple) {
                                 stop = Some(Stop::HandOver(target));
                                 break;
