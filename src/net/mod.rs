@@ -1,5 +1,7 @@
 //! IO drivers around the sans-IO TURN core: worker threads that own UDP and TCP listener
-//! sockets (SO_REUSEPORT), TCP framing, relay sockets, batched syscalls and data-path counters.
+//! sockets (SO_REUSEPORT), TCP framing, relay sockets, batched syscalls and data-path counters;
+//! for RFC 6062 TCP allocations also the relay listeners, peer connections, the handover of a
+//! client data connection to the worker owning its CONNECTION-ID, and the byte splicing.
 //!
 //! Owns sockets, threads and the event loops. It must not interpret STUN beyond
 //! classification and framing (that is `crate::stun` / `crate::turn`), and it must not

@@ -711,3 +711,180 @@ fn idle_timeout_spares_allocations_and_data_connections_that_move_bytes() {
     read_msg(&mut ctl);
     svc.shutdown();
 }
+
+/// Accepts any server certificate (the test's own self-signed one).
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TCP stream counting the bytes read from the wire (TLS records included).
+struct Counting(TcpStream, u64);
+
+impl Read for Counting {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(b)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for Counting {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[test]
+fn tls_data_connection_carries_raw_bytes_in_full_records_and_ends_with_close_notify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !made {
+        eprintln!("openssl not installed: skipping");
+        return;
+    }
+    let tls_cfg = TlsConfig {
+        cert_file: Some(cert),
+        key_file: Some(key),
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ..TlsConfig::default()
+    };
+    let ctx = TlsContext::from_config(&tls_cfg).unwrap().unwrap();
+    let seen = Arc::new(Seen::default());
+    let t = TurnConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        workers: 1,
+        socket_buffer_bytes: 1 << 16,
+        ..TurnConfig::default()
+    };
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let fake_seen = Arc::clone(&seen);
+    let svc = TurnService::start_with_tls(
+        &t,
+        Some((tls_cfg, ctx)),
+        vec![RelayAddr {
+            local: ip,
+            advertised: ip,
+        }],
+        move || Fake {
+            index: 0,
+            alloc: None,
+            next: 1,
+            connecting: Vec::new(),
+            waiting: HashSet::new(),
+            live: HashSet::new(),
+            outbox: Vec::new(),
+            seen: Arc::clone(&fake_seen),
+        },
+    )
+    .unwrap();
+    let (mut ctl, relay) = allocate(svc.local_addrs()[0]);
+    let mut peer = connect(relay);
+    let id = conn_id_of(&read_msg(&mut ctl));
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+    let sock = connect(svc.local_tls_addrs()[0]);
+    let mut tls = rustls::StreamOwned::new(conn, Counting(sock, 0));
+    let mut w = msg(
+        ty(method::CONNECTION_BIND, class::REQUEST),
+        &[(attr::CONNECTION_ID, &id.to_be_bytes())],
+    );
+    w.extend_from_slice(b"early over tls;");
+    tls.write_all(&w).unwrap();
+    let mut head = [0u8; HEADER_LEN];
+    tls.read_exact(&mut head).unwrap();
+    assert_eq!(
+        u16::from_be_bytes([head[0], head[1]]),
+        ty(method::CONNECTION_BIND, class::SUCCESS)
+    );
+    let mut got = [0u8; 15];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"early over tls;");
+
+    // 1 MiB that parses as 4-byte ChannelData frames: raw bytes must not be cut there
+    // (one TLS record per 4 bytes would be 5x the bytes on the wire).
+    const TOTAL: usize = 1 << 20;
+    let chunk: Vec<u8> = [0x40u8, 0, 0, 0].repeat(16 * 1024);
+    let mut writer = peer.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..TOTAL / chunk.len() {
+            writer.write_all(&chunk).unwrap();
+        }
+    });
+    let wire_before = tls.sock.1;
+    let mut buf = vec![0u8; TOTAL];
+    tls.read_exact(&mut buf).unwrap();
+    sender.join().unwrap();
+    assert!(buf.chunks(4).all(|c| c == [0x40, 0, 0, 0]));
+    let wire = tls.sock.1 - wire_before;
+    assert!(
+        wire < (TOTAL as u64) * 11 / 10,
+        "{wire} bytes on the wire for {TOTAL} bytes of data"
+    );
+
+    tls.write_all(b"up the tls side").unwrap();
+    let mut got = [0u8; 15];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"up the tls side");
+
+    // The peer hangs up: the client gets close_notify (a clean end, not a truncation).
+    drop(peer);
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest)
+        .expect("close_notify before the TCP close");
+    assert!(rest.is_empty());
+    wait_for("tcp_conn_closed", || {
+        !seen.closed.lock().unwrap().is_empty()
+    });
+    svc.shutdown();
+}

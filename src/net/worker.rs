@@ -4,7 +4,9 @@
 //! workers on the data path (DESIGN.md principle 2).
 //!
 //! This file holds the loop and the UDP paths; `relays` the relay sockets, `tcp_conns` the
-//! TCP client connections.
+//! TCP client connections, `peers` + `splice` the RFC 6062 peer connections and splicing,
+//! `handover` the one cross-worker step (a data connection moving to its CONNECTION-ID's
+//! worker, once per connection, off the data path).
 
 use std::collections::HashMap;
 use std::io;
@@ -156,6 +158,8 @@ pub struct Worker<S: Shard> {
     /// accept() failed (e.g. out of file descriptors): retry at the next housekeeping
     /// instead of spinning.
     accept_retry: bool,
+    /// TCP relay listeners whose accept() failed likewise (retried at housekeeping).
+    relay_accept_retry: Vec<usize>,
     inboxes: Arc<[Inbox]>,
     /// Peer→client reads of spliced RFC 6062 connections land here first.
     splice_buf: Box<[u8]>,
@@ -245,6 +249,7 @@ impl<S: Shard> Worker<S> {
             config_in: p.config_in,
             pending: Vec::new(),
             accept_retry: false,
+            relay_accept_retry: Vec::new(),
             inboxes: p.inboxes,
             splice_buf: vec![0u8; splice::SPLICE_READ].into_boxed_slice(),
             backlog: Vec::new(),
@@ -298,6 +303,9 @@ impl<S: Shard> Worker<S> {
                     for li in 0..self.tcp.len() {
                         self.dispatch(token(K_TCP_LISTENER, li), true, false, now);
                     }
+                }
+                for ri in std::mem::take(&mut self.relay_accept_retry) {
+                    self.dispatch(token(K_RELAY, ri), true, false, now);
                 }
                 self.publish_stats();
                 next_housekeeping = now.mono + HOUSEKEEPING;

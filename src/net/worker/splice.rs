@@ -104,7 +104,11 @@ impl<S: Shard> Worker<S> {
                     break;
                 }
                 Err(e) => {
+                    // EMFILE and friends: try again at housekeeping rather than spin.
                     tracing::debug!(error = %e, "TCP relay accept failed");
+                    if !self.relay_accept_retry.contains(&ri) {
+                        self.relay_accept_retry.push(ri);
+                    }
                     more = false;
                     break;
                 }

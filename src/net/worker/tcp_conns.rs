@@ -391,6 +391,7 @@ impl<S: Shard> Worker<S> {
                 if let Some(p) = self.relays.peers.take(&self.relays.registry, sp.id) {
                     drop(p);
                     self.shard.tcp_conn_closed(sp.id);
+                    self.after_shard();
                 }
             }
             None => {
