@@ -285,7 +285,10 @@ fn slow_clients_on_the_tls_listener_are_closed_while_others_are_served() {
         ),
     );
     let port = tern.api_port;
-    let before = get_scrape(&tern);
+    // The readiness probe (a plain TCP connect) failed its handshake; counted once.
+    let before = scrape_until(tern.metrics_port, "the probe's handshake counted", |s| {
+        closed_count(s, "tls_handshake") >= 1.0
+    });
 
     // After the handshake: a slow request head.
     let slow: Vec<_> = (0..2)
