@@ -132,13 +132,13 @@ pub const TCP_RELAY_PEER_CONNECTIONS: Def = def(
     "tern_turn_tcp_relay_peer_connections",
     Gauge,
     &[],
-    "Peer TCP connections open: connecting, waiting for ConnectionBind, or spliced.",
+    "Peer TCP sockets the workers hold: connecting, waiting for ConnectionBind, or spliced.",
 );
 pub const TCP_RELAY_CONNECT_FAILURES: Def = def(
     "tern_turn_tcp_relay_connect_failures_total",
     Counter,
     &[],
-    "Connect requests whose TCP connection to the peer failed or timed out (447).",
+    "Outgoing RFC 6062 peer connects that failed at the socket level or timed out (447).",
 );
 pub const TCP_HANDOVERS: Def = def(
     "tern_turn_tcp_handovers_total",
