@@ -616,7 +616,9 @@ impl<S: Shard> Worker<S> {
             self.flush_dirty_conns();
             self.relays
                 .count_to_client(relay, to_client_bytes, to_client_packets);
-            if n < BATCH {
+            // A TCP client that failed while flushing takes its allocation, and so this
+            // relay socket, with it: never read a closed (or reused) descriptor.
+            if n < BATCH || self.relays.fd(relay) != Some(fd) {
                 return false;
             }
         }

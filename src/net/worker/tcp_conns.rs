@@ -35,7 +35,8 @@ pub(super) struct Conn {
     pub(super) inbuf: InBuf,
     pub(super) out: OutBuf,
     /// Last message from the client, or (control connections) peer data sent to it, or
-    /// (data connections) bytes spliced either way: the idle timeout runs from here.
+    /// (data connections) bytes spliced either way. The idle timeout runs from here for
+    /// connections that are neither a control connection nor a bound data connection.
     pub(super) last_message: Instant,
     pub(super) dirty: bool,
     /// Set once this is an RFC 6062 client data connection carrying raw bytes (§5.4).
@@ -421,8 +422,11 @@ impl<S: Shard> Worker<S> {
             } else if now.saturating_duration_since(c.last_message) >= self.tcp_idle
                 // An allocation's control connection lives as long as the allocation (its
                 // lifetime and Refresh govern it): an RFC 6062 client may send nothing on
-                // it for minutes while its data connections carry the traffic.
+                // it for minutes while its data connections carry the traffic. A bound data
+                // connection is an application's TCP stream, quiet as long as it likes: it
+                // ends with its peer or its allocation (RFC 6062 §5.5).
                 && !self.shard.has_allocation(&c.tuple)
+                && c.splice.is_none()
             {
                 self.close_conn(ci, CloseReason::Idle);
             }
