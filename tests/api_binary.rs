@@ -2,8 +2,8 @@
 //! own TURN listener (coturn's turnutils_uclient allocates and relays with them) and refused
 //! once expired; signaling works on the daemon's HTTP listener.
 
-mod common;
-mod signal_common;
+use crate::common;
+use crate::signal_common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! `/api/ice` and `/api/turn`: who may mint, what they get, CORS.
 
-mod signal_common;
+use crate::signal_common;
 
 use signal_common::{get, request, start, SECRET, TOKEN};
 use tern::turn::auth::rest_password;

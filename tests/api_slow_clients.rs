@@ -5,8 +5,8 @@
 //! once and counted, and the held ones keep working; WebSocket sessions outlive the header
 //! timeout. Loopback only, every loop bounded.
 
-mod common;
-mod signal_common;
+use crate::common;
+use crate::signal_common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

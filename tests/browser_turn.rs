@@ -7,18 +7,14 @@
 //! Needs /usr/bin/chromium, node and `tests/browser/node_modules` (`npm ci` there). When they
 //! are missing the tests fail if `CI` is set and are skipped loudly otherwise.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{Tern, TernOpts};
-
-/// One Chromium at a time: two would fight over the machine's two cores.
-static BROWSER: Mutex<()> = Mutex::new(());
 
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -111,7 +107,7 @@ fn run_page_with(port: u16, transport: &str, secret: &str, extra: &[&str]) -> se
 const RELAY_MIN: u16 = 30000;
 
 fn relay_20_mib(transport: &str) {
-    let _one = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = common::browser_lock();
     let tern = Tern::start(TernOpts::new(RELAY_MIN));
     let r = run_page(tern.port, transport, &tern.secret);
     // On failure, common::Tern prints the daemon's log when dropped.
@@ -144,7 +140,7 @@ fn chromium_gets_no_relay_with_credentials_for_another_secret() {
     if !browser_available("chromium_gets_no_relay_with_credentials_for_another_secret") {
         return;
     }
-    let _one = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = common::browser_lock();
     let tern = Tern::start(TernOpts::new(RELAY_MIN));
     let r = run_page(tern.port, "udp", "not-the-servers-secret");
     assert_eq!(r["ok"], false, "{r}");
@@ -177,7 +173,7 @@ fn self_signed_with_spki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf,
 /// 20 MiB through `turns:` (RFC 8656 §3.1): on the TLS listener, or with `sniff` on the one
 /// TURN port that also carries UDP and plain TCP.
 fn relay_20_mib_over_tls(sniff: bool) {
-    let _one = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = common::browser_lock();
     let certs = tempfile::tempdir().unwrap();
     let (cert, key, spki) = self_signed_with_spki(certs.path());
     let tls_port = common::free_port();

@@ -3,7 +3,7 @@
 //! §14.15) or 508 when no alternate is configured, and the process exits 0 within the
 //! drain timeout (or at once on a second SIGTERM).
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};

@@ -3,8 +3,8 @@
 //! SIGTERM with a live allocation sends STOPPING=1 and a STATUS counting what is left, and
 //! `/readyz` turns 503.
 
-mod common;
-mod ops_common;
+use crate::common;
+use crate::ops_common;
 
 use std::net::UdpSocket;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! naming the key and the old config stays; listener changes are reported as needing a
 //! restart, not applied.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! TLS, the certificate files are replaced and SIGHUP sent: the running TLS relay loses
 //! nothing, and new handshakes (openssl s_client) present the new certificate.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

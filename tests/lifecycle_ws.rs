@@ -2,8 +2,8 @@
 //! session keeps working after SIGHUP and during the drain, while new ones are refused
 //! once draining.
 
-mod common;
-mod signal_common;
+use crate::common;
+use crate::signal_common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};

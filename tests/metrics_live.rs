@@ -4,8 +4,8 @@
 //! `/healthz` and `/readyz` answer as docs/metrics.md says (including while draining); an
 //! ended allocation logs its duration, bytes and packets both ways.
 
-mod common;
-mod signal_common;
+use crate::common;
+use crate::signal_common;
 
 use std::collections::BTreeSet;
 use std::io::Write;

@@ -3,7 +3,7 @@
 //! moved to free ones), and credentials minted for coturn's secret by coturn's own client
 //! (`turnutils_uclient -W SECRET`) relay traffic through it, while a wrong secret does not.
 
-mod ops_common;
+use crate::ops_common;
 
 use std::io::Read;
 use std::net::UdpSocket;

@@ -1,8 +1,8 @@
 //! A receiver that stops reading must stall its sender, not grow server memory: measured
 //! on the real `tern serve` process (/proc/PID/status VmRSS).
 
-mod common;
-mod signal_common;
+use crate::common;
+use crate::signal_common;
 
 use std::time::Duration;
 

@@ -1,8 +1,8 @@
 //! `/relay`: tickets from signaling, 50 MiB in order with a SHA-256 check, bounded memory
 //! when a receiver stops reading, 1009 past the frame limit.
 
-mod common;
-mod signal_common;
+use crate::common;
+use crate::signal_common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! only once its TURN port answers, WATCHDOG=1 periodically when WATCHDOG_USEC is set (and
 //! never when it is not), STOPPING=1 on SIGTERM; path and abstract-namespace sockets.
 
-mod ops_common;
+use crate::ops_common;
 
 use std::time::Duration;
 

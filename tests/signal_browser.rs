@@ -3,7 +3,7 @@
 //! SHA-256), and the native protocol (tests/browser/signal.mjs: /api/ice, /ws signaling for
 //! an RTCDataChannel, then /relay with 2 MiB and SHA-256).
 
-mod signal_common;
+use crate::signal_common;
 
 use std::path::Path;
 use std::process::Command;
@@ -45,6 +45,7 @@ fn tooling_present() -> bool {
 }
 
 fn run_script(name: &str, api_extra: &str) {
+    let _one = crate::common::browser_lock();
     let svc = signal_common::start(api_extra, "");
     let port = svc.local_addr().port();
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,6 +1,6 @@
 //! The PeerJS protocol over real sockets, as the `peer` npm server speaks it.
 
-mod signal_common;
+use crate::signal_common;
 
 use signal_common::{close_code, get, next_json, send_text, start, ws};
 

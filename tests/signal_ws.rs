@@ -1,6 +1,6 @@
 //! Native signaling on `/ws` and the PeerJS protocol over real WebSockets.
 
-mod signal_common;
+use crate::signal_common;
 
 use signal_common::{close_code, get, next_json, send_text, start, ws};
 

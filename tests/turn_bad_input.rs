@@ -2,7 +2,7 @@
 //! integrity checks, unbound channels, TCP garbage, floods and idle connections. After each
 //! abuse the daemon is still alive and a normal client is still served.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};

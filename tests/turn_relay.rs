@@ -2,7 +2,7 @@
 //! (RFC 8656): channels and Send indications, many clients, the RTP/RTCP pair, and refused
 //! credentials and peers.
 
-mod common;
+use crate::common;
 
 use std::net::UdpSocket;
 use std::process::{Command, Stdio};

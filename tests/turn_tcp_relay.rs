@@ -5,7 +5,7 @@
 //! megabytes both ways with their digests checked, and the error codes (400, 403, 446, 447).
 //! All peers are loopback sockets this test opens itself.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -4,7 +4,7 @@
 //! truncated handshake, slowloris clients) dropped within the handshake timeout while others
 //! keep being served. The certificate is self-signed, made by the openssl CLI.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

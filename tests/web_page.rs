@@ -4,7 +4,7 @@
 //! WebSocket-relay paths checked against the metrics, the share-link room, the sender
 //! closed mid-transfer). Screenshots land in the test's output dir.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
@@ -89,6 +89,7 @@ fn two_browsers_send_files_and_text_on_every_path() {
     if !tooling_present() {
         return;
     }
+    let _one = common::browser_lock();
     let tern = start();
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web_page");
     let _ = std::fs::remove_dir_all(&out);

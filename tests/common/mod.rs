@@ -10,6 +10,7 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -756,4 +757,11 @@ impl TurnClient {
         m.extend_from_slice(payload);
         self.sock.send_to(&m, self.server).unwrap();
     }
+}
+
+/// Held while a test drives headless Chromium: one browser at a time, since two would fight
+/// over a 2-core machine's cores (all integration tests share one process).
+pub fn browser_lock() -> MutexGuard<'static, ()> {
+    static BROWSER: Mutex<()> = Mutex::new(());
+    BROWSER.lock().unwrap_or_else(|e| e.into_inner())
 }
