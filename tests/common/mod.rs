@@ -225,7 +225,10 @@ impl Tern {
         };
         t.wait_ready();
         if api_port != 0 {
-            t.wait_api_ready();
+            t.wait_tcp_ready(t.api_addr(), "HTTP");
+        }
+        if metrics_port != 0 {
+            t.wait_tcp_ready(SocketAddr::from(([127, 0, 0, 1], metrics_port)), "metrics");
         }
         t
     }
@@ -285,11 +288,12 @@ impl Tern {
         SocketAddr::from(([127, 0, 0, 1], self.api_port))
     }
 
-    /// Waits until the HTTP listener accepts connections.
-    fn wait_api_ready(&mut self) {
+    /// Waits until a TCP listener of the daemon (`what`) accepts connections: the HTTP and
+    /// metrics listeners bind after TURN answers.
+    fn wait_tcp_ready(&mut self, addr: SocketAddr, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(self.api_addr()).is_ok() {
+            if std::net::TcpStream::connect(addr).is_ok() {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -297,7 +301,7 @@ impl Tern {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("tern's HTTP listener did not come up:\n{}", self.log());
+        panic!("tern's {what} listener did not come up:\n{}", self.log());
     }
 
     /// Still running (not crashed)?
