@@ -97,7 +97,7 @@ pub struct NetStats {
     pub drop_tcp_queue_full: u64,
     /// Datagrams the kernel refused to send (full buffer, unreachable).
     pub drop_send_error: u64,
-    /// Datagrams larger than the receive slot.
+    /// Datagrams larger than the receive slot, or too large for a Data indication.
     pub drop_truncated: u64,
     /// Client input that is neither STUN nor ChannelData.
     pub drop_invalid: u64,

@@ -531,8 +531,6 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_no_permission += 1;
                     continue;
                 };
-                to_client_bytes += r.len as u64;
-                to_client_packets += 1;
                 let stream = route.client.transport != Transport::Udp;
                 let txid = if route.channel.is_none() {
                     self.next_txid()
@@ -557,8 +555,17 @@ impl<S: Shard> Worker<S> {
                         }
                         at - CHANNEL_DATA_HEADER..end
                     }
-                    None => write_data_indication(slot, at, r.len, r.from, txid),
+                    None => match write_data_indication(slot, at, r.len, r.from, txid) {
+                        Some(f) => f,
+                        // Over 65504 bytes from an IPv6 peer: no STUN message can carry it.
+                        None => {
+                            self.stats.drop_truncated += 1;
+                            continue;
+                        }
+                    },
                 };
+                to_client_bytes += r.len as u64;
+                to_client_packets += 1;
                 if !stream {
                     let server = route.client.server;
                     let Some(l) = self.udp.iter_mut().find(|l| l.serves(server)) else {

@@ -13,6 +13,9 @@ pub const DATA_INDICATION_HEADROOM: usize = 48;
 /// `buf[payload_at..payload_at + payload_len]`, and zero padding after it (RFC 8656 §11.6).
 /// Returns the byte range of the whole message. No allocation, the payload is not moved.
 ///
+/// `None` when the message would not fit the 16-bit STUN length (RFC 8489 §5): an IPv6
+/// peer's datagram of more than 65504 bytes. The caller drops it and counts.
+///
 /// Requires `payload_at >= DATA_INDICATION_HEADROOM` and 3 spare bytes after the payload;
 /// panics otherwise (a driver bug, never network input).
 pub fn write_data_indication(
@@ -21,14 +24,18 @@ pub fn write_data_indication(
     payload_len: usize,
     peer: SocketAddr,
     txid: [u8; 12],
-) -> Range<usize> {
+) -> Option<Range<usize>> {
     let addr_len = if peer.is_ipv4() { 8 } else { 20 };
-    let start = payload_at - 4 - (4 + addr_len) - HEADER_LEN;
     let padded = pad4(payload_len);
+    let body_len = (4 + addr_len) + 4 + padded;
+    // Written as u16 below: a larger body would wrap and garble the client's stream.
+    if body_len > usize::from(u16::MAX) {
+        return None;
+    }
+    let start = payload_at - 4 - (4 + addr_len) - HEADER_LEN;
     let end = payload_at + padded;
     buf[payload_at + payload_len..end].fill(0);
 
-    let body_len = (4 + addr_len) + 4 + padded;
     let h = &mut buf[start..start + HEADER_LEN];
     h[..2].copy_from_slice(&message_type(method::DATA, class::INDICATION).to_be_bytes());
     h[2..4].copy_from_slice(&(body_len as u16).to_be_bytes());
@@ -44,7 +51,7 @@ pub fn write_data_indication(
     buf[d..d + 2].copy_from_slice(&attr::DATA.to_be_bytes());
     buf[d + 2..d + 4].copy_from_slice(&(payload_len as u16).to_be_bytes());
     debug_assert_eq!(d + 4, payload_at);
-    start..end
+    Some(start..end)
 }
 
 #[cfg(test)]
@@ -73,7 +80,7 @@ mod tests {
             let at = DATA_INDICATION_HEADROOM + slack;
             let mut buf = vec![0xAAu8; at + payload.len() + 3];
             buf[at..at + payload.len()].copy_from_slice(&payload);
-            let r = write_data_indication(&mut buf, at, payload.len(), peer, txid);
+            let r = write_data_indication(&mut buf, at, payload.len(), peer, txid).unwrap();
             let bytes = &buf[r];
             prop_assert_eq!(crate::stun::classify(bytes), crate::stun::Kind::Stun);
             let msg = Message::from_bytes(bytes).unwrap();
@@ -82,6 +89,28 @@ mod tests {
             prop_assert_eq!(msg.attribute::<XorPeerAddress>().unwrap().addr(tid), peer);
             let data = msg.attribute::<Data>().unwrap();
             prop_assert_eq!(data.data(), &payload[..]);
+        }
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/stun_codec.rs): a 65527-byte datagram from an
+    /// IPv6 peer made a body of 65556 bytes whose length field wrapped to 20.
+    #[test]
+    fn payload_too_large_for_a_stun_length_is_refused() {
+        let v6: SocketAddr = "[2001:db8::7]:9".parse().unwrap();
+        let v4: SocketAddr = "192.0.2.7:9".parse().unwrap();
+        for (peer, len, fits) in [
+            (v6, 65527, false),
+            (v6, 65505, false),
+            (v6, 65504, true),
+            (v4, 65507, true),
+        ] {
+            let mut buf = vec![0u8; DATA_INDICATION_HEADROOM + len + 3];
+            let r = write_data_indication(&mut buf, DATA_INDICATION_HEADROOM, len, peer, [1; 12]);
+            assert_eq!(r.is_some(), fits, "{len} bytes from {peer}");
+            if let Some(r) = r {
+                let msg = Message::from_bytes(&buf[r]).expect("parses");
+                assert_eq!(msg.attribute::<Data>().unwrap().data().len(), len);
+            }
         }
     }
 }

@@ -1544,7 +1544,7 @@ fn data_path_does_not_allocate() {
             .server
             .handle_stun(now, client(1), &msg, &mut out, &mut h.io);
         assert!(matches!(a, Action::Forward { .. }));
-        let r = crate::stun::write_data_indication(&mut buf, 48, 1200, peer, [1; 12]);
+        let r = crate::stun::write_data_indication(&mut buf, 48, 1200, peer, [1; 12]).unwrap();
         assert_eq!(
             r.start, 12,
             "IPv4 peer: 36 bytes of header before the payload"
