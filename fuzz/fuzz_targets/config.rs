@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use tern::config::Config;
-use tern::turn::{RelayAddr, ServerConfig};
+use tern::turn::{RelayAddr, ServerConfig, Shared};
 
 /// The file the input is written to (one per process).
 fn scratch() -> &'static PathBuf {
@@ -57,7 +57,9 @@ fuzz_target!(|data: &[u8]| {
         local: "192.0.2.10".parse().unwrap(),
         advertised: "198.51.100.10".parse().unwrap(),
     }];
-    let _ = ServerConfig::from_config(&cfg, relay);
+    if let Ok(sc) = ServerConfig::from_config(&cfg, relay) {
+        let _ = Shared::new(&sc);
+    }
     let _ = cfg.turn.worker_count();
     let _ = cfg.tls.enabled();
 });

@@ -131,6 +131,11 @@ struct Harness {
     /// Peer ids and resume tokens from `welcome` messages.
     ids: Vec<String>,
     resumes: Vec<String>,
+    /// The connection id in each of 8 slots the fuzzer names. The driver never reuses an
+    /// id: each connect takes a fresh one (an older connection in the slot lives on).
+    ws: [u64; 8],
+    pj: [u64; 8],
+    next_conn: u64,
 }
 
 fn check_outs(outs: &[Out]) {
@@ -152,6 +157,32 @@ fn check_outs(outs: &[Out]) {
 }
 
 impl Harness {
+    fn fresh(&mut self, native: bool, slot: u8) -> u64 {
+        self.next_conn += 1;
+        let slots = if native { &mut self.ws } else { &mut self.pj };
+        slots[usize::from(slot % 8)] = self.next_conn;
+        self.next_conn
+    }
+
+    /// The driver closes the socket of an `Out::Close` and then reports it gone.
+    fn native_closes(&mut self, outs: &[Out]) {
+        for o in outs {
+            if let Out::Close { conn, .. } = o {
+                let more = self.rooms.disconnect(*conn, self.now());
+                check_outs(&more);
+            }
+        }
+    }
+
+    fn peerjs_closes(&mut self, outs: &[Out]) {
+        for o in outs {
+            if let Out::Close { conn, .. } = o {
+                let more = self.peerjs.disconnect(*conn, self.now());
+                check_outs(&more);
+            }
+        }
+    }
+
     fn now(&self) -> Instant {
         self.t0 + self.elapsed
     }
@@ -199,13 +230,19 @@ impl Harness {
 
     fn native(&mut self, conn: u8, text: &str) {
         let now = self.now();
-        let outs = self.rooms.message(u64::from(conn % 8), text, now);
+        let outs = self
+            .rooms
+            .message(self.ws[usize::from(conn % 8)], text, now);
+        self.native_closes(&outs);
         self.learn(&outs);
     }
 
     fn pj(&mut self, conn: u8, text: &str) {
         let now = self.now();
-        let outs = self.peerjs.message(u64::from(conn % 8), text, now);
+        let outs = self
+            .peerjs
+            .message(self.pj[usize::from(conn % 8)], text, now);
+        self.peerjs_closes(&outs);
         self.learn(&outs);
     }
 
@@ -227,9 +264,9 @@ impl Harness {
                     }
                     _ => None,
                 };
-                let outs = self
-                    .rooms
-                    .connect(u64::from(conn % 8), lan, token.as_deref(), now);
+                let c = self.fresh(true, *conn);
+                let outs = self.rooms.connect(c, lan, token.as_deref(), now);
+                self.native_closes(&outs);
                 self.learn(&outs);
             }
             Op::Text { conn, text } => {
@@ -253,9 +290,10 @@ impl Harness {
                 };
                 self.native(*conn, &v.to_string());
             }
-            Op::Alive { conn } => self.rooms.alive(u64::from(conn % 8), now),
+            Op::Alive { conn } => self.rooms.alive(self.ws[usize::from(conn % 8)], now),
             Op::Disconnect { conn } => {
-                let outs = self.rooms.disconnect(u64::from(conn % 8), now);
+                let outs = self.rooms.disconnect(self.ws[usize::from(conn % 8)], now);
+                self.native_closes(&outs);
                 self.learn(&outs);
             }
             Op::PjConnect {
@@ -270,13 +308,11 @@ impl Harness {
                 };
                 let key = key.clone().unwrap_or_else(|| self.cfg.peerjs_key.clone());
                 let token = token.clone().unwrap_or_else(|| "t".into());
-                let outs = self.peerjs.connect(
-                    u64::from(conn % 8),
-                    Some(&key),
-                    Some(&id),
-                    Some(&token),
-                    now,
-                );
+                let c = self.fresh(false, *conn);
+                let outs = self
+                    .peerjs
+                    .connect(c, Some(&key), Some(&id), Some(&token), now);
+                self.peerjs_closes(&outs);
                 self.learn(&outs);
             }
             Op::PjText { conn, text } => self.pj(*conn, text),
@@ -307,15 +343,18 @@ impl Harness {
                 self.pj(*conn, &v.to_string());
             }
             Op::PjDisconnect { conn } => {
-                let outs = self.peerjs.disconnect(u64::from(conn % 8), now);
+                let outs = self.peerjs.disconnect(self.pj[usize::from(conn % 8)], now);
+                self.peerjs_closes(&outs);
                 self.learn(&outs);
             }
             Op::Tick { secs } => {
                 self.elapsed += Duration::from_secs(u64::from(*secs % 600));
                 let now = self.now();
                 let outs = self.rooms.tick(now);
+                self.native_closes(&outs);
                 self.learn(&outs);
                 let outs = self.peerjs.tick(now);
+                self.peerjs_closes(&outs);
                 self.learn(&outs);
             }
             Op::ClientIp {
@@ -379,6 +418,9 @@ fuzz_target!(|input: Input| {
         elapsed: Duration::ZERO,
         ids: Vec::new(),
         resumes: Vec::new(),
+        ws: [0; 8],
+        pj: [0; 8],
+        next_conn: 0,
     };
     for op in input.ops.iter().take(128) {
         h.op(op);
@@ -389,8 +431,10 @@ fuzz_target!(|input: Input| {
         h.elapsed += Duration::from_secs(3600);
         let now = h.now();
         let outs = h.rooms.tick(now);
+        h.native_closes(&outs);
         h.learn(&outs);
         let outs = h.peerjs.tick(now);
+        h.peerjs_closes(&outs);
         h.learn(&outs);
     }
     assert_eq!(

@@ -10,12 +10,15 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use std::net::SocketAddr;
+
 use stun_types::attribute::AttributeType;
 use stun_types::message::Message;
 use tern::stun::{
     attr, classify, find_integrity, tcp_frame_len, verify_integrity, IntegrityError, IntegrityKind,
     Kind, MessageWriter, CHANNEL_DATA_HEADER, HEADER_LEN,
 };
+use tern::stun::{pad4, write_data_indication, DATA_INDICATION_HEADROOM};
 use turn_types::attribute::XorPeerAddress;
 
 const KEY: &[u8] = b"0123456789abcdef";
@@ -45,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
     // Integrity on bytes nobody classified first: both functions take any slice.
     integrity(data);
     signed_round_trip(data);
+    data_indication(data);
 });
 
 /// A datagram on a STUN/TURN UDP port, as `net::worker` handles it.
@@ -184,4 +188,44 @@ fn signed_round_trip(data: &[u8]) {
         verify_integrity(msg, b"another key"),
         Err(IntegrityError::Mismatch)
     );
+}
+
+/// A peer's datagram of any UDP size framed as a Data indication for the client (RFC 8656
+/// §11.6), as `net::worker` frames what arrives on a relay socket: the message must be
+/// one well-formed STUN message carrying the whole payload, or refused when none can.
+fn data_indication(data: &[u8]) {
+    let [a, b, c, ..] = *data else {
+        return;
+    };
+    // The largest UDP payloads: IPv4 65507 (65535 less IP and UDP headers), IPv6 65527
+    // (the payload length field covers only the 8-byte UDP header; no jumbograms).
+    let (peer, max): (SocketAddr, usize) = if c & 1 == 1 {
+        ("[2001:db8::7]:9".parse().unwrap(), 65527)
+    } else {
+        ("192.0.2.7:9".parse().unwrap(), 65507)
+    };
+    let len = usize::from(u16::from_be_bytes([a, b])).min(max);
+    let mut buf = vec![0u8; DATA_INDICATION_HEADROOM + len + 3];
+    buf[DATA_INDICATION_HEADROOM..DATA_INDICATION_HEADROOM + len].fill(0xAB);
+    let Some(r) = write_data_indication(&mut buf, DATA_INDICATION_HEADROOM, len, peer, [1; 12])
+    else {
+        // Refused (the driver drops and counts it) only when no 16-bit length can hold it.
+        let addr = if peer.is_ipv4() { 8 } else { 20 };
+        assert!(
+            4 + addr + 4 + pad4(len) > 65535,
+            "{len} bytes from {peer} refused"
+        );
+        return;
+    };
+    let msg = &buf[r];
+    assert_eq!(
+        classify(msg),
+        Kind::Stun,
+        "Data indication of {len} bytes from {peer}"
+    );
+    let m = Message::from_bytes(msg).expect("Data indication parses");
+    let d = m
+        .raw_attribute(AttributeType::new(attr::DATA))
+        .expect("DATA attribute");
+    assert_eq!(d.value.len(), len);
 }
