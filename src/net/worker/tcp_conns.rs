@@ -429,6 +429,10 @@ impl<S: Shard> Worker<S> {
                 && c.splice.is_none()
             {
                 self.close_conn(ci, CloseReason::Idle);
+            } else if let Some(c) = self.conns[ci].as_mut() {
+                // Queues grown by a burst go back to the allocator once drained.
+                c.inbuf.trim();
+                c.out.trim();
             }
         }
     }
