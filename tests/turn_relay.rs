@@ -343,5 +343,32 @@ fn a_bandwidth_cap_drops_and_counts_datagrams_past_the_budget() {
         "{to_peer} bytes passed a 20 kB/s cap in {:?}",
         started.elapsed()
     );
+
+    // A reload lifts the cap (0: none) in the running workers: the same load loses nothing.
+    let cfg = std::fs::read_to_string(tern.config_path()).unwrap();
+    std::fs::write(
+        tern.config_path(),
+        cfg.replace("max_bytes_per_sec = 20000", "max_bytes_per_sec = 0"),
+    )
+    .unwrap();
+    tern.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !tern.log().contains("configuration reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload:\n{}",
+            tern.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The workers take the new config when woken, right after the log line.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = uclient(
+        &tern,
+        peer.port,
+        &["-m", "1", "-n", "200", "-l", "1000", "-c", "-z", "2"],
+        UCLIENT_LIMIT,
+    );
+    assert_all_echoed(&r, 200);
     assert!(tern.alive());
 }
