@@ -103,8 +103,9 @@ wait_ready() { # port pid name
 start_server() { # name port min_port -> sets SERVER_PID
     local name=$1 port=$2 min=$3 max=$(($3 + RELAY_PORTS - 1))
     if [ "$name" = tern ]; then
-        # Quotas and the unauthenticated-request limiter opened to match coturn's defaults
-        # (no user quota, no total quota, no per-source limit); HTTP and metrics off.
+        # Quotas, the bandwidth cap and the unauthenticated-request limiter opened to match
+        # coturn's defaults (no user quota, no total quota, no max-bps, no per-source
+        # limit); HTTP and metrics off.
         "$TERN" serve \
             --set "turn.listen=[\"127.0.0.1:$port\"]" \
             --set 'turn.relay_ip=["127.0.0.1"]' \
@@ -112,6 +113,7 @@ start_server() { # name port min_port -> sets SERVER_PID
             --set "turn.secret_file=[\"$OUT/secret\"]" \
             --set 'turn.allowed_peer_ranges=["127.0.0.0/8"]' \
             --set turn.user_quota=100000 --set turn.total_quota=100000 \
+            --set turn.max_bytes_per_sec=0 \
             --set turn.unauth_rate_per_sec=1000000 --set turn.unauth_burst=1000000 \
             --set turn.socket_buffer_bytes=4194304 \
             --set api.enabled=false --set metrics.enabled=false \

@@ -136,6 +136,11 @@ pub struct TurnConfig {
     /// Peer TCP connections (pending and bound) one TCP allocation may hold at once; past it
     /// Connect gets 508 and incoming peer connections are refused.
     pub tcp_relay_max_connections: u32,
+    /// Relayed bytes per second one relayed address may carry, each direction apart
+    /// (coturn's `max-bps`); 0: no cap. Datagrams past it are dropped (counted under
+    /// `tern_relay_dropped_packets_total{reason="bandwidth"}`); an RFC 6062 TCP relay reads
+    /// more slowly instead.
+    pub max_bytes_per_sec: u64,
 }
 
 /// Most TURN worker threads: RFC 6062 CONNECTION-IDs carry the worker index in 8 bits.
@@ -191,6 +196,9 @@ impl Default for TurnConfig {
             sniff_tls: false,
             tcp_relay: true,
             tcp_relay_max_connections: 64,
+            // 100 Mbit/s each way: far above a call or a browser transfer through TURN, and a
+            // bound on what one leaked credential's allocation can move.
+            max_bytes_per_sec: 12_500_000,
         }
     }
 }

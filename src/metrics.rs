@@ -140,6 +140,12 @@ pub const TCP_RELAY_CONNECT_FAILURES: Def = def(
     &[],
     "Outgoing RFC 6062 peer connects that failed at the socket level or timed out (447).",
 );
+pub const TCP_RELAY_THROTTLED: Def = def(
+    "tern_turn_tcp_relay_throttled_total",
+    Counter,
+    &[],
+    "Times a spliced RFC 6062 connection waited for its turn.max_bytes_per_sec budget.",
+);
 pub const TCP_HANDOVERS: Def = def(
     "tern_turn_tcp_handovers_total",
     Counter,
@@ -438,6 +444,7 @@ pub const ALL: &[&Def] = &[
     &TCP_RELAY_CHUNKS,
     &TCP_RELAY_PEER_CONNECTIONS,
     &TCP_RELAY_CONNECT_FAILURES,
+    &TCP_RELAY_THROTTLED,
     &TCP_HANDOVERS,
     &REQUESTS,
     &REQUEST_DURATION,
@@ -499,6 +506,7 @@ const TURN_DEFS: &[&Def] = &[
     &TCP_RELAY_CHUNKS,
     &TCP_RELAY_PEER_CONNECTIONS,
     &TCP_RELAY_CONNECT_FAILURES,
+    &TCP_RELAY_THROTTLED,
     &TCP_HANDOVERS,
     &REQUESTS,
     &REQUEST_DURATION,
@@ -740,6 +748,7 @@ impl Collector for TurnCollector {
             ("tcp_queue_full", net.drop_tcp_queue_full),
             ("send_error", net.drop_send_error),
             ("truncated", net.drop_truncated),
+            ("bandwidth", net.drop_bandwidth),
             ("invalid", net.drop_invalid),
         ] {
             f.sample(&RELAY_DROPPED, &[reason], v);
@@ -776,6 +785,7 @@ impl Collector for TurnCollector {
             &[],
             net.tcp_relay_connect_failures,
         );
+        f.sample(&TCP_RELAY_THROTTLED, &[], net.tcp_relay_throttled);
         f.sample(&TCP_HANDOVERS, &[], net.tcp_handovers);
         for (mi, m) in MethodLabel::ALL.iter().enumerate() {
             for ri in 0..RESULT_CODES.len() {

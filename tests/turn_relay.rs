@@ -297,3 +297,78 @@ fn sigterm_stops_cleanly() {
     let tern = Tern::start(TernOpts::new(24000));
     assert!(tern.terminate(), "tern did not exit cleanly on SIGTERM");
 }
+
+/// `turn.max_bytes_per_sec` over UDP (coturn's `max-bps`): past a relayed address's budget
+/// datagrams are dropped and counted, and the daemon keeps serving.
+#[test]
+fn a_bandwidth_cap_drops_and_counts_datagrams_past_the_budget() {
+    if !have_tool("turnutils_uclient") {
+        return;
+    }
+    let mut opts = TernOpts::new(22800);
+    opts.extra_turn.push_str("max_bytes_per_sec = 20000\n");
+    opts.metrics = true;
+    let mut tern = Tern::start(opts);
+    let peer = EchoPeer::start();
+    // One client, 200 messages of 1000 bytes every 2 ms: 500 kB/s offered against 20 kB/s.
+    let started = std::time::Instant::now();
+    let r = uclient(
+        &tern,
+        peer.port,
+        &["-m", "1", "-n", "200", "-l", "1000", "-c", "-z", "2"],
+        UCLIENT_LIMIT,
+    );
+    eprintln!(
+        "capped uclient: sent={} received={} lost={:?}",
+        r.sent, r.received, r.lost
+    );
+    assert!(r.sent >= 200, "uclient did not run:\n{}", r.output);
+    assert!(r.received < r.sent, "nothing was held back:\n{}", r.output);
+    let s = common::scrape::scrape_until(tern.metrics_port, "bandwidth drops", |s| {
+        common::scrape::value(
+            s,
+            "tern_relay_dropped_packets_total",
+            &[("reason", "bandwidth")],
+        ) > 0.0
+    });
+    // Client → peer: at most the one-second burst plus 20 kB/s for as long as it ran.
+    let earned = 20_000.0 * (1.0 + started.elapsed().as_secs_f64());
+    let to_peer = common::scrape::value(
+        &s,
+        "tern_relay_bytes_total",
+        &[("direction", "client_to_peer"), ("transport", "udp")],
+    );
+    assert!(
+        to_peer <= earned,
+        "{to_peer} bytes passed a 20 kB/s cap in {:?}",
+        started.elapsed()
+    );
+
+    // A reload lifts the cap (0: none) in the running workers: the same load loses nothing.
+    let cfg = std::fs::read_to_string(tern.config_path()).unwrap();
+    std::fs::write(
+        tern.config_path(),
+        cfg.replace("max_bytes_per_sec = 20000", "max_bytes_per_sec = 0"),
+    )
+    .unwrap();
+    tern.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !tern.log().contains("configuration reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload:\n{}",
+            tern.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The workers take the new config when woken, right after the log line.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = uclient(
+        &tern,
+        peer.port,
+        &["-m", "1", "-n", "200", "-l", "1000", "-c", "-z", "2"],
+        UCLIENT_LIMIT,
+    );
+    assert_all_echoed(&r, 200);
+    assert!(tern.alive());
+}

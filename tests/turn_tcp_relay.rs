@@ -458,3 +458,52 @@ fn uclient_tcp_relay_over_tls() {
     assert_all_relayed(&r, &tern);
     assert!(tern.log().contains("transport=Tls"));
 }
+
+/// `turn.max_bytes_per_sec` on an RFC 6062 relay: the splice slows down instead of dropping,
+/// so every byte arrives (SHA-256 checked) while the cap held it back (the throttle counter).
+#[test]
+fn a_bandwidth_capped_tcp_relay_loses_no_byte() {
+    let mut opts = TernOpts::new(18600);
+    opts.extra_turn.push_str("max_bytes_per_sec = 262144\n");
+    opts.metrics = true;
+    let tern = Tern::start(opts);
+    let mut ctl = TcpTurn::rest(&tern, "capped");
+    ctl.allocate_tcp();
+    let peer_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let id = ctl
+        .connect_peer(peer_listener.local_addr().unwrap())
+        .expect("Connect succeeds");
+    let (mut peer, _) = peer_listener.accept().unwrap();
+    peer.set_read_timeout(Some(IO_LIMIT)).unwrap();
+    let mut data = ctl.sibling(&tern);
+    assert_eq!(data.bind(id), None, "ConnectionBind refused");
+
+    // Four times the one-second burst each way.
+    let up = pattern(1 << 20, 3);
+    let got = pump(data.sock.try_clone().unwrap(), &mut peer, up.clone());
+    assert_eq!(digest(&got), digest(&up), "client → peer bytes differ");
+    let down = pattern(1 << 20, 4);
+    let got = pump(peer.try_clone().unwrap(), &mut data.sock, down.clone());
+    assert_eq!(digest(&got), digest(&down), "peer → client bytes differ");
+
+    let s = scrape::scrape_until(tern.metrics_port, "the spliced bytes", |s| {
+        scrape::value(
+            s,
+            "tern_turn_tcp_relay_bytes_total",
+            &[("direction", "peer_to_client")],
+        ) >= (1 << 20) as f64
+    });
+    assert!(
+        scrape::value(&s, "tern_turn_tcp_relay_throttled_total", &[]) > 0.0,
+        "the cap never held the splice back"
+    );
+    assert_eq!(
+        scrape::value(
+            &s,
+            "tern_relay_dropped_packets_total",
+            &[("reason", "bandwidth")]
+        ),
+        0.0,
+        "a TCP relay must not drop stream bytes"
+    );
+}

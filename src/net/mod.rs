@@ -225,6 +225,7 @@ impl TurnService {
                 handshake_timeout,
                 sniff_tls: t.sniff_tls,
                 buffer_bytes: t.socket_buffer_bytes,
+                max_bytes_per_sec: t.max_bytes_per_sec,
                 tcp_idle: Duration::from_secs(t.tcp_idle_timeout_secs.max(1).into()),
                 per_ip: per_ip.clone(),
                 stop: Arc::clone(&stop),

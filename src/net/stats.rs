@@ -99,6 +99,8 @@ pub struct NetStats {
     pub drop_send_error: u64,
     /// Datagrams larger than the receive slot, or too large for a Data indication.
     pub drop_truncated: u64,
+    /// Datagrams over their relayed address's `turn.max_bytes_per_sec`, either direction.
+    pub drop_bandwidth: u64,
     /// Client input that is neither STUN nor ChannelData.
     pub drop_invalid: u64,
     /// TCP connections closed for garbage or oversized frames.
@@ -129,6 +131,9 @@ pub struct NetStats {
     pub tcp_relay_peer_sockets: u64,
     /// Outgoing peer connects (RFC 6062 §5.2 Connect) that failed or timed out.
     pub tcp_relay_connect_failures: u64,
+    /// Times a spliced data connection stopped at its relayed address's
+    /// `turn.max_bytes_per_sec` budget (it waits; no byte is dropped).
+    pub tcp_relay_throttled: u64,
     /// Client connections handed to the worker owning their CONNECTION-ID (ConnectionBind
     /// arriving on another worker, RFC 6062 §5.4).
     pub tcp_handovers: u64,
@@ -153,6 +158,7 @@ impl AddAssign for NetStats {
         self.drop_tcp_queue_full += o.drop_tcp_queue_full;
         self.drop_send_error += o.drop_send_error;
         self.drop_truncated += o.drop_truncated;
+        self.drop_bandwidth += o.drop_bandwidth;
         self.drop_invalid += o.drop_invalid;
         self.tcp_closed_garbage += o.tcp_closed_garbage;
         self.tcp_closed_idle += o.tcp_closed_idle;
@@ -168,6 +174,7 @@ impl AddAssign for NetStats {
         self.tcp_relay_peer_to_client_chunks += o.tcp_relay_peer_to_client_chunks;
         self.tcp_relay_peer_sockets += o.tcp_relay_peer_sockets;
         self.tcp_relay_connect_failures += o.tcp_relay_connect_failures;
+        self.tcp_relay_throttled += o.tcp_relay_throttled;
         self.tcp_handovers += o.tcp_handovers;
     }
 }

@@ -14,6 +14,11 @@ pub const MAX_FRAME: usize = 20 + 0xffff;
 /// so idle or control-only connections stay small.
 const INITIAL_READ: usize = 4096;
 
+/// Capacity an empty buffer may keep; past it, [`InBuf::trim`] and [`OutBuf::trim`] give
+/// the memory back, so a burst (up to 256 KiB a queue) is not held for the connection's
+/// life.
+const KEEP_WHEN_EMPTY: usize = 16 * 1024;
+
 /// Bytes received on a TCP connection and not yet consumed as whole frames.
 #[derive(Debug)]
 pub struct InBuf {
@@ -74,6 +79,20 @@ impl InBuf {
     /// Unconsumed bytes.
     pub fn data(&self) -> &[u8] {
         &self.buf[self.start..self.end]
+    }
+
+    /// Shrinks an empty buffer that grew for a burst back to its initial size; returns the
+    /// bytes released. Called from housekeeping, not per read, so a steady stream does not
+    /// reallocate.
+    pub fn trim(&mut self) -> usize {
+        if self.start != self.end || self.buf.len() <= KEEP_WHEN_EMPTY {
+            return 0;
+        }
+        let freed = self.buf.len() - INITIAL_READ;
+        self.buf = vec![0; INITIAL_READ];
+        self.start = 0;
+        self.end = 0;
+        freed
     }
 
     /// Drops the first `n` unconsumed bytes (a processed frame).
@@ -137,6 +156,18 @@ impl OutBuf {
     /// Queues a control response; `false` means the client is not reading at all.
     pub fn push_control(&mut self, bytes: &[u8]) -> bool {
         self.push(bytes, self.hard_limit)
+    }
+
+    /// Frees an empty queue's memory once it grew past a few frames; returns the bytes
+    /// released. Called from housekeeping, like [`InBuf::trim`].
+    pub fn trim(&mut self) -> usize {
+        if self.queued() != 0 || self.buf.capacity() <= KEEP_WHEN_EMPTY {
+            return 0;
+        }
+        let freed = self.buf.capacity();
+        self.buf = Vec::new();
+        self.start = 0;
+        freed
     }
 
     /// Writes as much as the socket takes. `Ok(true)` when the queue is now empty.
@@ -311,6 +342,41 @@ mod tests {
         let mut want = vec![1u8; 60];
         want.extend_from_slice(&[3; 60]);
         assert_eq!(w.got, want);
+    }
+
+    #[test]
+    fn trim_releases_burst_memory_only_when_empty() {
+        let burst = vec![7u8; 200_000];
+        let mut r = Pieces(&burst, 65_536);
+        let mut b = InBuf::default();
+        b.set_max(256 * 1024);
+        while b.data().len() < burst.len() {
+            b.fill(&mut r).unwrap();
+        }
+        assert_eq!(b.trim(), 0, "queued bytes are never dropped");
+        b.consume(burst.len() - 1);
+        assert_eq!(b.trim(), 0);
+        b.consume(1);
+        assert!(b.trim() >= 200_000 - INITIAL_READ);
+        assert_eq!(b.trim(), 0, "already small");
+        // Still usable after a trim.
+        let mut r = Pieces(&[1, 2, 3], 3);
+        assert_eq!(b.fill(&mut r).unwrap(), 3);
+        assert_eq!(b.data(), &[1, 2, 3]);
+
+        let mut q = OutBuf::new(256 * 1024, 1024 * 1024);
+        assert!(q.push_data(&burst));
+        assert_eq!(q.trim(), 0, "queued bytes are never dropped");
+        let mut w = Slow {
+            got: vec![],
+            room: usize::MAX,
+        };
+        assert!(q.write_to(&mut w).unwrap());
+        assert_eq!(w.got, burst);
+        assert!(q.trim() >= 200_000);
+        assert_eq!(q.trim(), 0);
+        assert!(q.push_control(&[9; 10]));
+        assert_eq!(q.queued(), 10);
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub struct WorkerParams {
     /// The plain TCP listeners also accept TLS (`turn.sniff_tls`).
     pub sniff_tls: bool,
     pub buffer_bytes: usize,
+    /// `turn.max_bytes_per_sec` at start; reloads arrive with the shard's config.
+    pub max_bytes_per_sec: u64,
     pub tcp_idle: Duration,
     pub per_ip: PerIpLimit,
     pub stop: Arc<AtomicBool>,
@@ -163,6 +165,9 @@ pub struct Worker<S: Shard> {
     inboxes: Arc<[Inbox]>,
     /// Peer→client reads of spliced RFC 6062 connections land here first.
     splice_buf: Box<[u8]>,
+    /// Spliced data connections that stopped at their `turn.max_bytes_per_sec` budget:
+    /// housekeeping pumps them again (their sockets' readiness edges were already taken).
+    throttled: Vec<usize>,
     /// Reused lists (control path): connections to close for backlog, connects timed out.
     backlog: Vec<usize>,
     expired_ids: Vec<crate::turn::ConnId>,
@@ -220,6 +225,7 @@ impl<S: Shard> Worker<S> {
                 free: Vec::new(),
                 buffer_bytes: p.buffer_bytes,
                 peers: Default::default(),
+                max_bytes_per_sec: p.max_bytes_per_sec,
             },
             poll,
             shard,
@@ -252,6 +258,7 @@ impl<S: Shard> Worker<S> {
             relay_accept_retry: Vec::new(),
             inboxes: p.inboxes,
             splice_buf: vec![0u8; splice::SPLICE_READ].into_boxed_slice(),
+            throttled: Vec::new(),
             backlog: Vec::new(),
             expired_ids: Vec::new(),
         })
@@ -307,6 +314,16 @@ impl<S: Shard> Worker<S> {
                 for ri in std::mem::take(&mut self.relay_accept_retry) {
                     self.dispatch(token(K_RELAY, ri), true, false, now);
                 }
+                for ci in std::mem::take(&mut self.throttled) {
+                    if self
+                        .conns
+                        .get(ci)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|c| c.splice.is_some())
+                    {
+                        self.dispatch(token(K_CONN, ci), true, true, now);
+                    }
+                }
                 self.publish_stats();
                 next_housekeeping = now.mono + HOUSEKEEPING;
             }
@@ -323,6 +340,7 @@ impl<S: Shard> Worker<S> {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(cfg) = next {
+            self.relays.max_bytes_per_sec = cfg.max_bytes_per_sec;
             self.shard.set_config(cfg);
             tracing::debug!(
                 worker = self.index,
@@ -417,7 +435,11 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&from, channel) {
                             Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.peer_send_fd(relay, len) {
+                                let fd = self.relays.peer_send_fd(relay, len, now.mono);
+                                if fd == Err(true) {
+                                    self.stats.drop_bandwidth += 1;
+                                }
+                                if let Ok(rfd) = fd {
                                     let payload =
                                         &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `rx` is not received into again before the
@@ -462,9 +484,11 @@ impl<S: Shard> Worker<S> {
                                 payload,
                             } => {
                                 let len = payload.len();
-                                if let (Some(data), Some(rfd)) =
-                                    (msg.get(payload), self.relays.peer_send_fd(relay, len))
-                                {
+                                let fd = self.relays.peer_send_fd(relay, len, now.mono);
+                                if fd == Err(true) {
+                                    self.stats.drop_bandwidth += 1;
+                                }
+                                if let (Some(data), Ok(rfd)) = (msg.get(payload), fd) {
                                     // SAFETY: as above.
                                     unsafe {
                                         self.to_peer.push(
@@ -531,6 +555,10 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_no_permission += 1;
                     continue;
                 };
+                if !self.relays.allow_to_client(relay, r.len, now) {
+                    self.stats.drop_bandwidth += 1;
+                    continue;
+                }
                 let stream = route.client.transport != Transport::Udp;
                 let txid = if route.channel.is_none() {
                     self.next_txid()

@@ -281,3 +281,58 @@ fn wildcard_listener_replies_from_the_address_the_client_reached() {
     assert_eq!(&buf[..n], &channel_data(CHANNEL, b"back", false)[..]);
     svc.shutdown();
 }
+
+#[test]
+fn bandwidth_cap_drops_datagrams_past_the_budget_each_way() {
+    const CAP: u64 = 10_000;
+    const N: u64 = 30;
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let svc = service(peer.local_addr().unwrap(), |t| t.max_bytes_per_sec = CAP);
+    let server = svc.local_addrs()[0];
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    client.send_to(&stun(3), server).unwrap();
+    client.recv_from(&mut buf).unwrap();
+
+    // Client → peer: a one-second budget (CAP bytes) passes at once, the rest is dropped.
+    let start = Instant::now();
+    for _ in 0..N {
+        client
+            .send_to(&channel_data(CHANNEL, &[1; 1000], false), server)
+            .unwrap();
+    }
+    let st = wait_stats(&svc, |s| {
+        s.client_to_peer_udp_packets + s.drop_bandwidth == N
+    });
+    let earned = CAP + (CAP as f64 * start.elapsed().as_secs_f64()) as u64;
+    assert_eq!(st.client_to_peer_udp_packets + st.drop_bandwidth, N);
+    assert!(st.client_to_peer_udp_packets >= CAP / 1000, "{st:?}");
+    assert!(st.client_to_peer_udp_bytes <= earned, "{st:?}");
+    assert!(st.drop_bandwidth > 0);
+    let (_, relay) = peer.recv_from(&mut buf).unwrap();
+
+    // Peer → client: the other direction has its own budget.
+    let start = Instant::now();
+    for _ in 0..N {
+        peer.send_to(&[2; 1000], relay).unwrap();
+    }
+    let before = st.drop_bandwidth;
+    let st = wait_stats(&svc, |s| {
+        s.peer_to_client_udp_packets + (s.drop_bandwidth - before) == N
+    });
+    let earned = CAP + (CAP as f64 * start.elapsed().as_secs_f64()) as u64;
+    assert_eq!(
+        st.peer_to_client_udp_packets + st.drop_bandwidth - before,
+        N
+    );
+    assert!(st.peer_to_client_udp_packets >= CAP / 1000, "{st:?}");
+    // Each datagram reached the client with its 4-byte ChannelData header.
+    assert!(st.peer_to_client_udp_bytes - 4 * st.peer_to_client_udp_packets <= earned);
+    assert!(st.drop_bandwidth > before);
+    svc.shutdown();
+}

@@ -86,13 +86,18 @@ pub(super) fn unsupported_reason(name: &str) -> Option<&'static str> {
         "redis-statsdb" | "prometheus-username-labels" => {
             "Tern's statistics are Prometheus metrics without per-user labels (bounded labels only)"
         }
-        "bps-capacity" | "max-bps" => "Tern has no bandwidth limit option",
+        "bps-capacity" => {
+            "Tern caps each relayed address (turn.max_bytes_per_sec), not the server's total"
+        }
         "server-name" => "Tern has no server name; realm is set by turn.realm",
         "mobility" => "Tern does not implement ICE mobility (RFC 8016)",
         "secure-stun" => "Tern answers Binding requests without authentication, as RFC 8489 intends",
         "no-stun" | "stun-only" => "Tern always serves both STUN and TURN on its listeners",
-        "aux-server" | "udp-self-balance" | "alternate-server" | "tls-alternate-server" => {
-            "ALTERNATE-SERVER redirection is not configurable in this Tern version"
+        "tls-alternate-server" => {
+            "turn.alternate_tls also needs the name in the alternate's certificate (sent as ALTERNATE-DOMAIN): add it by hand"
+        }
+        "aux-server" | "udp-self-balance" => {
+            "Tern has no auxiliary listeners for UDP self-balancing; list every listener in turn.listen (alternates: turn.alternate_udp, alternate_tcp)"
         }
         "channel-lifetime" | "permission-lifetime" => {
             "Tern uses RFC 8656's fixed lifetimes (600 s channels, 300 s permissions)"

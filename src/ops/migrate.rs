@@ -56,6 +56,9 @@ struct State {
     max_lifetime: Option<u32>,
     no_software: bool,
     no_tcp_relay: bool,
+    max_bps: Option<u64>,
+    /// `alternate-server`: coturn offers them to UDP and TCP clients alike.
+    alternates: Vec<SocketAddr>,
     separator: Option<String>,
     workers: Option<usize>,
     sock_buf: Option<usize>,
@@ -201,6 +204,16 @@ fn apply(st: &mut State, name: &str, value: Option<&str>) -> Result<(), String> 
         "max-allocate-lifetime" => st.max_lifetime = Some(number(value)?),
         "no-software-attribute" => st.no_software = flag_on(value),
         "no-tcp-relay" => st.no_tcp_relay = flag_on(value),
+        "max-bps" => st.max_bps = Some(number(value)?),
+        "alternate-server" => {
+            let v = need(value)?;
+            // coturn's default port when none is given.
+            let addr = v
+                .parse::<SocketAddr>()
+                .or_else(|_| v.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 3478)))
+                .map_err(|_| format!("`{v}` is not an IP address with an optional port; ignored"))?;
+            st.alternates.push(addr);
+        }
         "relay-threads" | "general-relay-threads" => st.workers = Some(number(value)?),
         "sock-buf-size" => st.sock_buf = Some(number(value)?),
         "prometheus" => st.prometheus = flag_on(value),
@@ -412,6 +425,23 @@ fn finish(
     }
     if st.no_tcp_relay {
         key(&mut turn, "no-tcp-relay", "tcp_relay = false".into());
+    }
+    if let Some(n) = st.max_bps {
+        // Both count bytes per second of one session, each direction apart; 0 is no cap.
+        key(&mut turn, "max-bps", format!("max_bytes_per_sec = {n}"));
+    }
+    if !st.alternates.is_empty() {
+        let list = strings(st.alternates.iter().map(|a| a.to_string()));
+        key(
+            &mut turn,
+            "alternate-server",
+            format!("alternate_udp = {list}"),
+        );
+        key(
+            &mut turn,
+            "alternate-server",
+            format!("alternate_tcp = {list}"),
+        );
     }
     if let Some(n) = st.workers {
         key(&mut turn, "relay-threads", format!("workers = {n}"));

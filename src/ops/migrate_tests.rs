@@ -294,3 +294,32 @@ fn specific_listening_addresses_become_relay_addresses() {
     let c = load(&migrate("listening-ip=0.0.0.0\n", "t", None));
     assert!(c.turn.relay_ip.is_empty());
 }
+
+#[test]
+fn bandwidth_cap_and_alternate_servers() {
+    let text = "max-bps=250000\nalternate-server=203.0.113.7:3478\nalternate-server=2001:db8::7\nalternate-server=turn2.example.org\nbps-capacity=1000000\ntls-alternate-server=203.0.113.7:5349\n";
+    let m = migrate(text, "t", None);
+    let c = load(&m);
+    assert_eq!(c.turn.max_bytes_per_sec, 250_000);
+    let want: Vec<std::net::SocketAddr> = vec![
+        "203.0.113.7:3478".parse().unwrap(),
+        "[2001:db8::7]:3478".parse().unwrap(),
+    ];
+    assert_eq!(c.turn.alternate_udp, want);
+    assert_eq!(c.turn.alternate_tcp, want);
+    assert!(c.turn.alternate_tls.is_empty());
+    // A host name, a server-wide cap and a TLS alternate without its name are reported.
+    let mut names = dropped(&m);
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "alternate-server=turn2.example.org",
+            "bps-capacity=1000000",
+            "tls-alternate-server=203.0.113.7:5349"
+        ]
+    );
+    assert!(migrate("max-bps=0\n", "t", None)
+        .toml
+        .contains("max_bytes_per_sec = 0"));
+}

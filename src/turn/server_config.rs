@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub tcp_relay: bool,
     /// Peer connections per TCP allocation (`turn.tcp_relay_max_connections`).
     pub tcp_relay_max_connections: u32,
+    /// Per relayed address and direction (`turn.max_bytes_per_sec`; 0: none). The workers
+    /// enforce it on the data path; it rides here so a reload reaches them.
+    pub max_bytes_per_sec: u64,
 }
 
 impl ServerConfig {
@@ -99,6 +102,7 @@ impl ServerConfig {
             alternates: Alternates::from_config(t),
             tcp_relay: t.tcp_relay,
             tcp_relay_max_connections: t.tcp_relay_max_connections,
+            max_bytes_per_sec: t.max_bytes_per_sec,
         })
     }
 

@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
 
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Interest, Registry};
@@ -30,6 +31,102 @@ pub(super) enum RelayKind {
 pub(super) struct RelaySock {
     kind: RelayKind,
     usage: RelayUsage,
+    /// `turn.max_bytes_per_sec` budgets: client→peer, peer→client.
+    to_peer: ByteBucket,
+    to_client: ByteBucket,
+}
+
+impl RelaySock {
+    fn new(kind: RelayKind) -> RelaySock {
+        RelaySock {
+            kind,
+            usage: RelayUsage::default(),
+            to_peer: ByteBucket::default(),
+            to_client: ByteBucket::default(),
+        }
+    }
+}
+
+/// A token bucket in bytes for one direction of one relayed address (`turn.max_bytes_per_sec`,
+/// coturn's `max-bps`): refills at `rate` bytes/s and holds at most one second's worth, so
+/// short bursts pass and the average stays at the cap. Plain integers: no allocation, no lock.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct ByteBucket {
+    tokens: u64,
+    last: Option<Instant>,
+}
+
+impl ByteBucket {
+    /// Bytes that may pass now at `rate` (0: no cap, `u64::MAX`).
+    pub(super) fn available(&mut self, rate: u64, now: Instant) -> u64 {
+        if rate == 0 {
+            return u64::MAX;
+        }
+        match self.last {
+            None => {
+                self.tokens = rate;
+                self.last = Some(now);
+            }
+            Some(last) => {
+                let add = u128::from(rate) * now.saturating_duration_since(last).as_nanos()
+                    / 1_000_000_000;
+                // The clock moves on only once a whole byte is earned, so calls closer
+                // together than a byte's worth of time still add up.
+                if add > 0 {
+                    self.tokens = (u128::from(self.tokens) + add).min(u128::from(rate)) as u64;
+                    self.last = Some(now);
+                }
+            }
+        }
+        self.tokens
+    }
+
+    /// Spends `n` bytes (what was actually moved; at most what `available` said).
+    pub(super) fn spend(&mut self, n: u64) {
+        self.tokens = self.tokens.saturating_sub(n);
+    }
+
+    /// Takes `n` bytes if they may pass now.
+    pub(super) fn take(&mut self, n: u64, rate: u64, now: Instant) -> bool {
+        if self.available(rate, now) < n {
+            return false;
+        }
+        if rate != 0 {
+            self.spend(n);
+        }
+        true
+    }
+}
+
+/// The budgets of relay `id` (client→peer, peer→client) at `now`, `u64::MAX` without a cap.
+/// A free function over the socket table so the splice can hold a peer connection (in
+/// `Relays::peers`) at the same time.
+pub(super) fn bandwidth_budget(
+    socks: &mut [Option<RelaySock>],
+    id: RelayId,
+    rate: u64,
+    now: Instant,
+) -> (u64, u64) {
+    match socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
+        Some(s) => (
+            s.to_peer.available(rate, now),
+            s.to_client.available(rate, now),
+        ),
+        None => (0, 0),
+    }
+}
+
+/// Spends what a splice moved from relay `id`'s budgets.
+pub(super) fn bandwidth_spend(
+    socks: &mut [Option<RelaySock>],
+    id: RelayId,
+    to_peer: u64,
+    to_client: u64,
+) {
+    if let Some(s) = socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
+        s.to_peer.spend(to_peer);
+        s.to_client.spend(to_client);
+    }
 }
 
 /// The relay sockets of this worker's allocations; the shard opens and closes them.
@@ -40,6 +137,8 @@ pub struct Relays {
     pub(super) buffer_bytes: usize,
     /// Peer connections of the TCP relays (RFC 6062).
     pub(super) peers: Peers,
+    /// `turn.max_bytes_per_sec` (0: no cap); a reload changes it.
+    pub(super) max_bytes_per_sec: u64,
 }
 
 impl Relays {
@@ -67,15 +166,38 @@ impl Relays {
     }
 
     /// The socket to send `len` payload bytes to a peer from, counting them for the
-    /// allocation's log line.
-    pub(super) fn peer_send_fd(&mut self, id: RelayId, len: usize) -> Option<RawFd> {
-        let s = self.socks.get_mut(id.0 as usize)?.as_mut()?;
+    /// allocation's log line. `Err(true)` when the relay's bandwidth cap drops the datagram
+    /// (the caller counts it), `Err(false)` when `id` is not a UDP relay.
+    pub(super) fn peer_send_fd(
+        &mut self,
+        id: RelayId,
+        len: usize,
+        now: Instant,
+    ) -> Result<RawFd, bool> {
+        let s = self
+            .socks
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(false)?;
         let RelayKind::Udp(sock) = &s.kind else {
-            return None;
+            return Err(false);
         };
+        if !s.to_peer.take(len as u64, self.max_bytes_per_sec, now) {
+            return Err(true);
+        }
         s.usage.to_peer_bytes += len as u64;
         s.usage.to_peer_packets += 1;
-        Some(sock.as_raw_fd())
+        Ok(sock.as_raw_fd())
+    }
+
+    /// Whether `len` bytes from a peer may go to the client of relay `id` now (its
+    /// bandwidth cap).
+    pub(super) fn allow_to_client(&mut self, id: RelayId, len: usize, now: Instant) -> bool {
+        let rate = self.max_bytes_per_sec;
+        self.socks
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .is_some_and(|s| s.to_client.take(len as u64, rate, now))
     }
 
     /// Counts bytes spliced from a client data connection to a peer of TCP relay `id`.
@@ -119,10 +241,7 @@ impl RelayIo for Relays {
             self.free.push(idx as u32);
             return Err(e);
         }
-        self.socks[idx] = Some(RelaySock {
-            kind: RelayKind::Udp(sock),
-            usage: RelayUsage::default(),
-        });
+        self.socks[idx] = Some(RelaySock::new(RelayKind::Udp(sock)));
         Ok(RelayId(idx as u32))
     }
 
@@ -149,10 +268,7 @@ impl RelayIo for Relays {
             self.free.push(idx as u32);
             return Err(e);
         }
-        self.socks[idx] = Some(RelaySock {
-            kind: RelayKind::Tcp { listener, addr },
-            usage: RelayUsage::default(),
-        });
+        self.socks[idx] = Some(RelaySock::new(RelayKind::Tcp { listener, addr }));
         Ok(RelayId(idx as u32))
     }
 
@@ -240,5 +356,31 @@ impl PeerBatch {
         *packets += f.sent as u64;
         *bytes += f.sent_bytes as u64;
         stats.drop_send_error += f.failed as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ByteBucket;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn byte_bucket_holds_one_second_and_refills_at_the_rate() {
+        let t0 = Instant::now();
+        let mut b = ByteBucket::default();
+        assert!(b.take(600, 1000, t0));
+        assert!(b.take(400, 1000, t0));
+        assert!(!b.take(1, 1000, t0), "the one-second burst is spent");
+        // Half a second earns 500 bytes; fractions of a byte are kept for later.
+        assert!(!b.take(501, 1000, t0 + Duration::from_millis(500)));
+        assert!(b.take(500, 1000, t0 + Duration::from_millis(500)));
+        assert_eq!(b.available(1000, t0 + Duration::from_micros(500_999)), 0);
+        assert_eq!(b.available(1000, t0 + Duration::from_millis(502)), 2);
+        // A long pause refills to one second's worth, not more.
+        assert_eq!(b.available(1000, t0 + Duration::from_secs(60)), 1000);
+        // Rate 0 is no cap.
+        let mut free = ByteBucket::default();
+        assert!(free.take(u64::MAX / 2, 0, t0));
+        assert_eq!(free.available(0, t0), u64::MAX);
     }
 }

@@ -241,6 +241,15 @@ impl<S: Shard> Worker<S> {
             return false;
         };
         let relay = peer.relay;
+        // turn.max_bytes_per_sec: a capped splice reads only what its budget allows and
+        // waits (housekeeping pumps it again) rather than dropping stream bytes.
+        let (mut budget_to_peer, mut budget_to_client) = super::relays::bandwidth_budget(
+            &mut self.relays.socks,
+            relay,
+            self.relays.max_bytes_per_sec,
+            now.mono,
+        );
+        let mut throttled = false;
         let tls = self.tls.as_ref();
         let buf = &mut self.splice_buf[..];
         let (mut failed, mut more) = (false, false);
@@ -260,6 +269,11 @@ impl<S: Shard> Worker<S> {
             if sp.peer_eof || room == 0 {
                 break;
             }
+            let room = room.min(usize::try_from(budget_to_client).unwrap_or(usize::MAX));
+            if room == 0 {
+                throttled = true;
+                break;
+            }
             if turn == MAX_BATCHES_PER_TURN {
                 more = true;
                 break;
@@ -271,6 +285,7 @@ impl<S: Shard> Worker<S> {
                     conn.out.push_data(&buf[..n]);
                     to_client += n as u64;
                     to_client_n += 1;
+                    budget_to_client = budget_to_client.saturating_sub(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -286,7 +301,16 @@ impl<S: Shard> Worker<S> {
             for turn in 0..=MAX_BATCHES_PER_TURN {
                 let mut blocked = false;
                 while !conn.inbuf.data().is_empty() {
-                    match peer.sock.write(conn.inbuf.data()) {
+                    let data = conn.inbuf.data();
+                    let allowed = data
+                        .len()
+                        .min(usize::try_from(budget_to_peer).unwrap_or(usize::MAX));
+                    if allowed == 0 {
+                        throttled = true;
+                        blocked = true;
+                        break;
+                    }
+                    match peer.sock.write(&data[..allowed]) {
                         Ok(0) => {
                             failed = true;
                             break;
@@ -295,6 +319,7 @@ impl<S: Shard> Worker<S> {
                             conn.inbuf.consume(n);
                             to_peer += n as u64;
                             to_peer_n += 1;
+                            budget_to_peer = budget_to_peer.saturating_sub(n as u64);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             blocked = true;
@@ -361,6 +386,13 @@ impl<S: Shard> Worker<S> {
         self.stats.tcp_relay_client_to_peer_chunks += to_peer_n;
         self.relays.count_to_client(relay, to_client, to_client_n);
         self.relays.count_to_peer(relay, to_peer, to_peer_n);
+        super::relays::bandwidth_spend(&mut self.relays.socks, relay, to_peer, to_client);
+        if throttled && !failed && !done {
+            self.stats.tcp_relay_throttled += 1;
+            if !self.throttled.contains(&ci) {
+                self.throttled.push(ci);
+            }
+        }
         if failed || done {
             let reason = if failed {
                 CloseReason::Error

@@ -210,7 +210,11 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&conn.tuple, channel) {
                             Some((relay, peer)) => {
-                                if let Some(rfd) = self.relays.peer_send_fd(relay, len) {
+                                let fd = self.relays.peer_send_fd(relay, len, now.mono);
+                                if fd == Err(true) {
+                                    self.stats.drop_bandwidth += 1;
+                                }
+                                if let Ok(rfd) = fd {
                                     let payload =
                                         &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `inbuf` is neither refilled nor compacted
@@ -272,9 +276,11 @@ impl<S: Shard> Worker<S> {
                                 payload,
                             } => {
                                 let len = payload.len();
-                                if let (Some(d), Some(rfd)) =
-                                    (frame.get(payload), self.relays.peer_send_fd(relay, len))
-                                {
+                                let fd = self.relays.peer_send_fd(relay, len, now.mono);
+                                if fd == Err(true) {
+                                    self.stats.drop_bandwidth += 1;
+                                }
+                                if let (Some(d), Ok(rfd)) = (frame.get(payload), fd) {
                                     // SAFETY: as above.
                                     unsafe {
                                         self.to_peer.push(
@@ -429,6 +435,10 @@ impl<S: Shard> Worker<S> {
                 && c.splice.is_none()
             {
                 self.close_conn(ci, CloseReason::Idle);
+            } else if let Some(c) = self.conns[ci].as_mut() {
+                // Queues grown by a burst go back to the allocator once drained.
+                c.inbuf.trim();
+                c.out.trim();
             }
         }
     }
