@@ -152,6 +152,17 @@ impl RoomService {
         let lan = RoomKey::Lan(lan);
         let existing = resume.and_then(|r| self.by_resume.get(r)).cloned();
         if let Some(id) = existing {
+            // A detached peer coming back takes a connection like a new one, so resumes
+            // cannot carry the server past `max_peers`; it may try again within the grace.
+            let detached = self.peers.get(&id).is_some_and(|p| p.conn.is_none());
+            if detached && self.conns.len() >= self.cfg.max_peers {
+                out.push(Out::Close {
+                    conn,
+                    code: 1013,
+                    reason: "server full, try again later",
+                });
+                return out;
+            }
             // Same peer again: a reconnect within the grace period, or a new socket
             // replacing one the server has not noticed is dead yet.
             let peer = self.peers.get_mut(&id).expect("resume index is consistent");

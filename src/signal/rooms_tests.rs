@@ -321,6 +321,39 @@ fn relay_grant_only_for_peers_sharing_a_room() {
     assert_eq!(to(&o, 1)[0]["code"], "relay-unavailable");
 }
 
+/// Found by fuzzing (fuzz/fuzz_targets/signal_messages.rs): a resume skipped the
+/// `max_peers` check, so peers that disconnected and came back could exceed it.
+#[test]
+fn resume_of_a_detached_peer_respects_max_peers() {
+    let mut s = RoomService::new(
+        SignalConfig {
+            max_peers: 1,
+            ..cfg()
+        },
+        true,
+        StdRng::seed_from_u64(1),
+    );
+    let t0 = Instant::now();
+    let (_, token) = welcome(&s.connect(1, "local".into(), None, t0), 1);
+    s.disconnect(1, t0);
+    s.connect(2, "local".into(), None, t0);
+    let o = s.connect(3, "local".into(), Some(&token), t0);
+    assert!(matches!(
+        o[..],
+        [Out::Close {
+            conn: 3,
+            code: 1013,
+            ..
+        }]
+    ));
+    assert_eq!(s.live_peers(), 1);
+    // Once there is room the same token still resumes.
+    s.disconnect(2, t0);
+    let o = s.connect(4, "local".into(), Some(&token), t0);
+    let w = of_type(&to(&o, 4), "welcome")[0].clone();
+    assert_eq!(w["resumed"], true);
+}
+
 #[test]
 fn server_full_is_refused_with_1013() {
     let mut s = RoomService::new(
