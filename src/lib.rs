@@ -9,6 +9,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod ops;
+pub mod rate;
 pub mod relay_ws;
 pub mod signal;
 pub mod stun;

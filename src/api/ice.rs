@@ -17,8 +17,8 @@ use subtle::ConstantTimeEq;
 
 use super::cors::{self, OriginCheck};
 use super::AppState;
+use crate::rate::TokenBucket;
 use crate::signal::client_ip::client_ip;
-use crate::signal::rate::TokenBucket;
 use crate::turn::auth::mint_rest_credential;
 
 /// Anonymous rate-limit entries kept before idle ones are pruned.

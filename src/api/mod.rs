@@ -26,10 +26,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::config::Config;
+use crate::rate::TokenBucket;
 use crate::relay_ws::RelayHub;
 use crate::signal::driver::Hub;
 use crate::signal::peerjs::PeerJsService;
-use crate::signal::rate::TokenBucket;
 use crate::signal::rooms::RoomService;
 
 /// Errors starting the HTTP service.

@@ -340,7 +340,7 @@ impl<S: Shard> Worker<S> {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(cfg) = next {
-            self.relays.max_bytes_per_sec = cfg.max_bytes_per_sec;
+            self.relays.set_max_bytes_per_sec(cfg.max_bytes_per_sec);
             self.shard.set_config(cfg);
             tracing::debug!(
                 worker = self.index,
@@ -435,11 +435,10 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&from, channel) {
                             Some((relay, peer)) => {
-                                let fd = self.relays.peer_send_fd(relay, len, now.mono);
-                                if fd == Err(true) {
-                                    self.stats.drop_bandwidth += 1;
-                                }
-                                if let Ok(rfd) = fd {
+                                if let Some(rfd) =
+                                    self.relays
+                                        .peer_send_fd(relay, len, now.mono, &mut self.stats)
+                                {
                                     let payload =
                                         &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `rx` is not received into again before the
@@ -484,11 +483,10 @@ impl<S: Shard> Worker<S> {
                                 payload,
                             } => {
                                 let len = payload.len();
-                                let fd = self.relays.peer_send_fd(relay, len, now.mono);
-                                if fd == Err(true) {
-                                    self.stats.drop_bandwidth += 1;
-                                }
-                                if let (Some(data), Ok(rfd)) = (msg.get(payload), fd) {
+                                let fd =
+                                    self.relays
+                                        .peer_send_fd(relay, len, now.mono, &mut self.stats);
+                                if let (Some(data), Some(rfd)) = (msg.get(payload), fd) {
                                     // SAFETY: as above.
                                     unsafe {
                                         self.to_peer.push(
@@ -555,8 +553,10 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_no_permission += 1;
                     continue;
                 };
-                if !self.relays.allow_to_client(relay, r.len, now) {
-                    self.stats.drop_bandwidth += 1;
+                if !self
+                    .relays
+                    .allow_to_client(relay, r.len, now, &mut self.stats)
+                {
                     continue;
                 }
                 let stream = route.client.transport != Transport::Udp;

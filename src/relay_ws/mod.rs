@@ -18,7 +18,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::RelayWsConfig;
-use crate::signal::rate::TokenBucket;
+use crate::rate::TokenBucket;
 
 /// Why a relay request was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

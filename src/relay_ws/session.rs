@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::{Chunk, RelayHub, SessionSlot};
 use crate::config::RelayWsConfig;
-use crate::signal::rate::TokenBucket;
+use crate::rate::TokenBucket;
 
 /// Framing overhead charged per frame so empty frames still use buffer budget.
 const FRAME_OVERHEAD: usize = 64;

@@ -11,7 +11,7 @@ pub mod driver;
 pub mod names;
 pub mod peerjs;
 pub mod protocol;
-pub mod rate;
+
 pub mod rooms;
 
 /// A connection handle chosen by the driver.

@@ -16,9 +16,9 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::rate::TokenBucket;
 use super::{ConnId, Out};
 use crate::config::SignalConfig;
+use crate::rate::TokenBucket;
 
 /// The `peer` server's error texts, which clients show to users.
 pub const INVALID_KEY: &str = "Invalid key provided";

@@ -9,9 +9,9 @@ use rand::Rng;
 
 use super::names::friendly_name;
 use super::protocol::{ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
-use super::rate::TokenBucket;
 use super::{ConnId, Out};
 use crate::config::SignalConfig;
+use crate::rate::TokenBucket;
 
 /// A room: the automatic LAN room of a client address, or one joined by name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

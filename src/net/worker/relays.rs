@@ -15,6 +15,7 @@ use super::{token, INDEX_MASK, K_RELAY};
 use crate::net::mmsg::SendBatch;
 use crate::net::socket;
 use crate::net::stats::NetStats;
+use crate::rate::TokenBucket;
 use crate::turn::{ConnId, RelayId, RelayIo, RelayUsage, Transport};
 
 /// What a relay is: a UDP socket, or a TCP listener for an RFC 6062 allocation (§5.1).
@@ -31,88 +32,50 @@ pub(super) enum RelayKind {
 pub(super) struct RelaySock {
     kind: RelayKind,
     usage: RelayUsage,
-    /// `turn.max_bytes_per_sec` budgets: client→peer, peer→client.
-    to_peer: ByteBucket,
-    to_client: ByteBucket,
+    cap: Option<RelayCap>,
 }
 
 impl RelaySock {
-    fn new(kind: RelayKind) -> RelaySock {
+    fn new(kind: RelayKind, max_bytes_per_sec: u64) -> RelaySock {
         RelaySock {
             kind,
             usage: RelayUsage::default(),
-            to_peer: ByteBucket::default(),
-            to_client: ByteBucket::default(),
+            cap: RelayCap::new(max_bytes_per_sec, Instant::now()),
         }
     }
 }
 
-/// A token bucket in bytes for one direction of one relayed address (`turn.max_bytes_per_sec`,
-/// coturn's `max-bps`): refills at `rate` bytes/s and holds at most one second's worth, so
-/// short bursts pass and the average stays at the cap. Plain integers: no allocation, no lock.
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct ByteBucket {
-    tokens: u64,
-    last: Option<Instant>,
+/// `turn.max_bytes_per_sec` budgets of one relayed address (coturn's `max-bps`), one per
+/// direction, each holding one second's worth; `None` on a relay without a cap.
+pub(super) struct RelayCap {
+    to_peer: TokenBucket,
+    to_client: TokenBucket,
 }
 
-impl ByteBucket {
-    /// Bytes that may pass now at `rate` (0: no cap, `u64::MAX`).
-    pub(super) fn available(&mut self, rate: u64, now: Instant) -> u64 {
-        if rate == 0 {
-            return u64::MAX;
-        }
-        match self.last {
-            None => {
-                self.tokens = rate;
-                self.last = Some(now);
-            }
-            Some(last) => {
-                let add = u128::from(rate) * now.saturating_duration_since(last).as_nanos()
-                    / 1_000_000_000;
-                // The clock moves on only once a whole byte is earned, so calls closer
-                // together than a byte's worth of time still add up.
-                if add > 0 {
-                    self.tokens = (u128::from(self.tokens) + add).min(u128::from(rate)) as u64;
-                    self.last = Some(now);
-                }
-            }
-        }
-        self.tokens
-    }
-
-    /// Spends `n` bytes (what was actually moved; at most what `available` said).
-    pub(super) fn spend(&mut self, n: u64) {
-        self.tokens = self.tokens.saturating_sub(n);
-    }
-
-    /// Takes `n` bytes if they may pass now.
-    pub(super) fn take(&mut self, n: u64, rate: u64, now: Instant) -> bool {
-        if self.available(rate, now) < n {
-            return false;
-        }
-        if rate != 0 {
-            self.spend(n);
-        }
-        true
+impl RelayCap {
+    fn new(rate: u64, now: Instant) -> Option<RelayCap> {
+        let rate = rate as f64;
+        (rate > 0.0).then(|| RelayCap {
+            to_peer: TokenBucket::new(rate, rate, now),
+            to_client: TokenBucket::new(rate, rate, now),
+        })
     }
 }
 
-/// The budgets of relay `id` (client→peer, peer→client) at `now`, `u64::MAX` without a cap.
-/// A free function over the socket table so the splice can hold a peer connection (in
-/// `Relays::peers`) at the same time.
+/// The budgets of relay `id` (client→peer, peer→client) in bytes at `now`, `u64::MAX`
+/// without a cap. A free function over the socket table so the splice can hold a peer
+/// connection (in `Relays::peers`) at the same time.
 pub(super) fn bandwidth_budget(
     socks: &mut [Option<RelaySock>],
     id: RelayId,
-    rate: u64,
     now: Instant,
 ) -> (u64, u64) {
     match socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
-        Some(s) => (
-            s.to_peer.available(rate, now),
-            s.to_client.available(rate, now),
+        Some(RelaySock { cap: Some(c), .. }) => (
+            c.to_peer.available(now) as u64,
+            c.to_client.available(now) as u64,
         ),
-        None => (0, 0),
+        _ => (u64::MAX, u64::MAX),
     }
 }
 
@@ -123,9 +86,9 @@ pub(super) fn bandwidth_spend(
     to_peer: u64,
     to_client: u64,
 ) {
-    if let Some(s) = socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
-        s.to_peer.spend(to_peer);
-        s.to_client.spend(to_client);
+    if let Some(Some(RelaySock { cap: Some(c), .. })) = socks.get_mut(id.0 as usize) {
+        c.to_peer.spend(to_peer as f64);
+        c.to_client.spend(to_client as f64);
     }
 }
 
@@ -137,7 +100,7 @@ pub struct Relays {
     pub(super) buffer_bytes: usize,
     /// Peer connections of the TCP relays (RFC 6062).
     pub(super) peers: Peers,
-    /// `turn.max_bytes_per_sec` (0: no cap); a reload changes it.
+    /// `turn.max_bytes_per_sec` (0: no cap) for relays opened from now on.
     pub(super) max_bytes_per_sec: u64,
 }
 
@@ -166,38 +129,59 @@ impl Relays {
     }
 
     /// The socket to send `len` payload bytes to a peer from, counting them for the
-    /// allocation's log line. `Err(true)` when the relay's bandwidth cap drops the datagram
-    /// (the caller counts it), `Err(false)` when `id` is not a UDP relay.
+    /// allocation's log line; `None` if `id` is not a UDP relay, or if its bandwidth cap
+    /// drops the datagram (counted in `stats`).
     pub(super) fn peer_send_fd(
         &mut self,
         id: RelayId,
         len: usize,
         now: Instant,
-    ) -> Result<RawFd, bool> {
-        let s = self
-            .socks
-            .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
-            .ok_or(false)?;
+        stats: &mut NetStats,
+    ) -> Option<RawFd> {
+        let s = self.socks.get_mut(id.0 as usize)?.as_mut()?;
         let RelayKind::Udp(sock) = &s.kind else {
-            return Err(false);
+            return None;
         };
-        if !s.to_peer.take(len as u64, self.max_bytes_per_sec, now) {
-            return Err(true);
+        if let Some(c) = &mut s.cap {
+            if !c.to_peer.try_take(len as f64, now) {
+                stats.drop_bandwidth += 1;
+                return None;
+            }
         }
         s.usage.to_peer_bytes += len as u64;
         s.usage.to_peer_packets += 1;
-        Ok(sock.as_raw_fd())
+        Some(sock.as_raw_fd())
     }
 
-    /// Whether `len` bytes from a peer may go to the client of relay `id` now (its
-    /// bandwidth cap).
-    pub(super) fn allow_to_client(&mut self, id: RelayId, len: usize, now: Instant) -> bool {
-        let rate = self.max_bytes_per_sec;
-        self.socks
-            .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
-            .is_some_and(|s| s.to_client.take(len as u64, rate, now))
+    /// Whether `len` bytes from a peer may go to the client of relay `id` now; a datagram
+    /// over its bandwidth cap is counted in `stats`.
+    pub(super) fn allow_to_client(
+        &mut self,
+        id: RelayId,
+        len: usize,
+        now: Instant,
+        stats: &mut NetStats,
+    ) -> bool {
+        let Some(Some(s)) = self.socks.get_mut(id.0 as usize) else {
+            return false;
+        };
+        if let Some(c) = &mut s.cap {
+            if !c.to_client.try_take(len as f64, now) {
+                stats.drop_bandwidth += 1;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A reloaded `turn.max_bytes_per_sec`: every relay gets fresh budgets at the new rate
+    /// (or none).
+    pub(super) fn set_max_bytes_per_sec(&mut self, rate: u64) {
+        self.max_bytes_per_sec = rate;
+        let now = Instant::now();
+        for s in self.socks.iter_mut().flatten() {
+            s.cap = RelayCap::new(rate, now);
+        }
     }
 
     /// Counts bytes spliced from a client data connection to a peer of TCP relay `id`.
@@ -241,7 +225,7 @@ impl RelayIo for Relays {
             self.free.push(idx as u32);
             return Err(e);
         }
-        self.socks[idx] = Some(RelaySock::new(RelayKind::Udp(sock)));
+        self.socks[idx] = Some(RelaySock::new(RelayKind::Udp(sock), self.max_bytes_per_sec));
         Ok(RelayId(idx as u32))
     }
 
@@ -268,7 +252,10 @@ impl RelayIo for Relays {
             self.free.push(idx as u32);
             return Err(e);
         }
-        self.socks[idx] = Some(RelaySock::new(RelayKind::Tcp { listener, addr }));
+        self.socks[idx] = Some(RelaySock::new(
+            RelayKind::Tcp { listener, addr },
+            self.max_bytes_per_sec,
+        ));
         Ok(RelayId(idx as u32))
     }
 
@@ -361,26 +348,12 @@ impl PeerBatch {
 
 #[cfg(test)]
 mod tests {
-    use super::ByteBucket;
-    use std::time::{Duration, Instant};
+    use super::RelayCap;
+    use std::time::Instant;
 
     #[test]
-    fn byte_bucket_holds_one_second_and_refills_at_the_rate() {
-        let t0 = Instant::now();
-        let mut b = ByteBucket::default();
-        assert!(b.take(600, 1000, t0));
-        assert!(b.take(400, 1000, t0));
-        assert!(!b.take(1, 1000, t0), "the one-second burst is spent");
-        // Half a second earns 500 bytes; fractions of a byte are kept for later.
-        assert!(!b.take(501, 1000, t0 + Duration::from_millis(500)));
-        assert!(b.take(500, 1000, t0 + Duration::from_millis(500)));
-        assert_eq!(b.available(1000, t0 + Duration::from_micros(500_999)), 0);
-        assert_eq!(b.available(1000, t0 + Duration::from_millis(502)), 2);
-        // A long pause refills to one second's worth, not more.
-        assert_eq!(b.available(1000, t0 + Duration::from_secs(60)), 1000);
-        // Rate 0 is no cap.
-        let mut free = ByteBucket::default();
-        assert!(free.take(u64::MAX / 2, 0, t0));
-        assert_eq!(free.available(0, t0), u64::MAX);
+    fn rate_zero_is_no_cap() {
+        assert!(RelayCap::new(0, Instant::now()).is_none());
+        assert!(RelayCap::new(1000, Instant::now()).is_some());
     }
 }

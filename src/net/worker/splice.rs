@@ -243,12 +243,8 @@ impl<S: Shard> Worker<S> {
         let relay = peer.relay;
         // turn.max_bytes_per_sec: a capped splice reads only what its budget allows and
         // waits (housekeeping pumps it again) rather than dropping stream bytes.
-        let (mut budget_to_peer, mut budget_to_client) = super::relays::bandwidth_budget(
-            &mut self.relays.socks,
-            relay,
-            self.relays.max_bytes_per_sec,
-            now.mono,
-        );
+        let (mut budget_to_peer, mut budget_to_client) =
+            super::relays::bandwidth_budget(&mut self.relays.socks, relay, now.mono);
         let mut throttled = false;
         let tls = self.tls.as_ref();
         let buf = &mut self.splice_buf[..];

@@ -210,11 +210,10 @@ impl<S: Shard> Worker<S> {
                     Kind::ChannelData { channel, len } => {
                         match self.shard.channel_to_peer(&conn.tuple, channel) {
                             Some((relay, peer)) => {
-                                let fd = self.relays.peer_send_fd(relay, len, now.mono);
-                                if fd == Err(true) {
-                                    self.stats.drop_bandwidth += 1;
-                                }
-                                if let Ok(rfd) = fd {
+                                if let Some(rfd) =
+                                    self.relays
+                                        .peer_send_fd(relay, len, now.mono, &mut self.stats)
+                                {
                                     let payload =
                                         &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
                                     // SAFETY: `inbuf` is neither refilled nor compacted
@@ -276,11 +275,10 @@ impl<S: Shard> Worker<S> {
                                 payload,
                             } => {
                                 let len = payload.len();
-                                let fd = self.relays.peer_send_fd(relay, len, now.mono);
-                                if fd == Err(true) {
-                                    self.stats.drop_bandwidth += 1;
-                                }
-                                if let (Some(d), Ok(rfd)) = (frame.get(payload), fd) {
+                                let fd =
+                                    self.relays
+                                        .peer_send_fd(relay, len, now.mono, &mut self.stats);
+                                if let (Some(d), Some(rfd)) = (frame.get(payload), fd) {
                                     // SAFETY: as above.
                                     unsafe {
                                         self.to_peer.push(
