@@ -151,18 +151,21 @@ impl RoomService {
         let mut out = Vec::new();
         let lan = RoomKey::Lan(lan);
         let existing = resume.and_then(|r| self.by_resume.get(r)).cloned();
+        // A new peer, and a detached one coming back, take a connection; a socket replacing
+        // a live one does not. At `max_peers` they are refused (a resume may try again
+        // within the grace period).
+        let takes_a_conn = existing
+            .as_ref()
+            .is_none_or(|id| self.peers.get(id).is_some_and(|p| p.conn.is_none()));
+        if takes_a_conn && self.conns.len() >= self.cfg.max_peers {
+            out.push(Out::Close {
+                conn,
+                code: 1013,
+                reason: "server full, try again later",
+            });
+            return out;
+        }
         if let Some(id) = existing {
-            // A detached peer coming back takes a connection like a new one, so resumes
-            // cannot carry the server past `max_peers`; it may try again within the grace.
-            let detached = self.peers.get(&id).is_some_and(|p| p.conn.is_none());
-            if detached && self.conns.len() >= self.cfg.max_peers {
-                out.push(Out::Close {
-                    conn,
-                    code: 1013,
-                    reason: "server full, try again later",
-                });
-                return out;
-            }
             // Same peer again: a reconnect within the grace period, or a new socket
             // replacing one the server has not noticed is dead yet.
             let peer = self.peers.get_mut(&id).expect("resume index is consistent");
@@ -196,14 +199,6 @@ impl RoomService {
             peer.rooms.clear();
             self.conns.insert(conn, id.clone());
             self.enter_rooms(conn, &id, true, targets, &mut out);
-            return out;
-        }
-        if self.conns.len() >= self.cfg.max_peers {
-            out.push(Out::Close {
-                conn,
-                code: 1013,
-                reason: "server full, try again later",
-            });
             return out;
         }
         let id = loop {

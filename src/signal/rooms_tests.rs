@@ -321,18 +321,23 @@ fn relay_grant_only_for_peers_sharing_a_room() {
     assert_eq!(to(&o, 1)[0]["code"], "relay-unavailable");
 }
 
-/// Found by fuzzing (fuzz/fuzz_targets/signal_messages.rs): a resume skipped the
-/// `max_peers` check, so peers that disconnected and came back could exceed it.
-#[test]
-fn resume_of_a_detached_peer_respects_max_peers() {
-    let mut s = RoomService::new(
+/// A service that holds one live connection at most.
+fn one_peer_service() -> RoomService {
+    RoomService::new(
         SignalConfig {
             max_peers: 1,
             ..cfg()
         },
         true,
         StdRng::seed_from_u64(1),
-    );
+    )
+}
+
+/// Found by fuzzing (fuzz/fuzz_targets/signal_messages.rs): a resume skipped the
+/// `max_peers` check, so peers that disconnected and came back could exceed it.
+#[test]
+fn resume_of_a_detached_peer_respects_max_peers() {
+    let mut s = one_peer_service();
     let t0 = Instant::now();
     let (_, token) = welcome(&s.connect(1, "local".into(), None, t0), 1);
     s.disconnect(1, t0);
@@ -356,14 +361,7 @@ fn resume_of_a_detached_peer_respects_max_peers() {
 
 #[test]
 fn server_full_is_refused_with_1013() {
-    let mut s = RoomService::new(
-        SignalConfig {
-            max_peers: 1,
-            ..cfg()
-        },
-        true,
-        StdRng::seed_from_u64(1),
-    );
+    let mut s = one_peer_service();
     let t0 = Instant::now();
     s.connect(1, "local".into(), None, t0);
     let o = s.connect(2, "local".into(), None, t0);
