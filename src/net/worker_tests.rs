@@ -112,17 +112,26 @@ fn wait_stats(s: &TurnService, ok: impl Fn(&NetStats) -> bool) -> NetStats {
     }
 }
 
-#[test]
-fn udp_control_and_channel_data_both_ways() {
+/// A UDP peer, the service (its fake shard relays to that peer), its listener address and
+/// a UDP client; both sockets time out after 10 s.
+fn udp_setup(
+    tweak: impl FnOnce(&mut TurnConfig),
+) -> (UdpSocket, TurnService, SocketAddr, UdpSocket) {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let svc = service(peer.local_addr().unwrap(), |_| {});
+    let svc = service(peer.local_addr().unwrap(), tweak);
     let server = svc.local_addrs()[0];
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    (peer, svc, server, client)
+}
+
+#[test]
+fn udp_control_and_channel_data_both_ways() {
+    let (peer, svc, server, client) = udp_setup(|_| {});
     let mut buf = [0u8; 2048];
 
     client.send_to(&stun(3), server).unwrap();
@@ -286,15 +295,7 @@ fn wildcard_listener_replies_from_the_address_the_client_reached() {
 fn bandwidth_cap_drops_datagrams_past_the_budget_each_way() {
     const CAP: u64 = 10_000;
     const N: u64 = 30;
-    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let svc = service(peer.local_addr().unwrap(), |t| t.max_bytes_per_sec = CAP);
-    let server = svc.local_addrs()[0];
-    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (peer, svc, server, client) = udp_setup(|t| t.max_bytes_per_sec = CAP);
     let mut buf = [0u8; 2048];
     client.send_to(&stun(3), server).unwrap();
     client.recv_from(&mut buf).unwrap();
