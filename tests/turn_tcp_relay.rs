@@ -207,6 +207,16 @@ fn pump(mut w: TcpStream, r: &mut TcpStream, bytes: Vec<u8>) -> Vec<u8> {
     got
 }
 
+/// `len` bytes client → peer, then `len` other bytes peer → client, SHA-256 compared.
+fn both_ways(client: &mut TcpStream, peer: &mut TcpStream, len: usize, seed: u8) {
+    let up = pattern(len, seed);
+    let got = pump(client.try_clone().unwrap(), peer, up.clone());
+    assert_eq!(digest(&got), digest(&up), "client → peer bytes differ");
+    let down = pattern(len, seed.wrapping_add(1));
+    let got = pump(peer.try_clone().unwrap(), client, down.clone());
+    assert_eq!(digest(&got), digest(&down), "peer → client bytes differ");
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
@@ -263,12 +273,7 @@ fn connect_and_connection_bind_carry_megabytes_both_ways() {
     let mut again = ctl.sibling(&tern);
     assert_eq!(again.bind(id), Some(400));
 
-    let up = pattern(3 << 20, 1);
-    let got = pump(data.sock.try_clone().unwrap(), &mut peer, up.clone());
-    assert_eq!(digest(&got), digest(&up), "client → peer bytes differ");
-    let down = pattern(3 << 20, 2);
-    let got = pump(peer.try_clone().unwrap(), &mut data.sock, down.clone());
-    assert_eq!(digest(&got), digest(&down), "peer → client bytes differ");
+    both_ways(&mut data.sock, &mut peer, 3 << 20, 1);
 
     // The peer hangs up: the client data connection ends too.
     drop(peer);
@@ -318,12 +323,7 @@ fn an_incoming_peer_with_permission_gets_a_connection_attempt() {
     data.sock.read_exact(&mut early).unwrap();
     assert_eq!(&early, b"early bytes from the peer");
 
-    let up = pattern(2 << 20, 3);
-    let got = pump(data.sock.try_clone().unwrap(), &mut peer, up.clone());
-    assert_eq!(digest(&got), digest(&up));
-    let down = pattern(2 << 20, 4);
-    let got = pump(peer.try_clone().unwrap(), &mut data.sock, down.clone());
-    assert_eq!(digest(&got), digest(&down));
+    both_ways(&mut data.sock, &mut peer, 2 << 20, 3);
 
     // Deleting the allocation (Refresh lifetime 0) ends its data connections.
     let resp = ctl.request(REFRESH, |m| {
@@ -479,12 +479,7 @@ fn a_bandwidth_capped_tcp_relay_loses_no_byte() {
     assert_eq!(data.bind(id), None, "ConnectionBind refused");
 
     // Four times the one-second burst each way.
-    let up = pattern(1 << 20, 3);
-    let got = pump(data.sock.try_clone().unwrap(), &mut peer, up.clone());
-    assert_eq!(digest(&got), digest(&up), "client → peer bytes differ");
-    let down = pattern(1 << 20, 4);
-    let got = pump(peer.try_clone().unwrap(), &mut data.sock, down.clone());
-    assert_eq!(digest(&got), digest(&down), "peer → client bytes differ");
+    both_ways(&mut data.sock, &mut peer, 1 << 20, 3);
 
     let s = scrape::scrape_until(tern.metrics_port, "the spliced bytes", |s| {
         scrape::value(
