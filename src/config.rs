@@ -999,6 +999,18 @@ mod tests {
         let e = load("[turn]\nworkers = 256\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("turn.workers"), "{e}");
         assert!(load("[turn]\nworkers = 255\n", &[], &[]).is_ok());
+        let e = load("", &[], &["turn.max_bytes_per_sec=-5"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("turn.max_bytes_per_sec: invalid value"),
+            "{e}"
+        );
+        let e = load("[turn]\nmax_bytes_per_sec = \"fast\"\n", &[], &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("turn.max_bytes_per_sec: invalid type"),
+            "{e}"
+        );
     }
 
     #[test]
