@@ -41,6 +41,7 @@ getent passwd tern >/dev/null && fail "user tern exists (a deploy/install.sh ins
 installed=no
 daemon_pid=""
 work=$(mktemp -d)
+# shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
     rc=$?
     if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
@@ -59,6 +60,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # owner:group and octal mode of a path.
 expect_stat() {
@@ -210,6 +212,23 @@ grep -qx 'realm = "verify.example.org"' /etc/tern/tern.toml || fail "reinstall l
 [ "$(cat /etc/tern/secret)" = "$secret" ] || fail "reinstall replaced the secret"
 expect_stat /etc/tern/tern.toml "root:tern 640"
 expect_stat /etc/tern/secret "tern:tern 600"
+tern check-config --config /etc/tern/tern.toml >/dev/null
+
+step "upgrade to revision 2 over the edited config: the edit survives"
+debian/build.sh --no-build --deb-revision 2 --output "$work/"
+deb2=$(ls "$work"/tern_*-2_*.deb)
+apt-get install -y -q "$deb2"
+dpkg-query -W -f='${Version}\n' tern | grep -q -- '-2$' || fail "revision 2 not installed"
+grep -qx 'realm = "verify.example.org"' /etc/tern/tern.toml || fail "upgrade lost the config edit"
+[ "$(cat /etc/tern/secret)" = "$secret" ] || fail "upgrade replaced the secret"
+
+step "a config that fails check-config: postinst warns and the package still configures"
+sed -i 's/^# total_quota = 10000$/total_quota = 0/' /etc/tern/tern.toml
+tern check-config --config /etc/tern/tern.toml >/dev/null 2>&1 && fail "total_quota = 0 passed check-config"
+out=$(apt-get install -y -q --reinstall "$deb2" 2>&1)
+grep -q 'fails .tern check-config.: .*turn.total_quota' <<<"$out" || fail "no check-config warning: $out"
+dpkg-query -W -f='${Status}\n' tern | grep -q '^install ok installed$' || fail "not configured"
+sed -i 's/^total_quota = 0$/# total_quota = 10000/' /etc/tern/tern.toml
 tern check-config --config /etc/tern/tern.toml >/dev/null
 
 step "apt-get remove: binary gone, config, secret and user kept"
