@@ -10,13 +10,14 @@
 #   RENEWED_LINEAGE=/etc/letsencrypt/live/turn.example.org /etc/letsencrypt/renewal-hooks/deploy/tern
 #
 # Overrides (environment): TERN_TLS_DIR (default /etc/tern/tls), TERN_GROUP (tern),
-# TERN_BIN (/usr/local/bin/tern), TERN_CONFIG_FILE (/etc/tern/tern.toml).
+# TERN_BIN (the `tern` on PATH: /usr/bin/tern from the package, /usr/local/bin/tern from
+# deploy/install.sh), TERN_CONFIG_FILE (/etc/tern/tern.toml).
 set -eu
 
 : "${RENEWED_LINEAGE:?certbot sets RENEWED_LINEAGE for deploy hooks}"
 tls_dir=${TERN_TLS_DIR:-/etc/tern/tls}
 group=${TERN_GROUP:-tern}
-tern=${TERN_BIN:-/usr/local/bin/tern}
+tern=${TERN_BIN:-$(command -v tern || echo /usr/bin/tern)}
 config=${TERN_CONFIG_FILE:-/etc/tern/tern.toml}
 
 install -d -m 0750 -g "$group" "$tls_dir"

@@ -124,10 +124,11 @@ if [ ! -e "$ROOT$CONFIG" ]; then
 fi
 as_system && chown root:tern "$CONFIG"
 
-# 6. The unit, with this prefix's binary path; an edited unit is left alone.
+# 6. The unit (written for the package's /usr/bin/tern) with this prefix's binary path; an
+#    edited unit is left alone.
 unit_tmp=$(mktemp)
 trap 'rm -f "$unit_tmp"' EXIT
-sed "s|/usr/local/bin/tern|$BIN|g" "$UNIT_SRC" >"$unit_tmp"
+sed "s|/usr/bin/tern|$BIN|g" "$UNIT_SRC" >"$unit_tmp"
 if [ ! -e "$ROOT$UNIT" ]; then
     install_file "$unit_tmp" "$ROOT$UNIT" 0644
 elif ! cmp -s "$unit_tmp" "$ROOT$UNIT"; then

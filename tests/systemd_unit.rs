@@ -110,7 +110,7 @@ fn unit_verifies_without_warnings() {
     // verify wants the ExecStart binary to exist: point it at the one cargo built.
     let dir = tempfile::tempdir().unwrap();
     let unit = dir.path().join("tern.service");
-    let text = unit_text().replace("/usr/local/bin/tern", env!("CARGO_BIN_EXE_tern"));
+    let text = unit_text().replace("/usr/bin/tern", env!("CARGO_BIN_EXE_tern"));
     std::fs::write(&unit, text).unwrap();
     let out = Command::new("systemd-analyze")
         .args(["verify", "--no-pager"])
