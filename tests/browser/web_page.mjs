@@ -52,11 +52,11 @@ const myName = (page) => page.locator('#me').textContent();
 
 // Waits until `page` lists the peer named `name` (optionally in a named room) and picks it.
 async function pickPeer(page, name, roomLabel) {
-  const sel = `#peers button.peer[data-name="${name}"]`;
-  const btn = page.locator(sel);
-  await btn.waitFor({ timeout: STEP_MS });
+  const sel = `#peers li.peer[data-name="${name}"]`;
+  const box = page.locator(sel + ' input.pick');
+  await box.waitFor({ timeout: STEP_MS });
   if (roomLabel) await page.locator(sel + ' .meta', { hasText: roomLabel }).waitFor({ timeout: STEP_MS });
-  await btn.click();
+  await box.check();
   await page.waitForFunction(() => document.getElementById('status').dataset.state === 'connected',
     null, { timeout: STEP_MS });
   return page.locator('#path').textContent();
@@ -90,7 +90,7 @@ async function transfer(a, b, files) {
 
 async function sendText(a, b, text) {
   await a.fill('#text', text);
-  await a.click('#text-form button');
+  await a.click('#send');
   await b.locator('#messages li.message .body', { hasText: text }).waitFor({ timeout: STEP_MS });
 }
 
@@ -191,7 +191,6 @@ try {
   const state = await row.getAttribute('data-state');
   if (state !== 'failed') throw new Error(`receiver row is ${state} after the sender closed (at ${partial})`);
   if ((await row.locator('a.download').count()) !== 0) throw new Error('a partial file is offered for download');
-  await b.waitForFunction(() => document.getElementById('status').dataset.state === 'failed');
   const failText = await row.locator('.info').textContent();
   // A new sender page; the transfer works afterwards.
   a = await openPage(ba, '?path=ws');
