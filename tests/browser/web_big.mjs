@@ -47,7 +47,8 @@ async function rendererPids(profile) {
   for (const d of await readdir('/proc')) {
     if (!/^\d+$/.test(d)) continue;
     try {
-      const cmd = (await readFile(`/proc/${d}/cmdline`, 'utf8')).split('\0');
+      // Zygote children rewrite their title: one string with spaces, not NUL-separated.
+      const cmd = (await readFile(`/proc/${d}/cmdline`, 'utf8')).split('\0').join(' ');
       const stat = await readFile(`/proc/${d}/stat`, 'utf8');
       const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
       procs.push({ pid: Number(d), ppid, cmd });
@@ -55,14 +56,14 @@ async function rendererPids(profile) {
       /* gone */
     }
   }
-  const root = procs.find((p) => !p.cmd.some((a) => a.startsWith('--type=')) && p.cmd.some((a) => a.includes(profile)));
+  const root = procs.find((p) => !p.cmd.includes('--type=') && p.cmd.includes(profile));
   if (!root) return [];
   const tree = new Set([root.pid]);
   for (let grew = true; grew;) {
     grew = false;
     for (const p of procs) if (!tree.has(p.pid) && tree.has(p.ppid)) { tree.add(p.pid); grew = true; }
   }
-  return procs.filter((p) => tree.has(p.pid) && p.cmd.includes('--type=renderer')).map((p) => p.pid);
+  return procs.filter((p) => tree.has(p.pid) && p.cmd.includes('--type=renderer ')).map((p) => p.pid);
 }
 
 async function rssMiB(pid) {
@@ -76,10 +77,13 @@ async function rssMiB(pid) {
 
 const inRow = (page) => page.locator('#transfers li.transfer[data-dir="in"]').first();
 const outRow = (page) => page.locator('#transfers li.transfer[data-dir="out"]').first();
-const progressOver = (page, dir, frac) => page.waitForFunction(([d, f]) => {
-  const p = document.querySelector(`#transfers li.transfer[data-dir="${d}"] progress`);
+const rows = (page, dir) => page.locator(`#transfers li.transfer[data-dir="${dir}"]`).count();
+// Waits until the page has `n` rows of `dir` and the newest one's bar is past `frac`.
+const progressOver = (page, dir, frac, n) => page.waitForFunction(([d, f, k]) => {
+  const all = document.querySelectorAll(`#transfers li.transfer[data-dir="${d}"]`);
+  const p = all.length >= k && all[0].querySelector('progress');
   return p && p.value > f;
-}, [dir, frac], { timeout: STEP_MS, polling: 100 });
+}, [dir, frac, n], { timeout: STEP_MS, polling: 100 });
 const endState = (page, dir) => page.waitForFunction((d) => {
   const li = document.querySelector(`#transfers li.transfer[data-dir="${d}"]`);
   return li && ['done', 'failed', 'cancelled'].includes(li.dataset.state) && li.dataset.state;
@@ -158,7 +162,7 @@ try {
   const baseline = Math.max(...await Promise.all(pids.map(rssMiB)));
   s = Date.now();
   await a.locator('#files').setInputFiles([bigPath]);
-  await progressOver(b, 'in', 0.3);
+  await progressOver(b, 'in', 0.3, 1);
   await b.setViewportSize({ width: 1100, height: 900 });
   await b.screenshot({ path: join(OUT, 'web-large-transfer.png'), fullPage: true });
   const state = await endState(b, 'in');
@@ -181,8 +185,9 @@ try {
   s = Date.now();
   const cancels = {};
   for (const who of ['receiver', 'sender']) {
+    const n = (await rows(b, 'in')) + 1;
     await a.locator('#files').setInputFiles([bigPath]);
-    await progressOver(b, 'in', 0.03);
+    await progressOver(b, 'in', 0.03, n);
     if (who === 'receiver') await inRow(b).locator('button.cancel').click();
     else await outRow(a).locator('button.cancel').click();
     const [sa, sb] = [await endState(a, 'out'), await endState(b, 'in')];

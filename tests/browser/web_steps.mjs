@@ -1,6 +1,6 @@
-// A path you can watch: ICE is made to fail (each page's /api/ice answer is replaced by a
-// STUN and a TURN server on a closed port, and Chromium may use no UDP of its own), so the
-// channel goes through every step. The sender's status line names each step as it is
+// A path you can watch: ICE is made to fail (in both pages no remote candidate ever
+// reaches ICE: addIceCandidate does nothing and candidate lines are cut from remote SDP,
+// as on a network where no pair can work), so the channel goes through every step. The sender's status line names each step as it is
 // tried ("direct…", "through Tern's TURN…"), the path log lists them with why each was
 // given up, and the WebSocket relay then carries a file intact. Before that, with the peer
 // picked and nothing connected, the page says why sending files waits.
@@ -17,13 +17,16 @@ const args = parseArgs(process.argv.slice(2));
 const BASE = args.url;
 const OUT = args.out;
 const STEP_MS = 60_000;
-const DEAD_ICE = JSON.stringify({
-  iceServers: [
-    { urls: ['stun:127.0.0.1:9'] },
-    { urls: ['turn:127.0.0.1:9?transport=udp', 'turn:127.0.0.1:9?transport=tcp'], username: 'x', credential: 'y' },
-  ],
-  ttl: 600,
-});
+const NO_CANDIDATES = () => {
+  RTCPeerConnection.prototype.addIceCandidate = function () {
+    return Promise.resolve();
+  };
+  const setRemote = RTCPeerConnection.prototype.setRemoteDescription;
+  RTCPeerConnection.prototype.setRemoteDescription = function (d) {
+    const sdp = d.sdp.split('\r\n').filter((l) => !l.startsWith('a=candidate')).join('\r\n');
+    return setRemote.call(this, { type: d.type, sdp });
+  };
+};
 
 const result = { ok: false };
 let ba;
@@ -31,13 +34,14 @@ let bb;
 const t0 = Date.now();
 try {
   await mkdir(join(OUT, 'in'), { recursive: true });
-  const ARGS = ['--force-webrtc-ip-handling-policy=disable_non_proxied_udp'];
+  const ARGS = ['--allow-loopback-in-peer-connection'];
   ba = await launchChromium({ extraArgs: ARGS });
   bb = await launchChromium({ extraArgs: ARGS });
+  for (const br of [ba, bb]) await br.context.grantPermissions(['camera', 'microphone'], { origin: BASE });
   const pages = [];
   for (const br of [ba, bb]) {
     const p = await br.newPage();
-    await p.route('**/api/ice', (route) => route.fulfill({ status: 200, contentType: 'application/json', body: DEAD_ICE }));
+    await p.addInitScript(NO_CANDIDATES);
     await p.goto(`${BASE}/`);
     await p.waitForSelector('body[data-ready="true"]', { timeout: STEP_MS });
     pages.push(p);
@@ -55,7 +59,9 @@ try {
   const idB = await b.evaluate(() => window.tern.id);
   await a.locator(`#peers li.peer[data-id="${idB}"] input.pick`).check({ timeout: STEP_MS });
   // While the channel is being set up the page says why files wait.
-  await a.locator('#send-hint', { hasText: 'Files wait for the connection' }).waitFor({ timeout: 5000 });
+  await a.locator('#send-hint', { hasText: 'Files wait for the connection' }).waitFor({ timeout: 5000 }).catch(async () => {
+    throw new Error(`hint: ${await a.locator('#send-hint').textContent()}; statuses ${JSON.stringify(await a.evaluate(() => window.__statuses))}`);
+  });
   const hint = await a.locator('#send-hint').textContent();
   await a.waitForFunction(() => document.getElementById('path').textContent === 'ws-relay', null, { timeout: STEP_MS });
   const statuses = await a.evaluate(() => window.__statuses);
