@@ -5,7 +5,7 @@
 // `step` events for the path being tried. Peer-supplied text (names, messages, file names)
 // only ever reaches the DOM through textContent.
 
-import { Tern } from '/tern.js';
+import { STEP_TEXT as STEP, Tern } from '/tern.js';
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -16,8 +16,6 @@ const ui = {
   messages: $('messages'), share: $('share'), shareOut: $('share-out'), shareLink: $('share-link'),
   copy: $('copy'), copied: $('copied'),
 };
-
-const STEP = { direct: 'direct', turn: "through Tern's TURN", 'ws-relay': 'WebSocket relay' };
 
 let tern;
 let room = null; // the named room of this tab (from the URL or "Share a link")

@@ -474,6 +474,7 @@ export class Tern extends EventTarget {
         else this.signal(from, ack);
         if (this._seenChats.has(d.id) || typeof d.body !== 'string') return;
         this._seenChats.add(d.id);
+        if (this._seenChats.size > 10000) this._seenChats.delete(this._seenChats.values().next().value);
         const message = {
           id: String(d.id), from, body: d.body, via,
           to: Array.isArray(d.to) ? d.to.map(String) : [this.id], room: !!d.room,
@@ -550,7 +551,8 @@ function serversFor(step, cfg) {
     .filter((s) => s.urls.length > 0);
 }
 
-const STEP_TEXT = { direct: 'direct', turn: "through Tern's TURN", 'ws-relay': 'WebSocket relay' };
+/** Words for each step, as the page shows them. */
+export const STEP_TEXT = { direct: 'direct', turn: "through Tern's TURN", 'ws-relay': 'WebSocket relay' };
 
 /**
  * A reliable, ordered message channel to one peer. `send(string | ArrayBuffer | view)`

@@ -194,8 +194,9 @@ try {
     if (sa !== 'cancelled' || sb !== 'cancelled') throw new Error(`${who} cancel: sender ${sa}, receiver ${sb}`);
     cancels[who] = { receiverShows: await inRow(b).locator('.info').textContent(), senderShows: await outRow(a).locator('.info').textContent() };
   }
-  // The finished file is all the receiver stores (no partial file, no .crswap).
-  const stored = await b.waitForFunction(async (size) => {
+  // The finished file is all the receiver stores (no partial file, no .crswap); removal
+  // runs after any write in progress, so give it a moment.
+  const listStored = () => b.evaluate(async () => {
     const files = [];
     const walk = async (dir, prefix) => {
       for await (const [name, h] of dir.entries()) {
@@ -204,18 +205,14 @@ try {
       }
     };
     await walk(await navigator.storage.getDirectory(), '');
-    return files.length === 1 && files[0].size === size && files;
-  }, BYTES, { timeout: 20_000, polling: 500 }).then((h) => h.jsonValue()).catch(async () => b.evaluate(async () => {
-    const out = [];
-    const walk = async (dir, prefix) => {
-      for await (const [name, h] of dir.entries()) {
-        if (h.kind === 'directory') await walk(h, `${prefix}${name}/`);
-        else out.push({ name: prefix + name, size: (await h.getFile()).size });
-      }
-    };
-    await walk(await navigator.storage.getDirectory(), '');
-    throw new Error(`receiver's storage after the cancels: ${JSON.stringify(out)}`);
-  }));
+    return files;
+  });
+  let stored = await listStored();
+  for (let i = 0; i < 40 && !(stored.length === 1 && stored[0].size === BYTES); i++) {
+    await new Promise((r) => setTimeout(r, 500));
+    stored = await listStored();
+  }
+  if (!(stored.length === 1 && stored[0].size === BYTES)) throw new Error(`receiver's storage after the cancels: ${JSON.stringify(stored)}`);
   result.steps.cancel = { ...cancels, stored, secs: (Date.now() - s) / 1000 };
   result.ok = true;
 } catch (e) {
