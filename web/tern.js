@@ -23,6 +23,7 @@ const LOW_WATER = 256 << 10; // bufferedAmountLowThreshold
 const WS_CHUNK = 64 << 10; // payload per relay frame (well under relay_ws.max_frame_bytes)
 const HEARTBEAT_MS = 2000;
 const DEAD_AFTER_MS = 12000;
+const RELAY_MS = 15000; // the WebSocket relay step, from asking for a ticket to both hellos
 const READ_SLICE = 1 << 20; // bytes read from a File at a time by a sender
 const WRITE_BATCH = 1 << 20; // bytes a receiver gathers before one storage write
 const WINDOW = 16 << 20; // bytes a sender may have in flight beyond the receiver's last ack
@@ -368,7 +369,9 @@ export class Tern extends EventTarget {
         break;
       case 'error':
         if (m.to) {
-          this.channels.get(m.to)?._fail(`signaling: ${m.code}`);
+          // Only a channel still being set up depends on signaling.
+          const ch = this.channels.get(m.to);
+          if (ch?.state === 'connecting') ch._fail(`signaling: ${m.code}`);
           for (const msg of this.chats.values()) msg._signalError(m.to, m.code);
         }
         break;
@@ -799,6 +802,7 @@ export class Channel extends EventTarget {
     if (this.step !== 'ws-relay') this._setStep('ws-relay', why);
     this._signal({ kind: 'fallback', why });
     this.tern._send({ type: 'relay', to: this.peer });
+    this._relayTimer = setTimeout(() => this._fail(`the WebSocket relay did not connect within ${RELAY_MS / 1000} s`), RELAY_MS);
   }
 
   _onTicket(ticket, path) {
@@ -843,6 +847,7 @@ export class Channel extends EventTarget {
   _opened() {
     if (this.state !== 'connecting') return;
     this.state = 'open';
+    clearTimeout(this._relayTimer);
     const last = this.steps[this.steps.length - 1];
     if (last) last.result = 'connected';
     this._lastHeard = Date.now();
@@ -1026,6 +1031,7 @@ export class Channel extends EventTarget {
     const last = this.steps[this.steps.length - 1];
     if (last && !last.result) last.result = reason;
     clearTimeout(this._timer);
+    clearTimeout(this._relayTimer);
     clearInterval(this._beat);
     this._dropRtc();
     this._ws?.close();
