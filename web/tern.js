@@ -18,8 +18,10 @@
 // ICE failure moves to the next step at once. Every step is a `step` event. Debug switch:
 // `?path=turn` (start at TURN) or `?path=ws` (relay at once) in the page URL, or `path`.
 
-const HIGH_WATER = 1 << 20; // queued bytes above which send() waits
-const LOW_WATER = 256 << 10; // bufferedAmountLowThreshold
+// Queued bytes above which send() waits, and the bufferedAmountLowThreshold it waits for:
+// enough in the SCTP queue to keep a long (TURN) path busy while the sender sleeps.
+const HIGH_WATER = 4 << 20;
+const LOW_WATER = 1 << 20;
 const WS_CHUNK = 64 << 10; // payload per relay frame (well under relay_ws.max_frame_bytes)
 const HEARTBEAT_MS = 2000;
 const DEAD_AFTER_MS = 12000;
