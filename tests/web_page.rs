@@ -1,8 +1,16 @@
 //! The built-in page and /tern.js: served from the binary (status, types, headers), and
-//! driven end to end in two headless Chromium instances against the real daemon
-//! (tests/browser/web_page.mjs: LAN room, 50 MiB + a small file + text, forced TURN and
-//! WebSocket-relay paths checked against the metrics, the share-link room, the sender
-//! closed mid-transfer). Screenshots land in the test's output dir.
+//! driven end to end in headless Chromium against the real daemon:
+//! - tests/browser/web_page.mjs: two pages, LAN room, 50 MiB + a small file + text, forced
+//!   TURN and WebSocket-relay paths checked against the metrics, the share-link room, the
+//!   sender closed mid-transfer;
+//! - tests/browser/web_group.mjs: three pages in one room by link: chat to everyone with
+//!   delivery marks, two files to everyone, the same file picked again mid-send, markup
+//!   shown as text, the creator's reload;
+//! - tests/browser/web_big.mjs: tern.js's SHA-256 against WebCrypto, 1 GiB direct with the
+//!   receiving renderer's memory bounded, cancels from both sides leaving nothing stored;
+//! - tests/browser/web_steps.mjs: ICE made to fail, each step named before the relay.
+//!
+//! Screenshots land in the test's output dir.
 
 use crate::common;
 
@@ -84,6 +92,45 @@ fn page_and_library_are_served_from_the_binary() {
     tern.terminate();
 }
 
+/// Runs `tests/browser/<script>` against `tern` with `--url`, `--out` (a fresh dir named
+/// after the script) and `args`; fails the test with its output unless it prints PASS.
+/// Returns the output dir (screenshots stay there).
+fn run_script(tern: &Tern, script: &str, args: &[String]) -> std::path::PathBuf {
+    let stem = script.trim_end_matches(".mjs");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(stem);
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/browser")
+        .join(script);
+    let res = Command::new("node")
+        .arg(&path)
+        .arg("--url")
+        .arg(format!("http://{}", tern.api_addr()))
+        .arg("--out")
+        .arg(&out)
+        .args(args)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.success() && stdout.contains("PASS"),
+        "{script} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}\ntern log:\n{}",
+        res.status,
+        &stderr[stderr.len().saturating_sub(20_000)..],
+        tern.log()
+    );
+    eprintln!("{script}: {}", stdout.trim());
+    let _ = std::fs::remove_dir_all(out.join("in"));
+    out
+}
+
+fn assert_shot(out: &Path, shot: &str) {
+    let len = std::fs::metadata(out.join(shot)).map_or(0, |m| m.len());
+    assert!(len > 1000, "{shot} missing or empty");
+}
+
 #[test]
 fn two_browsers_send_files_and_text_on_every_path() {
     if !tooling_present() {
@@ -91,34 +138,60 @@ fn two_browsers_send_files_and_text_on_every_path() {
     }
     let _one = common::browser_lock();
     let tern = start();
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web_page");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/web_page.mjs");
-    let res = Command::new("node")
-        .arg(&script)
-        .arg("--url")
-        .arg(format!("http://{}", tern.api_addr()))
-        .arg("--metrics")
-        .arg(format!("http://127.0.0.1:{}", tern.metrics_port))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&res.stdout);
-    let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(
-        res.status.success() && stdout.contains("PASS"),
-        "web_page.mjs failed ({}):\nstdout:\n{stdout}\nstderr:\n{}\ntern log:\n{}",
-        res.status,
-        &stderr[stderr.len().saturating_sub(20_000)..],
-        tern.log()
-    );
-    eprintln!("{}", stdout.trim());
-    for shot in ["web-desktop.png", "web-phone.png"] {
-        let len = std::fs::metadata(out.join(shot)).map_or(0, |m| m.len());
-        assert!(len > 1000, "{shot} missing or empty");
+    let metrics = format!("http://127.0.0.1:{}", tern.metrics_port);
+    let out = run_script(&tern, "web_page.mjs", &["--metrics".into(), metrics]);
+    assert_shot(&out, "web-desktop.png");
+    assert_shot(&out, "web-phone.png");
+    tern.terminate();
+}
+
+#[test]
+fn three_pages_in_one_room_chat_send_to_everyone_and_rejoin_after_reload() {
+    if !tooling_present() {
+        return;
     }
-    let _ = std::fs::remove_dir_all(out.join("in"));
+    let _one = common::browser_lock();
+    let tern = start();
+    let out = run_script(&tern, "web_group.mjs", &[]);
+    assert_shot(&out, "web-three-peers.png");
+    tern.terminate();
+}
+
+/// The receiving renderer's resident memory bound for the big transfer (MiB): an idle page's
+/// renderer is ~160 MiB here; the receiver holds at most the sender's 16 MiB window plus
+/// 1 MiB write batches, never the file.
+const BIG_BOUND_MIB: u32 = 320;
+
+#[test]
+fn one_gib_direct_with_bounded_receiver_memory_and_cancels_leave_nothing_stored() {
+    if !tooling_present() {
+        return;
+    }
+    let _one = common::browser_lock();
+    let tern = start();
+    // TERN_WEB_BIG_BYTES shrinks the file on a slow machine (the test still checks all).
+    let bytes = std::env::var("TERN_WEB_BIG_BYTES").unwrap_or_else(|_| (1u64 << 30).to_string());
+    let out = run_script(
+        &tern,
+        "web_big.mjs",
+        &[
+            "--bytes".into(),
+            bytes,
+            "--bound-mib".into(),
+            BIG_BOUND_MIB.to_string(),
+        ],
+    );
+    assert_shot(&out, "web-large-transfer.png");
+    tern.terminate();
+}
+
+#[test]
+fn ice_failure_names_each_step_before_the_relay_carries_the_file() {
+    if !tooling_present() {
+        return;
+    }
+    let _one = common::browser_lock();
+    let tern = start();
+    run_script(&tern, "web_steps.mjs", &[]);
     tern.terminate();
 }

@@ -1,28 +1,28 @@
-// The built-in page: peers in the LAN room (or a shared named room), files and text to a
-// picked peer over a tern.js channel.
-//
-// File protocol on a channel: a JSON text message {t:'file', id, name, size, mime, sha256}
-// announces a file; binary messages [u32 id][u32 seq][bytes] carry it in order, so several
-// files can be in flight at once; the receiver checks the size and the SHA-256 before it
-// offers the download. {t:'text', body} is a chat message.
+// The built-in page: peers in the LAN room or a shared named room; chat to everyone or to
+// picked peers, files to many. Everything it does goes through tern.js (docs/client.md):
+// `tern.chat` for messages with per-peer delivery marks, `tern.sendFiles` for one transfer
+// per (peer, file), `transfer` events for files arriving (streamed to disk, SHA-256 checked),
+// `step` events for the path being tried. Peer-supplied text (names, messages, file names)
+// only ever reaches the DOM through textContent.
 
-import { Tern } from '/tern.js';
+import { STEP_TEXT as STEP, Tern } from '/tern.js';
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  status: $('status'), me: $('me'), meDevice: $('me-device'), peers: $('peers'), noPeers: $('no-peers'),
-  target: $('target'), path: $('path'), retry: $('retry'), files: $('files'), drop: $('drop'),
-  textForm: $('text-form'), text: $('text'), transfers: $('transfers'), messages: $('messages'),
-  share: $('share'), shareOut: $('share-out'), shareLink: $('share-link'),
+  status: $('status'), me: $('me'), name: $('name'), meDevice: $('me-device'), peers: $('peers'),
+  noPeers: $('no-peers'), everyone: $('everyone'), count: $('count'), hint: $('send-hint'),
+  path: $('path'), pathLog: $('path-log'), retry: $('retry'), files: $('files'), drop: $('drop'),
+  textForm: $('text-form'), text: $('text'), send: $('send'), transfers: $('transfers'),
+  messages: $('messages'), share: $('share'), shareOut: $('share-out'), shareLink: $('share-link'),
+  copy: $('copy'), copied: $('copied'),
 };
 
 let tern;
-let target = null; // selected peer id
-let failed = null; // reason the selected peer's channel failed
-let nextFileId = 1;
-const active = new Set(); // transfers in progress (send or receive)
-const incoming = new Map(); // `${peer}:${id}` -> receive state
-const wired = new WeakSet();
+let room = null; // the named room of this tab (from the URL or "Share a link")
+let everyone = true;
+const picked = new Set();
+const active = new Set(); // transfers in progress
+let offline = null; // why signaling is down
 
 function fmtBytes(n) {
   if (n < 1024) return `${n} B`;
@@ -31,315 +31,326 @@ function fmtBytes(n) {
   return `${(n / (1 << 30)).toFixed(2)} GiB`;
 }
 
-async function sha256Hex(buf) {
-  const d = new Uint8Array(await crypto.subtle.digest('SHA-256', buf));
-  return Array.from(d, (b) => b.toString(16).padStart(2, '0')).join('');
-}
-
-function setStatus() {
-  let s = 'waiting';
-  const ch = target && tern?.channels.get(target);
-  if (active.size > 0) s = 'transferring';
-  else if (failed) s = 'failed';
-  else if (ch && ch.state === 'open') s = 'connected';
-  ui.status.textContent = failed && s === 'failed' ? `failed: ${failed}` : s;
-  ui.status.className = `status ${s}`;
-  ui.status.dataset.state = s;
-  ui.path.textContent = ch && ch.state === 'open' ? ch.path : '–';
-  ui.retry.hidden = !failed;
-}
-
-function renderPeers() {
-  const peers = tern.peers();
-  ui.noPeers.hidden = peers.length > 0;
-  ui.peers.replaceChildren(
-    ...peers.map((p) => {
-      const li = document.createElement('li');
-      const b = document.createElement('button');
-      b.type = 'button';
-      b.className = 'peer';
-      b.dataset.id = p.id;
-      b.dataset.name = p.name;
-      b.setAttribute('aria-pressed', String(p.id === target));
-      const where = p.rooms.map((r) => (r === 'lan' ? 'same network' : `room ${r}`)).join(', ');
-      b.innerHTML = '<strong></strong> <span class="device"></span><br><span class="meta"></span>';
-      b.querySelector('strong').textContent = p.name;
-      b.querySelector('.device').textContent = p.device;
-      b.querySelector('.meta').textContent = where;
-      b.onclick = () => pick(p.id, p.name);
-      li.append(b);
-      return li;
-    }),
-  );
-}
-
-async function pick(id, name) {
-  target = id;
-  failed = null;
-  ui.target.textContent = name;
-  renderPeers();
-  setStatus();
-  await ensureChannel();
-}
-
-async function ensureChannel() {
-  if (!target) throw new Error('pick a peer first');
-  const cur = tern.channels.get(target);
-  if (cur && cur.state === 'open') return cur;
-  if (cur && cur.state === 'connecting') return cur.ready;
-  try {
-    const ch = await tern.open(target);
-    wire(ch);
-    failed = null;
-    setStatus();
-    return ch;
-  } catch (e) {
-    failed = e.message;
-    setStatus();
-    throw e;
+// Builds an element; `text` goes in as textContent, never as markup.
+function el(tag, attrs = {}, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'class') e.className = v;
+    else if (k === 'text') e.textContent = v;
+    else e.setAttribute(k, v);
   }
-}
-
-function row(dir, name, size) {
-  const li = document.createElement('li');
-  li.className = 'transfer';
-  li.dataset.dir = dir;
-  li.dataset.name = name;
-  li.dataset.state = dir === 'out' ? 'sending' : 'receiving';
-  li.innerHTML = '<div><strong class="name"></strong> <span class="meta size"></span></div>' +
-    '<progress max="1" value="0"></progress><div class="meta info"></div>';
-  li.querySelector('.name').textContent = (dir === 'out' ? '↑ ' : '↓ ') + name;
-  li.querySelector('.size').textContent = fmtBytes(size);
-  ui.transfers.prepend(li);
-  return li;
-}
-
-function progress(t, done) {
-  t.done = done;
-  const secs = Math.max((performance.now() - t.t0) / 1000, 0.001);
-  t.li.querySelector('progress').value = t.size ? done / t.size : 1;
-  t.li.querySelector('.info').textContent =
-    `${fmtBytes(done)} of ${fmtBytes(t.size)} · ${fmtBytes(Math.round(done / secs))}/s · ${t.ch.path}`;
-}
-
-function finishRow(t, state, text, isError) {
-  t.li.dataset.state = state;
-  const info = t.li.querySelector('.info');
-  info.textContent = text;
-  info.classList.toggle('err', !!isError);
-  active.delete(t);
-  setStatus();
-}
-
-async function sendFile(file) {
-  const ch = await ensureChannel();
-  const id = nextFileId++;
-  const t = { li: row('out', file.name, file.size), size: file.size, t0: performance.now(), ch, done: 0 };
-  active.add(t);
-  setStatus();
-  try {
-    const buf = await file.arrayBuffer();
-    const sha256 = await sha256Hex(buf);
-    await ch.send(JSON.stringify({ t: 'file', id, name: file.name, size: file.size, mime: file.type, sha256 }));
-    t.t0 = performance.now();
-    const step = ch.chunkSize - 8;
-    let seq = 0;
-    for (let off = 0; off < buf.byteLength || seq === 0; off += step, seq++) {
-      const part = new Uint8Array(buf, off, Math.min(step, buf.byteLength - off));
-      const frame = new Uint8Array(part.length + 8);
-      const dv = new DataView(frame.buffer);
-      dv.setUint32(0, id);
-      dv.setUint32(4, seq);
-      frame.set(part, 8);
-      await ch.send(frame);
-      progress(t, off + part.length);
-      if (buf.byteLength === 0) break;
-    }
-    const secs = (performance.now() - t.t0) / 1000;
-    finishRow(t, 'done', `sent ${fmtBytes(file.size)} in ${secs.toFixed(1)} s · ${ch.path}`);
-  } catch (e) {
-    finishRow(t, 'failed', `failed: ${ch.closeReason || e.message}`, true);
-  }
-}
-
-async function sendFiles(list) {
-  const files = [...list];
-  if (files.length === 0) return;
-  try {
-    await ensureChannel();
-  } catch {
-    return;
-  }
-  await Promise.all(files.map(sendFile));
-}
-
-function addMessage(who, body) {
-  const li = document.createElement('li');
-  li.className = 'message';
-  li.dataset.from = who;
-  li.innerHTML = '<span class="meta"></span> <span class="body"></span>';
-  li.querySelector('.meta').textContent = who + ':';
-  li.querySelector('.body').textContent = body;
-  ui.messages.prepend(li);
+  e.append(...kids);
+  return e;
 }
 
 function peerName(id) {
-  return tern.peers().find((p) => p.id === id)?.name || id;
+  return tern.peers().find((p) => p.id === id)?.name || tern.info.get(id)?.name || id;
 }
 
-function onControl(ch, m) {
-  if (m.t === 'text' && typeof m.body === 'string') {
-    addMessage(peerName(ch.peer), m.body);
-    return;
+// Everyone = the members of this tab's named room, or of its LAN room without one.
+function roomPeers() {
+  return room ? tern.peers(room) : tern.peers('lan');
+}
+
+function recipients() {
+  const here = new Set(tern.peers().map((p) => p.id));
+  return everyone ? roomPeers().map((p) => p.id) : [...picked].filter((id) => here.has(id));
+}
+
+// One line for a peer's channel: the step being tried, the path in use, or why it failed.
+function channelText(id) {
+  const ch = tern.channels.get(id);
+  if (ch && ch.state === 'open') return { state: 'open', text: ch.path };
+  if (ch && ch.state === 'connecting' && ch.step) return { state: 'connecting', text: `${STEP[ch.step]}…` };
+  if (ch && ch.state === 'connecting') return { state: 'connecting', text: 'connecting…' };
+  const f = failedWhy.get(id);
+  if (f) return { state: 'failed', text: `failed: ${f}` };
+  return { state: 'idle', text: '' };
+}
+const failedWhy = new Map(); // peer id -> why its last channel failed
+
+function setStatus() {
+  const to = recipients();
+  const single = !everyone && to.length === 1 ? to[0] : null;
+  const chs = to.map((id) => tern?.channels.get(id)).filter(Boolean);
+  let s;
+  let text;
+  if (offline) [s, text] = ['offline', `offline: ${offline}`];
+  else if (active.size > 0) [s, text] = ['transferring', 'transferring'];
+  else if (single && channelText(single).state === 'failed') [s, text] = ['failed', channelText(single).text];
+  else if (chs.some((c) => c.state === 'connecting')) {
+    const c = chs.find((x) => x.state === 'connecting');
+    [s, text] = ['connecting', `${peerName(c.peer)}: ${c.step ? STEP[c.step] : 'connecting'}…`];
+  } else if (chs.length > 0 && chs.every((c) => c.state === 'open')) [s, text] = ['connected', 'connected'];
+  else if (tern && tern.peers().length === 0) [s, text] = ['alone', 'nobody else here'];
+  else [s, text] = ['waiting', 'waiting'];
+  ui.status.textContent = text;
+  ui.status.className = `status ${s}`;
+  ui.status.dataset.state = s;
+
+  // The path line and log follow the single picked peer.
+  const sc = single && tern.channels.get(single);
+  ui.path.textContent = sc && sc.state === 'open' ? sc.path : sc ? `${STEP[sc.step] || 'connecting'}…` : '–';
+  const steps = sc ? sc.steps : single ? lastSteps.get(single) || [] : [];
+  ui.pathLog.replaceChildren(...steps.map((st) => el('li', {
+    'data-step': st.step, text: `${st.text}… ${st.result || ''}`.trim(),
+  })));
+  ui.retry.hidden = !(single && !sc && failedWhy.has(single));
+
+  // Why sending is not possible, in words.
+  let hint = '';
+  let canSend = true;
+  let canFiles = true;
+  if (offline) {
+    hint = `Not connected to the Tern server (${offline}): reload the page.`;
+    canSend = canFiles = false;
+  } else if (tern && tern.peers().length === 0) {
+    hint = 'Nobody else is here yet: share a link, or open this page on another device on your network.';
+    canSend = canFiles = false;
+  } else if (to.length === 0) {
+    hint = 'Pick a peer above, or “Everyone in the room”, to send.';
+    canSend = canFiles = false;
+  } else if (single && channelText(single).state === 'failed') {
+    hint = `No connection to ${peerName(single)}: ${failedWhy.get(single)}. Files cannot go until Retry ` +
+      'connects; messages still go through the server.';
+    canFiles = false;
+  } else if (single && sc && sc.state === 'connecting') {
+    hint = `Connecting to ${peerName(single)}: ${STEP[sc.step] || 'starting'}… Files wait for the connection; ` +
+      'messages go through the server meanwhile.';
+  } else {
+    hint = everyone ? `To everyone in the room (${to.length}).` : `To ${to.map(peerName).join(', ')}.`;
   }
-  if (m.t === 'file' && Number.isInteger(m.id) && Number.isSafeInteger(m.size) && m.size >= 0) {
-    const name = String(m.name || 'file').slice(0, 255);
-    const t = {
-      li: row('in', name, m.size), size: m.size, t0: performance.now(), ch, done: 0,
-      name, mime: String(m.mime || 'application/octet-stream'), sha256: String(m.sha256 || ''),
-      parts: [], next: 0,
-    };
-    incoming.set(`${ch.peer}:${m.id}`, t);
-    active.add(t);
-    setStatus();
-    if (m.size === 0) complete(`${ch.peer}:${m.id}`, t);
+  ui.hint.textContent = hint;
+  ui.hint.classList.toggle('err', !canSend || !canFiles);
+  ui.send.disabled = !canSend;
+  ui.files.disabled = !canFiles;
+  ui.drop.classList.toggle('off', !canFiles);
+}
+const lastSteps = new Map(); // peer id -> steps of its last channel (kept after it closes)
+
+function renderPeers() {
+  const peers = tern.peers();
+  for (const id of [...picked]) if (!peers.some((p) => p.id === id)) picked.delete(id);
+  ui.noPeers.hidden = peers.length > 0;
+  ui.count.textContent = String(roomPeers().length);
+  ui.everyone.checked = everyone;
+  ui.peers.replaceChildren(...peers.map((p) => {
+    const box = el('input', { type: 'checkbox', class: 'pick' });
+    box.checked = picked.has(p.id);
+    box.onchange = () => togglePeer(p.id, box.checked);
+    const where = p.rooms.map((r) => (r === 'lan' ? 'same network' : `room ${r}`)).join(', ');
+    const c = channelText(p.id);
+    const who = el('span', { class: 'who' }, el('strong', { text: p.name }), ' ',
+      el('span', { class: 'device', text: p.device }), el('br'), el('span', { class: 'meta', text: where }));
+    const li = el('li', { class: 'peer', 'data-id': p.id }, el('label', {}, box, who,
+      el('span', { class: 'path', 'data-state': c.state, text: c.text })));
+    li.dataset.name = p.name;
+    return li;
+  }));
+  setStatus();
+}
+
+function togglePeer(id, on) {
+  if (on) picked.add(id);
+  else picked.delete(id);
+  everyone = picked.size === 0;
+  renderPeers();
+  // One peer picked: connect now, so its path shows before anything is sent.
+  if (on && picked.size === 1) tern.open(id).catch(() => {});
+}
+
+// ---- chat ----
+
+function markText(mark) {
+  return { sending: '…', sent: '✓', delivered: '✓✓', failed: '✗' }[mark] || mark;
+}
+
+function addMessage({ from, to, body, room: toRoom, msg }) {
+  const head = from === tern.id ? 'you' : peerName(from);
+  const dest = toRoom ? 'everyone' : to.length === 1 && to[0] === tern.id ? 'you' : to.map((id) => (id === tern.id ? 'you' : peerName(id))).join(', ');
+  const li = el('li', { class: 'message' }, el('span', { class: 'meta', text: `${head} → ${dest}:` }), ' ',
+    el('span', { class: 'body', text: body }));
+  li.dataset.from = head;
+  if (msg) {
+    const marks = el('div', { class: 'marks meta' });
+    const draw = () => marks.replaceChildren(...msg.to.map((id) => el('span', {
+      class: 'mark', 'data-peer': id, 'data-name': peerName(id), 'data-mark': msg.marks.get(id),
+      title: msg.via.get(id) ? `via ${msg.via.get(id)}` : '', text: `${peerName(id)} ${markText(msg.marks.get(id))}`,
+    })));
+    msg.addEventListener('mark', draw);
+    draw();
+    li.append(marks);
   }
+  ui.messages.prepend(li);
 }
 
-function onChunk(ch, data) {
-  if (data.byteLength < 8) return;
-  const dv = new DataView(data);
-  const key = `${ch.peer}:${dv.getUint32(0)}`;
-  const seq = dv.getUint32(4);
-  const t = incoming.get(key);
-  if (!t) return;
-  if (seq !== t.next) {
-    fail(key, t, `chunk ${seq} out of order (expected ${t.next})`);
-    return;
-  }
-  t.next++;
-  const part = new Uint8Array(data, 8);
-  t.parts.push(part);
-  const done = t.done + part.length;
-  progress(t, done);
-  if (done > t.size) fail(key, t, `received ${fmtBytes(done)}, more than the announced ${fmtBytes(t.size)}`);
-  else if (done === t.size) complete(key, t);
-}
+// ---- files ----
 
-function fail(key, t, why) {
-  incoming.delete(key);
-  t.parts = null;
-  finishRow(t, 'failed', `failed: ${why}`, true);
-}
-
-async function complete(key, t) {
-  incoming.delete(key);
-  const blob = new Blob(t.parts, { type: t.mime });
-  t.parts = null;
-  const got = await sha256Hex(await blob.arrayBuffer());
-  if (blob.size !== t.size || got !== t.sha256) {
-    finishRow(t, 'failed', `failed: integrity check (size ${blob.size}/${t.size}, SHA-256 mismatch)`, true);
-    return;
-  }
-  const secs = (performance.now() - t.t0) / 1000;
-  finishRow(t, 'done', `received ${fmtBytes(t.size)} in ${secs.toFixed(1)} s · ${t.ch.path} · SHA-256 verified `);
-  const a = document.createElement('a');
-  a.className = 'download';
-  a.href = URL.createObjectURL(blob);
-  a.download = t.name;
-  a.textContent = 'Download';
-  t.li.querySelector('.info').append(a);
-}
-
-function wire(ch) {
-  if (wired.has(ch)) return;
-  wired.add(ch);
-  ch.addEventListener('message', (e) => {
-    if (typeof e.data === 'string') {
-      let m;
-      try {
-        m = JSON.parse(e.data);
-      } catch {
-        return;
-      }
-      onControl(ch, m);
-    } else onChunk(ch, e.data);
-  });
-  ch.addEventListener('open', setStatus);
-  ch.addEventListener('path', setStatus);
-  ch.addEventListener('close', (e) => {
-    // Nothing half-received is ever offered: every open receive on this channel fails.
-    for (const [key, t] of [...incoming]) {
-      if (t.ch === ch) fail(key, t, `connection lost (${e.reason})`);
+function transferRow(t, dir) {
+  const who = dir === 'out' ? `to ${peerName(t.peer)}` : `from ${peerName(t.peer)}`;
+  const cancel = el('button', { type: 'button', class: 'cancel', text: 'Cancel' });
+  cancel.onclick = () => t.cancel();
+  const li = el('li', { class: 'transfer', 'data-dir': dir, 'data-peer': t.peer },
+    cancel,
+    el('div', {}, el('strong', { class: 'name', text: (dir === 'out' ? '↑ ' : '↓ ') + t.name }), ' ',
+      el('span', { class: 'meta size', text: `${fmtBytes(t.size)} ${who}` })),
+    el('progress', { max: '1', value: '0' }), el('div', { class: 'meta info' }));
+  li.dataset.name = t.name;
+  li.dataset.state = t.state;
+  const info = li.querySelector('.info');
+  const bar = li.querySelector('progress');
+  const update = () => {
+    const n = dir === 'out' ? t.sent : t.received;
+    li.dataset.state = t.state;
+    bar.value = t.size ? n / t.size : t.state === 'done' ? 1 : 0;
+    const path = t.path || t.ch?.path || '';
+    if (t.state === 'done') {
+      info.textContent = `${dir === 'out' ? 'delivered' : 'received'} ${fmtBytes(t.size)} in ${t.secs.toFixed(1)} s · ` +
+        `${fmtBytes(Math.round(t.size / Math.max(t.secs, 0.001)))}/s · ${path} · SHA-256 verified `;
+    } else if (t.state === 'failed' || t.state === 'cancelled') {
+      info.textContent = `${t.state}: ${t.error}`;
+    } else if (t.state === 'connecting') {
+      const c = channelText(t.peer);
+      info.textContent = c.text || 'connecting…';
+    } else {
+      info.textContent = `${fmtBytes(n)} of ${fmtBytes(t.size)} · ${fmtBytes(Math.round(t.rate))}/s · ${path}` +
+        (t.state === 'verifying' ? ' · verifying' : '');
     }
-    if (ch.peer === target && e.reason !== 'replaced by a new channel') failed = e.reason;
-    setStatus();
+    info.classList.toggle('err', t.state === 'failed');
+    cancel.hidden = ['done', 'failed', 'cancelled'].includes(t.state);
+  };
+  t.addEventListener('progress', update);
+  t.addEventListener('state', () => {
+    update();
+    if (['done', 'failed', 'cancelled'].includes(t.state)) {
+      active.delete(t);
+      setStatus();
+    }
+    if (t.state === 'done') li.dataset.sha256 = t.sha256;
+    if (t.state === 'done' && dir === 'in') {
+      const a = el('a', { class: 'download', text: 'Download' });
+      a.href = URL.createObjectURL(t.file);
+      a.download = t.name;
+      info.append(a);
+    }
   });
+  update();
+  active.add(t);
+  ui.transfers.prepend(li);
+  setStatus();
 }
+
+function sendFiles(list) {
+  const files = [...list];
+  const to = recipients();
+  if (files.length === 0 || to.length === 0 || ui.files.disabled) return;
+  for (const t of tern.sendFiles(to, files)) {
+    transferRow(t, 'out');
+    t.done.catch(() => {});
+  }
+}
+
+// ---- rooms and links ----
 
 function randomRoom() {
   const b = crypto.getRandomValues(new Uint8Array(5));
   return 'r-' + Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
 }
 
-function showShare(room) {
+function roomUrl(r) {
   const u = new URL(location.href);
+  const path = u.searchParams.get('path');
   u.search = '';
-  u.searchParams.set('room', room);
-  const path = new URLSearchParams(location.search).get('path');
+  u.hash = '';
+  u.searchParams.set('room', r);
   if (path) u.searchParams.set('path', path);
-  ui.shareLink.href = u.href;
-  ui.shareLink.textContent = u.href;
+  return u.href;
+}
+
+function enterRoom(r) {
+  room = r;
+  tern.join(r);
+  const link = roomUrl(r);
+  // This tab's own address carries the room at once: a reload comes back into it.
+  if (location.href !== link) history.replaceState(null, '', link);
+  ui.shareLink.href = link;
+  ui.shareLink.textContent = link;
   ui.shareOut.hidden = false;
+  renderPeers();
+}
+
+async function copyLink() {
+  const link = ui.shareLink.href;
+  try {
+    await navigator.clipboard.writeText(link);
+  } catch {
+    // No clipboard permission (or no secure context): select the link for Ctrl+C.
+    const r = document.createRange();
+    r.selectNodeContents(ui.shareLink);
+    getSelection().removeAllRanges();
+    getSelection().addRange(r);
+    document.execCommand?.('copy');
+  }
+  ui.copied.hidden = false;
+  setTimeout(() => { ui.copied.hidden = true; }, 2000);
 }
 
 async function main() {
   try {
-    tern = await Tern.connect();
+    tern = await Tern.connect({ persist: true });
   } catch (e) {
-    failed = e.message;
+    offline = e.message;
     setStatus();
     return;
   }
   window.tern = tern; // for debugging from the console
   ui.me.textContent = tern.name;
+  ui.name.value = tern.name;
   ui.meDevice.textContent = tern.device;
-  tern.addEventListener('peers', () => {
-    renderPeers();
-    if (target && !tern.peers().some((p) => p.id === target)) ui.target.textContent += ' (left)';
-  });
+  ui.name.onchange = () => {
+    tern.setName(ui.name.value);
+    ui.name.value = tern.name;
+    ui.me.textContent = tern.name;
+  };
+  tern.addEventListener('peers', renderPeers);
+  tern.addEventListener('step', renderPeers);
   tern.addEventListener('channel', (e) => {
-    wire(e.channel);
-    e.channel.addEventListener('open', () => {
-      // A peer that connects to us becomes the target if none is picked yet, so replying works.
-      if (!target) pick(e.channel.peer, peerName(e.channel.peer)).catch(() => {});
-      setStatus();
+    const ch = e.channel;
+    failedWhy.delete(ch.peer);
+    ch.addEventListener('open', renderPeers);
+    ch.addEventListener('close', (ev) => {
+      lastSteps.set(ch.peer, ch.steps);
+      if (ev.reason !== 'replaced by a new channel' && ev.reason !== 'peer left') failedWhy.set(ch.peer, ev.reason);
+      renderPeers();
     });
+    renderPeers();
   });
+  tern.addEventListener('chat', (e) => addMessage(e.message));
+  tern.addEventListener('transfer', (e) => transferRow(e.transfer, 'in'));
   tern.addEventListener('close', () => {
-    failed = 'signaling connection lost (reload the page)';
+    offline = 'signaling connection lost';
     setStatus();
   });
-  const room = new URLSearchParams(location.search).get('room');
-  if (room) {
-    tern.join(room);
-    showShare(room);
-  }
-  let shared = room;
-  ui.share.onclick = () => {
-    if (!shared) {
-      shared = randomRoom();
-      tern.join(shared);
-    }
-    showShare(shared);
+  const fromUrl = new URLSearchParams(location.search).get('room');
+  if (fromUrl) enterRoom(fromUrl);
+  ui.share.onclick = () => enterRoom(room || randomRoom());
+  ui.copy.onclick = () => copyLink();
+  ui.everyone.onchange = () => {
+    everyone = ui.everyone.checked;
+    if (everyone) picked.clear();
+    renderPeers();
   };
   ui.retry.onclick = () => {
-    failed = null;
+    const [id] = recipients();
+    failedWhy.delete(id);
+    tern.open(id).catch(() => {});
     setStatus();
-    ensureChannel().catch(() => {});
   };
   ui.files.onchange = () => {
-    sendFiles(ui.files.files).finally(() => { ui.files.value = ''; });
+    // Read and cleared at once: the same file can be picked again straight away.
+    const files = [...ui.files.files];
+    ui.files.value = '';
+    sendFiles(files);
   };
   ui.drop.addEventListener('dragover', (e) => {
     e.preventDefault();
@@ -351,20 +362,20 @@ async function main() {
     ui.drop.classList.remove('over');
     sendFiles(e.dataTransfer.files);
   });
-  ui.textForm.onsubmit = async (e) => {
+  ui.textForm.onsubmit = (e) => {
     e.preventDefault();
     const body = ui.text.value;
-    if (!body) return;
+    const to = recipients();
+    if (!body || to.length === 0) return;
     try {
-      const ch = await ensureChannel();
-      await ch.send(JSON.stringify({ t: 'text', body }));
-      addMessage('you', body);
+      const msg = tern.chat(body, everyone ? { room: room || 'lan' } : { to });
+      addMessage({ from: tern.id, to: msg.to, body, room: everyone, msg });
       ui.text.value = '';
-    } catch {
-      /* the status shows why */
+    } catch (err) {
+      ui.hint.textContent = err.message;
     }
   };
-  setStatus();
+  renderPeers();
   document.body.dataset.ready = 'true';
 }
 

@@ -7,18 +7,30 @@
 //   ch.addEventListener('message', (e) => console.log(e.data));
 //   await ch.send('hello');                            // resolves when under the high-water mark
 //   console.log(ch.path);                              // direct | turn-udp | turn-tcp | turn-tls | ws-relay
+//   const msg = tern.chat('hi all');                   // everyone in my rooms, marks per peer
+//   const [t] = tern.sendFiles([peerId], [file]);      // streamed, SHA-256 checked, cancellable
+//   tern.addEventListener('transfer', (e) => e.transfer.done.then((f) => ...)); // to disk (OPFS)
 //
-// Paths: WebRTC with the server's ICE list (host/srflx first, TURN relay candidates as ICE
-// picks them); if the data channel is not open after `relayAfterMs` (8 s) or ICE fails, the
-// WebSocket relay (/relay), end-to-end encrypted with AES-GCM under an ECDH P-256 key agreed
-// over signaling, so the server cannot read it. Debug switch: `?path=turn` (ICE relay only)
-// or `?path=ws` (WebSocket relay at once) in the page URL, or the `path` option.
+// Paths, in order (docs/client.md): "direct" — WebRTC with host/srflx candidates only, for
+// `directMs` (3 s); "turn" — a new ICE session through the server's TURN relay only, for
+// `turnMs` (5 s); "ws-relay" — the WebSocket relay (/relay), end-to-end encrypted with
+// AES-GCM under an ECDH P-256 key agreed over signaling, so the server cannot read it. An
+// ICE failure moves to the next step at once. Every step is a `step` event. Debug switch:
+// `?path=turn` (start at TURN) or `?path=ws` (relay at once) in the page URL, or `path`.
 
-const HIGH_WATER = 1 << 20; // queued bytes above which send() waits
-const LOW_WATER = 256 << 10; // bufferedAmountLowThreshold
+// Queued bytes above which send() waits, and the bufferedAmountLowThreshold it waits for:
+// enough in the SCTP queue to keep a long (TURN) path busy while the sender sleeps.
+const HIGH_WATER = 4 << 20;
+const LOW_WATER = 1 << 20;
 const WS_CHUNK = 64 << 10; // payload per relay frame (well under relay_ws.max_frame_bytes)
 const HEARTBEAT_MS = 2000;
 const DEAD_AFTER_MS = 12000;
+const RELAY_MS = 15000; // the WebSocket relay step, from asking for a ticket to both hellos
+const READ_SLICE = 1 << 20; // bytes read from a File at a time by a sender
+const WRITE_BATCH = 1 << 20; // bytes a receiver gathers before one storage write
+const WINDOW = 16 << 20; // bytes a sender may have in flight beyond the receiver's last ack
+const ACK_EVERY = 2 << 20; // the receiver acks after writing this much
+const MAX_CHAT_BYTES = 32 << 10; // chat text (UTF-8): under signaling's 64 KiB message cap
 
 // Frame kinds (first byte of every frame on a channel).
 const K_BIN = 0; // binary fragment, more follow
@@ -28,6 +40,8 @@ const K_TXT_END = 3; // last fragment of a text message
 const K_PING = 4;
 const K_PONG = 5;
 const K_HELLO = 6; // first frame over the WebSocket relay: proves both sides hold the key
+const K_CTL = 7; // the library's own JSON (chat, file offers, acks, cancel): never a `message`
+const K_DATA = 8; // a file chunk: u32 transfer id, then bytes
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -35,6 +49,123 @@ const dec = new TextDecoder();
 function randomId() {
   const b = crypto.getRandomValues(new Uint8Array(8));
   return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+}
+
+function hex(bytes) {
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+// SHA-256 round constants (FIPS 180-4 §4.2.2).
+const K256 = new Int32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+
+/**
+ * Incremental SHA-256 (FIPS 180-4). WebCrypto only digests a whole buffer at once, which
+ * would hold a whole file in memory; this hashes it slice by slice.
+ *   const h = new Sha256(); h.update(u8); h.update(u8b); h.hex() // 64 hex digits
+ */
+export class Sha256 {
+  constructor() {
+    this._h = new Int32Array([
+      0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+    ]);
+    this._w = new Int32Array(64);
+    this._buf = new Uint8Array(64);
+    this._bufLen = 0;
+    this._len = 0; // bytes hashed so far (exact in a double up to 2^53)
+    this._done = null;
+  }
+
+  /** Adds bytes (a Uint8Array or ArrayBuffer). */
+  update(data) {
+    if (this._done) throw new Error('Sha256: update after digest');
+    const p = data instanceof Uint8Array ? data : new Uint8Array(data);
+    const n = p.length;
+    this._len += n;
+    let i = 0;
+    if (this._bufLen > 0) {
+      const take = Math.min(64 - this._bufLen, n);
+      this._buf.set(p.subarray(0, take), this._bufLen);
+      this._bufLen += take;
+      i = take;
+      if (this._bufLen < 64) return this;
+      this._block(this._buf, 0);
+      this._bufLen = 0;
+    }
+    for (; i + 64 <= n; i += 64) this._block(p, i);
+    if (i < n) {
+      this._buf.set(p.subarray(i), 0);
+      this._bufLen = n - i;
+    }
+    return this;
+  }
+
+  _block(p, o) {
+    const w = this._w;
+    const h = this._h;
+    for (let j = 0; j < 16; j++, o += 4) w[j] = (p[o] << 24) | (p[o + 1] << 16) | (p[o + 2] << 8) | p[o + 3];
+    for (let j = 16; j < 64; j++) {
+      const x = w[j - 15];
+      const y = w[j - 2];
+      const s0 = ((x >>> 7) | (x << 25)) ^ ((x >>> 18) | (x << 14)) ^ (x >>> 3);
+      const s1 = ((y >>> 17) | (y << 15)) ^ ((y >>> 19) | (y << 13)) ^ (y >>> 10);
+      w[j] = (w[j - 16] + s0 + w[j - 7] + s1) | 0;
+    }
+    let a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+    for (let j = 0; j < 64; j++) {
+      const S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
+      const t1 = (k + S1 + ((e & f) ^ (~e & g)) + K256[j] + w[j]) | 0;
+      const S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
+      const t2 = (S0 + ((a & b) ^ (a & c) ^ (b & c))) | 0;
+      k = g;
+      g = f;
+      f = e;
+      e = (d + t1) | 0;
+      d = c;
+      c = b;
+      b = a;
+      a = (t1 + t2) | 0;
+    }
+    h[0] = (h[0] + a) | 0;
+    h[1] = (h[1] + b) | 0;
+    h[2] = (h[2] + c) | 0;
+    h[3] = (h[3] + d) | 0;
+    h[4] = (h[4] + e) | 0;
+    h[5] = (h[5] + f) | 0;
+    h[6] = (h[6] + g) | 0;
+    h[7] = (h[7] + k) | 0;
+  }
+
+  /** The 32-byte digest (the hash is finished: no update after this). */
+  digest() {
+    if (!this._done) {
+      const bits = this._len * 8;
+      const padLen = (this._bufLen < 56 ? 56 : 120) - this._bufLen;
+      const pad = new Uint8Array(padLen + 8);
+      pad[0] = 0x80;
+      const dv = new DataView(pad.buffer);
+      dv.setUint32(padLen, Math.floor(bits / 2 ** 32));
+      dv.setUint32(padLen + 4, bits >>> 0);
+      this.update(pad);
+      const out = new Uint8Array(32);
+      const ov = new DataView(out.buffer);
+      for (let j = 0; j < 8; j++) ov.setInt32(j * 4, this._h[j]);
+      this._done = out;
+    }
+    return this._done;
+  }
+
+  hex() {
+    return hex(this.digest());
+  }
 }
 
 /** A device type guessed from the user agent, for peer lists. */
@@ -51,15 +182,33 @@ export function pathFromUrl() {
   return p === 'turn' || p === 'ws' ? p : null;
 }
 
+function store(kind) {
+  try {
+    return kind === 'local' ? window.localStorage : window.sessionStorage;
+  } catch {
+    return null; // storage blocked (privacy settings): nothing persists
+  }
+}
+
+function cleanName(s) {
+  return String(s || '').replace(/\s+/g, ' ').trim().slice(0, 40);
+}
+
 /**
  * A connection to Tern's signaling service (docs/signaling.md §2).
  * Events: `welcome`, `peers` (room membership or peer info changed), `channel` (a peer
- * opened a channel to us: `e.channel`), `close` (signaling lost).
+ * opened a channel to us: `e.channel`), `step` (`e.peer`, `e.step`, `e.why`: a path being
+ * tried), `chat` (`e.message`), `transfer` (`e.transfer`: a file is coming), `close`
+ * (signaling lost).
  */
 export class Tern extends EventTarget {
   /**
    * Options: `server` (http(s) origin, default this page's), `path` (null | 'turn' | 'ws',
-   * default from the page URL), `relayAfterMs` (8000), `device` (default from the UA).
+   * default from the page URL), `directMs` (3000), `turnMs` (5000), `device` (default from
+   * the UA), `persist` (false: with true, the resume token and display name live in this
+   * tab's sessionStorage, so a reload keeps the peer id, name and rooms), `name` (a display
+   * name to announce instead of the server's), `storage` ('opfs' default, or 'memory': where
+   * received files are written).
    */
   static async connect(opts = {}) {
     const t = new Tern(opts);
@@ -71,24 +220,35 @@ export class Tern extends EventTarget {
     super();
     this.server = (opts.server || location.origin).replace(/\/$/, '');
     this.forcePath = opts.path === undefined ? pathFromUrl() : opts.path;
-    this.relayAfterMs = opts.relayAfterMs ?? 8000;
+    this.directMs = opts.directMs ?? 3000;
+    this.turnMs = opts.turnMs ?? 5000;
     this.device = opts.device || deviceType();
+    this.persist = !!opts.persist;
+    this.storageKind = opts.storage || 'opfs';
     this.id = null;
     this.name = null;
+    this.resumed = false;
+    this._chosenName = cleanName(opts.name) || (this.persist ? cleanName(store('session')?.getItem('tern.name')) : '');
     this.rooms = new Map(); // room -> Map(id -> {id, name})
-    this.info = new Map(); // peer id -> {device}
+    this.info = new Map(); // peer id -> {device, name}
     this.channels = new Map(); // peer id -> Channel (the current one)
+    this.chats = new Map(); // message id -> outgoing ChatMessage (for receipts)
+    this._seenChats = new Set(); // incoming message ids (a message may come by two routes)
     this._ws = null;
+    this._store = null; // Promise<ReceiveStore>
   }
 
   _open() {
-    const url = this.server.replace(/^http/, 'ws') + '/ws';
+    let url = this.server.replace(/^http/, 'ws') + '/ws';
+    const token = this.persist ? store('session')?.getItem('tern.resume') : null;
+    if (token) url += '?resume=' + encodeURIComponent(token);
     const ws = new WebSocket(url);
     this._ws = ws;
     return new Promise((resolve, reject) => {
       ws.onerror = () => reject(new Error('signaling connection failed'));
       ws.onclose = () => {
         reject(new Error('signaling closed'));
+        this.closed = true;
         for (const ch of this.channels.values()) ch._fail('signaling lost');
         this.dispatchEvent(new Event('close'));
       };
@@ -101,7 +261,17 @@ export class Tern extends EventTarget {
         }
         if (m.type === 'welcome') {
           this.id = m.id;
-          this.name = m.name;
+          this.serverName = m.name;
+          this.resumed = !!m.resumed;
+          if (this.persist) {
+            store('session')?.setItem('tern.resume', m.resume);
+            // The first name this tab got stays its name, even after the resume grace.
+            if (!this._chosenName) {
+              this._chosenName = m.name;
+              store('session')?.setItem('tern.name', m.name);
+            }
+          }
+          this.name = this._chosenName || m.name;
           this.dispatchEvent(new Event('welcome'));
           resolve();
         }
@@ -113,12 +283,16 @@ export class Tern extends EventTarget {
   }
 
   _send(m) {
-    if (this._ws && this._ws.readyState === WebSocket.OPEN) this._ws.send(JSON.stringify(m));
+    if (this._ws && this._ws.readyState === WebSocket.OPEN) {
+      this._ws.send(JSON.stringify(m));
+      return true;
+    }
+    return false;
   }
 
-  /** Signals `data` to peer `to` (opaque to the server). */
+  /** Signals `data` to peer `to` (opaque to the server). False when signaling is down. */
   signal(to, data) {
-    this._send({ type: 'signal', to, data });
+    return this._send({ type: 'signal', to, data });
   }
 
   /** Joins a named room (a share link carries its name). */
@@ -130,13 +304,27 @@ export class Tern extends EventTarget {
     this._send({ type: 'leave', room });
   }
 
-  /** Members of `room` (default: every room), each {id, name, device, rooms}. */
+  /** Sets this peer's display name (≤ 40 characters), announces it to every known peer. */
+  setName(name) {
+    const n = cleanName(name);
+    if (!n) return;
+    this._chosenName = n;
+    this.name = n;
+    if (this.persist) store('session')?.setItem('tern.name', n);
+    for (const p of this.peers()) this._hello(p.id, true);
+  }
+
+  /**
+   * Members of `room` (default: every room), each {id, name, device, rooms}; `name` is the
+   * peer's own display name when it announced one (plain text: show it with textContent).
+   */
   peers(room) {
     const out = new Map();
     for (const [r, members] of this.rooms) {
       if (room && r !== room) continue;
       for (const p of members.values()) {
-        const cur = out.get(p.id) || { id: p.id, name: p.name, device: this.info.get(p.id)?.device || '', rooms: [] };
+        const info = this.info.get(p.id);
+        const cur = out.get(p.id) || { id: p.id, name: info?.name || p.name, device: info?.device || '', rooms: [] };
         cur.rooms.push(r);
         out.set(p.id, cur);
       }
@@ -145,7 +333,7 @@ export class Tern extends EventTarget {
   }
 
   _hello(to, reply) {
-    this.signal(to, { kind: 'hello', device: this.device, reply });
+    this.signal(to, { kind: 'hello', device: this.device, name: this.name, reply });
   }
 
   _onMessage(m) {
@@ -182,7 +370,12 @@ export class Tern extends EventTarget {
         this.channels.get(m.peer)?._onTicket(m.ticket, m.path || '/relay');
         break;
       case 'error':
-        if (m.to) this.channels.get(m.to)?._fail(`signaling: ${m.code}`);
+        if (m.to) {
+          // Only a channel still being set up depends on signaling.
+          const ch = this.channels.get(m.to);
+          if (ch?.state === 'connecting') ch._fail(`signaling: ${m.code}`);
+          for (const msg of this.chats.values()) msg._signalError(m.to, m.code);
+        }
         break;
       default:
         break;
@@ -192,13 +385,19 @@ export class Tern extends EventTarget {
   _onSignal(from, d) {
     if (!d || typeof d !== 'object') return;
     if (d.kind === 'hello') {
-      this.info.set(from, { device: String(d.device || '').slice(0, 16) });
+      this.info.set(from, { device: String(d.device || '').slice(0, 16), name: cleanName(d.name) });
       if (!d.reply) this._hello(from, true);
       this.dispatchEvent(new Event('peers'));
       return;
     }
+    if (d.kind === 'chat' || d.kind === 'chat-ack') {
+      this._onCtl(from, d, 'signaling');
+      return;
+    }
     if (d.kind === 'open') {
       const old = this.channels.get(from);
+      // Both sides opened at once: the lower id's channel wins, the other gives way.
+      if (old && old.initiator && old.state === 'connecting' && this.id < from) return;
       if (old) old._fail('replaced by a new channel');
       const ch = new Channel(this, from, d.cid, false);
       this.channels.set(from, ch);
@@ -218,15 +417,98 @@ export class Tern extends EventTarget {
     return { iceServers: cfg.iceServers || [] };
   }
 
-  /** Opens a reliable channel to `peerId`; resolves once it carries data. */
+  /**
+   * A channel to `peerId` that carries data: the open one, the one being set up, or a new
+   * one. Resolves once it is open on some path.
+   */
   async open(peerId) {
-    const old = this.channels.get(peerId);
-    if (old) old._fail('replaced by a new channel');
-    const ch = new Channel(this, peerId, randomId(), true);
-    this.channels.set(peerId, ch);
-    ch._start().catch((e) => ch._fail(e.message));
-    await ch.ready;
-    return ch;
+    for (let tries = 0; tries < 3; tries++) {
+      let ch = this.channels.get(peerId);
+      if (ch && ch.state === 'open') return ch;
+      if (!ch || ch.state === 'closed') {
+        ch = new Channel(this, peerId, randomId(), true);
+        this.channels.set(peerId, ch);
+        ch._start().catch((e) => ch._fail(e.message));
+        this.dispatchEvent(Object.assign(new Event('channel'), { channel: ch }));
+      }
+      try {
+        return await ch.ready;
+      } catch (e) {
+        // Lost a simultaneous open to the peer's own channel: use that one.
+        const cur = this.channels.get(peerId);
+        if (!cur || cur === ch || cur.state === 'closed') throw e;
+      }
+    }
+    throw new Error('could not open a channel');
+  }
+
+  /**
+   * Sends a chat message to `opts.to` (peer ids; default: everyone in `opts.room`, or in
+   * all my rooms). Each peer gets it over its open channel, or through signaling when no
+   * channel is up. Returns a ChatMessage whose `marks` (peer id -> 'sent' | 'delivered' |
+   * 'failed') change with `mark` events as receipts arrive.
+   */
+  chat(body, opts = {}) {
+    const text = String(body);
+    if (enc.encode(text).length > MAX_CHAT_BYTES) throw new Error(`message longer than ${MAX_CHAT_BYTES} bytes`);
+    const to = opts.to ? [...new Set(opts.to)] : this.peers(opts.room).map((p) => p.id);
+    if (to.length === 0) throw new Error('nobody to send to');
+    const msg = new ChatMessage(randomId(), text, to, !opts.to);
+    this.chats.set(msg.id, msg);
+    const wire = { kind: 'chat', id: msg.id, body: text, to, room: !opts.to };
+    for (const peer of to) {
+      const ch = this.channels.get(peer);
+      const viaSignal = () => {
+        msg.via.set(peer, 'signaling');
+        msg._mark(peer, this.signal(peer, wire) ? 'sent' : 'failed');
+      };
+      if (ch && ch.state === 'open') {
+        msg.via.set(peer, 'channel');
+        ch._sendCtl(wire).then(() => msg._mark(peer, 'sent'), viaSignal);
+      } else viaSignal();
+    }
+    return msg;
+  }
+
+  // Library messages from a peer (over its channel, or signaling for chat).
+  _onCtl(from, d, via, ch) {
+    switch (d.kind) {
+      case 'chat': {
+        const ack = { kind: 'chat-ack', id: String(d.id) };
+        if (ch) ch._sendCtl(ack).catch(() => this.signal(from, ack));
+        else this.signal(from, ack);
+        if (this._seenChats.has(d.id) || typeof d.body !== 'string') return;
+        this._seenChats.add(d.id);
+        if (this._seenChats.size > 10000) this._seenChats.delete(this._seenChats.values().next().value);
+        const message = {
+          id: String(d.id), from, body: d.body, via,
+          to: Array.isArray(d.to) ? d.to.map(String) : [this.id], room: !!d.room,
+        };
+        this.dispatchEvent(Object.assign(new Event('chat'), { message }));
+        return;
+      }
+      case 'chat-ack':
+        this.chats.get(d.id)?._mark(from, 'delivered');
+        return;
+      default:
+        if (ch) ch._onFileCtl(d);
+    }
+  }
+
+  /**
+   * Sends each file to each peer: one OutgoingTransfer per (peer, file), each with its own
+   * channel path, progress and cancel. The File objects are only read slice by slice.
+   */
+  sendFiles(peerIds, files) {
+    const out = [];
+    for (const peer of peerIds) for (const f of files) out.push(new OutgoingTransfer(this, peer, f));
+    return out;
+  }
+
+  /** Where received files go: this tab's folder in the Origin Private File System. */
+  _receiveStore() {
+    if (!this._store) this._store = ReceiveStore.open(this.storageKind);
+    return this._store;
   }
 
   close() {
@@ -237,10 +519,53 @@ export class Tern extends EventTarget {
 }
 
 /**
+ * An outgoing chat message. `marks`: peer id -> 'sending' | 'sent' | 'delivered' |
+ * 'failed'; `via`: peer id -> 'channel' | 'signaling'. Event `mark` (`e.peer`, `e.mark`).
+ */
+export class ChatMessage extends EventTarget {
+  constructor(id, body, to, room) {
+    super();
+    this.id = id;
+    this.body = body;
+    this.to = to;
+    this.room = room;
+    this.marks = new Map(to.map((p) => [p, 'sending']));
+    this.via = new Map();
+  }
+
+  _mark(peer, mark) {
+    const cur = this.marks.get(peer);
+    if (cur === undefined || cur === 'delivered' || (cur === 'failed' && mark === 'sent')) return;
+    this.marks.set(peer, mark);
+    this.dispatchEvent(Object.assign(new Event('mark'), { peer, mark }));
+  }
+
+  _signalError(peer, code) {
+    if (this.via.get(peer) === 'signaling' && this.marks.get(peer) === 'sent') {
+      this.marks.set(peer, 'failed');
+      this.dispatchEvent(Object.assign(new Event('mark'), { peer, mark: 'failed', why: code }));
+    }
+  }
+}
+
+// The ICE servers a step may use: STUN only for "direct", TURN only for "turn".
+function serversFor(step, cfg) {
+  const want = step === 'direct' ? /^stuns?:/ : /^turns?:/;
+  return (cfg.iceServers || [])
+    .map((s) => ({ ...s, urls: [].concat(s.urls || []).filter((u) => want.test(u)) }))
+    .filter((s) => s.urls.length > 0);
+}
+
+/** Words for each step, as the page shows them. */
+export const STEP_TEXT = { direct: 'direct', turn: "through Tern's TURN", 'ws-relay': 'WebSocket relay' };
+
+/**
  * A reliable, ordered message channel to one peer. `send(string | ArrayBuffer | view)`
  * resolves when the data is queued under the high-water mark (await it for backpressure).
- * Events: `open`, `path` (path changed), `message` (`e.data`: string or ArrayBuffer),
- * `close` (`e.reason`; set when the path died or the peer left).
+ * `step` is the path being tried ('direct' | 'turn' | 'ws-relay'), `steps` the history
+ * ({step, text, at, result}). Events: `step`, `open`, `path` (path changed), `message`
+ * (`e.data`: string or ArrayBuffer), `close` (`e.reason`; set when the path died or the
+ * peer left).
  */
 export class Channel extends EventTarget {
   constructor(tern, peer, cid, initiator) {
@@ -250,6 +575,8 @@ export class Channel extends EventTarget {
     this.cid = cid;
     this.initiator = initiator;
     this.path = null;
+    this.step = null;
+    this.steps = [];
     this.state = 'connecting'; // connecting | open | closed
     this.closeReason = null;
     /** Largest payload one frame carries (from the SCTP max message size or the relay). */
@@ -262,6 +589,8 @@ export class Channel extends EventTarget {
     this._pc = null;
     this._dc = null;
     this._ws = null;
+    this._gen = 0; // ICE attempt number: signals of an older attempt are ignored
+    this._cfg = null;
     this._keys = null; // { pair, remote, aes }
     this._sendCtr = 0n;
     this._recvCtr = 0n;
@@ -272,6 +601,19 @@ export class Channel extends EventTarget {
     this._timer = null;
     this._beat = null;
     this._pendingIce = [];
+    this._out = new Map(); // transfer id -> OutgoingTransfer
+    this._in = new Map(); // transfer id -> IncomingTransfer
+  }
+
+  _setStep(step, why) {
+    const prev = this.steps[this.steps.length - 1];
+    if (prev && !prev.result) prev.result = why || 'gave up';
+    this.step = step;
+    const entry = { step, text: STEP_TEXT[step] || step, at: Date.now(), result: null };
+    this.steps.push(entry);
+    const ev = () => Object.assign(new Event('step'), { peer: this.peer, step, why, channel: this });
+    this.dispatchEvent(ev());
+    this.tern.dispatchEvent(ev());
   }
 
   async _keyPair() {
@@ -294,43 +636,67 @@ export class Channel extends EventTarget {
     this.tern.signal(this.peer, { ...d, cid: this.cid });
   }
 
-  // Initiator: offer the key, then try WebRTC (unless forced to the relay).
+  // Initiator: offer the key, then direct, then TURN, then the WebSocket relay.
   async _start() {
     const pub = await this._keyPair();
     this._signal({ kind: 'open', pub, path: this.tern.forcePath });
-    if (this.tern.forcePath === 'ws') return; // wait for 'accept', then request the relay
-    await this._startRtc(true);
-    this._timer = setTimeout(() => this._fallback('ICE did not connect in time'), this.tern.relayAfterMs);
+    if (this.tern.forcePath === 'ws') {
+      this._setStep('ws-relay', 'forced by ?path=ws');
+      return; // wait for 'accept', then request the relay
+    }
+    this._cfg = await this.tern.iceConfig();
+    if (this.tern.forcePath === 'turn') this._tryTurn();
+    else this._attempt('direct', this.tern.directMs, (why) => this._tryTurn(why));
+  }
+
+  _tryTurn(why) {
+    if (serversFor('turn', this._cfg).length === 0) this._fallback(why ? `${why}; no TURN server offered` : 'no TURN server offered');
+    else this._attempt('turn', this.tern.turnMs, (w) => this._fallback(w), why);
+  }
+
+  // One ICE attempt of `step`, given up after `ms` (or at ICE failure) for `next`.
+  _attempt(step, ms, next, why) {
+    if (this.state !== 'connecting') return;
+    this._dropRtc();
+    const gen = ++this._gen;
+    this._next = next;
+    this._setStep(step, why);
+    this._startRtc(true, step, gen).catch((e) => this._advance(gen, e.message));
+    this._timer = setTimeout(() => this._advance(gen, `no connection within ${ms / 1000} s`), ms);
+  }
+
+  _advance(gen, why) {
+    if (gen !== this._gen || this.state !== 'connecting' || this._fellBack) return;
+    clearTimeout(this._timer);
+    this._next(why);
   }
 
   // Acceptor: answer with our key; WebRTC offers arrive by signal.
   async _accept(d) {
     const pub = await this._keyPair();
     await this._deriveKey(d.pub);
-    this._forced = d.path === 'ws' || d.path === 'turn' ? d.path : null;
     this._signal({ kind: 'accept', pub });
   }
 
-  async _startRtc(offerer) {
-    const cfg = await this.tern.iceConfig();
-    const forced = this.tern.forcePath || this._forced;
-    if (forced === 'turn') cfg.iceTransportPolicy = 'relay';
+  async _startRtc(offerer, step, gen) {
+    if (!this._cfg) this._cfg = await this.tern.iceConfig();
+    if (gen !== this._gen) return;
+    const cfg = { iceServers: serversFor(step, this._cfg) };
+    if (step === 'turn') cfg.iceTransportPolicy = 'relay';
     const pc = new RTCPeerConnection(cfg);
     this._pc = pc;
     pc.onicecandidate = (e) => {
-      if (e.candidate) this._signal({ kind: 'ice', candidate: e.candidate.toJSON() });
+      if (e.candidate && pc === this._pc) this._signal({ kind: 'ice', gen, candidate: e.candidate.toJSON() });
     };
     pc.oniceconnectionstatechange = () => {
-      if (pc !== this._pc) return;
-      if (pc.iceConnectionState === 'failed') {
-        if (this.state === 'connecting' && this.initiator) this._fallback('ICE failed');
-        else if (this.state === 'open' && this.path !== 'ws-relay') this._fail('ICE failed');
-      }
+      if (pc !== this._pc || pc.iceConnectionState !== 'failed') return;
+      if (this.state === 'connecting' && this.initiator) this._advance(gen, 'ICE failed');
+      else if (this.state === 'open' && this.path !== 'ws-relay') this._fail('ICE failed');
     };
     if (offerer) {
       this._useDc(pc.createDataChannel('tern', { ordered: true }));
       await pc.setLocalDescription(await pc.createOffer());
-      this._signal({ kind: 'sdp', sdp: pc.localDescription.toJSON() });
+      if (pc === this._pc) this._signal({ kind: 'sdp', gen, step, sdp: pc.localDescription.toJSON() });
     } else {
       pc.ondatachannel = (e) => this._useDc(e.channel);
     }
@@ -382,22 +748,35 @@ export class Channel extends EventTarget {
         if (this.tern.forcePath === 'ws') this._fallback('forced by ?path=ws');
         break;
       case 'sdp': {
-        if (!this._pc) await this._startRtc(false);
+        if (d.sdp?.type === 'offer') {
+          // A new attempt from the initiator: this side follows its step.
+          if (this.initiator || typeof d.gen !== 'number' || d.gen <= this._gen) return;
+          this._dropRtc();
+          this._gen = d.gen;
+          const step = d.step === 'turn' ? 'turn' : 'direct';
+          this._setStep(step);
+          await this._startRtc(false, step, d.gen);
+        } else if (d.gen !== this._gen) return;
         const pc = this._pc;
+        if (!pc || this._gen !== d.gen) return;
         await pc.setRemoteDescription(d.sdp);
-        for (const c of this._pendingIce.splice(0)) await pc.addIceCandidate(c).catch(() => {});
+        for (const c of this._pendingIce.splice(0)) {
+          if (c.gen === d.gen) await pc.addIceCandidate(c.candidate).catch(() => {});
+        }
         if (d.sdp.type === 'offer') {
           await pc.setLocalDescription(await pc.createAnswer());
-          this._signal({ kind: 'sdp', sdp: pc.localDescription.toJSON() });
+          if (pc === this._pc) this._signal({ kind: 'sdp', gen: d.gen, sdp: pc.localDescription.toJSON() });
         }
         break;
       }
       case 'ice':
-        if (this._pc?.remoteDescription) await this._pc.addIceCandidate(d.candidate).catch(() => {});
-        else this._pendingIce.push(d.candidate);
+        if (this._pc?.remoteDescription && d.gen === this._gen) await this._pc.addIceCandidate(d.candidate).catch(() => {});
+        else if (d.gen >= this._gen) this._pendingIce.push(d);
         break;
       case 'fallback':
+        if (this.state !== 'connecting') return;
         this._dropRtc();
+        this._setStep('ws-relay', d.why);
         break;
       case 'close':
         this._fail(d.reason || 'closed by peer');
@@ -412,6 +791,7 @@ export class Channel extends EventTarget {
     const pc = this._pc;
     this._pc = null;
     this._dc = null;
+    this._pendingIce = this._pendingIce.filter((c) => c.gen > this._gen);
     pc?.close();
   }
 
@@ -421,8 +801,10 @@ export class Channel extends EventTarget {
     this._fellBack = true;
     this.fallbackReason = why;
     this._dropRtc();
+    if (this.step !== 'ws-relay') this._setStep('ws-relay', why);
     this._signal({ kind: 'fallback', why });
     this.tern._send({ type: 'relay', to: this.peer });
+    this._relayTimer = setTimeout(() => this._fail(`the WebSocket relay did not connect within ${RELAY_MS / 1000} s`), RELAY_MS);
   }
 
   _onTicket(ticket, path) {
@@ -467,6 +849,9 @@ export class Channel extends EventTarget {
   _opened() {
     if (this.state !== 'connecting') return;
     this.state = 'open';
+    clearTimeout(this._relayTimer);
+    const last = this.steps[this.steps.length - 1];
+    if (last) last.result = 'connected';
     this._lastHeard = Date.now();
     this._beat = setInterval(() => {
       if (Date.now() - this._lastHeard > DEAD_AFTER_MS) this._fail('heartbeat lost');
@@ -492,6 +877,22 @@ export class Channel extends EventTarget {
         this._sendFrame(K_PONG, new Uint8Array(0)).catch(() => {});
         return;
       case K_PONG:
+        return;
+      case K_CTL: {
+        let d;
+        try {
+          d = JSON.parse(dec.decode(body));
+        } catch {
+          return;
+        }
+        if (d && typeof d === 'object') this.tern._onCtl(this.peer, d, 'channel', this);
+        return;
+      }
+      case K_DATA:
+        if (body.length >= 4) {
+          const id = new DataView(body.buffer, body.byteOffset, 4).getUint32(0);
+          this._in.get(id)?._onData(body.subarray(4));
+        }
         return;
       case K_BIN:
       case K_TXT:
@@ -521,6 +922,47 @@ export class Channel extends EventTarget {
     }
   }
 
+  // File transfer control from the peer (offers, acks, results, cancels).
+  _onFileCtl(d) {
+    const id = Number(d.id) >>> 0;
+    switch (d.kind) {
+      case 'file':
+        if (!this._in.has(id) && Number.isSafeInteger(d.size) && d.size >= 0) {
+          const t = new IncomingTransfer(this, id, d);
+          this.tern.dispatchEvent(Object.assign(new Event('transfer'), { transfer: t }));
+        }
+        return;
+      case 'file-end':
+        this._in.get(id)?._onEnd(String(d.sha256 || ''));
+        return;
+      case 'file-ack':
+        this._out.get(id)?._onAck(Number(d.bytes) || 0);
+        return;
+      case 'file-ok':
+      case 'file-bad':
+        this._out.get(id)?._onResult(d.kind === 'file-ok', String(d.why || ''));
+        return;
+      case 'file-cancel':
+        if (d.from === 'receiver') this._out.get(id)?._fail('cancelled by the receiver', 'cancelled');
+        else this._in.get(id)?._fail('cancelled by the sender', 'cancelled');
+        return;
+      default:
+        return;
+    }
+  }
+
+  _sendCtl(obj) {
+    return this._sendFrame(K_CTL, enc.encode(JSON.stringify(obj)));
+  }
+
+  _sendData(id, bytes) {
+    const frame = new Uint8Array(bytes.length + 5);
+    frame[0] = K_DATA;
+    new DataView(frame.buffer).setUint32(1, id);
+    frame.set(bytes, 5);
+    return this._queue(frame);
+  }
+
   /** Sends a string or binary message; large messages are split into `chunkSize` frames. */
   async send(data) {
     if (this.state !== 'open') throw new Error(`channel is ${this.state}`);
@@ -540,11 +982,15 @@ export class Channel extends EventTarget {
     } while (off < bytes.length);
   }
 
-  // Frames go out in order through one promise chain (encryption is async).
   _sendFrame(kind, body) {
     const frame = new Uint8Array(body.length + 1);
     frame[0] = kind;
     frame.set(body, 1);
+    return this._queue(frame);
+  }
+
+  // Frames go out in order through one promise chain (encryption is async).
+  _queue(frame) {
     const p = this._sendChain.then(() => this._sendNow(frame));
     this._sendChain = p.catch(() => {});
     return p;
@@ -584,12 +1030,16 @@ export class Channel extends EventTarget {
     const wasOpen = this.state === 'open';
     this.state = 'closed';
     this.closeReason = reason;
+    const last = this.steps[this.steps.length - 1];
+    if (last && !last.result) last.result = reason;
     clearTimeout(this._timer);
+    clearTimeout(this._relayTimer);
     clearInterval(this._beat);
     this._dropRtc();
     this._ws?.close();
     this._ws = null;
     if (this.tern.channels.get(this.peer) === this) this.tern.channels.delete(this.peer);
+    for (const t of [...this._out.values(), ...this._in.values()]) t._fail(`connection lost (${reason})`);
     this._readyFail(new Error(reason));
     this.dispatchEvent(Object.assign(new Event('close'), { reason, wasOpen }));
   }
@@ -599,5 +1049,345 @@ export class Channel extends EventTarget {
     if (this.state === 'closed') return;
     this._signal({ kind: 'close', reason: 'closed by peer' });
     this._fail('closed');
+  }
+}
+
+function cleanFileName(s) {
+  // Path separators and control characters never reach a download name.
+  return String(s || 'file').replace(/[\u0000-\u001f\u007f/\\]/g, '_').slice(0, 255) || 'file';
+}
+
+/**
+ * One file to one peer. Fields: `id`, `peer`, `name`, `size`, `sent` (bytes handed to the
+ * channel), `state` ('connecting' | 'sending' | 'verifying' | 'done' | 'failed' |
+ * 'cancelled'), `path`, `error`, `sha256` (once read). `done` resolves when the receiver
+ * has stored the file and verified its SHA-256. Events: `state`, `progress`. `cancel()`
+ * stops it on both sides.
+ */
+export class OutgoingTransfer extends EventTarget {
+  constructor(tern, peer, file) {
+    super();
+    this.tern = tern;
+    this.peer = peer;
+    this.file = file;
+    this.id = crypto.getRandomValues(new Uint32Array(1))[0];
+    this.name = cleanFileName(file.name);
+    this.size = file.size;
+    this.sent = 0;
+    this.acked = 0;
+    this.state = 'connecting';
+    this.path = null;
+    this.error = null;
+    this.sha256 = null;
+    this.t0 = performance.now();
+    this._wake = null;
+    this.done = new Promise((res, rej) => {
+      this._resolve = res;
+      this._reject = rej;
+    });
+    this.done.catch(() => {});
+    this._run().catch((e) => this._fail(e.message));
+  }
+
+  _set(state) {
+    this.state = state;
+    this.dispatchEvent(new Event('state'));
+  }
+
+  _live() {
+    if (this.state === 'failed' || this.state === 'cancelled') throw new Error(this.error || this.state);
+  }
+
+  async _run() {
+    const ch = await this.tern.open(this.peer);
+    this._live();
+    this.ch = ch;
+    this.path = ch.path;
+    ch._out.set(this.id, this);
+    this._set('sending');
+    await ch._sendCtl({ kind: 'file', id: this.id, name: this.name, size: this.size, mime: this.file.type || '' });
+    this.t0 = performance.now();
+    const h = new Sha256();
+    const step = ch.chunkSize - 4;
+    let off = 0;
+    while (off < this.size) {
+      // Only one slice of the file is in memory at a time.
+      const buf = new Uint8Array(await this.file.slice(off, off + READ_SLICE).arrayBuffer());
+      this._live();
+      if (buf.length === 0) throw new Error('the file shrank while it was read');
+      h.update(buf);
+      for (let i = 0; i < buf.length; i += step) {
+        while (this.sent - this.acked > WINDOW) {
+          await new Promise((r) => { this._wake = r; });
+          this._live();
+        }
+        const piece = buf.subarray(i, Math.min(i + step, buf.length));
+        await ch._sendData(this.id, piece);
+        this._live();
+        this.sent += piece.length;
+      }
+      off += buf.length;
+      this.dispatchEvent(new Event('progress'));
+    }
+    this.sha256 = h.hex();
+    await ch._sendCtl({ kind: 'file-end', id: this.id, sha256: this.sha256 });
+    this._live();
+    this._set('verifying');
+  }
+
+  /** Bytes per second since the first byte. */
+  get rate() {
+    return this.sent / Math.max((performance.now() - this.t0) / 1000, 0.001);
+  }
+
+  _onAck(bytes) {
+    this.acked = Math.max(this.acked, bytes);
+    this._wake?.();
+  }
+
+  _onResult(ok, why) {
+    if (this.state !== 'verifying' && this.state !== 'sending') return;
+    if (!ok) {
+      this._fail(`the receiver rejected the file: ${why}`);
+      return;
+    }
+    this.secs = (performance.now() - this.t0) / 1000;
+    this.ch?._out.delete(this.id);
+    this._set('done');
+    this._resolve(this);
+  }
+
+  _fail(why, state = 'failed') {
+    if (this.state === 'done' || this.state === 'failed' || this.state === 'cancelled') return;
+    this.error = why;
+    this.ch?._out.delete(this.id);
+    this._set(state);
+    this._wake?.();
+    this._reject(new Error(why));
+  }
+
+  /** Stops sending; the receiver drops what it stored. */
+  cancel() {
+    if (this.ch && this.ch.state === 'open' && this.state !== 'done') {
+      this.ch._sendCtl({ kind: 'file-cancel', id: this.id, from: 'sender' }).catch(() => {});
+    }
+    this._fail('cancelled', 'cancelled');
+  }
+}
+
+/**
+ * One file arriving from a peer, written to storage as it comes (this tab's folder in the
+ * Origin Private File System, or memory where OPFS is missing) and hashed on the way.
+ * Fields: `id`, `peer`, `name` (plain text), `size`, `mime`, `received`, `state`
+ * ('receiving' | 'verifying' | 'done' | 'failed' | 'cancelled'), `path`, `error`,
+ * `sha256` (verified), `file` (a disk-backed File once done). `done` resolves to that File.
+ * `cancel()` stops it on both sides and deletes what was stored; `discard()` deletes a
+ * finished file. `cleaned` resolves once a failed or cancelled transfer's storage is gone.
+ * Events: `state`, `progress`.
+ */
+export class IncomingTransfer extends EventTarget {
+  constructor(ch, id, d) {
+    super();
+    this.tern = ch.tern;
+    this.ch = ch;
+    this.id = id;
+    this.peer = ch.peer;
+    this.name = cleanFileName(d.name);
+    this.size = d.size;
+    this.mime = String(d.mime || '').slice(0, 100) || 'application/octet-stream';
+    this.path = ch.path;
+    this.received = 0;
+    this.state = 'receiving';
+    this.error = null;
+    this.sha256 = null;
+    this.file = null;
+    this.t0 = performance.now();
+    this._hash = new Sha256();
+    this._parts = [];
+    this._partsLen = 0;
+    this._written = 0;
+    this._acked = 0;
+    this._lastProgress = 0;
+    this.done = new Promise((res, rej) => {
+      this._resolve = res;
+      this._reject = rej;
+    });
+    this.done.catch(() => {});
+    this.cleaned = new Promise((res) => { this._cleanedRes = res; });
+    ch._in.set(id, this);
+    this._chain = this.tern._receiveStore().then(async (st) => {
+      this._sink = await st.create(`${this.peer}-${id}`);
+    });
+    this._chain.catch((e) => this._fail(`storage: ${e.message}`));
+  }
+
+  get rate() {
+    return this.received / Math.max((performance.now() - this.t0) / 1000, 0.001);
+  }
+
+  _set(state) {
+    this.state = state;
+    this.dispatchEvent(new Event('state'));
+  }
+
+  _onData(bytes) {
+    if (this.state !== 'receiving') return;
+    this.received += bytes.length;
+    if (this.received > this.size) {
+      this._fail(`received more than the announced ${this.size} bytes`);
+      return;
+    }
+    this._parts.push(bytes);
+    this._partsLen += bytes.length;
+    if (this._partsLen >= WRITE_BATCH) this._flush();
+    if (this.received - this._lastProgress >= WRITE_BATCH || this.received === this.size) {
+      this._lastProgress = this.received;
+      this.dispatchEvent(new Event('progress'));
+    }
+  }
+
+  // Gathered chunks become one storage write, hashed on the way; writes run in order.
+  _flush() {
+    if (this._partsLen === 0) return;
+    const parts = this._parts;
+    const n = this._partsLen;
+    this._parts = [];
+    this._partsLen = 0;
+    this._chain = this._chain.then(async () => {
+      if (this.state !== 'receiving') return;
+      const buf = new Uint8Array(n);
+      let o = 0;
+      for (const p of parts) {
+        buf.set(p, o);
+        o += p.length;
+      }
+      this._hash.update(buf);
+      await this._sink.write(buf);
+      this._written += n;
+      // The sender keeps at most WINDOW bytes beyond this ack in flight: memory here stays
+      // bounded however slow the disk is.
+      if (this._written - this._acked >= ACK_EVERY) {
+        this._acked = this._written;
+        this.ch._sendCtl({ kind: 'file-ack', id: this.id, bytes: this._written }).catch(() => {});
+      }
+    });
+    this._chain.catch((e) => this._fail(`storage: ${e.message}`));
+  }
+
+  _onEnd(sha256) {
+    this._flush();
+    this._chain = this._chain.then(async () => {
+      if (this.state !== 'receiving') return;
+      this._set('verifying');
+      const got = this._hash.hex();
+      if (this._written !== this.size || got !== sha256) {
+        const why = `integrity check failed (${this._written} of ${this.size} bytes, SHA-256 ${got === sha256 ? 'ok' : 'mismatch'})`;
+        this.ch._sendCtl({ kind: 'file-bad', id: this.id, why }).catch(() => {});
+        this._fail(why);
+        return;
+      }
+      this.file = await this._sink.close(this.name, this.mime);
+      this.sha256 = got;
+      this.secs = (performance.now() - this.t0) / 1000;
+      this.ch._in.delete(this.id);
+      this.ch._sendCtl({ kind: 'file-ok', id: this.id }).catch(() => {});
+      this._set('done');
+      this._resolve(this.file);
+    });
+    this._chain.catch((e) => this._fail(`storage: ${e.message}`));
+  }
+
+  _fail(why, state = 'failed') {
+    if (this.state === 'done' || this.state === 'failed' || this.state === 'cancelled') return;
+    this.error = why;
+    this._parts = [];
+    this._partsLen = 0;
+    this.ch._in.delete(this.id);
+    this._set(state);
+    this._reject(new Error(why));
+    // After any write in progress: nothing of a failed file stays stored.
+    this._chain = this._chain.catch(() => {}).then(() => this._sink?.remove()).catch(() => {});
+    this._chain.then(() => this._cleanedRes());
+  }
+
+  /** Stops receiving, tells the sender, deletes what was stored. */
+  cancel() {
+    if (this.state !== 'receiving' && this.state !== 'verifying') return;
+    if (this.ch.state === 'open') this.ch._sendCtl({ kind: 'file-cancel', id: this.id, from: 'receiver' }).catch(() => {});
+    this._fail('cancelled', 'cancelled');
+  }
+
+  /** Deletes a received file from storage (its `file` can no longer be read). */
+  async discard() {
+    if (this.state === 'done') await this._sink?.remove();
+  }
+}
+
+/**
+ * Where a tab stores received files: its own folder `tern-<random>` in the Origin Private
+ * File System, held by a Web Lock of the same name for the tab's life. Folders whose lock
+ * nobody holds belong to closed tabs and are removed when a tab starts.
+ */
+class ReceiveStore {
+  static async open(kind) {
+    if (kind === 'opfs' && navigator.storage?.getDirectory) {
+      try {
+        const root = await navigator.storage.getDirectory();
+        const name = 'tern-' + randomId();
+        if (navigator.locks) {
+          await new Promise((granted) => {
+            navigator.locks.request(name, () => {
+              granted();
+              return new Promise(() => {}); // held until the tab goes
+            });
+          });
+          const held = new Set((await navigator.locks.query()).held.map((l) => l.name));
+          for await (const [entry] of root.entries()) {
+            if (entry.startsWith('tern-') && !held.has(entry)) await root.removeEntry(entry, { recursive: true }).catch(() => {});
+          }
+        }
+        return new ReceiveStore(await root.getDirectoryHandle(name, { create: true }));
+      } catch {
+        /* OPFS refused (private mode, quota): keep files in memory instead */
+      }
+    }
+    return new ReceiveStore(null);
+  }
+
+  constructor(dir) {
+    this.dir = dir;
+    this.kind = dir ? 'opfs' : 'memory';
+  }
+
+  /** A sink: write(u8) in order, close(name, mime) -> File, remove(). */
+  async create(name) {
+    const dir = this.dir;
+    if (!dir) {
+      let parts = [];
+      return {
+        write: async (u8) => { parts.push(u8); },
+        close: async (fname, mime) => new File(parts, fname, { type: mime }),
+        remove: async () => { parts = []; },
+      };
+    }
+    const fh = await dir.getFileHandle(name, { create: true });
+    const w = await fh.createWritable();
+    let open = true;
+    return {
+      write: (u8) => w.write(u8),
+      close: async (fname, mime) => {
+        await w.close();
+        open = false;
+        const f = await fh.getFile(); // disk-backed: not read into memory
+        return new File([f], fname, { type: mime });
+      },
+      remove: async () => {
+        if (open) {
+          open = false;
+          await w.abort().catch(() => {});
+        }
+        await dir.removeEntry(name).catch(() => {});
+      },
+    };
   }
 }

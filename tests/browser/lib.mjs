@@ -25,7 +25,7 @@ export const CHROMIUM_ARGS = [
 
 /**
  * Launches Chromium with a fresh user-data-dir in a temp dir.
- * Returns { context, newPage(), close() }; close() also removes the profile.
+ * Returns { context, profile, newPage(), close() }; close() also removes the profile.
  */
 export async function launchChromium({ extraArgs = [] } = {}) {
   const profile = await mkdtemp(join(tmpdir(), 'tern-chromium-'));
@@ -42,6 +42,7 @@ export async function launchChromium({ extraArgs = [] } = {}) {
   }
   return {
     context,
+    profile,
     async newPage() {
       const page = await context.newPage();
       // Page console output helps when a test fails; keep it on stderr, off the result line.

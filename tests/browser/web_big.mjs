@@ -1,0 +1,227 @@
+// Any size with bounded memory, between two pages of the built-in page (two Chromiums, so
+// the receiver's renderer is a process of its own):
+//  1. tern.js's incremental SHA-256 equals WebCrypto's digest (sizes around the block
+//     and padding edges, random slicing, one 33 MiB buffer), and its speed;
+//  2. a file of --bytes (1 GiB by default, generated here) moves direct; the receiving
+//     renderer's resident memory (/proc/PID/status VmRSS of every renderer process of the
+//     receiving browser, sampled every 200 ms) stays under --bound-mib; the SHA-256 the
+//     receiver computed equals Node's hash of the file;
+//  3. the receiver cancels one send and the sender cancels another: both rows end
+//     "cancelled" on both sides, and the receiver's Origin Private File System then holds
+//     nothing but the finished file.
+// A screenshot of the receiver mid-transfer goes to --out.
+//
+// usage: node web_big.mjs --url http://127.0.0.1:API --out DIR [--bytes N] [--bound-mib M]
+// Prints one JSON line and "PASS" on success.
+
+import { createHash, randomBytes } from 'node:crypto';
+import { open, mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { finish, launchChromium, parseArgs } from './lib.mjs';
+
+const args = parseArgs(process.argv.slice(2));
+const BASE = args.url;
+const OUT = args.out;
+const BYTES = Number(args.bytes || 1024 * 1024 * 1024);
+const BOUND_MIB = Number(args['bound-mib'] || 400);
+const STEP_MS = 300_000;
+
+// Writes `bytes` of random data in 16 MiB pieces, hashing on the way (never all in memory).
+async function bigFile(path, bytes) {
+  const h = createHash('sha256');
+  const f = await open(path, 'w');
+  for (let left = bytes; left > 0;) {
+    const n = Math.min(left, 16 << 20);
+    const b = randomBytes(n);
+    h.update(b);
+    await f.write(b);
+    left -= n;
+  }
+  await f.close();
+  return h.digest('hex');
+}
+
+// PIDs of the renderer processes of the Chromium using `profile`.
+async function rendererPids(profile) {
+  const procs = [];
+  for (const d of await readdir('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      // Zygote children rewrite their title: one string with spaces, not NUL-separated.
+      const cmd = (await readFile(`/proc/${d}/cmdline`, 'utf8')).split('\0').join(' ');
+      const stat = await readFile(`/proc/${d}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      procs.push({ pid: Number(d), ppid, cmd });
+    } catch {
+      /* gone */
+    }
+  }
+  const root = procs.find((p) => !p.cmd.includes('--type=') && p.cmd.includes(profile));
+  if (!root) return [];
+  const tree = new Set([root.pid]);
+  for (let grew = true; grew;) {
+    grew = false;
+    for (const p of procs) if (!tree.has(p.pid) && tree.has(p.ppid)) { tree.add(p.pid); grew = true; }
+  }
+  return procs.filter((p) => tree.has(p.pid) && p.cmd.includes('--type=renderer ')).map((p) => p.pid);
+}
+
+async function rssMiB(pid) {
+  try {
+    const s = await readFile(`/proc/${pid}/status`, 'utf8');
+    return Number(/VmRSS:\s+(\d+)/.exec(s)[1]) / 1024;
+  } catch {
+    return 0;
+  }
+}
+
+const inRow = (page) => page.locator('#transfers li.transfer[data-dir="in"]').first();
+const outRow = (page) => page.locator('#transfers li.transfer[data-dir="out"]').first();
+const rows = (page, dir) => page.locator(`#transfers li.transfer[data-dir="${dir}"]`).count();
+// Waits until the page has `n` rows of `dir` and the newest one's bar is past `frac`.
+const progressOver = (page, dir, frac, n) => page.waitForFunction(([d, f, k]) => {
+  const all = document.querySelectorAll(`#transfers li.transfer[data-dir="${d}"]`);
+  const p = all.length >= k && all[0].querySelector('progress');
+  return p && p.value > f;
+}, [dir, frac, n], { timeout: STEP_MS, polling: 100 });
+const endState = (page, dir) => page.waitForFunction((d) => {
+  const li = document.querySelector(`#transfers li.transfer[data-dir="${d}"]`);
+  return li && ['done', 'failed', 'cancelled'].includes(li.dataset.state) && li.dataset.state;
+}, dir, { timeout: STEP_MS, polling: 200 }).then((h) => h.jsonValue());
+
+const result = { ok: false, steps: {} };
+let ba;
+let bb;
+const t0 = Date.now();
+const bigPath = join(OUT, 'in', 'big-1gib.bin');
+try {
+  await mkdir(join(OUT, 'in'), { recursive: true });
+  const ARGS = ['--allow-loopback-in-peer-connection'];
+  ba = await launchChromium({ extraArgs: ARGS });
+  bb = await launchChromium({ extraArgs: ARGS });
+  for (const b of [ba, bb]) await b.context.grantPermissions(['camera', 'microphone'], { origin: BASE });
+  const a = await ba.newPage();
+  const b = await bb.newPage();
+  await a.goto(`${BASE}/`);
+  await b.goto(`${BASE}/`);
+  for (const p of [a, b]) await p.waitForSelector('body[data-ready="true"]');
+
+  // 1. Incremental SHA-256 against WebCrypto.
+  result.steps.sha256 = await a.evaluate(async () => {
+    const { Sha256 } = await import('/tern.js');
+    const hex = (u8) => Array.from(u8, (x) => x.toString(16).padStart(2, '0')).join('');
+    const sizes = [0, 1, 3, 55, 56, 57, 63, 64, 65, 119, 120, 121, 1000, 4096, (1 << 20) + 3, 33 << 20];
+    const fill = (n) => {
+      const u = new Uint8Array(n);
+      for (let o = 0; o < n; o += 65536) crypto.getRandomValues(u.subarray(o, Math.min(n, o + 65536)));
+      return u;
+    };
+    let speed = 0;
+    for (const n of sizes) {
+      const data = fill(n);
+      const want = hex(new Uint8Array(await crypto.subtle.digest('SHA-256', data)));
+      const h = new Sha256();
+      const t = performance.now();
+      for (let o = 0; o < n;) {
+        const k = n > 1e6 ? 1 << 20 : 1 + Math.floor(Math.random() * 97);
+        h.update(data.subarray(o, o + k));
+        o += k;
+      }
+      const got = h.hex();
+      if (n === 33 << 20) speed = n / 1048576 / ((performance.now() - t) / 1000);
+      if (got !== want) throw new Error(`SHA-256 of ${n} bytes: ${got}, WebCrypto ${want}`);
+    }
+    return { sizes: sizes.length, mibPerSec: Math.round(speed) };
+  });
+
+  // 2. The big file, direct.
+  let s = Date.now();
+  const want = await bigFile(bigPath, BYTES);
+  result.steps.generate = { bytes: BYTES, secs: (Date.now() - s) / 1000 };
+  const idB = await b.evaluate(() => window.tern.id);
+  await a.locator(`#peers li.peer[data-id="${idB}"] input.pick`).check({ timeout: STEP_MS });
+  await a.waitForFunction(() => document.getElementById('status').dataset.state === 'connected', null, { timeout: 60_000 });
+  const path = await a.locator('#path').textContent();
+  if (path !== 'direct') throw new Error(`path ${path}, not direct`);
+  const pids = await rendererPids(bb.profile);
+  if (pids.length === 0) throw new Error('no renderer process found for the receiving browser');
+  let peak = 0;
+  let peakHeap = 0;
+  let sampling = true;
+  const sampler = (async () => {
+    while (sampling) {
+      let max = 0;
+      for (const pid of pids) max = Math.max(max, await rssMiB(pid));
+      peak = Math.max(peak, max);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  })();
+  const heapSampler = setInterval(() => {
+    b.evaluate(() => performance.memory?.usedJSHeapSize || 0).then((h) => { peakHeap = Math.max(peakHeap, h); }, () => {});
+  }, 500);
+  const baseline = Math.max(...await Promise.all(pids.map(rssMiB)));
+  s = Date.now();
+  await a.locator('#files').setInputFiles([bigPath]);
+  await progressOver(b, 'in', 0.3, 1);
+  await b.setViewportSize({ width: 1100, height: 900 });
+  await b.screenshot({ path: join(OUT, 'web-large-transfer.png'), fullPage: true });
+  const state = await endState(b, 'in');
+  const secs = (Date.now() - s) / 1000;
+  sampling = false;
+  clearInterval(heapSampler);
+  await sampler;
+  if (state !== 'done') throw new Error(`1 GiB receive ended ${state}: ${await inRow(b).textContent()}`);
+  const got = await inRow(b).getAttribute('data-sha256');
+  if (got !== want) throw new Error(`receiver's SHA-256 ${got}, the file's ${want}`);
+  if ((await endState(a, 'out')) !== 'done') throw new Error('sender row not done');
+  result.steps.big = {
+    bytes: BYTES, secs, mibPerSec: Math.round(BYTES / 1048576 / secs), path, renderers: pids.length,
+    rendererRssBaselineMiB: Math.round(baseline), rendererRssPeakMiB: Math.round(peak),
+    jsHeapPeakMiB: Math.round(peakHeap / 1048576), boundMiB: BOUND_MIB, shown: await inRow(b).locator('.info').textContent(),
+  };
+  if (peak > BOUND_MIB) throw new Error(`receiving renderer reached ${Math.round(peak)} MiB RSS, over the ${BOUND_MIB} MiB bound`);
+
+  // 3. Cancels from either side free the receiver's storage.
+  s = Date.now();
+  const cancels = {};
+  for (const who of ['receiver', 'sender']) {
+    const n = (await rows(b, 'in')) + 1;
+    await a.locator('#files').setInputFiles([bigPath]);
+    await progressOver(b, 'in', 0.03, n);
+    if (who === 'receiver') await inRow(b).locator('button.cancel').click();
+    else await outRow(a).locator('button.cancel').click();
+    const [sa, sb] = [await endState(a, 'out'), await endState(b, 'in')];
+    if (sa !== 'cancelled' || sb !== 'cancelled') throw new Error(`${who} cancel: sender ${sa}, receiver ${sb}`);
+    cancels[who] = { receiverShows: await inRow(b).locator('.info').textContent(), senderShows: await outRow(a).locator('.info').textContent() };
+  }
+  // The finished file is all the receiver stores (no partial file, no .crswap); removal
+  // runs after any write in progress, so give it a moment.
+  const listStored = () => b.evaluate(async () => {
+    const files = [];
+    const walk = async (dir, prefix) => {
+      for await (const [name, h] of dir.entries()) {
+        if (h.kind === 'directory') await walk(h, `${prefix}${name}/`);
+        else files.push({ name: prefix + name, size: (await h.getFile()).size });
+      }
+    };
+    await walk(await navigator.storage.getDirectory(), '');
+    return files;
+  });
+  let stored = await listStored();
+  for (let i = 0; i < 40 && !(stored.length === 1 && stored[0].size === BYTES); i++) {
+    await new Promise((r) => setTimeout(r, 500));
+    stored = await listStored();
+  }
+  if (!(stored.length === 1 && stored[0].size === BYTES)) throw new Error(`receiver's storage after the cancels: ${JSON.stringify(stored)}`);
+  result.steps.cancel = { ...cancels, stored, secs: (Date.now() - s) / 1000 };
+  result.ok = true;
+} catch (e) {
+  result.error = String(e?.stack || e);
+} finally {
+  result.secs = (Date.now() - t0) / 1000;
+  await rm(bigPath, { force: true });
+  await ba?.close();
+  await bb?.close();
+}
+if (result.ok) process.stdout.write('PASS\n');
+finish(result);
