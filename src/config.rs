@@ -210,7 +210,8 @@ pub struct ApiConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
     /// Host name put in ICE server URLs; empty: the first external/relay address, else the
-    /// request's Host header.
+    /// request's Host header. When set, the API's own origin must have this host (the Host
+    /// header alone is the attacker's under DNS rebinding).
     pub public_host: String,
     /// Lifetime of credentials minted for anonymous browsers.
     pub anonymous_ttl_secs: u32,
@@ -220,7 +221,8 @@ pub struct ApiConfig {
     pub anonymous_rate_per_min: u32,
     pub anonymous_burst: u32,
     /// Origins (`https://app.example.org`) allowed to mint anonymously; `"*"` allows any.
-    /// The API's own origin (the built-in page) is always allowed.
+    /// The API's own origin (the built-in page) is always allowed: `Origin` matching `Host`,
+    /// and `public_host` when set.
     pub allowed_origins: Vec<String>,
     /// Bearer tokens that may mint for any user id and TTL up to `max_ttl_secs`.
     pub tokens: Vec<String>,
