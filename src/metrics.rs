@@ -425,8 +425,9 @@ pub const HTTP_CONNECTIONS_CLOSED: Def = def(
     "tern_http_connections_closed_total",
     Counter,
     &["reason"],
-    "HTTP connections closed by Tern: failed TLS handshake, no request head in time, or a \
-     client that stopped reading a response.",
+    "HTTP connections closed by Tern: failed TLS handshake, no request head in time, a \
+     client that stopped reading a response, or a request head over api.max_header_bytes \
+     (answered 431).",
 );
 
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
@@ -901,6 +902,7 @@ impl Collector for HttpCollector {
             ("header_timeout", s.header_timeouts_first),
             ("idle_timeout", s.header_timeouts_keep_alive),
             ("write_stall", s.write_stalls),
+            ("header_too_large", s.header_too_large),
         ];
         for (reason, n) in closed {
             f.sample(&HTTP_CONNECTIONS_CLOSED, &[reason], n);
