@@ -155,6 +155,14 @@ fn a_request_head_over_the_cap_gets_431_and_is_counted() {
         2.0,
         "only the oversized heads were closed by Tern"
     );
+    assert_eq!(
+        value(
+            &s,
+            "tern_http_requests_total",
+            &[("route", "unparsed"), ("status", "431")]
+        ),
+        2.0
+    );
 
     // The cap is a setting.
     let tern = start(21600, "max_header_bytes = 131072\n");

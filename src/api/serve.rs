@@ -113,7 +113,8 @@ impl Server {
                 continue;
             };
             let _ = sock.set_nodelay(true);
-            let api = &self.live.current().cfg.api;
+            let current = self.live.current();
+            let api = &current.cfg.api;
             let state = Arc::new(ConnState::default());
             let conn = Conn {
                 app: self.app.clone(),
@@ -122,6 +123,7 @@ impl Server {
                 max_header_bytes: api.max_header_bytes,
                 closing: closing_rx.clone(),
                 limits: Arc::clone(&self.limits),
+                http_metrics: Arc::clone(&current.http_metrics),
                 state: Arc::clone(&state),
             };
             let io = Counted {
@@ -159,6 +161,8 @@ struct Conn {
     max_header_bytes: usize,
     closing: watch::Receiver<()>,
     limits: Arc<ConnLimits>,
+    /// Where a request refused before routing (431) is counted.
+    http_metrics: Arc<crate::metrics::HttpMetrics>,
     state: Arc<ConnState>,
 }
 
@@ -204,6 +208,7 @@ impl Conn {
         let stats = &self.limits.stats;
         if e.is_parse_too_large() {
             stats.header_too_large.fetch_add(1, Relaxed);
+            self.http_metrics.refused_unparsed(431);
             tracing::debug!(peer = %self.peer, "HTTP request head too large (431)");
         } else if self.state.write_stalled.load(Relaxed) {
             stats.write_stalled.fetch_add(1, Relaxed);
