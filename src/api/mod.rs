@@ -300,9 +300,10 @@ impl HttpService {
     }
 
     /// Applies a reloaded configuration (SIGHUP): credentials API settings, secrets and
-    /// tokens (files re-read), signaling limits, the connection caps and the header read
-    /// timeout take effect for new requests, messages and connections; open WebSocket
-    /// sessions stay. The listener, the routes (`peerjs_enabled`,
+    /// tokens (files re-read), signaling limits, the connection caps, the header read
+    /// timeout and `api.max_header_bytes` take effect for new requests, messages and
+    /// connections; open WebSocket sessions stay. The listener (`api.listen_backlog` too),
+    /// the routes (`peerjs_enabled`,
     /// `peerjs_path`) and `[relay_ws]` need a restart (the caller reports those).
     pub fn reload(&self, cfg: &Config) -> Result<(), ApiError> {
         let old = self.live.current();
