@@ -18,10 +18,11 @@ pub fn init(cfg: &LogConfig) {
         }
     }
     // Colour only for a person at a terminal: journald, log files and pipes would keep the
-    // escape sequences raw.
+    // escape sequences raw. NO_COLOR (no-color.org) still turns it off there.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal() && !no_color)
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = if cfg.format == "json" {
