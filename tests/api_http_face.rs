@@ -351,14 +351,24 @@ fn logs_to_a_file_or_a_pipe_carry_no_colour_codes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tern");
-    let mut err = child.stderr.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
+        let mut err = std::io::BufReader::new(err);
         let mut out = Vec::new();
-        let _ = err.read_to_end(&mut out);
-        out
+        loop {
+            let at = out.len();
+            match std::io::BufRead::read_until(&mut err, b'\n', &mut out) {
+                Ok(0) | Err(_) => return out,
+                Ok(_) if out[at..].windows(19).any(|w| w == b"HTTP API and signal") => {
+                    let _ = started_tx.send(());
+                }
+                Ok(_) => {}
+            }
+        }
     });
-    // Let it start and log, then stop it (SIGTERM: a clean drain logs more lines).
-    std::thread::sleep(Duration::from_secs(2));
+    // Once it has started and logged, stop it (SIGTERM: a clean drain logs more lines).
+    let started = started_rx.recv_timeout(Duration::from_secs(30)).is_ok();
     // SAFETY: kill(2) on the PID of the child started above, not yet reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -370,6 +380,7 @@ fn logs_to_a_file_or_a_pipe_carry_no_colour_codes() {
     }
     let piped = reader.join().unwrap();
     let text = String::from_utf8_lossy(&piped);
+    assert!(started, "the daemon did not log its start:\n{text}");
     assert!(
         text.contains("INFO"),
         "no log lines through the pipe:\n{text}"
