@@ -210,7 +210,8 @@ pub struct ApiConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
     /// Host name put in ICE server URLs; empty: the first external/relay address, else the
-    /// request's Host header.
+    /// request's Host header. When set, the API's own origin must have this host (the Host
+    /// header alone is the attacker's under DNS rebinding).
     pub public_host: String,
     /// Lifetime of credentials minted for anonymous browsers.
     pub anonymous_ttl_secs: u32,
@@ -220,7 +221,8 @@ pub struct ApiConfig {
     pub anonymous_rate_per_min: u32,
     pub anonymous_burst: u32,
     /// Origins (`https://app.example.org`) allowed to mint anonymously; `"*"` allows any.
-    /// The API's own origin (the built-in page) is always allowed.
+    /// The API's own origin (the built-in page) is always allowed: `Origin` matching `Host`,
+    /// and `public_host` when set.
     pub allowed_origins: Vec<String>,
     /// Bearer tokens that may mint for any user id and TTL up to `max_ttl_secs`.
     pub tokens: Vec<String>,
@@ -250,6 +252,13 @@ pub struct ApiConfig {
     /// Open HTTP connections per client IP (IPv6: per /64). Behind a reverse proxy every
     /// connection comes from the proxy's address: raise it there.
     pub max_connections_per_ip: usize,
+    /// Pending connections the kernel queues for the listener (listen(2) backlog); 0: the
+    /// system's maximum (`net.core.somaxconn`, asking at least 4096). The kernel caps any
+    /// value at somaxconn.
+    pub listen_backlog: u32,
+    /// Request line and headers of one request, bytes in all; past it the answer is 431
+    /// and the connection closes. Also bounds the connection's read buffer.
+    pub max_header_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -274,6 +283,8 @@ impl Default for ApiConfig {
             write_stall_timeout_secs: 30,
             max_connections: 10_000,
             max_connections_per_ip: 256,
+            listen_backlog: 0,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -719,6 +730,10 @@ impl Config {
         if a.max_connections_per_ip == 0 {
             return Err(invalid("api.max_connections_per_ip", "must be at least 1"));
         }
+        // hyper's read buffer cannot be smaller than 8 KiB; a head over 1 MiB is no browser's.
+        if !(8192..=1 << 20).contains(&a.max_header_bytes) {
+            return Err(invalid("api.max_header_bytes", "must be 8192 to 1048576"));
+        }
         for (i, o) in a.allowed_origins.iter().enumerate() {
             let ok = o == "*"
                 || ((o.starts_with("http://") || o.starts_with("https://"))
@@ -1030,6 +1045,8 @@ mod tests {
         assert!(e.to_string().starts_with("relay_ws.buffer_bytes"), "{e}");
         let e = load("[api]\ntoken_files = [\"/nonexistent/t\"]\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("api.token_files[0]"), "{e}");
+        let e = load("", &[], &["api.max_header_bytes=4096"]).unwrap_err();
+        assert!(e.to_string().starts_with("api.max_header_bytes"), "{e}");
     }
 
     #[test]

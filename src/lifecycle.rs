@@ -114,6 +114,7 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
         "turn.tcp_max_per_ip" => turn.tcp_max_per_ip;
         "api.enabled" => api.enabled;
         "api.listen" => api.listen;
+        "api.listen_backlog" => api.listen_backlog;
         "api.workers" => api.workers;
         "signal.peerjs_enabled" => signal.peerjs_enabled;
         "signal.peerjs_path" => signal.peerjs_path;

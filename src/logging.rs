@@ -1,5 +1,7 @@
 //! Log setup (`[log]`): `tracing` to stderr, text or JSON, so journald captures it.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogConfig;
@@ -15,8 +17,12 @@ pub fn init(cfg: &LogConfig) {
             filter = filter.add_directive(d);
         }
     }
+    // Colour only for a person at a terminal: journald, log files and pipes would keep the
+    // escape sequences raw. NO_COLOR (no-color.org) still turns it off there.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && !no_color)
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = if cfg.format == "json" {

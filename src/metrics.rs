@@ -395,7 +395,8 @@ pub const HTTP_REQUESTS: Def = def(
     "tern_http_requests_total",
     Counter,
     &["route", "status"],
-    "HTTP requests by route template and status code (WebSocket upgrades count as 101).",
+    "HTTP requests by route template and status code (WebSocket upgrades count as 101; \
+     heads refused before routing, e.g. 431, under route \"unparsed\").",
 );
 pub const HTTP_DURATION: Def = def(
     "tern_http_request_duration_seconds",
@@ -425,8 +426,9 @@ pub const HTTP_CONNECTIONS_CLOSED: Def = def(
     "tern_http_connections_closed_total",
     Counter,
     &["reason"],
-    "HTTP connections closed by Tern: failed TLS handshake, no request head in time, or a \
-     client that stopped reading a response.",
+    "HTTP connections closed by Tern: failed TLS handshake, no request head in time, a \
+     client that stopped reading a response, or a request head over api.max_header_bytes \
+     (answered 431).",
 );
 
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
@@ -591,6 +593,14 @@ impl HttpMetrics {
         let status = status_label(status, &mut buf);
         self.requests.with_label_values(&[route, status]).inc();
         self.duration.with_label_values(&[route]).observe(seconds);
+    }
+
+    /// One request refused by the HTTP parser before any route saw it (431 for a head over
+    /// `api.max_header_bytes`): counted under route "unparsed", with no duration.
+    pub fn refused_unparsed(&self, status: u16) {
+        let mut buf = [0u8; 3];
+        let status = status_label(status, &mut buf);
+        self.requests.with_label_values(&["unparsed", status]).inc();
     }
 }
 
@@ -901,6 +911,7 @@ impl Collector for HttpCollector {
             ("header_timeout", s.header_timeouts_first),
             ("idle_timeout", s.header_timeouts_keep_alive),
             ("write_stall", s.write_stalls),
+            ("header_too_large", s.header_too_large),
         ];
         for (reason, n) in closed {
             f.sample(&HTTP_CONNECTIONS_CLOSED, &[reason], n);
@@ -976,11 +987,14 @@ mod tests {
         m.observe("/api/ice", 200, 0.002);
         m.observe("/api/ice", 200, 0.003);
         m.observe("unmatched", 404, 0.0001);
+        m.refused_unparsed(431);
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&registry.gather())
             .unwrap();
         assert!(text.contains("tern_http_requests_total{route=\"/api/ice\",status=\"200\"} 2"));
         assert!(text.contains("tern_http_requests_total{route=\"unmatched\",status=\"404\"} 1"));
+        assert!(text.contains("tern_http_requests_total{route=\"unparsed\",status=\"431\"} 1"));
+        assert!(!text.contains("tern_http_request_duration_seconds_count{route=\"unparsed\"}"));
         assert!(text.contains("tern_http_request_duration_seconds_count{route=\"/api/ice\"} 2"));
     }
 }

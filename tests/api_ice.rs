@@ -170,6 +170,51 @@ fn public_host_and_disabled_anonymous() {
     );
 }
 
+/// DNS rebinding: a page at `http://rebind.evil.example` whose name now resolves to this
+/// server sends `Origin` and `Host` both naming the attacker. With `api.public_host` set the
+/// own-origin rule compares against it, so that page gets nothing; the page this API serves
+/// under its public name still mints.
+#[test]
+fn a_forged_host_matching_a_foreign_origin_gets_no_credentials() {
+    let svc = start("public_host = \"turn.example\"\n", "");
+    let a = svc.local_addr();
+    let rebound = [
+        ("Origin", "http://rebind.evil.example"),
+        ("Host", "rebind.evil.example"),
+    ];
+    let r = get(a, "/api/ice", &rebound);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.json().get("iceServers").is_none());
+    assert!(r.header("access-control-allow-origin").is_none());
+    let r = get(a, "/api/turn?service=turn", &rebound);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.json().get("password").is_none());
+    let r = request(a, "OPTIONS", "/api/ice", &rebound);
+    assert_eq!(r.status, 403);
+    // The rebound page's same-origin GET carries no Origin, only Sec-Fetch-Site.
+    let r = get(
+        a,
+        "/api/ice",
+        &[
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Host", "rebind.evil.example"),
+        ],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    // The own origin, by its public name (any port the Host header carries).
+    let own = [
+        ("Origin", "http://turn.example:8080"),
+        ("Host", "turn.example:8080"),
+    ];
+    let r = get(a, "/api/ice", &own);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["iceServers"][0]["credential"].is_string());
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("http://turn.example:8080")
+    );
+}
+
 #[test]
 fn no_secret_is_a_clear_503() {
     // Build a config without any TURN secret.

@@ -11,6 +11,7 @@ mod ops_common;
 mod signal_common;
 
 mod api_binary;
+mod api_http_face;
 mod api_ice;
 mod api_slow_clients;
 mod browser_turn;

@@ -46,6 +46,8 @@ pub struct ConnStats {
     /// Connections closed because the client read nothing of a response for
     /// `api.write_stall_timeout_secs`.
     pub write_stalled: AtomicU64,
+    /// Connections answered 431 and closed: a request head over `api.max_header_bytes`.
+    pub header_too_large: AtomicU64,
 }
 
 /// The caps and the live counts they are checked against.

@@ -71,6 +71,12 @@ fn token_ok(tokens: &[String], given: &str) -> bool {
     })
 }
 
+/// The request's origin under `api.allowed_origins` and the own-origin rule.
+fn origin(st: &AppState, headers: &HeaderMap) -> OriginCheck {
+    let api = &st.cfg.api;
+    cors::check_origin(headers, &api.allowed_origins, &api.public_host)
+}
+
 /// Decides whether the caller may mint; the error is the full HTTP answer.
 fn authorize(
     st: &AppState,
@@ -91,7 +97,7 @@ fn authorize(
             "a bearer token is required (anonymous minting is disabled)",
         ));
     }
-    match cors::check_origin(headers, &st.cfg.api.allowed_origins) {
+    match origin(st, headers) {
         OriginCheck::Allowed(_) => {}
         OriginCheck::Denied => {
             return Err(error(
@@ -146,7 +152,7 @@ fn ice_host(st: &AppState, headers: &HeaderMap) -> Option<String> {
         ip.to_string()
     } else {
         let h = headers.get(header::HOST)?.to_str().ok()?;
-        strip_port(h).to_string()
+        cors::strip_port(h).to_string()
     };
     // IPv6 literals go in brackets in URIs (RFC 7064 §3.1, RFC 7065 §3.1).
     Some(if host.parse::<std::net::Ipv6Addr>().is_ok() {
@@ -154,18 +160,6 @@ fn ice_host(st: &AppState, headers: &HeaderMap) -> Option<String> {
     } else {
         host
     })
-}
-
-fn strip_port(h: &str) -> &str {
-    if let Some(rest) = h.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match h.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            host
-        }
-        _ => h,
-    }
 }
 
 fn random_user() -> String {
@@ -262,8 +256,7 @@ fn mint(
 }
 
 fn with_cors(st: &AppState, headers: &HeaderMap, mut r: Response) -> Response {
-    if let OriginCheck::Allowed(Some(o)) = cors::check_origin(headers, &st.cfg.api.allowed_origins)
-    {
+    if let OriginCheck::Allowed(Some(o)) = origin(st, headers) {
         cors::allow(r.headers_mut(), &o);
     }
     r.headers_mut()
@@ -273,7 +266,7 @@ fn with_cors(st: &AppState, headers: &HeaderMap, mut r: Response) -> Response {
 
 /// `OPTIONS` preflight for the credential routes.
 pub async fn preflight(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match cors::check_origin(&headers, &st.cfg.api.allowed_origins) {
+    match origin(&st, &headers) {
         OriginCheck::Allowed(Some(o)) => {
             let mut r = StatusCode::NO_CONTENT.into_response();
             cors::preflight(r.headers_mut(), &o);
@@ -374,14 +367,6 @@ pub async fn turn_rest(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_header_port_is_stripped() {
-        assert_eq!(strip_port("turn.example:8080"), "turn.example");
-        assert_eq!(strip_port("turn.example"), "turn.example");
-        assert_eq!(strip_port("[2001:db8::1]:8080"), "2001:db8::1");
-        assert_eq!(strip_port("2001:db8::1"), "2001:db8::1");
-    }
 
     #[test]
     fn tokens_compare_all() {

@@ -123,6 +123,8 @@ pub struct HttpStats {
     pub header_timeouts_keep_alive: u64,
     /// Closed because the client stopped reading a response (`api.write_stall_timeout_secs`).
     pub write_stalls: u64,
+    /// Answered 431 and closed: a request head over `api.max_header_bytes`.
+    pub header_too_large: u64,
 }
 
 /// Read access to the HTTP face's counters, for the metrics face (cheap to clone; follows
@@ -165,6 +167,7 @@ fn snapshot(st: &AppState) -> HttpStats {
     s.header_timeouts_first = c.header_timeout_first.load(Relaxed);
     s.header_timeouts_keep_alive = c.header_timeout_keep_alive.load(Relaxed);
     s.write_stalls = c.write_stalled.load(Relaxed);
+    s.header_too_large = c.header_too_large.load(Relaxed);
     if let Some(r) = &st.relay {
         s.relay_sessions_active = r.active_sessions();
         s.relay_sessions_started = r.stats.sessions_started.load(Relaxed);
@@ -204,10 +207,7 @@ impl HttpService {
         tls: Option<crate::tls::TlsContext>,
     ) -> Result<HttpService, ApiError> {
         let addr = cfg.api.listen;
-        let listener =
-            std::net::TcpListener::bind(addr).map_err(|source| ApiError::Bind { addr, source })?;
-        listener
-            .set_nonblocking(true)
+        let listener = serve::bind(addr, cfg.api.listen_backlog)
             .map_err(|source| ApiError::Bind { addr, source })?;
         let local = listener
             .local_addr()
@@ -300,9 +300,10 @@ impl HttpService {
     }
 
     /// Applies a reloaded configuration (SIGHUP): credentials API settings, secrets and
-    /// tokens (files re-read), signaling limits, the connection caps and the header read
-    /// timeout take effect for new requests, messages and connections; open WebSocket
-    /// sessions stay. The listener, the routes (`peerjs_enabled`,
+    /// tokens (files re-read), signaling limits, the connection caps, the header read
+    /// timeout and `api.max_header_bytes` take effect for new requests, messages and
+    /// connections; open WebSocket sessions stay. The listener (`api.listen_backlog` too),
+    /// the routes (`peerjs_enabled`,
     /// `peerjs_path`) and `[relay_ws]` need a restart (the caller reports those).
     pub fn reload(&self, cfg: &Config) -> Result<(), ApiError> {
         let old = self.live.current();

@@ -61,13 +61,27 @@ pub(super) fn router(live: Live) -> Router {
         } else {
             base.clone()
         };
+        // Every PeerJS route answers a CORS preflight as `peer` does (its `cors` middleware
+        // covers the whole mount).
         r = r
-            .route(&root, get(peerjs_info))
-            .route(&format!("{base}/peerjs"), get(peerjs_ws))
-            .route(&format!("{base}/{{key}}/id"), get(peerjs_id))
-            .route(&format!("{base}/{{key}}/peers"), get(peerjs_peers));
+            .route(&root, get(peerjs_info).options(peerjs_preflight))
+            .route(
+                &format!("{base}/peerjs"),
+                get(peerjs_ws).options(peerjs_preflight),
+            )
+            .route(
+                &format!("{base}/{{key}}/id"),
+                get(peerjs_id).options(peerjs_preflight),
+            )
+            .route(
+                &format!("{base}/{{key}}/peers"),
+                get(peerjs_peers).options(peerjs_preflight),
+            );
         if !base.is_empty() {
-            r = r.route(&format!("{base}/"), get(peerjs_info));
+            r = r.route(
+                &format!("{base}/"),
+                get(peerjs_info).options(peerjs_preflight),
+            );
         }
     }
     let metrics = Arc::clone(&live.current().http_metrics);
@@ -162,6 +176,13 @@ fn peerjs_cors(headers: &HeaderMap, mut r: Response) -> Response {
     if let Some(o) = headers.get(header::ORIGIN) {
         cors::allow(r.headers_mut(), o);
     }
+    r
+}
+
+/// `OPTIONS` on a PeerJS route: 204 with the headers `peer` sends.
+async fn peerjs_preflight(headers: HeaderMap) -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    cors::peerjs_preflight(&headers, r.headers_mut());
     r
 }
 

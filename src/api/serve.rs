@@ -1,6 +1,9 @@
-//! The HTTP listener's accept loop: admits each connection under the caps
-//! ([`ConnLimits`]), completes TLS when on, and serves HTTP/1.1 with hyper under a header
-//! read timeout (`api.header_read_timeout_secs`).
+//! The HTTP listener: its socket (a listen backlog sized for reconnect bursts) and the
+//! accept loop, which admits each connection under the caps ([`ConnLimits`]), completes TLS
+//! when on, and serves HTTP/1.1 with hyper under a header read timeout
+//! (`api.header_read_timeout_secs`) and a cap on the request head (`api.max_header_bytes`,
+//! which also bounds the connection's read buffer: hyper's default lets each connection
+//! buffer ~400 KB before any authentication).
 //!
 //! hyper starts that timer whenever it waits for a request head: on a new connection and
 //! again after each response, so it bounds a slowloris client (a header byte every few
@@ -27,9 +30,52 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Sleep;
 
+use socket2::{Domain, Protocol, Socket, Type};
+
 use super::conn_limit::{ConnGuard, ConnLimits};
 use super::tls_listener::Handshaker;
 use super::Live;
+
+/// The listen(2) backlog asked when `api.listen_backlog` is 0 and somaxconn is lower (the
+/// kernel caps it there anyway; asking more takes effect once an operator raises the sysctl).
+const MIN_DEFAULT_BACKLOG: u32 = 4096;
+
+/// The kernel's cap on listen backlogs (`net.core.somaxconn`), when readable.
+fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Binds the HTTP listener (non-blocking) with a listen backlog of `configured`, or with 0
+/// the system's maximum (at least [`MIN_DEFAULT_BACKLOG`] asked). std's
+/// `TcpListener::bind` asks 128: a burst of connects (every client reconnecting after a
+/// restart) overflows that queue, the kernel drops SYNs and the clients retry a second
+/// later. Warns when the kernel caps the backlog below what was asked.
+pub(super) fn bind(addr: SocketAddr, configured: u32) -> io::Result<std::net::TcpListener> {
+    let max = somaxconn();
+    let asked = match configured {
+        0 => max.unwrap_or(0).max(MIN_DEFAULT_BACKLOG),
+        n => n,
+    };
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As std does: a restart binds again at once despite connections in TIME_WAIT.
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(i32::try_from(asked).unwrap_or(i32::MAX))?;
+    match max {
+        Some(m) if m < asked => tracing::warn!(
+            asked,
+            somaxconn = m,
+            "the kernel caps the HTTP listen backlog at net.core.somaxconn: a burst of connecting clients may see SYNs dropped and retried (raise the sysctl)"
+        ),
+        _ => tracing::debug!(backlog = asked, "HTTP listen backlog"),
+    }
+    Ok(s.into())
+}
 
 /// What the accept loop serves with.
 pub(super) struct Server {
@@ -67,14 +113,17 @@ impl Server {
                 continue;
             };
             let _ = sock.set_nodelay(true);
-            let api = &self.live.current().cfg.api;
+            let current = self.live.current();
+            let api = &current.cfg.api;
             let state = Arc::new(ConnState::default());
             let conn = Conn {
                 app: self.app.clone(),
                 peer,
                 header_timeout: Duration::from_secs(api.header_read_timeout_secs.into()),
+                max_header_bytes: api.max_header_bytes,
                 closing: closing_rx.clone(),
                 limits: Arc::clone(&self.limits),
+                http_metrics: Arc::clone(&current.http_metrics),
                 state: Arc::clone(&state),
             };
             let io = Counted {
@@ -108,8 +157,12 @@ struct Conn {
     app: Router,
     peer: SocketAddr,
     header_timeout: Duration,
+    /// `api.max_header_bytes` (validated: at least hyper's 8 KiB minimum buffer).
+    max_header_bytes: usize,
     closing: watch::Receiver<()>,
     limits: Arc<ConnLimits>,
+    /// Where a request refused before routing (431) is counted.
+    http_metrics: Arc<crate::metrics::HttpMetrics>,
     state: Arc<ConnState>,
 }
 
@@ -136,7 +189,10 @@ impl Conn {
         };
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
-            .header_read_timeout(self.header_timeout);
+            .header_read_timeout(self.header_timeout)
+            // Past the cap hyper answers 431 and closes; the buffer never grows beyond it.
+            .max_header_size(self.max_header_bytes)
+            .max_buf_size(self.max_header_bytes.max(8192));
         let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
         tokio::pin!(conn);
         let mut closing = self.closing;
@@ -150,7 +206,11 @@ impl Conn {
         self.state.http_done.store(true, Relaxed);
         let Err(e) = done else { return };
         let stats = &self.limits.stats;
-        if self.state.write_stalled.load(Relaxed) {
+        if e.is_parse_too_large() {
+            stats.header_too_large.fetch_add(1, Relaxed);
+            self.http_metrics.refused_unparsed(431);
+            tracing::debug!(peer = %self.peer, "HTTP request head too large (431)");
+        } else if self.state.write_stalled.load(Relaxed) {
             stats.write_stalled.fetch_add(1, Relaxed);
             tracing::debug!(peer = %self.peer, "HTTP client stopped reading its response");
         } else if e.is_timeout() {
