@@ -133,7 +133,11 @@ async fn offers_of_64_kib_and_1_mib_and_150_candidates_pass_at_defaults() {
         let m = next_json(&mut b).await;
         assert_eq!(m["type"], "OFFER");
         assert_eq!(m["src"], "alice");
-        assert_eq!(m["payload"]["sdp"]["sdp"].as_str().unwrap(), sdp, "{size} bytes intact");
+        assert_eq!(
+            m["payload"]["sdp"]["sdp"].as_str().unwrap(),
+            sdp,
+            "{size} bytes intact"
+        );
     }
     for i in 0..150 {
         send_text(
@@ -149,7 +153,11 @@ async fn offers_of_64_kib_and_1_mib_and_150_candidates_pass_at_defaults() {
         assert_eq!(m["type"], "CANDIDATE", "candidate {i}");
     }
     send_text(&mut a, r#"{"type":"ANSWER","dst":"bob","payload":{}}"#).await;
-    assert_eq!(next_json(&mut b).await["type"], "ANSWER", "alice still connected");
+    assert_eq!(
+        next_json(&mut b).await["type"],
+        "ANSWER",
+        "alice still connected"
+    );
     let st = svc.stats();
     assert_eq!(st.peerjs.refused, [0; 6]);
     assert_eq!(st.peerjs.forwarded, 153);
@@ -174,7 +182,11 @@ async fn a_frame_over_the_limit_closes_only_its_sender_with_1009() {
     // (Far over it, past four times the limit, the codec refuses the frame before
     // buffering it, also with 1009: signal_ws.rs checks that path with a small limit.)
     // Everyone else is served.
-    send_text(&mut c, r#"{"type":"OFFER","dst":"bob","payload":{"sdp":"ok"}}"#).await;
+    send_text(
+        &mut c,
+        r#"{"type":"OFFER","dst":"bob","payload":{"sdp":"ok"}}"#,
+    )
+    .await;
     let m = next_json(&mut b).await;
     assert_eq!(m["src"], "carol");
     assert_eq!(svc.stats().peerjs.refused[1], 1);

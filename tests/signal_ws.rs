@@ -68,7 +68,11 @@ async fn resume_token_keeps_the_peer_id() {
     let w = next_json(&mut a2).await;
     assert_eq!(w["id"], a_id.as_str());
     assert_eq!(w["resumed"], true);
-    assert_ne!(w["resume"], token.as_str(), "a resume hands out a new token");
+    assert_ne!(
+        w["resume"],
+        token.as_str(),
+        "a resume hands out a new token"
+    );
     let j = next_json(&mut b).await;
     assert_eq!(j["type"], "peer-joined");
     assert_eq!(j["peer"]["id"], a_id.as_str());
@@ -183,7 +187,11 @@ async fn a_sender_over_its_rate_learns_the_count_refused() {
         .contains("signal.rate_per_sec"));
     assert!(errors.len() >= 2 && errors.len() <= 4, "{errors:?}");
     let refused: u64 = errors.iter().map(|e| e["refused"].as_u64().unwrap()).sum();
-    assert_eq!(pongs as u64 + refused, 30, "every message answered or counted: {msgs:?}");
+    assert_eq!(
+        pongs as u64 + refused,
+        30,
+        "every message answered or counted: {msgs:?}"
+    );
     let st = svc.stats();
     assert_eq!(st.signal.rate_limited, refused);
     assert_eq!(st.signal.refused[0], refused);
@@ -208,7 +216,11 @@ async fn a_sustained_flooder_is_closed_with_1008_after_one_error() {
         for _ in 0..800 {
             iv.tick().await;
             for _ in 0..50 {
-                if tx.send(Message::Text(r#"{"type":"ping"}"#.into())).await.is_err() {
+                if tx
+                    .send(Message::Text(r#"{"type":"ping"}"#.into()))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -231,7 +243,10 @@ async fn a_sustained_flooder_is_closed_with_1008_after_one_error() {
     }
     sender.abort();
     assert_eq!(code, Some(1008));
-    assert!((1..=2).contains(&errors), "{errors} errors before the close");
+    assert!(
+        (1..=2).contains(&errors),
+        "{errors} errors before the close"
+    );
     assert_eq!(svc.stats().signal.flood_closed, 1);
     // The other client is still served.
     send_text(&mut good, r#"{"type":"ping"}"#).await;
@@ -271,14 +286,22 @@ async fn a_1_mib_signal_and_150_candidates_pass_at_defaults() {
         } else {
             format!(r#"{{"candidate":"candidate:{i} 1 udp 1 127.0.0.1 {i} typ host"}}"#)
         };
-        send_text(&mut a, &format!(r#"{{"type":"signal","to":"{b_id}","data":{data}}}"#)).await;
+        send_text(
+            &mut a,
+            &format!(r#"{{"type":"signal","to":"{b_id}","data":{data}}}"#),
+        )
+        .await;
     }
     for i in 0..151 {
         let m = next_json(&mut b).await;
         assert_eq!(m["type"], "signal", "message {i}: {m}");
     }
     send_text(&mut a, r#"{"type":"ping"}"#).await;
-    assert_eq!(next_json(&mut a).await["type"], "pong", "no error came before");
+    assert_eq!(
+        next_json(&mut a).await["type"],
+        "pong",
+        "no error came before"
+    );
     assert_eq!(svc.stats().signal.rate_limited, 0);
 }
 
