@@ -2,7 +2,7 @@
 
 use crate::signal_common;
 
-use signal_common::{close_code, get, next_json, send_text, start, ws};
+use signal_common::{close_code, get, native, next_json, ping_pong, send_text, start, ws};
 
 #[tokio::test]
 async fn two_clients_signal_through_their_lan_room() {
@@ -58,9 +58,7 @@ async fn resume_token_keeps_the_peer_id() {
         wa["resume"].as_str().unwrap().to_string(),
     );
     next_json(&mut a).await;
-    let mut b = ws(addr, "/ws").await;
-    next_json(&mut b).await;
-    next_json(&mut b).await;
+    let (mut b, _) = native(addr).await;
     next_json(&mut a).await; // peer-joined
     drop(a);
     assert_eq!(next_json(&mut b).await["type"], "peer-left");
@@ -100,13 +98,11 @@ async fn ws_with_protocols(
 async fn a_used_resume_token_fails_the_second_time() {
     let svc = start("", "");
     let addr = svc.local_addr();
-    let mut a = ws(addr, "/ws").await;
-    let w = next_json(&mut a).await;
+    let (a, w) = native(addr).await;
     let (a_id, t1) = (
         w["id"].as_str().unwrap().to_string(),
         w["resume"].as_str().unwrap().to_string(),
     );
-    next_json(&mut a).await;
     drop(a);
     // Resume outside the URL: the subprotocol `resume.TOKEN`, beside `tern` (the one the
     // server selects, so the token is never echoed).
@@ -129,15 +125,7 @@ async fn a_used_resume_token_fails_the_second_time() {
     assert_eq!(w["resumed"], false);
     assert_ne!(w["id"], a_id.as_str());
     // The holder is still connected and served.
-    send_text(&mut a2, r#"{"type":"ping"}"#).await;
-    loop {
-        let m = next_json(&mut a2).await;
-        match m["type"].as_str().unwrap() {
-            "room" | "peer-joined" | "peer-left" => continue,
-            "pong" => break,
-            other => panic!("unexpected {other}: {m}"),
-        }
-    }
+    ping_pong(&mut a2).await;
     // The fresh token works once.
     drop(a2);
     let (mut a3, _) = ws_with_protocols(addr, &format!("tern, resume.{t2}")).await;
@@ -167,9 +155,7 @@ async fn read_for(ws: &mut signal_common::Ws, secs: f64) -> (Vec<serde_json::Val
 async fn a_sender_over_its_rate_learns_the_count_refused() {
     let svc = start("", "[signal]\nrate_per_sec = 2\nburst = 10\n");
     let addr = svc.local_addr();
-    let mut a = ws(addr, "/ws").await;
-    next_json(&mut a).await;
-    next_json(&mut a).await;
+    let (mut a, _) = native(addr).await;
     for _ in 0..30 {
         send_text(&mut a, r#"{"type":"ping"}"#).await;
     }
@@ -203,12 +189,8 @@ async fn a_sustained_flooder_is_closed_with_1008_after_one_error() {
     use tokio_tungstenite::tungstenite::Message;
     let svc = start("", "");
     let addr = svc.local_addr();
-    let mut good = ws(addr, "/ws").await;
-    next_json(&mut good).await;
-    next_json(&mut good).await;
-    let mut flood = ws(addr, "/ws").await;
-    next_json(&mut flood).await;
-    next_json(&mut flood).await;
+    let (mut good, _) = native(addr).await;
+    let (mut flood, _) = native(addr).await;
     let (mut tx, mut rx) = flood.split();
     // 5000 messages a second for at most 8 s, stopping when the server closes.
     let sender = tokio::spawn(async move {
@@ -249,27 +231,16 @@ async fn a_sustained_flooder_is_closed_with_1008_after_one_error() {
     );
     assert_eq!(svc.stats().signal.flood_closed, 1);
     // The other client is still served.
-    send_text(&mut good, r#"{"type":"ping"}"#).await;
-    loop {
-        let m = next_json(&mut good).await;
-        match m["type"].as_str().unwrap() {
-            "peer-joined" | "peer-left" => continue,
-            "pong" => break,
-            other => panic!("unexpected {other}"),
-        }
-    }
+    ping_pong(&mut good).await;
 }
 
 #[tokio::test]
 async fn a_1_mib_signal_and_150_candidates_pass_at_defaults() {
     let svc = start("", "");
     let addr = svc.local_addr();
-    let mut a = ws(addr, "/ws").await;
-    next_json(&mut a).await;
-    next_json(&mut a).await;
-    let mut b = ws(addr, "/ws").await;
-    let b_id = next_json(&mut b).await["id"].as_str().unwrap().to_string();
-    next_json(&mut b).await;
+    let (mut a, _) = native(addr).await;
+    let (mut b, wb) = native(addr).await;
+    let b_id = wb["id"].as_str().unwrap().to_string();
     assert_eq!(next_json(&mut a).await["type"], "peer-joined");
     let sdp = "o".repeat(1 << 20);
     send_text(
@@ -312,12 +283,8 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
         "[signal]\nrate_per_sec = 20\nburst = 20\nmax_message_bytes = 65536\n",
     );
     let addr = svc.local_addr();
-    let mut good = ws(addr, "/ws").await;
-    next_json(&mut good).await;
-    next_json(&mut good).await;
-    let mut bad = ws(addr, "/ws").await;
-    next_json(&mut bad).await;
-    next_json(&mut bad).await;
+    let (mut good, _) = native(addr).await;
+    let (mut bad, _) = native(addr).await;
     next_json(&mut good).await; // peer-joined
     send_text(&mut bad, "{this is not json").await;
     assert_eq!(next_json(&mut bad).await["code"], "bad-json");
@@ -331,9 +298,7 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
     send_text(&mut bad, &huge).await;
     assert_eq!(close_code(&mut bad).await, Some(1009));
     // A flooding connection is warned, then closed with 1008.
-    let mut flood = ws(addr, "/ws").await;
-    next_json(&mut flood).await;
-    next_json(&mut flood).await;
+    let (mut flood, _) = native(addr).await;
     let mut saw_limit = false;
     for _ in 0..200 {
         use futures_util::SinkExt;
@@ -364,15 +329,7 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
     assert!(saw_limit);
     assert_eq!(code, Some(1008));
     // The well-behaved client is still served.
-    send_text(&mut good, r#"{"type":"ping"}"#).await;
-    loop {
-        let m = next_json(&mut good).await;
-        match m["type"].as_str().unwrap() {
-            "peer-joined" | "peer-left" => continue,
-            "pong" => break,
-            other => panic!("unexpected {other}"),
-        }
-    }
+    ping_pong(&mut good).await;
     // Counted for the metrics face.
     let st = svc.stats();
     assert!(st.signal.bad_messages >= 3, "{st:?}");
