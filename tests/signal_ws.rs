@@ -190,7 +190,7 @@ async fn a_sustained_flooder_is_closed_with_1008_after_one_error() {
     let svc = start("", "");
     let addr = svc.local_addr();
     let (mut good, _) = native(addr).await;
-    let (mut flood, _) = native(addr).await;
+    let (flood, _) = native(addr).await;
     let (mut tx, mut rx) = flood.split();
     // 5000 messages a second for at most 8 s, stopping when the server closes.
     let sender = tokio::spawn(async move {
