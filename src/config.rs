@@ -1068,6 +1068,27 @@ mod tests {
         assert!(e.to_string().starts_with("api.allowed_origins[0]"), "{e}");
         let e = load("[signal]\npeerjs_path = \"x\"\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("signal.peerjs_path"), "{e}");
+        let e = load("", &[], &["signal.peerjs_max_message_bytes=100"]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("signal.peerjs_max_message_bytes"),
+            "{e}"
+        );
+        let e = load("", &[], &["signal.peerjs_burst=0"]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("signal.peerjs_rate_per_sec"),
+            "{e}"
+        );
+        let e = load("", &[], &["signal.peerjs_queue_bytes_total=1000"]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("signal.peerjs_queue_bytes_total"),
+            "{e}"
+        );
+        let e = load("", &[], &["signal.peerjs_queue_bytes_per_sender=0"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("signal.peerjs_queue_bytes_per_sender"),
+            "{e}"
+        );
         let e = load("[relay_ws]\nbuffer_bytes = 2000\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("relay_ws.buffer_bytes"), "{e}");
         let e = load("[api]\ntoken_files = [\"/nonexistent/t\"]\n", &[], &[]).unwrap_err();
