@@ -42,8 +42,9 @@ struct Peer {
     last_ping: Instant,
     detached_at: Option<Instant>,
     bucket: TokenBucket,
-    /// Set while the rate limit is refusing this peer's messages.
-    flood: Option<Flood>,
+    /// Set while the rate limit is refusing this peer's messages (boxed: rare, and idle
+    /// peers should stay small).
+    flood: Option<Box<Flood>>,
 }
 
 /// A rate-limit episode: from the first refused message until a second passes without one.
@@ -76,11 +77,34 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 const FLOOD_FACTOR: u64 = 4;
 const FLOOD_REASON: &str = "flooding: over signal.rate_per_sec after a rate-limited error";
 
-/// Labels of [`RoomStats::refused`]: why a message was refused (each also got an error).
-pub const REFUSAL_REASONS: [&str; 3] = ["rate_limit", "too_large", "invalid"];
+/// Labels of [`RoomStats::refused`]: why a message was not carried out (each one answered
+/// with an error; see [`refusal_reason`]).
+pub const REFUSAL_REASONS: [&str; 6] = [
+    "rate_limit",
+    "too_large",
+    "invalid",
+    "no_target",
+    "room_limit",
+    "relay_unavailable",
+];
 const R_RATE: usize = 0;
-const R_TOO_LARGE: usize = 1;
-const R_INVALID: usize = 2;
+
+/// The [`REFUSAL_REASONS`] index an error code is counted under.
+fn refusal_reason(code: ErrorCode) -> usize {
+    match code {
+        ErrorCode::RateLimited => R_RATE,
+        ErrorCode::TooLarge => 1,
+        ErrorCode::BadJson
+        | ErrorCode::UnknownType
+        | ErrorCode::BadMessage
+        | ErrorCode::BinaryNotSupported
+        | ErrorCode::BadRoom
+        | ErrorCode::NotInRoom => 2,
+        ErrorCode::PeerNotFound | ErrorCode::NotInSharedRoom => 3,
+        ErrorCode::RoomFull | ErrorCode::TooManyRooms => 4,
+        ErrorCode::RelayUnavailable => 5,
+    }
+}
 
 /// Labels of [`RoomStats::messages`]: the client message types, then "invalid" (too
 /// large, not JSON, unknown type or bad fields).
@@ -301,6 +325,7 @@ impl RoomService {
         self.send_welcome(id, resumed, &fits, out);
         for r in full {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::RoomFull,
                 format!("room {:?} holds at most {max} peers", r.label()),
@@ -399,7 +424,15 @@ impl RoomService {
         }
     }
 
-    fn error(conn: ConnId, code: ErrorCode, message: String, to: Option<&str>) -> Out {
+    /// An error answer, counted under its [`refusal_reason`].
+    fn error(
+        stats: &mut RoomStats,
+        conn: ConnId,
+        code: ErrorCode,
+        message: String,
+        to: Option<&str>,
+    ) -> Out {
+        stats.refused[refusal_reason(code)] += 1;
         Out::Send {
             conn,
             text: ServerMsg::Error { code, message, to }.to_text(),
@@ -428,12 +461,12 @@ impl RoomService {
                 self.stats.rate_limited += 1;
                 self.stats.refused[R_RATE] += 1;
                 let Some(f) = p.flood.as_mut() else {
-                    p.flood = Some(Flood {
+                    p.flood = Some(Box::new(Flood {
                         last_refusal: now,
                         last_report: now,
                         unreported: 0,
                         total: 1,
-                    });
+                    }));
                     let message = format!(
                         "more than {rate} messages/s (burst {burst}; signal.rate_per_sec, \
                          signal.burst): this message and later ones are refused until the \
@@ -474,8 +507,8 @@ impl RoomService {
         if text.len() > max {
             self.stats.bad_messages += 1;
             self.stats.messages[INVALID] += 1;
-            self.stats.refused[R_TOO_LARGE] += 1;
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::TooLarge,
                 format!(
@@ -491,10 +524,9 @@ impl RoomService {
             Err(e) => {
                 self.stats.bad_messages += 1;
                 self.stats.messages[INVALID] += 1;
-                self.stats.refused[R_INVALID] += 1;
                 let (code, message) = classify_parse_error(text, &e);
                 tracing::debug!(conn, ?code, "bad signaling message");
-                out.push(Self::error(conn, code, message, None));
+                out.push(Self::error(&mut self.stats, conn, code, message, None));
                 return out;
             }
         };
@@ -518,6 +550,7 @@ impl RoomService {
                 let key = self.key_for(&id, &room);
                 if !self.in_room(&id, &key) {
                     out.push(Self::error(
+                        &mut self.stats,
                         conn,
                         ErrorCode::NotInRoom,
                         format!("not in room {room:?}"),
@@ -549,6 +582,7 @@ impl RoomService {
             ClientMsg::Relay { to } => {
                 if !self.relay_enabled {
                     out.push(Self::error(
+                        &mut self.stats,
                         conn,
                         ErrorCode::RelayUnavailable,
                         "the WebSocket relay is disabled on this server".into(),
@@ -601,6 +635,7 @@ impl RoomService {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !valid || room == "lan" {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::BadRoom,
                 "room names are 1-64 characters of A-Z a-z 0-9 - _ . (and not \"lan\")".into(),
@@ -633,6 +668,7 @@ impl RoomService {
             .count();
         if named >= self.cfg.max_rooms_per_peer {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::TooManyRooms,
                 format!(
@@ -645,6 +681,7 @@ impl RoomService {
         }
         if self.rooms.get(&key).map_or(0, BTreeSet::len) >= self.cfg.max_room_size {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::RoomFull,
                 format!("room holds at most {} peers", self.cfg.max_room_size),
@@ -666,6 +703,7 @@ impl RoomService {
         let target = self.peers.get(to).and_then(|t| t.conn.map(|c| (t, c)));
         let Some((t, tconn)) = target else {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::PeerNotFound,
                 "no connected peer with that id".into(),
@@ -676,6 +714,7 @@ impl RoomService {
         let me = &self.peers[id];
         if t.id == me.id || me.rooms.is_disjoint(&t.rooms) {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::NotInSharedRoom,
                 "that peer is not in a room with you".into(),
