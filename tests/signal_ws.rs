@@ -159,7 +159,7 @@ async fn a_sender_over_its_rate_learns_the_count_refused() {
     for _ in 0..30 {
         send_text(&mut a, r#"{"type":"ping"}"#).await;
     }
-    let (msgs, closed) = read_for(&mut a, 2.5).await;
+    let (msgs, closed) = read_for(&mut a, 3.5).await;
     assert_eq!(closed, None, "{msgs:?}");
     let errors: Vec<&serde_json::Value> = msgs.iter().filter(|m| m["type"] == "error").collect();
     let pongs = msgs.iter().filter(|m| m["type"] == "pong").count();
@@ -225,8 +225,10 @@ async fn a_sustained_flooder_is_closed_with_1008_after_one_error() {
     }
     sender.abort();
     assert_eq!(code, Some(1008));
+    // One error when refusing started (a count at most once a second after it, should a
+    // loaded machine make the flood slow): not one per refused batch.
     assert!(
-        (1..=2).contains(&errors),
+        (1..=3).contains(&errors),
         "{errors} errors before the close"
     );
     assert_eq!(svc.stats().signal.flood_closed, 1);

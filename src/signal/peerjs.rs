@@ -251,7 +251,7 @@ impl PeerJsService {
                 code: 1000,
                 reason: "",
             });
-            self.flush_queue(id, now, &mut out);
+            self.flush_queue(id, &mut out);
             return out;
         }
         if self.clients.len() >= self.cfg.peerjs_concurrent_limit {
@@ -277,11 +277,11 @@ impl PeerJsService {
             conn,
             text: r#"{"type":"OPEN"}"#.into(),
         });
-        self.flush_queue(id, now, &mut out);
+        self.flush_queue(id, &mut out);
         out
     }
 
-    fn flush_queue(&mut self, id: &str, _now: Instant, out: &mut Vec<Out>) {
+    fn flush_queue(&mut self, id: &str, out: &mut Vec<Out>) {
         let Some(q) = self.queues.remove(id) else {
             return;
         };
