@@ -301,9 +301,12 @@ pub struct SignalConfig {
     pub peer_timeout_secs: u32,
     /// A reconnect with the resume token within this time keeps the peer id.
     pub resume_grace_secs: u32,
-    /// Largest signaling message accepted (larger: an error message; far larger: close 1009).
+    /// Largest native (`/ws`) message accepted (larger: a `too-large` error; over four times
+    /// this the frame closes the socket with 1009). 2 MiB by default: a 1 MiB payload (an
+    /// SDP with many candidates and codecs, app data) passes with its envelope; memory is
+    /// bounded by the rate limit and send-queue byte budgets, not by a small cap.
     pub max_message_bytes: usize,
-    /// Messages per second per connection, and the burst allowed above that rate.
+    /// Native messages per second per connection, and the burst allowed above that rate.
     pub rate_per_sec: u32,
     pub burst: u32,
     /// Named rooms one peer may be in at once.
@@ -330,6 +333,18 @@ pub struct SignalConfig {
     pub peerjs_concurrent_limit: usize,
     /// Messages queued for one absent PeerJS peer (the `peer` server's queue is unbounded).
     pub peerjs_queue_bound: usize,
+    /// Largest PeerJS message; a larger one closes its sender with 1009, as the `peer`
+    /// server does past its WebSocket limit (a PeerJS client aborts on any ERROR, so there
+    /// is no per-message "too large" answer).
+    pub peerjs_max_message_bytes: usize,
+    /// PeerJS messages per second per client, and the burst above it. Far above what an
+    /// app sends: past it the client is disconnected (1008), since ERROR would abort it.
+    pub peerjs_rate_per_sec: u32,
+    pub peerjs_burst: u32,
+    /// Bytes one PeerJS sender may have queued for absent peers; past it, EXPIRE at once.
+    pub peerjs_queue_bytes_per_sender: usize,
+    /// Bytes queued for all absent PeerJS peers together; past it, EXPIRE at once.
+    pub peerjs_queue_bytes_total: usize,
 }
 
 impl Default for SignalConfig {
@@ -339,7 +354,7 @@ impl Default for SignalConfig {
             ping_interval_secs: 20,
             peer_timeout_secs: 60,
             resume_grace_secs: 30,
-            max_message_bytes: 64 * 1024,
+            max_message_bytes: 2 << 20,
             rate_per_sec: 50,
             burst: 200,
             max_rooms_per_peer: 8,
@@ -355,6 +370,11 @@ impl Default for SignalConfig {
             peerjs_expire_timeout_secs: 5,
             peerjs_concurrent_limit: 5000,
             peerjs_queue_bound: 64,
+            peerjs_max_message_bytes: 2 << 20,
+            peerjs_rate_per_sec: 500,
+            peerjs_burst: 2000,
+            peerjs_queue_bytes_per_sender: 4 << 20,
+            peerjs_queue_bytes_total: 64 << 20,
         }
     }
 }
@@ -771,10 +791,28 @@ impl Config {
                 "must be 256 to 16777216",
             ));
         }
+        if !(256..=64 << 20).contains(&s.peerjs_max_message_bytes) {
+            return Err(invalid(
+                "signal.peerjs_max_message_bytes",
+                "must be 256 to 67108864",
+            ));
+        }
         if s.rate_per_sec == 0 || s.burst == 0 {
             return Err(invalid(
                 "signal.rate_per_sec",
                 "rate and burst must be at least 1",
+            ));
+        }
+        if s.peerjs_rate_per_sec == 0 || s.peerjs_burst == 0 {
+            return Err(invalid(
+                "signal.peerjs_rate_per_sec",
+                "rate and burst must be at least 1",
+            ));
+        }
+        if s.peerjs_queue_bytes_total < s.peerjs_queue_bytes_per_sender {
+            return Err(invalid(
+                "signal.peerjs_queue_bytes_total",
+                "must be at least signal.peerjs_queue_bytes_per_sender",
             ));
         }
         for (key, v) in [
@@ -784,6 +822,10 @@ impl Config {
             ("signal.send_queue", s.send_queue),
             ("signal.peerjs_concurrent_limit", s.peerjs_concurrent_limit),
             ("signal.peerjs_queue_bound", s.peerjs_queue_bound),
+            (
+                "signal.peerjs_queue_bytes_per_sender",
+                s.peerjs_queue_bytes_per_sender,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -1041,6 +1083,27 @@ mod tests {
         assert!(e.to_string().starts_with("api.allowed_origins[0]"), "{e}");
         let e = load("[signal]\npeerjs_path = \"x\"\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("signal.peerjs_path"), "{e}");
+        let e = load("", &[], &["signal.peerjs_max_message_bytes=100"]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("signal.peerjs_max_message_bytes"),
+            "{e}"
+        );
+        let e = load("", &[], &["signal.peerjs_burst=0"]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("signal.peerjs_rate_per_sec"),
+            "{e}"
+        );
+        let e = load("", &[], &["signal.peerjs_queue_bytes_total=1000"]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("signal.peerjs_queue_bytes_total"),
+            "{e}"
+        );
+        let e = load("", &[], &["signal.peerjs_queue_bytes_per_sender=0"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("signal.peerjs_queue_bytes_per_sender"),
+            "{e}"
+        );
         let e = load("[relay_ws]\nbuffer_bytes = 2000\n", &[], &[]).unwrap_err();
         assert!(e.to_string().starts_with("relay_ws.buffer_bytes"), "{e}");
         let e = load("[api]\ntoken_files = [\"/nonexistent/t\"]\n", &[], &[]).unwrap_err();

@@ -333,7 +333,25 @@ pub const SIGNAL_RATE_LIMITED: Def = def(
     "tern_signal_rate_limited_total",
     Counter,
     &["protocol"],
-    "Signaling messages dropped by the per-connection rate limit.",
+    "Signaling messages refused by the per-connection rate limit.",
+);
+pub const SIGNAL_REFUSED: Def = def(
+    "tern_signal_refused_total",
+    Counter,
+    &["protocol", "reason"],
+    "Signaling messages not carried out, by protocol and reason (each one told to its sender).",
+);
+pub const SIGNAL_LIMIT_CLOSED: Def = def(
+    "tern_signal_limit_closed_total",
+    Counter,
+    &["protocol", "reason"],
+    "Signaling connections closed for breaking a limit: native flood (1008); PeerJS rate_limit (1008), too_large (1009).",
+);
+pub const PEERJS_QUEUED_BYTES: Def = def(
+    "tern_peerjs_queued_bytes",
+    Gauge,
+    &[],
+    "Bytes held in queues for absent PeerJS peers.",
 );
 pub const PEERJS_CLIENTS: Def = def(
     "tern_peerjs_clients",
@@ -478,6 +496,9 @@ pub const ALL: &[&Def] = &[
     &SIGNAL_MESSAGES,
     &SIGNAL_FORWARDED,
     &SIGNAL_RATE_LIMITED,
+    &SIGNAL_REFUSED,
+    &SIGNAL_LIMIT_CLOSED,
+    &PEERJS_QUEUED_BYTES,
     &PEERJS_CLIENTS,
     &PEERJS_QUEUE_DROPPED,
     &PEERJS_EXPIRED,
@@ -543,6 +564,9 @@ const HTTP_FACE_DEFS: &[&Def] = &[
     &SIGNAL_MESSAGES,
     &SIGNAL_FORWARDED,
     &SIGNAL_RATE_LIMITED,
+    &SIGNAL_REFUSED,
+    &SIGNAL_LIMIT_CLOSED,
+    &PEERJS_QUEUED_BYTES,
     &PEERJS_CLIENTS,
     &PEERJS_QUEUE_DROPPED,
     &PEERJS_EXPIRED,
@@ -888,6 +912,23 @@ impl Collector for HttpCollector {
         f.sample(&SIGNAL_FORWARDED, &["native"], s.signal.signals_forwarded);
         f.sample(&SIGNAL_FORWARDED, &["peerjs"], s.peerjs.forwarded);
         f.sample(&SIGNAL_RATE_LIMITED, &["native"], s.signal.rate_limited);
+        f.sample(&SIGNAL_RATE_LIMITED, &["peerjs"], s.peerjs.refused[0]);
+        for (i, r) in rooms::REFUSAL_REASONS.iter().enumerate() {
+            f.sample(&SIGNAL_REFUSED, &["native", r], s.signal.refused[i]);
+        }
+        for (i, r) in peerjs::REFUSAL_REASONS.iter().enumerate() {
+            f.sample(&SIGNAL_REFUSED, &["peerjs", r], s.peerjs.refused[i]);
+        }
+        f.sample(
+            &SIGNAL_LIMIT_CLOSED,
+            &["native", "flood"],
+            s.signal.flood_closed,
+        );
+        // Every PeerJS rate or size refusal closes its sender.
+        for (i, r) in peerjs::REFUSAL_REASONS.iter().enumerate().take(2) {
+            f.sample(&SIGNAL_LIMIT_CLOSED, &["peerjs", r], s.peerjs.refused[i]);
+        }
+        f.sample(&PEERJS_QUEUED_BYTES, &[], s.peerjs.queued_bytes);
         f.sample(&PEERJS_CLIENTS, &[], s.peerjs_clients as u64);
         f.sample(&PEERJS_QUEUE_DROPPED, &[], s.peerjs.queued_dropped);
         f.sample(&PEERJS_EXPIRED, &[], s.peerjs.expired);

@@ -1,6 +1,7 @@
 //! Real browsers against the HTTP face: the `peerjs` npm client in headless Chromium
 //! (tests/browser/peerjs.mjs: two Peers, a DataConnection, text and a 5 MiB blob with
-//! SHA-256), and the native protocol (tests/browser/signal.mjs: /api/ice, /ws signaling for
+//! SHA-256, then a 1 MiB signal — an OFFER carrying 1 MiB of metadata — at default
+//! settings), and the native protocol (tests/browser/signal.mjs: /api/ice, /ws signaling for
 //! an RTCDataChannel, then /relay with 2 MiB and SHA-256).
 
 use crate::signal_common;
@@ -68,7 +69,7 @@ fn run_script(name: &str, api_extra: &str) {
 }
 
 #[test]
-fn real_peerjs_client_in_chromium_exchanges_text_and_5_mib() {
+fn real_peerjs_client_in_chromium_exchanges_text_5_mib_and_a_1_mib_signal() {
     if tooling_present() {
         run_script("peerjs.mjs", "");
     }

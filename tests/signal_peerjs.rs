@@ -92,3 +92,229 @@ async fn open_forward_id_taken_and_expire() {
     .await;
     assert_eq!(next_json(&mut b).await["type"], "CANDIDATE");
 }
+
+fn peer_path(id: &str, token: &str) -> String {
+    format!("/peerjs/peerjs?key=peerjs&id={id}&token={token}&version=1.5.5")
+}
+
+async fn open_peer(addr: std::net::SocketAddr, id: &str) -> signal_common::Ws {
+    let mut s = ws(addr, &peer_path(id, &format!("tok-{id}"))).await;
+    assert_eq!(next_json(&mut s).await["type"], "OPEN");
+    s
+}
+
+/// Reads until a Close frame: (its code, its reason).
+async fn close_frame(s: &mut signal_common::Ws) -> Option<(u16, String)> {
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match signal_common::next_msg(s).await {
+            Some(Message::Close(f)) => return f.map(|f| (u16::from(f.code), f.reason.to_string())),
+            Some(_) => continue,
+            None => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn offers_of_64_kib_and_1_mib_and_150_candidates_pass_at_defaults() {
+    let svc = start("", "");
+    let addr = svc.local_addr();
+    let mut a = open_peer(addr, "alice").await;
+    let mut b = open_peer(addr, "bob").await;
+    for size in [64 * 1024, 1 << 20] {
+        let sdp = "a".repeat(size);
+        send_text(
+            &mut a,
+            &format!(
+                r#"{{"type":"OFFER","dst":"bob","payload":{{"sdp":{{"type":"offer","sdp":"{sdp}"}},"type":"data","connectionId":"dc_1"}}}}"#
+            ),
+        )
+        .await;
+        let m = next_json(&mut b).await;
+        assert_eq!(m["type"], "OFFER");
+        assert_eq!(m["src"], "alice");
+        assert_eq!(
+            m["payload"]["sdp"]["sdp"].as_str().unwrap(),
+            sdp,
+            "{size} bytes intact"
+        );
+    }
+    for i in 0..150 {
+        send_text(
+            &mut a,
+            &format!(
+                r#"{{"type":"CANDIDATE","dst":"bob","payload":{{"candidate":{{"candidate":"candidate:{i} 1 udp 1 127.0.0.1 {i} typ host"}},"type":"data","connectionId":"dc_1"}}}}"#
+            ),
+        )
+        .await;
+    }
+    for i in 0..150 {
+        let m = next_json(&mut b).await;
+        assert_eq!(m["type"], "CANDIDATE", "candidate {i}");
+    }
+    send_text(&mut a, r#"{"type":"ANSWER","dst":"bob","payload":{}}"#).await;
+    assert_eq!(
+        next_json(&mut b).await["type"],
+        "ANSWER",
+        "alice still connected"
+    );
+    let st = svc.stats();
+    assert_eq!(st.peerjs.refused, [0; 6]);
+    assert_eq!(st.peerjs.forwarded, 153);
+}
+
+#[tokio::test]
+async fn a_frame_over_the_limit_closes_only_its_sender_with_1009() {
+    let svc = start("", "");
+    let addr = svc.local_addr();
+    let mut a = open_peer(addr, "alice").await;
+    let mut b = open_peer(addr, "bob").await;
+    let mut c = open_peer(addr, "carol").await;
+    // Over signal.peerjs_max_message_bytes (2 MiB): closed with 1009 and a reason.
+    let big = format!(
+        r#"{{"type":"OFFER","dst":"bob","payload":"{}"}}"#,
+        "x".repeat(3 << 20)
+    );
+    send_text(&mut a, &big).await;
+    let (code, reason) = close_frame(&mut a).await.unwrap();
+    assert_eq!(code, 1009);
+    assert!(reason.contains("peerjs_max_message_bytes"), "{reason}");
+    // (Far over it, past four times the limit, the codec refuses the frame before
+    // buffering it, also with 1009: signal_ws.rs checks that path with a small limit.)
+    // Everyone else is served.
+    send_text(
+        &mut c,
+        r#"{"type":"OFFER","dst":"bob","payload":{"sdp":"ok"}}"#,
+    )
+    .await;
+    let m = next_json(&mut b).await;
+    assert_eq!(m["src"], "carol");
+    assert_eq!(svc.stats().peerjs.refused[1], 1);
+}
+
+#[tokio::test]
+async fn a_sender_past_its_rate_is_closed_with_a_reason_not_left_waiting() {
+    let svc = start("", "[signal]\npeerjs_rate_per_sec = 5\npeerjs_burst = 20\n");
+    let addr = svc.local_addr();
+    let mut a = open_peer(addr, "alice").await;
+    let mut b = open_peer(addr, "bob").await;
+    for i in 0..40 {
+        let m = format!(r#"{{"type":"CANDIDATE","dst":"bob","payload":{{"n":{i}}}}}"#);
+        if futures_util::SinkExt::send(
+            &mut a,
+            tokio_tungstenite::tungstenite::Message::Text(m.into()),
+        )
+        .await
+        .is_err()
+        {
+            break;
+        }
+    }
+    let (code, reason) = close_frame(&mut a).await.unwrap();
+    assert_eq!(code, 1008);
+    assert!(reason.contains("signal.peerjs_rate_per_sec"), "{reason}");
+    // What was accepted arrived, in order; the rest was refused with the close, none
+    // vanished while the sender stayed connected.
+    let st = svc.stats();
+    let mut got = 0;
+    while got < st.peerjs.forwarded {
+        let m = next_json(&mut b).await;
+        assert_eq!(m["payload"]["n"], got);
+        got += 1;
+    }
+    assert!((20..40).contains(&got), "{got}");
+    assert_eq!(st.peerjs.refused[0], 1);
+    // The client may reconnect with its id and token.
+    let mut again = ws(addr, &peer_path("alice", "tok-alice")).await;
+    assert_eq!(next_json(&mut again).await["type"], "OPEN");
+}
+
+#[test]
+fn messages_to_unknown_ids_are_refused_past_the_byte_budget_and_rss_stays_bounded() {
+    use crate::common::{scrape, Tern, TernOpts};
+    // A daemon of its own, so its RSS is not shared with other tests.
+    let tern = Tern::start(TernOpts {
+        api: Some(String::new()),
+        metrics: true,
+        relay_ports: 10,
+        ..TernOpts::new(29800)
+    });
+    let addr = tern.api_addr();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let payload = "q".repeat(60_000);
+    let round = |round: usize| {
+        let payload = payload.clone();
+        rt.block_on(async move {
+            // 20 connections x 200 messages of 60 KB, each to an id nobody holds.
+            let mut tasks = Vec::new();
+            for c in 0..20 {
+                let payload = payload.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut s = open_peer(addr, &format!("sender{round}x{c}")).await;
+                    for i in 0..200 {
+                        let m = format!(
+                            r#"{{"type":"OFFER","dst":"ghost{round}x{c}x{i}","payload":"{payload}"}}"#
+                        );
+                        send_text(&mut s, &m).await;
+                    }
+                    // Every refused message is answered with EXPIRE at once.
+                    let mut expired = 0;
+                    while let Ok(m) = tokio::time::timeout(
+                        std::time::Duration::from_millis(1500),
+                        next_json(&mut s),
+                    )
+                    .await
+                    {
+                        assert_eq!(m["type"], "EXPIRE");
+                        expired += 1;
+                    }
+                    (s, expired)
+                }));
+            }
+            let mut socks = Vec::new();
+            let mut expired = 0;
+            for t in tasks {
+                let (s, e) = t.await.unwrap();
+                socks.push(s);
+                expired += e;
+            }
+            (socks, expired)
+        })
+    };
+    let rss0 = tern.rss_kib();
+    let (socks, expired) = round(0);
+    let rss1 = tern.rss_kib();
+    let m = scrape::get(tern.metrics_port, "/metrics").1;
+    let queued = scrape::value(&m, "tern_peerjs_queued_bytes", &[]);
+    let refused_sender = scrape::value(
+        &m,
+        "tern_signal_refused_total",
+        &[("protocol", "peerjs"), ("reason", "queue_sender_bytes")],
+    );
+    let refused_total = scrape::value(
+        &m,
+        "tern_signal_refused_total",
+        &[("protocol", "peerjs"), ("reason", "queue_total_bytes")],
+    );
+    eprintln!(
+        "queued {queued} B, refused {refused_sender} (sender) + {refused_total} (total), \
+         {expired} EXPIRE at once, RSS {rss0} -> {rss1} KiB"
+    );
+    assert!(queued <= f64::from(64 << 20), "{queued}");
+    assert!(refused_sender + refused_total >= 2000.0);
+    // Each refused message got its EXPIRE at once (queued ones may expire meanwhile too).
+    assert!(expired as f64 >= refused_sender + refused_total);
+    // 240 MB offered; at most 64 MiB held.
+    assert!(rss1 < rss0 + 120 * 1024, "RSS grew {} KiB", rss1 - rss0);
+    // The queues expire after 5 s: the bytes are given back and a second round does not
+    // grow the daemon further.
+    drop(socks);
+    let m = scrape::scrape_until(tern.metrics_port, "queues drained", |m| {
+        scrape::value(m, "tern_peerjs_queued_bytes", &[]) == 0.0
+    });
+    assert_eq!(scrape::value(&m, "tern_peerjs_queued_bytes", &[]), 0.0);
+    let (_socks, _) = round(1);
+    let rss2 = tern.rss_kib();
+    eprintln!("second round: RSS {rss2} KiB");
+    assert!(rss2 < rss0 + 140 * 1024, "RSS grew {} KiB", rss2 - rss0);
+}

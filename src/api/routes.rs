@@ -122,7 +122,24 @@ fn json_error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-/// `GET /ws[?resume=TOKEN]`: native signaling.
+/// The `Sec-WebSocket-Protocol` a native client offers along with `resume.TOKEN`; the
+/// server selects it, never echoing the token.
+const NATIVE_SUBPROTOCOL: &str = "tern";
+
+/// A resume token offered as the subprotocol `resume.TOKEN` (kept out of URLs and proxy
+/// logs), else the old `?resume=TOKEN` form. Either way the token is single-use.
+fn resume_token(headers: &HeaderMap, q: &HashMap<String, String>) -> Option<String> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("resume."))
+        .map(str::to_owned)
+        .or_else(|| q.get("resume").cloned())
+}
+
+/// `GET /ws[?resume=TOKEN]` (or subprotocols `tern, resume.TOKEN`): native signaling.
 async fn ws_native(
     State(st): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -135,8 +152,9 @@ async fn ws_native(
     }
     let ip = client_ip(peer.ip(), &headers, &st.cfg.api.trusted_proxies);
     let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
-    let resume = q.get("resume").cloned();
+    let resume = resume_token(&headers, &q);
     let hub = Arc::clone(&st.rooms);
+    let ws = ws.protocols([NATIVE_SUBPROTOCOL]);
     signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
         hub.run(socket, move |core, conn, now| {
             core.connect(conn, lan, resume.as_deref(), now)
@@ -240,7 +258,7 @@ async fn peerjs_ws(
         return draining_refusal();
     }
     let hub = Arc::clone(&st.peerjs);
-    signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
+    signaling_socket(ws, st.cfg.signal.peerjs_max_message_bytes).on_upgrade(move |socket| {
         hub.run(socket, move |core, conn, now| {
             core.connect(
                 conn,

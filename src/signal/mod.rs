@@ -14,6 +14,14 @@ pub mod protocol;
 
 pub mod rooms;
 
+/// Gives a map's memory back once it holds a quarter of its capacity (after a crowd of
+/// peers or queued messages is gone); amortized O(1) since it halves at most per shrink.
+pub(crate) fn shrink_map<K: Eq + std::hash::Hash, V>(m: &mut std::collections::HashMap<K, V>) {
+    if m.capacity() > 64 && m.len() * 4 < m.capacity() {
+        m.shrink_to(m.len() * 2);
+    }
+}
+
 /// A connection handle chosen by the driver.
 pub type ConnId = u64;
 

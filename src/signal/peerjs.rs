@@ -4,9 +4,15 @@
 //! `payload.msg` for missing parameters, a bad key or the concurrent limit; ID-TAKEN when
 //! the id is held under another token; a silent re-attach for the same token. OFFER,
 //! ANSWER, CANDIDATE, LEAVE and EXPIRE are forwarded as `{type,src,dst,payload}` with
-//! `src` set by the server. Messages for an absent peer wait in a bounded queue and are
-//! answered with EXPIRE after `expire_timeout`; a client without HEARTBEAT for
-//! `alive_timeout` is dropped.
+//! `src` set by the server. Messages for an absent peer wait in a queue and are answered
+//! with EXPIRE after `expire_timeout`; a client without HEARTBEAT for `alive_timeout` is
+//! dropped.
+//!
+//! Refusals: a PeerJS client aborts its whole Peer on any ERROR message, so no message is
+//! refused with ERROR and none is dropped silently. A message that cannot be queued (count
+//! or byte budgets) is answered with EXPIRE for its destination at once, as if it had
+//! expired; a client past its rate limit or sending a message over the size limit is
+//! disconnected with a close code and a reason naming the limit (the client reconnects).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -16,7 +22,7 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{ConnId, Out};
+use super::{shrink_map, ConnId, Out};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
 
@@ -48,12 +54,27 @@ struct Client {
     conn: ConnId,
     last_ping: Instant,
     bucket: TokenBucket,
-    strikes: u32,
 }
+
+/// A message held for an absent peer, already serialized: it is sent as is.
+struct Queued {
+    src: String,
+    text: String,
+}
+
+impl Queued {
+    /// Bytes charged to the budgets: the texts plus a fixed allowance for the entry.
+    fn cost(&self) -> usize {
+        self.src.len() + self.text.len() + QUEUED_OVERHEAD
+    }
+}
+
+/// Allocation and bookkeeping per queued message beyond its text.
+const QUEUED_OVERHEAD: usize = 96;
 
 struct Queue {
     created: Instant,
-    msgs: VecDeque<Fwd>,
+    msgs: VecDeque<Queued>,
 }
 
 /// Labels of [`PeerJsStats::messages`]: PeerJS message types, then "invalid".
@@ -68,15 +89,37 @@ pub const MESSAGE_TYPES: [&str; 7] = [
 ];
 const INVALID: usize = 6;
 
+/// Labels of [`PeerJsStats::refused`]: why a message was not carried out. `rate_limit` and
+/// `too_large` also closed the sender's connection; the `queue_*` ones got EXPIRE at once.
+pub const REFUSAL_REASONS: [&str; 6] = [
+    "rate_limit",
+    "too_large",
+    "invalid",
+    "queue_full",
+    "queue_sender_bytes",
+    "queue_total_bytes",
+];
+const R_RATE: usize = 0;
+const R_TOO_LARGE: usize = 1;
+const R_INVALID: usize = 2;
+const R_QUEUE_FULL: usize = 3;
+const R_SENDER_BYTES: usize = 4;
+const R_TOTAL_BYTES: usize = 5;
+
 /// Counters for the metrics face.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PeerJsStats {
     pub bad_messages: u64,
     pub forwarded: u64,
+    /// Messages for absent peers refused (any `queue_*` reason): the sender got EXPIRE.
     pub queued_dropped: u64,
     pub expired: u64,
     /// Messages accepted past the rate limit, by type ([`MESSAGE_TYPES`]).
     pub messages: [u64; MESSAGE_TYPES.len()],
+    /// Messages refused, by reason ([`REFUSAL_REASONS`]).
+    pub refused: [u64; REFUSAL_REASONS.len()],
+    /// Bytes now queued for absent peers (a gauge; see [`Queued::cost`]).
+    pub queued_bytes: u64,
 }
 
 /// The PeerJS realm: clients by id, connections, queues for absent peers.
@@ -86,6 +129,9 @@ pub struct PeerJsService {
     clients: HashMap<String, Client>,
     conns: HashMap<ConnId, String>,
     queues: HashMap<String, Queue>,
+    /// Bytes each sender has queued (entries removed at zero), and their sum.
+    queued_by_sender: HashMap<String, usize>,
+    queued_total: usize,
     stats: PeerJsStats,
 }
 
@@ -107,12 +153,17 @@ impl PeerJsService {
             clients: HashMap::new(),
             conns: HashMap::new(),
             queues: HashMap::new(),
+            queued_by_sender: HashMap::new(),
+            queued_total: 0,
             stats: PeerJsStats::default(),
         }
     }
 
     pub fn stats(&self) -> PeerJsStats {
-        self.stats
+        PeerJsStats {
+            queued_bytes: self.queued_total as u64,
+            ..self.stats
+        }
     }
 
     /// Registered clients (connected ids).
@@ -200,7 +251,7 @@ impl PeerJsService {
                 code: 1000,
                 reason: "",
             });
-            self.flush_queue(id, now, &mut out);
+            self.flush_queue(id, &mut out);
             return out;
         }
         if self.clients.len() >= self.cfg.peerjs_concurrent_limit {
@@ -208,8 +259,8 @@ impl PeerJsService {
             return out;
         }
         let bucket = TokenBucket::new(
-            f64::from(self.cfg.rate_per_sec),
-            f64::from(self.cfg.burst),
+            f64::from(self.cfg.peerjs_rate_per_sec),
+            f64::from(self.cfg.peerjs_burst),
             now,
         );
         self.clients.insert(
@@ -219,7 +270,6 @@ impl PeerJsService {
                 conn,
                 last_ping: now,
                 bucket,
-                strikes: 0,
             },
         );
         self.conns.insert(conn, id.to_string());
@@ -227,16 +277,48 @@ impl PeerJsService {
             conn,
             text: r#"{"type":"OPEN"}"#.into(),
         });
-        self.flush_queue(id, now, &mut out);
+        self.flush_queue(id, &mut out);
         out
     }
 
-    fn flush_queue(&mut self, id: &str, now: Instant, out: &mut Vec<Out>) {
-        if let Some(q) = self.queues.remove(id) {
-            for m in q.msgs {
-                self.transmit(m, now, out);
+    fn flush_queue(&mut self, id: &str, out: &mut Vec<Out>) {
+        let Some(q) = self.queues.remove(id) else {
+            return;
+        };
+        let conn = self.clients[id].conn;
+        for m in q.msgs {
+            self.unqueue(&m);
+            self.stats.forwarded += 1;
+            out.push(Out::Send { conn, text: m.text });
+        }
+        self.shrink();
+    }
+
+    /// Takes a message's bytes off its sender's and the total budget.
+    fn unqueue(&mut self, m: &Queued) {
+        let cost = m.cost();
+        self.queued_total -= cost;
+        if let Some(b) = self.queued_by_sender.get_mut(&m.src) {
+            *b -= cost;
+            if *b == 0 {
+                self.queued_by_sender.remove(&m.src);
             }
         }
+    }
+
+    /// Gives memory back once queues and clients have drained.
+    fn shrink(&mut self) {
+        shrink_map(&mut self.queues);
+        shrink_map(&mut self.queued_by_sender);
+        shrink_map(&mut self.clients);
+        shrink_map(&mut self.conns);
+    }
+
+    /// Closes a client for breaking a limit: a PeerJS client cannot take an ERROR without
+    /// aborting, and a message dropped silently would leave it waiting.
+    fn cut_off(&mut self, id: &str, conn: ConnId, code: u16, reason: &'static str) -> Vec<Out> {
+        self.drop_client(id);
+        vec![Out::Close { conn, code, reason }]
     }
 
     /// A text frame from `conn`. Bad JSON and unknown types are ignored, as the `peer`
@@ -246,30 +328,32 @@ impl PeerJsService {
         let Some(id) = self.conns.get(&conn).cloned() else {
             return out;
         };
-        let burst = self.cfg.burst;
         let c = self.clients.get_mut(&id).expect("conns and clients agree");
         if !c.bucket.try_take(1.0, now) {
-            c.strikes += 1;
-            self.stats.bad_messages += 1;
-            if c.strikes > burst.saturating_mul(4) {
-                self.drop_client(&id);
-                out.push(Out::Close {
-                    conn,
-                    code: 1008,
-                    reason: "rate limit exceeded",
-                });
-            }
-            return out;
+            self.stats.refused[R_RATE] += 1;
+            return self.cut_off(
+                &id,
+                conn,
+                1008,
+                "rate limit: over signal.peerjs_rate_per_sec / peerjs_burst",
+            );
         }
-        c.strikes = 0;
-        if text.len() > self.cfg.max_message_bytes {
+        if text.len() > self.cfg.peerjs_max_message_bytes {
+            // The `peer` server closes such a sender with 1009 (past its WebSocket limit).
             self.stats.bad_messages += 1;
             self.stats.messages[INVALID] += 1;
-            return out;
+            self.stats.refused[R_TOO_LARGE] += 1;
+            return self.cut_off(
+                &id,
+                conn,
+                1009,
+                "message too large: over signal.peerjs_max_message_bytes",
+            );
         }
         let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(text) else {
             self.stats.bad_messages += 1;
             self.stats.messages[INVALID] += 1;
+            self.stats.refused[R_INVALID] += 1;
             tracing::debug!(conn, "PeerJS message is not a JSON object; ignored");
             return out;
         };
@@ -287,6 +371,7 @@ impl PeerJsService {
             _ => {
                 self.stats.bad_messages += 1;
                 self.stats.messages[INVALID] += 1;
+                self.stats.refused[R_INVALID] += 1;
                 return out;
             }
         };
@@ -296,6 +381,7 @@ impl PeerJsService {
             None | Some(Value::Null) => None,
             Some(_) => {
                 self.stats.bad_messages += 1;
+                self.stats.refused[R_INVALID] += 1;
                 return out;
             }
         };
@@ -319,48 +405,62 @@ impl PeerJsService {
         out
     }
 
-    /// Delivers to a connected destination, or queues for an absent one.
+    /// Delivers to a connected destination, or queues for an absent one. A message that
+    /// cannot be queued gets EXPIRE at once: never an ERROR (the client would abort), never
+    /// a silent drop.
     fn transmit(&mut self, m: Fwd, now: Instant, out: &mut Vec<Out>) {
         let Some(dst) = m.dst.clone() else {
             return;
         };
+        let text = serde_json::to_string(&m).expect("serializes");
         if let Some(c) = self.clients.get(&dst) {
             self.stats.forwarded += 1;
-            out.push(Out::Send {
-                conn: c.conn,
-                text: serde_json::to_string(&m).expect("serializes"),
-            });
+            out.push(Out::Send { conn: c.conn, text });
             return;
         }
         if m.kind == "LEAVE" || m.kind == "EXPIRE" {
             return;
         }
-        let bound = self.cfg.peerjs_queue_bound;
-        let room_for_queue = self.queues.len() < self.cfg.peerjs_concurrent_limit;
-        match self.queues.get_mut(&dst) {
-            Some(q) if q.msgs.len() < bound => q.msgs.push_back(m),
-            // Full queue: the pair is already queued, so its EXPIRE will still come.
-            Some(_) => self.stats.queued_dropped += 1,
-            None if room_for_queue => {
-                self.queues.insert(
-                    dst,
-                    Queue {
-                        created: now,
-                        msgs: VecDeque::from([m]),
-                    },
-                );
+        let q = Queued { src: m.src, text };
+        let cost = q.cost();
+        let sender_bytes = self.queued_by_sender.get(&q.src).copied().unwrap_or(0);
+        let refusal = match self.queues.get(&dst) {
+            Some(q) if q.msgs.len() >= self.cfg.peerjs_queue_bound => Some(R_QUEUE_FULL),
+            None if self.queues.len() >= self.cfg.peerjs_concurrent_limit => Some(R_QUEUE_FULL),
+            _ if sender_bytes + cost > self.cfg.peerjs_queue_bytes_per_sender => {
+                Some(R_SENDER_BYTES)
             }
-            None => {
-                // No memory for another queue: answer EXPIRE now.
-                self.stats.queued_dropped += 1;
-                let src = m.src.clone();
-                self.expire(dst, src, now, out);
+            _ if self.queued_total + cost > self.cfg.peerjs_queue_bytes_total => {
+                Some(R_TOTAL_BYTES)
             }
+            _ => None,
+        };
+        if let Some(reason) = refusal {
+            self.stats.refused[reason] += 1;
+            self.stats.queued_dropped += 1;
+            self.send_expire(dst, q.src, now, out);
+            return;
         }
+        *self.queued_by_sender.entry(q.src.clone()).or_insert(0) += cost;
+        self.queued_total += cost;
+        self.queues
+            .entry(dst)
+            .or_insert_with(|| Queue {
+                created: now,
+                msgs: VecDeque::new(),
+            })
+            .msgs
+            .push_back(q);
     }
 
+    /// Queued messages from `to` for `from` expired.
     fn expire(&mut self, from: String, to: String, now: Instant, out: &mut Vec<Out>) {
         self.stats.expired += 1;
+        self.send_expire(from, to, now, out);
+    }
+
+    /// Tells `to` that its messages for `from` will not arrive.
+    fn send_expire(&mut self, from: String, to: String, now: Instant, out: &mut Vec<Out>) {
         self.transmit(
             Fwd {
                 kind: "EXPIRE",
@@ -386,6 +486,7 @@ impl PeerJsService {
                 self.clients.remove(&id);
             }
         }
+        self.shrink();
         Vec::new()
     }
 
@@ -409,7 +510,6 @@ impl PeerJsService {
                     reason: "",
                 });
             }
-            self.queues.remove(&id);
         }
         let expire = Duration::from_secs(self.cfg.peerjs_expire_timeout_secs.into());
         let due: Vec<String> = self
@@ -422,11 +522,13 @@ impl PeerJsService {
             let q = self.queues.remove(&dst).expect("listed above");
             let mut seen = HashSet::new();
             for m in q.msgs {
+                self.unqueue(&m);
                 if seen.insert(m.src.clone()) {
                     self.expire(dst.clone(), m.src, now, &mut out);
                 }
             }
         }
+        self.shrink();
         out
     }
 }

@@ -184,3 +184,189 @@ fn fresh_ids_are_uuids() {
     assert_eq!(&id[14..15], "4");
     assert_ne!(id, s.fresh_id());
 }
+
+fn close_of(outs: &[Out], conn: ConnId) -> Option<(u16, &'static str)> {
+    outs.iter().find_map(|o| match o {
+        Out::Close {
+            conn: c,
+            code,
+            reason,
+        } if *c == conn => Some((*code, *reason)),
+        _ => None,
+    })
+}
+
+#[test]
+fn one_mib_offer_and_150_candidates_pass_at_defaults() {
+    let mut s = PeerJsService::new(SignalConfig::default(), StdRng::seed_from_u64(1));
+    let t0 = Instant::now();
+    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, 2, "bob", "t2", t0);
+    let sdp = "v".repeat(1 << 20);
+    let o = s.message(
+        1,
+        &format!(r#"{{"type":"OFFER","dst":"bob","payload":{{"sdp":{{"sdp":"{sdp}"}}}}}}"#),
+        t0,
+    );
+    assert_eq!(
+        texts(&o, 2)[0]["payload"]["sdp"]["sdp"].as_str().unwrap(),
+        sdp
+    );
+    for i in 0..150u64 {
+        let o = s.message(
+            1,
+            &format!(r#"{{"type":"CANDIDATE","dst":"bob","payload":{{"c":{i}}}}}"#),
+            t0 + Duration::from_millis(i),
+        );
+        assert_eq!(texts(&o, 2)[0]["payload"]["c"], i);
+        assert!(close_of(&o, 1).is_none());
+    }
+    assert_eq!(s.stats().refused, [0; REFUSAL_REASONS.len()]);
+}
+
+#[test]
+fn a_client_past_its_rate_is_disconnected_with_a_reason() {
+    let mut s = PeerJsService::new(
+        SignalConfig {
+            peerjs_rate_per_sec: 10,
+            peerjs_burst: 20,
+            ..cfg()
+        },
+        StdRng::seed_from_u64(1),
+    );
+    let t0 = Instant::now();
+    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, 2, "bob", "t2", t0);
+    for i in 0..20 {
+        let o = s.message(1, r#"{"type":"CANDIDATE","dst":"bob","payload":1}"#, t0);
+        assert_eq!(texts(&o, 2).len(), 1, "message {i}");
+    }
+    // The 21st within the burst's instant: no ERROR (it would abort the client), no
+    // silent drop: the connection closes with a reason naming the limit.
+    let o = s.message(1, r#"{"type":"CANDIDATE","dst":"bob","payload":1}"#, t0);
+    assert!(texts(&o, 1).is_empty() && texts(&o, 2).is_empty());
+    let (code, reason) = close_of(&o, 1).unwrap();
+    assert_eq!(code, 1008);
+    assert!(reason.contains("signal.peerjs_rate_per_sec"), "{reason}");
+    assert!(reason.len() <= 123, "fits a close frame");
+    assert_eq!(s.stats().refused[0], 1);
+    // Unregistered: the id is free for the client's reconnect.
+    assert_eq!(s.ids(), vec!["bob".to_string()]);
+    let o = open(&mut s, 3, "alice", "t1", t0 + Duration::from_secs(1));
+    assert_eq!(texts(&o, 3)[0]["type"], "OPEN");
+}
+
+#[test]
+fn a_message_over_the_size_limit_closes_its_sender_with_1009() {
+    let mut s = PeerJsService::new(
+        SignalConfig {
+            peerjs_max_message_bytes: 1000,
+            ..cfg()
+        },
+        StdRng::seed_from_u64(1),
+    );
+    let t0 = Instant::now();
+    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, 2, "bob", "t2", t0);
+    let big = format!(
+        r#"{{"type":"OFFER","dst":"bob","payload":"{}"}}"#,
+        "x".repeat(1000)
+    );
+    let o = s.message(1, &big, t0);
+    assert!(texts(&o, 2).is_empty());
+    let (code, reason) = close_of(&o, 1).unwrap();
+    assert_eq!(code, 1009);
+    assert!(reason.contains("signal.peerjs_max_message_bytes"));
+    assert_eq!(s.stats().refused[1], 1);
+}
+
+fn big_offer(dst: &str, n: usize) -> String {
+    format!(
+        r#"{{"type":"OFFER","dst":"{dst}","payload":"{}"}}"#,
+        "p".repeat(n)
+    )
+}
+
+#[test]
+fn queued_bytes_are_bounded_per_sender_and_in_total_then_given_back() {
+    let mut s = PeerJsService::new(
+        SignalConfig {
+            peerjs_concurrent_limit: 1000,
+            peerjs_queue_bytes_per_sender: 250_000,
+            peerjs_queue_bytes_total: 400_000,
+            ..SignalConfig::default()
+        },
+        StdRng::seed_from_u64(1),
+    );
+    let t0 = Instant::now();
+    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, 2, "bob", "t2", t0);
+    // alice: 60 KB messages to distinct unknown ids; the 5th would pass 250 KB.
+    let mut expired_now = Vec::new();
+    for i in 0..8 {
+        let o = s.message(1, &big_offer(&format!("ghost{i}"), 60_000), t0);
+        expired_now.extend(texts(&o, 1));
+    }
+    assert_eq!(expired_now.len(), 4, "{expired_now:?}");
+    assert_eq!(
+        expired_now[0],
+        serde_json::json!({"type":"EXPIRE","src":"ghost4","dst":"alice"})
+    );
+    let st = s.stats();
+    assert_eq!(st.refused[4], 4, "queue_sender_bytes");
+    assert!(st.queued_bytes > 4 * 60_000 && st.queued_bytes <= 250_000);
+    // bob: the total (400 KB) runs out first.
+    let mut bob_expired = 0;
+    for i in 0..4 {
+        let o = s.message(2, &big_offer(&format!("spirit{i}"), 60_000), t0);
+        bob_expired += texts(&o, 2).len();
+    }
+    let st = s.stats();
+    assert_eq!(st.refused[5], 2, "queue_total_bytes");
+    assert_eq!(bob_expired, 2);
+    assert!(st.queued_bytes <= 400_000);
+    assert_eq!(st.queued_dropped, 6);
+    // One arrives: its message is delivered and its bytes given back.
+    let before = s.stats().queued_bytes;
+    let o = open(&mut s, 3, "ghost0", "g", t0 + Duration::from_secs(1));
+    assert_eq!(texts(&o, 3).len(), 2);
+    assert!(s.stats().queued_bytes < before);
+    // The rest expire: one EXPIRE per pair, and every byte is back.
+    let o = s.tick(t0 + Duration::from_secs(5));
+    assert_eq!(texts(&o, 1).len(), 3);
+    assert_eq!(texts(&o, 2).len(), 2);
+    assert_eq!(s.stats().queued_bytes, 0);
+    assert!(s.queued_by_sender.is_empty() && s.queues.is_empty());
+    // Then alice may queue again.
+    let o = s.message(1, &big_offer("later", 60_000), t0 + Duration::from_secs(6));
+    assert!(texts(&o, 1).is_empty());
+}
+
+#[test]
+fn maps_shrink_after_a_crowd_leaves() {
+    let mut s = PeerJsService::new(
+        SignalConfig {
+            peerjs_concurrent_limit: 10_000,
+            ..SignalConfig::default()
+        },
+        StdRng::seed_from_u64(1),
+    );
+    let t0 = Instant::now();
+    for i in 0..2000 {
+        open(&mut s, i, &format!("p{i}"), "t", t0);
+        s.message(i, r#"{"type":"OFFER","dst":"nobody-yet","payload":1}"#, t0);
+        s.message(i, &big_offer(&format!("n{i}"), 10), t0);
+    }
+    let big = s.clients.capacity();
+    for i in 0..2000 {
+        s.disconnect(i, t0);
+    }
+    s.tick(t0 + Duration::from_secs(5));
+    assert!(
+        s.clients.capacity() < big / 4,
+        "{} of {big}",
+        s.clients.capacity()
+    );
+    assert!(s.queues.capacity() <= 128);
+    assert_eq!(s.stats().queued_bytes, 0);
+}

@@ -93,6 +93,26 @@ impl ServerMsg<'_> {
     }
 }
 
+/// A `rate-limited` error: `refused` is the number of messages refused since the previous
+/// such error (the first one of an episode counts the message that started it).
+pub fn rate_limited_text(message: &str, refused: u64) -> String {
+    #[derive(Serialize)]
+    struct RateLimited<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        code: ErrorCode,
+        message: &'a str,
+        refused: u64,
+    }
+    serde_json::to_string(&RateLimited {
+        kind: "error",
+        code: ErrorCode::RateLimited,
+        message,
+        refused,
+    })
+    .expect("serializes")
+}
+
 /// Machine-readable error codes in `{"type":"error","code":...}`.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]

@@ -8,8 +8,8 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use super::names::friendly_name;
-use super::protocol::{ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
-use super::{ConnId, Out};
+use super::protocol::{rate_limited_text, ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
+use super::{shrink_map, ConnId, Out};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
 
@@ -42,8 +42,68 @@ struct Peer {
     last_ping: Instant,
     detached_at: Option<Instant>,
     bucket: TokenBucket,
-    /// Messages dropped by the rate limit since the last accepted one.
-    strikes: u32,
+    /// Set while the rate limit is refusing this peer's messages (boxed: rare, and idle
+    /// peers should stay small).
+    flood: Option<Box<Flood>>,
+}
+
+/// A rate-limit episode: from the first refused message until a second passes without one.
+/// The sender hears of it at once and then at most once per [`REPORT_EVERY`].
+#[derive(Debug, Clone, Copy)]
+struct Flood {
+    last_refusal: Instant,
+    last_report: Instant,
+    /// Refused since the last report.
+    unreported: u64,
+    /// Refused in this episode; past [`FLOOD_FACTOR`] × burst the connection is closed.
+    total: u64,
+}
+
+impl Flood {
+    /// Everything reported, and a second without a refusal or an error since: a later
+    /// refusal starts a new episode (whose first error is then at least a second after
+    /// the last one).
+    fn is_over(&self, now: Instant) -> bool {
+        self.unreported == 0
+            && now.saturating_duration_since(self.last_refusal) >= REPORT_EVERY
+            && now.saturating_duration_since(self.last_report) >= REPORT_EVERY
+    }
+}
+
+/// Counts of refused messages reach the sender at most this often.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// A connection refused more than this many bursts' worth of messages in one episode has
+/// ignored the error and keeps flooding: it is closed with 1008.
+const FLOOD_FACTOR: u64 = 4;
+const FLOOD_REASON: &str = "flooding: over signal.rate_per_sec after a rate-limited error";
+
+/// Labels of [`RoomStats::refused`]: why a message was not carried out (each one answered
+/// with an error; see [`refusal_reason`]).
+pub const REFUSAL_REASONS: [&str; 6] = [
+    "rate_limit",
+    "too_large",
+    "invalid",
+    "no_target",
+    "room_limit",
+    "relay_unavailable",
+];
+const R_RATE: usize = 0;
+
+/// The [`REFUSAL_REASONS`] index an error code is counted under.
+fn refusal_reason(code: ErrorCode) -> usize {
+    match code {
+        ErrorCode::RateLimited => R_RATE,
+        ErrorCode::TooLarge => 1,
+        ErrorCode::BadJson
+        | ErrorCode::UnknownType
+        | ErrorCode::BadMessage
+        | ErrorCode::BinaryNotSupported
+        | ErrorCode::BadRoom
+        | ErrorCode::NotInRoom => 2,
+        ErrorCode::PeerNotFound | ErrorCode::NotInSharedRoom => 3,
+        ErrorCode::RoomFull | ErrorCode::TooManyRooms => 4,
+        ErrorCode::RelayUnavailable => 5,
+    }
 }
 
 /// Labels of [`RoomStats::messages`]: the client message types, then "invalid" (too
@@ -61,6 +121,10 @@ pub struct RoomStats {
     pub signals_forwarded: u64,
     /// Messages accepted past the rate limit, by type ([`MESSAGE_TYPES`]).
     pub messages: [u64; MESSAGE_TYPES.len()],
+    /// Messages refused, by reason ([`REFUSAL_REASONS`]).
+    pub refused: [u64; REFUSAL_REASONS.len()],
+    /// Connections closed with 1008 for flooding.
+    pub flood_closed: u64,
 }
 
 /// A `/relay` session the service granted to two peers sharing a room: the driver registers
@@ -167,8 +231,15 @@ impl RoomService {
         }
         if let Some(id) = existing {
             // Same peer again: a reconnect within the grace period, or a new socket
-            // replacing one the server has not noticed is dead yet.
+            // replacing one the server has not noticed is dead yet. The token is single-use:
+            // the welcome carries a fresh one and the old one is dead (a leaked token
+            // cannot take the id over and over).
+            let fresh = self.token(16);
             let peer = self.peers.get_mut(&id).expect("resume index is consistent");
+            let used = std::mem::replace(&mut peer.resume, fresh.clone());
+            self.by_resume.remove(&used);
+            self.by_resume.insert(fresh, id.clone());
+            let peer = self.peers.get_mut(&id).expect("still there");
             if let Some(old) = peer.conn.take() {
                 self.conns.remove(&old);
                 out.push(Out::Close {
@@ -187,7 +258,7 @@ impl RoomService {
             peer.conn = Some(conn);
             peer.last_seen = now;
             peer.last_ping = now;
-            peer.strikes = 0;
+            peer.flood = None;
             // The LAN room follows the client's current address; named rooms are kept.
             let named = peer
                 .rooms
@@ -227,7 +298,7 @@ impl RoomService {
                 last_ping: now,
                 detached_at: None,
                 bucket,
-                strikes: 0,
+                flood: None,
             },
         );
         self.by_resume.insert(resume, id.clone());
@@ -254,6 +325,7 @@ impl RoomService {
         self.send_welcome(id, resumed, &fits, out);
         for r in full {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::RoomFull,
                 format!("room {:?} holds at most {max} peers", r.label()),
@@ -352,7 +424,15 @@ impl RoomService {
         }
     }
 
-    fn error(conn: ConnId, code: ErrorCode, message: String, to: Option<&str>) -> Out {
+    /// An error answer, counted under its [`refusal_reason`].
+    fn error(
+        stats: &mut RoomStats,
+        conn: ConnId,
+        code: ErrorCode,
+        message: String,
+        to: Option<&str>,
+    ) -> Out {
+        stats.refused[refusal_reason(code)] += 1;
         Out::Send {
             conn,
             text: ServerMsg::Error { code, message, to }.to_text(),
@@ -372,42 +452,69 @@ impl RoomService {
         let Some(id) = self.conns.get(&conn).cloned() else {
             return out;
         };
-        let burst = self.cfg.burst;
+        let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.burst);
         let max = self.cfg.max_message_bytes;
         {
             let p = self.peers.get_mut(&id).unwrap();
             p.last_seen = now;
             if !p.bucket.try_take(1.0, now) {
-                p.strikes += 1;
                 self.stats.rate_limited += 1;
-                if p.strikes == 1 {
-                    out.push(Self::error(
+                self.stats.refused[R_RATE] += 1;
+                let Some(f) = p.flood.as_mut() else {
+                    p.flood = Some(Box::new(Flood {
+                        last_refusal: now,
+                        last_report: now,
+                        unreported: 0,
+                        total: 1,
+                    }));
+                    let message = format!(
+                        "more than {rate} messages/s (burst {burst}; signal.rate_per_sec, \
+                         signal.burst): this message and later ones are refused until the \
+                         rate falls; counts follow at most once a second, and a connection \
+                         that keeps on is closed with 1008"
+                    );
+                    out.push(Out::Send {
                         conn,
-                        ErrorCode::RateLimited,
-                        "too many messages; this one and the next ones are dropped until the rate falls".into(),
-                        None,
-                    ));
-                } else if p.strikes > burst.saturating_mul(4) {
-                    // A client that ignores the warning is flooding: cut it off.
+                        text: rate_limited_text(&message, 1),
+                    });
+                    return out;
+                };
+                f.total += 1;
+                f.unreported += 1;
+                f.last_refusal = now;
+                if f.total > u64::from(burst) * FLOOD_FACTOR {
+                    // It ignored the error and kept on: cut it off.
+                    self.stats.flood_closed += 1;
                     self.conns.remove(&conn);
                     out.push(Out::Close {
                         conn,
                         code: 1008,
-                        reason: "rate limit exceeded",
+                        reason: FLOOD_REASON,
                     });
                     self.detach(&id, now, &mut out);
+                } else if let Some(o) = Self::report_refused(conn, rate, f, now) {
+                    out.push(o);
                 }
                 return out;
             }
-            p.strikes = 0;
+            if let Some(f) = p.flood.as_mut() {
+                out.extend(Self::report_refused(conn, rate, f, now));
+                if f.is_over(now) {
+                    p.flood = None;
+                }
+            }
         }
         if text.len() > max {
             self.stats.bad_messages += 1;
             self.stats.messages[INVALID] += 1;
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::TooLarge,
-                format!("message of {} bytes exceeds the limit of {max}", text.len()),
+                format!(
+                    "message of {} bytes exceeds signal.max_message_bytes = {max}",
+                    text.len()
+                ),
                 None,
             ));
             return out;
@@ -419,7 +526,7 @@ impl RoomService {
                 self.stats.messages[INVALID] += 1;
                 let (code, message) = classify_parse_error(text, &e);
                 tracing::debug!(conn, ?code, "bad signaling message");
-                out.push(Self::error(conn, code, message, None));
+                out.push(Self::error(&mut self.stats, conn, code, message, None));
                 return out;
             }
         };
@@ -443,6 +550,7 @@ impl RoomService {
                 let key = self.key_for(&id, &room);
                 if !self.in_room(&id, &key) {
                     out.push(Self::error(
+                        &mut self.stats,
                         conn,
                         ErrorCode::NotInRoom,
                         format!("not in room {room:?}"),
@@ -474,6 +582,7 @@ impl RoomService {
             ClientMsg::Relay { to } => {
                 if !self.relay_enabled {
                     out.push(Self::error(
+                        &mut self.stats,
                         conn,
                         ErrorCode::RelayUnavailable,
                         "the WebSocket relay is disabled on this server".into(),
@@ -493,6 +602,23 @@ impl RoomService {
         out
     }
 
+    /// The count refused since the last report, if there is one and a report is due.
+    fn report_refused(conn: ConnId, rate: u32, f: &mut Flood, now: Instant) -> Option<Out> {
+        if f.unreported == 0 || now.saturating_duration_since(f.last_report) < REPORT_EVERY {
+            return None;
+        }
+        let n = std::mem::take(&mut f.unreported);
+        f.last_report = now;
+        let message = format!(
+            "{n} messages refused since the last report: over {rate} messages/s \
+             (signal.rate_per_sec)"
+        );
+        Some(Out::Send {
+            conn,
+            text: rate_limited_text(&message, n),
+        })
+    }
+
     fn key_for(&self, id: &str, room: &str) -> RoomKey {
         if room == "lan" {
             self.peers[id].lan.clone()
@@ -509,6 +635,7 @@ impl RoomService {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !valid || room == "lan" {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::BadRoom,
                 "room names are 1-64 characters of A-Z a-z 0-9 - _ . (and not \"lan\")".into(),
@@ -541,6 +668,7 @@ impl RoomService {
             .count();
         if named >= self.cfg.max_rooms_per_peer {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::TooManyRooms,
                 format!(
@@ -553,6 +681,7 @@ impl RoomService {
         }
         if self.rooms.get(&key).map_or(0, BTreeSet::len) >= self.cfg.max_room_size {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::RoomFull,
                 format!("room holds at most {} peers", self.cfg.max_room_size),
@@ -574,6 +703,7 @@ impl RoomService {
         let target = self.peers.get(to).and_then(|t| t.conn.map(|c| (t, c)));
         let Some((t, tconn)) = target else {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::PeerNotFound,
                 "no connected peer with that id".into(),
@@ -584,6 +714,7 @@ impl RoomService {
         let me = &self.peers[id];
         if t.id == me.id || me.rooms.is_disjoint(&t.rooms) {
             out.push(Self::error(
+                &mut self.stats,
                 conn,
                 ErrorCode::NotInSharedRoom,
                 "that peer is not in a room with you".into(),
@@ -621,6 +752,11 @@ impl RoomService {
         if let Some(p) = self.peers.remove(id) {
             self.by_resume.remove(&p.resume);
         }
+        // Give memory back after a crowd leaves.
+        shrink_map(&mut self.peers);
+        shrink_map(&mut self.by_resume);
+        shrink_map(&mut self.conns);
+        shrink_map(&mut self.rooms);
     }
 
     /// Periodic work: pings quiet peers, drops silent ones, forgets expired resumes.
@@ -629,11 +765,19 @@ impl RoomService {
         let ping = Duration::from_secs(self.cfg.ping_interval_secs.into());
         let timeout = Duration::from_secs(self.cfg.peer_timeout_secs.into());
         let grace = Duration::from_secs(self.cfg.resume_grace_secs.into());
+        let rate = self.cfg.rate_per_sec;
         let mut dead = Vec::new();
         let mut expired = Vec::new();
         for p in self.peers.values_mut() {
             match (p.conn, p.detached_at) {
                 (Some(conn), _) => {
+                    // Refusals that stopped still get their count, and the episode ends.
+                    if let Some(f) = p.flood.as_mut() {
+                        out.extend(Self::report_refused(conn, rate, f, now));
+                        if f.is_over(now) {
+                            p.flood = None;
+                        }
+                    }
                     let quiet = now.saturating_duration_since(p.last_seen);
                     if quiet >= timeout {
                         dead.push((conn, p.id.clone()));

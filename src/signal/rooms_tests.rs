@@ -156,10 +156,15 @@ fn bad_input_gets_precise_errors() {
     assert_eq!(code(&mut s, r#"{"type":"join"}"#), "bad-message");
     let big = format!(
         r#"{{"type":"signal","to":"x","data":"{}"}}"#,
-        "a".repeat(70_000)
+        "a".repeat((2 << 20) + 1)
     );
     assert_eq!(code(&mut s, &big), "too-large");
-    assert_eq!(s.stats().bad_messages, 5);
+    assert!(to(&s.message(1, &big, t0), 1)[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("signal.max_message_bytes"));
+    assert_eq!(s.stats().bad_messages, 6);
+    assert_eq!(s.stats().refused, [0, 2, 4, 0, 0, 0]);
 }
 
 #[test]
@@ -182,7 +187,8 @@ fn flood_is_rate_limited_then_cut_off() {
     }
     let o = s.message(1, r#"{"type":"ping"}"#, t0);
     assert_eq!(to(&o, 1)[0]["code"], "rate-limited");
-    // Further drops are silent until the flood passes 4x the burst, then the socket closes.
+    // Within the same second no further error; past 4x the burst refused in one episode
+    // (the client ignored the error) the socket closes.
     let mut closed = false;
     for _ in 0..25 {
         let o = s.message(1, r#"{"type":"ping"}"#, t0);
@@ -261,7 +267,8 @@ fn resume_within_grace_keeps_id_and_rooms() {
     assert_eq!(w["resumed"], true);
     assert_eq!(w["rooms"], serde_json::json!(["lan", "r1"]));
     assert_eq!(of_type(&to(&o, 2), "peer-joined").len(), 2);
-    // After the grace period the token is forgotten: a fresh id.
+    // After the grace period the (rotated) token is forgotten: a fresh id.
+    let token = w["resume"].as_str().unwrap().to_string();
     s.disconnect(3, t0 + Duration::from_secs(20));
     s.tick(t0 + Duration::from_secs(51));
     let (id2, _) = welcome(
@@ -398,4 +405,159 @@ fn a_full_lan_room_is_not_joined() {
     // It can still use named rooms.
     let o = s.message(3, r#"{"type":"join","room":"side"}"#, t0);
     assert_eq!(to(&o, 3)[0]["type"], "room");
+}
+
+fn ping_n(s: &mut RoomService, conn: ConnId, n: usize, now: Instant) -> Vec<Value> {
+    (0..n)
+        .flat_map(|_| to(&s.message(conn, r#"{"type":"ping"}"#, now), conn))
+        .collect()
+}
+
+fn closed_with(outs: &[Out], conn: ConnId, code: u16) -> bool {
+    outs.iter()
+        .any(|o| matches!(o, Out::Close { conn: c, code: k, .. } if *c == conn && *k == code))
+}
+
+#[test]
+fn refusals_are_reported_with_counts_at_most_once_a_second() {
+    let mut s = RoomService::new(
+        SignalConfig {
+            rate_per_sec: 10,
+            burst: 10,
+            ..cfg()
+        },
+        true,
+        StdRng::seed_from_u64(7),
+    );
+    let t0 = Instant::now();
+    s.connect(1, "local".into(), None, t0);
+    assert_eq!(of_type(&ping_n(&mut s, 1, 10, t0), "pong").len(), 10);
+    // Refusing starts: one error naming the limit, counting this message.
+    let m = ping_n(&mut s, 1, 1, t0);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0]["code"], "rate-limited");
+    assert_eq!(m[0]["refused"], 1);
+    let text = m[0]["message"].as_str().unwrap();
+    assert!(
+        text.contains("signal.rate_per_sec") && text.contains("10 messages/s"),
+        "{text}"
+    );
+    // 14 more within the second: refused without a word each.
+    assert!(ping_n(&mut s, 1, 14, t0 + Duration::from_millis(50)).is_empty());
+    // A second after the error the next message carries the count since it: 14.
+    let t1 = t0 + Duration::from_millis(1050);
+    let m: Vec<Value> = ping_n(&mut s, 1, 30, t1);
+    let errs = of_type(&m, "error");
+    assert_eq!(errs.len(), 1, "{m:?}");
+    assert_eq!(errs[0]["refused"], 14);
+    // 10 tokens refilled by t1 passed; the other 20 were refused, not yet reported.
+    assert_eq!(of_type(&m, "pong").len(), 10);
+    // The client stops; the tick reports the rest and ends the episode.
+    let o = s.tick(t0 + Duration::from_millis(2100));
+    let m = to(&o, 1);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0]["refused"], 20);
+    assert!(s.tick(t0 + Duration::from_secs(4)).is_empty());
+    let st = s.stats();
+    assert_eq!(st.rate_limited, 1 + 14 + 20);
+    assert_eq!(st.refused[0], st.rate_limited);
+    assert_eq!(st.flood_closed, 0);
+    // A new episode starts with a new first error.
+    let m = ping_n(&mut s, 1, 11, t0 + Duration::from_secs(10));
+    assert_eq!(of_type(&m, "error")[0]["refused"], 1);
+}
+
+#[test]
+fn a_sustained_flooder_is_closed_with_1008_after_the_error() {
+    let mut s = svc(); // defaults: 50/s, burst 200
+    let t0 = Instant::now();
+    s.connect(1, "local".into(), None, t0);
+    s.connect(2, "local".into(), None, t0);
+    // 5000 messages/s in 1 ms steps: the burst passes, then the error, then the close.
+    let mut first_error = None;
+    let mut closed_at = None;
+    for i in 0..5000u64 {
+        let now = t0 + Duration::from_micros(200 * i);
+        let o = s.message(1, r#"{"type":"ping"}"#, now);
+        if first_error.is_none() && to(&o, 1).iter().any(|m| m["code"] == "rate-limited") {
+            first_error = Some(i);
+        }
+        if closed_with(&o, 1, 1008) {
+            closed_at = Some(i);
+            break;
+        }
+    }
+    let (e, c) = (first_error.unwrap(), closed_at.unwrap());
+    assert!(e >= 200 && e < c, "error at {e}, close at {c}");
+    // Closed after 4 x burst refusals (plus the refill of those 0.2 ms steps), well within a second.
+    assert!(c < 1100, "closed at message {c}");
+    assert_eq!(s.stats().flood_closed, 1);
+    assert_eq!(s.live_peers(), 1);
+}
+
+#[test]
+fn a_renegotiation_and_150_candidates_pass_at_defaults() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let (_, _) = welcome(&s.connect(1, "local".into(), None, t0), 1);
+    let (b, _) = welcome(&s.connect(2, "local".into(), None, t0), 2);
+    let sdp = format!(
+        r#"{{"type":"signal","to":"{b}","data":{{"sdp":"{}"}}}}"#,
+        "a".repeat(64 * 1024)
+    );
+    let mut got = 0;
+    for i in 0..152 {
+        let text = if i < 2 {
+            sdp.clone()
+        } else {
+            format!(r#"{{"type":"signal","to":"{b}","data":{{"candidate":"c{i}"}}}}"#)
+        };
+        let o = s.message(1, &text, t0 + Duration::from_millis(i * 5));
+        assert!(to(&o, 1).is_empty(), "message {i}: {:?}", to(&o, 1));
+        got += of_type(&to(&o, 2), "signal").len();
+    }
+    assert_eq!(got, 152);
+    assert_eq!(s.stats().rate_limited, 0);
+}
+
+#[test]
+fn a_1_mib_signal_passes_at_defaults_and_the_limit_is_named() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    welcome(&s.connect(1, "local".into(), None, t0), 1);
+    let (b, _) = welcome(&s.connect(2, "local".into(), None, t0), 2);
+    let blob = "s".repeat(1 << 20);
+    let text = format!(r#"{{"type":"signal","to":"{b}","data":"{blob}"}}"#);
+    let o = s.message(1, &text, t0);
+    assert!(to(&o, 1).is_empty());
+    assert_eq!(to(&o, 2)[0]["data"].as_str().unwrap(), blob);
+    let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(2 << 20));
+    let m = to(&s.message(1, &big, t0), 1);
+    assert_eq!(m[0]["code"], "too-large");
+}
+
+#[test]
+fn resume_tokens_are_single_use() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    let (a, t1) = welcome(&s.connect(1, "local".into(), None, t0), 1);
+    s.disconnect(1, t0);
+    let o = s.connect(2, "local".into(), Some(&t1), t0 + Duration::from_secs(1));
+    let (id, t2) = welcome(&o, 2);
+    assert_eq!(id, a);
+    assert_ne!(t2, t1, "a resume hands out a new token");
+    // The used token is dead: a fresh peer, and the holder is not disturbed.
+    let o = s.connect(3, "local".into(), Some(&t1), t0 + Duration::from_secs(2));
+    let w = of_type(&to(&o, 3), "welcome")[0].clone();
+    assert_ne!(w["id"], a.as_str());
+    assert_eq!(w["resumed"], false);
+    assert!(!o.iter().any(|x| matches!(x, Out::Close { conn: 2, .. })));
+    // The new token works once, even while attached (it replaces the socket).
+    let o = s.connect(4, "local".into(), Some(&t2), t0 + Duration::from_secs(3));
+    let (id, t3) = welcome(&o, 4);
+    assert_eq!(id, a);
+    assert!(closed_with(&o, 2, 4000));
+    assert_ne!(t3, t2);
+    let o = s.connect(5, "local".into(), Some(&t2), t0 + Duration::from_secs(4));
+    assert_ne!(welcome(&o, 5).0, a);
 }

@@ -1,6 +1,7 @@
 // The real `peerjs` client (1.5.5) in headless Chromium against Tern's PeerJS endpoint:
 // two Peers get ids from the server, open a DataConnection, exchange text both ways and a
-// 5 MiB binary blob whose SHA-256 is checked on arrival.
+// 5 MiB binary blob whose SHA-256 is checked on arrival; then a second DataConnection whose
+// OFFER carries 1 MiB of metadata through the server (a 1 MiB signal, default settings).
 //
 // Usage: TERN_PORT=8080 node tests/browser/peerjs.mjs   (prints "PASS ..." and exits 0)
 import { chromium } from 'playwright-core';
@@ -89,9 +90,32 @@ try {
     const replyText = await reply;
     conn.send(blob.buffer);
     const r = await got;
+
+    // A 1 MiB signal: PeerJS sends `metadata` inside the OFFER, through the server.
+    let big = '';
+    const letters = 'abcdefghijklmnopqrstuvwxyz0123456789';
+    for (let i = 0; i < 1024 * 1024; i++) {
+      x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
+      big += letters[(x >>> 0) % letters.length];
+    }
+    const bigHash = await hex(new TextEncoder().encode(big));
+    const gotMeta = new Promise((resolve) => {
+      b.on('connection', (c) => {
+        if (!c.metadata || !c.metadata.big) return;
+        c.on('open', async () => resolve({
+          metaBytes: c.metadata.big.length,
+          metaHash: await hex(new TextEncoder().encode(c.metadata.big)),
+        }));
+      });
+    });
+    const c2 = a.connect(idB, { reliable: true, metadata: { big } });
+    await new Promise((res, rej) => { c2.on('open', res); c2.on('error', rej); });
+    const m = await gotMeta;
+    const errorsSeen = [];
+    a.on('error', (e) => errorsSeen.push(e.type));
     a.destroy();
     b.destroy();
-    return { idA, idB, replyText, sentHash, ...r };
+    return { idA, idB, replyText, sentHash, ...r, bigHash, ...m, errorsSeen };
   }, { port, peerPath, key });
 
   const ok = result.from === result.idA
@@ -99,6 +123,8 @@ try {
     && result.replyText === 'pong:hello from A'
     && result.bytes === 5 * 1024 * 1024
     && result.hash === result.sentHash
+    && result.metaBytes === 1024 * 1024
+    && result.metaHash === result.bigHash
     && /^[0-9a-f-]{36}$/.test(result.idA);
   console.log(`${ok ? 'PASS' : 'FAIL'} ${JSON.stringify(result)}`);
   code = ok ? 0 : 1;

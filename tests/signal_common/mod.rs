@@ -179,3 +179,25 @@ pub async fn send_text(ws: &mut Ws, text: &str) {
         .await
         .unwrap();
 }
+
+/// A native `/ws` client past its `welcome` and LAN `room` messages: (socket, welcome).
+pub async fn native(addr: SocketAddr) -> (Ws, serde_json::Value) {
+    let mut s = ws(addr, "/ws").await;
+    let w = next_json(&mut s).await;
+    assert_eq!(w["type"], "welcome");
+    assert_eq!(next_json(&mut s).await["type"], "room");
+    (s, w)
+}
+
+/// Sends `ping` and waits for `pong`, skipping membership news: the client is still served.
+pub async fn ping_pong(s: &mut Ws) {
+    send_text(s, r#"{"type":"ping"}"#).await;
+    loop {
+        let m = next_json(s).await;
+        match m["type"].as_str().unwrap() {
+            "room" | "peer-joined" | "peer-left" => continue,
+            "pong" => return,
+            other => panic!("unexpected {other}: {m}"),
+        }
+    }
+}
