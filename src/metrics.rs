@@ -335,6 +335,12 @@ pub const SIGNAL_RATE_LIMITED: Def = def(
     &["protocol"],
     "Signaling messages dropped by the per-connection rate limit.",
 );
+pub const SIGNAL_SLOW_CLOSED: Def = def(
+    "tern_signal_slow_closed_total",
+    Counter,
+    &["protocol"],
+    "Signaling connections closed (1008) because their queued outgoing bytes or frames went over the send budget.",
+);
 pub const PEERJS_CLIENTS: Def = def(
     "tern_peerjs_clients",
     Gauge,
@@ -476,6 +482,7 @@ pub const ALL: &[&Def] = &[
     &SIGNAL_MESSAGES,
     &SIGNAL_FORWARDED,
     &SIGNAL_RATE_LIMITED,
+    &SIGNAL_SLOW_CLOSED,
     &PEERJS_CLIENTS,
     &PEERJS_QUEUE_DROPPED,
     &PEERJS_EXPIRED,
@@ -541,6 +548,7 @@ const HTTP_FACE_DEFS: &[&Def] = &[
     &SIGNAL_MESSAGES,
     &SIGNAL_FORWARDED,
     &SIGNAL_RATE_LIMITED,
+    &SIGNAL_SLOW_CLOSED,
     &PEERJS_CLIENTS,
     &PEERJS_QUEUE_DROPPED,
     &PEERJS_EXPIRED,
@@ -878,6 +886,8 @@ impl Collector for HttpCollector {
         f.sample(&SIGNAL_FORWARDED, &["native"], s.signal.signals_forwarded);
         f.sample(&SIGNAL_FORWARDED, &["peerjs"], s.peerjs.forwarded);
         f.sample(&SIGNAL_RATE_LIMITED, &["native"], s.signal.rate_limited);
+        f.sample(&SIGNAL_SLOW_CLOSED, &["native"], s.signal_slow_closed);
+        f.sample(&SIGNAL_SLOW_CLOSED, &["peerjs"], s.peerjs_slow_closed);
         f.sample(&PEERJS_CLIENTS, &[], s.peerjs_clients as u64);
         f.sample(&PEERJS_QUEUE_DROPPED, &[], s.peerjs.queued_dropped);
         f.sample(&PEERJS_EXPIRED, &[], s.peerjs.expired);

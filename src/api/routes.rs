@@ -15,25 +15,33 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::{cors, ice, AppState, Live};
+use crate::config::SignalConfig;
 use crate::signal::client_ip::{client_ip, lan_key};
 use crate::signal::peerjs::INFO_JSON;
 
-/// WebSocket message limit for signaling: past `max_message_bytes` the state machine
-/// answers "too large"; far past it the socket is closed with 1009 before buffering more.
-fn ws_limit(max_message_bytes: usize) -> usize {
-    max_message_bytes.saturating_mul(4).max(64 * 1024)
+/// The largest signaling WebSocket frame (and message) accepted; a larger one closes its
+/// sender with 1009 before it is buffered. At least 2 MiB, so a 1 MiB PeerJS payload
+/// (JSON-escaped) passes at defaults, as with the `peer` server.
+// The one place the limit comes from config: a dedicated frame-limit key replaces this line.
+fn ws_limit(cfg: &SignalConfig) -> usize {
+    cfg.max_message_bytes.saturating_mul(4).max(2 << 20)
 }
 
-/// Socket settings for signaling: small messages, so small buffers (tungstenite's defaults
-/// of 128 KiB read + 128 KiB write per socket would cost ~256 KiB per idle peer).
-fn signaling_socket(ws: WebSocketUpgrade, max_message_bytes: usize) -> WebSocketUpgrade {
-    let limit = ws_limit(max_message_bytes);
-    ws.read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(limit.saturating_mul(2))
+/// Socket settings for signaling. Small reads (an idle peer's read buffer is most of its
+/// memory; a large frame still arrives in one reservation of its size); writes gathered up
+/// to 64 KiB and sent with one flush per burst; the codec's write buffer bounded by the
+/// per-connection send budget plus one frame.
+fn signaling_socket(ws: WebSocketUpgrade, cfg: &SignalConfig) -> WebSocketUpgrade {
+    let limit = ws_limit(cfg);
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(cfg.send_queue_bytes.saturating_add(limit))
         .max_message_size(limit)
         .max_frame_size(limit)
 }
+
+/// Bytes one signaling read asks for (see [`signaling_socket`]).
+const READ_BUFFER: usize = 2048;
 
 pub(super) fn router(live: Live) -> Router {
     let st = live.current();
@@ -123,7 +131,7 @@ async fn ws_native(
     let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
     let resume = q.get("resume").cloned();
     let hub = Arc::clone(&st.rooms);
-    signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
+    signaling_socket(ws, &st.cfg.signal).on_upgrade(move |socket| {
         hub.run(socket, move |core, conn, now| {
             core.connect(conn, lan, resume.as_deref(), now)
         })
@@ -219,7 +227,7 @@ async fn peerjs_ws(
         return draining_refusal();
     }
     let hub = Arc::clone(&st.peerjs);
-    signaling_socket(ws, st.cfg.signal.max_message_bytes).on_upgrade(move |socket| {
+    signaling_socket(ws, &st.cfg.signal).on_upgrade(move |socket| {
         hub.run(socket, move |core, conn, now| {
             core.connect(
                 conn,

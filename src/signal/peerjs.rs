@@ -16,7 +16,7 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{ConnId, Out};
+use super::{ConnId, Out, Text};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
 
@@ -148,7 +148,10 @@ impl PeerJsService {
     }
 
     fn reject(conn: ConnId, text: String, out: &mut Vec<Out>) {
-        out.push(Out::Send { conn, text });
+        out.push(Out::Send {
+            conn,
+            text: text.into(),
+        });
         out.push(Out::Close {
             conn,
             code: 1000,
@@ -225,7 +228,7 @@ impl PeerJsService {
         self.conns.insert(conn, id.to_string());
         out.push(Out::Send {
             conn,
-            text: r#"{"type":"OPEN"}"#.into(),
+            text: Text::from_static(r#"{"type":"OPEN"}"#),
         });
         self.flush_queue(id, now, &mut out);
         out
@@ -328,7 +331,7 @@ impl PeerJsService {
             self.stats.forwarded += 1;
             out.push(Out::Send {
                 conn: c.conn,
-                text: serde_json::to_string(&m).expect("serializes"),
+                text: serde_json::to_string(&m).expect("serializes").into(),
             });
             return;
         }

@@ -9,7 +9,7 @@ use rand::Rng;
 
 use super::names::friendly_name;
 use super::protocol::{ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
-use super::{ConnId, Out};
+use super::{ConnId, Out, Text};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
 
@@ -277,7 +277,7 @@ impl RoomService {
         .to_text();
         out.push(Out::Send {
             conn: p.conn.expect("welcome goes to an attached peer"),
-            text,
+            text: text.into(),
         });
     }
 
@@ -308,13 +308,15 @@ impl RoomService {
                 room: room.label(),
                 peers,
             }
-            .to_text(),
+            .to_text()
+            .into(),
         });
-        let joined = ServerMsg::PeerJoined {
+        let joined: Text = ServerMsg::PeerJoined {
             room: room.label(),
             peer: me,
         }
-        .to_text();
+        .to_text()
+        .into();
         for o in others {
             if let Some(c) = self.peers[&o].conn {
                 out.push(Out::Send {
@@ -337,11 +339,12 @@ impl RoomService {
         if rest.is_empty() {
             self.rooms.remove(room);
         }
-        let left = ServerMsg::PeerLeft {
+        let left: Text = ServerMsg::PeerLeft {
             room: room.label(),
             id,
         }
-        .to_text();
+        .to_text()
+        .into();
         for o in rest {
             if let Some(c) = self.peers[&o].conn {
                 out.push(Out::Send {
@@ -355,7 +358,7 @@ impl RoomService {
     fn error(conn: ConnId, code: ErrorCode, message: String, to: Option<&str>) -> Out {
         Out::Send {
             conn,
-            text: ServerMsg::Error { code, message, to }.to_text(),
+            text: ServerMsg::Error { code, message, to }.to_text().into(),
         }
     }
 
@@ -435,7 +438,7 @@ impl RoomService {
         match msg {
             ClientMsg::Ping => out.push(Out::Send {
                 conn,
-                text: ServerMsg::Pong.to_text(),
+                text: ServerMsg::Pong.to_text().into(),
             }),
             ClientMsg::Pong => {}
             ClientMsg::Join { room } => self.join(conn, &id, room, &mut out),
@@ -453,7 +456,7 @@ impl RoomService {
                     self.peers.get_mut(&id).unwrap().rooms.remove(&key);
                     out.push(Out::Send {
                         conn,
-                        text: ServerMsg::Left { room: &room }.to_text(),
+                        text: ServerMsg::Left { room: &room }.to_text().into(),
                     });
                 }
             }
@@ -467,7 +470,8 @@ impl RoomService {
                             from: &id,
                             data: &data,
                         }
-                        .to_text(),
+                        .to_text()
+                        .into(),
                     });
                 }
             }
@@ -530,7 +534,8 @@ impl RoomService {
                     room: key.label(),
                     peers,
                 }
-                .to_text(),
+                .to_text()
+                .into(),
             });
             return;
         }
