@@ -19,20 +19,34 @@ use crate::config::SignalConfig;
 use crate::signal::client_ip::{client_ip, lan_key};
 use crate::signal::peerjs::INFO_JSON;
 
+/// Which signaling protocol a socket speaks: each keeps its own frame limit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Face {
+    Native,
+    PeerJs,
+}
+
 /// The largest signaling WebSocket frame (and message) accepted; a larger one closes its
-/// sender with 1009 before it is buffered. At least 2 MiB, so a 1 MiB PeerJS payload
-/// (JSON-escaped) passes at defaults, as with the `peer` server.
-// The one place the limit comes from config: a dedicated frame-limit key replaces this line.
-fn ws_limit(cfg: &SignalConfig) -> usize {
-    cfg.max_message_bytes.saturating_mul(4).max(2 << 20)
+/// sender with 1009 before it is buffered. Native `/ws`: four times `max_message_bytes`
+/// (between the two the machine answers "too large"). PeerJS: at least 2 MiB, so a 1 MiB
+/// payload (JSON-escaped) passes at defaults as with the `peer` server, whose clients abort
+/// on any error message.
+// The one place the limits come from config: a dedicated frame-limit key replaces the
+// PeerJS arm when it lands.
+fn ws_limit(cfg: &SignalConfig, face: Face) -> usize {
+    let native = cfg.max_message_bytes.saturating_mul(4).max(64 * 1024);
+    match face {
+        Face::Native => native,
+        Face::PeerJs => native.max(2 << 20),
+    }
 }
 
 /// Socket settings for signaling. Small reads (an idle peer's read buffer is most of its
 /// memory; a large frame still arrives in one reservation of its size); writes gathered up
 /// to 64 KiB and sent with one flush per burst; the codec's write buffer bounded by the
 /// per-connection send budget plus one frame.
-fn signaling_socket(ws: WebSocketUpgrade, cfg: &SignalConfig) -> WebSocketUpgrade {
-    let limit = ws_limit(cfg);
+fn signaling_socket(ws: WebSocketUpgrade, cfg: &SignalConfig, face: Face) -> WebSocketUpgrade {
+    let limit = ws_limit(cfg, face);
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(cfg.send_queue_bytes.saturating_add(limit))
@@ -131,7 +145,7 @@ async fn ws_native(
     let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
     let resume = q.get("resume").cloned();
     let hub = Arc::clone(&st.rooms);
-    signaling_socket(ws, &st.cfg.signal).on_upgrade(move |socket| {
+    signaling_socket(ws, &st.cfg.signal, Face::Native).on_upgrade(move |socket| {
         hub.run(socket, move |core, conn, now| {
             core.connect(conn, lan, resume.as_deref(), now)
         })
@@ -227,7 +241,7 @@ async fn peerjs_ws(
         return draining_refusal();
     }
     let hub = Arc::clone(&st.peerjs);
-    signaling_socket(ws, &st.cfg.signal).on_upgrade(move |socket| {
+    signaling_socket(ws, &st.cfg.signal, Face::PeerJs).on_upgrade(move |socket| {
         hub.run(socket, move |core, conn, now| {
             core.connect(
                 conn,
