@@ -92,3 +92,47 @@ async fn open_forward_id_taken_and_expire() {
     .await;
     assert_eq!(next_json(&mut b).await["type"], "CANDIDATE");
 }
+
+/// A reader that falls behind is closed with 1008 once what is queued for it passes the
+/// byte budget (`signal.send_queue_bytes`), and counted; its sender keeps being served.
+#[tokio::test]
+async fn slow_reader_over_the_byte_budget_is_closed_and_counted() {
+    let svc = start(
+        "",
+        "[signal]\nrate_per_sec = 100000\nburst = 100000\nsend_queue_bytes = 262144\n",
+    );
+    let addr = svc.local_addr();
+    let path = |id: &str| format!("/peerjs/peerjs?key=peerjs&id={id}&token=t{id}&version=1.5.5");
+    let mut slow = ws(addr, &path("slow")).await;
+    assert_eq!(next_json(&mut slow).await["type"], "OPEN");
+    let mut fast = ws(addr, &path("fast")).await;
+    assert_eq!(next_json(&mut fast).await["type"], "OPEN");
+    // `slow` reads nothing: the kernel's socket buffers fill (a few MB on loopback), then
+    // its outbox, 60 KB at a time.
+    let offer = format!(
+        r#"{{"type":"OFFER","dst":"slow","payload":{{"sdp":"{}"}}}}"#,
+        "x".repeat(60_000)
+    );
+    for _ in 0..1000 {
+        send_text(&mut fast, &offer).await;
+        if svc.stats().peerjs_slow_closed > 0 {
+            break;
+        }
+    }
+    assert_eq!(svc.stats().peerjs_slow_closed, 1);
+    // After what was already in its socket, the slow reader finds the close and its reason.
+    assert_eq!(close_code(&mut slow).await, Some(1008));
+    // The sender was not touched.
+    send_text(
+        &mut fast,
+        r#"{"type":"OFFER","dst":"fast","payload":{"n":1}}"#,
+    )
+    .await;
+    loop {
+        let m = next_json(&mut fast).await;
+        if m["type"] == "OFFER" {
+            assert_eq!(m["payload"]["n"], 1);
+            break;
+        }
+    }
+}

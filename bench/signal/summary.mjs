@@ -42,9 +42,9 @@ for (const [shape, by] of Object.entries(runs)) {
   console.log(`\n### ${shape} (${n} round${n === 1 ? '' : 's'}, median)\n`);
   const any = t[0] || p[0];
   if (any.pairs !== undefined) {
-    console.log(`${any.peers} peers held, ${any.pairs} pairs x ${any.window} in flight, ${any.bytes}-byte payloads, ${any.secs} s; ${any.procs} load processes\n`);
+    console.log(`${any.peers} peers held, ${any.pairs} pairs x ${any.window} in flight, ${any.bytes}-byte payloads, ${any.secs} s; ${any.client || 'node'} client\n`);
   } else {
-    console.log(`${any.peers} peers held; ${any.procs} load processes\n`);
+    console.log(`${any.peers} peers held; ${any.client || 'node'} client\n`);
   }
   console.log('| metric | tern | peer | tern/peer |\n|---|---|---|---|');
   for (const [label, key] of rows) {
