@@ -69,7 +69,9 @@ fn args() -> Args {
     let get = |k: &str, d: &str| a.get(k).cloned().unwrap_or_else(|| d.to_string());
     let url = get("url", "");
     // ws://127.x.y.z:PORT/path
-    let rest = url.strip_prefix("ws://").expect("--url ws://127.0.0.1:PORT/path");
+    let rest = url
+        .strip_prefix("ws://")
+        .expect("--url ws://127.0.0.1:PORT/path");
     let (hp, path) = rest.split_at(rest.find('/').expect("a path"));
     let host: SocketAddr = hp.parse().expect("--url host must be an IP:port");
     assert!(host.ip().is_loopback(), "loopback URLs only");
