@@ -136,3 +136,37 @@ async fn slow_reader_over_the_byte_budget_is_closed_and_counted() {
         }
     }
 }
+
+/// A 1 MiB OFFER passes the PeerJS socket intact; a frame over the socket's limit (2 MiB)
+/// closes only its sender, with 1009. (`max_message_bytes` is raised here for the state
+/// machine's own per-message check; the socket's limit is the default.)
+#[tokio::test]
+async fn one_mib_offer_relayed_and_an_oversized_frame_closes_only_its_sender() {
+    let svc = start("", "[signal]\nmax_message_bytes = 2097152\n");
+    let addr = svc.local_addr();
+    let path = |id: &str| format!("/peerjs/peerjs?key=peerjs&id={id}&token=t{id}&version=1.5.5");
+    let mut a = ws(addr, &path("big-a")).await;
+    assert_eq!(next_json(&mut a).await["type"], "OPEN");
+    let mut b = ws(addr, &path("big-b")).await;
+    assert_eq!(next_json(&mut b).await["type"], "OPEN");
+    let sdp: String = (0..1 << 20)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let offer = format!(r#"{{"type":"OFFER","dst":"big-b","payload":{{"sdp":"{sdp}"}}}}"#);
+    send_text(&mut a, &offer).await;
+    let m = next_json(&mut b).await;
+    assert_eq!(m["src"], "big-a");
+    assert_eq!(m["payload"]["sdp"].as_str(), Some(sdp.as_str()));
+    // Past the socket's limit: the sender is closed with 1009 ...
+    send_text(&mut a, &"y".repeat((2 << 20) + 1024)).await;
+    assert_eq!(close_code(&mut a).await, Some(1009));
+    // ... and the receiver is still served.
+    let mut c = ws(addr, &path("big-c")).await;
+    assert_eq!(next_json(&mut c).await["type"], "OPEN");
+    send_text(
+        &mut c,
+        r#"{"type":"OFFER","dst":"big-b","payload":{"n":2}}"#,
+    )
+    .await;
+    assert_eq!(next_json(&mut b).await["payload"]["n"], 2);
+}

@@ -166,18 +166,30 @@ fn sent_at(text: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
-/// One active socket: answer every delivery, recording its latency; writes are flushed once
-/// per burst of deliveries already received.
-async fn active(
-    mut ws: Ws,
+/// What one active socket needs.
+struct Side {
     kind: Arc<str>,
+    /// Sends OFFERs (answered by the other side); in `bounce` both sides are.
     offer_side: bool,
     partner: String,
     sdp: Arc<str>,
     window: usize,
     stats: Arc<Stats>,
     running: Arc<AtomicBool>,
-) {
+}
+
+/// One active socket: answer every delivery, recording its latency; writes are flushed once
+/// per burst of deliveries already received.
+async fn active(mut ws: Ws, side: Side) {
+    let Side {
+        kind,
+        offer_side,
+        partner,
+        sdp,
+        window,
+        stats,
+        running,
+    } = side;
     if offer_side {
         for _ in 0..window {
             if ws.feed(msg(&kind, true, &partner, &sdp)).await.is_err() {
@@ -196,8 +208,8 @@ async fn active(
                         let b = ((us / BUCKET_US) as usize).min(BUCKETS);
                         stats.hist[b].fetch_add(1, Relaxed);
                         stats.delivered.fetch_add(1, Relaxed);
-                        // An OFFER delivered goes to the answering side, and back.
-                        let _ = ws.feed(msg(&kind, !offer_side, &partner, &sdp)).await;
+                        // The offering side sends the next OFFER; the other answers.
+                        let _ = ws.feed(msg(&kind, offer_side, &partner, &sdp)).await;
                     }
                 }
             }
@@ -321,17 +333,17 @@ async fn run(a: Arc<Args>) {
         for (i, s) in socks.into_iter().enumerate() {
             let Some(ws) = s else { continue };
             if i < 2 * pairs {
-                tasks.push(tokio::spawn(active(
-                    ws,
-                    Arc::clone(&kind),
+                let side = Side {
+                    kind: Arc::clone(&kind),
                     // In `bounce` both sides start; in `offer` the even side does.
-                    i % 2 == 0 || &*kind == "bounce",
-                    ids[i ^ 1].clone(),
-                    Arc::clone(&sdp),
-                    a.window,
-                    Arc::clone(&stats),
-                    Arc::clone(&running),
-                )));
+                    offer_side: i % 2 == 0 || &*kind == "bounce",
+                    partner: ids[i ^ 1].clone(),
+                    sdp: Arc::clone(&sdp),
+                    window: a.window,
+                    stats: Arc::clone(&stats),
+                    running: Arc::clone(&running),
+                };
+                tasks.push(tokio::spawn(active(ws, side)));
             } else {
                 tasks.push(tokio::spawn(idle(ws)));
             }
