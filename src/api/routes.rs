@@ -28,16 +28,15 @@ enum Face {
 
 /// The largest signaling WebSocket frame (and message) accepted; a larger one closes its
 /// sender with 1009 before it is buffered. Native `/ws`: four times `max_message_bytes`
-/// (between the two the machine answers "too large"). PeerJS: at least 2 MiB, so a 1 MiB
-/// payload (JSON-escaped) passes at defaults as with the `peer` server, whose clients abort
-/// on any error message.
+/// (between the two the machine answers "too large"). PeerJS: `max_message_bytes` but at
+/// least 2 MiB, so a 1 MiB payload (JSON-escaped) passes at defaults as with the `peer`
+/// server; no "too large" band, since its clients abort on any error message.
 // The one place the limits come from config: a dedicated frame-limit key replaces the
 // PeerJS arm when it lands.
 fn ws_limit(cfg: &SignalConfig, face: Face) -> usize {
-    let native = cfg.max_message_bytes.saturating_mul(4).max(64 * 1024);
     match face {
-        Face::Native => native,
-        Face::PeerJs => native.max(2 << 20),
+        Face::Native => cfg.max_message_bytes.saturating_mul(4).max(64 * 1024),
+        Face::PeerJs => cfg.max_message_bytes.max(2 << 20),
     }
 }
 
