@@ -102,10 +102,9 @@ async fn slow_reader_over_the_byte_budget_is_closed_and_counted() {
         "[signal]\nrate_per_sec = 100000\nburst = 100000\nsend_queue_bytes = 262144\n",
     );
     let addr = svc.local_addr();
-    let path = |id: &str| format!("/peerjs/peerjs?key=peerjs&id={id}&token=t{id}&version=1.5.5");
-    let mut slow = ws(addr, &path("slow")).await;
+    let mut slow = peer_ws(addr, "slow").await;
     assert_eq!(next_json(&mut slow).await["type"], "OPEN");
-    let mut fast = ws(addr, &path("fast")).await;
+    let mut fast = peer_ws(addr, "fast").await;
     assert_eq!(next_json(&mut fast).await["type"], "OPEN");
     // `slow` reads nothing: the kernel's socket buffers fill (a few MB on loopback), then
     // its outbox, 60 KB at a time.
@@ -144,10 +143,9 @@ async fn slow_reader_over_the_byte_budget_is_closed_and_counted() {
 async fn one_mib_offer_relayed_and_an_oversized_frame_closes_only_its_sender() {
     let svc = start("", "[signal]\nmax_message_bytes = 2097152\n");
     let addr = svc.local_addr();
-    let path = |id: &str| format!("/peerjs/peerjs?key=peerjs&id={id}&token=t{id}&version=1.5.5");
-    let mut a = ws(addr, &path("big-a")).await;
+    let mut a = peer_ws(addr, "big-a").await;
     assert_eq!(next_json(&mut a).await["type"], "OPEN");
-    let mut b = ws(addr, &path("big-b")).await;
+    let mut b = peer_ws(addr, "big-b").await;
     assert_eq!(next_json(&mut b).await["type"], "OPEN");
     let sdp: String = (0..1 << 20)
         .map(|i| (b'a' + (i % 26) as u8) as char)
@@ -161,7 +159,7 @@ async fn one_mib_offer_relayed_and_an_oversized_frame_closes_only_its_sender() {
     send_text(&mut a, &"y".repeat((2 << 20) + 1024)).await;
     assert_eq!(close_code(&mut a).await, Some(1009));
     // ... and the receiver is still served.
-    let mut c = ws(addr, &path("big-c")).await;
+    let mut c = peer_ws(addr, "big-c").await;
     assert_eq!(next_json(&mut c).await["type"], "OPEN");
     send_text(
         &mut c,
@@ -169,4 +167,13 @@ async fn one_mib_offer_relayed_and_an_oversized_frame_closes_only_its_sender() {
     )
     .await;
     assert_eq!(next_json(&mut b).await["payload"]["n"], 2);
+}
+
+/// A raw PeerJS client socket with id `id` (token `t{id}`).
+async fn peer_ws(addr: std::net::SocketAddr, id: &str) -> signal_common::Ws {
+    ws(
+        addr,
+        &format!("/peerjs/peerjs?key=peerjs&id={id}&token=t{id}&version=1.5.5"),
+    )
+    .await
 }
