@@ -319,6 +319,9 @@ pub struct SignalConfig {
     pub relay_ticket_ttl_secs: u32,
     /// Frames queued towards one slow connection before it is dropped.
     pub send_queue: usize,
+    /// Bytes queued towards one slow connection before it is dropped (closed with 1008):
+    /// room for a few of the largest messages, so memory is bounded by bytes, not counts.
+    pub send_queue_bytes: usize,
     pub peerjs_enabled: bool,
     /// PeerJS mount path (the client's `path` option).
     pub peerjs_path: String,
@@ -362,6 +365,7 @@ impl Default for SignalConfig {
             max_peers: 20_000,
             relay_ticket_ttl_secs: 60,
             send_queue: 256,
+            send_queue_bytes: 4 << 20,
             peerjs_enabled: true,
             peerjs_path: "/peerjs".into(),
             peerjs_key: "peerjs".into(),
@@ -820,6 +824,7 @@ impl Config {
             ("signal.max_room_size", s.max_room_size),
             ("signal.max_peers", s.max_peers),
             ("signal.send_queue", s.send_queue),
+            ("signal.send_queue_bytes", s.send_queue_bytes),
             ("signal.peerjs_concurrent_limit", s.peerjs_concurrent_limit),
             ("signal.peerjs_queue_bound", s.peerjs_queue_bound),
             (

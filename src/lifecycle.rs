@@ -119,6 +119,7 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
         "signal.peerjs_enabled" => signal.peerjs_enabled;
         "signal.peerjs_path" => signal.peerjs_path;
         "signal.send_queue" => signal.send_queue;
+        "signal.send_queue_bytes" => signal.send_queue_bytes;
         "signal.relay_ticket_ttl_secs" => signal.relay_ticket_ttl_secs;
         "relay_ws" => relay_ws;
         "metrics" => metrics;

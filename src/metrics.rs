@@ -353,6 +353,12 @@ pub const PEERJS_QUEUED_BYTES: Def = def(
     &[],
     "Bytes held in queues for absent PeerJS peers.",
 );
+pub const SIGNAL_SLOW_CLOSED: Def = def(
+    "tern_signal_slow_closed_total",
+    Counter,
+    &["protocol"],
+    "Signaling connections closed (1008) because their queued outgoing bytes or frames went over the send budget.",
+);
 pub const PEERJS_CLIENTS: Def = def(
     "tern_peerjs_clients",
     Gauge,
@@ -499,6 +505,7 @@ pub const ALL: &[&Def] = &[
     &SIGNAL_REFUSED,
     &SIGNAL_LIMIT_CLOSED,
     &PEERJS_QUEUED_BYTES,
+    &SIGNAL_SLOW_CLOSED,
     &PEERJS_CLIENTS,
     &PEERJS_QUEUE_DROPPED,
     &PEERJS_EXPIRED,
@@ -567,6 +574,7 @@ const HTTP_FACE_DEFS: &[&Def] = &[
     &SIGNAL_REFUSED,
     &SIGNAL_LIMIT_CLOSED,
     &PEERJS_QUEUED_BYTES,
+    &SIGNAL_SLOW_CLOSED,
     &PEERJS_CLIENTS,
     &PEERJS_QUEUE_DROPPED,
     &PEERJS_EXPIRED,
@@ -929,6 +937,8 @@ impl Collector for HttpCollector {
             f.sample(&SIGNAL_LIMIT_CLOSED, &["peerjs", r], s.peerjs.refused[i]);
         }
         f.sample(&PEERJS_QUEUED_BYTES, &[], s.peerjs.queued_bytes);
+        f.sample(&SIGNAL_SLOW_CLOSED, &["native"], s.signal_slow_closed);
+        f.sample(&SIGNAL_SLOW_CLOSED, &["peerjs"], s.peerjs_slow_closed);
         f.sample(&PEERJS_CLIENTS, &[], s.peerjs_clients as u64);
         f.sample(&PEERJS_QUEUE_DROPPED, &[], s.peerjs.queued_dropped);
         f.sample(&PEERJS_EXPIRED, &[], s.peerjs.expired);

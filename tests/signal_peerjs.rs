@@ -318,3 +318,44 @@ fn messages_to_unknown_ids_are_refused_past_the_byte_budget_and_rss_stays_bounde
     eprintln!("second round: RSS {rss2} KiB");
     assert!(rss2 < rss0 + 140 * 1024, "RSS grew {} KiB", rss2 - rss0);
 }
+
+/// A reader that falls behind is closed with 1008 once what is queued for it passes the
+/// byte budget (`signal.send_queue_bytes`), and counted; its sender keeps being served.
+#[tokio::test]
+async fn slow_reader_over_the_byte_budget_is_closed_and_counted() {
+    let svc = start(
+        "",
+        "[signal]\npeerjs_rate_per_sec = 100000\npeerjs_burst = 100000\nsend_queue_bytes = 262144\n",
+    );
+    let addr = svc.local_addr();
+    let mut slow = open_peer(addr, "slow").await;
+    let mut fast = open_peer(addr, "fast").await;
+    // `slow` reads nothing: the kernel's socket buffers fill (a few MB on loopback), then
+    // its outbox, 60 KB at a time.
+    let offer = format!(
+        r#"{{"type":"OFFER","dst":"slow","payload":{{"sdp":"{}"}}}}"#,
+        "x".repeat(60_000)
+    );
+    for _ in 0..1000 {
+        send_text(&mut fast, &offer).await;
+        if svc.stats().peerjs_slow_closed > 0 {
+            break;
+        }
+    }
+    assert_eq!(svc.stats().peerjs_slow_closed, 1);
+    // After what was already in its socket, the slow reader finds the close and its reason.
+    assert_eq!(close_code(&mut slow).await, Some(1008));
+    // The sender was not touched.
+    send_text(
+        &mut fast,
+        r#"{"type":"OFFER","dst":"fast","payload":{"n":1}}"#,
+    )
+    .await;
+    loop {
+        let m = next_json(&mut fast).await;
+        if m["type"] == "OFFER" {
+            assert_eq!(m["payload"]["n"], 1);
+            break;
+        }
+    }
+}

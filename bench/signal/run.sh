@@ -1,32 +1,65 @@
 #!/usr/bin/env bash
-# Signaling benchmark: Tern's PeerJS endpoint and the `peer` npm server (PeerJS 1.0), one
-# after the other in the same run, under the same load (bench/signal/load.mjs: N WebSocket
-# peers in pairs bouncing CANDIDATE messages). Reports connections held, messages/s, RSS of
-# each server and the Tern/peer ratios.
+# Signaling benchmark: Tern's PeerJS endpoint and the `peer` npm server (PeerJS 1.0) in the
+# same run, under the same load, each server started fresh for each shape, Tern and `peer`
+# alternating. The load client is bench/signal/client (Rust, CLIENT=rust, the default: a few
+# microseconds of CPU per message, so the server is what saturates) or load.mjs (CLIENT=node:
+# Node `ws` worker processes, as a PeerJS app's clients; it saturates first on 2 cores).
+# Shapes:
+#   offer:  HELD peers connected (the connect ramp: BATCH at a time), PAIRS sender->receiver
+#           pairs with WINDOW OFFERs in flight and BYTES of SDP, answered (the issue's shape);
+#   bounce: PEERS peers in pairs bouncing CANDIDATEs, BWINDOW in flight (the original shape);
+#   idle:   Tern alone holding IDLE peers (spread over processes and 127.0.0.x), for memory
+#           per peer at scale (`peer` stops at its concurrent_limit of 5000).
+# Reports messages/s, per-second min/max, p50/p99 latency, server CPU (cores, and
+# microseconds per message), RSS per connected peer, opens/s, and Tern/peer ratios.
 #
-# Loopback only; bounded in peers (<= 5000) and seconds; only PIDs started here are killed.
-# usage: bench/signal/run.sh        env: PEERS (2000) SECS (15) WINDOW (4)
+# Loopback only; bounded in peers and seconds; only PIDs started here are killed.
+# usage: bench/signal/run.sh
+#   env: HELD (5000) PAIRS (200) WINDOW (8) BYTES (1000) SECS (15) BATCH (200) PROCS (2)
+#        PEERS (2000) BWINDOW (4) IDLE (15000, 0 to skip) ROUNDS (1) CLIENT (rust|node)
+#        NICE (0): run servers and client at this nice value, e.g. -10 on a box busy with
+#        other work (both servers get the same). With the kernel's autogroups, nice only
+#        ranks processes within a session: run as `setsid bench/signal/run.sh` and, as
+#        root, the script sets its own autogroup's nice to NICE too (restored at exit).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT=$PWD
-PEERS=${PEERS:-2000}
+HELD=${HELD:-5000}
+PAIRS=${PAIRS:-200}
+WINDOW=${WINDOW:-8}
+BYTES=${BYTES:-1000}
 SECS=${SECS:-15}
-WINDOW=${WINDOW:-4}
+BATCH=${BATCH:-200}
+PROCS=${PROCS:-2}
+PEERS=${PEERS:-2000}
+BWINDOW=${BWINDOW:-4}
+IDLE=${IDLE:-15000}
+ROUNDS=${ROUNDS:-1}
+CLIENT=${CLIENT:-rust}
+NICE=${NICE:-0}
 OUT="$ROOT/bench/out/signal-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 [ -d tests/browser/node_modules/peer ] || (cd tests/browser && npm ci --no-audit --no-fund)
 
-PIDS=()
+SERVER_PID=""
+AUTOGROUP_NICE=""
+if [ "$NICE" != 0 ] && [ -w /proc/self/autogroup ]; then
+    AUTOGROUP_NICE=$(awk '{print $3}' /proc/self/autogroup)
+    echo "$NICE" >/proc/self/autogroup || AUTOGROUP_NICE=""
+fi
 cleanup() {
-    for pid in "${PIDS[@]-}"; do
-        [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-    done
+    if [ -n "$SERVER_PID" ]; then
+        kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    if [ -n "$AUTOGROUP_NICE" ]; then
+        echo "$AUTOGROUP_NICE" >/proc/self/autogroup || true
+    fi
 }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() {
-    for _ in $(seq 1 100); do
+    for _ in $(seq 1 300); do
         curl -sf "$1" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
@@ -37,65 +70,90 @@ wait_http() {
 echo "==> building tern (release)"
 cargo build --release --quiet --bin tern
 TERN="${CARGO_TARGET_DIR:-$ROOT/target}/release/tern"
+if [ "$CLIENT" = rust ]; then
+    echo "==> building the load client (release)"
+    cargo build --release --quiet --manifest-path bench/signal/client/Cargo.toml
+    LOADER=(nice -n "$NICE" bench/signal/client/target/release/tern-sigload --threads 2 --addrs 4)
+else
+    LOADER=(nice -n "$NICE" node bench/signal/load.mjs --procs "$PROCS")
+fi
 
-TURN_PORT=$(free_port)
-API_PORT=$(free_port)
-PEER_PORT=$(free_port)
-cat >"$OUT/tern.toml" <<TOML
+start_tern() {
+    local api turn
+    api=$(free_port)
+    turn=$(free_port)
+    cat >"$OUT/tern.toml" <<TOML
 [turn]
-listen = ["127.0.0.1:$TURN_PORT"]
+listen = ["127.0.0.1:$turn"]
 relay_ip = ["127.0.0.1"]
 auth_secrets = ["bench-secret-$RANDOM$RANDOM"]
 min_port = 40000
 max_port = 40999
 [api]
-listen = "127.0.0.1:$API_PORT"
+listen = "127.0.0.1:$api"
+# The load comes from a few loopback addresses.
+max_connections = 40000
+max_connections_per_ip = 40000
 [signal]
 # Same conditions as the peer server, which has no per-connection rate limit.
 rate_per_sec = 100000
 burst = 100000
-peerjs_concurrent_limit = 5000
+peerjs_rate_per_sec = 100000
+peerjs_burst = 100000
+peerjs_concurrent_limit = 40000
 [metrics]
 enabled = false
 [log]
 level = "warn"
 TOML
-
-run_load() { # name url pid
-    node bench/signal/load.mjs --url "$2" --key peerjs --peers "$PEERS" --secs "$SECS" \
-        --window "$WINDOW" --pid "$3" | tee "$OUT/$1.json"
+    nice -n "$NICE" "$TERN" serve --config "$OUT/tern.toml" 2>>"$OUT/tern.log" &
+    SERVER_PID=$!
+    URL="ws://127.0.0.1:$api/peerjs/peerjs"
+    wait_http "http://127.0.0.1:$api/peerjs"
 }
 
-echo "==> tern: $PEERS peers, $SECS s"
-"$TERN" serve --config "$OUT/tern.toml" 2>"$OUT/tern.log" &
-TERN_PID=$!
-PIDS+=("$TERN_PID")
-wait_http "http://127.0.0.1:$API_PORT/peerjs"
-echo "tern idle RSS: $(awk '/VmRSS/{print $2}' /proc/$TERN_PID/status) KiB" | tee "$OUT/tern-idle.txt"
-run_load tern "ws://127.0.0.1:$API_PORT/peerjs/peerjs" "$TERN_PID"
-kill "$TERN_PID"; wait "$TERN_PID" 2>/dev/null || true
+start_peer() {
+    local port
+    port=$(free_port)
+    nice -n "$NICE" node tests/browser/node_modules/peer/dist/bin/peerjs.js --port "$port" --path /myapp \
+        >>"$OUT/peer.log" 2>&1 &
+    SERVER_PID=$!
+    URL="ws://127.0.0.1:$port/myapp/peerjs"
+    wait_http "http://127.0.0.1:$port/myapp"
+}
 
-echo "==> peer (npm, PeerJS server 1.0): $PEERS peers, $SECS s"
-node tests/browser/node_modules/peer/dist/bin/peerjs.js --port "$PEER_PORT" --path /myapp \
-    >"$OUT/peer.log" 2>&1 &
-PEER_PID=$!
-PIDS+=("$PEER_PID")
-wait_http "http://127.0.0.1:$PEER_PORT/myapp"
-echo "peer idle RSS: $(awk '/VmRSS/{print $2}' /proc/$PEER_PID/status) KiB" | tee "$OUT/peer-idle.txt"
-run_load peer "ws://127.0.0.1:$PEER_PORT/myapp/peerjs" "$PEER_PID"
+stop_server() {
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+    sleep 2 # let the sockets of the last run leave TIME_WAIT's way
+}
 
-node -e '
-const fs = require("fs");
-const t = JSON.parse(fs.readFileSync(process.argv[1])), p = JSON.parse(fs.readFileSync(process.argv[2]));
-const r = (a, b) => (b ? (a / b).toFixed(2) : "n/a");
-const rows = [
-  ["connections held", t.held, p.held, r(t.held, p.held)],
-  ["messages/s", t.msgs_per_sec, p.msgs_per_sec, r(t.msgs_per_sec, p.msgs_per_sec)],
-  ["RSS connected (KiB)", t.rss_kib_connected, p.rss_kib_connected, r(t.rss_kib_connected, p.rss_kib_connected)],
-  ["RSS end (KiB)", t.rss_kib_end, p.rss_kib_end, r(t.rss_kib_end, p.rss_kib_end)],
-  ["peak RSS (KiB)", t.hwm_kib, p.hwm_kib, r(t.hwm_kib, p.hwm_kib)],
-];
-console.log("\n| metric | tern | peer | tern/peer |\n|---|---|---|---|");
-for (const x of rows) console.log(`| ${x.join(" | ")} |`);
-' "$OUT/tern.json" "$OUT/peer.json" | tee "$OUT/summary.md"
+run() { # server shape round args...
+    local server=$1 shape=$2 round=$3
+    shift 3
+    "start_$server"
+    echo "==> $server $shape (round $round)"
+    "${LOADER[@]}" --url "$URL" --key peerjs --pid "$SERVER_PID" "$@" |
+        tee "$OUT/$server-$shape-$round.json"
+    stop_server
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+    for server in tern peer; do
+        run "$server" offer "$round" --kind offer --peers "$HELD" \
+            --batch "$BATCH" --pairs "$PAIRS" --window "$WINDOW" --bytes "$BYTES" --secs "$SECS"
+    done
+    for server in tern peer; do
+        run "$server" bounce "$round" --kind bounce --peers "$PEERS" \
+            --batch "$BATCH" --window "$BWINDOW" --bytes 60 --secs "$SECS"
+    done
+done
+if [ "$IDLE" -gt 0 ]; then
+    # One process holds them all with the Rust client (under this box's 20,000 files); the
+    # Node client takes one worker per 5000.
+    run tern idle 1 --kind idle --peers "$IDLE" --batch "$BATCH" $([ "$CLIENT" = node ] && echo --procs $(((IDLE + 4999) / 5000)))
+fi
+
+node bench/signal/summary.mjs "$OUT" | tee "$OUT/summary.md"
 echo "results: $OUT"

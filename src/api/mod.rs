@@ -28,7 +28,7 @@ use rand::SeedableRng;
 use crate::config::Config;
 use crate::rate::TokenBucket;
 use crate::relay_ws::RelayHub;
-use crate::signal::driver::Hub;
+use crate::signal::driver::{Hub, SendBudget};
 use crate::signal::peerjs::PeerJsService;
 use crate::signal::rooms::RoomService;
 
@@ -101,6 +101,9 @@ pub struct HttpStats {
     pub signal: crate::signal::rooms::RoomStats,
     pub peerjs_clients: usize,
     pub peerjs: crate::signal::peerjs::PeerJsStats,
+    /// Signaling connections closed for going over the send budget (native, PeerJS).
+    pub signal_slow_closed: u64,
+    pub peerjs_slow_closed: u64,
     pub relay_sessions_active: usize,
     pub relay_sessions_started: u64,
     pub relay_bytes_forwarded: u64,
@@ -156,6 +159,8 @@ fn snapshot(st: &AppState) -> HttpStats {
         signal,
         peerjs_clients,
         peerjs,
+        signal_slow_closed: st.rooms.dropped_slow(),
+        peerjs_slow_closed: st.peerjs.dropped_slow(),
         ..HttpStats::default()
     };
     let c = &st.conn_limits.stats;
@@ -226,15 +231,19 @@ impl HttpService {
                 Duration::from_secs(cfg.signal.relay_ticket_ttl_secs.into()),
             )
         });
+        let send_budget = SendBudget {
+            frames: cfg.signal.send_queue,
+            bytes: cfg.signal.send_queue_bytes,
+        };
         let rooms = Hub::new(
             RoomService::new(cfg.signal.clone(), relay.is_some(), StdRng::from_os_rng()),
-            cfg.signal.send_queue,
+            send_budget,
             relay.clone(),
             cfg.signal.relay_ticket_ttl_secs,
         );
         let peerjs = Hub::new(
             PeerJsService::new(cfg.signal.clone(), StdRng::from_os_rng()),
-            cfg.signal.send_queue,
+            send_budget,
             None,
             0,
         );

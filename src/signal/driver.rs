@@ -1,20 +1,30 @@
 //! The thin IO driver shared by the native and PeerJS services: one state machine behind a
-//! mutex, one bounded send queue per WebSocket, a 1 s tick. All protocol decisions are the
-//! state machine's; this file only moves frames.
+//! mutex, one outbox per WebSocket, a 1 s tick. All protocol decisions are the state
+//! machine's; this file only moves frames.
+//!
+//! One task per connection does all of that connection's IO: it reads frames and feeds them
+//! to the machine, and it writes what others queued in its outbox, everything queued at
+//! once and then one flush (one `write` for a burst of frames, not one per frame and no
+//! hand-off to a second task). The machine's commands are queued while its lock is held, so
+//! every connection sees events in the order the machine decided them; queuing is a short
+//! push, and the lock is never held across IO. The outbox is bounded in frames and bytes: a
+//! reader that falls behind is closed (1008) and counted, so a slow client cannot grow
+//! server memory.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use rustc_hash::FxHashMap;
+use tokio::sync::Notify;
 
 use super::peerjs::PeerJsService;
 use super::protocol::{ErrorCode, ServerMsg};
 use super::rooms::{relay_ticket_text, RoomService};
-use super::{ConnId, Out};
+use super::{ConnId, Out, Text};
 use crate::relay_ws::RelayHub;
 
 /// The calls a driver makes into a signaling state machine.
@@ -39,7 +49,8 @@ impl Machine for RoomService {
                 message: "signaling uses JSON text frames".into(),
                 to: None,
             }
-            .to_text(),
+            .to_text()
+            .into(),
         }]
     }
     fn alive(&mut self, conn: ConnId, now: Instant) {
@@ -73,43 +84,148 @@ impl Machine for PeerJsService {
     }
 }
 
-/// Longest a single frame may take to go out before the connection is given up.
+/// Longest a burst of frames may take to go out before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What one connection may have queued and not yet written: past either bound it is
+/// closed with 1008 (see [`Hub::dropped_slow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendBudget {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+/// The close sent to a connection whose outbox went over its [`SendBudget`].
+const OVER_BUDGET: (u16, &str) = (1008, "send queue over budget: reading too slowly");
+
 enum Frame {
-    Text(String),
+    Text(Text),
     Ping,
     Close(u16, &'static str),
 }
 
-struct Inner<M> {
-    core: M,
-    senders: HashMap<ConnId, mpsc::Sender<Frame>>,
+impl Frame {
+    /// Bytes counted against the budget (control frames count as a small frame).
+    fn cost(&self) -> usize {
+        match self {
+            Frame::Text(t) => t.len().max(16),
+            _ => 16,
+        }
+    }
+
+    fn message(self) -> Message {
+        match self {
+            Frame::Text(t) => Message::Text(t),
+            Frame::Ping => Message::Ping(Default::default()),
+            Frame::Close(code, reason) => Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            })),
+        }
+    }
 }
 
-/// A state machine and the send queues of its connections.
+/// One connection's queue of outgoing frames: filled under the hub's lock by whichever task
+/// routes to it, emptied by the connection's own task.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<Queued>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Queued {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+    /// A Close is queued: nothing after it goes out.
+    closed: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `f`; false when that takes the outbox over `budget` (the connection is then
+    /// closed with [`OVER_BUDGET`] in place of what it had queued).
+    fn push(&self, f: Frame, budget: SendBudget) -> bool {
+        let mut q = self.lock();
+        if q.closed {
+            return true;
+        }
+        let cost = f.cost();
+        let close = matches!(f, Frame::Close(..));
+        let fits = q.frames.len() < budget.frames && q.bytes + cost <= budget.bytes;
+        let was_empty = q.frames.is_empty();
+        if !close && !fits {
+            // Never read in time: send why, not the backlog.
+            q.frames.clear();
+            q.bytes = 0;
+            q.frames
+                .push_back(Frame::Close(OVER_BUDGET.0, OVER_BUDGET.1));
+            q.closed = true;
+            drop(q);
+            self.wake.notify_one();
+            return false;
+        }
+        q.closed = close;
+        q.bytes += cost;
+        q.frames.push_back(f);
+        drop(q);
+        // The task is woken once per burst: a non-empty outbox is already being written.
+        if was_empty {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// Takes everything queued into `into` (empty), swapping buffers so that neither side
+    /// allocates in a steady stream.
+    fn take(&self, into: &mut VecDeque<Frame>) {
+        let mut q = self.lock();
+        std::mem::swap(&mut q.frames, into);
+        q.bytes = 0;
+    }
+}
+
+struct Inner<M> {
+    core: M,
+    outboxes: FxHashMap<ConnId, Arc<Outbox>>,
+}
+
+/// A state machine and the outboxes of its connections.
 pub struct Hub<M> {
     inner: Mutex<Inner<M>>,
     next_conn: AtomicU64,
-    send_queue: usize,
+    budget: SendBudget,
+    dropped_slow: AtomicU64,
     relay: Option<Arc<RelayHub>>,
     relay_ticket_ttl: u32,
+}
+
+/// How writing a burst ended.
+enum Wrote {
+    Open,
+    /// A Close frame went out.
+    Closed,
+    Failed,
 }
 
 impl<M: Machine> Hub<M> {
     pub fn new(
         core: M,
-        send_queue: usize,
+        budget: SendBudget,
         relay: Option<Arc<RelayHub>>,
         relay_ticket_ttl: u32,
     ) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 core,
-                senders: HashMap::new(),
+                outboxes: FxHashMap::default(),
             }),
             next_conn: AtomicU64::new(1),
-            send_queue,
+            budget,
+            dropped_slow: AtomicU64::new(0),
             relay,
             relay_ticket_ttl,
         })
@@ -118,6 +234,11 @@ impl<M: Machine> Hub<M> {
     /// Runs `f` on the state machine (for HTTP routes that read it).
     pub fn with_core<R>(&self, f: impl FnOnce(&mut M) -> R) -> R {
         f(&mut self.lock().core)
+    }
+
+    /// Connections closed because their outbox went over the send budget.
+    pub fn dropped_slow(&self) -> u64 {
+        self.dropped_slow.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner<M>> {
@@ -140,21 +261,19 @@ impl<M: Machine> Hub<M> {
         });
     }
 
-    /// Carries out commands; a connection whose queue is full is dropped (and the state
-    /// machine told), so one slow client cannot grow server memory.
+    /// Queues the machine's commands; a connection over its send budget is closed and the
+    /// machine told, which may queue more.
     fn dispatch(&self, g: &mut Inner<M>, outs: Vec<Out>) {
         let mut work = outs;
         while !work.is_empty() {
             let mut dropped = Vec::new();
             for o in work.drain(..) {
                 match o {
-                    Out::Send { conn, text } => {
-                        Self::push(g, conn, Frame::Text(text), &mut dropped);
-                    }
-                    Out::Ping { conn } => Self::push(g, conn, Frame::Ping, &mut dropped),
+                    Out::Send { conn, text } => self.push(g, conn, Frame::Text(text), &mut dropped),
+                    Out::Ping { conn } => self.push(g, conn, Frame::Ping, &mut dropped),
                     Out::Close { conn, code, reason } => {
-                        if let Some(tx) = g.senders.remove(&conn) {
-                            let _ = tx.try_send(Frame::Close(code, reason));
+                        if let Some(ob) = g.outboxes.remove(&conn) {
+                            ob.push(Frame::Close(code, reason), self.budget);
                         }
                     }
                     Out::Relay(grant) => self.grant_relay(g, grant, &mut dropped),
@@ -162,16 +281,17 @@ impl<M: Machine> Hub<M> {
             }
             let now = Instant::now();
             for conn in dropped {
-                tracing::debug!(conn, "signaling client too slow, dropping it");
+                self.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(conn, "signaling client over its send budget, closing it");
                 work.extend(g.core.disconnect(conn, now));
             }
         }
     }
 
-    fn push(g: &mut Inner<M>, conn: ConnId, f: Frame, dropped: &mut Vec<ConnId>) {
-        if let Some(tx) = g.senders.get(&conn) {
-            if tx.try_send(f).is_err() {
-                g.senders.remove(&conn);
+    fn push(&self, g: &mut Inner<M>, conn: ConnId, f: Frame, dropped: &mut Vec<ConnId>) {
+        if let Some(ob) = g.outboxes.get(&conn) {
+            if !ob.push(f, self.budget) {
+                g.outboxes.remove(&conn);
                 dropped.push(conn);
             }
         }
@@ -193,18 +313,10 @@ impl<M: Machine> Hub<M> {
         match registered {
             Ok(()) => {
                 let ttl = self.relay_ticket_ttl;
-                Self::push(
-                    g,
-                    ca,
-                    Frame::Text(relay_ticket_text(&peer_b, &ta, ttl)),
-                    dropped,
-                );
-                Self::push(
-                    g,
-                    cb,
-                    Frame::Text(relay_ticket_text(&peer_a, &tb, ttl)),
-                    dropped,
-                );
+                let a = relay_ticket_text(&peer_b, &ta, ttl).into();
+                self.push(g, ca, Frame::Text(a), dropped);
+                let b = relay_ticket_text(&peer_a, &tb, ttl).into();
+                self.push(g, cb, Frame::Text(b), dropped);
             }
             Err(message) => {
                 let text = ServerMsg::Error {
@@ -213,114 +325,130 @@ impl<M: Machine> Hub<M> {
                     to: Some(&peer_b),
                 }
                 .to_text();
-                Self::push(g, ca, Frame::Text(text), dropped);
+                self.push(g, ca, Frame::Text(text.into()), dropped);
             }
         }
     }
 
+    /// Feeds one frame from `conn` to the machine and queues what it answers.
+    fn receive(&self, conn: ConnId, msg: &Message) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let outs = match msg {
+            Message::Text(t) => g.core.message(conn, t.as_str(), now),
+            Message::Binary(b) => g.core.binary(conn, b, now),
+            Message::Ping(_) | Message::Pong(_) => {
+                g.core.alive(conn, now);
+                return;
+            }
+            Message::Close(_) => return,
+        };
+        self.dispatch(&mut g, outs);
+    }
+
+    /// Writes `batch` (then empty) with one flush; stops at a Close.
+    async fn write(socket: &mut WebSocket, batch: &mut VecDeque<Frame>) -> Wrote {
+        let mut closed = false;
+        let burst = async {
+            while let Some(f) = batch.pop_front() {
+                closed = matches!(f, Frame::Close(..));
+                socket.feed(f.message()).await?;
+                if closed {
+                    break;
+                }
+            }
+            socket.flush().await
+        };
+        // A client that stops reading must not pin this task and its socket forever.
+        let sent = tokio::time::timeout(WRITE_TIMEOUT, burst).await;
+        batch.clear();
+        match sent {
+            Ok(Ok(())) if closed => Wrote::Closed,
+            Ok(Ok(())) => Wrote::Open,
+            _ => Wrote::Failed,
+        }
+    }
+
     /// Drives one WebSocket: `connect` registers it with the state machine; then frames in
-    /// go to the machine and its commands come back out, until either side closes.
+    /// go to the machine and queued frames go out, until either side closes.
     pub async fn run(
         self: Arc<Self>,
-        socket: WebSocket,
+        mut socket: WebSocket,
         connect: impl FnOnce(&mut M, ConnId, Instant) -> Vec<Out>,
     ) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Frame>(self.send_queue);
+        let outbox = Arc::new(Outbox::default());
         {
             let mut g = self.lock();
-            g.senders.insert(conn, tx);
+            g.outboxes.insert(conn, Arc::clone(&outbox));
             let outs = connect(&mut g.core, conn, Instant::now());
             self.dispatch(&mut g, outs);
         }
-        let (mut sink, mut stream) = socket.split();
-        let writer = tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
-                let (msg, last) = match f {
-                    Frame::Text(t) => (Message::Text(t.into()), false),
-                    Frame::Ping => (Message::Ping(Default::default()), false),
-                    Frame::Close(code, reason) => (
-                        Message::Close(Some(CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        })),
-                        true,
-                    ),
-                };
-                // A client that stops reading must not pin this task and its socket forever.
-                let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await;
-                if !matches!(sent, Ok(Ok(()))) || last {
-                    break;
-                }
-            }
-            let _ = sink.close().await;
-        });
-        let mut writer = writer;
-        let mut writer_done = false;
+        let mut batch = VecDeque::new();
+        // Whether we sent Close (the client's answer is then awaited below).
+        let mut we_closed = false;
         loop {
-            let msg = tokio::select! {
-                m = stream.next() => m,
-                _ = &mut writer => {
-                    writer_done = true;
-                    break;
-                }
-            };
-            let now = Instant::now();
-            match msg {
-                Some(Ok(Message::Text(t))) => {
-                    let mut g = self.lock();
-                    let outs = g.core.message(conn, t.as_str(), now);
-                    self.dispatch(&mut g, outs);
-                }
-                Some(Ok(Message::Binary(b))) => {
-                    let mut g = self.lock();
-                    let outs = g.core.binary(conn, &b, now);
-                    self.dispatch(&mut g, outs);
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => self.lock().core.alive(conn, now),
-                Some(Ok(Message::Close(_))) | None => break,
-                Some(Err(e)) => {
-                    let too_big = matches!(
-                        e.into_inner().downcast_ref::<tungstenite::Error>(),
-                        Some(tungstenite::Error::Capacity(_))
-                    );
-                    if too_big {
-                        let mut g = self.lock();
-                        if let Some(tx) = g.senders.remove(&conn) {
-                            let _ = tx.try_send(Frame::Close(1009, "message too large"));
+            tokio::select! {
+                // Writing first: what is queued is older than what is unread.
+                biased;
+                () = outbox.wake.notified() => {
+                    outbox.take(&mut batch);
+                    match Self::write(&mut socket, &mut batch).await {
+                        Wrote::Open => {}
+                        Wrote::Closed => {
+                            we_closed = true;
+                            break;
                         }
+                        Wrote::Failed => break,
                     }
-                    break;
+                    // An idle connection keeps no queue capacity.
+                    if batch.capacity() > 64 {
+                        batch = VecDeque::new();
+                    }
                 }
+                msg = socket.recv() => match msg {
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Ok(m)) => self.receive(conn, &m),
+                    Some(Err(e)) => {
+                        let too_big = matches!(
+                            e.into_inner().downcast_ref::<tungstenite::Error>(),
+                            Some(tungstenite::Error::Capacity(_))
+                        );
+                        if too_big {
+                            // Only this sender is closed; what it had queued is dropped.
+                            self.lock().outboxes.remove(&conn);
+                            batch.clear();
+                            batch.push_back(Frame::Close(1009, "message too large"));
+                            let _ = Self::write(&mut socket, &mut batch).await;
+                        }
+                        break;
+                    }
+                },
             }
         }
         {
             let mut g = self.lock();
-            g.senders.remove(&conn);
+            g.outboxes.remove(&conn);
             let outs = g.core.disconnect(conn, Instant::now());
             self.dispatch(&mut g, outs);
         }
-        if writer_done {
+        if we_closed {
             // We sent Close: finish the closing handshake (RFC 6455 §7.1.1) by reading, and
             // discarding, until the client's Close. Dropping the socket with unread input
             // would make the kernel send RST, and the client could lose our Close frame
             // (and with it the close code) or the error message before it.
             let drain = async {
-                while let Some(Ok(m)) = stream.next().await {
+                while let Some(Ok(m)) = socket.recv().await {
                     if matches!(m, Message::Close(_)) {
                         break;
                     }
                 }
             };
             let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
-        }
-        // Let a queued Close go out, but never wait on a dead client for long.
-        if !writer_done
-            && tokio::time::timeout(Duration::from_secs(5), &mut writer)
-                .await
-                .is_err()
-        {
-            writer.abort();
+        } else {
+            // The client closed (or the socket failed): answer its Close, never waiting on a
+            // dead client for long.
+            let _ = tokio::time::timeout(Duration::from_secs(5), socket.close()).await;
         }
     }
 }

@@ -25,11 +25,15 @@ pub(crate) fn shrink_map<K: Eq + std::hash::Hash, V>(m: &mut std::collections::H
 /// A connection handle chosen by the driver.
 pub type ConnId = u64;
 
+/// An outgoing text frame: serialized once, shared by every recipient (a broadcast clones
+/// a reference count, not the text) and handed to the socket without another copy.
+pub type Text = axum::extract::ws::Utf8Bytes;
+
 /// What a state machine asks its driver to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out {
     /// Send a JSON text frame.
-    Send { conn: ConnId, text: String },
+    Send { conn: ConnId, text: Text },
     /// Send a WebSocket ping (browsers answer it without application code).
     Ping { conn: ConnId },
     /// Close the connection with this WebSocket close code (RFC 6455 §7.4).

@@ -22,7 +22,7 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{shrink_map, ConnId, Out};
+use super::{shrink_map, ConnId, Out, Text};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
 
@@ -199,7 +199,10 @@ impl PeerJsService {
     }
 
     fn reject(conn: ConnId, text: String, out: &mut Vec<Out>) {
-        out.push(Out::Send { conn, text });
+        out.push(Out::Send {
+            conn,
+            text: text.into(),
+        });
         out.push(Out::Close {
             conn,
             code: 1000,
@@ -275,7 +278,7 @@ impl PeerJsService {
         self.conns.insert(conn, id.to_string());
         out.push(Out::Send {
             conn,
-            text: r#"{"type":"OPEN"}"#.into(),
+            text: Text::from_static(r#"{"type":"OPEN"}"#),
         });
         self.flush_queue(id, &mut out);
         out
@@ -289,7 +292,7 @@ impl PeerJsService {
         for m in q.msgs {
             self.unqueue(&m);
             self.stats.forwarded += 1;
-            out.push(Out::Send { conn, text: m.text });
+            out.push(Out::Send { conn, text: m.text.into() });
         }
         self.shrink();
     }
@@ -415,7 +418,10 @@ impl PeerJsService {
         let text = serde_json::to_string(&m).expect("serializes");
         if let Some(c) = self.clients.get(&dst) {
             self.stats.forwarded += 1;
-            out.push(Out::Send { conn: c.conn, text });
+            out.push(Out::Send {
+                conn: c.conn,
+                text: text.into(),
+            });
             return;
         }
         if m.kind == "LEAVE" || m.kind == "EXPIRE" {

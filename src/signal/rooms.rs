@@ -9,7 +9,7 @@ use rand::Rng;
 
 use super::names::friendly_name;
 use super::protocol::{rate_limited_text, ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
-use super::{shrink_map, ConnId, Out};
+use super::{shrink_map, ConnId, Out, Text};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
 
@@ -349,7 +349,7 @@ impl RoomService {
         .to_text();
         out.push(Out::Send {
             conn: p.conn.expect("welcome goes to an attached peer"),
-            text,
+            text: text.into(),
         });
     }
 
@@ -380,13 +380,15 @@ impl RoomService {
                 room: room.label(),
                 peers,
             }
-            .to_text(),
+            .to_text()
+            .into(),
         });
-        let joined = ServerMsg::PeerJoined {
+        let joined: Text = ServerMsg::PeerJoined {
             room: room.label(),
             peer: me,
         }
-        .to_text();
+        .to_text()
+        .into();
         for o in others {
             if let Some(c) = self.peers[&o].conn {
                 out.push(Out::Send {
@@ -409,11 +411,12 @@ impl RoomService {
         if rest.is_empty() {
             self.rooms.remove(room);
         }
-        let left = ServerMsg::PeerLeft {
+        let left: Text = ServerMsg::PeerLeft {
             room: room.label(),
             id,
         }
-        .to_text();
+        .to_text()
+        .into();
         for o in rest {
             if let Some(c) = self.peers[&o].conn {
                 out.push(Out::Send {
@@ -435,7 +438,7 @@ impl RoomService {
         stats.refused[refusal_reason(code)] += 1;
         Out::Send {
             conn,
-            text: ServerMsg::Error { code, message, to }.to_text(),
+            text: ServerMsg::Error { code, message, to }.to_text().into(),
         }
     }
 
@@ -475,7 +478,7 @@ impl RoomService {
                     );
                     out.push(Out::Send {
                         conn,
-                        text: rate_limited_text(&message, 1),
+                        text: rate_limited_text(&message, 1).into(),
                     });
                     return out;
                 };
@@ -542,7 +545,7 @@ impl RoomService {
         match msg {
             ClientMsg::Ping => out.push(Out::Send {
                 conn,
-                text: ServerMsg::Pong.to_text(),
+                text: ServerMsg::Pong.to_text().into(),
             }),
             ClientMsg::Pong => {}
             ClientMsg::Join { room } => self.join(conn, &id, room, &mut out),
@@ -561,7 +564,7 @@ impl RoomService {
                     self.peers.get_mut(&id).unwrap().rooms.remove(&key);
                     out.push(Out::Send {
                         conn,
-                        text: ServerMsg::Left { room: &room }.to_text(),
+                        text: ServerMsg::Left { room: &room }.to_text().into(),
                     });
                 }
             }
@@ -575,7 +578,8 @@ impl RoomService {
                             from: &id,
                             data: &data,
                         }
-                        .to_text(),
+                        .to_text()
+                        .into(),
                     });
                 }
             }
@@ -615,7 +619,7 @@ impl RoomService {
         );
         Some(Out::Send {
             conn,
-            text: rate_limited_text(&message, n),
+            text: rate_limited_text(&message, n).into(),
         })
     }
 
@@ -657,7 +661,8 @@ impl RoomService {
                     room: key.label(),
                     peers,
                 }
-                .to_text(),
+                .to_text()
+                .into(),
             });
             return;
         }
