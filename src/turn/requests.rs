@@ -18,7 +18,7 @@ use super::server_config::QuotaError;
 use super::stats::{AuthFailure, MethodLabel};
 use super::{Action, FiveTuple, Now, RelayIo};
 use crate::stun::{
-    attr, classify, find_integrity, method, Kind, CHANNEL_MAX, CHANNEL_MIN, HEADER_LEN,
+    attr, classify, find_integrity, method, ErrorCode, Kind, CHANNEL_MAX, CHANNEL_MIN, HEADER_LEN,
 };
 
 /// Attribute types this server understands (RFC 8489 §6.3: any other comprehension-required
@@ -185,13 +185,13 @@ impl Server {
             method::BINDING => {
                 if n_unknown > 0 {
                     self.stats.unknown_attributes += 1;
-                    return self.respond_unauth(ctx, out, 420, |w| {
+                    return self.respond_unauth(ctx, out, Err(ErrorCode::UnknownAttribute), |w| {
                         write_unknown(w, &unknown[..n_unknown])
                     });
                 }
                 self.stats.bindings += 1;
                 let client = ctx.from.client;
-                self.respond_unauth(ctx, out, 0, |w| {
+                self.respond_unauth(ctx, out, Ok(()), |w| {
                     w.xor_addr(attr::XOR_MAPPED_ADDRESS, client)
                 })
             }
@@ -206,7 +206,7 @@ impl Server {
                     && ctx.from.transport == super::Transport::Udp
                 {
                     self.stats.tcp_binds[1] += 1;
-                    return self.respond_unauth(ctx, out, 400, |_| Ok(()));
+                    return self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(()));
                 }
                 let v = match self.authenticate(ctx, m, msg, out) {
                     Ok(v) => v,
@@ -214,14 +214,18 @@ impl Server {
                 };
                 if n_unknown > 0 {
                     self.stats.unknown_attributes += 1;
-                    return self.respond(ctx, out, 420, Some(&v.0), |w| {
-                        write_unknown(w, &unknown[..n_unknown])
-                    });
+                    return self.respond(
+                        ctx,
+                        out,
+                        Err(ErrorCode::UnknownAttribute),
+                        Some(&v.0),
+                        |w| write_unknown(w, &unknown[..n_unknown]),
+                    );
                 }
                 let expired = v.0.expired(ctx.now.unix_secs);
                 if expired && (ctx.method == method::ALLOCATE || self.cfg.strict_expiry) {
                     self.stats.auth_failure(AuthFailure::Expired);
-                    return self.challenge(ctx, out, 401);
+                    return self.challenge(ctx, out, ErrorCode::Unauthorized);
                 }
                 match ctx.method {
                     method::ALLOCATE => self.allocate(ctx, m, out, &v.0, v.1, io),
@@ -232,7 +236,7 @@ impl Server {
                     _ => self.channel_bind(ctx, m, out, &v.0, &v.1),
                 }
             }
-            _ => self.respond_unauth(ctx, out, 400, |_| Ok(())),
+            _ => self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(())),
         }
     }
 
@@ -246,25 +250,31 @@ impl Server {
         out: &mut [u8],
     ) -> Result<(Verified, String), Action> {
         if find_integrity(msg).is_none() {
-            return Err(self.challenge(ctx, out, 401));
+            return Err(self.challenge(ctx, out, ErrorCode::Unauthorized));
         }
         let cfg = self.cfg.clone();
         let username = match (raw(m, attr::USERNAME), raw(m, attr::USERHASH)) {
             (Some(u), _) => match std::str::from_utf8(u) {
                 Ok(u) if u.len() <= 513 => u.to_string(),
-                _ => return Err(self.respond_unauth(ctx, out, 400, |_| Ok(()))),
+                _ => {
+                    return Err(
+                        self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(()))
+                    )
+                }
             },
             (None, Some(h)) => match cfg.credentials.user_for_hash(h) {
                 Some(u) => u.to_string(),
                 None => {
                     self.stats.auth_failure(AuthFailure::UnknownUser);
-                    return Err(self.challenge(ctx, out, 401));
+                    return Err(self.challenge(ctx, out, ErrorCode::Unauthorized));
                 }
             },
-            (None, None) => return Err(self.respond_unauth(ctx, out, 400, |_| Ok(()))),
+            (None, None) => {
+                return Err(self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(())))
+            }
         };
         let (Some(_realm), Some(nonce)) = (raw(m, attr::REALM), raw(m, attr::NONCE)) else {
-            return Err(self.respond_unauth(ctx, out, 400, |_| Ok(())));
+            return Err(self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(())));
         };
         match self.shared.nonce.check(
             nonce,
@@ -275,7 +285,7 @@ impl Server {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
                 self.stats.auth_failure(AuthFailure::StaleNonce);
-                return Err(self.challenge(ctx, out, 438));
+                return Err(self.challenge(ctx, out, ErrorCode::StaleNonce));
             }
         }
         match cfg.credentials.verify(&username, msg) {
@@ -289,7 +299,7 @@ impl Server {
                     AuthError::BadIntegrity => AuthFailure::BadIntegrity,
                 });
                 tracing::debug!(client = %ctx.from.client, reason = %e, "authentication failed");
-                Err(self.challenge(ctx, out, 401))
+                Err(self.challenge(ctx, out, ErrorCode::Unauthorized))
             }
         }
     }
@@ -353,13 +363,23 @@ impl Server {
         username: &str,
     ) -> Result<usize, Action> {
         let Some(&slot) = self.by_tuple.get(&ctx.from) else {
-            return Err(self.respond(ctx, out, 437, Some(v), |_| Ok(())));
+            return Err(self.respond(
+                ctx,
+                out,
+                Err(ErrorCode::AllocationMismatch),
+                Some(v),
+                |_| Ok(()),
+            ));
         };
         let same_user = self.slots[slot]
             .as_ref()
             .is_some_and(|a| a.username == username);
         if !same_user {
-            return Err(self.respond(ctx, out, 441, Some(v), |_| Ok(())));
+            return Err(
+                self.respond(ctx, out, Err(ErrorCode::WrongCredentials), Some(v), |_| {
+                    Ok(())
+                }),
+            );
         }
         Ok(slot)
     }
@@ -381,13 +401,21 @@ impl Server {
             if retransmit {
                 return self.allocate_success(ctx, out, v, slot);
             }
-            return self.respond(ctx, out, 437, Some(v), |_| Ok(()));
+            return self.respond(
+                ctx,
+                out,
+                Err(ErrorCode::AllocationMismatch),
+                Some(v),
+                |_| Ok(()),
+            );
         }
         // Draining (SIGTERM): existing allocations carry on, new ones go elsewhere.
         if self.shared.draining() {
             return self.no_capacity(ctx, out, v);
         }
-        let bad = |s: &mut Self, out: &mut [u8]| s.respond(ctx, out, 400, Some(v), |_| Ok(()));
+        let bad = |s: &mut Self, out: &mut [u8]| {
+            s.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()))
+        };
         let Some(rt) = raw(m, attr::REQUESTED_TRANSPORT) else {
             return bad(self, out);
         };
@@ -401,7 +429,13 @@ impl Server {
             return bad(self, out);
         }
         if (tcp && !self.cfg.tcp_relay) || (!tcp && rt[0] != PROTO_UDP) {
-            return self.respond(ctx, out, 442, Some(v), |_| Ok(()));
+            return self.respond(
+                ctx,
+                out,
+                Err(ErrorCode::UnsupportedTransport),
+                Some(v),
+                |_| Ok(()),
+            );
         }
         // RFC 6062 §5.1: these make no sense for a TCP relay.
         let udp_only = [
@@ -428,7 +462,15 @@ impl Server {
         let raf = match raw(m, attr::REQUESTED_ADDRESS_FAMILY).map(family) {
             None => None,
             Some(None) => return bad(self, out),
-            Some(Some(None)) => return self.respond(ctx, out, 440, Some(v), |_| Ok(())),
+            Some(Some(None)) => {
+                return self.respond(
+                    ctx,
+                    out,
+                    Err(ErrorCode::AddressFamilyNotSupported),
+                    Some(v),
+                    |_| Ok(()),
+                )
+            }
             Some(Some(Some(v6))) => Some(v6),
         };
         let additional_v6 = match raw(m, attr::ADDITIONAL_ADDRESS_FAMILY).map(family) {
@@ -450,19 +492,33 @@ impl Server {
         };
         let Some(lifetime) = self.grant_lifetime(requested, v, ctx.now) else {
             self.stats.auth_failure(AuthFailure::Expired);
-            return self.challenge(ctx, out, 401);
+            return self.challenge(ctx, out, ErrorCode::Unauthorized);
         };
         // Families: the reserved port's, else the requested one, else IPv4 (§7.2).
         let want_v6 = raf.unwrap_or(false);
         if token.is_none() && self.cfg.relay_for(want_v6).is_none() {
-            return self.respond(ctx, out, 440, Some(v), |_| Ok(()));
+            return self.respond(
+                ctx,
+                out,
+                Err(ErrorCode::AddressFamilyNotSupported),
+                Some(v),
+                |_| Ok(()),
+            );
         }
         match self
             .shared
             .acquire_quota(&v.quota_user, self.cfg.user_quota, self.cfg.total_quota)
         {
             Ok(()) => {}
-            Err(QuotaError::User) => return self.respond(ctx, out, 486, Some(v), |_| Ok(())),
+            Err(QuotaError::User) => {
+                return self.respond(
+                    ctx,
+                    out,
+                    Err(ErrorCode::AllocationQuotaReached),
+                    Some(v),
+                    |_| Ok(()),
+                )
+            }
             Err(QuotaError::Total) => return self.no_capacity(ctx, out, v),
         }
         let mut relays: [Option<Relay>; 2] = [None, None];
@@ -497,10 +553,10 @@ impl Server {
                 self.shared.ports.release(r.local);
             }
             self.shared.release_quota(&v.quota_user);
-            if code == 508 {
+            if code == ErrorCode::InsufficientCapacity {
                 return self.no_capacity(ctx, out, v);
             }
-            return self.respond(ctx, out, code, Some(v), |_| Ok(()));
+            return self.respond(ctx, out, Err(code), Some(v), |_| Ok(()));
         }
         let reservation_token = reserved_next.map(|addr| {
             let exp = ctx.now.mono + Duration::from_secs(self.cfg.reservation_lifetime_secs as u64);
@@ -573,13 +629,13 @@ impl Server {
         let token = a.reservation_token;
         let v6_refused = a.v6_refused;
         let client = ctx.from.client;
-        self.respond(ctx, out, 0, Some(v), |w| {
+        self.respond(ctx, out, Ok(()), Some(v), |w| {
             for r in relays.iter().flatten() {
                 w.xor_addr(attr::XOR_RELAYED_ADDRESS, r.advertised)?;
             }
             if v6_refused {
                 // ADDRESS-ERROR-CODE (RFC 8656 §18.10): family, reserved, class, number.
-                let reason = super::reply::reason(440).as_bytes();
+                let reason = ErrorCode::AddressFamilyNotSupported.reason().as_bytes();
                 let mut val = [0u8; 64];
                 val[0] = 0x02;
                 val[2] = 4;
@@ -605,10 +661,13 @@ impl Server {
         pair: bool,
         tcp: bool,
         io: &mut impl RelayIo,
-    ) -> Result<(Relay, Option<SocketAddr>), u16> {
-        let ra = self.cfg.relay_for(v6).ok_or(440u16)?;
+    ) -> Result<(Relay, Option<SocketAddr>), ErrorCode> {
+        let ra = self
+            .cfg
+            .relay_for(v6)
+            .ok_or(ErrorCode::AddressFamilyNotSupported)?;
         let mut busy: Vec<SocketAddr> = Vec::new();
-        let mut result = Err(508);
+        let mut result = Err(ErrorCode::InsufficientCapacity);
         for _ in 0..PORT_ATTEMPTS {
             let Some(port) = self.shared.ports.acquire(ra.local, even, pair) else {
                 break;
@@ -638,7 +697,7 @@ impl Server {
                     busy.extend(next);
                     // A driver without TCP relays (RFC 6062): the transport is unsupported.
                     if tcp && e.kind() == std::io::ErrorKind::Unsupported {
-                        result = Err(442);
+                        result = Err(ErrorCode::UnsupportedTransport);
                         break;
                     }
                     if e.kind() != std::io::ErrorKind::AddrInUse {
@@ -657,8 +716,17 @@ impl Server {
 
     /// Opens the relay socket of a claimed RESERVATION-TOKEN (RFC 8656 §7.2): 508 if the
     /// token is unknown or expired.
-    fn open_reserved(&mut self, token: u64, now: Now, io: &mut impl RelayIo) -> Result<Relay, u16> {
-        let local = self.shared.ports.claim(token, now.mono).ok_or(508u16)?;
+    fn open_reserved(
+        &mut self,
+        token: u64,
+        now: Now,
+        io: &mut impl RelayIo,
+    ) -> Result<Relay, ErrorCode> {
+        let local = self
+            .shared
+            .ports
+            .claim(token, now.mono)
+            .ok_or(ErrorCode::InsufficientCapacity)?;
         let Some(ra) = self
             .cfg
             .relay
@@ -667,7 +735,7 @@ impl Server {
             .copied()
         else {
             self.shared.ports.release(local);
-            return Err(508);
+            return Err(ErrorCode::InsufficientCapacity);
         };
         match io.open_relay(local) {
             Ok(id) => Ok(Relay {
@@ -677,7 +745,7 @@ impl Server {
             }),
             Err(_) => {
                 self.shared.ports.release(local);
-                Err(508)
+                Err(ErrorCode::InsufficientCapacity)
             }
         }
     }
@@ -699,21 +767,31 @@ impl Server {
         let raf = match raw(m, attr::REQUESTED_ADDRESS_FAMILY).map(family) {
             None => None,
             Some(Some(Some(v6))) => Some(v6),
-            Some(_) => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
+            Some(_) => {
+                return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()))
+            }
         };
         if let Some(v6) = raf {
             let has = self.slots[slot]
                 .as_ref()
                 .is_some_and(|a| a.relays[usize::from(v6)].is_some());
             if !has {
-                return self.respond(ctx, out, 443, Some(v), |_| Ok(()));
+                return self.respond(
+                    ctx,
+                    out,
+                    Err(ErrorCode::PeerAddressFamilyMismatch),
+                    Some(v),
+                    |_| Ok(()),
+                );
             }
         }
         let requested = match raw(m, attr::LIFETIME) {
             None => None,
             Some(l) => match u32_attr(l) {
                 Some(l) => Some(l),
-                None => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
+                None => {
+                    return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()))
+                }
             },
         };
         if requested == Some(0) {
@@ -726,11 +804,11 @@ impl Server {
                 Some(v6) if dual => self.delete_family(slot, v6, io),
                 _ => self.delete(slot, DeleteReason::Refreshed0, ctx.now.mono, io),
             }
-            return self.respond(ctx, out, 0, Some(v), |w| w.attr_u32(attr::LIFETIME, 0));
+            return self.respond(ctx, out, Ok(()), Some(v), |w| w.attr_u32(attr::LIFETIME, 0));
         }
         let Some(lifetime) = self.grant_lifetime(requested, v, ctx.now) else {
             self.stats.auth_failure(AuthFailure::Expired);
-            return self.challenge(ctx, out, 401);
+            return self.challenge(ctx, out, ErrorCode::Unauthorized);
         };
         let expires = ctx.now.mono + Duration::from_secs(lifetime as u64);
         let rearm = match self.slots[slot].as_mut() {
@@ -749,21 +827,21 @@ impl Server {
         if let Some(id) = rearm {
             self.push_timer(expires, TimerKind::Allocation { slot, id });
         }
-        self.respond(ctx, out, 0, Some(v), |w| {
+        self.respond(ctx, out, Ok(()), Some(v), |w| {
             w.attr_u32(attr::LIFETIME, lifetime)
         })
     }
 
     /// Checks a peer for a permission or channel: the allocation has a relay of its family
     /// (else 443) and the policy allows it (else 403).
-    pub(super) fn check_peer(&mut self, slot: usize, peer: IpAddr) -> Result<Relay, u16> {
+    pub(super) fn check_peer(&mut self, slot: usize, peer: IpAddr) -> Result<Relay, ErrorCode> {
         let relay = self.slots[slot]
             .as_ref()
             .and_then(|a| a.relay_for(peer))
-            .ok_or(443u16)?;
+            .ok_or(ErrorCode::PeerAddressFamilyMismatch)?;
         if !self.cfg.policy.allows(peer) {
             self.stats.peer_denied += 1;
-            return Err(403);
+            return Err(ErrorCode::Forbidden);
         }
         Ok(relay)
     }
@@ -798,23 +876,29 @@ impl Server {
         };
         let peers = match peer_addresses(m) {
             Ok(p) if !p.is_empty() => p,
-            _ => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
+            _ => return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(())),
         };
         let mut relays = Vec::with_capacity(peers.len());
         for p in &peers {
             match self.check_peer(slot, p.ip()) {
                 Ok(r) => relays.push(r),
-                Err(code) => return self.respond(ctx, out, code, Some(v), |_| Ok(())),
+                Err(code) => return self.respond(ctx, out, Err(code), Some(v), |_| Ok(())),
             }
         }
         let existing = self.slots[slot].as_ref().map_or(0, |a| a.perms.len());
         if existing + peers.len() > MAX_PERMISSIONS {
-            return self.respond(ctx, out, 508, Some(v), |_| Ok(()));
+            return self.respond(
+                ctx,
+                out,
+                Err(ErrorCode::InsufficientCapacity),
+                Some(v),
+                |_| Ok(()),
+            );
         }
         for (p, r) in peers.iter().zip(relays) {
             self.install_permission(slot, r, p.ip(), ctx.now);
         }
-        self.respond(ctx, out, 0, Some(v), |_| Ok(()))
+        self.respond(ctx, out, Ok(()), Some(v), |_| Ok(()))
     }
 
     /// ChannelBind (RFC 8656 §11.2).
@@ -832,22 +916,22 @@ impl Server {
         };
         // RFC 6062 §5: a TCP allocation has no channels (data goes over connections).
         if self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
-            return self.respond(ctx, out, 400, Some(v), |_| Ok(()));
+            return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()));
         }
         let number = match raw(m, attr::CHANNEL_NUMBER) {
             Some([a, b, _, _]) => u16::from_be_bytes([*a, *b]),
-            _ => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
+            _ => return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(())),
         };
         let peer = match peer_addresses(m).as_deref() {
             Ok([p]) => *p,
-            _ => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
+            _ => return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(())),
         };
         if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&number) {
-            return self.respond(ctx, out, 400, Some(v), |_| Ok(()));
+            return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()));
         }
         let relay = match self.check_peer(slot, peer.ip()) {
             Ok(r) => r,
-            Err(code) => return self.respond(ctx, out, code, Some(v), |_| Ok(())),
+            Err(code) => return self.respond(ctx, out, Err(code), Some(v), |_| Ok(())),
         };
         let Some(a) = self.slots[slot].as_ref() else {
             return Action::None;
@@ -860,11 +944,17 @@ impl Server {
             .iter()
             .any(|c| (c.number == number) != (c.peer == peer));
         if conflict {
-            return self.respond(ctx, out, 400, Some(v), |_| Ok(()));
+            return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()));
         }
         let exists = a.channels.iter().any(|c| c.number == number);
         if !exists && a.channels.len() >= MAX_CHANNELS {
-            return self.respond(ctx, out, 508, Some(v), |_| Ok(()));
+            return self.respond(
+                ctx,
+                out,
+                Err(ErrorCode::InsufficientCapacity),
+                Some(v),
+                |_| Ok(()),
+            );
         }
         let id = a.id;
         let tuple: FiveTuple = a.tuple;
@@ -896,7 +986,7 @@ impl Server {
                 .channel_activated(tuple.transport, family_index(peer.ip()));
         }
         self.install_permission(slot, relay, peer.ip(), ctx.now);
-        self.respond(ctx, out, 0, Some(v), |_| Ok(()))
+        self.respond(ctx, out, Ok(()), Some(v), |_| Ok(()))
     }
 
     /// Send indication (RFC 8656 §10.2): forwarded if a permission exists, else silently

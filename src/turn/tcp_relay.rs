@@ -13,7 +13,7 @@ use super::requests::{peer_addresses, raw, u32_attr};
 use super::server::{Server, TimerKind};
 use super::stats::MethodLabel;
 use super::{conn_shard, Action, ConnId, FiveTuple, Now, RelayId, RelayIo};
-use crate::stun::{attr, class, message_type, method, MessageWriter};
+use crate::stun::{attr, class, message_type, method, ErrorCode, MessageWriter};
 
 /// How long a peer connection may stay connecting, or wait for its ConnectionBind
 /// (RFC 6062 §5.2, §5.3: 30 seconds).
@@ -105,14 +105,21 @@ impl Server {
             self.forget_conn(conn);
             self.stats.tcp_connects[CONNECT_FAILED] += 1;
             tracing::debug!(client = %tuple.client, conn, "TCP relay connect failed");
-            self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+            self.queue_connect_response(
+                tuple,
+                txid,
+                now,
+                Err(ErrorCode::ConnectionTimeoutOrFailure),
+                &cred,
+                None,
+            );
             return false;
         }
         let deadline = now.mono + TCP_CONN_TIMEOUT;
         self.set_state(conn, ConnState::Pending, deadline);
         self.push_timer(deadline, TimerKind::TcpConn { conn });
         self.stats.tcp_connects[CONNECT_OK] += 1;
-        self.queue_connect_response(tuple, txid, now, 0, &cred, Some(conn));
+        self.queue_connect_response(tuple, txid, now, Ok(()), &cred, Some(conn));
         true
     }
 
@@ -191,7 +198,14 @@ impl Server {
                         mono: created,
                         unix_secs: 0,
                     };
-                    self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+                    self.queue_connect_response(
+                        tuple,
+                        txid,
+                        now,
+                        Err(ErrorCode::ConnectionTimeoutOrFailure),
+                        &cred,
+                        None,
+                    );
                 }
             }
             ConnState::Pending => {}
@@ -219,9 +233,9 @@ impl Server {
         username: &str,
         io: &mut impl RelayIo,
     ) -> Action {
-        let refuse = |s: &mut Self, out: &mut [u8], code: u16| {
+        let refuse = |s: &mut Self, out: &mut [u8], code: ErrorCode| {
             s.stats.tcp_connects[CONNECT_REFUSED] += 1;
-            s.respond(ctx, out, code, Some(v), |_| Ok(()))
+            s.respond(ctx, out, Err(code), Some(v), |_| Ok(()))
         };
         let slot = match self.own_allocation(ctx, out, v, username) {
             Ok(s) => s,
@@ -231,11 +245,11 @@ impl Server {
             }
         };
         if !self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
-            return refuse(self, out, 400);
+            return refuse(self, out, ErrorCode::BadRequest);
         }
         let peer = match peer_addresses(m).as_deref() {
             Ok([p]) => *p,
-            _ => return refuse(self, out, 400),
+            _ => return refuse(self, out, ErrorCode::BadRequest),
         };
         let relay = match self.check_peer(slot, peer.ip()) {
             Ok(r) => r,
@@ -251,18 +265,24 @@ impl Server {
             .iter()
             .any(|c| self.tcp_conns.get(c).is_some_and(|pc| pc.peer == peer));
         if exists {
-            return refuse(self, out, 446);
+            return refuse(self, out, ErrorCode::ConnectionAlreadyExists);
         }
         if a.conns.len() >= self.cfg.tcp_relay_max_connections as usize {
-            return refuse(self, out, 508);
+            return refuse(self, out, ErrorCode::InsufficientCapacity);
         }
         let Some(conn) = self.new_conn_id() else {
-            return refuse(self, out, 508);
+            return refuse(self, out, ErrorCode::InsufficientCapacity);
         };
         if let Err(e) = io.tcp_connect(relay.id, peer, conn) {
             tracing::debug!(client = %ctx.from.client, %peer, error = %e, "TCP relay connect could not start");
             self.stats.tcp_connects[CONNECT_FAILED] += 1;
-            return self.respond(ctx, out, 447, Some(v), |_| Ok(()));
+            return self.respond(
+                ctx,
+                out,
+                Err(ErrorCode::ConnectionTimeoutOrFailure),
+                Some(v),
+                |_| Ok(()),
+            );
         }
         let state = ConnState::Connecting {
             txid: ctx.txid,
@@ -282,37 +302,37 @@ impl Server {
         v: &Verified,
         username: &str,
     ) -> Action {
-        let reject = |s: &mut Self, out: &mut [u8], code: u16| {
+        let reject = |s: &mut Self, out: &mut [u8], code: ErrorCode| {
             s.stats.tcp_binds[BIND_REJECTED] += 1;
-            s.respond(ctx, out, code, Some(v), |_| Ok(()))
+            s.respond(ctx, out, Err(code), Some(v), |_| Ok(()))
         };
         let Some(conn) = raw(m, attr::CONNECTION_ID).and_then(u32_attr) else {
-            return reject(self, out, 400);
+            return reject(self, out, ErrorCode::BadRequest);
         };
         if conn_shard(conn) != usize::from(self.shard_index) {
-            return reject(self, out, 400);
+            return reject(self, out, ErrorCode::BadRequest);
         }
         let Some(pc) = self.tcp_conns.get(&conn) else {
-            return reject(self, out, 400);
+            return reject(self, out, ErrorCode::BadRequest);
         };
         if !matches!(pc.state, ConnState::Pending) {
-            return reject(self, out, 400);
+            return reject(self, out, ErrorCode::BadRequest);
         }
         // A control connection cannot turn into a data connection (§5.4).
         if self.by_tuple.contains_key(&ctx.from) {
-            return reject(self, out, 400);
+            return reject(self, out, ErrorCode::BadRequest);
         }
         let Some(a) = self.live(pc.slot, pc.alloc_id) else {
-            return reject(self, out, 400);
+            return reject(self, out, ErrorCode::BadRequest);
         };
         if a.username != username {
-            return reject(self, out, 441);
+            return reject(self, out, ErrorCode::WrongCredentials);
         }
         let deadline = pc.deadline;
         self.set_state(conn, ConnState::Bound { data: ctx.from }, deadline);
         self.stats.tcp_binds[BIND_OK] += 1;
         tracing::debug!(client = %ctx.from.client, conn, "TCP relay connection bound");
-        match self.respond(ctx, out, 0, Some(v), |_| Ok(())) {
+        match self.respond(ctx, out, Ok(()), Some(v), |_| Ok(())) {
             Action::Reply(len) => Action::BindData { conn, len },
             other => other,
         }
@@ -337,7 +357,14 @@ impl Server {
                 self.stats.tcp_connects[CONNECT_TIMEOUT] += 1;
                 if let Some(tuple) = tuple {
                     tracing::debug!(client = %tuple.client, conn, "TCP relay connect timed out");
-                    self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+                    self.queue_connect_response(
+                        tuple,
+                        txid,
+                        now,
+                        Err(ErrorCode::ConnectionTimeoutOrFailure),
+                        &cred,
+                        None,
+                    );
                 }
             }
             ConnState::Pending => {
@@ -423,7 +450,7 @@ impl Server {
         tuple: FiveTuple,
         txid: [u8; 12],
         now: Now,
-        code: u16,
+        result: Result<(), ErrorCode>,
         cred: &Verified,
         conn: Option<ConnId>,
     ) {
@@ -435,7 +462,7 @@ impl Server {
             now,
         };
         let mut buf = vec![0u8; 512];
-        let reply = self.respond(&ctx, &mut buf, code, Some(cred), |w| match conn {
+        let reply = self.respond(&ctx, &mut buf, result, Some(cred), |w| match conn {
             Some(c) => w.attr_u32(attr::CONNECTION_ID, c),
             None => Ok(()),
         });

@@ -116,17 +116,10 @@ impl Resp {
         v[2] as u16 * 100 + v[3] as u16
     }
     pub(super) fn attrs(&self, t: u16) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut off = 20;
-        while off + 4 <= self.bytes.len() {
-            let at = u16::from_be_bytes([self.bytes[off], self.bytes[off + 1]]);
-            let l = u16::from_be_bytes([self.bytes[off + 2], self.bytes[off + 3]]) as usize;
-            if at == t {
-                out.push(self.bytes[off + 4..off + 4 + l].to_vec());
-            }
-            off += 4 + crate::stun::pad4(l);
-        }
-        out
+        crate::stun::attributes(&self.bytes)
+            .filter(|a| a.ty == t)
+            .map(|a| a.value.expect("attribute fits").to_vec())
+            .collect()
     }
     pub(super) fn attr(&self, t: u16) -> Option<Vec<u8>> {
         self.attrs(t).into_iter().next()

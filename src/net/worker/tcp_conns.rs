@@ -7,7 +7,6 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::Interest;
 
-use super::handover::connection_bind_id;
 use super::splice::Splice;
 use super::{
     is_request, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE,
@@ -15,7 +14,7 @@ use super::{
 use crate::net::link::{is_tls_error, Link};
 use crate::net::shard::Shard;
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
-use crate::stun::{classify, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
+use crate::stun::{classify, connection_bind_id, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
 use crate::turn::{conn_shard, Action, ConnId, FiveTuple, Now, Transport};
 
 /// What a TCP listener accepts.
