@@ -3,7 +3,8 @@
 //! It must not spawn threads or tasks, and the per-packet lookups (`channel_to_peer`,
 //! `peer_to_client`, Send indications) must not allocate, lock or log.
 //!
-//! Files: `server.rs` (tables, lookups, timers), `requests.rs` (each method), `reply.rs`
+//! Files: `tables.rs` (the allocation slab and every index over it: their only writer),
+//! `allocation.rs` (the plain data it holds), `server.rs` (timers, deletion), `requests.rs` (each method), `reply.rs`
 //! (responses), `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool),
 //! `policy.rs` (peer addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`,
 //! `alternates.rs` (300 Try Alternate targets), `tcp_relay.rs` (RFC 6062 TCP allocations:
@@ -38,6 +39,7 @@ mod requests;
 mod server;
 mod server_config;
 pub mod stats;
+mod tables;
 mod tcp_relay;
 #[cfg(test)]
 mod tests;

@@ -9,7 +9,7 @@ use stun_types::attribute::AttributeType;
 use stun_types::message::Message;
 use turn_types::attribute::XorPeerAddress;
 
-use super::allocation::{allocation_family, family_index, Allocation, Channel, Relay};
+use super::allocation::{allocation_family, family_index, Allocation, Relay};
 use super::auth::{AuthError, Verified};
 use super::nonce::NonceCheck;
 use super::reply::Ctx;
@@ -322,11 +322,11 @@ impl Server {
         }
         let slot = if ctx.method == method::CONNECTION_BIND {
             let id = raw(m, attr::CONNECTION_ID).and_then(u32_attr)?;
-            self.tcp_conns.get(&id)?.slot
+            self.tables.conn(id)?.slot
         } else {
-            *self.by_tuple.get(&ctx.from)?
+            self.tables.slot_of(&ctx.from)?
         };
-        let a = self.slots.get(slot)?.as_ref()?;
+        let a = self.tables.get(slot)?;
         if a.username != username {
             return None;
         }
@@ -362,7 +362,7 @@ impl Server {
         v: &Verified,
         username: &str,
     ) -> Result<usize, Action> {
-        let Some(&slot) = self.by_tuple.get(&ctx.from) else {
+        let Some(slot) = self.tables.slot_of(&ctx.from) else {
             return Err(self.respond(
                 ctx,
                 out,
@@ -371,8 +371,9 @@ impl Server {
                 |_| Ok(()),
             ));
         };
-        let same_user = self.slots[slot]
-            .as_ref()
+        let same_user = self
+            .tables
+            .get(slot)
             .is_some_and(|a| a.username == username);
         if !same_user {
             return Err(
@@ -394,9 +395,10 @@ impl Server {
         username: String,
         io: &mut impl RelayIo,
     ) -> Action {
-        if let Some(&slot) = self.by_tuple.get(&ctx.from) {
-            let retransmit = self.slots[slot]
-                .as_ref()
+        if let Some(slot) = self.tables.slot_of(&ctx.from) {
+            let retransmit = self
+                .tables
+                .get(slot)
                 .is_some_and(|a| a.txid == ctx.txid && a.username == username);
             if retransmit {
                 return self.allocate_success(ctx, out, v, slot);
@@ -565,8 +567,7 @@ impl Server {
             self.shared.ports.reserve(addr, exp)
         });
 
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.tables.next_alloc_id();
         let expires = ctx.now.mono + Duration::from_secs(lifetime as u64);
         let alloc = Allocation {
             id,
@@ -596,20 +597,7 @@ impl Server {
             lifetime,
             "allocation created"
         );
-        let slot = match self.free_slots.pop() {
-            Some(s) => {
-                self.slots[s] = Some(alloc);
-                s
-            }
-            None => {
-                self.slots.push(Some(alloc));
-                self.slots.len() - 1
-            }
-        };
-        self.by_tuple.insert(ctx.from, slot);
-        for r in relays.iter().flatten() {
-            self.by_relay.insert(r.id, slot);
-        }
+        let slot = self.tables.insert(alloc);
         self.push_timer(expires, TimerKind::Allocation { slot, id });
         self.stats.allocations_created += 1;
         if tcp {
@@ -621,7 +609,7 @@ impl Server {
     }
 
     fn allocate_success(&mut self, ctx: &Ctx, out: &mut [u8], v: &Verified, slot: usize) -> Action {
-        let Some(a) = self.slots[slot].as_ref() else {
+        let Some(a) = self.tables.get(slot) else {
             return Action::None;
         };
         let relays = a.relays;
@@ -772,8 +760,9 @@ impl Server {
             }
         };
         if let Some(v6) = raf {
-            let has = self.slots[slot]
-                .as_ref()
+            let has = self
+                .tables
+                .get(slot)
                 .is_some_and(|a| a.relays[usize::from(v6)].is_some());
             if !has {
                 return self.respond(
@@ -795,8 +784,9 @@ impl Server {
             },
         };
         if requested == Some(0) {
-            let dual = self.slots[slot]
-                .as_ref()
+            let dual = self
+                .tables
+                .get(slot)
                 .is_some_and(|a| a.relays.iter().all(Option::is_some));
             // RFC 8656 §7.3: with REQUESTED-ADDRESS-FAMILY only that family's relay goes;
             // the allocation stays while the other family remains.
@@ -811,18 +801,8 @@ impl Server {
             return self.challenge(ctx, out, ErrorCode::Unauthorized);
         };
         let expires = ctx.now.mono + Duration::from_secs(lifetime as u64);
-        let rearm = match self.slots[slot].as_mut() {
-            Some(a) => {
-                a.expires = expires;
-                a.lifetime_secs = lifetime;
-                // A longer lifetime is picked up when the pending entry fires; a shorter
-                // one needs an earlier entry.
-                (expires < a.timer_at).then(|| {
-                    a.timer_at = expires;
-                    a.id
-                })
-            }
-            None => return Action::None,
+        let Some(rearm) = self.tables.refresh(slot, expires, lifetime) else {
+            return Action::None;
         };
         if let Some(id) = rearm {
             self.push_timer(expires, TimerKind::Allocation { slot, id });
@@ -835,8 +815,9 @@ impl Server {
     /// Checks a peer for a permission or channel: the allocation has a relay of its family
     /// (else 443) and the policy allows it (else 403).
     pub(super) fn check_peer(&mut self, slot: usize, peer: IpAddr) -> Result<Relay, ErrorCode> {
-        let relay = self.slots[slot]
-            .as_ref()
+        let relay = self
+            .tables
+            .get(slot)
             .and_then(|a| a.relay_for(peer))
             .ok_or(ErrorCode::PeerAddressFamilyMismatch)?;
         if !self.cfg.policy.allows(peer) {
@@ -849,14 +830,11 @@ impl Server {
     /// Installs or refreshes a permission (RFC 8656 §9).
     fn install_permission(&mut self, slot: usize, relay: Relay, ip: IpAddr, now: Now) {
         let exp = now.mono + Duration::from_secs(self.cfg.permission_lifetime_secs as u64);
-        let Some(a) = self.slots[slot].as_mut() else {
+        let Some(transport) = self.tables.get(slot).map(|a| a.tuple.transport) else {
             return;
         };
-        let id = a.id;
-        if self.perms.insert((relay.id, ip), exp).is_none() {
-            a.perms.push(ip);
-            self.stats
-                .permission_added(a.tuple.transport, family_index(ip));
+        if let Some(id) = self.tables.add_permission(slot, relay, ip, exp) {
+            self.stats.permission_added(transport, family_index(ip));
             self.push_timer(exp, TimerKind::Permission { slot, id, ip });
         }
     }
@@ -885,7 +863,7 @@ impl Server {
                 Err(code) => return self.respond(ctx, out, Err(code), Some(v), |_| Ok(())),
             }
         }
-        let existing = self.slots[slot].as_ref().map_or(0, |a| a.perms.len());
+        let existing = self.tables.get(slot).map_or(0, |a| a.perms.len());
         if existing + peers.len() > MAX_PERMISSIONS {
             return self.respond(
                 ctx,
@@ -915,7 +893,7 @@ impl Server {
             Err(a) => return a,
         };
         // RFC 6062 §5: a TCP allocation has no channels (data goes over connections).
-        if self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
+        if self.tables.get(slot).is_some_and(|a| a.tcp) {
             return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()));
         }
         let number = match raw(m, attr::CHANNEL_NUMBER) {
@@ -933,7 +911,7 @@ impl Server {
             Ok(r) => r,
             Err(code) => return self.respond(ctx, out, Err(code), Some(v), |_| Ok(())),
         };
-        let Some(a) = self.slots[slot].as_ref() else {
+        let Some(a) = self.tables.get(slot) else {
             return Action::None;
         };
         // Rebind rules (§11.2): the number may not move to another peer, nor the peer
@@ -957,33 +935,18 @@ impl Server {
             );
         }
         let id = a.id;
-        let tuple: FiveTuple = a.tuple;
+        let transport = a.tuple.transport;
         let expires = ctx.now.mono + Duration::from_secs(self.cfg.channel_lifetime_secs as u64);
-        let a = self.slots[slot].as_mut().expect("checked above");
-        let revived = match a.channels.iter_mut().find(|c| c.number == number) {
-            Some(c) => {
-                // Its pending timer entry (expiry or cooldown end) re-arms itself.
-                c.expires = expires;
-                !std::mem::replace(&mut c.active, true)
-            }
-            None => {
-                a.channels.push(Channel {
-                    number,
-                    peer,
-                    expires,
-                    active: true,
-                });
-                self.stats.channels_created += 1;
-                self.push_timer(expires, TimerKind::Channel { slot, id, number });
-                true
-            }
+        let Some(bound) = self.tables.bind_channel(slot, relay, number, peer, expires) else {
+            return Action::None;
         };
-        if revived {
-            self.peer_channels.insert((relay.id, peer), number);
-            self.client_channels
-                .insert((tuple, number), (relay.id, peer));
+        if bound.created {
+            self.stats.channels_created += 1;
+            self.push_timer(expires, TimerKind::Channel { slot, id, number });
+        }
+        if bound.activated {
             self.stats
-                .channel_activated(tuple.transport, family_index(peer.ip()));
+                .channel_activated(transport, family_index(peer.ip()));
         }
         self.install_permission(slot, relay, peer.ip(), ctx.now);
         self.respond(ctx, out, Ok(()), Some(v), |_| Ok(()))
@@ -992,12 +955,12 @@ impl Server {
     /// Send indication (RFC 8656 §10.2): forwarded if a permission exists, else silently
     /// dropped (counted).
     fn send_indication(&mut self, m: &Message<'_>, from: &FiveTuple) -> Action {
-        let Some(&slot) = self.by_tuple.get(from) else {
+        let Some(slot) = self.tables.slot_of(from) else {
             self.stats.sends_dropped += 1;
             return Action::None;
         };
         // RFC 6062 §5: a TCP allocation relays over peer connections only.
-        if self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
+        if self.tables.get(slot).is_some_and(|a| a.tcp) {
             self.stats.sends_dropped += 1;
             return Action::None;
         }
@@ -1014,11 +977,9 @@ impl Server {
             return Action::None;
         };
         let len = data.header.length() as usize;
-        let relay = self.slots[slot]
-            .as_ref()
-            .and_then(|a| a.relay_for(peer.ip()));
+        let relay = self.tables.get(slot).and_then(|a| a.relay_for(peer.ip()));
         match relay {
-            Some(r) if self.perms.contains_key(&(r.id, peer.ip())) => {
+            Some(r) if self.tables.permission(r.id, peer.ip()).is_some() => {
                 self.stats.sends_forwarded += 1;
                 Action::Forward {
                     relay: r.id,

@@ -1448,10 +1448,10 @@ fn deleting_allocation_clears_data_path_tables() {
         h.server.peer_to_client(RelayId(1), PEER.parse().unwrap()),
         None
     );
-    assert!(h.server.perms.is_empty());
-    assert!(h.server.peer_channels.is_empty());
-    assert!(h.server.client_channels.is_empty());
-    assert!(h.server.by_relay.is_empty());
+    assert_eq!(h.server.tables.sizes().perms, 0);
+    assert_eq!(h.server.tables.sizes().peer_channels, 0);
+    assert_eq!(h.server.tables.sizes().client_channels, 0);
+    assert_eq!(h.server.tables.sizes().by_relay, 0);
     // The slot is reused and old timers don't touch the new allocation.
     assert_eq!(h.allocate(client(2)).code(), 0);
     h.advance(599);
@@ -1657,7 +1657,7 @@ fn expired_channel_cools_down_before_reuse() {
     assert_eq!(h.auth(client(1), &bind(0x4000, PEER), &u, &k).code(), 0);
     h.advance(600);
     assert_eq!(h.server.stats().channels_active, 0);
-    assert!(h.server.client_channels.is_empty());
+    assert_eq!(h.server.tables.sizes().client_channels, 0);
     // During the 5-minute cooldown neither the number nor the peer can move.
     assert_eq!(h.auth(client(1), &bind(0x4000, PEER2), &u, &k).code(), 400);
     assert_eq!(h.auth(client(1), &bind(0x4001, PEER), &u, &k).code(), 400);

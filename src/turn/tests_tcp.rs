@@ -661,7 +661,7 @@ fn connection_ids_skip_zero_and_ids_in_use() {
     assert_eq!(r.code(), 0);
     let now = h.now();
     let top = u32::from(SHARD) << 24;
-    h.server.next_conn = 0xFF_FFFE;
+    h.server.tables.set_next_conn(0xFF_FFFE);
     let a = h
         .server
         .tcp_peer_accepted(now, relay, "8.8.8.8:1".parse().unwrap())
@@ -673,7 +673,7 @@ fn connection_ids_skip_zero_and_ids_in_use() {
         .unwrap();
     assert_eq!(b, top | 1, "wraps past 0");
     // The counter comes round to an id still in use: skipped.
-    h.server.next_conn = 0;
+    h.server.tables.set_next_conn(0);
     let c = h
         .server
         .tcp_peer_accepted(now, relay, "8.8.8.8:3".parse().unwrap())
