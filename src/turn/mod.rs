@@ -35,6 +35,7 @@ pub mod policy;
 pub mod ports;
 pub mod ratelimit;
 mod reply;
+mod request;
 mod requests;
 mod server;
 mod server_config;

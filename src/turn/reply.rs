@@ -60,6 +60,17 @@ impl Server {
         }
     }
 
+    /// An authenticated error answer with no attributes of its own.
+    pub(super) fn fail(
+        &mut self,
+        ctx: &Ctx,
+        out: &mut [u8],
+        code: ErrorCode,
+        v: &Verified,
+    ) -> Action {
+        self.respond(ctx, out, Err(code), Some(v), |_| Ok(()))
+    }
+
     /// An answer to a request that is not (yet) authenticated: subject to the per-source
     /// rate limit; dropped (and counted) past it.
     pub(super) fn respond_unauth(

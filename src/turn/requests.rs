@@ -13,13 +13,15 @@ use super::allocation::{allocation_family, family_index, Allocation, Relay};
 use super::auth::{AuthError, Verified};
 use super::nonce::NonceCheck;
 use super::reply::Ctx;
+use super::request::{
+    connection_id, lifetime, permission_peers, raw, refresh_family, Allocate, ChannelBind,
+    EvenPort, Family,
+};
 use super::server::{DeleteReason, Server, TimerKind};
 use super::server_config::QuotaError;
 use super::stats::{AuthFailure, MethodLabel};
 use super::{Action, FiveTuple, Now, RelayIo};
-use crate::stun::{
-    attr, classify, find_integrity, method, ErrorCode, Kind, CHANNEL_MAX, CHANNEL_MIN, HEADER_LEN,
-};
+use crate::stun::{attr, classify, find_integrity, method, ErrorCode, Kind, HEADER_LEN};
 
 /// Attribute types this server understands (RFC 8489 §6.3: any other comprehension-required
 /// attribute in a request gets 420).
@@ -56,10 +58,6 @@ const PORT_ATTEMPTS: usize = 16;
 /// Per-allocation bounds (memory is bounded even for a hostile authenticated client).
 const MAX_PERMISSIONS: usize = 1024;
 const MAX_CHANNELS: usize = 4096;
-/// REQUESTED-TRANSPORT value for UDP (RFC 8656 §18.7).
-const PROTO_UDP: u8 = 17;
-/// REQUESTED-TRANSPORT for an RFC 6062 TCP allocation.
-const PROTO_TCP: u8 = 6;
 
 fn label(m: u16) -> MethodLabel {
     match m {
@@ -74,44 +72,6 @@ fn label(m: u16) -> MethodLabel {
     }
 }
 
-pub(super) fn raw<'m>(m: &'m Message<'_>, t: u16) -> Option<&'m [u8]> {
-    m.raw_attribute_and_offset(AttributeType::new(t))
-        .map(|(off, a)| {
-            let b = m.as_bytes();
-            &b[off + 4..off + 4 + a.header.length() as usize]
-        })
-}
-
-pub(super) fn u32_attr(v: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(v.try_into().ok()?))
-}
-
-/// Parses an ADDRESS-FAMILY-like attribute value: `Some(true)` IPv6, `Some(false)` IPv4.
-fn family(v: &[u8]) -> Option<Option<bool>> {
-    // RFC 8656 §18.8 says 4 bytes (family + 3 reserved); some clients send just the family.
-    if v.is_empty() || v.len() > 4 {
-        return None;
-    }
-    Some(match v[0] {
-        0x01 => Some(false),
-        0x02 => Some(true),
-        _ => None,
-    })
-}
-
-/// Every XOR-PEER-ADDRESS in the request, or `Err` if one is malformed.
-pub(super) fn peer_addresses(m: &Message<'_>) -> Result<Vec<SocketAddr>, ()> {
-    let tid = m.transaction_id();
-    let mut v = Vec::new();
-    for (_, a) in m.iter_attributes() {
-        if a.header.get_type().value() == attr::XOR_PEER_ADDRESS {
-            let p = XorPeerAddress::try_from(&a).map_err(|_| ())?;
-            v.push(p.addr(tid));
-        }
-    }
-    Ok(v)
-}
-
 /// Comprehension-required attributes we don't understand (RFC 8489 §6.3.1).
 fn unknown_attributes(m: &Message<'_>, found: &mut [u16; MAX_UNKNOWN]) -> usize {
     let mut n = 0;
@@ -123,6 +83,20 @@ fn unknown_attributes(m: &Message<'_>, found: &mut [u16; MAX_UNKNOWN]) -> usize 
         }
     }
     n
+}
+
+/// A request's verified credential and the user it names (RFC 8489 §9.2).
+struct Authenticated {
+    cred: Verified,
+    username: String,
+}
+
+/// Which kind of relay socket an allocation gets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RelayKind {
+    Udp,
+    /// An RFC 6062 TCP relay listener.
+    Tcp,
 }
 
 impl Server {
@@ -208,8 +182,9 @@ impl Server {
                     self.stats.tcp_binds[1] += 1;
                     return self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(()));
                 }
-                let v = match self.authenticate(ctx, m, msg, out) {
-                    Ok(v) => v,
+                let Authenticated { cred: v, username } = match self.authenticate(ctx, m, msg, out)
+                {
+                    Ok(a) => a,
                     Err(a) => return a,
                 };
                 if n_unknown > 0 {
@@ -218,22 +193,22 @@ impl Server {
                         ctx,
                         out,
                         Err(ErrorCode::UnknownAttribute),
-                        Some(&v.0),
+                        Some(&v),
                         |w| write_unknown(w, &unknown[..n_unknown]),
                     );
                 }
-                let expired = v.0.expired(ctx.now.unix_secs);
+                let expired = v.expired(ctx.now.unix_secs);
                 if expired && (ctx.method == method::ALLOCATE || self.cfg.strict_expiry) {
                     self.stats.auth_failure(AuthFailure::Expired);
                     return self.challenge(ctx, out, ErrorCode::Unauthorized);
                 }
                 match ctx.method {
-                    method::ALLOCATE => self.allocate(ctx, m, out, &v.0, v.1, io),
-                    method::REFRESH => self.refresh(ctx, m, out, &v.0, &v.1, io),
-                    method::CREATE_PERMISSION => self.create_permission(ctx, m, out, &v.0, &v.1),
-                    method::CONNECT => self.connect(ctx, m, out, &v.0, &v.1, io),
-                    method::CONNECTION_BIND => self.connection_bind(ctx, m, out, &v.0, &v.1),
-                    _ => self.channel_bind(ctx, m, out, &v.0, &v.1),
+                    method::ALLOCATE => self.allocate(ctx, m, out, &v, username, io),
+                    method::REFRESH => self.refresh(ctx, m, out, &v, &username, io),
+                    method::CREATE_PERMISSION => self.create_permission(ctx, m, out, &v, &username),
+                    method::CONNECT => self.connect(ctx, m, out, &v, &username, io),
+                    method::CONNECTION_BIND => self.connection_bind(ctx, m, out, &v, &username),
+                    _ => self.channel_bind(ctx, m, out, &v, &username),
                 }
             }
             _ => self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(())),
@@ -248,7 +223,7 @@ impl Server {
         m: &Message<'_>,
         msg: &[u8],
         out: &mut [u8],
-    ) -> Result<(Verified, String), Action> {
+    ) -> Result<Authenticated, Action> {
         if find_integrity(msg).is_none() {
             return Err(self.challenge(ctx, out, ErrorCode::Unauthorized));
         }
@@ -289,10 +264,10 @@ impl Server {
             }
         }
         match cfg.credentials.verify(&username, msg) {
-            Ok(v) => Ok((v, username)),
+            Ok(cred) => Ok(Authenticated { cred, username }),
             Err(e) => {
                 if let Some(v) = self.kept_credential(ctx, m, &username, msg) {
-                    return Ok((v, username));
+                    return Ok(Authenticated { cred: v, username });
                 }
                 self.stats.auth_failure(match e {
                     AuthError::UnknownUser => AuthFailure::UnknownUser,
@@ -321,7 +296,7 @@ impl Server {
             return None;
         }
         let slot = if ctx.method == method::CONNECTION_BIND {
-            let id = raw(m, attr::CONNECTION_ID).and_then(u32_attr)?;
+            let id = connection_id(m)?;
             self.tables.conn(id)?.slot
         } else {
             self.tables.slot_of(&ctx.from)?
@@ -363,13 +338,7 @@ impl Server {
         username: &str,
     ) -> Result<usize, Action> {
         let Some(slot) = self.tables.slot_of(&ctx.from) else {
-            return Err(self.respond(
-                ctx,
-                out,
-                Err(ErrorCode::AllocationMismatch),
-                Some(v),
-                |_| Ok(()),
-            ));
+            return Err(self.fail(ctx, out, ErrorCode::AllocationMismatch, v));
         };
         let same_user = self
             .tables
@@ -403,109 +372,32 @@ impl Server {
             if retransmit {
                 return self.allocate_success(ctx, out, v, slot);
             }
-            return self.respond(
-                ctx,
-                out,
-                Err(ErrorCode::AllocationMismatch),
-                Some(v),
-                |_| Ok(()),
-            );
+            return self.fail(ctx, out, ErrorCode::AllocationMismatch, v);
         }
         // Draining (SIGTERM): existing allocations carry on, new ones go elsewhere.
         if self.shared.draining() {
             return self.no_capacity(ctx, out, v);
         }
-        let bad = |s: &mut Self, out: &mut [u8]| {
-            s.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()))
+        let req = match Allocate::decode(m, ctx.from.transport, self.cfg.tcp_relay) {
+            Ok(r) => r,
+            Err(code) => return self.fail(ctx, out, code, v),
         };
-        let Some(rt) = raw(m, attr::REQUESTED_TRANSPORT) else {
-            return bad(self, out);
-        };
-        if rt.len() != 4 {
-            return bad(self, out);
-        }
-        // RFC 6062 §5.1: a TCP allocation needs a TCP or TLS control connection; asked for
-        // over UDP it is a bad request. Switched off by `turn.tcp_relay`: 442.
-        let tcp = rt[0] == PROTO_TCP;
-        if tcp && ctx.from.transport == super::Transport::Udp {
-            return bad(self, out);
-        }
-        if (tcp && !self.cfg.tcp_relay) || (!tcp && rt[0] != PROTO_UDP) {
-            return self.respond(
-                ctx,
-                out,
-                Err(ErrorCode::UnsupportedTransport),
-                Some(v),
-                |_| Ok(()),
-            );
-        }
-        // RFC 6062 §5.1: these make no sense for a TCP relay.
-        let udp_only = [
-            attr::EVEN_PORT,
-            attr::RESERVATION_TOKEN,
-            attr::DONT_FRAGMENT,
-            attr::ADDITIONAL_ADDRESS_FAMILY,
-        ];
-        if tcp && udp_only.iter().any(|&t| raw(m, t).is_some()) {
-            return bad(self, out);
-        }
-        let token = match raw(m, attr::RESERVATION_TOKEN) {
-            None => None,
-            Some(t) => match <[u8; 8]>::try_from(t) {
-                Ok(b) => Some(u64::from_be_bytes(b)),
-                Err(_) => return bad(self, out),
-            },
-        };
-        let even = match raw(m, attr::EVEN_PORT) {
-            None => None,
-            Some([b, ..]) => Some(b & 0x80 != 0),
-            Some(_) => return bad(self, out),
-        };
-        let raf = match raw(m, attr::REQUESTED_ADDRESS_FAMILY).map(family) {
-            None => None,
-            Some(None) => return bad(self, out),
-            Some(Some(None)) => {
-                return self.respond(
-                    ctx,
-                    out,
-                    Err(ErrorCode::AddressFamilyNotSupported),
-                    Some(v),
-                    |_| Ok(()),
-                )
-            }
-            Some(Some(Some(v6))) => Some(v6),
-        };
-        let additional_v6 = match raw(m, attr::ADDITIONAL_ADDRESS_FAMILY).map(family) {
-            None => false,
-            Some(Some(Some(true))) => true,
-            Some(_) => return bad(self, out),
-        };
-        if (token.is_some() && (even.is_some() || raf.is_some() || additional_v6))
-            || (additional_v6 && (raf.is_some() || even.is_some()))
-        {
-            return bad(self, out);
-        }
-        let requested = match raw(m, attr::LIFETIME) {
-            None => None,
-            Some(l) => match u32_attr(l) {
-                Some(l) => Some(l),
-                None => return bad(self, out),
-            },
-        };
+        let Allocate {
+            tcp,
+            family,
+            additional_v6,
+            even_port: even,
+            token,
+            lifetime: requested,
+        } = req;
         let Some(lifetime) = self.grant_lifetime(requested, v, ctx.now) else {
             self.stats.auth_failure(AuthFailure::Expired);
             return self.challenge(ctx, out, ErrorCode::Unauthorized);
         };
         // Families: the reserved port's, else the requested one, else IPv4 (§7.2).
-        let want_v6 = raf.unwrap_or(false);
+        let want_v6 = family.is_some_and(Family::is_v6);
         if token.is_none() && self.cfg.relay_for(want_v6).is_none() {
-            return self.respond(
-                ctx,
-                out,
-                Err(ErrorCode::AddressFamilyNotSupported),
-                Some(v),
-                |_| Ok(()),
-            );
+            return self.fail(ctx, out, ErrorCode::AddressFamilyNotSupported, v);
         }
         match self
             .shared
@@ -513,13 +405,7 @@ impl Server {
         {
             Ok(()) => {}
             Err(QuotaError::User) => {
-                return self.respond(
-                    ctx,
-                    out,
-                    Err(ErrorCode::AllocationQuotaReached),
-                    Some(v),
-                    |_| Ok(()),
-                )
+                return self.fail(ctx, out, ErrorCode::AllocationQuotaReached, v)
             }
             Err(QuotaError::Total) => return self.no_capacity(ctx, out, v),
         }
@@ -530,8 +416,8 @@ impl Server {
                 relays[family_index(r.local.ip())] = Some(r);
             })
         } else {
-            let pair = even == Some(true);
-            self.open_relay(want_v6, even.is_some(), pair, tcp, io)
+            let kind = if tcp { RelayKind::Tcp } else { RelayKind::Udp };
+            self.open_relay(family.unwrap_or(Family::V4), even, kind, io)
                 .map(|(r, next)| {
                     relays[family_index(r.local.ip())] = Some(r);
                     reserved_next = next;
@@ -546,7 +432,7 @@ impl Server {
                 v6_refused = true;
                 return Ok(());
             }
-            self.open_relay(true, false, false, false, io)
+            self.open_relay(Family::V6, None, RelayKind::Udp, io)
                 .map(|(r, _)| relays[1] = Some(r))
         });
         if let Err(code) = opened {
@@ -558,7 +444,7 @@ impl Server {
             if code == ErrorCode::InsufficientCapacity {
                 return self.no_capacity(ctx, out, v);
             }
-            return self.respond(ctx, out, Err(code), Some(v), |_| Ok(()));
+            return self.fail(ctx, out, code, v);
         }
         let reservation_token = reserved_next.map(|addr| {
             let exp = ctx.now.mono + Duration::from_secs(self.cfg.reservation_lifetime_secs as u64);
@@ -639,20 +525,22 @@ impl Server {
         })
     }
 
-    /// Opens a relay socket on a port of the pool (EVEN-PORT: even, `pair` also holds the
-    /// next one and returns it); `tcp`: an RFC 6062 TCP relay listener (§5.1). Error = the
-    /// STUN error code.
+    /// Opens a relay socket on a port of the pool (EVEN-PORT: an even port; with its R bit
+    /// the next one is held too and returned); an RFC 6062 TCP relay listener for
+    /// `RelayKind::Tcp` (§5.1).
     fn open_relay(
         &mut self,
-        v6: bool,
-        even: bool,
-        pair: bool,
-        tcp: bool,
+        family: Family,
+        even_port: Option<EvenPort>,
+        kind: RelayKind,
         io: &mut impl RelayIo,
     ) -> Result<(Relay, Option<SocketAddr>), ErrorCode> {
+        let even = even_port.is_some();
+        let pair = even_port.is_some_and(|e| e.reserve_next);
+        let tcp = kind == RelayKind::Tcp;
         let ra = self
             .cfg
-            .relay_for(v6)
+            .relay_for(family.is_v6())
             .ok_or(ErrorCode::AddressFamilyNotSupported)?;
         let mut busy: Vec<SocketAddr> = Vec::new();
         let mut result = Err(ErrorCode::InsufficientCapacity);
@@ -752,12 +640,9 @@ impl Server {
             Ok(s) => s,
             Err(a) => return a,
         };
-        let raf = match raw(m, attr::REQUESTED_ADDRESS_FAMILY).map(family) {
-            None => None,
-            Some(Some(Some(v6))) => Some(v6),
-            Some(_) => {
-                return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()))
-            }
+        let raf = match refresh_family(m) {
+            Ok(f) => f.map(Family::is_v6),
+            Err(code) => return self.fail(ctx, out, code, v),
         };
         if let Some(v6) = raf {
             let has = self
@@ -765,23 +650,12 @@ impl Server {
                 .get(slot)
                 .is_some_and(|a| a.relays[usize::from(v6)].is_some());
             if !has {
-                return self.respond(
-                    ctx,
-                    out,
-                    Err(ErrorCode::PeerAddressFamilyMismatch),
-                    Some(v),
-                    |_| Ok(()),
-                );
+                return self.fail(ctx, out, ErrorCode::PeerAddressFamilyMismatch, v);
             }
         }
-        let requested = match raw(m, attr::LIFETIME) {
-            None => None,
-            Some(l) => match u32_attr(l) {
-                Some(l) => Some(l),
-                None => {
-                    return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()))
-                }
-            },
+        let requested = match lifetime(m) {
+            Ok(l) => l,
+            Err(code) => return self.fail(ctx, out, code, v),
         };
         if requested == Some(0) {
             let dual = self
@@ -852,26 +726,20 @@ impl Server {
             Ok(s) => s,
             Err(a) => return a,
         };
-        let peers = match peer_addresses(m) {
-            Ok(p) if !p.is_empty() => p,
-            _ => return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(())),
+        let peers = match permission_peers(m) {
+            Ok(p) => p,
+            Err(code) => return self.fail(ctx, out, code, v),
         };
         let mut relays = Vec::with_capacity(peers.len());
         for p in &peers {
             match self.check_peer(slot, p.ip()) {
                 Ok(r) => relays.push(r),
-                Err(code) => return self.respond(ctx, out, Err(code), Some(v), |_| Ok(())),
+                Err(code) => return self.fail(ctx, out, code, v),
             }
         }
         let existing = self.tables.get(slot).map_or(0, |a| a.perms.len());
         if existing + peers.len() > MAX_PERMISSIONS {
-            return self.respond(
-                ctx,
-                out,
-                Err(ErrorCode::InsufficientCapacity),
-                Some(v),
-                |_| Ok(()),
-            );
+            return self.fail(ctx, out, ErrorCode::InsufficientCapacity, v);
         }
         for (p, r) in peers.iter().zip(relays) {
             self.install_permission(slot, r, p.ip(), ctx.now);
@@ -894,22 +762,15 @@ impl Server {
         };
         // RFC 6062 §5: a TCP allocation has no channels (data goes over connections).
         if self.tables.get(slot).is_some_and(|a| a.tcp) {
-            return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()));
+            return self.fail(ctx, out, ErrorCode::BadRequest, v);
         }
-        let number = match raw(m, attr::CHANNEL_NUMBER) {
-            Some([a, b, _, _]) => u16::from_be_bytes([*a, *b]),
-            _ => return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(())),
+        let ChannelBind { number, peer } = match ChannelBind::decode(m) {
+            Ok(r) => r,
+            Err(code) => return self.fail(ctx, out, code, v),
         };
-        let peer = match peer_addresses(m).as_deref() {
-            Ok([p]) => *p,
-            _ => return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(())),
-        };
-        if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&number) {
-            return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()));
-        }
         let relay = match self.check_peer(slot, peer.ip()) {
             Ok(r) => r,
-            Err(code) => return self.respond(ctx, out, Err(code), Some(v), |_| Ok(())),
+            Err(code) => return self.fail(ctx, out, code, v),
         };
         let Some(a) = self.tables.get(slot) else {
             return Action::None;
@@ -922,17 +783,11 @@ impl Server {
             .iter()
             .any(|c| (c.number == number) != (c.peer == peer));
         if conflict {
-            return self.respond(ctx, out, Err(ErrorCode::BadRequest), Some(v), |_| Ok(()));
+            return self.fail(ctx, out, ErrorCode::BadRequest, v);
         }
         let exists = a.channels.iter().any(|c| c.number == number);
         if !exists && a.channels.len() >= MAX_CHANNELS {
-            return self.respond(
-                ctx,
-                out,
-                Err(ErrorCode::InsufficientCapacity),
-                Some(v),
-                |_| Ok(()),
-            );
+            return self.fail(ctx, out, ErrorCode::InsufficientCapacity, v);
         }
         let id = a.id;
         let transport = a.tuple.transport;

@@ -10,7 +10,7 @@ use stun_types::message::Message;
 use super::allocation::ConnState;
 use super::auth::Verified;
 use super::reply::Ctx;
-use super::requests::{peer_addresses, raw, u32_attr};
+use super::request::{connection_id, one_peer};
 use super::server::{Server, TimerKind};
 use super::stats::MethodLabel;
 use super::{conn_shard, Action, ConnId, FiveTuple, Now, RelayId, RelayIo};
@@ -209,9 +209,9 @@ impl Server {
         if !self.tables.get(slot).is_some_and(|a| a.tcp) {
             return refuse(self, out, ErrorCode::BadRequest);
         }
-        let peer = match peer_addresses(m).as_deref() {
-            Ok([p]) => *p,
-            _ => return refuse(self, out, ErrorCode::BadRequest),
+        let peer = match one_peer(m) {
+            Ok(p) => p,
+            Err(code) => return refuse(self, out, code),
         };
         let relay = match self.check_peer(slot, peer.ip()) {
             Ok(r) => r,
@@ -234,13 +234,7 @@ impl Server {
         if let Err(e) = io.tcp_connect(relay.id, peer, conn) {
             tracing::debug!(client = %ctx.from.client, %peer, error = %e, "TCP relay connect could not start");
             self.stats.tcp_connects[CONNECT_FAILED] += 1;
-            return self.respond(
-                ctx,
-                out,
-                Err(ErrorCode::ConnectionTimeoutOrFailure),
-                Some(v),
-                |_| Ok(()),
-            );
+            return self.fail(ctx, out, ErrorCode::ConnectionTimeoutOrFailure, v);
         }
         let state = ConnState::Connecting {
             txid: ctx.txid,
@@ -264,7 +258,7 @@ impl Server {
             s.stats.tcp_binds[BIND_REJECTED] += 1;
             s.respond(ctx, out, Err(code), Some(v), |_| Ok(()))
         };
-        let Some(conn) = raw(m, attr::CONNECTION_ID).and_then(u32_attr) else {
+        let Some(conn) = connection_id(m) else {
             return reject(self, out, ErrorCode::BadRequest);
         };
         if conn_shard(conn) != usize::from(self.shard_index) {
