@@ -73,9 +73,22 @@ pub struct FiveTuple {
     pub server: SocketAddr,
 }
 
-/// Handle of a relay socket owned by the IO driver.
+/// Handle of a relay socket owned by the IO driver: an index into the driver's own
+/// relay table. The core only stores and compares it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RelayId(pub u32);
+pub struct RelayId(u32);
+
+impl RelayId {
+    /// The driver's handle for its relay table slot `index`.
+    pub const fn from_index(index: usize) -> RelayId {
+        RelayId(index as u32)
+    }
+
+    /// The driver's relay table slot.
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+}
 
 /// The time as the driver sees it: monotonic for lifetimes, Unix seconds for REST
 /// credential expiry. Tests simulate both.

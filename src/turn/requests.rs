@@ -179,7 +179,7 @@ impl Server {
                 if ctx.method == method::CONNECTION_BIND
                     && ctx.from.transport == super::Transport::Udp
                 {
-                    self.stats.tcp_binds[1] += 1;
+                    self.stats.tcp_binds[super::tcp_relay::BIND_REJECTED] += 1;
                     return self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(()));
                 }
                 let Authenticated { cred: v, username } = match self.authenticate(ctx, m, msg, out)

@@ -31,7 +31,7 @@ const PEER_NO_PERMISSION: usize = 1;
 const PEER_OVER_LIMIT: usize = 2;
 /// Results in `TurnStats::tcp_binds`.
 const BIND_OK: usize = 0;
-const BIND_REJECTED: usize = 1;
+pub(super) const BIND_REJECTED: usize = 1;
 const BIND_EXPIRED: usize = 2;
 
 impl Server {

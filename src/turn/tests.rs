@@ -49,7 +49,7 @@ impl RelayIo for FakeIo {
             return Err(std::io::ErrorKind::AddrInUse.into());
         }
         self.next += 1;
-        let id = RelayId(self.next);
+        let id = RelayId::from_index(self.next as usize);
         self.open.insert(id, addr);
         Ok(id)
     }
@@ -1097,7 +1097,7 @@ fn permissions_policy_and_expiry() {
     let mut h = H::new(|_| {});
     let r = h.allocate(client(1));
     let (u, k) = h.alice();
-    let relay = RelayId(1);
+    let relay = RelayId::from_index(1);
     let _ = r;
     // Several peers at once.
     let r = h.auth(
@@ -1204,7 +1204,7 @@ fn channel_bind_rules_and_lookups() {
     let mut h = H::new(|_| {});
     h.allocate(client(1));
     let (u, k) = h.alice();
-    let relay = RelayId(1);
+    let relay = RelayId::from_index(1);
     let bind = |n: u16, p: &str| Req::new(method::CHANNEL_BIND).channel(n).peer(p);
     assert_eq!(h.auth(client(1), &bind(0x4000, PEER), &u, &k).code(), 0);
     assert_eq!(
@@ -1302,7 +1302,7 @@ fn channel_expiry_and_permission_refresh() {
     assert_eq!(h.server.stats().channels_active, 0);
     let route = h
         .server
-        .peer_to_client(RelayId(1), PEER.parse().unwrap())
+        .peer_to_client(RelayId::from_index(1), PEER.parse().unwrap())
         .unwrap();
     assert_eq!(route.channel, None);
 }
@@ -1338,7 +1338,7 @@ fn send_indication_forwards_only_with_permission() {
     else {
         panic!("{a:?}")
     };
-    assert_eq!(relay, RelayId(1));
+    assert_eq!(relay, RelayId::from_index(1));
     assert_eq!(peer, PEER.parse::<SocketAddr>().unwrap());
     assert_eq!(&msg[payload], b"hello peer");
     // Without an allocation: dropped.
@@ -1445,7 +1445,8 @@ fn deleting_allocation_clears_data_path_tables() {
     );
     assert_eq!(h.server.channel_to_peer(&client(1), 0x4000), None);
     assert_eq!(
-        h.server.peer_to_client(RelayId(1), PEER.parse().unwrap()),
+        h.server
+            .peer_to_client(RelayId::from_index(1), PEER.parse().unwrap()),
         None
     );
     assert_eq!(h.server.tables.sizes().perms, 0);
@@ -1532,7 +1533,10 @@ fn data_path_does_not_allocate() {
     let before = alloc_count::count();
     for _ in 0..1000 {
         assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
-        assert!(h.server.peer_to_client(RelayId(1), peer).is_some());
+        assert!(h
+            .server
+            .peer_to_client(RelayId::from_index(1), peer)
+            .is_some());
         let a = h
             .server
             .handle_stun(now, client(1), &msg, &mut out, &mut h.io);

@@ -479,7 +479,11 @@ fn incoming_peer_needs_permission_and_room_and_sends_connection_attempt() {
     let (a, _) = signed(&mut h, data_conn(1), &bind_req(id), &u, &k);
     assert!(matches!(a, Action::BindData { conn, .. } if conn == id));
     // Unknown relay, a UDP allocation's relay: refused without a count.
-    assert_eq!(h.server.tcp_peer_accepted(now, RelayId(999), peer), None);
+    assert_eq!(
+        h.server
+            .tcp_peer_accepted(now, RelayId::from_index(999), peer),
+        None
+    );
     assert_eq!(h.allocate(client(5)).code(), 0);
     let udp_relay = *h
         .io
