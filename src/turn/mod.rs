@@ -44,8 +44,6 @@ mod tables;
 mod tcp_relay;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod tests_tcp;
 
 pub use server::Server;
 pub use server_config::{QuotaError, RelayAddr, ServerConfig, Shared};

@@ -20,6 +20,7 @@ use super::request::{
 use super::server::{DeleteReason, Server, TimerKind};
 use super::server_config::QuotaError;
 use super::stats::{AuthFailure, MethodLabel};
+use super::tables::Refreshed;
 use super::{Action, FiveTuple, Now, RelayIo};
 use crate::stun::{attr, classify, find_integrity, method, ErrorCode, Kind, HEADER_LEN};
 
@@ -675,11 +676,12 @@ impl Server {
             return self.challenge(ctx, out, ErrorCode::Unauthorized);
         };
         let expires = ctx.now.mono + Duration::from_secs(lifetime as u64);
-        let Some(rearm) = self.tables.refresh(slot, expires, lifetime) else {
-            return Action::None;
-        };
-        if let Some(id) = rearm {
-            self.push_timer(expires, TimerKind::Allocation { slot, id });
+        match self.tables.refresh(slot, expires, lifetime) {
+            Refreshed::Gone => return Action::None,
+            Refreshed::Done => {}
+            Refreshed::RearmEarlier { id } => {
+                self.push_timer(expires, TimerKind::Allocation { slot, id })
+            }
         }
         self.respond(ctx, out, Ok(()), Some(v), |w| {
             w.attr_u32(attr::LIFETIME, lifetime)

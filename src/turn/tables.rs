@@ -55,6 +55,16 @@ pub(super) struct FamilyRemoved {
     pub new_family: usize,
 }
 
+/// What a Refresh needs from the caller.
+pub(super) enum Refreshed {
+    /// No allocation in the slot.
+    Gone,
+    /// Its pending timer entry picks the new expiry up.
+    Done,
+    /// The expiry moved earlier than the pending entry: arm one for allocation `id`.
+    RearmEarlier { id: u64 },
+}
+
 /// A permission's expiry check.
 pub(super) enum PermissionExpiry {
     Removed {
@@ -231,18 +241,21 @@ impl Tables {
         }
     }
 
-    /// A Refresh (RFC 8656 §7.3): the new expiry and lifetime. Returns `None` if there is
-    /// no allocation, else `Some(Some(id))` when the timer must be re-armed earlier.
-    pub fn refresh(&mut self, slot: usize, expires: Instant, lifetime: u32) -> Option<Option<u64>> {
-        let a = self.slots[slot].as_mut()?;
+    /// A Refresh (RFC 8656 §7.3): the new expiry and lifetime.
+    pub fn refresh(&mut self, slot: usize, expires: Instant, lifetime: u32) -> Refreshed {
+        let Some(a) = self.slots[slot].as_mut() else {
+            return Refreshed::Gone;
+        };
         a.expires = expires;
         a.lifetime_secs = lifetime;
         // A longer lifetime is picked up when the pending entry fires; a shorter one
         // needs an earlier entry.
-        Some((expires < a.timer_at).then(|| {
+        if expires < a.timer_at {
             a.timer_at = expires;
-            a.id
-        }))
+            Refreshed::RearmEarlier { id: a.id }
+        } else {
+            Refreshed::Done
+        }
     }
 
     // ---- permissions ----

@@ -14,6 +14,8 @@ use super::*;
 use crate::config::{Config, StaticUser};
 use crate::stun::{attr, class, message_type, method, MessageWriter, MAGIC_COOKIE};
 
+mod tcp;
+
 pub(super) const SECRET: &str = "test-secret";
 pub(super) const REALM: &str = "tern";
 pub(super) const RELAY_V4: &str = "192.0.2.10";

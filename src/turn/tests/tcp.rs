@@ -1,15 +1,15 @@
 //! RFC 6062 TCP allocations driven with the simulated clock and the recording fake
-//! RelayIo of `tests.rs`: Allocate rules, Connect and its 446/447/403/508 answers, both
+//! RelayIo of `tests/mod.rs`: Allocate rules, Connect and its 446/447/403/508 answers, both
 //! 30 s timers, ConnectionAttempt, ConnectionBind, teardown, counters. Also the RFC 8656
 //! §7.3 per-family Refresh deletion.
 
 use std::net::SocketAddr;
 
-use super::auth::{mint_rest_credential, Key};
-use super::stats::MethodLabel;
-use super::tests::*;
 use super::*;
 use crate::stun::{attr, class, message_type, method};
+use crate::turn::auth::{mint_rest_credential, Key};
+use crate::turn::stats::MethodLabel;
+use crate::turn::*;
 
 const SHARD: u8 = 3;
 
