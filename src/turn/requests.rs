@@ -19,7 +19,7 @@ use super::request::{
 };
 use super::server::{DeleteReason, Server, TimerKind};
 use super::server_config::QuotaError;
-use super::stats::{AuthFailure, MethodLabel};
+use super::stats::{AuthFailure, MethodLabel, BIND_REJECTED};
 use super::tables::Refreshed;
 use super::{Action, FiveTuple, Now, RelayIo};
 use crate::stun::{attr, classify, find_integrity, method, ErrorCode, Kind, HEADER_LEN};
@@ -180,7 +180,7 @@ impl Server {
                 if ctx.method == method::CONNECTION_BIND
                     && ctx.from.transport == super::Transport::Udp
                 {
-                    self.stats.tcp_binds[super::tcp_relay::BIND_REJECTED] += 1;
+                    self.stats.tcp_binds[BIND_REJECTED] += 1;
                     return self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(()));
                 }
                 let Authenticated { cred: v, username } = match self.authenticate(ctx, m, msg, out)

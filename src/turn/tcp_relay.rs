@@ -12,27 +12,16 @@ use super::auth::Verified;
 use super::reply::Ctx;
 use super::request::{connection_id, one_peer};
 use super::server::{Server, TimerKind};
-use super::stats::MethodLabel;
+use super::stats::{
+    MethodLabel, BIND_EXPIRED, BIND_OK, BIND_REJECTED, CONNECT_FAILED, CONNECT_OK, CONNECT_REFUSED,
+    CONNECT_TIMEOUT, PEER_ATTEMPT_SENT, PEER_NO_PERMISSION, PEER_OVER_LIMIT,
+};
 use super::{conn_shard, Action, ConnId, FiveTuple, Now, RelayId, RelayIo};
 use crate::stun::{attr, class, message_type, method, ErrorCode, MessageWriter};
 
 /// How long a peer connection may stay connecting, or wait for its ConnectionBind
 /// (RFC 6062 §5.2, §5.3: 30 seconds).
 pub(super) const TCP_CONN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Results in `TurnStats::tcp_connects`.
-const CONNECT_OK: usize = 0;
-const CONNECT_FAILED: usize = 1;
-const CONNECT_TIMEOUT: usize = 2;
-const CONNECT_REFUSED: usize = 3;
-/// Results in `TurnStats::tcp_peer_incoming`.
-const PEER_ATTEMPT_SENT: usize = 0;
-const PEER_NO_PERMISSION: usize = 1;
-const PEER_OVER_LIMIT: usize = 2;
-/// Results in `TurnStats::tcp_binds`.
-const BIND_OK: usize = 0;
-pub(super) const BIND_REJECTED: usize = 1;
-const BIND_EXPIRED: usize = 2;
 
 impl Server {
     /// Sets the index of this shard's worker; it becomes the top 8 bits of every

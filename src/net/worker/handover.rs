@@ -9,8 +9,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use mio::Interest;
-
 use super::tcp_conns::Conn;
 use super::{token, Worker, K_CONN};
 use crate::net::shard::Shard;
@@ -66,22 +64,13 @@ impl<S: Shard> Worker<S> {
         };
         let handed = std::mem::take(&mut *inbox.conns.lock().unwrap_or_else(|p| p.into_inner()));
         for mut c in handed {
-            let ci = match self.free_conns.pop() {
-                Some(i) => i,
-                None => {
-                    self.conns.push(None);
-                    self.conns.len() - 1
+            let ci = match self.register_conn(&mut c.sock) {
+                Ok(ci) => ci,
+                Err(e) => {
+                    tracing::debug!(error = %e, "TCP register failed for a handed-over connection");
+                    continue;
                 }
             };
-            if let Err(e) = self.poll.registry().register(
-                &mut c.sock,
-                token(K_CONN, ci),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                tracing::debug!(error = %e, "TCP register failed for a handed-over connection");
-                self.free_conns.push(ci);
-                continue;
-            }
             self.conn_by_tuple.insert(c.tuple, ci);
             self.conns[ci] = Some(c);
             if self.conn_readable(ci, now) {

@@ -9,7 +9,6 @@ use super::*;
 use crate::stun::{attr, class, message_type, method};
 use crate::turn::auth::{mint_rest_credential, Key};
 use crate::turn::stats::MethodLabel;
-use crate::turn::*;
 
 const SHARD: u8 = 3;
 
