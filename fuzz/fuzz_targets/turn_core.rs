@@ -257,7 +257,7 @@ enum A {
 #[derive(Default)]
 struct FakeIo {
     next: u32,
-    /// Relay sockets by `RelayId.0` (ordered, so the fuzzer's indices are stable).
+    /// Relay sockets by `RelayId::index` (ordered, so the fuzzer's indices are stable).
     open: BTreeMap<u32, SocketAddr>,
     tcp_listeners: BTreeSet<u32>,
     /// Peer connections the driver holds: connecting ones with their relay.
@@ -277,20 +277,20 @@ impl RelayIo for FakeIo {
             return Err(std::io::ErrorKind::AddrInUse.into());
         }
         self.next += 1;
-        let id = RelayId(self.next);
-        self.open.insert(id.0, addr);
+        let id = RelayId::from_index(self.next as usize);
+        self.open.insert(id.index() as u32, addr);
         Ok(id)
     }
     fn close_relay(&mut self, relay: RelayId) {
         assert!(
-            self.open.remove(&relay.0).is_some(),
+            self.open.remove(&(relay.index() as u32)).is_some(),
             "closing unknown relay"
         );
-        self.tcp_listeners.remove(&relay.0);
+        self.tcp_listeners.remove(&(relay.index() as u32));
     }
     fn open_tcp_relay(&mut self, addr: SocketAddr) -> std::io::Result<RelayId> {
         let id = self.open_relay(addr)?;
-        self.tcp_listeners.insert(id.0);
+        self.tcp_listeners.insert(id.index() as u32);
         Ok(id)
     }
     fn tcp_connect(
@@ -300,7 +300,7 @@ impl RelayIo for FakeIo {
         conn: ConnId,
     ) -> std::io::Result<()> {
         assert!(
-            self.tcp_listeners.contains(&relay.0),
+            self.tcp_listeners.contains(&(relay.index() as u32)),
             "connect from a non-TCP relay"
         );
         if self.fail_connect {
@@ -310,7 +310,7 @@ impl RelayIo for FakeIo {
             !self.conns.contains_key(&conn),
             "conn {conn} handed out twice"
         );
-        self.conns.insert(conn, Some(relay.0));
+        self.conns.insert(conn, Some(relay.index() as u32));
         Ok(())
     }
     fn close_tcp_conn(&mut self, conn: ConnId) {
@@ -531,11 +531,11 @@ impl Harness {
             } => {
                 assert!(payload.end <= msg.len() && payload.start <= payload.end);
                 assert!(
-                    self.io.open.contains_key(&relay.0),
+                    self.io.open.contains_key(&(relay.index() as u32)),
                     "forward on a closed relay"
                 );
                 assert_eq!(
-                    self.io.open[&relay.0].is_ipv4(),
+                    self.io.open[&(relay.index() as u32)].is_ipv4(),
                     peer.is_ipv4(),
                     "forward to a peer of the other family"
                 );
@@ -599,10 +599,10 @@ impl Harness {
     fn channel_data(&mut self, from: FiveTuple, channel: u16) {
         if let Some((relay, peer)) = self.server.channel_to_peer(&from, channel) {
             assert!(
-                self.io.open.contains_key(&relay.0),
+                self.io.open.contains_key(&(relay.index() as u32)),
                 "channel on a closed relay"
             );
-            assert_eq!(self.io.open[&relay.0].is_ipv4(), peer.is_ipv4());
+            assert_eq!(self.io.open[&(relay.index() as u32)].is_ipv4(), peer.is_ipv4());
         }
     }
 
@@ -918,7 +918,7 @@ impl Harness {
                 }
             }
             Op::PeerDatagram { relay, peer: p } => {
-                let ids: Vec<RelayId> = self.io.open.keys().map(|&i| RelayId(i)).collect();
+                let ids: Vec<RelayId> = self.io.open.keys().map(|&i| RelayId::from_index(i as usize)).collect();
                 let Some(&relay) = ids.get(usize::from(*relay) % ids.len().max(1)) else {
                     return;
                 };
@@ -961,7 +961,7 @@ impl Harness {
                 self.drain();
             }
             Op::PeerAccepted { relay, peer: p } => {
-                let ids: Vec<RelayId> = self.io.tcp_listeners.iter().map(|&i| RelayId(i)).collect();
+                let ids: Vec<RelayId> = self.io.tcp_listeners.iter().map(|&i| RelayId::from_index(i as usize)).collect();
                 let Some(&relay) = ids.get(usize::from(*relay) % ids.len().max(1)) else {
                     return;
                 };

@@ -139,44 +139,18 @@ impl TurnService {
     {
         let n = t.worker_count();
         let default_listen = t.listen == TurnConfig::default().listen;
-        let mut addrs = Vec::new();
-        let mut per_worker: Vec<Vec<(SocketAddr, socket::ListenerPair)>> =
-            (0..n).map(|_| Vec::new()).collect();
-        for &addr in &t.listen {
-            match socket::bind_listeners(addr, n, t.socket_buffer_bytes) {
-                Ok((bound, pairs)) => {
-                    addrs.push(bound);
-                    for (w, p) in pairs.into_iter().enumerate() {
-                        per_worker[w].push((bound, p));
-                    }
-                }
-                // The built-in `[::]` listener is best effort: hosts without IPv6 still work.
-                Err(e) if default_listen && addr.is_ipv6() => {
-                    tracing::warn!(%addr, error = %e, "IPv6 listener not available; continuing without it");
-                }
-                Err(source) => return Err(NetError::Bind { addr, source }),
+        let (addrs, per_worker) = bind_each(&t.listen, default_listen, n, "", |addr| {
+            socket::bind_listeners(addr, n, t.socket_buffer_bytes)
+        })?;
+        let (tls_addrs, tls_per_worker) = match &tls {
+            Some((tc, _)) => {
+                let default_tls = tc.listen == TlsConfig::default().listen;
+                bind_each(&tc.listen, default_tls, n, " TLS", |addr| {
+                    socket::bind_tcp_listeners(addr, n, t.socket_buffer_bytes)
+                })?
             }
-        }
-        let mut tls_addrs = Vec::new();
-        let mut tls_per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
-            (0..n).map(|_| Vec::new()).collect();
-        if let Some((tc, _)) = &tls {
-            let default_tls = tc.listen == TlsConfig::default().listen;
-            for &addr in &tc.listen {
-                match socket::bind_tcp_listeners(addr, n, t.socket_buffer_bytes) {
-                    Ok((bound, ls)) => {
-                        tls_addrs.push(bound);
-                        for (w, l) in ls.into_iter().enumerate() {
-                            tls_per_worker[w].push((bound, l));
-                        }
-                    }
-                    Err(e) if default_tls && addr.is_ipv6() => {
-                        tracing::warn!(%addr, error = %e, "IPv6 TLS listener not available; continuing without it");
-                    }
-                    Err(source) => return Err(NetError::Bind { addr, source }),
-                }
-            }
-        }
+            None => (Vec::new(), (0..n).map(|_| Vec::new()).collect()),
+        };
         let tls_ctx = tls.map(|(_, x)| x);
         let handshake_timeout = tls_ctx
             .as_ref()
@@ -338,6 +312,36 @@ impl Drop for TurnService {
     fn drop(&mut self) {
         self.stop_and_join();
     }
+}
+
+/// Listeners of every worker for each configured address: the bound addresses, and per
+/// worker its `(address, listener)` list. The built-in `[::]` default (`default`) is best
+/// effort: hosts without IPv6 still work.
+#[allow(clippy::type_complexity)]
+fn bind_each<T>(
+    listen: &[SocketAddr],
+    default: bool,
+    workers: usize,
+    what: &str,
+    bind: impl Fn(SocketAddr) -> std::io::Result<(SocketAddr, Vec<T>)>,
+) -> Result<(Vec<SocketAddr>, Vec<Vec<(SocketAddr, T)>>), NetError> {
+    let mut addrs = Vec::new();
+    let mut per_worker: Vec<Vec<(SocketAddr, T)>> = (0..workers).map(|_| Vec::new()).collect();
+    for &addr in listen {
+        match bind(addr) {
+            Ok((bound, each)) => {
+                addrs.push(bound);
+                for (w, l) in each.into_iter().enumerate() {
+                    per_worker[w].push((bound, l));
+                }
+            }
+            Err(e) if default && addr.is_ipv6() => {
+                tracing::warn!(%addr, error = %e, "IPv6{what} listener not available; continuing without it");
+            }
+            Err(source) => return Err(NetError::Bind { addr, source }),
+        }
+    }
+    Ok((addrs, per_worker))
 }
 
 #[cfg(test)]

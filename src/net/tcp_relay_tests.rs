@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::stun::{attr, class, message_type, method, HEADER_LEN, MAGIC_COOKIE};
+use crate::stun::{attr, class, message_type, method, HEADER_LEN};
 use crate::turn::{Action, ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo};
 
 /// Test-only attribute carrying a port (the fake's stand-in for XOR-PEER-ADDRESS and
@@ -44,35 +44,12 @@ struct Fake {
 }
 
 fn msg(ty: u16, attrs: &[(u16, &[u8])]) -> Vec<u8> {
-    let mut m = ty.to_be_bytes().to_vec();
-    m.extend_from_slice(&[0, 0]);
-    m.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
-    m.extend_from_slice(&[5; 12]);
-    for (t, v) in attrs {
-        m.extend_from_slice(&t.to_be_bytes());
-        m.extend_from_slice(&(v.len() as u16).to_be_bytes());
-        m.extend_from_slice(v);
-        while m.len() % 4 != 0 {
-            m.push(0);
-        }
-    }
-    let len = (m.len() - HEADER_LEN) as u16;
-    m[2..4].copy_from_slice(&len.to_be_bytes());
-    m
+    crate::stun::test_message(ty, [5; 12], attrs)
 }
 
 /// The value of attribute `ty` in message `m`.
 fn attr_of(m: &[u8], ty: u16) -> Option<&[u8]> {
-    let mut rest = &m[HEADER_LEN..];
-    while rest.len() >= 4 {
-        let t = u16::from_be_bytes([rest[0], rest[1]]);
-        let len = u16::from_be_bytes([rest[2], rest[3]]) as usize;
-        if t == ty {
-            return rest.get(4..4 + len);
-        }
-        rest = rest.get(4 + len.next_multiple_of(4)..)?;
-    }
-    None
+    crate::stun::find_attr(m, ty)
 }
 
 fn conn_id_of(m: &[u8]) -> ConnId {

@@ -380,7 +380,7 @@ impl<S: Shard> Worker<S> {
                     readable && self.conn_readable(idx, now)
                 }
             }
-            K_RELAY if self.relays.is_tcp(RelayId(idx as u32)) => self.relay_accept(idx, now),
+            K_RELAY if self.relays.is_tcp(RelayId::from_index(idx)) => self.relay_accept(idx, now),
             K_RELAY => self.relay_readable(idx, now.mono),
             K_PEER => self.peer_event(idx, now),
             K_WAKER => {
@@ -526,7 +526,7 @@ impl<S: Shard> Worker<S> {
     /// Peer datagrams on relay socket `ri`: framed in place (ChannelData header or Data
     /// indication before the payload) and batch-sent to the client. `true` if more may wait.
     fn relay_readable(&mut self, ri: usize, now: Instant) -> bool {
-        let relay = RelayId(ri as u32);
+        let relay = RelayId::from_index(ri);
         let Some(fd) = self.relays.fd(relay) else {
             return false;
         };

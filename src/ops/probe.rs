@@ -6,10 +6,11 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-const BINDING_REQUEST: u16 = 0x0001;
-const BINDING_SUCCESS: u16 = 0x0101;
-const BINDING_ERROR: u16 = 0x0111;
-const MAGIC_COOKIE: u32 = 0x2112_A442;
+use crate::stun::{class, message_type, method, MessageWriter, HEADER_LEN, MAGIC_COOKIE};
+
+const BINDING_REQUEST: u16 = message_type(method::BINDING, class::REQUEST);
+const BINDING_SUCCESS: u16 = message_type(method::BINDING, class::SUCCESS);
+const BINDING_ERROR: u16 = message_type(method::BINDING, class::ERROR);
 
 /// Why a probe got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -35,12 +36,10 @@ pub fn target_for(addr: SocketAddr) -> SocketAddr {
 }
 
 /// A Binding request with a fresh transaction id (RFC 8489 §5: 20-byte header, no attributes).
-fn binding_request() -> ([u8; 20], [u8; 12]) {
+fn binding_request() -> ([u8; HEADER_LEN], [u8; 12]) {
     let txid: [u8; 12] = rand::random();
-    let mut msg = [0u8; 20];
-    msg[0..2].copy_from_slice(&BINDING_REQUEST.to_be_bytes());
-    msg[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-    msg[8..20].copy_from_slice(&txid);
+    let mut msg = [0u8; HEADER_LEN];
+    MessageWriter::new(&mut msg, BINDING_REQUEST, txid).expect("a header fits");
     (msg, txid)
 }
 

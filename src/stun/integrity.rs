@@ -6,7 +6,7 @@ use sha1::Sha1;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use super::{attr, pad4, HEADER_LEN};
+use super::{attr, attributes, HEADER_LEN};
 
 /// Which integrity attribute a message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,17 +31,15 @@ pub enum IntegrityError {
 /// Finds the integrity attribute to check: MESSAGE-INTEGRITY-SHA256 when present (the
 /// stronger one, RFC 8489 §9.2.4), else MESSAGE-INTEGRITY. Returns its kind and offset.
 pub fn find_integrity(msg: &[u8]) -> Option<(IntegrityKind, usize)> {
-    let mut off = HEADER_LEN;
     let mut found = None;
-    while off + 4 <= msg.len() {
-        let t = u16::from_be_bytes([msg[off], msg[off + 1]]);
-        let l = u16::from_be_bytes([msg[off + 2], msg[off + 3]]) as usize;
-        match t {
-            attr::MESSAGE_INTEGRITY_SHA256 => return Some((IntegrityKind::Sha256, off)),
-            attr::MESSAGE_INTEGRITY if found.is_none() => found = Some((IntegrityKind::Sha1, off)),
+    for a in attributes(msg) {
+        match a.ty {
+            attr::MESSAGE_INTEGRITY_SHA256 => return Some((IntegrityKind::Sha256, a.offset)),
+            attr::MESSAGE_INTEGRITY if found.is_none() => {
+                found = Some((IntegrityKind::Sha1, a.offset))
+            }
             _ => {}
         }
-        off += 4 + pad4(l);
     }
     found
 }

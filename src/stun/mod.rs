@@ -1,12 +1,14 @@
 //! STUN wire format only (RFC 8489): classification, ChannelData framing (RFC 8656 §12),
 //! TCP stream framing, Data indication framing (RFC 8656 §11.6), a small allocation-free
-//! message writer and MESSAGE-INTEGRITY checks. Zero-copy over `&[u8]`.
+//! message writer, one raw attribute walker, error codes and MESSAGE-INTEGRITY checks. Zero-copy over `&[u8]`.
 //!
 //! Owns bytes-on-the-wire only. It must not hold state, know about allocations or users,
 //! touch sockets or clocks. Message parsing itself is `stun_types::message::Message`.
 
+mod attrs;
 mod channel_data;
 mod data_indication;
+mod error_code;
 mod framing;
 mod integrity;
 mod writer;
@@ -14,10 +16,14 @@ mod writer;
 #[cfg(test)]
 mod rfc5769_tests;
 
+pub use attrs::{attributes, connection_bind_id, find_attr, Attributes, RawAttr};
 pub use channel_data::{write_channel_data_header, CHANNEL_DATA_HEADER};
 pub use data_indication::{write_data_indication, DATA_INDICATION_HEADROOM};
+pub use error_code::ErrorCode;
 pub use framing::{tcp_frame_len, FrameError};
 pub use integrity::{find_integrity, verify_integrity, IntegrityError, IntegrityKind};
+#[cfg(test)]
+pub(crate) use writer::test_message;
 pub use writer::{MessageWriter, WriteError};
 
 /// The magic cookie of every RFC 8489 message (§5).

@@ -157,6 +157,20 @@ impl<'a> MessageWriter<'a> {
     }
 }
 
+/// Test message builder shared by every unit test that needs hand-made input: a message
+/// of type `ty` with transaction id `txid` and these attributes in order, no FINGERPRINT.
+#[cfg(test)]
+pub(crate) fn test_message(ty: u16, txid: [u8; 12], attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let mut w = MessageWriter::new(&mut buf, ty, txid).expect("room for a header");
+    for (t, v) in attrs {
+        w.attr(*t, v).expect("test message fits");
+    }
+    let n = w.finish();
+    buf.truncate(n);
+    buf
+}
+
 /// CRC-32 of the message XOR 0x5354554e (RFC 8489 §14.7).
 pub(crate) fn fingerprint(data: &[u8]) -> u32 {
     const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);

@@ -1,5 +1,6 @@
 //! One client's allocation (RFC 8656 §2, §5): relayed addresses, lifetime, permissions
-//! and channel bindings. Plain data; the [`super::Server`] keeps the lookup tables.
+//! and channel bindings, and its RFC 6062 peer connections. Plain data; `tables.rs` keeps
+//! them and the lookup indexes in step.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -77,6 +78,42 @@ impl Allocation {
     pub fn family(&self) -> usize {
         allocation_family(&self.relays)
     }
+}
+
+/// Where a peer connection is in its life (RFC 6062 §5.2-§5.4).
+#[derive(Debug, Clone)]
+pub enum ConnState {
+    /// The driver is connecting to the peer for a Connect request; the request is answered
+    /// when it finishes, signed with the credential that authenticated it.
+    Connecting { txid: [u8; 12], cred: Verified },
+    /// Connected (or accepted from a peer), waiting for the client's ConnectionBind.
+    Pending,
+    /// Spliced to the client data connection `data`.
+    Bound { data: FiveTuple },
+}
+
+impl ConnState {
+    /// Index in `stats::TCP_CONN_STATES`.
+    pub fn index(&self) -> usize {
+        match self {
+            ConnState::Connecting { .. } => 0,
+            ConnState::Pending => 1,
+            ConnState::Bound { .. } => 2,
+        }
+    }
+}
+
+/// One peer connection of a TCP allocation.
+#[derive(Debug)]
+pub struct PeerConn {
+    pub slot: usize,
+    /// The owning allocation's id (guards against a reused slot).
+    pub alloc_id: u64,
+    pub peer: SocketAddr,
+    pub state: ConnState,
+    /// End of the current state's 30 s wait (meaningless once bound). A timer entry
+    /// earlier than this is stale and ignored.
+    pub deadline: Instant,
 }
 
 /// 0 IPv4, 1 IPv6, 2 both (`stats::ALLOCATION_FAMILIES`).

@@ -6,7 +6,7 @@ use super::auth::Verified;
 use super::server::Server;
 use super::stats::MethodLabel;
 use super::{Action, FiveTuple, Now};
-use crate::stun::{attr, class, message_type, IntegrityKind, MessageWriter, WriteError};
+use crate::stun::{attr, class, message_type, ErrorCode, IntegrityKind, MessageWriter, WriteError};
 
 /// The request being answered.
 #[derive(Clone, Copy)]
@@ -18,55 +18,32 @@ pub(super) struct Ctx {
     pub now: Now,
 }
 
-/// Reason phrases (RFC 8489 §14.8, RFC 8656 §18, RFC 6062 §6.3).
-pub(super) fn reason(code: u16) -> &'static str {
-    match code {
-        300 => "Try Alternate",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        420 => "Unknown Attribute",
-        437 => "Allocation Mismatch",
-        438 => "Stale Nonce",
-        440 => "Address Family not Supported",
-        441 => "Wrong Credentials",
-        442 => "Unsupported Transport Protocol",
-        443 => "Peer Address Family Mismatch",
-        446 => "Connection Already Exists",
-        447 => "Connection Timeout or Failure",
-        486 => "Allocation Quota Reached",
-        500 => "Server Error",
-        508 => "Insufficient Capacity",
-        _ => "Error",
-    }
-}
-
 impl Server {
-    /// Writes a response. `body` adds the method-specific attributes; `auth` signs it.
-    /// `code` 0 = success. SOFTWARE is left out of unauthenticated error responses so they
+    /// Writes a response: success for `Ok`, an error response with ERROR-CODE for `Err`.
+    /// `body` adds the method-specific attributes; `auth` signs it. SOFTWARE is left out of unauthenticated error responses so they
     /// stay small (no amplification, DESIGN.md principle 5).
     pub(super) fn respond(
         &mut self,
         ctx: &Ctx,
         out: &mut [u8],
-        code: u16,
+        result: Result<(), ErrorCode>,
         auth: Option<&Verified>,
         body: impl FnOnce(&mut MessageWriter) -> Result<(), WriteError>,
     ) -> Action {
-        self.stats.request(ctx.label, code);
-        let cls = if code == 0 {
-            class::SUCCESS
-        } else {
-            class::ERROR
+        self.stats
+            .request(ctx.label, result.err().map_or(0, ErrorCode::code));
+        let cls = match result {
+            Ok(()) => class::SUCCESS,
+            Err(_) => class::ERROR,
         };
         let software = &self.cfg.software;
         let res = (|| {
             let mut w = MessageWriter::new(out, message_type(ctx.method, cls), ctx.txid)?;
-            if code != 0 {
-                w.error_code(code, reason(code))?;
+            if let Err(e) = result {
+                w.error_code(e.code(), e.reason())?;
             }
             body(&mut w)?;
-            if !software.is_empty() && (code == 0 || auth.is_some()) {
+            if !software.is_empty() && (result.is_ok() || auth.is_some()) {
                 w.attr(attr::SOFTWARE, software.as_bytes())?;
             }
             if let Some(v) = auth {
@@ -83,20 +60,31 @@ impl Server {
         }
     }
 
+    /// An authenticated error answer with no attributes of its own.
+    pub(super) fn fail(
+        &mut self,
+        ctx: &Ctx,
+        out: &mut [u8],
+        code: ErrorCode,
+        v: &Verified,
+    ) -> Action {
+        self.respond(ctx, out, Err(code), Some(v), |_| Ok(()))
+    }
+
     /// An answer to a request that is not (yet) authenticated: subject to the per-source
     /// rate limit; dropped (and counted) past it.
     pub(super) fn respond_unauth(
         &mut self,
         ctx: &Ctx,
         out: &mut [u8],
-        code: u16,
+        result: Result<(), ErrorCode>,
         body: impl FnOnce(&mut MessageWriter) -> Result<(), WriteError>,
     ) -> Action {
         if !self.limiter.allow(ctx.from.client.ip(), ctx.now.mono) {
             self.stats.rate_limited += 1;
             return Action::None;
         }
-        self.respond(ctx, out, code, None, body)
+        self.respond(ctx, out, result, None, body)
     }
 
     /// No room for a new allocation (full, out of relay ports, or draining): 300 Try
@@ -113,25 +101,31 @@ impl Server {
                 .pick(ctx.from.transport, ctx.from.client.is_ipv6(), n)
         };
         match pick {
-            Some(a) => self.respond(ctx, out, 300, Some(v), |w| {
+            Some(a) => self.respond(ctx, out, Err(ErrorCode::TryAlternate), Some(v), |w| {
                 w.addr(attr::ALTERNATE_SERVER, a.addr)?;
                 match a.domain {
                     Some(d) => w.attr(attr::ALTERNATE_DOMAIN, d.as_bytes()),
                     None => Ok(()),
                 }
             }),
-            None => self.respond(ctx, out, 508, Some(v), |_| Ok(())),
+            None => self.respond(
+                ctx,
+                out,
+                Err(ErrorCode::InsufficientCapacity),
+                Some(v),
+                |_| Ok(()),
+            ),
         }
     }
 
     /// 401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4), rate-limited.
-    pub(super) fn challenge(&mut self, ctx: &Ctx, out: &mut [u8], code: u16) -> Action {
+    pub(super) fn challenge(&mut self, ctx: &Ctx, out: &mut [u8], code: ErrorCode) -> Action {
         let nonce = self
             .shared
             .nonce
             .make(ctx.from.client.ip(), ctx.now.unix_secs);
         let cfg = self.cfg.clone();
-        self.respond_unauth(ctx, out, code, |w| {
+        self.respond_unauth(ctx, out, Err(code), |w| {
             w.attr(attr::REALM, cfg.realm.as_bytes())?;
             w.attr(attr::NONCE, &nonce)
         })

@@ -9,17 +9,20 @@ use stun_types::attribute::AttributeType;
 use stun_types::message::Message;
 use turn_types::attribute::XorPeerAddress;
 
-use super::allocation::{allocation_family, family_index, Allocation, Channel, Relay};
+use super::allocation::{allocation_family, family_index, Allocation, Relay};
 use super::auth::{AuthError, Verified};
 use super::nonce::NonceCheck;
 use super::reply::Ctx;
+use super::request::{
+    connection_id, lifetime, permission_peers, raw, refresh_family, Allocate, ChannelBind,
+    EvenPort, Family,
+};
 use super::server::{DeleteReason, Server, TimerKind};
 use super::server_config::QuotaError;
-use super::stats::{AuthFailure, MethodLabel};
+use super::stats::{AuthFailure, MethodLabel, BIND_REJECTED};
+use super::tables::Refreshed;
 use super::{Action, FiveTuple, Now, RelayIo};
-use crate::stun::{
-    attr, classify, find_integrity, method, Kind, CHANNEL_MAX, CHANNEL_MIN, HEADER_LEN,
-};
+use crate::stun::{attr, classify, find_integrity, method, ErrorCode, Kind, HEADER_LEN};
 
 /// Attribute types this server understands (RFC 8489 §6.3: any other comprehension-required
 /// attribute in a request gets 420).
@@ -56,10 +59,6 @@ const PORT_ATTEMPTS: usize = 16;
 /// Per-allocation bounds (memory is bounded even for a hostile authenticated client).
 const MAX_PERMISSIONS: usize = 1024;
 const MAX_CHANNELS: usize = 4096;
-/// REQUESTED-TRANSPORT value for UDP (RFC 8656 §18.7).
-const PROTO_UDP: u8 = 17;
-/// REQUESTED-TRANSPORT for an RFC 6062 TCP allocation.
-const PROTO_TCP: u8 = 6;
 
 fn label(m: u16) -> MethodLabel {
     match m {
@@ -74,44 +73,6 @@ fn label(m: u16) -> MethodLabel {
     }
 }
 
-pub(super) fn raw<'m>(m: &'m Message<'_>, t: u16) -> Option<&'m [u8]> {
-    m.raw_attribute_and_offset(AttributeType::new(t))
-        .map(|(off, a)| {
-            let b = m.as_bytes();
-            &b[off + 4..off + 4 + a.header.length() as usize]
-        })
-}
-
-pub(super) fn u32_attr(v: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(v.try_into().ok()?))
-}
-
-/// Parses an ADDRESS-FAMILY-like attribute value: `Some(true)` IPv6, `Some(false)` IPv4.
-fn family(v: &[u8]) -> Option<Option<bool>> {
-    // RFC 8656 §18.8 says 4 bytes (family + 3 reserved); some clients send just the family.
-    if v.is_empty() || v.len() > 4 {
-        return None;
-    }
-    Some(match v[0] {
-        0x01 => Some(false),
-        0x02 => Some(true),
-        _ => None,
-    })
-}
-
-/// Every XOR-PEER-ADDRESS in the request, or `Err` if one is malformed.
-pub(super) fn peer_addresses(m: &Message<'_>) -> Result<Vec<SocketAddr>, ()> {
-    let tid = m.transaction_id();
-    let mut v = Vec::new();
-    for (_, a) in m.iter_attributes() {
-        if a.header.get_type().value() == attr::XOR_PEER_ADDRESS {
-            let p = XorPeerAddress::try_from(&a).map_err(|_| ())?;
-            v.push(p.addr(tid));
-        }
-    }
-    Ok(v)
-}
-
 /// Comprehension-required attributes we don't understand (RFC 8489 §6.3.1).
 fn unknown_attributes(m: &Message<'_>, found: &mut [u16; MAX_UNKNOWN]) -> usize {
     let mut n = 0;
@@ -123,6 +84,20 @@ fn unknown_attributes(m: &Message<'_>, found: &mut [u16; MAX_UNKNOWN]) -> usize 
         }
     }
     n
+}
+
+/// A request's verified credential and the user it names (RFC 8489 §9.2).
+struct Authenticated {
+    cred: Verified,
+    username: String,
+}
+
+/// Which kind of relay socket an allocation gets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RelayKind {
+    Udp,
+    /// An RFC 6062 TCP relay listener.
+    Tcp,
 }
 
 impl Server {
@@ -185,13 +160,13 @@ impl Server {
             method::BINDING => {
                 if n_unknown > 0 {
                     self.stats.unknown_attributes += 1;
-                    return self.respond_unauth(ctx, out, 420, |w| {
+                    return self.respond_unauth(ctx, out, Err(ErrorCode::UnknownAttribute), |w| {
                         write_unknown(w, &unknown[..n_unknown])
                     });
                 }
                 self.stats.bindings += 1;
                 let client = ctx.from.client;
-                self.respond_unauth(ctx, out, 0, |w| {
+                self.respond_unauth(ctx, out, Ok(()), |w| {
                     w.xor_addr(attr::XOR_MAPPED_ADDRESS, client)
                 })
             }
@@ -205,34 +180,39 @@ impl Server {
                 if ctx.method == method::CONNECTION_BIND
                     && ctx.from.transport == super::Transport::Udp
                 {
-                    self.stats.tcp_binds[1] += 1;
-                    return self.respond_unauth(ctx, out, 400, |_| Ok(()));
+                    self.stats.tcp_binds[BIND_REJECTED] += 1;
+                    return self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(()));
                 }
-                let v = match self.authenticate(ctx, m, msg, out) {
-                    Ok(v) => v,
+                let Authenticated { cred: v, username } = match self.authenticate(ctx, m, msg, out)
+                {
+                    Ok(a) => a,
                     Err(a) => return a,
                 };
                 if n_unknown > 0 {
                     self.stats.unknown_attributes += 1;
-                    return self.respond(ctx, out, 420, Some(&v.0), |w| {
-                        write_unknown(w, &unknown[..n_unknown])
-                    });
+                    return self.respond(
+                        ctx,
+                        out,
+                        Err(ErrorCode::UnknownAttribute),
+                        Some(&v),
+                        |w| write_unknown(w, &unknown[..n_unknown]),
+                    );
                 }
-                let expired = v.0.expired(ctx.now.unix_secs);
+                let expired = v.expired(ctx.now.unix_secs);
                 if expired && (ctx.method == method::ALLOCATE || self.cfg.strict_expiry) {
                     self.stats.auth_failure(AuthFailure::Expired);
-                    return self.challenge(ctx, out, 401);
+                    return self.challenge(ctx, out, ErrorCode::Unauthorized);
                 }
                 match ctx.method {
-                    method::ALLOCATE => self.allocate(ctx, m, out, &v.0, v.1, io),
-                    method::REFRESH => self.refresh(ctx, m, out, &v.0, &v.1, io),
-                    method::CREATE_PERMISSION => self.create_permission(ctx, m, out, &v.0, &v.1),
-                    method::CONNECT => self.connect(ctx, m, out, &v.0, &v.1, io),
-                    method::CONNECTION_BIND => self.connection_bind(ctx, m, out, &v.0, &v.1),
-                    _ => self.channel_bind(ctx, m, out, &v.0, &v.1),
+                    method::ALLOCATE => self.allocate(ctx, m, out, &v, username, io),
+                    method::REFRESH => self.refresh(ctx, m, out, &v, &username, io),
+                    method::CREATE_PERMISSION => self.create_permission(ctx, m, out, &v, &username),
+                    method::CONNECT => self.connect(ctx, m, out, &v, &username, io),
+                    method::CONNECTION_BIND => self.connection_bind(ctx, m, out, &v, &username),
+                    _ => self.channel_bind(ctx, m, out, &v, &username),
                 }
             }
-            _ => self.respond_unauth(ctx, out, 400, |_| Ok(())),
+            _ => self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(())),
         }
     }
 
@@ -244,27 +224,33 @@ impl Server {
         m: &Message<'_>,
         msg: &[u8],
         out: &mut [u8],
-    ) -> Result<(Verified, String), Action> {
+    ) -> Result<Authenticated, Action> {
         if find_integrity(msg).is_none() {
-            return Err(self.challenge(ctx, out, 401));
+            return Err(self.challenge(ctx, out, ErrorCode::Unauthorized));
         }
         let cfg = self.cfg.clone();
         let username = match (raw(m, attr::USERNAME), raw(m, attr::USERHASH)) {
             (Some(u), _) => match std::str::from_utf8(u) {
                 Ok(u) if u.len() <= 513 => u.to_string(),
-                _ => return Err(self.respond_unauth(ctx, out, 400, |_| Ok(()))),
+                _ => {
+                    return Err(
+                        self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(()))
+                    )
+                }
             },
             (None, Some(h)) => match cfg.credentials.user_for_hash(h) {
                 Some(u) => u.to_string(),
                 None => {
                     self.stats.auth_failure(AuthFailure::UnknownUser);
-                    return Err(self.challenge(ctx, out, 401));
+                    return Err(self.challenge(ctx, out, ErrorCode::Unauthorized));
                 }
             },
-            (None, None) => return Err(self.respond_unauth(ctx, out, 400, |_| Ok(()))),
+            (None, None) => {
+                return Err(self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(())))
+            }
         };
         let (Some(_realm), Some(nonce)) = (raw(m, attr::REALM), raw(m, attr::NONCE)) else {
-            return Err(self.respond_unauth(ctx, out, 400, |_| Ok(())));
+            return Err(self.respond_unauth(ctx, out, Err(ErrorCode::BadRequest), |_| Ok(())));
         };
         match self.shared.nonce.check(
             nonce,
@@ -275,21 +261,21 @@ impl Server {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
                 self.stats.auth_failure(AuthFailure::StaleNonce);
-                return Err(self.challenge(ctx, out, 438));
+                return Err(self.challenge(ctx, out, ErrorCode::StaleNonce));
             }
         }
         match cfg.credentials.verify(&username, msg) {
-            Ok(v) => Ok((v, username)),
+            Ok(cred) => Ok(Authenticated { cred, username }),
             Err(e) => {
                 if let Some(v) = self.kept_credential(ctx, m, &username, msg) {
-                    return Ok((v, username));
+                    return Ok(Authenticated { cred: v, username });
                 }
                 self.stats.auth_failure(match e {
                     AuthError::UnknownUser => AuthFailure::UnknownUser,
                     AuthError::BadIntegrity => AuthFailure::BadIntegrity,
                 });
                 tracing::debug!(client = %ctx.from.client, reason = %e, "authentication failed");
-                Err(self.challenge(ctx, out, 401))
+                Err(self.challenge(ctx, out, ErrorCode::Unauthorized))
             }
         }
     }
@@ -311,12 +297,12 @@ impl Server {
             return None;
         }
         let slot = if ctx.method == method::CONNECTION_BIND {
-            let id = raw(m, attr::CONNECTION_ID).and_then(u32_attr)?;
-            self.tcp_conns.get(&id)?.slot
+            let id = connection_id(m)?;
+            self.tables.conn(id)?.slot
         } else {
-            *self.by_tuple.get(&ctx.from)?
+            self.tables.slot_of(&ctx.from)?
         };
-        let a = self.slots.get(slot)?.as_ref()?;
+        let a = self.tables.get(slot)?;
         if a.username != username {
             return None;
         }
@@ -352,14 +338,19 @@ impl Server {
         v: &Verified,
         username: &str,
     ) -> Result<usize, Action> {
-        let Some(&slot) = self.by_tuple.get(&ctx.from) else {
-            return Err(self.respond(ctx, out, 437, Some(v), |_| Ok(())));
+        let Some(slot) = self.tables.slot_of(&ctx.from) else {
+            return Err(self.fail(ctx, out, ErrorCode::AllocationMismatch, v));
         };
-        let same_user = self.slots[slot]
-            .as_ref()
+        let same_user = self
+            .tables
+            .get(slot)
             .is_some_and(|a| a.username == username);
         if !same_user {
-            return Err(self.respond(ctx, out, 441, Some(v), |_| Ok(())));
+            return Err(
+                self.respond(ctx, out, Err(ErrorCode::WrongCredentials), Some(v), |_| {
+                    Ok(())
+                }),
+            );
         }
         Ok(slot)
     }
@@ -374,95 +365,49 @@ impl Server {
         username: String,
         io: &mut impl RelayIo,
     ) -> Action {
-        if let Some(&slot) = self.by_tuple.get(&ctx.from) {
-            let retransmit = self.slots[slot]
-                .as_ref()
+        if let Some(slot) = self.tables.slot_of(&ctx.from) {
+            let retransmit = self
+                .tables
+                .get(slot)
                 .is_some_and(|a| a.txid == ctx.txid && a.username == username);
             if retransmit {
                 return self.allocate_success(ctx, out, v, slot);
             }
-            return self.respond(ctx, out, 437, Some(v), |_| Ok(()));
+            return self.fail(ctx, out, ErrorCode::AllocationMismatch, v);
         }
         // Draining (SIGTERM): existing allocations carry on, new ones go elsewhere.
         if self.shared.draining() {
             return self.no_capacity(ctx, out, v);
         }
-        let bad = |s: &mut Self, out: &mut [u8]| s.respond(ctx, out, 400, Some(v), |_| Ok(()));
-        let Some(rt) = raw(m, attr::REQUESTED_TRANSPORT) else {
-            return bad(self, out);
+        let req = match Allocate::decode(m, ctx.from.transport, self.cfg.tcp_relay) {
+            Ok(r) => r,
+            Err(code) => return self.fail(ctx, out, code, v),
         };
-        if rt.len() != 4 {
-            return bad(self, out);
-        }
-        // RFC 6062 §5.1: a TCP allocation needs a TCP or TLS control connection; asked for
-        // over UDP it is a bad request. Switched off by `turn.tcp_relay`: 442.
-        let tcp = rt[0] == PROTO_TCP;
-        if tcp && ctx.from.transport == super::Transport::Udp {
-            return bad(self, out);
-        }
-        if (tcp && !self.cfg.tcp_relay) || (!tcp && rt[0] != PROTO_UDP) {
-            return self.respond(ctx, out, 442, Some(v), |_| Ok(()));
-        }
-        // RFC 6062 §5.1: these make no sense for a TCP relay.
-        let udp_only = [
-            attr::EVEN_PORT,
-            attr::RESERVATION_TOKEN,
-            attr::DONT_FRAGMENT,
-            attr::ADDITIONAL_ADDRESS_FAMILY,
-        ];
-        if tcp && udp_only.iter().any(|&t| raw(m, t).is_some()) {
-            return bad(self, out);
-        }
-        let token = match raw(m, attr::RESERVATION_TOKEN) {
-            None => None,
-            Some(t) => match <[u8; 8]>::try_from(t) {
-                Ok(b) => Some(u64::from_be_bytes(b)),
-                Err(_) => return bad(self, out),
-            },
-        };
-        let even = match raw(m, attr::EVEN_PORT) {
-            None => None,
-            Some([b, ..]) => Some(b & 0x80 != 0),
-            Some(_) => return bad(self, out),
-        };
-        let raf = match raw(m, attr::REQUESTED_ADDRESS_FAMILY).map(family) {
-            None => None,
-            Some(None) => return bad(self, out),
-            Some(Some(None)) => return self.respond(ctx, out, 440, Some(v), |_| Ok(())),
-            Some(Some(Some(v6))) => Some(v6),
-        };
-        let additional_v6 = match raw(m, attr::ADDITIONAL_ADDRESS_FAMILY).map(family) {
-            None => false,
-            Some(Some(Some(true))) => true,
-            Some(_) => return bad(self, out),
-        };
-        if (token.is_some() && (even.is_some() || raf.is_some() || additional_v6))
-            || (additional_v6 && (raf.is_some() || even.is_some()))
-        {
-            return bad(self, out);
-        }
-        let requested = match raw(m, attr::LIFETIME) {
-            None => None,
-            Some(l) => match u32_attr(l) {
-                Some(l) => Some(l),
-                None => return bad(self, out),
-            },
-        };
+        let Allocate {
+            tcp,
+            family,
+            additional_v6,
+            even_port: even,
+            token,
+            lifetime: requested,
+        } = req;
         let Some(lifetime) = self.grant_lifetime(requested, v, ctx.now) else {
             self.stats.auth_failure(AuthFailure::Expired);
-            return self.challenge(ctx, out, 401);
+            return self.challenge(ctx, out, ErrorCode::Unauthorized);
         };
         // Families: the reserved port's, else the requested one, else IPv4 (§7.2).
-        let want_v6 = raf.unwrap_or(false);
+        let want_v6 = family.is_some_and(Family::is_v6);
         if token.is_none() && self.cfg.relay_for(want_v6).is_none() {
-            return self.respond(ctx, out, 440, Some(v), |_| Ok(()));
+            return self.fail(ctx, out, ErrorCode::AddressFamilyNotSupported, v);
         }
         match self
             .shared
             .acquire_quota(&v.quota_user, self.cfg.user_quota, self.cfg.total_quota)
         {
             Ok(()) => {}
-            Err(QuotaError::User) => return self.respond(ctx, out, 486, Some(v), |_| Ok(())),
+            Err(QuotaError::User) => {
+                return self.fail(ctx, out, ErrorCode::AllocationQuotaReached, v)
+            }
             Err(QuotaError::Total) => return self.no_capacity(ctx, out, v),
         }
         let mut relays: [Option<Relay>; 2] = [None, None];
@@ -472,8 +417,8 @@ impl Server {
                 relays[family_index(r.local.ip())] = Some(r);
             })
         } else {
-            let pair = even == Some(true);
-            self.open_relay(want_v6, even.is_some(), pair, tcp, io)
+            let kind = if tcp { RelayKind::Tcp } else { RelayKind::Udp };
+            self.open_relay(family.unwrap_or(Family::V4), even, kind, io)
                 .map(|(r, next)| {
                     relays[family_index(r.local.ip())] = Some(r);
                     reserved_next = next;
@@ -488,7 +433,7 @@ impl Server {
                 v6_refused = true;
                 return Ok(());
             }
-            self.open_relay(true, false, false, false, io)
+            self.open_relay(Family::V6, None, RelayKind::Udp, io)
                 .map(|(r, _)| relays[1] = Some(r))
         });
         if let Err(code) = opened {
@@ -497,10 +442,10 @@ impl Server {
                 self.shared.ports.release(r.local);
             }
             self.shared.release_quota(&v.quota_user);
-            if code == 508 {
+            if code == ErrorCode::InsufficientCapacity {
                 return self.no_capacity(ctx, out, v);
             }
-            return self.respond(ctx, out, code, Some(v), |_| Ok(()));
+            return self.fail(ctx, out, code, v);
         }
         let reservation_token = reserved_next.map(|addr| {
             let exp = ctx.now.mono + Duration::from_secs(self.cfg.reservation_lifetime_secs as u64);
@@ -509,8 +454,7 @@ impl Server {
             self.shared.ports.reserve(addr, exp)
         });
 
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.tables.next_alloc_id();
         let expires = ctx.now.mono + Duration::from_secs(lifetime as u64);
         let alloc = Allocation {
             id,
@@ -540,20 +484,7 @@ impl Server {
             lifetime,
             "allocation created"
         );
-        let slot = match self.free_slots.pop() {
-            Some(s) => {
-                self.slots[s] = Some(alloc);
-                s
-            }
-            None => {
-                self.slots.push(Some(alloc));
-                self.slots.len() - 1
-            }
-        };
-        self.by_tuple.insert(ctx.from, slot);
-        for r in relays.iter().flatten() {
-            self.by_relay.insert(r.id, slot);
-        }
+        let slot = self.tables.insert(alloc);
         self.push_timer(expires, TimerKind::Allocation { slot, id });
         self.stats.allocations_created += 1;
         if tcp {
@@ -565,7 +496,7 @@ impl Server {
     }
 
     fn allocate_success(&mut self, ctx: &Ctx, out: &mut [u8], v: &Verified, slot: usize) -> Action {
-        let Some(a) = self.slots[slot].as_ref() else {
+        let Some(a) = self.tables.get(slot) else {
             return Action::None;
         };
         let relays = a.relays;
@@ -573,13 +504,13 @@ impl Server {
         let token = a.reservation_token;
         let v6_refused = a.v6_refused;
         let client = ctx.from.client;
-        self.respond(ctx, out, 0, Some(v), |w| {
+        self.respond(ctx, out, Ok(()), Some(v), |w| {
             for r in relays.iter().flatten() {
                 w.xor_addr(attr::XOR_RELAYED_ADDRESS, r.advertised)?;
             }
             if v6_refused {
                 // ADDRESS-ERROR-CODE (RFC 8656 §18.10): family, reserved, class, number.
-                let reason = super::reply::reason(440).as_bytes();
+                let reason = ErrorCode::AddressFamilyNotSupported.reason().as_bytes();
                 let mut val = [0u8; 64];
                 val[0] = 0x02;
                 val[2] = 4;
@@ -595,20 +526,25 @@ impl Server {
         })
     }
 
-    /// Opens a relay socket on a port of the pool (EVEN-PORT: even, `pair` also holds the
-    /// next one and returns it); `tcp`: an RFC 6062 TCP relay listener (§5.1). Error = the
-    /// STUN error code.
+    /// Opens a relay socket on a port of the pool (EVEN-PORT: an even port; with its R bit
+    /// the next one is held too and returned); an RFC 6062 TCP relay listener for
+    /// `RelayKind::Tcp` (§5.1).
     fn open_relay(
         &mut self,
-        v6: bool,
-        even: bool,
-        pair: bool,
-        tcp: bool,
+        family: Family,
+        even_port: Option<EvenPort>,
+        kind: RelayKind,
         io: &mut impl RelayIo,
-    ) -> Result<(Relay, Option<SocketAddr>), u16> {
-        let ra = self.cfg.relay_for(v6).ok_or(440u16)?;
+    ) -> Result<(Relay, Option<SocketAddr>), ErrorCode> {
+        let even = even_port.is_some();
+        let pair = even_port.is_some_and(|e| e.reserve_next);
+        let tcp = kind == RelayKind::Tcp;
+        let ra = self
+            .cfg
+            .relay_for(family.is_v6())
+            .ok_or(ErrorCode::AddressFamilyNotSupported)?;
         let mut busy: Vec<SocketAddr> = Vec::new();
-        let mut result = Err(508);
+        let mut result = Err(ErrorCode::InsufficientCapacity);
         for _ in 0..PORT_ATTEMPTS {
             let Some(port) = self.shared.ports.acquire(ra.local, even, pair) else {
                 break;
@@ -638,7 +574,7 @@ impl Server {
                     busy.extend(next);
                     // A driver without TCP relays (RFC 6062): the transport is unsupported.
                     if tcp && e.kind() == std::io::ErrorKind::Unsupported {
-                        result = Err(442);
+                        result = Err(ErrorCode::UnsupportedTransport);
                         break;
                     }
                     if e.kind() != std::io::ErrorKind::AddrInUse {
@@ -657,8 +593,17 @@ impl Server {
 
     /// Opens the relay socket of a claimed RESERVATION-TOKEN (RFC 8656 §7.2): 508 if the
     /// token is unknown or expired.
-    fn open_reserved(&mut self, token: u64, now: Now, io: &mut impl RelayIo) -> Result<Relay, u16> {
-        let local = self.shared.ports.claim(token, now.mono).ok_or(508u16)?;
+    fn open_reserved(
+        &mut self,
+        token: u64,
+        now: Now,
+        io: &mut impl RelayIo,
+    ) -> Result<Relay, ErrorCode> {
+        let local = self
+            .shared
+            .ports
+            .claim(token, now.mono)
+            .ok_or(ErrorCode::InsufficientCapacity)?;
         let Some(ra) = self
             .cfg
             .relay
@@ -667,7 +612,7 @@ impl Server {
             .copied()
         else {
             self.shared.ports.release(local);
-            return Err(508);
+            return Err(ErrorCode::InsufficientCapacity);
         };
         match io.open_relay(local) {
             Ok(id) => Ok(Relay {
@@ -677,7 +622,7 @@ impl Server {
             }),
             Err(_) => {
                 self.shared.ports.release(local);
-                Err(508)
+                Err(ErrorCode::InsufficientCapacity)
             }
         }
     }
@@ -696,29 +641,27 @@ impl Server {
             Ok(s) => s,
             Err(a) => return a,
         };
-        let raf = match raw(m, attr::REQUESTED_ADDRESS_FAMILY).map(family) {
-            None => None,
-            Some(Some(Some(v6))) => Some(v6),
-            Some(_) => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
+        let raf = match refresh_family(m) {
+            Ok(f) => f.map(Family::is_v6),
+            Err(code) => return self.fail(ctx, out, code, v),
         };
         if let Some(v6) = raf {
-            let has = self.slots[slot]
-                .as_ref()
+            let has = self
+                .tables
+                .get(slot)
                 .is_some_and(|a| a.relays[usize::from(v6)].is_some());
             if !has {
-                return self.respond(ctx, out, 443, Some(v), |_| Ok(()));
+                return self.fail(ctx, out, ErrorCode::PeerAddressFamilyMismatch, v);
             }
         }
-        let requested = match raw(m, attr::LIFETIME) {
-            None => None,
-            Some(l) => match u32_attr(l) {
-                Some(l) => Some(l),
-                None => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
-            },
+        let requested = match lifetime(m) {
+            Ok(l) => l,
+            Err(code) => return self.fail(ctx, out, code, v),
         };
         if requested == Some(0) {
-            let dual = self.slots[slot]
-                .as_ref()
+            let dual = self
+                .tables
+                .get(slot)
                 .is_some_and(|a| a.relays.iter().all(Option::is_some));
             // RFC 8656 §7.3: with REQUESTED-ADDRESS-FAMILY only that family's relay goes;
             // the allocation stays while the other family remains.
@@ -726,44 +669,36 @@ impl Server {
                 Some(v6) if dual => self.delete_family(slot, v6, io),
                 _ => self.delete(slot, DeleteReason::Refreshed0, ctx.now.mono, io),
             }
-            return self.respond(ctx, out, 0, Some(v), |w| w.attr_u32(attr::LIFETIME, 0));
+            return self.respond(ctx, out, Ok(()), Some(v), |w| w.attr_u32(attr::LIFETIME, 0));
         }
         let Some(lifetime) = self.grant_lifetime(requested, v, ctx.now) else {
             self.stats.auth_failure(AuthFailure::Expired);
-            return self.challenge(ctx, out, 401);
+            return self.challenge(ctx, out, ErrorCode::Unauthorized);
         };
         let expires = ctx.now.mono + Duration::from_secs(lifetime as u64);
-        let rearm = match self.slots[slot].as_mut() {
-            Some(a) => {
-                a.expires = expires;
-                a.lifetime_secs = lifetime;
-                // A longer lifetime is picked up when the pending entry fires; a shorter
-                // one needs an earlier entry.
-                (expires < a.timer_at).then(|| {
-                    a.timer_at = expires;
-                    a.id
-                })
+        match self.tables.refresh(slot, expires, lifetime) {
+            Refreshed::Gone => return Action::None,
+            Refreshed::Done => {}
+            Refreshed::RearmEarlier { id } => {
+                self.push_timer(expires, TimerKind::Allocation { slot, id })
             }
-            None => return Action::None,
-        };
-        if let Some(id) = rearm {
-            self.push_timer(expires, TimerKind::Allocation { slot, id });
         }
-        self.respond(ctx, out, 0, Some(v), |w| {
+        self.respond(ctx, out, Ok(()), Some(v), |w| {
             w.attr_u32(attr::LIFETIME, lifetime)
         })
     }
 
     /// Checks a peer for a permission or channel: the allocation has a relay of its family
     /// (else 443) and the policy allows it (else 403).
-    pub(super) fn check_peer(&mut self, slot: usize, peer: IpAddr) -> Result<Relay, u16> {
-        let relay = self.slots[slot]
-            .as_ref()
+    pub(super) fn check_peer(&mut self, slot: usize, peer: IpAddr) -> Result<Relay, ErrorCode> {
+        let relay = self
+            .tables
+            .get(slot)
             .and_then(|a| a.relay_for(peer))
-            .ok_or(443u16)?;
+            .ok_or(ErrorCode::PeerAddressFamilyMismatch)?;
         if !self.cfg.policy.allows(peer) {
             self.stats.peer_denied += 1;
-            return Err(403);
+            return Err(ErrorCode::Forbidden);
         }
         Ok(relay)
     }
@@ -771,14 +706,11 @@ impl Server {
     /// Installs or refreshes a permission (RFC 8656 §9).
     fn install_permission(&mut self, slot: usize, relay: Relay, ip: IpAddr, now: Now) {
         let exp = now.mono + Duration::from_secs(self.cfg.permission_lifetime_secs as u64);
-        let Some(a) = self.slots[slot].as_mut() else {
+        let Some(transport) = self.tables.get(slot).map(|a| a.tuple.transport) else {
             return;
         };
-        let id = a.id;
-        if self.perms.insert((relay.id, ip), exp).is_none() {
-            a.perms.push(ip);
-            self.stats
-                .permission_added(a.tuple.transport, family_index(ip));
+        if let Some(id) = self.tables.add_permission(slot, relay, ip, exp) {
+            self.stats.permission_added(transport, family_index(ip));
             self.push_timer(exp, TimerKind::Permission { slot, id, ip });
         }
     }
@@ -796,25 +728,25 @@ impl Server {
             Ok(s) => s,
             Err(a) => return a,
         };
-        let peers = match peer_addresses(m) {
-            Ok(p) if !p.is_empty() => p,
-            _ => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
+        let peers = match permission_peers(m) {
+            Ok(p) => p,
+            Err(code) => return self.fail(ctx, out, code, v),
         };
         let mut relays = Vec::with_capacity(peers.len());
         for p in &peers {
             match self.check_peer(slot, p.ip()) {
                 Ok(r) => relays.push(r),
-                Err(code) => return self.respond(ctx, out, code, Some(v), |_| Ok(())),
+                Err(code) => return self.fail(ctx, out, code, v),
             }
         }
-        let existing = self.slots[slot].as_ref().map_or(0, |a| a.perms.len());
+        let existing = self.tables.get(slot).map_or(0, |a| a.perms.len());
         if existing + peers.len() > MAX_PERMISSIONS {
-            return self.respond(ctx, out, 508, Some(v), |_| Ok(()));
+            return self.fail(ctx, out, ErrorCode::InsufficientCapacity, v);
         }
         for (p, r) in peers.iter().zip(relays) {
             self.install_permission(slot, r, p.ip(), ctx.now);
         }
-        self.respond(ctx, out, 0, Some(v), |_| Ok(()))
+        self.respond(ctx, out, Ok(()), Some(v), |_| Ok(()))
     }
 
     /// ChannelBind (RFC 8656 §11.2).
@@ -831,25 +763,18 @@ impl Server {
             Err(a) => return a,
         };
         // RFC 6062 §5: a TCP allocation has no channels (data goes over connections).
-        if self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
-            return self.respond(ctx, out, 400, Some(v), |_| Ok(()));
+        if self.tables.get(slot).is_some_and(|a| a.tcp) {
+            return self.fail(ctx, out, ErrorCode::BadRequest, v);
         }
-        let number = match raw(m, attr::CHANNEL_NUMBER) {
-            Some([a, b, _, _]) => u16::from_be_bytes([*a, *b]),
-            _ => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
+        let ChannelBind { number, peer } = match ChannelBind::decode(m) {
+            Ok(r) => r,
+            Err(code) => return self.fail(ctx, out, code, v),
         };
-        let peer = match peer_addresses(m).as_deref() {
-            Ok([p]) => *p,
-            _ => return self.respond(ctx, out, 400, Some(v), |_| Ok(())),
-        };
-        if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&number) {
-            return self.respond(ctx, out, 400, Some(v), |_| Ok(()));
-        }
         let relay = match self.check_peer(slot, peer.ip()) {
             Ok(r) => r,
-            Err(code) => return self.respond(ctx, out, code, Some(v), |_| Ok(())),
+            Err(code) => return self.fail(ctx, out, code, v),
         };
-        let Some(a) = self.slots[slot].as_ref() else {
+        let Some(a) = self.tables.get(slot) else {
             return Action::None;
         };
         // Rebind rules (§11.2): the number may not move to another peer, nor the peer
@@ -860,54 +785,39 @@ impl Server {
             .iter()
             .any(|c| (c.number == number) != (c.peer == peer));
         if conflict {
-            return self.respond(ctx, out, 400, Some(v), |_| Ok(()));
+            return self.fail(ctx, out, ErrorCode::BadRequest, v);
         }
         let exists = a.channels.iter().any(|c| c.number == number);
         if !exists && a.channels.len() >= MAX_CHANNELS {
-            return self.respond(ctx, out, 508, Some(v), |_| Ok(()));
+            return self.fail(ctx, out, ErrorCode::InsufficientCapacity, v);
         }
         let id = a.id;
-        let tuple: FiveTuple = a.tuple;
+        let transport = a.tuple.transport;
         let expires = ctx.now.mono + Duration::from_secs(self.cfg.channel_lifetime_secs as u64);
-        let a = self.slots[slot].as_mut().expect("checked above");
-        let revived = match a.channels.iter_mut().find(|c| c.number == number) {
-            Some(c) => {
-                // Its pending timer entry (expiry or cooldown end) re-arms itself.
-                c.expires = expires;
-                !std::mem::replace(&mut c.active, true)
-            }
-            None => {
-                a.channels.push(Channel {
-                    number,
-                    peer,
-                    expires,
-                    active: true,
-                });
-                self.stats.channels_created += 1;
-                self.push_timer(expires, TimerKind::Channel { slot, id, number });
-                true
-            }
+        let Some(bound) = self.tables.bind_channel(slot, relay, number, peer, expires) else {
+            return Action::None;
         };
-        if revived {
-            self.peer_channels.insert((relay.id, peer), number);
-            self.client_channels
-                .insert((tuple, number), (relay.id, peer));
+        if bound.created {
+            self.stats.channels_created += 1;
+            self.push_timer(expires, TimerKind::Channel { slot, id, number });
+        }
+        if bound.activated {
             self.stats
-                .channel_activated(tuple.transport, family_index(peer.ip()));
+                .channel_activated(transport, family_index(peer.ip()));
         }
         self.install_permission(slot, relay, peer.ip(), ctx.now);
-        self.respond(ctx, out, 0, Some(v), |_| Ok(()))
+        self.respond(ctx, out, Ok(()), Some(v), |_| Ok(()))
     }
 
     /// Send indication (RFC 8656 §10.2): forwarded if a permission exists, else silently
     /// dropped (counted).
     fn send_indication(&mut self, m: &Message<'_>, from: &FiveTuple) -> Action {
-        let Some(&slot) = self.by_tuple.get(from) else {
+        let Some(slot) = self.tables.slot_of(from) else {
             self.stats.sends_dropped += 1;
             return Action::None;
         };
         // RFC 6062 §5: a TCP allocation relays over peer connections only.
-        if self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
+        if self.tables.get(slot).is_some_and(|a| a.tcp) {
             self.stats.sends_dropped += 1;
             return Action::None;
         }
@@ -924,11 +834,9 @@ impl Server {
             return Action::None;
         };
         let len = data.header.length() as usize;
-        let relay = self.slots[slot]
-            .as_ref()
-            .and_then(|a| a.relay_for(peer.ip()));
+        let relay = self.tables.get(slot).and_then(|a| a.relay_for(peer.ip()));
         match relay {
-            Some(r) if self.perms.contains_key(&(r.id, peer.ip())) => {
+            Some(r) if self.tables.permission(r.id, peer.ip()).is_some() => {
                 self.stats.sends_forwarded += 1;
                 Action::Forward {
                     relay: r.id,

@@ -7,15 +7,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rustc_hash::FxHashMap;
-
 use super::allocation::{family_index, Allocation, CHANNEL_COOLDOWN};
 use super::ratelimit::RateLimiter;
 use super::server_config::{ServerConfig, Shared};
 use super::stats::{
     transport_index, TurnStats, LIFETIME_SECONDS_BOUNDS, REQUEST_SECONDS_BOUNDS, TRANSPORTS,
 };
-use super::tcp_relay::PeerConn;
+use super::tables::{PermissionExpiry, Tables};
 use super::{ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo, RelayUsage};
 
 /// What a timer entry is for. Entries are checked against the live state when they fire,
@@ -65,17 +63,8 @@ impl DeleteReason {
 pub struct Server {
     pub(super) cfg: Arc<ServerConfig>,
     pub(super) shared: Arc<Shared>,
-    pub(super) slots: Vec<Option<Allocation>>,
-    pub(super) free_slots: Vec<usize>,
-    pub(super) next_id: u64,
-    pub(super) by_tuple: FxHashMap<FiveTuple, usize>,
-    pub(super) by_relay: FxHashMap<RelayId, usize>,
-    /// Permission expiry by (relay of the peer's family, peer IP).
-    pub(super) perms: FxHashMap<(RelayId, IpAddr), Instant>,
-    /// Channel number by (relay, peer), for peer → client.
-    pub(super) peer_channels: FxHashMap<(RelayId, SocketAddr), u16>,
-    /// (relay, peer) by (client 5-tuple, channel), for client → peer.
-    pub(super) client_channels: FxHashMap<(FiveTuple, u16), (RelayId, SocketAddr)>,
+    /// The allocations and every index over them (their only writer).
+    pub(super) tables: Tables,
     pub(super) timers: BinaryHeap<Reverse<(Instant, TimerKind)>>,
     pub(super) limiter: RateLimiter,
     pub(super) stats: TurnStats,
@@ -83,10 +72,6 @@ pub struct Server {
     pub(super) shard_index: u8,
     /// Messages for clients made outside a request (see `drain_outbox`).
     pub(super) outbox: Vec<(FiveTuple, Vec<u8>)>,
-    /// RFC 6062 peer connections of this shard's TCP allocations.
-    pub(super) tcp_conns: FxHashMap<ConnId, PeerConn>,
-    /// Low 24 bits of the last CONNECTION-ID handed out.
-    pub(super) next_conn: u32,
 }
 
 impl Server {
@@ -95,21 +80,12 @@ impl Server {
         Server {
             cfg,
             shared,
-            slots: Vec::new(),
-            free_slots: Vec::new(),
-            next_id: 1,
-            by_tuple: FxHashMap::default(),
-            by_relay: FxHashMap::default(),
-            perms: FxHashMap::default(),
-            peer_channels: FxHashMap::default(),
-            client_channels: FxHashMap::default(),
+            tables: Tables::default(),
             timers: BinaryHeap::new(),
             limiter,
             stats: TurnStats::default(),
             shard_index: 0,
             outbox: Vec::new(),
-            tcp_conns: FxHashMap::default(),
-            next_conn: 0,
         }
     }
 
@@ -131,30 +107,19 @@ impl Server {
 
     /// Allocations held by this shard.
     pub fn allocation_count(&self) -> usize {
-        self.by_tuple.len()
+        self.tables.len()
     }
 
     /// ChannelData from a client (RFC 8656 §12.5): the relay and peer, if the channel is
     /// bound and the peer's permission is alive. O(1), no allocation.
     pub fn channel_to_peer(&self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)> {
-        let &(relay, peer) = self.client_channels.get(&(*from, channel))?;
-        self.perms
-            .contains_key(&(relay, peer.ip()))
-            .then_some((relay, peer))
+        self.tables.channel_to_peer(from, channel)
     }
 
     /// A datagram from `peer` on relay socket `relay` (RFC 8656 §11.6, §12.5): where it
     /// goes, if a permission exists. O(1), no allocation.
     pub fn peer_to_client(&self, relay: RelayId, peer: SocketAddr) -> Option<PeerRoute> {
-        if !self.perms.contains_key(&(relay, peer.ip())) {
-            return None;
-        }
-        let slot = *self.by_relay.get(&relay)?;
-        let a = self.slots.get(slot)?.as_ref()?;
-        Some(PeerRoute {
-            client: a.tuple,
-            channel: self.peer_channels.get(&(relay, peer)).copied(),
-        })
+        self.tables.peer_to_client(relay, peer)
     }
 
     /// The earliest time `handle_timeout` has work to do.
@@ -183,33 +148,19 @@ impl Server {
                         self.delete(slot, DeleteReason::Expired, now.mono, io);
                     } else {
                         let at = a.expires;
-                        if let Some(a) = self.slots[slot].as_mut() {
-                            a.timer_at = at;
-                        }
+                        self.tables.set_timer_at(slot, at);
                         self.push_timer(at, kind);
                     }
                 }
                 TimerKind::Permission { slot, id, ip } => {
-                    let Some(a) = self.live(slot, id) else {
-                        continue;
-                    };
-                    let Some(relay) = a.relay_for(ip) else {
-                        continue;
-                    };
-                    let transport = a.tuple.transport;
-                    let key = (relay.id, ip);
-                    match self.perms.get(&key).copied() {
-                        Some(e) if e <= now.mono => {
-                            self.perms.remove(&key);
-                            if let Some(a) = self.slots[slot].as_mut() {
-                                a.perms.retain(|p| *p != ip);
-                            }
+                    match self.tables.expire_permission(slot, id, ip, now.mono) {
+                        PermissionExpiry::Removed { transport } => {
                             self.stats.permission_removed(transport, family_index(ip));
                         }
                         // Refreshed since: one entry per permission, re-armed here
                         // rather than pushed on every refresh (bounded heap).
-                        Some(e) => self.push_timer(e, kind),
-                        None => {}
+                        PermissionExpiry::Later(e) => self.push_timer(e, kind),
+                        PermissionExpiry::Gone => {}
                     }
                 }
                 TimerKind::Channel { slot, id, number } => {
@@ -226,9 +177,7 @@ impl Server {
                     } else if ch.active {
                         self.push_timer(ch.expires, kind);
                     } else if end <= now.mono {
-                        if let Some(a) = self.slots[slot].as_mut() {
-                            a.channels.retain(|c| c.number != number);
-                        }
+                        self.tables.drop_channel(slot, number);
                     } else {
                         self.push_timer(end, kind);
                     }
@@ -243,7 +192,7 @@ impl Server {
 
     /// A TCP/TLS client connection closed: its allocation goes (RFC 8656 §3.1).
     pub fn client_closed(&mut self, from: &FiveTuple, now: Now, io: &mut impl RelayIo) {
-        if let Some(&slot) = self.by_tuple.get(from) {
+        if let Some(slot) = self.tables.slot_of(from) {
             self.delete(slot, DeleteReason::ClientClosed, now.mono, io);
         }
     }
@@ -256,35 +205,19 @@ impl Server {
     }
 
     pub(super) fn live(&self, slot: usize, id: u64) -> Option<&Allocation> {
-        self.slots
-            .get(slot)
-            .and_then(Option::as_ref)
-            .filter(|a| a.id == id)
+        self.tables.live(slot, id)
     }
 
     /// Takes an expired channel out of the data path; it stays in the allocation for
     /// the cooldown.
     pub(super) fn deactivate_channel(&mut self, slot: usize, number: u16) {
-        let Some(a) = self.slots[slot].as_mut() else {
+        let Some(transport) = self.tables.get(slot).map(|a| a.tuple.transport) else {
             return;
         };
-        let tuple = a.tuple;
-        let relays = a.relays;
-        let Some(ch) = a
-            .channels
-            .iter_mut()
-            .find(|c| c.number == number && c.active)
-        else {
-            return;
-        };
-        ch.active = false;
-        let peer = ch.peer;
-        if let Some(relay) = relays[family_index(peer.ip())] {
-            self.peer_channels.remove(&(relay.id, peer));
+        if let Some(peer) = self.tables.deactivate_channel(slot, number) {
+            self.stats
+                .channel_deactivated(transport, family_index(peer.ip()));
         }
-        self.client_channels.remove(&(tuple, number));
-        self.stats
-            .channel_deactivated(tuple.transport, family_index(peer.ip()));
     }
 
     /// Removes an allocation and everything hanging off it; closes its relay sockets and
@@ -296,39 +229,27 @@ impl Server {
         now: Instant,
         io: &mut impl RelayIo,
     ) {
-        let Some(a) = self.slots.get_mut(slot).and_then(Option::take) else {
+        let Some((a, conns)) = self.tables.remove(slot) else {
             return;
         };
-        self.free_slots.push(slot);
-        self.by_tuple.remove(&a.tuple);
         let transport = a.tuple.transport;
         for ip in &a.perms {
-            if let Some(r) = a.relay_for(*ip) {
-                self.perms.remove(&(r.id, *ip));
-            }
             self.stats.permission_removed(transport, family_index(*ip));
         }
         for ch in a.channels.iter().filter(|c| c.active) {
-            if let Some(r) = a.relay_for(ch.peer.ip()) {
-                self.peer_channels.remove(&(r.id, ch.peer));
-            }
-            self.client_channels.remove(&(a.tuple, ch.number));
             self.stats
                 .channel_deactivated(transport, family_index(ch.peer.ip()));
         }
         // RFC 6062: the peer connections go with their allocation, before its listener.
-        for &c in &a.conns {
-            if let Some(pc) = self.tcp_conns.remove(&c) {
-                self.stats.tcp_conns_by_state[pc.state.index()] -= 1;
-                io.close_tcp_conn(c);
-            }
+        for (c, pc) in conns {
+            self.stats.tcp_conns_by_state[pc.state.index()] -= 1;
+            io.close_tcp_conn(c);
         }
         if a.tcp {
             self.stats.tcp_allocations -= 1;
         }
         let mut usage = RelayUsage::default();
         for r in a.relays.iter().flatten() {
-            self.by_relay.remove(&r.id);
             usage += io.usage(r.id);
             io.close_relay(r.id);
             self.shared.ports.release(r.local);
@@ -368,46 +289,26 @@ impl Server {
     /// the allocation lives on with the other family.
     pub(super) fn delete_family(&mut self, slot: usize, v6: bool, io: &mut impl RelayIo) {
         let fi = usize::from(v6);
-        let Some(a) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+        let Some((tuple, username)) = self.tables.get(slot).map(|a| (a.tuple, a.username.clone()))
+        else {
             return;
         };
-        let old_family = a.family();
-        let Some(r) = a.relays[fi].take() else {
-            return;
-        };
-        let tuple = a.tuple;
-        let gone_perms: Vec<IpAddr> = a
-            .perms
-            .iter()
-            .copied()
-            .filter(|ip| family_index(*ip) == fi)
-            .collect();
-        a.perms.retain(|ip| family_index(*ip) != fi);
-        let gone_channels: Vec<_> = a
-            .channels
-            .iter()
-            .copied()
-            .filter(|c| family_index(c.peer.ip()) == fi)
-            .collect();
-        a.channels.retain(|c| family_index(c.peer.ip()) != fi);
-        let new_family = a.family();
-        let username = a.username.clone();
         // Pending timer entries of what goes here find nothing and do nothing.
-        for ip in gone_perms {
-            self.perms.remove(&(r.id, ip));
+        let Some(gone) = self.tables.remove_family(slot, fi) else {
+            return;
+        };
+        for _ in 0..gone.perms {
             self.stats.permission_removed(tuple.transport, fi);
         }
-        for c in gone_channels.iter().filter(|c| c.active) {
-            self.peer_channels.remove(&(r.id, c.peer));
-            self.client_channels.remove(&(tuple, c.number));
+        for _ in 0..gone.active_channels {
             self.stats.channel_deactivated(tuple.transport, fi);
         }
-        self.by_relay.remove(&r.id);
+        let r = gone.relay;
         io.close_relay(r.id);
         self.shared.ports.release(r.local);
         let ti = transport_index(tuple.transport);
-        self.stats.allocations_by[ti][old_family] -= 1;
-        self.stats.allocations_by[ti][new_family] += 1;
+        self.stats.allocations_by[ti][gone.old_family] -= 1;
+        self.stats.allocations_by[ti][gone.new_family] += 1;
         tracing::info!(
             user = %username,
             client = %tuple.client,

@@ -178,12 +178,22 @@ impl AuthFailure {
 /// `timeout` (447: no connection within 30 s), `refused` (an error answer before any
 /// connect: 400, 403, 437, 441, 443, 446, 508).
 pub const TCP_CONNECT_RESULTS: [&str; 4] = ["ok", "failed", "timeout", "refused"];
+pub(crate) const CONNECT_OK: usize = 0;
+pub(crate) const CONNECT_FAILED: usize = 1;
+pub(crate) const CONNECT_TIMEOUT: usize = 2;
+pub(crate) const CONNECT_REFUSED: usize = 3;
 /// Outcomes of incoming peer connections on a TCP relay (§5.3): `attempt_sent`
 /// (ConnectionAttempt indication queued), `no_permission`, `over_limit`.
 pub const TCP_PEER_RESULTS: [&str; 3] = ["attempt_sent", "no_permission", "over_limit"];
+pub(crate) const PEER_ATTEMPT_SENT: usize = 0;
+pub(crate) const PEER_NO_PERMISSION: usize = 1;
+pub(crate) const PEER_OVER_LIMIT: usize = 2;
 /// Outcomes of ConnectionBind (§5.4) and of the wait for it: `ok`, `rejected` (400 or 441
 /// after the credential checks), `expired` (no ConnectionBind within 30 s).
 pub const TCP_BIND_RESULTS: [&str; 3] = ["ok", "rejected", "expired"];
+pub(crate) const BIND_OK: usize = 0;
+pub(crate) const BIND_REJECTED: usize = 1;
+pub(crate) const BIND_EXPIRED: usize = 2;
 /// States of a peer connection: `connecting` (Connect sent, not connected yet), `pending`
 /// (connected, waiting for its ConnectionBind), `bound` (spliced to a client data connection).
 pub const TCP_CONN_STATES: [&str; 3] = ["connecting", "pending", "bound"];

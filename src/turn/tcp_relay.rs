@@ -7,70 +7,21 @@ use std::time::{Duration, Instant};
 
 use stun_types::message::Message;
 
+use super::allocation::ConnState;
 use super::auth::Verified;
 use super::reply::Ctx;
-use super::requests::{peer_addresses, raw, u32_attr};
+use super::request::{connection_id, one_peer};
 use super::server::{Server, TimerKind};
-use super::stats::MethodLabel;
+use super::stats::{
+    MethodLabel, BIND_EXPIRED, BIND_OK, BIND_REJECTED, CONNECT_FAILED, CONNECT_OK, CONNECT_REFUSED,
+    CONNECT_TIMEOUT, PEER_ATTEMPT_SENT, PEER_NO_PERMISSION, PEER_OVER_LIMIT,
+};
 use super::{conn_shard, Action, ConnId, FiveTuple, Now, RelayId, RelayIo};
-use crate::stun::{attr, class, message_type, method, MessageWriter};
+use crate::stun::{attr, class, message_type, method, ErrorCode, MessageWriter};
 
 /// How long a peer connection may stay connecting, or wait for its ConnectionBind
 /// (RFC 6062 §5.2, §5.3: 30 seconds).
 pub(super) const TCP_CONN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Low 24 bits of a CONNECTION-ID: the per-shard counter (the top 8 name the shard).
-const CONN_COUNTER_MASK: u32 = 0x00FF_FFFF;
-
-/// Where a peer connection is in its life (RFC 6062 §5.2-§5.4).
-#[derive(Debug, Clone)]
-pub(super) enum ConnState {
-    /// The driver is connecting to the peer for a Connect request; the request is answered
-    /// when it finishes, signed with the credential that authenticated it.
-    Connecting { txid: [u8; 12], cred: Verified },
-    /// Connected (or accepted from a peer), waiting for the client's ConnectionBind.
-    Pending,
-    /// Spliced to the client data connection `data`.
-    Bound { data: FiveTuple },
-}
-
-impl ConnState {
-    /// Index in `stats::TCP_CONN_STATES`.
-    pub(super) fn index(&self) -> usize {
-        match self {
-            ConnState::Connecting { .. } => 0,
-            ConnState::Pending => 1,
-            ConnState::Bound { .. } => 2,
-        }
-    }
-}
-
-/// One peer connection of a TCP allocation.
-#[derive(Debug)]
-pub(super) struct PeerConn {
-    pub slot: usize,
-    /// The owning allocation's id (guards against a reused slot).
-    pub alloc_id: u64,
-    pub peer: SocketAddr,
-    pub state: ConnState,
-    /// End of the current state's 30 s wait (meaningless once bound). A timer entry
-    /// earlier than this is stale and ignored.
-    pub deadline: Instant,
-}
-
-/// Results in `TurnStats::tcp_connects`.
-const CONNECT_OK: usize = 0;
-const CONNECT_FAILED: usize = 1;
-const CONNECT_TIMEOUT: usize = 2;
-const CONNECT_REFUSED: usize = 3;
-/// Results in `TurnStats::tcp_peer_incoming`.
-const PEER_ATTEMPT_SENT: usize = 0;
-const PEER_NO_PERMISSION: usize = 1;
-const PEER_OVER_LIMIT: usize = 2;
-/// Results in `TurnStats::tcp_binds`.
-const BIND_OK: usize = 0;
-const BIND_REJECTED: usize = 1;
-const BIND_EXPIRED: usize = 2;
 
 impl Server {
     /// Sets the index of this shard's worker; it becomes the top 8 bits of every
@@ -81,7 +32,7 @@ impl Server {
 
     /// Whether `tuple` is the control connection of an allocation on this shard.
     pub fn has_allocation(&self, tuple: &FiveTuple) -> bool {
-        self.by_tuple.contains_key(tuple)
+        self.tables.slot_of(tuple).is_some()
     }
 
     /// The driver's connect for peer connection `conn` finished (RFC 6062 §5.2): on
@@ -90,7 +41,7 @@ impl Server {
     /// the core forgets `conn`. Returns whether the driver keeps the socket (`false`:
     /// close it, e.g. the allocation went meanwhile or `ok` was false).
     pub fn tcp_connect_done(&mut self, now: Now, conn: ConnId, ok: bool) -> bool {
-        let Some(pc) = self.tcp_conns.get(&conn) else {
+        let Some(pc) = self.tables.conn(conn) else {
             return false;
         };
         let ConnState::Connecting { txid, cred } = &pc.state else {
@@ -105,14 +56,21 @@ impl Server {
             self.forget_conn(conn);
             self.stats.tcp_connects[CONNECT_FAILED] += 1;
             tracing::debug!(client = %tuple.client, conn, "TCP relay connect failed");
-            self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+            self.queue_connect_response(
+                tuple,
+                txid,
+                now,
+                Err(ErrorCode::ConnectionTimeoutOrFailure),
+                &cred,
+                None,
+            );
             return false;
         }
         let deadline = now.mono + TCP_CONN_TIMEOUT;
         self.set_state(conn, ConnState::Pending, deadline);
         self.push_timer(deadline, TimerKind::TcpConn { conn });
         self.stats.tcp_connects[CONNECT_OK] += 1;
-        self.queue_connect_response(tuple, txid, now, 0, &cred, Some(conn));
+        self.queue_connect_response(tuple, txid, now, Ok(()), &cred, Some(conn));
         true
     }
 
@@ -125,16 +83,16 @@ impl Server {
         relay: RelayId,
         peer: SocketAddr,
     ) -> Option<ConnId> {
-        let slot = *self.by_relay.get(&relay)?;
-        let a = self.slots.get(slot)?.as_ref()?;
+        let slot = self.tables.slot_of_relay(relay)?;
+        let a = self.tables.get(slot)?;
         if !a.tcp {
             return None;
         }
         let tuple = a.tuple;
         let permitted = self
-            .perms
-            .get(&(relay, peer.ip()))
-            .is_some_and(|&exp| exp > now.mono);
+            .tables
+            .permission(relay, peer.ip())
+            .is_some_and(|exp| exp > now.mono);
         if !permitted {
             self.stats.tcp_peer_incoming[PEER_NO_PERMISSION] += 1;
             tracing::debug!(client = %tuple.client, %peer, "TCP peer without permission refused");
@@ -145,7 +103,7 @@ impl Server {
             tracing::debug!(client = %tuple.client, %peer, "TCP peer over the connection limit");
             return None;
         }
-        let Some(conn) = self.new_conn_id() else {
+        let Some(conn) = self.tables.new_conn_id(self.shard_index) else {
             self.stats.tcp_peer_incoming[PEER_OVER_LIMIT] += 1;
             return None;
         };
@@ -173,7 +131,7 @@ impl Server {
     /// peer waiting for its ConnectionBind hung up). One still connecting has its Connect
     /// answered with 447, so the client does not wait for an answer that cannot come.
     pub fn tcp_conn_closed(&mut self, conn: ConnId) {
-        let Some(pc) = self.tcp_conns.get(&conn) else {
+        let Some(pc) = self.tables.conn(conn) else {
             return;
         };
         match &pc.state {
@@ -191,7 +149,14 @@ impl Server {
                         mono: created,
                         unix_secs: 0,
                     };
-                    self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+                    self.queue_connect_response(
+                        tuple,
+                        txid,
+                        now,
+                        Err(ErrorCode::ConnectionTimeoutOrFailure),
+                        &cred,
+                        None,
+                    );
                 }
             }
             ConnState::Pending => {}
@@ -219,9 +184,9 @@ impl Server {
         username: &str,
         io: &mut impl RelayIo,
     ) -> Action {
-        let refuse = |s: &mut Self, out: &mut [u8], code: u16| {
+        let refuse = |s: &mut Self, out: &mut [u8], code: ErrorCode| {
             s.stats.tcp_connects[CONNECT_REFUSED] += 1;
-            s.respond(ctx, out, code, Some(v), |_| Ok(()))
+            s.respond(ctx, out, Err(code), Some(v), |_| Ok(()))
         };
         let slot = match self.own_allocation(ctx, out, v, username) {
             Ok(s) => s,
@@ -230,39 +195,35 @@ impl Server {
                 return a;
             }
         };
-        if !self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
-            return refuse(self, out, 400);
+        if !self.tables.get(slot).is_some_and(|a| a.tcp) {
+            return refuse(self, out, ErrorCode::BadRequest);
         }
-        let peer = match peer_addresses(m).as_deref() {
-            Ok([p]) => *p,
-            _ => return refuse(self, out, 400),
+        let peer = match one_peer(m) {
+            Ok(p) => p,
+            Err(code) => return refuse(self, out, code),
         };
         let relay = match self.check_peer(slot, peer.ip()) {
             Ok(r) => r,
             Err(code) => return refuse(self, out, code),
         };
-        let Some(a) = self.slots[slot].as_ref() else {
-            return Action::None;
-        };
         // §5.2: one connection per peer address, whether still connecting, waiting for
         // its bind, or bound.
-        let exists = a
-            .conns
-            .iter()
-            .any(|c| self.tcp_conns.get(c).is_some_and(|pc| pc.peer == peer));
-        if exists {
-            return refuse(self, out, 446);
+        if self.tables.has_conn_to(slot, peer) {
+            return refuse(self, out, ErrorCode::ConnectionAlreadyExists);
         }
+        let Some(a) = self.tables.get(slot) else {
+            return Action::None;
+        };
         if a.conns.len() >= self.cfg.tcp_relay_max_connections as usize {
-            return refuse(self, out, 508);
+            return refuse(self, out, ErrorCode::InsufficientCapacity);
         }
-        let Some(conn) = self.new_conn_id() else {
-            return refuse(self, out, 508);
+        let Some(conn) = self.tables.new_conn_id(self.shard_index) else {
+            return refuse(self, out, ErrorCode::InsufficientCapacity);
         };
         if let Err(e) = io.tcp_connect(relay.id, peer, conn) {
             tracing::debug!(client = %ctx.from.client, %peer, error = %e, "TCP relay connect could not start");
             self.stats.tcp_connects[CONNECT_FAILED] += 1;
-            return self.respond(ctx, out, 447, Some(v), |_| Ok(()));
+            return self.fail(ctx, out, ErrorCode::ConnectionTimeoutOrFailure, v);
         }
         let state = ConnState::Connecting {
             txid: ctx.txid,
@@ -282,37 +243,37 @@ impl Server {
         v: &Verified,
         username: &str,
     ) -> Action {
-        let reject = |s: &mut Self, out: &mut [u8], code: u16| {
+        let reject = |s: &mut Self, out: &mut [u8], code: ErrorCode| {
             s.stats.tcp_binds[BIND_REJECTED] += 1;
-            s.respond(ctx, out, code, Some(v), |_| Ok(()))
+            s.respond(ctx, out, Err(code), Some(v), |_| Ok(()))
         };
-        let Some(conn) = raw(m, attr::CONNECTION_ID).and_then(u32_attr) else {
-            return reject(self, out, 400);
+        let Some(conn) = connection_id(m) else {
+            return reject(self, out, ErrorCode::BadRequest);
         };
         if conn_shard(conn) != usize::from(self.shard_index) {
-            return reject(self, out, 400);
+            return reject(self, out, ErrorCode::BadRequest);
         }
-        let Some(pc) = self.tcp_conns.get(&conn) else {
-            return reject(self, out, 400);
+        let Some(pc) = self.tables.conn(conn) else {
+            return reject(self, out, ErrorCode::BadRequest);
         };
         if !matches!(pc.state, ConnState::Pending) {
-            return reject(self, out, 400);
+            return reject(self, out, ErrorCode::BadRequest);
         }
         // A control connection cannot turn into a data connection (§5.4).
-        if self.by_tuple.contains_key(&ctx.from) {
-            return reject(self, out, 400);
+        if self.tables.slot_of(&ctx.from).is_some() {
+            return reject(self, out, ErrorCode::BadRequest);
         }
         let Some(a) = self.live(pc.slot, pc.alloc_id) else {
-            return reject(self, out, 400);
+            return reject(self, out, ErrorCode::BadRequest);
         };
         if a.username != username {
-            return reject(self, out, 441);
+            return reject(self, out, ErrorCode::WrongCredentials);
         }
         let deadline = pc.deadline;
         self.set_state(conn, ConnState::Bound { data: ctx.from }, deadline);
         self.stats.tcp_binds[BIND_OK] += 1;
         tracing::debug!(client = %ctx.from.client, conn, "TCP relay connection bound");
-        match self.respond(ctx, out, 0, Some(v), |_| Ok(())) {
+        match self.respond(ctx, out, Ok(()), Some(v), |_| Ok(())) {
             Action::Reply(len) => Action::BindData { conn, len },
             other => other,
         }
@@ -321,7 +282,7 @@ impl Server {
     /// A peer connection's 30 s wait ended (RFC 6062 §5.2, §5.3): still connecting → the
     /// Connect gets 447; still waiting for its ConnectionBind → closed.
     pub(super) fn tcp_conn_timeout(&mut self, now: Now, conn: ConnId, io: &mut impl RelayIo) {
-        let Some(pc) = self.tcp_conns.get(&conn) else {
+        let Some(pc) = self.tables.conn(conn) else {
             return;
         };
         // A later deadline: the id was reused, or the state moved on and re-armed.
@@ -337,7 +298,14 @@ impl Server {
                 self.stats.tcp_connects[CONNECT_TIMEOUT] += 1;
                 if let Some(tuple) = tuple {
                     tracing::debug!(client = %tuple.client, conn, "TCP relay connect timed out");
-                    self.queue_connect_response(tuple, txid, now, 447, &cred, None);
+                    self.queue_connect_response(
+                        tuple,
+                        txid,
+                        now,
+                        Err(ErrorCode::ConnectionTimeoutOrFailure),
+                        &cred,
+                        None,
+                    );
                 }
             }
             ConnState::Pending => {
@@ -346,24 +314,6 @@ impl Server {
                 self.stats.tcp_binds[BIND_EXPIRED] += 1;
             }
             ConnState::Bound { .. } => {}
-        }
-    }
-
-    /// A fresh CONNECTION-ID: this shard's index on top, a 24-bit counter below, never 0
-    /// there and never one in use. `None` only if all 2^24 - 1 are in use.
-    fn new_conn_id(&mut self) -> Option<ConnId> {
-        if self.tcp_conns.len() >= CONN_COUNTER_MASK as usize {
-            return None;
-        }
-        loop {
-            self.next_conn = (self.next_conn + 1) & CONN_COUNTER_MASK;
-            if self.next_conn == 0 {
-                continue;
-            }
-            let id = (u32::from(self.shard_index) << 24) | self.next_conn;
-            if !self.tcp_conns.contains_key(&id) {
-                return Some(id);
-            }
         }
     }
 
@@ -376,44 +326,26 @@ impl Server {
         state: ConnState,
         now: Instant,
     ) {
-        let Some(a) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            return;
-        };
-        a.conns.push(conn);
         let deadline = now + TCP_CONN_TIMEOUT;
-        self.stats.tcp_conns_by_state[state.index()] += 1;
-        self.tcp_conns.insert(
-            conn,
-            PeerConn {
-                slot,
-                alloc_id: a.id,
-                peer,
-                state,
-                deadline,
-            },
-        );
-        self.push_timer(deadline, TimerKind::TcpConn { conn });
+        let index = state.index();
+        if self.tables.add_conn(slot, conn, peer, state, deadline) {
+            self.stats.tcp_conns_by_state[index] += 1;
+            self.push_timer(deadline, TimerKind::TcpConn { conn });
+        }
     }
 
     fn set_state(&mut self, conn: ConnId, state: ConnState, deadline: Instant) {
-        if let Some(pc) = self.tcp_conns.get_mut(&conn) {
-            self.stats.tcp_conns_by_state[pc.state.index()] -= 1;
-            self.stats.tcp_conns_by_state[state.index()] += 1;
-            pc.state = state;
-            pc.deadline = deadline;
+        let index = state.index();
+        if let Some(old) = self.tables.set_conn_state(conn, state, deadline) {
+            self.stats.tcp_conns_by_state[old.index()] -= 1;
+            self.stats.tcp_conns_by_state[index] += 1;
         }
     }
 
     /// Drops `conn` from the tables (no IO).
     fn forget_conn(&mut self, conn: ConnId) {
-        let Some(pc) = self.tcp_conns.remove(&conn) else {
-            return;
-        };
-        self.stats.tcp_conns_by_state[pc.state.index()] -= 1;
-        if let Some(a) = self.slots.get_mut(pc.slot).and_then(Option::as_mut) {
-            if a.id == pc.alloc_id {
-                a.conns.retain(|&c| c != conn);
-            }
+        if let Some(pc) = self.tables.remove_conn(conn) {
+            self.stats.tcp_conns_by_state[pc.state.index()] -= 1;
         }
     }
 
@@ -423,7 +355,7 @@ impl Server {
         tuple: FiveTuple,
         txid: [u8; 12],
         now: Now,
-        code: u16,
+        result: Result<(), ErrorCode>,
         cred: &Verified,
         conn: Option<ConnId>,
     ) {
@@ -435,7 +367,7 @@ impl Server {
             now,
         };
         let mut buf = vec![0u8; 512];
-        let reply = self.respond(&ctx, &mut buf, code, Some(cred), |w| match conn {
+        let reply = self.respond(&ctx, &mut buf, result, Some(cred), |w| match conn {
             Some(c) => w.attr_u32(attr::CONNECTION_ID, c),
             None => Ok(()),
         });

@@ -70,7 +70,7 @@ pub(super) fn bandwidth_budget(
     id: RelayId,
     now: Instant,
 ) -> (u64, u64) {
-    match socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
+    match socks.get_mut(id.index()).and_then(Option::as_mut) {
         Some(RelaySock { cap: Some(c), .. }) => (
             c.to_peer.available(now) as u64,
             c.to_client.available(now) as u64,
@@ -86,7 +86,7 @@ pub(super) fn bandwidth_spend(
     to_peer: u64,
     to_client: u64,
 ) {
-    if let Some(Some(RelaySock { cap: Some(c), .. })) = socks.get_mut(id.0 as usize) {
+    if let Some(Some(RelaySock { cap: Some(c), .. })) = socks.get_mut(id.index()) {
         c.to_peer.spend(to_peer as f64);
         c.to_client.spend(to_client as f64);
     }
@@ -106,7 +106,7 @@ pub struct Relays {
 
 impl Relays {
     pub(super) fn fd(&self, id: RelayId) -> Option<RawFd> {
-        match &self.socks.get(id.0 as usize)?.as_ref()?.kind {
+        match &self.socks.get(id.index())?.as_ref()?.kind {
             RelayKind::Udp(s) => Some(s.as_raw_fd()),
             RelayKind::Tcp { .. } => None,
         }
@@ -115,14 +115,14 @@ impl Relays {
     /// Whether relay `id` is an RFC 6062 TCP relay listener.
     pub(super) fn is_tcp(&self, id: RelayId) -> bool {
         self.socks
-            .get(id.0 as usize)
+            .get(id.index())
             .and_then(Option::as_ref)
             .is_some_and(|s| matches!(s.kind, RelayKind::Tcp { .. }))
     }
 
     /// The TCP relay listener of `id` and its address.
     pub(super) fn tcp_listener(&self, id: RelayId) -> Option<(&TcpListener, SocketAddr)> {
-        match &self.socks.get(id.0 as usize)?.as_ref()?.kind {
+        match &self.socks.get(id.index())?.as_ref()?.kind {
             RelayKind::Tcp { listener, addr } => Some((listener, *addr)),
             RelayKind::Udp(_) => None,
         }
@@ -138,7 +138,7 @@ impl Relays {
         now: Instant,
         stats: &mut NetStats,
     ) -> Option<RawFd> {
-        let s = self.socks.get_mut(id.0 as usize)?.as_mut()?;
+        let s = self.socks.get_mut(id.index())?.as_mut()?;
         let RelayKind::Udp(sock) = &s.kind else {
             return None;
         };
@@ -162,7 +162,7 @@ impl Relays {
         now: Instant,
         stats: &mut NetStats,
     ) -> bool {
-        let Some(Some(s)) = self.socks.get_mut(id.0 as usize) else {
+        let Some(Some(s)) = self.socks.get_mut(id.index()) else {
             return false;
         };
         if let Some(c) = &mut s.cap {
@@ -186,7 +186,7 @@ impl Relays {
 
     /// Counts bytes spliced from a client data connection to a peer of TCP relay `id`.
     pub(super) fn count_to_peer(&mut self, id: RelayId, bytes: u64, chunks: u64) {
-        if let Some(s) = self.socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
+        if let Some(s) = self.socks.get_mut(id.index()).and_then(Option::as_mut) {
             s.usage.to_peer_bytes += bytes;
             s.usage.to_peer_packets += chunks;
         }
@@ -207,7 +207,7 @@ impl Relays {
 
     /// Counts payload relayed from peers to the client of relay `id`.
     pub(super) fn count_to_client(&mut self, id: RelayId, bytes: u64, packets: u64) {
-        if let Some(s) = self.socks.get_mut(id.0 as usize).and_then(Option::as_mut) {
+        if let Some(s) = self.socks.get_mut(id.index()).and_then(Option::as_mut) {
             s.usage.to_client_bytes += bytes;
             s.usage.to_client_packets += packets;
         }
@@ -226,17 +226,17 @@ impl RelayIo for Relays {
             return Err(e);
         }
         self.socks[idx] = Some(RelaySock::new(RelayKind::Udp(sock), self.max_bytes_per_sec));
-        Ok(RelayId(idx as u32))
+        Ok(RelayId::from_index(idx))
     }
 
     fn close_relay(&mut self, relay: RelayId) {
-        let idx = relay.0 as usize;
+        let idx = relay.index();
         if let Some(s) = self.socks.get_mut(idx).and_then(Option::take) {
             let _ = match s.kind {
                 RelayKind::Udp(mut u) => self.registry.deregister(&mut u),
                 RelayKind::Tcp { mut listener, .. } => self.registry.deregister(&mut listener),
             };
-            self.free.push(relay.0);
+            self.free.push(idx as u32);
         }
     }
 
@@ -256,7 +256,7 @@ impl RelayIo for Relays {
             RelayKind::Tcp { listener, addr },
             self.max_bytes_per_sec,
         ));
-        Ok(RelayId(idx as u32))
+        Ok(RelayId::from_index(idx))
     }
 
     fn tcp_connect(&mut self, relay: RelayId, peer: SocketAddr, conn: ConnId) -> io::Result<()> {
@@ -282,7 +282,7 @@ impl RelayIo for Relays {
 
     fn usage(&self, relay: RelayId) -> RelayUsage {
         self.socks
-            .get(relay.0 as usize)
+            .get(relay.index())
             .and_then(Option::as_ref)
             .map(|s| s.usage)
             .unwrap_or_default()

@@ -90,7 +90,7 @@ impl<S: Shard> Worker<S> {
 
     /// Peers connecting to TCP relay listener `ri` (RFC 6062 §5.3). `true` if more may wait.
     pub(super) fn relay_accept(&mut self, ri: usize, now: Now) -> bool {
-        let relay = RelayId(ri as u32);
+        let relay = RelayId::from_index(ri);
         let mut more = true;
         for _ in 0..ACCEPT_BATCH {
             let Some((l, _)) = self.relays.tcp_listener(relay) else {

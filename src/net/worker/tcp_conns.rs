@@ -7,7 +7,6 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::Interest;
 
-use super::handover::connection_bind_id;
 use super::splice::Splice;
 use super::{
     is_request, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE,
@@ -15,7 +14,7 @@ use super::{
 use crate::net::link::{is_tls_error, Link};
 use crate::net::shard::Shard;
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
-use crate::stun::{classify, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
+use crate::stun::{classify, connection_bind_id, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
 use crate::turn::{conn_shard, Action, ConnId, FiveTuple, Now, Transport};
 
 /// What a TCP listener accepts.
@@ -72,6 +71,27 @@ pub(super) enum CloseReason {
 }
 
 impl<S: Shard> Worker<S> {
+    /// A free slot of the connection table with `sock` registered under its token (the
+    /// slot is free again on error). Accepted and handed-over connections both come here.
+    pub(super) fn register_conn(&mut self, sock: &mut TcpStream) -> io::Result<usize> {
+        let ci = match self.free_conns.pop() {
+            Some(i) => i,
+            None => {
+                self.conns.push(None);
+                self.conns.len() - 1
+            }
+        };
+        if let Err(e) = self.poll.registry().register(
+            sock,
+            token(K_CONN, ci),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.free_conns.push(ci);
+            return Err(e);
+        }
+        Ok(ci)
+    }
+
     pub(super) fn flush_dirty_conns(&mut self) {
         while let Some(ci) = self.dirty_conns.pop() {
             let failed = match self.conns.get_mut(ci).and_then(Option::as_mut) {
@@ -124,22 +144,13 @@ impl<S: Shard> Worker<S> {
             };
             // The address the client reached (the listener may be a wildcard).
             let server = sock.local_addr().unwrap_or(server);
-            let ci = match self.free_conns.pop() {
-                Some(i) => i,
-                None => {
-                    self.conns.push(None);
-                    self.conns.len() - 1
+            let ci = match self.register_conn(&mut sock) {
+                Ok(ci) => ci,
+                Err(e) => {
+                    tracing::debug!(error = %e, "TCP register failed");
+                    continue;
                 }
             };
-            if let Err(e) = self.poll.registry().register(
-                &mut sock,
-                token(K_CONN, ci),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                tracing::debug!(error = %e, "TCP register failed");
-                self.free_conns.push(ci);
-                continue;
-            }
             let tuple = FiveTuple {
                 transport,
                 client,

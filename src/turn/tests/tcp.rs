@@ -1,15 +1,14 @@
 //! RFC 6062 TCP allocations driven with the simulated clock and the recording fake
-//! RelayIo of `tests.rs`: Allocate rules, Connect and its 446/447/403/508 answers, both
+//! RelayIo of `tests/mod.rs`: Allocate rules, Connect and its 446/447/403/508 answers, both
 //! 30 s timers, ConnectionAttempt, ConnectionBind, teardown, counters. Also the RFC 8656
 //! §7.3 per-family Refresh deletion.
 
 use std::net::SocketAddr;
 
-use super::auth::{mint_rest_credential, Key};
-use super::stats::MethodLabel;
-use super::tests::*;
 use super::*;
 use crate::stun::{attr, class, message_type, method};
+use crate::turn::auth::{mint_rest_credential, Key};
+use crate::turn::stats::MethodLabel;
 
 const SHARD: u8 = 3;
 
@@ -479,7 +478,11 @@ fn incoming_peer_needs_permission_and_room_and_sends_connection_attempt() {
     let (a, _) = signed(&mut h, data_conn(1), &bind_req(id), &u, &k);
     assert!(matches!(a, Action::BindData { conn, .. } if conn == id));
     // Unknown relay, a UDP allocation's relay: refused without a count.
-    assert_eq!(h.server.tcp_peer_accepted(now, RelayId(999), peer), None);
+    assert_eq!(
+        h.server
+            .tcp_peer_accepted(now, RelayId::from_index(999), peer),
+        None
+    );
     assert_eq!(h.allocate(client(5)).code(), 0);
     let udp_relay = *h
         .io
@@ -661,7 +664,7 @@ fn connection_ids_skip_zero_and_ids_in_use() {
     assert_eq!(r.code(), 0);
     let now = h.now();
     let top = u32::from(SHARD) << 24;
-    h.server.next_conn = 0xFF_FFFE;
+    h.server.tables.set_next_conn(0xFF_FFFE);
     let a = h
         .server
         .tcp_peer_accepted(now, relay, "8.8.8.8:1".parse().unwrap())
@@ -673,7 +676,7 @@ fn connection_ids_skip_zero_and_ids_in_use() {
         .unwrap();
     assert_eq!(b, top | 1, "wraps past 0");
     // The counter comes round to an id still in use: skipped.
-    h.server.next_conn = 0;
+    h.server.tables.set_next_conn(0);
     let c = h
         .server
         .tcp_peer_accepted(now, relay, "8.8.8.8:3".parse().unwrap())

@@ -14,6 +14,8 @@ use super::*;
 use crate::config::{Config, StaticUser};
 use crate::stun::{attr, class, message_type, method, MessageWriter, MAGIC_COOKIE};
 
+mod tcp;
+
 pub(super) const SECRET: &str = "test-secret";
 pub(super) const REALM: &str = "tern";
 pub(super) const RELAY_V4: &str = "192.0.2.10";
@@ -49,7 +51,7 @@ impl RelayIo for FakeIo {
             return Err(std::io::ErrorKind::AddrInUse.into());
         }
         self.next += 1;
-        let id = RelayId(self.next);
+        let id = RelayId::from_index(self.next as usize);
         self.open.insert(id, addr);
         Ok(id)
     }
@@ -116,17 +118,10 @@ impl Resp {
         v[2] as u16 * 100 + v[3] as u16
     }
     pub(super) fn attrs(&self, t: u16) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut off = 20;
-        while off + 4 <= self.bytes.len() {
-            let at = u16::from_be_bytes([self.bytes[off], self.bytes[off + 1]]);
-            let l = u16::from_be_bytes([self.bytes[off + 2], self.bytes[off + 3]]) as usize;
-            if at == t {
-                out.push(self.bytes[off + 4..off + 4 + l].to_vec());
-            }
-            off += 4 + crate::stun::pad4(l);
-        }
-        out
+        crate::stun::attributes(&self.bytes)
+            .filter(|a| a.ty == t)
+            .map(|a| a.value.expect("attribute fits").to_vec())
+            .collect()
     }
     pub(super) fn attr(&self, t: u16) -> Option<Vec<u8>> {
         self.attrs(t).into_iter().next()
@@ -1104,7 +1099,7 @@ fn permissions_policy_and_expiry() {
     let mut h = H::new(|_| {});
     let r = h.allocate(client(1));
     let (u, k) = h.alice();
-    let relay = RelayId(1);
+    let relay = RelayId::from_index(1);
     let _ = r;
     // Several peers at once.
     let r = h.auth(
@@ -1211,7 +1206,7 @@ fn channel_bind_rules_and_lookups() {
     let mut h = H::new(|_| {});
     h.allocate(client(1));
     let (u, k) = h.alice();
-    let relay = RelayId(1);
+    let relay = RelayId::from_index(1);
     let bind = |n: u16, p: &str| Req::new(method::CHANNEL_BIND).channel(n).peer(p);
     assert_eq!(h.auth(client(1), &bind(0x4000, PEER), &u, &k).code(), 0);
     assert_eq!(
@@ -1309,7 +1304,7 @@ fn channel_expiry_and_permission_refresh() {
     assert_eq!(h.server.stats().channels_active, 0);
     let route = h
         .server
-        .peer_to_client(RelayId(1), PEER.parse().unwrap())
+        .peer_to_client(RelayId::from_index(1), PEER.parse().unwrap())
         .unwrap();
     assert_eq!(route.channel, None);
 }
@@ -1345,7 +1340,7 @@ fn send_indication_forwards_only_with_permission() {
     else {
         panic!("{a:?}")
     };
-    assert_eq!(relay, RelayId(1));
+    assert_eq!(relay, RelayId::from_index(1));
     assert_eq!(peer, PEER.parse::<SocketAddr>().unwrap());
     assert_eq!(&msg[payload], b"hello peer");
     // Without an allocation: dropped.
@@ -1452,13 +1447,14 @@ fn deleting_allocation_clears_data_path_tables() {
     );
     assert_eq!(h.server.channel_to_peer(&client(1), 0x4000), None);
     assert_eq!(
-        h.server.peer_to_client(RelayId(1), PEER.parse().unwrap()),
+        h.server
+            .peer_to_client(RelayId::from_index(1), PEER.parse().unwrap()),
         None
     );
-    assert!(h.server.perms.is_empty());
-    assert!(h.server.peer_channels.is_empty());
-    assert!(h.server.client_channels.is_empty());
-    assert!(h.server.by_relay.is_empty());
+    assert_eq!(h.server.tables.sizes().perms, 0);
+    assert_eq!(h.server.tables.sizes().peer_channels, 0);
+    assert_eq!(h.server.tables.sizes().client_channels, 0);
+    assert_eq!(h.server.tables.sizes().by_relay, 0);
     // The slot is reused and old timers don't touch the new allocation.
     assert_eq!(h.allocate(client(2)).code(), 0);
     h.advance(599);
@@ -1539,7 +1535,10 @@ fn data_path_does_not_allocate() {
     let before = alloc_count::count();
     for _ in 0..1000 {
         assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
-        assert!(h.server.peer_to_client(RelayId(1), peer).is_some());
+        assert!(h
+            .server
+            .peer_to_client(RelayId::from_index(1), peer)
+            .is_some());
         let a = h
             .server
             .handle_stun(now, client(1), &msg, &mut out, &mut h.io);
@@ -1664,7 +1663,7 @@ fn expired_channel_cools_down_before_reuse() {
     assert_eq!(h.auth(client(1), &bind(0x4000, PEER), &u, &k).code(), 0);
     h.advance(600);
     assert_eq!(h.server.stats().channels_active, 0);
-    assert!(h.server.client_channels.is_empty());
+    assert_eq!(h.server.tables.sizes().client_channels, 0);
     // During the 5-minute cooldown neither the number nor the peer can move.
     assert_eq!(h.auth(client(1), &bind(0x4000, PEER2), &u, &k).code(), 400);
     assert_eq!(h.auth(client(1), &bind(0x4001, PEER), &u, &k).code(), 400);
