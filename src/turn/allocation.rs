@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::auth::Verified;
-use super::{ConnId, FiveTuple, RelayId};
+use super::{ConnId, FiveTuple, RelayId, RelayUsage};
 
 /// A relay socket of an allocation.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +65,11 @@ pub struct Allocation {
     /// Its peer connections in any state (RFC 6062 §5.2, §5.3), at most
     /// `tcp_relay_max_connections`.
     pub conns: Vec<ConnId>,
+    /// Usage accounting (`usage_tap`): counters of relays already closed (one family of a
+    /// dual allocation), what was reported so far, and when.
+    pub usage_closed: RelayUsage,
+    pub usage_sent: RelayUsage,
+    pub usage_at: Instant,
 }
 
 impl Allocation {

@@ -7,7 +7,8 @@
 //! (responses), `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool),
 //! `policy.rs` (peer addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`,
 //! `alternates.rs` (300 Try Alternate targets), `tcp_relay.rs` (RFC 6062 TCP allocations:
-//! Connect, ConnectionBind, ConnectionAttempt and the peer connection table).
+//! Connect, ConnectionBind, ConnectionAttempt and the peer connection table), `usage_tap.rs`
+//! (usage records and byte budgets, `crate::usage`).
 //!
 //! # Contract with the IO driver (`crate::net`)
 //! One [`Server`] per worker shard. The driver:
@@ -39,6 +40,7 @@ mod server;
 mod server_config;
 pub mod stats;
 mod tcp_relay;
+mod usage_tap;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

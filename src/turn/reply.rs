@@ -53,6 +53,20 @@ impl Server {
         auth: Option<&Verified>,
         body: impl FnOnce(&mut MessageWriter) -> Result<(), WriteError>,
     ) -> Action {
+        self.respond_reason(ctx, out, code, reason(code), auth, body)
+    }
+
+    /// As [`Self::respond`], with a reason phrase that says more than the code's usual one
+    /// (RFC 8489 §14.8), e.g. which budget a 486 is about.
+    pub(super) fn respond_reason(
+        &mut self,
+        ctx: &Ctx,
+        out: &mut [u8],
+        code: u16,
+        reason_phrase: &str,
+        auth: Option<&Verified>,
+        body: impl FnOnce(&mut MessageWriter) -> Result<(), WriteError>,
+    ) -> Action {
         self.stats.request(ctx.label, code);
         let cls = if code == 0 {
             class::SUCCESS
@@ -63,7 +77,7 @@ impl Server {
         let res = (|| {
             let mut w = MessageWriter::new(out, message_type(ctx.method, cls), ctx.txid)?;
             if code != 0 {
-                w.error_code(code, reason(code))?;
+                w.error_code(code, reason_phrase)?;
             }
             body(&mut w)?;
             if !software.is_empty() && (code == 0 || auth.is_some()) {

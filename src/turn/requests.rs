@@ -16,7 +16,9 @@ use super::reply::Ctx;
 use super::server::{DeleteReason, Server, TimerKind};
 use super::server_config::QuotaError;
 use super::stats::{AuthFailure, MethodLabel};
-use super::{Action, FiveTuple, Now, RelayIo};
+use super::usage_tap;
+use super::{Action, FiveTuple, Now, RelayIo, RelayUsage};
+use crate::usage::Event;
 use crate::stun::{
     attr, classify, find_integrity, method, Kind, CHANNEL_MAX, CHANNEL_MIN, HEADER_LEN,
 };
@@ -457,6 +459,9 @@ impl Server {
         if token.is_none() && self.cfg.relay_for(want_v6).is_none() {
             return self.respond(ctx, out, 440, Some(v), |_| Ok(()));
         }
+        if let Some(b) = usage_tap::over_budget(&self.shared, &self.cfg, &v.quota_user) {
+            return self.respond_reason(ctx, out, 486, b.reason_phrase(), Some(v), |_| Ok(()));
+        }
         match self
             .shared
             .acquire_quota(&v.quota_user, self.cfg.user_quota, self.cfg.total_quota)
@@ -530,6 +535,9 @@ impl Server {
             created: ctx.now.mono,
             tcp,
             conns: Vec::new(),
+            usage_closed: RelayUsage::default(),
+            usage_sent: RelayUsage::default(),
+            usage_at: ctx.now.mono,
         };
         tracing::info!(
             user = %alloc.username,
@@ -555,6 +563,12 @@ impl Server {
             self.by_relay.insert(r.id, slot);
         }
         self.push_timer(expires, TimerKind::Allocation { slot, id });
+        if let Some(a) = self.slots[slot].as_mut() {
+            usage_tap::report(&self.shared, a, Event::Start, ctx.now.mono, io);
+        }
+        if let Some(at) = usage_tap::next_report(&self.shared, &self.cfg, ctx.now.mono) {
+            self.push_timer(at, TimerKind::Usage { slot, id });
+        }
         self.stats.allocations_created += 1;
         if tcp {
             self.stats.tcp_allocations += 1;
@@ -732,6 +746,11 @@ impl Server {
             self.stats.auth_failure(AuthFailure::Expired);
             return self.challenge(ctx, out, 401);
         };
+        // Over a byte budget: no more lifetime; the allocation ends when its current one
+        // runs out (issue 14).
+        if let Some(b) = usage_tap::over_budget(&self.shared, &self.cfg, &v.quota_user) {
+            return self.respond_reason(ctx, out, 486, b.reason_phrase(), Some(v), |_| Ok(()));
+        }
         let expires = ctx.now.mono + Duration::from_secs(lifetime as u64);
         let rearm = match self.slots[slot].as_mut() {
             Some(a) => {

@@ -16,7 +16,9 @@ use super::stats::{
     transport_index, TurnStats, LIFETIME_SECONDS_BOUNDS, REQUEST_SECONDS_BOUNDS, TRANSPORTS,
 };
 use super::tcp_relay::PeerConn;
+use super::usage_tap;
 use super::{ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo, RelayUsage};
+use crate::usage::Event;
 
 /// What a timer entry is for. Entries are checked against the live state when they fire,
 /// so refreshes just push a later entry and stale ones are skipped.
@@ -40,6 +42,11 @@ pub(super) enum TimerKind {
     /// The 30 s wait of an RFC 6062 peer connection (connecting, or awaiting its bind).
     TcpConn {
         conn: ConnId,
+    },
+    /// An allocation's interim usage report (`usage_tap`).
+    Usage {
+        slot: usize,
+        id: u64,
     },
 }
 
@@ -237,6 +244,18 @@ impl Server {
                     self.shared.ports.expire_reservations(now.mono);
                 }
                 TimerKind::TcpConn { conn } => self.tcp_conn_timeout(now, conn, io),
+                TimerKind::Usage { slot, id } => {
+                    let Some(a) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+                        continue;
+                    };
+                    if a.id != id {
+                        continue;
+                    }
+                    usage_tap::report(&self.shared, a, Event::Interim, now.mono, io);
+                    if let Some(at) = usage_tap::next_report(&self.shared, &self.cfg, now.mono) {
+                        self.push_timer(at, kind);
+                    }
+                }
             }
         }
     }
@@ -296,9 +315,10 @@ impl Server {
         now: Instant,
         io: &mut impl RelayIo,
     ) {
-        let Some(a) = self.slots.get_mut(slot).and_then(Option::take) else {
+        let Some(mut a) = self.slots.get_mut(slot).and_then(Option::take) else {
             return;
         };
+        usage_tap::report(&self.shared, &mut a, Event::End, now, io);
         self.free_slots.push(slot);
         self.by_tuple.remove(&a.tuple);
         let transport = a.tuple.transport;
@@ -375,6 +395,7 @@ impl Server {
         let Some(r) = a.relays[fi].take() else {
             return;
         };
+        a.usage_closed += io.usage(r.id);
         let tuple = a.tuple;
         let gone_perms: Vec<IpAddr> = a
             .perms
