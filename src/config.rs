@@ -756,7 +756,10 @@ impl Config {
             } else {
                 "turn.user_bytes_per_month"
             };
-            return Err(invalid(key, "budgets need usage accounting (usage.enabled = true)"));
+            return Err(invalid(
+                key,
+                "budgets need usage accounting (usage.enabled = true)",
+            ));
         }
         Ok(())
     }

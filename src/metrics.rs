@@ -983,7 +983,11 @@ impl Collector for UsageCollector {
         f.sample(&USAGE_PENDING, &[], s.pending_rows.load(Relaxed));
         f.sample(&USAGE_STORE_ERRORS, &[], s.store_errors.load(Relaxed));
         for (i, b) in crate::usage::Budget::ALL.iter().enumerate() {
-            f.sample(&USAGE_BUDGET_REFUSALS, &[b.label()], s.budget_refusals[i].load(Relaxed));
+            f.sample(
+                &USAGE_BUDGET_REFUSALS,
+                &[b.label()],
+                s.budget_refusals[i].load(Relaxed),
+            );
         }
         f.finish()
     }

@@ -62,11 +62,17 @@ fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-fn time_param(q: &HashMap<String, String>, name: &str, default: i64, now: i64) -> Result<i64, Response> {
+fn time_param(
+    q: &HashMap<String, String>,
+    name: &str,
+    default: i64,
+    now: i64,
+) -> Result<i64, Response> {
     match q.get(name) {
         None => Ok(default),
-        Some(v) => parse_time(v, now)
-            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("{name}: {e}"))),
+        Some(v) => {
+            parse_time(v, now).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("{name}: {e}")))
+        }
     }
 }
 
@@ -74,7 +80,10 @@ fn granularity(q: &HashMap<String, String>, name: &str) -> Result<Granularity, R
     match q.get(name) {
         None => Ok(Granularity::Day),
         Some(v) => Granularity::parse(v).ok_or_else(|| {
-            error(StatusCode::BAD_REQUEST, &format!("{name}: expected hour or day"))
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("{name}: expected hour or day"),
+            )
         }),
     }
 }
@@ -101,9 +110,15 @@ async fn with_store<T: Send + 'static>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "usage query failed");
-            Err(error(StatusCode::INTERNAL_SERVER_ERROR, "usage store unreadable (see the log)"))
+            Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "usage store unreadable (see the log)",
+            ))
         }
-        Err(_) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "usage query failed")),
+        Err(_) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "usage query failed",
+        )),
     }
 }
 

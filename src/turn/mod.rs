@@ -40,11 +40,13 @@ mod server;
 mod server_config;
 pub mod stats;
 mod tcp_relay;
-mod usage_tap;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_tcp;
+#[cfg(test)]
+mod tests_usage;
+mod usage_tap;
 
 pub use server::Server;
 pub use server_config::{QuotaError, RelayAddr, ServerConfig, Shared};

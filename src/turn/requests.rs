@@ -18,10 +18,10 @@ use super::server_config::QuotaError;
 use super::stats::{AuthFailure, MethodLabel};
 use super::usage_tap;
 use super::{Action, FiveTuple, Now, RelayIo, RelayUsage};
-use crate::usage::Event;
 use crate::stun::{
     attr, classify, find_integrity, method, Kind, CHANNEL_MAX, CHANNEL_MIN, HEADER_LEN,
 };
+use crate::usage::Event;
 
 /// Attribute types this server understands (RFC 8489 §6.3: any other comprehension-required
 /// attribute in a request gets 420).

@@ -38,7 +38,9 @@ pub(super) fn report(
         to_peer_bytes: total.to_peer_bytes.saturating_sub(sent.to_peer_bytes),
         to_peer_packets: total.to_peer_packets.saturating_sub(sent.to_peer_packets),
         to_client_bytes: total.to_client_bytes.saturating_sub(sent.to_client_bytes),
-        to_client_packets: total.to_client_packets.saturating_sub(sent.to_client_packets),
+        to_client_packets: total
+            .to_client_packets
+            .saturating_sub(sent.to_client_packets),
     };
     a.usage_sent = total;
     let alloc_ms = now.saturating_duration_since(a.usage_at).as_millis() as u64;

@@ -223,6 +223,19 @@ impl Ledger {
         }
     }
 
+    /// The pending rows of `user` (tests and diagnostics), hour rows first.
+    pub fn pending(&self, user: &str) -> Vec<(RowKey, Counts)> {
+        let st = self.lock();
+        let mut v: Vec<_> = st
+            .rows
+            .iter()
+            .filter(|(k, _)| k.user == user)
+            .map(|(k, c)| (k.clone(), *c))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Takes the pending rows (the writer puts them back if the write fails).
     fn take(&self) -> (Vec<(RowKey, Counts)>, bool) {
         let mut st = self.lock();
@@ -367,7 +380,9 @@ fn writer(l: &Ledger, sink: &mut dyn UsageSink, p: &WriterParams) {
             if p.retention_days > 0 {
                 let before = day_start(now) - i64::from(p.retention_days) * DAY;
                 match sink.prune(before) {
-                    Ok(n) if n > 0 => tracing::info!(rows = n, "usage retention: old rollups deleted"),
+                    Ok(n) if n > 0 => {
+                        tracing::info!(rows = n, "usage retention: old rollups deleted")
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         l.stats.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -406,7 +421,11 @@ mod tests {
     }
 
     impl UsageSink for Flaky {
-        fn write(&mut self, _: &str, rows: &[(RowKey, Counts)]) -> Result<(), super::super::StoreError> {
+        fn write(
+            &mut self,
+            _: &str,
+            rows: &[(RowKey, Counts)],
+        ) -> Result<(), super::super::StoreError> {
             if self.fail.load(Ordering::Relaxed) {
                 return Err(super::super::StoreError::Io {
                     path: "flaky".into(),
@@ -419,7 +438,11 @@ mod tests {
         fn prune(&mut self, _: i64) -> Result<u64, super::super::StoreError> {
             Ok(0)
         }
-        fn spend(&mut self, _: i64, _: i64) -> Result<Vec<(String, u64, u64)>, super::super::StoreError> {
+        fn spend(
+            &mut self,
+            _: i64,
+            _: i64,
+        ) -> Result<Vec<(String, u64, u64)>, super::super::StoreError> {
             Ok(vec![])
         }
     }
@@ -446,10 +469,16 @@ mod tests {
         assert_eq!(day.allocation_ms, 5000);
         assert_eq!(l.over_budget_at("alice", 400, 0, t + 90), Some(Budget::Day));
         assert_eq!(l.over_budget_at("alice", 401, 0, t + 90), None);
-        assert_eq!(l.over_budget_at("alice", 0, 400, t + 90), Some(Budget::Month));
+        assert_eq!(
+            l.over_budget_at("alice", 0, 400, t + 90),
+            Some(Budget::Month)
+        );
         // The next day the daily spend starts again; the month's stays.
         assert_eq!(l.over_budget_at("alice", 400, 0, t + DAY), None);
-        assert_eq!(l.over_budget_at("alice", 0, 400, t + DAY), Some(Budget::Month));
+        assert_eq!(
+            l.over_budget_at("alice", 0, 400, t + DAY),
+            Some(Budget::Month)
+        );
         assert_eq!(l.stats.budget_refusals[0].load(Ordering::Relaxed), 1);
         assert_eq!(l.stats.budget_refusals[1].load(Ordering::Relaxed), 2);
         assert_eq!(l.over_budget_at("bob", 1, 1, t), None);

@@ -80,7 +80,10 @@ impl Counts {
 
     /// All relayed bytes, both directions, UDP and TCP (what budgets count).
     pub fn total_bytes(&self) -> u64 {
-        self.to_peer_bytes + self.to_client_bytes + self.tcp_to_peer_bytes + self.tcp_to_client_bytes
+        self.to_peer_bytes
+            + self.to_client_bytes
+            + self.tcp_to_peer_bytes
+            + self.tcp_to_client_bytes
     }
 }
 

@@ -27,7 +27,15 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let mp = (5 * doy + 2) / 153;
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
 }
 
 pub fn hour_start(t: i64) -> i64 {
@@ -60,7 +68,9 @@ pub fn format_utc(t: i64) -> String {
 /// `now`, `today`, `-7d` / `-24h` (relative to `now`).
 pub fn parse_time(s: &str, now: i64) -> Result<i64, String> {
     let s = s.trim();
-    let bad = || format!("{s:?}: expected Unix seconds, YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ, now, today, -Nd or -Nh");
+    let bad = || {
+        format!("{s:?}: expected Unix seconds, YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ, now, today, -Nd or -Nh")
+    };
     if s == "now" {
         return Ok(now);
     }
