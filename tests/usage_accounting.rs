@@ -331,3 +331,71 @@ fn daily_budget_refuses_refresh_and_allocate_until_a_reload_raises_it() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(allocate_as(&tern, "hand").0, None);
 }
+
+/// Without root, the default `usage.path` (/var/lib/tern) cannot be made: the daemon still
+/// serves and says accounting is off; with a budget configured it refuses to start instead,
+/// naming usage.path (a budget it cannot enforce would be a silent failure).
+#[test]
+fn default_store_path_without_root_serves_without_accounting() {
+    if !have_tool("setpriv") || std::path::Path::new(tern::config::DEFAULT_USAGE_PATH).exists() {
+        // Someone (a root daemon) made the default store: nothing to check about a fresh box.
+        eprintln!(
+            "skipped: no setpriv, or {} exists",
+            tern::config::DEFAULT_USAGE_PATH
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The binary must be reachable for `nobody`.
+    let bin = dir.path().join("tern");
+    std::fs::copy(env!("CARGO_BIN_EXE_tern"), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let run = |extra: &[&str]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .arg("serve")
+            .arg(format!("--set=turn.listen=[\"127.0.0.1:{port}\"]"))
+            .args([
+                "--set=api.enabled=false",
+                "--set=metrics.enabled=false",
+                "--set=daemon.pid_file=",
+                "--set=turn.min_port=24600",
+                "--set=turn.max_port=24650",
+            ])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    // With a budget: refused, naming the key.
+    let out = run_with_limit(
+        &mut run(&["--set=turn.user_bytes_per_day=1000"]),
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("usage.path"), "{err}");
+    // Without: serves (TURN answers a Binding), and the log says accounting is off.
+    let child = run(&[]).spawn().unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut answered = false;
+    for _ in 0..50 {
+        if udp_transaction(&sock, to, &binding_request()).is_some() {
+            answered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let log = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+    assert!(answered, "no Binding answer:\n{log}");
+    assert!(log.contains("usage accounting is OFF"), "{log}");
+}

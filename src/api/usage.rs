@@ -27,17 +27,26 @@ const MAX_TOP: u32 = 1000;
 /// Default range of `/api/usage`: this many days back.
 const DEFAULT_DAYS: i64 = 31;
 
-fn error(status: StatusCode, message: &str) -> Response {
-    let mut r = (status, Json(json!({ "error": message }))).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut()
-            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+/// A refused request: status and message, answered as `{"error": message}`.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
     }
-    r
+}
+
+fn error(status: StatusCode, message: &str) -> Refusal {
+    Refusal(status, message.to_string())
 }
 
 /// 401 without a valid admin token, 403 for a minting token.
-fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(given) = bearer(headers) else {
         return Err(error(
             StatusCode::UNAUTHORIZED,
@@ -67,7 +76,7 @@ fn time_param(
     name: &str,
     default: i64,
     now: i64,
-) -> Result<i64, Response> {
+) -> Result<i64, Refusal> {
     match q.get(name) {
         None => Ok(default),
         Some(v) => {
@@ -76,7 +85,7 @@ fn time_param(
     }
 }
 
-fn granularity(q: &HashMap<String, String>, name: &str) -> Result<Granularity, Response> {
+fn granularity(q: &HashMap<String, String>, name: &str) -> Result<Granularity, Refusal> {
     match q.get(name) {
         None => Ok(Granularity::Day),
         Some(v) => Granularity::parse(v).ok_or_else(|| {
@@ -93,7 +102,7 @@ async fn with_store<T: Send + 'static>(
     st: &AppState,
     empty: T,
     f: impl FnOnce(&crate::usage::SqliteStore) -> Result<T, crate::usage::StoreError> + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, Refusal> {
     if !st.cfg.usage.enabled {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -130,22 +139,22 @@ pub(super) async fn usage(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     if let Err(r) = authorize(&st, &headers) {
-        return r;
+        return r.into_response();
     }
     let now = now();
     let g = match granularity(&q, "granularity") {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let (from, to) = match (
         time_param(&q, "from", now - DEFAULT_DAYS * DAY, now),
         time_param(&q, "to", now + 1, now),
     ) {
         (Ok(f), Ok(t)) => (f, t),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(r), _) | (_, Err(r)) => return r.into_response(),
     };
     if from >= to {
-        return error(StatusCode::BAD_REQUEST, "from must be before to");
+        return error(StatusCode::BAD_REQUEST, "from must be before to").into_response();
     }
     let user = q.get("user").filter(|u| !u.is_empty()).cloned();
     let uq = UsageQuery {
@@ -164,7 +173,7 @@ pub(super) async fn usage(
             "rows": rows,
         }))
         .into_response(),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -176,16 +185,16 @@ pub(super) async fn top(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     if let Err(r) = authorize(&st, &headers) {
-        return r;
+        return r.into_response();
     }
     let now = now();
     let g = match granularity(&q, "period") {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let at = match time_param(&q, "at", now, now) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let limit = match q.get("limit").map(|l| l.parse::<u32>()) {
         None => 20,
@@ -195,6 +204,7 @@ pub(super) async fn top(
                 StatusCode::BAD_REQUEST,
                 &format!("limit: expected 1 to {MAX_TOP}"),
             )
+            .into_response()
         }
     };
     match with_store(&st, Vec::new(), move |s| query::top(s, g, at, limit)).await {
@@ -204,6 +214,6 @@ pub(super) async fn top(
             "rows": rows,
         }))
         .into_response(),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }

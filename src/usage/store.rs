@@ -150,14 +150,26 @@ fn err(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
 impl SqliteStore {
     /// Opens (creating it and its directory if needed) the store at `path` for writing.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let p = path.display().to_string();
+        let io = |source| StoreError::Io {
+            path: p.clone(),
+            source,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-                path: p.clone(),
-                source,
-            })?;
+            // Who relayed how much is nobody else's business: owner and group only.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(io)?;
         }
+        let fresh = !path.exists();
         let conn = Connection::open(path).map_err(err(&p))?;
+        if fresh {
+            // SQLite gives its -wal and -shm files the main file's mode.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640)).map_err(io)?;
+        }
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err(&p))?;
         conn.pragma_update(None, "journal_mode", "WAL")
