@@ -5,8 +5,7 @@
 //! refuses Refresh and Allocate with 486 until a reload raises it; the admin routes want an
 //! admin token (401 without, 403 with a minting token).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -21,19 +20,7 @@ const MINT: &str = "usage-mint-token-0123456789";
 const SIZE: u64 = 120;
 
 fn http(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
+    scrape::get_bearer(addr.port(), path, token)
 }
 
 /// `total` of `GET /api/usage?QUERY` as the admin.
@@ -398,4 +385,43 @@ fn default_store_path_without_root_serves_without_accounting() {
     let log = strip_ansi(&String::from_utf8_lossy(&out.stderr));
     assert!(answered, "no Binding answer:\n{log}");
     assert!(log.contains("usage accounting is OFF"), "{log}");
+}
+
+/// RFC 6062 TCP relays: spliced bytes count in the TCP columns, not as UDP datagrams.
+#[test]
+fn tcp_relay_bytes_count_apart() {
+    if !have_tool("turnutils_uclient") {
+        panic!("turnutils_uclient missing (apt-get install coturn)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tern = start(&dir.path().join("usage.db"), "", 24_700);
+    let user = format!("{}:tcpdave", unix_now() + 3600);
+    let pass = rest_password(&tern.secret, &user);
+    // -T: client-to-client, each client's TCP allocation connects to the other's (no peer).
+    let args = ["-T", "-m", "1", "-n", "20", "-l", "200", "-z", "10"];
+    let r = uclient_with(&tern, 9, &user, &pass, &args, Duration::from_secs(60));
+    assert!(
+        r.success && r.sent > 0 && r.received == r.sent,
+        "{}",
+        r.output
+    );
+    let mut t = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        t = usage_total(&tern, "user=tcpdave&granularity=hour");
+        if t["tcp_to_peer_bytes"].as_u64() == Some(r.sent * 200)
+            && t["tcp_to_client_bytes"].as_u64() == Some(r.received * 200)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        n(&t, "tcp_to_peer_bytes"),
+        r.sent * 200,
+        "{t}\n{}",
+        tern.log()
+    );
+    assert_eq!(n(&t, "tcp_to_client_bytes"), r.received * 200, "{t}");
+    assert_eq!(n(&t, "to_peer_bytes") + n(&t, "to_client_bytes"), 0, "{t}");
 }
