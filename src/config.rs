@@ -48,6 +48,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub log: LogConfig,
     pub daemon: DaemonConfig,
+    pub usage: UsageConfig,
 }
 
 /// A static long-term credential (RFC 8489 §9.2). Either `password` or `key`
@@ -141,6 +142,12 @@ pub struct TurnConfig {
     /// `tern_relay_dropped_packets_total{reason="bandwidth"}`); an RFC 6062 TCP relay reads
     /// more slowly instead.
     pub max_bytes_per_sec: u64,
+    /// Relayed bytes (both directions, all of a user's allocations) a user may use per UTC
+    /// day; past it Allocate and Refresh get 486 and running allocations end at their
+    /// lifetime (docs/usage.md). 0: no budget. Needs `[usage]` enabled.
+    pub user_bytes_per_day: u64,
+    /// As `user_bytes_per_day`, per UTC calendar month. 0: no budget.
+    pub user_bytes_per_month: u64,
 }
 
 /// Most TURN worker threads: RFC 6062 CONNECTION-IDs carry the worker index in 8 bits.
@@ -199,6 +206,8 @@ impl Default for TurnConfig {
             // 100 Mbit/s each way: far above a call or a browser transfer through TURN, and a
             // bound on what one leaked credential's allocation can move.
             max_bytes_per_sec: 12_500_000,
+            user_bytes_per_day: 0,
+            user_bytes_per_month: 0,
         }
     }
 }
@@ -228,6 +237,8 @@ pub struct ApiConfig {
     pub tokens: Vec<String>,
     /// Files holding one token per line (blank lines and `#` comments ignored).
     pub token_files: Vec<PathBuf>,
+    /// Bearer tokens for the admin routes (`/api/usage`); a minting token is not one.
+    pub admin_tokens: Vec<String>,
     /// Longest TTL a token holder may ask for.
     pub max_ttl_secs: u32,
     /// TTL when a token holder does not ask for one.
@@ -274,6 +285,7 @@ impl Default for ApiConfig {
             allowed_origins: vec![],
             tokens: vec![],
             token_files: vec![],
+            admin_tokens: vec![],
             max_ttl_secs: 86400,
             default_ttl_secs: 86400,
             trusted_proxies: vec![],
@@ -507,6 +519,45 @@ impl Default for DaemonConfig {
     }
 }
 
+/// `[usage]`: usage accounting per user (docs/usage.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Record relayed bytes per user into the store at `path`.
+    pub enabled: bool,
+    /// The SQLite file (its directory is created). The default lies in the systemd unit's
+    /// `StateDirectory=tern`; if the default cannot be opened the daemon runs without
+    /// accounting and says so, a path set here that cannot be opened stops the start.
+    pub path: PathBuf,
+    /// How often long allocations report their counters (a crash loses at most this much).
+    pub interim_secs: u32,
+    /// How often pending rollups are written to the store.
+    pub flush_ms: u32,
+    /// Rollups older than this many days are deleted (0: kept forever).
+    pub retention_days: u32,
+    /// Count every anonymous `/api/ice` credential (`anon-…`) under one user `anonymous`.
+    pub fold_anonymous: bool,
+    /// This node's name in the store; empty: the host name.
+    pub node_id: String,
+}
+
+/// The default `usage.path`.
+pub const DEFAULT_USAGE_PATH: &str = "/var/lib/tern/usage.db";
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: DEFAULT_USAGE_PATH.into(),
+            interim_secs: 60,
+            flush_ms: 1000,
+            retention_days: 90,
+            fold_anonymous: false,
+            node_id: String::new(),
+        }
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file`, then `TERN_*` variables from `env`, then `sets`
     /// (`section.key=value`), and validates the result.
@@ -719,6 +770,35 @@ impl Config {
     }
 
     /// Rules for `[api]`, `[signal]` and `[relay_ws]`.
+    fn validate_usage(&self) -> Result<(), ConfigError> {
+        let u = &self.usage;
+        if u.enabled && u.path.as_os_str().is_empty() {
+            return Err(invalid("usage.path", "must be set when usage.enabled"));
+        }
+        if u.interim_secs == 0 || u.interim_secs > 3600 {
+            return Err(invalid("usage.interim_secs", "must be 1 to 3600"));
+        }
+        if !(10..=60_000).contains(&u.flush_ms) {
+            return Err(invalid("usage.flush_ms", "must be 10 to 60000"));
+        }
+        if u.node_id.len() > 255 || u.node_id.contains(char::is_control) {
+            return Err(invalid("usage.node_id", "at most 255 printable characters"));
+        }
+        let t = &self.turn;
+        if !u.enabled && (t.user_bytes_per_day != 0 || t.user_bytes_per_month != 0) {
+            let key = if t.user_bytes_per_day != 0 {
+                "turn.user_bytes_per_day"
+            } else {
+                "turn.user_bytes_per_month"
+            };
+            return Err(invalid(
+                key,
+                "budgets need usage accounting (usage.enabled = true)",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_api(&self) -> Result<(), ConfigError> {
         let a = &self.api;
         if a.anonymous_ttl_secs == 0 || a.anonymous_ttl_secs > a.max_ttl_secs {
@@ -778,7 +858,16 @@ impl Config {
                 ));
             }
         }
+        for (i, t) in a.admin_tokens.iter().enumerate() {
+            if t.len() < 16 {
+                return Err(invalid(
+                    &format!("api.admin_tokens[{i}]"),
+                    "tokens must be at least 16 characters",
+                ));
+            }
+        }
         self.api_tokens()?;
+        self.validate_usage()?;
         let s = &self.signal;
         if !(1..=128).contains(&s.lan_ipv6_prefix_len) {
             return Err(invalid("signal.lan_ipv6_prefix_len", "must be 1 to 128"));

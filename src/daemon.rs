@@ -27,6 +27,8 @@ pub enum DaemonError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Registry(#[from] crate::metrics::RegistryError),
+    #[error("usage.path: {0}")]
+    Usage(#[from] crate::usage::StoreError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -87,7 +89,11 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
     // One certificate store for TURN over TLS and HTTPS: one reload swaps both.
     let tls =
         crate::tls::TlsContext::from_config(&cfg.tls).inspect_err(|e| sup.status(&failed(e)))?;
+    let usage = crate::usage::start(&cfg).inspect_err(|e| sup.status(&failed(e)))?;
     let turn = TurnService::start_tls(&cfg, tls.clone()).inspect_err(|e| sup.status(&failed(e)))?;
+    if let Some(u) = &usage {
+        turn.set_usage(Arc::clone(u.ledger()));
+    }
     for addr in turn.local_addrs() {
         tracing::info!(%addr, sniff_tls = cfg.turn.sniff_tls && tls.is_some(), "TURN listening (udp+tcp)");
     }
@@ -113,6 +119,11 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
             faces.http.as_ref().map(HttpService::stats_source),
         )
         .inspect_err(|e| sup.status(&failed(e)))?;
+        if let Some(u) = &usage {
+            registry
+                .register_usage(Arc::clone(u.ledger()))
+                .inspect_err(|e| sup.status(&failed(e)))?;
+        }
         let m = crate::metrics::MetricsService::start(cfg.metrics.listen, registry)
             .inspect_err(|e| sup.status(&failed(e)))?;
         tracing::info!(addr = %m.local_addr(), "metrics listening (/metrics, /healthz, /readyz)");
@@ -194,6 +205,11 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
         http.shutdown();
     }
     faces.turn.shutdown();
+    // Writes the rollups still pending (allocations cut by the stop count up to their
+    // last interim report).
+    if let Some(u) = usage {
+        u.shutdown();
+    }
     if let Some(m) = metrics {
         m.shutdown();
     }

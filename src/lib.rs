@@ -15,3 +15,4 @@ pub mod signal;
 pub mod stun;
 pub mod tls;
 pub mod turn;
+pub mod usage;

@@ -129,6 +129,12 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
         "api.tls" => api.tls;
         "tls.listen" => tls.listen;
         "tls.handshake_timeout_secs" => tls.handshake_timeout_secs;
+        "usage.enabled" => usage.enabled;
+        "usage.path" => usage.path;
+        "usage.flush_ms" => usage.flush_ms;
+        "usage.retention_days" => usage.retention_days;
+        "usage.fold_anonymous" => usage.fold_anonymous;
+        "usage.node_id" => usage.node_id;
     }
     changed
 }

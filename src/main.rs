@@ -1,4 +1,5 @@
-//! The `tern` command line: serve, reload, credentials, check-config, firewall, migrate-coturn.
+//! The `tern` command line: serve, reload, credentials, check-config, firewall, migrate-coturn,
+//! usage.
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -100,6 +101,29 @@ enum Command {
         #[arg(long)]
         firewalld: bool,
     },
+    /// Print relayed bytes per user from the usage store (usage.path), per hour or day (UTC).
+    Usage {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Only this user id (REST credentials: the part after the expiry).
+        #[arg(long)]
+        user: Option<String>,
+        /// Start: Unix seconds, YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ, today, -7d (default -31d).
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// hour or day.
+        #[arg(long)]
+        granularity: Option<String>,
+        /// table, csv or json.
+        #[arg(long)]
+        format: Option<String>,
+        /// Only the N users with the most bytes in the current period (or the one holding --to).
+        #[arg(long)]
+        top: Option<u32>,
+    },
     /// Print a tern.toml equivalent to a coturn turnserver.conf; list what cannot be carried over.
     MigrateCoturn {
         /// coturn's config file, e.g. /etc/turnserver.conf.
@@ -120,6 +144,31 @@ fn main() -> anyhow::Result<()> {
             tern::logging::init(&cfg.log);
             tern::daemon::run(cfg, source)?;
             Ok(())
+        }
+        Command::Usage {
+            cfg,
+            user,
+            from,
+            to,
+            granularity,
+            format,
+            top,
+        } => {
+            let args = tern::usage::cli::UsageArgs {
+                user,
+                from,
+                to,
+                granularity,
+                format,
+                top,
+            };
+            match tern::usage::cli::run(&cfg.load()?, &args) {
+                Ok(out) => {
+                    print!("{out}");
+                    Ok(())
+                }
+                Err(e) => bail!("{e}"),
+            }
         }
         Command::Reload { cfg, pid_file } => {
             // Check the config first, as the daemon will: a broken file is reported here

@@ -455,8 +455,45 @@ pub const HTTP_CONNECTIONS_CLOSED: Def = def(
      (answered 431).",
 );
 
+// Usage accounting (docs/usage.md): never a user in a label.
+pub const USAGE_RECORDS: Def = def(
+    "tern_usage_records_total",
+    Counter,
+    &[],
+    "Usage records the TURN core reported (allocation starts, interim reads, ends).",
+);
+pub const USAGE_WRITTEN: Def = def(
+    "tern_usage_records_written_total",
+    Counter,
+    &[],
+    "Rollup rows (user, period) written to the usage store.",
+);
+pub const USAGE_PENDING: Def = def(
+    "tern_usage_pending_rows",
+    Gauge,
+    &[],
+    "Rollup rows waiting for the usage store (the write queue; grows while the store fails).",
+);
+pub const USAGE_STORE_ERRORS: Def = def(
+    "tern_usage_store_errors_total",
+    Counter,
+    &[],
+    "Failed usage store operations (the rows stay in memory and are retried).",
+);
+pub const USAGE_BUDGET_REFUSALS: Def = def(
+    "tern_usage_budget_refusals_total",
+    Counter,
+    &["reason"],
+    "Allocate and Refresh requests refused with 486 because the user's byte budget is used up.",
+);
+
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
 pub const ALL: &[&Def] = &[
+    &USAGE_RECORDS,
+    &USAGE_WRITTEN,
+    &USAGE_PENDING,
+    &USAGE_STORE_ERRORS,
+    &USAGE_BUDGET_REFUSALS,
     &BUILD_INFO,
     &READY,
     &DRAINING,
@@ -686,6 +723,15 @@ impl Metrics {
             }))?;
         }
         Ok(Metrics { registry })
+    }
+
+    /// Adds the usage accounting counters (when `[usage]` is on).
+    pub fn register_usage(&self, ledger: Arc<crate::usage::Ledger>) -> Result<(), RegistryError> {
+        self.registry.register(Box::new(UsageCollector {
+            descs: descs(USAGE_DEFS),
+            ledger,
+        }))?;
+        Ok(())
     }
 
     /// The Prometheus text exposition of everything (format 0.0.4).
@@ -971,6 +1017,44 @@ impl Collector for HttpCollector {
     }
 }
 
+const USAGE_DEFS: &[&Def] = &[
+    &USAGE_RECORDS,
+    &USAGE_WRITTEN,
+    &USAGE_PENDING,
+    &USAGE_STORE_ERRORS,
+    &USAGE_BUDGET_REFUSALS,
+];
+
+/// Reads the usage ledger's counters at scrape time.
+struct UsageCollector {
+    descs: Vec<Desc>,
+    ledger: Arc<crate::usage::Ledger>,
+}
+
+impl Collector for UsageCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.ledger.stats;
+        let mut f = Families::default();
+        f.sample(&USAGE_RECORDS, &[], s.records.load(Relaxed));
+        f.sample(&USAGE_WRITTEN, &[], s.rows_written.load(Relaxed));
+        f.sample(&USAGE_PENDING, &[], s.pending_rows.load(Relaxed));
+        f.sample(&USAGE_STORE_ERRORS, &[], s.store_errors.load(Relaxed));
+        for (i, b) in crate::usage::Budget::ALL.iter().enumerate() {
+            f.sample(
+                &USAGE_BUDGET_REFUSALS,
+                &[b.label()],
+                s.budget_refusals[i].load(Relaxed),
+            );
+        }
+        f.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -996,7 +1080,12 @@ mod tests {
                 );
             }
         }
-        for d in DAEMON_DEFS.iter().chain(TURN_DEFS).chain(HTTP_FACE_DEFS) {
+        for d in DAEMON_DEFS
+            .iter()
+            .chain(TURN_DEFS)
+            .chain(HTTP_FACE_DEFS)
+            .chain(USAGE_DEFS)
+        {
             assert!(ALL.iter().any(|a| a.name == d.name));
         }
     }

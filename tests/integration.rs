@@ -37,4 +37,5 @@ mod turn_bad_input;
 mod turn_relay;
 mod turn_tcp_relay;
 mod turn_tls;
+mod usage_accounting;
 mod web_page;

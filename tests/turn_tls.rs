@@ -313,6 +313,7 @@ fn https_api_with_the_same_certificate() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["serve", "--config"])
         .arg(&cfg)
+        .env("TERN_USAGE__PATH", dir.path().join("usage.db"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -58,13 +58,13 @@ enum Caller {
     Anonymous,
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn token_ok(tokens: &[String], given: &str) -> bool {
+pub(super) fn token_ok(tokens: &[String], given: &str) -> bool {
     // Check every token so timing does not tell which one (or how many) matched.
     tokens.iter().fold(false, |acc, t| {
         acc | bool::from(t.as_bytes().ct_eq(given.as_bytes()))

@@ -1,6 +1,6 @@
 //! The HTTP face (axum): ephemeral ICE credentials (`/api/ice`, `/api/turn`), native
 //! signaling (`/ws`), the PeerJS-compatible server (`signal.peerjs_path`) and the
-//! WebSocket relay (`/relay`), and the built-in page (`/`, `/tern.js`), on one listener
+//! WebSocket relay (`/relay`), per-user usage for admins (`/api/usage`), and the built-in page (`/`, `/tern.js`), on one listener
 //! with its own small tokio runtime.
 //!
 //! Owns routing, HTTP-level auth (tokens, origins, rate limits), CORS, and the listener's
@@ -14,6 +14,7 @@ mod ice;
 mod routes;
 mod serve;
 mod tls_listener;
+mod usage;
 mod web;
 
 use std::collections::HashMap;

@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{cors, ice, AppState, Live};
+use super::{cors, ice, usage, AppState, Live};
 use crate::config::SignalConfig;
 use crate::signal::client_ip::{client_ip, lan_key};
 use crate::signal::peerjs::INFO_JSON;
@@ -35,7 +35,10 @@ enum Face {
 fn ws_limit(cfg: &SignalConfig, face: Face) -> usize {
     match face {
         Face::Native => cfg.max_message_bytes.saturating_mul(4).max(64 * 1024),
-        Face::PeerJs => cfg.peerjs_max_message_bytes.saturating_mul(4).max(64 * 1024),
+        Face::PeerJs => cfg
+            .peerjs_max_message_bytes
+            .saturating_mul(4)
+            .max(64 * 1024),
     }
 }
 
@@ -63,6 +66,8 @@ pub(super) fn router(live: Live) -> Router {
     let mut r = Router::new()
         .route("/api/ice", get(ice::ice).options(ice::preflight))
         .route("/api/turn", get(ice::turn_rest).options(ice::preflight))
+        .route("/api/usage", get(usage::usage))
+        .route("/api/usage/top", get(usage::top))
         .route("/ws", get(ws_native))
         .route("/relay", get(relay));
     let peerjs_at_root =

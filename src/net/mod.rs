@@ -108,6 +108,13 @@ impl TurnService {
         }
     }
 
+    /// Turns usage accounting on (`crate::usage`): allocations report to `ledger`.
+    pub fn set_usage(&self, ledger: Arc<crate::usage::Ledger>) {
+        if let Some(s) = &self.shared {
+            s.set_usage(ledger);
+        }
+    }
+
     /// Allocations alive across all workers (0 when started with another shard type).
     pub fn allocations(&self) -> u32 {
         self.shared.as_ref().map_or(0, |s| s.total_allocations())

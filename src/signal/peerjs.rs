@@ -292,7 +292,10 @@ impl PeerJsService {
         for m in q.msgs {
             self.unqueue(&m);
             self.stats.forwarded += 1;
-            out.push(Out::Send { conn, text: m.text.into() });
+            out.push(Out::Send {
+                conn,
+                text: m.text.into(),
+            });
         }
         self.shrink();
     }

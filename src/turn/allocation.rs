@@ -2,11 +2,12 @@
 //! and channel bindings, and its RFC 6062 peer connections. Plain data; `tables.rs` keeps
 //! them and the lookup indexes in step.
 
+use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::auth::Verified;
-use super::{ConnId, FiveTuple, RelayId};
+use super::{ConnId, FiveTuple, RelayId, RelayUsage};
 
 /// A relay socket of an allocation.
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +67,28 @@ pub struct Allocation {
     /// Its peer connections in any state (RFC 6062 §5.2, §5.3), at most
     /// `tcp_relay_max_connections`.
     pub conns: Vec<ConnId>,
+    /// Usage accounting (`usage_tap`). No index covers it, so the server updates it in
+    /// place through a shared reference and the tables stay the only writer of the rest.
+    pub usage: Cell<UsageMark>,
+}
+
+/// What usage accounting has read of an allocation: the counters of relays already closed
+/// (one family of a dual allocation), the total reported so far, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageMark {
+    pub closed: RelayUsage,
+    pub sent: RelayUsage,
+    pub at: Instant,
+}
+
+impl UsageMark {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            closed: RelayUsage::default(),
+            sent: RelayUsage::default(),
+            at: now,
+        }
+    }
 }
 
 impl Allocation {

@@ -10,7 +10,8 @@
 //! Connect, ConnectionBind, ConnectionAttempt), `reply.rs` (writing and counting answers),
 //! `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool), `policy.rs` (peer
 //! addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`, `alternates.rs` (300 Try
-//! Alternate targets); tests in `tests/`.
+//! Alternate targets), `usage_tap.rs` (usage records and byte budgets, `crate::usage`);
+//! tests in `tests/`.
 //!
 //! `impl Server` still continues in `requests.rs`, `tcp_relay.rs` and `reply.rs`, which
 //! import each other through it (issue 13: one way out, `poll_output`, is not done yet).
@@ -50,6 +51,7 @@ mod tables;
 mod tcp_relay;
 #[cfg(test)]
 mod tests;
+mod usage_tap;
 
 pub use server::Server;
 pub use server_config::{QuotaError, RelayAddr, ServerConfig, Shared};

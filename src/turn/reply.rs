@@ -30,6 +30,21 @@ impl Server {
         auth: Option<&Verified>,
         body: impl FnOnce(&mut MessageWriter) -> Result<(), WriteError>,
     ) -> Action {
+        let phrase = result.err().map_or("", ErrorCode::reason);
+        self.respond_reason(ctx, out, result, phrase, auth, body)
+    }
+
+    /// As [`Self::respond`], with a reason phrase that says more than the code's usual one
+    /// (RFC 8489 §14.8), e.g. which budget a 486 is about.
+    pub(super) fn respond_reason(
+        &mut self,
+        ctx: &Ctx,
+        out: &mut [u8],
+        result: Result<(), ErrorCode>,
+        phrase: &str,
+        auth: Option<&Verified>,
+        body: impl FnOnce(&mut MessageWriter) -> Result<(), WriteError>,
+    ) -> Action {
         self.stats
             .request(ctx.label, result.err().map_or(0, ErrorCode::code));
         let cls = match result {
@@ -40,7 +55,7 @@ impl Server {
         let res = (|| {
             let mut w = MessageWriter::new(out, message_type(ctx.method, cls), ctx.txid)?;
             if let Err(e) = result {
-                w.error_code(e.code(), e.reason())?;
+                w.error_code(e.code(), phrase)?;
             }
             body(&mut w)?;
             if !software.is_empty() && (result.is_ok() || auth.is_some()) {

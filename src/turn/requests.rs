@@ -2,6 +2,7 @@
 //! Binding, authentication, Allocate, Refresh, CreatePermission, ChannelBind, Send.
 //! Connect and ConnectionBind (RFC 6062) are in `tcp_relay.rs`.
 
+use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use stun_types::attribute::AttributeType;
 use stun_types::message::Message;
 use turn_types::attribute::XorPeerAddress;
 
-use super::allocation::{allocation_family, family_index, Allocation, Relay};
+use super::allocation::{allocation_family, family_index, Allocation, Relay, UsageMark};
 use super::auth::{AuthError, Verified};
 use super::nonce::NonceCheck;
 use super::reply::Ctx;
@@ -21,8 +22,10 @@ use super::server::{DeleteReason, Server, TimerKind};
 use super::server_config::QuotaError;
 use super::stats::{AuthFailure, MethodLabel, BIND_REJECTED};
 use super::tables::Refreshed;
+use super::usage_tap;
 use super::{Action, FiveTuple, Now, RelayIo};
 use crate::stun::{attr, classify, find_integrity, method, ErrorCode, Kind, HEADER_LEN};
+use crate::usage::Event;
 
 /// Attribute types this server understands (RFC 8489 §6.3: any other comprehension-required
 /// attribute in a request gets 420).
@@ -400,6 +403,10 @@ impl Server {
         if token.is_none() && self.cfg.relay_for(want_v6).is_none() {
             return self.fail(ctx, out, ErrorCode::AddressFamilyNotSupported, v);
         }
+        if let Some(b) = usage_tap::over_budget(&self.shared, &self.cfg, &v.quota_user) {
+            let err = Err(ErrorCode::AllocationQuotaReached);
+            return self.respond_reason(ctx, out, err, b.reason_phrase(), Some(v), |_| Ok(()));
+        }
         match self
             .shared
             .acquire_quota(&v.quota_user, self.cfg.user_quota, self.cfg.total_quota)
@@ -474,6 +481,7 @@ impl Server {
             created: ctx.now.mono,
             tcp,
             conns: Vec::new(),
+            usage: Cell::new(UsageMark::new(ctx.now.mono)),
         };
         tracing::info!(
             user = %alloc.username,
@@ -486,6 +494,12 @@ impl Server {
         );
         let slot = self.tables.insert(alloc);
         self.push_timer(expires, TimerKind::Allocation { slot, id });
+        if let Some(a) = self.tables.get(slot) {
+            usage_tap::report(&self.shared, a, Event::Start, ctx.now.mono, io);
+        }
+        if let Some(at) = usage_tap::next_report(&self.shared, &self.cfg, ctx.now.mono) {
+            self.push_timer(at, TimerKind::Usage { slot, id });
+        }
         self.stats.allocations_created += 1;
         if tcp {
             self.stats.tcp_allocations += 1;
@@ -675,6 +689,12 @@ impl Server {
             self.stats.auth_failure(AuthFailure::Expired);
             return self.challenge(ctx, out, ErrorCode::Unauthorized);
         };
+        // Over a byte budget: no more lifetime; the allocation ends when its current one
+        // runs out (issue 14).
+        if let Some(b) = usage_tap::over_budget(&self.shared, &self.cfg, &v.quota_user) {
+            let err = Err(ErrorCode::AllocationQuotaReached);
+            return self.respond_reason(ctx, out, err, b.reason_phrase(), Some(v), |_| Ok(()));
+        }
         let expires = ctx.now.mono + Duration::from_secs(lifetime as u64);
         match self.tables.refresh(slot, expires, lifetime) {
             Refreshed::Gone => return Action::None,

@@ -14,7 +14,9 @@ use super::stats::{
     transport_index, TurnStats, LIFETIME_SECONDS_BOUNDS, REQUEST_SECONDS_BOUNDS, TRANSPORTS,
 };
 use super::tables::{PermissionExpiry, Tables};
+use super::usage_tap;
 use super::{ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo, RelayUsage};
+use crate::usage::Event;
 
 /// What a timer entry is for. Entries are checked against the live state when they fire,
 /// so refreshes just push a later entry and stale ones are skipped.
@@ -38,6 +40,11 @@ pub(super) enum TimerKind {
     /// The 30 s wait of an RFC 6062 peer connection (connecting, or awaiting its bind).
     TcpConn {
         conn: ConnId,
+    },
+    /// An allocation's interim usage report (`usage_tap`).
+    Usage {
+        slot: usize,
+        id: u64,
     },
 }
 
@@ -186,6 +193,15 @@ impl Server {
                     self.shared.ports.expire_reservations(now.mono);
                 }
                 TimerKind::TcpConn { conn } => self.tcp_conn_timeout(now, conn, io),
+                TimerKind::Usage { slot, id } => {
+                    let Some(a) = self.tables.live(slot, id) else {
+                        continue;
+                    };
+                    usage_tap::report(&self.shared, a, Event::Interim, now.mono, io);
+                    if let Some(at) = usage_tap::next_report(&self.shared, &self.cfg, now.mono) {
+                        self.push_timer(at, kind);
+                    }
+                }
             }
         }
     }
@@ -232,6 +248,7 @@ impl Server {
         let Some((a, conns)) = self.tables.remove(slot) else {
             return;
         };
+        usage_tap::report(&self.shared, &a, Event::End, now, io);
         let transport = a.tuple.transport;
         for ip in &a.perms {
             self.stats.permission_removed(transport, family_index(*ip));
@@ -304,6 +321,12 @@ impl Server {
             self.stats.channel_deactivated(tuple.transport, fi);
         }
         let r = gone.relay;
+        // The closed relay's counters stay with the allocation for its later reports.
+        if let Some(a) = self.tables.get(slot) {
+            let mut mark = a.usage.get();
+            mark.closed += io.usage(r.id);
+            a.usage.set(mark);
+        }
         io.close_relay(r.id);
         self.shared.ports.release(r.local);
         let ti = transport_index(tuple.transport);

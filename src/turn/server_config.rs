@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rustc_hash::FxHashMap;
 
@@ -58,6 +58,12 @@ pub struct ServerConfig {
     /// Per relayed address and direction (`turn.max_bytes_per_sec`; 0: none). The workers
     /// enforce it on the data path; it rides here so a reload reaches them.
     pub max_bytes_per_sec: u64,
+    /// Per-user byte budgets per UTC day and month (`turn.user_bytes_per_day`,
+    /// `turn.user_bytes_per_month`; 0: none), checked on Allocate and Refresh.
+    pub user_bytes_per_day: u64,
+    pub user_bytes_per_month: u64,
+    /// How often a live allocation reports its counters (`usage.interim_secs`).
+    pub usage_interim_secs: u32,
 }
 
 impl ServerConfig {
@@ -103,6 +109,9 @@ impl ServerConfig {
             tcp_relay: t.tcp_relay,
             tcp_relay_max_connections: t.tcp_relay_max_connections,
             max_bytes_per_sec: t.max_bytes_per_sec,
+            user_bytes_per_day: t.user_bytes_per_day,
+            user_bytes_per_month: t.user_bytes_per_month,
+            usage_interim_secs: cfg.usage.interim_secs,
         })
     }
 
@@ -132,6 +141,8 @@ pub struct Shared {
     draining: AtomicBool,
     /// Round-robin position among the alternates, across all shards.
     next_alternate: AtomicUsize,
+    /// Where allocations report usage (set once at start when accounting is on).
+    usage: OnceLock<Arc<crate::usage::Ledger>>,
 }
 
 impl Shared {
@@ -147,7 +158,17 @@ impl Shared {
             total: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             next_alternate: AtomicUsize::new(0),
+            usage: OnceLock::new(),
         }
+    }
+
+    /// Turns usage accounting on: allocations report to `ledger` from now on.
+    pub fn set_usage(&self, ledger: Arc<crate::usage::Ledger>) {
+        let _ = self.usage.set(ledger);
+    }
+
+    pub(crate) fn usage(&self) -> Option<&Arc<crate::usage::Ledger>> {
+        self.usage.get()
     }
 
     /// Starts (or ends) a graceful drain: existing allocations keep working, new ones are

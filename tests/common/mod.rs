@@ -180,6 +180,12 @@ impl Tern {
         } else {
             "[metrics]\nenabled = false\n".into()
         };
+        // Each daemon keeps its usage store in its own directory (never /var/lib/tern).
+        let usage = if opts.extra_sections.contains("[usage]") {
+            String::new()
+        } else {
+            format!("[usage]\npath = {:?}\n", dir.path().join("usage.db"))
+        };
         let config = format!(
             "[turn]\n\
              listen = [{listen}]\n\
@@ -193,6 +199,7 @@ impl Tern {
              {api}\
              {sections}\n\
              {metrics}\
+             {usage}\
              [log]\nlevel = \"info,tern=debug\"\n\
              [daemon]\npid_file = {pid:?}\ndrain_timeout_secs = {drain}\n",
             min = opts.relay_min,

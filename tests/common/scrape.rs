@@ -7,11 +7,17 @@ use std::time::{Duration, Instant};
 
 /// One GET on the metrics listener: (status, body).
 pub fn get(port: u16, path: &str) -> (u16, String) {
+    get_bearer(port, path, None)
+}
+
+/// One GET on a loopback HTTP listener, with `Authorization: Bearer TOKEN` if given.
+pub fn get_bearer(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = String::new();

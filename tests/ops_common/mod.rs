@@ -56,6 +56,8 @@ impl Supervised {
             .arg(config)
             .args(args)
             .env("NOTIFY_SOCKET", name)
+            // The usage store in this test's directory, never /var/lib/tern.
+            .env("TERN_USAGE__PATH", dir.path().join("usage.db"))
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
             .env_remove("RUST_LOG")

@@ -15,6 +15,7 @@ use crate::config::{Config, StaticUser};
 use crate::stun::{attr, class, message_type, method, MessageWriter, MAGIC_COOKIE};
 
 mod tcp;
+mod usage;
 
 pub(super) const SECRET: &str = "test-secret";
 pub(super) const REALM: &str = "tern";
@@ -40,6 +41,8 @@ pub(super) struct FakeIo {
     pub(super) fail_connect: bool,
     /// A driver without TCP relays: `open_tcp_relay` is unsupported.
     pub(super) no_tcp: bool,
+    /// What each relay carried, as `RelayIo::usage` reports it (usage accounting tests).
+    pub(super) usage: HashMap<RelayId, RelayUsage>,
 }
 
 impl RelayIo for FakeIo {
@@ -95,6 +98,9 @@ impl RelayIo for FakeIo {
             "conn {conn} closed twice"
         );
         self.closed_conns.push(conn);
+    }
+    fn usage(&self, relay: RelayId) -> RelayUsage {
+        self.usage.get(&relay).copied().unwrap_or_default()
     }
 }
 
