@@ -429,6 +429,47 @@ pub const HTTP_CONNECTIONS_CLOSED: Def = def(
      client that stopped reading a response.",
 );
 
+pub const CLUSTER_REDIS_UP: Def = def(
+    "tern_cluster_redis_up",
+    Gauge,
+    &[],
+    "Cluster mode: 1 while the last Redis round trip succeeded; 0 while this node works alone \
+     (local quota, its own ICE URLs, cross-node requests refused).",
+);
+pub const CLUSTER_NODES: Def = def(
+    "tern_cluster_nodes",
+    Gauge,
+    &[],
+    "Cluster mode: live nodes in the registry as last read (this one included; 0 while Redis \
+     is unreachable).",
+);
+pub const CLUSTER_REDIS_CONNECTS: Def = def(
+    "tern_cluster_redis_connects_total",
+    Counter,
+    &[],
+    "Cluster mode: connections made to Redis (the first and every reconnection).",
+);
+pub const CLUSTER_REDIS_ERRORS: Def = def(
+    "tern_cluster_redis_errors_total",
+    Counter,
+    &[],
+    "Cluster mode: failed Redis connects and round trips (each drops the connection).",
+);
+pub const CLUSTER_QUOTA_LEASE_OPS: Def = def(
+    "tern_cluster_quota_lease_operations_total",
+    Counter,
+    &["op"],
+    "Cluster mode: per-user quota lease operations: a user's count written, the node's \
+     leases renewed, or rewritten whole (after a reconnect or a Redis restarted empty).",
+);
+pub const CLUSTER_ICE_STEERED: Def = def(
+    "tern_cluster_ice_steered_total",
+    Counter,
+    &[],
+    "Cluster mode: /api/ice and /api/turn answers naming another node (this one draining or \
+     over its ceilings).",
+);
+
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
 pub const ALL: &[&Def] = &[
     &BUILD_INFO,
@@ -491,6 +532,21 @@ pub const ALL: &[&Def] = &[
     &HTTP_CONNECTIONS_ACCEPTED,
     &HTTP_CONNECTIONS_REFUSED,
     &HTTP_CONNECTIONS_CLOSED,
+    &CLUSTER_REDIS_UP,
+    &CLUSTER_NODES,
+    &CLUSTER_REDIS_CONNECTS,
+    &CLUSTER_REDIS_ERRORS,
+    &CLUSTER_QUOTA_LEASE_OPS,
+    &CLUSTER_ICE_STEERED,
+];
+
+const CLUSTER_DEFS: &[&Def] = &[
+    &CLUSTER_REDIS_UP,
+    &CLUSTER_NODES,
+    &CLUSTER_REDIS_CONNECTS,
+    &CLUSTER_REDIS_ERRORS,
+    &CLUSTER_QUOTA_LEASE_OPS,
+    &CLUSTER_ICE_STEERED,
 ];
 
 const DAEMON_DEFS: &[&Def] = &[&BUILD_INFO, &READY, &DRAINING];
@@ -644,6 +700,18 @@ impl Metrics {
             }))?;
         }
         Ok(Metrics { registry })
+    }
+
+    /// Cluster mode's metrics (`[cluster]` only; a single node exports none of them).
+    pub fn add_cluster(
+        &mut self,
+        view: Arc<crate::cluster::ClusterView>,
+    ) -> Result<(), RegistryError> {
+        self.registry.register(Box::new(ClusterCollector {
+            descs: descs(CLUSTER_DEFS),
+            view,
+        }))?;
+        Ok(())
     }
 
     /// The Prometheus text exposition of everything (format 0.0.4).
@@ -909,6 +977,37 @@ impl Collector for HttpCollector {
     }
 }
 
+/// Reads cluster mode's counters at scrape time.
+struct ClusterCollector {
+    descs: Vec<Desc>,
+    view: Arc<crate::cluster::ClusterView>,
+}
+
+impl Collector for ClusterCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.view.stats;
+        let mut f = Families::default();
+        f.sample(&CLUSTER_REDIS_UP, &[], u64::from(s.redis_up.load(Relaxed)));
+        f.sample(&CLUSTER_NODES, &[], s.nodes.load(Relaxed));
+        f.sample(&CLUSTER_REDIS_CONNECTS, &[], s.connects.load(Relaxed));
+        f.sample(&CLUSTER_REDIS_ERRORS, &[], s.redis_errors.load(Relaxed));
+        for (op, n) in [
+            ("write", &s.quota_writes),
+            ("renew", &s.quota_renewals),
+            ("rewrite", &s.quota_rewrites),
+        ] {
+            f.sample(&CLUSTER_QUOTA_LEASE_OPS, &[op], n.load(Relaxed));
+        }
+        f.sample(&CLUSTER_ICE_STEERED, &[], s.steered_ice.load(Relaxed));
+        f.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -934,7 +1033,12 @@ mod tests {
                 );
             }
         }
-        for d in DAEMON_DEFS.iter().chain(TURN_DEFS).chain(HTTP_FACE_DEFS) {
+        for d in DAEMON_DEFS
+            .iter()
+            .chain(TURN_DEFS)
+            .chain(HTTP_FACE_DEFS)
+            .chain(CLUSTER_DEFS)
+        {
             assert!(ALL.iter().any(|a| a.name == d.name));
         }
     }

@@ -7,7 +7,8 @@
 //! (responses), `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool),
 //! `policy.rs` (peer addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`,
 //! `alternates.rs` (300 Try Alternate targets), `tcp_relay.rs` (RFC 6062 TCP allocations:
-//! Connect, ConnectionBind, ConnectionAttempt and the peer connection table).
+//! Connect, ConnectionBind, ConnectionAttempt and the peer connection table),
+//! `cluster_hook.rs` (cluster mode's quota snapshot and registry alternates).
 //!
 //! # Contract with the IO driver (`crate::net`)
 //! One [`Server`] per worker shard. The driver:
@@ -29,6 +30,7 @@
 mod allocation;
 pub mod alternates;
 pub mod auth;
+pub mod cluster_hook;
 pub mod nonce;
 pub mod policy;
 pub mod ports;
