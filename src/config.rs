@@ -593,7 +593,7 @@ impl ClusterConfig {
             ));
         }
         let u = &self.advertise_http_url;
-        if !u.is_empty() && !(u.starts_with("http://") || u.starts_with("https://")) {
+        if !(u.is_empty() || u.starts_with("http://") || u.starts_with("https://")) {
             return Err(invalid(
                 "cluster.advertise_http_url",
                 "must start with http:// or https://",

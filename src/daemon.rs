@@ -46,7 +46,10 @@ fn start_cluster(
     let load_shared = shared.clone();
     let load: LoadFn = Box::new(move || {
         let n = turn_stats.net();
-        let h = http_stats.as_ref().map(|h| h.snapshot()).unwrap_or_default();
+        let h = http_stats
+            .as_ref()
+            .map(|h| h.snapshot())
+            .unwrap_or_default();
         let turn_bytes = n.client_to_peer_udp_bytes
             + n.client_to_peer_tcp_bytes
             + n.client_to_peer_tls_bytes

@@ -502,7 +502,10 @@ fn dashboard_metrics_exist(scrape: &str) {
     let referenced = dashboard_metrics();
     assert!(referenced.len() >= 20, "{referenced:?}");
     let names = sample_names(scrape);
-    for m in referenced.iter().filter(|m| !m.starts_with("tern_cluster_")) {
+    for m in referenced
+        .iter()
+        .filter(|m| !m.starts_with("tern_cluster_"))
+    {
         assert!(
             names.contains(m),
             "the dashboard queries {m}, which the scrape does not have"

@@ -20,7 +20,10 @@ pub fn connection_info(
         .as_str()
         .into_connection_info()
         .map_err(|e| format!("not a Redis URL ({})", e.category()))?;
-    let mut redis = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+    let mut redis = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
     let from_file = match password {
         Some(p) => Some(p.to_string()),
         None => cfg.redis_password().map_err(|e| e.to_string())?,

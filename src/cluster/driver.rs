@@ -198,7 +198,11 @@ impl Driver {
     }
 
     /// One announce-and-read round: two pipelines.
-    async fn tick(&self, c: &mut MultiplexedConnection, st: &mut TickState) -> redis::RedisResult<()> {
+    async fn tick(
+        &self,
+        c: &mut MultiplexedConnection,
+        st: &mut TickState,
+    ) -> redis::RedisResult<()> {
         let rec = self.record(st);
         let self_healthy = rec.healthy();
         let id = &self.view.node_id;
@@ -311,7 +315,9 @@ impl Driver {
         let r: Result<redis::RedisResult<()>, _> =
             tokio::time::timeout(Duration::from_secs(1), p.query_async(c)).await;
         if !matches!(r, Ok(Ok(()))) {
-            tracing::info!("cluster: could not remove this node's record; it expires with its lease");
+            tracing::info!(
+                "cluster: could not remove this node's record; it expires with its lease"
+            );
         }
     }
 }

@@ -79,7 +79,9 @@ impl ClusterView {
     }
 
     pub(crate) fn set_nodes(&self, nodes: Vec<NodeRecord>, self_healthy: bool) {
-        self.stats.nodes.store(nodes.len() as u64, Ordering::Relaxed);
+        self.stats
+            .nodes
+            .store(nodes.len() as u64, Ordering::Relaxed);
         *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(nodes);
         self.self_healthy.store(self_healthy, Ordering::Relaxed);
     }
@@ -124,12 +126,22 @@ impl Advertised {
     pub fn from_config(cfg: &Config, turns_port: Option<u16>) -> Advertised {
         let c = &cfg.cluster;
         let t = &cfg.turn;
-        let listen_ip = t.listen.first().map(|a| a.ip()).filter(|ip| !ip.is_unspecified());
+        let listen_ip = t
+            .listen
+            .first()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified());
         let host = if !c.advertise_turn_host.is_empty() {
             c.advertise_turn_host.clone()
         } else if !cfg.api.public_host.is_empty() {
             cfg.api.public_host.clone()
-        } else if let Some(ip) = t.external_ip.first().or(t.relay_ip.first()).copied().or(listen_ip) {
+        } else if let Some(ip) = t
+            .external_ip
+            .first()
+            .or(t.relay_ip.first())
+            .copied()
+            .or(listen_ip)
+        {
             ip.to_string()
         } else {
             String::new()

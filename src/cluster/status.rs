@@ -101,7 +101,11 @@ pub fn render(nodes: &[NodeRecord]) -> String {
             n.relay_bytes_per_sec,
             n.signal_peers,
             state,
-            if n.http_url.is_empty() { "-" } else { &n.http_url },
+            if n.http_url.is_empty() {
+                "-"
+            } else {
+                &n.http_url
+            },
         ));
     }
     out.push_str(&format!("{} live node(s)\n", nodes.len()));

@@ -109,9 +109,10 @@ impl Server {
         let from_registry;
         let pick = if cfg.alternates.is_empty() {
             // Cluster mode: a healthy node from the registry (none on a single node).
-            from_registry = self.shared.cluster().and_then(|c| {
-                c.alternate(ctx.from.transport, ctx.from.client.is_ipv6())
-            });
+            from_registry = self
+                .shared
+                .cluster()
+                .and_then(|c| c.alternate(ctx.from.transport, ctx.from.client.is_ipv6()));
             from_registry.as_ref().map(|(addr, d)| Alternate {
                 addr: *addr,
                 domain: d.as_deref(),
