@@ -70,7 +70,8 @@ fn start_cluster(
             .map(|s| s.local_user_counts(users))
             .unwrap_or_default()
     });
-    let svc = ClusterService::start(cfg, advertised, load, counts)?;
+    let rooms = faces.http.as_ref().map(HttpService::rooms_hub);
+    let svc = ClusterService::start(cfg, advertised, load, counts, rooms)?;
     if let Some(s) = &shared {
         s.set_cluster(svc.hook());
     }

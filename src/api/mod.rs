@@ -346,6 +346,11 @@ impl HttpService {
         Ok(())
     }
 
+    /// The native room service's hub (cluster mode feeds it bus events).
+    pub fn rooms_hub(&self) -> Arc<Hub<RoomService>> {
+        Arc::clone(&self.live.current().rooms)
+    }
+
     /// Starts a graceful drain: new signaling connections get 503; open ones stay.
     pub fn set_draining(&self, on: bool) {
         self.live.current().draining.store(on, Ordering::Relaxed);

@@ -16,6 +16,7 @@ use redis::ConnectionInfo;
 use rustc_hash::FxHashMap;
 
 use super::registry::{self, Keys, NodeRecord};
+use super::signal_bus::{Input, SignalBus};
 use super::{Advertised, ClusterView, LoadFn};
 use crate::turn::cluster_hook::ClusterHook;
 
@@ -41,6 +42,16 @@ pub(super) struct Driver {
     pub wake: Arc<tokio::sync::Notify>,
     pub load: LoadFn,
     pub counts: CountsFn,
+    /// Native rooms across nodes (when the HTTP face runs).
+    pub bus: Option<SignalBus>,
+}
+
+/// The next bus input, or never when signaling is not on the bus.
+async fn next_input(bus: &mut Option<SignalBus>) -> Option<Input> {
+    match bus {
+        Some(b) => b.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -62,7 +73,7 @@ impl Driver {
         (self.lease / 3).min(Duration::from_secs(1))
     }
 
-    pub async fn run(self, mut stop: tokio::sync::oneshot::Receiver<()>) {
+    pub async fn run(mut self, mut stop: tokio::sync::oneshot::Receiver<()>) {
         let mut conn: Option<MultiplexedConnection> = None;
         let mut backoff = BACKOFF_MIN;
         // Down until the first connect; the first failure is logged like an outage.
@@ -73,15 +84,9 @@ impl Driver {
             last_bytes: None,
         };
         loop {
-            let c = match conn.as_mut() {
-                Some(c) => c,
-                None => match tokio::time::timeout(
-                    IO_TIMEOUT,
-                    super::conn::connect(&self.info, IO_TIMEOUT),
-                )
-                .await
-                {
-                    Ok(Ok(c)) => {
+            if conn.is_none() {
+                match self.connect().await {
+                    Ok(c) => {
                         self.view.stats.connects.fetch_add(1, Ordering::Relaxed);
                         if ever_up {
                             tracing::info!(redis = %self.url, "cluster: Redis reachable again; re-announcing this node");
@@ -92,26 +97,19 @@ impl Driver {
                         outage_logged = false;
                         backoff = BACKOFF_MIN;
                         st.rewrite = true;
-                        conn.insert(c)
+                        conn = Some(c);
                     }
-                    Ok(Err(e)) => {
-                        self.lost(&e.to_string(), &mut outage_logged);
-                        if self.pause(jitter(backoff), &mut stop).await {
+                    Err(e) => {
+                        self.lost(&e, &mut outage_logged);
+                        if self.sleep_or_stop(jitter(backoff), &mut stop).await {
                             return;
                         }
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                         continue;
                     }
-                    Err(_) => {
-                        self.lost("connect timed out", &mut outage_logged);
-                        if self.pause(jitter(backoff), &mut stop).await {
-                            return;
-                        }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                        continue;
-                    }
-                },
-            };
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
             match tokio::time::timeout(IO_TIMEOUT, self.tick(c, &mut st)).await {
                 Ok(Ok(())) => self.view.stats.redis_up.store(true, Ordering::Relaxed),
                 Ok(Err(e)) => {
@@ -125,20 +123,60 @@ impl Driver {
                     continue;
                 }
             }
-            if self.pause(self.tick_every(), &mut stop).await {
-                if let Some(c) = conn.as_mut() {
-                    self.withdraw(c).await;
+            // Between ticks: bus traffic, a wake-up (drain) or the stop.
+            let deadline = tokio::time::Instant::now() + self.tick_every();
+            loop {
+                let input = tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = self.wake.notified() => break,
+                    _ = &mut stop => {
+                        if let Some(c) = conn.as_mut() {
+                            self.withdraw(c).await;
+                        }
+                        return;
+                    }
+                    i = next_input(&mut self.bus) => i,
+                };
+                let (Some(b), Some(c)) = (self.bus.as_mut(), conn.as_mut()) else {
+                    break;
+                };
+                let ok = match input {
+                    Some(Input::Push(p)) => b.push(p),
+                    Some(Input::Cmd(cmd)) => {
+                        matches!(tokio::time::timeout(IO_TIMEOUT, b.command(c, cmd)).await, Ok(Ok(())))
+                    }
+                    None => false,
+                };
+                if !ok {
+                    conn = None;
+                    self.lost("bus connection lost", &mut outage_logged);
+                    break;
                 }
-                return;
             }
         }
     }
 
-    /// Waits `d`, or until woken (drain started). True when asked to stop.
-    async fn pause(&self, d: Duration, stop: &mut tokio::sync::oneshot::Receiver<()>) -> bool {
+    /// A command connection, and the bus subscription when signaling is on.
+    async fn connect(&mut self) -> Result<MultiplexedConnection, String> {
+        let c = match tokio::time::timeout(IO_TIMEOUT, super::conn::connect(&self.info, IO_TIMEOUT)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("connect timed out".into()),
+        };
+        if let Some(b) = self.bus.as_mut() {
+            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("subscribe timed out".into()),
+            }
+        }
+        Ok(c)
+    }
+
+    /// Waits `d`; true when asked to stop meanwhile.
+    async fn sleep_or_stop(&self, d: Duration, stop: &mut tokio::sync::oneshot::Receiver<()>) -> bool {
         tokio::select! {
             _ = tokio::time::sleep(d) => false,
-            _ = self.wake.notified() => false,
             _ = stop => true,
         }
     }
@@ -146,7 +184,10 @@ impl Driver {
     /// Redis is unreachable: one log line per outage, the metric, and the snapshots cleared
     /// so every face works alone (local quota, this node's own URLs). Dirty quota users are
     /// dropped: the next connect rewrites the leases whole, so nothing piles up meanwhile.
-    fn lost(&self, why: &str, logged: &mut bool) {
+    fn lost(&mut self, why: &str, logged: &mut bool) {
+        if let Some(b) = self.bus.as_mut() {
+            b.lost();
+        }
         self.view.stats.redis_up.store(false, Ordering::Relaxed);
         self.view.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
         self.hook.set_remote(FxHashMap::default());
@@ -199,7 +240,7 @@ impl Driver {
 
     /// One announce-and-read round: two pipelines.
     async fn tick(
-        &self,
+        &mut self,
         c: &mut MultiplexedConnection,
         st: &mut TickState,
     ) -> redis::RedisResult<()> {
@@ -262,9 +303,13 @@ impl Driver {
         }
         // Renewal; 0 means the hash is gone (Redis restarted empty, or no users): then the
         // next tick rewrites it whole if this node has users.
+        let members = self.bus.as_ref().map(|b| b.add_members(&mut p, lease_ms));
         p.cmd("PEXPIRE").arg(&quota_key).arg(lease_ms);
         p.cmd("ZRANGE").arg(self.keys.nodes()).arg(0).arg(-1);
         let (renewed, ids): (i64, Vec<String>) = p.atomic().query_async(c).await?;
+        if let (Some(b), Some(v)) = (self.bus.as_mut(), members) {
+            b.members_written(v);
+        }
         stats.quota_renewals.fetch_add(1, Ordering::Relaxed);
         st.rewrite = renewed == 0 && !(self.counts)(None).is_empty();
 
@@ -302,6 +347,9 @@ impl Driver {
         self.hook.set_remote(remote);
         self.hook.set_alternates(registry::alternates(&nodes, id));
         self.view.set_nodes(nodes, self_healthy);
+        if let Some(b) = self.bus.as_mut() {
+            b.nodes_seen(c, &ids).await?;
+        }
         Ok(())
     }
 
@@ -311,6 +359,7 @@ impl Driver {
         let mut p = redis::pipe();
         p.cmd("DEL").arg(self.keys.node(id)).ignore();
         p.cmd("DEL").arg(self.keys.quota(id)).ignore();
+        p.cmd("DEL").arg(self.keys.members(id)).ignore();
         p.cmd("ZREM").arg(self.keys.nodes()).arg(id).ignore();
         let r: Result<redis::RedisResult<()>, _> =
             tokio::time::timeout(Duration::from_secs(1), p.query_async(c)).await;

@@ -17,6 +17,7 @@
 pub mod conn;
 mod driver;
 pub mod registry;
+mod signal_bus;
 pub mod status;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -189,6 +190,7 @@ impl ClusterService {
         advertised: Advertised,
         load: LoadFn,
         counts: CountsFn,
+        rooms: Option<Arc<crate::signal::driver::Hub<crate::signal::rooms::RoomService>>>,
     ) -> Result<ClusterService, crate::config::ConfigError> {
         let info = conn::connection_info(&cfg.cluster, None).map_err(|m| {
             crate::config::ConfigError::Invalid {
@@ -218,6 +220,12 @@ impl ClusterService {
             wake: Arc::clone(&wake),
             load,
             counts,
+            bus: rooms.map(|hub| {
+                let (tx, rx) = tokio::sync::mpsc::channel(signal_bus::CMD_QUEUE);
+                hub.with_core(|m| m.enable_bus());
+                hub.set_bus(tx);
+                signal_bus::SignalBus::new(hub, rx, id.clone(), registry::Keys::new(&cfg.cluster.key_prefix))
+            }),
         };
         let thread = std::thread::Builder::new()
             .name("tern-cluster".into())

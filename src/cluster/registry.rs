@@ -104,6 +104,17 @@ impl Keys {
         format!("{}node:{id}", self.prefix)
     }
 
+    /// A node's signaling peers and their rooms (hash peer id → JSON, TTL one lease): what
+    /// other nodes resync from after a gap, a reconnect, or when the node appears.
+    pub fn members(&self, id: &str) -> String {
+        format!("{}members:{id}", self.prefix)
+    }
+
+    /// A pub/sub channel.
+    pub fn channel(&self, name: &str) -> String {
+        format!("{}bus:{name}", self.prefix)
+    }
+
     /// A node's per-user allocation counts (hash user → count, TTL one lease): the quota
     /// leases. A node that dies stops renewing it and its users' quota frees.
     pub fn quota(&self, id: &str) -> String {
