@@ -516,7 +516,11 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
         let lan = wait_msg(&mut b1, t, "lan members on B", |m| m["type"] == "room").await;
         assert_eq!(lan["room"], "lan");
         assert!(
-            lan["peers"].as_array().unwrap().iter().any(|p| p["id"] == a1_id.as_str()),
+            lan["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["id"] == a1_id.as_str()),
             "{lan}"
         );
         wait_msg(&mut a1, t, "B's peer joins A's lan room", |m| {
@@ -526,25 +530,49 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
 
         // A named room across nodes: member list, join event, messages both ways, in order.
         send_text(&mut a1, r#"{"type":"join","room":"r1"}"#).await;
-        wait_msg(&mut a1, t, "r1 on A", |m| m["type"] == "room" && m["room"] == "r1").await;
+        wait_msg(&mut a1, t, "r1 on A", |m| {
+            m["type"] == "room" && m["room"] == "r1"
+        })
+        .await;
         send_text(&mut b1, r#"{"type":"join","room":"r1"}"#).await;
-        let r1 = wait_msg(&mut b1, t, "r1 on B", |m| m["type"] == "room" && m["room"] == "r1").await;
-        assert!(r1["peers"].as_array().unwrap().iter().any(|p| p["id"] == a1_id.as_str()), "{r1}");
+        let r1 = wait_msg(&mut b1, t, "r1 on B", |m| {
+            m["type"] == "room" && m["room"] == "r1"
+        })
+        .await;
+        assert!(
+            r1["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["id"] == a1_id.as_str()),
+            "{r1}"
+        );
         wait_msg(&mut a1, t, "B joins r1", |m| {
             m["type"] == "peer-joined" && m["room"] == "r1" && m["peer"]["id"] == b1_id.as_str()
         })
         .await;
         for i in 0..50 {
-            send_text(&mut a1, &format!(r#"{{"type":"signal","to":"{b1_id}","data":{{"n":{i}}}}}"#)).await;
+            send_text(
+                &mut a1,
+                &format!(r#"{{"type":"signal","to":"{b1_id}","data":{{"n":{i}}}}}"#),
+            )
+            .await;
         }
         for i in 0..50 {
             let m = wait_msg(&mut b1, t, "signal from A", |m| m["type"] == "signal").await;
             assert_eq!(m["from"], a1_id.as_str());
             assert_eq!(m["data"]["n"], i, "in order per sender");
         }
-        send_text(&mut b1, &format!(r#"{{"type":"signal","to":"{a1_id}","data":"hi"}}"#)).await;
+        send_text(
+            &mut b1,
+            &format!(r#"{{"type":"signal","to":"{a1_id}","data":"hi"}}"#),
+        )
+        .await;
         let m = wait_msg(&mut a1, t, "signal from B", |m| m["type"] == "signal").await;
-        assert_eq!((m["from"].as_str(), m["data"].as_str()), (Some(b1_id.as_str()), Some("hi")));
+        assert_eq!(
+            (m["from"].as_str(), m["data"].as_str()),
+            (Some(b1_id.as_str()), Some("hi"))
+        );
 
         // Redis killed: rooms within a node keep working, cross-node sends get an error.
         redis.kill();
@@ -552,13 +580,20 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
             metric(&a, "tern_cluster_redis_up") == Some(0.0)
         });
         let mut a2 = ws(a.api_addr(), "/ws").await;
-        wait_msg(&mut a2, t, "welcome on A during the outage", |m| m["type"] == "welcome").await;
+        wait_msg(&mut a2, t, "welcome on A during the outage", |m| {
+            m["type"] == "welcome"
+        })
+        .await;
         send_text(&mut a2, r#"{"type":"join","room":"r1"}"#).await;
         wait_msg(&mut a1, t, "local join during the outage", |m| {
             m["type"] == "peer-joined" && m["room"] == "r1"
         })
         .await;
-        send_text(&mut a1, &format!(r#"{{"type":"signal","to":"{b1_id}","data":1}}"#)).await;
+        send_text(
+            &mut a1,
+            &format!(r#"{{"type":"signal","to":"{b1_id}","data":1}}"#),
+        )
+        .await;
         let e = wait_msg(&mut a1, t, "cross-node error", |m| m["type"] == "error").await;
         assert_eq!(e["code"], "cluster-unavailable", "{e}");
         assert_eq!(e["to"], b1_id.as_str());
@@ -567,8 +602,15 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
         let _restarted = Redis::start_on(port);
         let start = Instant::now();
         loop {
-            assert!(start.elapsed() < Duration::from_secs(15), "no cross-node delivery after restart");
-            send_text(&mut a1, &format!(r#"{{"type":"signal","to":"{b1_id}","data":"back"}}"#)).await;
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "no cross-node delivery after restart"
+            );
+            send_text(
+                &mut a1,
+                &format!(r#"{{"type":"signal","to":"{b1_id}","data":"back"}}"#),
+            )
+            .await;
             let got = tokio::time::timeout(Duration::from_millis(500), async {
                 loop {
                     let m = crate::signal_common::next_json(&mut b1).await;
@@ -582,15 +624,24 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
                 break;
             }
         }
-        eprintln!("cross-node delivery back {:?} after Redis restarted", start.elapsed());
+        eprintln!(
+            "cross-node delivery back {:?} after Redis restarted",
+            start.elapsed()
+        );
 
         // B killed: its peer leaves A's rooms within the lease.
         b.signal(libc::SIGKILL);
         let killed = Instant::now();
-        wait_msg(&mut a1, Duration::from_secs(LEASE + 5), "B's peer leaves r1", |m| {
-            m["type"] == "peer-left" && m["room"] == "r1" && m["id"] == b1_id.as_str()
-        })
+        wait_msg(
+            &mut a1,
+            Duration::from_secs(LEASE + 5),
+            "B's peer leaves r1",
+            |m| m["type"] == "peer-left" && m["room"] == "r1" && m["id"] == b1_id.as_str(),
+        )
         .await;
-        eprintln!("peer of the killed node left {:?} after SIGKILL", killed.elapsed());
+        eprintln!(
+            "peer of the killed node left {:?} after SIGKILL",
+            killed.elapsed()
+        );
     });
 }

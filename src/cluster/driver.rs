@@ -143,7 +143,10 @@ impl Driver {
                 let ok = match input {
                     Some(Input::Push(p)) => b.push(p),
                     Some(Input::Cmd(cmd)) => {
-                        matches!(tokio::time::timeout(IO_TIMEOUT, b.command(c, cmd)).await, Ok(Ok(())))
+                        matches!(
+                            tokio::time::timeout(IO_TIMEOUT, b.command(c, cmd)).await,
+                            Ok(Ok(()))
+                        )
                     }
                     None => false,
                 };
@@ -158,7 +161,9 @@ impl Driver {
 
     /// A command connection, and the bus subscription when signaling is on.
     async fn connect(&mut self) -> Result<MultiplexedConnection, String> {
-        let c = match tokio::time::timeout(IO_TIMEOUT, super::conn::connect(&self.info, IO_TIMEOUT)).await {
+        let c = match tokio::time::timeout(IO_TIMEOUT, super::conn::connect(&self.info, IO_TIMEOUT))
+            .await
+        {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("connect timed out".into()),
@@ -174,7 +179,11 @@ impl Driver {
     }
 
     /// Waits `d`; true when asked to stop meanwhile.
-    async fn sleep_or_stop(&self, d: Duration, stop: &mut tokio::sync::oneshot::Receiver<()>) -> bool {
+    async fn sleep_or_stop(
+        &self,
+        d: Duration,
+        stop: &mut tokio::sync::oneshot::Receiver<()>,
+    ) -> bool {
         tokio::select! {
             _ = tokio::time::sleep(d) => false,
             _ = stop => true,

@@ -224,7 +224,12 @@ impl ClusterService {
                 let (tx, rx) = tokio::sync::mpsc::channel(signal_bus::CMD_QUEUE);
                 hub.with_core(|m| m.enable_bus());
                 hub.set_bus(tx);
-                signal_bus::SignalBus::new(hub, rx, id.clone(), registry::Keys::new(&cfg.cluster.key_prefix))
+                signal_bus::SignalBus::new(
+                    hub,
+                    rx,
+                    id.clone(),
+                    registry::Keys::new(&cfg.cluster.key_prefix),
+                )
             }),
         };
         let thread = std::thread::Builder::new()

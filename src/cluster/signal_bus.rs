@@ -66,7 +66,11 @@ impl SignalBus {
 
     /// After a (re)connect: subscribe on a connection of its own, then forget what was
     /// known so every live node is resynchronised at the next tick.
-    pub async fn connected(&mut self, info: &ConnectionInfo, timeout: Duration) -> redis::RedisResult<()> {
+    pub async fn connected(
+        &mut self,
+        info: &ConnectionInfo,
+        timeout: Duration,
+    ) -> redis::RedisResult<()> {
         let (tx, rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -77,7 +81,9 @@ impl SignalBus {
                 Ok::<(), std::convert::Infallible>(())
             });
         let client = redis::Client::open(info.clone())?;
-        let mut c = client.get_multiplexed_async_connection_with_config(&cfg).await?;
+        let mut c = client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await?;
         c.subscribe(channel(&self.keys)).await?;
         self.sub = Some(c);
         self.pushes = Some(rx);
@@ -113,7 +119,8 @@ impl SignalBus {
                 let mut h = redis::cmd("HSET");
                 h.arg(&key);
                 for m in &members {
-                    h.arg(&m.id).arg(serde_json::to_string(m).unwrap_or_default());
+                    h.arg(&m.id)
+                        .arg(serde_json::to_string(m).unwrap_or_default());
                 }
                 p.add_command(h).ignore();
             }
@@ -145,7 +152,11 @@ impl SignalBus {
         Ok(())
     }
 
-    async fn resync(&mut self, c: &mut MultiplexedConnection, node: &str) -> redis::RedisResult<()> {
+    async fn resync(
+        &mut self,
+        c: &mut MultiplexedConnection,
+        node: &str,
+    ) -> redis::RedisResult<()> {
         let raw: FxHashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.keys.members(node))
             .query_async(c)

@@ -126,11 +126,14 @@ impl RemoteMembers {
 
     /// Records a join; true when it is news.
     pub fn join(&mut self, node: &str, room: &str, id: &str, name: &str) -> bool {
-        let p = self.peers.entry(id.to_string()).or_insert_with(|| RemotePeer {
-            node: node.to_string(),
-            name: name.to_string(),
-            rooms: BTreeSet::new(),
-        });
+        let p = self
+            .peers
+            .entry(id.to_string())
+            .or_insert_with(|| RemotePeer {
+                node: node.to_string(),
+                name: name.to_string(),
+                rooms: BTreeSet::new(),
+            });
         p.node = node.to_string();
         p.name = name.to_string();
         let new = p.rooms.insert(room.to_string());
@@ -228,7 +231,11 @@ mod tests {
         assert_eq!(r.check_seq("a", 8), SeqCheck::Next);
         assert_eq!(r.check_seq("a", 8), SeqCheck::Duplicate);
         assert_eq!(r.check_seq("a", 10), SeqCheck::Gap, "9 missing");
-        assert_eq!(r.check_seq("a", 9), SeqCheck::Duplicate, "late 9: the resync covers it");
+        assert_eq!(
+            r.check_seq("a", 9),
+            SeqCheck::Duplicate,
+            "late 9: the resync covers it"
+        );
         assert_eq!(r.check_seq("b", 1), SeqCheck::Next, "per node");
         assert_eq!(r.check_seq("a", 11), SeqCheck::Next);
     }
@@ -237,7 +244,10 @@ mod tests {
     fn replacing_a_node_yields_joins_and_leaves() {
         let mut r = RemoteMembers::new();
         assert!(r.join("a", "room:x", "p1", "Otter"));
-        assert!(!r.join("a", "room:x", "p1", "Otter"), "duplicate join is not news");
+        assert!(
+            !r.join("a", "room:x", "p1", "Otter"),
+            "duplicate join is not news"
+        );
         assert!(r.join("a", "room:y", "p2", "Heron"));
         let (j, l) = r.replace_node(
             "a",
@@ -255,3 +265,7 @@ mod tests {
         assert!(!r.is_remote("p1"));
     }
 }
+
+#[cfg(test)]
+#[path = "bus_tests.rs"]
+mod room_tests;

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use super::bus::{BusCmd, BusEvent, Member, RemoteMembers, SeqCheck};
 use super::names::friendly_name;
 use super::protocol::{ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
-use super::bus::{BusCmd, BusEvent, Member, RemoteMembers, SeqCheck};
 use super::{ConnId, Out};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
@@ -854,7 +854,11 @@ impl RoomService {
                 }) else {
                     return out;
                 };
-                if self.bus.as_ref().is_some_and(|b| b.shared(&from, &rooms).is_some()) {
+                if self
+                    .bus
+                    .as_ref()
+                    .is_some_and(|b| b.shared(&from, &rooms).is_some())
+                {
                     self.stats.signals_forwarded += 1;
                     out.push(Out::Send {
                         conn,
