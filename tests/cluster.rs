@@ -499,7 +499,7 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
     let port = redis.port;
     let secret = random_secret();
     let a = node(&redis, "sig-a", 11800, &secret, "");
-    let mut b = node(&redis, "sig-b", 12000, &secret, "");
+    let b = node(&redis, "sig-b", 12000, &secret, "");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let t = Duration::from_secs(10);

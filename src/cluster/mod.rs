@@ -4,8 +4,10 @@
 //! Owns: the Redis connection and its reconnection (`conn.rs`, `driver.rs`), this node's
 //! registry record and the view of the others (`registry.rs`), the per-user quota leases
 //! (written from the TURN core's [`crate::turn::cluster_hook::ClusterHook`] snapshot), the
-//! steering choice `/api/ice` and ALTERNATE-SERVER consult ([`ClusterView`]), and
-//! `tern cluster status` (`status.rs`).
+//! steering choice `/api/ice` and ALTERNATE-SERVER consult ([`ClusterView`]), the Redis
+//! side of the native rooms' bus (`signal_bus.rs`: pub/sub, member-list leases, resyncs;
+//! the room logic itself is the sans-IO `crate::signal::bus`), and `tern cluster status`
+//! (`status.rs`).
 //!
 //! Must not: run at all without `[cluster]` (the daemon starts nothing of it and installs
 //! no hook); put Redis on a packet or request path (the driver is one task on its own
