@@ -469,6 +469,27 @@ pub const CLUSTER_ICE_STEERED: Def = def(
     "Cluster mode: /api/ice and /api/turn answers naming another node (this one draining or \
      over its ceilings).",
 );
+pub const CLUSTER_BUS_MESSAGES: Def = def(
+    "tern_cluster_bus_messages_total",
+    Counter,
+    &["direction"],
+    "Cluster mode: room bus messages (joins, leaves, cross-node signals) published by this \
+     node or received from others.",
+);
+pub const CLUSTER_BUS_RESYNCS: Def = def(
+    "tern_cluster_bus_resyncs_total",
+    Counter,
+    &[],
+    "Cluster mode: other nodes' member lists re-read (after a sequence gap, a reconnect, or \
+     a node appearing).",
+);
+pub const CLUSTER_BUS_DROPPED: Def = def(
+    "tern_cluster_bus_dropped_total",
+    Counter,
+    &[],
+    "Cluster mode: bus messages dropped on this node (a full queue, or Redis unreachable); \
+     receivers repair the gap by a resync.",
+);
 
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
 pub const ALL: &[&Def] = &[
@@ -538,6 +559,9 @@ pub const ALL: &[&Def] = &[
     &CLUSTER_REDIS_ERRORS,
     &CLUSTER_QUOTA_LEASE_OPS,
     &CLUSTER_ICE_STEERED,
+    &CLUSTER_BUS_MESSAGES,
+    &CLUSTER_BUS_RESYNCS,
+    &CLUSTER_BUS_DROPPED,
 ];
 
 const CLUSTER_DEFS: &[&Def] = &[
@@ -547,6 +571,9 @@ const CLUSTER_DEFS: &[&Def] = &[
     &CLUSTER_REDIS_ERRORS,
     &CLUSTER_QUOTA_LEASE_OPS,
     &CLUSTER_ICE_STEERED,
+    &CLUSTER_BUS_MESSAGES,
+    &CLUSTER_BUS_RESYNCS,
+    &CLUSTER_BUS_DROPPED,
 ];
 
 const DAEMON_DEFS: &[&Def] = &[&BUILD_INFO, &READY, &DRAINING];
@@ -1004,6 +1031,23 @@ impl Collector for ClusterCollector {
             f.sample(&CLUSTER_QUOTA_LEASE_OPS, &[op], n.load(Relaxed));
         }
         f.sample(&CLUSTER_ICE_STEERED, &[], s.steered_ice.load(Relaxed));
+        f.sample(
+            &CLUSTER_BUS_MESSAGES,
+            &["published"],
+            s.bus_published.load(Relaxed),
+        );
+        f.sample(
+            &CLUSTER_BUS_MESSAGES,
+            &["received"],
+            s.bus_received.load(Relaxed),
+        );
+        f.sample(&CLUSTER_BUS_RESYNCS, &[], s.bus_resyncs.load(Relaxed));
+        let hub_dropped = self.view.hub_bus_dropped();
+        f.sample(
+            &CLUSTER_BUS_DROPPED,
+            &[],
+            s.bus_dropped.load(Relaxed) + hub_dropped,
+        );
         f.finish()
     }
 }

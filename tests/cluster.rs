@@ -568,6 +568,10 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
             assert_eq!(m["from"], a1_id.as_str());
             assert_eq!(m["data"]["n"], i, "in order per sender");
         }
+        let published = "tern_cluster_bus_messages_total{direction=\"published\"}";
+        let received = "tern_cluster_bus_messages_total{direction=\"received\"}";
+        assert!(metric(&a, published).unwrap() >= 50.0);
+        assert!(metric(&b, received).unwrap() >= 50.0);
         send_text(
             &mut b1,
             &format!(r#"{{"type":"signal","to":"{a1_id}","data":"hi"}}"#),

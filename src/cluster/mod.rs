@@ -54,16 +54,24 @@ pub struct ClusterStats {
     pub quota_rewrites: AtomicU64,
     /// `/api/ice` and `/api/turn` answers naming another node.
     pub steered_ice: AtomicU64,
+    /// Room bus messages published by this node and received from others.
+    pub bus_published: AtomicU64,
+    pub bus_received: AtomicU64,
+    /// Other nodes' member lists re-read (a gap, a reconnect, a new node).
+    pub bus_resyncs: AtomicU64,
+    /// Bus messages dropped on this node: a full queue, or Redis unreachable.
+    pub bus_dropped: Arc<AtomicU64>,
 }
 
 /// The cluster as the faces see it: the live nodes from the last registry read and this
 /// node's own health. Refreshed by the driver; read by the HTTP handlers without IO.
-#[derive(Debug)]
 pub struct ClusterView {
     pub node_id: String,
     nodes: RwLock<Arc<Vec<NodeRecord>>>,
     self_healthy: AtomicBool,
     pub stats: ClusterStats,
+    /// The native rooms' hub, for its count of bus commands it could not queue.
+    rooms: std::sync::OnceLock<Arc<crate::signal::driver::Hub<crate::signal::rooms::RoomService>>>,
 }
 
 impl ClusterView {
@@ -73,7 +81,15 @@ impl ClusterView {
             nodes: RwLock::new(Arc::new(Vec::new())),
             self_healthy: AtomicBool::new(true),
             stats: ClusterStats::default(),
+            rooms: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Bus commands the rooms' hub dropped because the driver's queue was full.
+    pub fn hub_bus_dropped(&self) -> u64 {
+        self.rooms
+            .get()
+            .map_or(0, |h| h.bus_dropped.load(Ordering::Relaxed))
     }
 
     /// Live nodes as last read (empty while Redis is unreachable).
@@ -223,6 +239,7 @@ impl ClusterService {
             load,
             counts,
             bus: rooms.map(|hub| {
+                let _ = view.rooms.set(Arc::clone(&hub));
                 let (tx, rx) = tokio::sync::mpsc::channel(signal_bus::CMD_QUEUE);
                 hub.with_core(|m| m.enable_bus());
                 hub.set_bus(tx);
@@ -231,6 +248,7 @@ impl ClusterService {
                     rx,
                     id.clone(),
                     registry::Keys::new(&cfg.cluster.key_prefix),
+                    Arc::clone(&view),
                 )
             }),
         };

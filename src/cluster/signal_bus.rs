@@ -10,6 +10,7 @@
 //! rewritten whole on reconnect.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +40,7 @@ pub(super) struct SignalBus {
     known: BTreeSet<String>,
     /// Member list version last written to Redis (None: write it whole next tick).
     published: Option<u64>,
+    view: Arc<super::ClusterView>,
 }
 
 fn channel(keys: &Keys) -> String {
@@ -51,6 +53,7 @@ impl SignalBus {
         cmds: mpsc::Receiver<BusCmd>,
         node: String,
         keys: Keys,
+        view: Arc<super::ClusterView>,
     ) -> SignalBus {
         SignalBus {
             hub,
@@ -61,6 +64,7 @@ impl SignalBus {
             pushes: None,
             known: BTreeSet::new(),
             published: None,
+            view,
         }
     }
 
@@ -72,12 +76,15 @@ impl SignalBus {
         timeout: Duration,
     ) -> redis::RedisResult<()> {
         let (tx, rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
+        let dropped = Arc::clone(&self.view.stats.bus_dropped);
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             // Full queue: the message is dropped here and its receiver sees a gap.
             .set_push_sender(move |p: PushInfo| {
-                let _ = tx.try_send(p);
+                if tx.try_send(p).is_err() {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok::<(), std::convert::Infallible>(())
             });
         let client = redis::Client::open(info.clone())?;
@@ -105,7 +112,9 @@ impl SignalBus {
             Vec::new()
         });
         // Nothing can be published meanwhile: drop what is queued (bounded anyway).
-        while self.cmds.try_recv().is_ok() {}
+        while self.cmds.try_recv().is_ok() {
+            self.view.stats.bus_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Adds this node's member list (whole when it changed) and its renewal to `p`.
@@ -161,6 +170,7 @@ impl SignalBus {
             .arg(self.keys.members(node))
             .query_async(c)
             .await?;
+        self.view.stats.bus_resyncs.fetch_add(1, Ordering::Relaxed);
         let members: Vec<Member> = raw
             .values()
             .filter_map(|j| serde_json::from_str(j).ok())
@@ -188,6 +198,10 @@ impl SignalBus {
                     .arg(text)
                     .query_async::<i64>(c)
                     .await?;
+                self.view
+                    .stats
+                    .bus_published
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             BusCmd::Resync { node } => {
@@ -214,6 +228,7 @@ impl SignalBus {
                     return true;
                 };
                 if env.node != self.node {
+                    self.view.stats.bus_received.fetch_add(1, Ordering::Relaxed);
                     self.hub.drive(|m| m.bus_event(&env.node, env.seq, env.ev));
                 }
                 true
