@@ -745,8 +745,9 @@ impl RoomService {
         (self.members_version, list)
     }
 
+    /// Without the bus this is one branch: the single-node signal path is unchanged.
     fn is_remote(&self, id: &str) -> bool {
-        !self.peers.contains_key(id) && self.bus.as_ref().is_some_and(|b| b.is_remote(id))
+        self.bus.as_ref().is_some_and(|b| b.is_remote(id)) && !self.peers.contains_key(id)
     }
 
     /// A `signal` to a peer on another node: published when it shares a room with the
