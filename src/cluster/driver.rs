@@ -23,6 +23,8 @@ use crate::turn::cluster_hook::ClusterHook;
 /// One Redis round trip (connect, a pipeline) waits at most this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between reconnects; shorter with a short lease (a third of it), so a Redis
+/// restarted empty is repopulated within one lease.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Local per-user allocation counts (`None`: every user; else these users).
@@ -69,6 +71,10 @@ struct TickState {
 }
 
 impl Driver {
+    fn backoff_max(&self) -> Duration {
+        BACKOFF_MAX.min(self.lease / 3).max(BACKOFF_MIN)
+    }
+
     fn tick_every(&self) -> Duration {
         (self.lease / 3).min(Duration::from_secs(1))
     }
@@ -104,7 +110,7 @@ impl Driver {
                         if self.sleep_or_stop(jitter(backoff), &mut stop).await {
                             return;
                         }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        backoff = (backoff * 2).min(self.backoff_max());
                         continue;
                     }
                 }
