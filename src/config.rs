@@ -49,6 +49,7 @@ pub struct Config {
     pub log: LogConfig,
     pub daemon: DaemonConfig,
     pub usage: UsageConfig,
+    pub cluster: ClusterConfig,
 }
 
 /// A static long-term credential (RFC 8489 §9.2). Either `password` or `key`
@@ -558,6 +559,145 @@ impl Default for UsageConfig {
     }
 }
 
+/// `[cluster]`: several nodes acting as one service through Redis (docs/cluster.md).
+/// Off while `redis_url` is empty: then nothing of `crate::cluster` runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://[user@]host:port[/db]`, `rediss://...` (TLS) or `unix:/path/to/redis.sock`.
+    pub redis_url: String,
+    /// File whose first secret line is the Redis password (overrides one in the URL).
+    pub redis_password_file: PathBuf,
+    /// This node's id in the registry; empty: the hostname.
+    pub node_id: String,
+    /// Host (name or IP) clients use for this node's TURN listeners; empty: api.public_host,
+    /// else the first turn.external_ip / turn.relay_ip.
+    pub advertise_turn_host: String,
+    /// Base URL of this node's HTTP API (`/relay`, `/ws`), e.g. "https://turn2.example.org".
+    pub advertise_http_url: String,
+    /// Prefix of every Redis key and channel, so several clusters can share one Redis.
+    pub key_prefix: String,
+    /// Lease of registry records and quota counts, seconds: a node that dies vanishes
+    /// from the others' view within this time.
+    pub lease_secs: u32,
+    /// This node counts as full for `/api/ice` steering and ALTERNATE-SERVER at this many
+    /// allocations (0: turn.total_quota).
+    pub max_allocations: u32,
+    /// ... or at this relayed bandwidth, bytes per second (0: no ceiling).
+    pub max_relay_bytes_per_sec: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            redis_password_file: PathBuf::new(),
+            node_id: String::new(),
+            advertise_turn_host: String::new(),
+            advertise_http_url: String::new(),
+            key_prefix: "tern:".into(),
+            lease_secs: 10,
+            max_allocations: 0,
+            max_relay_bytes_per_sec: 0,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
+
+    /// `node_id`, else the hostname.
+    pub fn node_id(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        match std::str::from_utf8(&buf[..end]) {
+            Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+            _ => "tern".into(),
+        }
+    }
+
+    /// The Redis password from `redis_password_file`, if one is set.
+    pub fn redis_password(&self) -> Result<Option<String>, ConfigError> {
+        if self.redis_password_file.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let p = &self.redis_password_file;
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            invalid(
+                "cluster.redis_password_file",
+                format!("cannot read {}: {e}", p.display()),
+            )
+        })?;
+        let first = read_secret_lines(&text).next();
+        match first {
+            Some(s) => Ok(Some(s)),
+            None => Err(invalid(
+                "cluster.redis_password_file",
+                format!("{} holds no password", p.display()),
+            )),
+        }
+    }
+
+    /// Rules for `[cluster]` (only when it is on).
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let url = &self.redis_url;
+        let scheme_ok = ["redis://", "rediss://", "unix:"]
+            .iter()
+            .any(|s| url.starts_with(s));
+        if !scheme_ok {
+            return Err(invalid(
+                "cluster.redis_url",
+                "must start with redis://, rediss:// or unix:",
+            ));
+        }
+        if let Err(e) = crate::cluster::conn::connection_info(self, None) {
+            return Err(invalid("cluster.redis_url", e));
+        }
+        self.redis_password()?;
+        let id = self.node_id();
+        if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(invalid(
+                "cluster.node_id",
+                "at most 64 printable characters, no spaces or ':'",
+            ));
+        }
+        if self.advertise_turn_host.contains(['/', ' ']) {
+            return Err(invalid(
+                "cluster.advertise_turn_host",
+                "a host name or IP address, without scheme or port",
+            ));
+        }
+        let u = &self.advertise_http_url;
+        if !(u.is_empty() || u.starts_with("http://") || u.starts_with("https://")) {
+            return Err(invalid(
+                "cluster.advertise_http_url",
+                "must start with http:// or https://",
+            ));
+        }
+        if self.key_prefix.len() > 64 || self.key_prefix.contains(char::is_whitespace) {
+            return Err(invalid(
+                "cluster.key_prefix",
+                "at most 64 characters, no whitespace",
+            ));
+        }
+        if !(3..=300).contains(&self.lease_secs) {
+            return Err(invalid("cluster.lease_secs", "must be 3 to 300"));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file`, then `TERN_*` variables from `env`, then `sets`
     /// (`section.key=value`), and validates the result.
@@ -724,6 +864,7 @@ impl Config {
         self.turn_secrets()?;
         self.validate_api()?;
         self.validate_tls()?;
+        self.cluster.validate()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }

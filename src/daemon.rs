@@ -33,6 +33,56 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
+/// Cluster mode (`[cluster]`): starts the driver and hands its snapshots to the TURN core
+/// (quota, ALTERNATE-SERVER) and the HTTP face (`/api/ice` steering).
+fn start_cluster(
+    cfg: &Config,
+    faces: &Faces,
+) -> Result<crate::cluster::ClusterService, DaemonError> {
+    use crate::cluster::{Advertised, ClusterService, CountsFn, LoadFn, LocalLoad};
+    let api_cfg = faces.api_config(cfg);
+    let advertised = Advertised::from_config(&api_cfg, crate::api::ice::turns_port(&api_cfg));
+    let shared = faces.turn.shared().cloned();
+    let turn_stats = faces.turn.stats_source();
+    let http_stats = faces.http.as_ref().map(HttpService::stats_source);
+    let load_shared = shared.clone();
+    let load: LoadFn = Box::new(move || {
+        let n = turn_stats.net();
+        let h = http_stats
+            .as_ref()
+            .map(|h| h.snapshot())
+            .unwrap_or_default();
+        let turn_bytes = n.client_to_peer_udp_bytes
+            + n.client_to_peer_tcp_bytes
+            + n.client_to_peer_tls_bytes
+            + n.peer_to_client_udp_bytes
+            + n.peer_to_client_tcp_bytes
+            + n.peer_to_client_tls_bytes;
+        LocalLoad {
+            allocations: load_shared.as_ref().map_or(0, |s| s.total_allocations()),
+            relayed_bytes: turn_bytes + h.relay_bytes_forwarded,
+            signal_peers: (h.signal_peers + h.peerjs_clients) as u64,
+            draining: load_shared.as_ref().is_some_and(|s| s.draining()),
+        }
+    });
+    let counts_shared = shared.clone();
+    let counts: CountsFn = Box::new(move |users| {
+        counts_shared
+            .as_ref()
+            .map(|s| s.local_user_counts(users))
+            .unwrap_or_default()
+    });
+    let rooms = faces.http.as_ref().map(HttpService::rooms_hub);
+    let svc = ClusterService::start(cfg, advertised, load, counts, rooms)?;
+    if let Some(s) = &shared {
+        s.set_cluster(svc.hook());
+    }
+    if let Some(h) = &faces.http {
+        h.set_cluster(svc.view())?;
+    }
+    Ok(svc)
+}
+
 /// The running faces, as a reload or drain sees them.
 struct Faces {
     turn: TurnService,
@@ -112,9 +162,14 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
         tracing::info!(addr = %http.local_addr(), "HTTP API and signaling listening");
         faces.http = Some(http);
     }
+    let cluster = if cfg.cluster.enabled() {
+        Some(start_cluster(&cfg, &faces).inspect_err(|e| sup.status(&failed(e)))?)
+    } else {
+        None
+    };
     // /healthz answers from here on; /readyz once STATE says ready (below).
     let metrics = if cfg.metrics.enabled {
-        let registry = crate::metrics::Metrics::new(
+        let mut registry = crate::metrics::Metrics::new(
             Some(faces.turn.stats_source()),
             faces.http.as_ref().map(HttpService::stats_source),
         )
@@ -122,6 +177,11 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
         if let Some(u) = &usage {
             registry
                 .register_usage(Arc::clone(u.ledger()))
+                .inspect_err(|e| sup.status(&failed(e)))?;
+        }
+        if let Some(c) = &cluster {
+            registry
+                .add_cluster(c.view())
                 .inspect_err(|e| sup.status(&failed(e)))?;
         }
         let m = crate::metrics::MetricsService::start(cfg.metrics.listen, registry)
@@ -169,6 +229,9 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
             if let Some(h) = &faces.http {
                 h.set_draining(true);
             }
+            if let Some(c) = &cluster {
+                c.announce_now();
+            }
             tracing::info!(
                 allocations = allocs,
                 relay_sessions = relays,
@@ -203,6 +266,9 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
     sup.stopping("shutting down");
     if let Some(http) = faces.http.take() {
         http.shutdown();
+    }
+    if let Some(c) = cluster {
+        c.shutdown();
     }
     faces.turn.shutdown();
     // Writes the rollups still pending (allocations cut by the stop count up to their

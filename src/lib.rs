@@ -2,6 +2,7 @@
 //! credentials, WebSocket signaling and a WebSocket data relay. See DESIGN.md for the layout.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod lifecycle;

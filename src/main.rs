@@ -2,7 +2,7 @@
 //! usage.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -81,10 +81,19 @@ enum Command {
         #[arg(long)]
         pid_file: Option<PathBuf>,
     },
-    /// Validate the configuration and print the first problem, naming its key.
+    /// Validate the configuration and print the first problem, naming its key. With
+    /// `[cluster]`, also try Redis (2 s timeout) and say whether it answered.
     CheckConfig {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// Do not try to reach Redis.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Cluster mode (`[cluster]`): inspect the cluster through its Redis.
+    Cluster {
+        #[command(subcommand)]
+        what: ClusterCommand,
     },
     /// Print firewall rules opening exactly what the config listens on.
     #[command(group(clap::ArgGroup::new("backend").required(true).args(["ufw", "nftables", "firewalld"])))]
@@ -132,6 +141,15 @@ enum Command {
         /// instead of putting them in the printed config.
         #[arg(long)]
         secret_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Print the live nodes and their load, read from Redis.
+    Status {
+        #[command(flatten)]
+        cfg: ConfigArgs,
     },
 }
 
@@ -287,9 +305,39 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::CheckConfig { cfg } => match cfg.load() {
-            Ok(_) => {
+        Command::Cluster {
+            what: ClusterCommand::Status { cfg },
+        } => {
+            let c = cfg.load()?;
+            if !c.cluster.enabled() {
+                bail!("cluster mode is off: set cluster.redis_url");
+            }
+            match tern::cluster::status::live_nodes(&c.cluster, Duration::from_secs(3)) {
+                Ok(nodes) => {
+                    print!("{}", tern::cluster::status::render(&nodes));
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!(
+                        "cannot read the registry from {}: {e}",
+                        tern::cluster::conn::redacted_url(&c.cluster.redis_url)
+                    );
+                    std::process::exit(1);
+                }
+            }
+        }
+        Command::CheckConfig { cfg, offline } => match cfg.load() {
+            Ok(c) => {
                 println!("config ok");
+                if c.cluster.enabled() && !offline {
+                    let url = tern::cluster::conn::redacted_url(&c.cluster.redis_url);
+                    match tern::cluster::status::ping(&c.cluster, Duration::from_secs(2)) {
+                        Ok(()) => println!("cluster: Redis at {url} answered PING"),
+                        Err(e) => println!(
+                            "cluster: Redis at {url} not reachable within 2 s: {e} (the daemon starts anyway and keeps retrying)"
+                        ),
+                    }
+                }
                 Ok(())
             }
             Err(e) => {

@@ -487,6 +487,68 @@ pub const USAGE_BUDGET_REFUSALS: Def = def(
     "Allocate and Refresh requests refused with 486 because the user's byte budget is used up.",
 );
 
+pub const CLUSTER_REDIS_UP: Def = def(
+    "tern_cluster_redis_up",
+    Gauge,
+    &[],
+    "Cluster mode: 1 while the last Redis round trip succeeded; 0 while this node works alone \
+     (local quota, its own ICE URLs, cross-node requests refused).",
+);
+pub const CLUSTER_NODES: Def = def(
+    "tern_cluster_nodes",
+    Gauge,
+    &[],
+    "Cluster mode: live nodes in the registry as last read (this one included; 0 while Redis \
+     is unreachable).",
+);
+pub const CLUSTER_REDIS_CONNECTS: Def = def(
+    "tern_cluster_redis_connects_total",
+    Counter,
+    &[],
+    "Cluster mode: connections made to Redis (the first and every reconnection).",
+);
+pub const CLUSTER_REDIS_ERRORS: Def = def(
+    "tern_cluster_redis_errors_total",
+    Counter,
+    &[],
+    "Cluster mode: failed Redis connects and round trips (each drops the connection).",
+);
+pub const CLUSTER_QUOTA_LEASE_OPS: Def = def(
+    "tern_cluster_quota_lease_operations_total",
+    Counter,
+    &["op"],
+    "Cluster mode: per-user quota lease operations: a user's count written, the node's \
+     leases renewed, or rewritten whole (after a reconnect or a Redis restarted empty).",
+);
+pub const CLUSTER_ICE_STEERED: Def = def(
+    "tern_cluster_ice_steered_total",
+    Counter,
+    &[],
+    "Cluster mode: /api/ice and /api/turn answers naming another node (this one draining or \
+     over its ceilings).",
+);
+pub const CLUSTER_BUS_MESSAGES: Def = def(
+    "tern_cluster_bus_messages_total",
+    Counter,
+    &["direction"],
+    "Cluster mode: room bus messages (joins, leaves, cross-node signals) published by this \
+     node or received from others.",
+);
+pub const CLUSTER_BUS_RESYNCS: Def = def(
+    "tern_cluster_bus_resyncs_total",
+    Counter,
+    &[],
+    "Cluster mode: other nodes' member lists re-read (after a sequence gap, a reconnect, or \
+     a node appearing).",
+);
+pub const CLUSTER_BUS_DROPPED: Def = def(
+    "tern_cluster_bus_dropped_total",
+    Counter,
+    &[],
+    "Cluster mode: bus messages dropped on this node (a full queue, or Redis unreachable); \
+     receivers repair the gap by a resync.",
+);
+
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
 pub const ALL: &[&Def] = &[
     &USAGE_RECORDS,
@@ -558,6 +620,27 @@ pub const ALL: &[&Def] = &[
     &HTTP_CONNECTIONS_ACCEPTED,
     &HTTP_CONNECTIONS_REFUSED,
     &HTTP_CONNECTIONS_CLOSED,
+    &CLUSTER_REDIS_UP,
+    &CLUSTER_NODES,
+    &CLUSTER_REDIS_CONNECTS,
+    &CLUSTER_REDIS_ERRORS,
+    &CLUSTER_QUOTA_LEASE_OPS,
+    &CLUSTER_ICE_STEERED,
+    &CLUSTER_BUS_MESSAGES,
+    &CLUSTER_BUS_RESYNCS,
+    &CLUSTER_BUS_DROPPED,
+];
+
+const CLUSTER_DEFS: &[&Def] = &[
+    &CLUSTER_REDIS_UP,
+    &CLUSTER_NODES,
+    &CLUSTER_REDIS_CONNECTS,
+    &CLUSTER_REDIS_ERRORS,
+    &CLUSTER_QUOTA_LEASE_OPS,
+    &CLUSTER_ICE_STEERED,
+    &CLUSTER_BUS_MESSAGES,
+    &CLUSTER_BUS_RESYNCS,
+    &CLUSTER_BUS_DROPPED,
 ];
 
 const DAEMON_DEFS: &[&Def] = &[&BUILD_INFO, &READY, &DRAINING];
@@ -730,6 +813,18 @@ impl Metrics {
         self.registry.register(Box::new(UsageCollector {
             descs: descs(USAGE_DEFS),
             ledger,
+        }))?;
+        Ok(())
+    }
+
+    /// Cluster mode's metrics (`[cluster]` only; a single node exports none of them).
+    pub fn add_cluster(
+        &mut self,
+        view: Arc<crate::cluster::ClusterView>,
+    ) -> Result<(), RegistryError> {
+        self.registry.register(Box::new(ClusterCollector {
+            descs: descs(CLUSTER_DEFS),
+            view,
         }))?;
         Ok(())
     }
@@ -1055,6 +1150,54 @@ impl Collector for UsageCollector {
     }
 }
 
+/// Reads cluster mode's counters at scrape time.
+struct ClusterCollector {
+    descs: Vec<Desc>,
+    view: Arc<crate::cluster::ClusterView>,
+}
+
+impl Collector for ClusterCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.view.stats;
+        let mut f = Families::default();
+        f.sample(&CLUSTER_REDIS_UP, &[], u64::from(s.redis_up.load(Relaxed)));
+        f.sample(&CLUSTER_NODES, &[], s.nodes.load(Relaxed));
+        f.sample(&CLUSTER_REDIS_CONNECTS, &[], s.connects.load(Relaxed));
+        f.sample(&CLUSTER_REDIS_ERRORS, &[], s.redis_errors.load(Relaxed));
+        for (op, n) in [
+            ("write", &s.quota_writes),
+            ("renew", &s.quota_renewals),
+            ("rewrite", &s.quota_rewrites),
+        ] {
+            f.sample(&CLUSTER_QUOTA_LEASE_OPS, &[op], n.load(Relaxed));
+        }
+        f.sample(&CLUSTER_ICE_STEERED, &[], s.steered_ice.load(Relaxed));
+        f.sample(
+            &CLUSTER_BUS_MESSAGES,
+            &["published"],
+            s.bus_published.load(Relaxed),
+        );
+        f.sample(
+            &CLUSTER_BUS_MESSAGES,
+            &["received"],
+            s.bus_received.load(Relaxed),
+        );
+        f.sample(&CLUSTER_BUS_RESYNCS, &[], s.bus_resyncs.load(Relaxed));
+        let hub_dropped = self.view.hub_bus_dropped();
+        f.sample(
+            &CLUSTER_BUS_DROPPED,
+            &[],
+            s.bus_dropped.load(Relaxed) + hub_dropped,
+        );
+        f.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1085,6 +1228,7 @@ mod tests {
             .chain(TURN_DEFS)
             .chain(HTTP_FACE_DEFS)
             .chain(USAGE_DEFS)
+            .chain(CLUSTER_DEFS)
         {
             assert!(ALL.iter().any(|a| a.name == d.name));
         }

@@ -15,6 +15,7 @@ mod api_http_face;
 mod api_ice;
 mod api_slow_clients;
 mod browser_turn;
+mod cluster;
 mod example_config;
 mod firewall_nft;
 mod firewall_script;

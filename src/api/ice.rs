@@ -183,7 +183,7 @@ struct Minted {
 }
 
 /// Where `turns:` clients connect: the first TLS listener, else the sniffing TURN port.
-fn turns_port(cfg: &crate::config::Config) -> Option<u16> {
+pub(crate) fn turns_port(cfg: &crate::config::Config) -> Option<u16> {
     if !cfg.tls.enabled() {
         return None;
     }
@@ -245,14 +245,31 @@ fn mint(
         .unwrap_or(0);
     let c = mint_rest_credential(secret, &user, ttl, now, &st.cfg.turn.username_separator);
     let port = st.cfg.turn.listen.first().map_or(3478, SocketAddr::port);
+    let (host, port, tls_port) = match cluster_target(st) {
+        Some(t) => t,
+        None => (host, port, turns_port(&st.cfg)),
+    };
     Ok(Minted {
         username: c.username,
         password: c.password,
         ttl,
         host,
         port,
-        tls_port: turns_port(&st.cfg),
+        tls_port,
     })
+}
+
+/// Cluster mode: the TURN host and ports of the healthy node new sessions should use when
+/// this one is draining or over its ceilings (`None`: this node). The secret is shared, so
+/// the credential works there.
+fn cluster_target(st: &AppState) -> Option<(String, u16, Option<u16>)> {
+    let n = st.cluster.as_ref()?.steer(st.draining())?;
+    let host = if n.turn_host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{}]", n.turn_host)
+    } else {
+        n.turn_host
+    };
+    Some((host, n.turn_port, n.turns_port))
 }
 
 fn with_cors(st: &AppState, headers: &HeaderMap, mut r: Response) -> Response {

@@ -10,7 +10,7 @@
 
 mod conn_limit;
 mod cors;
-mod ice;
+pub(crate) mod ice;
 mod routes;
 mod serve;
 mod tls_listener;
@@ -65,6 +65,8 @@ pub(crate) struct AppState {
     pub http_metrics: Arc<crate::metrics::HttpMetrics>,
     /// Connection caps and counters of the listener (kept across reloads).
     pub conn_limits: Arc<conn_limit::ConnLimits>,
+    /// Cluster mode's view of the other nodes (`[cluster]`), for `/api/ice` steering.
+    pub cluster: Option<Arc<crate::cluster::ClusterView>>,
 }
 
 impl AppState {
@@ -262,6 +264,7 @@ impl HttpService {
                 cfg.api.max_connections,
                 cfg.api.max_connections_per_ip,
             ),
+            cluster: None,
         });
         let live = Live(Arc::new(RwLock::new(Arc::clone(&state))));
         let app = routes::router(live.clone());
@@ -317,6 +320,21 @@ impl HttpService {
     /// `peerjs_path`) and `[relay_ws]` need a restart (the caller reports those).
     pub fn reload(&self, cfg: &Config) -> Result<(), ApiError> {
         let old = self.live.current();
+        self.swap_state(cfg, old.cluster.clone())
+    }
+
+    /// Cluster mode: `/api/ice` and `/api/turn` consult `view` from now on.
+    pub fn set_cluster(&self, view: Arc<crate::cluster::ClusterView>) -> Result<(), ApiError> {
+        let cfg = self.live.current().cfg.clone();
+        self.swap_state(&cfg, Some(view))
+    }
+
+    fn swap_state(
+        &self,
+        cfg: &Config,
+        cluster: Option<Arc<crate::cluster::ClusterView>>,
+    ) -> Result<(), ApiError> {
+        let old = self.live.current();
         let secrets = cfg.turn_secrets()?;
         let tokens = cfg.api_tokens()?;
         old.rooms.with_core(|c| c.set_config(cfg.signal.clone()));
@@ -332,10 +350,16 @@ impl HttpService {
             draining: Arc::clone(&old.draining),
             http_metrics: Arc::clone(&old.http_metrics),
             conn_limits: Arc::clone(&old.conn_limits),
+            cluster,
         }));
         old.conn_limits
             .set_limits(cfg.api.max_connections, cfg.api.max_connections_per_ip);
         Ok(())
+    }
+
+    /// The native room service's hub (cluster mode feeds it bus events).
+    pub fn rooms_hub(&self) -> Arc<Hub<RoomService>> {
+        Arc::clone(&self.live.current().rooms)
     }
 
     /// Starts a graceful drain: new signaling connections get 503; open ones stay.

@@ -115,6 +115,11 @@ impl TurnService {
         }
     }
 
+    /// The TURN core's cross-shard state (cluster mode installs its hook there).
+    pub fn shared(&self) -> Option<&Arc<crate::turn::Shared>> {
+        self.shared.as_ref()
+    }
+
     /// Allocations alive across all workers (0 when started with another shard type).
     pub fn allocations(&self) -> u32 {
         self.shared.as_ref().map_or(0, |s| s.total_allocations())

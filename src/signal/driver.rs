@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use rustc_hash::FxHashMap;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use super::peerjs::PeerJsService;
 use super::protocol::{ErrorCode, ServerMsg};
@@ -201,6 +201,11 @@ pub struct Hub<M> {
     dropped_slow: AtomicU64,
     relay: Option<Arc<RelayHub>>,
     relay_ticket_ttl: u32,
+    /// Cluster mode: where [`Out::Bus`] commands go (the cluster driver; bounded).
+    bus: std::sync::OnceLock<mpsc::Sender<super::bus::BusCmd>>,
+    /// Bus commands dropped because the cluster driver's queue was full (receivers see the
+    /// gap in the sequence and resync).
+    pub bus_dropped: AtomicU64,
 }
 
 /// How writing a burst ended.
@@ -228,7 +233,21 @@ impl<M: Machine> Hub<M> {
             dropped_slow: AtomicU64::new(0),
             relay,
             relay_ticket_ttl,
+            bus: std::sync::OnceLock::new(),
+            bus_dropped: AtomicU64::new(0),
         })
+    }
+
+    /// Cluster mode: bus commands from now on go to `tx`.
+    pub fn set_bus(&self, tx: mpsc::Sender<super::bus::BusCmd>) {
+        let _ = self.bus.set(tx);
+    }
+
+    /// Feeds an input that is not a connection's (a bus event) and carries out the result.
+    pub fn drive(&self, f: impl FnOnce(&mut M) -> Vec<Out>) {
+        let mut g = self.lock();
+        let outs = f(&mut g.core);
+        self.dispatch(&mut g, outs);
     }
 
     /// Runs `f` on the state machine (for HTTP routes that read it).
@@ -277,6 +296,12 @@ impl<M: Machine> Hub<M> {
                         }
                     }
                     Out::Relay(grant) => self.grant_relay(g, grant, &mut dropped),
+                    Out::Bus(cmd) => {
+                        let sent = self.bus.get().is_some_and(|tx| tx.try_send(cmd).is_ok());
+                        if !sent {
+                            self.bus_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
             }
             let now = Instant::now();

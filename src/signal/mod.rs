@@ -6,6 +6,7 @@
 //! It must not carry media or relay data (that is `relay_ws`), mint TURN credentials
 //! (that is `api`), or trust anything a client says about who it is.
 
+pub mod bus;
 pub mod client_ip;
 pub mod driver;
 pub mod names;
@@ -44,4 +45,6 @@ pub enum Out {
     },
     /// Register a relay session and hand each side its ticket.
     Relay(rooms::RelayGrant),
+    /// Cluster mode: publish an event or resync a node through the cluster driver.
+    Bus(bus::BusCmd),
 }

@@ -130,4 +130,6 @@ pub enum ErrorCode {
     TooManyRooms,
     NotInRoom,
     RelayUnavailable,
+    /// Cluster mode: the target is on another node and Redis is unreachable.
+    ClusterUnavailable,
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use super::bus::{BusCmd, BusEvent, Member, RemoteMembers, SeqCheck};
 use super::names::friendly_name;
 use super::protocol::{rate_limited_text, ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
 use super::{shrink_map, ConnId, Out, Text};
@@ -21,6 +22,23 @@ enum RoomKey {
 }
 
 impl RoomKey {
+    /// The room's name on the cluster bus (`lan:KEY` or `room:NAME`).
+    fn bus_name(&self) -> String {
+        match self {
+            RoomKey::Lan(k) => format!("lan:{k}"),
+            RoomKey::Named(n) => format!("room:{n}"),
+        }
+    }
+
+    fn from_bus(name: &str) -> Option<RoomKey> {
+        if let Some(k) = name.strip_prefix("lan:") {
+            Some(RoomKey::Lan(k.to_string()))
+        } else {
+            name.strip_prefix("room:")
+                .map(|n| RoomKey::Named(n.to_string()))
+        }
+    }
+
     /// The name clients see: every client sees its own LAN room as `lan`.
     fn label(&self) -> &str {
         match self {
@@ -79,13 +97,14 @@ const FLOOD_REASON: &str = "flooding: over signal.rate_per_sec after a rate-limi
 
 /// Labels of [`RoomStats::refused`]: why a message was not carried out (each one answered
 /// with an error; see [`refusal_reason`]).
-pub const REFUSAL_REASONS: [&str; 6] = [
+pub const REFUSAL_REASONS: [&str; 7] = [
     "rate_limit",
     "too_large",
     "invalid",
     "no_target",
     "room_limit",
     "relay_unavailable",
+    "cluster_unavailable",
 ];
 const R_RATE: usize = 0;
 
@@ -103,6 +122,7 @@ fn refusal_reason(code: ErrorCode) -> usize {
         ErrorCode::PeerNotFound | ErrorCode::NotInSharedRoom => 3,
         ErrorCode::RoomFull | ErrorCode::TooManyRooms => 4,
         ErrorCode::RelayUnavailable => 5,
+        ErrorCode::ClusterUnavailable => 6,
     }
 }
 
@@ -158,6 +178,11 @@ pub struct RoomService {
     rooms: HashMap<RoomKey, BTreeSet<String>>,
     next_session: u64,
     stats: RoomStats,
+    /// Cluster mode: peers on other nodes and this node's bus sequence (None: one node).
+    bus: Option<RemoteMembers>,
+    /// Bumped on every local membership change, so the cluster driver republishes the
+    /// member list only when it changed.
+    members_version: u64,
 }
 
 impl RoomService {
@@ -180,6 +205,8 @@ impl RoomService {
             rooms: HashMap::new(),
             next_session: 1,
             stats: RoomStats::default(),
+            bus: None,
+            members_version: 0,
         }
     }
 
@@ -372,7 +399,21 @@ impl RoomService {
         members.insert(id.to_string());
         self.peers.get_mut(id).unwrap().rooms.insert(room.clone());
         let me = self.info(id);
-        let peers: Vec<PeerInfo> = others.iter().map(|o| self.info(o)).collect();
+        let mut peers: Vec<PeerInfo> = others.iter().map(|o| self.info(o)).collect();
+        if let Some(b) = self.bus.as_mut() {
+            let bus_room = room.bus_name();
+            peers.extend(
+                b.members(&bus_room)
+                    .into_iter()
+                    .map(|(id, name)| PeerInfo { id, name }),
+            );
+            out.push(Out::Bus(b.publish(BusEvent::Joined {
+                room: bus_room,
+                id: me.id.clone(),
+                name: me.name.clone(),
+            })));
+            self.members_version += 1;
+        }
         let conn = self.peers[id].conn.expect("joining peer is attached");
         out.push(Out::Send {
             conn,
@@ -410,6 +451,13 @@ impl RoomService {
         let rest: Vec<String> = members.iter().cloned().collect();
         if rest.is_empty() {
             self.rooms.remove(room);
+        }
+        if let Some(b) = self.bus.as_mut() {
+            out.push(Out::Bus(b.publish(BusEvent::Left {
+                room: room.bus_name(),
+                id: id.to_string(),
+            })));
+            self.members_version += 1;
         }
         let left: Text = ServerMsg::PeerLeft {
             room: room.label(),
@@ -567,6 +615,9 @@ impl RoomService {
                         text: ServerMsg::Left { room: &room }.to_text().into(),
                     });
                 }
+            }
+            ClientMsg::Signal { to, data } if self.is_remote(&to) => {
+                self.signal_remote(conn, &id, to, data, &mut out)
             }
             ClientMsg::Signal { to, data } => {
                 if let Some(target) = self.check_target(conn, &id, &to, &mut out) {
@@ -808,6 +859,191 @@ impl RoomService {
         }
         for id in expired {
             self.forget(&id);
+        }
+        out
+    }
+}
+
+/// Cluster mode (`[cluster]`): the bus inputs and outputs of the room service. The cluster
+/// driver feeds events from other nodes in and carries [`Out::Bus`] commands out; without
+/// [`RoomService::enable_bus`] none of this is consulted.
+impl RoomService {
+    /// Turns cluster mode on: joins, leaves and cross-node signals become bus commands.
+    pub fn enable_bus(&mut self) {
+        self.bus = Some(RemoteMembers::new());
+    }
+
+    /// Redis reachable or not: while not, signals to peers on other nodes are refused.
+    pub fn bus_state(&mut self, up: bool) {
+        if let Some(b) = self.bus.as_mut() {
+            b.up = up;
+        }
+    }
+
+    /// This node's attached peers and their rooms (the list other nodes resync from), and
+    /// a version that changes whenever it does.
+    pub fn bus_members(&self) -> (u64, Vec<Member>) {
+        let list = self
+            .peers
+            .values()
+            .filter(|p| p.conn.is_some() && !p.rooms.is_empty())
+            .map(|p| Member {
+                id: p.id.clone(),
+                name: p.name.clone(),
+                rooms: p.rooms.iter().map(RoomKey::bus_name).collect(),
+            })
+            .collect();
+        (self.members_version, list)
+    }
+
+    /// Without the bus this is one branch: the single-node signal path is unchanged.
+    fn is_remote(&self, id: &str) -> bool {
+        self.bus.as_ref().is_some_and(|b| b.is_remote(id)) && !self.peers.contains_key(id)
+    }
+
+    /// A `signal` to a peer on another node: published when it shares a room with the
+    /// sender and the bus is up, else refused with the documented error.
+    fn signal_remote(
+        &mut self,
+        conn: ConnId,
+        id: &str,
+        to: String,
+        data: serde_json::Value,
+        out: &mut Vec<Out>,
+    ) {
+        let rooms: BTreeSet<String> = self.peers[id].rooms.iter().map(RoomKey::bus_name).collect();
+        let Some(b) = self.bus.as_mut() else { return };
+        if b.shared(&to, &rooms).is_none() {
+            out.push(Self::error(
+                &mut self.stats,
+                conn,
+                ErrorCode::NotInSharedRoom,
+                "that peer is not in a room with you".into(),
+                Some(&to),
+            ));
+        } else if !b.up {
+            out.push(Self::error(
+                &mut self.stats,
+                conn,
+                ErrorCode::ClusterUnavailable,
+                "that peer is on another node and the cluster bus is unavailable; not sent".into(),
+                Some(&to),
+            ));
+        } else {
+            self.stats.signals_forwarded += 1;
+            out.push(Out::Bus(b.publish(BusEvent::Signal {
+                to,
+                from: id.to_string(),
+                data,
+            })));
+        }
+    }
+
+    /// Sends `text` to the attached local members of bus room `room` (serialised once,
+    /// shared by every recipient).
+    fn tell_local(&self, room: &RoomKey, text: &str, out: &mut Vec<Out>) {
+        let text = Text::from(text.to_string());
+        for m in self.rooms.get(room).into_iter().flatten() {
+            if let Some(c) = self.peers.get(m).and_then(|p| p.conn) {
+                out.push(Out::Send {
+                    conn: c,
+                    text: text.clone(),
+                });
+            }
+        }
+    }
+
+    fn remote_joined(&self, room: &str, id: &str, name: &str, out: &mut Vec<Out>) {
+        if let Some(key) = RoomKey::from_bus(room) {
+            let peer = PeerInfo {
+                id: id.to_string(),
+                name: name.to_string(),
+            };
+            let text = ServerMsg::PeerJoined {
+                room: key.label(),
+                peer,
+            }
+            .to_text();
+            self.tell_local(&key, &text, out);
+        }
+    }
+
+    fn remote_left(&self, room: &str, id: &str, out: &mut Vec<Out>) {
+        if let Some(key) = RoomKey::from_bus(room) {
+            let text = ServerMsg::PeerLeft {
+                room: key.label(),
+                id,
+            }
+            .to_text();
+            self.tell_local(&key, &text, out);
+        }
+    }
+
+    /// An event published by `node` with sequence number `seq`.
+    pub fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(b) = self.bus.as_mut() else {
+            return out;
+        };
+        match b.check_seq(node, seq) {
+            SeqCheck::Duplicate => return out,
+            SeqCheck::Gap => out.push(Out::Bus(BusCmd::Resync {
+                node: node.to_string(),
+            })),
+            SeqCheck::Next => {}
+        }
+        match ev {
+            BusEvent::Joined { room, id, name } => {
+                if b.join(node, &room, &id, &name) {
+                    self.remote_joined(&room, &id, &name, &mut out);
+                }
+            }
+            BusEvent::Left { room, id } => {
+                if b.leave(&room, &id) {
+                    self.remote_left(&room, &id, &mut out);
+                }
+            }
+            BusEvent::Signal { to, from, data } => {
+                let Some((conn, rooms)) = self.peers.get(&to).and_then(|p| {
+                    let rooms: BTreeSet<String> = p.rooms.iter().map(RoomKey::bus_name).collect();
+                    p.conn.map(|c| (c, rooms))
+                }) else {
+                    return out;
+                };
+                if self
+                    .bus
+                    .as_ref()
+                    .is_some_and(|b| b.shared(&from, &rooms).is_some())
+                {
+                    self.stats.signals_forwarded += 1;
+                    out.push(Out::Send {
+                        conn,
+                        text: ServerMsg::Signal {
+                            from: &from,
+                            data: &data,
+                        }
+                        .to_text()
+                        .into(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// `node`'s published member list (after a gap, a reconnect or a new node), or an
+    /// empty one when the node is gone: its peers join and leave the local rooms to match.
+    pub fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(b) = self.bus.as_mut() else {
+            return out;
+        };
+        let (joined, left) = b.replace_node(node, members);
+        for (room, id) in left {
+            self.remote_left(&room, &id, &mut out);
+        }
+        for (room, id, name) in joined {
+            self.remote_joined(&room, &id, &name, &mut out);
         }
         out
     }

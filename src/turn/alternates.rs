@@ -35,6 +35,15 @@ impl Alternates {
         }
     }
 
+    /// Alternates from lists (cluster mode builds them from the node registry).
+    pub fn from_lists(
+        udp: Vec<SocketAddr>,
+        tcp: Vec<SocketAddr>,
+        tls: Vec<(SocketAddr, String)>,
+    ) -> Alternates {
+        Alternates { udp, tcp, tls }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.udp.is_empty() && self.tcp.is_empty() && self.tls.is_empty()
     }

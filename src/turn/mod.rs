@@ -10,8 +10,9 @@
 //! Connect, ConnectionBind, ConnectionAttempt), `reply.rs` (writing and counting answers),
 //! `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool), `policy.rs` (peer
 //! addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`, `alternates.rs` (300 Try
-//! Alternate targets), `usage_tap.rs` (usage records and byte budgets, `crate::usage`);
-//! tests in `tests/`.
+//! Alternate targets), `usage_tap.rs` (usage records and byte budgets, `crate::usage`),
+//! `cluster_hook.rs` (cluster mode's quota snapshot and registry alternates); tests in
+//! `tests/`.
 //!
 //! `impl Server` still continues in `requests.rs`, `tcp_relay.rs` and `reply.rs`, which
 //! import each other through it (issue 13: one way out, `poll_output`, is not done yet).
@@ -37,6 +38,7 @@
 mod allocation;
 pub mod alternates;
 pub mod auth;
+pub mod cluster_hook;
 pub mod nonce;
 pub mod policy;
 pub mod ports;

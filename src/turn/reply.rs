@@ -2,6 +2,7 @@
 //! MESSAGE-INTEGRITY(-SHA256) when the request was authenticated, and FINGERPRINT;
 //! 401/438 challenges with REALM and NONCE. Also counts every answer.
 
+use super::alternates::Alternate;
 use super::auth::Verified;
 use super::server::Server;
 use super::stats::MethodLabel;
@@ -108,8 +109,17 @@ impl Server {
     /// Capacity (RFC 8656 §7.2). Signed like the request, so the client can trust it.
     pub(super) fn no_capacity(&mut self, ctx: &Ctx, out: &mut [u8], v: &Verified) -> Action {
         let cfg = self.cfg.clone();
+        let from_registry;
         let pick = if cfg.alternates.is_empty() {
-            None
+            // Cluster mode: a healthy node from the registry (none on a single node).
+            from_registry = self
+                .shared
+                .cluster()
+                .and_then(|c| c.alternate(ctx.from.transport, ctx.from.client.is_ipv6()));
+            from_registry.as_ref().map(|(addr, d)| Alternate {
+                addr: *addr,
+                domain: d.as_deref(),
+            })
         } else {
             let n = self.shared.next_alternate();
             cfg.alternates

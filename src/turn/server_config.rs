@@ -9,6 +9,7 @@ use rustc_hash::FxHashMap;
 
 use super::alternates::Alternates;
 use super::auth::Credentials;
+use super::cluster_hook::ClusterHook;
 use super::nonce::NonceKey;
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
@@ -143,6 +144,8 @@ pub struct Shared {
     next_alternate: AtomicUsize,
     /// Where allocations report usage (set once at start when accounting is on).
     usage: OnceLock<Arc<crate::usage::Ledger>>,
+    /// Cluster mode's snapshot (`[cluster]`); unset on a single node.
+    cluster: OnceLock<Arc<ClusterHook>>,
 }
 
 impl Shared {
@@ -159,6 +162,29 @@ impl Shared {
             draining: AtomicBool::new(false),
             next_alternate: AtomicUsize::new(0),
             usage: OnceLock::new(),
+            cluster: OnceLock::new(),
+        }
+    }
+
+    /// Installs cluster mode's hook (once, at start): quotas then count the user's
+    /// allocations on other nodes, and 300 may name a node from the registry.
+    pub fn set_cluster(&self, hook: Arc<ClusterHook>) {
+        let _ = self.cluster.set(hook);
+    }
+
+    pub(crate) fn cluster(&self) -> Option<&ClusterHook> {
+        self.cluster.get().map(Arc::as_ref)
+    }
+
+    /// Allocations per user on this node (for the cluster driver's lease writes).
+    pub fn local_user_counts(&self, users: Option<&[String]>) -> Vec<(String, u32)> {
+        let m = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        match users {
+            None => m.iter().map(|(u, n)| (u.clone(), *n)).collect(),
+            Some(us) => us
+                .iter()
+                .map(|u| (u.clone(), m.get(u).copied().unwrap_or(0)))
+                .collect(),
         }
     }
 
@@ -200,7 +226,8 @@ impl Shared {
     ) -> Result<(), QuotaError> {
         let mut m = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.get(user).copied().unwrap_or(0);
-        if n >= user_quota {
+        let remote = self.cluster().map_or(0, |c| c.remote_count(user));
+        if n.saturating_add(remote) >= user_quota {
             return Err(QuotaError::User);
         }
         if self
@@ -213,6 +240,9 @@ impl Shared {
             return Err(QuotaError::Total);
         }
         m.insert(user.to_string(), n + 1);
+        if let Some(c) = self.cluster() {
+            c.mark(user);
+        }
         Ok(())
     }
 
@@ -223,6 +253,9 @@ impl Shared {
             if *n == 0 {
                 m.remove(user);
             }
+        }
+        if let Some(c) = self.cluster() {
+            c.mark(user);
         }
         let _ = self
             .total

@@ -114,6 +114,8 @@ pub struct TernOpts {
     pub extra_sections: String,
     /// Serve `/metrics`, `/healthz`, `/readyz` on a free loopback port (false: disabled).
     pub metrics: bool,
+    /// The REST secret (None: a random one); nodes of one cluster share theirs.
+    pub secret: Option<String>,
 }
 
 impl TernOpts {
@@ -131,6 +133,7 @@ impl TernOpts {
             api: None,
             extra_sections: String::new(),
             metrics: false,
+            secret: None,
         }
     }
 }
@@ -150,7 +153,7 @@ pub struct Tern {
 impl Tern {
     pub fn start(opts: TernOpts) -> Tern {
         let dir = tempfile::tempdir().unwrap();
-        let secret = random_secret();
+        let secret = opts.secret.clone().unwrap_or_else(random_secret);
         let port = if opts.ipv6 {
             free_port_v4_v6()
         } else {

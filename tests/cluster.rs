@@ -1,0 +1,656 @@
+//! Cluster mode (issue 11) with real processes: two or three `tern serve` on loopback, each
+//! with its own ports, sharing one `redis-server` this test starts on a free port (never the
+//! system one). Covers the registry and `tern cluster status`, the cluster-wide user quota
+//! (486 across nodes, freed within the lease after SIGKILL), drain steering of `/api/turn`
+//! and ALTERNATE-SERVER, and a Redis outage and restart.
+
+use crate::common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use stun_types::message::Message;
+
+/// Lease used by these tests (the minimum), seconds.
+const LEASE: u64 = 3;
+const TOKEN: &str = "cluster-test-token";
+
+/// A private `redis-server` on a free loopback port, killed (by PID) on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        if !have_redis() {
+            return None;
+        }
+        Some(Redis::start_on(free_port()))
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let r = Redis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if r.ping() {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not answer PING on port {port}");
+    }
+
+    fn ping(&self) -> bool {
+        self.command("PING").is_some_and(|r| r.starts_with("+PONG"))
+    }
+
+    /// One inline command; the raw reply.
+    fn command(&self, cmd: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn have_redis() -> bool {
+    let found = Command::new("sh")
+        .args(["-c", "command -v redis-server"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server is missing (apt-get install redis-server)"
+        );
+        eprintln!("SKIPPED: redis-server not installed");
+    }
+    found
+}
+
+/// One node of the test cluster.
+fn node(redis: &Redis, id: &str, relay_min: u16, secret: &str, cluster_extra: &str) -> Tern {
+    Tern::start(TernOpts {
+        api: Some(format!("tokens = [\"{TOKEN}\"]\n")),
+        metrics: true,
+        secret: Some(secret.to_string()),
+        extra_turn: "unauth_rate_per_sec = 5000\nunauth_burst = 5000\nuser_quota = 2\n".into(),
+        extra_sections: format!(
+            "[cluster]\nredis_url = \"{}\"\nnode_id = \"{id}\"\nlease_secs = {LEASE}\n{cluster_extra}\n",
+            redis.url()
+        ),
+        drain_timeout_secs: 30,
+        ..TernOpts::new(relay_min)
+    })
+}
+
+/// An authenticated Allocate for user `user` from a fresh socket: (socket, response).
+fn allocate(tern: &Tern, user: &str) -> (UdpSocket, Vec<u8>) {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let first = udp_transaction(&sock, tern.addr(), &allocate_unauthenticated()).expect("401");
+    let (realm, nonce) = realm_and_nonce(&first).expect("REALM and NONCE");
+    let username = format!("{}:{user}", unix_now() + 600);
+    let pw = rest_password(&tern.secret, &username);
+    let resp = udp_transaction(
+        &sock,
+        tern.addr(),
+        &allocate_authenticated(&username, &pw, &realm, &nonce),
+    )
+    .expect("an answer to the authenticated Allocate");
+    (sock, resp)
+}
+
+/// Allocates and asserts success; the socket keeps the allocation's 5-tuple alive.
+fn allocate_ok(tern: &Tern, user: &str) -> UdpSocket {
+    let (sock, resp) = allocate(tern, user);
+    assert_eq!(
+        error_code(&resp),
+        None,
+        "Allocate on :{} refused",
+        tern.port
+    );
+    sock
+}
+
+/// ALTERNATE-SERVER (0x8023) of an IPv4 response.
+fn alternate_server(resp: &[u8]) -> Option<SocketAddr> {
+    let msg = Message::from_bytes(resp).ok()?;
+    let raw = msg.raw_attribute(0x8023.into())?;
+    let v = raw.value.as_ref();
+    (v.len() == 8 && v[1] == 1)
+        .then(|| SocketAddr::from(([v[4], v[5], v[6], v[7]], u16::from_be_bytes([v[2], v[3]]))))
+}
+
+/// The TURN port `/api/turn` on `tern` names (all URIs name one node).
+fn api_turn_port(tern: &Tern) -> u16 {
+    let (status, body) = common::scrape::get(
+        tern.api_port,
+        &format!("/api/turn?service=turn&username=u&key={TOKEN}"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let uri = v["uris"][0].as_str().unwrap().to_string();
+    // turn:127.0.0.1:PORT?transport=udp
+    let hostport = uri.trim_start_matches("turn:").split('?').next().unwrap();
+    hostport.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+fn metric(tern: &Tern, name: &str) -> Option<f64> {
+    let (_, body) = common::scrape::get(tern.metrics_port, "/metrics");
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn renewals(t: &Tern) -> f64 {
+    metric(t, "tern_cluster_quota_lease_operations_total{op=\"renew\"}").unwrap_or(0.0)
+}
+
+/// Waits until `t`'s cluster driver has completed `n` more ticks (each renews the leases
+/// once): after one, what `t` changed before is in Redis; after two, `t` has read what
+/// others wrote before.
+fn after_ticks(t: &Tern, n: f64) {
+    let r0 = renewals(t);
+    wait_for(Duration::from_secs(10), "cluster driver ticks", || {
+        renewals(t) >= r0 + n
+    });
+}
+
+/// Polls `f` every 100 ms until it holds or `limit` passes; the time it took.
+fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+fn tern_cmd(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .output()
+        .expect("run tern");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status_lines(tern: &Tern) -> String {
+    let cfg = tern.config_path();
+    let (ok, out, err) = tern_cmd(&["cluster", "status", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "tern cluster status failed: {err}");
+    out
+}
+
+#[test]
+fn registry_lists_live_nodes_and_check_config_tries_redis() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let secret = random_secret();
+    let a = node(&redis, "node-a", 10000, &secret, "");
+    let b = node(&redis, "node-b", 10200, &secret, "");
+    wait_for(Duration::from_secs(5), "both nodes in the registry", || {
+        let s = status_lines(&a);
+        s.contains("node-a") && s.contains("node-b") && s.contains("2 live node(s)")
+    });
+    let s = status_lines(&b);
+    assert!(
+        s.contains(&format!("127.0.0.1:{}", a.port))
+            && s.contains(&format!("127.0.0.1:{}", b.port)),
+        "{s}"
+    );
+    assert_eq!(metric(&a, "tern_cluster_redis_up"), Some(1.0));
+    wait_for(Duration::from_secs(3), "nodes gauge", || {
+        metric(&a, "tern_cluster_nodes") == Some(2.0)
+    });
+    // Every cluster metric the Grafana dashboard queries is in a cluster node's scrape.
+    let (_, scrape) = common::scrape::get(a.metrics_port, "/metrics");
+    let names = crate::metrics_live::sample_names(&scrape);
+    let cluster: Vec<_> = crate::metrics_live::dashboard_metrics()
+        .into_iter()
+        .filter(|m| m.starts_with("tern_cluster_"))
+        .collect();
+    assert!(cluster.len() >= 5, "{cluster:?}");
+    for m in &cluster {
+        assert!(
+            names.contains(m),
+            "the dashboard queries {m}, not in a cluster node's scrape"
+        );
+    }
+
+    let cfg = a.config_path();
+    let (ok, out, _) = tern_cmd(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert!(ok && out.contains("answered PING"), "{out}");
+    let (ok, out, _) = tern_cmd(&[
+        "check-config",
+        "--offline",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(ok && !out.contains("PING"), "{out}");
+
+    // A node stopped cleanly leaves at once; the registry keeps the other.
+    assert!(b.terminate());
+    let s = status_lines(&a);
+    assert!(s.contains("1 live node(s)") && !s.contains("node-b"), "{s}");
+
+    redis.kill();
+    let (ok, out, _) = tern_cmd(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert!(ok && out.contains("not reachable"), "{out}");
+    let (ok, _, err) = tern_cmd(&["cluster", "status", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("cannot read the registry"), "{err}");
+}
+
+#[test]
+fn bad_cluster_keys_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.toml");
+    for (text, key) in [
+        ("redis_url = \"http://x\"", "cluster.redis_url"),
+        (
+            "redis_url = \"redis://127.0.0.1:1\"\nlease_secs = 1",
+            "cluster.lease_secs",
+        ),
+        (
+            "redis_url = \"redis://127.0.0.1:1\"\nnode_id = \"a b\"",
+            "cluster.node_id",
+        ),
+        (
+            "redis_url = \"redis://127.0.0.1:1\"\nredis_password_file = \"/nonexistent/pw\"",
+            "cluster.redis_password_file",
+        ),
+        (
+            "redis_url = \"redis://127.0.0.1:1\"\nadvertise_http_url = \"turn.example\"",
+            "cluster.advertise_http_url",
+        ),
+    ] {
+        std::fs::write(&p, format!("[cluster]\n{text}\n")).unwrap();
+        let (ok, _, err) = tern_cmd(&["check-config", "--config", p.to_str().unwrap()]);
+        assert!(!ok && err.contains(key), "{text}: {err}");
+    }
+}
+
+#[test]
+fn user_quota_spans_nodes_and_frees_within_the_lease_after_sigkill() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let secret = random_secret();
+    let mut a = node(&redis, "quota-a", 10400, &secret, "");
+    let b = node(&redis, "quota-b", 10600, &secret, "");
+    // user_quota = 2: both on A.
+    let _held = [allocate_ok(&a, "alice"), allocate_ok(&a, "alice")];
+    let (_s, third) = allocate(&a, "alice");
+    assert_eq!(error_code(&third), Some(486), "third on the same node");
+    // A writes its lease at its next tick, B reads it at one of its next: then alice is
+    // at quota on B too.
+    after_ticks(&a, 1.0);
+    after_ticks(&b, 2.0);
+    assert_eq!(
+        error_code(&allocate(&b, "alice").1),
+        Some(486),
+        "alice on node B"
+    );
+    // Another user is unaffected.
+    let _bob = allocate_ok(&b, "bob");
+    after_ticks(&b, 1.0);
+    assert!(
+        metric(
+            &b,
+            "tern_cluster_quota_lease_operations_total{op=\"write\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+
+    // SIGKILL: A cannot withdraw its leases; they lapse within one lease.
+    a.signal(libc::SIGKILL);
+    assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+    let took = wait_for(
+        Duration::from_secs(LEASE + 3),
+        "alice's quota freed on B after A died",
+        || error_code(&allocate(&b, "alice").1).is_none(),
+    );
+    eprintln!("quota freed {took:?} after SIGKILL (lease {LEASE} s)");
+    // The dead node left the registry too.
+    let s = status_lines(&b);
+    assert!(!s.contains("quota-a") && s.contains("quota-b"), "{s}");
+}
+
+#[test]
+fn drain_steers_credentials_and_alternate_server_to_a_healthy_node() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let secret = random_secret();
+    // A: healthy, lightly loaded; B: healthy, half full; C: full (steers away from itself).
+    let a = node(&redis, "steer-a", 10800, &secret, "max_allocations = 100");
+    let b = node(&redis, "steer-b", 11000, &secret, "max_allocations = 2");
+    let c = node(&redis, "steer-c", 11200, &secret, "max_allocations = 1");
+    // A keeps one allocation so its drain lasts; B is at 1/2, C at 1/1.
+    let _a1 = allocate_ok(&a, "ua");
+    let _b1 = allocate_ok(&b, "ub");
+    let _c1 = allocate_ok(&c, "uc");
+    assert_eq!(api_turn_port(&a), a.port, "a healthy node names itself");
+    wait_for(
+        Duration::from_secs(5),
+        "full C steers to A (least loaded)",
+        || api_turn_port(&c) == a.port,
+    );
+
+    a.signal(libc::SIGTERM);
+    let took = wait_for(Duration::from_secs(3), "C stops naming draining A", || {
+        api_turn_port(&c) == b.port
+    });
+    eprintln!("C steered away from draining A within {took:?}");
+    assert_eq!(api_turn_port(&a), b.port, "draining A names B");
+    assert!(metric(&a, "tern_cluster_ice_steered_total").unwrap() >= 1.0);
+    // New allocations on A: 300 Try Alternate naming B's TURN address.
+    wait_for(
+        Duration::from_secs(3),
+        "300 with B's address from A",
+        || {
+            let (_s, resp) = allocate(&a, "newcomer");
+            error_code(&resp) == Some(300) && alternate_server(&resp) == Some(b.addr())
+        },
+    );
+    // Full C is never offered: A's alternates and B's credentials skip it.
+    assert_eq!(api_turn_port(&b), b.port);
+}
+
+#[test]
+fn redis_outage_keeps_nodes_serving_and_restart_repopulates() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let port = redis.port;
+    let secret = random_secret();
+    let mut a = node(&redis, "outage-a", 11400, &secret, "");
+    let b = node(&redis, "outage-b", 11600, &secret, "");
+    let _held = [allocate_ok(&b, "carol"), allocate_ok(&b, "carol")];
+    after_ticks(&b, 1.0);
+    after_ticks(&a, 2.0);
+    assert_eq!(
+        error_code(&allocate(&a, "carol").1),
+        Some(486),
+        "carol at quota on A"
+    );
+    let rss_before = a.rss_kib();
+
+    redis.kill();
+    wait_for(Duration::from_secs(5), "redis_up 0 on A", || {
+        metric(&a, "tern_cluster_redis_up") == Some(0.0)
+    });
+    // Alone, A applies the local quota: carol may allocate here again.
+    let _local = allocate_ok(&a, "carol");
+    // Credentials still come, naming A itself.
+    assert_eq!(api_turn_port(&a), a.port);
+    // 200 users allocate while Redis is away: their quota marks must not pile up.
+    let mut churn = Vec::new();
+    for i in 0..200 {
+        churn.push(allocate_ok(&a, &format!("churn{i}")));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(a.alive());
+    let outages = a.log().matches("cluster: Redis unreachable").count();
+    assert_eq!(outages, 1, "one log line per outage:\n{}", a.log());
+    let rss_during = a.rss_kib();
+    assert!(
+        rss_during < rss_before + 20 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_during} KiB during the outage"
+    );
+
+    // Redis comes back empty on the same port: both nodes re-announce within a lease.
+    let restarted = Redis::start_on(port);
+    let took = wait_for(
+        Duration::from_secs(LEASE + 6),
+        "both nodes back in the registry",
+        || {
+            let s = status_lines(&a);
+            s.contains("outage-a") && s.contains("outage-b")
+        },
+    );
+    eprintln!("registry repopulated {took:?} after Redis restarted");
+    assert_eq!(metric(&a, "tern_cluster_redis_up"), Some(1.0));
+    assert!(metric(&a, "tern_cluster_redis_connects_total").unwrap() >= 2.0);
+    assert!(
+        metric(
+            &b,
+            "tern_cluster_quota_lease_operations_total{op=\"rewrite\"}"
+        )
+        .unwrap()
+            >= 2.0
+    );
+    // B's leases were rewritten: carol (2 on B, 1 on A) is over quota on both again.
+    after_ticks(&b, 1.0);
+    after_ticks(&a, 2.0);
+    assert_eq!(
+        error_code(&allocate(&a, "carol").1),
+        Some(486),
+        "carol's leases repopulated"
+    );
+    assert!(restarted
+        .command("KEYS tern:quota:*")
+        .is_some_and(|r| r.contains("outage-b")));
+    assert!(a.log().contains("Redis reachable again"));
+}
+
+/// Reads messages until one satisfies `want` (others are skipped), within `limit`.
+async fn wait_msg(
+    ws: &mut crate::signal_common::Ws,
+    limit: Duration,
+    what: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let m = tokio::time::timeout_at(deadline, crate::signal_common::next_json(ws))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not within {limit:?}"));
+        if want(&m) {
+            return m;
+        }
+    }
+}
+
+#[test]
+fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers() {
+    use crate::signal_common::{send_text, ws};
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let port = redis.port;
+    let secret = random_secret();
+    let a = node(&redis, "sig-a", 11800, &secret, "");
+    let b = node(&redis, "sig-b", 12000, &secret, "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = Duration::from_secs(10);
+        let mut a1 = ws(a.api_addr(), "/ws").await;
+        let wa = wait_msg(&mut a1, t, "welcome on A", |m| m["type"] == "welcome").await;
+        let a1_id = wa["id"].as_str().unwrap().to_string();
+        // A publishes its member list at its next tick; B reads it at one of its next.
+        after_ticks(&a, 1.0);
+        after_ticks(&b, 2.0);
+        let mut b1 = ws(b.api_addr(), "/ws").await;
+        let wb = wait_msg(&mut b1, t, "welcome on B", |m| m["type"] == "welcome").await;
+        let b1_id = wb["id"].as_str().unwrap().to_string();
+        // The LAN room (both on 127.0.0.1) spans the nodes.
+        let lan = wait_msg(&mut b1, t, "lan members on B", |m| m["type"] == "room").await;
+        assert_eq!(lan["room"], "lan");
+        assert!(
+            lan["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["id"] == a1_id.as_str()),
+            "{lan}"
+        );
+        wait_msg(&mut a1, t, "B's peer joins A's lan room", |m| {
+            m["type"] == "peer-joined" && m["room"] == "lan" && m["peer"]["id"] == b1_id.as_str()
+        })
+        .await;
+
+        // A named room across nodes: member list, join event, messages both ways, in order.
+        send_text(&mut a1, r#"{"type":"join","room":"r1"}"#).await;
+        wait_msg(&mut a1, t, "r1 on A", |m| {
+            m["type"] == "room" && m["room"] == "r1"
+        })
+        .await;
+        send_text(&mut b1, r#"{"type":"join","room":"r1"}"#).await;
+        let r1 = wait_msg(&mut b1, t, "r1 on B", |m| {
+            m["type"] == "room" && m["room"] == "r1"
+        })
+        .await;
+        // A's join travels by pub/sub: B lists a1 at once if the event came first, else
+        // announces a1 as soon as it arrives.
+        let listed = r1["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == a1_id.as_str());
+        if !listed {
+            wait_msg(&mut b1, t, "a1 in r1 on B", |m| {
+                m["type"] == "peer-joined" && m["room"] == "r1" && m["peer"]["id"] == a1_id.as_str()
+            })
+            .await;
+        }
+        wait_msg(&mut a1, t, "B joins r1", |m| {
+            m["type"] == "peer-joined" && m["room"] == "r1" && m["peer"]["id"] == b1_id.as_str()
+        })
+        .await;
+        for i in 0..50 {
+            send_text(
+                &mut a1,
+                &format!(r#"{{"type":"signal","to":"{b1_id}","data":{{"n":{i}}}}}"#),
+            )
+            .await;
+        }
+        for i in 0..50 {
+            let m = wait_msg(&mut b1, t, "signal from A", |m| m["type"] == "signal").await;
+            assert_eq!(m["from"], a1_id.as_str());
+            assert_eq!(m["data"]["n"], i, "in order per sender");
+        }
+        let published = "tern_cluster_bus_messages_total{direction=\"published\"}";
+        let received = "tern_cluster_bus_messages_total{direction=\"received\"}";
+        assert!(metric(&a, published).unwrap() >= 50.0);
+        assert!(metric(&b, received).unwrap() >= 50.0);
+        send_text(
+            &mut b1,
+            &format!(r#"{{"type":"signal","to":"{a1_id}","data":"hi"}}"#),
+        )
+        .await;
+        let m = wait_msg(&mut a1, t, "signal from B", |m| m["type"] == "signal").await;
+        assert_eq!(
+            (m["from"].as_str(), m["data"].as_str()),
+            (Some(b1_id.as_str()), Some("hi"))
+        );
+
+        // Redis killed: rooms within a node keep working, cross-node sends get an error.
+        redis.kill();
+        wait_for(Duration::from_secs(5), "A notices the outage", || {
+            metric(&a, "tern_cluster_redis_up") == Some(0.0)
+        });
+        let mut a2 = ws(a.api_addr(), "/ws").await;
+        wait_msg(&mut a2, t, "welcome on A during the outage", |m| {
+            m["type"] == "welcome"
+        })
+        .await;
+        send_text(&mut a2, r#"{"type":"join","room":"r1"}"#).await;
+        wait_msg(&mut a1, t, "local join during the outage", |m| {
+            m["type"] == "peer-joined" && m["room"] == "r1"
+        })
+        .await;
+        send_text(
+            &mut a1,
+            &format!(r#"{{"type":"signal","to":"{b1_id}","data":1}}"#),
+        )
+        .await;
+        let e = wait_msg(&mut a1, t, "cross-node error", |m| m["type"] == "error").await;
+        assert_eq!(e["code"], "cluster-unavailable", "{e}");
+        assert_eq!(e["to"], b1_id.as_str());
+
+        // Redis back (empty): delivery resumes within seconds, no restart of Tern.
+        let _restarted = Redis::start_on(port);
+        let start = Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "no cross-node delivery after restart"
+            );
+            send_text(
+                &mut a1,
+                &format!(r#"{{"type":"signal","to":"{b1_id}","data":"back"}}"#),
+            )
+            .await;
+            let got = tokio::time::timeout(Duration::from_millis(500), async {
+                loop {
+                    let m = crate::signal_common::next_json(&mut b1).await;
+                    if m["type"] == "signal" && m["data"] == "back" {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if got.is_ok() {
+                break;
+            }
+        }
+        eprintln!(
+            "cross-node delivery back {:?} after Redis restarted",
+            start.elapsed()
+        );
+
+        // B killed: its peer leaves A's rooms within the lease.
+        b.signal(libc::SIGKILL);
+        let killed = Instant::now();
+        wait_msg(
+            &mut a1,
+            Duration::from_secs(LEASE + 5),
+            "B's peer leaves r1",
+            |m| m["type"] == "peer-left" && m["room"] == "r1" && m["id"] == b1_id.as_str(),
+        )
+        .await;
+        eprintln!(
+            "peer of the killed node left {:?} after SIGKILL",
+            killed.elapsed()
+        );
+    });
+}
