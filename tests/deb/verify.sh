@@ -240,9 +240,13 @@ grep -qx 'realm = "verify.example.org"' /etc/tern/tern.toml || fail "remove lost
 getent passwd tern >/dev/null || fail "remove deleted the user"
 dpkg-query -W -f='${Status}\n' tern | grep -q 'config-files' || fail "not in config-files state"
 
-step "apt-get purge: config, secret, user and group gone"
+step "apt-get purge: config, secret, usage store, user and group gone"
+# The usage store as the unit's StateDirectory=tern leaves it after a run under systemd.
+install -d -o tern -g tern -m 0750 /var/lib/tern
+install -o tern -g tern -m 0640 /dev/null /var/lib/tern/usage.db
 apt-get purge -y -q tern
 installed=no
+[ ! -e /var/lib/tern ] || fail "/var/lib/tern is still there: $(ls -A /var/lib/tern)"
 [ ! -e /etc/tern ] || fail "/etc/tern is still there: $(ls -A /etc/tern)"
 getent passwd tern >/dev/null && fail "user tern is still there"
 getent group tern >/dev/null && fail "group tern is still there"
