@@ -418,7 +418,10 @@ impl<M: Machine> Hub<M> {
                 biased;
                 () = outbox.wake.notified() => {
                     outbox.take(&mut batch);
-                    match Self::write(&mut socket, &mut batch).await {
+                    // Boxed, like every rarely-running branch here: a burst's future (its
+                    // timer most of all) would otherwise be part of the task's state that
+                    // every idle connection keeps (see `tests::idle_task_is_small`).
+                    match Box::pin(Self::write(&mut socket, &mut batch)).await {
                         Wrote::Open => {}
                         Wrote::Closed => {
                             we_closed = true;
@@ -444,7 +447,7 @@ impl<M: Machine> Hub<M> {
                             self.lock().outboxes.remove(&conn);
                             batch.clear();
                             batch.push_back(Frame::Close(1009, "message too large"));
-                            let _ = Self::write(&mut socket, &mut batch).await;
+                            let _ = Box::pin(Self::write(&mut socket, &mut batch)).await;
                         }
                         break;
                     }
@@ -469,11 +472,32 @@ impl<M: Machine> Hub<M> {
                     }
                 }
             };
-            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+            let _ = Box::pin(tokio::time::timeout(Duration::from_secs(5), drain)).await;
         } else {
             // The client closed (or the socket failed): answer its Close, never waiting on a
             // dead client for long.
-            let _ = tokio::time::timeout(Duration::from_secs(5), socket.close()).await;
+            let _ = Box::pin(tokio::time::timeout(Duration::from_secs(5), socket.close())).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output_size<A, R>(_: &impl FnOnce(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every connected peer keeps its task's state for as long as it is connected, idle or
+    /// not: the state of `Hub::run` (which holds the 368-byte WebSocket) must stay small.
+    /// Inlining a write burst's future (its timer) again makes it 1176 bytes.
+    #[test]
+    fn idle_task_is_small() {
+        let run = |(hub, socket): (Arc<Hub<PeerJsService>>, WebSocket)| {
+            hub.run(socket, |_core, _conn, _now| Vec::new())
+        };
+        let size = output_size(&run);
+        assert!(size <= 1024, "Hub::run's future is {size} bytes");
     }
 }
