@@ -210,6 +210,8 @@ impl SignalBus {
                 }
                 Ok(())
             }
+            // PeerJS claims: the room machine never emits them.
+            BusCmd::Claim { .. } | BusCmd::Release { .. } => Ok(()),
         }
     }
 

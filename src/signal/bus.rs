@@ -34,6 +34,21 @@ pub enum BusEvent {
         from: String,
         data: serde_json::Value,
     },
+    /// PeerJS: the publishing node holds id `id` now (its claim in Redis succeeded).
+    PeerjsOpen {
+        id: String,
+    },
+    /// PeerJS: the publishing node no longer holds `id`.
+    PeerjsClose {
+        id: String,
+    },
+    /// PeerJS: a message from `from` (on the publishing node) for `to` (held by another
+    /// node), already serialized as the `peer` server forwards it: sent as is.
+    Peerjs {
+        to: String,
+        from: String,
+        text: String,
+    },
 }
 
 /// What travels on the channel: the event, who published it and its sequence number.
@@ -51,6 +66,11 @@ pub enum BusCmd {
     Publish { seq: u64, ev: BusEvent },
     /// Read `node`'s published member list and hand it to `RoomService::bus_snapshot`.
     Resync { node: String },
+    /// PeerJS: claim `id` cluster-wide (`SET NX` with a lease) and hand the outcome to
+    /// `PeerJsService::claim_result`.
+    Claim { id: String },
+    /// PeerJS: this node no longer holds `id`; delete its claim if it is still ours.
+    Release { id: String },
 }
 
 /// A peer of this node as published in its member list (`{prefix}members:{node}`).
