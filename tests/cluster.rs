@@ -654,3 +654,90 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
         );
     });
 }
+
+fn peerjs_path(id: &str, token: &str) -> String {
+    format!("/peerjs/peerjs?key=peerjs&id={id}&token={token}&version=1.5.5")
+}
+
+#[test]
+fn peerjs_ids_and_messages_span_nodes_and_a_killed_nodes_ids_free_within_the_lease() {
+    use crate::signal_common::{next_json, send_text, ws};
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let secret = random_secret();
+    let a = node(&redis, "pj-a", 12200, &secret, "");
+    let b = node(&redis, "pj-b", 12400, &secret, "");
+    // Both nodes see each other before the peers arrive.
+    after_ticks(&a, 2.0);
+    after_ticks(&b, 2.0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = Duration::from_secs(10);
+        let mut alice = ws(a.api_addr(), &peerjs_path("alice", "ta")).await;
+        assert_eq!(next_json(&mut alice).await["type"], "OPEN");
+        assert!(
+            redis
+                .command("GET tern:peerjs:id:alice")
+                .is_some_and(|r| r.contains("pj-a")),
+            "alice claimed by node A in Redis"
+        );
+        // The same id on the other node, another token: ID-TAKEN, closed.
+        let mut thief = ws(b.api_addr(), &peerjs_path("alice", "stolen")).await;
+        let m = tokio::time::timeout(t, next_json(&mut thief)).await.unwrap();
+        assert_eq!(m["type"], "ID-TAKEN", "{m}");
+        let mut bob = ws(b.api_addr(), &peerjs_path("bob", "tb")).await;
+        assert_eq!(next_json(&mut bob).await["type"], "OPEN");
+
+        // OFFER and CANDIDATEs from A to B: intact, in order, src set by the server.
+        let sdp: String = "v=0\r\nä→✓ ".repeat(2000);
+        let offer = serde_json::json!({"type":"OFFER","dst":"bob","payload":{"sdp":sdp,"type":"data","connectionId":"dc_1"}});
+        send_text(&mut alice, &offer.to_string()).await;
+        for i in 0..100 {
+            send_text(
+                &mut alice,
+                &format!(r#"{{"type":"CANDIDATE","dst":"bob","payload":{{"n":{i}}}}}"#),
+            )
+            .await;
+        }
+        let m = tokio::time::timeout(t, next_json(&mut bob)).await.unwrap();
+        assert_eq!(m["type"], "OFFER");
+        assert_eq!(m["src"], "alice");
+        assert_eq!(m["dst"], "bob");
+        assert_eq!(m["payload"]["sdp"].as_str(), Some(sdp.as_str()), "intact");
+        for i in 0..100 {
+            let m = tokio::time::timeout(t, next_json(&mut bob)).await.unwrap();
+            assert_eq!((m["type"].as_str(), m["src"].as_str()), (Some("CANDIDATE"), Some("alice")));
+            assert_eq!(m["payload"]["n"], i, "in order");
+        }
+        // ANSWER back from B to A.
+        send_text(&mut bob, r#"{"type":"ANSWER","dst":"alice","payload":{"sdp":"ok"}}"#).await;
+        let m = tokio::time::timeout(t, next_json(&mut alice)).await.unwrap();
+        assert_eq!(
+            m,
+            serde_json::json!({"type":"ANSWER","src":"bob","dst":"alice","payload":{"sdp":"ok"}})
+        );
+        // An id on no node: EXPIRE after expire_timeout (5 s).
+        send_text(&mut alice, r#"{"type":"OFFER","dst":"nobody","payload":{}}"#).await;
+        let m = tokio::time::timeout(t, next_json(&mut alice)).await.unwrap();
+        assert_eq!(m, serde_json::json!({"type":"EXPIRE","src":"nobody","dst":"alice"}));
+
+        // B killed: bob's id is free on A within the lease.
+        b.signal(libc::SIGKILL);
+        let killed = Instant::now();
+        loop {
+            assert!(
+                killed.elapsed() < Duration::from_secs(LEASE + 5),
+                "bob's id not free within the lease"
+            );
+            let mut again = ws(a.api_addr(), &peerjs_path("bob", "new")).await;
+            let m = tokio::time::timeout(t, next_json(&mut again)).await.unwrap();
+            if m["type"] == "OPEN" {
+                break;
+            }
+            assert_eq!(m["type"], "ID-TAKEN", "{m}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!("killed node's PeerJS id free {:?} after SIGKILL", killed.elapsed());
+    });
+}

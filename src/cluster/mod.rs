@@ -209,6 +209,7 @@ impl ClusterService {
         load: LoadFn,
         counts: CountsFn,
         rooms: Option<Arc<crate::signal::driver::Hub<crate::signal::rooms::RoomService>>>,
+        peerjs: Option<Arc<crate::signal::driver::Hub<crate::signal::peerjs::PeerJsService>>>,
     ) -> Result<ClusterService, crate::config::ConfigError> {
         let info = conn::connection_info(&cfg.cluster, None).map_err(|m| {
             crate::config::ConfigError::Invalid {
@@ -225,6 +226,7 @@ impl ClusterService {
             0 => cfg.turn.total_quota,
             n => n,
         };
+        let lease_ms = u64::from(cfg.cluster.lease_secs) * 1000;
         let d = driver::Driver {
             info,
             url: conn::redacted_url(&cfg.cluster.redis_url),
@@ -249,6 +251,20 @@ impl ClusterService {
                     id.clone(),
                     registry::Keys::new(&cfg.cluster.key_prefix),
                     Arc::clone(&view),
+                    lease_ms,
+                )
+            }),
+            peerjs: peerjs.map(|hub| {
+                let (tx, rx) = tokio::sync::mpsc::channel(signal_bus::CMD_QUEUE);
+                hub.with_core(|m| m.enable_bus());
+                hub.set_bus(tx);
+                signal_bus::SignalBus::new(
+                    hub,
+                    rx,
+                    id.clone(),
+                    registry::Keys::new(&cfg.cluster.key_prefix),
+                    Arc::clone(&view),
+                    lease_ms,
                 )
             }),
         };

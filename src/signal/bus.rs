@@ -81,6 +81,57 @@ pub struct Member {
     pub rooms: Vec<String>,
 }
 
+/// A sans-IO state machine on the cluster bus (the native rooms, the PeerJS realm): what
+/// the Redis side (`crate::cluster`) needs of it. Each has its own channel, sequence and
+/// published member list.
+pub trait BusMachine: super::driver::Machine {
+    /// Its channel and member-list name (`{prefix}bus:{CHANNEL}`).
+    const CHANNEL: &'static str;
+    fn bus_state(&mut self, up: bool);
+    fn bus_members(&self) -> (u64, Vec<Member>);
+    fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent) -> Vec<super::Out>;
+    fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<super::Out>;
+    /// The outcome of a [`BusCmd::Claim`] (only the PeerJS realm claims).
+    fn claim_result(&mut self, _id: &str, _ok: bool) -> Vec<super::Out> {
+        Vec::new()
+    }
+}
+
+impl BusMachine for super::rooms::RoomService {
+    const CHANNEL: &'static str = "rooms";
+    fn bus_state(&mut self, up: bool) {
+        Self::bus_state(self, up);
+    }
+    fn bus_members(&self) -> (u64, Vec<Member>) {
+        Self::bus_members(self)
+    }
+    fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent) -> Vec<super::Out> {
+        Self::bus_event(self, node, seq, ev)
+    }
+    fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<super::Out> {
+        Self::bus_snapshot(self, node, members)
+    }
+}
+
+impl BusMachine for super::peerjs::PeerJsService {
+    const CHANNEL: &'static str = "peerjs";
+    fn bus_state(&mut self, up: bool) {
+        Self::bus_state(self, up);
+    }
+    fn bus_members(&self) -> (u64, Vec<Member>) {
+        Self::bus_members(self)
+    }
+    fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent) -> Vec<super::Out> {
+        Self::bus_event(self, node, seq, ev, std::time::Instant::now())
+    }
+    fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<super::Out> {
+        Self::bus_snapshot(self, node, members)
+    }
+    fn claim_result(&mut self, id: &str, ok: bool) -> Vec<super::Out> {
+        Self::claim_result(self, id, ok)
+    }
+}
+
 /// How an incoming sequence number relates to the last one from that node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeqCheck {
