@@ -2,7 +2,7 @@
 //! with its own ports, sharing one `redis-server` this test starts on a free port (never the
 //! system one). Covers the registry and `tern cluster status`, the cluster-wide user quota
 //! (486 across nodes, freed within the lease after SIGKILL), drain steering of `/api/turn`
-//! and ALTERNATE-SERVER, and a Redis outage and restart.
+//! and ALTERNATE-SERVER, a Redis outage and restart, native rooms and PeerJS across nodes.
 
 use crate::common;
 
@@ -660,11 +660,12 @@ fn peerjs_path(id: &str, token: &str) -> String {
 }
 
 #[test]
-fn peerjs_ids_and_messages_span_nodes_and_a_killed_nodes_ids_free_within_the_lease() {
+fn peerjs_ids_and_messages_span_nodes_survive_a_redis_restart_and_free_a_killed_nodes_ids() {
     use crate::signal_common::{next_json, send_text, ws};
-    let Some(redis) = Redis::start() else {
+    let Some(mut redis) = Redis::start() else {
         return;
     };
+    let port = redis.port;
     let secret = random_secret();
     let a = node(&redis, "pj-a", 12200, &secret, "");
     let b = node(&redis, "pj-b", 12400, &secret, "");
@@ -721,6 +722,45 @@ fn peerjs_ids_and_messages_span_nodes_and_a_killed_nodes_ids_free_within_the_lea
         send_text(&mut alice, r#"{"type":"OFFER","dst":"nobody","payload":{}}"#).await;
         let m = tokio::time::timeout(t, next_json(&mut alice)).await.unwrap();
         assert_eq!(m, serde_json::json!({"type":"EXPIRE","src":"nobody","dst":"alice"}));
+
+        // Redis killed: a send to a peer on the other node gets EXPIRE at once (never
+        // ERROR); peers on one node keep working and new ids open.
+        redis.kill();
+        wait_for(Duration::from_secs(5), "A notices the outage", || {
+            metric(&a, "tern_cluster_redis_up") == Some(0.0)
+        });
+        send_text(&mut alice, r#"{"type":"OFFER","dst":"bob","payload":{}}"#).await;
+        let m = tokio::time::timeout(t, next_json(&mut alice)).await.unwrap();
+        assert_eq!(m, serde_json::json!({"type":"EXPIRE","src":"bob","dst":"alice"}));
+        let mut carol = ws(a.api_addr(), &peerjs_path("carol", "tc")).await;
+        assert_eq!(next_json(&mut carol).await["type"], "OPEN");
+        send_text(&mut alice, r#"{"type":"CANDIDATE","dst":"carol","payload":{"c":1}}"#).await;
+        let m = tokio::time::timeout(t, next_json(&mut carol)).await.unwrap();
+        assert_eq!((m["type"].as_str(), m["src"].as_str()), (Some("CANDIDATE"), Some("alice")));
+
+        // Redis back (empty): delivery across nodes resumes without restarting Tern.
+        let _restarted = Redis::start_on(port);
+        let back = Instant::now();
+        loop {
+            assert!(back.elapsed() < Duration::from_secs(15), "no delivery after restart");
+            send_text(&mut alice, r#"{"type":"CANDIDATE","dst":"bob","payload":"back"}"#).await;
+            let got = tokio::time::timeout(Duration::from_millis(500), async {
+                loop {
+                    let m = next_json(&mut bob).await;
+                    if m["payload"] == "back" {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if got.is_ok() {
+                break;
+            }
+        }
+        eprintln!("PeerJS delivery across nodes back {:?} after Redis restarted", back.elapsed());
+        assert!(_restarted
+            .command("GET tern:peerjs:id:bob")
+            .is_some_and(|r| r.contains("pj-b")), "claims rewritten after the restart");
 
         // B killed: bob's id is free on A within the lease.
         b.signal(libc::SIGKILL);
