@@ -5,8 +5,9 @@
 //! registry record and the view of the others (`registry.rs`), the per-user quota leases
 //! (written from the TURN core's [`crate::turn::cluster_hook::ClusterHook`] snapshot), the
 //! steering choice `/api/ice` and ALTERNATE-SERVER consult ([`ClusterView`]), the Redis
-//! side of the native rooms' bus (`signal_bus.rs`: pub/sub, member-list leases, resyncs;
-//! the room logic itself is the sans-IO `crate::signal::bus`), and `tern cluster status`
+//! side of the native rooms' and the PeerJS realm's bus (`signal_bus.rs`: pub/sub,
+//! member-list leases, resyncs, PeerJS id claims; the logic itself is in the sans-IO
+//! machines, `crate::signal::bus`), and `tern cluster status`
 //! (`status.rs`).
 //!
 //! Must not: run at all without `[cluster]` (the daemon starts nothing of it and installs

@@ -1,7 +1,9 @@
-//! The Redis side of the native rooms' cluster bus (`crate::signal::bus`): a subscriber
-//! connection on `{prefix}rooms` whose pushes (RESP3) land in a bounded queue, publishing
-//! the room machine's [`BusCmd`]s, this node's member list as a lease
-//! (`{prefix}members:{node}`, hash peer id → JSON), and resyncs of other nodes from theirs.
+//! The Redis side of the cluster bus (`crate::signal::bus`), one instance per
+//! [`BusMachine`] (the native rooms, the PeerJS realm): a subscriber connection on
+//! `{prefix}bus:{CHANNEL}` whose pushes (RESP3) land in a bounded queue, publishing the
+//! machine's [`BusCmd`]s, this node's member list as a lease (`{prefix}members:{node}`,
+//! hash peer id → JSON), resyncs of other nodes from theirs, and the PeerJS id claims
+//! (`SET NX PX`, renewed each tick, compare-and-delete on release).
 //!
 //! Bounded everywhere: the machine's commands and the pushes each go through a fixed-size
 //! queue; what does not fit is dropped and shows up as a sequence gap, which the receiver

@@ -1,6 +1,7 @@
-//! Cluster bus for the native room service (`[cluster]`, docs/cluster.md): the events one
-//! node publishes about its own peers (joins, leaves, signals to a peer elsewhere), the
-//! commands the room machine emits for them ([`BusCmd`] in [`super::Out::Bus`]) and its
+//! Cluster bus for the native room service and the PeerJS realm (`[cluster]`,
+//! docs/cluster.md): the events one node publishes about its own peers (joins, leaves,
+//! signals to a peer elsewhere; PeerJS ids and messages), the commands the machines emit
+//! for them ([`BusCmd`] in [`super::Out::Bus`]) and its
 //! view of the peers on other nodes ([`RemoteMembers`]).
 //!
 //! Sans-IO like the rooms: the Redis side lives in `crate::cluster`. Each node numbers the

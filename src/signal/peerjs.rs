@@ -13,6 +13,10 @@
 //! or byte budgets) is answered with EXPIRE for its destination at once, as if it had
 //! expired; a client past its rate limit or sending a message over the size limit is
 //! disconnected with a close code and a reason naming the limit (the client reconnects).
+//!
+//! Cluster mode (`enable_bus`, docs/cluster.md): an id is claimed cluster-wide before OPEN
+//! and messages for an id another node holds go out as bus commands; without it nothing of
+//! that runs.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
