@@ -781,3 +781,38 @@ fn peerjs_ids_and_messages_span_nodes_survive_a_redis_restart_and_free_a_killed_
         eprintln!("killed node's PeerJS id free {:?} after SIGKILL", killed.elapsed());
     });
 }
+
+#[test]
+fn real_peerjs_client_on_node_a_connects_to_a_peer_registered_on_node_b() {
+    if !crate::signal_browser::tooling_present() {
+        return;
+    }
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let _one = common::browser_lock();
+    let secret = random_secret();
+    let a = node(&redis, "br-a", 12600, &secret, "");
+    let b = node(&redis, "br-b", 12800, &secret, "");
+    after_ticks(&a, 2.0);
+    after_ticks(&b, 2.0);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/peerjs.mjs");
+    let out = Command::new("node")
+        .arg(&script)
+        .env("TERN_PORT", a.api_addr().port().to_string())
+        .env("TERN_PORT_B", b.api_addr().port().to_string())
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("PASS"),
+        "peerjs.mjs across nodes failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    eprintln!("{}", stdout.trim());
+    // The signaling really crossed the nodes (both directions).
+    let published = "tern_cluster_bus_messages_total{direction=\"published\"}";
+    assert!(metric(&a, published).unwrap() > 0.0);
+    assert!(metric(&b, published).unwrap() > 0.0);
+}
