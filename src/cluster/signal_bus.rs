@@ -114,10 +114,7 @@ impl<M: BusMachine> SignalBus<M> {
         self.pushes = Some(rx);
         self.known.clear();
         self.published = None;
-        self.hub.drive(|m| {
-            m.bus_state(true);
-            Vec::new()
-        });
+        self.hub.drive(|m| m.bus_state(true));
         Ok(())
     }
 
@@ -125,10 +122,7 @@ impl<M: BusMachine> SignalBus<M> {
     pub fn lost(&mut self) {
         self.sub = None;
         self.pushes = None;
-        self.hub.drive(|m| {
-            m.bus_state(false);
-            Vec::new()
-        });
+        self.hub.drive(|m| m.bus_state(false));
         // Nothing can be published meanwhile: drop what is queued (bounded anyway).
         while self.cmds.try_recv().is_ok() {
             self.view.stats.bus_dropped.fetch_add(1, Ordering::Relaxed);

@@ -88,7 +88,7 @@ pub struct Member {
 pub trait BusMachine: super::driver::Machine {
     /// Its channel and member-list name (`{prefix}bus:{CHANNEL}`).
     const CHANNEL: &'static str;
-    fn bus_state(&mut self, up: bool);
+    fn bus_state(&mut self, up: bool) -> Vec<super::Out>;
     fn bus_members(&self) -> (u64, Vec<Member>);
     fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent) -> Vec<super::Out>;
     fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<super::Out>;
@@ -100,8 +100,9 @@ pub trait BusMachine: super::driver::Machine {
 
 impl BusMachine for super::rooms::RoomService {
     const CHANNEL: &'static str = "rooms";
-    fn bus_state(&mut self, up: bool) {
+    fn bus_state(&mut self, up: bool) -> Vec<super::Out> {
         Self::bus_state(self, up);
+        Vec::new()
     }
     fn bus_members(&self) -> (u64, Vec<Member>) {
         Self::bus_members(self)
@@ -116,8 +117,8 @@ impl BusMachine for super::rooms::RoomService {
 
 impl BusMachine for super::peerjs::PeerJsService {
     const CHANNEL: &'static str = "peerjs";
-    fn bus_state(&mut self, up: bool) {
-        Self::bus_state(self, up);
+    fn bus_state(&mut self, up: bool) -> Vec<super::Out> {
+        Self::bus_state(self, up)
     }
     fn bus_members(&self) -> (u64, Vec<Member>) {
         Self::bus_members(self)

@@ -650,11 +650,27 @@ impl PeerJsService {
     }
 
     /// Redis reachable or not: while not, new ids open without a claim and messages for
-    /// ids on other nodes get EXPIRE.
-    pub fn bus_state(&mut self, up: bool) {
-        if let Some(b) = self.bus.as_mut() {
-            b.up = up;
+    /// ids on other nodes get EXPIRE. Claims still pending when Redis goes (their answer
+    /// will not come) are opened here, as during the outage.
+    pub fn bus_state(&mut self, up: bool) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(b) = self.bus.as_mut() else {
+            return out;
+        };
+        b.up = up;
+        if !up {
+            let pending: Vec<String> = self
+                .clients
+                .iter()
+                .filter(|(_, c)| !c.claimed)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in pending {
+                self.clients.get_mut(&id).expect("listed").claimed = true;
+                self.opened(&id, &mut out);
+            }
         }
+        out
     }
 
     /// The ids this node holds (the list other nodes resync from, and the claims the

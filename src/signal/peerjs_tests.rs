@@ -568,3 +568,20 @@ fn single_node_emits_no_bus_commands() {
     all.extend(s.disconnect(1, t0));
     assert!(bus_cmds(&all).is_empty());
 }
+
+#[test]
+fn cluster_claim_pending_when_redis_goes_opens_locally() {
+    let mut s = clustered();
+    let t0 = Instant::now();
+    let o = open(&mut s, 1, "alice", "t1", t0);
+    assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "alice".into() }]);
+    // The claim's answer never comes: Redis went away first.
+    let o = s.bus_state(false);
+    assert_eq!(texts(&o, 1), vec![serde_json::json!({"type":"OPEN"})]);
+    assert!(
+        bus_cmds(&o).is_empty(),
+        "nothing published while Redis is away"
+    );
+    // A late answer changes nothing.
+    assert!(s.claim_result("alice", true).is_empty());
+}
