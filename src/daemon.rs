@@ -73,7 +73,8 @@ fn start_cluster(
             .unwrap_or_default()
     });
     let rooms = faces.http.as_ref().map(HttpService::rooms_hub);
-    let svc = ClusterService::start(cfg, advertised, load, counts, rooms)?;
+    let peerjs = faces.http.as_ref().map(HttpService::peerjs_hub);
+    let svc = ClusterService::start(cfg, advertised, load, counts, rooms, peerjs)?;
     if let Some(s) = &shared {
         s.set_cluster(svc.hook());
     }

@@ -2,7 +2,7 @@
 //! with its own ports, sharing one `redis-server` this test starts on a free port (never the
 //! system one). Covers the registry and `tern cluster status`, the cluster-wide user quota
 //! (486 across nodes, freed within the lease after SIGKILL), drain steering of `/api/turn`
-//! and ALTERNATE-SERVER, and a Redis outage and restart.
+//! and ALTERNATE-SERVER, a Redis outage and restart, native rooms and PeerJS across nodes.
 
 use crate::common;
 
@@ -653,4 +653,166 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
             killed.elapsed()
         );
     });
+}
+
+fn peerjs_path(id: &str, token: &str) -> String {
+    format!("/peerjs/peerjs?key=peerjs&id={id}&token={token}&version=1.5.5")
+}
+
+#[test]
+fn peerjs_ids_and_messages_span_nodes_survive_a_redis_restart_and_free_a_killed_nodes_ids() {
+    use crate::signal_common::{next_json, send_text, ws};
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let port = redis.port;
+    let secret = random_secret();
+    let a = node(&redis, "pj-a", 12200, &secret, "");
+    let b = node(&redis, "pj-b", 12400, &secret, "");
+    // Both nodes see each other before the peers arrive.
+    after_ticks(&a, 2.0);
+    after_ticks(&b, 2.0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = Duration::from_secs(10);
+        let mut alice = ws(a.api_addr(), &peerjs_path("alice", "ta")).await;
+        assert_eq!(next_json(&mut alice).await["type"], "OPEN");
+        assert!(
+            redis
+                .command("GET tern:peerjs:id:alice")
+                .is_some_and(|r| r.contains("pj-a")),
+            "alice claimed by node A in Redis"
+        );
+        // The same id on the other node, another token: ID-TAKEN, closed.
+        let mut thief = ws(b.api_addr(), &peerjs_path("alice", "stolen")).await;
+        let m = tokio::time::timeout(t, next_json(&mut thief)).await.unwrap();
+        assert_eq!(m["type"], "ID-TAKEN", "{m}");
+        let mut bob = ws(b.api_addr(), &peerjs_path("bob", "tb")).await;
+        assert_eq!(next_json(&mut bob).await["type"], "OPEN");
+
+        // OFFER and CANDIDATEs from A to B: intact, in order, src set by the server.
+        let sdp: String = "v=0\r\nä→✓ ".repeat(2000);
+        let offer = serde_json::json!({"type":"OFFER","dst":"bob","payload":{"sdp":sdp,"type":"data","connectionId":"dc_1"}});
+        send_text(&mut alice, &offer.to_string()).await;
+        for i in 0..100 {
+            send_text(
+                &mut alice,
+                &format!(r#"{{"type":"CANDIDATE","dst":"bob","payload":{{"n":{i}}}}}"#),
+            )
+            .await;
+        }
+        let m = tokio::time::timeout(t, next_json(&mut bob)).await.unwrap();
+        assert_eq!(m["type"], "OFFER");
+        assert_eq!(m["src"], "alice");
+        assert_eq!(m["dst"], "bob");
+        assert_eq!(m["payload"]["sdp"].as_str(), Some(sdp.as_str()), "intact");
+        for i in 0..100 {
+            let m = tokio::time::timeout(t, next_json(&mut bob)).await.unwrap();
+            assert_eq!((m["type"].as_str(), m["src"].as_str()), (Some("CANDIDATE"), Some("alice")));
+            assert_eq!(m["payload"]["n"], i, "in order");
+        }
+        // ANSWER back from B to A.
+        send_text(&mut bob, r#"{"type":"ANSWER","dst":"alice","payload":{"sdp":"ok"}}"#).await;
+        let m = tokio::time::timeout(t, next_json(&mut alice)).await.unwrap();
+        assert_eq!(
+            m,
+            serde_json::json!({"type":"ANSWER","src":"bob","dst":"alice","payload":{"sdp":"ok"}})
+        );
+        // An id on no node: EXPIRE after expire_timeout (5 s).
+        send_text(&mut alice, r#"{"type":"OFFER","dst":"nobody","payload":{}}"#).await;
+        let m = tokio::time::timeout(t, next_json(&mut alice)).await.unwrap();
+        assert_eq!(m, serde_json::json!({"type":"EXPIRE","src":"nobody","dst":"alice"}));
+
+        // Redis killed: a send to a peer on the other node gets EXPIRE at once (never
+        // ERROR); peers on one node keep working and new ids open.
+        redis.kill();
+        wait_for(Duration::from_secs(5), "A notices the outage", || {
+            metric(&a, "tern_cluster_redis_up") == Some(0.0)
+        });
+        send_text(&mut alice, r#"{"type":"OFFER","dst":"bob","payload":{}}"#).await;
+        let m = tokio::time::timeout(t, next_json(&mut alice)).await.unwrap();
+        assert_eq!(m, serde_json::json!({"type":"EXPIRE","src":"bob","dst":"alice"}));
+        let mut carol = ws(a.api_addr(), &peerjs_path("carol", "tc")).await;
+        assert_eq!(next_json(&mut carol).await["type"], "OPEN");
+        send_text(&mut alice, r#"{"type":"CANDIDATE","dst":"carol","payload":{"c":1}}"#).await;
+        let m = tokio::time::timeout(t, next_json(&mut carol)).await.unwrap();
+        assert_eq!((m["type"].as_str(), m["src"].as_str()), (Some("CANDIDATE"), Some("alice")));
+
+        // Redis back (empty): delivery across nodes resumes without restarting Tern.
+        let _restarted = Redis::start_on(port);
+        let back = Instant::now();
+        loop {
+            assert!(back.elapsed() < Duration::from_secs(15), "no delivery after restart");
+            send_text(&mut alice, r#"{"type":"CANDIDATE","dst":"bob","payload":"back"}"#).await;
+            let got = tokio::time::timeout(Duration::from_millis(500), async {
+                loop {
+                    let m = next_json(&mut bob).await;
+                    if m["payload"] == "back" {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if got.is_ok() {
+                break;
+            }
+        }
+        eprintln!("PeerJS delivery across nodes back {:?} after Redis restarted", back.elapsed());
+        assert!(_restarted
+            .command("GET tern:peerjs:id:bob")
+            .is_some_and(|r| r.contains("pj-b")), "claims rewritten after the restart");
+
+        // B killed: bob's id is free on A within the lease.
+        b.signal(libc::SIGKILL);
+        let killed = Instant::now();
+        loop {
+            assert!(
+                killed.elapsed() < Duration::from_secs(LEASE + 5),
+                "bob's id not free within the lease"
+            );
+            let mut again = ws(a.api_addr(), &peerjs_path("bob", "new")).await;
+            let m = tokio::time::timeout(t, next_json(&mut again)).await.unwrap();
+            if m["type"] == "OPEN" {
+                break;
+            }
+            assert_eq!(m["type"], "ID-TAKEN", "{m}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!("killed node's PeerJS id free {:?} after SIGKILL", killed.elapsed());
+    });
+}
+
+#[test]
+fn real_peerjs_client_on_node_a_connects_to_a_peer_registered_on_node_b() {
+    if !crate::signal_browser::tooling_present() {
+        return;
+    }
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let _one = common::browser_lock();
+    let secret = random_secret();
+    let a = node(&redis, "br-a", 12600, &secret, "");
+    let b = node(&redis, "br-b", 12800, &secret, "");
+    after_ticks(&a, 2.0);
+    after_ticks(&b, 2.0);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/peerjs.mjs");
+    let out = Command::new("node")
+        .arg(&script)
+        .env("TERN_PORT", a.api_addr().port().to_string())
+        .env("TERN_PORT_B", b.api_addr().port().to_string())
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("PASS"),
+        "peerjs.mjs across nodes failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    eprintln!("{}", stdout.trim());
+    // The signaling really crossed the nodes (both directions).
+    let published = "tern_cluster_bus_messages_total{direction=\"published\"}";
+    assert!(metric(&a, published).unwrap() > 0.0);
+    assert!(metric(&b, published).unwrap() > 0.0);
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// Whether the browser tooling is here; in CI its absence is a failure, not a skip.
-fn tooling_present() -> bool {
+pub fn tooling_present() -> bool {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let missing: Vec<&str> = [
         (

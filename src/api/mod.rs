@@ -362,6 +362,11 @@ impl HttpService {
         Arc::clone(&self.live.current().rooms)
     }
 
+    /// The PeerJS realm's hub (cluster mode feeds it bus events).
+    pub fn peerjs_hub(&self) -> Arc<Hub<PeerJsService>> {
+        Arc::clone(&self.live.current().peerjs)
+    }
+
     /// Starts a graceful drain: new signaling connections get 503; open ones stay.
     pub fn set_draining(&self, on: bool) {
         self.live.current().draining.store(on, Ordering::Relaxed);

@@ -18,6 +18,9 @@ use rustc_hash::FxHashMap;
 use super::registry::{self, Keys, NodeRecord};
 use super::signal_bus::{Input, SignalBus};
 use super::{Advertised, ClusterView, LoadFn};
+use crate::signal::bus::BusMachine;
+use crate::signal::peerjs::PeerJsService;
+use crate::signal::rooms::RoomService;
 use crate::turn::cluster_hook::ClusterHook;
 
 /// One Redis round trip (connect, a pipeline) waits at most this long.
@@ -45,11 +48,13 @@ pub(super) struct Driver {
     pub load: LoadFn,
     pub counts: CountsFn,
     /// Native rooms across nodes (when the HTTP face runs).
-    pub bus: Option<SignalBus>,
+    pub bus: Option<SignalBus<RoomService>>,
+    /// PeerJS ids and messages across nodes (when the HTTP face runs).
+    pub peerjs: Option<SignalBus<PeerJsService>>,
 }
 
 /// The next bus input, or never when signaling is not on the bus.
-async fn next_input(bus: &mut Option<SignalBus>) -> Option<Input> {
+async fn next_input<M: BusMachine>(bus: &mut Option<SignalBus<M>>) -> Option<Input> {
     match bus {
         Some(b) => b.next().await,
         None => std::future::pending().await,
@@ -68,6 +73,22 @@ struct TickState {
     /// Rewrite the record and every lease whole (after a (re)connect or a lost key).
     rewrite: bool,
     last_bytes: Option<(Instant, u64)>,
+}
+
+/// One push or command for a bus; false when its connection is gone.
+async fn bus_input<M: BusMachine>(
+    b: &mut SignalBus<M>,
+    c: &mut MultiplexedConnection,
+    input: Option<Input>,
+) -> bool {
+    match input {
+        Some(Input::Push(p)) => b.push(p),
+        Some(Input::Cmd(cmd)) => matches!(
+            tokio::time::timeout(IO_TIMEOUT, b.command(c, cmd)).await,
+            Ok(Ok(()))
+        ),
+        None => false,
+    }
 }
 
 impl Driver {
@@ -132,7 +153,7 @@ impl Driver {
             // Between ticks: bus traffic, a wake-up (drain) or the stop.
             let deadline = tokio::time::Instant::now() + self.tick_every();
             loop {
-                let input = tokio::select! {
+                let (input, pj) = tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = self.wake.notified() => break,
                     _ = &mut stop => {
@@ -141,20 +162,20 @@ impl Driver {
                         }
                         return;
                     }
-                    i = next_input(&mut self.bus) => i,
+                    i = next_input(&mut self.bus) => (i, false),
+                    i = next_input(&mut self.peerjs) => (i, true),
                 };
-                let (Some(b), Some(c)) = (self.bus.as_mut(), conn.as_mut()) else {
-                    break;
-                };
-                let ok = match input {
-                    Some(Input::Push(p)) => b.push(p),
-                    Some(Input::Cmd(cmd)) => {
-                        matches!(
-                            tokio::time::timeout(IO_TIMEOUT, b.command(c, cmd)).await,
-                            Ok(Ok(()))
-                        )
+                let Some(c) = conn.as_mut() else { break };
+                let ok = if pj {
+                    match self.peerjs.as_mut() {
+                        Some(b) => bus_input(b, c, input).await,
+                        None => break,
                     }
-                    None => false,
+                } else {
+                    match self.bus.as_mut() {
+                        Some(b) => bus_input(b, c, input).await,
+                        None => break,
+                    }
                 };
                 if !ok {
                     conn = None;
@@ -181,6 +202,13 @@ impl Driver {
                 Err(_) => return Err("subscribe timed out".into()),
             }
         }
+        if let Some(b) = self.peerjs.as_mut() {
+            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("subscribe timed out".into()),
+            }
+        }
         Ok(c)
     }
 
@@ -201,6 +229,9 @@ impl Driver {
     /// dropped: the next connect rewrites the leases whole, so nothing piles up meanwhile.
     fn lost(&mut self, why: &str, logged: &mut bool) {
         if let Some(b) = self.bus.as_mut() {
+            b.lost();
+        }
+        if let Some(b) = self.peerjs.as_mut() {
             b.lost();
         }
         self.view.stats.redis_up.store(false, Ordering::Relaxed);
@@ -319,10 +350,17 @@ impl Driver {
         // Renewal; 0 means the hash is gone (Redis restarted empty, or no users): then the
         // next tick rewrites it whole if this node has users.
         let members = self.bus.as_ref().map(|b| b.add_members(&mut p, lease_ms));
+        let pj_members = self
+            .peerjs
+            .as_ref()
+            .map(|b| b.add_members(&mut p, lease_ms));
         p.cmd("PEXPIRE").arg(&quota_key).arg(lease_ms);
         p.cmd("ZRANGE").arg(self.keys.nodes()).arg(0).arg(-1);
         let (renewed, ids): (i64, Vec<String>) = p.atomic().query_async(c).await?;
         if let (Some(b), Some(v)) = (self.bus.as_mut(), members) {
+            b.members_written(v);
+        }
+        if let (Some(b), Some(v)) = (self.peerjs.as_mut(), pj_members) {
             b.members_written(v);
         }
         stats.quota_renewals.fetch_add(1, Ordering::Relaxed);
@@ -363,6 +401,9 @@ impl Driver {
         self.hook.set_alternates(registry::alternates(&nodes, id));
         self.view.set_nodes(nodes, self_healthy);
         if let Some(b) = self.bus.as_mut() {
+            b.nodes_seen(c, &ids).await?;
+        }
+        if let Some(b) = self.peerjs.as_mut() {
             b.nodes_seen(c, &ids).await?;
         }
         Ok(())

@@ -5,8 +5,9 @@
 //! registry record and the view of the others (`registry.rs`), the per-user quota leases
 //! (written from the TURN core's [`crate::turn::cluster_hook::ClusterHook`] snapshot), the
 //! steering choice `/api/ice` and ALTERNATE-SERVER consult ([`ClusterView`]), the Redis
-//! side of the native rooms' bus (`signal_bus.rs`: pub/sub, member-list leases, resyncs;
-//! the room logic itself is the sans-IO `crate::signal::bus`), and `tern cluster status`
+//! side of the native rooms' and the PeerJS realm's bus (`signal_bus.rs`: pub/sub,
+//! member-list leases, resyncs, PeerJS id claims; the logic itself is in the sans-IO
+//! machines, `crate::signal::bus`), and `tern cluster status`
 //! (`status.rs`).
 //!
 //! Must not: run at all without `[cluster]` (the daemon starts nothing of it and installs
@@ -209,6 +210,7 @@ impl ClusterService {
         load: LoadFn,
         counts: CountsFn,
         rooms: Option<Arc<crate::signal::driver::Hub<crate::signal::rooms::RoomService>>>,
+        peerjs: Option<Arc<crate::signal::driver::Hub<crate::signal::peerjs::PeerJsService>>>,
     ) -> Result<ClusterService, crate::config::ConfigError> {
         let info = conn::connection_info(&cfg.cluster, None).map_err(|m| {
             crate::config::ConfigError::Invalid {
@@ -225,6 +227,7 @@ impl ClusterService {
             0 => cfg.turn.total_quota,
             n => n,
         };
+        let lease_ms = u64::from(cfg.cluster.lease_secs) * 1000;
         let d = driver::Driver {
             info,
             url: conn::redacted_url(&cfg.cluster.redis_url),
@@ -249,6 +252,20 @@ impl ClusterService {
                     id.clone(),
                     registry::Keys::new(&cfg.cluster.key_prefix),
                     Arc::clone(&view),
+                    lease_ms,
+                )
+            }),
+            peerjs: peerjs.map(|hub| {
+                let (tx, rx) = tokio::sync::mpsc::channel(signal_bus::CMD_QUEUE);
+                hub.with_core(|m| m.enable_bus());
+                hub.set_bus(tx);
+                signal_bus::SignalBus::new(
+                    hub,
+                    rx,
+                    id.clone(),
+                    registry::Keys::new(&cfg.cluster.key_prefix),
+                    Arc::clone(&view),
+                    lease_ms,
                 )
             }),
         };

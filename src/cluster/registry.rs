@@ -110,6 +110,11 @@ impl Keys {
         format!("{}members:{id}", self.prefix)
     }
 
+    /// A PeerJS id's claim (string: the node holding it, TTL one lease).
+    pub fn peerjs_id(&self, id: &str) -> String {
+        format!("{}peerjs:id:{id}", self.prefix)
+    }
+
     /// A pub/sub channel.
     pub fn channel(&self, name: &str) -> String {
         format!("{}bus:{name}", self.prefix)

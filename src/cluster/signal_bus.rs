@@ -1,7 +1,9 @@
-//! The Redis side of the native rooms' cluster bus (`crate::signal::bus`): a subscriber
-//! connection on `{prefix}rooms` whose pushes (RESP3) land in a bounded queue, publishing
-//! the room machine's [`BusCmd`]s, this node's member list as a lease
-//! (`{prefix}members:{node}`, hash peer id → JSON), and resyncs of other nodes from theirs.
+//! The Redis side of the cluster bus (`crate::signal::bus`), one instance per
+//! [`BusMachine`] (the native rooms, the PeerJS realm): a subscriber connection on
+//! `{prefix}bus:{CHANNEL}` whose pushes (RESP3) land in a bounded queue, publishing the
+//! machine's [`BusCmd`]s, this node's member list as a lease (`{prefix}members:{node}`,
+//! hash peer id → JSON), resyncs of other nodes from theirs, and the PeerJS id claims
+//! (`SET NX PX`, renewed each tick, compare-and-delete on release).
 //!
 //! Bounded everywhere: the machine's commands and the pushes each go through a fixed-size
 //! queue; what does not fit is dropped and shows up as a sequence gap, which the receiver
@@ -20,17 +22,20 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use super::registry::Keys;
-use crate::signal::bus::{BusCmd, Envelope, Member};
+use crate::signal::bus::{BusCmd, BusMachine, Envelope, Member};
 use crate::signal::driver::Hub;
-use crate::signal::rooms::RoomService;
 
 /// Pushes (incoming bus messages) queued before the driver takes them.
 const PUSH_QUEUE: usize = 8192;
 /// Room machine commands queued before the driver takes them.
 pub const CMD_QUEUE: usize = 8192;
 
-pub(super) struct SignalBus {
-    pub hub: Arc<Hub<RoomService>>,
+/// Deletes a PeerJS id's claim only when this node still holds it.
+const RELEASE_LUA: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+pub(super) struct SignalBus<M: BusMachine> {
+    pub hub: Arc<Hub<M>>,
     pub cmds: mpsc::Receiver<BusCmd>,
     pub node: String,
     pub keys: Keys,
@@ -41,20 +46,32 @@ pub(super) struct SignalBus {
     /// Member list version last written to Redis (None: write it whole next tick).
     published: Option<u64>,
     view: Arc<super::ClusterView>,
+    /// The PeerJS claims' lease.
+    lease_ms: u64,
 }
 
-fn channel(keys: &Keys) -> String {
-    keys.channel("rooms")
+fn channel<M: BusMachine>(keys: &Keys) -> String {
+    keys.channel(M::CHANNEL)
 }
 
-impl SignalBus {
+impl<M: BusMachine> SignalBus<M> {
+    /// A node's published member list (the rooms' keeps its original name).
+    fn members_key(&self, node: &str) -> String {
+        if M::CHANNEL == "rooms" {
+            self.keys.members(node)
+        } else {
+            self.keys.members(&format!("{}:{node}", M::CHANNEL))
+        }
+    }
+
     pub fn new(
-        hub: Arc<Hub<RoomService>>,
+        hub: Arc<Hub<M>>,
         cmds: mpsc::Receiver<BusCmd>,
         node: String,
         keys: Keys,
         view: Arc<super::ClusterView>,
-    ) -> SignalBus {
+        lease_ms: u64,
+    ) -> SignalBus<M> {
         SignalBus {
             hub,
             cmds,
@@ -65,6 +82,7 @@ impl SignalBus {
             known: BTreeSet::new(),
             published: None,
             view,
+            lease_ms,
         }
     }
 
@@ -91,15 +109,12 @@ impl SignalBus {
         let mut c = client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await?;
-        c.subscribe(channel(&self.keys)).await?;
+        c.subscribe(channel::<M>(&self.keys)).await?;
         self.sub = Some(c);
         self.pushes = Some(rx);
         self.known.clear();
         self.published = None;
-        self.hub.drive(|m| {
-            m.bus_state(true);
-            Vec::new()
-        });
+        self.hub.drive(|m| m.bus_state(true));
         Ok(())
     }
 
@@ -107,10 +122,7 @@ impl SignalBus {
     pub fn lost(&mut self) {
         self.sub = None;
         self.pushes = None;
-        self.hub.drive(|m| {
-            m.bus_state(false);
-            Vec::new()
-        });
+        self.hub.drive(|m| m.bus_state(false));
         // Nothing can be published meanwhile: drop what is queued (bounded anyway).
         while self.cmds.try_recv().is_ok() {
             self.view.stats.bus_dropped.fetch_add(1, Ordering::Relaxed);
@@ -120,8 +132,19 @@ impl SignalBus {
     /// Adds this node's member list (whole when it changed) and its renewal to `p`.
     /// Returns the version written, to confirm after the pipeline succeeded.
     pub fn add_members(&self, p: &mut redis::Pipeline, lease_ms: u64) -> u64 {
-        let key = self.keys.members(&self.node);
+        let key = self.members_key(&self.node);
         let (version, members) = self.hub.with_core(|m| m.bus_members());
+        if M::CHANNEL == "peerjs" {
+            // The claims are renewed (and rewritten after Redis lost them) by this node.
+            for m in &members {
+                p.cmd("SET")
+                    .arg(self.keys.peerjs_id(&m.id))
+                    .arg(&self.node)
+                    .arg("PX")
+                    .arg(lease_ms)
+                    .ignore();
+            }
+        }
         if self.published != Some(version) {
             p.cmd("DEL").arg(&key).ignore();
             if !members.is_empty() {
@@ -167,7 +190,7 @@ impl SignalBus {
         node: &str,
     ) -> redis::RedisResult<()> {
         let raw: FxHashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.keys.members(node))
+            .arg(self.members_key(node))
             .query_async(c)
             .await?;
         self.view.stats.bus_resyncs.fetch_add(1, Ordering::Relaxed);
@@ -194,7 +217,7 @@ impl SignalBus {
                 };
                 let text = serde_json::to_string(&env).unwrap_or_default();
                 redis::cmd("PUBLISH")
-                    .arg(channel(&self.keys))
+                    .arg(channel::<M>(&self.keys))
                     .arg(text)
                     .query_async::<i64>(c)
                     .await?;
@@ -208,6 +231,37 @@ impl SignalBus {
                 if self.known.contains(&node) {
                     self.resync(c, &node).await?;
                 }
+                Ok(())
+            }
+            BusCmd::Claim { id } => {
+                let key = self.keys.peerjs_id(&id);
+                let lease_ms = self.lease_ms;
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&self.node)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(lease_ms)
+                    .query_async(c)
+                    .await?;
+                // Not set: ours already (a claim renewed across a reconnect) or another's.
+                let ok = set.is_some()
+                    || redis::cmd("GET")
+                        .arg(&key)
+                        .query_async::<Option<String>>(c)
+                        .await?
+                        .is_some_and(|n| n == self.node);
+                self.hub.drive(|m| m.claim_result(&id, ok));
+                Ok(())
+            }
+            BusCmd::Release { id } => {
+                redis::cmd("EVAL")
+                    .arg(RELEASE_LUA)
+                    .arg(1)
+                    .arg(self.keys.peerjs_id(&id))
+                    .arg(&self.node)
+                    .query_async::<i64>(c)
+                    .await?;
                 Ok(())
             }
         }

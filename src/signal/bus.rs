@@ -1,6 +1,7 @@
-//! Cluster bus for the native room service (`[cluster]`, docs/cluster.md): the events one
-//! node publishes about its own peers (joins, leaves, signals to a peer elsewhere), the
-//! commands the room machine emits for them ([`BusCmd`] in [`super::Out::Bus`]) and its
+//! Cluster bus for the native room service and the PeerJS realm (`[cluster]`,
+//! docs/cluster.md): the events one node publishes about its own peers (joins, leaves,
+//! signals to a peer elsewhere; PeerJS ids and messages), the commands the machines emit
+//! for them ([`BusCmd`] in [`super::Out::Bus`]) and its
 //! view of the peers on other nodes ([`RemoteMembers`]).
 //!
 //! Sans-IO like the rooms: the Redis side lives in `crate::cluster`. Each node numbers the
@@ -34,6 +35,21 @@ pub enum BusEvent {
         from: String,
         data: serde_json::Value,
     },
+    /// PeerJS: the publishing node holds id `id` now (its claim in Redis succeeded).
+    PeerjsOpen {
+        id: String,
+    },
+    /// PeerJS: the publishing node no longer holds `id`.
+    PeerjsClose {
+        id: String,
+    },
+    /// PeerJS: a message from `from` (on the publishing node) for `to` (held by another
+    /// node), already serialized as the `peer` server forwards it: sent as is.
+    Peerjs {
+        to: String,
+        from: String,
+        text: String,
+    },
 }
 
 /// What travels on the channel: the event, who published it and its sequence number.
@@ -51,6 +67,11 @@ pub enum BusCmd {
     Publish { seq: u64, ev: BusEvent },
     /// Read `node`'s published member list and hand it to `RoomService::bus_snapshot`.
     Resync { node: String },
+    /// PeerJS: claim `id` cluster-wide (`SET NX` with a lease) and hand the outcome to
+    /// `PeerJsService::claim_result`.
+    Claim { id: String },
+    /// PeerJS: this node no longer holds `id`; delete its claim if it is still ours.
+    Release { id: String },
 }
 
 /// A peer of this node as published in its member list (`{prefix}members:{node}`).
@@ -59,6 +80,58 @@ pub struct Member {
     pub id: String,
     pub name: String,
     pub rooms: Vec<String>,
+}
+
+/// A sans-IO state machine on the cluster bus (the native rooms, the PeerJS realm): what
+/// the Redis side (`crate::cluster`) needs of it. Each has its own channel, sequence and
+/// published member list.
+pub trait BusMachine: super::driver::Machine {
+    /// Its channel and member-list name (`{prefix}bus:{CHANNEL}`).
+    const CHANNEL: &'static str;
+    fn bus_state(&mut self, up: bool) -> Vec<super::Out>;
+    fn bus_members(&self) -> (u64, Vec<Member>);
+    fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent) -> Vec<super::Out>;
+    fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<super::Out>;
+    /// The outcome of a [`BusCmd::Claim`] (only the PeerJS realm claims).
+    fn claim_result(&mut self, _id: &str, _ok: bool) -> Vec<super::Out> {
+        Vec::new()
+    }
+}
+
+impl BusMachine for super::rooms::RoomService {
+    const CHANNEL: &'static str = "rooms";
+    fn bus_state(&mut self, up: bool) -> Vec<super::Out> {
+        Self::bus_state(self, up);
+        Vec::new()
+    }
+    fn bus_members(&self) -> (u64, Vec<Member>) {
+        Self::bus_members(self)
+    }
+    fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent) -> Vec<super::Out> {
+        Self::bus_event(self, node, seq, ev)
+    }
+    fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<super::Out> {
+        Self::bus_snapshot(self, node, members)
+    }
+}
+
+impl BusMachine for super::peerjs::PeerJsService {
+    const CHANNEL: &'static str = "peerjs";
+    fn bus_state(&mut self, up: bool) -> Vec<super::Out> {
+        Self::bus_state(self, up)
+    }
+    fn bus_members(&self) -> (u64, Vec<Member>) {
+        Self::bus_members(self)
+    }
+    fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent) -> Vec<super::Out> {
+        Self::bus_event(self, node, seq, ev, std::time::Instant::now())
+    }
+    fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<super::Out> {
+        Self::bus_snapshot(self, node, members)
+    }
+    fn claim_result(&mut self, id: &str, ok: bool) -> Vec<super::Out> {
+        Self::claim_result(self, id, ok)
+    }
 }
 
 /// How an incoming sequence number relates to the last one from that node.

@@ -13,6 +13,10 @@
 //! or byte budgets) is answered with EXPIRE for its destination at once, as if it had
 //! expired; a client past its rate limit or sending a message over the size limit is
 //! disconnected with a close code and a reason naming the limit (the client reconnects).
+//!
+//! Cluster mode (`enable_bus`, docs/cluster.md): an id is claimed cluster-wide before OPEN
+//! and messages for an id another node holds go out as bus commands; without it nothing of
+//! that runs.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -22,6 +26,7 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::bus::{BusCmd, BusEvent, Member, RemoteMembers, SeqCheck};
 use super::{shrink_map, ConnId, Out, Text};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
@@ -54,6 +59,9 @@ struct Client {
     conn: ConnId,
     last_ping: Instant,
     bucket: TokenBucket,
+    /// Cluster mode: false until this node's claim of the id in Redis succeeded (no OPEN
+    /// yet; messages for it are queued). Always true on a single node.
+    claimed: bool,
 }
 
 /// A message held for an absent peer, already serialized: it is sent as is.
@@ -91,13 +99,14 @@ const INVALID: usize = 6;
 
 /// Labels of [`PeerJsStats::refused`]: why a message was not carried out. `rate_limit` and
 /// `too_large` also closed the sender's connection; the `queue_*` ones got EXPIRE at once.
-pub const REFUSAL_REASONS: [&str; 6] = [
+pub const REFUSAL_REASONS: [&str; 7] = [
     "rate_limit",
     "too_large",
     "invalid",
     "queue_full",
     "queue_sender_bytes",
     "queue_total_bytes",
+    "cluster_unavailable",
 ];
 const R_RATE: usize = 0;
 const R_TOO_LARGE: usize = 1;
@@ -105,6 +114,8 @@ const R_INVALID: usize = 2;
 const R_QUEUE_FULL: usize = 3;
 const R_SENDER_BYTES: usize = 4;
 const R_TOTAL_BYTES: usize = 5;
+/// Cluster mode: the destination is on another node and Redis is away (EXPIRE sent).
+const R_CLUSTER: usize = 6;
 
 /// Counters for the metrics face.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +144,18 @@ pub struct PeerJsService {
     queued_by_sender: HashMap<String, usize>,
     queued_total: usize,
     stats: PeerJsStats,
+    /// Cluster mode: ids held by other nodes (one pseudo-room, [`BUS_ROOM`]) and this
+    /// node's bus sequence (None: one node, nothing of this runs).
+    bus: Option<RemoteMembers>,
+    /// Changes whenever the set of claimed ids does (the driver rewrites the list then).
+    members_version: u64,
+}
+
+/// The one "room" every PeerJS id is in, in [`RemoteMembers`] and the published list.
+const BUS_ROOM: &str = "peerjs";
+
+fn id_taken_text() -> String {
+    serde_json::json!({"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}}).to_string()
 }
 
 fn error_text(msg: &str) -> String {
@@ -156,6 +179,8 @@ impl PeerJsService {
             queued_by_sender: HashMap::new(),
             queued_total: 0,
             stats: PeerJsStats::default(),
+            bus: None,
+            members_version: 0,
         }
     }
 
@@ -238,10 +263,7 @@ impl PeerJsService {
         }
         if let Some(c) = self.clients.get_mut(id) {
             if c.token != token {
-                let text =
-                    serde_json::json!({"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}})
-                        .to_string();
-                Self::reject(conn, text, &mut out);
+                Self::reject(conn, id_taken_text(), &mut out);
                 return out;
             }
             // Same token: the client reconnected; attach the new socket without OPEN.
@@ -257,10 +279,17 @@ impl PeerJsService {
             self.flush_queue(id, &mut out);
             return out;
         }
+        if self.bus.as_ref().is_some_and(|b| b.is_remote(id)) {
+            Self::reject(conn, id_taken_text(), &mut out);
+            return out;
+        }
         if self.clients.len() >= self.cfg.peerjs_concurrent_limit {
             Self::reject(conn, error_text(CONNECTION_LIMIT_EXCEED), &mut out);
             return out;
         }
+        // Cluster mode with Redis up: the id is only ours once the claim succeeds. With
+        // Redis away the node serves its own peers (the id is claimed on reconnect).
+        let claimed = self.bus.as_ref().is_none_or(|b| !b.up);
         let bucket = TokenBucket::new(
             f64::from(self.cfg.peerjs_rate_per_sec),
             f64::from(self.cfg.peerjs_burst),
@@ -273,18 +302,39 @@ impl PeerJsService {
                 conn,
                 last_ping: now,
                 bucket,
+                claimed,
             },
         );
         self.conns.insert(conn, id.to_string());
-        out.push(Out::Send {
-            conn,
-            text: Text::from_static(r#"{"type":"OPEN"}"#),
-        });
-        self.flush_queue(id, &mut out);
+        if claimed {
+            self.opened(id, &mut out);
+        } else {
+            out.push(Out::Bus(BusCmd::Claim { id: id.to_string() }));
+        }
         out
     }
 
+    /// `id` is this node's: OPEN, tell the other nodes, deliver what waited for it.
+    fn opened(&mut self, id: &str, out: &mut Vec<Out>) {
+        out.push(Out::Send {
+            conn: self.clients[id].conn,
+            text: Text::from_static(r#"{"type":"OPEN"}"#),
+        });
+        if let Some(b) = self.bus.as_mut() {
+            self.members_version += 1;
+            if b.up {
+                out.push(Out::Bus(
+                    b.publish(BusEvent::PeerjsOpen { id: id.to_string() }),
+                ));
+            }
+        }
+        self.flush_queue(id, out);
+    }
+
     fn flush_queue(&mut self, id: &str, out: &mut Vec<Out>) {
+        if !self.clients.get(id).is_some_and(|c| c.claimed) {
+            return;
+        }
         let Some(q) = self.queues.remove(id) else {
             return;
         };
@@ -323,8 +373,10 @@ impl PeerJsService {
     /// Closes a client for breaking a limit: a PeerJS client cannot take an ERROR without
     /// aborting, and a message dropped silently would leave it waiting.
     fn cut_off(&mut self, id: &str, conn: ConnId, code: u16, reason: &'static str) -> Vec<Out> {
-        self.drop_client(id);
-        vec![Out::Close { conn, code, reason }]
+        let mut out = Vec::new();
+        self.drop_client(id, &mut out);
+        out.push(Out::Close { conn, code, reason });
+        out
     }
 
     /// A text frame from `conn`. Bad JSON and unknown types are ignored, as the `peer`
@@ -399,7 +451,7 @@ impl PeerJsService {
         };
         if fwd.kind == "LEAVE" && fwd.dst.is_none() {
             // The `peer` server unregisters a client that leaves without a destination.
-            self.drop_client(&id);
+            self.drop_client(&id, &mut out);
             out.push(Out::Close {
                 conn,
                 code: 1000,
@@ -419,18 +471,44 @@ impl PeerJsService {
             return;
         };
         let text = serde_json::to_string(&m).expect("serializes");
-        if let Some(c) = self.clients.get(&dst) {
-            self.stats.forwarded += 1;
-            out.push(Out::Send {
-                conn: c.conn,
-                text: text.into(),
-            });
-            return;
+        match self.clients.get(&dst) {
+            Some(c) if c.claimed => {
+                self.stats.forwarded += 1;
+                out.push(Out::Send {
+                    conn: c.conn,
+                    text: text.into(),
+                });
+                return;
+            }
+            // Held here but not yet claimed: queued below until OPEN.
+            Some(_) => {}
+            None => {
+                if let Some(b) = self.bus.as_mut().filter(|b| b.is_remote(&dst)) {
+                    if b.up {
+                        self.stats.forwarded += 1;
+                        out.push(Out::Bus(b.publish(BusEvent::Peerjs {
+                            to: dst,
+                            from: m.src,
+                            text,
+                        })));
+                    } else if m.kind != "LEAVE" && m.kind != "EXPIRE" {
+                        // Redis away: the peer's node cannot be reached. EXPIRE, not ERROR
+                        // (the client would abort its whole Peer).
+                        self.stats.refused[R_CLUSTER] += 1;
+                        self.send_expire(dst, m.src, now, out);
+                    }
+                    return;
+                }
+            }
         }
         if m.kind == "LEAVE" || m.kind == "EXPIRE" {
             return;
         }
-        let q = Queued { src: m.src, text };
+        self.enqueue(dst, Queued { src: m.src, text }, now, out);
+    }
+
+    /// Holds `q` for the absent `dst`, or answers EXPIRE at once when it does not fit.
+    fn enqueue(&mut self, dst: String, q: Queued, now: Instant, out: &mut Vec<Out>) {
         let cost = q.cost();
         let sender_bytes = self.queued_by_sender.get(&q.src).copied().unwrap_or(0);
         let refusal = match self.queues.get(&dst) {
@@ -482,21 +560,39 @@ impl PeerJsService {
         );
     }
 
-    fn drop_client(&mut self, id: &str) {
+    fn drop_client(&mut self, id: &str, out: &mut Vec<Out>) {
         if let Some(c) = self.clients.remove(id) {
             self.conns.remove(&c.conn);
+            self.released(id, c.claimed, out);
         }
+    }
+
+    /// Cluster mode: `id` left this node; the other nodes forget it, Redis frees it.
+    fn released(&mut self, id: &str, claimed: bool, out: &mut Vec<Out>) {
+        let Some(b) = self.bus.as_mut() else { return };
+        if claimed {
+            self.members_version += 1;
+            if b.up {
+                out.push(Out::Bus(
+                    b.publish(BusEvent::PeerjsClose { id: id.to_string() }),
+                ));
+            }
+        }
+        // A pending claim may still succeed in Redis: release it either way.
+        out.push(Out::Bus(BusCmd::Release { id: id.to_string() }));
     }
 
     /// The connection closed.
     pub fn disconnect(&mut self, conn: ConnId, _now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
         if let Some(id) = self.conns.remove(&conn) {
             if self.clients.get(&id).is_some_and(|c| c.conn == conn) {
-                self.clients.remove(&id);
+                let c = self.clients.remove(&id).expect("checked");
+                self.released(&id, c.claimed, &mut out);
             }
         }
         self.shrink();
-        Vec::new()
+        out
     }
 
     /// Drops clients without a heartbeat for `alive_timeout`; answers queued messages
@@ -513,6 +609,7 @@ impl PeerJsService {
         for id in dead {
             if let Some(c) = self.clients.remove(&id) {
                 self.conns.remove(&c.conn);
+                self.released(&id, c.claimed, &mut out);
                 out.push(Out::Close {
                     conn: c.conn,
                     code: 1000,
@@ -538,6 +635,149 @@ impl PeerJsService {
             }
         }
         self.shrink();
+        out
+    }
+}
+
+/// Cluster mode (`[cluster]`, docs/cluster.md): the bus inputs and outputs of the PeerJS
+/// realm, like [`super::rooms::RoomService`]'s. Ids are claimed in Redis before OPEN
+/// ([`BusCmd::Claim`]), so one id is held by one node; messages for an id another node holds
+/// are published for it. Without [`PeerJsService::enable_bus`] none of this is consulted.
+impl PeerJsService {
+    /// Turns cluster mode on.
+    pub fn enable_bus(&mut self) {
+        self.bus = Some(RemoteMembers::new());
+    }
+
+    /// Redis reachable or not: while not, new ids open without a claim and messages for
+    /// ids on other nodes get EXPIRE. Claims still pending when Redis goes (their answer
+    /// will not come) are opened here, as during the outage.
+    pub fn bus_state(&mut self, up: bool) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(b) = self.bus.as_mut() else {
+            return out;
+        };
+        b.up = up;
+        if !up {
+            let pending: Vec<String> = self
+                .clients
+                .iter()
+                .filter(|(_, c)| !c.claimed)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in pending {
+                self.clients.get_mut(&id).expect("listed").claimed = true;
+                self.opened(&id, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The ids this node holds (the list other nodes resync from, and the claims the
+    /// driver renews each tick), and a version that changes whenever it does.
+    pub fn bus_members(&self) -> (u64, Vec<Member>) {
+        let list = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.claimed)
+            .map(|(id, _)| Member {
+                id: id.clone(),
+                name: String::new(),
+                rooms: vec![BUS_ROOM.to_string()],
+            })
+            .collect();
+        (self.members_version, list)
+    }
+
+    /// The outcome of a [`BusCmd::Claim`]: OPEN, or ID-TAKEN when another node holds it.
+    pub fn claim_result(&mut self, id: &str, ok: bool) -> Vec<Out> {
+        let mut out = Vec::new();
+        match self.clients.get(id) {
+            None if ok => out.push(Out::Bus(BusCmd::Release { id: id.to_string() })),
+            None => {}
+            Some(c) if c.claimed => {}
+            Some(_) if ok => {
+                self.clients.get_mut(id).expect("present").claimed = true;
+                self.opened(id, &mut out);
+            }
+            Some(c) => {
+                let conn = c.conn;
+                self.clients.remove(id);
+                self.conns.remove(&conn);
+                Self::reject(conn, id_taken_text(), &mut out);
+            }
+        }
+        out
+    }
+
+    /// Messages queued here for `id`, which another node now holds, go to it.
+    fn forward_queue(&mut self, id: &str, out: &mut Vec<Out>) {
+        if !self.bus.as_ref().is_some_and(|b| b.up) || !self.queues.contains_key(id) {
+            return;
+        }
+        let q = self.queues.remove(id).expect("checked");
+        for m in q.msgs {
+            self.unqueue(&m);
+            self.stats.forwarded += 1;
+            let b = self.bus.as_mut().expect("checked");
+            out.push(Out::Bus(b.publish(BusEvent::Peerjs {
+                to: id.to_string(),
+                from: m.src,
+                text: m.text,
+            })));
+        }
+    }
+
+    /// An event published by `node` with sequence number `seq`.
+    pub fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent, now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(b) = self.bus.as_mut() else {
+            return out;
+        };
+        match b.check_seq(node, seq) {
+            SeqCheck::Duplicate => return out,
+            SeqCheck::Gap => out.push(Out::Bus(BusCmd::Resync {
+                node: node.to_string(),
+            })),
+            SeqCheck::Next => {}
+        }
+        match ev {
+            BusEvent::PeerjsOpen { id } => {
+                b.join(node, BUS_ROOM, &id, "");
+                self.forward_queue(&id, &mut out);
+            }
+            BusEvent::PeerjsClose { id } => {
+                b.leave(BUS_ROOM, &id);
+            }
+            BusEvent::Peerjs { to, from, text } => match self.clients.get(&to) {
+                Some(c) if c.claimed => {
+                    self.stats.forwarded += 1;
+                    out.push(Out::Send {
+                        conn: c.conn,
+                        text: text.into(),
+                    });
+                }
+                // Not (or no longer, or not yet) here: held, then EXPIRE back to the sender
+                // through the bus as for any absent peer.
+                _ => self.enqueue(to, Queued { src: from, text }, now, &mut out),
+            },
+            // Room events travel on their own channel, never this one.
+            BusEvent::Joined { .. } | BusEvent::Left { .. } | BusEvent::Signal { .. } => {}
+        }
+        out
+    }
+
+    /// `node`'s published id list (after a gap, a reconnect or a new node), or an empty
+    /// one when the node is gone: its ids are free here (messages for them then expire).
+    pub fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(b) = self.bus.as_mut() else {
+            return out;
+        };
+        let (joined, _left) = b.replace_node(node, members);
+        for (_, id, _) in joined {
+            self.forward_queue(&id, &mut out);
+        }
         out
     }
 }

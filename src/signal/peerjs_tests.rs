@@ -1,4 +1,5 @@
 use super::*;
+use crate::signal::bus::{BusCmd, BusEvent, Member};
 use rand::SeedableRng;
 
 fn cfg() -> SignalConfig {
@@ -369,4 +370,218 @@ fn maps_shrink_after_a_crowd_leaves() {
     );
     assert!(s.queues.capacity() <= 128);
     assert_eq!(s.stats().queued_bytes, 0);
+}
+
+// ---- cluster mode: bus inputs and outputs ----
+
+fn bus_cmds(outs: &[Out]) -> Vec<BusCmd> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Bus(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn clustered() -> PeerJsService {
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
+    s.enable_bus();
+    s.bus_state(true);
+    s
+}
+
+fn open_ev(id: &str) -> BusEvent {
+    BusEvent::PeerjsOpen { id: id.into() }
+}
+
+#[test]
+fn cluster_claim_before_open_and_id_taken_from_redis() {
+    let mut s = clustered();
+    let t0 = Instant::now();
+    let o = open(&mut s, 1, "alice", "t1", t0);
+    assert!(texts(&o, 1).is_empty(), "no OPEN before the claim");
+    assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "alice".into() }]);
+    // A message for alice meanwhile waits until OPEN.
+    open(&mut s, 2, "bob", "t2", t0);
+    s.claim_result("bob", true);
+    let o = s.message(2, r#"{"type":"OFFER","dst":"alice","payload":{"n":1}}"#, t0);
+    assert!(texts(&o, 1).is_empty());
+    let o = s.claim_result("alice", true);
+    let t = texts(&o, 1);
+    assert_eq!(t[0]["type"], "OPEN");
+    assert_eq!(t[1]["type"], "OFFER");
+    assert!(
+        matches!(&bus_cmds(&o)[0], BusCmd::Publish { ev: BusEvent::PeerjsOpen { id }, .. } if id == "alice")
+    );
+    assert_eq!(s.bus_members().1.len(), 2);
+    // Another node won the race for carol: ID-TAKEN, and the machine forgets carol.
+    open(&mut s, 3, "carol", "t3", t0);
+    let o = s.claim_result("carol", false);
+    assert_eq!(texts(&o, 3)[0]["type"], "ID-TAKEN");
+    assert!(closed(&o, 3));
+    assert_eq!(s.client_count(), 2);
+    // A claim that succeeds after its client left is released again.
+    open(&mut s, 4, "dave", "t4", t0);
+    let o = s.disconnect(4, t0);
+    assert_eq!(bus_cmds(&o), [BusCmd::Release { id: "dave".into() }]);
+    let o = s.claim_result("dave", true);
+    assert_eq!(bus_cmds(&o), [BusCmd::Release { id: "dave".into() }]);
+}
+
+#[test]
+fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
+    let mut s = clustered();
+    let t0 = Instant::now();
+    s.bus_event("b", 1, open_ev("zed"), t0);
+    let o = open(&mut s, 1, "zed", "t", t0);
+    assert_eq!(texts(&o, 1)[0]["type"], "ID-TAKEN");
+    assert!(
+        bus_cmds(&o).is_empty(),
+        "no claim for an id known elsewhere"
+    );
+    open(&mut s, 2, "alice", "t1", t0);
+    s.claim_result("alice", true);
+    let o = s.message(
+        2,
+        r#"{"type":"OFFER","dst":"zed","payload":{"sdp":"x"}}"#,
+        t0,
+    );
+    let cmds = bus_cmds(&o);
+    let BusCmd::Publish {
+        seq: s1,
+        ev: BusEvent::Peerjs { to, from, text },
+    } = &cmds[0]
+    else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!((to.as_str(), from.as_str()), ("zed", "alice"));
+    let v: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"type":"OFFER","src":"alice","dst":"zed","payload":{"sdp":"x"}})
+    );
+    let o = s.message(
+        2,
+        r#"{"type":"CANDIDATE","dst":"zed","payload":{"c":1}}"#,
+        t0,
+    );
+    let BusCmd::Publish { seq: s2, .. } = &bus_cmds(&o)[0] else {
+        panic!()
+    };
+    assert_eq!(*s2, s1 + 1, "one sequence per node, in order");
+    // From zed to alice: delivered as is.
+    let o = s.bus_event(
+        "b",
+        2,
+        BusEvent::Peerjs {
+            to: "alice".into(),
+            from: "zed".into(),
+            text: "{\"type\":\"ANSWER\"}".into(),
+        },
+        t0,
+    );
+    assert_eq!(texts(&o, 2), vec![serde_json::json!({"type":"ANSWER"})]);
+    // zed leaves its node: ids free, messages for it are held then expire.
+    s.bus_event("b", 3, BusEvent::PeerjsClose { id: "zed".into() }, t0);
+    let o = open(&mut s, 3, "zed", "t", t0);
+    assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "zed".into() }]);
+}
+
+#[test]
+fn cluster_duplicate_gap_and_node_gone() {
+    let mut s = clustered();
+    let t0 = Instant::now();
+    open(&mut s, 1, "alice", "t1", t0);
+    s.claim_result("alice", true);
+    let ans = |n: u32| BusEvent::Peerjs {
+        to: "alice".into(),
+        from: "zed".into(),
+        text: format!("{{\"type\":\"CANDIDATE\",\"n\":{n}}}"),
+    };
+    assert_eq!(texts(&s.bus_event("b", 1, open_ev("zed"), t0), 1).len(), 0);
+    assert_eq!(texts(&s.bus_event("b", 2, ans(1), t0), 1).len(), 1);
+    // A duplicate is ignored.
+    assert!(s.bus_event("b", 2, ans(1), t0).is_empty());
+    // A gap: applied, and a resync of that node asked for.
+    let o = s.bus_event("b", 5, ans(2), t0);
+    assert_eq!(texts(&o, 1).len(), 1);
+    assert_eq!(bus_cmds(&o), [BusCmd::Resync { node: "b".into() }]);
+    // The late (reordered) one is a duplicate: the resync covers it.
+    assert!(s.bus_event("b", 4, ans(9), t0).is_empty());
+    // The resync shows zed gone and yan there.
+    let yan = Member {
+        id: "yan".into(),
+        name: String::new(),
+        rooms: vec!["peerjs".into()],
+    };
+    s.bus_snapshot("b", std::slice::from_ref(&yan));
+    assert_eq!(
+        texts(&open(&mut s, 2, "yan", "t", t0), 2)[0]["type"],
+        "ID-TAKEN"
+    );
+    let o = open(&mut s, 3, "zed", "t", t0);
+    assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "zed".into() }]);
+    // Node b gone (crashed): its ids are free; a message for one is held, then EXPIRE.
+    s.bus_snapshot("b", &[]);
+    let o = s.message(1, r#"{"type":"OFFER","dst":"yan","payload":{}}"#, t0);
+    assert!(
+        bus_cmds(&o).is_empty() && texts(&o, 1).is_empty(),
+        "held here"
+    );
+    let o = s.tick(t0 + Duration::from_secs(6));
+    assert_eq!(
+        texts(&o, 1),
+        vec![serde_json::json!({"type":"EXPIRE","src":"yan","dst":"alice"})]
+    );
+}
+
+#[test]
+fn cluster_redis_down_expires_cross_node_sends_and_opens_locally() {
+    let mut s = clustered();
+    let t0 = Instant::now();
+    s.bus_event("b", 1, open_ev("zed"), t0);
+    open(&mut s, 1, "alice", "t1", t0);
+    s.claim_result("alice", true);
+    s.bus_state(false);
+    let o = s.message(1, r#"{"type":"OFFER","dst":"zed","payload":{}}"#, t0);
+    assert!(bus_cmds(&o).is_empty());
+    assert_eq!(
+        texts(&o, 1),
+        vec![serde_json::json!({"type":"EXPIRE","src":"zed","dst":"alice"})]
+    );
+    assert_eq!(s.stats().refused[6], 1);
+    // A new local id opens at once; it is in the list the driver rewrites on reconnect.
+    let o = open(&mut s, 2, "bob", "t2", t0);
+    assert_eq!(texts(&o, 2)[0]["type"], "OPEN");
+    assert!(s.bus_members().1.iter().any(|m| m.id == "bob"));
+    // Messages between local peers are untouched.
+    let o = s.message(2, r#"{"type":"OFFER","dst":"alice","payload":{}}"#, t0);
+    assert_eq!(texts(&o, 1)[0]["type"], "OFFER");
+}
+
+#[test]
+fn single_node_emits_no_bus_commands() {
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
+    let t0 = Instant::now();
+    let mut all = open(&mut s, 1, "alice", "t1", t0);
+    all.extend(s.message(1, r#"{"type":"OFFER","dst":"nobody","payload":{}}"#, t0));
+    all.extend(s.disconnect(1, t0));
+    assert!(bus_cmds(&all).is_empty());
+}
+
+#[test]
+fn cluster_claim_pending_when_redis_goes_opens_locally() {
+    let mut s = clustered();
+    let t0 = Instant::now();
+    let o = open(&mut s, 1, "alice", "t1", t0);
+    assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "alice".into() }]);
+    // The claim's answer never comes: Redis went away first.
+    let o = s.bus_state(false);
+    assert_eq!(texts(&o, 1), vec![serde_json::json!({"type":"OPEN"})]);
+    assert!(
+        bus_cmds(&o).is_empty(),
+        "nothing published while Redis is away"
+    );
+    // A late answer changes nothing.
+    assert!(s.claim_result("alice", true).is_empty());
 }

@@ -1027,6 +1027,10 @@ impl RoomService {
                     });
                 }
             }
+            // PeerJS events travel on their own channel, never this one.
+            BusEvent::PeerjsOpen { .. }
+            | BusEvent::PeerjsClose { .. }
+            | BusEvent::Peerjs { .. } => {}
         }
         out
     }

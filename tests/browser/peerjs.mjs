@@ -4,6 +4,8 @@
 // OFFER carries 1 MiB of metadata through the server (a 1 MiB signal, default settings).
 //
 // Usage: TERN_PORT=8080 node tests/browser/peerjs.mjs   (prints "PASS ..." and exits 0)
+// With TERN_PORT_B (cluster mode, another node): Peer B registers there, under an id of its
+// own choosing (no cross-origin id fetch), and everything between A and B crosses nodes.
 import { chromium } from 'playwright-core';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -12,6 +14,7 @@ import os from 'node:os';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const port = Number(process.env.TERN_PORT);
+const portB = Number(process.env.TERN_PORT_B || port);
 const peerPath = process.env.TERN_PEERJS_PATH || '/peerjs';
 const key = process.env.TERN_PEERJS_KEY || 'peerjs';
 if (!port) {
@@ -46,7 +49,7 @@ try {
   // A page on Tern's own origin (the PeerJS info route), so fetches are same-origin.
   await page.goto(`${origin}${peerPath}`);
   await page.addScriptTag({ path: path.join(here, 'node_modules/peerjs/dist/peerjs.min.js') });
-  const result = await page.evaluate(async ({ port, peerPath, key }) => {
+  const result = await page.evaluate(async ({ port, portB, peerPath, key }) => {
     const opts = { host: '127.0.0.1', port, path: peerPath, key, secure: false, debug: 1,
       config: { iceServers: [] } };
     const open = (p) => new Promise((res, rej) => {
@@ -54,7 +57,8 @@ try {
       p.on('error', (e) => rej(new Error(`peer error ${e.type}: ${e.message}`)));
     });
     const a = new Peer(opts);
-    const b = new Peer(opts);
+    const b = portB === port ? new Peer(opts)
+      : new Peer(`b-${crypto.randomUUID()}`, { ...opts, port: portB });
     const [idA, idB] = await Promise.all([open(a), open(b)]);
     const hex = async (buf) => Array.from(new Uint8Array(await crypto.subtle.digest('SHA-256', buf)))
       .map((x) => x.toString(16).padStart(2, '0')).join('');
@@ -116,7 +120,7 @@ try {
     a.destroy();
     b.destroy();
     return { idA, idB, replyText, sentHash, ...r, bigHash, ...m, errorsSeen };
-  }, { port, peerPath, key });
+  }, { port, portB, peerPath, key });
 
   const ok = result.from === result.idA
     && result.msgs[0] === 'hello from A'
