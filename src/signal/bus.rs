@@ -14,6 +14,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use super::Out;
+
 /// One event on the rooms channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "kebab-case")]
@@ -194,6 +196,21 @@ impl RemoteMembers {
                 self.last_seq.insert(node.to_string(), seq);
                 SeqCheck::Next
             }
+        }
+    }
+
+    /// Checks an event's sequence number for both machines: false for a duplicate (drop
+    /// it); on a gap it still applies, and a resync of that node is queued in `out`.
+    pub fn accept(&mut self, node: &str, seq: u64, out: &mut Vec<Out>) -> bool {
+        match self.check_seq(node, seq) {
+            SeqCheck::Duplicate => false,
+            SeqCheck::Gap => {
+                out.push(Out::Bus(BusCmd::Resync {
+                    node: node.to_string(),
+                }));
+                true
+            }
+            SeqCheck::Next => true,
         }
     }
 

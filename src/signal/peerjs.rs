@@ -26,7 +26,7 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::bus::{BusCmd, BusEvent, Member, RemoteMembers, SeqCheck};
+use super::bus::{BusCmd, BusEvent, Member, RemoteMembers};
 use super::{shrink_map, ConnId, Out, Text};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
@@ -734,12 +734,8 @@ impl PeerJsService {
         let Some(b) = self.bus.as_mut() else {
             return out;
         };
-        match b.check_seq(node, seq) {
-            SeqCheck::Duplicate => return out,
-            SeqCheck::Gap => out.push(Out::Bus(BusCmd::Resync {
-                node: node.to_string(),
-            })),
-            SeqCheck::Next => {}
+        if !b.accept(node, seq, &mut out) {
+            return out;
         }
         match ev {
             BusEvent::PeerjsOpen { id } => {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::bus::{BusCmd, BusEvent, Member, RemoteMembers, SeqCheck};
+use super::bus::{BusEvent, Member, RemoteMembers};
 use super::names::friendly_name;
 use super::protocol::{rate_limited_text, ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
 use super::{shrink_map, ConnId, Out, Text};
@@ -985,12 +985,8 @@ impl RoomService {
         let Some(b) = self.bus.as_mut() else {
             return out;
         };
-        match b.check_seq(node, seq) {
-            SeqCheck::Duplicate => return out,
-            SeqCheck::Gap => out.push(Out::Bus(BusCmd::Resync {
-                node: node.to_string(),
-            })),
-            SeqCheck::Next => {}
+        if !b.accept(node, seq, &mut out) {
+            return out;
         }
         match ev {
             BusEvent::Joined { room, id, name } => {
