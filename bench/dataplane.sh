@@ -5,6 +5,9 @@
 # logic) under the same loads, in one run, servers interleaved:
 #   closed  closed loop, ALLOCS allocations x INFLIGHT packets in flight, SIZE-byte payloads
 #   video   per allocation bursts of 20-40 packets of 1200 bytes at 30 bursts/s, echoed back
+# Every allocation has its own echo peer (coturn --multiplex-peer demultiplexes its shared
+# relay socket by peer address, so it refuses a second allocation binding the same peer);
+# the forwarder, which has no allocations, echoes through one peer.
 # For each server and load: relayed packets/s (both directions), loss, server CPU per
 # relayed packet (utime+stime from /proc/PID/stat around the load) and Tern's packets/s as
 # a fraction of the forwarder's. ONECORE=1 adds the one-core mode: the server pinned to CPU 0
@@ -142,7 +145,7 @@ start_server() {
             --use-auth-secret --static-auth-secret="$SECRET" --realm tern \
             --listening-ip 127.0.0.1 --listening-port "$port" --relay-ip 127.0.0.1 \
             --min-port "$min" --max-port "$max" --no-tls --no-dtls \
-            --log-file "$OUT/$name.log" --simple-log "${extra[@]}" \
+            --log-file "$OUT/$name.log" --simple-log --pidfile "$OUT/$name.pid" "${extra[@]}" \
             >"$OUT/$name.stdout" 2>&1 &
         ;;
     esac
@@ -171,8 +174,8 @@ printf 'round\tserver\tload\trelayed_pps\tloss_pct\tcpu_us_per_pkt\trelayed_pack
 # The loads, by name.
 load_args() {
     case $1 in
-    closed) echo "--allocations $ALLOCS --inflight $INFLIGHT --size $SIZE --duration $SECS --packets 100000000" ;;
-    video) echo "--allocations $VIDEO_ALLOCS --video --size 1200 --duration $SECS --packets 100000000" ;;
+    closed) echo "--allocations $ALLOCS --inflight $INFLIGHT --size $SIZE --duration $SECS --packets 100000000 --distinct-peers" ;;
+    video) echo "--allocations $VIDEO_ALLOCS --video --size 1200 --duration $SECS --packets 100000000 --distinct-peers" ;;
     esac
 }
 
@@ -207,7 +210,7 @@ for round in $(seq 1 "$ROUNDS"); do
             [ "$server" = tern ] && profile_start "$pid" "$load"
             c0=$(cpu_ticks "$pid")
             # shellcheck disable=SC2046
-            j=$(loadgen "$server" "$port" "$peer_port" "$load" "" $(load_args "$load"))
+            j=$(loadgen "$server" "$port" "$peer_port" "$load" "" $(load_args "$load")) || true
             c1=$(cpu_ticks "$pid")
             [ "$server" = tern ] && profile_stop "$load"
             stop_server "$pid"
@@ -236,8 +239,8 @@ if [ "$ONECORE" = 1 ]; then
         pid=$SERVER_PID
         probe() { # rate -> sets LOSS, RELAYED_PPS
             local j
-            j=$(loadgen "$server" "$port" "$peer_port" "onecore$1" 1 --allocations "$ALLOCS" \
-                --rate "$1" --size "$SIZE" --duration "$ONECORE_SECS" --packets 100000000)
+            j=$(loadgen "$server" "$port" "$peer_port" "onecore$1" 1 --allocations "$ALLOCS" --distinct-peers \
+                --rate "$1" --size "$SIZE" --duration "$ONECORE_SECS" --packets 100000000) || true
             LOSS=$(json loss_pct "$j")
             LOSS=${LOSS:-100}
             RELAYED_PPS=$(json relayed_pps "$j")

@@ -29,7 +29,7 @@ const USAGE: &str = "usage: tern-loadgen --server IP:PORT (--secret S | --secret
   [--allocations 50] [--rate 20000 (packets/s, 0 = as fast as possible)] [--packets 1000000]
   [--duration 20 (seconds)] [--size 100 (payload bytes, >= 16)] [--batch 32]
   [--user-prefix loadgen] [--peer-ip 127.0.0.1] [--buffers 4194304]
-  [--inflight K (closed loop)] [--video] [--bare --peer-port P]
+  [--inflight K (closed loop)] [--video] [--bare --peer-port P] [--distinct-peers]
 or:    tern-loadgen forward --listen IP:PORT --peer IP:PORT [--threads 2] [--gso 1]
   [--max-secs 3600] [--buffers 4194304]";
 
@@ -52,6 +52,8 @@ struct Args {
     /// No TURN: the server is a bare forwarder; the peer binds `peer_port`.
     bare: bool,
     peer_port: u16,
+    /// One echo peer per allocation instead of one shared.
+    distinct_peers: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -74,6 +76,7 @@ fn parse_args() -> Result<Args, String> {
         video: false,
         bare: false,
         peer_port: 0,
+        distinct_peers: false,
     };
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
@@ -86,6 +89,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--bare" => {
                 a.bare = true;
+                continue;
+            }
+            "--distinct-peers" => {
+                a.distinct_peers = true;
                 continue;
             }
             _ => {}
@@ -217,17 +224,36 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
     let peer = UdpSocket::bind((a.peer_ip, if a.bare { a.peer_port } else { 0 }))?;
     mmsg::set_buffers(peer.as_raw_fd(), a.buffers);
     peer.set_read_timeout(Some(Duration::from_millis(50)))?;
-    let peer_addr = peer.local_addr()?;
+    // --distinct-peers: one echo socket per allocation (servers that demultiplex a shared
+    // relay socket by peer address, like coturn's --multiplex-peer, need distinct peers).
+    let mut peers = vec![peer];
+    if a.distinct_peers && !a.bare {
+        for _ in 1..a.allocations {
+            let p = UdpSocket::bind((a.peer_ip, 0))?;
+            mmsg::set_buffers(p.as_raw_fd(), a.buffers);
+            peers.push(p);
+        }
+    }
+    let peer_addrs = peers
+        .iter()
+        .map(UdpSocket::local_addr)
+        .collect::<io::Result<Vec<_>>>()?;
     let echo = {
         let c = Arc::clone(&counters);
-        std::thread::spawn(move || echo_loop(&peer, &c))
+        std::thread::spawn(move || {
+            if peers.len() == 1 {
+                echo_loop(&peers[0], &c)
+            } else {
+                echo_many(&peers, &c)
+            }
+        })
     };
 
     let setup_start = Instant::now();
     let sessions = if a.bare {
         bare_setup(a)
     } else {
-        setup(a, peer_addr)
+        setup(a, &peer_addrs)
     };
     let setup_s = setup_start.elapsed().as_secs_f64();
     let sessions = match sessions {
@@ -489,7 +515,7 @@ fn video_loop(a: &Args, fds: &[i32], start: Instant, c: &Counters) -> f64 {
 }
 
 /// Allocates and channel-binds every session, one after the other.
-fn setup(a: &Args, peer: SocketAddr) -> io::Result<Vec<Session>> {
+fn setup(a: &Args, peers: &[SocketAddr]) -> io::Result<Vec<Session>> {
     let expiry = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_err(io::Error::other)?
@@ -526,7 +552,7 @@ fn setup(a: &Args, peer: SocketAddr) -> io::Result<Vec<Session>> {
                 }
             }
         };
-        s.channel_bind(&mut ch, CHANNEL, peer)
+        s.channel_bind(&mut ch, CHANNEL, peers[i % peers.len()])
             .map_err(|e| io::Error::new(e.kind(), format!("channel bind {i}: {e}")))?;
         out.push(s);
     }
@@ -637,6 +663,30 @@ fn receive_loop(fds: &[i32], plen: usize, start: Instant, c: &Counters) {
     c.rtt_sum_us.store(rtt_sum, Ordering::Relaxed);
     c.rtt_max_us.store(rtt_max, Ordering::Relaxed);
     c.receiving_done.store(true, Ordering::Release);
+}
+
+/// Several echo peers on one thread: each readable socket's batches back out.
+fn echo_many(socks: &[UdpSocket], c: &Counters) {
+    let mut batch = mmsg::RecvBatch::new();
+    let fds: Vec<i32> = socks.iter().map(|s| s.as_raw_fd()).collect();
+    while !c.receiving_done.load(Ordering::Acquire) {
+        let mut got = 0;
+        for &fd in &fds {
+            while let Ok(n) = batch.recv(fd, false) {
+                got += n;
+                c.peer_received.fetch_add(n as u64, Ordering::Relaxed);
+                if let Ok(k) = batch.echo(fd, n) {
+                    c.peer_sent.fetch_add(k as u64, Ordering::Relaxed);
+                }
+                if n < mmsg::MAX_BATCH {
+                    break;
+                }
+            }
+        }
+        if got == 0 {
+            mmsg::poll_readable(&fds, 5);
+        }
+    }
 }
 
 /// The echo peer's loop: batches in, the same batches back out.
