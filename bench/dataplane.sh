@@ -244,21 +244,26 @@ if [ "$ONECORE" = 1 ]; then
             LOSS=$(json loss_pct "$j")
             LOSS=${LOSS:-100}
             RELAYED_PPS=$(json relayed_pps "$j")
-            echo "    $server rate $1: loss ${LOSS}% relayed ${RELAYED_PPS} pkt/s" >>"$OUT/onecore.log"
+            SENT_PPS=$(json send_pps "$j")
+            # Zero loss counts only when the clients kept the rate (a starved load
+            # generator sends less than asked).
+            KEPT=$(awk -v s="${SENT_PPS:-0}" -v r="$1" 'BEGIN { print (s >= 0.95 * r) ? 1 : 0 }')
+            if [ "$KEPT" = 1 ] && { [ "$LOSS" = 0 ] || [ "$LOSS" = 0.0 ]; }; then ZERO=1; else ZERO=0; fi
+            echo "    $server rate $1: sent ${SENT_PPS} pkt/s, loss ${LOSS}%, relayed ${RELAYED_PPS} pkt/s" >>"$OUT/onecore.log"
         }
         good=0 good_pps=0 bad=0 rate=20000 probes=0
         # Doubling until loss, then bisection to within 10%.
         while [ "$rate" -le 1600000 ]; do
             probe "$rate"
             probes=$((probes + 1))
-            if [ "$LOSS" = 0 ] || [ "$LOSS" = 0.0 ]; then good=$rate good_pps=$RELAYED_PPS; rate=$((rate * 2)); else bad=$rate; break; fi
+            if [ "$ZERO" = 1 ]; then good=$rate good_pps=$RELAYED_PPS; rate=$((rate * 2)); else bad=$rate; break; fi
         done
         if [ "$bad" -gt 0 ]; then
             while [ $((bad - good)) -gt $((good / 10 + 1000)) ]; do
                 mid=$(((good + bad) / 2))
                 probe "$mid"
                 probes=$((probes + 1))
-                if [ "$LOSS" = 0 ] || [ "$LOSS" = 0.0 ]; then good=$mid good_pps=$RELAYED_PPS; else bad=$mid; fi
+                if [ "$ZERO" = 1 ]; then good=$mid good_pps=$RELAYED_PPS; else bad=$mid; fi
             done
         fi
         stop_server "$pid"
