@@ -41,6 +41,7 @@ cleanup() {
     done
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT
 
 if [ -z "${TERN_BIN:-}" ]; then
     cargo build --release --quiet --bin tern
@@ -145,18 +146,20 @@ part_signal() {
             --window 1 --secs "$d" >>"$OUT/signal.jsonl" 2>>"$OUT/signal.stderr" || true
     done
 }
+PARTS=()
 part_udp &
-PIDS+=("$!")
+PARTS+=("$!")
 part_churn &
-PIDS+=("$!")
+PARTS+=("$!")
 part_uclient send -c -s -p "$TURN_PORT" &
-PIDS+=("$!")
+PARTS+=("$!")
 part_uclient tcp -c -t -p "$TURN_PORT" &
-PIDS+=("$!")
+PARTS+=("$!")
 part_uclient tls -c -t -S -p "$TLS_PORT" &
-PIDS+=("$!")
+PARTS+=("$!")
 part_signal &
-PIDS+=("$!")
+PARTS+=("$!")
+PIDS+=("${PARTS[@]}")
 
 # Sampler: every 10 s.
 TICKS=$(getconf CLK_TCK)
@@ -186,7 +189,8 @@ while [ "$(date +%s)" -lt "$END" ]; do
         tee -a "$CSV"
     c_prev=$c r_prev=$r
 done
-for pid in "${PIDS[@]:1}"; do wait "$pid" 2>/dev/null || true; done
+# The parts finish their last bounded runs (at most a minute past the end).
+for pid in "${PARTS[@]}"; do wait "$pid" 2>/dev/null || true; done
 
 # Summary: flatness after the one-minute warm-up, and the losses of every part.
 {

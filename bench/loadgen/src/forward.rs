@@ -164,8 +164,8 @@ impl Bufs {
         if n <= 0 {
             return 0;
         }
-        for i in 0..n as usize {
-            self.lens[i] = hdrs[i].msg_len as usize;
+        for (len, h) in self.lens.iter_mut().zip(&hdrs[..n as usize]) {
+            *len = h.msg_len as usize;
         }
         n as usize
     }
@@ -325,12 +325,13 @@ fn worker(
                 } else {
                     let r = &relays[token - 1];
                     let got = b.recv(r.sock.as_raw_fd(), HEAD);
-                    for i in 0..got {
-                        let len = b.lens[i];
-                        b.data[i][..2].copy_from_slice(&0x4000u16.to_be_bytes());
-                        b.data[i][2..4].copy_from_slice(&(len as u16).to_be_bytes());
-                        iovs[i] = libc::iovec {
-                            iov_base: b.data[i].as_mut_ptr().cast(),
+                    for ((iov, slot), &len) in
+                        iovs.iter_mut().zip(&mut b.data).zip(&b.lens).take(got)
+                    {
+                        slot[..2].copy_from_slice(&0x4000u16.to_be_bytes());
+                        slot[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                        *iov = libc::iovec {
+                            iov_base: slot.as_mut_ptr().cast(),
                             iov_len: len + HEAD,
                         };
                     }
