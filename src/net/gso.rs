@@ -134,6 +134,8 @@ impl GsoBatch {
     }
 
     /// Sets up message `m`'s header (address, iovecs, packet info, segment size).
+    // msg_controllen is usize on glibc and u32 on musl.
+    #[allow(clippy::unnecessary_cast)]
     fn prepare(&mut self, m: usize, gso: bool) {
         let r = self.runs[m];
         let namelen = write_sockaddr(r.to, &mut self.addrs[m]);
