@@ -1,6 +1,8 @@
 //! The relay data path of the IO workers makes no heap allocation per packet (DESIGN.md
 //! principle 2): ChannelData client→peer and peer→client over UDP and TCP, counted with a
-//! global counting allocator in this test binary while the real workers relay.
+//! global counting allocator in this test binary while the real workers relay. Bursts of
+//! same-size datagrams take the UDP GSO send path (`src/net/gso.rs`: one message per run to
+//! one destination) both ways, and are counted the same way.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
@@ -143,6 +145,7 @@ fn udp_round_trips(
 #[test]
 fn relay_paths_do_not_allocate() {
     udp_relay_path_does_not_allocate();
+    udp_burst_relay_path_does_not_allocate();
     tcp_relay_path_does_not_allocate();
 }
 
@@ -168,6 +171,74 @@ fn udp_relay_path_does_not_allocate() {
     assert_eq!(
         allocations, 0,
         "allocations while relaying 4000 UDP packets"
+    );
+    svc.shutdown();
+}
+
+/// `n` bursts of BURST ChannelData sent back to back (the worker reads them in one batch and
+/// sends the run to the peer as GSO messages), echoed by the peer as a burst (a run to the
+/// client). Every datagram must arrive whole, in order per direction.
+fn udp_bursts(
+    client: &UdpSocket,
+    server: SocketAddr,
+    peer: &UdpSocket,
+    n: usize,
+    buf: &mut [u8; 2048],
+) {
+    const BURST: usize = 24;
+    let mut cd = channel_data();
+    let mut relay = server;
+    for _ in 0..n {
+        for i in 0..BURST {
+            cd[4] = i as u8;
+            client.send_to(&cd, server).unwrap();
+        }
+        for i in 0..BURST {
+            let (len, from) = peer.recv_from(buf).unwrap();
+            assert_eq!(
+                (len, buf[0]),
+                (PAYLOAD, i as u8),
+                "peer got datagram {i} whole"
+            );
+            relay = from;
+        }
+        for i in 0..BURST {
+            cd[4] = i as u8;
+            peer.send_to(&cd[4..], relay).unwrap();
+        }
+        for i in 0..BURST {
+            let (len, _) = client.recv_from(buf).unwrap();
+            assert_eq!(
+                (len, buf[4]),
+                (4 + PAYLOAD, i as u8),
+                "client got frame {i} whole"
+            );
+            assert_eq!(buf[..2], CHANNEL.to_be_bytes());
+        }
+    }
+}
+
+fn udp_burst_relay_path_does_not_allocate() {
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let svc = service(peer.local_addr().unwrap());
+    let server = svc.local_addrs()[0];
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    client.send_to(&stun_message(), server).unwrap();
+    client.recv_from(&mut buf).unwrap();
+    udp_bursts(&client, server, &peer, 20, &mut buf);
+
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    udp_bursts(&client, server, &peer, 100, &mut buf);
+    let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
+    assert_eq!(
+        allocations, 0,
+        "allocations while relaying 4800 UDP packets in bursts"
     );
     svc.shutdown();
 }

@@ -63,13 +63,14 @@ pub fn read_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// Control-message room per datagram: one IPv4 or IPv6 packet-info message.
+/// Control-message room per datagram: one IPv4 or IPv6 packet-info message, plus (in
+/// `gso::GsoBatch`) a UDP_SEGMENT size after it.
 const CTRL_LEN: usize = 64;
 
 /// A control-message buffer, aligned for `cmsghdr`.
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
-struct Ctrl([u8; CTRL_LEN]);
+pub(super) struct Ctrl(pub(super) [u8; CTRL_LEN]);
 
 /// The destination address of a received datagram, from its IP_PKTINFO / IPV6_PKTINFO
 /// control message (present only on sockets where packet info was enabled).
@@ -106,7 +107,7 @@ unsafe fn read_pktinfo(hdr: &libc::msghdr) -> Option<IpAddr> {
 
 /// Writes a packet-info control message asking the kernel to send from `src`; returns the
 /// control length to put in the msghdr.
-fn write_pktinfo(ctrl: &mut Ctrl, hdr: &mut libc::msghdr, src: IpAddr) {
+pub(super) fn write_pktinfo(ctrl: &mut Ctrl, hdr: &mut libc::msghdr, src: IpAddr) {
     ctrl.0 = [0; CTRL_LEN];
     hdr.msg_control = ctrl.0.as_mut_ptr().cast();
     // SAFETY: CMSG_* only compute sizes and offsets inside the CTRL_LEN-byte buffer set
@@ -346,10 +347,6 @@ impl SendBatch {
             hdrs: vec![zeroed_hdr(); capacity].into_boxed_slice(),
             len: 0,
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     pub fn is_full(&self) -> bool {

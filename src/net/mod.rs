@@ -7,6 +7,7 @@
 //! classification and framing (that is `crate::stun` / `crate::turn`), and it must not
 //! allocate, lock, log or copy per relayed packet (DESIGN.md principle 2).
 
+mod gso;
 mod link;
 mod mmsg;
 mod relay_addr;

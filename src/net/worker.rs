@@ -31,6 +31,7 @@ use relays::PeerBatch;
 pub use relays::Relays;
 use tcp_conns::{Conn, ListenMode};
 
+use super::gso::GsoBatch;
 use super::mmsg::{RecvBatch, SendBatch};
 use super::shard::{Shard, OUT_LEN};
 use super::socket::ListenerPair;
@@ -85,7 +86,7 @@ struct UdpListener {
     wildcard: bool,
     sock: UdpSocket,
     /// Peer→client datagrams leaving through this socket.
-    out: SendBatch,
+    out: GsoBatch,
 }
 
 impl UdpListener {
@@ -200,7 +201,7 @@ impl<S: Shard> Worker<S> {
                 addr,
                 wildcard: addr.ip().is_unspecified(),
                 sock: u,
-                out: SendBatch::new(BATCH),
+                out: GsoBatch::new(BATCH),
             });
             let mut t = TcpListener::from_std(pair.tcp);
             registry.register(&mut t, token(K_TCP_LISTENER, i), Interest::READABLE)?;
@@ -240,7 +241,7 @@ impl<S: Shard> Worker<S> {
             rx: RecvBatch::new(BATCH, DATA_INDICATION_HEADROOM + MAX_DATAGRAM + TAIL_ROOM),
             reply: SendBatch::new(1),
             to_peer: PeerBatch {
-                batch: SendBatch::new(BATCH),
+                batch: GsoBatch::new(BATCH),
                 fd: -1,
                 transport: Transport::Udp,
             },

@@ -4,8 +4,15 @@
 //! runs itself on loopback, sends ChannelData (RFC 8656 §12) at a target rate with batched
 //! sendmmsg, counts the echoes, and prints one JSON line. Bounded: it stops after
 //! `--packets` or `--duration` seconds, whichever comes first, then drains for 2 s.
+//!
+//! Loads: a target rate (`--rate`), a closed loop (`--inflight K`: K packets in flight per
+//! allocation, a new one sent for every echo), or video-like bursts (`--video`: per
+//! allocation 20-40 packets of `--size` bytes, 30 bursts/s; the echo makes the other
+//! direction). `--bare` skips TURN (plain ChannelData to a forwarder, see `forward`), and
+//! `tern-loadgen forward ...` runs the batched bare forwarder itself.
 
 mod control;
+mod forward;
 mod mmsg;
 
 use std::io;
@@ -21,7 +28,10 @@ const CHANNEL: u16 = 0x4000;
 const USAGE: &str = "usage: tern-loadgen --server IP:PORT (--secret S | --secret-file F)
   [--allocations 50] [--rate 20000 (packets/s, 0 = as fast as possible)] [--packets 1000000]
   [--duration 20 (seconds)] [--size 100 (payload bytes, >= 16)] [--batch 32]
-  [--user-prefix loadgen] [--peer-ip 127.0.0.1] [--buffers 4194304]";
+  [--user-prefix loadgen] [--peer-ip 127.0.0.1] [--buffers 4194304]
+  [--inflight K (closed loop)] [--video] [--bare --peer-port P] [--distinct-peers]
+or:    tern-loadgen forward --listen IP:PORT --peer IP:PORT [--threads 2] [--gso 1]
+  [--max-secs 3600] [--buffers 4194304]";
 
 struct Args {
     server: SocketAddr,
@@ -35,6 +45,15 @@ struct Args {
     user_prefix: String,
     peer_ip: IpAddr,
     buffers: usize,
+    /// Closed loop: packets in flight per allocation (0: rate mode).
+    inflight: usize,
+    /// Video-like bursts instead of a steady rate.
+    video: bool,
+    /// No TURN: the server is a bare forwarder; the peer binds `peer_port`.
+    bare: bool,
+    peer_port: u16,
+    /// One echo peer per allocation instead of one shared.
+    distinct_peers: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -53,10 +72,30 @@ fn parse_args() -> Result<Args, String> {
         user_prefix: "loadgen".into(),
         peer_ip: "127.0.0.1".parse().unwrap(),
         buffers: 4 << 20,
+        inflight: 0,
+        video: false,
+        bare: false,
+        peer_port: 0,
+        distinct_peers: false,
     };
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
             return Err(USAGE.into());
+        }
+        match flag.as_str() {
+            "--video" => {
+                a.video = true;
+                continue;
+            }
+            "--bare" => {
+                a.bare = true;
+                continue;
+            }
+            "--distinct-peers" => {
+                a.distinct_peers = true;
+                continue;
+            }
+            _ => {}
         }
         let v = it.next().ok_or(format!("{flag} needs a value"))?;
         let bad = |e: &dyn std::fmt::Display| format!("{flag} {v}: {e}");
@@ -81,6 +120,8 @@ fn parse_args() -> Result<Args, String> {
             "--user-prefix" => a.user_prefix = v,
             "--peer-ip" => a.peer_ip = v.parse().map_err(|e| bad(&e))?,
             "--buffers" => a.buffers = v.parse().map_err(|e| bad(&e))?,
+            "--inflight" => a.inflight = v.parse().map_err(|e| bad(&e))?,
+            "--peer-port" => a.peer_port = v.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
@@ -93,7 +134,41 @@ fn parse_args() -> Result<Args, String> {
         return Err("--duration must be in (0, 600] seconds".into());
     }
     a.batch = a.batch.min(mmsg::MAX_BATCH);
+    if a.inflight > 0 && a.video {
+        return Err("--inflight and --video are separate loads".into());
+    }
     Ok(a)
+}
+
+fn parse_forward() -> Result<forward::FwdArgs, String> {
+    let mut it = std::env::args().skip(2);
+    let mut f = forward::FwdArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        peer: "127.0.0.1:0".parse().unwrap(),
+        threads: 2,
+        gso: true,
+        max_secs: 3600,
+        buffers: 4 << 20,
+    };
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or(format!("{flag} needs a value\n{USAGE}"))?;
+        let bad = |e: &dyn std::fmt::Display| format!("{flag} {v}: {e}");
+        match flag.as_str() {
+            "--listen" => f.listen = v.parse().map_err(|e| bad(&e))?,
+            "--peer" => f.peer = v.parse().map_err(|e| bad(&e))?,
+            "--threads" => f.threads = v.parse().map_err(|e| bad(&e))?,
+            "--gso" => f.gso = v != "0",
+            "--max-secs" => f.max_secs = v.parse().map_err(|e| bad(&e))?,
+            "--buffers" => f.buffers = v.parse().map_err(|e| bad(&e))?,
+            _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
+        }
+    }
+    if f.listen.port() == 0 || f.peer.port() == 0 {
+        return Err(format!(
+            "forward needs --listen and --peer with ports\n{USAGE}"
+        ));
+    }
+    Ok(f)
 }
 
 /// Counters shared by the data-path threads.
@@ -112,6 +187,17 @@ struct Counters {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("forward") {
+        let f = parse_forward().unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(2);
+        });
+        if let Err(e) = forward::run(&f) {
+            eprintln!("forwarder: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -135,17 +221,40 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
     let counters = Arc::new(Counters::default());
 
     // The echo peer: every datagram goes back to the relay address it came from.
-    let peer = UdpSocket::bind((a.peer_ip, 0))?;
+    let peer = UdpSocket::bind((a.peer_ip, if a.bare { a.peer_port } else { 0 }))?;
     mmsg::set_buffers(peer.as_raw_fd(), a.buffers);
     peer.set_read_timeout(Some(Duration::from_millis(50)))?;
-    let peer_addr = peer.local_addr()?;
+    // --distinct-peers: one echo socket per allocation (servers that demultiplex a shared
+    // relay socket by peer address, like coturn's --multiplex-peer, need distinct peers).
+    let mut peers = vec![peer];
+    if a.distinct_peers && !a.bare {
+        for _ in 1..a.allocations {
+            let p = UdpSocket::bind((a.peer_ip, 0))?;
+            mmsg::set_buffers(p.as_raw_fd(), a.buffers);
+            peers.push(p);
+        }
+    }
+    let peer_addrs = peers
+        .iter()
+        .map(UdpSocket::local_addr)
+        .collect::<io::Result<Vec<_>>>()?;
     let echo = {
         let c = Arc::clone(&counters);
-        std::thread::spawn(move || echo_loop(&peer, &c))
+        std::thread::spawn(move || {
+            if peers.len() == 1 {
+                echo_loop(&peers[0], &c)
+            } else {
+                echo_many(&peers, &c)
+            }
+        })
     };
 
     let setup_start = Instant::now();
-    let sessions = setup(a, peer_addr);
+    let sessions = if a.bare {
+        bare_setup(a)
+    } else {
+        setup(a, &peer_addrs)
+    };
     let setup_s = setup_start.elapsed().as_secs_f64();
     let sessions = match sessions {
         Ok(s) => s,
@@ -161,21 +270,32 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
     }
     let fds: Vec<_> = sessions.iter().map(|s| s.sock.as_raw_fd()).collect();
     let start = Instant::now();
-    let receiver = {
-        let c = Arc::clone(&counters);
-        let fds = fds.clone();
-        let plen = 4 + a.size;
-        std::thread::spawn(move || receive_loop(&fds, plen, start, &c))
+    let send_s = if a.inflight > 0 {
+        let s = closed_loop(a, &fds, start, &counters);
+        counters.receiving_done.store(true, Ordering::Release);
+        s
+    } else {
+        let receiver = {
+            let c = Arc::clone(&counters);
+            let fds = fds.clone();
+            let plen = 4 + a.size;
+            std::thread::spawn(move || receive_loop(&fds, plen, start, &c))
+        };
+        let s = if a.video {
+            video_loop(a, &fds, start, &counters)
+        } else {
+            send_loop(a, &fds, start, &counters)
+        };
+        counters.sending_done.store(true, Ordering::Release);
+        let _ = receiver.join();
+        s
     };
-    let send_s = send_loop(a, &fds, start, &counters);
-    counters.sending_done.store(true, Ordering::Release);
-    let _ = receiver.join();
     let _ = echo.join();
 
     // Free the allocations so back-to-back runs do not hit quotas.
     let mut release_errors = 0;
     let mut ch = Challenge::default();
-    for s in &sessions {
+    for s in sessions.iter().filter(|_| !a.bare) {
         s.sock.set_nonblocking(false)?;
         if s.release(&mut ch).is_err() {
             release_errors += 1;
@@ -194,6 +314,8 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
         "allocations": sessions.len(),
         "payload_bytes": a.size,
         "target_pps": a.rate,
+        "inflight": a.inflight,
+        "video": a.video,
         "setup_s": round(setup_s),
         "duration_s": round(send_s),
         "sent": sent,
@@ -213,8 +335,187 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
     }))
 }
 
+/// Bare sessions: plain sockets connected to the forwarder (no TURN exchange).
+fn bare_setup(a: &Args) -> io::Result<Vec<Session>> {
+    (0..a.allocations)
+        .map(|_| {
+            let sock = UdpSocket::bind((a.peer_ip, 0))?;
+            sock.connect(a.server)?;
+            mmsg::set_buffers(sock.as_raw_fd(), a.buffers);
+            Ok(Session {
+                sock,
+                server: a.server,
+                username: String::new(),
+                password: String::new(),
+            })
+        })
+        .collect()
+}
+
+/// Stamps `n` packets of `plen` bytes in `buf` with the send time and sequence numbers.
+fn stamp(buf: &mut [u8], plen: usize, n: usize, now_ns: u64, seq: &mut u64) {
+    for p in buf.chunks_mut(plen).take(n) {
+        p[4..12].copy_from_slice(&now_ns.to_le_bytes());
+        p[12..20].copy_from_slice(&seq.to_le_bytes());
+        *seq += 1;
+    }
+}
+
+fn channel_frames(a: &Args, count: usize) -> Vec<u8> {
+    let plen = 4 + a.size;
+    let mut buf = vec![0u8; plen * count];
+    for p in buf.chunks_mut(plen) {
+        p[..2].copy_from_slice(&CHANNEL.to_be_bytes());
+        p[2..4].copy_from_slice(&(a.size as u16).to_be_bytes());
+    }
+    buf
+}
+
+/// Closed loop: `inflight` packets per allocation, one new packet per echo, until the
+/// duration or packet budget is spent; then a 2 s drain. One thread sends and receives.
+fn closed_loop(a: &Args, fds: &[i32], start: Instant, c: &Counters) -> f64 {
+    let plen = 4 + a.size;
+    let mut buf = channel_frames(a, mmsg::MAX_BATCH);
+    let mut batch = mmsg::RecvBatch::new();
+    let limit = Duration::from_secs_f64(a.duration);
+    let (mut sent, mut received, mut bad, mut rtt_sum, mut rtt_max, mut seq) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut send = |fd: i32, n: usize, sent: &mut u64, seq: &mut u64| {
+        let now_ns = start.elapsed().as_nanos() as u64;
+        stamp(&mut buf, plen, n, now_ns, seq);
+        match mmsg::send_connected(fd, &mut buf, plen, n) {
+            Ok(k) => {
+                *sent += k as u64;
+                if k < n {
+                    c.send_eagain.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                c.send_eagain.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    for &fd in fds {
+        send(fd, a.inflight.min(mmsg::MAX_BATCH), &mut sent, &mut seq);
+    }
+    let mut send_s = None;
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        let sending = send_s.is_none();
+        let mut got = 0usize;
+        for &fd in fds {
+            while let Ok(n) = batch.recv(fd, false) {
+                let now_ns = start.elapsed().as_nanos() as u64;
+                let mut good = 0;
+                for i in 0..n {
+                    let p = batch.packet(i);
+                    if p.len() != plen || p[..2] != CHANNEL.to_be_bytes() {
+                        bad += 1;
+                        continue;
+                    }
+                    let sent_ns = u64::from_le_bytes(p[4..12].try_into().unwrap());
+                    let rtt = now_ns.saturating_sub(sent_ns) / 1000;
+                    rtt_sum += rtt;
+                    rtt_max = rtt_max.max(rtt);
+                    good += 1;
+                }
+                received += good as u64;
+                got += n;
+                if sending && sent < a.packets {
+                    send(fd, good, &mut sent, &mut seq);
+                }
+                if n < mmsg::MAX_BATCH {
+                    break;
+                }
+            }
+        }
+        if sending && (start.elapsed() >= limit || sent >= a.packets) {
+            send_s = Some(start.elapsed().as_secs_f64());
+            c.sent.store(sent, Ordering::Relaxed);
+        }
+        if got > 0 {
+            continue;
+        }
+        if let Some(_s) = send_s {
+            let deadline =
+                *drain_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(2));
+            if received >= sent || Instant::now() >= deadline {
+                break;
+            }
+        }
+        mmsg::poll_readable(fds, 5);
+    }
+    c.sent.store(sent, Ordering::Relaxed);
+    c.received.store(received, Ordering::Relaxed);
+    c.bad_packets.store(bad, Ordering::Relaxed);
+    c.rtt_sum_us.store(rtt_sum, Ordering::Relaxed);
+    c.rtt_max_us.store(rtt_max, Ordering::Relaxed);
+    send_s.unwrap_or_else(|| start.elapsed().as_secs_f64())
+}
+
+/// Video-like load: per allocation a burst of 20-40 packets every 1/30 s, the allocations'
+/// bursts spread over the frame interval.
+fn video_loop(a: &Args, fds: &[i32], start: Instant, c: &Counters) -> f64 {
+    const FRAME: Duration = Duration::from_nanos(1_000_000_000 / 30);
+    let plen = 4 + a.size;
+    let mut buf = channel_frames(a, 40);
+    let limit = Duration::from_secs_f64(a.duration);
+    let mut next: Vec<Duration> = (0..fds.len())
+        .map(|i| FRAME * i as u32 / fds.len() as u32)
+        .collect();
+    let (mut sent, mut seq) = (0u64, 0u64);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    loop {
+        let elapsed = start.elapsed();
+        if sent >= a.packets || elapsed >= limit {
+            break;
+        }
+        let mut earliest = elapsed + FRAME;
+        for (i, &fd) in fds.iter().enumerate() {
+            if next[i] > elapsed {
+                earliest = earliest.min(next[i]);
+                continue;
+            }
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let n = 20 + (rng % 21) as usize;
+            stamp(
+                &mut buf,
+                plen,
+                n,
+                start.elapsed().as_nanos() as u64,
+                &mut seq,
+            );
+            match mmsg::send_connected(fd, &mut buf, plen, n) {
+                Ok(k) => {
+                    sent += k as u64;
+                    if k < n {
+                        c.send_eagain.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => {
+                    c.send_eagain.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // A late sender skips frames rather than bursting to catch up.
+            next[i] += FRAME;
+            if next[i] < elapsed {
+                next[i] = elapsed + FRAME;
+            }
+            earliest = earliest.min(next[i]);
+        }
+        c.sent.store(sent, Ordering::Relaxed);
+        let now = start.elapsed();
+        if earliest > now {
+            std::thread::sleep((earliest - now).min(Duration::from_millis(2)));
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
 /// Allocates and channel-binds every session, one after the other.
-fn setup(a: &Args, peer: SocketAddr) -> io::Result<Vec<Session>> {
+fn setup(a: &Args, peers: &[SocketAddr]) -> io::Result<Vec<Session>> {
     let expiry = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_err(io::Error::other)?
@@ -251,7 +552,7 @@ fn setup(a: &Args, peer: SocketAddr) -> io::Result<Vec<Session>> {
                 }
             }
         };
-        s.channel_bind(&mut ch, CHANNEL, peer)
+        s.channel_bind(&mut ch, CHANNEL, peers[i % peers.len()])
             .map_err(|e| io::Error::new(e.kind(), format!("channel bind {i}: {e}")))?;
         out.push(s);
     }
@@ -362,6 +663,30 @@ fn receive_loop(fds: &[i32], plen: usize, start: Instant, c: &Counters) {
     c.rtt_sum_us.store(rtt_sum, Ordering::Relaxed);
     c.rtt_max_us.store(rtt_max, Ordering::Relaxed);
     c.receiving_done.store(true, Ordering::Release);
+}
+
+/// Several echo peers on one thread: each readable socket's batches back out.
+fn echo_many(socks: &[UdpSocket], c: &Counters) {
+    let mut batch = mmsg::RecvBatch::new();
+    let fds: Vec<i32> = socks.iter().map(|s| s.as_raw_fd()).collect();
+    while !c.receiving_done.load(Ordering::Acquire) {
+        let mut got = 0;
+        for &fd in &fds {
+            while let Ok(n) = batch.recv(fd, false) {
+                got += n;
+                c.peer_received.fetch_add(n as u64, Ordering::Relaxed);
+                if let Ok(k) = batch.echo(fd, n) {
+                    c.peer_sent.fetch_add(k as u64, Ordering::Relaxed);
+                }
+                if n < mmsg::MAX_BATCH {
+                    break;
+                }
+            }
+        }
+        if got == 0 {
+            mmsg::poll_readable(&fds, 5);
+        }
+    }
 }
 
 /// The echo peer's loop: batches in, the same batches back out.

@@ -12,7 +12,7 @@ use mio::{Interest, Registry};
 
 use super::peers::Peers;
 use super::{token, INDEX_MASK, K_RELAY};
-use crate::net::mmsg::SendBatch;
+use crate::net::gso::GsoBatch;
 use crate::net::socket;
 use crate::net::stats::NetStats;
 use crate::rate::TokenBucket;
@@ -291,7 +291,7 @@ impl RelayIo for Relays {
 
 /// Client→peer datagrams for one relay socket at a time, sent with one sendmmsg.
 pub(super) struct PeerBatch {
-    pub(super) batch: SendBatch,
+    pub(super) batch: GsoBatch,
     pub(super) fd: RawFd,
     pub(super) transport: Transport,
 }

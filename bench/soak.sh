@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Soak test (issue 15): Tern under a mixed load for SOAK_SECS (default 600; SOAK_SECS=3600
+# for the hour), sampled every 10 s into a CSV: RSS, open fds, server CPU per relayed packet
+# and loss; then a PNG of RSS and fds over time (gnuplot) and a summary of how flat they
+# stayed after a warm-up (WARMUP).
+#
+# The mixed load, all at once, each part looping until the end:
+#   udp      tern-loadgen: UDP_ALLOCS allocations with channels at UDP_RATE packets/s, a new
+#            set of allocations every 60 s (their loss and echo counts are what "loss" is)
+#   churn    tern-loadgen: 16 allocations for 2 s at a time (allocate, bind, relay, delete)
+#   send     turnutils_uclient -s: Send/Data indications over UDP
+#   tcp      turnutils_uclient -t: TURN over TCP with channels
+#   tls      turnutils_uclient -t -S: TURN over TLS (self-signed certificate made here)
+#   signal   bench/signal/load.mjs: PeerJS peers bouncing CANDIDATEs through /peerjs
+# Loopback only; every part bounded by the end time; only PIDs started here are stopped.
+# Results: bench/out/soak-<time>/ (soak.csv, logs); the CSV, PNG and summary are copied to
+# DOCS (bench/docs) unless DOCS is empty.
+#
+# env: SOAK_SECS (600) UDP_ALLOCS (32) UDP_RATE (5000) UC_CLIENTS (10) SIG_PEERS (100)
+#      WARMUP (120 s: the 90 s allocation lifetime set below, plus a margin)
+#      TERN_BIN (a tern binary instead of building one) DOCS (bench/docs)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+SOAK_SECS=${SOAK_SECS:-600}
+UDP_ALLOCS=${UDP_ALLOCS:-32}
+UDP_RATE=${UDP_RATE:-5000}
+WARMUP=${WARMUP:-120}
+UC_CLIENTS=${UC_CLIENTS:-10}
+SIG_PEERS=${SIG_PEERS:-100}
+DOCS=${DOCS-$ROOT/bench/docs}
+for tool in turnutils_uclient turnutils_peer openssl gnuplot node curl; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install coturn openssl gnuplot-nox nodejs curl)" >&2; exit 1; }
+done
+
+OUT="$ROOT/bench/out/soak-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$OUT"
+echo "soak for ${SOAK_SECS} s; results and logs: $OUT"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]-}"; do
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 143' TERM INT
+
+if [ -z "${TERN_BIN:-}" ]; then
+    cargo build --release --quiet --bin tern
+fi
+TERN=${TERN_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/tern}
+LOADGEN_TARGET="$ROOT/bench/out/target-loadgen"
+CARGO_TARGET_DIR="$LOADGEN_TARGET" cargo build --release --quiet --manifest-path bench/loadgen/Cargo.toml
+LOADGEN="$LOADGEN_TARGET/release/tern-loadgen"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+TURN_PORT=$(free_port)
+TLS_PORT=$(free_port)
+API_PORT=$(free_port)
+METRICS_PORT=$(free_port)
+PEER_PORT=$(free_port)
+MIN_PORT=$((41000 + RANDOM % 8000))
+SECRET=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+printf '%s\n' "$SECRET" >"$OUT/secret"
+chmod 600 "$OUT/secret"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$OUT/key.pem" -out "$OUT/cert.pem" >/dev/null 2>&1
+cat >"$OUT/tern.toml" <<TOML
+[turn]
+listen = ["127.0.0.1:$TURN_PORT"]
+relay_ip = ["127.0.0.1"]
+min_port = $MIN_PORT
+max_port = $((MIN_PORT + 1999))
+secret_file = ["$OUT/secret"]
+allowed_peer_ranges = ["127.0.0.0/8"]
+user_quota = 100000
+total_quota = 100000
+max_bytes_per_sec = 0
+unauth_rate_per_sec = 1000000
+unauth_burst = 1000000
+socket_buffer_bytes = 4194304
+# turnutils_uclient never deletes its UDP allocations: they live out their lifetime. At the
+# default 600 s the relay sockets of every finished Send-indication run pile up for ten
+# minutes before the first expire; 90 s (longer than any run here) reaches steady state soon.
+default_lifetime_secs = 90
+max_lifetime_secs = 90
+[tls]
+cert_file = "$OUT/cert.pem"
+key_file = "$OUT/key.pem"
+listen = ["127.0.0.1:$TLS_PORT"]
+[api]
+listen = "127.0.0.1:$API_PORT"
+max_connections = 40000
+max_connections_per_ip = 40000
+[signal]
+rate_per_sec = 100000
+burst = 100000
+peerjs_rate_per_sec = 100000
+peerjs_burst = 100000
+[metrics]
+enabled = true
+listen = "127.0.0.1:$METRICS_PORT"
+[log]
+level = "warn"
+TOML
+"$TERN" serve --config "$OUT/tern.toml" >"$OUT/tern.log" 2>&1 &
+TERN_PID=$!
+PIDS+=("$TERN_PID")
+for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" >/dev/null 2>&1 && break
+    kill -0 "$TERN_PID" 2>/dev/null || { echo "tern exited; see $OUT/tern.log" >&2; exit 1; }
+    sleep 0.1
+done
+turnutils_peer -p "$PEER_PORT" -L 127.0.0.1 >"$OUT/peer.log" 2>&1 &
+PIDS+=("$!")
+
+START=$(date +%s)
+END=$((START + SOAK_SECS))
+left() { echo $((END - $(date +%s))); }
+
+# Each part: a loop of bounded runs until the end time.
+part_udp() {
+    while [ "$(left)" -gt 5 ]; do
+        local d=$(($(left) - 3))
+        [ "$d" -gt 60 ] && d=60
+        "$LOADGEN" --server "127.0.0.1:$TURN_PORT" --secret-file "$OUT/secret" --allocations "$UDP_ALLOCS" \
+            --rate "$UDP_RATE" --packets 1000000000 --duration "$d" --size 200 --user-prefix soak- \
+            2>>"$OUT/udp.stderr" | tail -1 >>"$OUT/udp.jsonl" || true
+    done
+}
+part_churn() {
+    while [ "$(left)" -gt 5 ]; do
+        "$LOADGEN" --server "127.0.0.1:$TURN_PORT" --secret-file "$OUT/secret" --allocations 16 \
+            --rate 1000 --packets 2000 --duration 2 --size 100 --user-prefix churn- \
+            2>>"$OUT/churn.stderr" | tail -1 >>"$OUT/churn.jsonl" || true
+    done
+}
+part_uclient() { # name flags...
+    local name=$1
+    shift
+    while [ "$(left)" -gt 15 ]; do
+        timeout 60 turnutils_uclient -W "$SECRET" -u soak -e 127.0.0.1 -r "$PEER_PORT" \
+            -m "$UC_CLIENTS" -n 300 -l 200 -z 20 "$@" 127.0.0.1 >"$OUT/$name.last" 2>&1 || true
+        grep -h 'Total lost packets\|tot_send_msgs' "$OUT/$name.last" | tail -2 >>"$OUT/$name.log" || true
+    done
+}
+part_signal() {
+    while [ "$(left)" -gt 20 ]; do
+        local d=$(($(left) - 15))
+        [ "$d" -gt 60 ] && d=60
+        timeout $((d + 60)) node bench/signal/load.mjs --url "ws://127.0.0.1:$API_PORT/peerjs/peerjs" \
+            --key peerjs --pid "$TERN_PID" --procs 1 --peers "$SIG_PEERS" --batch 50 --kind bounce \
+            --window 1 --secs "$d" >>"$OUT/signal.jsonl" 2>>"$OUT/signal.stderr" || true
+    done
+}
+PARTS=()
+part_udp &
+PARTS+=("$!")
+part_churn &
+PARTS+=("$!")
+part_uclient send -c -s -p "$TURN_PORT" &
+PARTS+=("$!")
+part_uclient tcp -c -t -p "$TURN_PORT" &
+PARTS+=("$!")
+part_uclient tls -c -t -S -p "$TLS_PORT" &
+PARTS+=("$!")
+part_signal &
+PARTS+=("$!")
+PIDS+=("${PARTS[@]}")
+
+# Sampler: every 10 s.
+TICKS=$(getconf CLK_TCK)
+relayed() {
+    curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" |
+        awk '/^tern_relay_packets_total/ { s += $NF } END { printf "%.0f\n", s }'
+}
+loss_totals() { # cumulative sent and lost of the finished UDP channel runs
+    awk -F'[,:]' '{ for (i = 1; i < NF; i++) { if ($i == "\"sent\"") s += $(i + 1); if ($i == "\"lost\"") l += $(i + 1) } }
+        END { printf "%d %d\n", s, l }' "$OUT/udp.jsonl" 2>/dev/null || echo "0 0"
+}
+CSV="$OUT/soak.csv"
+echo "t_s,rss_kib,fds,cpu_us_per_pkt,relayed_pps,udp_sent,udp_lost,udp_loss_pct" >"$CSV"
+c_prev=$(awk '{print $14 + $15}' "/proc/$TERN_PID/stat")
+r_prev=$(relayed)
+while [ "$(date +%s)" -lt "$END" ]; do
+    sleep 10
+    kill -0 "$TERN_PID" 2>/dev/null || { echo "tern exited during the soak; see $OUT/tern.log" >&2; exit 1; }
+    c=$(awk '{print $14 + $15}' "/proc/$TERN_PID/stat")
+    r=$(relayed)
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$TERN_PID/status")
+    fds=$(ls "/proc/$TERN_PID/fd" | wc -l)
+    read -r sent lost < <(loss_totals)
+    awk -v t=$(($(date +%s) - START)) -v rss="$rss" -v fds="$fds" -v dc=$((c - c_prev)) -v dr=$((r - r_prev)) \
+        -v hz="$TICKS" -v s="$sent" -v l="$lost" \
+        'BEGIN { printf "%d,%d,%d,%.3f,%.0f,%d,%d,%.4f\n", t, rss, fds, (dr > 0 ? dc / hz / dr * 1e6 : 0), dr / 10, s, l, (s > 0 ? 100 * l / s : 0) }' |
+        tee -a "$CSV"
+    c_prev=$c r_prev=$r
+done
+# The parts finish their last bounded runs (at most a minute past the end).
+for pid in "${PARTS[@]}"; do wait "$pid" 2>/dev/null || true; done
+
+# Summary: flatness after the warm-up, and the losses of every part.
+{
+    echo "soak: ${SOAK_SECS} s, $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
+    awk -F, -v w="$WARMUP" 'NR > 1 && $1 >= w { n++; if (n == 1 || $2 < rmin) rmin = $2; if ($2 > rmax) rmax = $2; if (n == 1 || $3 < fmin) fmin = $3; if ($3 > fmax) fmax = $3; cpu += $4; pps += $5; last = $0 }
+        END { if (n == 0) { print "no samples after the warm-up"; exit }
+              printf "after a %d s warm-up (%d samples): RSS %d..%d KiB (spread %.2f%%), fds %d..%d (spread %.2f%%)\n", w, n, rmin, rmax, 100 * (rmax - rmin) / rmin, fmin, fmax, 100 * (fmax - fmin) / fmin
+              printf "mean relayed %.0f pkt/s at %.3f us CPU per relayed packet\n", pps / n, cpu / n
+              split(last, f, ","); printf "UDP channel runs: %d sent, %d lost (%.4f%%)\n", f[6], f[7], f[8] }' "$CSV"
+    awk -F'[,:]' '{ for (i = 1; i < NF; i++) { if ($i == "\"sent\"") s += $(i + 1); if ($i == "\"lost\"") l += $(i + 1) } n++ }
+        END { printf "churn runs: %d (16 allocations each), %d sent, %d lost\n", n, s, l }' "$OUT/churn.jsonl" 2>/dev/null || true
+    for p in send tcp tls; do
+        awk -v p="$p" '/Total lost packets/ { n++; split($0, a, "Total lost packets "); split(a[2], b, " "); lost += b[1] }
+            /tot_send_msgs/ { match($0, /tot_send_msgs=[0-9]+/); s += substr($0, RSTART + 14, RLENGTH - 14) }
+            END { printf "%s (turnutils_uclient): %d runs, %d messages sent, %d lost\n", p, n, s, lost }' "$OUT/$p.log" 2>/dev/null || true
+    done
+    awk -F'[,:]' '/"msgs"/ { n++; for (i = 1; i < NF; i++) { if ($i == "\"msgs\"") m += $(i + 1); if ($i == "\"closed_early\"") c += $(i + 1); if ($i == "\"failed\"") f += $(i + 1) } }
+        END { printf "signal (PeerJS bounce): %d runs, %d messages delivered, %d opens failed, %d closed early\n", n, m, f, c }' "$OUT/signal.jsonl" 2>/dev/null || true
+    echo "(CPU per relayed packet counts all of Tern's CPU, signaling and TLS included, over relayed packets only)"
+} | tee "$OUT/summary.txt"
+
+gnuplot <<GP
+set terminal png size 1000,500
+set output "$OUT/soak.png"
+set datafile separator ","
+set title "Tern soak: RSS and open fds (mixed load, ${SOAK_SECS} s)"
+set xlabel "seconds"
+set ylabel "RSS (KiB)"
+set y2label "open fds"
+set ytics nomirror
+set y2tics
+set key bottom right
+plot "$CSV" every ::1 using 1:2 with lines lw 2 title "RSS KiB", \
+     "$CSV" every ::1 using 1:3 axes x1y2 with lines lw 2 title "fds"
+GP
+if [ -n "$DOCS" ]; then
+    mkdir -p "$DOCS"
+    cp "$CSV" "$DOCS/soak.csv"
+    cp "$OUT/soak.png" "$DOCS/soak.png"
+    cp "$OUT/summary.txt" "$DOCS/soak-summary.txt"
+    echo "copied soak.csv, soak.png, soak-summary.txt to $DOCS"
+fi
