@@ -540,6 +540,12 @@ pub struct UsageConfig {
     pub fold_anonymous: bool,
     /// This node's name in the store; empty: the host name.
     pub node_id: String,
+    /// Cluster mode: the usage stream of finished allocations is trimmed to about this
+    /// many entries (`XADD MAXLEN ~`).
+    pub stream_maxlen: u64,
+    /// Cluster mode: finished allocations kept in memory for the stream while Redis is
+    /// away; past this the oldest are dropped and counted.
+    pub stream_queue: u32,
 }
 
 /// The default `usage.path`.
@@ -555,6 +561,8 @@ impl Default for UsageConfig {
             retention_days: 90,
             fold_anonymous: false,
             node_id: String::new(),
+            stream_maxlen: 1_000_000,
+            stream_queue: 100_000,
         }
     }
 }
@@ -924,6 +932,12 @@ impl Config {
         }
         if u.node_id.len() > 255 || u.node_id.contains(char::is_control) {
             return Err(invalid("usage.node_id", "at most 255 printable characters"));
+        }
+        if !(1000..=1_000_000_000).contains(&u.stream_maxlen) {
+            return Err(invalid("usage.stream_maxlen", "must be 1000 to 1000000000"));
+        }
+        if !(1000..=10_000_000).contains(&u.stream_queue) {
+            return Err(invalid("usage.stream_queue", "must be 1000 to 10000000"));
         }
         let t = &self.turn;
         if !u.enabled && (t.user_bytes_per_day != 0 || t.user_bytes_per_month != 0) {

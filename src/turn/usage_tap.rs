@@ -53,6 +53,8 @@ pub(super) fn report(
         tcp: a.tcp,
         delta,
         alloc_ms,
+        total,
+        age_ms: now.saturating_duration_since(a.created).as_millis() as u64,
     });
 }
 
