@@ -149,6 +149,10 @@ pub struct TurnConfig {
     pub user_bytes_per_day: u64,
     /// As `user_bytes_per_day`, per UTC calendar month. 0: no budget.
     pub user_bytes_per_month: u64,
+    /// Relayed bytes per second all of one user's UDP relays on this node may carry
+    /// together, each direction apart; 0: no cap. Datagrams past it are dropped (counted
+    /// under `tern_relay_dropped_packets_total{reason="user_bandwidth"}`). Needs `[usage]`.
+    pub user_max_bytes_per_sec: u64,
 }
 
 /// Most TURN worker threads: RFC 6062 CONNECTION-IDs carry the worker index in 8 bits.
@@ -209,6 +213,7 @@ impl Default for TurnConfig {
             max_bytes_per_sec: 12_500_000,
             user_bytes_per_day: 0,
             user_bytes_per_month: 0,
+            user_max_bytes_per_sec: 0,
         }
     }
 }
@@ -940,15 +945,27 @@ impl Config {
             return Err(invalid("usage.stream_queue", "must be 1000 to 10000000"));
         }
         let t = &self.turn;
-        if !u.enabled && (t.user_bytes_per_day != 0 || t.user_bytes_per_month != 0) {
+        if !u.enabled
+            && (t.user_bytes_per_day != 0
+                || t.user_bytes_per_month != 0
+                || t.user_max_bytes_per_sec != 0)
+        {
             let key = if t.user_bytes_per_day != 0 {
                 "turn.user_bytes_per_day"
-            } else {
+            } else if t.user_bytes_per_month != 0 {
                 "turn.user_bytes_per_month"
+            } else {
+                "turn.user_max_bytes_per_sec"
             };
             return Err(invalid(
                 key,
                 "budgets need usage accounting (usage.enabled = true)",
+            ));
+        }
+        if t.user_max_bytes_per_sec != 0 && t.user_max_bytes_per_sec < 1000 {
+            return Err(invalid(
+                "turn.user_max_bytes_per_sec",
+                "0 (no cap) or at least 1000 bytes per second",
             ));
         }
         Ok(())

@@ -122,6 +122,8 @@ pub struct Ledger {
     fold_anonymous: bool,
     /// The budgets last checked against (the writer reads the cluster's spend over them).
     budgets: [AtomicU64; 2],
+    /// `turn.user_max_bytes_per_sec`: the caps the user's relays share.
+    pub caps: super::UserCaps,
     pub stats: UsageStats,
 }
 
@@ -138,12 +140,19 @@ impl Ledger {
             wake: Condvar::new(),
             fold_anonymous,
             budgets: Default::default(),
+            caps: super::UserCaps::default(),
             stats: UsageStats::default(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The accounting id of a credential's quota user (`super::user_id` with this
+    /// ledger's `usage.fold_anonymous`).
+    pub fn user_of<'a>(&self, quota_user: &'a str) -> &'a str {
+        user_id(quota_user, self.fold_anonymous)
     }
 
     /// Keeps up to `cap` finished allocations for the cluster stream (cluster mode).

@@ -17,12 +17,14 @@
 pub mod cli;
 mod ledger;
 pub mod query;
-mod redis_side;
+pub mod redis_side;
 mod store;
 pub mod time;
+mod user_cap;
 
 pub use ledger::{Budget, Ledger, UsageService, UsageStats, WriterParams};
 pub use store::{Counts, Granularity, RowKey, SqliteStore, StoreError, UsageSink};
+pub use user_cap::{UserCap, UserCaps};
 
 use crate::turn::RelayUsage;
 
@@ -86,7 +88,9 @@ pub fn start(cfg: &crate::config::Config) -> Result<Option<UsageService>, StoreE
     let store = match SqliteStore::open(&u.path) {
         Ok(s) => s,
         Err(e) => {
-            let budgets = cfg.turn.user_bytes_per_day != 0 || cfg.turn.user_bytes_per_month != 0;
+            let budgets = cfg.turn.user_bytes_per_day != 0
+                || cfg.turn.user_bytes_per_month != 0
+                || cfg.turn.user_max_bytes_per_sec != 0;
             if u.path.as_os_str() == crate::config::DEFAULT_USAGE_PATH && !budgets {
                 tracing::warn!(
                     error = %e,
