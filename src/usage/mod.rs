@@ -17,7 +17,7 @@
 pub mod cli;
 mod ledger;
 pub mod query;
-pub mod redis_side;
+mod redis_side;
 mod store;
 pub mod time;
 mod user_cap;
