@@ -166,7 +166,7 @@ fn api_turn_port(tern: &Tern) -> u16 {
     hostport.rsplit_once(':').unwrap().1.parse().unwrap()
 }
 
-fn metric(tern: &Tern, name: &str) -> Option<f64> {
+pub(crate) fn metric(tern: &Tern, name: &str) -> Option<f64> {
     let (_, body) = common::scrape::get(tern.metrics_port, "/metrics");
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))

@@ -199,3 +199,65 @@ fn a_daily_budget_spent_on_one_node_refuses_on_the_other() {
         "{m}"
     );
 }
+
+fn metric(tern: &Tern, name: &str) -> f64 {
+    crate::cluster::metric(tern, name).unwrap_or_else(|| panic!("{name} missing"))
+}
+
+/// Redis stops taking writes for a while (`CLIENT PAUSE ... WRITE`: the node's batch times
+/// out, and may or may not be applied when the pause ends): the rows wait on the node,
+/// counted, and once Redis takes writes again the cluster totals are exact, with nothing
+/// counted twice and one stream record per finished allocation.
+#[test]
+fn rows_kept_while_redis_stalls_are_written_exactly_once_after() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    assert!(have_tools());
+    let secret = random_secret();
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&redis, "out-a", 15_600, &secret, "", &dir);
+    let peer = EchoPeer::start();
+    let first = relay(&a, peer.port, "erin");
+    wait_until("the first run in Redis", Duration::from_secs(15), || {
+        usage_total(&a, "user=erin&granularity=hour")["to_peer_packets"].as_u64() == Some(first.0)
+    });
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(15_000)
+        .arg("WRITE")
+        .query(&mut c)
+        .unwrap();
+    let second = relay(&a, peer.port, "erin");
+    wait_until("a failed Redis write", Duration::from_secs(20), || {
+        metric(&a, "tern_usage_redis_errors_total") > 0.0
+    });
+    let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut c).unwrap();
+    let (sent, received) = (first.0 + second.0, first.1 + second.1);
+    let mut t = Value::Null;
+    wait_until("the catch-up", Duration::from_secs(30), || {
+        t = usage_total(&a, "user=erin&granularity=hour");
+        t["to_peer_packets"].as_u64() == Some(sent)
+            && t["to_client_packets"].as_u64() == Some(received)
+    });
+    assert_eq!(n(&t, "to_peer_bytes"), sent * SIZE, "{t}");
+    assert_eq!(n(&t, "to_client_bytes"), received * SIZE, "{t}");
+    wait_until("nothing pending", Duration::from_secs(10), || {
+        metric(&a, "tern_usage_redis_pending_rows") == 0.0
+    });
+    // Still exact once everything settled: no batch was added twice.
+    let t = usage_total(&a, "user=erin&granularity=day");
+    assert_eq!(n(&t, "to_peer_packets"), sent, "{t}");
+    let recs = stream(&redis);
+    assert_eq!(recs.len(), ended(&a, ":erin"), "{recs:?}");
+    let sum: u64 = recs
+        .iter()
+        .map(|r| r["to_peer_bytes"].parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(sum, sent * SIZE);
+    assert_eq!(metric(&a, "tern_usage_stream_dropped_total"), 0.0);
+}
