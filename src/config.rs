@@ -149,6 +149,10 @@ pub struct TurnConfig {
     pub user_bytes_per_day: u64,
     /// As `user_bytes_per_day`, per UTC calendar month. 0: no budget.
     pub user_bytes_per_month: u64,
+    /// Relayed bytes per second all of one user's UDP relays on this node may carry
+    /// together, each direction apart; 0: no cap. Datagrams past it are dropped (counted
+    /// under `tern_relay_dropped_packets_total{reason="user_bandwidth"}`). Needs `[usage]`.
+    pub user_max_bytes_per_sec: u64,
 }
 
 /// Most TURN worker threads: RFC 6062 CONNECTION-IDs carry the worker index in 8 bits.
@@ -209,6 +213,7 @@ impl Default for TurnConfig {
             max_bytes_per_sec: 12_500_000,
             user_bytes_per_day: 0,
             user_bytes_per_month: 0,
+            user_max_bytes_per_sec: 0,
         }
     }
 }
@@ -540,6 +545,12 @@ pub struct UsageConfig {
     pub fold_anonymous: bool,
     /// This node's name in the store; empty: the host name.
     pub node_id: String,
+    /// Cluster mode: the usage stream of finished allocations is trimmed to about this
+    /// many entries (`XADD MAXLEN ~`).
+    pub stream_maxlen: u64,
+    /// Cluster mode: finished allocations kept in memory for the stream while Redis is
+    /// away; past this the oldest are dropped and counted.
+    pub stream_queue: u32,
 }
 
 /// The default `usage.path`.
@@ -555,6 +566,8 @@ impl Default for UsageConfig {
             retention_days: 90,
             fold_anonymous: false,
             node_id: String::new(),
+            stream_maxlen: 1_000_000,
+            stream_queue: 100_000,
         }
     }
 }
@@ -925,16 +938,34 @@ impl Config {
         if u.node_id.len() > 255 || u.node_id.contains(char::is_control) {
             return Err(invalid("usage.node_id", "at most 255 printable characters"));
         }
+        if !(1000..=1_000_000_000).contains(&u.stream_maxlen) {
+            return Err(invalid("usage.stream_maxlen", "must be 1000 to 1000000000"));
+        }
+        if !(1000..=10_000_000).contains(&u.stream_queue) {
+            return Err(invalid("usage.stream_queue", "must be 1000 to 10000000"));
+        }
         let t = &self.turn;
-        if !u.enabled && (t.user_bytes_per_day != 0 || t.user_bytes_per_month != 0) {
+        if !u.enabled
+            && (t.user_bytes_per_day != 0
+                || t.user_bytes_per_month != 0
+                || t.user_max_bytes_per_sec != 0)
+        {
             let key = if t.user_bytes_per_day != 0 {
                 "turn.user_bytes_per_day"
-            } else {
+            } else if t.user_bytes_per_month != 0 {
                 "turn.user_bytes_per_month"
+            } else {
+                "turn.user_max_bytes_per_sec"
             };
             return Err(invalid(
                 key,
                 "budgets need usage accounting (usage.enabled = true)",
+            ));
+        }
+        if t.user_max_bytes_per_sec != 0 && t.user_max_bytes_per_sec < 1000 {
+            return Err(invalid(
+                "turn.user_max_bytes_per_sec",
+                "0 (no cap) or at least 1000 bytes per second",
             ));
         }
         Ok(())

@@ -135,6 +135,8 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
         "usage.retention_days" => usage.retention_days;
         "usage.fold_anonymous" => usage.fold_anonymous;
         "usage.node_id" => usage.node_id;
+        "usage.stream_maxlen" => usage.stream_maxlen;
+        "usage.stream_queue" => usage.stream_queue;
     }
     changed
 }

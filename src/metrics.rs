@@ -480,6 +480,36 @@ pub const USAGE_STORE_ERRORS: Def = def(
     &[],
     "Failed usage store operations (the rows stay in memory and are retried).",
 );
+pub const USAGE_REDIS_WRITTEN: Def = def(
+    "tern_usage_redis_rows_written_total",
+    Counter,
+    &[],
+    "Cluster mode: rollup rows added to the cluster's Redis hashes.",
+);
+pub const USAGE_REDIS_PENDING: Def = def(
+    "tern_usage_redis_pending_rows",
+    Gauge,
+    &[],
+    "Cluster mode: rollup rows waiting for Redis (grows while Redis is away).",
+);
+pub const USAGE_REDIS_ERRORS: Def = def(
+    "tern_usage_redis_errors_total",
+    Counter,
+    &[],
+    "Cluster mode: failed usage writes or reads to Redis (the rows are kept and retried).",
+);
+pub const USAGE_STREAM_RECORDS: Def = def(
+    "tern_usage_stream_records_total",
+    Counter,
+    &[],
+    "Cluster mode: finished-allocation records sent to the usage stream.",
+);
+pub const USAGE_STREAM_DROPPED: Def = def(
+    "tern_usage_stream_dropped_total",
+    Counter,
+    &[],
+    "Cluster mode: finished-allocation records dropped from the full stream queue while Redis was away.",
+);
 pub const USAGE_BUDGET_REFUSALS: Def = def(
     "tern_usage_budget_refusals_total",
     Counter,
@@ -555,6 +585,11 @@ pub const ALL: &[&Def] = &[
     &USAGE_WRITTEN,
     &USAGE_PENDING,
     &USAGE_STORE_ERRORS,
+    &USAGE_REDIS_WRITTEN,
+    &USAGE_REDIS_PENDING,
+    &USAGE_REDIS_ERRORS,
+    &USAGE_STREAM_RECORDS,
+    &USAGE_STREAM_DROPPED,
     &USAGE_BUDGET_REFUSALS,
     &BUILD_INFO,
     &READY,
@@ -932,6 +967,7 @@ impl Collector for TurnCollector {
             ("send_error", net.drop_send_error),
             ("truncated", net.drop_truncated),
             ("bandwidth", net.drop_bandwidth),
+            ("user_bandwidth", net.drop_user_bandwidth),
             ("invalid", net.drop_invalid),
         ] {
             f.sample(&RELAY_DROPPED, &[reason], v);
@@ -1117,6 +1153,11 @@ const USAGE_DEFS: &[&Def] = &[
     &USAGE_WRITTEN,
     &USAGE_PENDING,
     &USAGE_STORE_ERRORS,
+    &USAGE_REDIS_WRITTEN,
+    &USAGE_REDIS_PENDING,
+    &USAGE_REDIS_ERRORS,
+    &USAGE_STREAM_RECORDS,
+    &USAGE_STREAM_DROPPED,
     &USAGE_BUDGET_REFUSALS,
 ];
 
@@ -1139,6 +1180,19 @@ impl Collector for UsageCollector {
         f.sample(&USAGE_WRITTEN, &[], s.rows_written.load(Relaxed));
         f.sample(&USAGE_PENDING, &[], s.pending_rows.load(Relaxed));
         f.sample(&USAGE_STORE_ERRORS, &[], s.store_errors.load(Relaxed));
+        f.sample(
+            &USAGE_REDIS_WRITTEN,
+            &[],
+            s.redis_rows_written.load(Relaxed),
+        );
+        f.sample(
+            &USAGE_REDIS_PENDING,
+            &[],
+            s.redis_pending_rows.load(Relaxed),
+        );
+        f.sample(&USAGE_REDIS_ERRORS, &[], s.redis_errors.load(Relaxed));
+        f.sample(&USAGE_STREAM_RECORDS, &[], s.stream_records.load(Relaxed));
+        f.sample(&USAGE_STREAM_DROPPED, &[], s.stream_dropped.load(Relaxed));
         for (i, b) in crate::usage::Budget::ALL.iter().enumerate() {
             f.sample(
                 &USAGE_BUDGET_REFUSALS,

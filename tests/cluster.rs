@@ -18,14 +18,15 @@ use stun_types::message::Message;
 const LEASE: u64 = 3;
 const TOKEN: &str = "cluster-test-token";
 
-/// A private `redis-server` on a free loopback port, killed (by PID) on drop.
-struct Redis {
+/// A private `redis-server` on a free loopback port, killed (by PID) on drop (also used by
+/// `usage_cluster`).
+pub(crate) struct Redis {
     child: Child,
     port: u16,
 }
 
 impl Redis {
-    fn start() -> Option<Redis> {
+    pub(crate) fn start() -> Option<Redis> {
         if !have_redis() {
             return None;
         }
@@ -66,7 +67,7 @@ impl Redis {
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -165,7 +166,7 @@ fn api_turn_port(tern: &Tern) -> u16 {
     hostport.rsplit_once(':').unwrap().1.parse().unwrap()
 }
 
-fn metric(tern: &Tern, name: &str) -> Option<f64> {
+pub(crate) fn metric(tern: &Tern, name: &str) -> Option<f64> {
     let (_, body) = common::scrape::get(tern.metrics_port, "/metrics");
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))

@@ -39,4 +39,5 @@ mod turn_relay;
 mod turn_tcp_relay;
 mod turn_tls;
 mod usage_accounting;
+mod usage_cluster;
 mod web_page;

@@ -1,5 +1,6 @@
 //! The relay data path of the IO workers makes no heap allocation per packet (DESIGN.md
-//! principle 2): ChannelData client→peer and peer→client over UDP and TCP, counted with a
+//! principle 2): ChannelData client→peer and peer→client over UDP and TCP, and over UDP
+//! with a per-user cap (`turn.user_max_bytes_per_sec`, shared atomics), counted with a
 //! global counting allocator in this test binary while the real workers relay. Bursts of
 //! same-size datagrams take the UDP GSO send path (`src/net/gso.rs`: one message per run to
 //! one destination) both ways, and are counted the same way.
@@ -8,6 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern::config::TurnConfig;
@@ -42,6 +44,8 @@ const CHANNEL: u16 = 0x4000;
 struct OneAllocation {
     peer: SocketAddr,
     alloc: Option<(RelayId, FiveTuple)>,
+    /// A per-user cap the relay shares, as the TURN core hands it at Allocate.
+    cap: Option<Arc<tern::usage::UserCap>>,
 }
 
 impl Shard for OneAllocation {
@@ -55,6 +59,9 @@ impl Shard for OneAllocation {
     ) -> Action {
         if self.alloc.is_none() {
             let id = io.open_relay("127.0.0.1:0".parse().unwrap()).unwrap();
+            if let Some(c) = &self.cap {
+                io.set_user_cap(id, Arc::clone(c));
+            }
             self.alloc = Some((id, from));
         }
         out[..msg.len()].copy_from_slice(msg);
@@ -82,7 +89,7 @@ impl Shard for OneAllocation {
     fn client_closed(&mut self, _client: &FiveTuple, _now: Now, _io: &mut impl RelayIo) {}
 }
 
-fn service(peer: SocketAddr) -> TurnService {
+fn service(peer: SocketAddr, cap: Option<Arc<tern::usage::UserCap>>) -> TurnService {
     let t = TurnConfig {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         workers: 1,
@@ -96,7 +103,11 @@ fn service(peer: SocketAddr) -> TurnService {
             local: ip,
             advertised: ip,
         }],
-        move || OneAllocation { peer, alloc: None },
+        move || OneAllocation {
+            peer,
+            alloc: None,
+            cap: cap.clone(),
+        },
     )
     .unwrap()
 }
@@ -144,16 +155,22 @@ fn udp_round_trips(
 /// One test, so nothing else in this binary allocates while a window is measured.
 #[test]
 fn relay_paths_do_not_allocate() {
-    udp_relay_path_does_not_allocate();
+    udp_relay_path_does_not_allocate(None);
+    // A cap far above what the test sends: every packet passes through the shared cells.
+    let caps = tern::usage::UserCaps::default();
+    caps.set_rate(1 << 30);
+    let cap = caps.get("alice").expect("a cap");
+    udp_relay_path_does_not_allocate(Some(Arc::clone(&cap)));
     udp_burst_relay_path_does_not_allocate();
     tcp_relay_path_does_not_allocate();
 }
 
-fn udp_relay_path_does_not_allocate() {
+fn udp_relay_path_does_not_allocate(cap: Option<Arc<tern::usage::UserCap>>) {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let svc = service(peer.local_addr().unwrap());
+    let capped = cap.is_some();
+    let svc = service(peer.local_addr().unwrap(), cap);
     let server = svc.local_addrs()[0];
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client
@@ -170,7 +187,7 @@ fn udp_relay_path_does_not_allocate() {
     let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
     assert_eq!(
         allocations, 0,
-        "allocations while relaying 4000 UDP packets"
+        "allocations while relaying 4000 UDP packets (user cap: {capped})"
     );
     svc.shutdown();
 }
@@ -222,7 +239,7 @@ fn udp_burst_relay_path_does_not_allocate() {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let svc = service(peer.local_addr().unwrap());
+    let svc = service(peer.local_addr().unwrap(), None);
     let server = svc.local_addrs()[0];
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client
@@ -247,7 +264,7 @@ fn tcp_relay_path_does_not_allocate() {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let svc = service(peer.local_addr().unwrap());
+    let svc = service(peer.local_addr().unwrap(), None);
     let server = svc.local_addrs()[0];
     let mut c = TcpStream::connect(server).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -15,29 +15,29 @@ use stun_types::message::MessageWriteExt;
 use crate::common::scrape;
 use crate::common::*;
 
-const ADMIN: &str = "usage-admin-token-0123456789";
+pub(crate) const ADMIN: &str = "usage-admin-token-0123456789";
 const MINT: &str = "usage-mint-token-0123456789";
-const SIZE: u64 = 120;
+pub(crate) const SIZE: u64 = 120;
 
-fn http(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+pub(crate) fn http(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     scrape::get_bearer(addr.port(), path, token)
 }
 
 /// `total` of `GET /api/usage?QUERY` as the admin.
-fn usage_total(tern: &Tern, query: &str) -> Value {
+pub(crate) fn usage_total(tern: &Tern, query: &str) -> Value {
     let (code, body) = http(tern.api_addr(), &format!("/api/usage?{query}"), Some(ADMIN));
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     v["total"].clone()
 }
 
-fn n(v: &Value, k: &str) -> u64 {
+pub(crate) fn n(v: &Value, k: &str) -> u64 {
     v[k].as_u64()
         .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 /// Waits until `cond` holds (records reach the store at the interim interval and flush).
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -45,7 +45,7 @@ fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn ended(tern: &Tern, user: &str) -> usize {
+pub(crate) fn ended(tern: &Tern, user: &str) -> usize {
     tern.log()
         .lines()
         .filter(|l| l.contains("allocation ended") && l.contains(user))
@@ -247,7 +247,7 @@ fn sigkill_keeps_the_last_interim_read_and_a_sound_store() {
 }
 
 /// An Allocate as REST user `user` from a fresh socket: its error code, if any.
-fn allocate_as(tern: &Tern, user: &str) -> (Option<u16>, Vec<u8>) {
+pub(crate) fn allocate_as(tern: &Tern, user: &str) -> (Option<u16>, Vec<u8>) {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let first = udp_transaction(&sock, tern.addr(), &allocate_unauthenticated()).unwrap();
     let (realm, nonce) = realm_and_nonce(&first).unwrap();
@@ -424,4 +424,71 @@ fn tcp_relay_bytes_count_apart() {
     );
     assert_eq!(n(&t, "tcp_to_client_bytes"), r.received * 200, "{t}");
     assert_eq!(n(&t, "to_peer_bytes") + n(&t, "to_client_bytes"), 0, "{t}");
+}
+
+/// `turn.user_max_bytes_per_sec`: two allocations of one user (uclient `-m 2`) share one cap,
+/// so what they get through together is bounded by the rate over the run (plus one second
+/// of burst); another user relaying at the same time has a cap of its own and loses nothing.
+#[test]
+fn user_cap_bounds_a_users_allocations_together() {
+    if !have_tool("turnutils_uclient") {
+        panic!("turnutils_uclient missing (apt-get install coturn)");
+    }
+    const RATE: u64 = 10_000;
+    const LEN: u64 = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let tern = start(
+        &dir.path().join("usage.db"),
+        &format!("user_max_bytes_per_sec = {RATE}\n"),
+        15_200,
+    );
+    let peer = EchoPeer::start();
+    let run = |user: &str, args: &[&str]| {
+        let name = format!("{}:{user}", unix_now() + 3600);
+        let pass = rest_password(&tern.secret, &name);
+        let t0 = Instant::now();
+        let r = uclient_with(
+            &tern,
+            peer.port,
+            &name,
+            &pass,
+            args,
+            Duration::from_secs(60),
+        );
+        (r, t0.elapsed())
+    };
+    let (alice, bob) = std::thread::scope(|s| {
+        // Two allocations × 150 messages of 1000 bytes at uclient's pace (about 50/s each):
+        // about 100 kB/s offered each way, ten times the cap.
+        let a = s.spawn(|| run("capalice", &["-m", "2", "-n", "150", "-l", "1000", "-c"]));
+        // 8 kB in all, under one second of burst: nothing of it may be dropped.
+        let b = s.spawn(|| run("capbob", &["-m", "1", "-n", "8", "-l", "1000", "-c"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let ((a, took), (b, _)) = (alice, bob);
+    assert!(a.sent >= 200, "{}", a.output);
+    // Echoed back means it passed the cap both ways. Bound: the rate over the run and one
+    // second of burst (loose: the run also includes uclient's start and its final wait).
+    let bound = RATE * (took.as_secs() + 2);
+    assert!(
+        a.received * LEN <= bound,
+        "{} bytes through in {took:?}, cap {RATE}/s\n{}",
+        a.received * LEN,
+        a.output
+    );
+    assert!(a.received > 0, "{}", a.output);
+    assert_eq!(b.received, b.sent, "bob lost packets\n{}", b.output);
+    assert_eq!(b.sent, 8, "{}", b.output);
+    let (_, m) = scrape::get(tern.metrics_port, "/metrics");
+    let dropped = m
+        .lines()
+        .find(|l| l.starts_with("tern_relay_dropped_packets_total{reason=\"user_bandwidth\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no user_bandwidth drops:\n{m}"));
+    assert!(
+        dropped > 0.0 && a.received < a.sent,
+        "{dropped}\n{}",
+        a.output
+    );
 }

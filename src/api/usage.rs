@@ -97,26 +97,33 @@ fn granularity(q: &HashMap<String, String>, name: &str) -> Result<Granularity, R
     }
 }
 
-/// Runs `f` on the store on a blocking thread; a store never written yet reads as empty.
+/// Runs `f` on the usage reader (the store, or the cluster's Redis) on a blocking thread;
+/// answers with what `f` read and the reader's scope (`node` or `cluster`).
 async fn with_store<T: Send + 'static>(
     st: &AppState,
-    empty: T,
-    f: impl FnOnce(&crate::usage::SqliteStore) -> Result<T, crate::usage::StoreError> + Send + 'static,
-) -> Result<T, Refusal> {
+    f: impl FnOnce(&mut query::Reader) -> Result<T, crate::usage::StoreError> + Send + 'static,
+) -> Result<(T, &'static str), Refusal> {
     if !st.cfg.usage.enabled {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "usage accounting is off (usage.enabled = false)",
         ));
     }
-    let path = st.cfg.usage.path.clone();
-    let res = tokio::task::spawn_blocking(move || match query::open(&path)? {
-        Some(store) => f(&store),
-        None => Ok(empty),
+    let cfg = st.cfg.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let mut r = query::Reader::open(&cfg)?;
+        f(&mut r).map(|v| (v, r.scope()))
     })
     .await;
     match res {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(e @ crate::usage::StoreError::Redis(_))) => {
+            tracing::warn!(error = %e, "usage query: the cluster's Redis did not answer");
+            Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster usage unavailable: Redis did not answer (each node's own store has its share; see the log)",
+            ))
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "usage query failed");
             Err(error(
@@ -163,8 +170,9 @@ pub(super) async fn usage(
         to,
         granularity: g,
     };
-    match with_store(&st, Vec::new(), move |s| query::usage(s, &uq)).await {
-        Ok(rows) => Json(json!({
+    match with_store(&st, move |r| r.usage(&uq)).await {
+        Ok((rows, scope)) => Json(json!({
+            "scope": scope,
             "user": user,
             "granularity": g.name(),
             "from": format_utc(from),
@@ -207,8 +215,9 @@ pub(super) async fn top(
             .into_response()
         }
     };
-    match with_store(&st, Vec::new(), move |s| query::top(s, g, at, limit)).await {
-        Ok(rows) => Json(json!({
+    match with_store(&st, move |r| r.top(g, at, limit)).await {
+        Ok((rows, scope)) => Json(json!({
+            "scope": scope,
             "period": g.name(),
             "start": format_utc(g.start(at)),
             "rows": rows,

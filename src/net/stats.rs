@@ -101,6 +101,9 @@ pub struct NetStats {
     pub drop_truncated: u64,
     /// Datagrams over their relayed address's `turn.max_bytes_per_sec`, either direction.
     pub drop_bandwidth: u64,
+    /// Datagrams over their user's `turn.user_max_bytes_per_sec` (all of the user's relays
+    /// on this node together), either direction.
+    pub drop_user_bandwidth: u64,
     /// Client input that is neither STUN nor ChannelData.
     pub drop_invalid: u64,
     /// TCP connections closed for garbage or oversized frames.
@@ -159,6 +162,7 @@ impl AddAssign for NetStats {
         self.drop_send_error += o.drop_send_error;
         self.drop_truncated += o.drop_truncated;
         self.drop_bandwidth += o.drop_bandwidth;
+        self.drop_user_bandwidth += o.drop_user_bandwidth;
         self.drop_invalid += o.drop_invalid;
         self.tcp_closed_garbage += o.tcp_closed_garbage;
         self.tcp_closed_idle += o.tcp_closed_idle;

@@ -177,6 +177,9 @@ pub trait RelayIo {
     fn usage(&self, _relay: RelayId) -> RelayUsage {
         RelayUsage::default()
     }
+    /// Makes UDP relay `relay` share `cap` (`turn.user_max_bytes_per_sec`) with its user's
+    /// other relays. Drivers without the cap ignore it.
+    fn set_user_cap(&mut self, _relay: RelayId, _cap: std::sync::Arc<crate::usage::UserCap>) {}
 }
 
 /// Application data a relay socket carried, counted by the IO driver on its data path

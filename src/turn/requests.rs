@@ -496,6 +496,7 @@ impl Server {
         self.push_timer(expires, TimerKind::Allocation { slot, id });
         if let Some(a) = self.tables.get(slot) {
             usage_tap::report(&self.shared, a, Event::Start, ctx.now.mono, io);
+            usage_tap::attach_user_cap(&self.shared, &self.cfg, a, io);
         }
         if let Some(at) = usage_tap::next_report(&self.shared, &self.cfg, ctx.now.mono) {
             self.push_timer(at, TimerKind::Usage { slot, id });

@@ -101,6 +101,7 @@ impl Server {
     pub fn set_config(&mut self, cfg: Arc<ServerConfig>) {
         self.limiter
             .set_limits(cfg.unauth_rate_per_sec, cfg.unauth_burst);
+        super::usage_tap::reconfigured(&self.shared, &cfg);
         self.cfg = cfg;
     }
 

@@ -63,6 +63,9 @@ pub struct ServerConfig {
     /// `turn.user_bytes_per_month`; 0: none), checked on Allocate and Refresh.
     pub user_bytes_per_day: u64,
     pub user_bytes_per_month: u64,
+    /// One cap shared by each user's relays (`turn.user_max_bytes_per_sec`; 0: none),
+    /// handed to the workers at Allocate (`usage_tap::attach_user_cap`).
+    pub user_max_bytes_per_sec: u64,
     /// How often a live allocation reports its counters (`usage.interim_secs`).
     pub usage_interim_secs: u32,
 }
@@ -112,6 +115,7 @@ impl ServerConfig {
             max_bytes_per_sec: t.max_bytes_per_sec,
             user_bytes_per_day: t.user_bytes_per_day,
             user_bytes_per_month: t.user_bytes_per_month,
+            user_max_bytes_per_sec: t.user_max_bytes_per_sec,
             usage_interim_secs: cfg.usage.interim_secs,
         })
     }

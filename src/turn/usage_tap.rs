@@ -53,7 +53,35 @@ pub(super) fn report(
         tcp: a.tcp,
         delta,
         alloc_ms,
+        total,
+        age_ms: now.saturating_duration_since(a.created).as_millis() as u64,
     });
+}
+
+/// Hands `a`'s relays the cap its user's allocations share (`turn.user_max_bytes_per_sec`),
+/// when one is set. At Allocate, after its relays opened.
+pub(super) fn attach_user_cap(
+    shared: &Shared,
+    cfg: &ServerConfig,
+    a: &Allocation,
+    io: &mut impl RelayIo,
+) {
+    let Some(ledger) = shared.usage() else {
+        return;
+    };
+    ledger.caps.set_rate(cfg.user_max_bytes_per_sec);
+    if let Some(cap) = ledger.caps.get(ledger.user_of(&a.quota_user)) {
+        for r in a.relays.iter().flatten() {
+            io.set_user_cap(r.id, std::sync::Arc::clone(&cap));
+        }
+    }
+}
+
+/// A reloaded config: live user caps take the new `turn.user_max_bytes_per_sec` at once.
+pub(super) fn reconfigured(shared: &Shared, cfg: &ServerConfig) {
+    if let Some(ledger) = shared.usage() {
+        ledger.caps.set_rate(cfg.user_max_bytes_per_sec);
+    }
 }
 
 /// Whether `quota_user` has used up a byte budget (486 on Allocate and Refresh).

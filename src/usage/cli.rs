@@ -1,6 +1,7 @@
 //! `tern usage`: the store's rollups on the command line, for cron jobs and billing
 //! exports. The same queries as `GET /api/usage` (`super::query`), read from
-//! `usage.path` directly (the daemon need not run).
+//! `usage.path` directly (the daemon need not run), or in cluster mode from the cluster's
+//! Redis (every node's usage).
 
 use super::query::{self, UsageQuery};
 use super::time::{parse_time, DAY};
@@ -41,27 +42,23 @@ pub fn run(cfg: &crate::config::Config, a: &UsageArgs) -> Result<String, String>
     if !["table", "csv", "json"].contains(&format) {
         return Err("--format: expected table, csv or json".into());
     }
-    let path = &cfg.usage.path;
-    let store = query::open(path).map_err(|e| e.to_string())?;
-    let rows = match (&store, a.top) {
-        (None, _) => Vec::new(),
-        (Some(s), Some(n)) => query::top(s, g, to.min(now), n).map_err(|e| e.to_string())?,
-        (Some(s), None) => query::usage(
-            s,
-            &UsageQuery {
-                user: a.user.clone(),
-                from,
-                to,
-                granularity: g,
-            },
-        )
-        .map_err(|e| e.to_string())?,
-    };
+    let mut reader = query::Reader::open(cfg).map_err(|e| e.to_string())?;
+    let rows = match a.top {
+        Some(n) => reader.top(g, to.min(now), n),
+        None => reader.usage(&UsageQuery {
+            user: a.user.clone(),
+            from,
+            to,
+            granularity: g,
+        }),
+    }
+    .map_err(|e| e.to_string())?;
     Ok(match format {
         "csv" => query::to_csv(&rows),
         "json" => {
             serde_json::to_string_pretty(&serde_json::json!({
                 "granularity": g.name(),
+                "scope": reader.scope(),
                 "total": query::total(&rows),
                 "rows": rows,
             }))

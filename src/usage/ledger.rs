@@ -9,11 +9,12 @@
 //! go out with the next successful write (`tern_usage_pending_rows` shows the backlog,
 //! `tern_usage_store_errors_total` the failures).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::redis_side::RedisSide;
 use super::store::{Counts, Granularity, RowKey, UsageSink};
 use super::time::{day_start, month_start, DAY};
 use super::{user_id, Event, UsageRecord};
@@ -53,6 +54,25 @@ pub struct UsageStats {
     pub pending_rows: AtomicU64,
     /// Refusals by [`Budget::ALL`] index.
     pub budget_refusals: [AtomicU64; 2],
+    /// Cluster mode: rollup rows added to the Redis hashes, rows waiting for Redis, failed
+    /// Redis writes, finished-allocation records appended to the stream, and records
+    /// dropped because the stream queue was full during a Redis outage.
+    pub redis_rows_written: AtomicU64,
+    pub redis_pending_rows: AtomicU64,
+    pub redis_errors: AtomicU64,
+    pub stream_records: AtomicU64,
+    pub stream_dropped: AtomicU64,
+}
+
+/// A finished allocation, as appended to the cluster's usage stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub user: String,
+    pub tcp: bool,
+    /// Unix milliseconds of the allocation's start and end.
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub total: crate::turn::RelayUsage,
 }
 
 /// Bytes a user relayed in the current UTC day and month.
@@ -84,6 +104,13 @@ struct State {
     /// Live allocations per user (for the peak).
     live: HashMap<String, u64>,
     spend: HashMap<String, Spend>,
+    /// Cluster mode: users at or over a budget on the cluster's totals (day, month bytes),
+    /// from the last Redis read; replaced whole each time.
+    cluster_spend: HashMap<String, (u64, u64)>,
+    /// Finished allocations waiting for the cluster stream (bounded by `stream_cap`;
+    /// 0: no stream, nothing kept).
+    finished: VecDeque<Finished>,
+    stream_cap: usize,
     stop: bool,
 }
 
@@ -93,6 +120,10 @@ pub struct Ledger {
     state: Mutex<State>,
     wake: Condvar,
     fold_anonymous: bool,
+    /// The budgets last checked against (the writer reads the cluster's spend over them).
+    budgets: [AtomicU64; 2],
+    /// `turn.user_max_bytes_per_sec`: the caps the user's relays share.
+    pub caps: super::UserCaps,
     pub stats: UsageStats,
 }
 
@@ -108,12 +139,51 @@ impl Ledger {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             fold_anonymous,
+            budgets: Default::default(),
+            caps: super::UserCaps::default(),
             stats: UsageStats::default(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The accounting id of a credential's quota user (`super::user_id` with this
+    /// ledger's `usage.fold_anonymous`).
+    pub fn user_of<'a>(&self, quota_user: &'a str) -> &'a str {
+        user_id(quota_user, self.fold_anonymous)
+    }
+
+    /// Keeps up to `cap` finished allocations for the cluster stream (cluster mode).
+    pub fn enable_stream(&self, cap: usize) {
+        self.lock().stream_cap = cap;
+    }
+
+    /// Sets the budgets the writer compares the cluster's spend with (also updated by
+    /// every check, so a reload reaches it with the next Allocate or Refresh).
+    pub fn set_budgets(&self, per_day: u64, per_month: u64) {
+        self.budgets[0].store(per_day, Ordering::Relaxed);
+        self.budgets[1].store(per_month, Ordering::Relaxed);
+    }
+
+    pub(super) fn budgets(&self) -> (u64, u64) {
+        (
+            self.budgets[0].load(Ordering::Relaxed),
+            self.budgets[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Replaces the cluster-wide spend of the users at or over a budget (cluster mode).
+    pub(super) fn set_cluster_spend(&self, over: HashMap<String, (u64, u64)>) {
+        self.lock().cluster_spend = over;
+    }
+
+    /// Takes up to `max` finished allocations for the stream, oldest first.
+    pub(super) fn take_finished(&self, max: usize) -> Vec<Finished> {
+        let mut st = self.lock();
+        let n = st.finished.len().min(max);
+        st.finished.drain(..n).collect()
     }
 
     /// Adds a record from the TURN core, stamped with the wall clock now.
@@ -139,6 +209,21 @@ impl Ledger {
             c.to_client_packets = d.to_client_packets;
         }
         let mut st = self.lock();
+        if rec.event == Event::End && st.stream_cap > 0 {
+            if st.finished.len() >= st.stream_cap {
+                // Redis has been away for long: the oldest record goes, and says so.
+                st.finished.pop_front();
+                self.stats.stream_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            let end_ms = u64::try_from(now).unwrap_or(0) * 1000;
+            st.finished.push_back(Finished {
+                user: user.clone(),
+                tcp: rec.tcp,
+                start_ms: end_ms.saturating_sub(rec.age_ms),
+                end_ms,
+                total: rec.total,
+            });
+        }
         let live = st.live.entry(user.clone()).or_default();
         match rec.event {
             Event::Start => {
@@ -185,21 +270,27 @@ impl Ledger {
         per_month: u64,
         now: i64,
     ) -> Option<Budget> {
+        self.set_budgets(per_day, per_month);
         if per_day == 0 && per_month == 0 {
             return None;
         }
         let user = user_id(quota_user, self.fold_anonymous);
         let mut st = self.lock();
-        let s = st.spend.get_mut(user)?;
-        s.roll(now);
-        let over = if per_day != 0 && s.day_bytes >= per_day {
+        let (mut day, mut month) = st.cluster_spend.get(user).copied().unwrap_or_default();
+        if let Some(s) = st.spend.get_mut(user) {
+            s.roll(now);
+            // This node's spend may be ahead of the cluster's last read (not yet written).
+            day = day.max(s.day_bytes);
+            month = month.max(s.month_bytes);
+        }
+        drop(st);
+        let over = if per_day != 0 && day >= per_day {
             Some(Budget::Day)
-        } else if per_month != 0 && s.month_bytes >= per_month {
+        } else if per_month != 0 && month >= per_month {
             Some(Budget::Month)
         } else {
             None
         };
-        drop(st);
         if let Some(b) = over {
             let i = Budget::ALL.iter().position(|&x| x == b).unwrap_or(0);
             self.stats.budget_refusals[i].fetch_add(1, Ordering::Relaxed);
@@ -243,16 +334,6 @@ impl Ledger {
         (rows, st.stop)
     }
 
-    fn put_back(&self, rows: Vec<(RowKey, Counts)>) {
-        let mut st = self.lock();
-        for (k, c) in rows {
-            st.rows.entry(k).or_default().merge(&c);
-        }
-        self.stats
-            .pending_rows
-            .store(st.rows.len() as u64, Ordering::Relaxed);
-    }
-
     /// Drops spend entries of users idle since before this month (bounded memory).
     fn forget_idle(&self, now: i64) {
         let m = month_start(now);
@@ -277,11 +358,13 @@ pub struct UsageService {
 }
 
 impl UsageService {
-    /// Seeds the budgets from `sink` and starts the writer thread.
+    /// Seeds the budgets from `sink` and starts the writer thread; with `redis` (cluster
+    /// mode) the writer also adds every rollup to the cluster's hashes and stream.
     pub fn start(
         ledger: Arc<Ledger>,
         mut sink: Box<dyn UsageSink>,
         p: WriterParams,
+        redis: Option<RedisSide>,
     ) -> std::io::Result<UsageService> {
         let now = unix_now();
         match sink.spend(day_start(now), month_start(now)) {
@@ -294,7 +377,7 @@ impl UsageService {
         let l = Arc::clone(&ledger);
         let thread = std::thread::Builder::new()
             .name("tern-usage".into())
-            .spawn(move || writer(&l, sink.as_mut(), &p))?;
+            .spawn(move || writer(&l, sink.as_mut(), redis, &p))?;
         Ok(UsageService {
             ledger,
             thread: Some(thread),
@@ -328,9 +411,17 @@ impl Drop for UsageService {
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-fn writer(l: &Ledger, sink: &mut dyn UsageSink, p: &WriterParams) {
+fn merge_rows(into: &mut HashMap<RowKey, Counts>, rows: &[(RowKey, Counts)]) {
+    for (k, c) in rows {
+        into.entry(k.clone()).or_default().merge(c);
+    }
+}
+
+fn writer(l: &Ledger, sink: &mut dyn UsageSink, mut redis: Option<RedisSide>, p: &WriterParams) {
     let mut last_prune: Option<std::time::Instant> = None;
     let mut failing = false;
+    // Rows the store has not taken yet (a failed write is retried with the next batch).
+    let mut unwritten: HashMap<RowKey, Counts> = HashMap::new();
     loop {
         {
             let st = l.lock();
@@ -339,20 +430,23 @@ fn writer(l: &Ledger, sink: &mut dyn UsageSink, p: &WriterParams) {
             }
         }
         let (rows, stop) = l.take();
-        if !rows.is_empty() {
-            match sink.write(&p.node, &rows) {
+        if let Some(r) = redis.as_mut() {
+            // Redis gets its own copy: its outages and the store's are independent.
+            r.add(&rows);
+        }
+        merge_rows(&mut unwritten, &rows);
+        if !unwritten.is_empty() {
+            let batch: Vec<_> = unwritten.iter().map(|(k, c)| (k.clone(), *c)).collect();
+            match sink.write(&p.node, &batch) {
                 Ok(()) => {
+                    unwritten.clear();
                     l.stats
                         .rows_written
-                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     if failing {
                         tracing::info!("usage store writable again; pending rollups written");
                         failing = false;
                     }
-                    let st = l.lock();
-                    l.stats
-                        .pending_rows
-                        .store(st.rows.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     l.stats.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -360,14 +454,20 @@ fn writer(l: &Ledger, sink: &mut dyn UsageSink, p: &WriterParams) {
                         tracing::error!(error = %e, "usage store write failed; rollups kept in memory and retried");
                         failing = true;
                     }
-                    l.put_back(rows);
                 }
             }
+        }
+        let queued = l.lock().rows.len();
+        l.stats
+            .pending_rows
+            .store((queued + unwritten.len()) as u64, Ordering::Relaxed);
+        if let Some(r) = redis.as_mut() {
+            r.flush(l, stop);
         }
         if stop {
             if failing {
                 tracing::error!(
-                    rows = l.stats.pending_rows.load(Ordering::Relaxed),
+                    rows = unwritten.len(),
                     "stopping with usage rollups the store did not take"
                 );
             }
@@ -411,6 +511,8 @@ mod tests {
                 to_client_packets: 1,
             },
             alloc_ms: 1000,
+            total: RelayUsage::default(),
+            age_ms: 1000,
         }
     }
 
@@ -500,6 +602,7 @@ mod tests {
                 flush: Duration::from_millis(10),
                 retention_days: 0,
             },
+            None,
         )
         .unwrap();
         for _ in 0..1000 {

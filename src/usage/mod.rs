@@ -5,8 +5,9 @@
 //! Owns: the user id of a credential ([`user_id`]), the [`UsageRecord`] the TURN core
 //! emits (at allocation start, every `usage.interim_secs`, at allocation end), the
 //! in-memory rollup and budget spend ([`Ledger`]), the writer thread and its store behind
-//! the [`UsageSink`] trait ([`SqliteStore`]; a Redis sink for cluster mode goes beside
-//! it), retention, and the read side shared by the HTTP API and the CLI ([`query`]).
+//! the [`UsageSink`] trait ([`SqliteStore`]), in cluster mode the Redis side of the writer
+//! and of the read side (`redis_side`: per-user hashes, rankings, the stream, cluster-wide
+//! budgets), retention, and the read side shared by the HTTP API and the CLI ([`query`]).
 //!
 //! Must not: do any work per relayed packet (the counts come from the per-relay counters
 //! the IO workers already keep, read by the core at the times above), block a TURN worker
@@ -16,11 +17,14 @@
 pub mod cli;
 mod ledger;
 pub mod query;
+mod redis_side;
 mod store;
 pub mod time;
+mod user_cap;
 
 pub use ledger::{Budget, Ledger, UsageService, UsageStats, WriterParams};
 pub use store::{Counts, Granularity, RowKey, SqliteStore, StoreError, UsageSink};
+pub use user_cap::{UserCap, UserCaps};
 
 use crate::turn::RelayUsage;
 
@@ -49,6 +53,11 @@ pub struct UsageRecord {
     pub delta: RelayUsage,
     /// Allocation time since the previous record, in milliseconds.
     pub alloc_ms: u64,
+    /// Payload carried since the allocation began (what the cluster stream's record of a
+    /// finished allocation holds).
+    pub total: RelayUsage,
+    /// Milliseconds since the allocation began.
+    pub age_ms: u64,
 }
 
 /// Prefix of the user ids `/api/ice` mints for anonymous browsers.
@@ -79,7 +88,9 @@ pub fn start(cfg: &crate::config::Config) -> Result<Option<UsageService>, StoreE
     let store = match SqliteStore::open(&u.path) {
         Ok(s) => s,
         Err(e) => {
-            let budgets = cfg.turn.user_bytes_per_day != 0 || cfg.turn.user_bytes_per_month != 0;
+            let budgets = cfg.turn.user_bytes_per_day != 0
+                || cfg.turn.user_bytes_per_month != 0
+                || cfg.turn.user_max_bytes_per_sec != 0;
             if u.path.as_os_str() == crate::config::DEFAULT_USAGE_PATH && !budgets {
                 tracing::warn!(
                     error = %e,
@@ -93,13 +104,28 @@ pub fn start(cfg: &crate::config::Config) -> Result<Option<UsageService>, StoreE
         }
     };
     let ledger = std::sync::Arc::new(Ledger::new(u.fold_anonymous));
+    ledger.set_budgets(cfg.turn.user_bytes_per_day, cfg.turn.user_bytes_per_month);
+    // In cluster mode a node is named as in the registry unless usage.node_id says else.
+    let node = if u.node_id.is_empty() && cfg.cluster.enabled() {
+        cfg.cluster.node_id()
+    } else {
+        node_id(&u.node_id)
+    };
+    let redis = if cfg.cluster.enabled() {
+        let p = redis_side::RedisParams::from_config(cfg, &node).map_err(StoreError::Redis)?;
+        ledger.enable_stream(u.stream_queue as usize);
+        tracing::info!(redis = %p.url, "usage accounting: rollups and finished allocations also go to the cluster's Redis");
+        Some(redis_side::RedisSide::new(p))
+    } else {
+        None
+    };
     let params = WriterParams {
-        node: node_id(&u.node_id),
+        node,
         flush: std::time::Duration::from_millis(u64::from(u.flush_ms)),
         retention_days: u.retention_days,
     };
     tracing::info!(path = %u.path.display(), node = %params.node, "usage accounting on");
-    UsageService::start(ledger, Box::new(store), params)
+    UsageService::start(ledger, Box::new(store), params, redis)
         .map(Some)
         .map_err(|source| StoreError::Io {
             path: u.path.display().to_string(),

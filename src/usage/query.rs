@@ -1,6 +1,7 @@
 //! The read side shared by `GET /api/usage`, `GET /api/usage/top` and `tern usage`: one
 //! query type, one result type, and the table/CSV/JSON renderings. Reads the store with
-//! its own read-only connection (WAL: never blocks the writer).
+//! its own read-only connection (WAL: never blocks the writer), or in cluster mode the
+//! cluster's Redis ([`Reader`]), so any node answers for the whole cluster.
 
 use std::path::Path;
 
@@ -52,7 +53,7 @@ fn counts_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Counts> {
     })
 }
 
-fn row(user: String, g: Granularity, start: i64, counts: Counts) -> UsageRow {
+pub(super) fn row(user: String, g: Granularity, start: i64, counts: Counts) -> UsageRow {
     UsageRow {
         user,
         granularity: g.name(),
@@ -67,6 +68,53 @@ fn sql_err(s: &SqliteStore) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |source| StoreError::Sqlite {
         path: s.path().to_string(),
         source,
+    }
+}
+
+/// Where usage is read from: this node's store, or in cluster mode the cluster's Redis.
+pub enum Reader {
+    /// `None`: the store was never written.
+    Store(Option<SqliteStore>),
+    Cluster(super::redis_side::ClusterReader),
+}
+
+impl Reader {
+    /// The cluster's Redis when `[cluster]` is configured, else `usage.path`. An
+    /// unreachable Redis is an error (never a silent fall-back to one node's share).
+    pub fn open(cfg: &crate::config::Config) -> Result<Reader, StoreError> {
+        if cfg.cluster.enabled() {
+            return super::redis_side::ClusterReader::open(cfg).map(Reader::Cluster);
+        }
+        open(&cfg.usage.path).map(Reader::Store)
+    }
+
+    /// `node` or `cluster`: what the answer covers.
+    pub fn scope(&self) -> &'static str {
+        match self {
+            Reader::Store(_) => "node",
+            Reader::Cluster(_) => "cluster",
+        }
+    }
+
+    pub fn usage(&mut self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        match self {
+            Reader::Store(None) => Ok(Vec::new()),
+            Reader::Store(Some(s)) => usage(s, q),
+            Reader::Cluster(c) => c.usage(q),
+        }
+    }
+
+    pub fn top(
+        &mut self,
+        g: Granularity,
+        at: i64,
+        limit: u32,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        match self {
+            Reader::Store(None) => Ok(Vec::new()),
+            Reader::Store(Some(s)) => top(s, g, at, limit),
+            Reader::Cluster(c) => c.top(g, at, limit),
+        }
     }
 }
 

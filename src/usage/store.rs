@@ -95,6 +95,8 @@ pub enum StoreError {
         path: String,
         source: rusqlite::Error,
     },
+    #[error("usage in Redis: {0}")]
+    Redis(String),
     #[error("usage store {path}: {source}")]
     Io {
         path: String,

@@ -33,6 +33,9 @@ pub(super) struct RelaySock {
     kind: RelayKind,
     usage: RelayUsage,
     cap: Option<RelayCap>,
+    /// `turn.user_max_bytes_per_sec`: the cap shared with the user's other relays (any
+    /// worker); atomics only, and only consulted when set.
+    user_cap: Option<std::sync::Arc<crate::usage::UserCap>>,
 }
 
 impl RelaySock {
@@ -41,6 +44,7 @@ impl RelaySock {
             kind,
             usage: RelayUsage::default(),
             cap: RelayCap::new(max_bytes_per_sec, Instant::now()),
+            user_cap: None,
         }
     }
 }
@@ -148,6 +152,12 @@ impl Relays {
                 return None;
             }
         }
+        if let Some(u) = &s.user_cap {
+            if !u.allow_to_peer(len, now) {
+                stats.drop_user_bandwidth += 1;
+                return None;
+            }
+        }
         s.usage.to_peer_bytes += len as u64;
         s.usage.to_peer_packets += 1;
         Some(sock.as_raw_fd())
@@ -168,6 +178,12 @@ impl Relays {
         if let Some(c) = &mut s.cap {
             if !c.to_client.try_take(len as f64, now) {
                 stats.drop_bandwidth += 1;
+                return false;
+            }
+        }
+        if let Some(u) = &s.user_cap {
+            if !u.allow_to_client(len, now) {
+                stats.drop_user_bandwidth += 1;
                 return false;
             }
         }
@@ -278,6 +294,15 @@ impl RelayIo for Relays {
 
     fn close_tcp_conn(&mut self, conn: ConnId) {
         self.peers.close_by_core(&self.registry, conn);
+    }
+
+    fn set_user_cap(&mut self, relay: RelayId, cap: std::sync::Arc<crate::usage::UserCap>) {
+        // UDP relays only: an RFC 6062 splice is paced by turn.max_bytes_per_sec.
+        if let Some(s) = self.socks.get_mut(relay.index()).and_then(Option::as_mut) {
+            if matches!(s.kind, RelayKind::Udp(_)) {
+                s.user_cap = Some(cap);
+            }
+        }
     }
 
     fn usage(&self, relay: RelayId) -> RelayUsage {
