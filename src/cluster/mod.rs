@@ -189,6 +189,19 @@ impl Advertised {
     }
 }
 
+impl Advertised {
+    /// This node's `/relay` as a peer on another node reaches it: `advertise_http_url`
+    /// with a WebSocket scheme (None without one).
+    pub fn relay_url(&self) -> Option<String> {
+        let u = &self.http_url;
+        let rest = u
+            .strip_prefix("https://")
+            .map(|r| ("wss://", r))
+            .or_else(|| u.strip_prefix("http://").map(|r| ("ws://", r)));
+        rest.map(|(scheme, r)| format!("{scheme}{r}/relay"))
+    }
+}
+
 /// What the driver reads from the running faces each tick.
 pub type LoadFn = Box<dyn Fn() -> LocalLoad + Send + Sync>;
 
@@ -228,6 +241,7 @@ impl ClusterService {
             n => n,
         };
         let lease_ms = u64::from(cfg.cluster.lease_secs) * 1000;
+        let relay_url = advertised.relay_url();
         let d = driver::Driver {
             info,
             url: conn::redacted_url(&cfg.cluster.redis_url),
@@ -244,7 +258,12 @@ impl ClusterService {
             bus: rooms.map(|hub| {
                 let _ = view.rooms.set(Arc::clone(&hub));
                 let (tx, rx) = tokio::sync::mpsc::channel(signal_bus::CMD_QUEUE);
-                hub.with_core(|m| m.enable_bus());
+                hub.with_core(|m| {
+                    m.enable_bus();
+                    if let Some(u) = relay_url {
+                        m.set_relay_url(u);
+                    }
+                });
                 hub.set_bus(tx);
                 signal_bus::SignalBus::new(
                     hub,

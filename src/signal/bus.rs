@@ -37,6 +37,16 @@ pub enum BusEvent {
         from: String,
         data: serde_json::Value,
     },
+    /// A `/relay` session hosted by the publishing node between `from` (its peer) and `to`
+    /// (a peer on another node): `to`'s side of it, to be reached at `url`. Only the ticket
+    /// crosses Redis; the relayed bytes go straight to the hosting node.
+    RelayTicket {
+        to: String,
+        from: String,
+        ticket: String,
+        url: String,
+        expires_in: u32,
+    },
     /// PeerJS: the publishing node holds id `id` now (its claim in Redis succeeded).
     PeerjsOpen {
         id: String,

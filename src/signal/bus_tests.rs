@@ -135,6 +135,58 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
 }
 
 #[test]
+fn a_relay_to_a_peer_on_another_node_is_hosted_here_and_its_ticket_goes_on_the_bus() {
+    let mut s = svc();
+    let me = local_in_r1(&mut s);
+    s.bus_event("b", 1, joined("room:r1", "rb"));
+    s.bus_event("b", 2, joined("room:other", "rc"));
+    let t = Instant::now();
+    // No advertised URL: the other node's peer could not reach this relay.
+    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    assert_eq!(to(&o, 1)[0]["code"], "relay-unavailable");
+    s.set_relay_url("wss://a.example/relay".into());
+    let o = s.message(1, r#"{"type":"relay","to":"rc"}"#, t);
+    assert_eq!(to(&o, 1)[0]["code"], "not-in-shared-room");
+    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    let grant = o
+        .iter()
+        .find_map(|o| match o {
+            Out::Relay(g) => Some(g.clone()),
+            _ => None,
+        })
+        .expect("a grant");
+    assert_eq!(grant.sides[0].0, 1);
+    assert_eq!(grant.sides[0].1, "rb");
+    let tb = grant.sides[1].2.clone();
+    assert!(
+        matches!(&grant.remote, Some(BusCmd::Publish { ev: BusEvent::RelayTicket { to, from, ticket, url, expires_in: 60 }, .. })
+            if to == "rb" && *from == me && *ticket == tb && url == "wss://a.example/relay"),
+        "{grant:?}"
+    );
+    // Redis away: refused, never queued.
+    s.bus_state(false);
+    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    assert_eq!(to(&o, 1)[0]["code"], "cluster-unavailable");
+    s.bus_state(true);
+    // Incoming: the ticket for a local peer names the hosting node's URL; not for a peer
+    // outside the requester's rooms.
+    let ticket = |from: &str| BusEvent::RelayTicket {
+        to: me.clone(),
+        from: from.into(),
+        ticket: "t1".into(),
+        url: "ws://b.example/relay".into(),
+        expires_in: 30,
+    };
+    let o = s.bus_event("b", 3, ticket("rb"));
+    assert_eq!(
+        to(&o, 1)[0],
+        json!({"type": "relay-ticket", "peer": "rb", "ticket": "t1", "path": "/relay",
+               "url": "ws://b.example/relay", "expires_in": 30})
+    );
+    assert!(to(&s.bus_event("b", 4, ticket("rc")), 1).is_empty());
+}
+
+#[test]
 fn a_gap_asks_for_a_resync_and_the_snapshot_repairs_membership() {
     let mut s = svc();
     local_in_r1(&mut s);

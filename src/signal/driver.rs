@@ -296,12 +296,7 @@ impl<M: Machine> Hub<M> {
                         }
                     }
                     Out::Relay(grant) => self.grant_relay(g, grant, &mut dropped),
-                    Out::Bus(cmd) => {
-                        let sent = self.bus.get().is_some_and(|tx| tx.try_send(cmd).is_ok());
-                        if !sent {
-                            self.bus_dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+                    Out::Bus(cmd) => self.to_bus(cmd),
                 }
             }
             let now = Instant::now();
@@ -310,6 +305,13 @@ impl<M: Machine> Hub<M> {
                 tracing::debug!(conn, "signaling client over its send budget, closing it");
                 work.extend(g.core.disconnect(conn, now));
             }
+        }
+    }
+
+    fn to_bus(&self, cmd: super::bus::BusCmd) {
+        let sent = self.bus.get().is_some_and(|tx| tx.try_send(cmd).is_ok());
+        if !sent {
+            self.bus_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -340,8 +342,14 @@ impl<M: Machine> Hub<M> {
                 let ttl = self.relay_ticket_ttl;
                 let a = relay_ticket_text(&peer_b, &ta, ttl).into();
                 self.push(g, ca, Frame::Text(a), dropped);
-                let b = relay_ticket_text(&peer_a, &tb, ttl).into();
-                self.push(g, cb, Frame::Text(b), dropped);
+                match grant.remote {
+                    // The other side is on another node: its ticket goes out on the bus.
+                    Some(cmd) => self.to_bus(cmd),
+                    None => {
+                        let b = relay_ticket_text(&peer_a, &tb, ttl).into();
+                        self.push(g, cb, Frame::Text(b), dropped);
+                    }
+                }
             }
             Err(message) => {
                 let text = ServerMsg::Error {

@@ -758,7 +758,10 @@ impl PeerJsService {
                 _ => self.enqueue(to, Queued { src: from, text }, now, &mut out),
             },
             // Room events travel on their own channel, never this one.
-            BusEvent::Joined { .. } | BusEvent::Left { .. } | BusEvent::Signal { .. } => {}
+            BusEvent::Joined { .. }
+            | BusEvent::Left { .. }
+            | BusEvent::Signal { .. }
+            | BusEvent::RelayTicket { .. } => {}
         }
         out
     }
