@@ -801,6 +801,8 @@ fn real_peerjs_client_on_node_a_connects_to_a_peer_registered_on_node_b() {
         .arg(&script)
         .env("TERN_PORT", a.api_addr().port().to_string())
         .env("TERN_PORT_B", b.api_addr().port().to_string())
+        // Relay-only ICE with credentials from each node's /api/ice.
+        .env("TERN_API_TOKEN", TOKEN)
         .output()
         .expect("node runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -815,6 +817,10 @@ fn real_peerjs_client_on_node_a_connects_to_a_peer_registered_on_node_b() {
     let published = "tern_cluster_bus_messages_total{direction=\"published\"}";
     assert!(metric(&a, published).unwrap() > 0.0);
     assert!(metric(&b, published).unwrap() > 0.0);
+    // The data went through TURN on both nodes (one allocation per side and connection).
+    let created = "tern_turn_allocations_created_total";
+    assert!(metric(&a, created).unwrap() >= 2.0, "allocations on A");
+    assert!(metric(&b, created).unwrap() >= 2.0, "allocations on B");
 }
 
 /// Redis's `INFO stats` counter `field` (bytes or commands so far).
