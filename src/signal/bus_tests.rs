@@ -265,3 +265,72 @@ fn without_the_bus_nothing_is_published() {
     assert!(bus(&o).is_empty());
     assert!(s.bus_event("b", 1, joined("room:r1", "rb")).is_empty());
 }
+
+#[test]
+fn a_signal_or_relay_ticket_the_bus_queue_cannot_take_is_refused_to_its_sender() {
+    let mut s = svc();
+    let me = local_in_r1(&mut s);
+    s.bus_event("b", 1, joined("room:r1", "rb"));
+    s.set_relay_url("ws://a.example/relay".into());
+    let t = Instant::now();
+    let o = s.message(1, r#"{"type":"signal","to":"rb","data":1}"#, t);
+    let cmd = bus(&o).pop().unwrap();
+    let o = s.bus_refused(cmd);
+    let e = &to(&o, 1)[0];
+    assert_eq!(
+        (e["code"].as_str(), e["to"].as_str()),
+        (Some("cluster-busy"), Some("rb"))
+    );
+    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    let Some(Out::Relay(g)) = o.into_iter().find(|o| matches!(o, Out::Relay(_))) else {
+        panic!("a grant")
+    };
+    let o = s.bus_refused(g.remote.unwrap());
+    assert_eq!(to(&o, 1)[0]["code"], "cluster-busy");
+    // A lost join needs nothing from the machine: receivers resync on the gap.
+    let lost_join = BusCmd::Publish {
+        seq: 9,
+        ev: joined("room:r1", &me),
+    };
+    assert!(s.bus_refused(lost_join).is_empty());
+    let busy = crate::signal::rooms::REFUSAL_REASONS
+        .iter()
+        .position(|r| *r == "cluster_busy")
+        .unwrap();
+    assert_eq!(s.stats().refused[busy], 2);
+}
+
+/// Through the hub: a command its full queue to the cluster driver cannot take reaches
+/// the machine as a refusal (counted), not a silent drop.
+#[test]
+fn the_hub_hands_commands_its_full_bus_queue_refuses_back_to_the_machine() {
+    use crate::signal::driver::{Hub, SendBudget};
+    let mut s = svc();
+    local_in_r1(&mut s);
+    s.bus_event("b", 1, joined("room:r1", "rb"));
+    let hub = Hub::new(
+        s,
+        SendBudget {
+            frames: 64,
+            bytes: 1 << 20,
+        },
+        None,
+        60,
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    hub.set_bus(tx);
+    let signal = r#"{"type":"signal","to":"rb","data":1}"#;
+    hub.drive(|m| m.message(1, signal, Instant::now()));
+    hub.drive(|m| m.message(1, signal, Instant::now()));
+    assert!(rx.try_recv().is_ok(), "the first one was queued");
+    assert!(rx.try_recv().is_err());
+    assert_eq!(
+        hub.bus_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let busy = crate::signal::rooms::REFUSAL_REASONS
+        .iter()
+        .position(|r| *r == "cluster_busy")
+        .unwrap();
+    assert_eq!(hub.with_core(|m| m.stats().refused[busy]), 1);
+}

@@ -136,4 +136,6 @@ pub enum ErrorCode {
     RelayUnavailable,
     /// Cluster mode: the target is on another node and Redis is unreachable.
     ClusterUnavailable,
+    /// Cluster mode: the target is on another node and the queue to Redis is full.
+    ClusterBusy,
 }

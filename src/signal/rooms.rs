@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::bus::{BusEvent, Member, RemoteMembers};
+use super::bus::{BusCmd, BusEvent, Member, RemoteMembers};
 use super::names::friendly_name;
 use super::protocol::{rate_limited_text, ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
 use super::{shrink_map, ConnId, Out, Text};
@@ -97,7 +97,7 @@ const FLOOD_REASON: &str = "flooding: over signal.rate_per_sec after a rate-limi
 
 /// Labels of [`RoomStats::refused`]: why a message was not carried out (each one answered
 /// with an error; see [`refusal_reason`]).
-pub const REFUSAL_REASONS: [&str; 7] = [
+pub const REFUSAL_REASONS: [&str; 8] = [
     "rate_limit",
     "too_large",
     "invalid",
@@ -105,6 +105,7 @@ pub const REFUSAL_REASONS: [&str; 7] = [
     "room_limit",
     "relay_unavailable",
     "cluster_unavailable",
+    "cluster_busy",
 ];
 const R_RATE: usize = 0;
 
@@ -123,6 +124,7 @@ fn refusal_reason(code: ErrorCode) -> usize {
         ErrorCode::RoomFull | ErrorCode::TooManyRooms => 4,
         ErrorCode::RelayUnavailable => 5,
         ErrorCode::ClusterUnavailable => 6,
+        ErrorCode::ClusterBusy => 7,
     }
 }
 
@@ -1130,6 +1132,34 @@ impl RoomService {
             BusEvent::PeerjsOpen { .. }
             | BusEvent::PeerjsClose { .. }
             | BusEvent::Peerjs { .. } => {}
+        }
+        out
+    }
+
+    /// A bus command the driver could not queue (its queue to Redis is full): a signal's or
+    /// a relay ticket's sender is told (`cluster-busy`); a lost join or leave needs nothing
+    /// here, since the receivers see the gap in this node's sequence and resync.
+    pub fn bus_refused(&mut self, cmd: BusCmd) -> Vec<Out> {
+        let mut out = Vec::new();
+        let BusCmd::Publish { ev, .. } = cmd else {
+            return out;
+        };
+        let (from, to, what) = match ev {
+            BusEvent::Signal { from, to, .. } => {
+                self.stats.signals_forwarded = self.stats.signals_forwarded.saturating_sub(1);
+                (from, to, "not sent")
+            }
+            BusEvent::RelayTicket { from, to, .. } => (from, to, "no relay"),
+            _ => return out,
+        };
+        if let Some(conn) = self.peers.get(&from).and_then(|p| p.conn) {
+            out.push(Self::error(
+                &mut self.stats,
+                conn,
+                ErrorCode::ClusterBusy,
+                format!("that peer is on another node and the cluster bus is full; {what}"),
+                Some(&to),
+            ));
         }
         out
     }
