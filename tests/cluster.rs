@@ -572,6 +572,11 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
         let received = "tern_cluster_bus_messages_total{direction=\"received\"}";
         assert!(metric(&a, published).unwrap() >= 50.0);
         assert!(metric(&b, received).unwrap() >= 50.0);
+        // Each delivery from A is timed on B.
+        let timed = metric(&b, "tern_cluster_bus_latency_seconds_count").unwrap();
+        assert!(timed >= 50.0, "{timed} deliveries timed");
+        let slow = metric(&b, "tern_cluster_bus_latency_seconds_bucket{le=\"+Inf\"}").unwrap();
+        assert_eq!(slow, timed);
         send_text(
             &mut b1,
             &format!(r#"{{"type":"signal","to":"{a1_id}","data":"hi"}}"#),

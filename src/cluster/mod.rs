@@ -62,6 +62,28 @@ pub struct ClusterStats {
     pub bus_resyncs: AtomicU64,
     /// Bus messages dropped on this node: a full queue, or Redis unreachable.
     pub bus_dropped: Arc<AtomicU64>,
+    /// Publish-to-receive time of bus messages from other nodes.
+    pub bus_latency: std::sync::Mutex<crate::turn::stats::Histo<{ BUS_LATENCY_BOUNDS.len() }>>,
+}
+
+/// Upper bounds (seconds) of the cross-node delivery latency histogram.
+pub const BUS_LATENCY_BOUNDS: [f64; 12] = [
+    0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+impl ClusterStats {
+    /// A bus message published at `ts` (Unix µs) arrived now.
+    pub fn observe_latency(&self, ts: u64) {
+        let now = driver::unix_us();
+        if ts == 0 || now < ts {
+            return;
+        }
+        let secs = (now - ts) as f64 / 1e6;
+        self.bus_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(&BUS_LATENCY_BOUNDS, secs);
+    }
 }
 
 /// The cluster as the faces see it: the live nodes from the last registry read and this

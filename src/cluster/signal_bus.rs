@@ -222,6 +222,7 @@ impl<M: BusMachine> SignalBus<M> {
                     node: self.node.clone(),
                     seq,
                     ev,
+                    ts: super::driver::unix_us(),
                 };
                 let text = serde_json::to_string(&env).unwrap_or_default();
                 redis::cmd("PUBLISH")
@@ -291,6 +292,7 @@ impl<M: BusMachine> SignalBus<M> {
                 };
                 if env.node != self.node {
                     self.view.stats.bus_received.fetch_add(1, Ordering::Relaxed);
+                    self.view.stats.observe_latency(env.ts);
                     self.hub.drive(|m| m.bus_event(&env.node, env.seq, env.ev));
                 }
                 true

@@ -70,6 +70,10 @@ pub struct Envelope {
     pub node: String,
     pub seq: u64,
     pub ev: BusEvent,
+    /// When it was published (Unix time, microseconds; 0: unknown), for the receivers'
+    /// delivery latency histogram. Across hosts it includes their clock offset.
+    #[serde(default)]
+    pub ts: u64,
 }
 
 /// What the room machine asks the cluster driver to do.
