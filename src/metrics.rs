@@ -561,8 +561,15 @@ pub const CLUSTER_BUS_MESSAGES: Def = def(
     "tern_cluster_bus_messages_total",
     Counter,
     &["direction"],
-    "Cluster mode: room bus messages (joins, leaves, cross-node signals) published by this \
-     node or received from others.",
+    "Cluster mode: bus messages (room joins, leaves, signals, relay tickets; PeerJS ids and \
+     messages) published by this node or received from others.",
+);
+pub const CLUSTER_BUS_LATENCY: Def = def(
+    "tern_cluster_bus_latency_seconds",
+    Histogram,
+    &[],
+    "Cluster mode: time from a bus message's publication on another node to its arrival \
+     here (cross-node deliveries; includes the two hosts' clock offset).",
 );
 pub const CLUSTER_BUS_RESYNCS: Def = def(
     "tern_cluster_bus_resyncs_total",
@@ -662,6 +669,7 @@ pub const ALL: &[&Def] = &[
     &CLUSTER_QUOTA_LEASE_OPS,
     &CLUSTER_ICE_STEERED,
     &CLUSTER_BUS_MESSAGES,
+    &CLUSTER_BUS_LATENCY,
     &CLUSTER_BUS_RESYNCS,
     &CLUSTER_BUS_DROPPED,
 ];
@@ -674,6 +682,7 @@ const CLUSTER_DEFS: &[&Def] = &[
     &CLUSTER_QUOTA_LEASE_OPS,
     &CLUSTER_ICE_STEERED,
     &CLUSTER_BUS_MESSAGES,
+    &CLUSTER_BUS_LATENCY,
     &CLUSTER_BUS_RESYNCS,
     &CLUSTER_BUS_DROPPED,
 ];
@@ -1240,6 +1249,13 @@ impl Collector for ClusterCollector {
             &CLUSTER_BUS_MESSAGES,
             &["received"],
             s.bus_received.load(Relaxed),
+        );
+        let latency = *s.bus_latency.lock().unwrap_or_else(|e| e.into_inner());
+        f.histogram(
+            &CLUSTER_BUS_LATENCY,
+            &[],
+            &crate::cluster::BUS_LATENCY_BOUNDS,
+            &latency,
         );
         f.sample(&CLUSTER_BUS_RESYNCS, &[], s.bus_resyncs.load(Relaxed));
         let hub_dropped = self.view.hub_bus_dropped();

@@ -573,6 +573,11 @@ fn native_rooms_span_nodes_survive_a_redis_restart_and_drop_a_killed_nodes_peers
         let received = "tern_cluster_bus_messages_total{direction=\"received\"}";
         assert!(metric(&a, published).unwrap() >= 50.0);
         assert!(metric(&b, received).unwrap() >= 50.0);
+        // Each delivery from A is timed on B.
+        let timed = metric(&b, "tern_cluster_bus_latency_seconds_count").unwrap();
+        assert!(timed >= 50.0, "{timed} deliveries timed");
+        let slow = metric(&b, "tern_cluster_bus_latency_seconds_bucket{le=\"+Inf\"}").unwrap();
+        assert_eq!(slow, timed);
         send_text(
             &mut b1,
             &format!(r#"{{"type":"signal","to":"{a1_id}","data":"hi"}}"#),
@@ -802,6 +807,8 @@ fn real_peerjs_client_on_node_a_connects_to_a_peer_registered_on_node_b() {
         .arg(&script)
         .env("TERN_PORT", a.api_addr().port().to_string())
         .env("TERN_PORT_B", b.api_addr().port().to_string())
+        // Relay-only ICE with credentials from each node's /api/ice.
+        .env("TERN_API_TOKEN", TOKEN)
         .output()
         .expect("node runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -816,4 +823,127 @@ fn real_peerjs_client_on_node_a_connects_to_a_peer_registered_on_node_b() {
     let published = "tern_cluster_bus_messages_total{direction=\"published\"}";
     assert!(metric(&a, published).unwrap() > 0.0);
     assert!(metric(&b, published).unwrap() > 0.0);
+    // The data went through TURN on both nodes (one allocation per side and connection).
+    let created = "tern_turn_allocations_created_total";
+    assert!(metric(&a, created).unwrap() >= 2.0, "allocations on A");
+    assert!(metric(&b, created).unwrap() >= 2.0, "allocations on B");
+}
+
+/// Redis's `INFO stats` counter `field` (bytes or commands so far).
+fn redis_stat(redis: &Redis, field: &str) -> u64 {
+    let info = redis.command("INFO stats").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in INFO stats: {info}"))
+}
+
+#[test]
+fn relay_between_peers_on_two_nodes_meets_on_the_requesters_node_and_moves_20_mib() {
+    use crate::signal_common::{send_text, ws};
+    use futures_util::{SinkExt, StreamExt};
+    use sha2::{Digest, Sha256};
+    use tokio_tungstenite::tungstenite::Message as WsMsg;
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let secret = random_secret();
+    let url = "advertise_http_url = \"http://127.0.0.1:{api_port}\"";
+    let a = node(&redis, "relay-a", 13000, &secret, url);
+    let b = node(&redis, "relay-b", 13200, &secret, url);
+    after_ticks(&a, 1.0);
+    after_ticks(&b, 1.0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = Duration::from_secs(10);
+        let mut a1 = ws(a.api_addr(), "/ws").await;
+        let wa = wait_msg(&mut a1, t, "welcome on A", |m| m["type"] == "welcome").await;
+        let a1_id = wa["id"].as_str().unwrap().to_string();
+        let mut b1 = ws(b.api_addr(), "/ws").await;
+        let wb = wait_msg(&mut b1, t, "welcome on B", |m| m["type"] == "welcome").await;
+        let b1_id = wb["id"].as_str().unwrap().to_string();
+        send_text(&mut a1, r#"{"type":"join","room":"rr"}"#).await;
+        send_text(&mut b1, r#"{"type":"join","room":"rr"}"#).await;
+        wait_msg(&mut a1, t, "B's peer joins rr on A", |m| {
+            m["type"] == "peer-joined" && m["room"] == "rr" && m["peer"]["id"] == b1_id.as_str()
+        })
+        .await;
+        send_text(&mut a1, &format!(r#"{{"type":"relay","to":"{b1_id}"}}"#)).await;
+        let ta = wait_msg(&mut a1, t, "A's ticket", |m| m["type"] == "relay-ticket").await;
+        let tb = wait_msg(&mut b1, t, "B's ticket", |m| m["type"] == "relay-ticket").await;
+        assert_eq!(ta["peer"], b1_id.as_str());
+        assert_eq!(ta["path"], "/relay");
+        assert!(
+            ta.get("url").is_none(),
+            "A's session is on its own node: {ta}"
+        );
+        assert_eq!(tb["peer"], a1_id.as_str());
+        // B is told A's node: both sides meet there.
+        let b_url = tb["url"]
+            .as_str()
+            .expect("B's ticket names the hosting node");
+        assert_eq!(b_url, format!("ws://{}/relay", a.api_addr()));
+        let bytes_before = redis_stat(&redis, "total_net_input_bytes");
+        let ticket_a = ta["ticket"].as_str().unwrap();
+        let ticket_b = tb["ticket"].as_str().unwrap();
+        let mut ra = ws(a.api_addr(), &format!("/relay?ticket={ticket_a}")).await;
+        let (mut rb, _) = tokio_tungstenite::connect_async(format!("{b_url}?ticket={ticket_b}"))
+            .await
+            .expect("B reaches A's relay");
+        const TOTAL: usize = 20 << 20;
+        const FRAME: usize = 64 << 10;
+        // B sends to A: the side that was told another node's URL carries the bulk.
+        let sender = tokio::spawn(async move {
+            let mut h = Sha256::new();
+            let mut sent = 0usize;
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            while sent < TOTAL {
+                let n = FRAME.min(TOTAL - sent);
+                let mut chunk = Vec::with_capacity(n);
+                while chunk.len() < n {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    chunk.extend_from_slice(&x.to_le_bytes());
+                }
+                chunk.truncate(n);
+                h.update(&chunk);
+                sent += n;
+                rb.send(WsMsg::Binary(chunk.into())).await.unwrap();
+            }
+            rb.close(None).await.unwrap();
+            h.finalize()
+        });
+        let mut h = Sha256::new();
+        let mut got = 0usize;
+        let code = loop {
+            let m = tokio::time::timeout(Duration::from_secs(60), ra.next())
+                .await
+                .expect("relay stalled")
+                .expect("stream open")
+                .expect("frame");
+            match m {
+                WsMsg::Binary(d) => {
+                    got += d.len();
+                    h.update(&d);
+                }
+                WsMsg::Close(f) => break f.map(|f| u16::from(f.code)),
+                _ => {}
+            }
+        };
+        let digest = sender.await.unwrap();
+        assert_eq!(got, TOTAL);
+        assert_eq!(h.finalize(), digest, "20 MiB intact");
+        assert_eq!(code, Some(1000));
+        // The bulk went A-node to B's socket directly: Redis saw only the usual ticks.
+        let redis_in = redis_stat(&redis, "total_net_input_bytes") - bytes_before;
+        assert!(
+            redis_in < (TOTAL / 10) as u64,
+            "{redis_in} bytes reached Redis while 20 MiB were relayed"
+        );
+        eprintln!("relay across nodes: {got} bytes relayed, {redis_in} bytes into Redis meanwhile");
+        let relayed = metric(&a, "tern_ws_relay_bytes_total").unwrap_or(0.0);
+        assert!(relayed >= TOTAL as f64, "A hosted the session: {relayed}");
+        assert_eq!(metric(&b, "tern_ws_relay_bytes_total").unwrap_or(0.0), 0.0);
+    });
 }

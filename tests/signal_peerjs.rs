@@ -159,7 +159,7 @@ async fn offers_of_64_kib_and_1_mib_and_150_candidates_pass_at_defaults() {
         "alice still connected"
     );
     let st = svc.stats();
-    assert_eq!(st.peerjs.refused, [0; 7]);
+    assert_eq!(st.peerjs.refused, [0; 8]);
     assert_eq!(st.peerjs.forwarded, 153);
 }
 

@@ -8,6 +8,9 @@
 #   offer:  HELD peers connected (the connect ramp: BATCH at a time), PAIRS sender->receiver
 #           pairs with WINDOW OFFERs in flight and BYTES of SDP, answered (the issue's shape);
 #   bounce: PEERS peers in pairs bouncing CANDIDATEs, BWINDOW in flight (the original shape);
+#   Each of offer and bounce also runs against two Tern nodes sharing one redis-server
+#   (TWO_NODE=1, the default; `tern2` in the tables): each pair's sender on node A, its
+#   receiver on node B, so every message crosses Redis; Redis CPU per message is reported.
 #   idle:   Tern alone holding IDLE peers (spread over processes and 127.0.0.x), for memory
 #           per peer at scale (`peer` stops at its concurrent_limit of 5000).
 # Reports messages/s, per-second min/max, p50/p99 latency, server CPU (cores, and
@@ -17,6 +20,7 @@
 # usage: bench/signal/run.sh
 #   env: HELD (5000) PAIRS (200) WINDOW (8) BYTES (1000) SECS (15) BATCH (200) PROCS (2)
 #        PEERS (2000) BWINDOW (4) IDLE (15000, 0 to skip) ROUNDS (1) CLIENT (rust|node)
+#        TWO_NODE (1; 0 to skip the two-node runs; needs redis-server and CLIENT=rust)
 #        NICE (0): run servers and client at this nice value, e.g. -10 on a box busy with
 #        other work (both servers get the same). With the kernel's autogroups, nice only
 #        ranks processes within a session: run as `setsid bench/signal/run.sh` and, as
@@ -37,20 +41,23 @@ IDLE=${IDLE:-15000}
 ROUNDS=${ROUNDS:-1}
 CLIENT=${CLIENT:-rust}
 NICE=${NICE:-0}
+TWO_NODE=${TWO_NODE:-1}
 OUT="$ROOT/bench/out/signal-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 [ -d tests/browser/node_modules/peer ] || (cd tests/browser && npm ci --no-audit --no-fund)
 
 SERVER_PID=""
+EXTRA_PIDS=()
+EXTRA_ARGS=()
 AUTOGROUP_NICE=""
 if [ "$NICE" != 0 ] && [ -w /proc/self/autogroup ]; then
     AUTOGROUP_NICE=$(awk '{print $3}' /proc/self/autogroup)
     echo "$NICE" >/proc/self/autogroup || AUTOGROUP_NICE=""
 fi
 cleanup() {
-    if [ -n "$SERVER_PID" ]; then
-        kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
-    fi
+    for pid in $SERVER_PID "${EXTRA_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    done
     if [ -n "$AUTOGROUP_NICE" ]; then
         echo "$AUTOGROUP_NICE" >/proc/self/autogroup || true
     fi
@@ -78,17 +85,17 @@ else
     LOADER=(nice -n "$NICE" node bench/signal/load.mjs --procs "$PROCS")
 fi
 
-start_tern() {
-    local api turn
+start_tern() { # [cluster section] [config name] [relay port base]
+    local api turn cfg=${2:-tern} base=${3:-40000}
     api=$(free_port)
     turn=$(free_port)
-    cat >"$OUT/tern.toml" <<TOML
+    cat >"$OUT/$cfg.toml" <<TOML
 [turn]
 listen = ["127.0.0.1:$turn"]
 relay_ip = ["127.0.0.1"]
 auth_secrets = ["bench-secret-$RANDOM$RANDOM"]
-min_port = 40000
-max_port = 40999
+min_port = $base
+max_port = $((base + 999))
 [api]
 listen = "127.0.0.1:$api"
 # The load comes from a few loopback addresses.
@@ -105,11 +112,39 @@ peerjs_concurrent_limit = 40000
 enabled = false
 [log]
 level = "warn"
+${1:-}
 TOML
-    nice -n "$NICE" "$TERN" serve --config "$OUT/tern.toml" 2>>"$OUT/tern.log" &
+    nice -n "$NICE" "$TERN" serve --config "$OUT/$cfg.toml" 2>>"$OUT/$cfg.log" &
     SERVER_PID=$!
     URL="ws://127.0.0.1:$api/peerjs/peerjs"
     wait_http "http://127.0.0.1:$api/peerjs"
+}
+
+# Two nodes and one redis-server (private, free port, no persistence): URL and SERVER_PID
+# are node A's; node B and Redis go to the loader as --url2, --pid2, --redis-pid.
+start_tern2() {
+    local rport rpid
+    rport=$(free_port)
+    nice -n "$NICE" redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+        >>"$OUT/redis.log" 2>&1 &
+    rpid=$!
+    EXTRA_PIDS=("$rpid")
+    for _ in $(seq 1 100); do
+        redis-cli -p "$rport" ping >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    local cluster="[cluster]
+redis_url = \"redis://127.0.0.1:$rport\"
+lease_secs = 10"
+    start_tern "$cluster
+node_id = \"bench-b\"" tern-b 41000
+    local url2=$URL pid2=$SERVER_PID
+    EXTRA_PIDS+=("$pid2")
+    start_tern "$cluster
+node_id = \"bench-a\"" tern-a 42000
+    # Let each node read the other from the registry before peers arrive.
+    sleep 2
+    EXTRA_ARGS=(--url2 "$url2" --pid2 "$pid2" --redis-pid "$rpid")
 }
 
 start_peer() {
@@ -123,9 +158,13 @@ start_peer() {
 }
 
 stop_server() {
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
+    for pid in "$SERVER_PID" "${EXTRA_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     SERVER_PID=""
+    EXTRA_PIDS=()
+    EXTRA_ARGS=()
     sleep 2 # let the sockets of the last run leave TIME_WAIT's way
 }
 
@@ -134,17 +173,21 @@ run() { # server shape round args...
     shift 3
     "start_$server"
     echo "==> $server $shape (round $round)"
-    "${LOADER[@]}" --url "$URL" --key peerjs --pid "$SERVER_PID" "$@" |
+    "${LOADER[@]}" --url "$URL" --key peerjs --pid "$SERVER_PID" "${EXTRA_ARGS[@]}" "$@" |
         tee "$OUT/$server-$shape-$round.json"
     stop_server
 }
 
+SERVERS=(tern peer)
+if [ "$TWO_NODE" = 1 ] && [ "$CLIENT" = rust ] && command -v redis-server >/dev/null; then
+    SERVERS=(tern tern2 peer)
+fi
 for round in $(seq 1 "$ROUNDS"); do
-    for server in tern peer; do
+    for server in "${SERVERS[@]}"; do
         run "$server" offer "$round" --kind offer --peers "$HELD" \
             --batch "$BATCH" --pairs "$PAIRS" --window "$WINDOW" --bytes "$BYTES" --secs "$SECS"
     done
-    for server in tern peer; do
+    for server in "${SERVERS[@]}"; do
         run "$server" bounce "$round" --kind bounce --peers "$PEERS" \
             --batch "$BATCH" --window "$BWINDOW" --bytes 60 --secs "$SECS"
     done

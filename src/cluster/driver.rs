@@ -61,6 +61,12 @@ async fn next_input<M: BusMachine>(bus: &mut Option<SignalBus<M>>) -> Option<Inp
     }
 }
 
+pub(super) fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

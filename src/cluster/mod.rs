@@ -62,6 +62,28 @@ pub struct ClusterStats {
     pub bus_resyncs: AtomicU64,
     /// Bus messages dropped on this node: a full queue, or Redis unreachable.
     pub bus_dropped: Arc<AtomicU64>,
+    /// Publish-to-receive time of bus messages from other nodes.
+    pub bus_latency: std::sync::Mutex<crate::turn::stats::Histo<{ BUS_LATENCY_BOUNDS.len() }>>,
+}
+
+/// Upper bounds (seconds) of the cross-node delivery latency histogram.
+pub const BUS_LATENCY_BOUNDS: [f64; 12] = [
+    0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+impl ClusterStats {
+    /// A bus message published at `ts` (Unix µs) arrived now.
+    pub fn observe_latency(&self, ts: u64) {
+        let now = driver::unix_us();
+        if ts == 0 || now < ts {
+            return;
+        }
+        let secs = (now - ts) as f64 / 1e6;
+        self.bus_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(&BUS_LATENCY_BOUNDS, secs);
+    }
 }
 
 /// The cluster as the faces see it: the live nodes from the last registry read and this
@@ -189,6 +211,19 @@ impl Advertised {
     }
 }
 
+impl Advertised {
+    /// This node's `/relay` as a peer on another node reaches it: `advertise_http_url`
+    /// with a WebSocket scheme (None without one).
+    pub fn relay_url(&self) -> Option<String> {
+        let u = &self.http_url;
+        let rest = u
+            .strip_prefix("https://")
+            .map(|r| ("wss://", r))
+            .or_else(|| u.strip_prefix("http://").map(|r| ("ws://", r)));
+        rest.map(|(scheme, r)| format!("{scheme}{r}/relay"))
+    }
+}
+
 /// What the driver reads from the running faces each tick.
 pub type LoadFn = Box<dyn Fn() -> LocalLoad + Send + Sync>;
 
@@ -228,6 +263,7 @@ impl ClusterService {
             n => n,
         };
         let lease_ms = u64::from(cfg.cluster.lease_secs) * 1000;
+        let relay_url = advertised.relay_url();
         let d = driver::Driver {
             info,
             url: conn::redacted_url(&cfg.cluster.redis_url),
@@ -244,7 +280,12 @@ impl ClusterService {
             bus: rooms.map(|hub| {
                 let _ = view.rooms.set(Arc::clone(&hub));
                 let (tx, rx) = tokio::sync::mpsc::channel(signal_bus::CMD_QUEUE);
-                hub.with_core(|m| m.enable_bus());
+                hub.with_core(|m| {
+                    m.enable_bus();
+                    if let Some(u) = relay_url {
+                        m.set_relay_url(u);
+                    }
+                });
                 hub.set_bus(tx);
                 signal_bus::SignalBus::new(
                     hub,

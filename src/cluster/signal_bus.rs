@@ -7,7 +7,8 @@
 //!
 //! Bounded everywhere: the machine's commands and the pushes each go through a fixed-size
 //! queue; what does not fit is dropped and shows up as a sequence gap, which the receiver
-//! repairs by reading the publisher's member list. While Redis is away, commands are
+//! repairs by reading the publisher's member list (and a dropped command's client is told:
+//! `Machine::bus_refused`). While Redis is away, commands are
 //! dropped (the machine refuses cross-node signals meanwhile) and the member list is
 //! rewritten whole on reconnect.
 
@@ -123,9 +124,16 @@ impl<M: BusMachine> SignalBus<M> {
         self.sub = None;
         self.pushes = None;
         self.hub.drive(|m| m.bus_state(false));
-        // Nothing can be published meanwhile: drop what is queued (bounded anyway).
-        while self.cmds.try_recv().is_ok() {
+        // Nothing can be published meanwhile: what is queued is refused (the machine tells
+        // the clients concerned), taken first so that refusals cannot queue more here.
+        let mut queued = Vec::new();
+        while let Ok(cmd) = self.cmds.try_recv() {
+            queued.push(cmd);
+        }
+        for cmd in queued {
             self.view.stats.bus_dropped.fetch_add(1, Ordering::Relaxed);
+            self.hub
+                .drive(|m| m.bus_refused(cmd, std::time::Instant::now()));
         }
     }
 
@@ -214,6 +222,7 @@ impl<M: BusMachine> SignalBus<M> {
                     node: self.node.clone(),
                     seq,
                     ev,
+                    ts: super::driver::unix_us(),
                 };
                 let text = serde_json::to_string(&env).unwrap_or_default();
                 redis::cmd("PUBLISH")
@@ -283,6 +292,7 @@ impl<M: BusMachine> SignalBus<M> {
                 };
                 if env.node != self.node {
                     self.view.stats.bus_received.fetch_add(1, Ordering::Relaxed);
+                    self.view.stats.observe_latency(env.ts);
                     self.hub.drive(|m| m.bus_event(&env.node, env.seq, env.ev));
                 }
                 true

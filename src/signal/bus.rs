@@ -37,6 +37,16 @@ pub enum BusEvent {
         from: String,
         data: serde_json::Value,
     },
+    /// A `/relay` session hosted by the publishing node between `from` (its peer) and `to`
+    /// (a peer on another node): `to`'s side of it, to be reached at `url`. Only the ticket
+    /// crosses Redis; the relayed bytes go straight to the hosting node.
+    RelayTicket {
+        to: String,
+        from: String,
+        ticket: String,
+        url: String,
+        expires_in: u32,
+    },
     /// PeerJS: the publishing node holds id `id` now (its claim in Redis succeeded).
     PeerjsOpen {
         id: String,
@@ -60,6 +70,10 @@ pub struct Envelope {
     pub node: String,
     pub seq: u64,
     pub ev: BusEvent,
+    /// When it was published (Unix time, microseconds; 0: unknown), for the receivers'
+    /// delivery latency histogram. Across hosts it includes their clock offset.
+    #[serde(default)]
+    pub ts: u64,
 }
 
 /// What the room machine asks the cluster driver to do.

@@ -135,6 +135,58 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
 }
 
 #[test]
+fn a_relay_to_a_peer_on_another_node_is_hosted_here_and_its_ticket_goes_on_the_bus() {
+    let mut s = svc();
+    let me = local_in_r1(&mut s);
+    s.bus_event("b", 1, joined("room:r1", "rb"));
+    s.bus_event("b", 2, joined("room:other", "rc"));
+    let t = Instant::now();
+    // No advertised URL: the other node's peer could not reach this relay.
+    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    assert_eq!(to(&o, 1)[0]["code"], "relay-unavailable");
+    s.set_relay_url("wss://a.example/relay".into());
+    let o = s.message(1, r#"{"type":"relay","to":"rc"}"#, t);
+    assert_eq!(to(&o, 1)[0]["code"], "not-in-shared-room");
+    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    let grant = o
+        .iter()
+        .find_map(|o| match o {
+            Out::Relay(g) => Some(g.clone()),
+            _ => None,
+        })
+        .expect("a grant");
+    assert_eq!(grant.sides[0].0, 1);
+    assert_eq!(grant.sides[0].1, "rb");
+    let tb = grant.sides[1].2.clone();
+    assert!(
+        matches!(&grant.remote, Some(BusCmd::Publish { ev: BusEvent::RelayTicket { to, from, ticket, url, expires_in: 60 }, .. })
+            if to == "rb" && *from == me && *ticket == tb && url == "wss://a.example/relay"),
+        "{grant:?}"
+    );
+    // Redis away: refused, never queued.
+    s.bus_state(false);
+    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    assert_eq!(to(&o, 1)[0]["code"], "cluster-unavailable");
+    s.bus_state(true);
+    // Incoming: the ticket for a local peer names the hosting node's URL; not for a peer
+    // outside the requester's rooms.
+    let ticket = |from: &str| BusEvent::RelayTicket {
+        to: me.clone(),
+        from: from.into(),
+        ticket: "t1".into(),
+        url: "ws://b.example/relay".into(),
+        expires_in: 30,
+    };
+    let o = s.bus_event("b", 3, ticket("rb"));
+    assert_eq!(
+        to(&o, 1)[0],
+        json!({"type": "relay-ticket", "peer": "rb", "ticket": "t1", "path": "/relay",
+               "url": "ws://b.example/relay", "expires_in": 30})
+    );
+    assert!(to(&s.bus_event("b", 4, ticket("rc")), 1).is_empty());
+}
+
+#[test]
 fn a_gap_asks_for_a_resync_and_the_snapshot_repairs_membership() {
     let mut s = svc();
     local_in_r1(&mut s);
@@ -212,4 +264,73 @@ fn without_the_bus_nothing_is_published() {
     o.extend(s.message(1, r#"{"type":"join","room":"r1"}"#, t));
     assert!(bus(&o).is_empty());
     assert!(s.bus_event("b", 1, joined("room:r1", "rb")).is_empty());
+}
+
+#[test]
+fn a_signal_or_relay_ticket_the_bus_queue_cannot_take_is_refused_to_its_sender() {
+    let mut s = svc();
+    let me = local_in_r1(&mut s);
+    s.bus_event("b", 1, joined("room:r1", "rb"));
+    s.set_relay_url("ws://a.example/relay".into());
+    let t = Instant::now();
+    let o = s.message(1, r#"{"type":"signal","to":"rb","data":1}"#, t);
+    let cmd = bus(&o).pop().unwrap();
+    let o = s.bus_refused(cmd);
+    let e = &to(&o, 1)[0];
+    assert_eq!(
+        (e["code"].as_str(), e["to"].as_str()),
+        (Some("cluster-busy"), Some("rb"))
+    );
+    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    let Some(Out::Relay(g)) = o.into_iter().find(|o| matches!(o, Out::Relay(_))) else {
+        panic!("a grant")
+    };
+    let o = s.bus_refused(g.remote.unwrap());
+    assert_eq!(to(&o, 1)[0]["code"], "cluster-busy");
+    // A lost join needs nothing from the machine: receivers resync on the gap.
+    let lost_join = BusCmd::Publish {
+        seq: 9,
+        ev: joined("room:r1", &me),
+    };
+    assert!(s.bus_refused(lost_join).is_empty());
+    let busy = crate::signal::rooms::REFUSAL_REASONS
+        .iter()
+        .position(|r| *r == "cluster_busy")
+        .unwrap();
+    assert_eq!(s.stats().refused[busy], 2);
+}
+
+/// Through the hub: a command its full queue to the cluster driver cannot take reaches
+/// the machine as a refusal (counted), not a silent drop.
+#[test]
+fn the_hub_hands_commands_its_full_bus_queue_refuses_back_to_the_machine() {
+    use crate::signal::driver::{Hub, SendBudget};
+    let mut s = svc();
+    local_in_r1(&mut s);
+    s.bus_event("b", 1, joined("room:r1", "rb"));
+    let hub = Hub::new(
+        s,
+        SendBudget {
+            frames: 64,
+            bytes: 1 << 20,
+        },
+        None,
+        60,
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    hub.set_bus(tx);
+    let signal = r#"{"type":"signal","to":"rb","data":1}"#;
+    hub.drive(|m| m.message(1, signal, Instant::now()));
+    hub.drive(|m| m.message(1, signal, Instant::now()));
+    assert!(rx.try_recv().is_ok(), "the first one was queued");
+    assert!(rx.try_recv().is_err());
+    assert_eq!(
+        hub.bus_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let busy = crate::signal::rooms::REFUSAL_REASONS
+        .iter()
+        .position(|r| *r == "cluster_busy")
+        .unwrap();
+    assert_eq!(hub.with_core(|m| m.stats().refused[busy]), 1);
 }

@@ -34,6 +34,11 @@ pub trait Machine: Send + 'static {
     fn alive(&mut self, conn: ConnId, now: Instant);
     fn disconnect(&mut self, conn: ConnId, now: Instant) -> Vec<Out>;
     fn tick(&mut self, now: Instant) -> Vec<Out>;
+    /// Cluster mode: a bus command the cluster driver's queue had no room for; the machine
+    /// tells the client concerned (never a silent drop).
+    fn bus_refused(&mut self, _cmd: super::bus::BusCmd, _now: Instant) -> Vec<Out> {
+        Vec::new()
+    }
 }
 
 impl Machine for RoomService {
@@ -62,6 +67,9 @@ impl Machine for RoomService {
     fn tick(&mut self, now: Instant) -> Vec<Out> {
         RoomService::tick(self, now)
     }
+    fn bus_refused(&mut self, cmd: super::bus::BusCmd, _now: Instant) -> Vec<Out> {
+        RoomService::bus_refused(self, cmd)
+    }
 }
 
 impl Machine for PeerJsService {
@@ -81,6 +89,9 @@ impl Machine for PeerJsService {
     }
     fn tick(&mut self, now: Instant) -> Vec<Out> {
         PeerJsService::tick(self, now)
+    }
+    fn bus_refused(&mut self, cmd: super::bus::BusCmd, now: Instant) -> Vec<Out> {
+        PeerJsService::bus_refused(self, cmd, now)
     }
 }
 
@@ -286,6 +297,7 @@ impl<M: Machine> Hub<M> {
         let mut work = outs;
         while !work.is_empty() {
             let mut dropped = Vec::new();
+            let mut refused = Vec::new();
             for o in work.drain(..) {
                 match o {
                     Out::Send { conn, text } => self.push(g, conn, Frame::Text(text), &mut dropped),
@@ -295,22 +307,32 @@ impl<M: Machine> Hub<M> {
                             ob.push(Frame::Close(code, reason), self.budget);
                         }
                     }
-                    Out::Relay(grant) => self.grant_relay(g, grant, &mut dropped),
-                    Out::Bus(cmd) => {
-                        let sent = self.bus.get().is_some_and(|tx| tx.try_send(cmd).is_ok());
-                        if !sent {
-                            self.bus_dropped.fetch_add(1, Ordering::Relaxed);
-                        }
+                    Out::Relay(grant) => {
+                        refused.extend(self.grant_relay(g, grant, &mut dropped));
                     }
+                    Out::Bus(cmd) => refused.extend(self.to_bus(cmd)),
                 }
             }
             let now = Instant::now();
+            for cmd in refused {
+                work.extend(g.core.bus_refused(cmd, now));
+            }
             for conn in dropped {
                 self.dropped_slow.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(conn, "signaling client over its send budget, closing it");
                 work.extend(g.core.disconnect(conn, now));
             }
         }
+    }
+
+    /// Queues `cmd` for the cluster driver; gives it back when the queue is full.
+    fn to_bus(&self, cmd: super::bus::BusCmd) -> Option<super::bus::BusCmd> {
+        let tx = self.bus.get()?;
+        let back = tx.try_send(cmd).err().map(|e| e.into_inner());
+        if back.is_some() {
+            self.bus_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        back
     }
 
     fn push(&self, g: &mut Inner<M>, conn: ConnId, f: Frame, dropped: &mut Vec<ConnId>) {
@@ -322,12 +344,15 @@ impl<M: Machine> Hub<M> {
         }
     }
 
+    /// Registers a granted session and hands out its tickets; gives back the bus command
+    /// carrying a remote side's ticket when the queue to the cluster driver is full (the
+    /// requester then gets the machine's refusal instead of a ticket).
     fn grant_relay(
         &self,
         g: &mut Inner<M>,
         grant: super::rooms::RelayGrant,
         dropped: &mut Vec<ConnId>,
-    ) {
+    ) -> Option<super::bus::BusCmd> {
         let [(ca, peer_b, ta), (cb, peer_a, tb)] = grant.sides;
         let registered = match &self.relay {
             Some(r) => r
@@ -338,10 +363,20 @@ impl<M: Machine> Hub<M> {
         match registered {
             Ok(()) => {
                 let ttl = self.relay_ticket_ttl;
+                match grant.remote {
+                    // The other side is on another node: its ticket goes out on the bus.
+                    Some(cmd) => {
+                        if let Some(back) = self.to_bus(cmd) {
+                            return Some(back);
+                        }
+                    }
+                    None => {
+                        let b = relay_ticket_text(&peer_a, &tb, ttl).into();
+                        self.push(g, cb, Frame::Text(b), dropped);
+                    }
+                }
                 let a = relay_ticket_text(&peer_b, &ta, ttl).into();
                 self.push(g, ca, Frame::Text(a), dropped);
-                let b = relay_ticket_text(&peer_a, &tb, ttl).into();
-                self.push(g, cb, Frame::Text(b), dropped);
             }
             Err(message) => {
                 let text = ServerMsg::Error {
@@ -353,6 +388,7 @@ impl<M: Machine> Hub<M> {
                 self.push(g, ca, Frame::Text(text.into()), dropped);
             }
         }
+        None
     }
 
     /// Feeds one frame from `conn` to the machine and queues what it answers.

@@ -99,7 +99,7 @@ const INVALID: usize = 6;
 
 /// Labels of [`PeerJsStats::refused`]: why a message was not carried out. `rate_limit` and
 /// `too_large` also closed the sender's connection; the `queue_*` ones got EXPIRE at once.
-pub const REFUSAL_REASONS: [&str; 7] = [
+pub const REFUSAL_REASONS: [&str; 8] = [
     "rate_limit",
     "too_large",
     "invalid",
@@ -107,6 +107,7 @@ pub const REFUSAL_REASONS: [&str; 7] = [
     "queue_sender_bytes",
     "queue_total_bytes",
     "cluster_unavailable",
+    "cluster_busy",
 ];
 const R_RATE: usize = 0;
 const R_TOO_LARGE: usize = 1;
@@ -116,6 +117,8 @@ const R_SENDER_BYTES: usize = 4;
 const R_TOTAL_BYTES: usize = 5;
 /// Cluster mode: the destination is on another node and Redis is away (EXPIRE sent).
 const R_CLUSTER: usize = 6;
+/// Cluster mode: the queue to Redis was full (a message: EXPIRE; a claim: ERROR and close).
+const R_CLUSTER_BUSY: usize = 7;
 
 /// Counters for the metrics face.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -710,6 +713,48 @@ impl PeerJsService {
         out
     }
 
+    /// A bus command the driver could not queue (its queue to Redis is full). Never silent
+    /// for the client concerned: a message for another node's id gets EXPIRE, as when
+    /// Redis is away (its client aborts the whole Peer on ERROR); a claim not yet answered
+    /// gets ERROR and a close, as the `peer` server refuses an open, since the Peer cannot
+    /// open anyway. A lost open or close announcement needs nothing here (the receivers
+    /// see the gap and resync), nor does a lost release (the claim lapses within a lease).
+    pub fn bus_refused(&mut self, cmd: BusCmd, now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
+        match cmd {
+            BusCmd::Publish {
+                ev: BusEvent::Peerjs { to, from, text },
+                ..
+            } => {
+                self.stats.forwarded = self.stats.forwarded.saturating_sub(1);
+                let kind = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
+                if !matches!(kind.as_deref(), Some("LEAVE" | "EXPIRE")) {
+                    self.stats.refused[R_CLUSTER_BUSY] += 1;
+                    self.send_expire(to, from, now, &mut out);
+                }
+            }
+            BusCmd::Claim { id } => {
+                if let Some(c) = self.clients.get(&id).filter(|c| !c.claimed) {
+                    let conn = c.conn;
+                    self.stats.refused[R_CLUSTER_BUSY] += 1;
+                    self.clients.remove(&id);
+                    self.conns.remove(&conn);
+                    Self::reject(
+                        conn,
+                        error_text(
+                            "the cluster is busy and the id could not be claimed; try again",
+                        ),
+                        &mut out,
+                    );
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
     /// Messages queued here for `id`, which another node now holds, go to it.
     fn forward_queue(&mut self, id: &str, out: &mut Vec<Out>) {
         if !self.bus.as_ref().is_some_and(|b| b.up) || !self.queues.contains_key(id) {
@@ -758,7 +803,10 @@ impl PeerJsService {
                 _ => self.enqueue(to, Queued { src: from, text }, now, &mut out),
             },
             // Room events travel on their own channel, never this one.
-            BusEvent::Joined { .. } | BusEvent::Left { .. } | BusEvent::Signal { .. } => {}
+            BusEvent::Joined { .. }
+            | BusEvent::Left { .. }
+            | BusEvent::Signal { .. }
+            | BusEvent::RelayTicket { .. } => {}
         }
         out
     }

@@ -585,3 +585,37 @@ fn cluster_claim_pending_when_redis_goes_opens_locally() {
     // A late answer changes nothing.
     assert!(s.claim_result("alice", true).is_empty());
 }
+
+#[test]
+fn cluster_commands_the_bus_queue_cannot_take_are_never_silent() {
+    let mut s = clustered();
+    let t0 = Instant::now();
+    s.bus_event("b", 1, open_ev("zed"), t0);
+    open(&mut s, 1, "alice", "t1", t0);
+    s.claim_result("alice", true);
+    // A message for zed (on node b) that could not be queued: EXPIRE back to alice.
+    let o = s.message(1, r#"{"type":"OFFER","dst":"zed","payload":{}}"#, t0);
+    let cmd = bus_cmds(&o).pop().unwrap();
+    let o = s.bus_refused(cmd, t0);
+    let t = texts(&o, 1);
+    assert_eq!(
+        (t[0]["type"].as_str(), t[0]["src"].as_str()),
+        (Some("EXPIRE"), Some("zed"))
+    );
+    // A LEAVE lost that way needs no answer.
+    let o = s.message(1, r#"{"type":"LEAVE","dst":"zed"}"#, t0);
+    let cmd = bus_cmds(&o).pop().unwrap();
+    assert!(s.bus_refused(cmd, t0).is_empty());
+    // A claim that could not be queued: ERROR and a close, never a Peer left waiting.
+    let o = open(&mut s, 2, "bob", "t2", t0);
+    let cmd = bus_cmds(&o).pop().unwrap();
+    let o = s.bus_refused(cmd, t0);
+    assert_eq!(texts(&o, 2)[0]["type"], "ERROR");
+    assert!(closed(&o, 2));
+    assert_eq!(s.client_count(), 1);
+    let busy = crate::signal::peerjs::REFUSAL_REASONS
+        .iter()
+        .position(|r| *r == "cluster_busy")
+        .unwrap();
+    assert_eq!(s.stats().refused[busy], 2);
+}

@@ -75,6 +75,10 @@ pub enum ServerMsg<'a> {
         peer: &'a str,
         ticket: &'a str,
         path: &'a str,
+        /// Cluster mode: the session is hosted by another node; connect to this URL
+        /// (`ws(s)://…/relay`) rather than `path` on this host.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        url: Option<&'a str>,
         expires_in: u32,
     },
     Pong,
@@ -132,4 +136,6 @@ pub enum ErrorCode {
     RelayUnavailable,
     /// Cluster mode: the target is on another node and Redis is unreachable.
     ClusterUnavailable,
+    /// Cluster mode: the target is on another node and the queue to Redis is full.
+    ClusterBusy,
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::bus::{BusEvent, Member, RemoteMembers};
+use super::bus::{BusCmd, BusEvent, Member, RemoteMembers};
 use super::names::friendly_name;
 use super::protocol::{rate_limited_text, ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
 use super::{shrink_map, ConnId, Out, Text};
@@ -97,7 +97,7 @@ const FLOOD_REASON: &str = "flooding: over signal.rate_per_sec after a rate-limi
 
 /// Labels of [`RoomStats::refused`]: why a message was not carried out (each one answered
 /// with an error; see [`refusal_reason`]).
-pub const REFUSAL_REASONS: [&str; 7] = [
+pub const REFUSAL_REASONS: [&str; 8] = [
     "rate_limit",
     "too_large",
     "invalid",
@@ -105,6 +105,7 @@ pub const REFUSAL_REASONS: [&str; 7] = [
     "room_limit",
     "relay_unavailable",
     "cluster_unavailable",
+    "cluster_busy",
 ];
 const R_RATE: usize = 0;
 
@@ -123,6 +124,7 @@ fn refusal_reason(code: ErrorCode) -> usize {
         ErrorCode::RoomFull | ErrorCode::TooManyRooms => 4,
         ErrorCode::RelayUnavailable => 5,
         ErrorCode::ClusterUnavailable => 6,
+        ErrorCode::ClusterBusy => 7,
     }
 }
 
@@ -149,19 +151,28 @@ pub struct RoomStats {
 
 /// A `/relay` session the service granted to two peers sharing a room: the driver registers
 /// the tickets with the relay and sends each peer its ticket (see [`relay_ticket_text`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RelayGrant {
     pub session: u64,
     /// (connection, peer id of the *other* side, ticket) for each side.
     pub sides: [(ConnId, String, String); 2],
+    /// Cluster mode: side 1 is a peer on another node. This node hosts the session; once
+    /// it is registered, side 1's ticket goes out as this bus command (its connection in
+    /// `sides` is then the requester's and is not written to).
+    pub remote: Option<super::bus::BusCmd>,
 }
 
 /// The text of a `relay-ticket` message.
 pub fn relay_ticket_text(other: &str, ticket: &str, ttl_secs: u32) -> String {
+    ticket_text(other, ticket, ttl_secs, None)
+}
+
+fn ticket_text(other: &str, ticket: &str, ttl_secs: u32, url: Option<&str>) -> String {
     ServerMsg::RelayTicket {
         peer: other,
         ticket,
         path: "/relay",
+        url,
         expires_in: ttl_secs,
     }
     .to_text()
@@ -183,6 +194,9 @@ pub struct RoomService {
     /// Bumped on every local membership change, so the cluster driver republishes the
     /// member list only when it changed.
     members_version: u64,
+    /// Cluster mode: this node's `/relay` as peers on other nodes reach it
+    /// (from `cluster.advertise_http_url`; None: cross-node relays are refused).
+    relay_url: Option<String>,
 }
 
 impl RoomService {
@@ -207,6 +221,7 @@ impl RoomService {
             stats: RoomStats::default(),
             bus: None,
             members_version: 0,
+            relay_url: None,
         }
     }
 
@@ -634,6 +649,9 @@ impl RoomService {
                     });
                 }
             }
+            ClientMsg::Relay { to } if self.relay_enabled && self.is_remote(&to) => {
+                self.relay_remote(conn, &id, to, &mut out)
+            }
             ClientMsg::Relay { to } => {
                 if !self.relay_enabled {
                     out.push(Self::error(
@@ -650,6 +668,7 @@ impl RoomService {
                     out.push(Out::Relay(RelayGrant {
                         session,
                         sides: [(conn, to.clone(), ta), (target, id.clone(), tb)],
+                        remote: None,
                     }));
                 }
             }
@@ -873,6 +892,12 @@ impl RoomService {
         self.bus = Some(RemoteMembers::new());
     }
 
+    /// This node's `/relay` URL for peers on other nodes (`ws(s)://…/relay`): with it, a
+    /// `relay` to a peer on another node is hosted here.
+    pub fn set_relay_url(&mut self, url: String) {
+        self.relay_url = Some(url);
+    }
+
     /// Redis reachable or not: while not, signals to peers on other nodes are refused.
     pub fn bus_state(&mut self, up: bool) {
         if let Some(b) = self.bus.as_mut() {
@@ -937,6 +962,60 @@ impl RoomService {
                 data,
             })));
         }
+    }
+
+    /// A `relay` to a peer on another node: this node hosts the session (its relay is the
+    /// requester's), and the other side's ticket travels on the bus with this node's relay
+    /// URL, so both sides meet here and no relayed byte crosses Redis.
+    fn relay_remote(&mut self, conn: ConnId, id: &str, to: String, out: &mut Vec<Out>) {
+        let rooms: BTreeSet<String> = self.peers[id].rooms.iter().map(RoomKey::bus_name).collect();
+        let Some(b) = self.bus.as_mut() else { return };
+        let refusal = if b.shared(&to, &rooms).is_none() {
+            Some((
+                ErrorCode::NotInSharedRoom,
+                "that peer is not in a room with you",
+            ))
+        } else if !b.up {
+            Some((
+                ErrorCode::ClusterUnavailable,
+                "that peer is on another node and the cluster bus is unavailable; no relay",
+            ))
+        } else if self.relay_url.is_none() {
+            Some((
+                ErrorCode::RelayUnavailable,
+                "that peer is on another node and this node has no cluster.advertise_http_url \
+                 for it to reach this relay",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            out.push(Self::error(
+                &mut self.stats,
+                conn,
+                code,
+                message.into(),
+                Some(&to),
+            ));
+            return;
+        }
+        let session = self.next_session;
+        self.next_session += 1;
+        let (ta, tb) = (self.token(16), self.token(16));
+        let url = self.relay_url.clone().unwrap_or_default();
+        let Some(b) = self.bus.as_mut() else { return };
+        let cmd = b.publish(BusEvent::RelayTicket {
+            to: to.clone(),
+            from: id.to_string(),
+            ticket: tb.clone(),
+            url,
+            expires_in: self.cfg.relay_ticket_ttl_secs,
+        });
+        out.push(Out::Relay(RelayGrant {
+            session,
+            sides: [(conn, to, ta), (conn, id.to_string(), tb)],
+            remote: Some(cmd),
+        }));
     }
 
     /// Sends `text` to the attached local members of bus room `room` (serialised once,
@@ -1023,10 +1102,64 @@ impl RoomService {
                     });
                 }
             }
+            BusEvent::RelayTicket {
+                to,
+                from,
+                ticket,
+                url,
+                expires_in,
+            } => {
+                // Only to a peer here that shares a room with the requester; otherwise
+                // the unused ticket expires on the hosting node.
+                let target = self.peers.get(&to).and_then(|p| {
+                    let rooms: BTreeSet<String> = p.rooms.iter().map(RoomKey::bus_name).collect();
+                    p.conn.map(|c| (c, rooms))
+                });
+                if let Some((conn, rooms)) = target {
+                    if self
+                        .bus
+                        .as_ref()
+                        .is_some_and(|b| b.shared(&from, &rooms).is_some())
+                    {
+                        out.push(Out::Send {
+                            conn,
+                            text: ticket_text(&from, &ticket, expires_in, Some(&url)).into(),
+                        });
+                    }
+                }
+            }
             // PeerJS events travel on their own channel, never this one.
             BusEvent::PeerjsOpen { .. }
             | BusEvent::PeerjsClose { .. }
             | BusEvent::Peerjs { .. } => {}
+        }
+        out
+    }
+
+    /// A bus command the driver could not queue (its queue to Redis is full): a signal's or
+    /// a relay ticket's sender is told (`cluster-busy`); a lost join or leave needs nothing
+    /// here, since the receivers see the gap in this node's sequence and resync.
+    pub fn bus_refused(&mut self, cmd: BusCmd) -> Vec<Out> {
+        let mut out = Vec::new();
+        let BusCmd::Publish { ev, .. } = cmd else {
+            return out;
+        };
+        let (from, to, what) = match ev {
+            BusEvent::Signal { from, to, .. } => {
+                self.stats.signals_forwarded = self.stats.signals_forwarded.saturating_sub(1);
+                (from, to, "not sent")
+            }
+            BusEvent::RelayTicket { from, to, .. } => (from, to, "no relay"),
+            _ => return out,
+        };
+        if let Some(conn) = self.peers.get(&from).and_then(|p| p.conn) {
+            out.push(Self::error(
+                &mut self.stats,
+                conn,
+                ErrorCode::ClusterBusy,
+                format!("that peer is on another node and the cluster bus is full; {what}"),
+                Some(&to),
+            ));
         }
         out
     }

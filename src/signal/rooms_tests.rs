@@ -164,7 +164,7 @@ fn bad_input_gets_precise_errors() {
         .unwrap()
         .contains("signal.max_message_bytes"));
     assert_eq!(s.stats().bad_messages, 6);
-    assert_eq!(s.stats().refused, [0, 2, 4, 0, 0, 0, 0]);
+    assert_eq!(s.stats().refused, [0, 2, 4, 0, 0, 0, 0, 0]);
 }
 
 #[test]

@@ -6,6 +6,9 @@
 // Usage: TERN_PORT=8080 node tests/browser/peerjs.mjs   (prints "PASS ..." and exits 0)
 // With TERN_PORT_B (cluster mode, another node): Peer B registers there, under an id of its
 // own choosing (no cross-origin id fetch), and everything between A and B crosses nodes.
+// With TERN_API_TOKEN too: relay-only ICE (`iceTransportPolicy: 'relay'`), each side with
+// TURN credentials from its own node's /api/ice (one user per connection and side, so
+// the per-user quota is not what is tested), and the selected pair must be relay/relay.
 import { chromium } from 'playwright-core';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -40,8 +43,28 @@ const watchdog = setTimeout(() => {
   process.exit(1);
 }, 120_000);
 
+// RTCConfigurations for relay-only ICE: [connection][side], from each node's /api/ice.
+const token = process.env.TERN_API_TOKEN;
+const iceFrom = async (p, user) => {
+  const r = await fetch(`http://127.0.0.1:${p}/api/ice?user=${user}`,
+    { headers: { Authorization: `Bearer ${token}` } });
+  if (!r.ok) throw new Error(`/api/ice on ${p}: ${r.status} ${await r.text()}`);
+  const ice = await r.json();
+  // Only the UDP TURN URL: one allocation per side and connection.
+  const urls = ice.iceServers.flatMap((s) => [].concat(s.urls))
+    .filter((u) => u.startsWith('turn:') && u.endsWith('transport=udp'));
+  if (urls.length === 0) throw new Error(`no turn: UDP URL from ${p}: ${JSON.stringify(ice)}`);
+  const s = ice.iceServers.find((s) => [].concat(s.urls).includes(urls[0]));
+  return { iceServers: [{ urls, username: s.username, credential: s.credential }],
+    iceTransportPolicy: 'relay' };
+};
+
 let code = 1;
 try {
+  const relayCfg = token ? [
+    [await iceFrom(port, 'conn1-a'), await iceFrom(portB, 'conn1-b')],
+    [await iceFrom(port, 'conn2-a'), await iceFrom(portB, 'conn2-b')],
+  ] : null;
   const origin = `http://127.0.0.1:${port}`;
   await context.grantPermissions(['camera', 'microphone'], { origin });
   const page = context.pages()[0] || (await context.newPage());
@@ -49,9 +72,31 @@ try {
   // A page on Tern's own origin (the PeerJS info route), so fetches are same-origin.
   await page.goto(`${origin}${peerPath}`);
   await page.addScriptTag({ path: path.join(here, 'node_modules/peerjs/dist/peerjs.min.js') });
-  const result = await page.evaluate(async ({ port, portB, peerPath, key }) => {
+  const result = await page.evaluate(async ({ port, portB, peerPath, key, relayCfg }) => {
     const opts = { host: '127.0.0.1', port, path: peerPath, key, secure: false, debug: 1,
-      config: { iceServers: [] } };
+      config: relayCfg ? relayCfg[0][0] : { iceServers: [] } };
+    // PeerJS builds each RTCPeerConnection from `peer.options.config` when the connection
+    // starts (A: connect; B: the OFFER), so each connection gets its own credentials.
+    const useCfg = (i) => {
+      if (!relayCfg) return;
+      a.options.config = relayCfg[i][0];
+      b.options.config = relayCfg[i][1];
+    };
+    // The candidate types of the pair ICE selected (e.g. "relay/relay").
+    const pairTypes = async (pc) => {
+      const s = await pc.getStats();
+      let pair;
+      s.forEach((r) => {
+        if (r.type === 'transport' && r.selectedCandidatePairId) pair = s.get(r.selectedCandidatePairId);
+      });
+      if (!pair) {
+        s.forEach((r) => {
+          if (r.type === 'candidate-pair' && r.nominated && r.state === 'succeeded') pair = r;
+        });
+      }
+      if (!pair) return 'none';
+      return `${s.get(pair.localCandidateId)?.candidateType}/${s.get(pair.remoteCandidateId)?.candidateType}`;
+    };
     const open = (p) => new Promise((res, rej) => {
       p.on('open', res);
       p.on('error', (e) => rej(new Error(`peer error ${e.type}: ${e.message}`)));
@@ -87,8 +132,10 @@ try {
         conn.on('error', reject);
       });
     });
+    useCfg(0);
     const conn = a.connect(idB, { reliable: true });
     await new Promise((res, rej) => { conn.on('open', res); conn.on('error', rej); });
+    const pair = await pairTypes(conn.peerConnection);
     const reply = new Promise((res) => conn.on('data', (d) => { if (typeof d === 'string') res(d); }));
     conn.send('hello from A');
     const replyText = await reply;
@@ -112,6 +159,7 @@ try {
         }));
       });
     });
+    useCfg(1);
     const c2 = a.connect(idB, { reliable: true, metadata: { big } });
     await new Promise((res, rej) => { c2.on('open', res); c2.on('error', rej); });
     const m = await gotMeta;
@@ -119,8 +167,8 @@ try {
     a.on('error', (e) => errorsSeen.push(e.type));
     a.destroy();
     b.destroy();
-    return { idA, idB, replyText, sentHash, ...r, bigHash, ...m, errorsSeen };
-  }, { port, portB, peerPath, key });
+    return { idA, idB, pair, replyText, sentHash, ...r, bigHash, ...m, errorsSeen };
+  }, { port, portB, peerPath, key, relayCfg });
 
   const ok = result.from === result.idA
     && result.msgs[0] === 'hello from A'
@@ -129,7 +177,8 @@ try {
     && result.hash === result.sentHash
     && result.metaBytes === 1024 * 1024
     && result.metaHash === result.bigHash
-    && /^[0-9a-f-]{36}$/.test(result.idA);
+    && /^[0-9a-f-]{36}$/.test(result.idA)
+    && (!relayCfg || result.pair === 'relay/relay');
   console.log(`${ok ? 'PASS' : 'FAIL'} ${JSON.stringify(result)}`);
   code = ok ? 0 : 1;
 } catch (e) {

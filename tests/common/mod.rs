@@ -110,7 +110,8 @@ pub struct TernOpts {
     /// Serve the HTTP API on a free loopback port, with these extra `[api]` lines
     /// (None: `[api] enabled = false`).
     pub api: Option<String>,
-    /// Extra sections appended to the config (e.g. `[signal]`, `[relay_ws]`).
+    /// Extra sections appended to the config (e.g. `[signal]`, `[relay_ws]`); `{api_port}`
+    /// in them becomes the HTTP API port.
     pub extra_sections: String,
     /// Serve `/metrics`, `/healthz`, `/readyz` on a free loopback port (false: disabled).
     pub metrics: bool,
@@ -210,7 +211,11 @@ impl Tern {
             extra = opts.extra_turn,
             pid = dir.path().join("tern.pid"),
             drain = opts.drain_timeout_secs,
-            sections = opts.extra_sections,
+            // A node announcing its own HTTP address (cluster mode) names it before the
+            // port is known.
+            sections = opts
+                .extra_sections
+                .replace("{api_port}", &api_port.to_string()),
         );
         let cfg_path = dir.path().join("tern.toml");
         std::fs::write(&cfg_path, config).unwrap();

@@ -44,6 +44,11 @@ fn now_us() -> u64 {
 
 struct Args {
     host: SocketAddr,
+    /// Two-node mode (`--url2`): odd peers connect here, so each pair spans the nodes.
+    host2: Option<SocketAddr>,
+    pid2: u32,
+    /// Two-node mode: the redis-server between the nodes (its CPU per message).
+    redis_pid: u32,
     path: String,
     key: String,
     pid: u32,
@@ -75,10 +80,21 @@ fn args() -> Args {
     let (hp, path) = rest.split_at(rest.find('/').expect("a path"));
     let host: SocketAddr = hp.parse().expect("--url host must be an IP:port");
     assert!(host.ip().is_loopback(), "loopback URLs only");
+    let host2 = a.get("url2").map(|u| {
+        let rest = u.strip_prefix("ws://").expect("--url2 ws://127.0.0.1:PORT/path");
+        let h: SocketAddr = rest[..rest.find('/').expect("a path")]
+            .parse()
+            .expect("--url2 host must be an IP:port");
+        assert!(h.ip().is_loopback(), "loopback URLs only");
+        h
+    });
     let peers: usize = get("peers", "5000").parse().unwrap();
     let kind = get("kind", "offer");
     Args {
         host,
+        host2,
+        pid2: get("pid2", "0").parse().unwrap(),
+        redis_pid: get("redis-pid", "0").parse().unwrap(),
         path: path.to_string(),
         key: get("key", "peerjs"),
         pid: get("pid", "0").parse().unwrap(),
@@ -120,11 +136,15 @@ async fn open(a: &Args, i: usize, id: &str) -> Result<Ws, String> {
     let sock = TcpSocket::new_v4().map_err(|e| e.to_string())?;
     sock.bind(SocketAddr::new(local, 0))
         .map_err(|e| e.to_string())?;
-    let s = sock.connect(a.host).await.map_err(|e| e.to_string())?;
+    let host = match a.host2 {
+        Some(h) if i % 2 == 1 => h,
+        _ => a.host,
+    };
+    let s = sock.connect(host).await.map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     let url = format!(
         "ws://{}{}?key={}&id={id}&token=t{i}&version=1.5.5",
-        a.host, a.path, a.key
+        host, a.path, a.key
     );
     let (mut ws, _) = client_async(url, s).await.map_err(|e| e.to_string())?;
     loop {
@@ -327,6 +347,8 @@ async fn run(a: Arc<Args>) {
         let kind: Arc<str> = a.kind.as_str().into();
         let pairs = a.pairs.min(a.peers / 2);
         let cpu0 = cpu_secs(&a.pid.to_string());
+        let cpu2_0 = cpu_secs(&a.pid2.to_string());
+        let redis0 = cpu_secs(&a.redis_pid.to_string());
         let self0 = cpu_secs("self");
         let s0 = Instant::now();
         let mut tasks = Vec::new();
@@ -361,6 +383,10 @@ async fn run(a: Arc<Args>) {
         running.store(false, Relaxed);
         let elapsed = s0.elapsed().as_secs_f64();
         let cpu = (cpu_secs(&a.pid.to_string()) - cpu0) / elapsed;
+        let cpu2 = (cpu_secs(&a.pid2.to_string()) - cpu2_0) / elapsed;
+        let redis_cpu = (cpu_secs(&a.redis_pid.to_string()) - redis0) / elapsed;
+        // Two-node mode: both nodes (Redis reported apart).
+        let cpu_total = cpu + cpu2;
         let client_cpu = (cpu_secs("self") - self0) / elapsed;
         let delivered = stats.delivered.load(Relaxed);
         let counts: Vec<u64> = stats.hist.iter().map(|h| h.load(Relaxed)).collect();
@@ -377,7 +403,7 @@ async fn run(a: Arc<Args>) {
         };
         let steady = &per_sec[1.min(per_sec.len())..];
         out += &format!(
-            r#","pairs":{pairs},"window":{},"bytes":{},"secs":{elapsed:.2},"msgs":{delivered},"msgs_per_sec":{},"per_sec_min":{},"per_sec_max":{},"p50_ms":{},"p99_ms":{},"p999_ms":{},"cpu_cores":{cpu:.2},"client_cpu_cores":{client_cpu:.2},"closed_early":{},"rss_kib_end":{},"hwm_kib":{}"#,
+            r#","pairs":{pairs},"window":{},"bytes":{},"secs":{elapsed:.2},"msgs":{delivered},"msgs_per_sec":{},"per_sec_min":{},"per_sec_max":{},"p50_ms":{},"p99_ms":{},"p999_ms":{},"cpu_cores":{cpu_total:.2},"client_cpu_cores":{client_cpu:.2},"closed_early":{},"rss_kib_end":{},"hwm_kib":{}"#,
             a.window,
             a.bytes,
             (delivered as f64 / elapsed).round(),
@@ -390,6 +416,17 @@ async fn run(a: Arc<Args>) {
             proc_status(a.pid, "VmRSS:").unwrap_or(0),
             proc_status(a.pid, "VmHWM:").unwrap_or(0),
         );
+        if a.host2.is_some() {
+            // Both nodes' CPU, and Redis's per delivered (cross-node) message.
+            out += &format!(
+                r#","nodes":2,"node_a_cpu_cores":{cpu:.2},"node_b_cpu_cores":{cpu2:.2},"redis_cpu_cores":{redis_cpu:.3},"redis_us_per_msg":{:.2}"#,
+                if delivered > 0 {
+                    redis_cpu * elapsed * 1e6 / delivered as f64
+                } else {
+                    0.0
+                }
+            );
+        }
         for t in &tasks {
             t.abort();
         }
