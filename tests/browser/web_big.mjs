@@ -15,9 +15,9 @@
 // Prints one JSON line and "PASS" on success.
 
 import { createHash, randomBytes } from 'node:crypto';
-import { open, mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { open, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { finish, launchChromium, parseArgs } from './lib.mjs';
+import { browserPids, finish, launchChromium, parseArgs, rssMiB } from './lib.mjs';
 
 const args = parseArgs(process.argv.slice(2));
 const BASE = args.url;
@@ -39,40 +39,6 @@ async function bigFile(path, bytes) {
   }
   await f.close();
   return h.digest('hex');
-}
-
-// PIDs of the renderer processes of the Chromium using `profile`.
-async function rendererPids(profile) {
-  const procs = [];
-  for (const d of await readdir('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      // Zygote children rewrite their title: one string with spaces, not NUL-separated.
-      const cmd = (await readFile(`/proc/${d}/cmdline`, 'utf8')).split('\0').join(' ');
-      const stat = await readFile(`/proc/${d}/stat`, 'utf8');
-      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      procs.push({ pid: Number(d), ppid, cmd });
-    } catch {
-      /* gone */
-    }
-  }
-  const root = procs.find((p) => !p.cmd.includes('--type=') && p.cmd.includes(profile));
-  if (!root) return [];
-  const tree = new Set([root.pid]);
-  for (let grew = true; grew;) {
-    grew = false;
-    for (const p of procs) if (!tree.has(p.pid) && tree.has(p.ppid)) { tree.add(p.pid); grew = true; }
-  }
-  return procs.filter((p) => tree.has(p.pid) && p.cmd.includes('--type=renderer ')).map((p) => p.pid);
-}
-
-async function rssMiB(pid) {
-  try {
-    const s = await readFile(`/proc/${pid}/status`, 'utf8');
-    return Number(/VmRSS:\s+(\d+)/.exec(s)[1]) / 1024;
-  } catch {
-    return 0;
-  }
 }
 
 const inRow = (page) => page.locator('#transfers li.transfer[data-dir="in"]').first();
@@ -143,7 +109,7 @@ try {
   await a.waitForFunction(() => document.getElementById('status').dataset.state === 'connected', null, { timeout: 60_000 });
   const path = await a.locator('#path').textContent();
   if (path !== 'direct') throw new Error(`path ${path}, not direct`);
-  const pids = await rendererPids(bb.profile);
+  const pids = await browserPids(bb.profile, 'renderer');
   if (pids.length === 0) throw new Error('no renderer process found for the receiving browser');
   let peak = 0;
   let peakHeap = 0;
