@@ -71,6 +71,7 @@ fn page_and_library_are_served_from_the_binary() {
     for (path, file, ctype) in [
         ("/", "web/index.html", "text/html"),
         ("/tern.js", "web/tern.js", "text/javascript"),
+        ("/tern-sw.js", "web/tern-sw.js", "text/javascript"),
         ("/app.js", "web/app.js", "text/javascript"),
         ("/style.css", "web/style.css", "text/css"),
     ] {

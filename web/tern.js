@@ -207,8 +207,9 @@ export class Tern extends EventTarget {
    * default from the page URL), `directMs` (3000), `turnMs` (5000), `device` (default from
    * the UA), `persist` (false: with true, the resume token and display name live in this
    * tab's sessionStorage, so a reload keeps the peer id, name and rooms), `name` (a display
-   * name to announce instead of the server's), `storage` ('opfs' default, or 'memory': where
-   * received files are written).
+   * name to announce instead of the server's), `storage` ('opfs' default, 'download' or
+   * 'memory': where received files are written; 'opfs' falls back to 'download' where OPFS
+   * has no writable streams, and either to 'memory' where no Service Worker can run).
    */
   static async connect(opts = {}) {
     const t = new Tern(opts);
@@ -507,7 +508,7 @@ export class Tern extends EventTarget {
 
   /** Where received files go: this tab's folder in the Origin Private File System. */
   _receiveStore() {
-    if (!this._store) this._store = ReceiveStore.open(this.storageKind);
+    if (!this._store) this._store = ReceiveStore.open(this.storageKind, this.server);
     return this._store;
   }
 
@@ -1177,10 +1178,13 @@ export class OutgoingTransfer extends EventTarget {
 
 /**
  * One file arriving from a peer, written to storage as it comes (this tab's folder in the
- * Origin Private File System, or memory where OPFS is missing) and hashed on the way.
+ * Origin Private File System, the browser's downloads through a Service Worker where OPFS has no
+ * writable streams, or memory) and hashed on the way.
  * Fields: `id`, `peer`, `name` (plain text), `size`, `mime`, `received`, `state`
  * ('receiving' | 'verifying' | 'done' | 'failed' | 'cancelled'), `path`, `error`,
- * `sha256` (verified), `file` (a disk-backed File once done). `done` resolves to that File.
+ * `sha256` (verified), `storage` ('opfs' | 'download' | 'memory'), `file` (a disk-backed
+ * File once done; null for `download`: the file is in the browser's downloads). `done`
+ * resolves to that File (or null).
  * `cancel()` stops it on both sides and deletes what was stored; `discard()` deletes a
  * finished file. `cleaned` resolves once a failed or cancelled transfer's storage is gone.
  * Events: `state`, `progress`.
@@ -1214,9 +1218,11 @@ export class IncomingTransfer extends EventTarget {
     });
     this.done.catch(() => {});
     this.cleaned = new Promise((res) => { this._cleanedRes = res; });
+    this.storage = null; // 'opfs' | 'download' | 'memory', once the store is open
     ch._in.set(id, this);
     this._chain = this.tern._receiveStore().then(async (st) => {
-      this._sink = await st.create(`${this.peer}-${id}`);
+      this.storage = st.kind;
+      this._sink = await st.create(`${this.peer}-${id}`, { name: this.name, size: this.size, mime: this.mime });
     });
     this._chain.catch((e) => this._fail(`storage: ${e.message}`));
   }
@@ -1286,7 +1292,7 @@ export class IncomingTransfer extends EventTarget {
         this._fail(why);
         return;
       }
-      this.file = await this._sink.close(this.name, this.mime);
+      this.file = await this._sink.close();
       this.sha256 = got;
       this.secs = (performance.now() - this.t0) / 1000;
       this.ch._in.delete(this.id);
@@ -1324,13 +1330,16 @@ export class IncomingTransfer extends EventTarget {
 }
 
 /**
- * Where a tab stores received files: its own folder `tern-<random>` in the Origin Private
- * File System, held by a Web Lock of the same name for the tab's life. Folders whose lock
- * nobody holds belong to closed tabs and are removed when a tab starts.
+ * Where a tab stores received files. `opfs`: its own folder `tern-<random>` in the Origin
+ * Private File System, held by a Web Lock of the same name for the tab's life (folders whose
+ * lock nobody holds belong to closed tabs and are removed when a tab starts). `download`:
+ * where OPFS has no writable streams, each file is streamed into the browser's downloads
+ * through the Service Worker /tern-sw.js (as StreamSaver does). `memory`: the last resort.
  */
 class ReceiveStore {
-  static async open(kind) {
-    if (kind === 'opfs' && navigator.storage?.getDirectory) {
+  static async open(kind, server) {
+    const writable = typeof FileSystemFileHandle !== 'undefined' && 'createWritable' in FileSystemFileHandle.prototype;
+    if (kind === 'opfs' && writable && navigator.storage?.getDirectory) {
       try {
         const root = await navigator.storage.getDirectory();
         const name = 'tern-' + randomId();
@@ -1346,47 +1355,135 @@ class ReceiveStore {
             if (entry.startsWith('tern-') && !held.has(entry)) await root.removeEntry(entry, { recursive: true }).catch(() => {});
           }
         }
-        return new ReceiveStore(await root.getDirectoryHandle(name, { create: true }));
+        return new ReceiveStore('opfs', await root.getDirectoryHandle(name, { create: true }));
       } catch {
-        /* OPFS refused (private mode, quota): keep files in memory instead */
+        /* OPFS refused (private mode, quota): try a download, else memory */
       }
     }
-    return new ReceiveStore(null);
+    // The worker must come from the page's own origin (a Service Worker cannot be
+    // registered across origins).
+    if ((kind === 'opfs' || kind === 'download') && navigator.serviceWorker && server === location.origin) {
+      try {
+        const reg = await navigator.serviceWorker.register(`${server}/tern-sw.js`, { scope: `${server}/tern-sw/` });
+        const sw = reg.installing || reg.waiting || reg.active;
+        if (sw.state !== 'activated') {
+          await new Promise((ok, bad) => {
+            sw.addEventListener('statechange', () => {
+              if (sw.state === 'activated') ok();
+              else if (sw.state === 'redundant') bad(new Error('service worker failed to install'));
+            });
+          });
+        }
+        return new ReceiveStore('download', null, reg);
+      } catch {
+        /* no service worker (blocked, insecure context): memory */
+      }
+    }
+    return new ReceiveStore('memory');
   }
 
-  constructor(dir) {
+  constructor(kind, dir, reg) {
+    this.kind = kind;
     this.dir = dir;
-    this.kind = dir ? 'opfs' : 'memory';
+    this.reg = reg;
+    this._downloads = 0;
+    this._ping = null;
   }
 
-  /** A sink: write(u8) in order, close(name, mime) -> File, remove(). */
-  async create(name) {
+  /**
+   * A sink for one file (`key` unique in this tab; `meta`: {name, size, mime}):
+   * write(u8) in order, close() -> File (null for a download: it is in the browser's
+   * downloads), remove() (deletes what was stored; a download is failed, so the browser
+   * keeps no file).
+   */
+  async create(key, meta) {
+    if (this.kind === 'download') return this._download(meta);
     const dir = this.dir;
     if (!dir) {
       let parts = [];
       return {
         write: async (u8) => { parts.push(u8); },
-        close: async (fname, mime) => new File(parts, fname, { type: mime }),
+        close: async () => new File(parts, meta.name, { type: meta.mime }),
         remove: async () => { parts = []; },
       };
     }
-    const fh = await dir.getFileHandle(name, { create: true });
+    const fh = await dir.getFileHandle(key, { create: true });
     const w = await fh.createWritable();
     let open = true;
     return {
       write: (u8) => w.write(u8),
-      close: async (fname, mime) => {
+      close: async () => {
         await w.close();
         open = false;
         const f = await fh.getFile(); // disk-backed: not read into memory
-        return new File([f], fname, { type: mime });
+        return new File([f], meta.name, { type: meta.mime });
       },
       remove: async () => {
         if (open) {
           open = false;
           await w.abort().catch(() => {});
         }
-        await dir.removeEntry(name).catch(() => {});
+        await dir.removeEntry(key).catch(() => {});
+      },
+    };
+  }
+
+  // A download fed through the Service Worker: a port per file, a hidden frame that
+  // requests it; each write waits for the worker's ack (its stream under 4 MiB).
+  async _download(meta) {
+    const id = randomId();
+    const { port1: port, port2 } = new MessageChannel();
+    let seq = 0;
+    const acks = new Map(); // seq -> resolve
+    let cancelled = null;
+    const ready = new Promise((ok) => {
+      port.onmessage = (m) => {
+        const x = m.data;
+        if (x.type === 'ready') ok();
+        else if (x.type === 'ack') {
+          acks.get(x.seq)?.();
+          acks.delete(x.seq);
+        } else if (x.type === 'cancelled') {
+          cancelled = new Error('the download was cancelled in the browser');
+          for (const r of acks.values()) r();
+          acks.clear();
+        }
+      };
+    });
+    this.reg.active.postMessage({ type: 'download', id, name: meta.name, size: meta.size, mime: meta.mime }, [port2]);
+    await ready;
+    const frame = document.createElement('iframe');
+    frame.hidden = true;
+    frame.src = `${this.reg.scope}dl/${id}/${encodeURIComponent(meta.name)}`;
+    document.body.append(frame);
+    // Messages to the worker keep it alive while the download runs (browsers stop an idle
+    // worker after ~30 s, and port messages do not count).
+    if (this._downloads++ === 0) this._ping = setInterval(() => this.reg.active?.postMessage({ type: 'ping' }), 10000);
+    let open = true;
+    const finish = () => {
+      if (!open) return;
+      open = false;
+      if (--this._downloads === 0) clearInterval(this._ping);
+      setTimeout(() => frame.remove(), 1000);
+    };
+    return {
+      write: async (u8) => {
+        if (cancelled) throw cancelled;
+        const buf = u8.byteOffset === 0 && u8.byteLength === u8.buffer.byteLength ? u8.buffer : u8.slice().buffer;
+        const n = ++seq;
+        const acked = new Promise((r) => acks.set(n, r));
+        port.postMessage({ type: 'chunk', seq: n, buf }, [buf]);
+        await acked;
+        if (cancelled) throw cancelled;
+      },
+      close: async () => {
+        port.postMessage({ type: 'end' });
+        finish();
+        return null;
+      },
+      remove: async () => {
+        if (open) port.postMessage({ type: 'abort', why: 'transfer failed or cancelled' });
+        finish();
       },
     };
   }
