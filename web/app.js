@@ -227,6 +227,7 @@ function transferRow(t, dir) {
       setStatus();
     }
     if (t.state === 'done') li.dataset.sha256 = t.sha256;
+    if (dir === 'in' && t.storage) li.dataset.storage = t.storage;
     if (t.state === 'done' && dir === 'in' && t.file) {
       const a = el('a', { class: 'download', text: 'Download' });
       a.href = URL.createObjectURL(t.file);

@@ -26,8 +26,13 @@ const WS_CHUNK = 64 << 10; // payload per relay frame (well under relay_ws.max_f
 const HEARTBEAT_MS = 2000;
 const DEAD_AFTER_MS = 12000;
 const RELAY_MS = 15000; // the WebSocket relay step, from asking for a ticket to both hellos
-const READ_SLICE = 1 << 20; // bytes read from a File at a time by a sender
-const WRITE_BATCH = 1 << 20; // bytes a receiver gathers before one storage write
+// A file moves in pieces of PIECE bytes: the sender reads one piece at a time (the next one
+// being read meanwhile) and follows its chunks with the piece's SHA-256 from WebCrypto
+// (native, off the main thread); the receiver checks each piece the same way and writes it
+// as one storage write. The file's own SHA-256 (incremental, Sha256) is computed once, by
+// the receiver over what it stored, and returned to the sender with its result.
+const PIECE = 1 << 20;
+const PROGRESS_MS = 100; // at most one progress event per transfer this often (each redraws)
 const WINDOW = 16 << 20; // bytes a sender may have in flight beyond the receiver's last ack
 const ACK_EVERY = 2 << 20; // the receiver acks after writing this much
 const MAX_CHAT_BYTES = 32 << 10; // chat text (UTF-8): under signaling's 64 KiB message cap
@@ -934,14 +939,17 @@ export class Channel extends EventTarget {
         }
         return;
       case 'file-end':
-        this._in.get(id)?._onEnd(String(d.sha256 || ''));
+        this._in.get(id)?._onEnd();
+        return;
+      case 'file-piece':
+        this._in.get(id)?._onPiece(String(d.sha256 || ''));
         return;
       case 'file-ack':
         this._out.get(id)?._onAck(Number(d.bytes) || 0);
         return;
       case 'file-ok':
       case 'file-bad':
-        this._out.get(id)?._onResult(d.kind === 'file-ok', String(d.why || ''));
+        this._out.get(id)?._onResult(d.kind === 'file-ok', String(d.why || ''), String(d.sha256 || ''));
         return;
       case 'file-cancel':
         if (d.from === 'receiver') this._out.get(id)?._fail('cancelled by the receiver', 'cancelled');
@@ -1053,6 +1061,15 @@ export class Channel extends EventTarget {
   }
 }
 
+// A transfer's `progress` event, at most every PROGRESS_MS and at the last byte.
+function progress(t, n) {
+  const now = performance.now();
+  if (n === t.size || now - (t._lastProgress || 0) >= PROGRESS_MS) {
+    t._lastProgress = now;
+    t.dispatchEvent(new Event('progress'));
+  }
+}
+
 function cleanFileName(s) {
   // Path separators and control characters never reach a download name.
   return String(s || 'file').replace(/[\u0000-\u001f\u007f/\\]/g, '_').slice(0, 255) || 'file';
@@ -1061,7 +1078,7 @@ function cleanFileName(s) {
 /**
  * One file to one peer. Fields: `id`, `peer`, `name`, `size`, `sent` (bytes handed to the
  * channel), `state` ('connecting' | 'sending' | 'verifying' | 'done' | 'failed' |
- * 'cancelled'), `path`, `error`, `sha256` (once read). `done` resolves when the receiver
+ * 'cancelled'), `path`, `error`, `sha256` (the receiver's, once done). `done` resolves when the receiver
  * has stored the file and verified its SHA-256. Events: `state`, `progress`. `cancel()`
  * stops it on both sides.
  */
@@ -1108,15 +1125,21 @@ export class OutgoingTransfer extends EventTarget {
     this._set('sending');
     await ch._sendCtl({ kind: 'file', id: this.id, name: this.name, size: this.size, mime: this.file.type || '' });
     this.t0 = performance.now();
-    const h = new Sha256();
     const step = ch.chunkSize - 4;
+    const read = (o) => {
+      const p = this.file.slice(o, o + PIECE).arrayBuffer();
+      p.catch(() => {}); // a read still running when the transfer stops
+      return p;
+    };
     let off = 0;
+    let next = this.size > 0 ? read(0) : null;
     while (off < this.size) {
-      // Only one slice of the file is in memory at a time.
-      const buf = new Uint8Array(await this.file.slice(off, off + READ_SLICE).arrayBuffer());
+      // One piece in hand and the next one being read: never more of the file in memory.
+      const buf = new Uint8Array(await next);
       this._live();
       if (buf.length === 0) throw new Error('the file shrank while it was read');
-      h.update(buf);
+      next = off + buf.length < this.size ? read(off + buf.length) : null;
+      const digest = crypto.subtle.digest('SHA-256', buf); // copies buf; runs while it is sent
       for (let i = 0; i < buf.length; i += step) {
         while (this.sent - this.acked > WINDOW) {
           await new Promise((r) => { this._wake = r; });
@@ -1127,11 +1150,12 @@ export class OutgoingTransfer extends EventTarget {
         this._live();
         this.sent += piece.length;
       }
+      await ch._sendCtl({ kind: 'file-piece', id: this.id, sha256: hex(new Uint8Array(await digest)) });
+      this._live();
       off += buf.length;
-      this.dispatchEvent(new Event('progress'));
+      progress(this, this.sent);
     }
-    this.sha256 = h.hex();
-    await ch._sendCtl({ kind: 'file-end', id: this.id, sha256: this.sha256 });
+    await ch._sendCtl({ kind: 'file-end', id: this.id });
     this._live();
     this._set('verifying');
   }
@@ -1146,12 +1170,13 @@ export class OutgoingTransfer extends EventTarget {
     this._wake?.();
   }
 
-  _onResult(ok, why) {
+  _onResult(ok, why, sha256) {
     if (this.state !== 'verifying' && this.state !== 'sending') return;
     if (!ok) {
       this._fail(`the receiver rejected the file: ${why}`);
       return;
     }
+    this.sha256 = /^[0-9a-f]{64}$/.test(sha256) ? sha256 : null;
     this.secs = (performance.now() - this.t0) / 1000;
     this.ch?._out.delete(this.id);
     this._set('done');
@@ -1211,7 +1236,6 @@ export class IncomingTransfer extends EventTarget {
     this._partsLen = 0;
     this._written = 0;
     this._acked = 0;
-    this._lastProgress = 0;
     this.done = new Promise((res, rej) => {
       this._resolve = res;
       this._reject = rej;
@@ -1239,22 +1263,23 @@ export class IncomingTransfer extends EventTarget {
   _onData(bytes) {
     if (this.state !== 'receiving') return;
     this.received += bytes.length;
+    this._partsLen += bytes.length;
     if (this.received > this.size) {
       this._fail(`received more than the announced ${this.size} bytes`);
       return;
     }
-    this._parts.push(bytes);
-    this._partsLen += bytes.length;
-    if (this._partsLen >= WRITE_BATCH) this._flush();
-    if (this.received - this._lastProgress >= WRITE_BATCH || this.received === this.size) {
-      this._lastProgress = this.received;
-      this.dispatchEvent(new Event('progress'));
+    if (this._partsLen > PIECE) {
+      this._fail(`a piece longer than ${PIECE} bytes`);
+      return;
     }
+    this._parts.push(bytes);
+    progress(this, this.received);
   }
 
-  // Gathered chunks become one storage write, hashed on the way; writes run in order.
-  _flush() {
-    if (this._partsLen === 0) return;
+  // The chunks since the last piece, with the sender's SHA-256 of them: checked, added to
+  // the file's hash and written as one storage write; pieces are handled in order.
+  _onPiece(sha256) {
+    if (this.state !== 'receiving') return;
     const parts = this._parts;
     const n = this._partsLen;
     this._parts = [];
@@ -1266,6 +1291,11 @@ export class IncomingTransfer extends EventTarget {
       for (const p of parts) {
         buf.set(p, o);
         o += p.length;
+      }
+      const got = hex(new Uint8Array(await crypto.subtle.digest('SHA-256', buf)));
+      if (got !== sha256) {
+        this._bad(`the piece at byte ${this._written} does not match its SHA-256`);
+        return;
       }
       this._hash.update(buf);
       await this._sink.write(buf);
@@ -1280,23 +1310,25 @@ export class IncomingTransfer extends EventTarget {
     this._chain.catch((e) => this._fail(`storage: ${e.message}`));
   }
 
-  _onEnd(sha256) {
-    this._flush();
+  _bad(why) {
+    this.ch._sendCtl({ kind: 'file-bad', id: this.id, why }).catch(() => {});
+    this._fail(why);
+  }
+
+  _onEnd() {
+    if (this._partsLen > 0) this._bad('data after the last piece');
     this._chain = this._chain.then(async () => {
       if (this.state !== 'receiving') return;
       this._set('verifying');
-      const got = this._hash.hex();
-      if (this._written !== this.size || got !== sha256) {
-        const why = `integrity check failed (${this._written} of ${this.size} bytes, SHA-256 ${got === sha256 ? 'ok' : 'mismatch'})`;
-        this.ch._sendCtl({ kind: 'file-bad', id: this.id, why }).catch(() => {});
-        this._fail(why);
+      if (this._written !== this.size) {
+        this._bad(`${this._written} of ${this.size} bytes arrived`);
         return;
       }
       this.file = await this._sink.close();
-      this.sha256 = got;
+      this.sha256 = this._hash.hex();
       this.secs = (performance.now() - this.t0) / 1000;
       this.ch._in.delete(this.id);
-      this.ch._sendCtl({ kind: 'file-ok', id: this.id }).catch(() => {});
+      this.ch._sendCtl({ kind: 'file-ok', id: this.id, sha256: this.sha256 }).catch(() => {});
       this._set('done');
       this._resolve(this.file);
     });
