@@ -234,7 +234,7 @@ function transferRow(t, dir) {
       a.download = t.name;
       info.append(a);
     } else if (t.state === 'done' && dir === 'in') {
-      info.append(el('span', { class: 'saved', text: 'saved to your downloads' }));
+      info.append(el('span', { class: 'saved', text: '· saved to your downloads' }));
     }
   });
   update();

@@ -24,7 +24,8 @@ const BASE = args.url;
 const OUT = args.out;
 const BYTES = Number(args.bytes || 1024 * 1024 * 1024);
 const BOUND_MIB = Number(args['bound-mib'] || 400);
-const STEP_MS = 300_000;
+// A step may take as long as the file needs at 1 MiB/s on a busy machine (5 min at least).
+const STEP_MS = Math.max(300_000, BYTES / 1048576 * 1000);
 
 // Writes `bytes` of random data in 16 MiB pieces, hashing on the way (never all in memory).
 async function bigFile(path, bytes) {

@@ -7,7 +7,10 @@
 //     with storage 'download', the browser's download completes, and the downloaded file's
 //     SHA-256 (computed here, by Node) equals the file's; the receiver's OPFS holds nothing;
 //  2. a second send is cancelled by the receiver a few percent in: both rows end
-//     "cancelled" and the browser's download fails (no file is kept).
+//     "cancelled" and the browser's download fails (no file is kept);
+//  3. one byte of one chunk is flipped on its way out of the sender (its data channel's
+//     send patched): the receiver's check of that 1 MiB piece fails, both rows end
+//     "failed" saying so, and the browser's download fails.
 //
 // usage: node web_save.mjs --url http://127.0.0.1:API --out DIR [--bytes N]
 // Prints one JSON line and "PASS" on success.
@@ -107,6 +110,31 @@ try {
   const failure2 = await dl2.failure();
   if (!failure2) throw new Error('the cancelled download completed');
   result.steps.cancel = { secs: (Date.now() - s) / 1000, downloadFailure: failure2 };
+
+  // 3. A corrupted chunk fails its piece's SHA-256 check.
+  s = Date.now();
+  await a.evaluate(() => {
+    const send = RTCDataChannel.prototype.send;
+    let flipped = false;
+    RTCDataChannel.prototype.send = function (d) {
+      if (!flipped && d instanceof Uint8Array && d[0] === 8 && d.length > 1000) { // a file chunk (kind 8)
+        flipped = true;
+        d = d.slice();
+        d[d.length - 1] ^= 1;
+      }
+      return send.call(this, d);
+    };
+  });
+  const third = b.waitForEvent('download', { timeout: STEP_MS });
+  await a.locator('#files').setInputFiles([file]);
+  const dl3 = await third;
+  const [sa3, sb3] = [await endState(a, 'out'), await endState(b, 'in')];
+  const why = { receiver: await inRow(b).locator('.info').textContent(), sender: await a.locator('#transfers li.transfer[data-dir="out"]').first().locator('.info').textContent() };
+  if (sa3 !== 'failed' || sb3 !== 'failed') throw new Error(`corrupted chunk: sender ${sa3}, receiver ${sb3}`);
+  if (!why.receiver.includes('SHA-256') || !why.sender.includes('SHA-256')) throw new Error(`corrupted chunk, rows say ${JSON.stringify(why)}`);
+  const failure3 = await dl3.failure();
+  if (!failure3) throw new Error('the corrupted download completed');
+  result.steps.corrupt = { secs: (Date.now() - s) / 1000, ...why, downloadFailure: failure3 };
   result.ok = true;
 } catch (e) {
   result.error = String(e?.stack || e);
