@@ -32,7 +32,10 @@ const RELAY_MS = 15000; // the WebSocket relay step, from asking for a ticket to
 // as one storage write. The file's own SHA-256 (incremental, Sha256) is computed once, by
 // the receiver over what it stored, and returned to the sender with its result.
 const PIECE = 1 << 20;
-const PROGRESS_MS = 100; // at most one progress event per transfer this often (each redraws)
+const PROGRESS_MS = 250; // at most one progress event per transfer this often (each redraws)
+const HASH_STEP = 64 << 10; // the receiver hashes a piece this much at a time, letting
+// channel messages in between: a whole piece at once blocks the main thread long enough
+// (~25 ms on a busy machine) for the SCTP receive window to close
 const WINDOW = 16 << 20; // bytes a sender may have in flight beyond the receiver's last ack
 const ACK_EVERY = 2 << 20; // the receiver acks after writing this much
 const MAX_CHAT_BYTES = 32 << 10; // chat text (UTF-8): under signaling's 64 KiB message cap
@@ -1061,6 +1064,20 @@ export class Channel extends EventTarget {
   }
 }
 
+// Lets queued events (channel messages) run: scheduler.yield where there is one, else a
+// message to self (a timer would be clamped to 4 ms when chained).
+function yieldToEvents() {
+  if (globalThis.scheduler?.yield) return globalThis.scheduler.yield();
+  return new Promise((r) => {
+    const { port1, port2 } = new MessageChannel();
+    port1.onmessage = () => {
+      port1.close();
+      r();
+    };
+    port2.postMessage(null);
+  });
+}
+
 // A transfer's `progress` event, at most every PROGRESS_MS and at the last byte.
 function progress(t, n) {
   const now = performance.now();
@@ -1297,7 +1314,11 @@ export class IncomingTransfer extends EventTarget {
         this._bad(`the piece at byte ${this._written} does not match its SHA-256`);
         return;
       }
-      this._hash.update(buf);
+      for (let o = 0; o < n; o += HASH_STEP) {
+        this._hash.update(buf.subarray(o, o + HASH_STEP));
+        await yieldToEvents();
+      }
+      if (this.state !== 'receiving') return;
       await this._sink.write(buf);
       this._written += n;
       // The sender keeps at most WINDOW bytes beyond this ack in flight: memory here stays

@@ -25,7 +25,7 @@
 // Prints a Markdown table and one JSON line.
 
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { browserPids, cpuSecs, launchChromium, parseArgs } from '../../tests/browser/lib.mjs';
@@ -146,12 +146,14 @@ async function startProfile(p) {
   };
 }
 
-// Wall clock and both browsers' CPU seconds between start() and stop(), in all and by
-// process type (browser, renderer, utility: the network and storage services, gpu...).
+// Wall clock and both browsers' CPU seconds between start() and stop(), in all, by process
+// type (browser, renderer, the network and storage services, gpu...) and by thread (type and
+// thread name: the renderer's main thread, its WebRTC network thread...).
 function makeClock(browsers) {
   let t;
   let procs;
   let cpu0;
+  let threads0;
   const typeOf = async (pid) => {
     const cmd = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0').join(' ');
     const m = /--type=(\S+)/.exec(cmd);
@@ -159,19 +161,38 @@ function makeClock(browsers) {
     return m ? (sub ? sub[1].split('.').slice(-2).join('.') : m[1]) : 'browser';
   };
   const cpu = () => Promise.all(procs.map((p) => cpuSecs(p.pid)));
+  // "type:thread name" -> CPU seconds, over every thread of every process.
+  const threads = async () => {
+    const out = new Map();
+    for (const p of procs) {
+      const tids = await readdir(`/proc/${p.pid}/task`).catch(() => []);
+      for (const tid of tids) {
+        const stat = await readFile(`/proc/${p.pid}/task/${tid}/stat`, 'utf8').catch(() => null);
+        if (!stat) continue;
+        const name = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')).replace(/[0-9]+$/, '');
+        const key = `${p.type}:${name}`;
+        out.set(key, (out.get(key) || 0) + (await cpuSecs(`${p.pid}/task/${tid}`)));
+      }
+    }
+    return out;
+  };
   return {
     async start() {
       const pids = (await Promise.all(browsers.map((br) => browserPids(br.profile)))).flat();
       procs = await Promise.all(pids.map(async (pid) => ({ pid, type: await typeOf(pid) })));
+      threads0 = await threads();
       cpu0 = await cpu();
       t = performance.now();
     },
     async stop() {
       const secs = (performance.now() - t) / 1000;
       const now = await cpu();
+      const threads1 = await threads();
       const byType = {};
       procs.forEach((p, i) => { byType[p.type] = (byType[p.type] || 0) + now[i] - cpu0[i]; });
-      return { secs, cpu: now.reduce((x, y) => x + y, 0) - cpu0.reduce((x, y) => x + y, 0), byType };
+      const byThread = {};
+      for (const [k, v] of threads1) if (v - (threads0.get(k) || 0) > 0) byThread[k] = v - (threads0.get(k) || 0);
+      return { secs, cpu: now.reduce((x, y) => x + y, 0) - cpu0.reduce((x, y) => x + y, 0), byType, byThread };
     },
   };
 }
@@ -232,9 +253,12 @@ try {
         const r = kind === 'bare' ? await bare(a, b, step, clock) : await page(a, b, file, clock, profile);
         const row = { step, round, kind, path: r.path, secs: r.secs, mbps: BYTES / 1e6 / r.secs, cpuMsPerMiB: r.cpu * 1000 / MIB };
         row.cpuMsPerMiBByType = Object.fromEntries(Object.entries(r.byType).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
+        row.cpuMsPerMiBByThread = Object.fromEntries(Object.entries(r.byThread).sort((x, y) => y[1] - x[1])
+          .filter(([, v]) => v * 1000 / MIB >= 1).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
         rows.push(row);
         process.stderr.write(`round ${round} ${step} ${kind}: ${r.path} ${row.mbps.toFixed(1)} MB/s, ` +
-          `${row.cpuMsPerMiB.toFixed(1)} ms CPU/MiB ${JSON.stringify(row.cpuMsPerMiBByType)}, load ${load[load.length - 1]}\n`);
+          `${row.cpuMsPerMiB.toFixed(1)} ms CPU/MiB ${JSON.stringify(row.cpuMsPerMiBByType)}, load ${load[load.length - 1]}\n` +
+          `  by thread (ms/MiB): ${JSON.stringify(row.cpuMsPerMiBByThread)}\n`);
         if (r.top) process.stderr.write(`  sender: ${r.top.sender.join('\n          ')}\n  receiver: ${r.top.receiver.join('\n            ')}\n`);
         if (r.top) row.top = r.top;
         await a.close();

@@ -199,7 +199,7 @@ export async function rssMiB(pid) {
   }
 }
 
-/** CPU seconds (user + system) a process has used, 0 when it is gone. */
+/** CPU seconds (user + system) a process (`pid`, or `pid/task/tid` for one thread) has used, 0 when it is gone. */
 export async function cpuSecs(pid) {
   try {
     const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
