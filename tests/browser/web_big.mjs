@@ -2,10 +2,10 @@
 // the receiver's renderer is a process of its own):
 //  1. tern.js's incremental SHA-256 equals WebCrypto's digest (sizes around the block
 //     and padding edges, random slicing, one 33 MiB buffer), and its speed;
-//  2. a file of --bytes (1 GiB by default, generated here) moves direct; the receiving
+//  2. a file of --bytes (1 GiB by default, generated here) moves direct; each tab's
 //     renderer's resident memory (/proc/PID/status VmRSS of every renderer process of the
-//     receiving browser, sampled every 200 ms) stays under --bound-mib; the SHA-256 the
-//     receiver computed equals Node's hash of the file;
+//     receiving browser and of the sending one, sampled every 200 ms) stays under
+//     --bound-mib; the SHA-256 the receiver computed equals Node's hash of the file;
 //  3. the receiver cancels one send and the sender cancels another: both rows end
 //     "cancelled" on both sides, and the receiver's Origin Private File System then holds
 //     nothing but the finished file.
@@ -111,15 +111,16 @@ try {
   const path = await a.locator('#path').textContent();
   if (path !== 'direct') throw new Error(`path ${path}, not direct`);
   const pids = await browserPids(bb.profile, 'renderer');
-  if (pids.length === 0) throw new Error('no renderer process found for the receiving browser');
+  const sendPids = await browserPids(ba.profile, 'renderer');
+  if (pids.length === 0 || sendPids.length === 0) throw new Error('no renderer process found for a browser');
   let peak = 0;
+  let sendPeak = 0;
   let peakHeap = 0;
   let sampling = true;
   const sampler = (async () => {
     while (sampling) {
-      let max = 0;
-      for (const pid of pids) max = Math.max(max, await rssMiB(pid));
-      peak = Math.max(peak, max);
+      for (const pid of pids) peak = Math.max(peak, await rssMiB(pid));
+      for (const pid of sendPids) sendPeak = Math.max(sendPeak, await rssMiB(pid));
       await new Promise((r) => setTimeout(r, 200));
     }
   })();
@@ -127,6 +128,7 @@ try {
     b.evaluate(() => performance.memory?.usedJSHeapSize || 0).then((h) => { peakHeap = Math.max(peakHeap, h); }, () => {});
   }, 500);
   const baseline = Math.max(...await Promise.all(pids.map(rssMiB)));
+  const sendBaseline = Math.max(...await Promise.all(sendPids.map(rssMiB)));
   s = Date.now();
   await a.locator('#files').setInputFiles([bigPath]);
   await progressOver(b, 'in', 0.3, 1);
@@ -144,9 +146,11 @@ try {
   result.steps.big = {
     bytes: BYTES, secs, mibPerSec: Math.round(BYTES / 1048576 / secs), path, renderers: pids.length,
     rendererRssBaselineMiB: Math.round(baseline), rendererRssPeakMiB: Math.round(peak),
+    senderRssBaselineMiB: Math.round(sendBaseline), senderRssPeakMiB: Math.round(sendPeak),
     jsHeapPeakMiB: Math.round(peakHeap / 1048576), boundMiB: BOUND_MIB, shown: await inRow(b).locator('.info').textContent(),
   };
   if (peak > BOUND_MIB) throw new Error(`receiving renderer reached ${Math.round(peak)} MiB RSS, over the ${BOUND_MIB} MiB bound`);
+  if (sendPeak > BOUND_MIB) throw new Error(`sending renderer reached ${Math.round(sendPeak)} MiB RSS, over the ${BOUND_MIB} MiB bound`);
 
   // 3. Cancels from either side free the receiver's storage.
   s = Date.now();
