@@ -60,7 +60,7 @@ const result = { ok: false, steps: {} };
 let ba;
 let bb;
 const t0 = Date.now();
-const bigPath = join(OUT, 'in', 'big-1gib.bin');
+const bigPath = join(OUT, 'in', 'big-file.bin');
 try {
   await mkdir(join(OUT, 'in'), { recursive: true });
   const ARGS = ['--allow-loopback-in-peer-connection'];
