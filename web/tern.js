@@ -1265,7 +1265,7 @@ export class IncomingTransfer extends EventTarget {
       this.storage = st.kind;
       this._sink = await st.create(`${this.peer}-${id}`, { name: this.name, size: this.size, mime: this.mime });
     });
-    this._chain.catch((e) => this._fail(`storage: ${e.message}`));
+    this._chain.catch((e) => this._bad(`storage: ${e.message}`));
   }
 
   get rate() {
@@ -1328,11 +1328,15 @@ export class IncomingTransfer extends EventTarget {
         this.ch._sendCtl({ kind: 'file-ack', id: this.id, bytes: this._written }).catch(() => {});
       }
     });
-    this._chain.catch((e) => this._fail(`storage: ${e.message}`));
+    this._chain.catch((e) => this._bad(`storage: ${e.message}`));
   }
 
+  // Fails the transfer and tells the sender why (a storage error included: the sender
+  // would otherwise wait for acks that never come).
   _bad(why) {
-    this.ch._sendCtl({ kind: 'file-bad', id: this.id, why }).catch(() => {});
+    if (this.state === 'receiving' || this.state === 'verifying') {
+      this.ch._sendCtl({ kind: 'file-bad', id: this.id, why }).catch(() => {});
+    }
     this._fail(why);
   }
 
@@ -1353,7 +1357,7 @@ export class IncomingTransfer extends EventTarget {
       this._set('done');
       this._resolve(this.file);
     });
-    this._chain.catch((e) => this._fail(`storage: ${e.message}`));
+    this._chain.catch((e) => this._bad(`storage: ${e.message}`));
   }
 
   _fail(why, state = 'failed') {

@@ -10,7 +10,9 @@
 //     "cancelled" and the browser's download fails (no file is kept);
 //  3. one byte of one chunk is flipped on its way out of the sender (its data channel's
 //     send patched): the receiver's check of that 1 MiB piece fails, both rows end
-//     "failed" saying so, and the browser's download fails.
+//     "failed" saying so, and the browser's download fails;
+//  4. the download is cancelled in the browser (its download manager, as a user would):
+//     the receiver's row fails saying so, and so does the sender's (it stops sending).
 //
 // usage: node web_save.mjs --url http://127.0.0.1:API --out DIR [--bytes N]
 // Prints one JSON line and "PASS" on success.
@@ -135,6 +137,19 @@ try {
   const failure3 = await dl3.failure();
   if (!failure3) throw new Error('the corrupted download completed');
   result.steps.corrupt = { secs: (Date.now() - s) / 1000, ...why, downloadFailure: failure3 };
+
+  // 4. The user cancels the download in the browser.
+  s = Date.now();
+  const fourth = b.waitForEvent('download', { timeout: STEP_MS });
+  await a.locator('#files').setInputFiles([file]);
+  const dl4 = await fourth;
+  await dl4.cancel();
+  const [sa4, sb4] = [await endState(a, 'out'), await endState(b, 'in')];
+  const why4 = { receiver: await inRow(b).locator('.info').textContent(), sender: await a.locator('#transfers li.transfer[data-dir="out"]').first().locator('.info').textContent() };
+  if (sa4 !== 'failed' || sb4 !== 'failed' || !why4.sender.includes('download was cancelled')) {
+    throw new Error(`download cancelled in the browser: sender ${sa4}, receiver ${sb4}, rows say ${JSON.stringify(why4)}`);
+  }
+  result.steps.browserCancel = { secs: (Date.now() - s) / 1000, ...why4 };
   result.ok = true;
 } catch (e) {
   result.error = String(e?.stack || e);
