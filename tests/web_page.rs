@@ -8,7 +8,9 @@
 //!   shown as text, the creator's reload;
 //! - tests/browser/web_big.mjs: tern.js's SHA-256 against WebCrypto, 1 GiB direct with the
 //!   receiving renderer's memory bounded, cancels from both sides leaving nothing stored;
-//! - tests/browser/web_steps.mjs: ICE made to fail, each step named before the relay.
+//! - tests/browser/web_steps.mjs: ICE made to fail, each step named before the relay;
+//! - tests/browser/web_save.mjs: a browser without OPFS writable streams: received files
+//!   stream into its downloads through the Service Worker, hash checked; a cancel fails it.
 //!
 //! Screenshots land in the test's output dir.
 
@@ -71,6 +73,7 @@ fn page_and_library_are_served_from_the_binary() {
     for (path, file, ctype) in [
         ("/", "web/index.html", "text/html"),
         ("/tern.js", "web/tern.js", "text/javascript"),
+        ("/tern-sw.js", "web/tern-sw.js", "text/javascript"),
         ("/app.js", "web/app.js", "text/javascript"),
         ("/style.css", "web/style.css", "text/css"),
     ] {
@@ -193,5 +196,16 @@ fn ice_failure_names_each_step_before_the_relay_carries_the_file() {
     let _one = common::browser_lock();
     let tern = start();
     run_script(&tern, "web_steps.mjs", &[]);
+    tern.terminate();
+}
+
+#[test]
+fn without_opfs_writable_streams_files_stream_to_downloads_through_the_service_worker() {
+    if !tooling_present() {
+        return;
+    }
+    let _one = common::browser_lock();
+    let tern = start();
+    run_script(&tern, "web_save.mjs", &[]);
     tern.terminate();
 }

@@ -227,11 +227,14 @@ function transferRow(t, dir) {
       setStatus();
     }
     if (t.state === 'done') li.dataset.sha256 = t.sha256;
-    if (t.state === 'done' && dir === 'in') {
+    if (dir === 'in' && t.storage) li.dataset.storage = t.storage;
+    if (t.state === 'done' && dir === 'in' && t.file) {
       const a = el('a', { class: 'download', text: 'Download' });
       a.href = URL.createObjectURL(t.file);
       a.download = t.name;
       info.append(a);
+    } else if (t.state === 'done' && dir === 'in') {
+      info.append(el('span', { class: 'saved', text: '· saved to your downloads' }));
     }
   });
   update();

@@ -26,8 +26,16 @@ const WS_CHUNK = 64 << 10; // payload per relay frame (well under relay_ws.max_f
 const HEARTBEAT_MS = 2000;
 const DEAD_AFTER_MS = 12000;
 const RELAY_MS = 15000; // the WebSocket relay step, from asking for a ticket to both hellos
-const READ_SLICE = 1 << 20; // bytes read from a File at a time by a sender
-const WRITE_BATCH = 1 << 20; // bytes a receiver gathers before one storage write
+// A file moves in pieces of PIECE bytes: the sender reads one piece at a time (the next one
+// being read meanwhile) and follows its chunks with the piece's SHA-256 from WebCrypto
+// (native, off the main thread); the receiver checks each piece the same way and writes it
+// as one storage write. The file's own SHA-256 (incremental, Sha256) is computed once, by
+// the receiver over what it stored, and returned to the sender with its result.
+const PIECE = 1 << 20;
+const PROGRESS_MS = 250; // at most one progress event per transfer this often (each redraws)
+const HASH_STEP = 64 << 10; // the receiver hashes a piece this much at a time, letting
+// channel messages in between: a whole piece at once blocks the main thread long enough
+// (~25 ms on a busy machine) for the SCTP receive window to close
 const WINDOW = 16 << 20; // bytes a sender may have in flight beyond the receiver's last ack
 const ACK_EVERY = 2 << 20; // the receiver acks after writing this much
 const MAX_CHAT_BYTES = 32 << 10; // chat text (UTF-8): under signaling's 64 KiB message cap
@@ -207,8 +215,9 @@ export class Tern extends EventTarget {
    * default from the page URL), `directMs` (3000), `turnMs` (5000), `device` (default from
    * the UA), `persist` (false: with true, the resume token and display name live in this
    * tab's sessionStorage, so a reload keeps the peer id, name and rooms), `name` (a display
-   * name to announce instead of the server's), `storage` ('opfs' default, or 'memory': where
-   * received files are written).
+   * name to announce instead of the server's), `storage` ('opfs' default, 'download' or
+   * 'memory': where received files are written; 'opfs' falls back to 'download' where OPFS
+   * has no writable streams, and either to 'memory' where no Service Worker can run).
    */
   static async connect(opts = {}) {
     const t = new Tern(opts);
@@ -507,7 +516,7 @@ export class Tern extends EventTarget {
 
   /** Where received files go: this tab's folder in the Origin Private File System. */
   _receiveStore() {
-    if (!this._store) this._store = ReceiveStore.open(this.storageKind);
+    if (!this._store) this._store = ReceiveStore.open(this.storageKind, this.server);
     return this._store;
   }
 
@@ -933,14 +942,17 @@ export class Channel extends EventTarget {
         }
         return;
       case 'file-end':
-        this._in.get(id)?._onEnd(String(d.sha256 || ''));
+        this._in.get(id)?._onEnd();
+        return;
+      case 'file-piece':
+        this._in.get(id)?._onPiece(String(d.sha256 || ''));
         return;
       case 'file-ack':
         this._out.get(id)?._onAck(Number(d.bytes) || 0);
         return;
       case 'file-ok':
       case 'file-bad':
-        this._out.get(id)?._onResult(d.kind === 'file-ok', String(d.why || ''));
+        this._out.get(id)?._onResult(d.kind === 'file-ok', String(d.why || ''), String(d.sha256 || ''));
         return;
       case 'file-cancel':
         if (d.from === 'receiver') this._out.get(id)?._fail('cancelled by the receiver', 'cancelled');
@@ -1052,6 +1064,29 @@ export class Channel extends EventTarget {
   }
 }
 
+// Lets queued events (channel messages) run: scheduler.yield where there is one, else a
+// message to self (a timer would be clamped to 4 ms when chained).
+function yieldToEvents() {
+  if (globalThis.scheduler?.yield) return globalThis.scheduler.yield();
+  return new Promise((r) => {
+    const { port1, port2 } = new MessageChannel();
+    port1.onmessage = () => {
+      port1.close();
+      r();
+    };
+    port2.postMessage(null);
+  });
+}
+
+// A transfer's `progress` event, at most every PROGRESS_MS and at the last byte.
+function progress(t, n) {
+  const now = performance.now();
+  if (n === t.size || now - (t._lastProgress || 0) >= PROGRESS_MS) {
+    t._lastProgress = now;
+    t.dispatchEvent(new Event('progress'));
+  }
+}
+
 function cleanFileName(s) {
   // Path separators and control characters never reach a download name.
   return String(s || 'file').replace(/[\u0000-\u001f\u007f/\\]/g, '_').slice(0, 255) || 'file';
@@ -1060,7 +1095,7 @@ function cleanFileName(s) {
 /**
  * One file to one peer. Fields: `id`, `peer`, `name`, `size`, `sent` (bytes handed to the
  * channel), `state` ('connecting' | 'sending' | 'verifying' | 'done' | 'failed' |
- * 'cancelled'), `path`, `error`, `sha256` (once read). `done` resolves when the receiver
+ * 'cancelled'), `path`, `error`, `sha256` (the receiver's, once done). `done` resolves when the receiver
  * has stored the file and verified its SHA-256. Events: `state`, `progress`. `cancel()`
  * stops it on both sides.
  */
@@ -1107,15 +1142,21 @@ export class OutgoingTransfer extends EventTarget {
     this._set('sending');
     await ch._sendCtl({ kind: 'file', id: this.id, name: this.name, size: this.size, mime: this.file.type || '' });
     this.t0 = performance.now();
-    const h = new Sha256();
     const step = ch.chunkSize - 4;
+    const read = (o) => {
+      const p = this.file.slice(o, o + PIECE).arrayBuffer();
+      p.catch(() => {}); // a read still running when the transfer stops
+      return p;
+    };
     let off = 0;
+    let next = this.size > 0 ? read(0) : null;
     while (off < this.size) {
-      // Only one slice of the file is in memory at a time.
-      const buf = new Uint8Array(await this.file.slice(off, off + READ_SLICE).arrayBuffer());
+      // One piece in hand and the next one being read: never more of the file in memory.
+      const buf = new Uint8Array(await next);
       this._live();
       if (buf.length === 0) throw new Error('the file shrank while it was read');
-      h.update(buf);
+      next = off + buf.length < this.size ? read(off + buf.length) : null;
+      const digest = crypto.subtle.digest('SHA-256', buf); // copies buf; runs while it is sent
       for (let i = 0; i < buf.length; i += step) {
         while (this.sent - this.acked > WINDOW) {
           await new Promise((r) => { this._wake = r; });
@@ -1126,11 +1167,12 @@ export class OutgoingTransfer extends EventTarget {
         this._live();
         this.sent += piece.length;
       }
+      await ch._sendCtl({ kind: 'file-piece', id: this.id, sha256: hex(new Uint8Array(await digest)) });
+      this._live();
       off += buf.length;
-      this.dispatchEvent(new Event('progress'));
+      progress(this, this.sent);
     }
-    this.sha256 = h.hex();
-    await ch._sendCtl({ kind: 'file-end', id: this.id, sha256: this.sha256 });
+    await ch._sendCtl({ kind: 'file-end', id: this.id });
     this._live();
     this._set('verifying');
   }
@@ -1145,12 +1187,13 @@ export class OutgoingTransfer extends EventTarget {
     this._wake?.();
   }
 
-  _onResult(ok, why) {
+  _onResult(ok, why, sha256) {
     if (this.state !== 'verifying' && this.state !== 'sending') return;
     if (!ok) {
       this._fail(`the receiver rejected the file: ${why}`);
       return;
     }
+    this.sha256 = /^[0-9a-f]{64}$/.test(sha256) ? sha256 : null;
     this.secs = (performance.now() - this.t0) / 1000;
     this.ch?._out.delete(this.id);
     this._set('done');
@@ -1177,10 +1220,13 @@ export class OutgoingTransfer extends EventTarget {
 
 /**
  * One file arriving from a peer, written to storage as it comes (this tab's folder in the
- * Origin Private File System, or memory where OPFS is missing) and hashed on the way.
+ * Origin Private File System, the browser's downloads through a Service Worker where OPFS has no
+ * writable streams, or memory) and hashed on the way.
  * Fields: `id`, `peer`, `name` (plain text), `size`, `mime`, `received`, `state`
  * ('receiving' | 'verifying' | 'done' | 'failed' | 'cancelled'), `path`, `error`,
- * `sha256` (verified), `file` (a disk-backed File once done). `done` resolves to that File.
+ * `sha256` (verified), `storage` ('opfs' | 'download' | 'memory'), `file` (a disk-backed
+ * File once done; null for `download`: the file is in the browser's downloads). `done`
+ * resolves to that File (or null).
  * `cancel()` stops it on both sides and deletes what was stored; `discard()` deletes a
  * finished file. `cleaned` resolves once a failed or cancelled transfer's storage is gone.
  * Events: `state`, `progress`.
@@ -1207,18 +1253,19 @@ export class IncomingTransfer extends EventTarget {
     this._partsLen = 0;
     this._written = 0;
     this._acked = 0;
-    this._lastProgress = 0;
     this.done = new Promise((res, rej) => {
       this._resolve = res;
       this._reject = rej;
     });
     this.done.catch(() => {});
     this.cleaned = new Promise((res) => { this._cleanedRes = res; });
+    this.storage = null; // 'opfs' | 'download' | 'memory', once the store is open
     ch._in.set(id, this);
     this._chain = this.tern._receiveStore().then(async (st) => {
-      this._sink = await st.create(`${this.peer}-${id}`);
+      this.storage = st.kind;
+      this._sink = await st.create(`${this.peer}-${id}`, { name: this.name, size: this.size, mime: this.mime });
     });
-    this._chain.catch((e) => this._fail(`storage: ${e.message}`));
+    this._chain.catch((e) => this._bad(`storage: ${e.message}`));
   }
 
   get rate() {
@@ -1233,22 +1280,23 @@ export class IncomingTransfer extends EventTarget {
   _onData(bytes) {
     if (this.state !== 'receiving') return;
     this.received += bytes.length;
+    this._partsLen += bytes.length;
     if (this.received > this.size) {
       this._fail(`received more than the announced ${this.size} bytes`);
       return;
     }
-    this._parts.push(bytes);
-    this._partsLen += bytes.length;
-    if (this._partsLen >= WRITE_BATCH) this._flush();
-    if (this.received - this._lastProgress >= WRITE_BATCH || this.received === this.size) {
-      this._lastProgress = this.received;
-      this.dispatchEvent(new Event('progress'));
+    if (this._partsLen > PIECE) {
+      this._fail(`a piece longer than ${PIECE} bytes`);
+      return;
     }
+    this._parts.push(bytes);
+    progress(this, this.received);
   }
 
-  // Gathered chunks become one storage write, hashed on the way; writes run in order.
-  _flush() {
-    if (this._partsLen === 0) return;
+  // The chunks since the last piece, with the sender's SHA-256 of them: checked, added to
+  // the file's hash and written as one storage write; pieces are handled in order.
+  _onPiece(sha256) {
+    if (this.state !== 'receiving') return;
     const parts = this._parts;
     const n = this._partsLen;
     this._parts = [];
@@ -1261,7 +1309,16 @@ export class IncomingTransfer extends EventTarget {
         buf.set(p, o);
         o += p.length;
       }
-      this._hash.update(buf);
+      const got = hex(new Uint8Array(await crypto.subtle.digest('SHA-256', buf)));
+      if (got !== sha256) {
+        this._bad(`the piece at byte ${this._written} does not match its SHA-256`);
+        return;
+      }
+      for (let o = 0; o < n; o += HASH_STEP) {
+        this._hash.update(buf.subarray(o, o + HASH_STEP));
+        await yieldToEvents();
+      }
+      if (this.state !== 'receiving') return;
       await this._sink.write(buf);
       this._written += n;
       // The sender keeps at most WINDOW bytes beyond this ack in flight: memory here stays
@@ -1271,30 +1328,36 @@ export class IncomingTransfer extends EventTarget {
         this.ch._sendCtl({ kind: 'file-ack', id: this.id, bytes: this._written }).catch(() => {});
       }
     });
-    this._chain.catch((e) => this._fail(`storage: ${e.message}`));
+    this._chain.catch((e) => this._bad(`storage: ${e.message}`));
   }
 
-  _onEnd(sha256) {
-    this._flush();
+  // Fails the transfer and tells the sender why (a storage error included: the sender
+  // would otherwise wait for acks that never come).
+  _bad(why) {
+    if (this.state === 'receiving' || this.state === 'verifying') {
+      this.ch._sendCtl({ kind: 'file-bad', id: this.id, why }).catch(() => {});
+    }
+    this._fail(why);
+  }
+
+  _onEnd() {
+    if (this._partsLen > 0) this._bad('data after the last piece');
     this._chain = this._chain.then(async () => {
       if (this.state !== 'receiving') return;
       this._set('verifying');
-      const got = this._hash.hex();
-      if (this._written !== this.size || got !== sha256) {
-        const why = `integrity check failed (${this._written} of ${this.size} bytes, SHA-256 ${got === sha256 ? 'ok' : 'mismatch'})`;
-        this.ch._sendCtl({ kind: 'file-bad', id: this.id, why }).catch(() => {});
-        this._fail(why);
+      if (this._written !== this.size) {
+        this._bad(`${this._written} of ${this.size} bytes arrived`);
         return;
       }
-      this.file = await this._sink.close(this.name, this.mime);
-      this.sha256 = got;
+      this.file = await this._sink.close();
+      this.sha256 = this._hash.hex();
       this.secs = (performance.now() - this.t0) / 1000;
       this.ch._in.delete(this.id);
-      this.ch._sendCtl({ kind: 'file-ok', id: this.id }).catch(() => {});
+      this.ch._sendCtl({ kind: 'file-ok', id: this.id, sha256: this.sha256 }).catch(() => {});
       this._set('done');
       this._resolve(this.file);
     });
-    this._chain.catch((e) => this._fail(`storage: ${e.message}`));
+    this._chain.catch((e) => this._bad(`storage: ${e.message}`));
   }
 
   _fail(why, state = 'failed') {
@@ -1324,13 +1387,16 @@ export class IncomingTransfer extends EventTarget {
 }
 
 /**
- * Where a tab stores received files: its own folder `tern-<random>` in the Origin Private
- * File System, held by a Web Lock of the same name for the tab's life. Folders whose lock
- * nobody holds belong to closed tabs and are removed when a tab starts.
+ * Where a tab stores received files. `opfs`: its own folder `tern-<random>` in the Origin
+ * Private File System, held by a Web Lock of the same name for the tab's life (folders whose
+ * lock nobody holds belong to closed tabs and are removed when a tab starts). `download`:
+ * where OPFS has no writable streams, each file is streamed into the browser's downloads
+ * through the Service Worker /tern-sw.js (as StreamSaver does). `memory`: the last resort.
  */
 class ReceiveStore {
-  static async open(kind) {
-    if (kind === 'opfs' && navigator.storage?.getDirectory) {
+  static async open(kind, server) {
+    const writable = typeof FileSystemFileHandle !== 'undefined' && 'createWritable' in FileSystemFileHandle.prototype;
+    if (kind === 'opfs' && writable && navigator.storage?.getDirectory) {
       try {
         const root = await navigator.storage.getDirectory();
         const name = 'tern-' + randomId();
@@ -1346,47 +1412,135 @@ class ReceiveStore {
             if (entry.startsWith('tern-') && !held.has(entry)) await root.removeEntry(entry, { recursive: true }).catch(() => {});
           }
         }
-        return new ReceiveStore(await root.getDirectoryHandle(name, { create: true }));
+        return new ReceiveStore('opfs', await root.getDirectoryHandle(name, { create: true }));
       } catch {
-        /* OPFS refused (private mode, quota): keep files in memory instead */
+        /* OPFS refused (private mode, quota): try a download, else memory */
       }
     }
-    return new ReceiveStore(null);
+    // The worker must come from the page's own origin (a Service Worker cannot be
+    // registered across origins).
+    if ((kind === 'opfs' || kind === 'download') && navigator.serviceWorker && server === location.origin) {
+      try {
+        const reg = await navigator.serviceWorker.register(`${server}/tern-sw.js`, { scope: `${server}/tern-sw/` });
+        const sw = reg.installing || reg.waiting || reg.active;
+        if (sw.state !== 'activated') {
+          await new Promise((ok, bad) => {
+            sw.addEventListener('statechange', () => {
+              if (sw.state === 'activated') ok();
+              else if (sw.state === 'redundant') bad(new Error('service worker failed to install'));
+            });
+          });
+        }
+        return new ReceiveStore('download', null, reg);
+      } catch {
+        /* no service worker (blocked, insecure context): memory */
+      }
+    }
+    return new ReceiveStore('memory');
   }
 
-  constructor(dir) {
+  constructor(kind, dir, reg) {
+    this.kind = kind;
     this.dir = dir;
-    this.kind = dir ? 'opfs' : 'memory';
+    this.reg = reg;
+    this._downloads = 0;
+    this._ping = null;
   }
 
-  /** A sink: write(u8) in order, close(name, mime) -> File, remove(). */
-  async create(name) {
+  /**
+   * A sink for one file (`key` unique in this tab; `meta`: {name, size, mime}):
+   * write(u8) in order, close() -> File (null for a download: it is in the browser's
+   * downloads), remove() (deletes what was stored; a download is failed, so the browser
+   * keeps no file).
+   */
+  async create(key, meta) {
+    if (this.kind === 'download') return this._download(meta);
     const dir = this.dir;
     if (!dir) {
       let parts = [];
       return {
         write: async (u8) => { parts.push(u8); },
-        close: async (fname, mime) => new File(parts, fname, { type: mime }),
+        close: async () => new File(parts, meta.name, { type: meta.mime }),
         remove: async () => { parts = []; },
       };
     }
-    const fh = await dir.getFileHandle(name, { create: true });
+    const fh = await dir.getFileHandle(key, { create: true });
     const w = await fh.createWritable();
     let open = true;
     return {
       write: (u8) => w.write(u8),
-      close: async (fname, mime) => {
+      close: async () => {
         await w.close();
         open = false;
         const f = await fh.getFile(); // disk-backed: not read into memory
-        return new File([f], fname, { type: mime });
+        return new File([f], meta.name, { type: meta.mime });
       },
       remove: async () => {
         if (open) {
           open = false;
           await w.abort().catch(() => {});
         }
-        await dir.removeEntry(name).catch(() => {});
+        await dir.removeEntry(key).catch(() => {});
+      },
+    };
+  }
+
+  // A download fed through the Service Worker: a port per file, a hidden frame that
+  // requests it; each write waits for the worker's ack (its stream under 4 MiB).
+  async _download(meta) {
+    const id = randomId();
+    const { port1: port, port2 } = new MessageChannel();
+    let seq = 0;
+    const acks = new Map(); // seq -> resolve
+    let cancelled = null;
+    const ready = new Promise((ok) => {
+      port.onmessage = (m) => {
+        const x = m.data;
+        if (x.type === 'ready') ok();
+        else if (x.type === 'ack') {
+          acks.get(x.seq)?.();
+          acks.delete(x.seq);
+        } else if (x.type === 'cancelled') {
+          cancelled = new Error('the download was cancelled in the browser');
+          for (const r of acks.values()) r();
+          acks.clear();
+        }
+      };
+    });
+    this.reg.active.postMessage({ type: 'download', id, name: meta.name, size: meta.size, mime: meta.mime }, [port2]);
+    await ready;
+    const frame = document.createElement('iframe');
+    frame.hidden = true;
+    frame.src = `${this.reg.scope}dl/${id}/${encodeURIComponent(meta.name)}`;
+    document.body.append(frame);
+    // Messages to the worker keep it alive while the download runs (browsers stop an idle
+    // worker after ~30 s, and port messages do not count).
+    if (this._downloads++ === 0) this._ping = setInterval(() => this.reg.active?.postMessage({ type: 'ping' }), 10000);
+    let open = true;
+    const finish = () => {
+      if (!open) return;
+      open = false;
+      if (--this._downloads === 0) clearInterval(this._ping);
+      setTimeout(() => frame.remove(), 1000);
+    };
+    return {
+      write: async (u8) => {
+        if (cancelled) throw cancelled;
+        const buf = u8.byteOffset === 0 && u8.byteLength === u8.buffer.byteLength ? u8.buffer : u8.slice().buffer;
+        const n = ++seq;
+        const acked = new Promise((r) => acks.set(n, r));
+        port.postMessage({ type: 'chunk', seq: n, buf }, [buf]);
+        await acked;
+        if (cancelled) throw cancelled;
+      },
+      close: async () => {
+        port.postMessage({ type: 'end' });
+        finish();
+        return null;
+      },
+      remove: async () => {
+        if (open) port.postMessage({ type: 'abort', why: 'transfer failed or cancelled' });
+        finish();
       },
     };
   }

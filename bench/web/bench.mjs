@@ -10,19 +10,33 @@
 // slices, hashing on both sides and writing to disk. The channel is connected before
 // either clock starts.
 //
-// usage: node bench/web/bench.mjs --url http://127.0.0.1:API [--mib 200] [--runs 2]
+// Trustworthy on a shared box: --rounds rounds, each running bare and page back to back on
+// each path, the order alternating between rounds (so a load change hits both kinds alike);
+// reported are the median, the spread (min–max) and the ratio of medians, plus the median
+// of the per-round ratios (page run / the bare run next to it). Also the CPU time both
+// browsers used per MiB moved (all their processes, from /proc): it does not depend on the
+// CPU share the scheduler gave the run, so it shows what the page costs even on a busy box.
+//
+// usage: node bench/web/bench.mjs --url http://127.0.0.1:API [--mib 200] [--rounds 3]
+//        [--paths direct,turn] [--web DIR]  (serve the page's files from DIR instead of
+//        the daemon's embedded copy: for trying a change without rebuilding)
+//        [--profile]  (a CPU profile of each side in the first page run per path: the
+//        functions with the most self time)
 // Prints a Markdown table and one JSON line.
 
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, open, rm } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { launchChromium, parseArgs } from '../../tests/browser/lib.mjs';
+import { browserPids, cpuSecs, launchChromium, parseArgs } from '../../tests/browser/lib.mjs';
 
 const args = parseArgs(process.argv.slice(2));
 const BASE = args.url;
 const MIB = Number(args.mib || 200);
-const RUNS = Number(args.runs || 2);
+const ROUNDS = Number(args.rounds || 3);
+const PATHS = String(args.paths || 'direct,turn').split(',');
+const WEB = args.web || null;
+const PROFILE = !!args.profile;
 const BYTES = MIB * 1024 * 1024;
 
 // In-page: a bare peer connection for `step` ('direct': STUN only; 'turn': relay only),
@@ -72,7 +86,7 @@ window.barePath = async () => {
 };
 `;
 
-async function bare(a, b, step) {
+async function bare(a, b, step, clock) {
   for (const p of [a, b]) await p.evaluate(PC);
   const offer = await a.evaluate((s) => window.bare(s, null), step);
   const answer = await b.evaluate(([s, o]) => window.bare(s, o), [step, offer]);
@@ -80,29 +94,120 @@ async function bare(a, b, step) {
   await Promise.all([a.evaluate(() => window.opened), b.evaluate(() => window.opened)]);
   const path = await a.evaluate(() => window.barePath());
   const recv = b.evaluate((n) => window.bareRecv(n), BYTES);
-  const t = Date.now();
+  await clock.start();
   await a.evaluate((n) => window.bareSend(n), BYTES);
   await recv;
-  const secs = (Date.now() - t) / 1000;
+  const r = await clock.stop();
   await Promise.all([a.evaluate(() => window.pc.close()), b.evaluate(() => window.pc.close())]);
-  return { path, secs };
+  return { path, ...r };
 }
 
-async function page(a, b, file) {
+async function page(a, b, file, clock, profile) {
   const idB = await b.evaluate(() => window.tern.id);
   await a.locator(`#peers li.peer[data-id="${idB}"] input.pick`).check();
   await a.waitForFunction(() => document.getElementById('status').dataset.state === 'connected', null, { timeout: 60_000 });
   const path = await a.locator('#path').textContent();
-  const t = Date.now();
+  const prof = profile ? await Promise.all([a, b].map(startProfile)) : null;
+  await clock.start();
   await a.locator('#files').setInputFiles([file.path]);
   const state = await b.waitForFunction(() => {
     const li = document.querySelector('#transfers li.transfer[data-dir="in"]');
     return li && ['done', 'failed', 'cancelled'].includes(li.dataset.state) && li.dataset.state;
-  }, null, { timeout: 600_000, polling: 20 }).then((h) => h.jsonValue());
-  const secs = (Date.now() - t) / 1000;
+  }, null, { timeout: 600_000, polling: 100 }).then((h) => h.jsonValue());
+  const r = await clock.stop();
   const sha = await b.locator('#transfers li.transfer[data-dir="in"]').first().getAttribute('data-sha256');
   if (state !== 'done' || sha !== file.sha) throw new Error(`page transfer ${state}, SHA-256 ${sha}`);
-  return { path, secs };
+  const top = prof ? { sender: await prof[0](), receiver: await prof[1]() } : undefined;
+  return { path, ...r, top };
+}
+
+// A CPU profile of one page (Chrome DevTools Protocol); the returned function stops it and
+// gives the 12 functions with the most self time, in % of the samples.
+async function startProfile(p) {
+  const cdp = await p.context().newCDPSession(p);
+  await cdp.send('Profiler.enable');
+  await cdp.send('Profiler.setSamplingInterval', { interval: 500 });
+  await cdp.send('Profiler.start');
+  return async () => {
+    const { profile } = await cdp.send('Profiler.stop');
+    const self = new Map();
+    const dt = profile.timeDeltas;
+    const byId = new Map(profile.nodes.map((n) => [n.id, n]));
+    let total = 0;
+    profile.samples.forEach((id, i) => {
+      const n = byId.get(id);
+      const f = n.callFrame;
+      const key = `${f.functionName || '(anon)'} ${f.url.split('/').pop()}:${f.lineNumber + 1}`;
+      self.set(key, (self.get(key) || 0) + dt[i]);
+      total += dt[i];
+    });
+    await cdp.detach();
+    return [...self].sort((x, y) => y[1] - x[1]).slice(0, 12).map(([k, v]) => `${(v / total * 100).toFixed(1)}% ${k}`);
+  };
+}
+
+// Wall clock and both browsers' CPU seconds between start() and stop(), in all, by process
+// type (browser, renderer, the network and storage services, gpu...) and by thread (type and
+// thread name: the renderer's main thread, its WebRTC network thread...).
+function makeClock(browsers) {
+  let t;
+  let procs;
+  let cpu0;
+  let threads0;
+  const typeOf = async (pid) => {
+    const cmd = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0').join(' ');
+    const m = /--type=(\S+)/.exec(cmd);
+    const sub = /--utility-sub-type=(\S+)/.exec(cmd);
+    return m ? (sub ? sub[1].split('.').slice(-2).join('.') : m[1]) : 'browser';
+  };
+  const cpu = () => Promise.all(procs.map((p) => cpuSecs(p.pid)));
+  // "type:thread name" -> CPU seconds, over every thread of every process.
+  const threads = async () => {
+    const out = new Map();
+    for (const p of procs) {
+      const tids = await readdir(`/proc/${p.pid}/task`).catch(() => []);
+      for (const tid of tids) {
+        const stat = await readFile(`/proc/${p.pid}/task/${tid}/stat`, 'utf8').catch(() => null);
+        if (!stat) continue;
+        const name = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')).replace(/[0-9]+$/, '');
+        const key = `${p.type}:${name}`;
+        out.set(key, (out.get(key) || 0) + (await cpuSecs(`${p.pid}/task/${tid}`)));
+      }
+    }
+    return out;
+  };
+  return {
+    async start() {
+      const pids = (await Promise.all(browsers.map((br) => browserPids(br.profile)))).flat();
+      procs = await Promise.all(pids.map(async (pid) => ({ pid, type: await typeOf(pid) })));
+      threads0 = await threads();
+      cpu0 = await cpu();
+      t = performance.now();
+    },
+    async stop() {
+      const secs = (performance.now() - t) / 1000;
+      const now = await cpu();
+      const threads1 = await threads();
+      const byType = {};
+      procs.forEach((p, i) => { byType[p.type] = (byType[p.type] || 0) + now[i] - cpu0[i]; });
+      const byThread = {};
+      for (const [k, v] of threads1) if (v - (threads0.get(k) || 0) > 0) byThread[k] = v - (threads0.get(k) || 0);
+      return { secs, cpu: now.reduce((x, y) => x + y, 0) - cpu0.reduce((x, y) => x + y, 0), byType, byThread };
+    },
+  };
+}
+
+// The page's files from disk (--web), with the daemon's headers apart from the body.
+async function routeWeb(context) {
+  const types = { js: 'text/javascript; charset=utf-8', css: 'text/css; charset=utf-8', html: 'text/html; charset=utf-8' };
+  await context.route(/\/(tern\.js|tern-sw\.js|app\.js|style\.css|index\.html)?(\?.*)?$/, async (route) => {
+    const u = new URL(route.request().url());
+    if (!u.href.startsWith(BASE)) return route.continue();
+    const name = u.pathname === '/' ? 'index.html' : u.pathname.slice(1);
+    const resp = await route.fetch();
+    const headers = { ...resp.headers(), 'content-type': types[name.split('.').pop()] };
+    await route.fulfill({ status: 200, headers, body: await readFile(join(WEB, name)) });
+  });
 }
 
 const dir = await mkdtemp(join(tmpdir(), 'tern-bench-web-'));
@@ -119,23 +224,43 @@ const file = { path: join(dir, 'bench.bin') };
   file.sha = h.digest('hex');
 }
 const ARGS = ['--allow-loopback-in-peer-connection'];
+// A fulfilled response carries no address, so Chromium would take the page for a public
+// one and block its connections back to loopback.
+if (WEB) ARGS.push('--disable-features=LocalNetworkAccessChecks');
 const ba = await launchChromium({ extraArgs: ARGS });
 const bb = await launchChromium({ extraArgs: ARGS });
-for (const br of [ba, bb]) await br.context.grantPermissions(['camera', 'microphone'], { origin: BASE });
+for (const br of [ba, bb]) {
+  await br.context.grantPermissions(['camera', 'microphone'], { origin: BASE });
+  if (WEB) await routeWeb(br.context);
+}
+const clock = makeClock([ba, bb]);
 const rows = [];
+const load = [];
+const loadavg = async () => Number((await readFile('/proc/loadavg', 'utf8')).split(' ')[0]);
 try {
-  for (const step of ['direct', 'turn']) {
-    const q = step === 'turn' ? '?path=turn' : '';
-    for (let run = 0; run < RUNS; run++) {
-      for (const kind of ['bare', 'page']) {
+  for (let round = 0; round < ROUNDS; round++) {
+    for (const step of PATHS) {
+      const q = step === 'turn' ? '?path=turn' : '';
+      const kinds = round % 2 === 0 ? ['bare', 'page'] : ['page', 'bare'];
+      for (const kind of kinds) {
         const a = await ba.newPage();
         const b = await bb.newPage();
         await a.goto(`${BASE}/${q}`);
         await b.goto(`${BASE}/${q}`);
         for (const p of [a, b]) await p.waitForSelector('body[data-ready="true"]');
-        const r = kind === 'bare' ? await bare(a, b, step) : await page(a, b, file);
-        rows.push({ step, run, kind, path: r.path, secs: r.secs, mbps: BYTES / 1e6 / r.secs });
-        process.stderr.write(`${step} ${kind} run ${run}: ${r.path} ${(BYTES / 1e6 / r.secs).toFixed(1)} MB/s\n`);
+        load.push(await loadavg());
+        const profile = PROFILE && kind === 'page' && round === 0;
+        const r = kind === 'bare' ? await bare(a, b, step, clock) : await page(a, b, file, clock, profile);
+        const row = { step, round, kind, path: r.path, secs: r.secs, mbps: BYTES / 1e6 / r.secs, cpuMsPerMiB: r.cpu * 1000 / MIB };
+        row.cpuMsPerMiBByType = Object.fromEntries(Object.entries(r.byType).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
+        row.cpuMsPerMiBByThread = Object.fromEntries(Object.entries(r.byThread).sort((x, y) => y[1] - x[1])
+          .filter(([, v]) => v * 1000 / MIB >= 1).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
+        rows.push(row);
+        process.stderr.write(`round ${round} ${step} ${kind}: ${r.path} ${row.mbps.toFixed(1)} MB/s, ` +
+          `${row.cpuMsPerMiB.toFixed(1)} ms CPU/MiB ${JSON.stringify(row.cpuMsPerMiBByType)}, load ${load[load.length - 1]}\n` +
+          `  by thread (ms/MiB): ${JSON.stringify(row.cpuMsPerMiBByThread)}\n`);
+        if (r.top) process.stderr.write(`  sender: ${r.top.sender.join('\n          ')}\n  receiver: ${r.top.receiver.join('\n            ')}\n`);
+        if (r.top) row.top = r.top;
         await a.close();
         await b.close();
       }
@@ -146,15 +271,28 @@ try {
   await bb.close();
   await rm(dir, { recursive: true, force: true });
 }
-const best = (step, kind) => Math.max(...rows.filter((r) => r.step === step && r.kind === kind).map((r) => r.mbps));
-const med = (step, kind) => {
-  const v = rows.filter((r) => r.step === step && r.kind === kind).map((r) => r.mbps).sort((x, y) => x - y);
-  return v[Math.floor((v.length - 1) / 2)];
+const median = (v) => {
+  const s = [...v].sort((x, y) => x - y);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
-console.log(`| path | bare RTCDataChannel MB/s (best / median) | page MB/s (best / median) | page / bare (best) |`);
-console.log('|---|---|---|---|');
-for (const step of ['direct', 'turn']) {
-  const [bb1, pb] = [best(step, 'bare'), best(step, 'page')];
-  console.log(`| ${step} (${rows.find((r) => r.step === step && r.kind === 'page').path}) | ${bb1.toFixed(1)} / ${med(step, 'bare').toFixed(1)} | ${pb.toFixed(1)} / ${med(step, 'page').toFixed(1)} | ${(pb / bb1 * 100).toFixed(0)} % |`);
+const cell = (step, kind, key = 'mbps') => rows.filter((r) => r.step === step && r.kind === kind).map((r) => r[key]);
+const pct = (x) => `${(x * 100).toFixed(0)} %`;
+console.log(`${MIB} MiB, ${ROUNDS} rounds, bare and page alternating; load average during the runs ` +
+  `${Math.min(...load).toFixed(1)}–${Math.max(...load).toFixed(1)} on ${(await readFile('/proc/cpuinfo', 'utf8')).match(/^processor/gm).length} cores${WEB ? `; page files from ${WEB}` : ''}\n`);
+console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | CPU ms per MiB, bare / page (medians) |');
+console.log('|---|---|---|---|---|---|');
+for (const step of PATHS) {
+  const [b, p] = [cell(step, 'bare'), cell(step, 'page')];
+  const paired = [];
+  for (let r = 0; r < ROUNDS; r++) {
+    const x = rows.find((o) => o.step === step && o.kind === 'bare' && o.round === r);
+    const y = rows.find((o) => o.step === step && o.kind === 'page' && o.round === r);
+    if (x && y) paired.push(y.mbps / x.mbps);
+  }
+  const f = (v) => `${median(v).toFixed(1)} (${Math.min(...v).toFixed(1)}–${Math.max(...v).toFixed(1)})`;
+  const path = rows.find((r) => r.step === step && r.kind === 'page')?.path;
+  console.log(`| ${step} (${path}) | ${f(b)} | ${f(p)} | ${pct(median(p) / median(b))} | ${pct(median(paired))} ` +
+    `(${pct(Math.min(...paired))}–${pct(Math.max(...paired))}) | ${median(cell(step, 'bare', 'cpuMsPerMiB')).toFixed(1)} / ` +
+    `${median(cell(step, 'page', 'cpuMsPerMiB')).toFixed(1)} |`);
 }
-console.log(JSON.stringify({ mib: MIB, runs: RUNS, rows }));
+console.log(JSON.stringify({ mib: MIB, rounds: ROUNDS, web: WEB, load, rows }));

@@ -26,6 +26,13 @@ pub(super) const ASSETS: &[Asset] = &[
         body: include_str!("../../web/tern.js"),
     },
     Asset {
+        // tern.js's `download` storage: streams a received file into the browser's
+        // downloads where OPFS has no writable streams (scope /tern-sw/, never the page).
+        path: "/tern-sw.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../../web/tern-sw.js"),
+    },
+    Asset {
         path: "/app.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_str!("../../web/app.js"),

@@ -3,7 +3,7 @@
 // helper that reads the selected ICE candidate pair from getStats().
 
 import { createHmac } from 'node:crypto';
-import { mkdtemp, rm, readFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -159,4 +159,53 @@ async function selectedPair(pc) {
 export function finish(result) {
   process.stdout.write(JSON.stringify(result) + '\n');
   process.exit(result.ok ? 0 : 1);
+}
+
+/**
+ * PIDs of the processes of the Chromium using `profile` (its browser process and every
+ * child: renderers, network service, GPU...), or only those of `type` ('renderer', ...).
+ */
+export async function browserPids(profile, type) {
+  const procs = [];
+  for (const d of await readdir('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      // Zygote children rewrite their title: one string with spaces, not NUL-separated.
+      const cmd = (await readFile(`/proc/${d}/cmdline`, 'utf8')).split('\0').join(' ');
+      const stat = await readFile(`/proc/${d}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      procs.push({ pid: Number(d), ppid, cmd });
+    } catch {
+      /* gone */
+    }
+  }
+  const root = procs.find((p) => !p.cmd.includes('--type=') && p.cmd.includes(profile));
+  if (!root) return [];
+  const tree = new Set([root.pid]);
+  for (let grew = true; grew;) {
+    grew = false;
+    for (const p of procs) if (!tree.has(p.pid) && tree.has(p.ppid)) { tree.add(p.pid); grew = true; }
+  }
+  return procs.filter((p) => tree.has(p.pid) && (!type || p.cmd.includes(`--type=${type} `))).map((p) => p.pid);
+}
+
+/** A process's resident memory (VmRSS) in MiB, 0 when it is gone. */
+export async function rssMiB(pid) {
+  try {
+    const s = await readFile(`/proc/${pid}/status`, 'utf8');
+    return Number(/VmRSS:\s+(\d+)/.exec(s)[1]) / 1024;
+  } catch {
+    return 0;
+  }
+}
+
+/** CPU seconds (user + system) a process (`pid`, or `pid/task/tid` for one thread) has used, 0 when it is gone. */
+export async function cpuSecs(pid) {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in USER_HZ (100 on Linux)
+  } catch {
+    return 0;
+  }
 }

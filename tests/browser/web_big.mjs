@@ -2,10 +2,10 @@
 // the receiver's renderer is a process of its own):
 //  1. tern.js's incremental SHA-256 equals WebCrypto's digest (sizes around the block
 //     and padding edges, random slicing, one 33 MiB buffer), and its speed;
-//  2. a file of --bytes (1 GiB by default, generated here) moves direct; the receiving
+//  2. a file of --bytes (1 GiB by default, generated here) moves direct; each tab's
 //     renderer's resident memory (/proc/PID/status VmRSS of every renderer process of the
-//     receiving browser, sampled every 200 ms) stays under --bound-mib; the SHA-256 the
-//     receiver computed equals Node's hash of the file;
+//     receiving browser and of the sending one, sampled every 200 ms) stays under
+//     --bound-mib; the SHA-256 the receiver computed equals Node's hash of the file;
 //  3. the receiver cancels one send and the sender cancels another: both rows end
 //     "cancelled" on both sides, and the receiver's Origin Private File System then holds
 //     nothing but the finished file.
@@ -15,16 +15,17 @@
 // Prints one JSON line and "PASS" on success.
 
 import { createHash, randomBytes } from 'node:crypto';
-import { open, mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { open, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { finish, launchChromium, parseArgs } from './lib.mjs';
+import { browserPids, finish, launchChromium, parseArgs, rssMiB } from './lib.mjs';
 
 const args = parseArgs(process.argv.slice(2));
 const BASE = args.url;
 const OUT = args.out;
 const BYTES = Number(args.bytes || 1024 * 1024 * 1024);
 const BOUND_MIB = Number(args['bound-mib'] || 400);
-const STEP_MS = 300_000;
+// A step may take as long as the file needs at 1 MiB/s on a busy machine (5 min at least).
+const STEP_MS = Math.max(300_000, BYTES / 1048576 * 1000);
 
 // Writes `bytes` of random data in 16 MiB pieces, hashing on the way (never all in memory).
 async function bigFile(path, bytes) {
@@ -39,40 +40,6 @@ async function bigFile(path, bytes) {
   }
   await f.close();
   return h.digest('hex');
-}
-
-// PIDs of the renderer processes of the Chromium using `profile`.
-async function rendererPids(profile) {
-  const procs = [];
-  for (const d of await readdir('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      // Zygote children rewrite their title: one string with spaces, not NUL-separated.
-      const cmd = (await readFile(`/proc/${d}/cmdline`, 'utf8')).split('\0').join(' ');
-      const stat = await readFile(`/proc/${d}/stat`, 'utf8');
-      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      procs.push({ pid: Number(d), ppid, cmd });
-    } catch {
-      /* gone */
-    }
-  }
-  const root = procs.find((p) => !p.cmd.includes('--type=') && p.cmd.includes(profile));
-  if (!root) return [];
-  const tree = new Set([root.pid]);
-  for (let grew = true; grew;) {
-    grew = false;
-    for (const p of procs) if (!tree.has(p.pid) && tree.has(p.ppid)) { tree.add(p.pid); grew = true; }
-  }
-  return procs.filter((p) => tree.has(p.pid) && p.cmd.includes('--type=renderer ')).map((p) => p.pid);
-}
-
-async function rssMiB(pid) {
-  try {
-    const s = await readFile(`/proc/${pid}/status`, 'utf8');
-    return Number(/VmRSS:\s+(\d+)/.exec(s)[1]) / 1024;
-  } catch {
-    return 0;
-  }
 }
 
 const inRow = (page) => page.locator('#transfers li.transfer[data-dir="in"]').first();
@@ -93,7 +60,7 @@ const result = { ok: false, steps: {} };
 let ba;
 let bb;
 const t0 = Date.now();
-const bigPath = join(OUT, 'in', 'big-1gib.bin');
+const bigPath = join(OUT, 'in', 'big-file.bin');
 try {
   await mkdir(join(OUT, 'in'), { recursive: true });
   const ARGS = ['--allow-loopback-in-peer-connection'];
@@ -143,16 +110,17 @@ try {
   await a.waitForFunction(() => document.getElementById('status').dataset.state === 'connected', null, { timeout: 60_000 });
   const path = await a.locator('#path').textContent();
   if (path !== 'direct') throw new Error(`path ${path}, not direct`);
-  const pids = await rendererPids(bb.profile);
-  if (pids.length === 0) throw new Error('no renderer process found for the receiving browser');
+  const pids = await browserPids(bb.profile, 'renderer');
+  const sendPids = await browserPids(ba.profile, 'renderer');
+  if (pids.length === 0 || sendPids.length === 0) throw new Error('no renderer process found for a browser');
   let peak = 0;
+  let sendPeak = 0;
   let peakHeap = 0;
   let sampling = true;
   const sampler = (async () => {
     while (sampling) {
-      let max = 0;
-      for (const pid of pids) max = Math.max(max, await rssMiB(pid));
-      peak = Math.max(peak, max);
+      for (const pid of pids) peak = Math.max(peak, await rssMiB(pid));
+      for (const pid of sendPids) sendPeak = Math.max(sendPeak, await rssMiB(pid));
       await new Promise((r) => setTimeout(r, 200));
     }
   })();
@@ -160,6 +128,7 @@ try {
     b.evaluate(() => performance.memory?.usedJSHeapSize || 0).then((h) => { peakHeap = Math.max(peakHeap, h); }, () => {});
   }, 500);
   const baseline = Math.max(...await Promise.all(pids.map(rssMiB)));
+  const sendBaseline = Math.max(...await Promise.all(sendPids.map(rssMiB)));
   s = Date.now();
   await a.locator('#files').setInputFiles([bigPath]);
   await progressOver(b, 'in', 0.3, 1);
@@ -177,9 +146,11 @@ try {
   result.steps.big = {
     bytes: BYTES, secs, mibPerSec: Math.round(BYTES / 1048576 / secs), path, renderers: pids.length,
     rendererRssBaselineMiB: Math.round(baseline), rendererRssPeakMiB: Math.round(peak),
+    senderRssBaselineMiB: Math.round(sendBaseline), senderRssPeakMiB: Math.round(sendPeak),
     jsHeapPeakMiB: Math.round(peakHeap / 1048576), boundMiB: BOUND_MIB, shown: await inRow(b).locator('.info').textContent(),
   };
   if (peak > BOUND_MIB) throw new Error(`receiving renderer reached ${Math.round(peak)} MiB RSS, over the ${BOUND_MIB} MiB bound`);
+  if (sendPeak > BOUND_MIB) throw new Error(`sending renderer reached ${Math.round(sendPeak)} MiB RSS, over the ${BOUND_MIB} MiB bound`);
 
   // 3. Cancels from either side free the receiver's storage.
   s = Date.now();
