@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tern::config::TurnConfig;
 use tern::net::{Shard, TurnService, OUT_LEN};
-use tern::turn::{Action, FiveTuple, Now, PeerRoute, RelayAddr, RelayId, RelayIo};
+use tern::turn::{FiveTuple, Now, Output, PeerRoute, RelayAddr, RelayId, RelayIo};
 
 struct Counting;
 
@@ -40,6 +40,7 @@ const CHANNEL: u16 = 0x4000;
 struct OneAllocation {
     peer: SocketAddr,
     alloc: Option<(RelayId, FiveTuple)>,
+    out: Option<Output>,
 }
 
 impl Shard for OneAllocation {
@@ -50,13 +51,16 @@ impl Shard for OneAllocation {
         msg: &[u8],
         out: &mut [u8; OUT_LEN],
         io: &mut impl RelayIo,
-    ) -> Action {
+    ) {
         if self.alloc.is_none() {
             let id = io.open_relay("127.0.0.1:0".parse().unwrap()).unwrap();
             self.alloc = Some((id, from));
         }
         out[..msg.len()].copy_from_slice(msg);
-        Action::Reply(msg.len())
+        self.out = Some(Output::Reply { len: msg.len() });
+    }
+    fn poll_output(&mut self) -> Option<Output> {
+        self.out.take()
     }
     fn channel_to_peer(&mut self, from: &FiveTuple, ch: u16) -> Option<(RelayId, SocketAddr)> {
         match self.alloc {
@@ -94,7 +98,11 @@ fn service(peer: SocketAddr) -> TurnService {
             local: ip,
             advertised: ip,
         }],
-        move || OneAllocation { peer, alloc: None },
+        move || OneAllocation {
+            peer,
+            alloc: None,
+            out: None,
+        },
     )
     .unwrap()
 }
