@@ -201,7 +201,7 @@ impl<S: Shard> Worker<S> {
         self.expired_ids = ids;
     }
 
-    /// `Action::BindData`: client connection `ci` becomes the data connection of peer
+    /// `Output::BindData`: client connection `ci` becomes the data connection of peer
     /// connection `id` (RFC 6062 §5.4). Bytes after the ConnectionBind still in its InBuf
     /// are the first client data for the peer. `true` if more may wait.
     pub(super) fn bind_data(&mut self, ci: usize, id: ConnId, now: Now) -> bool {
