@@ -271,7 +271,8 @@ impl<S: Shard> Worker<S> {
                             match take_output(&mut self.relays, &mut self.later, o) {
                                 None => {}
                                 Some(Output::Reply { len }) => {
-                                    if !conn.out.push_control(&self.out[..len]) {
+                                    let queued = conn.out.push_control(&self.out[..len]);
+                                    if !queued {
                                         stop = Some(Stop::Close(CloseReason::Backlog));
                                     }
                                 }

@@ -77,7 +77,7 @@ pub(super) fn handle(
     if token.is_none() && cx.cfg.relay_for(want_v6).is_none() {
         return cx.fail(ctx, out, ErrorCode::AddressFamilyNotSupported, v);
     }
-    if let Some(b) = usage_tap::over_budget(&cx.shared, &cx.cfg, &v.quota_user) {
+    if let Some(b) = usage_tap::over_budget(cx.shared, cx.cfg, &v.quota_user) {
         let err = Err(ErrorCode::AllocationQuotaReached);
         return cx.respond_reason(ctx, out, err, b.reason_phrase(), Some(v), |_| Ok(()));
     }
@@ -165,9 +165,9 @@ pub(super) fn handle(
     let slot = cx.tables.insert(alloc);
     cx.push_timer(expires, TimerKind::Allocation { slot, id });
     if let Some(a) = cx.tables.get(slot) {
-        usage_tap::report(&cx.shared, a, Event::Start, ctx.now.mono, io);
+        usage_tap::report(cx.shared, a, Event::Start, ctx.now.mono, io);
     }
-    if let Some(at) = usage_tap::next_report(&cx.shared, &cx.cfg, ctx.now.mono) {
+    if let Some(at) = usage_tap::next_report(cx.shared, cx.cfg, ctx.now.mono) {
         cx.push_timer(at, TimerKind::Usage { slot, id });
     }
     cx.stats.allocations_created += 1;
@@ -180,9 +180,7 @@ pub(super) fn handle(
 }
 
 fn success(cx: &mut Cx, ctx: &Ctx, out: &mut [u8], v: &Verified, slot: usize) -> Option<Output> {
-    let Some(a) = cx.tables.get(slot) else {
-        return None;
-    };
+    let a = cx.tables.get(slot)?;
     let relays = a.relays;
     let left = a.expires.saturating_duration_since(ctx.now.mono).as_secs() as u32;
     let token = a.reservation_token;

@@ -41,9 +41,7 @@ pub(super) fn handle(
         Ok(r) => r,
         Err(code) => return cx.fail(ctx, out, code, v),
     };
-    let Some(a) = cx.tables.get(slot) else {
-        return None;
-    };
+    let a = cx.tables.get(slot)?;
     // Rebind rules (§11.2): the number may not move to another peer, nor the peer
     // to another number, also during an expired binding's cooldown; refreshing the
     // same binding is fine (and revives it from the cooldown).
@@ -61,9 +59,7 @@ pub(super) fn handle(
     let id = a.id;
     let transport = a.tuple.transport;
     let expires = ctx.now.mono + Duration::from_secs(cx.cfg.channel_lifetime_secs as u64);
-    let Some(bound) = cx.tables.bind_channel(slot, relay, number, peer, expires) else {
-        return None;
-    };
+    let bound = cx.tables.bind_channel(slot, relay, number, peer, expires)?;
     if bound.created {
         cx.stats.channels_created += 1;
         cx.push_timer(expires, TimerKind::Channel { slot, id, number });

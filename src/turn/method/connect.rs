@@ -197,9 +197,7 @@ pub(super) fn connect(
     if cx.tables.has_conn_to(slot, peer) {
         return refuse(cx, out, ErrorCode::ConnectionAlreadyExists);
     }
-    let Some(a) = cx.tables.get(slot) else {
-        return None;
-    };
+    let a = cx.tables.get(slot)?;
     if a.conns.len() >= cx.cfg.tcp_relay_max_connections as usize {
         return refuse(cx, out, ErrorCode::InsufficientCapacity);
     }

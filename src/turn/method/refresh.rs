@@ -66,7 +66,7 @@ pub(super) fn handle(
     };
     // Over a byte budget: no more lifetime; the allocation ends when its current one
     // runs out (issue 14).
-    if let Some(b) = usage_tap::over_budget(&cx.shared, &cx.cfg, &v.quota_user) {
+    if let Some(b) = usage_tap::over_budget(cx.shared, cx.cfg, &v.quota_user) {
         let err = Err(ErrorCode::AllocationQuotaReached);
         return cx.respond_reason(ctx, out, err, b.reason_phrase(), Some(v), |_| Ok(()));
     }
