@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tern::config::TurnConfig;
 use tern::net::{Shard, TurnService, OUT_LEN};
-use tern::turn::{Action, FiveTuple, Now, PeerRoute, RelayAddr, RelayId, RelayIo};
+use tern::turn::{FiveTuple, Now, Output, PeerRoute, RelayAddr, RelayId, RelayIo};
 
 struct Counting;
 
@@ -46,6 +46,7 @@ struct OneAllocation {
     alloc: Option<(RelayId, FiveTuple)>,
     /// A per-user cap the relay shares, as the TURN core hands it at Allocate.
     cap: Option<Arc<tern::usage::UserCap>>,
+    out: Option<Output>,
 }
 
 impl Shard for OneAllocation {
@@ -56,7 +57,7 @@ impl Shard for OneAllocation {
         msg: &[u8],
         out: &mut [u8; OUT_LEN],
         io: &mut impl RelayIo,
-    ) -> Action {
+    ) {
         if self.alloc.is_none() {
             let id = io.open_relay("127.0.0.1:0".parse().unwrap()).unwrap();
             if let Some(c) = &self.cap {
@@ -65,7 +66,10 @@ impl Shard for OneAllocation {
             self.alloc = Some((id, from));
         }
         out[..msg.len()].copy_from_slice(msg);
-        Action::Reply(msg.len())
+        self.out = Some(Output::Reply { len: msg.len() });
+    }
+    fn poll_output(&mut self) -> Option<Output> {
+        self.out.take()
     }
     fn channel_to_peer(&mut self, from: &FiveTuple, ch: u16) -> Option<(RelayId, SocketAddr)> {
         match self.alloc {
@@ -107,6 +111,7 @@ fn service(peer: SocketAddr, cap: Option<Arc<tern::usage::UserCap>>) -> TurnServ
             peer,
             alloc: None,
             cap: cap.clone(),
+            out: None,
         },
     )
     .unwrap()

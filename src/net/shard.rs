@@ -4,14 +4,15 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use crate::turn::{Action, ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo, TurnStats};
+use crate::turn::{ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo, TurnStats};
 
 /// Size of the response buffer handed to [`Shard::handle_stun`].
 pub const OUT_LEN: usize = 2048;
 
 /// One worker's share of the TURN server state (RFC 8656), see `crate::turn`'s contract.
 pub trait Shard {
-    /// A STUN message from a client; any response is written into `out`.
+    /// A STUN message from a client; any response is written into `out` and announced by
+    /// `poll_output`.
     fn handle_stun(
         &mut self,
         now: Now,
@@ -19,7 +20,9 @@ pub trait Shard {
         msg: &[u8],
         out: &mut [u8; OUT_LEN],
         io: &mut impl RelayIo,
-    ) -> Action;
+    );
+    /// What the shard asks of the worker, in order (drained after every call).
+    fn poll_output(&mut self) -> Option<Output>;
     /// Where ChannelData `channel` from `from` goes (RFC 8656 §12.4).
     fn channel_to_peer(&mut self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)>;
     /// Where data from `peer` arriving on `relay` goes, if a permission allows it.
@@ -60,6 +63,4 @@ pub trait Shard {
     }
     /// The driver closed peer connection `conn`.
     fn tcp_conn_closed(&mut self, _conn: ConnId) {}
-    /// Messages for control connections made outside a request (RFC 6062 §5.2, §5.3).
-    fn drain_outbox(&mut self, _f: impl FnMut(&FiveTuple, &[u8])) {}
 }

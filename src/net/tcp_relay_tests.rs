@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::stun::{attr, class, message_type, method, HEADER_LEN};
-use crate::turn::{Action, ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo};
+use crate::turn::{ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo};
 
 /// Test-only attribute carrying a port (the fake's stand-in for XOR-PEER-ADDRESS and
 /// XOR-RELAYED-ADDRESS).
@@ -39,7 +39,8 @@ struct Fake {
     connecting: Vec<(ConnId, FiveTuple)>,
     waiting: HashSet<ConnId>,
     live: HashSet<ConnId>,
-    outbox: Vec<(FiveTuple, Vec<u8>)>,
+    /// What the worker takes from `poll_output`.
+    outbox: std::collections::VecDeque<Output>,
     seen: Arc<Seen>,
 }
 
@@ -65,17 +66,15 @@ impl Fake {
         out[..m.len()].copy_from_slice(m);
         m.len()
     }
-}
 
-impl Shard for Fake {
-    fn handle_stun(
+    /// The answer to STUN message `m` from `from`, written into `out`.
+    fn answer(
         &mut self,
-        _now: Now,
         from: FiveTuple,
         m: &[u8],
         out: &mut [u8; OUT_LEN],
         io: &mut impl RelayIo,
-    ) -> Action {
+    ) -> Option<Output> {
         let t = u16::from_be_bytes([m[0], m[1]]);
         if t == ty(method::ALLOCATE, class::REQUEST) {
             let (relay, port) = loop {
@@ -93,7 +92,9 @@ impl Shard for Fake {
                 ty(method::ALLOCATE, class::SUCCESS),
                 &[(PORT_ATTR, &port.to_be_bytes())],
             );
-            return Action::Reply(Self::reply(out, &r));
+            return Some(Output::Reply {
+                len: Self::reply(out, &r),
+            });
         }
         if t == ty(method::CONNECT, class::REQUEST) {
             let (relay, _) = self.alloc.unwrap();
@@ -104,27 +105,43 @@ impl Shard for Fake {
             return match io.tcp_connect(relay, peer, id) {
                 Ok(()) => {
                     self.connecting.push((id, from));
-                    Action::None
+                    None
                 }
-                Err(_) => Action::Reply(Self::reply(
-                    out,
-                    &msg(ty(method::CONNECT, class::ERROR), &[]),
-                )),
+                Err(_) => Some(Output::Reply {
+                    len: Self::reply(out, &msg(ty(method::CONNECT, class::ERROR), &[])),
+                }),
             };
         }
         if t == ty(method::CONNECTION_BIND, class::REQUEST) {
             let id = conn_id_of(m);
             if self.waiting.remove(&id) {
                 let r = msg(ty(method::CONNECTION_BIND, class::SUCCESS), &[]);
-                return Action::BindData {
+                return Some(Output::BindData {
                     conn: id,
                     len: Self::reply(out, &r),
-                };
+                });
             }
             let r = msg(ty(method::CONNECTION_BIND, class::ERROR), &[]);
-            return Action::Reply(Self::reply(out, &r));
+            return Some(Output::Reply {
+                len: Self::reply(out, &r),
+            });
         }
-        Action::None
+        None
+    }
+}
+
+impl Shard for Fake {
+    fn handle_stun(
+        &mut self,
+        _now: Now,
+        from: FiveTuple,
+        m: &[u8],
+        out: &mut [u8; OUT_LEN],
+        io: &mut impl RelayIo,
+    ) {
+        if let Some(answer) = self.answer(from, m, out, io) {
+            self.outbox.push_back(answer);
+        }
     }
     fn channel_to_peer(&mut self, _: &FiveTuple, _: u16) -> Option<(RelayId, SocketAddr)> {
         None
@@ -136,13 +153,13 @@ impl Shard for Fake {
     fn poll_timeout(&self) -> Option<Instant> {
         None
     }
-    fn client_closed(&mut self, client: &FiveTuple, _now: Now, io: &mut impl RelayIo) {
+    fn client_closed(&mut self, client: &FiveTuple, _now: Now, _io: &mut impl RelayIo) {
         if let Some((relay, t)) = self.alloc {
             if t == *client {
                 for id in self.live.drain() {
-                    io.close_tcp_conn(id);
+                    self.outbox.push_back(Output::ClosePeerConn(id));
                 }
-                io.close_relay(relay);
+                self.outbox.push_back(Output::CloseRelay(relay));
                 self.alloc = None;
             }
         }
@@ -169,7 +186,7 @@ impl Shard for Fake {
         } else {
             msg(ty(method::CONNECT, class::ERROR), &[])
         };
-        self.outbox.push((client, r));
+        self.outbox.push_back(Output::Send { to: client, msg: r });
         ok
     }
     fn tcp_peer_accepted(
@@ -190,7 +207,7 @@ impl Shard for Fake {
             ty(method::CONNECTION_ATTEMPT, class::INDICATION),
             &[(attr::CONNECTION_ID, &id.to_be_bytes())],
         );
-        self.outbox.push((client, m));
+        self.outbox.push_back(Output::Send { to: client, msg: m });
         Some(id)
     }
     fn tcp_conn_closed(&mut self, conn: ConnId) {
@@ -198,10 +215,8 @@ impl Shard for Fake {
         self.waiting.remove(&conn);
         self.seen.closed.lock().unwrap().push(conn);
     }
-    fn drain_outbox(&mut self, mut f: impl FnMut(&FiveTuple, &[u8])) {
-        for (t, m) in self.outbox.drain(..) {
-            f(&t, &m);
-        }
+    fn poll_output(&mut self) -> Option<Output> {
+        self.outbox.pop_front()
     }
 }
 
@@ -236,7 +251,7 @@ fn service_with(
             connecting: Vec::new(),
             waiting: HashSet::new(),
             live: HashSet::new(),
-            outbox: Vec::new(),
+            outbox: Default::default(),
             seen: Arc::clone(&seen),
         },
     )
@@ -785,7 +800,7 @@ fn tls_data_connection_carries_raw_bytes_in_full_records_and_ends_with_close_not
             connecting: Vec::new(),
             waiting: HashSet::new(),
             live: HashSet::new(),
-            outbox: Vec::new(),
+            outbox: Default::default(),
             seen: Arc::clone(&fake_seen),
         },
     )

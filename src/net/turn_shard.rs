@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::shard::{Shard, OUT_LEN};
-use crate::turn::{Action, ConnId, FiveTuple, Now, PeerRoute, RelayId, RelayIo, Server, TurnStats};
+use crate::turn::{ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo, Server, TurnStats};
 
 impl Shard for Server {
     fn handle_stun(
@@ -14,8 +14,12 @@ impl Shard for Server {
         msg: &[u8],
         out: &mut [u8; OUT_LEN],
         io: &mut impl RelayIo,
-    ) -> Action {
+    ) {
         Server::handle_stun(self, now, from, msg, out, io)
+    }
+
+    fn poll_output(&mut self) -> Option<Output> {
+        Server::poll_output(self)
     }
 
     fn channel_to_peer(&mut self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)> {
@@ -68,9 +72,5 @@ impl Shard for Server {
 
     fn tcp_conn_closed(&mut self, conn: ConnId) {
         Server::tcp_conn_closed(self, conn)
-    }
-
-    fn drain_outbox(&mut self, f: impl FnMut(&FiveTuple, &[u8])) {
-        Server::drain_outbox(self, f)
     }
 }

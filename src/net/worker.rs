@@ -41,7 +41,7 @@ use crate::stun::{
     classify, write_channel_data_header, write_data_indication, Kind, CHANNEL_DATA_HEADER,
     DATA_INDICATION_HEADROOM,
 };
-use crate::turn::{Action, FiveTuple, Now, RelayId, Transport};
+use crate::turn::{ConnId, FiveTuple, Now, Output, RelayId, Transport};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
@@ -172,6 +172,36 @@ pub struct Worker<S: Shard> {
     /// Reused lists (control path): connections to close for backlog, connects timed out.
     backlog: Vec<usize>,
     expired_ids: Vec<crate::turn::ConnId>,
+    /// What the core asked for that touches client connections, done by `after_shard`
+    /// once the loop that called the core lets go of them.
+    later: Vec<Later>,
+}
+
+/// A core output that touches client connections (see [`take_output`]).
+enum Later {
+    /// `Output::Send`: a message for control connection `to`.
+    Send { to: FiveTuple, msg: Vec<u8> },
+    /// The client data connection in slot `ci` was spliced to peer connection `id`, which
+    /// the core closed (`Output::ClosePeerConn`): it closes too.
+    CloseData { ci: usize, id: ConnId },
+}
+
+/// Does at once what the core asked for that needs only the relay sockets (closing a
+/// relay socket or a peer connection, as the core used to do synchronously), queues in
+/// `later` what touches client connections, and hands back an answer to the message
+/// just handled (`Reply`, `Forward`, `BindData`) for the caller to send.
+fn take_output(relays: &mut Relays, later: &mut Vec<Later>, o: Output) -> Option<Output> {
+    match o {
+        Output::CloseRelay(id) => relays.close(id),
+        Output::ClosePeerConn(id) => {
+            if let Some(ci) = relays.close_peer(id) {
+                later.push(Later::CloseData { ci, id });
+            }
+        }
+        Output::Send { to, msg } => later.push(Later::Send { to, msg }),
+        answer => return Some(answer),
+    }
+    None
 }
 
 fn now() -> Now {
@@ -262,6 +292,7 @@ impl<S: Shard> Worker<S> {
             throttled: Vec::new(),
             backlog: Vec::new(),
             expired_ids: Vec::new(),
+            later: Vec::new(),
         })
     }
 
@@ -461,44 +492,51 @@ impl<S: Shard> Worker<S> {
                     Kind::Stun => {
                         stun_seen = true;
                         let t0 = is_request(msg).then(Instant::now);
-                        let action =
-                            self.shard
-                                .handle_stun(now, from, msg, &mut self.out, &mut self.relays);
+                        self.shard
+                            .handle_stun(now, from, msg, &mut self.out, &mut self.relays);
                         if let Some(t0) = t0 {
                             self.shard.record_request_time(t0.elapsed());
                         }
-                        match action {
-                            Action::None => {}
-                            // ConnectionBind over UDP gets 400 from the core; never BindData.
-                            Action::Reply(len) | Action::BindData { len, .. } => {
-                                let src = wildcard.then_some(server.ip());
-                                // SAFETY: `out` is not touched before this flush.
-                                unsafe { self.reply.push(&self.out[..len], r.from, src) };
-                                if self.reply.flush(fd).failed > 0 {
-                                    self.stats.drop_send_error += 1;
+                        while let Some(o) = self.shard.poll_output() {
+                            let answer = take_output(&mut self.relays, &mut self.later, o);
+                            match answer {
+                                None => {}
+                                // ConnectionBind over UDP gets 400 from the core; never
+                                // BindData.
+                                Some(Output::Reply { len } | Output::BindData { len, .. }) => {
+                                    let src = wildcard.then_some(server.ip());
+                                    // SAFETY: `out` is not touched before this flush.
+                                    unsafe { self.reply.push(&self.out[..len], r.from, src) };
+                                    if self.reply.flush(fd).failed > 0 {
+                                        self.stats.drop_send_error += 1;
+                                    }
                                 }
-                            }
-                            Action::Forward {
-                                relay,
-                                peer,
-                                payload,
-                            } => {
-                                let len = payload.len();
-                                let fd =
-                                    self.relays
-                                        .peer_send_fd(relay, len, now.mono, &mut self.stats);
-                                if let (Some(data), Some(rfd)) = (msg.get(payload), fd) {
-                                    // SAFETY: as above.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            Transport::Udp,
-                                            data,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
+                                Some(Output::Forward {
+                                    relay,
+                                    peer,
+                                    payload,
+                                }) => {
+                                    let len = payload.len();
+                                    let fd = self.relays.peer_send_fd(
+                                        relay,
+                                        len,
+                                        now.mono,
+                                        &mut self.stats,
+                                    );
+                                    if let (Some(data), Some(rfd)) = (msg.get(payload), fd) {
+                                        // SAFETY: as above.
+                                        unsafe {
+                                            self.to_peer.push(
+                                                rfd,
+                                                Transport::Udp,
+                                                data,
+                                                peer,
+                                                &mut self.stats,
+                                            )
+                                        };
+                                    }
                                 }
+                                Some(_) => {}
                             }
                         }
                     }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::turn::{Action, FiveTuple, Now, PeerRoute, RelayId, RelayIo};
+use crate::turn::{FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo};
 
 const CHANNEL: u16 = 0x4000;
 
@@ -15,6 +15,7 @@ const CHANNEL: u16 = 0x4000;
 struct Fake {
     peer: SocketAddr,
     alloc: Option<(RelayId, FiveTuple)>,
+    out: Option<Output>,
 }
 
 impl Shard for Fake {
@@ -25,13 +26,16 @@ impl Shard for Fake {
         msg: &[u8],
         out: &mut [u8; OUT_LEN],
         io: &mut impl RelayIo,
-    ) -> Action {
+    ) {
         if msg[..2] == [0, 3] && self.alloc.is_none() {
             let id = io.open_relay("127.0.0.1:0".parse().unwrap()).unwrap();
             self.alloc = Some((id, from));
         }
         out[..msg.len()].copy_from_slice(msg);
-        Action::Reply(msg.len())
+        self.out = Some(Output::Reply { len: msg.len() });
+    }
+    fn poll_output(&mut self) -> Option<Output> {
+        self.out.take()
     }
     fn channel_to_peer(&mut self, from: &FiveTuple, ch: u16) -> Option<(RelayId, SocketAddr)> {
         match self.alloc {
@@ -52,10 +56,10 @@ impl Shard for Fake {
     fn poll_timeout(&self) -> Option<std::time::Instant> {
         None
     }
-    fn client_closed(&mut self, client: &FiveTuple, _now: Now, io: &mut impl RelayIo) {
+    fn client_closed(&mut self, client: &FiveTuple, _now: Now, _io: &mut impl RelayIo) {
         if let Some((id, t)) = self.alloc {
             if t == *client {
-                io.close_relay(id);
+                self.out = Some(Output::CloseRelay(id));
                 self.alloc = None;
             }
         }
@@ -77,7 +81,11 @@ fn service(peer: SocketAddr, tweak: impl FnOnce(&mut TurnConfig)) -> TurnService
             local: ip,
             advertised: ip,
         }],
-        move || Fake { peer, alloc: None },
+        move || Fake {
+            peer,
+            alloc: None,
+            out: None,
+        },
     )
     .unwrap()
 }

@@ -66,6 +66,13 @@ pub const fn message_type(method: u16, class: u16) -> u16 {
     (method & 0x000F) | ((method & 0x0070) << 1) | ((method & 0x0F80) << 2) | class
 }
 
+/// Splits a message type into its method and class (RFC 8489 §5, figure 3): the inverse
+/// of [`message_type`].
+pub const fn split_message_type(t: u16) -> (u16, u16) {
+    let method = ((t & 0x3E00) >> 2) | ((t & 0x00E0) >> 1) | (t & 0x000F);
+    (method, t & 0x0110)
+}
+
 /// Attribute types (RFC 8489 §18.3, RFC 8656 §18).
 pub mod attr {
     pub const MAPPED_ADDRESS: u16 = 0x0001;

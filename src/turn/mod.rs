@@ -3,60 +3,67 @@
 //! It must not spawn threads or tasks, and the per-packet lookups (`channel_to_peer`,
 //! `peer_to_client`, Send indications) must not allocate, lock or log.
 //!
-//! Files: `tables.rs` (the allocation slab and every index over it, their only writer),
-//! `allocation.rs` (the plain data the tables hold), `request.rs` (typed decoding of
-//! request attributes), `server.rs` (timers, expiry, deletion, the per-packet lookups),
-//! `requests.rs` (authentication and the RFC 8656 methods), `tcp_relay.rs` (RFC 6062:
-//! Connect, ConnectionBind, ConnectionAttempt), `reply.rs` (writing and counting answers),
-//! `auth.rs` + `nonce.rs` (credentials), `ports.rs` (relay port pool), `policy.rs` (peer
-//! addresses), `ratelimit.rs`, `stats.rs`, `server_config.rs`, `alternates.rs` (300 Try
-//! Alternate targets), `usage_tap.rs` (usage records and byte budgets, `crate::usage`),
+//! Files: `server.rs` (the [`Server`]: its state, public API and timers; the only
+//! `impl Server`), `method/` (one file per request method, as free functions over the
+//! state a call borrows, plus `teardown.rs`), `tables.rs` (the allocation slab and every
+//! index over it, their only writer), `allocation.rs` (the plain data the tables hold),
+//! `request.rs` (typed decoding of request attributes), `timers.rs` (the timer heap),
+//! `quota.rs` (allocation quotas per user and in total), `auth.rs` + `nonce.rs`
+//! (credentials), `ports.rs` (relay port pool), `policy.rs` (peer addresses),
+//! `ratelimit.rs`, `stats.rs`, `server_config.rs`, `alternates.rs` (300 Try Alternate
+//! targets), `usage_tap.rs` (usage records and byte budgets, `crate::usage`),
 //! `cluster_hook.rs` (cluster mode's quota snapshot and registry alternates); tests in
-//! `tests/`.
-//!
-//! `impl Server` still continues in `requests.rs`, `tcp_relay.rs` and `reply.rs`, which
-//! import each other through it (issue 13: one way out, `poll_output`, is not done yet).
-//! `tables.rs`, `request.rs` and `allocation.rs` import none of them.
+//! `tests/`. Imports go one way: `server.rs` → `method/` → `tables.rs`, `request.rs`,
+//! `timers.rs`, `allocation.rs`; nothing imports `server.rs` back.
 //!
 //! # Contract with the IO driver (`crate::net`)
-//! One [`Server`] per worker shard. The driver:
-//! - passes every STUN message from a client to `Server::handle_stun`, which writes any
-//!   response into the caller's buffer and returns an [`Action`];
-//! - for ChannelData from a client calls `Server::channel_to_peer` (O(1), allocation-free);
-//! - for a datagram arriving on a relay socket calls `Server::peer_to_client`;
-//! - calls `Server::handle_timeout` when `Server::poll_timeout` is due;
-//! - calls `Server::client_closed` when a TCP/TLS client connection closes;
-//! - may count each relay socket's traffic and report it through `RelayIo::usage`;
-//! - for RFC 6062 TCP allocations: reports connects finishing (`Server::tcp_connect_done`),
-//!   peers accepted on a TCP relay listener (`Server::tcp_peer_accepted`) and peer
-//!   connections it closed (`Server::tcp_conn_closed`), splices the bound pair after
-//!   `Action::BindData`, and after every call sends what `Server::drain_outbox` yields.
+//! One [`Server`] per worker shard. The driver calls in with what happened and takes
+//! what to do out of ONE queue, [`Server::poll_output`], which it drains after every call
+//! (str0m / quinn-proto style):
+//! - every STUN message from a client goes to `Server::handle_stun`, which writes any
+//!   answer into the caller's buffer and queues it as [`Output::Reply`] (or
+//!   [`Output::Forward`] for a Send indication, [`Output::BindData`] for an RFC 6062
+//!   ConnectionBind);
+//! - ChannelData from a client: `Server::channel_to_peer` (O(1), allocation-free, no
+//!   output: the driver sends the payload itself);
+//! - a datagram arriving on a relay socket: `Server::peer_to_client` (likewise);
+//! - `Server::handle_timeout` when `Server::poll_timeout` is due;
+//! - `Server::client_closed` when a TCP/TLS client connection closes;
+//! - RFC 6062: connects finishing (`Server::tcp_connect_done`), peers accepted on a TCP
+//!   relay listener (`Server::tcp_peer_accepted`), peer connections it closed
+//!   (`Server::tcp_conn_closed`).
 //!
-//! Relay sockets are opened and closed through the [`RelayIo`] trait the driver implements;
-//! the port numbers are chosen by the core's shared port pool.
+//! What the core asks of the driver — answers, messages for other connections
+//! ([`Output::Send`]), relay sockets and peer connections to close — is all in that
+//! queue. The exception is [`RelayIo`], called synchronously during a request: opening a
+//! relay socket (the port must be bound before the success answer names it; the port
+//! numbers come from the core's shared pool), starting an RFC 6062 peer connect (a
+//! connect that cannot start is answered 447 in the same response), and reading a relay's
+//! counters (`RelayIo::usage`, no effect).
 
 mod allocation;
 pub mod alternates;
 pub mod auth;
 pub mod cluster_hook;
+mod method;
 pub mod nonce;
 pub mod policy;
 pub mod ports;
+mod quota;
 pub mod ratelimit;
-mod reply;
 mod request;
-mod requests;
 mod server;
 mod server_config;
 pub mod stats;
 mod tables;
-mod tcp_relay;
 #[cfg(test)]
 mod tests;
+mod timers;
 mod usage_tap;
 
+pub use quota::QuotaError;
 pub use server::Server;
-pub use server_config::{QuotaError, RelayAddr, ServerConfig, Shared};
+pub use server_config::{RelayAddr, ServerConfig, Shared};
 pub use stats::TurnStats;
 
 use std::net::SocketAddr;
@@ -106,23 +113,33 @@ pub struct Now {
     pub unix_secs: u64,
 }
 
-/// What the driver does after `Server::handle_stun`.
+/// What the core asks its driver to do, taken from [`Server::poll_output`] in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Nothing to send (an indication consumed, a response ignored, or input dropped and counted).
-    None,
-    /// Send `out[..len]` back to the client on the same 5-tuple.
-    Reply(usize),
-    /// A Send indication: send `msg[payload]` from relay socket `relay` to `peer`.
+pub enum Output {
+    /// The answer to the STUN message just handled: send `out[..len]` (the buffer given to
+    /// `handle_stun`) back to the client on the same 5-tuple.
+    Reply { len: usize },
+    /// The Send indication just handled (RFC 8656 §10.2): send `msg[payload]` from relay
+    /// socket `relay` to `peer`.
     Forward {
         relay: RelayId,
         peer: SocketAddr,
         payload: Range<usize>,
     },
-    /// A ConnectionBind succeeded (RFC 6062 §5.4): send `out[..len]` on this TCP/TLS
-    /// connection; from then on it is the client data connection of peer connection
-    /// `conn`, carrying raw bytes both ways (no more STUN framing).
+    /// The ConnectionBind just handled succeeded (RFC 6062 §5.4): send `out[..len]` on
+    /// this TCP/TLS connection; from then on it is the client data connection of peer
+    /// connection `conn`, carrying raw bytes both ways (no more STUN framing).
     BindData { conn: ConnId, len: usize },
+    /// A message made outside a request — a Connect's deferred answer, a
+    /// ConnectionAttempt indication, a 447 (RFC 6062 §5.2, §5.3) — for control connection
+    /// `to`.
+    Send { to: FiveTuple, msg: Vec<u8> },
+    /// Close relay socket or TCP relay listener `relay` (its allocation or family ended).
+    CloseRelay(RelayId),
+    /// Close RFC 6062 peer connection `conn` in whatever state it is (connecting, waiting
+    /// for ConnectionBind, or bound: then its client data connection closes too). Not
+    /// asked for a connection the driver reported closed (`Server::tcp_conn_closed`).
+    ClosePeerConn(ConnId),
 }
 
 /// CONNECTION-ID of an RFC 6062 peer data connection (§6.2.1). Unique across shards: the
@@ -143,13 +160,14 @@ pub struct PeerRoute {
     pub channel: Option<u16>,
 }
 
-/// Relay sockets, implemented by the IO driver (a fake in unit tests).
+/// What the core does synchronously during a request, implemented by the IO driver (a
+/// fake in unit tests): opening relay sockets and starting peer connects, whose outcome
+/// the answer depends on, and reading a relay's counters. Everything else the driver does
+/// for the core comes out of [`Server::poll_output`].
 pub trait RelayIo {
     /// Opens a UDP relay socket bound to exactly `addr`. `AddrInUse` makes the core try
     /// another port from its pool.
     fn open_relay(&mut self, addr: SocketAddr) -> std::io::Result<RelayId>;
-    /// Closes a relay socket or TCP relay listener (allocation deleted or expired).
-    fn close_relay(&mut self, relay: RelayId);
     /// Opens a TCP relay listener bound to exactly `addr` for an RFC 6062 TCP allocation
     /// (§5.1), accepting peer connections (reported through `Server::tcp_peer_accepted`).
     /// Must let outgoing connections bind the same address (§5.2). `AddrInUse` makes the
@@ -168,12 +186,8 @@ pub trait RelayIo {
     ) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }
-    /// Closes peer connection `conn` in whatever state it is (connecting, waiting for
-    /// ConnectionBind, or bound: then its client data connection closes too). Not called
-    /// for a connection the driver reported closed through `Server::tcp_conn_closed`.
-    fn close_tcp_conn(&mut self, _conn: ConnId) {}
     /// What the relay socket carried so far (read just before it is closed, for the
-    /// allocation's log line). Drivers that do not count return zeros.
+    /// allocation's log line and usage report). Drivers that do not count return zeros.
     fn usage(&self, _relay: RelayId) -> RelayUsage {
         RelayUsage::default()
     }

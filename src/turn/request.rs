@@ -1,5 +1,5 @@
 //! Decoding a request's attributes into typed values (RFC 8656 §7-§11, RFC 6062 §6), so
-//! the handlers in `requests.rs` and `tcp_relay.rs` see `Allocate { transport, family, .. }`
+//! the handlers in `method/` see `Allocate { transport, family, .. }`
 //! and never raw attribute bytes or bare error numbers.
 //!
 //! Each decoder is pure (no state, no counters) and is called by its handler at the point

@@ -2,10 +2,8 @@
 //! shared by all shards ([`Shared`]: port pool, quotas, nonce key).
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-
-use rustc_hash::FxHashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use super::alternates::Alternates;
 use super::auth::Credentials;
@@ -13,6 +11,7 @@ use super::cluster_hook::ClusterHook;
 use super::nonce::NonceKey;
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
+use super::quota::{QuotaError, Quotas};
 use crate::config::{Config, ConfigError};
 
 /// A relay address: sockets bind `local`, XOR-RELAYED-ADDRESS says `advertised` (1:1 NAT).
@@ -126,22 +125,13 @@ impl ServerConfig {
     }
 }
 
-/// Why an allocation could not be counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuotaError {
-    /// 486 Allocation Quota Reached.
-    User,
-    /// 508 Insufficient Capacity.
-    Total,
-}
-
 /// State shared by all shards. Locks here are taken on the control path only.
 #[derive(Debug)]
 pub struct Shared {
     pub(crate) nonce: NonceKey,
     pub(crate) ports: PortPool,
-    per_user: Mutex<FxHashMap<String, u32>>,
-    total: AtomicU32,
+    /// Allocation counts per user and in total (`quota.rs`, their only writer).
+    quotas: Quotas,
     /// Set on SIGTERM: new allocations are refused (300 to an alternate, else 508).
     draining: AtomicBool,
     /// Round-robin position among the alternates, across all shards.
@@ -161,8 +151,7 @@ impl Shared {
                 cfg.min_port,
                 cfg.max_port,
             ),
-            per_user: Mutex::new(FxHashMap::default()),
-            total: AtomicU32::new(0),
+            quotas: Quotas::default(),
             draining: AtomicBool::new(false),
             next_alternate: AtomicUsize::new(0),
             usage: OnceLock::new(),
@@ -182,14 +171,7 @@ impl Shared {
 
     /// Allocations per user on this node (for the cluster driver's lease writes).
     pub fn local_user_counts(&self, users: Option<&[String]>) -> Vec<(String, u32)> {
-        let m = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
-        match users {
-            None => m.iter().map(|(u, n)| (u.clone(), *n)).collect(),
-            Some(us) => us
-                .iter()
-                .map(|u| (u.clone(), m.get(u).copied().unwrap_or(0)))
-                .collect(),
-        }
+        self.quotas.user_counts(users)
     }
 
     /// Turns usage accounting on: allocations report to `ledger` from now on.
@@ -218,52 +200,23 @@ impl Shared {
 
     /// Allocations held across all shards.
     pub fn total_allocations(&self) -> u32 {
-        self.total.load(Ordering::Relaxed)
+        self.quotas.total()
     }
 
-    /// Counts one more allocation for `user` if both quotas allow it.
+    /// Counts one more allocation for `user` if both quotas allow it (cluster mode: the
+    /// user's allocations on other nodes count too).
     pub(crate) fn acquire_quota(
         &self,
         user: &str,
         user_quota: u32,
         total_quota: u32,
     ) -> Result<(), QuotaError> {
-        let mut m = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.get(user).copied().unwrap_or(0);
-        let remote = self.cluster().map_or(0, |c| c.remote_count(user));
-        if n.saturating_add(remote) >= user_quota {
-            return Err(QuotaError::User);
-        }
-        if self
-            .total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                (t < total_quota).then_some(t + 1)
-            })
-            .is_err()
-        {
-            return Err(QuotaError::Total);
-        }
-        m.insert(user.to_string(), n + 1);
-        if let Some(c) = self.cluster() {
-            c.mark(user);
-        }
-        Ok(())
+        self.quotas
+            .acquire(user, user_quota, total_quota, self.cluster())
     }
 
     pub(crate) fn release_quota(&self, user: &str) {
-        let mut m = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(user) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(user);
-            }
-        }
-        if let Some(c) = self.cluster() {
-            c.mark(user);
-        }
-        let _ = self
-            .total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1));
+        self.quotas.release(user, self.cluster());
     }
 }
 

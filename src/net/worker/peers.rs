@@ -43,9 +43,6 @@ pub(super) struct Peers {
     pub(super) slots: Vec<Option<PeerConn>>,
     free: Vec<usize>,
     by_id: HashMap<ConnId, usize>,
-    /// Client data connections (slot, CONNECTION-ID) whose peer the core closed: the worker
-    /// closes them right after the shard call returns (it owns the client connections).
-    pub(super) closed_clients: Vec<(usize, ConnId)>,
     /// Connects that could not even start (counted here: the core answers 447).
     pub(super) connect_failures: u64,
 }
@@ -130,13 +127,12 @@ impl Peers {
         Some(p)
     }
 
-    /// The core closed `id` (`RelayIo::close_tcp_conn`): the socket goes now, a bound
-    /// client data connection right after the shard call.
-    pub(super) fn close_by_core(&mut self, registry: &Registry, id: ConnId) {
-        if let Some(p) = self.take(registry, id) {
-            if let PeerState::Bound(ci) = p.state {
-                self.closed_clients.push((ci, id));
-            }
+    /// The core closed `id` (`Output::ClosePeerConn`): the socket goes now. Returns the
+    /// client data connection slot it was spliced to, which the worker closes too.
+    pub(super) fn close_by_core(&mut self, registry: &Registry, id: ConnId) -> Option<usize> {
+        match self.take(registry, id)?.state {
+            PeerState::Bound(ci) => Some(ci),
+            _ => None,
         }
     }
 

@@ -1,5 +1,5 @@
-//! The relay sockets of one worker's allocations (opened and closed by its shard through
-//! [`RelayIo`]): UDP relay sockets, RFC 6062 TCP relay listeners and their peer
+//! The relay sockets of one worker's allocations (opened by its shard through
+//! [`RelayIo`], closed when it asks through `Output`): UDP relay sockets, RFC 6062 TCP relay listeners and their peer
 //! connections (`peers.rs`), and the batch that sends client→peer datagrams.
 
 use std::io;
@@ -208,6 +208,25 @@ impl Relays {
         }
     }
 
+    /// `Output::CloseRelay`: closes a relay socket or TCP relay listener (its allocation
+    /// or family ended).
+    pub(super) fn close(&mut self, relay: RelayId) {
+        let idx = relay.index();
+        if let Some(s) = self.socks.get_mut(idx).and_then(Option::take) {
+            let _ = match s.kind {
+                RelayKind::Udp(mut u) => self.registry.deregister(&mut u),
+                RelayKind::Tcp { mut listener, .. } => self.registry.deregister(&mut listener),
+            };
+            self.free.push(idx as u32);
+        }
+    }
+
+    /// `Output::ClosePeerConn`: closes an RFC 6062 peer connection; returns the client
+    /// data connection slot it was spliced to (closed by the worker, which owns it).
+    pub(super) fn close_peer(&mut self, conn: ConnId) -> Option<usize> {
+        self.peers.close_by_core(&self.registry, conn)
+    }
+
     fn slot(&mut self) -> io::Result<usize> {
         match self.free.pop() {
             Some(i) => Ok(i as usize),
@@ -245,17 +264,6 @@ impl RelayIo for Relays {
         Ok(RelayId::from_index(idx))
     }
 
-    fn close_relay(&mut self, relay: RelayId) {
-        let idx = relay.index();
-        if let Some(s) = self.socks.get_mut(idx).and_then(Option::take) {
-            let _ = match s.kind {
-                RelayKind::Udp(mut u) => self.registry.deregister(&mut u),
-                RelayKind::Tcp { mut listener, .. } => self.registry.deregister(&mut listener),
-            };
-            self.free.push(idx as u32);
-        }
-    }
-
     fn open_tcp_relay(&mut self, addr: SocketAddr) -> io::Result<RelayId> {
         let mut listener =
             TcpListener::from_std(socket::tcp_relay_listener(addr, self.buffer_bytes)?);
@@ -290,10 +298,6 @@ impl RelayIo for Relays {
             self.peers.connect_failures += 1;
         }
         r
-    }
-
-    fn close_tcp_conn(&mut self, conn: ConnId) {
-        self.peers.close_by_core(&self.registry, conn);
     }
 
     fn set_user_cap(&mut self, relay: RelayId, cap: std::sync::Arc<crate::usage::UserCap>) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::peers::PeerState;
 use super::tcp_conns::CloseReason;
-use super::{Worker, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE};
+use super::{take_output, Later, Worker, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE};
 use crate::net::shard::Shard;
 use crate::turn::{ConnId, Now, RelayId};
 
@@ -44,38 +44,50 @@ pub(super) struct Splice {
 }
 
 impl<S: Shard> Worker<S> {
-    /// After a call into the shard: messages it made outside a request (Connect responses,
-    /// ConnectionAttempt indications, RFC 6062 §5.2/§5.3) go on their control connections,
-    /// and client data connections whose peer connection it closed are closed.
+    /// After a call into the shard: what it asked for goes out — relay sockets and peer
+    /// connections closed at once ([`take_output`]), then messages made outside a request
+    /// (Connect responses, ConnectionAttempt indications, RFC 6062 §5.2/§5.3) onto their
+    /// control connections, then the client data connections whose peer connection it
+    /// closed.
     pub(super) fn after_shard(&mut self) {
+        while let Some(o) = self.shard.poll_output() {
+            if let Some(answer) = take_output(&mut self.relays, &mut self.later, o) {
+                // Answers follow `handle_stun` only, whose caller takes them.
+                tracing::debug!(?answer, "core answer outside a request dropped");
+            }
+        }
+        let mut later = std::mem::take(&mut self.later);
         let mut backlog = std::mem::take(&mut self.backlog);
-        let conns = &mut self.conns;
-        let by_tuple = &self.conn_by_tuple;
-        let dirty = &mut self.dirty_conns;
-        self.shard.drain_outbox(|tuple, msg| {
-            let Some(&ci) = by_tuple.get(tuple) else {
-                return;
+        for l in &mut later {
+            let Later::Send { to, msg } = l else {
+                continue;
             };
-            let Some(c) = conns.get_mut(ci).and_then(Option::as_mut) else {
-                return;
+            let Some(&ci) = self.conn_by_tuple.get(to) else {
+                continue;
+            };
+            let Some(c) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+                continue;
             };
             if c.splice.is_some() {
                 // Never STUN into a raw byte stream.
-                return;
+                continue;
             }
             if !c.out.push_control(msg) {
                 backlog.push(ci);
             } else if !c.dirty {
                 c.dirty = true;
-                dirty.push(ci);
+                self.dirty_conns.push(ci);
             }
-        });
+        }
         self.flush_dirty_conns();
         for ci in backlog.drain(..) {
             self.close_conn(ci, CloseReason::Backlog);
         }
         self.backlog = backlog;
-        while let Some((ci, id)) = self.relays.peers.closed_clients.pop() {
+        for l in later.drain(..) {
+            let Later::CloseData { ci, id } = l else {
+                continue;
+            };
             let bound = self
                 .conns
                 .get(ci)
@@ -85,6 +97,10 @@ impl<S: Shard> Worker<S> {
             if bound {
                 self.close_conn(ci, CloseReason::Eof);
             }
+        }
+        // Closing above calls the core and this again, which does what that asked for.
+        if self.later.is_empty() {
+            self.later = later;
         }
     }
 
@@ -185,7 +201,7 @@ impl<S: Shard> Worker<S> {
         self.expired_ids = ids;
     }
 
-    /// `Action::BindData`: client connection `ci` becomes the data connection of peer
+    /// `Output::BindData`: client connection `ci` becomes the data connection of peer
     /// connection `id` (RFC 6062 §5.4). Bytes after the ConnectionBind still in its InBuf
     /// are the first client data for the peer. `true` if more may wait.
     pub(super) fn bind_data(&mut self, ci: usize, id: ConnId, now: Now) -> bool {

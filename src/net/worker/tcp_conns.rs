@@ -9,13 +9,14 @@ use mio::Interest;
 
 use super::splice::Splice;
 use super::{
-    is_request, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE,
+    is_request, take_output, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE,
+    TCP_HARD_QUEUE,
 };
 use crate::net::link::{is_tls_error, Link};
 use crate::net::shard::Shard;
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
 use crate::stun::{classify, connection_bind_id, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
-use crate::turn::{conn_shard, Action, ConnId, FiveTuple, Now, Transport};
+use crate::turn::{conn_shard, ConnId, FiveTuple, Now, Output, Transport};
 
 /// What a TCP listener accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,7 +257,7 @@ impl<S: Shard> Worker<S> {
                             }
                         }
                         let t0 = is_request(frame).then(Instant::now);
-                        let action = self.shard.handle_stun(
+                        self.shard.handle_stun(
                             now,
                             conn.tuple,
                             frame,
@@ -266,41 +267,48 @@ impl<S: Shard> Worker<S> {
                         if let Some(t0) = t0 {
                             self.shard.record_request_time(t0.elapsed());
                         }
-                        match action {
-                            Action::None => {}
-                            Action::Reply(len) => {
-                                if !conn.out.push_control(&self.out[..len]) {
-                                    stop = Some(Stop::Close(CloseReason::Backlog));
+                        while let Some(o) = self.shard.poll_output() {
+                            match take_output(&mut self.relays, &mut self.later, o) {
+                                None => {}
+                                Some(Output::Reply { len }) => {
+                                    let queued = conn.out.push_control(&self.out[..len]);
+                                    if !queued {
+                                        stop = Some(Stop::Close(CloseReason::Backlog));
+                                    }
                                 }
-                            }
-                            Action::BindData { conn: id, len } => {
-                                stop = Some(if conn.out.push_control(&self.out[..len]) {
-                                    Stop::Bind(id)
-                                } else {
-                                    Stop::Close(CloseReason::Backlog)
-                                });
-                            }
-                            Action::Forward {
-                                relay,
-                                peer,
-                                payload,
-                            } => {
-                                let len = payload.len();
-                                let fd =
-                                    self.relays
-                                        .peer_send_fd(relay, len, now.mono, &mut self.stats);
-                                if let (Some(d), Some(rfd)) = (frame.get(payload), fd) {
-                                    // SAFETY: as above.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            conn.tuple.transport,
-                                            d,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
+                                Some(Output::BindData { conn: id, len }) => {
+                                    stop = Some(if conn.out.push_control(&self.out[..len]) {
+                                        Stop::Bind(id)
+                                    } else {
+                                        Stop::Close(CloseReason::Backlog)
+                                    });
                                 }
+                                Some(Output::Forward {
+                                    relay,
+                                    peer,
+                                    payload,
+                                }) => {
+                                    let len = payload.len();
+                                    let fd = self.relays.peer_send_fd(
+                                        relay,
+                                        len,
+                                        now.mono,
+                                        &mut self.stats,
+                                    );
+                                    if let (Some(d), Some(rfd)) = (frame.get(payload), fd) {
+                                        // SAFETY: as above.
+                                        unsafe {
+                                            self.to_peer.push(
+                                                rfd,
+                                                conn.tuple.transport,
+                                                d,
+                                                peer,
+                                                &mut self.stats,
+                                            )
+                                        };
+                                    }
+                                }
+                                Some(_) => {}
                             }
                         }
                     }

@@ -58,10 +58,6 @@ impl RelayIo for FakeIo {
         self.open.insert(id, addr);
         Ok(id)
     }
-    fn close_relay(&mut self, relay: RelayId) {
-        assert!(self.open.remove(&relay).is_some(), "closing unknown relay");
-        self.tcp_listeners.remove(&relay);
-    }
     fn open_tcp_relay(&mut self, addr: SocketAddr) -> std::io::Result<RelayId> {
         if self.no_tcp {
             return Err(std::io::ErrorKind::Unsupported.into());
@@ -86,6 +82,17 @@ impl RelayIo for FakeIo {
         self.connects.push((relay, peer, conn));
         Ok(())
     }
+    fn usage(&self, relay: RelayId) -> RelayUsage {
+        self.usage.get(&relay).copied().unwrap_or_default()
+    }
+}
+
+/// What the driver does with `Output::CloseRelay` and `Output::ClosePeerConn`.
+impl FakeIo {
+    fn close_relay(&mut self, relay: RelayId) {
+        assert!(self.open.remove(&relay).is_some(), "closing unknown relay");
+        self.tcp_listeners.remove(&relay);
+    }
     fn close_tcp_conn(&mut self, conn: ConnId) {
         if let Some((relay, _, _)) = self.connects.iter().find(|c| c.2 == conn) {
             assert!(
@@ -98,9 +105,6 @@ impl RelayIo for FakeIo {
             "conn {conn} closed twice"
         );
         self.closed_conns.push(conn);
-    }
-    fn usage(&self, relay: RelayId) -> RelayUsage {
-        self.usage.get(&relay).copied().unwrap_or_default()
     }
 }
 
@@ -239,6 +243,8 @@ pub(super) struct H {
     pub(super) t0: Instant,
     pub(super) elapsed: Duration,
     pub(super) nonce: Vec<u8>,
+    /// `Output::Send` messages the core made outside a request, oldest first.
+    pub(super) sent: Vec<(FiveTuple, Vec<u8>)>,
 }
 
 pub(super) fn client(n: u16) -> FiveTuple {
@@ -286,6 +292,7 @@ impl H {
             t0: Instant::now(),
             elapsed: Duration::ZERO,
             nonce: Vec::new(),
+            sent: Vec::new(),
         }
     }
 
@@ -305,6 +312,7 @@ impl H {
                     self.elapsed = self.elapsed.max(t - self.t0);
                     let now = self.now();
                     self.server.handle_timeout(now, &mut self.io);
+                    assert_eq!(self.drain(), None, "no answer without a request");
                 }
                 _ => break,
             }
@@ -312,19 +320,37 @@ impl H {
         self.elapsed = end;
     }
 
-    pub(super) fn raw(&mut self, from: FiveTuple, msg: &[u8]) -> (Action, Vec<u8>) {
+    /// Does what the core asked for, as the driver would (closing relays and peer
+    /// connections in the fake, keeping `Send` messages in `sent`), and returns the answer
+    /// to the message just handled, if any.
+    pub(super) fn drain(&mut self) -> Option<Output> {
+        let mut answer = None;
+        while let Some(o) = self.server.poll_output() {
+            match o {
+                Output::CloseRelay(r) => self.io.close_relay(r),
+                Output::ClosePeerConn(c) => self.io.close_tcp_conn(c),
+                Output::Send { to, msg } => self.sent.push((to, msg)),
+                a => {
+                    assert_eq!(answer, None, "one answer per message");
+                    answer = Some(a);
+                }
+            }
+        }
+        answer
+    }
+
+    pub(super) fn raw(&mut self, from: FiveTuple, msg: &[u8]) -> (Option<Output>, Vec<u8>) {
         let mut out = vec![0u8; 2048];
         let now = self.now();
-        let a = self
-            .server
+        self.server
             .handle_stun(now, from, msg, &mut out, &mut self.io);
-        (a, out)
+        (self.drain(), out)
     }
 
     /// Sends and expects an answer.
     pub(super) fn send(&mut self, from: FiveTuple, msg: &[u8]) -> Resp {
         match self.raw(from, msg) {
-            (Action::Reply(n), out) => Resp {
+            (Some(Output::Reply { len: n }), out) => Resp {
                 bytes: out[..n].to_vec(),
             },
             (a, _) => panic!("expected a reply, got {a:?}"),
@@ -1045,14 +1071,17 @@ fn even_port_and_reservation_token() {
         .udp()
         .attr(attr::RESERVATION_TOKEN, &token);
     let mut out = vec![0u8; 2048];
-    let a = other.handle_stun(
+    other.handle_stun(
         h.now(),
         client(2),
         &req.encode(Some((&u, &k, &nonce))),
         &mut out,
         &mut h.io,
     );
-    let Action::Reply(n) = a else { panic!("{a:?}") };
+    let a = other.poll_output();
+    let Some(Output::Reply { len: n }) = a else {
+        panic!("{a:?}")
+    };
     let r = Resp {
         bytes: out[..n].to_vec(),
     };
@@ -1324,7 +1353,7 @@ fn send_indication_forwards_only_with_permission() {
     send.data = Some(b"hello peer".to_vec());
     let msg = send.encode(None);
     let (a, _) = h.raw(client(1), &msg);
-    assert_eq!(a, Action::None, "no permission: dropped silently");
+    assert_eq!(a, None, "no permission: dropped silently");
     assert_eq!(h.server.stats().sends_dropped, 1);
     let (u, k) = h.alice();
     assert_eq!(
@@ -1338,11 +1367,11 @@ fn send_indication_forwards_only_with_permission() {
         0
     );
     let (a, _) = h.raw(client(1), &msg);
-    let Action::Forward {
+    let Some(Output::Forward {
         relay,
         peer,
         payload,
-    } = a
+    }) = a
     else {
         panic!("{a:?}")
     };
@@ -1351,7 +1380,7 @@ fn send_indication_forwards_only_with_permission() {
     assert_eq!(&msg[payload], b"hello peer");
     // Without an allocation: dropped.
     let (a, _) = h.raw(client(2), &msg);
-    assert_eq!(a, Action::None);
+    assert_eq!(a, None);
 }
 
 #[test]
@@ -1371,13 +1400,13 @@ fn malformed_input_is_dropped_and_counted() {
         &[][..],
     ] {
         let (a, _) = h.raw(client(1), m);
-        assert_eq!(a, Action::None);
+        assert_eq!(a, None);
     }
     assert_eq!(h.server.stats().malformed, 5);
     // Responses and non-Send indications are ignored.
     let mut resp = Req::new(method::BINDING);
     resp.class = class::SUCCESS;
-    assert_eq!(h.raw(client(1), &resp.encode(None)).0, Action::None);
+    assert_eq!(h.raw(client(1), &resp.encode(None)).0, None);
     // Unknown method: 400.
     let r = h.send(client(1), &Req::new(0x0055).encode(None));
     assert_eq!(r.code(), 400);
@@ -1393,17 +1422,17 @@ fn unauthenticated_flood_is_rate_limited_per_source() {
     });
     let req = Req::new(method::ALLOCATE).udp().encode(None);
     let answered = (0..1000)
-        .filter(|_| matches!(h.raw(client(1), &req).0, Action::Reply(_)))
+        .filter(|_| matches!(h.raw(client(1), &req).0, Some(Output::Reply { .. })))
         .count();
     assert_eq!(answered, 10);
     assert_eq!(h.server.stats().rate_limited, 990);
     // Another source is still answered. Buckets are picked by a per-process keyed hash, so
     // take a source that does not share the flooded one's bucket (1 in 4096 would).
-    let flooded = h.server.limiter.bucket_of(client(1).client.ip());
+    let flooded = h.server.limiter().bucket_of(client(1).client.ip());
     let mut other = client(1);
     other.client = (200..=255u8)
         .map(|n| SocketAddr::from(([192, 0, 2, n], 1)))
-        .find(|a| h.server.limiter.bucket_of(a.ip()) != flooded)
+        .find(|a| h.server.limiter().bucket_of(a.ip()) != flooded)
         .unwrap();
     assert_eq!(h.send(other, &req).code(), 401);
     // Authenticated requests from the flooded source pass (nonce obtained from the other source is
@@ -1414,7 +1443,7 @@ fn unauthenticated_flood_is_rate_limited_per_source() {
     // The budget refills at 5/s: 4 left after the 401 above, plus 5 a second later.
     h.advance(1);
     let answered = (0..100)
-        .filter(|_| matches!(h.raw(client(1), &req).0, Action::Reply(_)))
+        .filter(|_| matches!(h.raw(client(1), &req).0, Some(Output::Reply { .. })))
         .count();
     assert_eq!(answered, 9);
 }
@@ -1427,8 +1456,10 @@ fn tcp_client_close_deletes_allocation() {
     assert_eq!(h.allocate(tcp).code(), 0);
     let now = h.now();
     h.server.client_closed(&client(1), now, &mut h.io);
+    h.drain();
     assert_eq!(h.server.allocation_count(), 1, "another 5-tuple");
     h.server.client_closed(&tcp, now, &mut h.io);
+    h.drain();
     assert_eq!(h.server.allocation_count(), 0);
     assert!(h.io.open.is_empty());
     assert_eq!(h.shared.total_allocations(), 0);
@@ -1457,10 +1488,10 @@ fn deleting_allocation_clears_data_path_tables() {
             .peer_to_client(RelayId::from_index(1), PEER.parse().unwrap()),
         None
     );
-    assert_eq!(h.server.tables.sizes().perms, 0);
-    assert_eq!(h.server.tables.sizes().peer_channels, 0);
-    assert_eq!(h.server.tables.sizes().client_channels, 0);
-    assert_eq!(h.server.tables.sizes().by_relay, 0);
+    assert_eq!(h.server.tables_mut().sizes().perms, 0);
+    assert_eq!(h.server.tables_mut().sizes().peer_channels, 0);
+    assert_eq!(h.server.tables_mut().sizes().client_channels, 0);
+    assert_eq!(h.server.tables_mut().sizes().by_relay, 0);
     // The slot is reused and old timers don't touch the new allocation.
     assert_eq!(h.allocate(client(2)).code(), 0);
     h.advance(599);
@@ -1545,10 +1576,10 @@ fn data_path_does_not_allocate() {
             .server
             .peer_to_client(RelayId::from_index(1), peer)
             .is_some());
-        let a = h
-            .server
+        h.server
             .handle_stun(now, client(1), &msg, &mut out, &mut h.io);
-        assert!(matches!(a, Action::Forward { .. }));
+        let a = h.server.poll_output();
+        assert!(matches!(a, Some(Output::Forward { .. })));
         let r = crate::stun::write_data_indication(&mut buf, 48, 1200, peer, [1; 12]).unwrap();
         assert_eq!(
             r.start, 12,
@@ -1587,9 +1618,9 @@ fn refresh_can_shorten_and_timers_stay_bounded() {
         );
     }
     assert!(
-        h.server.timers.len() <= 4,
+        h.server.timer_count() <= 4,
         "{} timer entries",
-        h.server.timers.len()
+        h.server.timer_count()
     );
     // Shortening works: 3600 s → 600 s.
     let r = h.auth(
@@ -1669,7 +1700,7 @@ fn expired_channel_cools_down_before_reuse() {
     assert_eq!(h.auth(client(1), &bind(0x4000, PEER), &u, &k).code(), 0);
     h.advance(600);
     assert_eq!(h.server.stats().channels_active, 0);
-    assert_eq!(h.server.tables.sizes().client_channels, 0);
+    assert_eq!(h.server.tables_mut().sizes().client_channels, 0);
     // During the 5-minute cooldown neither the number nor the peer can move.
     assert_eq!(h.auth(client(1), &bind(0x4000, PEER2), &u, &k).code(), 400);
     assert_eq!(h.auth(client(1), &bind(0x4001, PEER), &u, &k).code(), 400);
@@ -1847,6 +1878,7 @@ fn gauges_by_transport_and_family_and_the_lifetime_histogram() {
     h.advance(30);
     let now = h.now();
     h.server.client_closed(&tcp, now, &mut h.io);
+    h.drain();
     let s = h.server.stats().clone();
     assert_eq!(s.allocations_by, [[1, 0, 0], [0, 0, 0], [0, 0, 0]]);
     assert_eq!(s.channels_by, [[0; 2]; 3]);

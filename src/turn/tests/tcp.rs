@@ -52,8 +52,14 @@ fn tcp_allocate(h: &mut H, from: FiveTuple) -> RelayId {
 }
 
 /// Sends `req` signed (the nonce must be known) and returns the raw outcome, which for
-/// a Connect that started is `Action::None`.
-fn signed(h: &mut H, from: FiveTuple, req: &Req, user: &str, key: &Key) -> (Action, Vec<u8>) {
+/// a Connect that started is `None`.
+fn signed(
+    h: &mut H,
+    from: FiveTuple,
+    req: &Req,
+    user: &str,
+    key: &Key,
+) -> (Option<Output>, Vec<u8>) {
     if h.nonce.is_empty() {
         let r = h.send(from, &req.encode(None));
         assert_eq!(r.code(), 401);
@@ -71,15 +77,17 @@ fn connect_req(peer: &str) -> Req {
 fn start_connect(h: &mut H, from: FiveTuple, req: &Req) -> ConnId {
     let (u, k) = h.alice();
     let (a, _) = signed(h, from, req, &u, &k);
-    assert_eq!(a, Action::None, "a started Connect is answered later");
+    assert_eq!(a, None, "a started Connect is answered later");
     h.io.connects.last().expect("tcp_connect called").2
 }
 
+/// The messages the core made outside a request since the last call (`Output::Send`).
 fn outbox(h: &mut H) -> Vec<(FiveTuple, Resp)> {
-    let mut v = Vec::new();
-    h.server
-        .drain_outbox(|t, m| v.push((*t, Resp { bytes: m.to_vec() })));
-    v
+    assert_eq!(h.drain(), None, "no answer without a request");
+    std::mem::take(&mut h.sent)
+        .into_iter()
+        .map(|(t, bytes)| (t, Resp { bytes }))
+        .collect()
 }
 
 fn conn_id(r: &Resp) -> ConnId {
@@ -239,7 +247,7 @@ fn connect_connection_bind_and_data() {
     // The client binds a new data connection.
     let data = data_conn(1);
     let (a, out) = signed(&mut h, data, &bind_req(conn), &u, &k);
-    let Action::BindData { conn: c, len } = a else {
+    let Some(Output::BindData { conn: c, len }) = a else {
         panic!("expected BindData, got {a:?}");
     };
     assert_eq!(c, conn);
@@ -476,7 +484,7 @@ fn incoming_peer_needs_permission_and_room_and_sends_connection_attempt() {
     );
     // The client binds the first one.
     let (a, _) = signed(&mut h, data_conn(1), &bind_req(id), &u, &k);
-    assert!(matches!(a, Action::BindData { conn, .. } if conn == id));
+    assert!(matches!(a, Some(Output::BindData { conn, .. }) if conn == id));
     // Unknown relay, a UDP allocation's relay: refused without a count.
     assert_eq!(
         h.server
@@ -542,7 +550,7 @@ fn connection_bind_errors() {
     assert!(r.verifies_with(&bk));
     // Still bindable after all that.
     let (a, _) = signed(&mut h, data, &bind_req(conn), &u, &k);
-    assert!(matches!(a, Action::BindData { .. }));
+    assert!(matches!(a, Some(Output::BindData { .. })));
     let s = h.server.stats();
     assert_eq!(s.tcp_binds, [1, 8, 0]);
     assert_eq!(s.requests_with(MethodLabel::ConnectionBind, 441), 1);
@@ -561,7 +569,7 @@ fn connect_and_bind_with_a_rotated_secret_use_the_allocations_credential() {
     // through its CONNECTION-ID) both still verify with the allocation's key.
     start_connect(&mut h, ctl, &connect_req(PEER2));
     let (a, _) = signed(&mut h, data_conn(1), &bind_req(conn), &u, &k);
-    assert!(matches!(a, Action::BindData { .. }), "got {a:?}");
+    assert!(matches!(a, Some(Output::BindData { .. })), "got {a:?}");
     // An unknown id gives nothing to verify against: 401.
     let (_, out) = signed(&mut h, data_conn(2), &bind_req(conn + 7), &u, &k);
     assert_eq!(Resp { bytes: out }.code_prefix(), 401);
@@ -592,7 +600,7 @@ fn deleting_a_tcp_allocation_closes_its_connections_then_its_listener() {
     let (u, k) = h.alice();
     let bound = connected(&mut h, ctl, PEER);
     let (a, _) = signed(&mut h, data_conn(1), &bind_req(bound), &u, &k);
-    assert!(matches!(a, Action::BindData { .. }));
+    assert!(matches!(a, Some(Output::BindData { .. })));
     let pending = connected(&mut h, ctl, "8.8.8.8:1");
     let connecting = start_connect(&mut h, ctl, &connect_req(PEER2));
     assert_eq!(h.server.stats().tcp_conns_by_state, [1, 1, 1]);
@@ -624,6 +632,7 @@ fn deleting_a_tcp_allocation_closes_its_connections_then_its_listener() {
     let c = connected(&mut h, tcp_client(2), PEER);
     let now = h.now();
     h.server.client_closed(&tcp_client(2), now, &mut h.io);
+    h.drain();
     assert!(h.io.closed_conns.contains(&c));
     assert!(h.io.open.is_empty());
 }
@@ -649,7 +658,7 @@ fn no_channels_or_send_indications_on_tcp_allocations() {
     send.class = class::INDICATION;
     send.data = Some(b"hello".to_vec());
     let (a, _) = h.raw(ctl, &send.encode(None));
-    assert_eq!(a, Action::None);
+    assert_eq!(a, None);
     assert_eq!(h.server.stats().sends_dropped, 1);
     assert_eq!(h.server.stats().sends_forwarded, 0);
 }
@@ -664,7 +673,7 @@ fn connection_ids_skip_zero_and_ids_in_use() {
     assert_eq!(r.code(), 0);
     let now = h.now();
     let top = u32::from(SHARD) << 24;
-    h.server.tables.set_next_conn(0xFF_FFFE);
+    h.server.tables_mut().set_next_conn(0xFF_FFFE);
     let a = h
         .server
         .tcp_peer_accepted(now, relay, "8.8.8.8:1".parse().unwrap())
@@ -676,7 +685,7 @@ fn connection_ids_skip_zero_and_ids_in_use() {
         .unwrap();
     assert_eq!(b, top | 1, "wraps past 0");
     // The counter comes round to an id still in use: skipped.
-    h.server.tables.set_next_conn(0);
+    h.server.tables_mut().set_next_conn(0);
     let c = h
         .server
         .tcp_peer_accepted(now, relay, "8.8.8.8:3".parse().unwrap())
