@@ -143,6 +143,13 @@ pub struct TurnConfig {
     /// `tern_relay_dropped_packets_total{reason="bandwidth"}`); an RFC 6062 TCP relay reads
     /// more slowly instead.
     pub max_bytes_per_sec: u64,
+    /// Kernel fast path for established channel bindings (docs/fastpath.md): "off"
+    /// (default), "tc" (a BPF classifier on the ingress of each interface in
+    /// `kernel_fast_path_interfaces`), "xdp" (not built yet: refused). When BPF cannot
+    /// load or attach, one line is logged and everything stays in user space.
+    pub kernel_fast_path: crate::fastpath::Mode,
+    /// Interfaces the fast path attaches to (those clients and peers arrive on).
+    pub kernel_fast_path_interfaces: Vec<String>,
     /// Relayed bytes (both directions, all of a user's allocations) a user may use per UTC
     /// day; past it Allocate and Refresh get 486 and running allocations end at their
     /// lifetime (docs/usage.md). 0: no budget. Needs `[usage]` enabled.
@@ -211,6 +218,8 @@ impl Default for TurnConfig {
             // 100 Mbit/s each way: far above a call or a browser transfer through TURN, and a
             // bound on what one leaked credential's allocation can move.
             max_bytes_per_sec: 12_500_000,
+            kernel_fast_path: crate::fastpath::Mode::Off,
+            kernel_fast_path_interfaces: vec![],
             user_bytes_per_day: 0,
             user_bytes_per_month: 0,
             user_max_bytes_per_sec: 0,
@@ -777,6 +786,7 @@ impl Config {
         if t.listen.is_empty() {
             return Err(invalid("turn.listen", "at least one address is required"));
         }
+        self.validate_fast_path()?;
         if t.min_port == 0 || t.min_port > t.max_port {
             return Err(invalid(
                 "turn.min_port",
@@ -889,6 +899,41 @@ impl Config {
 
     /// Rules for `[tls]` and the options that need it; the certificate and key are loaded
     /// now so a bad file fails `check-config` and start-up, not the first handshake.
+    /// `turn.kernel_fast_path` and its interfaces.
+    fn validate_fast_path(&self) -> Result<(), ConfigError> {
+        use crate::fastpath::Mode;
+        let t = &self.turn;
+        match t.kernel_fast_path {
+            Mode::Off => return Ok(()),
+            Mode::Tc => {}
+            Mode::Xdp => {
+                return Err(invalid(
+                    "turn.kernel_fast_path",
+                    "\"xdp\" is not built yet; use \"tc\" or \"off\"",
+                ))
+            }
+        }
+        if t.kernel_fast_path_interfaces.is_empty() {
+            return Err(invalid(
+                "turn.kernel_fast_path_interfaces",
+                "at least one interface is required when turn.kernel_fast_path is on",
+            ));
+        }
+        // IFNAMSIZ is 16 with the terminating NUL.
+        for name in &t.kernel_fast_path_interfaces {
+            if name.is_empty()
+                || name.len() > 15
+                || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+            {
+                return Err(invalid(
+                    "turn.kernel_fast_path_interfaces",
+                    format!("{name:?} is not an interface name (1-15 characters, no '/', ':' or spaces)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_tls(&self) -> Result<(), ConfigError> {
         let t = &self.tls;
         match (&t.cert_file, &t.key_file) {
@@ -1301,6 +1346,40 @@ mod tests {
         assert_eq!(c.turn.realm, "env");
         assert_eq!(c.turn.min_port, 50000);
         assert_eq!(c.turn.max_port, 50020);
+    }
+
+    #[test]
+    fn kernel_fast_path_is_validated() {
+        let c = load("", &[], &[]).unwrap();
+        assert_eq!(c.turn.kernel_fast_path, crate::fastpath::Mode::Off);
+        let c = load(
+            "[turn]\nkernel_fast_path = \"tc\"\nkernel_fast_path_interfaces = [\"eth0\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.turn.kernel_fast_path, crate::fastpath::Mode::Tc);
+        let e = load("[turn]\nkernel_fast_path = \"tc\"\n", &[], &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("turn.kernel_fast_path_interfaces"),
+            "{e}"
+        );
+        let e = load("[turn]\nkernel_fast_path = \"xdp\"\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("turn.kernel_fast_path:"), "{e}");
+        let e = load("[turn]\nkernel_fast_path = \"fast\"\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("turn.kernel_fast_path"), "{e}");
+        let e = load(
+            "[turn]\nkernel_fast_path = \"tc\"\nkernel_fast_path_interfaces = [\"a/b\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("turn.kernel_fast_path_interfaces"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod fastpath;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -152,6 +152,32 @@ pub const TCP_HANDOVERS: Def = def(
     &[],
     "Client data connections moved to the worker owning their CONNECTION-ID.",
 );
+// Kernel fast path (turn.kernel_fast_path; read from the BPF maps at each worker's
+// housekeeping, also included in tern_relay_* above).
+pub const FASTPATH_PACKETS: Def = def(
+    "tern_fastpath_packets_total",
+    Counter,
+    &["direction"],
+    "UDP datagrams of channel bindings forwarded by the kernel fast path (also in tern_relay_packets_total).",
+);
+pub const FASTPATH_BYTES: Def = def(
+    "tern_fastpath_bytes_total",
+    Counter,
+    &["direction"],
+    "Application bytes (ChannelData payload) forwarded by the kernel fast path.",
+);
+pub const FASTPATH_BINDINGS: Def = def(
+    "tern_fastpath_bindings",
+    Gauge,
+    &[],
+    "Channel bindings in the kernel fast path's maps.",
+);
+pub const FASTPATH_MAP_FULL: Def = def(
+    "tern_fastpath_map_full_total",
+    Counter,
+    &[],
+    "Channel bindings the fast path's maps refused (full); relayed in user space instead.",
+);
 // TURN control path (summed over the shards' snapshots).
 pub const REQUESTS: Def = def(
     "tern_turn_requests_total",
@@ -613,6 +639,10 @@ pub const ALL: &[&Def] = &[
     &TCP_RELAY_CONNECT_FAILURES,
     &TCP_RELAY_THROTTLED,
     &TCP_HANDOVERS,
+    &FASTPATH_PACKETS,
+    &FASTPATH_BYTES,
+    &FASTPATH_BINDINGS,
+    &FASTPATH_MAP_FULL,
     &REQUESTS,
     &REQUEST_DURATION,
     &AUTH_FAILURES,
@@ -702,6 +732,10 @@ const TURN_DEFS: &[&Def] = &[
     &TCP_RELAY_CONNECT_FAILURES,
     &TCP_RELAY_THROTTLED,
     &TCP_HANDOVERS,
+    &FASTPATH_PACKETS,
+    &FASTPATH_BYTES,
+    &FASTPATH_BINDINGS,
+    &FASTPATH_MAP_FULL,
     &REQUESTS,
     &REQUEST_DURATION,
     &AUTH_FAILURES,
@@ -1015,6 +1049,23 @@ impl Collector for TurnCollector {
         );
         f.sample(&TCP_RELAY_THROTTLED, &[], net.tcp_relay_throttled);
         f.sample(&TCP_HANDOVERS, &[], net.tcp_handovers);
+        for (dir, packets, bytes) in [
+            (
+                "client_to_peer",
+                net.fastpath_to_peer_packets,
+                net.fastpath_to_peer_bytes,
+            ),
+            (
+                "peer_to_client",
+                net.fastpath_to_client_packets,
+                net.fastpath_to_client_bytes,
+            ),
+        ] {
+            f.sample(&FASTPATH_PACKETS, &[dir], packets);
+            f.sample(&FASTPATH_BYTES, &[dir], bytes);
+        }
+        f.sample(&FASTPATH_BINDINGS, &[], net.fastpath_bindings);
+        f.sample(&FASTPATH_MAP_FULL, &[], net.fastpath_map_full);
         for (mi, m) in MethodLabel::ALL.iter().enumerate() {
             for ri in 0..RESULT_CODES.len() {
                 f.sample(&REQUESTS, &[m.name(), result_label(ri)], t.requests[mi][ri]);

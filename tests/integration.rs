@@ -17,6 +17,7 @@ mod api_slow_clients;
 mod browser_turn;
 mod cluster;
 mod example_config;
+mod fastpath;
 mod firewall_nft;
 mod firewall_script;
 mod install_script;

@@ -61,6 +61,9 @@ pub struct TurnService {
     /// The TURN core's cross-shard state (drain flag, allocation count); `None` when
     /// started with another shard type.
     shared: Option<Arc<crate::turn::Shared>>,
+    /// The kernel fast path's program and attachments (`turn.kernel_fast_path`); declared
+    /// after `workers` so it is detached after they are joined.
+    fast_path: Option<crate::fastpath::FastPath>,
 }
 
 impl TurnService {
@@ -171,6 +174,9 @@ impl TurnService {
         let stop = Arc::new(AtomicBool::new(false));
         let per_ip = tcp::PerIpLimit::new(t.tcp_max_per_ip);
         let make = Arc::new(make);
+        // Loaded before the workers, dropped (detached) after they are joined.
+        let fast_path =
+            crate::fastpath::FastPath::start(t.kernel_fast_path, &t.kernel_fast_path_interfaces);
         let mut workers = Vec::with_capacity(n);
         let mut service = TurnService {
             addrs,
@@ -180,6 +186,7 @@ impl TurnService {
             stop: Arc::clone(&stop),
             workers: Vec::new(),
             shared: None,
+            fast_path: None,
         };
         // Every worker's poll and waker first: each worker can hand RFC 6062 data
         // connections to any other through its inbox.
@@ -219,6 +226,13 @@ impl TurnService {
                 stats_out: Arc::clone(&stats),
                 config_in: Arc::clone(&config_in),
                 inboxes: Arc::clone(&inboxes),
+                offload: fast_path.as_ref().and_then(|fp| match fp.offload() {
+                    Ok(o) => Some(o),
+                    Err(e) => {
+                        tracing::warn!(worker = index, error = %e, "kernel fast path maps unavailable to this worker; it relays in user space");
+                        None
+                    }
+                }),
             };
             let make = Arc::clone(&make);
             let (ready_tx, ready_rx) = mpsc::channel();
@@ -259,6 +273,7 @@ impl TurnService {
             }
         }
         service.workers = workers;
+        service.fast_path = fast_path;
         tracing::info!(workers = n, "TURN workers started");
         Ok(service)
     }

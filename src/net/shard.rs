@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use crate::turn::{ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo, TurnStats};
+use crate::turn::{
+    ChannelRoute, ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo, TurnStats,
+};
 
 /// Size of the response buffer handed to [`Shard::handle_stun`].
 pub const OUT_LEN: usize = 2048;
@@ -63,4 +65,10 @@ pub trait Shard {
     }
     /// The driver closed peer connection `conn`.
     fn tcp_conn_closed(&mut self, _conn: ConnId) {}
+    /// Changes whenever `channel_routes` may yield a different set (kernel fast path).
+    fn channel_routes_generation(&self) -> u64 {
+        0
+    }
+    /// Every established channel binding (active channel, permission alive).
+    fn channel_routes(&self, _f: impl FnMut(ChannelRoute)) {}
 }

@@ -140,6 +140,16 @@ pub struct NetStats {
     /// Client connections handed to the worker owning their CONNECTION-ID (ConnectionBind
     /// arriving on another worker, RFC 6062 §5.4).
     pub tcp_handovers: u64,
+    /// Kernel fast path (`crate::fastpath`): datagrams and payload bytes it forwarded,
+    /// already included in the `*_udp_*` counters above.
+    pub fastpath_to_peer_packets: u64,
+    pub fastpath_to_peer_bytes: u64,
+    pub fastpath_to_client_packets: u64,
+    pub fastpath_to_client_bytes: u64,
+    /// Channel bindings in the fast path's maps now: a gauge.
+    pub fastpath_bindings: u64,
+    /// Bindings the maps refused (full): relayed in user space instead.
+    pub fastpath_map_full: u64,
 }
 
 impl AddAssign for NetStats {
@@ -180,5 +190,11 @@ impl AddAssign for NetStats {
         self.tcp_relay_connect_failures += o.tcp_relay_connect_failures;
         self.tcp_relay_throttled += o.tcp_relay_throttled;
         self.tcp_handovers += o.tcp_handovers;
+        self.fastpath_to_peer_packets += o.fastpath_to_peer_packets;
+        self.fastpath_to_peer_bytes += o.fastpath_to_peer_bytes;
+        self.fastpath_to_client_packets += o.fastpath_to_client_packets;
+        self.fastpath_to_client_bytes += o.fastpath_to_client_bytes;
+        self.fastpath_bindings += o.fastpath_bindings;
+        self.fastpath_map_full += o.fastpath_map_full;
     }
 }

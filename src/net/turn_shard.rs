@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::shard::{Shard, OUT_LEN};
-use crate::turn::{ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo, Server, TurnStats};
+use crate::turn::{
+    ChannelRoute, ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo, Server, TurnStats,
+};
 
 impl Shard for Server {
     fn handle_stun(
@@ -20,6 +22,14 @@ impl Shard for Server {
 
     fn poll_output(&mut self) -> Option<Output> {
         Server::poll_output(self)
+    }
+
+    fn channel_routes_generation(&self) -> u64 {
+        Server::channel_routes_generation(self)
+    }
+
+    fn channel_routes(&self, f: impl FnMut(ChannelRoute)) {
+        Server::channel_routes(self, f)
     }
 
     fn channel_to_peer(&mut self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)> {

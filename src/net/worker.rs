@@ -127,6 +127,8 @@ pub struct WorkerParams {
     pub config_in: ConfigSlot,
     /// Every worker's inbox, by index (RFC 6062 data connections handed over).
     pub inboxes: Arc<[Inbox]>,
+    /// This worker's handles on the kernel fast path's maps (`turn.kernel_fast_path`).
+    pub offload: Option<crate::fastpath::Offload>,
 }
 
 /// A worker's event loop state. Built and run on its own thread.
@@ -257,6 +259,9 @@ impl<S: Shard> Worker<S> {
                 buffer_bytes: p.buffer_bytes,
                 peers: Default::default(),
                 max_bytes_per_sec: p.max_bytes_per_sec,
+                fast: p.offload,
+                fast_wanted: Vec::new(),
+                fast_folded: Default::default(),
             },
             poll,
             shard,
@@ -356,6 +361,10 @@ impl<S: Shard> Worker<S> {
                         self.dispatch(token(K_CONN, ci), true, true, now);
                     }
                 }
+                // Kernel fast path: a sync in case a change slipped past `after_shard`,
+                // then its counters into the relays' usage and this worker's stats.
+                self.relays.sync_fast_path(&self.shard);
+                self.relays.poll_fast_path(&mut self.stats);
                 self.publish_stats();
                 next_housekeeping = now.mono + HOUSEKEEPING;
             }

@@ -160,6 +160,17 @@ pub struct PeerRoute {
     pub channel: Option<u16>,
 }
 
+/// An established channel binding (RFC 8656 §12): ChannelData `channel` from `client`
+/// goes to `peer` through relay `relay`, and data from `peer` on `relay` comes back as
+/// ChannelData `channel`. What the kernel fast path (`crate::fastpath`) may offload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChannelRoute {
+    pub client: FiveTuple,
+    pub channel: u16,
+    pub relay: RelayId,
+    pub peer: SocketAddr,
+}
+
 /// What the core does synchronously during a request, implemented by the IO driver (a
 /// fake in unit tests): opening relay sockets and starting peer connects, whose outcome
 /// the answer depends on, and reading a relay's counters. Everything else the driver does

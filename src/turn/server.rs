@@ -17,7 +17,7 @@ use super::stats::{TurnStats, REQUEST_SECONDS_BOUNDS};
 use super::tables::{PermissionExpiry, Tables};
 use super::timers::{TimerKind, Timers};
 use super::usage_tap;
-use super::{ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo};
+use super::{ChannelRoute, ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo};
 use crate::usage::Event;
 
 /// One worker shard's TURN server (RFC 8656). See the module docs for the contract.
@@ -132,6 +132,17 @@ impl Server {
     /// goes, if a permission exists. O(1), no allocation.
     pub fn peer_to_client(&self, relay: RelayId, peer: SocketAddr) -> Option<PeerRoute> {
         self.tables.peer_to_client(relay, peer)
+    }
+
+    /// Changes whenever the set [`Server::channel_routes`] yields may have changed.
+    pub fn channel_routes_generation(&self) -> u64 {
+        self.tables.routes_generation()
+    }
+
+    /// Every established channel binding (active, permission alive). Control path only:
+    /// walks the channel index.
+    pub fn channel_routes(&self, f: impl FnMut(ChannelRoute)) {
+        self.tables.channel_routes(f)
     }
 
     /// The earliest time `handle_timeout` has work to do.

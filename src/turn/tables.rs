@@ -13,7 +13,7 @@ use std::time::Instant;
 use rustc_hash::FxHashMap;
 
 use super::allocation::{family_index, Allocation, Channel, ConnState, PeerConn, Relay};
-use super::{ConnId, FiveTuple, PeerRoute, RelayId};
+use super::{ChannelRoute, ConnId, FiveTuple, PeerRoute, RelayId};
 
 /// Low 24 bits of a CONNECTION-ID: the per-shard counter (the top 8 name the shard).
 const CONN_COUNTER_MASK: u32 = 0x00FF_FFFF;
@@ -36,6 +36,10 @@ pub(super) struct Tables {
     tcp_conns: FxHashMap<ConnId, PeerConn>,
     /// Low 24 bits of the last CONNECTION-ID handed out.
     next_conn: u32,
+    /// Bumped whenever an entry joins or leaves `perms` or `client_channels`, i.e. when
+    /// the set [`Tables::channel_routes`] yields may have changed (the kernel fast path
+    /// re-syncs on a change; nothing per packet).
+    routes_gen: u64,
 }
 
 /// What a channel binding did (RFC 8656 §11.2).
@@ -113,6 +117,27 @@ impl Tables {
             .then_some((relay, peer))
     }
 
+    /// Changes whenever [`Tables::channel_routes`] may yield a different set.
+    pub fn routes_generation(&self) -> u64 {
+        self.routes_gen
+    }
+
+    /// Every active channel whose peer permission is alive: exactly the (client 5-tuple,
+    /// channel) pairs `channel_to_peer` forwards, and so the (relay, peer) pairs that
+    /// `peer_to_client` frames as ChannelData.
+    pub fn channel_routes(&self, mut f: impl FnMut(ChannelRoute)) {
+        for (&(client, channel), &(relay, peer)) in &self.client_channels {
+            if self.perms.contains_key(&(relay, peer.ip())) {
+                f(ChannelRoute {
+                    client,
+                    channel,
+                    relay,
+                    peer,
+                });
+            }
+        }
+    }
+
     /// Peer data on a relay (RFC 8656 §11.6, §12.5). O(1), no allocation.
     pub fn peer_to_client(&self, relay: RelayId, peer: SocketAddr) -> Option<PeerRoute> {
         if !self.perms.contains_key(&(relay, peer.ip())) {
@@ -176,6 +201,7 @@ impl Tables {
     pub fn remove(&mut self, slot: usize) -> Option<(Allocation, Vec<(ConnId, PeerConn)>)> {
         let a = self.slots.get_mut(slot).and_then(Option::take)?;
         self.free_slots.push(slot);
+        self.routes_gen += 1;
         self.by_tuple.remove(&a.tuple);
         for ip in &a.perms {
             if let Some(r) = a.relay_for(*ip) {
@@ -205,6 +231,7 @@ impl Tables {
         let a = self.slots.get_mut(slot).and_then(Option::as_mut)?;
         let old_family = a.family();
         let r = a.relays[fi].take()?;
+        self.routes_gen += 1;
         let tuple = a.tuple;
         let mut perms = 0;
         for ip in a.perms.iter().filter(|ip| family_index(**ip) == fi) {
@@ -271,6 +298,7 @@ impl Tables {
     ) -> Option<u64> {
         let a = self.slots[slot].as_mut()?;
         if self.perms.insert((relay.id, ip), exp).is_none() {
+            self.routes_gen += 1;
             a.perms.push(ip);
             return Some(a.id);
         }
@@ -296,6 +324,7 @@ impl Tables {
         match self.perms.get(&key).copied() {
             Some(e) if e <= now => {
                 self.perms.remove(&key);
+                self.routes_gen += 1;
                 if let Some(a) = self.slots[slot].as_mut() {
                     a.perms.retain(|p| *p != ip);
                 }
@@ -337,6 +366,7 @@ impl Tables {
             }
         };
         if activated {
+            self.routes_gen += 1;
             self.peer_channels.insert((relay.id, peer), number);
             self.client_channels
                 .insert((tuple, number), (relay.id, peer));
@@ -360,6 +390,7 @@ impl Tables {
             self.peer_channels.remove(&(relay.id, peer));
         }
         self.client_channels.remove(&(tuple, number));
+        self.routes_gen += 1;
         Some(peer)
     }
 

@@ -113,6 +113,10 @@ pub struct TernOpts {
     /// Extra sections appended to the config (e.g. `[signal]`, `[relay_ws]`); `{api_port}`
     /// in them becomes the HTTP API port.
     pub extra_sections: String,
+    /// Also listen on this IPv4 address (same port), e.g. one on a test's veth.
+    pub extra_listen: Option<String>,
+    /// Relay from this address instead of the loopback.
+    pub relay_ip: Option<String>,
     /// Serve `/metrics`, `/healthz`, `/readyz` on a free loopback port (false: disabled).
     pub metrics: bool,
     /// The REST secret (None: a random one); nodes of one cluster share theirs.
@@ -133,6 +137,8 @@ impl TernOpts {
             drain_timeout_secs: 5,
             api: None,
             extra_sections: String::new(),
+            extra_listen: None,
+            relay_ip: None,
             metrics: false,
             secret: None,
         }
@@ -165,14 +171,20 @@ impl Tern {
             (true, false) => "allowed_peer_ranges = [\"127.0.0.0/8\"]\n",
             (true, true) => "allowed_peer_ranges = [\"127.0.0.0/8\", \"::1/128\"]\n",
         };
-        let (listen, relay) = if opts.ipv6 {
+        let (mut listen, mut relay) = if opts.ipv6 {
             (
                 format!("\"127.0.0.1:{port}\", \"[::1]:{port}\""),
-                "\"127.0.0.1\", \"::1\"",
+                "\"127.0.0.1\", \"::1\"".to_string(),
             )
         } else {
-            (format!("\"127.0.0.1:{port}\""), "\"127.0.0.1\"")
+            (format!("\"127.0.0.1:{port}\""), "\"127.0.0.1\"".to_string())
         };
+        if let Some(ip) = &opts.extra_listen {
+            listen += &format!(", \"{ip}:{port}\"");
+        }
+        if let Some(ip) = &opts.relay_ip {
+            relay = format!("\"{ip}\"");
+        }
         let api_port = if opts.api.is_some() { free_port() } else { 0 };
         let api = match &opts.api {
             Some(lines) => format!("[api]\nlisten = \"127.0.0.1:{api_port}\"\n{lines}\n"),
@@ -695,14 +707,24 @@ impl TurnClient {
     /// Allocates a UDP relay; returns the client and its XOR-RELAYED-ADDRESS.
     pub fn allocate(tern: &Tern) -> (TurnClient, SocketAddr) {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let first = udp_transaction(&sock, tern.addr(), &allocate_unauthenticated())
+        Self::allocate_from(tern, sock, tern.addr())
+    }
+
+    /// As [`Self::allocate`] from `sock` (e.g. made in another network namespace) to the
+    /// daemon's listener at `server`.
+    pub fn allocate_from(
+        tern: &Tern,
+        sock: UdpSocket,
+        server: SocketAddr,
+    ) -> (TurnClient, SocketAddr) {
+        let first = udp_transaction(&sock, server, &allocate_unauthenticated())
             .expect("401 to the first Allocate");
         let (realm, nonce) = realm_and_nonce(&first).expect("REALM and NONCE");
         let user = format!("{}:hand", unix_now() + 3600);
         let password = rest_password(&tern.secret, &user);
         let mut c = TurnClient {
             sock,
-            server: tern.addr(),
+            server,
             user,
             password,
             realm,

@@ -29,6 +29,8 @@ const USAGE: &str = "usage: tern-loadgen --server IP:PORT (--secret S | --secret
   [--allocations 50] [--rate 20000 (packets/s, 0 = as fast as possible)] [--packets 1000000]
   [--duration 20 (seconds)] [--size 100 (payload bytes, >= 16)] [--batch 32]
   [--user-prefix loadgen] [--peer-ip 127.0.0.1] [--buffers 4194304]
+  [--local-ip IP (client sockets; default the loopback of the server's family)]
+  [--peer-netns NAME (the echo peer's socket is made in network namespace NAME)]
   [--inflight K (closed loop)] [--video] [--bare --peer-port P] [--distinct-peers]
 or:    tern-loadgen forward --listen IP:PORT --peer IP:PORT [--threads 2] [--gso 1]
   [--max-secs 3600] [--buffers 4194304]";
@@ -54,6 +56,8 @@ struct Args {
     peer_port: u16,
     /// One echo peer per allocation instead of one shared.
     distinct_peers: bool,
+    local_ip: Option<IpAddr>,
+    peer_netns: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -77,6 +81,8 @@ fn parse_args() -> Result<Args, String> {
         bare: false,
         peer_port: 0,
         distinct_peers: false,
+        local_ip: None,
+        peer_netns: None,
     };
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
@@ -122,6 +128,8 @@ fn parse_args() -> Result<Args, String> {
             "--buffers" => a.buffers = v.parse().map_err(|e| bad(&e))?,
             "--inflight" => a.inflight = v.parse().map_err(|e| bad(&e))?,
             "--peer-port" => a.peer_port = v.parse().map_err(|e| bad(&e))?,
+            "--local-ip" => a.local_ip = Some(v.parse().map_err(|e| bad(&e))?),
+            "--peer-netns" => a.peer_netns = Some(v),
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
@@ -221,7 +229,11 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
     let counters = Arc::new(Counters::default());
 
     // The echo peer: every datagram goes back to the relay address it came from.
-    let peer = UdpSocket::bind((a.peer_ip, if a.bare { a.peer_port } else { 0 }))?;
+    let peer_port = if a.bare { a.peer_port } else { 0 };
+    let peer = match &a.peer_netns {
+        Some(ns) => bind_in_netns(ns, (a.peer_ip, peer_port).into())?,
+        None => UdpSocket::bind((a.peer_ip, peer_port))?,
+    };
     mmsg::set_buffers(peer.as_raw_fd(), a.buffers);
     peer.set_read_timeout(Some(Duration::from_millis(50)))?;
     // --distinct-peers: one echo socket per allocation (servers that demultiplex a shared
@@ -514,6 +526,22 @@ fn video_loop(a: &Args, fds: &[i32], start: Instant, c: &Counters) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// A UDP socket bound to `addr` inside network namespace `ns` (made on a short-lived thread
+/// that enters it; the socket stays in that namespace).
+fn bind_in_netns(ns: &str, addr: SocketAddr) -> io::Result<UdpSocket> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path)?;
+        // SAFETY: setns(2) on this thread only.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        UdpSocket::bind(addr)
+    })
+    .join()
+    .map_err(|_| io::Error::other("setns thread panicked"))?
+}
+
 /// Allocates and channel-binds every session, one after the other.
 fn setup(a: &Args, peers: &[SocketAddr]) -> io::Result<Vec<Session>> {
     let expiry = SystemTime::now()
@@ -521,7 +549,9 @@ fn setup(a: &Args, peers: &[SocketAddr]) -> io::Result<Vec<Session>> {
         .map_err(io::Error::other)?
         .as_secs()
         + 3600;
-    let local: IpAddr = if a.server.is_ipv4() {
+    let local: IpAddr = if let Some(ip) = a.local_ip {
+        ip
+    } else if a.server.is_ipv4() {
         "127.0.0.1".parse().unwrap()
     } else {
         "::1".parse().unwrap()

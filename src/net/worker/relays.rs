@@ -12,7 +12,9 @@ use mio::{Interest, Registry};
 
 use super::peers::Peers;
 use super::{token, INDEX_MASK, K_RELAY};
+use crate::fastpath::{self, Offload, Wanted};
 use crate::net::gso::GsoBatch;
+use crate::net::shard::Shard;
 use crate::net::socket;
 use crate::net::stats::NetStats;
 use crate::rate::TokenBucket;
@@ -31,6 +33,8 @@ pub(super) enum RelayKind {
 /// A relay socket and what it carried (plain integers: only this worker writes them).
 pub(super) struct RelaySock {
     kind: RelayKind,
+    /// The exact address bound (what the kernel fast path matches peer datagrams on).
+    addr: SocketAddr,
     usage: RelayUsage,
     cap: Option<RelayCap>,
     /// `turn.user_max_bytes_per_sec`: the cap shared with the user's other relays (any
@@ -39,9 +43,10 @@ pub(super) struct RelaySock {
 }
 
 impl RelaySock {
-    fn new(kind: RelayKind, max_bytes_per_sec: u64) -> RelaySock {
+    fn new(kind: RelayKind, addr: SocketAddr, max_bytes_per_sec: u64) -> RelaySock {
         RelaySock {
             kind,
+            addr,
             usage: RelayUsage::default(),
             cap: RelayCap::new(max_bytes_per_sec, Instant::now()),
             user_cap: None,
@@ -106,6 +111,49 @@ pub struct Relays {
     pub(super) peers: Peers,
     /// `turn.max_bytes_per_sec` (0: no cap) for relays opened from now on.
     pub(super) max_bytes_per_sec: u64,
+    /// This worker's side of the kernel fast path (`turn.kernel_fast_path`), if loaded.
+    pub(super) fast: Option<Offload>,
+    /// Reused list of the bindings to offload (control path).
+    pub(super) fast_wanted: Vec<Wanted>,
+    /// Counter growth read from the fast path's maps, not yet in the worker's `NetStats`.
+    pub(super) fast_folded: RelayUsage,
+}
+
+/// Moves `turn.max_bytes_per_sec` tokens between capped relays' buckets and the fast path:
+/// what the program left unspent goes back, then everything the buckets hold is granted to
+/// it (so the user-space path of the same relay finds its bucket empty until the next
+/// exchange, and the relay as a whole stays within its cap).
+fn exchange_budgets(fast: &mut Offload, socks: &mut [Option<RelaySock>], now: Instant) {
+    fast.exchange_budgets(|relay, left, live| {
+        let c = socks.get_mut(relay.index())?.as_mut()?.cap.as_mut()?;
+        c.to_peer.spend(-(left.to_peer as f64));
+        c.to_client.spend(-(left.to_client as f64));
+        if !live {
+            return None;
+        }
+        let to_peer = c.to_peer.available(now).floor();
+        let to_client = c.to_client.available(now).floor();
+        c.to_peer.spend(to_peer);
+        c.to_client.spend(to_client);
+        Some(fastpath::Budget {
+            to_peer: to_peer as i64,
+            to_client: to_client as i64,
+        })
+    });
+}
+
+/// Adds what the fast path forwarded for `relay` to its usage (the allocation's byte
+/// counts) and to what the worker's counters have yet to take.
+fn fold_fast(
+    socks: &mut [Option<RelaySock>],
+    unfolded: &mut RelayUsage,
+    relay: RelayId,
+    u: RelayUsage,
+) {
+    if let Some(Some(s)) = socks.get_mut(relay.index()) {
+        s.usage += u;
+    }
+    *unfolded += u;
 }
 
 impl Relays {
@@ -190,9 +238,71 @@ impl Relays {
         true
     }
 
+    /// Makes the fast path's maps hold this shard's established channel bindings, if they
+    /// changed since the last call (control path: after the core ran, and at housekeeping).
+    pub(super) fn sync_fast_path(&mut self, shard: &impl Shard) {
+        let Some(fast) = &mut self.fast else {
+            return;
+        };
+        let generation = shard.channel_routes_generation();
+        if fast.is_synced(generation) {
+            return;
+        }
+        let mut wanted = std::mem::take(&mut self.fast_wanted);
+        wanted.clear();
+        let socks = &self.socks;
+        shard.channel_routes(|route| {
+            if let Some(Some(RelaySock {
+                kind: RelayKind::Udp(_),
+                addr,
+                cap,
+                ..
+            })) = socks.get(route.relay.index())
+            {
+                wanted.push(Wanted {
+                    route,
+                    relay_addr: *addr,
+                    capped: cap.is_some(),
+                });
+            }
+        });
+        let (socks, unfolded) = (&mut self.socks, &mut self.fast_folded);
+        fast.sync(generation, &wanted, |r, u| fold_fast(socks, unfolded, r, u));
+        self.fast_wanted = wanted;
+        exchange_budgets(fast, &mut self.socks, Instant::now());
+    }
+
+    /// Housekeeping: reads the fast path's counters into the relays' usage and `stats`
+    /// (as the user-space path counts: payload bytes to peers, ChannelData frames to
+    /// clients).
+    pub(super) fn poll_fast_path(&mut self, stats: &mut NetStats) {
+        let Some(fast) = &mut self.fast else {
+            return;
+        };
+        let (socks, unfolded) = (&mut self.socks, &mut self.fast_folded);
+        fast.poll(|r, u| fold_fast(socks, unfolded, r, u));
+        exchange_budgets(fast, &mut self.socks, Instant::now());
+        let u = std::mem::take(&mut self.fast_folded);
+        stats.client_to_peer_udp_packets += u.to_peer_packets;
+        stats.client_to_peer_udp_bytes += u.to_peer_bytes;
+        stats.peer_to_client_udp_packets += u.to_client_packets;
+        stats.peer_to_client_udp_bytes +=
+            u.to_client_bytes + u.to_client_packets * fastpath::CHANNEL_DATA_HEADER;
+        stats.fastpath_to_peer_packets += u.to_peer_packets;
+        stats.fastpath_to_peer_bytes += u.to_peer_bytes;
+        stats.fastpath_to_client_packets += u.to_client_packets;
+        stats.fastpath_to_client_bytes += u.to_client_bytes;
+        stats.fastpath_bindings = fast.bindings() as u64;
+        stats.fastpath_map_full = fast.failed;
+    }
+
     /// A reloaded `turn.max_bytes_per_sec`: every relay gets fresh budgets at the new rate
     /// (or none).
     pub(super) fn set_max_bytes_per_sec(&mut self, rate: u64) {
+        if let Some(f) = &mut self.fast {
+            // Which relays are capped may have changed.
+            f.invalidate();
+        }
         self.max_bytes_per_sec = rate;
         let now = Instant::now();
         for s in self.socks.iter_mut().flatten() {
@@ -211,6 +321,10 @@ impl Relays {
     /// `Output::CloseRelay`: closes a relay socket or TCP relay listener (its allocation
     /// or family ended).
     pub(super) fn close(&mut self, relay: RelayId) {
+        if let Some(fast) = &mut self.fast {
+            let (socks, unfolded) = (&mut self.socks, &mut self.fast_folded);
+            fast.remove_relay(relay, |r, u| fold_fast(socks, unfolded, r, u));
+        }
         let idx = relay.index();
         if let Some(s) = self.socks.get_mut(idx).and_then(Option::take) {
             let _ = match s.kind {
@@ -260,7 +374,11 @@ impl RelayIo for Relays {
             self.free.push(idx as u32);
             return Err(e);
         }
-        self.socks[idx] = Some(RelaySock::new(RelayKind::Udp(sock), self.max_bytes_per_sec));
+        self.socks[idx] = Some(RelaySock::new(
+            RelayKind::Udp(sock),
+            addr,
+            self.max_bytes_per_sec,
+        ));
         Ok(RelayId::from_index(idx))
     }
 
@@ -278,6 +396,7 @@ impl RelayIo for Relays {
         }
         self.socks[idx] = Some(RelaySock::new(
             RelayKind::Tcp { listener, addr },
+            addr,
             self.max_bytes_per_sec,
         ));
         Ok(RelayId::from_index(idx))
@@ -310,11 +429,17 @@ impl RelayIo for Relays {
     }
 
     fn usage(&self, relay: RelayId) -> RelayUsage {
-        self.socks
+        let mut u = self
+            .socks
             .get(relay.index())
             .and_then(Option::as_ref)
             .map(|s| s.usage)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(fast) = &self.fast {
+            // What the kernel forwarded since the last housekeeping read.
+            u += fast.pending(relay);
+        }
+        u
     }
 }
 

@@ -102,6 +102,8 @@ impl<S: Shard> Worker<S> {
         if self.later.is_empty() {
             self.later = later;
         }
+        // Channels or permissions may have changed: the fast path follows.
+        self.relays.sync_fast_path(&self.shard);
     }
 
     /// Peers connecting to TCP relay listener `ri` (RFC 6062 §5.3). `true` if more may wait.

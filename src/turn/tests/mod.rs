@@ -1344,6 +1344,87 @@ fn channel_expiry_and_permission_refresh() {
     assert_eq!(route.channel, None);
 }
 
+/// What the kernel fast path mirrors (`Server::channel_routes`): exactly the bindings the
+/// per-packet lookups forward, and a new generation whenever that set changes: channel
+/// bound, permission expired (channel still bound), channel expired, allocation deleted.
+#[test]
+fn channel_routes_follow_binding_permission_and_allocation_lifetimes() {
+    let routes = |h: &H| {
+        let mut v = Vec::new();
+        h.server.channel_routes(|r| v.push(r));
+        v
+    };
+    let mut h = H::new(|_| {});
+    h.allocate(client(1));
+    let (u, k) = h.alice();
+    let g0 = h.server.channel_routes_generation();
+    assert!(routes(&h).is_empty());
+    let bind = Req::new(method::CHANNEL_BIND).channel(0x4001).peer(PEER);
+    assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
+    let g1 = h.server.channel_routes_generation();
+    assert_ne!(g1, g0);
+    let relay = RelayId::from_index(1);
+    assert_eq!(
+        routes(&h),
+        vec![ChannelRoute {
+            client: client(1),
+            channel: 0x4001,
+            relay,
+            peer: PEER.parse().unwrap(),
+        }]
+    );
+    // A refresh of the same binding changes nothing the fast path holds.
+    assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
+    assert_eq!(h.server.channel_routes_generation(), g1);
+    // The permission expires at 300 s while the channel lives on: the route goes.
+    let keep = |h: &mut H| {
+        let (u, k) = h.alice();
+        assert_eq!(
+            h.auth(client(1), &Req::new(method::REFRESH), &u, &k).code(),
+            0
+        );
+    };
+    h.advance(290);
+    keep(&mut h);
+    h.advance(11);
+    assert!(routes(&h).is_empty());
+    let g2 = h.server.channel_routes_generation();
+    assert_ne!(g2, g1);
+    // CreatePermission brings it back (the channel is still bound).
+    let perm = Req::new(method::CREATE_PERMISSION).peer(PEER);
+    h.nonce.clear();
+    assert_eq!(h.auth(client(1), &perm, &u, &k).code(), 0);
+    assert_eq!(routes(&h).len(), 1);
+    let g3 = h.server.channel_routes_generation();
+    assert_ne!(g3, g2);
+    // The channel expires 600 s after its last bind: gone although the permission lives.
+    h.advance(250);
+    keep(&mut h);
+    assert_eq!(h.auth(client(1), &perm, &u, &k).code(), 0);
+    h.advance(50);
+    assert!(routes(&h).is_empty());
+    let g4 = h.server.channel_routes_generation();
+    assert_ne!(g4, g3);
+    // A new binding, then the allocation is deleted: gone with it.
+    let bind2 = Req::new(method::CHANNEL_BIND).channel(0x4002).peer(PEER2);
+    h.nonce.clear();
+    assert_eq!(h.auth(client(1), &bind2, &u, &k).code(), 0);
+    assert_eq!(routes(&h).len(), 1);
+    let g5 = h.server.channel_routes_generation();
+    assert_eq!(
+        h.auth(
+            client(1),
+            &Req::new(method::REFRESH).u32(attr::LIFETIME, 0),
+            &u,
+            &k
+        )
+        .code(),
+        0
+    );
+    assert!(routes(&h).is_empty());
+    assert_ne!(h.server.channel_routes_generation(), g5);
+}
+
 #[test]
 fn send_indication_forwards_only_with_permission() {
     let mut h = H::new(|_| {});

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Kernel fast path benchmark (issue 15 item 3): a client namespace and a peer namespace, each
+# joined to this (root) namespace by a veth pair, Tern in the middle (one worker). bench/loadgen
+# runs in the client namespace (its echo peer's socket in the peer namespace), N allocations
+# with channels, closed-loop-free sends at a target rate. Three runs:
+#   1. user space (turn.kernel_fast_path = "off"), as fast as possible: its peak rate U;
+#   2. fast path ("tc"), as fast as possible;
+#   3. fast path at U: loss must be 0 and Tern's counters must equal what was sent.
+# For each: relayed packets/s, loss, CPU seconds of Tern and of the load generator (whose
+# system time includes the kernel's forwarding work on the fast path: veth delivers in the
+# sender's softirq), and relayed packets/s per core used by both. Ratios are fast/user.
+#
+# Root only; the namespaces and veths are created here and removed on exit; only PIDs this
+# script started are killed. Results: bench/out/fastpath-<time>/ (results.tsv, logs).
+#
+# usage: bench/fastpath.sh        env: ALLOCS (32) SECS (10) SIZE (100) TERN_BIN LOADGEN_BIN
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+ALLOCS=${ALLOCS:-32}
+SECS=${SECS:-10}
+SIZE=${SIZE:-100}
+TERN_BIN=${TERN_BIN:-$ROOT/target/release/tern}
+LOADGEN_BIN=${LOADGEN_BIN:-$ROOT/bench/loadgen/target/release/tern-loadgen}
+[ "$(id -u)" = 0 ] || { echo "bench/fastpath.sh needs root (namespaces, BPF)" >&2; exit 1; }
+[ -x "$TERN_BIN" ] || { echo "build tern first: cargo build --release" >&2; exit 1; }
+[ -x "$LOADGEN_BIN" ] || { echo "build the load generator: (cd bench/loadgen && cargo build --release)" >&2; exit 1; }
+
+OUT=$ROOT/bench/out/fastpath-$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$OUT"
+ID=$(( $$ % 100000 ))
+SUB=$(( ($$ % 200) + 20 ))
+CN=bfpc$ID PN=bfpp$ID CIF=bfc$ID PIF=bfp$ID
+S=10.215.$SUB.1 C=10.215.$SUB.2 R=10.216.$SUB.1 P=10.216.$SUB.2
+TERN_PID=
+cleanup() {
+    [ -n "$TERN_PID" ] && kill "$TERN_PID" 2>/dev/null && wait "$TERN_PID" 2>/dev/null
+    ip link del "$CIF" 2>/dev/null || true
+    ip link del "$PIF" 2>/dev/null || true
+    ip netns del "$CN" 2>/dev/null || true
+    ip netns del "$PN" 2>/dev/null || true
+}
+trap cleanup EXIT
+ip netns add "$CN"; ip netns add "$PN"
+link() { # name ns here there
+    ip link add "$1" type veth peer name "$1x" netns "$2"
+    ip addr add "$3/24" dev "$1"; ip link set "$1" up
+    ip -n "$2" addr add "$4/24" dev "$1x"; ip -n "$2" link set "$1x" up; ip -n "$2" link set lo up
+}
+link "$CIF" "$CN" "$S" "$C"
+link "$PIF" "$PN" "$R" "$P"
+
+SECRET=bench-$RANDOM$RANDOM
+PORT=$(( 40000 + $$ % 5000 ))
+MPORT=$(( PORT + 1 ))
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+start_tern() { # mode
+    cat > "$OUT/tern-$1.toml" <<EOT
+[turn]
+listen = ["$S:$PORT"]
+relay_ip = ["$R"]
+min_port = 46000
+max_port = 47999
+auth_secrets = ["$SECRET"]
+allowed_peer_ranges = ["$P/32"]
+workers = 1
+user_quota = 10000
+max_bytes_per_sec = 0
+kernel_fast_path = "$1"
+kernel_fast_path_interfaces = ["$CIF", "$PIF"]
+[api]
+enabled = false
+[metrics]
+listen = "127.0.0.1:$MPORT"
+[log]
+level = "info"
+[daemon]
+pid_file = "$OUT/tern.pid"
+EOT
+    "$TERN_BIN" serve --config "$OUT/tern-$1.toml" 2>"$OUT/tern-$1.log" &
+    TERN_PID=$!
+    for _ in $(seq 100); do
+        curl -sf "127.0.0.1:$MPORT/metrics" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "tern did not start: $(cat "$OUT/tern-$1.log")" >&2; exit 1
+}
+
+stop_tern() { kill "$TERN_PID"; wait "$TERN_PID" 2>/dev/null || true; TERN_PID=; }
+
+metric() { curl -s "127.0.0.1:$MPORT/metrics" | awk -v k="$1" 'index($0, k" ") == 1 {print $2+0}'; }
+
+printf "run\tmode\ttarget_pps\tsent\trelayed_pps\tloss_pct\ttern_cpu_s\tloadgen_cpu_s\ttern_us_per_pkt\tpps_per_core\tcounters\n" > "$OUT/results.tsv"
+run() { # name mode rate
+    local name=$1 mode=$2 rate=$3
+    start_tern "$mode"
+    local t0; t0=$(cpu_ticks "$TERN_PID")
+    /usr/bin/time -f "%U %S" -o "$OUT/$name.time" ip netns exec "$CN" "$LOADGEN_BIN" \
+        --server "$S:$PORT" --secret "$SECRET" --allocations "$ALLOCS" --rate "$rate" \
+        --duration "$SECS" --packets 100000000 --size "$SIZE" --local-ip "$C" \
+        --peer-ip "$P" --peer-netns "$PN" --user-prefix "$name" > "$OUT/$name.json"
+    local t1; t1=$(cpu_ticks "$TERN_PID")
+    sleep 1.2 # two housekeepings: the maps' counters reach the metrics
+    local c2p p2c fc2p fp2c
+    c2p=$(metric 'tern_relay_packets_total{direction="client_to_peer",transport="udp"}')
+    p2c=$(metric 'tern_relay_packets_total{direction="peer_to_client",transport="udp"}')
+    fc2p=$(metric 'tern_fastpath_packets_total{direction="client_to_peer"}')
+    fp2c=$(metric 'tern_fastpath_packets_total{direction="peer_to_client"}')
+    grep -i "fast path" "$OUT/tern-$mode.log" | tail -1 || true
+    stop_tern
+    python3 - "$OUT/$name.json" "$OUT/$name.time" "$name" "$mode" "$rate" "$t0" "$t1" \
+        "$c2p" "$p2c" "$fc2p" "$fp2c" "$SECS" "$(getconf CLK_TCK)" >> "$OUT/results.tsv" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+u, s = map(float, open(sys.argv[2]).read().split()[-2:])
+name, mode, rate = sys.argv[3], sys.argv[4], sys.argv[5]
+t0, t1 = int(sys.argv[6]), int(sys.argv[7])
+c2p, p2c, fc2p, fp2c = (int(float(x or 0)) for x in sys.argv[8:12])
+hz = int(sys.argv[13])
+tern_cpu = (t1 - t0) / hz
+lg_cpu = u + s
+relayed = j["relayed_packets"]
+cores = (tern_cpu + lg_cpu) / max(j["duration_s"], 1e-9)
+# What Tern counted against what the load generator sent, and what its peer received and
+# echoed. Under overload user space loses datagrams before Tern reads them (not counted),
+# the fast path after it forwarded them (counted: the peer's socket overflowed).
+ok = c2p == j["sent"] == j["peer_received"] and p2c == j["peer_sent"]
+counters = (f"c2p {c2p} (fast {fc2p}) / sent {j['sent']} / peer_received {j['peer_received']}; "
+            f"p2c {p2c} (fast {fp2c}) / peer_sent {j['peer_sent']}: {'all equal' if ok else 'differ'}")
+us = 1e6 * tern_cpu / max(relayed, 1)
+print(f"{name}\t{mode}\t{rate}\t{j['sent']}\t{j['relayed_pps']}\t{j['loss_pct']}\t{tern_cpu:.2f}\t{lg_cpu:.2f}\t{us:.2f}\t{relayed / max(j['duration_s'], 1e-9) / max(cores, 1e-9):.0f}\t{counters}")
+PY
+    tail -1 "$OUT/results.tsv"
+}
+
+run user-peak off 0
+run fast-peak tc 0
+U=$(awk -F'\t' '$1 == "user-peak" {printf "%d", $5 / 2}' "$OUT/results.tsv")
+# loadgen's rate is client sends per second; relayed counts both directions.
+run fast-at-user-peak tc "$U"
+python3 - "$OUT/results.tsv" <<'PY'
+import csv, sys
+rows = {r["run"]: r for r in csv.DictReader(open(sys.argv[1]), delimiter="\t")}
+u, f = rows["user-peak"], rows["fast-peak"]
+print(f"fast/user relayed packets/s: {float(f['relayed_pps']) / float(u['relayed_pps']):.2f}x")
+print(f"fast/user packets/s per core (Tern + load generator CPU): {float(f['pps_per_core']) / float(u['pps_per_core']):.2f}x")
+print(f"Tern process CPU per relayed packet, user/fast: {float(u['tern_us_per_pkt']):.2f} / {float(f['tern_us_per_pkt']):.2f} us")
+a = rows["fast-at-user-peak"]
+print(f"fast path at the user-space peak: loss {a['loss_pct']}%, counters: {a['counters']}")
+PY
+echo "results: $OUT/results.tsv (box load: $(cut -d' ' -f1-3 /proc/loadavg))"

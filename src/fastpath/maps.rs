@@ -1,0 +1,197 @@
+//! The BPF maps' keys and values, byte-for-byte the structs in `bpf/tern_fastpath.bpf.c`
+//! (addresses and ports in network byte order, channel numbers in host order).
+
+use std::net::SocketAddrV4;
+
+/// `tern_c2p` key: ChannelData from a client (its 5-tuple and the channel number).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct C2pKey {
+    client_ip: u32,
+    server_ip: u32,
+    client_port: u16,
+    server_port: u16,
+    channel: u16,
+    pad: u16,
+}
+
+/// `tern_c2p` value: where the data goes, and what went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct C2pVal {
+    relay_ip: u32,
+    peer_ip: u32,
+    relay_port: u16,
+    peer_port: u16,
+    ifindex: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `tern_p2c` key: a datagram from a peer to a relay address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct P2cKey {
+    peer_ip: u32,
+    relay_ip: u32,
+    peer_port: u16,
+    relay_port: u16,
+}
+
+/// `tern_p2c` value: the client it goes to as ChannelData, and what went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct P2cVal {
+    server_ip: u32,
+    client_ip: u32,
+    ifindex: u32,
+    server_port: u16,
+    client_port: u16,
+    channel: u16,
+    pad: u16,
+    pad2: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `tern_budget` key: a capped relayed address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BudgetKey {
+    relay_ip: u32,
+    relay_port: u16,
+    pad: u16,
+}
+
+impl BudgetKey {
+    pub fn new(relay: SocketAddrV4) -> BudgetKey {
+        BudgetKey {
+            relay_ip: ip(&relay),
+            relay_port: port(&relay),
+            pad: 0,
+        }
+    }
+}
+
+/// `tern_budget` value: payload bytes the program may still forward, per direction
+/// (slightly negative after racing CPUs overdraw).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub to_peer: i64,
+    pub to_client: i64,
+}
+
+// SAFETY: plain `repr(C)` integers with explicit padding fields: every bit pattern is valid.
+unsafe impl aya::Pod for C2pKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for C2pVal {}
+// SAFETY: as above.
+unsafe impl aya::Pod for P2cKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for P2cVal {}
+// SAFETY: as above.
+unsafe impl aya::Pod for BudgetKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Budget {}
+
+fn ip(a: &SocketAddrV4) -> u32 {
+    u32::from_ne_bytes(a.ip().octets())
+}
+
+fn port(a: &SocketAddrV4) -> u16 {
+    a.port().to_be()
+}
+
+/// One channel binding as the program sees it, with the interfaces its two directions
+/// leave through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V4Binding {
+    pub client: SocketAddrV4,
+    pub server: SocketAddrV4,
+    pub channel: u16,
+    pub relay: SocketAddrV4,
+    pub peer: SocketAddrV4,
+}
+
+/// The two map entries of binding `b`: client → peer (out through `to_peer_if`) and
+/// peer → client (out through `to_client_if`).
+pub fn entries(
+    b: &V4Binding,
+    to_peer_if: u32,
+    to_client_if: u32,
+) -> (C2pKey, C2pVal, P2cKey, P2cVal) {
+    let V4Binding {
+        client,
+        server,
+        channel,
+        relay,
+        peer,
+    } = *b;
+    (
+        C2pKey {
+            client_ip: ip(&client),
+            server_ip: ip(&server),
+            client_port: port(&client),
+            server_port: port(&server),
+            channel,
+            pad: 0,
+        },
+        C2pVal {
+            relay_ip: ip(&relay),
+            peer_ip: ip(&peer),
+            relay_port: port(&relay),
+            peer_port: port(&peer),
+            ifindex: to_peer_if,
+            ..Default::default()
+        },
+        P2cKey {
+            peer_ip: ip(&peer),
+            relay_ip: ip(&relay),
+            peer_port: port(&peer),
+            relay_port: port(&relay),
+        },
+        P2cVal {
+            server_ip: ip(&server),
+            client_ip: ip(&client),
+            server_port: port(&server),
+            client_port: port(&client),
+            channel,
+            ifindex: to_client_if,
+            ..Default::default()
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layouts the BPF program was compiled against (sizes with the C padding).
+    #[test]
+    fn layouts_match_the_bpf_structs() {
+        assert_eq!(std::mem::size_of::<C2pKey>(), 16);
+        assert_eq!(std::mem::size_of::<C2pVal>(), 32);
+        assert_eq!(std::mem::size_of::<P2cKey>(), 12);
+        assert_eq!(std::mem::size_of::<P2cVal>(), 40);
+        assert_eq!(std::mem::size_of::<BudgetKey>(), 8);
+        assert_eq!(std::mem::size_of::<Budget>(), 16);
+    }
+
+    #[test]
+    fn addresses_and_ports_are_in_network_order() {
+        let a: SocketAddrV4 = "10.1.2.3:4660".parse().unwrap();
+        let b = V4Binding {
+            client: a,
+            server: a,
+            channel: 0x4001,
+            relay: a,
+            peer: a,
+        };
+        let (k, ..) = entries(&b, 7, 8);
+        let bytes: [u8; 16] = unsafe { std::mem::transmute(k) };
+        assert_eq!(&bytes[..4], &[10, 1, 2, 3]);
+        assert_eq!(&bytes[8..10], &[0x12, 0x34]);
+        assert_eq!(u16::from_ne_bytes([bytes[12], bytes[13]]), 0x4001);
+    }
+}
