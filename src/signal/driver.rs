@@ -4,8 +4,9 @@
 //!
 //! One task per connection does all of that connection's IO: it reads frames and feeds them
 //! to the machine, and it writes what others queued in its outbox, everything queued at
-//! once and then one flush (one `write` for a burst of frames, not one per frame and no
-//! hand-off to a second task). The machine's commands are queued while its lock is held, so
+//! once (one `writev` for a burst of frames, not one per frame and no hand-off to a second
+//! task). Framing is [`super::ws`]'s: reads go into a buffer on the polling thread's stack,
+//! so an idle connection keeps its socket, a small decoder and its task state only. The machine's commands are queued while its lock is held, so
 //! every connection sees events in the order the machine decided them; queuing is a short
 //! push, and the lock is never held across IO. The outbox is bounded in frames and bytes: a
 //! reader that falls behind is closed (1008) and counted, so a slow client cannot grow
