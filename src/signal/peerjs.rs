@@ -61,10 +61,7 @@ struct Fwd<'a> {
 impl Fwd<'_> {
     fn text(&self) -> String {
         let len = |s: Option<&str>| s.map_or(0, str::len);
-        let cap = 48
-            + self.src.len()
-            + len(self.dst)
-            + len(self.payload.map(RawValue::get));
+        let cap = 48 + self.src.len() + len(self.dst) + len(self.payload.map(RawValue::get));
         let mut v = Vec::with_capacity(cap);
         serde_json::to_writer(&mut v, self).expect("serializes");
         String::from_utf8(v).expect("serde_json writes UTF-8")
@@ -457,7 +454,10 @@ impl PeerJsService {
             self.stats.bad_messages += 1;
             self.stats.messages[INVALID] += 1;
             self.stats.refused[R_INVALID] += 1;
-            tracing::debug!(conn, "PeerJS message is not a JSON object of the protocol; ignored");
+            tracing::debug!(
+                conn,
+                "PeerJS message is not a JSON object of the protocol; ignored"
+            );
             return out;
         };
         let (kind, label) = match msg.kind.as_deref() {
@@ -523,7 +523,14 @@ impl PeerJsService {
     }
 
     /// Delivers a server-made message (EXPIRE) from `src` to `dst`.
-    fn transmit(&mut self, kind: &'static str, src: String, dst: String, now: Instant, out: &mut Vec<Out>) {
+    fn transmit(
+        &mut self,
+        kind: &'static str,
+        src: String,
+        dst: String,
+        now: Instant,
+        out: &mut Vec<Out>,
+    ) {
         let text = Fwd {
             kind,
             src: &src,
