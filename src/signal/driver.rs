@@ -598,15 +598,20 @@ impl<M: Machine> Hub<M> {
     /// A connection's whole task: once the 101 is out, `connect` registers the socket with
     /// the machine, then [`Self::serve`] runs it. Its state is what every connected peer
     /// keeps (`tests::idle_task_is_small`).
-    async fn task(
+    // Not an `async fn`: with the block the arguments are moved in once, and the task's
+    // state is 448 bytes instead of 456 (measured by the test).
+    #[allow(clippy::manual_async_fn)]
+    fn task(
         self: Arc<Self>,
         upgrade: hyper::upgrade::OnUpgrade,
         limit: usize,
         connect: impl FnOnce(&mut M, ConnId, Instant) -> Vec<Out> + Send + 'static,
-    ) {
-        let Ok(socket) = upgrade.await else { return };
-        let (conn, outbox) = self.open(connect);
-        self.serve(conn, outbox, TokioIo::new(socket), limit).await;
+    ) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let Ok(socket) = upgrade.await else { return };
+            let (conn, outbox) = self.open(connect);
+            self.serve(conn, outbox, TokioIo::new(socket), limit).await;
+        }
     }
 
     /// Drives one open WebSocket (RFC 6455 framing from [`ws`]; messages of up to `limit`
