@@ -18,6 +18,7 @@ use super::{cors, ice, usage, AppState, Live};
 use crate::config::SignalConfig;
 use crate::signal::client_ip::{client_ip, lan_key};
 use crate::signal::peerjs::INFO_JSON;
+use crate::signal::ws::Upgrade;
 
 /// Which signaling protocol a socket speaks: each keeps its own frame limit.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -26,8 +27,8 @@ enum Face {
     PeerJs,
 }
 
-/// The largest signaling WebSocket frame (and message) accepted; a larger one closes its
-/// sender with 1009 before it is buffered. Native `/ws`: four times `max_message_bytes`
+/// The largest signaling WebSocket message accepted; a larger one closes its sender with
+/// 1009 at its frame header, before it is buffered (`signal::ws::Decoder`). Native `/ws`: four times `max_message_bytes`
 /// (between the two the machine answers "too large"). PeerJS: four times
 /// `peerjs_max_message_bytes` (2 MiB, so a 1 MiB payload passes at defaults as with the
 /// `peer` server); between the two the machine closes the sender with 1009 and a reason
@@ -41,25 +42,6 @@ fn ws_limit(cfg: &SignalConfig, face: Face) -> usize {
             .max(64 * 1024),
     }
 }
-
-/// Socket settings for signaling. Small reads (an idle peer's read buffer is most of its
-/// memory; a large frame still arrives in one reservation of its size); writes gathered up
-/// to 64 KiB and sent with one flush per burst; the codec's write buffer bounded by the
-/// per-connection send budget plus one frame.
-fn signaling_socket(ws: WebSocketUpgrade, cfg: &SignalConfig, face: Face) -> WebSocketUpgrade {
-    let limit = ws_limit(cfg, face);
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(cfg.send_queue_bytes.saturating_add(limit))
-        .max_message_size(limit)
-        .max_frame_size(limit)
-}
-
-/// Bytes one signaling read asks for (see [`signaling_socket`]): tungstenite keeps (and
-/// zero-fills) this much per socket, idle or not. Measured at 5000 peers (bench/signal):
-/// 512 B gives 3.8 KiB of RSS per idle peer and 114k msg/s, 1024 B 4.3 KiB and 124k msg/s,
-/// 2048 B 6.0 KiB and 139k msg/s.
-const READ_BUFFER: usize = 1024;
 
 pub(super) fn router(live: Live) -> Router {
     let st = live.current();
@@ -173,7 +155,7 @@ async fn ws_native(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     if st.draining() {
         return draining_refusal();
@@ -182,12 +164,13 @@ async fn ws_native(
     let lan = lan_key(ip, st.cfg.signal.lan_ipv6_prefix_len);
     let resume = resume_token(&headers, &q);
     let hub = Arc::clone(&st.rooms);
-    let ws = ws.protocols([NATIVE_SUBPROTOCOL]);
-    signaling_socket(ws, &st.cfg.signal, Face::Native).on_upgrade(move |socket| {
-        hub.run(socket, move |core, conn, now| {
-            core.connect(conn, lan, resume.as_deref(), now)
-        })
-    })
+    let (resp, socket) = ws.accept(Some(NATIVE_SUBPROTOCOL));
+    hub.spawn(
+        socket,
+        ws_limit(&st.cfg.signal, Face::Native),
+        move |core, conn, now| core.connect(conn, lan, resume.as_deref(), now),
+    );
+    resp
 }
 
 /// `GET /relay?ticket=T`: one side of a relay session.
@@ -280,14 +263,17 @@ async fn peerjs_peers(
 async fn peerjs_ws(
     State(st): State<Arc<AppState>>,
     Query(q): Query<HashMap<String, String>>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     if st.draining() {
         return draining_refusal();
     }
     let hub = Arc::clone(&st.peerjs);
-    signaling_socket(ws, &st.cfg.signal, Face::PeerJs).on_upgrade(move |socket| {
-        hub.run(socket, move |core, conn, now| {
+    let (resp, socket) = ws.accept(None);
+    hub.spawn(
+        socket,
+        ws_limit(&st.cfg.signal, Face::PeerJs),
+        move |core, conn, now| {
             core.connect(
                 conn,
                 q.get("key").map(String::as_str),
@@ -295,6 +281,7 @@ async fn peerjs_ws(
                 q.get("token").map(String::as_str),
                 now,
             )
-        })
-    })
+        },
+    );
+    resp
 }

@@ -1,6 +1,6 @@
 //! Signaling: the native room service (`/ws`) and the PeerJS-compatible server, each a
 //! sans-IO state machine ([`rooms::RoomService`], [`peerjs::PeerJsService`]) plus a thin
-//! axum WebSocket driver.
+//! driver ([`driver`]) over Tern's own RFC 6455 framing ([`ws`]).
 //!
 //! Owns peer ids, rooms, LAN grouping, message routing, heartbeats and relay grants.
 //! It must not carry media or relay data (that is `relay_ws`), mint TURN credentials
@@ -14,6 +14,7 @@ pub mod peerjs;
 pub mod protocol;
 
 pub mod rooms;
+pub mod ws;
 
 /// Gives a map's memory back once it holds a quarter of its capacity (after a crowd of
 /// peers or queued messages is gone); amortized O(1) since it halves at most per shrink.

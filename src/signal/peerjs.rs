@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::Rng;
-use serde::Serialize;
-use serde_json::Value;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 
 use super::bus::{BusCmd, BusEvent, Member, RemoteMembers};
 use super::{shrink_map, ConnId, Out, Text};
@@ -42,16 +44,53 @@ pub const INFO_JSON: &str = r#"{"name":"PeerJS Server","description":"A server s
 /// Longest id or token accepted (the `peer` server has no limit; memory needs one).
 const MAX_ID_LEN: usize = 256;
 
-/// A forwarded message, serialized exactly as the `peer` server does (absent fields omitted).
+/// A forwarded message, with the fields the `peer` server sends (absent fields omitted).
+/// The payload is the sender's JSON text as it came (never parsed into a tree nor escaped
+/// again): one serialization per message, into one allocation of its size.
 #[derive(Debug, Clone, Serialize)]
-struct Fwd {
+struct Fwd<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    src: String,
+    src: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    dst: Option<String>,
+    dst: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    payload: Option<Value>,
+    payload: Option<&'a RawValue>,
+}
+
+impl Fwd<'_> {
+    fn text(&self) -> String {
+        let len = |s: Option<&str>| s.map_or(0, str::len);
+        let cap = 48 + self.src.len() + len(self.dst) + len(self.payload.map(RawValue::get));
+        let mut v = Vec::with_capacity(cap);
+        serde_json::to_writer(&mut v, self).expect("serializes");
+        String::from_utf8(v).expect("serde_json writes UTF-8")
+    }
+}
+
+/// A message as a client sends it, borrowed from its frame: no tree, no copies (a string
+/// with escapes is the only one unescaped into its own allocation).
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type", borrow, default, deserialize_with = "opt_str")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_str")]
+    dst: Option<Cow<'a, str>>,
+    /// Present (even `null`, forwarded as such) or absent.
+    #[serde(borrow, default, deserialize_with = "raw")]
+    payload: Option<&'a RawValue>,
+}
+
+/// An optional string, borrowed from the input when it has no escapes (serde's own
+/// `Option<Cow<str>>` always copies).
+fn opt_str<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'de>>::deserialize(d)?.map(|b| b.0))
+}
+
+fn raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 struct Client {
@@ -386,12 +425,13 @@ impl PeerJsService {
     /// server does: answering ERROR would make the client abort its Peer.
     pub fn message(&mut self, conn: ConnId, text: &str, now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
-        let Some(id) = self.conns.get(&conn).cloned() else {
+        let Some(id) = self.conns.get(&conn) else {
             return out;
         };
-        let c = self.clients.get_mut(&id).expect("conns and clients agree");
+        let c = self.clients.get_mut(id).expect("conns and clients agree");
         if !c.bucket.try_take(1.0, now) {
             self.stats.refused[R_RATE] += 1;
+            let id = id.clone();
             return self.cut_off(
                 &id,
                 conn,
@@ -404,6 +444,7 @@ impl PeerJsService {
             self.stats.bad_messages += 1;
             self.stats.messages[INVALID] += 1;
             self.stats.refused[R_TOO_LARGE] += 1;
+            let id = id.clone();
             return self.cut_off(
                 &id,
                 conn,
@@ -411,14 +452,18 @@ impl PeerJsService {
                 "message too large: over signal.peerjs_max_message_bytes",
             );
         }
-        let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(text) else {
+        let Ok(msg) = serde_json::from_str::<Incoming<'_>>(text) else {
+            // Not a JSON object, or `type`/`dst` not strings.
             self.stats.bad_messages += 1;
             self.stats.messages[INVALID] += 1;
             self.stats.refused[R_INVALID] += 1;
-            tracing::debug!(conn, "PeerJS message is not a JSON object; ignored");
+            tracing::debug!(
+                conn,
+                "PeerJS message is not a JSON object of the protocol; ignored"
+            );
             return out;
         };
-        let (kind, label) = match msg.get("type").and_then(Value::as_str) {
+        let (kind, label) = match msg.kind.as_deref() {
             Some("HEARTBEAT") => {
                 c.last_ping = now;
                 self.stats.messages[0] += 1;
@@ -437,77 +482,106 @@ impl PeerJsService {
             }
         };
         self.stats.messages[label] += 1;
-        let dst = match msg.remove("dst") {
-            Some(Value::String(s)) => Some(s),
-            None | Some(Value::Null) => None,
-            Some(_) => {
-                self.stats.bad_messages += 1;
-                self.stats.refused[R_INVALID] += 1;
-                return out;
+        let Some(dst) = msg.dst.as_deref() else {
+            if kind == "LEAVE" {
+                // The `peer` server unregisters a client that leaves without a destination.
+                let id = id.clone();
+                self.drop_client(&id, &mut out);
+                out.push(Out::Close {
+                    conn,
+                    code: 1000,
+                    reason: "",
+                });
             }
-        };
-        let fwd = Fwd {
-            kind,
-            src: id.clone(),
-            dst,
-            payload: msg.remove("payload"),
-        };
-        if fwd.kind == "LEAVE" && fwd.dst.is_none() {
-            // The `peer` server unregisters a client that leaves without a destination.
-            self.drop_client(&id, &mut out);
-            out.push(Out::Close {
-                conn,
-                code: 1000,
-                reason: "",
-            });
             return out;
+        };
+        let text = Fwd {
+            kind,
+            src: id,
+            dst: Some(dst),
+            payload: msg.payload,
         }
-        self.transmit(fwd, now, &mut out);
+        .text();
+        if let Some(text) = self.deliver_local(dst, text, &mut out) {
+            let src = self.conns[&conn].clone();
+            self.transmit_elsewhere(kind, src, dst.to_owned(), text, now, &mut out);
+        }
         out
     }
 
-    /// Delivers to a connected destination, or queues for an absent one. A message that
-    /// cannot be queued gets EXPIRE at once: never an ERROR (the client would abort), never
-    /// a silent drop.
-    fn transmit(&mut self, m: Fwd, now: Instant, out: &mut Vec<Out>) {
-        let Some(dst) = m.dst.clone() else {
-            return;
-        };
-        let text = serde_json::to_string(&m).expect("serializes");
-        match self.clients.get(&dst) {
+    /// Delivers `text` to `dst` when it is a client of this node (the common case: no
+    /// allocation beyond the text); otherwise hands the text back.
+    fn deliver_local(&mut self, dst: &str, text: String, out: &mut Vec<Out>) -> Option<String> {
+        match self.clients.get(dst) {
             Some(c) if c.claimed => {
                 self.stats.forwarded += 1;
                 out.push(Out::Send {
                     conn: c.conn,
                     text: text.into(),
                 });
+                None
+            }
+            _ => Some(text),
+        }
+    }
+
+    /// Delivers a server-made message (EXPIRE) from `src` to `dst`.
+    fn transmit(
+        &mut self,
+        kind: &'static str,
+        src: String,
+        dst: String,
+        now: Instant,
+        out: &mut Vec<Out>,
+    ) {
+        let text = Fwd {
+            kind,
+            src: &src,
+            dst: Some(&dst),
+            payload: None,
+        }
+        .text();
+        if let Some(text) = self.deliver_local(&dst, text, out) {
+            self.transmit_elsewhere(kind, src, dst, text, now, out);
+        }
+    }
+
+    /// A message for a destination that is not a claimed client here: published for its
+    /// node (cluster mode), or queued until it connects. A message that cannot go either
+    /// way gets EXPIRE at once: never an ERROR (the client would abort), never a silent
+    /// drop.
+    fn transmit_elsewhere(
+        &mut self,
+        kind: &'static str,
+        src: String,
+        dst: String,
+        text: String,
+        now: Instant,
+        out: &mut Vec<Out>,
+    ) {
+        // Held here but not yet claimed: queued below until OPEN.
+        if !self.clients.contains_key(&dst) {
+            if let Some(b) = self.bus.as_mut().filter(|b| b.is_remote(&dst)) {
+                if b.up {
+                    self.stats.forwarded += 1;
+                    out.push(Out::Bus(b.publish(BusEvent::Peerjs {
+                        to: dst,
+                        from: src,
+                        text,
+                    })));
+                } else if kind != "LEAVE" && kind != "EXPIRE" {
+                    // Redis away: the peer's node cannot be reached. EXPIRE, not ERROR
+                    // (the client would abort its whole Peer).
+                    self.stats.refused[R_CLUSTER] += 1;
+                    self.send_expire(dst, src, now, out);
+                }
                 return;
             }
-            // Held here but not yet claimed: queued below until OPEN.
-            Some(_) => {}
-            None => {
-                if let Some(b) = self.bus.as_mut().filter(|b| b.is_remote(&dst)) {
-                    if b.up {
-                        self.stats.forwarded += 1;
-                        out.push(Out::Bus(b.publish(BusEvent::Peerjs {
-                            to: dst,
-                            from: m.src,
-                            text,
-                        })));
-                    } else if m.kind != "LEAVE" && m.kind != "EXPIRE" {
-                        // Redis away: the peer's node cannot be reached. EXPIRE, not ERROR
-                        // (the client would abort its whole Peer).
-                        self.stats.refused[R_CLUSTER] += 1;
-                        self.send_expire(dst, m.src, now, out);
-                    }
-                    return;
-                }
-            }
         }
-        if m.kind == "LEAVE" || m.kind == "EXPIRE" {
+        if kind == "LEAVE" || kind == "EXPIRE" {
             return;
         }
-        self.enqueue(dst, Queued { src: m.src, text }, now, out);
+        self.enqueue(dst, Queued { src, text }, now, out);
     }
 
     /// Holds `q` for the absent `dst`, or answers EXPIRE at once when it does not fit.
@@ -551,16 +625,7 @@ impl PeerJsService {
 
     /// Tells `to` that its messages for `from` will not arrive.
     fn send_expire(&mut self, from: String, to: String, now: Instant, out: &mut Vec<Out>) {
-        self.transmit(
-            Fwd {
-                kind: "EXPIRE",
-                src: from,
-                dst: Some(to),
-                payload: None,
-            },
-            now,
-            out,
-        );
+        self.transmit("EXPIRE", from, to, now, out);
     }
 
     fn drop_client(&mut self, id: &str, out: &mut Vec<Out>) {

@@ -1,6 +1,7 @@
 use super::*;
 use crate::signal::bus::{BusCmd, BusEvent, Member};
 use rand::SeedableRng;
+use serde_json::Value;
 
 fn cfg() -> SignalConfig {
     SignalConfig {
@@ -91,6 +92,31 @@ fn forward_sets_src_and_keeps_only_protocol_fields() {
         .is_empty());
     assert!(s.message(1, r#"[1,2]"#, t0).is_empty());
     assert_eq!(s.stats().bad_messages, 3);
+}
+
+/// The payload goes out as the sender wrote it (raw JSON text: no tree, no re-escaping),
+/// a `null` payload stays `null`, and an escaped `dst` still finds its peer.
+#[test]
+fn payload_is_forwarded_as_raw_json_text() {
+    let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
+    let t0 = Instant::now();
+    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, 2, "bob", "t2", t0);
+    let payload = r#"{"sdp":"v=0\r\na=x \u00e9","n":[1, 2.50]}"#;
+    let msg = format!(r#"{{"type":"OFFER","dst":"b\u006fb","payload":{payload}}}"#);
+    let o = s.message(1, &msg, t0);
+    let Some(Out::Send { conn: 2, text }) = o.first() else {
+        panic!("{o:?}")
+    };
+    assert_eq!(
+        text.as_str(),
+        format!(r#"{{"type":"OFFER","src":"alice","dst":"bob","payload":{payload}}}"#)
+    );
+    let o = s.message(1, r#"{"type":"ANSWER","dst":"bob","payload":null}"#, t0);
+    assert_eq!(texts(&o, 2)[0]["payload"], Value::Null);
+    assert!(texts(&o, 2)[0].as_object().unwrap().contains_key("payload"));
+    // A `dst` that is not a string is not a message of the protocol.
+    assert!(s.message(1, r#"{"type":"OFFER","dst":7}"#, t0).is_empty());
 }
 
 #[test]

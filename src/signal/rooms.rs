@@ -512,6 +512,31 @@ impl RoomService {
         }
     }
 
+    /// A binary frame from `conn`: signaling is JSON text, so it is answered with
+    /// `binary-not-supported` and counted (reason `invalid`).
+    pub fn binary(&mut self, conn: ConnId, now: Instant) -> Vec<Out> {
+        self.alive(conn, now);
+        vec![Self::error(
+            &mut self.stats,
+            conn,
+            ErrorCode::BinaryNotSupported,
+            "signaling uses JSON text frames".into(),
+            None,
+        )]
+    }
+
+    /// The driver could not register a granted relay session (the relay is disabled or at
+    /// `relay_ws.max_sessions`): the asking side gets `relay-unavailable`, counted.
+    pub fn relay_refused(&mut self, conn: ConnId, to: &str, message: String) -> Out {
+        Self::error(
+            &mut self.stats,
+            conn,
+            ErrorCode::RelayUnavailable,
+            message,
+            Some(to),
+        )
+    }
+
     /// A text frame from `conn`.
     pub fn message(&mut self, conn: ConnId, text: &str, now: Instant) -> Vec<Out> {
         let mut out = Vec::new();

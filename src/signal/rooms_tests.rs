@@ -561,3 +561,28 @@ fn resume_tokens_are_single_use() {
     let o = s.connect(5, "local".into(), Some(&t2), t0 + Duration::from_secs(4));
     assert_ne!(welcome(&o, 5).0, a);
 }
+
+/// Refusals the driver reports (a binary frame; a relay session the relay could not
+/// register, as at `relay_ws.max_sessions`) reach the sender and are counted by reason.
+#[test]
+fn binary_frames_and_unregistered_relays_are_refused_and_counted() {
+    let mut s = svc();
+    let t0 = Instant::now();
+    s.connect(1, "local".into(), None, t0);
+    let o = s.binary(1, t0);
+    assert_eq!(to(&o, 1)[0]["code"], "binary-not-supported");
+    let o = vec![s.relay_refused(1, "peer-b", "the relay is full".into())];
+    let m = to(&o, 1);
+    assert_eq!(m[0]["code"], "relay-unavailable");
+    assert_eq!(m[0]["to"], "peer-b");
+    let invalid = REFUSAL_REASONS
+        .iter()
+        .position(|r| *r == "invalid")
+        .unwrap();
+    let relay = REFUSAL_REASONS
+        .iter()
+        .position(|r| *r == "relay_unavailable")
+        .unwrap();
+    assert_eq!(s.stats().refused[invalid], 1);
+    assert_eq!(s.stats().refused[relay], 1);
+}
