@@ -11,6 +11,11 @@
 //! `Machine::bus_refused`). While Redis is away, commands are
 //! dropped (the machine refuses cross-node signals meanwhile) and the member list is
 //! rewritten whole on reconnect.
+//!
+//! Per wake-up the driver takes what is queued (up to [`BATCH`]): runs of publishes go out
+//! as one pipeline, in queue order (per-node sequence numbers stay ordered), and pushes are
+//! applied under one lock. A batch whose outcome is unknown when Redis is lost is refused
+//! with the queue.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
