@@ -88,9 +88,9 @@ async fn bus_input<M: BusMachine>(
     input: Option<Input>,
 ) -> bool {
     match input {
-        Some(Input::Push(p)) => b.push(p),
-        Some(Input::Cmd(cmd)) => matches!(
-            tokio::time::timeout(IO_TIMEOUT, b.command(c, cmd)).await,
+        Some(Input::Pushes(p)) => b.pushes(p),
+        Some(Input::Cmds(cmds)) => matches!(
+            tokio::time::timeout(IO_TIMEOUT, b.commands(c, cmds)).await,
             Ok(Ok(()))
         ),
         None => false,

@@ -11,6 +11,11 @@
 //! `Machine::bus_refused`). While Redis is away, commands are
 //! dropped (the machine refuses cross-node signals meanwhile) and the member list is
 //! rewritten whole on reconnect.
+//!
+//! Per wake-up the driver takes what is queued (up to [`BATCH`]): runs of publishes go out
+//! as one pipeline, in queue order (per-node sequence numbers stay ordered), and pushes are
+//! applied under one lock. A batch whose outcome is unknown when Redis is lost is refused
+//! with the queue.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -30,6 +35,10 @@ use crate::signal::driver::Hub;
 const PUSH_QUEUE: usize = 8192;
 /// Room machine commands queued before the driver takes them.
 pub const CMD_QUEUE: usize = 8192;
+/// Most commands (or pushes) the driver takes per wakeup: the publishes among them go out
+/// as one pipeline (one write, one round trip) and the pushes are applied under one lock,
+/// instead of one awaited round trip (or one lock) per message.
+const BATCH: usize = 256;
 
 /// Deletes a PeerJS id's claim only when this node still holds it.
 const RELEASE_LUA: &str =
@@ -49,6 +58,36 @@ pub(super) struct SignalBus<M: BusMachine> {
     view: Arc<super::ClusterView>,
     /// The PeerJS claims' lease.
     lease_ms: u64,
+    /// Commands taken from the queue and not yet known to be carried out: refused with
+    /// the rest of the queue when Redis is lost (or a round trip timed out) meanwhile.
+    inflight: Vec<BusCmd>,
+}
+
+/// One step of a batch of commands, in queue order: a run of consecutive publishes (one
+/// pipeline, executed by Redis in this order, so each node's sequence numbers arrive in
+/// order), or one other command (its answer is needed before the next).
+#[derive(Debug, PartialEq)]
+enum Step {
+    Publishes(std::ops::Range<usize>),
+    One(usize),
+}
+
+fn plan(cmds: &[BusCmd]) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut i = 0;
+    while i < cmds.len() {
+        let start = i;
+        while i < cmds.len() && matches!(cmds[i], BusCmd::Publish { .. }) {
+            i += 1;
+        }
+        if i > start {
+            steps.push(Step::Publishes(start..i));
+        } else {
+            steps.push(Step::One(i));
+            i += 1;
+        }
+    }
+    steps
 }
 
 fn channel<M: BusMachine>(keys: &Keys) -> String {
@@ -84,6 +123,7 @@ impl<M: BusMachine> SignalBus<M> {
             published: None,
             view,
             lease_ms,
+            inflight: Vec::new(),
         }
     }
 
@@ -124,9 +164,10 @@ impl<M: BusMachine> SignalBus<M> {
         self.sub = None;
         self.pushes = None;
         self.hub.drive(|m| m.bus_state(false));
-        // Nothing can be published meanwhile: what is queued is refused (the machine tells
-        // the clients concerned), taken first so that refusals cannot queue more here.
-        let mut queued = Vec::new();
+        // Nothing can be published meanwhile: what is queued (and what was in flight, maybe
+        // published or not) is refused (the machine tells the clients concerned), taken
+        // first so that refusals cannot queue more here.
+        let mut queued = std::mem::take(&mut self.inflight);
         while let Ok(cmd) = self.cmds.try_recv() {
             queued.push(cmd);
         }
@@ -210,32 +251,60 @@ impl<M: BusMachine> SignalBus<M> {
         Ok(())
     }
 
-    /// Carries out one command from the room machine.
-    pub async fn command(
+    /// Carries out a batch of commands from the room machine, in order: each run of
+    /// publishes as one pipeline. On an error (or when the caller's timeout drops this
+    /// future) the batch stays in `inflight` for [`SignalBus::lost`] to refuse.
+    pub async fn commands(
+        &mut self,
+        c: &mut MultiplexedConnection,
+        cmds: Vec<BusCmd>,
+    ) -> redis::RedisResult<()> {
+        self.inflight = cmds;
+        let steps = plan(&self.inflight);
+        for step in steps {
+            match step {
+                Step::Publishes(r) => {
+                    let n = r.len() as u64;
+                    let mut p = redis::pipe();
+                    let chan = channel::<M>(&self.keys);
+                    let ts = super::driver::unix_us();
+                    for cmd in &self.inflight[r] {
+                        let BusCmd::Publish { seq, ev } = cmd else {
+                            continue;
+                        };
+                        let env = Envelope {
+                            node: self.node.clone(),
+                            seq: *seq,
+                            ev: ev.clone(),
+                            ts,
+                        };
+                        let text = serde_json::to_string(&env).unwrap_or_default();
+                        p.cmd("PUBLISH").arg(&chan).arg(text).ignore();
+                    }
+                    p.query_async::<()>(c).await?;
+                    self.view
+                        .stats
+                        .bus_published
+                        .fetch_add(n, Ordering::Relaxed);
+                }
+                Step::One(i) => {
+                    let cmd = self.inflight[i].clone();
+                    self.command(c, cmd).await?;
+                }
+            }
+        }
+        self.inflight.clear();
+        Ok(())
+    }
+
+    /// Carries out one command other than a publish.
+    async fn command(
         &mut self,
         c: &mut MultiplexedConnection,
         cmd: BusCmd,
     ) -> redis::RedisResult<()> {
         match cmd {
-            BusCmd::Publish { seq, ev } => {
-                let env = Envelope {
-                    node: self.node.clone(),
-                    seq,
-                    ev,
-                    ts: super::driver::unix_us(),
-                };
-                let text = serde_json::to_string(&env).unwrap_or_default();
-                redis::cmd("PUBLISH")
-                    .arg(channel::<M>(&self.keys))
-                    .arg(text)
-                    .query_async::<i64>(c)
-                    .await?;
-                self.view
-                    .stats
-                    .bus_published
-                    .fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
+            BusCmd::Publish { .. } => Ok(()),
             BusCmd::Resync { node } => {
                 if self.known.contains(&node) {
                     self.resync(c, &node).await?;
@@ -276,44 +345,155 @@ impl<M: BusMachine> SignalBus<M> {
         }
     }
 
-    /// One push from the subscriber connection.
-    pub fn push(&mut self, p: PushInfo) -> bool {
-        match p.kind {
-            PushKind::Message => {
-                let Some(payload) = p.data.get(1) else {
-                    return true;
-                };
-                let Ok(text) = redis::from_redis_value_ref::<String>(payload) else {
-                    return true;
-                };
-                let Ok(env) = serde_json::from_str::<Envelope>(&text) else {
-                    tracing::debug!("cluster: unreadable bus message ignored");
-                    return true;
-                };
-                if env.node != self.node {
-                    self.view.stats.bus_received.fetch_add(1, Ordering::Relaxed);
-                    self.view.stats.observe_latency(env.ts);
-                    self.hub.drive(|m| m.bus_event(&env.node, env.seq, env.ev));
+    /// A batch of pushes from the subscriber connection, applied under one lock; false
+    /// when the subscriber connection closed (the pushes before it are applied).
+    pub fn pushes(&mut self, batch: Vec<PushInfo>) -> bool {
+        let mut open = true;
+        let mut events = Vec::with_capacity(batch.len());
+        for p in batch {
+            match p.kind {
+                PushKind::Message => {
+                    let Some(env) = p.data.get(1).and_then(decode) else {
+                        tracing::debug!("cluster: unreadable bus message ignored");
+                        continue;
+                    };
+                    if env.node != self.node {
+                        self.view.stats.observe_latency(env.ts);
+                        events.push(env);
+                    }
                 }
-                true
+                // The subscriber connection closed: reconnect.
+                PushKind::Disconnection => {
+                    open = false;
+                    break;
+                }
+                _ => {}
             }
-            // The subscriber connection closed: reconnect.
-            PushKind::Disconnection => false,
-            _ => true,
         }
+        if !events.is_empty() {
+            self.view
+                .stats
+                .bus_received
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
+            self.hub.drive(|m| {
+                let mut outs = Vec::new();
+                for env in events {
+                    outs.extend(m.bus_event(&env.node, env.seq, env.ev));
+                }
+                outs
+            });
+        }
+        open
     }
 
-    /// The next push or command, whichever comes first (None: the subscriber is gone).
+    /// The next pushes or commands, whichever come first, with whatever more of the same
+    /// kind is already queued, up to [`BATCH`] (None: the subscriber is gone).
     pub async fn next(&mut self) -> Option<Input> {
         let pushes = self.pushes.as_mut()?;
         tokio::select! {
-            p = pushes.recv() => p.map(Input::Push),
-            c = self.cmds.recv() => c.map(Input::Cmd),
+            p = pushes.recv() => p.map(|p| Input::Pushes(drain(pushes, p))),
+            c = self.cmds.recv() => c.map(|c| Input::Cmds(drain(&mut self.cmds, c))),
         }
     }
 }
 
+/// `first` and what else `rx` holds now, up to [`BATCH`].
+fn drain<T>(rx: &mut mpsc::Receiver<T>, first: T) -> Vec<T> {
+    let mut v = Vec::with_capacity(rx.len().min(BATCH - 1) + 1);
+    v.push(first);
+    while v.len() < BATCH {
+        match rx.try_recv() {
+            Ok(x) => v.push(x),
+            Err(_) => break,
+        }
+    }
+    v
+}
+
+/// A bus message's envelope, read straight from the push's bytes.
+fn decode(payload: &redis::Value) -> Option<Envelope> {
+    match payload {
+        redis::Value::BulkString(b) => serde_json::from_slice(b).ok(),
+        redis::Value::SimpleString(s) => serde_json::from_str(s).ok(),
+        _ => None,
+    }
+}
+
 pub(super) enum Input {
-    Push(PushInfo),
-    Cmd(BusCmd),
+    Pushes(Vec<PushInfo>),
+    Cmds(Vec<BusCmd>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signal::bus::BusEvent;
+
+    fn publish(seq: u64) -> BusCmd {
+        BusCmd::Publish {
+            seq,
+            ev: BusEvent::Left {
+                room: "room:a".into(),
+                id: format!("p{seq}"),
+            },
+        }
+    }
+
+    #[test]
+    fn plan_keeps_queue_order_with_publishes_grouped() {
+        let cmds = vec![
+            publish(1),
+            publish(2),
+            publish(3),
+            BusCmd::Claim { id: "x".into() },
+            publish(4),
+            BusCmd::Resync { node: "b".into() },
+            BusCmd::Release { id: "x".into() },
+            publish(5),
+            publish(6),
+        ];
+        assert_eq!(
+            plan(&cmds),
+            vec![
+                Step::Publishes(0..3),
+                Step::One(3),
+                Step::Publishes(4..5),
+                Step::One(5),
+                Step::One(6),
+                Step::Publishes(7..9),
+            ]
+        );
+        assert_eq!(plan(&[]), Vec::<Step>::new());
+    }
+
+    #[tokio::test]
+    async fn drain_takes_what_is_queued_in_order_up_to_the_batch() {
+        let (tx, mut rx) = mpsc::channel(BATCH * 2);
+        for i in 1..=(BATCH + 10) {
+            tx.try_send(i).unwrap();
+        }
+        let first = rx.recv().await.unwrap();
+        let a = drain(&mut rx, first);
+        assert_eq!(a, (1..=BATCH).collect::<Vec<_>>());
+        let first = rx.recv().await.unwrap();
+        let b = drain(&mut rx, first);
+        assert_eq!(b, (BATCH + 1..=BATCH + 10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn decode_reads_bulk_bytes_and_refuses_garbage() {
+        let env = Envelope {
+            node: "a".into(),
+            seq: 7,
+            ev: BusEvent::Left {
+                room: "room:a".into(),
+                id: "p".into(),
+            },
+            ts: 1,
+        };
+        let bytes = serde_json::to_vec(&env).unwrap();
+        assert_eq!(decode(&redis::Value::BulkString(bytes)), Some(env));
+        assert_eq!(decode(&redis::Value::BulkString(b"{nope".to_vec())), None);
+        assert_eq!(decode(&redis::Value::Int(3)), None);
+    }
 }
