@@ -195,10 +195,12 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
     let _pid = write_pid_file(&cfg);
     // READY=1 once every listener is bound and TURN answers; WATCHDOG=1 only while it does.
     sup.watch_turn(faces.turn.local_addrs());
+    // /readyz says ready before READY=1 goes out: whoever acts on READY=1 (the service
+    // manager, a test) and then asks /readyz must not see 503.
+    STATE.set_ready(true);
     sup.ready(&crate::ops::supervisor::serving_status(
         faces.turn.local_addrs(),
     ));
-    STATE.set_ready(true);
     let mut running = cfg;
     let mut drain: Option<Instant> = None;
     let mut last_status = (u32::MAX, usize::MAX);
