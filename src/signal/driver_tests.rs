@@ -38,6 +38,32 @@ const BUDGET: SendBudget = SendBudget {
     bytes: 1 << 20,
 };
 
+/// An idle connection holds no frame-queue capacity on either side of the take/swap, also
+/// after several bursts (each side held a `VecDeque` of ~150 B per idle peer before).
+#[test]
+fn an_idle_outbox_keeps_no_queue_capacity() {
+    let outbox = Outbox::default();
+    let budget = SendBudget {
+        frames: 64,
+        bytes: 1 << 20,
+    };
+    let waker = std::task::Waker::noop();
+    let mut batch = VecDeque::new();
+    for _ in 0..3 {
+        assert!(outbox.push(Frame::Ping, budget));
+        assert!(outbox.push(Frame::Ping, budget));
+        outbox.take(&mut batch, waker);
+        assert_eq!(batch.len(), 2);
+        // As the writer leaves it once everything went out.
+        batch.clear();
+    }
+    outbox.take(&mut batch, waker);
+    assert_eq!(batch.capacity(), 0);
+    assert_eq!(outbox.lock().frames.capacity(), 0);
+    // Still woken by the next push.
+    assert!(outbox.lock().waker.is_some());
+}
+
 fn rooms() -> Arc<Hub<RoomService>> {
     let svc = RoomService::new(SignalConfig::default(), false, StdRng::seed_from_u64(1));
     Hub::new(svc, BUDGET, None, 60)
