@@ -46,15 +46,7 @@ pub(in crate::turn) fn connect_done(cx: &mut Cx, now: Now, conn: ConnId, ok: boo
         forget_conn(cx, conn);
         cx.stats.tcp_connects[CONNECT_FAILED] += 1;
         tracing::debug!(client = %tuple.client, conn, "TCP relay connect failed");
-        queue_connect_response(
-            cx,
-            tuple,
-            txid,
-            now,
-            Err(ErrorCode::ConnectionTimeoutOrFailure),
-            &cred,
-            None,
-        );
+        queue_connect_failed(cx, tuple, txid, now, &cred);
         return false;
     }
     let deadline = now.mono + TCP_CONN_TIMEOUT;
@@ -143,15 +135,7 @@ pub(in crate::turn) fn conn_closed(cx: &mut Cx, conn: ConnId) {
                     mono: created,
                     unix_secs: 0,
                 };
-                queue_connect_response(
-                    cx,
-                    tuple,
-                    txid,
-                    now,
-                    Err(ErrorCode::ConnectionTimeoutOrFailure),
-                    &cred,
-                    None,
-                );
+                queue_connect_failed(cx, tuple, txid, now, &cred);
             }
         }
         ConnState::Pending => {}
@@ -282,15 +266,7 @@ pub(in crate::turn) fn conn_timeout(cx: &mut Cx, now: Now, conn: ConnId) {
             cx.stats.tcp_connects[CONNECT_TIMEOUT] += 1;
             if let Some(tuple) = tuple {
                 tracing::debug!(client = %tuple.client, conn, "TCP relay connect timed out");
-                queue_connect_response(
-                    cx,
-                    tuple,
-                    txid,
-                    now,
-                    Err(ErrorCode::ConnectionTimeoutOrFailure),
-                    &cred,
-                    None,
-                );
+                queue_connect_failed(cx, tuple, txid, now, &cred);
             }
         }
         ConnState::Pending => {
@@ -332,6 +308,13 @@ fn forget_conn(cx: &mut Cx, conn: ConnId) {
     if let Some(pc) = cx.tables.remove_conn(conn) {
         cx.stats.tcp_conns_by_state[pc.state.index()] -= 1;
     }
+}
+
+/// Queues the deferred 447 to a Connect whose peer connection failed or timed out
+/// (RFC 6062 §5.2).
+fn queue_connect_failed(cx: &mut Cx, tuple: FiveTuple, txid: [u8; 12], now: Now, cred: &Verified) {
+    let failed = Err(ErrorCode::ConnectionTimeoutOrFailure);
+    queue_connect_response(cx, tuple, txid, now, failed, cred, None);
 }
 
 /// Queues the deferred answer to a Connect: success with CONNECTION-ID, or 447.
