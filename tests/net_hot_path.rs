@@ -170,11 +170,14 @@ fn relay_paths_do_not_allocate() {
     tcp_relay_path_does_not_allocate();
 }
 
-fn udp_relay_path_does_not_allocate(cap: Option<Arc<tern::usage::UserCap>>) {
+/// A worker whose one allocation relays to a fresh peer socket, and a client whose first
+/// message (answered) made that allocation: `(service, server address, client, peer)`.
+fn udp_setup(
+    cap: Option<Arc<tern::usage::UserCap>>,
+) -> (TurnService, SocketAddr, UdpSocket, UdpSocket) {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let capped = cap.is_some();
     let svc = service(peer.local_addr().unwrap(), cap);
     let server = svc.local_addrs()[0];
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -184,6 +187,13 @@ fn udp_relay_path_does_not_allocate(cap: Option<Arc<tern::usage::UserCap>>) {
     let mut buf = [0u8; 2048];
     client.send_to(&stun_message(), server).unwrap();
     client.recv_from(&mut buf).unwrap();
+    (svc, server, client, peer)
+}
+
+fn udp_relay_path_does_not_allocate(cap: Option<Arc<tern::usage::UserCap>>) {
+    let capped = cap.is_some();
+    let (svc, server, client, peer) = udp_setup(cap);
+    let mut buf = [0u8; 2048];
     // Warm up (first-use growth of the worker's event and batch structures).
     udp_round_trips(&client, server, &peer, 200, &mut buf);
 
@@ -241,18 +251,8 @@ fn udp_bursts(
 }
 
 fn udp_burst_relay_path_does_not_allocate() {
-    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let svc = service(peer.local_addr().unwrap(), None);
-    let server = svc.local_addrs()[0];
-    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (svc, server, client, peer) = udp_setup(None);
     let mut buf = [0u8; 2048];
-    client.send_to(&stun_message(), server).unwrap();
-    client.recv_from(&mut buf).unwrap();
     udp_bursts(&client, server, &peer, 20, &mut buf);
 
     let before = ALLOCATIONS.load(Ordering::SeqCst);
