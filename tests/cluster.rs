@@ -30,7 +30,7 @@ impl Redis {
         if !have_redis() {
             return None;
         }
-        Some(Redis::start_on(free_port()))
+        Some(Redis::start_on(redis_port()))
     }
 
     fn start_on(port: u16) -> Redis {
@@ -42,11 +42,14 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
-        let r = Redis { child, port };
+        let mut r = Redis { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if r.ping() {
                 return r;
+            }
+            if let Ok(Some(status)) = r.child.try_wait() {
+                panic!("redis-server exited ({status}) before answering on port {port}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -81,6 +84,34 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Ports a test's Redis holds in this test binary, for the whole test (also while it is down
+/// for an outage test), so no other test's Redis takes one.
+static REDIS_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// A free loopback port for a private Redis, below the kernel's ephemeral range (32768 and
+/// up here) and above the tests' relay ranges. An outage test restarts Redis on the same port,
+/// so the port must stay free while Redis is down: inside the ephemeral range any outgoing
+/// connection (including a node's own reconnect, which can connect to itself) may take it.
+fn redis_port() -> u16 {
+    let mut taken = REDIS_PORTS.lock().unwrap();
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id());
+    for i in 0..2700u64 {
+        let port = 30000 + ((start + i * 7) % 2700) as u16;
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in 30000..32700 for a test Redis");
 }
 
 fn have_redis() -> bool {
