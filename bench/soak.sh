@@ -179,7 +179,9 @@ loss_totals() { # cumulative sent and lost of the finished UDP channel runs
         END { printf "%d %d\n", s, l }' "$OUT/udp.jsonl" 2>/dev/null || echo "0 0"
 }
 CSV="$OUT/soak.csv"
-echo "t_s,rss_kib,fds,cpu_us_per_pkt,relayed_pps,udp_sent,udp_lost,udp_loss_pct" >"$CSV"
+# RSS is anonymous memory (Tern's heap and stacks: what a leak grows) plus file pages (the
+# binary's code, faulted in as code paths first run, shared and reclaimable): both are kept.
+echo "t_s,rss_kib,fds,cpu_us_per_pkt,relayed_pps,udp_sent,udp_lost,udp_loss_pct,rss_anon_kib,rss_file_kib" >"$CSV"
 c_prev=$(awk '{print $14 + $15}' "/proc/$TERN_PID/stat")
 r_prev=$(relayed)
 while [ "$(date +%s)" -lt "$END" ]; do
@@ -187,12 +189,13 @@ while [ "$(date +%s)" -lt "$END" ]; do
     kill -0 "$TERN_PID" 2>/dev/null || { echo "tern exited during the soak; see $OUT/tern.log" >&2; exit 1; }
     c=$(awk '{print $14 + $15}' "/proc/$TERN_PID/stat")
     r=$(relayed)
-    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$TERN_PID/status")
+    read -r rss anon file < <(awk '/^VmRSS:/ { r = $2 } /^RssAnon:/ { a = $2 } /^RssFile:/ { f = $2 }
+        END { print r, a, f }' "/proc/$TERN_PID/status")
     fds=$(ls "/proc/$TERN_PID/fd" | wc -l)
     read -r sent lost < <(loss_totals)
     awk -v t=$(($(date +%s) - START)) -v rss="$rss" -v fds="$fds" -v dc=$((c - c_prev)) -v dr=$((r - r_prev)) \
-        -v hz="$TICKS" -v s="$sent" -v l="$lost" \
-        'BEGIN { printf "%d,%d,%d,%.3f,%.0f,%d,%d,%.4f\n", t, rss, fds, (dr > 0 ? dc / hz / dr * 1e6 : 0), dr / 10, s, l, (s > 0 ? 100 * l / s : 0) }' |
+        -v hz="$TICKS" -v s="$sent" -v l="$lost" -v anon="$anon" -v file="$file" \
+        'BEGIN { printf "%d,%d,%d,%.3f,%.0f,%d,%d,%.4f,%d,%d\n", t, rss, fds, (dr > 0 ? dc / hz / dr * 1e6 : 0), dr / 10, s, l, (s > 0 ? 100 * l / s : 0), anon, file }' |
         tee -a "$CSV"
     c_prev=$c r_prev=$r
 done
@@ -202,9 +205,28 @@ for pid in "${PARTS[@]}"; do wait "$pid" 2>/dev/null || true; done
 # Summary: flatness after the warm-up, and the losses of every part.
 {
     echo "soak: ${SOAK_SECS} s, $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
-    awk -F, -v w="$WARMUP" 'NR > 1 && $1 >= w { n++; if (n == 1 || $2 < rmin) rmin = $2; if ($2 > rmax) rmax = $2; if (n == 1 || $3 < fmin) fmin = $3; if ($3 > fmax) fmax = $3; cpu += $4; pps += $5; last = $0 }
+    # The window: after the warm-up, and before the last 30 s, when the parts stop starting
+    # new runs and the load (and with it the fds) winds down.
+    awk -F, -v w="$WARMUP" -v e=$((SOAK_SECS - 30)) '
+        function spread(name, lo, hi, unit) { printf "%s %d..%d%s (spread %.2f%%)", name, lo, hi, unit, 100 * (hi - lo) / lo }
+        NR > 1 && $1 >= w && $1 <= e { n++
+            if (n == 1 || $2 < rmin) rmin = $2; if ($2 > rmax) rmax = $2
+            if (n == 1 || $3 < fmin) fmin = $3; if ($3 > fmax) fmax = $3
+            if ($9 != "") { na++; if (na == 1 || $9 < amin) amin = $9; if ($9 > amax) amax = $9; if (na == 1) a0 = $9; a1 = $9 }
+            cpu += $4; pps += $5; T[n] = $1; R[n] = $2; F[n] = $3; A[n] = $9 }
+        NR > 1 { last = $0 }
         END { if (n == 0) { print "no samples after the warm-up"; exit }
-              printf "after a %d s warm-up (%d samples): RSS %d..%d KiB (spread %.2f%%), fds %d..%d (spread %.2f%%)\n", w, n, rmin, rmax, 100 * (rmax - rmin) / rmin, fmin, fmax, 100 * (fmax - fmin) / fmin
+              printf "from %d s to %d s (%d samples): ", w, e, n; spread("RSS", rmin, rmax, " KiB"); printf ", "
+              if (na > 0) { spread("anonymous", amin, amax, " KiB"); printf " (first %d, last %d), ", a0, a1 }
+              spread("fds", fmin, fmax, ""); print ""
+              # Drift: the mean of the first ten minutes of the window against the last ten.
+              # A load that opens and closes sockets makes fds (and the heap) swing within a
+              # run; a leak shows as a difference between the two ends.
+              k = (n >= 120) ? 60 : int(n / 2)
+              for (i = 1; i <= k; i++) { r0 += R[i]; f0 += F[i]; x0 += A[i]; r1 += R[n - k + i]; f1 += F[n - k + i]; x1 += A[n - k + i] }
+              printf "drift (mean of the first %d samples to the last %d): RSS %+.2f%%, fds %+.2f%%", k, k, 100 * (r1 - r0) / r0, 100 * (f1 - f0) / f0
+              if (na == n) printf ", anonymous %+.2f%%", 100 * (x1 - x0) / x0
+              print ""
               printf "mean relayed %.0f pkt/s at %.3f us CPU per relayed packet\n", pps / n, cpu / n
               split(last, f, ","); printf "UDP channel runs: %d sent, %d lost (%.4f%%)\n", f[6], f[7], f[8] }' "$CSV"
     awk -F'[,:]' '{ for (i = 1; i < NF; i++) { if ($i == "\"sent\"") s += $(i + 1); if ($i == "\"lost\"") l += $(i + 1) } n++ }
@@ -225,12 +247,13 @@ set output "$OUT/soak.png"
 set datafile separator ","
 set title "Tern soak: RSS and open fds (mixed load, ${SOAK_SECS} s)"
 set xlabel "seconds"
-set ylabel "RSS (KiB)"
+set ylabel "memory (KiB)"
 set y2label "open fds"
 set ytics nomirror
 set y2tics
 set key bottom right
 plot "$CSV" every ::1 using 1:2 with lines lw 2 title "RSS KiB", \
+     "$CSV" every ::1 using 1:9 with lines lw 2 title "anonymous KiB", \
      "$CSV" every ::1 using 1:3 axes x1y2 with lines lw 2 title "fds"
 GP
 if [ -n "$DOCS" ]; then
