@@ -1,5 +1,5 @@
 //! One worker thread: a mio event loop owning its listener sockets (shared with the other
-//! workers through SO_REUSEPORT), its TCP client connections, its [`Shard`] of the TURN
+//! workers through SO_REUSEPORT), its TCP client connections, its shard of the TURN (a `turn::Server`)
 //! state and the relay sockets of that shard's allocations. Nothing here is shared with other
 //! workers on the data path (DESIGN.md principle 2).
 //!
@@ -25,6 +25,8 @@ mod peers;
 mod relays;
 mod splice;
 mod tcp_conns;
+#[cfg(test)]
+mod tests;
 
 pub use handover::Inbox;
 use relays::PeerBatch;
@@ -33,7 +35,6 @@ use tcp_conns::{Conn, ListenMode};
 
 use super::gso::GsoBatch;
 use super::mmsg::{RecvBatch, SendBatch};
-use super::shard::{Shard, OUT_LEN};
 use super::socket::ListenerPair;
 use super::stats::{NetStats, WorkerStats};
 use super::tcp::PerIpLimit;
@@ -41,7 +42,7 @@ use crate::stun::{
     classify, write_channel_data_header, write_data_indication, Kind, CHANNEL_DATA_HEADER,
     DATA_INDICATION_HEADROOM,
 };
-use crate::turn::{ConnId, FiveTuple, Now, Output, RelayId, Transport};
+use crate::turn::{ConnId, FiveTuple, Now, Output, RelayId, Server, Transport};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
@@ -57,6 +58,8 @@ const TCP_DATA_QUEUE: usize = 256 * 1024;
 /// Queue size past which even a control response cannot be queued: the client is not
 /// reading at all, so the connection is closed.
 const TCP_HARD_QUEUE: usize = 1024 * 1024;
+/// Size of the buffer the core writes its answers into (`Server::handle_stun`).
+const OUT_LEN: usize = 2048;
 /// How often idle TCP connections are looked for and stats published.
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 
@@ -132,10 +135,10 @@ pub struct WorkerParams {
 }
 
 /// A worker's event loop state. Built and run on its own thread.
-pub struct Worker<S: Shard> {
+pub struct Worker {
     index: usize,
     poll: Poll,
-    shard: S,
+    core: Server,
     relays: Relays,
     udp: Vec<UdpListener>,
     tcp: Vec<(SocketAddr, TcpListener, ListenMode)>,
@@ -174,7 +177,7 @@ pub struct Worker<S: Shard> {
     /// Reused lists (control path): connections to close for backlog, connects timed out.
     backlog: Vec<usize>,
     expired_ids: Vec<crate::turn::ConnId>,
-    /// What the core asked for that touches client connections, done by `after_shard`
+    /// What the core asked for that touches client connections, done by `after_core`
     /// once the loop that called the core lets go of them.
     later: Vec<Later>,
 }
@@ -216,13 +219,13 @@ fn now() -> Now {
     }
 }
 
-impl<S: Shard> Worker<S> {
+impl Worker {
     /// Registers the listeners with `poll` (which already holds the shutdown waker).
-    pub fn new(p: WorkerParams, poll: Poll, mut shard: S) -> io::Result<Worker<S>> {
+    pub fn new(p: WorkerParams, poll: Poll, mut core: Server) -> io::Result<Worker> {
         // RFC 6062 CONNECTION-IDs carry the worker index in 8 bits (config caps workers).
         let index =
             u8::try_from(p.index).map_err(|_| io::Error::other("more than 256 TURN workers"))?;
-        shard.set_shard_index(index);
+        core.set_shard_index(index);
         let registry = poll.registry().try_clone()?;
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
@@ -264,7 +267,7 @@ impl<S: Shard> Worker<S> {
                 fast_folded: Default::default(),
             },
             poll,
-            shard,
+            core,
             udp,
             tcp,
             tls: p.tls,
@@ -310,7 +313,7 @@ impl<S: Shard> Worker<S> {
         while !self.stop.load(Ordering::Relaxed) {
             let t = Instant::now();
             let mut deadline = next_housekeeping;
-            if let Some(d) = self.shard.poll_timeout() {
+            if let Some(d) = self.core.poll_timeout() {
                 deadline = deadline.min(d);
             }
             let timeout = if self.pending.is_empty() {
@@ -336,9 +339,9 @@ impl<S: Shard> Worker<S> {
             for tok in pending.drain(..) {
                 self.dispatch(tok, true, false, now);
             }
-            if self.shard.poll_timeout().is_some_and(|d| d <= now.mono) {
-                self.shard.handle_timeout(now, &mut self.relays);
-                self.after_shard();
+            if self.core.poll_timeout().is_some_and(|d| d <= now.mono) {
+                self.core.handle_timeout(now, &mut self.relays);
+                self.after_core();
             }
             if now.mono >= next_housekeeping {
                 self.close_idle(now.mono);
@@ -361,9 +364,9 @@ impl<S: Shard> Worker<S> {
                         self.dispatch(token(K_CONN, ci), true, true, now);
                     }
                 }
-                // Kernel fast path: a sync in case a change slipped past `after_shard`,
+                // Kernel fast path: a sync in case a change slipped past `after_core`,
                 // then its counters into the relays' usage and this worker's stats.
-                self.relays.sync_fast_path(&self.shard);
+                self.relays.sync_fast_path(&self.core);
                 self.relays.poll_fast_path(&mut self.stats);
                 self.publish_stats();
                 next_housekeeping = now.mono + HOUSEKEEPING;
@@ -382,7 +385,7 @@ impl<S: Shard> Worker<S> {
             .take();
         if let Some(cfg) = next {
             self.relays.set_max_bytes_per_sec(cfg.max_bytes_per_sec);
-            self.shard.set_config(cfg);
+            self.core.set_config(cfg);
             tracing::debug!(
                 worker = self.index,
                 "TURN worker took the new configuration"
@@ -396,9 +399,7 @@ impl<S: Shard> Worker<S> {
         net.tcp_relay_connect_failures += self.relays.peers.connect_failures;
         let mut s = self.stats_out.lock().unwrap_or_else(|p| p.into_inner());
         s.net = net;
-        if let Some(t) = self.shard.turn_stats() {
-            s.turn.clone_from(t);
-        }
+        s.turn.clone_from(self.core.stats());
     }
 
     fn dispatch(&mut self, tok: Token, readable: bool, writable: bool, now: Now) {
@@ -474,7 +475,7 @@ impl<S: Shard> Worker<S> {
                 let msg = self.rx.payload(i);
                 match classify(msg) {
                     Kind::ChannelData { channel, len } => {
-                        match self.shard.channel_to_peer(&from, channel) {
+                        match self.core.channel_to_peer(&from, channel) {
                             Some((relay, peer)) => {
                                 if let Some(rfd) =
                                     self.relays
@@ -501,12 +502,12 @@ impl<S: Shard> Worker<S> {
                     Kind::Stun => {
                         stun_seen = true;
                         let t0 = is_request(msg).then(Instant::now);
-                        self.shard
-                            .handle_stun(now, from, msg, &mut self.out, &mut self.relays);
+                        self.core
+                            .handle_stun(now, from, msg, &mut self.out[..], &mut self.relays);
                         if let Some(t0) = t0 {
-                            self.shard.record_request_time(t0.elapsed());
+                            self.core.record_request_time(t0.elapsed());
                         }
-                        while let Some(o) = self.shard.poll_output() {
+                        while let Some(o) = self.core.poll_output() {
                             let answer = take_output(&mut self.relays, &mut self.later, o);
                             match answer {
                                 None => {}
@@ -554,7 +555,7 @@ impl<S: Shard> Worker<S> {
             }
             self.to_peer.flush(&mut self.stats);
             if stun_seen {
-                self.after_shard();
+                self.after_core();
             }
             if n < BATCH {
                 return false;
@@ -597,7 +598,7 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_truncated += 1;
                     continue;
                 }
-                let Some(route) = self.shard.peer_to_client(relay, r.from) else {
+                let Some(route) = self.core.peer_to_client(relay, r.from) else {
                     self.stats.drop_no_permission += 1;
                     continue;
                 };

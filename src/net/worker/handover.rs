@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 
 use super::tcp_conns::Conn;
 use super::{token, Worker, K_CONN};
-use crate::net::shard::Shard;
 use crate::turn::Now;
 
 /// A worker's inbox of connections handed over by other workers.
@@ -29,7 +28,7 @@ impl Inbox {
     }
 }
 
-impl<S: Shard> Worker<S> {
+impl Worker {
     /// Hands client connection `ci` to worker `target` (its ConnectionBind frame still
     /// unconsumed in the InBuf).
     pub(super) fn hand_over(&mut self, ci: usize, target: usize) {

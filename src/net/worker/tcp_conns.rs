@@ -13,7 +13,6 @@ use super::{
     TCP_HARD_QUEUE,
 };
 use crate::net::link::{is_tls_error, Link};
-use crate::net::shard::Shard;
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
 use crate::stun::{classify, connection_bind_id, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
 use crate::turn::{conn_shard, ConnId, FiveTuple, Now, Output, Transport};
@@ -71,7 +70,7 @@ pub(super) enum CloseReason {
     HandshakeTimeout,
 }
 
-impl<S: Shard> Worker<S> {
+impl Worker {
     /// A free slot of the connection table with `sock` registered under its token (the
     /// slot is free again on error). Accepted and handed-over connections both come here.
     pub(super) fn register_conn(&mut self, sock: &mut TcpStream) -> io::Result<usize> {
@@ -220,7 +219,7 @@ impl<S: Shard> Worker<S> {
                 conn.last_message = now.mono;
                 match classify(frame) {
                     Kind::ChannelData { channel, len } => {
-                        match self.shard.channel_to_peer(&conn.tuple, channel) {
+                        match self.core.channel_to_peer(&conn.tuple, channel) {
                             Some((relay, peer)) => {
                                 if let Some(rfd) =
                                     self.relays
@@ -251,23 +250,23 @@ impl<S: Shard> Worker<S> {
                             .map(conn_shard)
                             .filter(|&t| t != self.index && t < self.inboxes.len());
                         if let Some(target) = foreign.filter(|_| !conn.handed_over) {
-                            if !self.shard.has_allocation(&conn.tuple) {
+                            if !self.core.has_allocation(&conn.tuple) {
                                 stop = Some(Stop::HandOver(target));
                                 break;
                             }
                         }
                         let t0 = is_request(frame).then(Instant::now);
-                        self.shard.handle_stun(
+                        self.core.handle_stun(
                             now,
                             conn.tuple,
                             frame,
-                            &mut self.out,
+                            &mut self.out[..],
                             &mut self.relays,
                         );
                         if let Some(t0) = t0 {
-                            self.shard.record_request_time(t0.elapsed());
+                            self.core.record_request_time(t0.elapsed());
                         }
-                        while let Some(o) = self.shard.poll_output() {
+                        while let Some(o) = self.core.poll_output() {
                             match take_output(&mut self.relays, &mut self.later, o) {
                                 None => {}
                                 Some(Output::Reply { len }) => {
@@ -385,7 +384,7 @@ impl<S: Shard> Worker<S> {
             return false;
         }
         // Connect responses and attempts the requests queued, peers the core closed.
-        self.after_shard();
+        self.after_core();
         match stop {
             Some(Stop::HandOver(target)) => {
                 self.hand_over(ci, target);
@@ -418,14 +417,14 @@ impl<S: Shard> Worker<S> {
             Some(sp) => {
                 if let Some(p) = self.relays.peers.take(&self.relays.registry, sp.id) {
                     drop(p);
-                    self.shard.tcp_conn_closed(sp.id);
-                    self.after_shard();
+                    self.core.tcp_conn_closed(sp.id);
+                    self.after_core();
                 }
             }
             None => {
-                self.shard
+                self.core
                     .client_closed(&c.tuple, super::now(), &mut self.relays);
-                self.after_shard();
+                self.after_core();
             }
         }
         // The socket and the per-IP permit go with `c`.
@@ -448,7 +447,7 @@ impl<S: Shard> Worker<S> {
                 // it for minutes while its data connections carry the traffic. A bound data
                 // connection is an application's TCP stream, quiet as long as it likes: it
                 // ends with its peer or its allocation (RFC 6062 §5.5).
-                && !self.shard.has_allocation(&c.tuple)
+                && !self.core.has_allocation(&c.tuple)
                 && c.splice.is_none()
             {
                 self.close_conn(ci, CloseReason::Idle);
