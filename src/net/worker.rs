@@ -209,6 +209,124 @@ fn take_output(relays: &mut Relays, later: &mut Vec<Later>, o: Output) -> Option
     None
 }
 
+/// What handling a client's message needs besides the client's own connection, borrowed
+/// from the worker for one read: the core, the relay sockets, the batch to peers, the
+/// core's answer buffer and the queue of outputs for later. The one place client input
+/// meets the core, for UDP and TCP/TLS clients alike.
+struct Inbound<'a> {
+    core: &'a mut Server,
+    relays: &'a mut Relays,
+    to_peer: &'a mut PeerBatch,
+    out: &'a mut [u8; OUT_LEN],
+    later: &'a mut Vec<Later>,
+    stats: &'a mut NetStats,
+}
+
+/// Borrows the worker's fields for an [`Inbound`] (a macro, not a method, so the caller
+/// can hold a client connection or the receive buffer at the same time).
+macro_rules! inbound {
+    ($w:expr) => {
+        Inbound {
+            core: &mut $w.core,
+            relays: &mut $w.relays,
+            to_peer: &mut $w.to_peer,
+            out: &mut $w.out,
+            later: &mut $w.later,
+            stats: &mut $w.stats,
+        }
+    };
+}
+use inbound;
+
+/// The core's answer to a client's STUN message, in `out[..len]`, for the caller to send on
+/// that client's connection.
+enum Answer {
+    /// `Output::Reply`.
+    Reply(usize),
+    /// `Output::BindData`: the connection becomes peer connection `ConnId`'s data
+    /// connection once the answer is queued (RFC 6062 §5.4).
+    Bind(ConnId, usize),
+}
+
+impl Inbound<'_> {
+    /// ChannelData `channel` from `from` (RFC 8656 §12.4): `payload` goes to the channel's
+    /// peer from its relay socket, or is dropped and counted.
+    ///
+    /// # Safety
+    /// `payload` must stay valid until the next `to_peer` flush.
+    unsafe fn channel_data(
+        &mut self,
+        from: &FiveTuple,
+        channel: u16,
+        payload: &[u8],
+        now: Instant,
+    ) {
+        match self.core.channel_to_peer(from, channel) {
+            // SAFETY: the caller's.
+            Some((relay, peer)) => unsafe {
+                self.send_to_peer(relay, peer, from.transport, payload, now)
+            },
+            None => self.stats.drop_no_channel += 1,
+        }
+    }
+
+    /// Queues `payload` for `peer` from relay `relay`, within the relay's caps.
+    ///
+    /// # Safety
+    /// As [`Self::channel_data`].
+    unsafe fn send_to_peer(
+        &mut self,
+        relay: RelayId,
+        peer: SocketAddr,
+        transport: Transport,
+        payload: &[u8],
+        now: Instant,
+    ) {
+        if let Some(rfd) = self
+            .relays
+            .peer_send_fd(relay, payload.len(), now, self.stats)
+        {
+            // SAFETY: the caller's.
+            unsafe { self.to_peer.push(rfd, transport, payload, peer, self.stats) };
+        }
+    }
+
+    /// STUN message `msg` from `from` through the core, and what it asked for: a Send
+    /// indication's payload queued for its peer (RFC 8656 §10.2), relay sockets and peer
+    /// connections closed ([`take_output`]), the rest queued in `later`. Returns the answer
+    /// for `from`'s connection.
+    ///
+    /// # Safety
+    /// `msg` must stay valid until the next `to_peer` flush.
+    unsafe fn stun(&mut self, now: Now, from: FiveTuple, msg: &[u8]) -> Option<Answer> {
+        let t0 = is_request(msg).then(Instant::now);
+        self.core
+            .handle_stun(now, from, msg, &mut self.out[..], self.relays);
+        if let Some(t0) = t0 {
+            self.core.record_request_time(t0.elapsed());
+        }
+        let mut answer = None;
+        while let Some(o) = self.core.poll_output() {
+            match take_output(self.relays, self.later, o) {
+                Some(Output::Reply { len }) => answer = Some(Answer::Reply(len)),
+                Some(Output::BindData { conn, len }) => answer = Some(Answer::Bind(conn, len)),
+                Some(Output::Forward {
+                    relay,
+                    peer,
+                    payload,
+                }) => {
+                    if let Some(data) = msg.get(payload) {
+                        // SAFETY: the caller's.
+                        unsafe { self.send_to_peer(relay, peer, from.transport, data, now.mono) };
+                    }
+                }
+                Some(_) | None => {}
+            }
+        }
+        answer
+    }
+}
+
 fn now() -> Now {
     Now {
         mono: Instant::now(),
@@ -455,10 +573,11 @@ impl Worker {
                 }
             };
             let mut stun_seen = false;
+            let mut cx = inbound!(self);
             for i in 0..n {
                 let r = self.rx.received(i);
                 if r.truncated {
-                    self.stats.drop_truncated += 1;
+                    cx.stats.drop_truncated += 1;
                     continue;
                 }
                 // On a wildcard listener the server side of the 5-tuple is the address the
@@ -475,85 +594,31 @@ impl Worker {
                 let msg = self.rx.payload(i);
                 match classify(msg) {
                     Kind::ChannelData { channel, len } => {
-                        match self.core.channel_to_peer(&from, channel) {
-                            Some((relay, peer)) => {
-                                if let Some(rfd) =
-                                    self.relays
-                                        .peer_send_fd(relay, len, now.mono, &mut self.stats)
-                                {
-                                    let payload =
-                                        &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
-                                    // SAFETY: `rx` is not received into again before the
-                                    // flush at the end of this batch.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            Transport::Udp,
-                                            payload,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
-                                }
-                            }
-                            None => self.stats.drop_no_channel += 1,
-                        }
+                        let payload = &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
+                        // SAFETY: `rx` is not received into again before the flush at the
+                        // end of this batch.
+                        unsafe { cx.channel_data(&from, channel, payload, now.mono) };
                     }
                     Kind::Stun => {
                         stun_seen = true;
-                        let t0 = is_request(msg).then(Instant::now);
-                        self.core
-                            .handle_stun(now, from, msg, &mut self.out[..], &mut self.relays);
-                        if let Some(t0) = t0 {
-                            self.core.record_request_time(t0.elapsed());
-                        }
-                        while let Some(o) = self.core.poll_output() {
-                            let answer = take_output(&mut self.relays, &mut self.later, o);
-                            match answer {
-                                None => {}
-                                // ConnectionBind over UDP gets 400 from the core; never
-                                // BindData.
-                                Some(Output::Reply { len } | Output::BindData { len, .. }) => {
-                                    let src = wildcard.then_some(server.ip());
-                                    // SAFETY: `out` is not touched before this flush.
-                                    unsafe { self.reply.push(&self.out[..len], r.from, src) };
-                                    if self.reply.flush(fd).failed > 0 {
-                                        self.stats.drop_send_error += 1;
-                                    }
-                                }
-                                Some(Output::Forward {
-                                    relay,
-                                    peer,
-                                    payload,
-                                }) => {
-                                    let len = payload.len();
-                                    let fd = self.relays.peer_send_fd(
-                                        relay,
-                                        len,
-                                        now.mono,
-                                        &mut self.stats,
-                                    );
-                                    if let (Some(data), Some(rfd)) = (msg.get(payload), fd) {
-                                        // SAFETY: as above.
-                                        unsafe {
-                                            self.to_peer.push(
-                                                rfd,
-                                                Transport::Udp,
-                                                data,
-                                                peer,
-                                                &mut self.stats,
-                                            )
-                                        };
-                                    }
-                                }
-                                Some(_) => {}
+                        // SAFETY: as above.
+                        if let Some(Answer::Reply(len) | Answer::Bind(_, len)) =
+                            unsafe { cx.stun(now, from, msg) }
+                        {
+                            // ConnectionBind over UDP gets 400 from the core; never
+                            // BindData.
+                            let src = wildcard.then_some(server.ip());
+                            // SAFETY: `out` is not touched before this flush.
+                            unsafe { self.reply.push(&cx.out[..len], r.from, src) };
+                            if self.reply.flush(fd).failed > 0 {
+                                cx.stats.drop_send_error += 1;
                             }
                         }
                     }
-                    Kind::Invalid => self.stats.drop_invalid += 1,
+                    Kind::Invalid => cx.stats.drop_invalid += 1,
                 }
             }
-            self.to_peer.flush(&mut self.stats);
+            cx.to_peer.flush(cx.stats);
             if stun_seen {
                 self.after_core();
             }

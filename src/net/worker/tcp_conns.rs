@@ -9,13 +9,13 @@ use mio::Interest;
 
 use super::splice::Splice;
 use super::{
-    is_request, take_output, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE,
+    inbound, token, Answer, Inbound, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE,
     TCP_HARD_QUEUE,
 };
 use crate::net::link::{is_tls_error, Link};
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
 use crate::stun::{classify, connection_bind_id, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
-use crate::turn::{conn_shard, ConnId, FiveTuple, Now, Output, Transport};
+use crate::turn::{conn_shard, ConnId, FiveTuple, Now, Transport};
 
 /// What a TCP listener accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,6 +200,7 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
                 return false;
             };
+            let mut cx = inbound!(self);
             loop {
                 let data = conn.inbuf.data();
                 let n = match tcp_frame_len(data) {
@@ -219,29 +220,10 @@ impl Worker {
                 conn.last_message = now.mono;
                 match classify(frame) {
                     Kind::ChannelData { channel, len } => {
-                        match self.core.channel_to_peer(&conn.tuple, channel) {
-                            Some((relay, peer)) => {
-                                if let Some(rfd) =
-                                    self.relays
-                                        .peer_send_fd(relay, len, now.mono, &mut self.stats)
-                                {
-                                    let payload =
-                                        &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
-                                    // SAFETY: `inbuf` is neither refilled nor compacted
-                                    // before the flush after this frame loop.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            conn.tuple.transport,
-                                            payload,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
-                                }
-                            }
-                            None => self.stats.drop_no_channel += 1,
-                        }
+                        let payload = &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
+                        // SAFETY: `inbuf` is neither refilled nor compacted before the
+                        // flush after this frame loop.
+                        unsafe { cx.channel_data(&conn.tuple, channel, payload, now.mono) };
                     }
                     Kind::Stun => {
                         // RFC 6062 §5.4: a ConnectionBind belongs to the shard that issued
@@ -250,69 +232,30 @@ impl Worker {
                             .map(conn_shard)
                             .filter(|&t| t != self.index && t < self.inboxes.len());
                         if let Some(target) = foreign.filter(|_| !conn.handed_over) {
-                            if !self.core.has_allocation(&conn.tuple) {
+                            if !cx.core.has_allocation(&conn.tuple) {
                                 stop = Some(Stop::HandOver(target));
                                 break;
                             }
                         }
-                        let t0 = is_request(frame).then(Instant::now);
-                        self.core.handle_stun(
-                            now,
-                            conn.tuple,
-                            frame,
-                            &mut self.out[..],
-                            &mut self.relays,
-                        );
-                        if let Some(t0) = t0 {
-                            self.core.record_request_time(t0.elapsed());
-                        }
-                        while let Some(o) = self.core.poll_output() {
-                            match take_output(&mut self.relays, &mut self.later, o) {
-                                None => {}
-                                Some(Output::Reply { len }) => {
-                                    let queued = conn.out.push_control(&self.out[..len]);
-                                    if !queued {
-                                        stop = Some(Stop::Close(CloseReason::Backlog));
-                                    }
+                        // SAFETY: as above.
+                        match unsafe { cx.stun(now, conn.tuple, frame) } {
+                            None => {}
+                            Some(Answer::Reply(len)) => {
+                                if !conn.out.push_control(&cx.out[..len]) {
+                                    stop = Some(Stop::Close(CloseReason::Backlog));
                                 }
-                                Some(Output::BindData { conn: id, len }) => {
-                                    stop = Some(if conn.out.push_control(&self.out[..len]) {
-                                        Stop::Bind(id)
-                                    } else {
-                                        Stop::Close(CloseReason::Backlog)
-                                    });
-                                }
-                                Some(Output::Forward {
-                                    relay,
-                                    peer,
-                                    payload,
-                                }) => {
-                                    let len = payload.len();
-                                    let fd = self.relays.peer_send_fd(
-                                        relay,
-                                        len,
-                                        now.mono,
-                                        &mut self.stats,
-                                    );
-                                    if let (Some(d), Some(rfd)) = (frame.get(payload), fd) {
-                                        // SAFETY: as above.
-                                        unsafe {
-                                            self.to_peer.push(
-                                                rfd,
-                                                conn.tuple.transport,
-                                                d,
-                                                peer,
-                                                &mut self.stats,
-                                            )
-                                        };
-                                    }
-                                }
-                                Some(_) => {}
+                            }
+                            Some(Answer::Bind(id, len)) => {
+                                stop = Some(if conn.out.push_control(&cx.out[..len]) {
+                                    Stop::Bind(id)
+                                } else {
+                                    Stop::Close(CloseReason::Backlog)
+                                });
                             }
                         }
                     }
                     Kind::Invalid => {
-                        self.stats.drop_invalid += 1;
+                        cx.stats.drop_invalid += 1;
                         stop = Some(Stop::Close(CloseReason::Garbage));
                     }
                 }
@@ -326,7 +269,7 @@ impl Worker {
                     None => conn.inbuf.consume(n),
                 }
             }
-            self.to_peer.flush(&mut self.stats);
+            cx.to_peer.flush(cx.stats);
             if stop.is_some() {
                 break;
             }
