@@ -165,7 +165,7 @@ impl TurnService {
         let mut wakers = Vec::with_capacity(n);
         for _ in 0..n {
             let poll = mio::Poll::new().map_err(|e| NetError::Other(format!("poll: {e}")))?;
-            let waker = mio::Waker::new(poll.registry(), worker::WAKER)
+            let waker = mio::Waker::new(poll.registry(), worker::waker_token())
                 .map_err(|e| NetError::Other(format!("waker: {e}")))?;
             polls.push(poll);
             wakers.push(Arc::new(waker));

@@ -9,8 +9,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::tcp_conns::Conn;
-use super::{token, Worker, K_CONN};
+use super::conns::Conn;
+use super::token::Tok;
+use super::Worker;
 use crate::turn::Now;
 
 /// A worker's inbox of connections handed over by other workers.
@@ -73,7 +74,7 @@ impl Worker {
             self.conn_by_tuple.insert(c.tuple, ci);
             self.conns[ci] = Some(c);
             if self.conn_readable(ci, now) {
-                self.pending.push(token(K_CONN, ci));
+                self.pending.push(Tok::Conn(ci));
             }
         }
     }

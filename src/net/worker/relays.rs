@@ -11,7 +11,7 @@ use mio::net::{TcpListener, UdpSocket};
 use mio::{Interest, Registry};
 
 use super::peers::Peers;
-use super::{token, INDEX_MASK, K_RELAY};
+use super::token::{Tok, MAX_SLOT};
 use crate::fastpath::{self, Offload, Wanted};
 use crate::net::gso::GsoBatch;
 use crate::net::socket;
@@ -344,7 +344,7 @@ impl Relays {
         match self.free.pop() {
             Some(i) => Ok(i as usize),
             None => {
-                if self.socks.len() > INDEX_MASK {
+                if self.socks.len() > MAX_SLOT {
                     return Err(io::Error::other("too many relay sockets in one worker"));
                 }
                 self.socks.push(None);
@@ -366,9 +366,9 @@ impl RelayIo for Relays {
     fn open_relay(&mut self, addr: SocketAddr) -> io::Result<RelayId> {
         let mut sock = UdpSocket::from_std(socket::relay_socket(addr, self.buffer_bytes)?);
         let idx = self.slot()?;
-        if let Err(e) = self
-            .registry
-            .register(&mut sock, token(K_RELAY, idx), Interest::READABLE)
+        if let Err(e) =
+            self.registry
+                .register(&mut sock, Tok::Relay(idx).token(), Interest::READABLE)
         {
             self.free.push(idx as u32);
             return Err(e);
@@ -388,7 +388,7 @@ impl RelayIo for Relays {
         let idx = self.slot()?;
         if let Err(e) =
             self.registry
-                .register(&mut listener, token(K_RELAY, idx), Interest::READABLE)
+                .register(&mut listener, Tok::Relay(idx).token(), Interest::READABLE)
         {
             self.free.push(idx as u32);
             return Err(e);

@@ -8,8 +8,8 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::time::Duration;
 
+use super::conns::CloseReason;
 use super::peers::PeerState;
-use super::tcp_conns::CloseReason;
 use super::{take_output, Later, Worker, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE};
 use crate::turn::{ConnId, Now, RelayId};
 

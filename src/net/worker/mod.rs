@@ -20,18 +20,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 
+mod conns;
 mod handover;
 mod peers;
 mod relays;
 mod splice;
-mod tcp_conns;
 #[cfg(test)]
 mod tests;
+mod token;
 
+use conns::{Conn, ListenMode};
 pub use handover::Inbox;
 use relays::PeerBatch;
 pub use relays::Relays;
-use tcp_conns::{Conn, ListenMode};
+use token::Tok;
 
 use super::gso::GsoBatch;
 use super::mmsg::{RecvBatch, SendBatch};
@@ -63,24 +65,13 @@ const OUT_LEN: usize = 2048;
 /// How often idle TCP connections are looked for and stats published.
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 
-const KIND_SHIFT: u32 = 28;
-const INDEX_MASK: usize = (1 << KIND_SHIFT) - 1;
-const K_WAKER: usize = 0;
-const K_UDP: usize = 1;
-const K_TCP_LISTENER: usize = 2;
-const K_CONN: usize = 3;
-const K_RELAY: usize = 4;
-/// An RFC 6062 peer connection of a TCP relay.
-const K_PEER: usize = 5;
-
 /// A configuration handed to a worker, picked up when its waker fires.
 pub type ConfigSlot = Arc<Mutex<Option<Arc<crate::turn::ServerConfig>>>>;
 
-/// The token that wakes a worker for shutdown or a new configuration.
-pub const WAKER: Token = Token(K_WAKER << KIND_SHIFT);
-
-fn token(kind: usize, index: usize) -> Token {
-    Token((kind << KIND_SHIFT) | index)
+/// The token that wakes a worker for shutdown, a new configuration or handed-over
+/// connections.
+pub fn waker_token() -> Token {
+    Tok::Waker.token()
 }
 
 struct UdpListener {
@@ -162,7 +153,7 @@ pub struct Worker {
     stats_out: Arc<Mutex<WorkerStats>>,
     config_in: ConfigSlot,
     /// Sockets left readable after their turn (fairness cap), served on the next turn.
-    pending: Vec<Token>,
+    pending: Vec<Tok>,
     /// accept() failed (e.g. out of file descriptors): retry at the next housekeeping
     /// instead of spinning.
     accept_retry: bool,
@@ -349,7 +340,7 @@ impl Worker {
         let mut tcp = Vec::new();
         for (i, (addr, pair)) in p.listeners.into_iter().enumerate() {
             let mut u = UdpSocket::from_std(pair.udp);
-            registry.register(&mut u, token(K_UDP, i), Interest::READABLE)?;
+            registry.register(&mut u, Tok::Udp(i).token(), Interest::READABLE)?;
             udp.push(UdpListener {
                 addr,
                 wildcard: addr.ip().is_unspecified(),
@@ -357,7 +348,7 @@ impl Worker {
                 out: GsoBatch::new(BATCH),
             });
             let mut t = TcpListener::from_std(pair.tcp);
-            registry.register(&mut t, token(K_TCP_LISTENER, i), Interest::READABLE)?;
+            registry.register(&mut t, Tok::TcpListener(i).token(), Interest::READABLE)?;
             let mode = if p.sniff_tls && p.tls.is_some() {
                 ListenMode::Sniff
             } else {
@@ -367,7 +358,11 @@ impl Worker {
         }
         for (addr, l) in p.tls_listeners {
             let mut t = TcpListener::from_std(l);
-            registry.register(&mut t, token(K_TCP_LISTENER, tcp.len()), Interest::READABLE)?;
+            registry.register(
+                &mut t,
+                Tok::TcpListener(tcp.len()).token(),
+                Interest::READABLE,
+            )?;
             tcp.push((addr, t, ListenMode::Tls));
         }
         let seed = rand::random::<u32>();
@@ -452,7 +447,9 @@ impl Worker {
             let now = now();
             std::mem::swap(&mut pending, &mut self.pending);
             for ev in events.iter() {
-                self.dispatch(ev.token(), ev.is_readable(), ev.is_writable(), now);
+                if let Some(tok) = Tok::of(ev.token()) {
+                    self.dispatch(tok, ev.is_readable(), ev.is_writable(), now);
+                }
             }
             for tok in pending.drain(..) {
                 self.dispatch(tok, true, false, now);
@@ -466,11 +463,11 @@ impl Worker {
                 self.expire_connects(now);
                 if std::mem::take(&mut self.accept_retry) {
                     for li in 0..self.tcp.len() {
-                        self.dispatch(token(K_TCP_LISTENER, li), true, false, now);
+                        self.dispatch(Tok::TcpListener(li), true, false, now);
                     }
                 }
                 for ri in std::mem::take(&mut self.relay_accept_retry) {
-                    self.dispatch(token(K_RELAY, ri), true, false, now);
+                    self.dispatch(Tok::Relay(ri), true, false, now);
                 }
                 for ci in std::mem::take(&mut self.throttled) {
                     if self
@@ -479,7 +476,7 @@ impl Worker {
                         .and_then(Option::as_ref)
                         .is_some_and(|c| c.splice.is_some())
                     {
-                        self.dispatch(token(K_CONN, ci), true, true, now);
+                        self.dispatch(Tok::Conn(ci), true, true, now);
                     }
                 }
                 // Kernel fast path: a sync in case a change slipped past `after_core`,
@@ -520,12 +517,11 @@ impl Worker {
         s.turn.clone_from(self.core.stats());
     }
 
-    fn dispatch(&mut self, tok: Token, readable: bool, writable: bool, now: Now) {
-        let idx = tok.0 & INDEX_MASK;
-        let more = match tok.0 >> KIND_SHIFT {
-            K_UDP => self.udp_readable(idx, now),
-            K_TCP_LISTENER => self.accept(idx, now),
-            K_CONN => {
+    fn dispatch(&mut self, tok: Tok, readable: bool, writable: bool, now: Now) {
+        let more = match tok {
+            Tok::Udp(idx) => self.udp_readable(idx, now),
+            Tok::TcpListener(idx) => self.accept(idx, now),
+            Tok::Conn(idx) => {
                 let spliced = self
                     .conns
                     .get(idx)
@@ -540,15 +536,16 @@ impl Worker {
                     readable && self.conn_readable(idx, now)
                 }
             }
-            K_RELAY if self.relays.is_tcp(RelayId::from_index(idx)) => self.relay_accept(idx, now),
-            K_RELAY => self.relay_readable(idx, now.mono),
-            K_PEER => self.peer_event(idx, now),
-            K_WAKER => {
+            Tok::Relay(idx) if self.relays.is_tcp(RelayId::from_index(idx)) => {
+                self.relay_accept(idx, now)
+            }
+            Tok::Relay(idx) => self.relay_readable(idx, now.mono),
+            Tok::Peer(idx) => self.peer_event(idx, now),
+            Tok::Waker => {
                 self.take_config();
                 self.take_inbox(now);
                 false
             }
-            _ => false,
         };
         if more && !self.pending.contains(&tok) {
             self.pending.push(tok);

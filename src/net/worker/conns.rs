@@ -8,9 +8,9 @@ use mio::net::TcpStream;
 use mio::Interest;
 
 use super::splice::Splice;
+use super::token::Tok;
 use super::{
-    inbound, token, Answer, Inbound, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE,
-    TCP_HARD_QUEUE,
+    inbound, Answer, Inbound, Worker, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE,
 };
 use crate::net::link::{is_tls_error, Link};
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
@@ -83,7 +83,7 @@ impl Worker {
         };
         if let Err(e) = self.poll.registry().register(
             sock,
-            token(K_CONN, ci),
+            Tok::Conn(ci).token(),
             Interest::READABLE | Interest::WRITABLE,
         ) {
             self.free_conns.push(ci);
