@@ -1,12 +1,16 @@
 //! One worker thread: a mio event loop owning its listener sockets (shared with the other
-//! workers through SO_REUSEPORT), its TCP client connections, its shard of the TURN (a `turn::Server`)
-//! state and the relay sockets of that shard's allocations. Nothing here is shared with other
-//! workers on the data path (DESIGN.md principle 2).
+//! workers through SO_REUSEPORT), its TCP client connections, its shard of the TURN state
+//! (a `turn::Server`, called directly) and the relay sockets of that shard's allocations.
+//! Nothing here is shared with other workers on the data path (DESIGN.md principle 2).
 //!
-//! This file holds the loop and the UDP paths; `relays` the relay sockets, `tcp_conns` the
-//! TCP client connections, `peers` + `splice` the RFC 6062 peer connections and splicing,
-//! `handover` the one cross-worker step (a data connection moving to its CONNECTION-ID's
-//! worker, once per connection, off the data path).
+//! This file holds the loop, the dispatch of events by [`Tok`] (`token.rs`), the UDP paths
+//! both ways, and [`Inbound`]: the one place client input (UDP datagrams, TCP/TLS frames)
+//! meets the core. `relays` owns the relay sockets and `peers` the RFC 6062 peer
+//! connections (inside `Relays`). `conns` (client TCP/TLS connections), `splice` (RFC 6062
+//! accepts, connects, binding and splicing) and `handover` (a data connection moving to
+//! its CONNECTION-ID's worker, once per connection, off the data path) still extend
+//! `Worker`, so they and this file import each other; making them structs that own their
+//! state is issue 13's remaining step here. Tests: `tests/`, driving the real core.
 
 use std::collections::HashMap;
 use std::io;

@@ -1,8 +1,9 @@
 //! RFC 6062 TCP relays on the worker side: accepting peers on relay listeners (§5.3),
 //! finishing connects (§5.2), binding a client data connection to its peer (§5.4) and
 //! splicing raw bytes both ways with bounded queues and backpressure, half-close and
-//! close. Also the step after every shard call: the core's outbox onto control
-//! connections, and the client data connections whose peer the core closed.
+//! close. Also `after_core`, run after every call into the core: what it asked for
+//! outside a request (messages onto control connections, relay sockets and peer connections
+//! closed, and the client data connections whose peer connection it closed).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
