@@ -1,20 +1,32 @@
 //! The relay data path of the IO workers makes no heap allocation per packet (DESIGN.md
 //! principle 2): ChannelData client→peer and peer→client over UDP and TCP, and over UDP
 //! with a per-user cap (`turn.user_max_bytes_per_sec`, shared atomics), counted with a
-//! global counting allocator in this test binary while the real workers relay. Bursts of
+//! global counting allocator in this test binary while the real workers and TURN core relay. Bursts of
 //! same-size datagrams take the UDP GSO send path (`src/net/gso.rs`: one message per run to
 //! one destination) both ways, and are counted the same way.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use tern::config::TurnConfig;
-use tern::net::{Shard, TurnService, OUT_LEN};
-use tern::turn::{FiveTuple, Now, Output, PeerRoute, RelayAddr, RelayId, RelayIo};
+use tern::net::TurnService;
+
+// The worker tests' TURN client, written against the crate's public paths; these aliases
+// give it the same names here.
+mod config {
+    pub use tern::config::*;
+}
+mod stun {
+    pub use tern::stun::*;
+}
+mod turn {
+    pub use tern::turn::*;
+}
+#[allow(dead_code)]
+#[path = "../src/net/worker/tests/client.rs"]
+mod client;
 
 struct Counting;
 
@@ -39,90 +51,20 @@ static GLOBAL: Counting = Counting;
 
 const CHANNEL: u16 = 0x4000;
 
-/// A shard with one allocation: the first STUN message opens a relay for its sender, whose
-/// channel 0x4000 is bound to `peer`. Lookups are plain comparisons (no allocation).
-struct OneAllocation {
-    peer: SocketAddr,
-    alloc: Option<(RelayId, FiveTuple)>,
-    /// A per-user cap the relay shares, as the TURN core hands it at Allocate.
-    cap: Option<Arc<tern::usage::UserCap>>,
-    out: Option<Output>,
-}
-
-impl Shard for OneAllocation {
-    fn handle_stun(
-        &mut self,
-        _now: Now,
-        from: FiveTuple,
-        msg: &[u8],
-        out: &mut [u8; OUT_LEN],
-        io: &mut impl RelayIo,
-    ) {
-        if self.alloc.is_none() {
-            let id = io.open_relay("127.0.0.1:0".parse().unwrap()).unwrap();
-            if let Some(c) = &self.cap {
-                io.set_user_cap(id, Arc::clone(c));
-            }
-            self.alloc = Some((id, from));
-        }
-        out[..msg.len()].copy_from_slice(msg);
-        self.out = Some(Output::Reply { len: msg.len() });
+/// One worker of the real TURN core on 127.0.0.1 relaying to loopback peers; with a
+/// per-user cap (`turn.user_max_bytes_per_sec`, shared atomics, which needs usage
+/// accounting on) when `cap` is given.
+fn service(cap: Option<u64>) -> TurnService {
+    let mut cfg = client::config(1);
+    cfg.turn.socket_buffer_bytes = 1 << 20;
+    if let Some(rate) = cap {
+        cfg.turn.user_max_bytes_per_sec = rate;
     }
-    fn poll_output(&mut self) -> Option<Output> {
-        self.out.take()
+    let svc = TurnService::start(&cfg).unwrap();
+    if cap.is_some() {
+        svc.set_usage(Arc::new(tern::usage::Ledger::new(false)));
     }
-    fn channel_to_peer(&mut self, from: &FiveTuple, ch: u16) -> Option<(RelayId, SocketAddr)> {
-        match self.alloc {
-            Some((id, t)) if t == *from && ch == CHANNEL => Some((id, self.peer)),
-            _ => None,
-        }
-    }
-    fn peer_to_client(&mut self, relay: RelayId, peer: SocketAddr) -> Option<PeerRoute> {
-        match self.alloc {
-            Some((id, t)) if id == relay && peer == self.peer => Some(PeerRoute {
-                client: t,
-                channel: Some(CHANNEL),
-            }),
-            _ => None,
-        }
-    }
-    fn handle_timeout(&mut self, _now: Now, _io: &mut impl RelayIo) {}
-    fn poll_timeout(&self) -> Option<Instant> {
-        None
-    }
-    fn client_closed(&mut self, _client: &FiveTuple, _now: Now, _io: &mut impl RelayIo) {}
-}
-
-fn service(peer: SocketAddr, cap: Option<Arc<tern::usage::UserCap>>) -> TurnService {
-    let t = TurnConfig {
-        listen: vec!["127.0.0.1:0".parse().unwrap()],
-        workers: 1,
-        socket_buffer_bytes: 1 << 20,
-        ..TurnConfig::default()
-    };
-    let ip = "127.0.0.1".parse().unwrap();
-    TurnService::start_with(
-        &t,
-        vec![RelayAddr {
-            local: ip,
-            advertised: ip,
-        }],
-        move || OneAllocation {
-            peer,
-            alloc: None,
-            cap: cap.clone(),
-            out: None,
-        },
-    )
-    .unwrap()
-}
-
-fn stun_message() -> [u8; 20] {
-    let mut m = [0u8; 20];
-    m[1] = 0x03;
-    m[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
-    m[8..].copy_from_slice(&[7; 12]);
-    m
+    svc
 }
 
 const PAYLOAD: usize = 160;
@@ -162,35 +104,25 @@ fn udp_round_trips(
 fn relay_paths_do_not_allocate() {
     udp_relay_path_does_not_allocate(None);
     // A cap far above what the test sends: every packet passes through the shared cells.
-    let caps = tern::usage::UserCaps::default();
-    caps.set_rate(1 << 30);
-    let cap = caps.get("alice").expect("a cap");
-    udp_relay_path_does_not_allocate(Some(Arc::clone(&cap)));
+    udp_relay_path_does_not_allocate(Some(1 << 30));
     udp_burst_relay_path_does_not_allocate();
     tcp_relay_path_does_not_allocate();
 }
 
-/// A worker whose one allocation relays to a fresh peer socket, and a client whose first
-/// message (answered) made that allocation: `(service, server address, client, peer)`.
-fn udp_setup(
-    cap: Option<Arc<tern::usage::UserCap>>,
-) -> (TurnService, SocketAddr, UdpSocket, UdpSocket) {
-    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let svc = service(peer.local_addr().unwrap(), cap);
+/// A worker with one allocation whose channel [`CHANNEL`] is bound to a fresh peer socket,
+/// and the allocation's client: `(service, server address, client, peer)`.
+fn udp_setup(cap: Option<u64>) -> (TurnService, SocketAddr, UdpSocket, UdpSocket) {
+    let peer = client::udp_socket();
+    let svc = service(cap);
     let server = svc.local_addrs()[0];
-    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut buf = [0u8; 2048];
-    client.send_to(&stun_message(), server).unwrap();
-    client.recv_from(&mut buf).unwrap();
+    let mut c = client::Client::udp(server);
+    c.allocate(client::UDP);
+    c.channel_bind(CHANNEL, peer.local_addr().unwrap());
+    let client = c.sock().try_clone().unwrap();
     (svc, server, client, peer)
 }
 
-fn udp_relay_path_does_not_allocate(cap: Option<Arc<tern::usage::UserCap>>) {
+fn udp_relay_path_does_not_allocate(cap: Option<u64>) {
     let capped = cap.is_some();
     let (svc, server, client, peer) = udp_setup(cap);
     let mut buf = [0u8; 2048];
@@ -266,17 +198,15 @@ fn udp_burst_relay_path_does_not_allocate() {
 }
 
 fn tcp_relay_path_does_not_allocate() {
-    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let svc = service(peer.local_addr().unwrap(), None);
+    let peer = client::udp_socket();
+    let svc = service(None);
     let server = svc.local_addrs()[0];
-    let mut c = TcpStream::connect(server).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut ctl = client::Client::tcp(server);
+    ctl.allocate(client::UDP);
+    ctl.channel_bind(CHANNEL, peer.local_addr().unwrap());
+    let mut c = ctl.stream().try_clone().unwrap();
     c.set_nodelay(true).unwrap();
     let mut buf = [0u8; 2048];
-    c.write_all(&stun_message()).unwrap();
-    c.read_exact(&mut buf[..20]).unwrap();
     let cd = channel_data();
     let mut round_trips = |n: usize, buf: &mut [u8; 2048]| {
         for _ in 0..n {

@@ -11,11 +11,9 @@ mod gso;
 mod link;
 mod mmsg;
 mod relay_addr;
-mod shard;
 mod socket;
 mod stats;
 mod tcp;
-mod turn_shard;
 mod worker;
 
 use std::net::SocketAddr;
@@ -28,7 +26,6 @@ use crate::config::{Config, TlsConfig, TurnConfig};
 use crate::tls::TlsContext;
 use crate::turn::RelayAddr;
 
-pub use shard::{Shard, OUT_LEN};
 pub use stats::{NetStats, PortUse, StatsSource, WorkerStats};
 
 /// Errors starting the network service.
@@ -58,9 +55,8 @@ pub struct TurnService {
     relay_ips: Vec<RelayAddr>,
     stop: Arc<AtomicBool>,
     workers: Vec<WorkerHandle>,
-    /// The TURN core's cross-shard state (drain flag, allocation count); `None` when
-    /// started with another shard type.
-    shared: Option<Arc<crate::turn::Shared>>,
+    /// The TURN core's cross-shard state (drain flag, allocation count).
+    shared: Arc<crate::turn::Shared>,
     /// The kernel fast path's program and attachments (`turn.kernel_fast_path`); declared
     /// after `workers` so it is detached after they are joined.
     fast_path: Option<crate::fastpath::FastPath>,
@@ -84,13 +80,8 @@ impl TurnService {
                 .map_err(|e| NetError::Other(e.to_string()))?,
         );
         let shared = Arc::new(crate::turn::Shared::new(&scfg));
-        let core_shared = Arc::clone(&shared);
         let tls = tls.map(|ctx| (cfg.tls.clone(), ctx));
-        let mut service = Self::start_with_tls(&cfg.turn, tls, relay_ips, move || {
-            crate::turn::Server::new(Arc::clone(&scfg), Arc::clone(&shared))
-        })?;
-        service.shared = Some(core_shared);
-        Ok(service)
+        Self::spawn(&cfg.turn, tls, relay_ips, scfg, shared)
     }
 
     /// Hands a reloaded configuration to every worker through its waker; each swaps it in
@@ -107,52 +98,33 @@ impl TurnService {
     /// Starts or ends a graceful drain: new Allocate requests get 300 (an alternate) or
     /// 508; existing allocations are untouched.
     pub fn set_draining(&self, on: bool) {
-        if let Some(s) = &self.shared {
-            s.set_draining(on);
-        }
+        self.shared.set_draining(on);
     }
 
     /// Turns usage accounting on (`crate::usage`): allocations report to `ledger`.
     pub fn set_usage(&self, ledger: Arc<crate::usage::Ledger>) {
-        if let Some(s) = &self.shared {
-            s.set_usage(ledger);
-        }
+        self.shared.set_usage(ledger);
     }
 
     /// The TURN core's cross-shard state (cluster mode installs its hook there).
     pub fn shared(&self) -> Option<&Arc<crate::turn::Shared>> {
-        self.shared.as_ref()
+        Some(&self.shared)
     }
 
-    /// Allocations alive across all workers (0 when started with another shard type).
+    /// Allocations alive across all workers.
     pub fn allocations(&self) -> u32 {
-        self.shared.as_ref().map_or(0, |s| s.total_allocations())
+        self.shared.total_allocations()
     }
 
-    /// Starts the workers with shards built by `make` (on each worker's own thread).
-    pub fn start_with<S, F>(
-        t: &TurnConfig,
-        relay_ips: Vec<RelayAddr>,
-        make: F,
-    ) -> Result<TurnService, NetError>
-    where
-        S: Shard + 'static,
-        F: Fn() -> S + Send + Sync + 'static,
-    {
-        Self::start_with_tls(t, None, relay_ips, make)
-    }
-
-    /// As [`Self::start_with`], plus TLS listeners and sniffing when `tls` is given.
-    pub fn start_with_tls<S, F>(
+    /// Binds the listeners (TLS ones too when `tls` is given) and starts the workers, each
+    /// with its own shard of the TURN server, built on the worker's thread.
+    fn spawn(
         t: &TurnConfig,
         tls: Option<(TlsConfig, TlsContext)>,
         relay_ips: Vec<RelayAddr>,
-        make: F,
-    ) -> Result<TurnService, NetError>
-    where
-        S: Shard + 'static,
-        F: Fn() -> S + Send + Sync + 'static,
-    {
+        scfg: Arc<crate::turn::ServerConfig>,
+        shared: Arc<crate::turn::Shared>,
+    ) -> Result<TurnService, NetError> {
         let n = t.worker_count();
         let default_listen = t.listen == TurnConfig::default().listen;
         let (addrs, per_worker) = bind_each(&t.listen, default_listen, n, "", |addr| {
@@ -173,7 +145,6 @@ impl TurnService {
             .map_or(Duration::from_secs(10), |x| x.handshake_timeout);
         let stop = Arc::new(AtomicBool::new(false));
         let per_ip = tcp::PerIpLimit::new(t.tcp_max_per_ip);
-        let make = Arc::new(make);
         // Loaded before the workers, dropped (detached) after they are joined.
         let fast_path =
             crate::fastpath::FastPath::start(t.kernel_fast_path, &t.kernel_fast_path_interfaces);
@@ -185,7 +156,7 @@ impl TurnService {
             relay_ips,
             stop: Arc::clone(&stop),
             workers: Vec::new(),
-            shared: None,
+            shared: Arc::clone(&shared),
             fast_path: None,
         };
         // Every worker's poll and waker first: each worker can hand RFC 6062 data
@@ -194,7 +165,7 @@ impl TurnService {
         let mut wakers = Vec::with_capacity(n);
         for _ in 0..n {
             let poll = mio::Poll::new().map_err(|e| NetError::Other(format!("poll: {e}")))?;
-            let waker = mio::Waker::new(poll.registry(), worker::WAKER)
+            let waker = mio::Waker::new(poll.registry(), worker::waker_token())
                 .map_err(|e| NetError::Other(format!("waker: {e}")))?;
             polls.push(poll);
             wakers.push(Arc::new(waker));
@@ -234,13 +205,14 @@ impl TurnService {
                     }
                 }),
             };
-            let make = Arc::clone(&make);
+            let (scfg, shared) = (Arc::clone(&scfg), Arc::clone(&shared));
             let (ready_tx, ready_rx) = mpsc::channel();
             let thread = std::thread::Builder::new()
                 .name(format!("tern-turn-{index}"))
                 .spawn(move || {
                     // Built here: the worker's buffers and shard never leave this thread.
-                    match worker::Worker::new(params, poll, make()) {
+                    let core = crate::turn::Server::new(scfg, shared);
+                    match worker::Worker::new(params, poll, core) {
                         Ok(w) => {
                             let _ = ready_tx.send(Ok(()));
                             w.run();
@@ -312,7 +284,7 @@ impl TurnService {
     pub fn stats_source(&self) -> StatsSource {
         StatsSource {
             workers: self.workers.iter().map(|w| Arc::clone(&w.stats)).collect(),
-            shared: self.shared.clone(),
+            shared: Some(Arc::clone(&self.shared)),
             relay_ips: self.relay_ips.iter().map(|r| r.local).collect(),
         }
     }
@@ -371,8 +343,3 @@ fn bind_each<T>(
     }
     Ok((addrs, per_worker))
 }
-
-#[cfg(test)]
-mod tcp_relay_tests;
-#[cfg(test)]
-mod worker_tests;

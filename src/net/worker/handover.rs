@@ -9,9 +9,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::tcp_conns::Conn;
-use super::{token, Worker, K_CONN};
-use crate::net::shard::Shard;
+use super::conns::Conn;
+use super::token::Tok;
+use super::Worker;
 use crate::turn::Now;
 
 /// A worker's inbox of connections handed over by other workers.
@@ -29,7 +29,7 @@ impl Inbox {
     }
 }
 
-impl<S: Shard> Worker<S> {
+impl Worker {
     /// Hands client connection `ci` to worker `target` (its ConnectionBind frame still
     /// unconsumed in the InBuf).
     pub(super) fn hand_over(&mut self, ci: usize, target: usize) {
@@ -74,7 +74,7 @@ impl<S: Shard> Worker<S> {
             self.conn_by_tuple.insert(c.tuple, ci);
             self.conns[ci] = Some(c);
             if self.conn_readable(ci, now) {
-                self.pending.push(token(K_CONN, ci));
+                self.pending.push(Tok::Conn(ci));
             }
         }
     }

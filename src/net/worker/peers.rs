@@ -10,7 +10,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
-use super::{token, INDEX_MASK, K_PEER};
+use super::token::{Tok, MAX_SLOT};
 use crate::turn::{ConnId, RelayId};
 
 /// Where a peer connection is in its life.
@@ -90,7 +90,7 @@ impl Peers {
         let slot = match self.free.pop() {
             Some(i) => i,
             None => {
-                if self.slots.len() > INDEX_MASK {
+                if self.slots.len() > MAX_SLOT {
                     return Err(io::Error::other("too many peer connections in one worker"));
                 }
                 self.slots.push(None);
@@ -102,7 +102,7 @@ impl Peers {
         // so binding reads at once instead of waiting for an edge).
         if let Err(e) = registry.register(
             &mut sock,
-            token(K_PEER, slot),
+            Tok::Peer(slot).token(),
             Interest::READABLE | Interest::WRITABLE,
         ) {
             self.free.push(slot);

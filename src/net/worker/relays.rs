@@ -11,14 +11,13 @@ use mio::net::{TcpListener, UdpSocket};
 use mio::{Interest, Registry};
 
 use super::peers::Peers;
-use super::{token, INDEX_MASK, K_RELAY};
+use super::token::{Tok, MAX_SLOT};
 use crate::fastpath::{self, Offload, Wanted};
 use crate::net::gso::GsoBatch;
-use crate::net::shard::Shard;
 use crate::net::socket;
 use crate::net::stats::NetStats;
 use crate::rate::TokenBucket;
-use crate::turn::{ConnId, RelayId, RelayIo, RelayUsage, Transport};
+use crate::turn::{ConnId, RelayId, RelayIo, RelayUsage, Server, Transport};
 
 /// What a relay is: a UDP socket, or a TCP listener for an RFC 6062 allocation (§5.1).
 pub(super) enum RelayKind {
@@ -240,18 +239,18 @@ impl Relays {
 
     /// Makes the fast path's maps hold this shard's established channel bindings, if they
     /// changed since the last call (control path: after the core ran, and at housekeeping).
-    pub(super) fn sync_fast_path(&mut self, shard: &impl Shard) {
+    pub(super) fn sync_fast_path(&mut self, core: &Server) {
         let Some(fast) = &mut self.fast else {
             return;
         };
-        let generation = shard.channel_routes_generation();
+        let generation = core.channel_routes_generation();
         if fast.is_synced(generation) {
             return;
         }
         let mut wanted = std::mem::take(&mut self.fast_wanted);
         wanted.clear();
         let socks = &self.socks;
-        shard.channel_routes(|route| {
+        core.channel_routes(|route| {
             if let Some(Some(RelaySock {
                 kind: RelayKind::Udp(_),
                 addr,
@@ -345,7 +344,7 @@ impl Relays {
         match self.free.pop() {
             Some(i) => Ok(i as usize),
             None => {
-                if self.socks.len() > INDEX_MASK {
+                if self.socks.len() > MAX_SLOT {
                     return Err(io::Error::other("too many relay sockets in one worker"));
                 }
                 self.socks.push(None);
@@ -367,9 +366,9 @@ impl RelayIo for Relays {
     fn open_relay(&mut self, addr: SocketAddr) -> io::Result<RelayId> {
         let mut sock = UdpSocket::from_std(socket::relay_socket(addr, self.buffer_bytes)?);
         let idx = self.slot()?;
-        if let Err(e) = self
-            .registry
-            .register(&mut sock, token(K_RELAY, idx), Interest::READABLE)
+        if let Err(e) =
+            self.registry
+                .register(&mut sock, Tok::Relay(idx).token(), Interest::READABLE)
         {
             self.free.push(idx as u32);
             return Err(e);
@@ -389,7 +388,7 @@ impl RelayIo for Relays {
         let idx = self.slot()?;
         if let Err(e) =
             self.registry
-                .register(&mut listener, token(K_RELAY, idx), Interest::READABLE)
+                .register(&mut listener, Tok::Relay(idx).token(), Interest::READABLE)
         {
             self.free.push(idx as u32);
             return Err(e);

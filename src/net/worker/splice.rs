@@ -1,17 +1,17 @@
 //! RFC 6062 TCP relays on the worker side: accepting peers on relay listeners (§5.3),
 //! finishing connects (§5.2), binding a client data connection to its peer (§5.4) and
 //! splicing raw bytes both ways with bounded queues and backpressure, half-close and
-//! close. Also the step after every shard call: the core's outbox onto control
-//! connections, and the client data connections whose peer the core closed.
+//! close. Also `after_core`, run after every call into the core: what it asked for
+//! outside a request (messages onto control connections, relay sockets and peer connections
+//! closed, and the client data connections whose peer connection it closed).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::time::Duration;
 
+use super::conns::CloseReason;
 use super::peers::PeerState;
-use super::tcp_conns::CloseReason;
 use super::{take_output, Later, Worker, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE};
-use crate::net::shard::Shard;
 use crate::turn::{ConnId, Now, RelayId};
 
 /// Client→peer bytes a spliced connection buffers (its InBuf); the peer→client side is
@@ -43,14 +43,14 @@ pub(super) struct Splice {
     client_shut: bool,
 }
 
-impl<S: Shard> Worker<S> {
+impl Worker {
     /// After a call into the shard: what it asked for goes out — relay sockets and peer
     /// connections closed at once ([`take_output`]), then messages made outside a request
     /// (Connect responses, ConnectionAttempt indications, RFC 6062 §5.2/§5.3) onto their
     /// control connections, then the client data connections whose peer connection it
     /// closed.
-    pub(super) fn after_shard(&mut self) {
-        while let Some(o) = self.shard.poll_output() {
+    pub(super) fn after_core(&mut self) {
+        while let Some(o) = self.core.poll_output() {
             if let Some(answer) = take_output(&mut self.relays, &mut self.later, o) {
                 // Answers follow `handle_stun` only, whose caller takes them.
                 tracing::debug!(?answer, "core answer outside a request dropped");
@@ -103,7 +103,7 @@ impl<S: Shard> Worker<S> {
             self.later = later;
         }
         // Channels or permissions may have changed: the fast path follows.
-        self.relays.sync_fast_path(&self.shard);
+        self.relays.sync_fast_path(&self.core);
     }
 
     /// Peers connecting to TCP relay listener `ri` (RFC 6062 §5.3). `true` if more may wait.
@@ -133,17 +133,17 @@ impl<S: Shard> Worker<S> {
             };
             let _ = sock.set_nodelay(true);
             // `None`: no permission or over the limit; dropping the socket closes it.
-            if let Some(id) = self.shard.tcp_peer_accepted(now, relay, peer) {
+            if let Some(id) = self.core.tcp_peer_accepted(now, relay, peer) {
                 let peers = &mut self.relays.peers;
                 if let Err(e) =
                     peers.add_mio(&self.relays.registry, sock, id, relay, PeerState::Waiting)
                 {
                     tracing::debug!(error = %e, "TCP relay peer registration failed");
-                    self.shard.tcp_conn_closed(id);
+                    self.core.tcp_conn_closed(id);
                 }
             }
         }
-        self.after_shard();
+        self.after_core();
         more
     }
 
@@ -179,7 +179,7 @@ impl<S: Shard> Worker<S> {
         if !ok {
             self.stats.tcp_relay_connect_failures += 1;
         }
-        let keep = self.shard.tcp_connect_done(now, id, ok);
+        let keep = self.core.tcp_connect_done(now, id, ok);
         let registry = &self.relays.registry;
         let peers = &mut self.relays.peers;
         match peers.slot_of(id).and_then(|s| peers.get_mut(s)) {
@@ -187,7 +187,7 @@ impl<S: Shard> Worker<S> {
             Some(_) => drop(peers.take(registry, id)),
             None => {}
         }
-        self.after_shard();
+        self.after_core();
     }
 
     /// Fails connects older than [`CONNECT_TIMEOUT`] (housekeeping).

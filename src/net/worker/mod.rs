@@ -1,12 +1,16 @@
 //! One worker thread: a mio event loop owning its listener sockets (shared with the other
-//! workers through SO_REUSEPORT), its TCP client connections, its [`Shard`] of the TURN
-//! state and the relay sockets of that shard's allocations. Nothing here is shared with other
-//! workers on the data path (DESIGN.md principle 2).
+//! workers through SO_REUSEPORT), its TCP client connections, its shard of the TURN state
+//! (a `turn::Server`, called directly) and the relay sockets of that shard's allocations.
+//! Nothing here is shared with other workers on the data path (DESIGN.md principle 2).
 //!
-//! This file holds the loop and the UDP paths; `relays` the relay sockets, `tcp_conns` the
-//! TCP client connections, `peers` + `splice` the RFC 6062 peer connections and splicing,
-//! `handover` the one cross-worker step (a data connection moving to its CONNECTION-ID's
-//! worker, once per connection, off the data path).
+//! This file holds the loop, the dispatch of events by [`Tok`] (`token.rs`), the UDP paths
+//! both ways, and [`Inbound`]: the one place client input (UDP datagrams, TCP/TLS frames)
+//! meets the core. `relays` owns the relay sockets and `peers` the RFC 6062 peer
+//! connections (inside `Relays`). `conns` (client TCP/TLS connections), `splice` (RFC 6062
+//! accepts, connects, binding and splicing) and `handover` (a data connection moving to
+//! its CONNECTION-ID's worker, once per connection, off the data path) still extend
+//! `Worker`, so they and this file import each other; making them structs that own their
+//! state is issue 13's remaining step here. Tests: `tests/`, driving the real core.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,20 +24,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 
+mod conns;
 mod handover;
 mod peers;
 mod relays;
 mod splice;
-mod tcp_conns;
+#[cfg(test)]
+mod tests;
+mod token;
 
+use conns::{Conn, ListenMode};
 pub use handover::Inbox;
 use relays::PeerBatch;
 pub use relays::Relays;
-use tcp_conns::{Conn, ListenMode};
+use token::Tok;
 
 use super::gso::GsoBatch;
 use super::mmsg::{RecvBatch, SendBatch};
-use super::shard::{Shard, OUT_LEN};
 use super::socket::ListenerPair;
 use super::stats::{NetStats, WorkerStats};
 use super::tcp::PerIpLimit;
@@ -41,7 +48,7 @@ use crate::stun::{
     classify, write_channel_data_header, write_data_indication, Kind, CHANNEL_DATA_HEADER,
     DATA_INDICATION_HEADROOM,
 };
-use crate::turn::{ConnId, FiveTuple, Now, Output, RelayId, Transport};
+use crate::turn::{ConnId, FiveTuple, Now, Output, RelayId, Server, Transport};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
@@ -57,27 +64,18 @@ const TCP_DATA_QUEUE: usize = 256 * 1024;
 /// Queue size past which even a control response cannot be queued: the client is not
 /// reading at all, so the connection is closed.
 const TCP_HARD_QUEUE: usize = 1024 * 1024;
+/// Size of the buffer the core writes its answers into (`Server::handle_stun`).
+const OUT_LEN: usize = 2048;
 /// How often idle TCP connections are looked for and stats published.
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
-
-const KIND_SHIFT: u32 = 28;
-const INDEX_MASK: usize = (1 << KIND_SHIFT) - 1;
-const K_WAKER: usize = 0;
-const K_UDP: usize = 1;
-const K_TCP_LISTENER: usize = 2;
-const K_CONN: usize = 3;
-const K_RELAY: usize = 4;
-/// An RFC 6062 peer connection of a TCP relay.
-const K_PEER: usize = 5;
 
 /// A configuration handed to a worker, picked up when its waker fires.
 pub type ConfigSlot = Arc<Mutex<Option<Arc<crate::turn::ServerConfig>>>>;
 
-/// The token that wakes a worker for shutdown or a new configuration.
-pub const WAKER: Token = Token(K_WAKER << KIND_SHIFT);
-
-fn token(kind: usize, index: usize) -> Token {
-    Token((kind << KIND_SHIFT) | index)
+/// The token that wakes a worker for shutdown, a new configuration or handed-over
+/// connections.
+pub fn waker_token() -> Token {
+    Tok::Waker.token()
 }
 
 struct UdpListener {
@@ -132,10 +130,10 @@ pub struct WorkerParams {
 }
 
 /// A worker's event loop state. Built and run on its own thread.
-pub struct Worker<S: Shard> {
+pub struct Worker {
     index: usize,
     poll: Poll,
-    shard: S,
+    core: Server,
     relays: Relays,
     udp: Vec<UdpListener>,
     tcp: Vec<(SocketAddr, TcpListener, ListenMode)>,
@@ -159,7 +157,7 @@ pub struct Worker<S: Shard> {
     stats_out: Arc<Mutex<WorkerStats>>,
     config_in: ConfigSlot,
     /// Sockets left readable after their turn (fairness cap), served on the next turn.
-    pending: Vec<Token>,
+    pending: Vec<Tok>,
     /// accept() failed (e.g. out of file descriptors): retry at the next housekeeping
     /// instead of spinning.
     accept_retry: bool,
@@ -174,7 +172,7 @@ pub struct Worker<S: Shard> {
     /// Reused lists (control path): connections to close for backlog, connects timed out.
     backlog: Vec<usize>,
     expired_ids: Vec<crate::turn::ConnId>,
-    /// What the core asked for that touches client connections, done by `after_shard`
+    /// What the core asked for that touches client connections, done by `after_core`
     /// once the loop that called the core lets go of them.
     later: Vec<Later>,
 }
@@ -206,6 +204,124 @@ fn take_output(relays: &mut Relays, later: &mut Vec<Later>, o: Output) -> Option
     None
 }
 
+/// What handling a client's message needs besides the client's own connection, borrowed
+/// from the worker for one read: the core, the relay sockets, the batch to peers, the
+/// core's answer buffer and the queue of outputs for later. The one place client input
+/// meets the core, for UDP and TCP/TLS clients alike.
+struct Inbound<'a> {
+    core: &'a mut Server,
+    relays: &'a mut Relays,
+    to_peer: &'a mut PeerBatch,
+    out: &'a mut [u8; OUT_LEN],
+    later: &'a mut Vec<Later>,
+    stats: &'a mut NetStats,
+}
+
+/// Borrows the worker's fields for an [`Inbound`] (a macro, not a method, so the caller
+/// can hold a client connection or the receive buffer at the same time).
+macro_rules! inbound {
+    ($w:expr) => {
+        Inbound {
+            core: &mut $w.core,
+            relays: &mut $w.relays,
+            to_peer: &mut $w.to_peer,
+            out: &mut $w.out,
+            later: &mut $w.later,
+            stats: &mut $w.stats,
+        }
+    };
+}
+use inbound;
+
+/// The core's answer to a client's STUN message, in `out[..len]`, for the caller to send on
+/// that client's connection.
+enum Answer {
+    /// `Output::Reply`.
+    Reply(usize),
+    /// `Output::BindData`: the connection becomes peer connection `ConnId`'s data
+    /// connection once the answer is queued (RFC 6062 §5.4).
+    Bind(ConnId, usize),
+}
+
+impl Inbound<'_> {
+    /// ChannelData `channel` from `from` (RFC 8656 §12.4): `payload` goes to the channel's
+    /// peer from its relay socket, or is dropped and counted.
+    ///
+    /// # Safety
+    /// `payload` must stay valid until the next `to_peer` flush.
+    unsafe fn channel_data(
+        &mut self,
+        from: &FiveTuple,
+        channel: u16,
+        payload: &[u8],
+        now: Instant,
+    ) {
+        match self.core.channel_to_peer(from, channel) {
+            // SAFETY: the caller's.
+            Some((relay, peer)) => unsafe {
+                self.send_to_peer(relay, peer, from.transport, payload, now)
+            },
+            None => self.stats.drop_no_channel += 1,
+        }
+    }
+
+    /// Queues `payload` for `peer` from relay `relay`, within the relay's caps.
+    ///
+    /// # Safety
+    /// As [`Self::channel_data`].
+    unsafe fn send_to_peer(
+        &mut self,
+        relay: RelayId,
+        peer: SocketAddr,
+        transport: Transport,
+        payload: &[u8],
+        now: Instant,
+    ) {
+        if let Some(rfd) = self
+            .relays
+            .peer_send_fd(relay, payload.len(), now, self.stats)
+        {
+            // SAFETY: the caller's.
+            unsafe { self.to_peer.push(rfd, transport, payload, peer, self.stats) };
+        }
+    }
+
+    /// STUN message `msg` from `from` through the core, and what it asked for: a Send
+    /// indication's payload queued for its peer (RFC 8656 §10.2), relay sockets and peer
+    /// connections closed ([`take_output`]), the rest queued in `later`. Returns the answer
+    /// for `from`'s connection.
+    ///
+    /// # Safety
+    /// `msg` must stay valid until the next `to_peer` flush.
+    unsafe fn stun(&mut self, now: Now, from: FiveTuple, msg: &[u8]) -> Option<Answer> {
+        let t0 = is_request(msg).then(Instant::now);
+        self.core
+            .handle_stun(now, from, msg, &mut self.out[..], self.relays);
+        if let Some(t0) = t0 {
+            self.core.record_request_time(t0.elapsed());
+        }
+        let mut answer = None;
+        while let Some(o) = self.core.poll_output() {
+            match take_output(self.relays, self.later, o) {
+                Some(Output::Reply { len }) => answer = Some(Answer::Reply(len)),
+                Some(Output::BindData { conn, len }) => answer = Some(Answer::Bind(conn, len)),
+                Some(Output::Forward {
+                    relay,
+                    peer,
+                    payload,
+                }) => {
+                    if let Some(data) = msg.get(payload) {
+                        // SAFETY: the caller's.
+                        unsafe { self.send_to_peer(relay, peer, from.transport, data, now.mono) };
+                    }
+                }
+                Some(_) | None => {}
+            }
+        }
+        answer
+    }
+}
+
 fn now() -> Now {
     Now {
         mono: Instant::now(),
@@ -216,19 +332,19 @@ fn now() -> Now {
     }
 }
 
-impl<S: Shard> Worker<S> {
+impl Worker {
     /// Registers the listeners with `poll` (which already holds the shutdown waker).
-    pub fn new(p: WorkerParams, poll: Poll, mut shard: S) -> io::Result<Worker<S>> {
+    pub fn new(p: WorkerParams, poll: Poll, mut core: Server) -> io::Result<Worker> {
         // RFC 6062 CONNECTION-IDs carry the worker index in 8 bits (config caps workers).
         let index =
             u8::try_from(p.index).map_err(|_| io::Error::other("more than 256 TURN workers"))?;
-        shard.set_shard_index(index);
+        core.set_shard_index(index);
         let registry = poll.registry().try_clone()?;
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for (i, (addr, pair)) in p.listeners.into_iter().enumerate() {
             let mut u = UdpSocket::from_std(pair.udp);
-            registry.register(&mut u, token(K_UDP, i), Interest::READABLE)?;
+            registry.register(&mut u, Tok::Udp(i).token(), Interest::READABLE)?;
             udp.push(UdpListener {
                 addr,
                 wildcard: addr.ip().is_unspecified(),
@@ -236,7 +352,7 @@ impl<S: Shard> Worker<S> {
                 out: GsoBatch::new(BATCH),
             });
             let mut t = TcpListener::from_std(pair.tcp);
-            registry.register(&mut t, token(K_TCP_LISTENER, i), Interest::READABLE)?;
+            registry.register(&mut t, Tok::TcpListener(i).token(), Interest::READABLE)?;
             let mode = if p.sniff_tls && p.tls.is_some() {
                 ListenMode::Sniff
             } else {
@@ -246,7 +362,11 @@ impl<S: Shard> Worker<S> {
         }
         for (addr, l) in p.tls_listeners {
             let mut t = TcpListener::from_std(l);
-            registry.register(&mut t, token(K_TCP_LISTENER, tcp.len()), Interest::READABLE)?;
+            registry.register(
+                &mut t,
+                Tok::TcpListener(tcp.len()).token(),
+                Interest::READABLE,
+            )?;
             tcp.push((addr, t, ListenMode::Tls));
         }
         let seed = rand::random::<u32>();
@@ -264,7 +384,7 @@ impl<S: Shard> Worker<S> {
                 fast_folded: Default::default(),
             },
             poll,
-            shard,
+            core,
             udp,
             tcp,
             tls: p.tls,
@@ -310,7 +430,7 @@ impl<S: Shard> Worker<S> {
         while !self.stop.load(Ordering::Relaxed) {
             let t = Instant::now();
             let mut deadline = next_housekeeping;
-            if let Some(d) = self.shard.poll_timeout() {
+            if let Some(d) = self.core.poll_timeout() {
                 deadline = deadline.min(d);
             }
             let timeout = if self.pending.is_empty() {
@@ -331,25 +451,27 @@ impl<S: Shard> Worker<S> {
             let now = now();
             std::mem::swap(&mut pending, &mut self.pending);
             for ev in events.iter() {
-                self.dispatch(ev.token(), ev.is_readable(), ev.is_writable(), now);
+                if let Some(tok) = Tok::of(ev.token()) {
+                    self.dispatch(tok, ev.is_readable(), ev.is_writable(), now);
+                }
             }
             for tok in pending.drain(..) {
                 self.dispatch(tok, true, false, now);
             }
-            if self.shard.poll_timeout().is_some_and(|d| d <= now.mono) {
-                self.shard.handle_timeout(now, &mut self.relays);
-                self.after_shard();
+            if self.core.poll_timeout().is_some_and(|d| d <= now.mono) {
+                self.core.handle_timeout(now, &mut self.relays);
+                self.after_core();
             }
             if now.mono >= next_housekeeping {
                 self.close_idle(now.mono);
                 self.expire_connects(now);
                 if std::mem::take(&mut self.accept_retry) {
                     for li in 0..self.tcp.len() {
-                        self.dispatch(token(K_TCP_LISTENER, li), true, false, now);
+                        self.dispatch(Tok::TcpListener(li), true, false, now);
                     }
                 }
                 for ri in std::mem::take(&mut self.relay_accept_retry) {
-                    self.dispatch(token(K_RELAY, ri), true, false, now);
+                    self.dispatch(Tok::Relay(ri), true, false, now);
                 }
                 for ci in std::mem::take(&mut self.throttled) {
                     if self
@@ -358,12 +480,12 @@ impl<S: Shard> Worker<S> {
                         .and_then(Option::as_ref)
                         .is_some_and(|c| c.splice.is_some())
                     {
-                        self.dispatch(token(K_CONN, ci), true, true, now);
+                        self.dispatch(Tok::Conn(ci), true, true, now);
                     }
                 }
-                // Kernel fast path: a sync in case a change slipped past `after_shard`,
+                // Kernel fast path: a sync in case a change slipped past `after_core`,
                 // then its counters into the relays' usage and this worker's stats.
-                self.relays.sync_fast_path(&self.shard);
+                self.relays.sync_fast_path(&self.core);
                 self.relays.poll_fast_path(&mut self.stats);
                 self.publish_stats();
                 next_housekeeping = now.mono + HOUSEKEEPING;
@@ -382,7 +504,7 @@ impl<S: Shard> Worker<S> {
             .take();
         if let Some(cfg) = next {
             self.relays.set_max_bytes_per_sec(cfg.max_bytes_per_sec);
-            self.shard.set_config(cfg);
+            self.core.set_config(cfg);
             tracing::debug!(
                 worker = self.index,
                 "TURN worker took the new configuration"
@@ -396,17 +518,14 @@ impl<S: Shard> Worker<S> {
         net.tcp_relay_connect_failures += self.relays.peers.connect_failures;
         let mut s = self.stats_out.lock().unwrap_or_else(|p| p.into_inner());
         s.net = net;
-        if let Some(t) = self.shard.turn_stats() {
-            s.turn.clone_from(t);
-        }
+        s.turn.clone_from(self.core.stats());
     }
 
-    fn dispatch(&mut self, tok: Token, readable: bool, writable: bool, now: Now) {
-        let idx = tok.0 & INDEX_MASK;
-        let more = match tok.0 >> KIND_SHIFT {
-            K_UDP => self.udp_readable(idx, now),
-            K_TCP_LISTENER => self.accept(idx, now),
-            K_CONN => {
+    fn dispatch(&mut self, tok: Tok, readable: bool, writable: bool, now: Now) {
+        let more = match tok {
+            Tok::Udp(idx) => self.udp_readable(idx, now),
+            Tok::TcpListener(idx) => self.accept(idx, now),
+            Tok::Conn(idx) => {
                 let spliced = self
                     .conns
                     .get(idx)
@@ -421,15 +540,16 @@ impl<S: Shard> Worker<S> {
                     readable && self.conn_readable(idx, now)
                 }
             }
-            K_RELAY if self.relays.is_tcp(RelayId::from_index(idx)) => self.relay_accept(idx, now),
-            K_RELAY => self.relay_readable(idx, now.mono),
-            K_PEER => self.peer_event(idx, now),
-            K_WAKER => {
+            Tok::Relay(idx) if self.relays.is_tcp(RelayId::from_index(idx)) => {
+                self.relay_accept(idx, now)
+            }
+            Tok::Relay(idx) => self.relay_readable(idx, now.mono),
+            Tok::Peer(idx) => self.peer_event(idx, now),
+            Tok::Waker => {
                 self.take_config();
                 self.take_inbox(now);
                 false
             }
-            _ => false,
         };
         if more && !self.pending.contains(&tok) {
             self.pending.push(tok);
@@ -454,10 +574,11 @@ impl<S: Shard> Worker<S> {
                 }
             };
             let mut stun_seen = false;
+            let mut cx = inbound!(self);
             for i in 0..n {
                 let r = self.rx.received(i);
                 if r.truncated {
-                    self.stats.drop_truncated += 1;
+                    cx.stats.drop_truncated += 1;
                     continue;
                 }
                 // On a wildcard listener the server side of the 5-tuple is the address the
@@ -474,87 +595,33 @@ impl<S: Shard> Worker<S> {
                 let msg = self.rx.payload(i);
                 match classify(msg) {
                     Kind::ChannelData { channel, len } => {
-                        match self.shard.channel_to_peer(&from, channel) {
-                            Some((relay, peer)) => {
-                                if let Some(rfd) =
-                                    self.relays
-                                        .peer_send_fd(relay, len, now.mono, &mut self.stats)
-                                {
-                                    let payload =
-                                        &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
-                                    // SAFETY: `rx` is not received into again before the
-                                    // flush at the end of this batch.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            Transport::Udp,
-                                            payload,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
-                                }
-                            }
-                            None => self.stats.drop_no_channel += 1,
-                        }
+                        let payload = &msg[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
+                        // SAFETY: `rx` is not received into again before the flush at the
+                        // end of this batch.
+                        unsafe { cx.channel_data(&from, channel, payload, now.mono) };
                     }
                     Kind::Stun => {
                         stun_seen = true;
-                        let t0 = is_request(msg).then(Instant::now);
-                        self.shard
-                            .handle_stun(now, from, msg, &mut self.out, &mut self.relays);
-                        if let Some(t0) = t0 {
-                            self.shard.record_request_time(t0.elapsed());
-                        }
-                        while let Some(o) = self.shard.poll_output() {
-                            let answer = take_output(&mut self.relays, &mut self.later, o);
-                            match answer {
-                                None => {}
-                                // ConnectionBind over UDP gets 400 from the core; never
-                                // BindData.
-                                Some(Output::Reply { len } | Output::BindData { len, .. }) => {
-                                    let src = wildcard.then_some(server.ip());
-                                    // SAFETY: `out` is not touched before this flush.
-                                    unsafe { self.reply.push(&self.out[..len], r.from, src) };
-                                    if self.reply.flush(fd).failed > 0 {
-                                        self.stats.drop_send_error += 1;
-                                    }
-                                }
-                                Some(Output::Forward {
-                                    relay,
-                                    peer,
-                                    payload,
-                                }) => {
-                                    let len = payload.len();
-                                    let fd = self.relays.peer_send_fd(
-                                        relay,
-                                        len,
-                                        now.mono,
-                                        &mut self.stats,
-                                    );
-                                    if let (Some(data), Some(rfd)) = (msg.get(payload), fd) {
-                                        // SAFETY: as above.
-                                        unsafe {
-                                            self.to_peer.push(
-                                                rfd,
-                                                Transport::Udp,
-                                                data,
-                                                peer,
-                                                &mut self.stats,
-                                            )
-                                        };
-                                    }
-                                }
-                                Some(_) => {}
+                        // SAFETY: as above.
+                        if let Some(Answer::Reply(len) | Answer::Bind(_, len)) =
+                            unsafe { cx.stun(now, from, msg) }
+                        {
+                            // ConnectionBind over UDP gets 400 from the core; never
+                            // BindData.
+                            let src = wildcard.then_some(server.ip());
+                            // SAFETY: `out` is not touched before this flush.
+                            unsafe { self.reply.push(&cx.out[..len], r.from, src) };
+                            if self.reply.flush(fd).failed > 0 {
+                                cx.stats.drop_send_error += 1;
                             }
                         }
                     }
-                    Kind::Invalid => self.stats.drop_invalid += 1,
+                    Kind::Invalid => cx.stats.drop_invalid += 1,
                 }
             }
-            self.to_peer.flush(&mut self.stats);
+            cx.to_peer.flush(cx.stats);
             if stun_seen {
-                self.after_shard();
+                self.after_core();
             }
             if n < BATCH {
                 return false;
@@ -597,7 +664,7 @@ impl<S: Shard> Worker<S> {
                     self.stats.drop_truncated += 1;
                     continue;
                 }
-                let Some(route) = self.shard.peer_to_client(relay, r.from) else {
+                let Some(route) = self.core.peer_to_client(relay, r.from) else {
                     self.stats.drop_no_permission += 1;
                     continue;
                 };

@@ -8,15 +8,14 @@ use mio::net::TcpStream;
 use mio::Interest;
 
 use super::splice::Splice;
+use super::token::Tok;
 use super::{
-    is_request, take_output, token, Worker, K_CONN, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE,
-    TCP_HARD_QUEUE,
+    inbound, Answer, Inbound, Worker, MAX_BATCHES_PER_TURN, TCP_DATA_QUEUE, TCP_HARD_QUEUE,
 };
 use crate::net::link::{is_tls_error, Link};
-use crate::net::shard::Shard;
 use crate::net::tcp::{InBuf, IpPermit, OutBuf, MAX_FRAME};
 use crate::stun::{classify, connection_bind_id, tcp_frame_len, Kind, CHANNEL_DATA_HEADER};
-use crate::turn::{conn_shard, ConnId, FiveTuple, Now, Output, Transport};
+use crate::turn::{conn_shard, ConnId, FiveTuple, Now, Transport};
 
 /// What a TCP listener accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +70,7 @@ pub(super) enum CloseReason {
     HandshakeTimeout,
 }
 
-impl<S: Shard> Worker<S> {
+impl Worker {
     /// A free slot of the connection table with `sock` registered under its token (the
     /// slot is free again on error). Accepted and handed-over connections both come here.
     pub(super) fn register_conn(&mut self, sock: &mut TcpStream) -> io::Result<usize> {
@@ -84,7 +83,7 @@ impl<S: Shard> Worker<S> {
         };
         if let Err(e) = self.poll.registry().register(
             sock,
-            token(K_CONN, ci),
+            Tok::Conn(ci).token(),
             Interest::READABLE | Interest::WRITABLE,
         ) {
             self.free_conns.push(ci);
@@ -201,6 +200,7 @@ impl<S: Shard> Worker<S> {
             let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
                 return false;
             };
+            let mut cx = inbound!(self);
             loop {
                 let data = conn.inbuf.data();
                 let n = match tcp_frame_len(data) {
@@ -220,29 +220,10 @@ impl<S: Shard> Worker<S> {
                 conn.last_message = now.mono;
                 match classify(frame) {
                     Kind::ChannelData { channel, len } => {
-                        match self.shard.channel_to_peer(&conn.tuple, channel) {
-                            Some((relay, peer)) => {
-                                if let Some(rfd) =
-                                    self.relays
-                                        .peer_send_fd(relay, len, now.mono, &mut self.stats)
-                                {
-                                    let payload =
-                                        &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
-                                    // SAFETY: `inbuf` is neither refilled nor compacted
-                                    // before the flush after this frame loop.
-                                    unsafe {
-                                        self.to_peer.push(
-                                            rfd,
-                                            conn.tuple.transport,
-                                            payload,
-                                            peer,
-                                            &mut self.stats,
-                                        )
-                                    };
-                                }
-                            }
-                            None => self.stats.drop_no_channel += 1,
-                        }
+                        let payload = &frame[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
+                        // SAFETY: `inbuf` is neither refilled nor compacted before the
+                        // flush after this frame loop.
+                        unsafe { cx.channel_data(&conn.tuple, channel, payload, now.mono) };
                     }
                     Kind::Stun => {
                         // RFC 6062 §5.4: a ConnectionBind belongs to the shard that issued
@@ -251,69 +232,30 @@ impl<S: Shard> Worker<S> {
                             .map(conn_shard)
                             .filter(|&t| t != self.index && t < self.inboxes.len());
                         if let Some(target) = foreign.filter(|_| !conn.handed_over) {
-                            if !self.shard.has_allocation(&conn.tuple) {
+                            if !cx.core.has_allocation(&conn.tuple) {
                                 stop = Some(Stop::HandOver(target));
                                 break;
                             }
                         }
-                        let t0 = is_request(frame).then(Instant::now);
-                        self.shard.handle_stun(
-                            now,
-                            conn.tuple,
-                            frame,
-                            &mut self.out,
-                            &mut self.relays,
-                        );
-                        if let Some(t0) = t0 {
-                            self.shard.record_request_time(t0.elapsed());
-                        }
-                        while let Some(o) = self.shard.poll_output() {
-                            match take_output(&mut self.relays, &mut self.later, o) {
-                                None => {}
-                                Some(Output::Reply { len }) => {
-                                    let queued = conn.out.push_control(&self.out[..len]);
-                                    if !queued {
-                                        stop = Some(Stop::Close(CloseReason::Backlog));
-                                    }
+                        // SAFETY: as above.
+                        match unsafe { cx.stun(now, conn.tuple, frame) } {
+                            None => {}
+                            Some(Answer::Reply(len)) => {
+                                if !conn.out.push_control(&cx.out[..len]) {
+                                    stop = Some(Stop::Close(CloseReason::Backlog));
                                 }
-                                Some(Output::BindData { conn: id, len }) => {
-                                    stop = Some(if conn.out.push_control(&self.out[..len]) {
-                                        Stop::Bind(id)
-                                    } else {
-                                        Stop::Close(CloseReason::Backlog)
-                                    });
-                                }
-                                Some(Output::Forward {
-                                    relay,
-                                    peer,
-                                    payload,
-                                }) => {
-                                    let len = payload.len();
-                                    let fd = self.relays.peer_send_fd(
-                                        relay,
-                                        len,
-                                        now.mono,
-                                        &mut self.stats,
-                                    );
-                                    if let (Some(d), Some(rfd)) = (frame.get(payload), fd) {
-                                        // SAFETY: as above.
-                                        unsafe {
-                                            self.to_peer.push(
-                                                rfd,
-                                                conn.tuple.transport,
-                                                d,
-                                                peer,
-                                                &mut self.stats,
-                                            )
-                                        };
-                                    }
-                                }
-                                Some(_) => {}
+                            }
+                            Some(Answer::Bind(id, len)) => {
+                                stop = Some(if conn.out.push_control(&cx.out[..len]) {
+                                    Stop::Bind(id)
+                                } else {
+                                    Stop::Close(CloseReason::Backlog)
+                                });
                             }
                         }
                     }
                     Kind::Invalid => {
-                        self.stats.drop_invalid += 1;
+                        cx.stats.drop_invalid += 1;
                         stop = Some(Stop::Close(CloseReason::Garbage));
                     }
                 }
@@ -327,7 +269,7 @@ impl<S: Shard> Worker<S> {
                     None => conn.inbuf.consume(n),
                 }
             }
-            self.to_peer.flush(&mut self.stats);
+            cx.to_peer.flush(cx.stats);
             if stop.is_some() {
                 break;
             }
@@ -385,7 +327,7 @@ impl<S: Shard> Worker<S> {
             return false;
         }
         // Connect responses and attempts the requests queued, peers the core closed.
-        self.after_shard();
+        self.after_core();
         match stop {
             Some(Stop::HandOver(target)) => {
                 self.hand_over(ci, target);
@@ -418,14 +360,14 @@ impl<S: Shard> Worker<S> {
             Some(sp) => {
                 if let Some(p) = self.relays.peers.take(&self.relays.registry, sp.id) {
                     drop(p);
-                    self.shard.tcp_conn_closed(sp.id);
-                    self.after_shard();
+                    self.core.tcp_conn_closed(sp.id);
+                    self.after_core();
                 }
             }
             None => {
-                self.shard
+                self.core
                     .client_closed(&c.tuple, super::now(), &mut self.relays);
-                self.after_shard();
+                self.after_core();
             }
         }
         // The socket and the per-IP permit go with `c`.
@@ -448,7 +390,7 @@ impl<S: Shard> Worker<S> {
                 // it for minutes while its data connections carry the traffic. A bound data
                 // connection is an application's TCP stream, quiet as long as it likes: it
                 // ends with its peer or its allocation (RFC 6062 §5.5).
-                && !self.shard.has_allocation(&c.tuple)
+                && !self.core.has_allocation(&c.tuple)
                 && c.splice.is_none()
             {
                 self.close_conn(ci, CloseReason::Idle);
