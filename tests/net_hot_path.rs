@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tern::config::TurnConfig;
 use tern::net::{Shard, TurnService, OUT_LEN};
+use tern::stun::ChannelNumber;
 use tern::turn::{FiveTuple, Now, Output, PeerRoute, RelayAddr, RelayId, RelayIo};
 
 struct Counting;
@@ -71,9 +72,13 @@ impl Shard for OneAllocation {
     fn poll_output(&mut self) -> Option<Output> {
         self.out.take()
     }
-    fn channel_to_peer(&mut self, from: &FiveTuple, ch: u16) -> Option<(RelayId, SocketAddr)> {
+    fn channel_to_peer(
+        &mut self,
+        from: &FiveTuple,
+        ch: ChannelNumber,
+    ) -> Option<(RelayId, SocketAddr)> {
         match self.alloc {
-            Some((id, t)) if t == *from && ch == CHANNEL => Some((id, self.peer)),
+            Some((id, t)) if t == *from && ch.get() == CHANNEL => Some((id, self.peer)),
             _ => None,
         }
     }
@@ -81,7 +86,7 @@ impl Shard for OneAllocation {
         match self.alloc {
             Some((id, t)) if id == relay && peer == self.peer => Some(PeerRoute {
                 client: t,
-                channel: Some(CHANNEL),
+                channel: ChannelNumber::new(CHANNEL),
             }),
             _ => None,
         }

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use crate::stun::ChannelNumber;
 use crate::turn::{
     ChannelRoute, ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo, TurnStats,
 };
@@ -26,7 +27,11 @@ pub trait Shard {
     /// What the shard asks of the worker, in order (drained after every call).
     fn poll_output(&mut self) -> Option<Output>;
     /// Where ChannelData `channel` from `from` goes (RFC 8656 §12.4).
-    fn channel_to_peer(&mut self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)>;
+    fn channel_to_peer(
+        &mut self,
+        from: &FiveTuple,
+        channel: ChannelNumber,
+    ) -> Option<(RelayId, SocketAddr)>;
     /// Where data from `peer` arriving on `relay` goes, if a permission allows it.
     fn peer_to_client(&mut self, relay: RelayId, peer: SocketAddr) -> Option<PeerRoute>;
     /// Expires what is due at `now`.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::stun::{attr, class, message_type, method, HEADER_LEN};
+use crate::stun::{attr, class, message_type, method, ChannelNumber, HEADER_LEN};
 use crate::turn::{ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo};
 
 /// Test-only attribute carrying a port (the fake's stand-in for XOR-PEER-ADDRESS and
@@ -54,7 +54,9 @@ fn attr_of(m: &[u8], ty: u16) -> Option<&[u8]> {
 }
 
 fn conn_id_of(m: &[u8]) -> ConnId {
-    u32::from_be_bytes(attr_of(m, attr::CONNECTION_ID).unwrap().try_into().unwrap())
+    ConnId::from_wire(u32::from_be_bytes(
+        attr_of(m, attr::CONNECTION_ID).unwrap().try_into().unwrap(),
+    ))
 }
 
 fn ty(m: u16, c: u16) -> u16 {
@@ -99,7 +101,7 @@ impl Fake {
         if t == ty(method::CONNECT, class::REQUEST) {
             let (relay, _) = self.alloc.unwrap();
             let port = u16::from_be_bytes(attr_of(m, PORT_ATTR).unwrap().try_into().unwrap());
-            let id = (u32::from(self.index) << 24) | self.next;
+            let id = ConnId::from_wire((u32::from(self.index) << 24) | self.next);
             self.next += 1;
             let peer = SocketAddr::from(([127, 0, 0, 1], port));
             return match io.tcp_connect(relay, peer, id) {
@@ -143,7 +145,11 @@ impl Shard for Fake {
             self.outbox.push_back(answer);
         }
     }
-    fn channel_to_peer(&mut self, _: &FiveTuple, _: u16) -> Option<(RelayId, SocketAddr)> {
+    fn channel_to_peer(
+        &mut self,
+        _: &FiveTuple,
+        _: ChannelNumber,
+    ) -> Option<(RelayId, SocketAddr)> {
         None
     }
     fn peer_to_client(&mut self, _: RelayId, _: SocketAddr) -> Option<PeerRoute> {
@@ -181,7 +187,7 @@ impl Shard for Fake {
             self.live.insert(conn);
             msg(
                 ty(method::CONNECT, class::SUCCESS),
-                &[(attr::CONNECTION_ID, &conn.to_be_bytes())],
+                &[(attr::CONNECTION_ID, &conn.to_wire().to_be_bytes())],
             )
         } else {
             msg(ty(method::CONNECT, class::ERROR), &[])
@@ -199,13 +205,13 @@ impl Shard for Fake {
         if r != relay {
             return None;
         }
-        let id = (u32::from(self.index) << 24) | self.next;
+        let id = ConnId::from_wire((u32::from(self.index) << 24) | self.next);
         self.next += 1;
         self.waiting.insert(id);
         self.live.insert(id);
         let m = msg(
             ty(method::CONNECTION_ATTEMPT, class::INDICATION),
-            &[(attr::CONNECTION_ID, &id.to_be_bytes())],
+            &[(attr::CONNECTION_ID, &id.to_wire().to_be_bytes())],
         );
         self.outbox.push_back(Output::Send { to: client, msg: m });
         Some(id)
@@ -303,7 +309,7 @@ fn bind(server: SocketAddr, id: ConnId, early: &[u8], small: bool) -> TcpStream 
     };
     let mut w = msg(
         ty(method::CONNECTION_BIND, class::REQUEST),
-        &[(attr::CONNECTION_ID, &id.to_be_bytes())],
+        &[(attr::CONNECTION_ID, &id.to_wire().to_be_bytes())],
     );
     w.extend_from_slice(early);
     d.write_all(&w).unwrap();
@@ -822,7 +828,7 @@ fn tls_data_connection_carries_raw_bytes_in_full_records_and_ends_with_close_not
     let mut tls = rustls::StreamOwned::new(conn, Counting(sock, 0));
     let mut w = msg(
         ty(method::CONNECTION_BIND, class::REQUEST),
-        &[(attr::CONNECTION_ID, &id.to_be_bytes())],
+        &[(attr::CONNECTION_ID, &id.to_wire().to_be_bytes())],
     );
     w.extend_from_slice(b"early over tls;");
     tls.write_all(&w).unwrap();

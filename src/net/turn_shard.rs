@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::shard::{Shard, OUT_LEN};
+use crate::stun::ChannelNumber;
 use crate::turn::{
     ChannelRoute, ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo, Server, TurnStats,
 };
@@ -32,7 +33,11 @@ impl Shard for Server {
         Server::channel_routes(self, f)
     }
 
-    fn channel_to_peer(&mut self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)> {
+    fn channel_to_peer(
+        &mut self,
+        from: &FiveTuple,
+        channel: ChannelNumber,
+    ) -> Option<(RelayId, SocketAddr)> {
         Server::channel_to_peer(self, from, channel)
     }
 

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::stun::ChannelNumber;
 use crate::turn::{FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo};
 
 const CHANNEL: u16 = 0x4000;
@@ -37,9 +38,13 @@ impl Shard for Fake {
     fn poll_output(&mut self) -> Option<Output> {
         self.out.take()
     }
-    fn channel_to_peer(&mut self, from: &FiveTuple, ch: u16) -> Option<(RelayId, SocketAddr)> {
+    fn channel_to_peer(
+        &mut self,
+        from: &FiveTuple,
+        ch: ChannelNumber,
+    ) -> Option<(RelayId, SocketAddr)> {
         match self.alloc {
-            Some((id, t)) if t == *from && ch == CHANNEL => Some((id, self.peer)),
+            Some((id, t)) if t == *from && ch.get() == CHANNEL => Some((id, self.peer)),
             _ => None,
         }
     }
@@ -47,7 +52,7 @@ impl Shard for Fake {
         match self.alloc {
             Some((id, t)) if id == relay && peer == self.peer => Some(PeerRoute {
                 client: t,
-                channel: Some(CHANNEL),
+                channel: ChannelNumber::new(CHANNEL),
             }),
             _ => None,
         }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::config::SignalConfig;
 use crate::signal::bus::{BusCmd, BusEvent, Member};
 use crate::signal::rooms::RoomService;
-use crate::signal::{ConnId, Out};
+use crate::signal::{Out, WsId};
 
 fn svc() -> RoomService {
     let mut s = RoomService::new(SignalConfig::default(), true, StdRng::seed_from_u64(9));
@@ -19,7 +19,7 @@ fn svc() -> RoomService {
     s
 }
 
-fn to(outs: &[Out], conn: ConnId) -> Vec<Value> {
+fn to(outs: &[Out], conn: WsId) -> Vec<Value> {
     outs.iter()
         .filter_map(|o| match o {
             Out::Send { conn: c, text } if *c == conn => Some(serde_json::from_str(text).unwrap()),

@@ -11,7 +11,7 @@ fn cfg() -> SignalConfig {
     }
 }
 
-fn texts(outs: &[Out], conn: ConnId) -> Vec<Value> {
+fn texts(outs: &[Out], conn: WsId) -> Vec<Value> {
     outs.iter()
         .filter_map(|o| match o {
             Out::Send { conn: c, text } if *c == conn => Some(serde_json::from_str(text).unwrap()),
@@ -20,12 +20,12 @@ fn texts(outs: &[Out], conn: ConnId) -> Vec<Value> {
         .collect()
 }
 
-fn closed(outs: &[Out], conn: ConnId) -> bool {
+fn closed(outs: &[Out], conn: WsId) -> bool {
     outs.iter()
         .any(|o| matches!(o, Out::Close { conn: c, .. } if *c == conn))
 }
 
-fn open(s: &mut PeerJsService, conn: ConnId, id: &str, token: &str, now: Instant) -> Vec<Out> {
+fn open(s: &mut PeerJsService, conn: WsId, id: &str, token: &str, now: Instant) -> Vec<Out> {
     s.connect(conn, Some("peerjs"), Some(id), Some(token), now)
 }
 
@@ -212,7 +212,7 @@ fn fresh_ids_are_uuids() {
     assert_ne!(id, s.fresh_id());
 }
 
-fn close_of(outs: &[Out], conn: ConnId) -> Option<(u16, &'static str)> {
+fn close_of(outs: &[Out], conn: WsId) -> Option<(u16, &'static str)> {
     outs.iter().find_map(|o| match o {
         Out::Close {
             conn: c,
