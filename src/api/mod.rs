@@ -10,6 +10,7 @@
 
 mod conn_limit;
 mod cors;
+pub mod http_metrics;
 pub(crate) mod ice;
 mod routes;
 mod serve;
@@ -62,7 +63,7 @@ pub(crate) struct AppState {
     /// Set during a graceful drain: new signaling connections are refused (503).
     pub draining: Arc<AtomicBool>,
     /// Per-route request counters (kept across reloads).
-    pub http_metrics: Arc<crate::metrics::HttpMetrics>,
+    pub http_metrics: Arc<http_metrics::HttpMetrics>,
     /// Connection caps and counters of the listener (kept across reloads).
     pub conn_limits: Arc<conn_limit::ConnLimits>,
     /// Cluster mode's view of the other nodes (`[cluster]`), for `/api/ice` steering.
@@ -136,16 +137,16 @@ pub struct HttpStats {
 /// Read access to the HTTP face's counters, for the metrics face (cheap to clone; follows
 /// reloads).
 #[derive(Clone)]
-pub struct StatsSource(Live);
+pub struct HttpStatsSource(Live);
 
-impl StatsSource {
+impl HttpStatsSource {
     /// Current counters (locks the signaling state machines briefly).
     pub fn snapshot(&self) -> HttpStats {
         snapshot(&self.0.current())
     }
 
     /// The per-route request counters the router's middleware updates.
-    pub fn http_metrics(&self) -> Arc<crate::metrics::HttpMetrics> {
+    pub fn http_metrics(&self) -> Arc<http_metrics::HttpMetrics> {
         Arc::clone(&self.0.current().http_metrics)
     }
 }
@@ -259,7 +260,7 @@ impl HttpService {
             peerjs,
             relay,
             draining: Arc::new(AtomicBool::new(false)),
-            http_metrics: crate::metrics::HttpMetrics::new(),
+            http_metrics: http_metrics::HttpMetrics::new(),
             conn_limits: conn_limit::ConnLimits::new(
                 cfg.api.max_connections,
                 cfg.api.max_connections_per_ip,
@@ -392,8 +393,8 @@ impl HttpService {
     }
 
     /// A handle that reads the counters, for the metrics face.
-    pub fn stats_source(&self) -> StatsSource {
-        StatsSource(self.live.clone())
+    pub fn stats_source(&self) -> HttpStatsSource {
+        HttpStatsSource(self.live.clone())
     }
 
     /// Stops accepting, closes open connections after a short grace, joins the runtime.

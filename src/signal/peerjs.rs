@@ -148,14 +148,15 @@ pub const REFUSAL_REASONS: [&str; 8] = [
     "cluster_unavailable",
     "cluster_busy",
 ];
-const R_RATE: usize = 0;
-const R_TOO_LARGE: usize = 1;
+// Indexes of `PeerJsStats::refused`, in [`REFUSAL_REASONS`] order.
+pub(crate) const R_RATE: usize = 0;
+pub(crate) const R_TOO_LARGE: usize = 1;
 const R_INVALID: usize = 2;
 const R_QUEUE_FULL: usize = 3;
-const R_SENDER_BYTES: usize = 4;
-const R_TOTAL_BYTES: usize = 5;
+pub(crate) const R_SENDER_BYTES: usize = 4;
+pub(crate) const R_TOTAL_BYTES: usize = 5;
 /// Cluster mode: the destination is on another node and Redis is away (EXPIRE sent).
-const R_CLUSTER: usize = 6;
+pub(crate) const R_CLUSTER: usize = 6;
 /// Cluster mode: the queue to Redis was full (a message: EXPIRE; a claim: ERROR and close).
 const R_CLUSTER_BUSY: usize = 7;
 

@@ -460,7 +460,7 @@ fn refusals_are_reported_with_counts_at_most_once_a_second() {
     assert!(s.tick(t0 + Duration::from_secs(4)).is_empty());
     let st = s.stats();
     assert_eq!(st.rate_limited, 1 + 14 + 20);
-    assert_eq!(st.refused[0], st.rate_limited);
+    assert_eq!(st.refused[R_RATE], st.rate_limited);
     assert_eq!(st.flood_closed, 0);
     // A new episode starts with a new first error.
     let m = ping_n(&mut s, 1, 11, t0 + Duration::from_secs(10));

@@ -343,7 +343,8 @@ fn connect_errors() {
     assert_eq!(h.io.connects.len(), 2);
     let s = h.server.stats();
     assert_eq!(
-        s.tcp_connects[3], 10,
+        s.tcp_connects[crate::turn::stats::CONNECT_REFUSED],
+        10,
         "every early error counted as refused"
     );
     assert_eq!(s.requests_with(MethodLabel::Connect, 446), 2);
