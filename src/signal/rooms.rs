@@ -1224,4 +1224,4 @@ fn classify_parse_error(text: &str, e: &serde_json::Error) -> (ErrorCode, String
 
 #[cfg(test)]
 #[path = "rooms_tests.rs"]
-mod tests;
+pub(crate) mod tests;

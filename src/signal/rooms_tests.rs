@@ -10,8 +10,8 @@ fn svc() -> RoomService {
     RoomService::new(cfg(), true, StdRng::seed_from_u64(7))
 }
 
-/// Messages sent to `conn`, parsed.
-fn to(outs: &[Out], conn: WsId) -> Vec<Value> {
+/// Messages sent to `conn`, parsed (the bus tests use it too).
+pub(crate) fn to(outs: &[Out], conn: WsId) -> Vec<Value> {
     outs.iter()
         .filter_map(|o| match o {
             Out::Send { conn: c, text } if *c == conn => Some(serde_json::from_str(text).unwrap()),
