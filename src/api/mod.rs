@@ -20,7 +20,6 @@ mod web;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -60,8 +59,6 @@ pub(crate) struct AppState {
     pub rooms: Arc<Hub<RoomService>>,
     pub peerjs: Arc<Hub<PeerJsService>>,
     pub relay: Option<Arc<RelayHub>>,
-    /// Set during a graceful drain: new signaling connections are refused (503).
-    pub draining: Arc<AtomicBool>,
     /// Per-route request counters (kept across reloads).
     pub http_metrics: Arc<http_metrics::HttpMetrics>,
     /// Connection caps and counters of the listener (kept across reloads).
@@ -71,8 +68,10 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
+    /// During a graceful drain new signaling connections are refused (503). The process's
+    /// one flag ([`crate::lifecycle::STATE`], which `/readyz` reads too).
     pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        crate::lifecycle::STATE.draining()
     }
 }
 
@@ -259,7 +258,6 @@ impl HttpService {
             rooms,
             peerjs,
             relay,
-            draining: Arc::new(AtomicBool::new(false)),
             http_metrics: http_metrics::HttpMetrics::new(),
             conn_limits: conn_limit::ConnLimits::new(
                 cfg.api.max_connections,
@@ -348,7 +346,6 @@ impl HttpService {
             rooms: Arc::clone(&old.rooms),
             peerjs: Arc::clone(&old.peerjs),
             relay: old.relay.clone(),
-            draining: Arc::clone(&old.draining),
             http_metrics: Arc::clone(&old.http_metrics),
             conn_limits: Arc::clone(&old.conn_limits),
             cluster,
@@ -366,11 +363,6 @@ impl HttpService {
     /// The PeerJS realm's hub (cluster mode feeds it bus events).
     pub fn peerjs_hub(&self) -> Arc<Hub<PeerJsService>> {
         Arc::clone(&self.live.current().peerjs)
-    }
-
-    /// Starts a graceful drain: new signaling connections get 503; open ones stay.
-    pub fn set_draining(&self, on: bool) {
-        self.live.current().draining.store(on, Ordering::Relaxed);
     }
 
     /// `/relay` sessions open (paired or waiting), for the drain's end.
