@@ -229,9 +229,6 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
             }
             STATE.set_draining(true);
             faces.turn.set_draining(true);
-            if let Some(h) = &faces.http {
-                h.set_draining(true);
-            }
             if let Some(c) = &cluster {
                 c.announce_now();
             }

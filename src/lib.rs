@@ -9,6 +9,7 @@ pub mod fastpath;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod metrics_def;
 pub mod net;
 pub mod ops;
 pub mod rate;

@@ -36,7 +36,10 @@ pub enum LifecycleError {
 }
 
 /// Readiness as a load balancer should see it: ready once every listener serves, not
-/// ready again while draining. One per process; `/readyz` reads [`STATE`].
+/// ready again while draining. One per process; `/readyz`, `tern_draining` and the HTTP
+/// face (503 to new signaling connections) read [`STATE`]. The TURN cores keep their own
+/// copy (`turn::Shared::set_draining`, set at the same moment by the daemon) because a
+/// sans-IO core reads nothing outside its inputs.
 #[derive(Debug)]
 pub struct Lifecycle {
     ready: AtomicBool,

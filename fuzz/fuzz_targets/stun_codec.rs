@@ -60,7 +60,7 @@ fn udp(data: &[u8]) {
             parse_as_core(data);
         }
         Kind::ChannelData { channel, len } => {
-            assert!((0x4000..=0x7FFE).contains(&channel));
+            assert!((0x4000..=0x7FFE).contains(&channel.get()));
             // The driver slices the payload with this length.
             let _ = &data[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
         }

@@ -10,6 +10,7 @@
 
 mod conn_limit;
 mod cors;
+pub mod http_metrics;
 pub(crate) mod ice;
 mod routes;
 mod serve;
@@ -19,7 +20,6 @@ mod web;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -59,10 +59,8 @@ pub(crate) struct AppState {
     pub rooms: Arc<Hub<RoomService>>,
     pub peerjs: Arc<Hub<PeerJsService>>,
     pub relay: Option<Arc<RelayHub>>,
-    /// Set during a graceful drain: new signaling connections are refused (503).
-    pub draining: Arc<AtomicBool>,
     /// Per-route request counters (kept across reloads).
-    pub http_metrics: Arc<crate::metrics::HttpMetrics>,
+    pub http_metrics: Arc<http_metrics::HttpMetrics>,
     /// Connection caps and counters of the listener (kept across reloads).
     pub conn_limits: Arc<conn_limit::ConnLimits>,
     /// Cluster mode's view of the other nodes (`[cluster]`), for `/api/ice` steering.
@@ -70,8 +68,10 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
+    /// During a graceful drain new signaling connections are refused (503). The process's
+    /// one flag ([`crate::lifecycle::STATE`], which `/readyz` reads too).
     pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        crate::lifecycle::STATE.draining()
     }
 }
 
@@ -136,16 +136,16 @@ pub struct HttpStats {
 /// Read access to the HTTP face's counters, for the metrics face (cheap to clone; follows
 /// reloads).
 #[derive(Clone)]
-pub struct StatsSource(Live);
+pub struct HttpStatsSource(Live);
 
-impl StatsSource {
+impl HttpStatsSource {
     /// Current counters (locks the signaling state machines briefly).
     pub fn snapshot(&self) -> HttpStats {
         snapshot(&self.0.current())
     }
 
     /// The per-route request counters the router's middleware updates.
-    pub fn http_metrics(&self) -> Arc<crate::metrics::HttpMetrics> {
+    pub fn http_metrics(&self) -> Arc<http_metrics::HttpMetrics> {
         Arc::clone(&self.0.current().http_metrics)
     }
 }
@@ -258,8 +258,7 @@ impl HttpService {
             rooms,
             peerjs,
             relay,
-            draining: Arc::new(AtomicBool::new(false)),
-            http_metrics: crate::metrics::HttpMetrics::new(),
+            http_metrics: http_metrics::HttpMetrics::new(),
             conn_limits: conn_limit::ConnLimits::new(
                 cfg.api.max_connections,
                 cfg.api.max_connections_per_ip,
@@ -347,7 +346,6 @@ impl HttpService {
             rooms: Arc::clone(&old.rooms),
             peerjs: Arc::clone(&old.peerjs),
             relay: old.relay.clone(),
-            draining: Arc::clone(&old.draining),
             http_metrics: Arc::clone(&old.http_metrics),
             conn_limits: Arc::clone(&old.conn_limits),
             cluster,
@@ -365,11 +363,6 @@ impl HttpService {
     /// The PeerJS realm's hub (cluster mode feeds it bus events).
     pub fn peerjs_hub(&self) -> Arc<Hub<PeerJsService>> {
         Arc::clone(&self.live.current().peerjs)
-    }
-
-    /// Starts a graceful drain: new signaling connections get 503; open ones stay.
-    pub fn set_draining(&self, on: bool) {
-        self.live.current().draining.store(on, Ordering::Relaxed);
     }
 
     /// `/relay` sessions open (paired or waiting), for the drain's end.
@@ -392,8 +385,8 @@ impl HttpService {
     }
 
     /// A handle that reads the counters, for the metrics face.
-    pub fn stats_source(&self) -> StatsSource {
-        StatsSource(self.live.clone())
+    pub fn stats_source(&self) -> HttpStatsSource {
+        HttpStatsSource(self.live.clone())
     }
 
     /// Stops accepting, closes open connections after a short grace, joins the runtime.

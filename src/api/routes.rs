@@ -101,7 +101,7 @@ pub(super) fn router(live: Live) -> Router {
 
 /// Counts every request by route template (bounded: never the raw path) and status.
 async fn count_request(
-    State(m): State<Arc<crate::metrics::HttpMetrics>>,
+    State(m): State<Arc<super::http_metrics::HttpMetrics>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {

@@ -162,7 +162,7 @@ struct Conn {
     closing: watch::Receiver<()>,
     limits: Arc<ConnLimits>,
     /// Where a request refused before routing (431) is counted.
-    http_metrics: Arc<crate::metrics::HttpMetrics>,
+    http_metrics: Arc<super::http_metrics::HttpMetrics>,
     state: Arc<ConnState>,
 }
 

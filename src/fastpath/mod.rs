@@ -184,7 +184,7 @@ impl Wanted {
             ) => Some(V4Binding {
                 client,
                 server,
-                channel: r.channel,
+                channel: r.channel.get(),
                 relay,
                 peer,
             }),

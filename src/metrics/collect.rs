@@ -1,11 +1,52 @@
-//! Builds metric families from plain counter snapshots at scrape time.
+//! Builds metric families from plain counter snapshots at scrape time, and [`Face`], the
+//! one `prometheus` collector every face's metrics file instantiates.
 
-use prometheus::proto::{
-    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
-};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily};
 
-use super::{Def, Kind};
+use crate::metrics_def::{Def, MetricType};
 use crate::turn::stats::Histo;
+
+/// A face's scrape-time collector: the descriptors of its tables and a function that reads
+/// its counters (`src`) into families.
+pub(super) struct Face<S> {
+    descs: Vec<Desc>,
+    src: S,
+    read: fn(&S, &mut Families),
+}
+
+impl<S> Face<S> {
+    pub(super) fn new<'a>(
+        defs: impl Iterator<Item = &'a &'static Def>,
+        src: S,
+        read: fn(&S, &mut Families),
+    ) -> Face<S> {
+        let descs = defs
+            .map(|d| {
+                Desc::new(
+                    d.name.to_string(),
+                    d.help.to_string(),
+                    d.labels.iter().map(|l| l.to_string()).collect(),
+                    Default::default(),
+                )
+                .expect("valid metric definition")
+            })
+            .collect();
+        Face { descs, src, read }
+    }
+}
+
+impl<S: Send + Sync> Collector for Face<S> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut f = Families::default();
+        (self.read)(&self.src, &mut f);
+        f.fams
+    }
+}
 
 /// The families of one collector's scrape, in definition order.
 #[derive(Default)]
@@ -36,9 +77,9 @@ impl Families {
                 f.set_name(d.name.to_string());
                 f.set_help(d.help.to_string());
                 f.set_field_type(match d.kind {
-                    Kind::Counter => MetricType::COUNTER,
-                    Kind::Gauge => MetricType::GAUGE,
-                    Kind::Histogram => MetricType::HISTOGRAM,
+                    MetricType::Counter => prometheus::proto::MetricType::COUNTER,
+                    MetricType::Gauge => prometheus::proto::MetricType::GAUGE,
+                    MetricType::Histogram => prometheus::proto::MetricType::HISTOGRAM,
                 });
                 self.fams.push(f);
                 self.fams.len() - 1
@@ -51,17 +92,17 @@ impl Families {
     pub(super) fn sample(&mut self, d: &Def, values: &[&str], v: u64) {
         let mut m = Metric::from_label(labels(d, values));
         match d.kind {
-            Kind::Counter => {
+            MetricType::Counter => {
                 let mut c = Counter::default();
                 c.set_value(v as f64);
                 m.set_counter(c);
             }
-            Kind::Gauge => {
+            MetricType::Gauge => {
                 let mut g = Gauge::default();
                 g.set_value(v as f64);
                 m.set_gauge(g);
             }
-            Kind::Histogram => return,
+            MetricType::Histogram => return,
         }
         self.family(d).mut_metric().push(m);
     }
@@ -91,9 +132,5 @@ impl Families {
         let mut m = Metric::from_label(labels(d, values));
         m.set_histogram(hist);
         self.family(d).mut_metric().push(m);
-    }
-
-    pub(super) fn finish(self) -> Vec<MetricFamily> {
-        self.fams
     }
 }

@@ -527,3 +527,7 @@ fn finish(
         secrets,
     }
 }
+
+#[cfg(test)]
+#[path = "migrate_tests.rs"]
+mod tests;

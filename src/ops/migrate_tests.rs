@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use super::migrate::{migrate, Migration};
+use super::{migrate, Migration};
 use crate::config::Config;
 
 fn load(m: &Migration) -> Config {

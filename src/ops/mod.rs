@@ -12,6 +12,3 @@ pub mod migrate;
 pub mod notify;
 pub mod probe;
 pub mod supervisor;
-
-#[cfg(test)]
-mod migrate_tests;

@@ -5,27 +5,19 @@ use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::config::SignalConfig;
 use crate::signal::bus::{BusCmd, BusEvent, Member};
+use crate::signal::rooms::tests::to;
 use crate::signal::rooms::RoomService;
-use crate::signal::{ConnId, Out};
+use crate::signal::Out;
 
 fn svc() -> RoomService {
     let mut s = RoomService::new(SignalConfig::default(), true, StdRng::seed_from_u64(9));
     s.enable_bus();
     s.bus_state(true);
     s
-}
-
-fn to(outs: &[Out], conn: ConnId) -> Vec<Value> {
-    outs.iter()
-        .filter_map(|o| match o {
-            Out::Send { conn: c, text } if *c == conn => Some(serde_json::from_str(text).unwrap()),
-            _ => None,
-        })
-        .collect()
 }
 
 fn bus(outs: &[Out]) -> Vec<BusCmd> {

@@ -29,15 +29,15 @@ use tokio::sync::mpsc;
 
 use super::peerjs::PeerJsService;
 use super::rooms::{relay_ticket_text, RoomService};
-use super::{ws, ConnId, Out, Text};
+use super::{ws, Out, Text, WsId};
 use crate::relay_ws::RelayHub;
 
 /// The calls a driver makes into a signaling state machine.
 pub trait Machine: Send + 'static {
-    fn message(&mut self, conn: ConnId, text: &str, now: Instant) -> Vec<Out>;
-    fn binary(&mut self, conn: ConnId, data: &[u8], now: Instant) -> Vec<Out>;
-    fn alive(&mut self, conn: ConnId, now: Instant);
-    fn disconnect(&mut self, conn: ConnId, now: Instant) -> Vec<Out>;
+    fn message(&mut self, conn: WsId, text: &str, now: Instant) -> Vec<Out>;
+    fn binary(&mut self, conn: WsId, data: &[u8], now: Instant) -> Vec<Out>;
+    fn alive(&mut self, conn: WsId, now: Instant);
+    fn disconnect(&mut self, conn: WsId, now: Instant) -> Vec<Out>;
     fn tick(&mut self, now: Instant) -> Vec<Out>;
     /// Cluster mode: a bus command the cluster driver's queue had no room for; the machine
     /// tells the client concerned (never a silent drop).
@@ -46,25 +46,25 @@ pub trait Machine: Send + 'static {
     }
     /// A granted relay session could not be registered: tell (and count) the asking side.
     /// Only the native machine grants relays.
-    fn relay_refused(&mut self, _conn: ConnId, _to: &str, _message: String) -> Vec<Out> {
+    fn relay_refused(&mut self, _conn: WsId, _to: &str, _message: String) -> Vec<Out> {
         Vec::new()
     }
 }
 
 impl Machine for RoomService {
-    fn message(&mut self, conn: ConnId, text: &str, now: Instant) -> Vec<Out> {
+    fn message(&mut self, conn: WsId, text: &str, now: Instant) -> Vec<Out> {
         RoomService::message(self, conn, text, now)
     }
-    fn binary(&mut self, conn: ConnId, _data: &[u8], now: Instant) -> Vec<Out> {
+    fn binary(&mut self, conn: WsId, _data: &[u8], now: Instant) -> Vec<Out> {
         RoomService::binary(self, conn, now)
     }
-    fn relay_refused(&mut self, conn: ConnId, to: &str, message: String) -> Vec<Out> {
+    fn relay_refused(&mut self, conn: WsId, to: &str, message: String) -> Vec<Out> {
         vec![RoomService::relay_refused(self, conn, to, message)]
     }
-    fn alive(&mut self, conn: ConnId, now: Instant) {
+    fn alive(&mut self, conn: WsId, now: Instant) {
         RoomService::alive(self, conn, now)
     }
-    fn disconnect(&mut self, conn: ConnId, now: Instant) -> Vec<Out> {
+    fn disconnect(&mut self, conn: WsId, now: Instant) -> Vec<Out> {
         RoomService::disconnect(self, conn, now)
     }
     fn tick(&mut self, now: Instant) -> Vec<Out> {
@@ -76,18 +76,18 @@ impl Machine for RoomService {
 }
 
 impl Machine for PeerJsService {
-    fn message(&mut self, conn: ConnId, text: &str, now: Instant) -> Vec<Out> {
+    fn message(&mut self, conn: WsId, text: &str, now: Instant) -> Vec<Out> {
         PeerJsService::message(self, conn, text, now)
     }
-    fn binary(&mut self, conn: ConnId, data: &[u8], now: Instant) -> Vec<Out> {
+    fn binary(&mut self, conn: WsId, data: &[u8], now: Instant) -> Vec<Out> {
         // The `peer` server parses binary frames as JSON text too.
         match std::str::from_utf8(data) {
             Ok(t) => PeerJsService::message(self, conn, t, now),
             Err(_) => Vec::new(),
         }
     }
-    fn alive(&mut self, _conn: ConnId, _now: Instant) {}
-    fn disconnect(&mut self, conn: ConnId, now: Instant) -> Vec<Out> {
+    fn alive(&mut self, _conn: WsId, _now: Instant) {}
+    fn disconnect(&mut self, conn: WsId, now: Instant) -> Vec<Out> {
         PeerJsService::disconnect(self, conn, now)
     }
     fn tick(&mut self, now: Instant) -> Vec<Out> {
@@ -422,7 +422,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
 struct Inner<M> {
     core: M,
-    outboxes: FxHashMap<ConnId, Arc<Outbox>>,
+    outboxes: FxHashMap<WsId, Arc<Outbox>>,
 }
 
 /// A state machine and the outboxes of its connections.
@@ -550,7 +550,7 @@ impl<M: Machine> Hub<M> {
         back
     }
 
-    fn push(&self, g: &mut Inner<M>, conn: ConnId, f: Frame, dropped: &mut Vec<ConnId>) {
+    fn push(&self, g: &mut Inner<M>, conn: WsId, f: Frame, dropped: &mut Vec<WsId>) {
         if let Some(ob) = g.outboxes.get(&conn) {
             if !ob.push(f, self.budget) {
                 g.outboxes.remove(&conn);
@@ -566,7 +566,7 @@ impl<M: Machine> Hub<M> {
         &self,
         g: &mut Inner<M>,
         grant: super::rooms::RelayGrant,
-        dropped: &mut Vec<ConnId>,
+        dropped: &mut Vec<WsId>,
         refused: &mut Vec<super::bus::BusCmd>,
     ) -> Vec<Out> {
         let [(ca, peer_b, ta), (cb, peer_a, tb)] = grant.sides;
@@ -601,7 +601,7 @@ impl<M: Machine> Hub<M> {
     }
 
     /// Feeds one frame from `conn` to the machine and queues what it answers.
-    fn receive(&self, conn: ConnId, msg: In<'_>) {
+    fn receive(&self, conn: WsId, msg: In<'_>) {
         let now = Instant::now();
         let mut g = self.lock();
         let outs = match msg {
@@ -619,8 +619,8 @@ impl<M: Machine> Hub<M> {
     /// frames): its id and its outbox.
     pub fn open(
         &self,
-        connect: impl FnOnce(&mut M, ConnId, Instant) -> Vec<Out>,
-    ) -> (ConnId, Arc<Outbox>) {
+        connect: impl FnOnce(&mut M, WsId, Instant) -> Vec<Out>,
+    ) -> (WsId, Arc<Outbox>) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::default());
         let mut g = self.lock();
@@ -635,7 +635,7 @@ impl<M: Machine> Hub<M> {
         self: Arc<Self>,
         upgrade: hyper::upgrade::OnUpgrade,
         limit: usize,
-        connect: impl FnOnce(&mut M, ConnId, Instant) -> Vec<Out> + Send + 'static,
+        connect: impl FnOnce(&mut M, WsId, Instant) -> Vec<Out> + Send + 'static,
     ) {
         tokio::spawn(self.task(upgrade, limit, connect));
     }
@@ -650,7 +650,7 @@ impl<M: Machine> Hub<M> {
         self: Arc<Self>,
         upgrade: hyper::upgrade::OnUpgrade,
         limit: usize,
-        connect: impl FnOnce(&mut M, ConnId, Instant) -> Vec<Out> + Send + 'static,
+        connect: impl FnOnce(&mut M, WsId, Instant) -> Vec<Out> + Send + 'static,
     ) -> impl Future<Output = ()> + Send + 'static {
         async move {
             let Ok(socket) = upgrade.await else { return };
@@ -663,7 +663,7 @@ impl<M: Machine> Hub<M> {
     /// bytes): frames in go to the machine, queued frames go out, until either side closes.
     /// Reading goes on while a write is blocked; what is queued meanwhile stays bounded by
     /// the send budget.
-    pub async fn serve<S>(&self, conn: ConnId, outbox: Arc<Outbox>, io: S, limit: usize)
+    pub async fn serve<S>(&self, conn: WsId, outbox: Arc<Outbox>, io: S, limit: usize)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -689,7 +689,7 @@ impl<M: Machine> Hub<M> {
 
     fn poll_conn<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        conn: ConnId,
+        conn: WsId,
         outbox: &Outbox,
         c: &mut Conn<S>,
         cx: &mut Context<'_>,

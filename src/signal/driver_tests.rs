@@ -89,22 +89,7 @@ fn serve_native(hub: &Arc<Hub<RoomService>>, limit: usize) -> DuplexStream {
 
 /// A client frame: masked, as browsers send them.
 fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-    let mask = [9, 8, 7, 6];
-    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    crate::signal::ws::tests::masked(opcode, fin, payload, [9, 8, 7, 6])
 }
 
 /// Reads one server frame: (opcode, payload); None at EOF. Checks it is unmasked and final.

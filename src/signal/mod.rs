@@ -24,8 +24,10 @@ pub(crate) fn shrink_map<K: Eq + std::hash::Hash, V>(m: &mut std::collections::H
     }
 }
 
-/// A connection handle chosen by the driver.
-pub type ConnId = u64;
+/// One signaling WebSocket, numbered by the driver (`driver::Hub` counts from 1 and never
+/// reuses a number). Named for what it is so it is not read as TURN's RFC 6062
+/// CONNECTION-ID (`crate::turn::ConnId`), which once shared its name.
+pub type WsId = u64;
 
 /// An outgoing text frame: serialized once, shared by every recipient (a broadcast clones
 /// a reference count, not the text) and handed to the socket without another copy.
@@ -35,12 +37,12 @@ pub type Text = axum::extract::ws::Utf8Bytes;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out {
     /// Send a JSON text frame.
-    Send { conn: ConnId, text: Text },
+    Send { conn: WsId, text: Text },
     /// Send a WebSocket ping (browsers answer it without application code).
-    Ping { conn: ConnId },
+    Ping { conn: WsId },
     /// Close the connection with this WebSocket close code (RFC 6455 §7.4).
     Close {
-        conn: ConnId,
+        conn: WsId,
         code: u16,
         reason: &'static str,
     },

@@ -29,7 +29,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use super::bus::{BusCmd, BusEvent, Member, RemoteMembers};
-use super::{shrink_map, ConnId, Out, Text};
+use super::{shrink_map, Out, Text, WsId};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
 
@@ -95,7 +95,7 @@ fn raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Erro
 
 struct Client {
     token: String,
-    conn: ConnId,
+    conn: WsId,
     last_ping: Instant,
     bucket: TokenBucket,
     /// Cluster mode: false until this node's claim of the id in Redis succeeded (no OPEN
@@ -148,14 +148,15 @@ pub const REFUSAL_REASONS: [&str; 8] = [
     "cluster_unavailable",
     "cluster_busy",
 ];
-const R_RATE: usize = 0;
-const R_TOO_LARGE: usize = 1;
+// Indexes of `PeerJsStats::refused`, in [`REFUSAL_REASONS`] order.
+pub(crate) const R_RATE: usize = 0;
+pub(crate) const R_TOO_LARGE: usize = 1;
 const R_INVALID: usize = 2;
 const R_QUEUE_FULL: usize = 3;
-const R_SENDER_BYTES: usize = 4;
-const R_TOTAL_BYTES: usize = 5;
+pub(crate) const R_SENDER_BYTES: usize = 4;
+pub(crate) const R_TOTAL_BYTES: usize = 5;
 /// Cluster mode: the destination is on another node and Redis is away (EXPIRE sent).
-const R_CLUSTER: usize = 6;
+pub(crate) const R_CLUSTER: usize = 6;
 /// Cluster mode: the queue to Redis was full (a message: EXPIRE; a claim: ERROR and close).
 const R_CLUSTER_BUSY: usize = 7;
 
@@ -180,7 +181,7 @@ pub struct PeerJsService {
     cfg: SignalConfig,
     rng: StdRng,
     clients: HashMap<String, Client>,
-    conns: HashMap<ConnId, String>,
+    conns: HashMap<WsId, String>,
     queues: HashMap<String, Queue>,
     /// Bytes each sender has queued (entries removed at zero), and their sum.
     queued_by_sender: HashMap<String, usize>,
@@ -265,7 +266,7 @@ impl PeerJsService {
         }
     }
 
-    fn reject(conn: ConnId, text: String, out: &mut Vec<Out>) {
+    fn reject(conn: WsId, text: String, out: &mut Vec<Out>) {
         out.push(Out::Send {
             conn,
             text: text.into(),
@@ -280,7 +281,7 @@ impl PeerJsService {
     /// A WebSocket connection with the query parameters `key`, `id`, `token`.
     pub fn connect(
         &mut self,
-        conn: ConnId,
+        conn: WsId,
         key: Option<&str>,
         id: Option<&str>,
         token: Option<&str>,
@@ -414,7 +415,7 @@ impl PeerJsService {
 
     /// Closes a client for breaking a limit: a PeerJS client cannot take an ERROR without
     /// aborting, and a message dropped silently would leave it waiting.
-    fn cut_off(&mut self, id: &str, conn: ConnId, code: u16, reason: &'static str) -> Vec<Out> {
+    fn cut_off(&mut self, id: &str, conn: WsId, code: u16, reason: &'static str) -> Vec<Out> {
         let mut out = Vec::new();
         self.drop_client(id, &mut out);
         out.push(Out::Close { conn, code, reason });
@@ -423,7 +424,7 @@ impl PeerJsService {
 
     /// A text frame from `conn`. Bad JSON and unknown types are ignored, as the `peer`
     /// server does: answering ERROR would make the client abort its Peer.
-    pub fn message(&mut self, conn: ConnId, text: &str, now: Instant) -> Vec<Out> {
+    pub fn message(&mut self, conn: WsId, text: &str, now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
         let Some(id) = self.conns.get(&conn) else {
             return out;
@@ -651,7 +652,7 @@ impl PeerJsService {
     }
 
     /// The connection closed.
-    pub fn disconnect(&mut self, conn: ConnId, _now: Instant) -> Vec<Out> {
+    pub fn disconnect(&mut self, conn: WsId, _now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
         if let Some(id) = self.conns.remove(&conn) {
             if self.clients.get(&id).is_some_and(|c| c.conn == conn) {

@@ -11,7 +11,7 @@ fn cfg() -> SignalConfig {
     }
 }
 
-fn texts(outs: &[Out], conn: ConnId) -> Vec<Value> {
+fn texts(outs: &[Out], conn: WsId) -> Vec<Value> {
     outs.iter()
         .filter_map(|o| match o {
             Out::Send { conn: c, text } if *c == conn => Some(serde_json::from_str(text).unwrap()),
@@ -20,12 +20,12 @@ fn texts(outs: &[Out], conn: ConnId) -> Vec<Value> {
         .collect()
 }
 
-fn closed(outs: &[Out], conn: ConnId) -> bool {
+fn closed(outs: &[Out], conn: WsId) -> bool {
     outs.iter()
         .any(|o| matches!(o, Out::Close { conn: c, .. } if *c == conn))
 }
 
-fn open(s: &mut PeerJsService, conn: ConnId, id: &str, token: &str, now: Instant) -> Vec<Out> {
+fn open(s: &mut PeerJsService, conn: WsId, id: &str, token: &str, now: Instant) -> Vec<Out> {
     s.connect(conn, Some("peerjs"), Some(id), Some(token), now)
 }
 
@@ -212,7 +212,7 @@ fn fresh_ids_are_uuids() {
     assert_ne!(id, s.fresh_id());
 }
 
-fn close_of(outs: &[Out], conn: ConnId) -> Option<(u16, &'static str)> {
+fn close_of(outs: &[Out], conn: WsId) -> Option<(u16, &'static str)> {
     outs.iter().find_map(|o| match o {
         Out::Close {
             conn: c,
@@ -276,7 +276,7 @@ fn a_client_past_its_rate_is_disconnected_with_a_reason() {
     assert_eq!(code, 1008);
     assert!(reason.contains("signal.peerjs_rate_per_sec"), "{reason}");
     assert!(reason.len() <= 123, "fits a close frame");
-    assert_eq!(s.stats().refused[0], 1);
+    assert_eq!(s.stats().refused[R_RATE], 1);
     // Unregistered: the id is free for the client's reconnect.
     assert_eq!(s.ids(), vec!["bob".to_string()]);
     let o = open(&mut s, 3, "alice", "t1", t0 + Duration::from_secs(1));
@@ -304,7 +304,7 @@ fn a_message_over_the_size_limit_closes_its_sender_with_1009() {
     let (code, reason) = close_of(&o, 1).unwrap();
     assert_eq!(code, 1009);
     assert!(reason.contains("signal.peerjs_max_message_bytes"));
-    assert_eq!(s.stats().refused[1], 1);
+    assert_eq!(s.stats().refused[R_TOO_LARGE], 1);
 }
 
 fn big_offer(dst: &str, n: usize) -> String {
@@ -340,7 +340,7 @@ fn queued_bytes_are_bounded_per_sender_and_in_total_then_given_back() {
         serde_json::json!({"type":"EXPIRE","src":"ghost4","dst":"alice"})
     );
     let st = s.stats();
-    assert_eq!(st.refused[4], 4, "queue_sender_bytes");
+    assert_eq!(st.refused[R_SENDER_BYTES], 4, "queue_sender_bytes");
     assert!(st.queued_bytes > 4 * 60_000 && st.queued_bytes <= 250_000);
     // bob: the total (400 KB) runs out first.
     let mut bob_expired = 0;
@@ -349,7 +349,7 @@ fn queued_bytes_are_bounded_per_sender_and_in_total_then_given_back() {
         bob_expired += texts(&o, 2).len();
     }
     let st = s.stats();
-    assert_eq!(st.refused[5], 2, "queue_total_bytes");
+    assert_eq!(st.refused[R_TOTAL_BYTES], 2, "queue_total_bytes");
     assert_eq!(bob_expired, 2);
     assert!(st.queued_bytes <= 400_000);
     assert_eq!(st.queued_dropped, 6);
@@ -575,7 +575,7 @@ fn cluster_redis_down_expires_cross_node_sends_and_opens_locally() {
         texts(&o, 1),
         vec![serde_json::json!({"type":"EXPIRE","src":"zed","dst":"alice"})]
     );
-    assert_eq!(s.stats().refused[6], 1);
+    assert_eq!(s.stats().refused[R_CLUSTER], 1);
     // A new local id opens at once; it is in the list the driver rewrites on reconnect.
     let o = open(&mut s, 2, "bob", "t2", t0);
     assert_eq!(texts(&o, 2)[0]["type"], "OPEN");

@@ -10,7 +10,7 @@ use rand::Rng;
 use super::bus::{BusCmd, BusEvent, Member, RemoteMembers};
 use super::names::friendly_name;
 use super::protocol::{rate_limited_text, ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
-use super::{shrink_map, ConnId, Out, Text};
+use super::{shrink_map, Out, Text, WsId};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
 
@@ -52,7 +52,7 @@ struct Peer {
     id: String,
     name: String,
     resume: String,
-    conn: Option<ConnId>,
+    conn: Option<WsId>,
     lan: RoomKey,
     /// Rooms the peer is in; kept while detached so a resume rejoins them.
     rooms: BTreeSet<RoomKey>,
@@ -155,7 +155,7 @@ pub struct RoomStats {
 pub struct RelayGrant {
     pub session: u64,
     /// (connection, peer id of the *other* side, ticket) for each side.
-    pub sides: [(ConnId, String, String); 2],
+    pub sides: [(WsId, String, String); 2],
     /// Cluster mode: side 1 is a peer on another node. This node hosts the session; once
     /// it is registered, side 1's ticket goes out as this bus command (its connection in
     /// `sides` is then the requester's and is not written to).
@@ -183,7 +183,7 @@ pub struct RoomService {
     cfg: SignalConfig,
     relay_enabled: bool,
     rng: StdRng,
-    conns: HashMap<ConnId, String>,
+    conns: HashMap<WsId, String>,
     peers: HashMap<String, Peer>,
     by_resume: HashMap<String, String>,
     rooms: HashMap<RoomKey, BTreeSet<String>>,
@@ -249,7 +249,7 @@ impl RoomService {
     /// `resume` is the token from an earlier `welcome`, if the client has one.
     pub fn connect(
         &mut self,
-        conn: ConnId,
+        conn: WsId,
         lan: String,
         resume: Option<&str>,
         now: Instant,
@@ -354,7 +354,7 @@ impl RoomService {
     /// untrusted proxy) cannot make every join a broadcast to thousands.
     fn enter_rooms(
         &mut self,
-        conn: ConnId,
+        conn: WsId,
         id: &str,
         resumed: bool,
         rooms: Vec<RoomKey>,
@@ -493,7 +493,7 @@ impl RoomService {
     /// An error answer, counted under its [`refusal_reason`].
     fn error(
         stats: &mut RoomStats,
-        conn: ConnId,
+        conn: WsId,
         code: ErrorCode,
         message: String,
         to: Option<&str>,
@@ -506,7 +506,7 @@ impl RoomService {
     }
 
     /// Any frame (including a WebSocket pong) proves the peer alive.
-    pub fn alive(&mut self, conn: ConnId, now: Instant) {
+    pub fn alive(&mut self, conn: WsId, now: Instant) {
         if let Some(p) = self.conns.get(&conn).and_then(|id| self.peers.get_mut(id)) {
             p.last_seen = now;
         }
@@ -514,7 +514,7 @@ impl RoomService {
 
     /// A binary frame from `conn`: signaling is JSON text, so it is answered with
     /// `binary-not-supported` and counted (reason `invalid`).
-    pub fn binary(&mut self, conn: ConnId, now: Instant) -> Vec<Out> {
+    pub fn binary(&mut self, conn: WsId, now: Instant) -> Vec<Out> {
         self.alive(conn, now);
         vec![Self::error(
             &mut self.stats,
@@ -527,7 +527,7 @@ impl RoomService {
 
     /// The driver could not register a granted relay session (the relay is disabled or at
     /// `relay_ws.max_sessions`): the asking side gets `relay-unavailable`, counted.
-    pub fn relay_refused(&mut self, conn: ConnId, to: &str, message: String) -> Out {
+    pub fn relay_refused(&mut self, conn: WsId, to: &str, message: String) -> Out {
         Self::error(
             &mut self.stats,
             conn,
@@ -538,7 +538,7 @@ impl RoomService {
     }
 
     /// A text frame from `conn`.
-    pub fn message(&mut self, conn: ConnId, text: &str, now: Instant) -> Vec<Out> {
+    pub fn message(&mut self, conn: WsId, text: &str, now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
         let Some(id) = self.conns.get(&conn).cloned() else {
             return out;
@@ -702,7 +702,7 @@ impl RoomService {
     }
 
     /// The count refused since the last report, if there is one and a report is due.
-    fn report_refused(conn: ConnId, rate: u32, f: &mut Flood, now: Instant) -> Option<Out> {
+    fn report_refused(conn: WsId, rate: u32, f: &mut Flood, now: Instant) -> Option<Out> {
         if f.unreported == 0 || now.saturating_duration_since(f.last_report) < REPORT_EVERY {
             return None;
         }
@@ -726,7 +726,7 @@ impl RoomService {
         }
     }
 
-    fn join(&mut self, conn: ConnId, id: &str, room: String, out: &mut Vec<Out>) {
+    fn join(&mut self, conn: WsId, id: &str, room: String, out: &mut Vec<Out>) {
         let valid = !room.is_empty()
             && room.len() <= 64
             && room
@@ -793,13 +793,7 @@ impl RoomService {
     }
 
     /// The target's connection if it exists, is connected and shares a room with `id`.
-    fn check_target(
-        &mut self,
-        conn: ConnId,
-        id: &str,
-        to: &str,
-        out: &mut Vec<Out>,
-    ) -> Option<ConnId> {
+    fn check_target(&mut self, conn: WsId, id: &str, to: &str, out: &mut Vec<Out>) -> Option<WsId> {
         let target = self.peers.get(to).and_then(|t| t.conn.map(|c| (t, c)));
         let Some((t, tconn)) = target else {
             out.push(Self::error(
@@ -826,7 +820,7 @@ impl RoomService {
     }
 
     /// The connection closed (or the driver dropped it).
-    pub fn disconnect(&mut self, conn: ConnId, now: Instant) -> Vec<Out> {
+    pub fn disconnect(&mut self, conn: WsId, now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
         if let Some(id) = self.conns.remove(&conn) {
             self.detach(&id, now, &mut out);
@@ -955,7 +949,7 @@ impl RoomService {
     /// sender and the bus is up, else refused with the documented error.
     fn signal_remote(
         &mut self,
-        conn: ConnId,
+        conn: WsId,
         id: &str,
         to: String,
         data: serde_json::Value,
@@ -992,7 +986,7 @@ impl RoomService {
     /// A `relay` to a peer on another node: this node hosts the session (its relay is the
     /// requester's), and the other side's ticket travels on the bus with this node's relay
     /// URL, so both sides meet here and no relayed byte crosses Redis.
-    fn relay_remote(&mut self, conn: ConnId, id: &str, to: String, out: &mut Vec<Out>) {
+    fn relay_remote(&mut self, conn: WsId, id: &str, to: String, out: &mut Vec<Out>) {
         let rooms: BTreeSet<String> = self.peers[id].rooms.iter().map(RoomKey::bus_name).collect();
         let Some(b) = self.bus.as_mut() else { return };
         let refusal = if b.shared(&to, &rooms).is_none() {
@@ -1230,4 +1224,4 @@ fn classify_parse_error(text: &str, e: &serde_json::Error) -> (ErrorCode, String
 
 #[cfg(test)]
 #[path = "rooms_tests.rs"]
-mod tests;
+pub(crate) mod tests;

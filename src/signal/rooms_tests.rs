@@ -10,8 +10,8 @@ fn svc() -> RoomService {
     RoomService::new(cfg(), true, StdRng::seed_from_u64(7))
 }
 
-/// Messages sent to `conn`, parsed.
-fn to(outs: &[Out], conn: ConnId) -> Vec<Value> {
+/// Messages sent to `conn`, parsed (the bus tests use it too).
+pub(crate) fn to(outs: &[Out], conn: WsId) -> Vec<Value> {
     outs.iter()
         .filter_map(|o| match o {
             Out::Send { conn: c, text } if *c == conn => Some(serde_json::from_str(text).unwrap()),
@@ -24,7 +24,7 @@ fn of_type<'a>(msgs: &'a [Value], t: &str) -> Vec<&'a Value> {
     msgs.iter().filter(|m| m["type"] == t).collect()
 }
 
-fn welcome(outs: &[Out], conn: ConnId) -> (String, String) {
+fn welcome(outs: &[Out], conn: WsId) -> (String, String) {
     let w = to(outs, conn)
         .into_iter()
         .find(|m| m["type"] == "welcome")
@@ -407,13 +407,13 @@ fn a_full_lan_room_is_not_joined() {
     assert_eq!(to(&o, 3)[0]["type"], "room");
 }
 
-fn ping_n(s: &mut RoomService, conn: ConnId, n: usize, now: Instant) -> Vec<Value> {
+fn ping_n(s: &mut RoomService, conn: WsId, n: usize, now: Instant) -> Vec<Value> {
     (0..n)
         .flat_map(|_| to(&s.message(conn, r#"{"type":"ping"}"#, now), conn))
         .collect()
 }
 
-fn closed_with(outs: &[Out], conn: ConnId, code: u16) -> bool {
+fn closed_with(outs: &[Out], conn: WsId, code: u16) -> bool {
     outs.iter()
         .any(|o| matches!(o, Out::Close { conn: c, code: k, .. } if *c == conn && *k == code))
 }
@@ -460,7 +460,7 @@ fn refusals_are_reported_with_counts_at_most_once_a_second() {
     assert!(s.tick(t0 + Duration::from_secs(4)).is_empty());
     let st = s.stats();
     assert_eq!(st.rate_limited, 1 + 14 + 20);
-    assert_eq!(st.refused[0], st.rate_limited);
+    assert_eq!(st.refused[R_RATE], st.rate_limited);
     assert_eq!(st.flood_closed, 0);
     // A new episode starts with a new first error.
     let m = ping_n(&mut s, 1, 11, t0 + Duration::from_secs(10));

@@ -535,4 +535,4 @@ pub fn close_payload(code: u16, reason: &str) -> ([u8; MAX_CONTROL], usize) {
 
 #[cfg(test)]
 #[path = "ws_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -1,8 +1,8 @@
 use super::*;
 use proptest::prelude::*;
 
-/// A client frame as a browser sends it: masked with `mask`.
-fn masked(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+/// A client frame as a browser sends it: masked with `mask` (the driver tests use it too).
+pub(crate) fn masked(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
     match payload.len() {
         n if n < 126 => f.push(0x80 | n as u8),

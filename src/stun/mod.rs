@@ -17,7 +17,7 @@ mod writer;
 mod rfc5769_tests;
 
 pub use attrs::{attributes, connection_bind_id, find_attr, Attributes, RawAttr};
-pub use channel_data::{write_channel_data_header, CHANNEL_DATA_HEADER};
+pub use channel_data::{write_channel_data_header, ChannelNumber, CHANNEL_DATA_HEADER};
 pub use data_indication::{write_data_indication, DATA_INDICATION_HEADROOM};
 pub use error_code::ErrorCode;
 pub use framing::{tcp_frame_len, FrameError};
@@ -119,7 +119,7 @@ pub enum Kind {
     /// A STUN message whose header and length are consistent with the datagram.
     Stun,
     /// ChannelData: the payload is `datagram[4..4 + len]`.
-    ChannelData { channel: u16, len: usize },
+    ChannelData { channel: ChannelNumber, len: usize },
     /// Neither (drop and count).
     Invalid,
 }
@@ -146,14 +146,14 @@ pub fn classify(datagram: &[u8]) -> Kind {
             Kind::Stun
         }
         0b01 => {
-            let channel = u16::from_be_bytes([datagram[0], datagram[1]]);
+            let channel = ChannelNumber::new(u16::from_be_bytes([datagram[0], datagram[1]]));
             let len = u16::from_be_bytes([datagram[2], datagram[3]]) as usize;
-            if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&channel)
-                || CHANNEL_DATA_HEADER + len > datagram.len()
-            {
-                return Kind::Invalid;
+            match channel {
+                Some(channel) if CHANNEL_DATA_HEADER + len <= datagram.len() => {
+                    Kind::ChannelData { channel, len }
+                }
+                _ => Kind::Invalid,
             }
-            Kind::ChannelData { channel, len }
         }
         _ => Kind::Invalid,
     }
@@ -195,7 +195,7 @@ mod tests {
         assert_eq!(
             classify(&cd),
             Kind::ChannelData {
-                channel: 0x4001,
+                channel: ChannelNumber::new(0x4001).unwrap(),
                 len: 3
             }
         );
@@ -204,7 +204,7 @@ mod tests {
         assert_eq!(
             classify(&[0x50, 0, 0, 0]),
             Kind::ChannelData {
-                channel: 0x5000,
+                channel: ChannelNumber::new(0x5000).unwrap(),
                 len: 0
             }
         );

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::auth::Verified;
-use super::{ConnId, FiveTuple, RelayId, RelayUsage};
+use super::{ChannelNumber, ConnId, FiveTuple, RelayId, RelayUsage};
 
 /// A relay socket of an allocation.
 #[derive(Debug, Clone, Copy)]
@@ -24,7 +24,7 @@ pub struct Relay {
 /// late packets cannot reach the wrong peer.
 #[derive(Debug, Clone, Copy)]
 pub struct Channel {
-    pub number: u16,
+    pub number: ChannelNumber,
     pub peer: SocketAddr,
     pub expires: Instant,
     /// In the data-path tables (false during the cooldown).

@@ -70,6 +70,8 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Instant;
 
+use crate::stun::ChannelNumber;
+
 /// Transport between client and server (RFC 8656 §3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transport {
@@ -143,13 +145,40 @@ pub enum Output {
 }
 
 /// CONNECTION-ID of an RFC 6062 peer data connection (§6.2.1). Unique across shards: the
-/// top 8 bits are the index of the shard that owns the allocation ([`conn_shard`]).
-pub type ConnId = u32;
+/// top 8 bits are the index of the shard that owns the allocation ([`ConnId::shard`]).
+/// Its own type so it cannot be mixed up with a table slot, a relay index or the
+/// signaling face's connection numbers (`crate::signal::WsId`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u32);
 
-/// The shard (worker index) owning peer connection `id`: where a ConnectionBind for it
-/// must be handled (RFC 6062 §5.4).
-pub const fn conn_shard(id: ConnId) -> usize {
-    (id >> 24) as usize
+impl ConnId {
+    /// The id a CONNECTION-ID attribute carries (RFC 6062 §6.2.1). Any value is a
+    /// syntactically valid id; whether it names a live connection is the core's question.
+    pub const fn from_wire(v: u32) -> ConnId {
+        ConnId(v)
+    }
+
+    /// The 32-bit value for the CONNECTION-ID attribute.
+    pub const fn to_wire(self) -> u32 {
+        self.0
+    }
+
+    /// The id of shard `shard`'s connection `counter` (the low 24 bits).
+    pub(crate) const fn new(shard: u8, counter: u32) -> ConnId {
+        ConnId(((shard as u32) << 24) | (counter & 0x00FF_FFFF))
+    }
+
+    /// The shard (worker index) owning this peer connection: where a ConnectionBind for
+    /// it must be handled (RFC 6062 §5.4).
+    pub const fn shard(self) -> usize {
+        conn_shard(self.0)
+    }
+}
+
+/// The shard owning the peer connection whose CONNECTION-ID attribute value is `wire`
+/// (what the TCP driver routes a ConnectionBind by before any core has read it).
+pub const fn conn_shard(wire: u32) -> usize {
+    (wire >> 24) as usize
 }
 
 /// Where peer data arriving on a relay socket goes (RFC 8656 §11.6, §12.5).
@@ -157,7 +186,7 @@ pub const fn conn_shard(id: ConnId) -> usize {
 pub struct PeerRoute {
     pub client: FiveTuple,
     /// Bound channel for this peer: frame as ChannelData; `None`: send a Data indication.
-    pub channel: Option<u16>,
+    pub channel: Option<ChannelNumber>,
 }
 
 /// An established channel binding (RFC 8656 §12): ChannelData `channel` from `client`
@@ -166,7 +195,7 @@ pub struct PeerRoute {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChannelRoute {
     pub client: FiveTuple,
-    pub channel: u16,
+    pub channel: ChannelNumber,
     pub relay: RelayId,
     pub peer: SocketAddr,
 }

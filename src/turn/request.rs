@@ -14,7 +14,7 @@ use stun_types::message::Message;
 use turn_types::attribute::XorPeerAddress;
 
 use super::{ConnId, Transport};
-use crate::stun::{attr, ErrorCode, CHANNEL_MAX, CHANNEL_MIN};
+use crate::stun::{attr, ChannelNumber, ErrorCode};
 
 /// REQUESTED-TRANSPORT value for UDP (RFC 8656 §18.7).
 const PROTO_UDP: u8 = 17;
@@ -163,7 +163,7 @@ pub(super) fn lifetime(m: &Message<'_>) -> Result<Option<u32>, ErrorCode> {
 /// A ChannelBind request (RFC 8656 §11.2).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ChannelBind {
-    pub number: u16,
+    pub number: ChannelNumber,
     pub peer: SocketAddr,
 }
 
@@ -174,9 +174,7 @@ impl ChannelBind {
             _ => return Err(ErrorCode::BadRequest),
         };
         let peer = one_peer(m)?;
-        if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&number) {
-            return Err(ErrorCode::BadRequest);
-        }
+        let number = ChannelNumber::new(number).ok_or(ErrorCode::BadRequest)?;
         Ok(ChannelBind { number, peer })
     }
 }
@@ -199,7 +197,9 @@ pub(super) fn one_peer(m: &Message<'_>) -> Result<SocketAddr, ErrorCode> {
 
 /// CONNECTION-ID (RFC 6062 §6.2.1) of a ConnectionBind.
 pub(super) fn connection_id(m: &Message<'_>) -> Option<ConnId> {
-    raw(m, attr::CONNECTION_ID).and_then(u32_attr)
+    raw(m, attr::CONNECTION_ID)
+        .and_then(u32_attr)
+        .map(ConnId::from_wire)
 }
 
 /// The value of attribute `t`, if present.

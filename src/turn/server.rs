@@ -17,7 +17,9 @@ use super::stats::{TurnStats, REQUEST_SECONDS_BOUNDS};
 use super::tables::{PermissionExpiry, Tables};
 use super::timers::{TimerKind, Timers};
 use super::usage_tap;
-use super::{ChannelRoute, ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo};
+use super::{
+    ChannelNumber, ChannelRoute, ConnId, FiveTuple, Now, Output, PeerRoute, RelayId, RelayIo,
+};
 use crate::usage::Event;
 
 /// One worker shard's TURN server (RFC 8656). See the module docs for the contract.
@@ -124,7 +126,11 @@ impl Server {
 
     /// ChannelData from a client (RFC 8656 §12.5): the relay and peer, if the channel is
     /// bound and the peer's permission is alive. O(1), no allocation.
-    pub fn channel_to_peer(&self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)> {
+    pub fn channel_to_peer(
+        &self,
+        from: &FiveTuple,
+        channel: ChannelNumber,
+    ) -> Option<(RelayId, SocketAddr)> {
         self.tables.channel_to_peer(from, channel)
     }
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 use rustc_hash::FxHashMap;
 
 use super::allocation::{family_index, Allocation, Channel, ConnState, PeerConn, Relay};
-use super::{ChannelRoute, ConnId, FiveTuple, PeerRoute, RelayId};
+use super::{ChannelNumber, ChannelRoute, ConnId, FiveTuple, PeerRoute, RelayId};
 
 /// Low 24 bits of a CONNECTION-ID: the per-shard counter (the top 8 name the shard).
 const CONN_COUNTER_MASK: u32 = 0x00FF_FFFF;
@@ -29,9 +29,9 @@ pub(super) struct Tables {
     /// Permission expiry by (relay of the peer's family, peer IP). Mirrors `Allocation::perms`.
     perms: FxHashMap<(RelayId, IpAddr), Instant>,
     /// Channel number by (relay, peer), for peer → client. Active channels only.
-    peer_channels: FxHashMap<(RelayId, SocketAddr), u16>,
+    peer_channels: FxHashMap<(RelayId, SocketAddr), ChannelNumber>,
     /// (relay, peer) by (client 5-tuple, channel), for client → peer. Active channels only.
-    client_channels: FxHashMap<(FiveTuple, u16), (RelayId, SocketAddr)>,
+    client_channels: FxHashMap<(FiveTuple, ChannelNumber), (RelayId, SocketAddr)>,
     /// RFC 6062 peer connections. Mirrors `Allocation::conns`.
     tcp_conns: FxHashMap<ConnId, PeerConn>,
     /// Low 24 bits of the last CONNECTION-ID handed out.
@@ -110,7 +110,11 @@ impl Tables {
     }
 
     /// ChannelData from a client (RFC 8656 §12.5). O(1), no allocation.
-    pub fn channel_to_peer(&self, from: &FiveTuple, channel: u16) -> Option<(RelayId, SocketAddr)> {
+    pub fn channel_to_peer(
+        &self,
+        from: &FiveTuple,
+        channel: ChannelNumber,
+    ) -> Option<(RelayId, SocketAddr)> {
         let &(relay, peer) = self.client_channels.get(&(*from, channel))?;
         self.perms
             .contains_key(&(relay, peer.ip()))
@@ -343,7 +347,7 @@ impl Tables {
         &mut self,
         slot: usize,
         relay: Relay,
-        number: u16,
+        number: ChannelNumber,
         peer: SocketAddr,
         expires: Instant,
     ) -> Option<ChannelBound> {
@@ -376,7 +380,7 @@ impl Tables {
 
     /// Takes an expired channel out of the data path; it stays in the allocation for the
     /// cooldown. Returns its peer if it was active.
-    pub fn deactivate_channel(&mut self, slot: usize, number: u16) -> Option<SocketAddr> {
+    pub fn deactivate_channel(&mut self, slot: usize, number: ChannelNumber) -> Option<SocketAddr> {
         let a = self.slots[slot].as_mut()?;
         let tuple = a.tuple;
         let relays = a.relays;
@@ -395,7 +399,7 @@ impl Tables {
     }
 
     /// Forgets an inactive channel whose cooldown ended.
-    pub fn drop_channel(&mut self, slot: usize, number: u16) {
+    pub fn drop_channel(&mut self, slot: usize, number: ChannelNumber) {
         if let Some(a) = self.slots[slot].as_mut() {
             a.channels.retain(|c| c.number != number);
         }
@@ -414,7 +418,7 @@ impl Tables {
             if self.next_conn == 0 {
                 continue;
             }
-            let id = (u32::from(shard) << 24) | self.next_conn;
+            let id = ConnId::new(shard, self.next_conn);
             if !self.tcp_conns.contains_key(&id) {
                 return Some(id);
             }

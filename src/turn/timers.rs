@@ -8,7 +8,7 @@ use std::collections::BinaryHeap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use super::ConnId;
+use super::{ChannelNumber, ConnId};
 
 /// What a timer entry is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -25,7 +25,7 @@ pub(super) enum TimerKind {
     Channel {
         slot: usize,
         id: u64,
-        number: u16,
+        number: ChannelNumber,
     },
     Reservations,
     /// The 30 s wait of an RFC 6062 peer connection (connecting, or awaiting its bind).

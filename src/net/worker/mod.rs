@@ -45,8 +45,8 @@ use super::socket::ListenerPair;
 use super::stats::{NetStats, WorkerStats};
 use super::tcp::PerIpLimit;
 use crate::stun::{
-    classify, write_channel_data_header, write_data_indication, Kind, CHANNEL_DATA_HEADER,
-    DATA_INDICATION_HEADROOM,
+    classify, write_channel_data_header, write_data_indication, ChannelNumber, Kind,
+    CHANNEL_DATA_HEADER, DATA_INDICATION_HEADROOM,
 };
 use crate::turn::{ConnId, FiveTuple, Now, Output, RelayId, Server, Transport};
 
@@ -252,7 +252,7 @@ impl Inbound<'_> {
     unsafe fn channel_data(
         &mut self,
         from: &FiveTuple,
-        channel: u16,
+        channel: ChannelNumber,
         payload: &[u8],
         now: Instant,
     ) {

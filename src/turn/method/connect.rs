@@ -19,7 +19,7 @@ use crate::turn::stats::{
     CONNECT_TIMEOUT, PEER_ATTEMPT_SENT, PEER_NO_PERMISSION, PEER_OVER_LIMIT,
 };
 use crate::turn::timers::TimerKind;
-use crate::turn::{conn_shard, ConnId, FiveTuple, Now, Output, RelayId, RelayIo};
+use crate::turn::{ConnId, FiveTuple, Now, Output, RelayId, RelayIo};
 
 /// How long a peer connection may stay connecting, or wait for its ConnectionBind
 /// (RFC 6062 §5.2, §5.3: 30 seconds).
@@ -45,7 +45,7 @@ pub(in crate::turn) fn connect_done(cx: &mut Cx, now: Now, conn: ConnId, ok: boo
     if !ok {
         forget_conn(cx, conn);
         cx.stats.tcp_connects[CONNECT_FAILED] += 1;
-        tracing::debug!(client = %tuple.client, conn, "TCP relay connect failed");
+        tracing::debug!(client = %tuple.client, conn = conn.to_wire(), "TCP relay connect failed");
         queue_connect_failed(cx, tuple, txid, now, &cred);
         return false;
     }
@@ -100,7 +100,7 @@ pub(in crate::turn) fn peer_accepted(
             rand::random(),
         )?;
         w.xor_addr(attr::XOR_PEER_ADDRESS, peer)?;
-        w.attr_u32(attr::CONNECTION_ID, conn)?;
+        w.attr_u32(attr::CONNECTION_ID, conn.to_wire())?;
         w.finish_with_fingerprint()
     })();
     if let Ok(n) = written {
@@ -122,7 +122,7 @@ pub(in crate::turn) fn conn_closed(cx: &mut Cx, conn: ConnId) {
     };
     match &pc.state {
         ConnState::Bound { data } => {
-            tracing::debug!(client = %data.client, conn, "TCP relay connection ended");
+            tracing::debug!(client = %data.client, conn = conn.to_wire(), "TCP relay connection ended");
         }
         ConnState::Connecting { txid, cred } => {
             let (txid, cred) = (*txid, cred.clone());
@@ -218,7 +218,7 @@ pub(super) fn bind(
     let Some(conn) = connection_id(m) else {
         return reject(cx, out, ErrorCode::BadRequest);
     };
-    if conn_shard(conn) != usize::from(cx.shard_index) {
+    if conn.shard() != usize::from(cx.shard_index) {
         return reject(cx, out, ErrorCode::BadRequest);
     }
     let Some(pc) = cx.tables.conn(conn) else {
@@ -240,7 +240,7 @@ pub(super) fn bind(
     let deadline = pc.deadline;
     set_state(cx, conn, ConnState::Bound { data: ctx.from }, deadline);
     cx.stats.tcp_binds[BIND_OK] += 1;
-    tracing::debug!(client = %ctx.from.client, conn, "TCP relay connection bound");
+    tracing::debug!(client = %ctx.from.client, conn = conn.to_wire(), "TCP relay connection bound");
     match cx.respond(ctx, out, Ok(()), Some(v), |_| Ok(())) {
         Some(Output::Reply { len }) => Some(Output::BindData { conn, len }),
         other => other,
@@ -265,7 +265,7 @@ pub(in crate::turn) fn conn_timeout(cx: &mut Cx, now: Now, conn: ConnId) {
             forget_conn(cx, conn);
             cx.stats.tcp_connects[CONNECT_TIMEOUT] += 1;
             if let Some(tuple) = tuple {
-                tracing::debug!(client = %tuple.client, conn, "TCP relay connect timed out");
+                tracing::debug!(client = %tuple.client, conn = conn.to_wire(), "TCP relay connect timed out");
                 queue_connect_failed(cx, tuple, txid, now, &cred);
             }
         }
@@ -336,7 +336,7 @@ fn queue_connect_response(
     };
     let mut buf = vec![0u8; 512];
     let reply = cx.respond(&ctx, &mut buf, result, Some(cred), |w| match conn {
-        Some(c) => w.attr_u32(attr::CONNECTION_ID, c),
+        Some(c) => w.attr_u32(attr::CONNECTION_ID, c.to_wire()),
         None => Ok(()),
     });
     if let Some(Output::Reply { len: n }) = reply {

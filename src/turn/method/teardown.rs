@@ -11,7 +11,7 @@ use super::Cx;
 use crate::turn::allocation::family_index;
 use crate::turn::stats::{transport_index, LIFETIME_SECONDS_BOUNDS, TRANSPORTS};
 use crate::turn::usage_tap;
-use crate::turn::{Output, RelayIo, RelayUsage};
+use crate::turn::{ChannelNumber, Output, RelayIo, RelayUsage};
 use crate::usage::Event;
 
 /// Why an allocation goes away (for counters and the log line).
@@ -34,7 +34,7 @@ impl DeleteReason {
 
 /// Takes an expired channel out of the data path; it stays in the allocation for the
 /// cooldown.
-pub(in crate::turn) fn deactivate_channel(cx: &mut Cx, slot: usize, number: u16) {
+pub(in crate::turn) fn deactivate_channel(cx: &mut Cx, slot: usize, number: ChannelNumber) {
     let Some(transport) = cx.tables.get(slot).map(|a| a.tuple.transport) else {
         return;
     };

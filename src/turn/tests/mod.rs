@@ -14,6 +14,11 @@ use super::*;
 use crate::config::{Config, StaticUser};
 use crate::stun::{attr, class, message_type, method, MessageWriter, MAGIC_COOKIE};
 
+/// Channel number `n` (valid in every test that uses it).
+pub(super) fn ch(n: u16) -> ChannelNumber {
+    ChannelNumber::new(n).unwrap()
+}
+
 mod tcp;
 mod usage;
 
@@ -97,12 +102,12 @@ impl FakeIo {
         if let Some((relay, _, _)) = self.connects.iter().find(|c| c.2 == conn) {
             assert!(
                 self.open.contains_key(relay),
-                "conn {conn} closed after its listener"
+                "conn {conn:?} closed after its listener"
             );
         }
         assert!(
             !self.closed_conns.contains(&conn),
-            "conn {conn} closed twice"
+            "conn {conn:?} closed twice"
         );
         self.closed_conns.push(conn);
     }
@@ -1245,14 +1250,14 @@ fn channel_bind_rules_and_lookups() {
     let bind = |n: u16, p: &str| Req::new(method::CHANNEL_BIND).channel(n).peer(p);
     assert_eq!(h.auth(client(1), &bind(0x4000, PEER), &u, &k).code(), 0);
     assert_eq!(
-        h.server.channel_to_peer(&client(1), 0x4000),
+        h.server.channel_to_peer(&client(1), ch(0x4000)),
         Some((relay, PEER.parse().unwrap()))
     );
     let route = h
         .server
         .peer_to_client(relay, PEER.parse().unwrap())
         .unwrap();
-    assert_eq!(route.channel, Some(0x4000));
+    assert_eq!(route.channel, Some(ch(0x4000)));
     // Another port of the same IP has the permission but no channel.
     let route = h
         .server
@@ -1293,8 +1298,8 @@ fn channel_bind_rules_and_lookups() {
         403
     );
     // Other client / unknown channel.
-    assert_eq!(h.server.channel_to_peer(&client(2), 0x4000), None);
-    assert_eq!(h.server.channel_to_peer(&client(1), 0x4001), None);
+    assert_eq!(h.server.channel_to_peer(&client(2), ch(0x4000)), None);
+    assert_eq!(h.server.channel_to_peer(&client(1), ch(0x4001)), None);
     assert_eq!(h.server.stats().channels_active, 1);
 }
 
@@ -1318,11 +1323,11 @@ fn channel_expiry_and_permission_refresh() {
     // The channel bind installed a 300 s permission; without refresh the data path
     // stops at 300 s even though the channel lives 600 s.
     h.advance(10);
-    assert_eq!(h.server.channel_to_peer(&client(1), 0x4abc), None);
+    assert_eq!(h.server.channel_to_peer(&client(1), ch(0x4abc)), None);
     // Refreshing the binding refreshes the permission too.
     h.nonce.clear();
     assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
-    assert!(h.server.channel_to_peer(&client(1), 0x4abc).is_some());
+    assert!(h.server.channel_to_peer(&client(1), ch(0x4abc)).is_some());
     h.advance(290);
     keep(&mut h);
     let perm = Req::new(method::CREATE_PERMISSION).peer(PEER);
@@ -1331,11 +1336,11 @@ fn channel_expiry_and_permission_refresh() {
     keep(&mut h);
     assert_eq!(h.auth(client(1), &perm, &u, &k).code(), 0);
     h.advance(19);
-    assert!(h.server.channel_to_peer(&client(1), 0x4abc).is_some());
+    assert!(h.server.channel_to_peer(&client(1), ch(0x4abc)).is_some());
     h.advance(1);
     // 600 s after the last ChannelBind (at 300 s) the channel is gone; the permission
     // (refreshed at 880 s) is alive, so peer data now goes as Data indications.
-    assert_eq!(h.server.channel_to_peer(&client(1), 0x4abc), None);
+    assert_eq!(h.server.channel_to_peer(&client(1), ch(0x4abc)), None);
     assert_eq!(h.server.stats().channels_active, 0);
     let route = h
         .server
@@ -1368,7 +1373,7 @@ fn channel_routes_follow_binding_permission_and_allocation_lifetimes() {
         routes(&h),
         vec![ChannelRoute {
             client: client(1),
-            channel: 0x4001,
+            channel: ch(0x4001),
             relay,
             peer: PEER.parse().unwrap(),
         }]
@@ -1563,7 +1568,7 @@ fn deleting_allocation_clears_data_path_tables() {
         .code(),
         0
     );
-    assert_eq!(h.server.channel_to_peer(&client(1), 0x4000), None);
+    assert_eq!(h.server.channel_to_peer(&client(1), ch(0x4000)), None);
     assert_eq!(
         h.server
             .peer_to_client(RelayId::from_index(1), PEER.parse().unwrap()),
@@ -1652,7 +1657,7 @@ fn data_path_does_not_allocate() {
     let now = h.now();
     let before = alloc_count::count();
     for _ in 0..1000 {
-        assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
+        assert!(h.server.channel_to_peer(&client(1), ch(0x4000)).is_some());
         assert!(h
             .server
             .peer_to_client(RelayId::from_index(1), peer)
@@ -1666,7 +1671,7 @@ fn data_path_does_not_allocate() {
             r.start, 12,
             "IPv4 peer: 36 bytes of header before the payload"
         );
-        crate::stun::write_channel_data_header(&mut buf, 0x4000, 1200);
+        crate::stun::write_channel_data_header(&mut buf, ch(0x4000), 1200);
     }
     assert_eq!(
         alloc_count::count() - before,
@@ -1802,9 +1807,9 @@ fn same_binding_revives_during_cooldown() {
     let bind = Req::new(method::CHANNEL_BIND).channel(0x4000).peer(PEER);
     assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
     h.advance(700);
-    assert_eq!(h.server.channel_to_peer(&client(1), 0x4000), None);
+    assert_eq!(h.server.channel_to_peer(&client(1), ch(0x4000)), None);
     assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
-    assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
+    assert!(h.server.channel_to_peer(&client(1), ch(0x4000)).is_some());
     assert_eq!(h.server.stats().channels_active, 1);
     // The revived binding lives its full 600 s from the rebind.
     h.advance(290);
@@ -1813,9 +1818,9 @@ fn same_binding_revives_during_cooldown() {
     h.advance(290);
     assert_eq!(h.auth(client(1), &perm, &u, &k).code(), 0);
     h.advance(19);
-    assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
+    assert!(h.server.channel_to_peer(&client(1), ch(0x4000)).is_some());
     h.advance(1);
-    assert_eq!(h.server.channel_to_peer(&client(1), 0x4000), None);
+    assert_eq!(h.server.channel_to_peer(&client(1), ch(0x4000)), None);
 }
 
 // ---- reload, drain and ALTERNATE-SERVER (issue 4) ----
@@ -1845,7 +1850,7 @@ fn draining_refuses_new_allocations_with_508_and_keeps_existing_ones() {
     assert_eq!(h.auth(client(1), &refresh, &u, &k).code(), 0);
     let bind = Req::new(method::CHANNEL_BIND).channel(0x4000).peer(PEER);
     assert_eq!(h.auth(client(1), &bind, &u, &k).code(), 0);
-    assert!(h.server.channel_to_peer(&client(1), 0x4000).is_some());
+    assert!(h.server.channel_to_peer(&client(1), ch(0x4000)).is_some());
     assert_eq!(h.server.allocation_count(), 1);
 }
 

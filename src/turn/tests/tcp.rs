@@ -91,11 +91,13 @@ fn outbox(h: &mut H) -> Vec<(FiveTuple, Resp)> {
 }
 
 fn conn_id(r: &Resp) -> ConnId {
-    u32::from_be_bytes(r.attr(attr::CONNECTION_ID).unwrap().try_into().unwrap())
+    ConnId::from_wire(u32::from_be_bytes(
+        r.attr(attr::CONNECTION_ID).unwrap().try_into().unwrap(),
+    ))
 }
 
 fn bind_req(conn: ConnId) -> Req {
-    Req::new(method::CONNECTION_BIND).u32(attr::CONNECTION_ID, conn)
+    Req::new(method::CONNECTION_BIND).u32(attr::CONNECTION_ID, conn.to_wire())
 }
 
 /// A connected peer connection (Connect, connect done, success response read).
@@ -220,8 +222,8 @@ fn connect_connection_bind_and_data() {
     let req = connect_req(PEER);
     let conn = start_connect(&mut h, ctl, &req);
     assert_eq!(h.io.connects, vec![(relay, PEER.parse().unwrap(), conn)]);
-    assert_eq!(conn_shard(conn), SHARD as usize);
-    assert_ne!(conn & 0xFF_FFFF, 0);
+    assert_eq!(conn.shard(), SHARD as usize);
+    assert_ne!(conn.to_wire() & 0xFF_FFFF, 0);
     assert_eq!(h.server.stats().tcp_conns_by_state, [1, 0, 0]);
     assert!(
         outbox(&mut h).is_empty(),
@@ -341,7 +343,8 @@ fn connect_errors() {
     assert_eq!(h.io.connects.len(), 2);
     let s = h.server.stats();
     assert_eq!(
-        s.tcp_connects[3], 10,
+        s.tcp_connects[crate::turn::stats::CONNECT_REFUSED],
+        10,
         "every early error counted as refused"
     );
     assert_eq!(s.requests_with(MethodLabel::Connect, 446), 2);
@@ -460,7 +463,7 @@ fn incoming_peer_needs_permission_and_room_and_sends_connection_attempt() {
     let other_port: SocketAddr = "8.8.8.8:6000".parse().unwrap();
     let id2 = h.server.tcp_peer_accepted(now, relay, other_port).unwrap();
     assert_ne!(id, id2);
-    assert_eq!(conn_shard(id), SHARD as usize);
+    assert_eq!(id.shard(), SHARD as usize);
     let out = outbox(&mut h);
     assert_eq!(out.len(), 2);
     for ((to, m), (want_peer, want_id)) in out.iter().zip([(peer, id), (other_port, id2)]) {
@@ -533,9 +536,18 @@ fn connection_bind_errors() {
     // Missing CONNECTION-ID, another shard's id, an unknown id: 400.
     let r = h.auth(data, &Req::new(method::CONNECTION_BIND), &u, &k);
     assert_eq!(r.code(), 400);
-    let foreign = (u32::from(SHARD + 1) << 24) | (conn & 0xFF_FFFF);
+    let foreign = ConnId::from_wire((u32::from(SHARD + 1) << 24) | (conn.to_wire() & 0xFF_FFFF));
     assert_eq!(h.auth(data, &bind_req(foreign), &u, &k).code(), 400);
-    assert_eq!(h.auth(data, &bind_req(conn + 100), &u, &k).code(), 400);
+    assert_eq!(
+        h.auth(
+            data,
+            &bind_req(ConnId::from_wire(conn.to_wire() + 100)),
+            &u,
+            &k
+        )
+        .code(),
+        400
+    );
     // Still connecting: not awaiting a bind.
     let connecting = start_connect(&mut h, ctl, &connect_req(PEER2));
     assert_eq!(h.auth(data, &bind_req(connecting), &u, &k).code(), 400);
@@ -571,7 +583,13 @@ fn connect_and_bind_with_a_rotated_secret_use_the_allocations_credential() {
     let (a, _) = signed(&mut h, data_conn(1), &bind_req(conn), &u, &k);
     assert!(matches!(a, Some(Output::BindData { .. })), "got {a:?}");
     // An unknown id gives nothing to verify against: 401.
-    let (_, out) = signed(&mut h, data_conn(2), &bind_req(conn + 7), &u, &k);
+    let (_, out) = signed(
+        &mut h,
+        data_conn(2),
+        &bind_req(ConnId::from_wire(conn.to_wire() + 7)),
+        &u,
+        &k,
+    );
     assert_eq!(Resp { bytes: out }.code_prefix(), 401);
 
     // Under strict_expiry the old credential is not honoured.
@@ -678,19 +696,19 @@ fn connection_ids_skip_zero_and_ids_in_use() {
         .server
         .tcp_peer_accepted(now, relay, "8.8.8.8:1".parse().unwrap())
         .unwrap();
-    assert_eq!(a, top | 0xFF_FFFF);
+    assert_eq!(a.to_wire(), top | 0xFF_FFFF);
     let b = h
         .server
         .tcp_peer_accepted(now, relay, "8.8.8.8:2".parse().unwrap())
         .unwrap();
-    assert_eq!(b, top | 1, "wraps past 0");
+    assert_eq!(b.to_wire(), top | 1, "wraps past 0");
     // The counter comes round to an id still in use: skipped.
     h.server.tables_mut().set_next_conn(0);
     let c = h
         .server
         .tcp_peer_accepted(now, relay, "8.8.8.8:3".parse().unwrap())
         .unwrap();
-    assert_eq!(c, top | 2);
+    assert_eq!(c.to_wire(), top | 2);
 }
 
 #[test]
@@ -741,9 +759,9 @@ fn refresh_zero_with_a_family_deletes_only_that_family() {
         .server
         .peer_to_client(r6, v6_peer.parse().unwrap())
         .is_none());
-    assert_eq!(h.server.channel_to_peer(&c, 0x4001), None);
+    assert_eq!(h.server.channel_to_peer(&c, ch(0x4001)), None);
     assert_eq!(
-        h.server.channel_to_peer(&c, 0x4002),
+        h.server.channel_to_peer(&c, ch(0x4002)),
         Some((r4, PEER.parse().unwrap()))
     );
     let s = h.server.stats();
