@@ -308,7 +308,9 @@ fn connection_bind_on_another_worker_is_handed_to_the_owner() {
             break;
         }
     }
-    let st = wait_stats(&svc, |s| s.tcp_handovers >= 1);
+    let st = wait_stats(&svc, |s| {
+        s.tcp_handovers >= 1 && s.tcp_relay_peer_sockets == pairs.len() as u64
+    });
     assert!(st.tcp_handovers >= 1, "a data connection moved");
     assert_eq!(st.tcp_relay_peer_sockets, pairs.len() as u64);
     // Every pair, handed over or not, carries data both ways.
