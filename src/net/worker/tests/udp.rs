@@ -72,7 +72,8 @@ fn udp_control_and_channel_data_both_ways() {
         .send_to(&channel_data(0x4001, b"x", false), server)
         .unwrap();
     client.send_to(&[0xff; 3], server).unwrap();
-    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Permissions are per IP address (RFC 8656 §9): the stranger is on another one.
+    let stranger = UdpSocket::bind("127.0.0.2:0").unwrap();
     stranger.send_to(b"spam", relay).unwrap();
     let st = wait_stats(&svc, |s| {
         s.drop_no_channel == 1 && s.drop_invalid == 1 && s.drop_no_permission == 1
