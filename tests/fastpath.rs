@@ -502,8 +502,6 @@ fn rewritten_both_ways(mode: Mode) {
     assert_eq!(metric(&tern, "tern_fastpath_packets_total", P2C), N);
 }
 
-/// `turn.max_bytes_per_sec` holds with the fast path on: the program forwards only what the
-/// relay's token bucket granted it; the rest goes up to user space and is dropped there.
 #[test]
 fn a_capped_relay_stays_within_its_budget() {
     capped_relay(Mode::Tc);
@@ -514,6 +512,8 @@ fn xdp_a_capped_relay_stays_within_its_budget() {
     capped_relay(Mode::Xdp);
 }
 
+/// `turn.max_bytes_per_sec` holds with the fast path on: the program forwards only what the
+/// relay's token bucket granted it; the rest goes up to user space and is dropped there.
 fn capped_relay(mode: Mode) {
     let Some(t) = Topology::create(mode) else {
         return skip("cannot create network namespaces and veth pairs (not root?)");
