@@ -106,27 +106,25 @@ impl Topology {
             false
         };
         [&self.client_if, &self.peer_if].into_iter().all(|name| {
-            std::fs::write(
-                format!("/proc/sys/net/ipv4/conf/{name}/forwarding"),
-                "1",
-            )
-            .is_ok()
-        }) && [(&self.client_ns, &self.client_if), (&self.peer_ns, &self.peer_if)]
-            .into_iter()
-            .all(|(ns, name)| {
-                run(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "ethtool",
-                    "-K",
-                    &format!("{name}x"),
-                    "gro",
-                    "on",
-                ])
-            })
-            && resolved(&self.server_ip, &self.client_ip, &self.client_if)
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/forwarding"), "1").is_ok()
+        }) && [
+            (&self.client_ns, &self.client_if),
+            (&self.peer_ns, &self.peer_if),
+        ]
+        .into_iter()
+        .all(|(ns, name)| {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "ethtool",
+                "-K",
+                &format!("{name}x"),
+                "gro",
+                "on",
+            ])
+        }) && resolved(&self.server_ip, &self.client_ip, &self.client_if)
             && resolved(&self.relay_ip, &self.peer_ip, &self.peer_if)
     }
 
@@ -243,13 +241,7 @@ impl Mode {
 }
 
 /// Tern on both veths with the fast path on; `None` (after a skip) when it did not load.
-fn start(
-    mode: Mode,
-    t: &Topology,
-    relay_min: u16,
-    db: &std::path::Path,
-    cap: u64,
-) -> Option<Tern> {
+fn start(mode: Mode, t: &Topology, relay_min: u16, db: &std::path::Path, cap: u64) -> Option<Tern> {
     let mut opts = TernOpts::new(relay_min);
     opts.allow_loopback = false;
     opts.extra_listen = Some(t.server_ip.clone());

@@ -51,8 +51,7 @@ pub enum Mode {
 #[repr(C, align(8))]
 struct Aligned<B: ?Sized>(B);
 static OBJECT_TC: &Aligned<[u8]> = &Aligned(*include_bytes!("../../bpf/tern_fastpath.bpf.o"));
-static OBJECT_XDP: &Aligned<[u8]> =
-    &Aligned(*include_bytes!("../../bpf/tern_fastpath_xdp.bpf.o"));
+static OBJECT_XDP: &Aligned<[u8]> = &Aligned(*include_bytes!("../../bpf/tern_fastpath_xdp.bpf.o"));
 
 /// The embedded objects and their files under `bpf/` (tests compare them with a fresh
 /// build).
