@@ -2,10 +2,15 @@
 # Kernel fast path benchmark (issue 15 item 3): a client namespace and a peer namespace, each
 # joined to this (root) namespace by a veth pair, Tern in the middle (one worker). bench/loadgen
 # runs in the client namespace (its echo peer's socket in the peer namespace), N allocations
-# with channels, closed-loop-free sends at a target rate. Three runs:
+# with channels, closed-loop-free sends at a target rate. Five runs per round (ROUNDS rounds,
+# interleaved, so that the box's other load falls on every mode alike):
 #   1. user space (turn.kernel_fast_path = "off"), as fast as possible: its peak rate U;
-#   2. fast path ("tc"), as fast as possible;
-#   3. fast path at U: loss must be 0 and Tern's counters must equal what was sent.
+#   2. TC fast path ("tc"), as fast as possible;
+#   3. XDP fast path ("xdp", native mode on the veths), as fast as possible;
+#   4./5. TC and XDP at U: loss must be 0 and Tern's counters must equal what was sent.
+# XDP needs forwarding on the veths it is attached to (bpf_fib_lookup) and GRO on their
+# far ends (the veth driver takes redirected XDP frames only with NAPI on): both are set on
+# this script's own interfaces for every run, so all modes see the same topology.
 # For each: relayed packets/s, loss, CPU seconds of Tern and of the load generator (whose
 # system time includes the kernel's forwarding work on the fast path: veth delivers in the
 # sender's softirq), and relayed packets/s per core used by both. Ratios are fast/user.
@@ -13,13 +18,14 @@
 # Root only; the namespaces and veths are created here and removed on exit; only PIDs this
 # script started are killed. Results: bench/out/fastpath-<time>/ (results.tsv, logs).
 #
-# usage: bench/fastpath.sh        env: ALLOCS (32) SECS (10) SIZE (100) TERN_BIN LOADGEN_BIN
+# usage: bench/fastpath.sh  env: ALLOCS (32) SECS (10) SIZE (100) ROUNDS (1) TERN_BIN LOADGEN_BIN
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 ALLOCS=${ALLOCS:-32}
 SECS=${SECS:-10}
 SIZE=${SIZE:-100}
+ROUNDS=${ROUNDS:-1}
 TERN_BIN=${TERN_BIN:-$ROOT/target/release/tern}
 LOADGEN_BIN=${LOADGEN_BIN:-$ROOT/bench/loadgen/target/release/tern-loadgen}
 [ "$(id -u)" = 0 ] || { echo "bench/fastpath.sh needs root (namespaces, BPF)" >&2; exit 1; }
@@ -49,6 +55,9 @@ link() { # name ns here there
 }
 link "$CIF" "$CN" "$S" "$C"
 link "$PIF" "$PN" "$R" "$P"
+for dev in "$CIF" "$PIF"; do echo 1 > "/proc/sys/net/ipv4/conf/$dev/forwarding"; done
+ip netns exec "$CN" ethtool -K "${CIF}x" gro on >/dev/null
+ip netns exec "$PN" ethtool -K "${PIF}x" gro on >/dev/null
 
 SECRET=bench-$RANDOM$RANDOM
 PORT=$(( 40000 + $$ % 5000 ))
@@ -79,7 +88,7 @@ level = "info"
 [daemon]
 pid_file = "$OUT/tern.pid"
 EOT
-    "$TERN_BIN" serve --config "$OUT/tern-$1.toml" 2>"$OUT/tern-$1.log" &
+    "$TERN_BIN" serve --config "$OUT/tern-$1.toml" 2>>"$OUT/tern-$1.log" &
     TERN_PID=$!
     for _ in $(seq 100); do
         curl -sf "127.0.0.1:$MPORT/metrics" >/dev/null 2>&1 && return 0
@@ -108,7 +117,7 @@ run() { # name mode rate
     p2c=$(metric 'tern_relay_packets_total{direction="peer_to_client",transport="udp"}')
     fc2p=$(metric 'tern_fastpath_packets_total{direction="client_to_peer"}')
     fp2c=$(metric 'tern_fastpath_packets_total{direction="peer_to_client"}')
-    grep -i "fast path" "$OUT/tern-$mode.log" | tail -1 || true
+    grep -i "fast path" "$OUT/tern-$mode.log" | tail -1 | cut -c1-200 || true
     stop_tern
     python3 - "$OUT/$name.json" "$OUT/$name.time" "$name" "$mode" "$rate" "$t0" "$t1" \
         "$c2p" "$p2c" "$fc2p" "$fp2c" "$SECS" "$(getconf CLK_TCK)" >> "$OUT/results.tsv" <<'PY'
@@ -135,19 +144,34 @@ PY
     tail -1 "$OUT/results.tsv"
 }
 
-run user-peak off 0
-run fast-peak tc 0
-U=$(awk -F'\t' '$1 == "user-peak" {printf "%d", $5 / 2}' "$OUT/results.tsv")
-# loadgen's rate is client sends per second; relayed counts both directions.
-run fast-at-user-peak tc "$U"
+for round in $(seq "$ROUNDS"); do
+    run "user-peak-$round" off 0
+    run "tc-peak-$round" tc 0
+    run "xdp-peak-$round" xdp 0
+    # loadgen's rate is client sends per second; relayed counts both directions.
+    U=$(awk -F'\t' -v r="user-peak-$round" '$1 == r {printf "%d", $5 / 2}' "$OUT/results.tsv")
+    run "tc-at-user-peak-$round" tc "$U"
+    run "xdp-at-user-peak-$round" xdp "$U"
+done
 python3 - "$OUT/results.tsv" <<'PY'
 import csv, sys
-rows = {r["run"]: r for r in csv.DictReader(open(sys.argv[1]), delimiter="\t")}
-u, f = rows["user-peak"], rows["fast-peak"]
-print(f"fast/user relayed packets/s: {float(f['relayed_pps']) / float(u['relayed_pps']):.2f}x")
-print(f"fast/user packets/s per core (Tern + load generator CPU): {float(f['pps_per_core']) / float(u['pps_per_core']):.2f}x")
-print(f"Tern process CPU per relayed packet, user/fast: {float(u['tern_us_per_pkt']):.2f} / {float(f['tern_us_per_pkt']):.2f} us")
-a = rows["fast-at-user-peak"]
-print(f"fast path at the user-space peak: loss {a['loss_pct']}%, counters: {a['counters']}")
+from collections import defaultdict
+runs = defaultdict(list)
+for r in csv.DictReader(open(sys.argv[1]), delimiter="\t"):
+    runs[r["run"].rsplit("-", 1)[0]].append(r)
+def mean(kind, col):
+    v = [float(r[col]) for r in runs[kind]]
+    return sum(v) / len(v)
+u_pps, u_core = mean("user-peak", "relayed_pps"), mean("user-peak", "pps_per_core")
+for kind, label in (("tc-peak", "TC"), ("xdp-peak", "XDP")):
+    pps, core = mean(kind, "relayed_pps"), mean(kind, "pps_per_core")
+    print(f"{label}/user relayed packets/s: {pps / u_pps:.2f}x; per core (Tern + load generator CPU): {core / u_core:.2f}x")
+print(f"XDP/TC relayed packets/s: {mean('xdp-peak', 'relayed_pps') / mean('tc-peak', 'relayed_pps'):.2f}x; "
+      f"per core: {mean('xdp-peak', 'pps_per_core') / mean('tc-peak', 'pps_per_core'):.2f}x")
+print("Tern process CPU per relayed packet, user / TC / XDP: "
+      + " / ".join(f"{mean(k, 'tern_us_per_pkt'):.2f}" for k in ("user-peak", "tc-peak", "xdp-peak")) + " us")
+for kind in ("tc-at-user-peak", "xdp-at-user-peak"):
+    for r in runs[kind]:
+        print(f"{r['run']} ({r['mode']}): loss {r['loss_pct']}%, counters: {r['counters']}")
 PY
 echo "results: $OUT/results.tsv (box load: $(cut -d' ' -f1-3 /proc/loadavg))"

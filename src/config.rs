@@ -145,8 +145,9 @@ pub struct TurnConfig {
     pub max_bytes_per_sec: u64,
     /// Kernel fast path for established channel bindings (docs/fastpath.md): "off"
     /// (default), "tc" (a BPF classifier on the ingress of each interface in
-    /// `kernel_fast_path_interfaces`), "xdp" (not built yet: refused). When BPF cannot
-    /// load or attach, one line is logged and everything stays in user space.
+    /// `kernel_fast_path_interfaces`), "xdp" (an XDP program there, native else generic
+    /// mode, TC when XDP cannot run). When BPF cannot load or attach, one line is logged
+    /// and everything stays in user space.
     pub kernel_fast_path: crate::fastpath::Mode,
     /// Interfaces the fast path attaches to (those clients and peers arrive on).
     pub kernel_fast_path_interfaces: Vec<String>,
@@ -903,15 +904,8 @@ impl Config {
     fn validate_fast_path(&self) -> Result<(), ConfigError> {
         use crate::fastpath::Mode;
         let t = &self.turn;
-        match t.kernel_fast_path {
-            Mode::Off => return Ok(()),
-            Mode::Tc => {}
-            Mode::Xdp => {
-                return Err(invalid(
-                    "turn.kernel_fast_path",
-                    "\"xdp\" is not built yet; use \"tc\" or \"off\"",
-                ))
-            }
+        if t.kernel_fast_path == Mode::Off {
+            return Ok(());
         }
         if t.kernel_fast_path_interfaces.is_empty() {
             return Err(invalid(
@@ -1365,8 +1359,19 @@ mod tests {
                 .starts_with("turn.kernel_fast_path_interfaces"),
             "{e}"
         );
+        let c = load(
+            "[turn]\nkernel_fast_path = \"xdp\"\nkernel_fast_path_interfaces = [\"eth0\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.turn.kernel_fast_path, crate::fastpath::Mode::Xdp);
         let e = load("[turn]\nkernel_fast_path = \"xdp\"\n", &[], &[]).unwrap_err();
-        assert!(e.to_string().starts_with("turn.kernel_fast_path:"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("turn.kernel_fast_path_interfaces"),
+            "{e}"
+        );
         let e = load("[turn]\nkernel_fast_path = \"fast\"\n", &[], &[]).unwrap_err();
         assert!(e.to_string().contains("turn.kernel_fast_path"), "{e}");
         let e = load(

@@ -1,6 +1,7 @@
-//! The kernel fast path (`turn.kernel_fast_path = "tc"`, issue 15 item 3) end to end: a
-//! client namespace and a peer namespace, each joined to this (root) namespace by a veth
-//! pair, Tern in the middle with its TC program on both veths. `turnutils_uclient` relays
+//! The kernel fast path (`turn.kernel_fast_path = "tc"` and `"xdp"`, issue 15 item 3) end to
+//! end: a client namespace and a peer namespace, each joined to this (root) namespace by a
+//! veth pair, Tern in the middle with its TC or XDP program on both veths. Every test runs
+//! once per mode (the `tc_`/`xdp_` pairs below share one body). `turnutils_uclient` relays
 //! through it with no loss and every packet counted (metrics and the usage ledger); a
 //! hand-built client checks that data is rewritten both ways, that flows without a channel
 //! still reach user space (Data indications), and that deleting the allocation takes its
@@ -8,7 +9,11 @@
 //!
 //! Needs root, network namespaces and a kernel that loads the program (5.15+). Where any is
 //! missing the tests print a loud SKIPPED line and pass, except under `CI=true` on a root
-//! machine with such a kernel, where the fast path must work.
+//! machine with such a kernel, where the fast path must work (XDP in native mode included).
+//!
+//! XDP needs two things of the topology (docs/fastpath.md): forwarding on the interfaces it
+//! is attached to (`bpf_fib_lookup` answers nothing without), and NAPI on the far end of
+//! each veth it redirects into (GRO on, with ethtool), or the frames are dropped there.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -49,8 +54,9 @@ fn run(args: &[&str]) -> bool {
 }
 
 impl Topology {
-    /// `None` when namespaces or veths cannot be made here (not root, no `ip`).
-    fn create() -> Option<Topology> {
+    /// `None` when namespaces or veths cannot be made here (not root, no `ip`; for XDP, no
+    /// `ethtool`).
+    fn create(mode: Mode) -> Option<Topology> {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         // Unique per process and test: interface names stay within 15 bytes.
@@ -71,8 +77,55 @@ impl Topology {
         }
         let ok = run(&["ip", "netns", "add", &t.peer_ns])
             && t.link(&t.client_if, &t.client_ns, &t.server_ip, &t.client_ip)
-            && t.link(&t.peer_if, &t.peer_ns, &t.relay_ip, &t.peer_ip);
+            && t.link(&t.peer_if, &t.peer_ns, &t.relay_ip, &t.peer_ip)
+            && (mode == Mode::Tc || t.prepare_for_xdp());
         ok.then_some(t)
+    }
+
+    /// Forwarding on this namespace's ends (the test's own interfaces only), GRO on the
+    /// namespaces' ends so that the veth driver takes XDP frames redirected into it, and
+    /// the far ends' MAC addresses in the neighbour table: the XDP program leaves a
+    /// destination without an entry to user space (whose send resolves it), and the tests
+    /// check that every datagram went through the kernel.
+    fn prepare_for_xdp(&self) -> bool {
+        let resolved = |here: &str, there: &str, dev: &str| {
+            let s = UdpSocket::bind(format!("{here}:0")).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                let _ = s.send_to(b"arp", format!("{there}:9"));
+                let out = Command::new("ip")
+                    .args(["neigh", "show", there, "dev", dev])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                    .unwrap_or_default();
+                if out.contains("lladdr") {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        };
+        [&self.client_if, &self.peer_if].into_iter().all(|name| {
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/forwarding"), "1").is_ok()
+        }) && [
+            (&self.client_ns, &self.client_if),
+            (&self.peer_ns, &self.peer_if),
+        ]
+        .into_iter()
+        .all(|(ns, name)| {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "ethtool",
+                "-K",
+                &format!("{name}x"),
+                "gro",
+                "on",
+            ])
+        }) && resolved(&self.server_ip, &self.client_ip, &self.client_if)
+            && resolved(&self.relay_ip, &self.peer_ip, &self.peer_if)
     }
 
     fn link(&self, name: &str, ns: &str, here: &str, there: &str) -> bool {
@@ -154,8 +207,41 @@ fn skip(why: &str) {
     eprintln!("\n*** SKIPPED: kernel fast path test: {why} ***\n");
 }
 
+/// The two fast path modes the tests run in (`turn.kernel_fast_path`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Tc,
+    Xdp,
+}
+
+impl Mode {
+    fn key(self) -> &'static str {
+        match self {
+            Mode::Tc => "tc",
+            Mode::Xdp => "xdp",
+        }
+    }
+
+    /// What Tern logs when this mode is on (XDP: native mode; its fallbacks to generic
+    /// mode or TC log other lines and are not what the XDP tests test).
+    fn on_line(self) -> &'static str {
+        match self {
+            Mode::Tc => "kernel fast path on: TC ingress program attached",
+            Mode::Xdp => "kernel fast path on: XDP program attached (native mode)",
+        }
+    }
+
+    /// Relay ports of the three tests, apart per mode.
+    fn ports(self, test: u16) -> u16 {
+        match self {
+            Mode::Tc => 30_200 + 400 * test,
+            Mode::Xdp => 33_000 + 400 * test,
+        }
+    }
+}
+
 /// Tern on both veths with the fast path on; `None` (after a skip) when it did not load.
-fn start(t: &Topology, relay_min: u16, db: &std::path::Path, cap: u64) -> Option<Tern> {
+fn start(mode: Mode, t: &Topology, relay_min: u16, db: &std::path::Path, cap: u64) -> Option<Tern> {
     let mut opts = TernOpts::new(relay_min);
     opts.allow_loopback = false;
     opts.extra_listen = Some(t.server_ip.clone());
@@ -164,8 +250,11 @@ fn start(t: &Topology, relay_min: u16, db: &std::path::Path, cap: u64) -> Option
     opts.api = Some(format!("admin_tokens = [\"{ADMIN}\"]\n"));
     opts.extra_turn += &format!(
         "allowed_peer_ranges = [\"{}/32\"]\nmax_bytes_per_sec = {cap}\n\
-         kernel_fast_path = \"tc\"\nkernel_fast_path_interfaces = [\"{}\", \"{}\"]\n",
-        t.peer_ip, t.client_if, t.peer_if
+         kernel_fast_path = \"{}\"\nkernel_fast_path_interfaces = [\"{}\", \"{}\"]\n",
+        t.peer_ip,
+        mode.key(),
+        t.client_if,
+        t.peer_if
     );
     opts.extra_sections = format!("[usage]\npath = {db:?}\ninterim_secs = 1\nflush_ms = 100\n");
     let tern = Tern::start(opts);
@@ -179,7 +268,16 @@ fn start(t: &Topology, relay_min: u16, db: &std::path::Path, cap: u64) -> Option
         skip(&format!("BPF did not load here: {line}"));
         return None;
     }
-    assert!(log.contains("kernel fast path on"), "{log}");
+    if !log.contains(mode.on_line()) {
+        let line = log
+            .lines()
+            .find(|l| l.contains("kernel fast path on"))
+            .unwrap_or_default()
+            .to_string();
+        assert!(!line.is_empty(), "{log}");
+        skip(&format!("{mode:?} did not attach as such here: {line}"));
+        return None;
+    }
     Some(tern)
 }
 
@@ -211,15 +309,24 @@ const P2C_UDP: &str = "direction=\"peer_to_client\",transport=\"udp\"";
 
 #[test]
 fn uclient_relays_through_the_fast_path_and_every_packet_is_counted() {
+    uclient_relays(Mode::Tc);
+}
+
+#[test]
+fn xdp_uclient_relays_through_the_fast_path_and_every_packet_is_counted() {
+    uclient_relays(Mode::Xdp);
+}
+
+fn uclient_relays(mode: Mode) {
     assert!(
         have_tool("turnutils_uclient"),
         "turnutils_uclient missing (apt-get install coturn)"
     );
-    let Some(t) = Topology::create() else {
+    let Some(t) = Topology::create(mode) else {
         return skip("cannot create network namespaces and veth pairs (not root?)");
     };
     let dir = tempfile::tempdir().unwrap();
-    let Some(tern) = start(&t, 30_200, &dir.path().join("usage.db"), 0) else {
+    let Some(tern) = start(mode, &t, mode.ports(0), &dir.path().join("usage.db"), 0) else {
         return;
     };
     let mut peer = Topology::spawn_in(
@@ -302,11 +409,20 @@ fn uclient_relays_through_the_fast_path_and_every_packet_is_counted() {
 
 #[test]
 fn bindings_are_rewritten_both_ways_and_leave_with_their_allocation() {
-    let Some(t) = Topology::create() else {
+    rewritten_both_ways(Mode::Tc);
+}
+
+#[test]
+fn xdp_bindings_are_rewritten_both_ways_and_leave_with_their_allocation() {
+    rewritten_both_ways(Mode::Xdp);
+}
+
+fn rewritten_both_ways(mode: Mode) {
+    let Some(t) = Topology::create(mode) else {
         return skip("cannot create network namespaces and veth pairs (not root?)");
     };
     let dir = tempfile::tempdir().unwrap();
-    let Some(tern) = start(&t, 30_600, &dir.path().join("usage.db"), 0) else {
+    let Some(tern) = start(mode, &t, mode.ports(1), &dir.path().join("usage.db"), 0) else {
         return;
     };
     let server: SocketAddr = format!("{}:{}", t.server_ip, tern.port).parse().unwrap();
@@ -378,16 +494,25 @@ fn bindings_are_rewritten_both_ways_and_leave_with_their_allocation() {
     assert_eq!(metric(&tern, "tern_fastpath_packets_total", P2C), N);
 }
 
-/// `turn.max_bytes_per_sec` holds with the fast path on: the program forwards only what the
-/// relay's token bucket granted it; the rest goes up to user space and is dropped there.
 #[test]
 fn a_capped_relay_stays_within_its_budget() {
-    let Some(t) = Topology::create() else {
+    capped_relay(Mode::Tc);
+}
+
+#[test]
+fn xdp_a_capped_relay_stays_within_its_budget() {
+    capped_relay(Mode::Xdp);
+}
+
+/// `turn.max_bytes_per_sec` holds with the fast path on: the program forwards only what the
+/// relay's token bucket granted it; the rest goes up to user space and is dropped there.
+fn capped_relay(mode: Mode) {
+    let Some(t) = Topology::create(mode) else {
         return skip("cannot create network namespaces and veth pairs (not root?)");
     };
     let dir = tempfile::tempdir().unwrap();
     const CAP: u64 = 20_000;
-    let Some(tern) = start(&t, 31_000, &dir.path().join("usage.db"), CAP) else {
+    let Some(tern) = start(mode, &t, mode.ports(2), &dir.path().join("usage.db"), CAP) else {
         return;
     };
     let server: SocketAddr = format!("{}:{}", t.server_ip, tern.port).parse().unwrap();

@@ -1,8 +1,10 @@
 //! The opt-in kernel fast path for established channel bindings (`turn.kernel_fast_path`,
-//! issue 15 item 3): loads the BPF program built from `bpf/tern_fastpath.bpf.c` (the object
-//! is committed beside its source and embedded here), attaches it to the configured
-//! interfaces, and gives each TURN worker an [`Offload`]: its own handles on the two maps
-//! plus a mirror of the bindings it put there.
+//! issue 15 item 3): loads one of the two BPF programs built from `bpf/` (TC:
+//! `tern_fastpath.bpf.c`, XDP: `tern_fastpath_xdp.bpf.c`, sharing `tern_fastpath.h`; the
+//! objects are committed beside their sources and embedded here), attaches it to the
+//! configured interfaces, and gives each TURN worker an [`Offload`]: its own handles on the
+//! maps plus a mirror of the bindings it put there. Both programs have the same maps, so
+//! nothing past [`FastPath::start`] depends on the mode.
 //!
 //! Owns: the BPF object, its attachments, and the map entries of each worker's channel
 //! bindings (one writer per entry: the worker owning the allocation). Reads the per-binding
@@ -10,7 +12,8 @@
 //! same relay usage and data-path counters the user-space path feeds.
 //! Must not: decide what is offloaded (the TURN core's channel and permission tables do,
 //! through `ChannelRoute`s), run per packet in user space, or fail the daemon: when BPF
-//! cannot load or attach, [`FastPath::start`] logs one line and Tern relays in user space.
+//! cannot load or attach, [`FastPath::start`] logs one line and Tern relays in user space
+//! (XDP first falls back to generic mode, then to TC, each with that one line).
 
 mod maps;
 mod route;
@@ -19,8 +22,8 @@ pub use maps::Budget;
 
 use std::net::SocketAddr;
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use aya::programs::{tc, SchedClassifier, TcAttachType};
+use aya::maps::{DevMapHash, HashMap as BpfHashMap, MapData};
+use aya::programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpFlags};
 use aya::Ebpf;
 use rustc_hash::FxHashMap;
 
@@ -38,21 +41,31 @@ pub enum Mode {
     /// A TC (clsact ingress) classifier on each interface in
     /// `turn.kernel_fast_path_interfaces`.
     Tc,
-    /// XDP: accepted by the configuration parser, refused by validation (not built yet).
+    /// An XDP program on each interface in `turn.kernel_fast_path_interfaces` (native mode,
+    /// else generic), forwarding with XDP_TX / a devmap redirect; falls back to TC when XDP
+    /// cannot run there (docs/fastpath.md).
     Xdp,
 }
 
-/// The compiled program (`bpf/build.sh` rebuilds it), 8-byte aligned for the ELF parser.
+/// The compiled programs (`bpf/build.sh` rebuilds them), 8-byte aligned for the ELF parser.
 #[repr(C, align(8))]
 struct Aligned<B: ?Sized>(B);
-static OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!("../../bpf/tern_fastpath.bpf.o"));
+static OBJECT_TC: &Aligned<[u8]> = &Aligned(*include_bytes!("../../bpf/tern_fastpath.bpf.o"));
+static OBJECT_XDP: &Aligned<[u8]> = &Aligned(*include_bytes!("../../bpf/tern_fastpath_xdp.bpf.o"));
 
-/// The raw bytes of the embedded object (tests compare them with a fresh build).
-pub fn object() -> &'static [u8] {
-    &OBJECT.0
+/// The embedded objects and their files under `bpf/` (tests compare them with a fresh
+/// build).
+pub fn objects() -> [(&'static str, &'static [u8]); 2] {
+    [
+        ("tern_fastpath.bpf.o", &OBJECT_TC.0),
+        ("tern_fastpath_xdp.bpf.o", &OBJECT_XDP.0),
+    ]
 }
 
-const PROGRAM: &str = "tern_tc_ingress";
+const TC_PROGRAM: &str = "tern_tc_ingress";
+const XDP_PROGRAM: &str = "tern_xdp";
+/// The XDP program's redirect targets: the interfaces it is attached to.
+const EGRESS: &str = "tern_egress";
 const C2P: &str = "tern_c2p";
 const P2C: &str = "tern_p2c";
 const BUDGET: &str = "tern_budget";
@@ -62,8 +75,8 @@ pub const MAX_BINDINGS: usize = 65536;
 /// like the user-space path counts it.
 pub const CHANNEL_DATA_HEADER: u64 = 4;
 
-/// The loaded and attached program. Dropping it detaches it (TCX links and netlink filters
-/// alike); the maps go with the last worker handle.
+/// The loaded and attached program. Dropping it detaches it (TCX and XDP links, netlink
+/// filters alike); the maps go with the last worker handle.
 pub struct FastPath {
     _ebpf: Ebpf,
     c2p_id: u32,
@@ -72,31 +85,66 @@ pub struct FastPath {
 }
 
 impl FastPath {
-    /// Loads the program and attaches it to every interface in `interfaces`; `None` (after
-    /// ONE warning line saying why) when `mode` is off or anything fails.
+    /// Loads the program for `mode` and attaches it to every interface in `interfaces`;
+    /// `None` (after ONE warning line saying why) when `mode` is off or nothing could
+    /// attach. XDP that cannot run natively on an interface runs in generic mode there, and
+    /// XDP that cannot run at all falls back to TC; either says so in its one line.
     pub fn start(mode: Mode, interfaces: &[String]) -> Option<FastPath> {
-        if mode == Mode::Off {
-            return None;
-        }
-        match Self::try_start(interfaces) {
-            Ok(fp) => {
+        let xdp_error = match mode {
+            Mode::Off => return None,
+            Mode::Tc => None,
+            Mode::Xdp => match Self::try_start_xdp(interfaces) {
+                Ok((fp, generic)) if generic.is_empty() => {
+                    tracing::info!(
+                        interfaces = ?interfaces,
+                        "kernel fast path on: XDP program attached (native mode)"
+                    );
+                    return Some(fp);
+                }
+                Ok((fp, generic)) => {
+                    tracing::warn!(
+                        interfaces = ?interfaces,
+                        generic = ?generic,
+                        "kernel fast path on: XDP program attached, in generic (skb) mode on \
+                         the interfaces whose driver refused native mode (slower)"
+                    );
+                    return Some(fp);
+                }
+                Err(e) => Some(e),
+            },
+        };
+        match (Self::try_start_tc(interfaces), xdp_error) {
+            (Ok(fp), None) => {
                 tracing::info!(
                     interfaces = ?interfaces,
                     "kernel fast path on: TC ingress program attached"
                 );
                 Some(fp)
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "kernel fast path unavailable; relaying in user space");
+            (Ok(fp), Some(xdp)) => {
+                tracing::warn!(
+                    interfaces = ?interfaces,
+                    xdp_error = %xdp,
+                    "kernel fast path on: TC ingress program attached (XDP unavailable)"
+                );
+                Some(fp)
+            }
+            (Err(e), xdp) => {
+                let error = match xdp {
+                    Some(x) => format!("XDP: {x}; TC: {e}"),
+                    None => e,
+                };
+                tracing::warn!(error = %error, "kernel fast path unavailable; relaying in user space");
                 None
             }
         }
     }
 
-    fn try_start(interfaces: &[String]) -> Result<FastPath, String> {
-        let mut ebpf = Ebpf::load(object()).map_err(|e| format!("loading the BPF object: {e}"))?;
+    fn try_start_tc(interfaces: &[String]) -> Result<FastPath, String> {
+        let mut ebpf =
+            Ebpf::load(&OBJECT_TC.0).map_err(|e| format!("loading the BPF object: {e}"))?;
         let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM)
+            .program_mut(TC_PROGRAM)
             .ok_or("no program in the BPF object")?
             .try_into()
             .map_err(|e| format!("{e}"))?;
@@ -111,6 +159,55 @@ impl FastPath {
                     .map_err(|e| format!("attaching to {iface}: {e}"))?;
             }
         }
+        Self::with_maps(ebpf)
+    }
+
+    /// The XDP program on every interface, and those where it runs in generic mode.
+    fn try_start_xdp(interfaces: &[String]) -> Result<(FastPath, Vec<String>), String> {
+        // bpf_fib_lookup answers "forwarding disabled" on an ingress interface without it:
+        // every datagram would go up to user space.
+        for iface in interfaces {
+            let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+            let on = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+            if on.trim() != "1" {
+                return Err(format!(
+                    "net.ipv4.conf.{iface}.forwarding is off (bpf_fib_lookup needs it)"
+                ));
+            }
+        }
+        let mut ebpf =
+            Ebpf::load(&OBJECT_XDP.0).map_err(|e| format!("loading the BPF object: {e}"))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or("no program in the BPF object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load()
+            .map_err(|e| format!("loading the program: {e}"))?;
+        let mut generic = Vec::new();
+        let mut ifindexes = Vec::new();
+        for iface in interfaces {
+            if prog.attach(iface, XdpFlags::DRV_MODE).is_err() {
+                prog.attach(iface, XdpFlags::SKB_MODE)
+                    .map_err(|e| format!("attaching to {iface}: {e}"))?;
+                generic.push(iface.clone());
+            }
+            let name = std::ffi::CString::new(iface.as_str()).map_err(|e| format!("{e}"))?;
+            // SAFETY: a NUL-terminated name.
+            ifindexes.push(unsafe { libc::if_nametoindex(name.as_ptr()) });
+        }
+        let mut egress = DevMapHash::try_from(ebpf.map_mut(EGRESS).ok_or("no map tern_egress")?)
+            .map_err(|e| format!("{e}"))?;
+        for ifindex in ifindexes {
+            egress
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| format!("tern_egress: {e}"))?;
+        }
+        Ok((Self::with_maps(ebpf)?, generic))
+    }
+
+    /// The loaded program with the ids of its binding maps (for the workers' handles).
+    fn with_maps(ebpf: Ebpf) -> Result<FastPath, String> {
         let id = |name: &str| -> Result<u32, String> {
             let map = ebpf.map(name).ok_or(format!("no map {name}"))?;
             let data: &MapData = match map {
@@ -398,7 +495,7 @@ fn minus(a: RelayUsage, b: RelayUsage) -> RelayUsage {
 mod tests {
     use std::process::Command;
 
-    /// The committed object is what `bpf/build.sh` makes from the committed source (CI
+    /// The committed objects are what `bpf/build.sh` makes from the committed sources (CI
     /// installs clang; elsewhere the check is skipped loudly without it).
     #[test]
     fn fastpath_object_matches_its_source() {
@@ -412,7 +509,7 @@ mod tests {
                 std::env::var("CI").map_or(true, |v| v != "true"),
                 "clang missing under CI (.ci/run installs it)"
             );
-            eprintln!("\n*** SKIPPED: no clang: bpf/tern_fastpath.bpf.o not checked against its source ***\n");
+            eprintln!("\n*** SKIPPED: no clang: the BPF objects in bpf/ not checked against their sources ***\n");
             return;
         }
         let out = Command::new(format!("{root}/bpf/build.sh"))
@@ -425,10 +522,12 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let file = std::fs::read(format!("{root}/bpf/tern_fastpath.bpf.o")).unwrap();
-        assert!(
-            super::object() == file.as_slice(),
-            "the embedded object differs from bpf/tern_fastpath.bpf.o: rebuild Tern"
-        );
+        for (name, embedded) in super::objects() {
+            let file = std::fs::read(format!("{root}/bpf/{name}")).unwrap();
+            assert!(
+                embedded == file.as_slice(),
+                "the embedded object differs from bpf/{name}: rebuild Tern"
+            );
+        }
     }
 }
