@@ -909,6 +909,9 @@ export class Channel extends EventTarget {
       if (Date.now() - this._lastHeard > DEAD_AFTER_MS) this._fail('heartbeat lost');
       else this._sendFrame(K_PING, new Uint8Array(0)).catch(() => {});
     }, HEARTBEAT_MS);
+    // What receiving a file needs (the storage folder, the piece worker) is set up now, so
+    // the first transfer does not wait for it.
+    this.tern._receiveStore().then(() => pieceWorker()).catch(() => {});
     this._ready(this);
     this.dispatchEvent(new Event('open'));
     this.dispatchEvent(new Event('path'));
@@ -1349,13 +1352,7 @@ export class IncomingTransfer extends EventTarget {
     const n = this._partsLen;
     this._parts = [];
     this._partsLen = 0;
-    const buf = new Uint8Array(n);
-    let o = 0;
-    for (const p of parts) {
-      buf.set(p, o);
-      o += p.length;
-    }
-    const checked = this._ready.then(() => this._pieces.piece(buf, sha256));
+    const checked = this._ready.then(() => this._pieces.piece(parts, n, sha256));
     checked.catch(() => {});
     this._chain = this._chain.then(async () => {
       if (this.state !== 'receiving') return;
@@ -1459,10 +1456,23 @@ class PieceHasher {
   }
 }
 
+// The `n` bytes of `parts` (Uint8Arrays) in one buffer: `into` when given (its first n
+// bytes), else a new one.
+function concat(parts, n, into = null) {
+  const u8 = into ? into.subarray(0, n) : new Uint8Array(n);
+  let o = 0;
+  for (const p of parts) {
+    u8.set(p, o);
+    o += p.length;
+  }
+  return u8;
+}
+
 /**
  * Pieces checked and hashed on the main thread, in order (where no worker can run: tern.js
- * loaded from another origin). `piece(u8, sha256)` resolves to u8 for the sink to write;
- * `finish()` to the file's SHA-256.
+ * loaded from another origin). `piece(parts, n, sha256)` (a piece's chunks and their
+ * length) resolves to the piece in one buffer for the sink to write; `finish()` to the
+ * file's SHA-256.
  */
 class InlinePieces {
   constructor() {
@@ -1470,7 +1480,8 @@ class InlinePieces {
     this._c = Promise.resolve();
   }
 
-  piece(u8, sha256) {
+  piece(parts, n, sha256) {
+    const u8 = concat(parts, n);
     // HASH_STEP at a time, letting channel messages in between.
     const p = this._c.then(() => this._h.add(u8, sha256, HASH_STEP, yieldToEvents)).then(() => u8);
     this._c = p.catch(() => {});
@@ -1486,9 +1497,10 @@ class InlinePieces {
 }
 
 /**
- * Pieces of one file in the piece worker: each piece's buffer is transferred (not copied)
- * to it, and comes back only where the main thread's sink writes it (`download`,
- * `memory`); with a file handle the worker writes it. Same interface as InlinePieces.
+ * Pieces of one file in the piece worker: a piece's chunks are transferred (not copied) to
+ * it; it joins them, and the piece comes back only where the main thread's sink writes it
+ * (`download`, `memory`); with a file handle the worker writes it. Same interface as
+ * InlinePieces.
  */
 class WorkerPieces {
   static async open(w, key, fh) {
@@ -1501,9 +1513,10 @@ class WorkerPieces {
     this._key = key;
   }
 
-  async piece(u8, sha256) {
-    const buf = u8.byteOffset === 0 && u8.byteLength === u8.buffer.byteLength ? u8.buffer : u8.slice().buffer;
-    const back = await this._w.call({ op: 'piece', key: this._key, buf, sha256 }, [buf]);
+  async piece(parts, n, sha256) {
+    // Each chunk is a view into its own channel message's buffer.
+    const bufs = [...new Set(parts.map((p) => p.buffer))];
+    const back = await this._w.call({ op: 'piece', key: this._key, parts, n, sha256 }, bufs);
     return back ? new Uint8Array(back) : null;
   }
 
@@ -1589,7 +1602,11 @@ function pieceWorkerMain() {
         return [null];
       case 'piece': {
         if (f.dead) throw new Error(f.dead);
-        const u8 = new Uint8Array(m.buf);
+        if (m.n > PIECE) throw new Error(`a piece longer than ${PIECE} bytes`);
+        // Written here: joined in one buffer reused for every piece; else a new one to
+        // hand back.
+        if (f.ah && !f.scratch) f.scratch = new Uint8Array(PIECE);
+        const u8 = concat(m.parts, m.n, f.ah ? f.scratch : null);
         const at = f.h.at;
         try {
           await f.h.add(u8, m.sha256);
@@ -1597,7 +1614,7 @@ function pieceWorkerMain() {
           f.dead = e.message;
           throw e;
         }
-        if (!f.ah) return [m.buf, [m.buf]];
+        if (!f.ah) return [u8.buffer, [u8.buffer]];
         try {
           if (f.ah.write(u8, { at }) !== u8.length) throw new Error('short write');
         } catch (e) {
@@ -1627,7 +1644,7 @@ function pieceWorkerMain() {
       globalThis.postMessage({ seq: m.seq, value: null });
       return;
     }
-    if (m.op === 'open') files.set(m.key, { h: new PieceHasher(), ah: null, queue: Promise.resolve(), dead: null });
+    if (m.op === 'open') files.set(m.key, { h: new PieceHasher(), ah: null, scratch: null, queue: Promise.resolve(), dead: null });
     const f = files.get(m.key);
     if (!f) {
       globalThis.postMessage({ seq: m.seq, error: 'no such file' });

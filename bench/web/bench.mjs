@@ -8,7 +8,7 @@
 // file input, one peer picked; the clock runs from the pick to the receiver's row showing
 // the file stored (OPFS) and its SHA-256 verified, so it includes reading the file in
 // slices, hashing on both sides and writing to disk. The channel is connected before
-// either clock starts.
+// either clock starts; the end is signalled by the page (a MutationObserver), not polled.
 //
 // Trustworthy on a shared box: --rounds rounds, each running bare and page back to back on
 // each path, the order alternating between rounds (so a load change hits both kinds alike);
@@ -111,10 +111,21 @@ async function page(a, b, file, clock, profile) {
   const prof = profile ? await Promise.all([a, b].map(startProfile)) : null;
   await clock.start();
   await a.locator('#files').setInputFiles([file.path]);
-  const state = await b.waitForFunction(() => {
-    const li = document.querySelector('#transfers li.transfer[data-dir="in"]');
-    return li && ['done', 'failed', 'cancelled'].includes(li.dataset.state) && li.dataset.state;
-  }, null, { timeout: 600_000, polling: 100 }).then((h) => h.jsonValue());
+  // Told by the page when the row's state changes (no polling, which would add main-thread
+  // work to the page's runs only).
+  const state = await b.evaluate(() => new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('no end state within 600 s')), 600_000);
+    const check = () => {
+      const li = document.querySelector('#transfers li.transfer[data-dir="in"]');
+      if (!li || !['done', 'failed', 'cancelled'].includes(li.dataset.state)) return;
+      obs.disconnect();
+      clearTimeout(timer);
+      resolve(li.dataset.state);
+    };
+    const obs = new MutationObserver(check);
+    obs.observe(document.getElementById('transfers'), { subtree: true, childList: true, attributeFilter: ['data-state'] });
+    check();
+  }));
   const r = await clock.stop();
   const sha = await b.locator('#transfers li.transfer[data-dir="in"]').first().getAttribute('data-sha256');
   if (state !== 'done' || sha !== file.sha) throw new Error(`page transfer ${state}, SHA-256 ${sha}`);
