@@ -160,9 +160,11 @@ fn three_pages_in_one_room_chat_send_to_everyone_and_rejoin_after_reload() {
     tern.terminate();
 }
 
-/// The receiving renderer's resident memory bound for the big transfer (MiB): an idle page's
-/// renderer is ~160 MiB here; the receiver holds at most the sender's 16 MiB window plus
-/// 1 MiB write batches, never the file.
+/// Each tab's renderer resident memory bound for the big transfer (MiB; web_big.mjs holds the
+/// receiving and the sending renderer to it): an idle page's renderer is ~160 MiB here; the
+/// receiver holds at most the sender's 16 MiB window plus 1 MiB pieces (in its piece worker,
+/// a thread of the same renderer), the sender two 1 MiB pieces and its 4 MiB send queue,
+/// never the file.
 const BIG_BOUND_MIB: u32 = 320;
 
 #[test]

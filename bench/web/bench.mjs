@@ -8,13 +8,14 @@
 // file input, one peer picked; the clock runs from the pick to the receiver's row showing
 // the file stored (OPFS) and its SHA-256 verified, so it includes reading the file in
 // slices, hashing on both sides and writing to disk. The channel is connected before
-// either clock starts.
+// either clock starts; the end is signalled by the page (a MutationObserver), not polled.
 //
 // Trustworthy on a shared box: --rounds rounds, each running bare and page back to back on
 // each path, the order alternating between rounds (so a load change hits both kinds alike);
 // reported are the median, the spread (min–max) and the ratio of medians, plus the median
-// of the per-round ratios (page run / the bare run next to it). Also the CPU time both
-// browsers used per MiB moved (all their processes, from /proc): it does not depend on the
+// of the per-round ratios (page run / the bare run next to it), and each round's ratio. Also
+// the CPU time both browsers used per MiB moved, in all and per side (the sending browser's
+// processes, the receiving one's; from /proc): it does not depend on the
 // CPU share the scheduler gave the run, so it shows what the page costs even on a busy box.
 //
 // usage: node bench/web/bench.mjs --url http://127.0.0.1:API [--mib 200] [--rounds 3]
@@ -110,10 +111,21 @@ async function page(a, b, file, clock, profile) {
   const prof = profile ? await Promise.all([a, b].map(startProfile)) : null;
   await clock.start();
   await a.locator('#files').setInputFiles([file.path]);
-  const state = await b.waitForFunction(() => {
-    const li = document.querySelector('#transfers li.transfer[data-dir="in"]');
-    return li && ['done', 'failed', 'cancelled'].includes(li.dataset.state) && li.dataset.state;
-  }, null, { timeout: 600_000, polling: 100 }).then((h) => h.jsonValue());
+  // Told by the page when the row's state changes (no polling, which would add main-thread
+  // work to the page's runs only).
+  const state = await b.evaluate(() => new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('no end state within 600 s')), 600_000);
+    const check = () => {
+      const li = document.querySelector('#transfers li.transfer[data-dir="in"]');
+      if (!li || !['done', 'failed', 'cancelled'].includes(li.dataset.state)) return;
+      obs.disconnect();
+      clearTimeout(timer);
+      resolve(li.dataset.state);
+    };
+    const obs = new MutationObserver(check);
+    obs.observe(document.getElementById('transfers'), { subtree: true, childList: true, attributeFilter: ['data-state'] });
+    check();
+  }));
   const r = await clock.stop();
   const sha = await b.locator('#transfers li.transfer[data-dir="in"]').first().getAttribute('data-sha256');
   if (state !== 'done' || sha !== file.sha) throw new Error(`page transfer ${state}, SHA-256 ${sha}`);
@@ -178,8 +190,8 @@ function makeClock(browsers) {
   };
   return {
     async start() {
-      const pids = (await Promise.all(browsers.map((br) => browserPids(br.profile)))).flat();
-      procs = await Promise.all(pids.map(async (pid) => ({ pid, type: await typeOf(pid) })));
+      const pids = await Promise.all(browsers.map((br) => browserPids(br.profile)));
+      procs = await Promise.all(pids.flatMap((list, side) => list.map(async (pid) => ({ pid, side, type: await typeOf(pid) }))));
       threads0 = await threads();
       cpu0 = await cpu();
       t = performance.now();
@@ -189,10 +201,14 @@ function makeClock(browsers) {
       const now = await cpu();
       const threads1 = await threads();
       const byType = {};
-      procs.forEach((p, i) => { byType[p.type] = (byType[p.type] || 0) + now[i] - cpu0[i]; });
+      const bySide = browsers.map(() => 0); // [sender's browser, receiver's]
+      procs.forEach((p, i) => {
+        byType[p.type] = (byType[p.type] || 0) + now[i] - cpu0[i];
+        bySide[p.side] += now[i] - cpu0[i];
+      });
       const byThread = {};
       for (const [k, v] of threads1) if (v - (threads0.get(k) || 0) > 0) byThread[k] = v - (threads0.get(k) || 0);
-      return { secs, cpu: now.reduce((x, y) => x + y, 0) - cpu0.reduce((x, y) => x + y, 0), byType, byThread };
+      return { secs, cpu: now.reduce((x, y) => x + y, 0) - cpu0.reduce((x, y) => x + y, 0), bySide, byType, byThread };
     },
   };
 }
@@ -251,13 +267,17 @@ try {
         load.push(await loadavg());
         const profile = PROFILE && kind === 'page' && round === 0;
         const r = kind === 'bare' ? await bare(a, b, step, clock) : await page(a, b, file, clock, profile);
-        const row = { step, round, kind, path: r.path, secs: r.secs, mbps: BYTES / 1e6 / r.secs, cpuMsPerMiB: r.cpu * 1000 / MIB };
+        const row = {
+          step, round, kind, path: r.path, secs: r.secs, mbps: BYTES / 1e6 / r.secs, cpuMsPerMiB: r.cpu * 1000 / MIB,
+          senderCpuMsPerMiB: r.bySide[0] * 1000 / MIB, receiverCpuMsPerMiB: r.bySide[1] * 1000 / MIB,
+        };
         row.cpuMsPerMiBByType = Object.fromEntries(Object.entries(r.byType).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
         row.cpuMsPerMiBByThread = Object.fromEntries(Object.entries(r.byThread).sort((x, y) => y[1] - x[1])
           .filter(([, v]) => v * 1000 / MIB >= 1).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
         rows.push(row);
         process.stderr.write(`round ${round} ${step} ${kind}: ${r.path} ${row.mbps.toFixed(1)} MB/s, ` +
-          `${row.cpuMsPerMiB.toFixed(1)} ms CPU/MiB ${JSON.stringify(row.cpuMsPerMiBByType)}, load ${load[load.length - 1]}\n` +
+          `${row.cpuMsPerMiB.toFixed(1)} ms CPU/MiB (sender ${row.senderCpuMsPerMiB.toFixed(1)}, receiver ` +
+          `${row.receiverCpuMsPerMiB.toFixed(1)}) ${JSON.stringify(row.cpuMsPerMiBByType)}, load ${load[load.length - 1]}\n` +
           `  by thread (ms/MiB): ${JSON.stringify(row.cpuMsPerMiBByThread)}\n`);
         if (r.top) process.stderr.write(`  sender: ${r.top.sender.join('\n          ')}\n  receiver: ${r.top.receiver.join('\n            ')}\n`);
         if (r.top) row.top = r.top;
@@ -279,8 +299,8 @@ const cell = (step, kind, key = 'mbps') => rows.filter((r) => r.step === step &&
 const pct = (x) => `${(x * 100).toFixed(0)} %`;
 console.log(`${MIB} MiB, ${ROUNDS} rounds, bare and page alternating; load average during the runs ` +
   `${Math.min(...load).toFixed(1)}–${Math.max(...load).toFixed(1)} on ${(await readFile('/proc/cpuinfo', 'utf8')).match(/^processor/gm).length} cores${WEB ? `; page files from ${WEB}` : ''}\n`);
-console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | CPU ms per MiB, bare / page (medians) |');
-console.log('|---|---|---|---|---|---|');
+console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | per-round ratios | CPU ms per MiB, bare / page (medians) | sender CPU ms/MiB bare / page | receiver CPU ms/MiB bare / page |');
+console.log('|---|---|---|---|---|---|---|---|---|');
 for (const step of PATHS) {
   const [b, p] = [cell(step, 'bare'), cell(step, 'page')];
   const paired = [];
@@ -292,7 +312,9 @@ for (const step of PATHS) {
   const f = (v) => `${median(v).toFixed(1)} (${Math.min(...v).toFixed(1)}–${Math.max(...v).toFixed(1)})`;
   const path = rows.find((r) => r.step === step && r.kind === 'page')?.path;
   console.log(`| ${step} (${path}) | ${f(b)} | ${f(p)} | ${pct(median(p) / median(b))} | ${pct(median(paired))} ` +
-    `(${pct(Math.min(...paired))}–${pct(Math.max(...paired))}) | ${median(cell(step, 'bare', 'cpuMsPerMiB')).toFixed(1)} / ` +
-    `${median(cell(step, 'page', 'cpuMsPerMiB')).toFixed(1)} |`);
+    `(${pct(Math.min(...paired))}–${pct(Math.max(...paired))}) | ${paired.map((x) => (x * 100).toFixed(0)).join(', ')} | ` +
+    `${median(cell(step, 'bare', 'cpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'cpuMsPerMiB')).toFixed(1)} | ` +
+    `${median(cell(step, 'bare', 'senderCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'senderCpuMsPerMiB')).toFixed(1)} | ` +
+    `${median(cell(step, 'bare', 'receiverCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'receiverCpuMsPerMiB')).toFixed(1)} |`);
 }
 console.log(JSON.stringify({ mib: MIB, rounds: ROUNDS, web: WEB, load, rows }));

@@ -45,7 +45,10 @@ pub(super) const ASSETS: &[Asset] = &[
 ];
 
 /// The response for `asset`: no-cache (revalidate after an upgrade), nosniff, and a CSP
-/// that allows only this origin's scripts and WebSocket/fetch back to it.
+/// that allows only this origin's scripts (and workers) and WebSocket/fetch back to it.
+/// `'wasm-unsafe-eval'` lets tern.js compile its own WebAssembly SHA-256 (embedded in
+/// tern.js, built from web/wasm/sha256.wat); it allows WebAssembly compilation only, not
+/// JS `eval` or `new Function` (docs/client.md).
 pub(super) fn serve(asset: &'static Asset) -> Response {
     (
         [
@@ -61,7 +64,8 @@ pub(super) fn serve(asset: &'static Asset) -> Response {
             (
                 header::CONTENT_SECURITY_POLICY,
                 HeaderValue::from_static(
-                    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data:; \
+                    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; \
+                     connect-src 'self' ws: wss:; img-src 'self' blob: data:; \
                      object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
                 ),
             ),
