@@ -607,6 +607,9 @@ pub struct ClusterConfig {
     pub max_allocations: u32,
     /// ... or at this relayed bandwidth, bytes per second (0: no ceiling).
     pub max_relay_bytes_per_sec: u64,
+    /// Signaling bus on sharded pub/sub (SPUBLISH/SSUBSCRIBE) when Redis has it; false:
+    /// plain PUBLISH/SUBSCRIBE always.
+    pub sharded_pubsub: bool,
 }
 
 impl Default for ClusterConfig {
@@ -621,6 +624,7 @@ impl Default for ClusterConfig {
             lease_secs: 10,
             max_allocations: 0,
             max_relay_bytes_per_sec: 0,
+            sharded_pubsub: true,
         }
     }
 }

@@ -42,6 +42,8 @@ pub(super) struct Driver {
     pub advertised: Advertised,
     pub max_allocations: u32,
     pub max_relay_bytes_per_sec: u64,
+    /// `cluster.sharded_pubsub`: use SPUBLISH/SSUBSCRIBE when the server has them.
+    pub sharded_pubsub: bool,
     pub view: Arc<ClusterView>,
     pub hook: Arc<ClusterHook>,
     pub wake: Arc<tokio::sync::Notify>,
@@ -201,15 +203,22 @@ impl Driver {
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("connect timed out".into()),
         };
+        let mut c = c;
+        let sharded = self.sharded_pubsub && has_sharded_pubsub(&mut c).await?;
+        self.view.stats.bus_sharded.store(sharded, Ordering::Relaxed);
         if let Some(b) = self.bus.as_mut() {
-            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT)).await {
+            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT, sharded))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
                 Err(_) => return Err("subscribe timed out".into()),
             }
         }
         if let Some(b) = self.peerjs.as_mut() {
-            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT)).await {
+            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT, sharded))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
                 Err(_) => return Err("subscribe timed out".into()),
@@ -430,6 +439,19 @@ impl Driver {
                 "cluster: could not remove this node's record; it expires with its lease"
             );
         }
+    }
+}
+
+/// Whether the server knows `SPUBLISH` (Redis 7 and Valkey): `COMMAND INFO` answers nil
+/// for a command it does not have.
+async fn has_sharded_pubsub(c: &mut MultiplexedConnection) -> Result<bool, String> {
+    let mut cmd = redis::cmd("COMMAND");
+    cmd.arg("INFO").arg("SPUBLISH");
+    match tokio::time::timeout(IO_TIMEOUT, cmd.query_async::<redis::Value>(c)).await {
+        Ok(Ok(redis::Value::Array(v))) => Ok(v.first().is_some_and(|x| *x != redis::Value::Nil)),
+        Ok(Ok(_)) => Ok(false),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("COMMAND INFO timed out".into()),
     }
 }
 
