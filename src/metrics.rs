@@ -611,6 +611,20 @@ pub const CLUSTER_BUS_DROPPED: Def = def(
     "Cluster mode: bus messages dropped on this node (a full queue, or Redis unreachable); \
      receivers repair the gap by a resync.",
 );
+pub const CLUSTER_BUS_ROOM_CHANNELS: Def = def(
+    "tern_cluster_bus_room_channels",
+    Gauge,
+    &[],
+    "Cluster mode: room channels this node subscribes to (the rooms with a member here, \
+     the LAN rooms, the PeerJS realm): only these rooms' traffic reaches it.",
+);
+pub const CLUSTER_BUS_SHARDED: Def = def(
+    "tern_cluster_bus_sharded",
+    Gauge,
+    &[],
+    "Cluster mode: 1 when the bus uses sharded pub/sub (SPUBLISH/SSUBSCRIBE), 0 for plain \
+     PUBLISH/SUBSCRIBE (Redis without it, or cluster.sharded_pubsub = false).",
+);
 
 /// Every metric defined above (the process_* metrics come from the prometheus crate).
 pub const ALL: &[&Def] = &[
@@ -702,6 +716,8 @@ pub const ALL: &[&Def] = &[
     &CLUSTER_BUS_LATENCY,
     &CLUSTER_BUS_RESYNCS,
     &CLUSTER_BUS_DROPPED,
+    &CLUSTER_BUS_ROOM_CHANNELS,
+    &CLUSTER_BUS_SHARDED,
 ];
 
 const CLUSTER_DEFS: &[&Def] = &[
@@ -715,6 +731,8 @@ const CLUSTER_DEFS: &[&Def] = &[
     &CLUSTER_BUS_LATENCY,
     &CLUSTER_BUS_RESYNCS,
     &CLUSTER_BUS_DROPPED,
+    &CLUSTER_BUS_ROOM_CHANNELS,
+    &CLUSTER_BUS_SHARDED,
 ];
 
 const DAEMON_DEFS: &[&Def] = &[&BUILD_INFO, &READY, &DRAINING];
@@ -1314,6 +1332,16 @@ impl Collector for ClusterCollector {
             &CLUSTER_BUS_DROPPED,
             &[],
             s.bus_dropped.load(Relaxed) + hub_dropped,
+        );
+        f.sample(
+            &CLUSTER_BUS_ROOM_CHANNELS,
+            &[],
+            s.bus_room_channels.load(Relaxed),
+        );
+        f.sample(
+            &CLUSTER_BUS_SHARDED,
+            &[],
+            u64::from(s.bus_sharded.load(Relaxed)),
         );
         f.finish()
     }
