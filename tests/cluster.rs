@@ -1034,7 +1034,10 @@ fn room_traffic_reaches_only_nodes_with_a_member(sharded: bool) {
         // b1 in `shared`; after A's next tick and two of B's, B knows every A peer's LAN
         // membership and nothing more is in flight to B.
         send_text(b1, r#"{"type":"join","room":"shared"}"#).await;
-        wait_msg(b1, t, "shared on B", |m| m["type"] == "room" && m["room"] == "shared").await;
+        wait_msg(b1, t, "shared on B", |m| {
+            m["type"] == "room" && m["room"] == "shared"
+        })
+        .await;
         after_ticks(&a, 2.0);
         after_ticks(&b, 2.0);
         let b_before = metric(&b, received).unwrap();
@@ -1044,8 +1047,10 @@ fn room_traffic_reaches_only_nodes_with_a_member(sharded: bool) {
         // Two members of A in `private`, joining and leaving: A listens to it, B never.
         for round in 0..3 {
             send_text(a1, r#"{"type":"join","room":"private"}"#).await;
-            wait_msg(a1, t, "private on A", |m| m["type"] == "room" && m["room"] == "private")
-                .await;
+            wait_msg(a1, t, "private on A", |m| {
+                m["type"] == "room" && m["room"] == "private"
+            })
+            .await;
             send_text(a2, r#"{"type":"join","room":"private"}"#).await;
             wait_msg(a1, t, "a2 joins private", |m| {
                 m["type"] == "peer-joined" && m["room"] == "private"
@@ -1070,11 +1075,17 @@ fn room_traffic_reaches_only_nodes_with_a_member(sharded: bool) {
         // Then one join in `shared`: the only bus message B gets.
         send_text(a3, r#"{"type":"join","room":"shared"}"#).await;
         wait_msg(b1, t, "a3 joins shared on B", |m| {
-            m["type"] == "peer-joined" && m["room"] == "shared" && m["peer"]["id"] == ids[2].as_str()
+            m["type"] == "peer-joined"
+                && m["room"] == "shared"
+                && m["peer"]["id"] == ids[2].as_str()
         })
         .await;
         after_ticks(&a, 1.0);
-        assert_eq!(subscribers(&redis, sharded, private), 0, "nobody in private");
+        assert_eq!(
+            subscribers(&redis, sharded, private),
+            0,
+            "nobody in private"
+        );
         assert!(
             metric(&a, published).unwrap() >= a_before + 13.0,
             "A published the 12 private joins and leaves and the shared join"
@@ -1121,7 +1132,12 @@ fn quota_leases_are_renewed_by_refresh_and_lapse_with_the_allocation() {
     let b = node(&redis, "lease-b", 14000, &secret, "");
     let score = || -> Option<u64> {
         let r = redis.command("ZSCORE tern:quota-lease:lease-a hand")?;
-        r.lines().nth(1)?.trim().parse::<f64>().ok().map(|v| v as u64)
+        r.lines()
+            .nth(1)?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .map(|v| v as u64)
     };
     // Two allocations for `hand` on A (4 s lifetime): at quota on B.
     let (mut c1, _) = TurnClient::allocate(&short);
@@ -1157,7 +1173,9 @@ fn quota_leases_are_renewed_by_refresh_and_lapse_with_the_allocation() {
     });
     eprintln!("unrefreshed allocation's quota freed {took:?} later");
     assert_eq!(
-        redis.command("HGET tern:quota:lease-a hand").map(|r| r.contains("\r\n1\r\n")),
+        redis
+            .command("HGET tern:quota:lease-a hand")
+            .map(|r| r.contains("\r\n1\r\n")),
         Some(true),
         "c1 still counted on A"
     );

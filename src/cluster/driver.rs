@@ -208,7 +208,10 @@ impl Driver {
         };
         let mut c = c;
         let sharded = self.sharded_pubsub && has_sharded_pubsub(&mut c).await?;
-        self.view.stats.bus_sharded.store(sharded, Ordering::Relaxed);
+        self.view
+            .stats
+            .bus_sharded
+            .store(sharded, Ordering::Relaxed);
         if let Some(b) = self.bus.as_mut() {
             match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT, sharded))
                 .await
@@ -452,9 +455,11 @@ impl Driver {
         self.view.set_nodes(nodes, self_healthy);
         if let Some(b) = self.bus.as_mut() {
             b.nodes_seen(c, &ids).await?;
+            b.reconcile_rooms(c).await?;
         }
         if let Some(b) = self.peerjs.as_mut() {
             b.nodes_seen(c, &ids).await?;
+            b.reconcile_rooms(c).await?;
         }
         Ok(())
     }

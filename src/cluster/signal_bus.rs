@@ -166,7 +166,10 @@ impl<M: BusMachine> SignalBus<M> {
         let chan = channel::<M>(&self.keys, &Chan::Room(room.to_string()));
         if self.rooms.insert(room.to_string()) {
             self.subscription("SUBSCRIBE", &chan).await?;
-            self.view.stats.bus_room_channels.fetch_add(1, Ordering::Relaxed);
+            self.view
+                .stats
+                .bus_room_channels
+                .fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -174,8 +177,29 @@ impl<M: BusMachine> SignalBus<M> {
     async fn unsubscribe_room(&mut self, room: &str) -> redis::RedisResult<()> {
         let chan = channel::<M>(&self.keys, &Chan::Room(room.to_string()));
         if self.rooms.remove(room) {
-            self.view.stats.bus_room_channels.fetch_sub(1, Ordering::Relaxed);
+            self.view
+                .stats
+                .bus_room_channels
+                .fetch_sub(1, Ordering::Relaxed);
             self.subscription("UNSUBSCRIBE", &chan).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the room subscriptions in line with the machine's rooms (each tick): a
+    /// Subscribe or Unsubscribe the hub could not queue is made up for here.
+    pub async fn reconcile_rooms(
+        &mut self,
+        c: &mut MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
+        let want: BTreeSet<String> = self.hub.with_core(|m| m.bus_rooms()).into_iter().collect();
+        let extra: Vec<String> = self.rooms.difference(&want).cloned().collect();
+        for room in extra {
+            self.unsubscribe_room(&room).await?;
+        }
+        let missing: Vec<String> = want.difference(&self.rooms).cloned().collect();
+        for room in missing {
+            self.command(c, BusCmd::Subscribe { room }).await?;
         }
         Ok(())
     }
@@ -184,7 +208,10 @@ impl<M: BusMachine> SignalBus<M> {
     fn clear_rooms(&mut self) {
         let n = self.rooms.len() as u64;
         self.rooms.clear();
-        self.view.stats.bus_room_channels.fetch_sub(n, Ordering::Relaxed);
+        self.view
+            .stats
+            .bus_room_channels
+            .fetch_sub(n, Ordering::Relaxed);
     }
 
     /// After a (re)connect: subscribe on a connection of its own, then forget what was
@@ -387,9 +414,9 @@ impl<M: BusMachine> SignalBus<M> {
             return;
         }
         let key = self.members_key(&self.node);
-        let entries: Vec<(&str, Option<Member>)> =
-            self.hub
-                .with_core(|m| ids.iter().map(|id| (*id, m.bus_member(id))).collect());
+        let entries: Vec<(&str, Option<Member>)> = self
+            .hub
+            .with_core(|m| ids.iter().map(|id| (*id, m.bus_member(id))).collect());
         for (id, m) in entries {
             match m {
                 Some(m) => {

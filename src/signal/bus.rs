@@ -532,7 +532,11 @@ mod tests {
         // room:x emptied on a and was used again: a new epoch starts at 1.
         assert_eq!(r.check_seq("a", x, 9, 1), SeqCheck::Next);
         assert_eq!(r.check_seq("a", x, 5, 12), SeqCheck::Duplicate, "old epoch");
-        assert_eq!(r.check_seq("a", x, 11, 3), SeqCheck::Gap, "new epoch, 1 and 2 lost");
+        assert_eq!(
+            r.check_seq("a", x, 11, 3),
+            SeqCheck::Gap,
+            "new epoch, 1 and 2 lost"
+        );
     }
 
     #[test]

@@ -90,7 +90,10 @@ fn remote_joins_and_leaves_reach_local_members_once() {
         .unwrap()
         .iter()
         .any(|p| p["id"] == "rb"));
-    let o = s.bus_event("b", 1, 2,
+    let o = s.bus_event(
+        "b",
+        1,
+        2,
         BusEvent::Left {
             room: "room:r1".into(),
             id: "rb".into(),
@@ -118,7 +121,10 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
     let o = s.message(1, r#"{"type":"signal","to":"rc","data":1}"#, t);
     assert_eq!(to(&o, 1)[0]["code"], "not-in-shared-room");
     // Incoming: delivered with `from` as published; not to a peer outside the room.
-    let o = s.bus_event("b", 1, 3,
+    let o = s.bus_event(
+        "b",
+        1,
+        3,
         BusEvent::Signal {
             to: me.clone(),
             from: "rb".into(),
@@ -129,7 +135,10 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
         to(&o, 1)[0],
         json!({"type": "signal", "from": "rb", "data": "hi"})
     );
-    let o = s.bus_event("b", 1, 4,
+    let o = s.bus_event(
+        "b",
+        1,
+        4,
         BusEvent::Signal {
             to: me,
             from: "rc".into(),
@@ -352,8 +361,12 @@ fn a_room_is_listened_to_while_it_has_a_member_here() {
     let t = Instant::now();
     let me = local_in_r1(&mut s);
     // Events of a room without a member here are not for this node: ignored, no resync.
-    assert!(s.bus_event("b", 1, 5, joined("room:elsewhere", "rx")).is_empty());
-    assert!(s.bus_event("b", 1, 9, joined("room:elsewhere", "ry")).is_empty());
+    assert!(s
+        .bus_event("b", 1, 5, joined("room:elsewhere", "rx"))
+        .is_empty());
+    assert!(s
+        .bus_event("b", 1, 9, joined("room:elsewhere", "ry"))
+        .is_empty());
     // A second member: no second subscription.
     s.connect(2, "v4:198.51.100.7".into(), None, t);
     let o = s.message(2, r#"{"type":"join","room":"r1"}"#, t);
@@ -420,9 +433,18 @@ fn gaps_duplicates_and_reordering_are_per_room_channel() {
     local_in_r1(&mut s);
     local_in_other(&mut s);
     // Node b's two room channels number independently: 1, 2 in r1 and 1 in other.
-    assert_eq!(to(&s.bus_event("b", 1, 1, joined("room:r1", "p1")), 1).len(), 1);
-    assert_eq!(to(&s.bus_event("b", 7, 1, joined("room:other", "q1")), 3).len(), 1);
-    assert_eq!(to(&s.bus_event("b", 1, 2, joined("room:r1", "p2")), 1).len(), 1);
+    assert_eq!(
+        to(&s.bus_event("b", 1, 1, joined("room:r1", "p1")), 1).len(),
+        1
+    );
+    assert_eq!(
+        to(&s.bus_event("b", 7, 1, joined("room:other", "q1")), 3).len(),
+        1
+    );
+    assert_eq!(
+        to(&s.bus_event("b", 1, 2, joined("room:r1", "p2")), 1).len(),
+        1
+    );
     // A duplicate in one room.
     assert!(s.bus_event("b", 1, 2, joined("room:r1", "p2")).is_empty());
     // A gap in other (2 lost): a resync of that room only; r1 is undisturbed.
@@ -463,7 +485,10 @@ fn gaps_duplicates_and_reordering_are_per_room_channel() {
     );
     let m = to(&o, 1);
     assert_eq!(m.len(), 1, "{m:?}");
-    assert_eq!((m[0]["type"].as_str(), m[0]["id"].as_str()), (Some("peer-left"), Some("p2")));
+    assert_eq!(
+        (m[0]["type"].as_str(), m[0]["id"].as_str()),
+        (Some("peer-left"), Some("p2"))
+    );
     assert!(to(&o, 3).is_empty(), "room other untouched");
     // b restarted: its r1 sequence comes under a new epoch from 1: not a duplicate.
     let o = s.bus_event("b", 2, 1, joined("room:r1", "p9"));

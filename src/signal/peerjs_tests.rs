@@ -497,7 +497,10 @@ fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
     };
     assert_eq!(*s2, s1 + 1, "one sequence per node, in order");
     // From zed to alice: delivered as is.
-    let o = s.bus_event("b", 1, 2,
+    let o = s.bus_event(
+        "b",
+        1,
+        2,
         BusEvent::Peerjs {
             to: "alice".into(),
             from: "zed".into(),
@@ -523,14 +526,23 @@ fn cluster_duplicate_gap_and_node_gone() {
         from: "zed".into(),
         text: format!("{{\"type\":\"CANDIDATE\",\"n\":{n}}}"),
     };
-    assert_eq!(texts(&s.bus_event("b", 1, 1, open_ev("zed"), t0), 1).len(), 0);
+    assert_eq!(
+        texts(&s.bus_event("b", 1, 1, open_ev("zed"), t0), 1).len(),
+        0
+    );
     assert_eq!(texts(&s.bus_event("b", 1, 2, ans(1), t0), 1).len(), 1);
     // A duplicate is ignored.
     assert!(s.bus_event("b", 1, 2, ans(1), t0).is_empty());
     // A gap: applied, and a resync of that node asked for.
     let o = s.bus_event("b", 1, 5, ans(2), t0);
     assert_eq!(texts(&o, 1).len(), 1);
-    assert_eq!(bus_cmds(&o), [BusCmd::Resync { node: "b".into(), room: None }]);
+    assert_eq!(
+        bus_cmds(&o),
+        [BusCmd::Resync {
+            node: "b".into(),
+            room: None
+        }]
+    );
     // The late (reordered) one is a duplicate: the resync covers it.
     assert!(s.bus_event("b", 1, 4, ans(9), t0).is_empty());
     // The resync shows zed gone and yan there.

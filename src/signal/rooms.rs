@@ -977,7 +977,9 @@ impl RoomService {
 
     /// The rooms with a member here, whose channels this node listens to.
     pub fn bus_rooms(&self) -> Vec<String> {
-        self.bus.as_ref().map_or_else(Vec::new, RemoteMembers::subscribed)
+        self.bus
+            .as_ref()
+            .map_or_else(Vec::new, RemoteMembers::subscribed)
     }
 
     /// Without the bus this is one branch: the single-node signal path is unchanged.
