@@ -1155,6 +1155,7 @@ fn quota_leases_are_renewed_by_refresh_and_lapse_with_the_allocation() {
         .unwrap();
     assert!(pttl > 0 && pttl <= (LEASE * 1000) as i64, "PTTL {pttl}");
     // Refresh c1 to 120 s: the lease deadline moves out by about that much.
+    use stun_types::message::MessageWriteExt;
     let resp = c1.request(turn_types::message::REFRESH, |m| {
         m.add_attribute(&turn_types::attribute::Lifetime::new(120))
             .unwrap()
