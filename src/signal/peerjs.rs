@@ -193,8 +193,6 @@ pub struct PeerJsService {
     members_version: u64,
 }
 
-/// The one "room" every PeerJS id is in, in [`RemoteMembers`] and the published list.
-
 fn id_taken_text() -> String {
     serde_json::json!({"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}}).to_string()
 }
