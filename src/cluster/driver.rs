@@ -1,7 +1,10 @@
 //! The cluster driver: one task that owns the Redis connection. Each tick (a third of the
 //! lease, at most a second) it announces this node's record, writes the quota leases that
 //! changed (renewing the rest), and reads the live nodes and their quota counts into the
-//! snapshots the faces read. On any Redis error it drops the connection, says so once,
+//! snapshots the faces read. A user's quota lease has two ends: the node's (the hashes
+//! expire one lease after the node stops renewing them: a crashed node frees its users'
+//! quota within a lease) and the user's own (the deadline each Allocate and Refresh sets to
+//! the allocation's expiry: other nodes stop counting the user when it passes). On any Redis error it drops the connection, says so once,
 //! clears the remote snapshot (local quota applies, `/api/ice` names this node) and
 //! reconnects with capped exponential backoff; the first tick after a reconnect rewrites
 //! this node's record and leases whole, so a Redis restarted empty is repopulated within
@@ -42,6 +45,8 @@ pub(super) struct Driver {
     pub advertised: Advertised,
     pub max_allocations: u32,
     pub max_relay_bytes_per_sec: u64,
+    /// `cluster.sharded_pubsub`: use SPUBLISH/SSUBSCRIBE when the server has them.
+    pub sharded_pubsub: bool,
     pub view: Arc<ClusterView>,
     pub hook: Arc<ClusterHook>,
     pub wake: Arc<tokio::sync::Notify>,
@@ -201,15 +206,25 @@ impl Driver {
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("connect timed out".into()),
         };
+        let mut c = c;
+        let sharded = self.sharded_pubsub && has_sharded_pubsub(&mut c).await?;
+        self.view
+            .stats
+            .bus_sharded
+            .store(sharded, Ordering::Relaxed);
         if let Some(b) = self.bus.as_mut() {
-            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT)).await {
+            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT, sharded))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
                 Err(_) => return Err("subscribe timed out".into()),
             }
         }
         if let Some(b) = self.peerjs.as_mut() {
-            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT)).await {
+            match tokio::time::timeout(IO_TIMEOUT, b.connected(&self.info, IO_TIMEOUT, sharded))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
                 Err(_) => return Err("subscribe timed out".into()),
@@ -303,6 +318,13 @@ impl Driver {
         let lease_ms = self.lease.as_millis() as u64;
         let json = serde_json::to_string(&rec).unwrap_or_default();
         let quota_key = self.keys.quota(id);
+        let lease_key = self.keys.quota_lease(id);
+        let deadline = |u: &str| {
+            let now_i = Instant::now();
+            self.hook.lease(u).map_or(now + lease_ms, |t| {
+                now + t.saturating_duration_since(now_i).as_millis() as u64
+            })
+        };
 
         let mut p = redis::pipe();
         p.cmd("SET")
@@ -327,15 +349,23 @@ impl Driver {
             // Whole: the dirty marks taken so far are covered by the full copy.
             let _ = self.hook.take_dirty();
             let all = (self.counts)(None);
+            self.hook
+                .retain_leases(&all.iter().map(|(u, _)| u.as_str()).collect());
             p.cmd("DEL").arg(&quota_key).ignore();
+            p.cmd("DEL").arg(&lease_key).ignore();
             if !all.is_empty() {
                 let mut h = redis::cmd("HSET");
                 h.arg(&quota_key);
+                let mut z = redis::cmd("ZADD");
+                z.arg(&lease_key);
                 for (u, n) in &all {
                     h.arg(u).arg(*n);
+                    z.arg(deadline(u)).arg(u);
                 }
                 p.add_command(h).ignore();
+                p.add_command(z).ignore();
                 p.cmd("PEXPIRE").arg(&quota_key).arg(lease_ms).ignore();
+                p.cmd("PEXPIRE").arg(&lease_key).arg(lease_ms).ignore();
             }
             stats.quota_rewrites.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -343,9 +373,16 @@ impl Driver {
             if !dirty.is_empty() {
                 for (u, n) in (self.counts)(Some(&dirty)) {
                     if n == 0 {
-                        p.cmd("HDEL").arg(&quota_key).arg(u).ignore();
+                        self.hook.forget_lease(&u);
+                        p.cmd("HDEL").arg(&quota_key).arg(&u).ignore();
+                        p.cmd("ZREM").arg(&lease_key).arg(&u).ignore();
                     } else {
-                        p.cmd("HSET").arg(&quota_key).arg(u).arg(n).ignore();
+                        p.cmd("HSET").arg(&quota_key).arg(&u).arg(n).ignore();
+                        p.cmd("ZADD")
+                            .arg(&lease_key)
+                            .arg(deadline(&u))
+                            .arg(&u)
+                            .ignore();
                     }
                 }
                 stats
@@ -360,6 +397,7 @@ impl Driver {
             .peerjs
             .as_ref()
             .map(|b| b.add_members(&mut p, lease_ms));
+        p.cmd("PEXPIRE").arg(&lease_key).arg(lease_ms).ignore();
         p.cmd("PEXPIRE").arg(&quota_key).arg(lease_ms);
         p.cmd("ZRANGE").arg(self.keys.nodes()).arg(0).arg(-1);
         let (renewed, ids): (i64, Vec<String>) = p.atomic().query_async(c).await?;
@@ -384,6 +422,11 @@ impl Driver {
         }
         for n in &others {
             p.cmd("HGETALL").arg(self.keys.quota(n));
+            // The users whose lease there has not passed.
+            p.cmd("ZRANGEBYSCORE")
+                .arg(self.keys.quota_lease(n))
+                .arg(now)
+                .arg("+inf");
         }
         let mut vals: Vec<redis::Value> = p.query_async(c).await?;
         let records: Vec<Option<String>> = if vals.is_empty() {
@@ -397,10 +440,14 @@ impl Driver {
             .filter_map(|j| serde_json::from_str(&j).ok())
             .collect();
         let mut remote: FxHashMap<String, u32> = FxHashMap::default();
-        for v in vals {
-            let counts: FxHashMap<String, u32> = redis::from_redis_value(v)?;
+        let mut vals = vals.into_iter();
+        while let (Some(c), Some(l)) = (vals.next(), vals.next()) {
+            let counts: FxHashMap<String, u32> = redis::from_redis_value(c)?;
+            let live: rustc_hash::FxHashSet<String> = redis::from_redis_value(l)?;
             for (u, n) in counts {
-                *remote.entry(u).or_insert(0) += n;
+                if live.contains(&u) {
+                    *remote.entry(u).or_insert(0) += n;
+                }
             }
         }
         self.hook.set_remote(remote);
@@ -408,9 +455,11 @@ impl Driver {
         self.view.set_nodes(nodes, self_healthy);
         if let Some(b) = self.bus.as_mut() {
             b.nodes_seen(c, &ids).await?;
+            b.reconcile_rooms(c).await?;
         }
         if let Some(b) = self.peerjs.as_mut() {
             b.nodes_seen(c, &ids).await?;
+            b.reconcile_rooms(c).await?;
         }
         Ok(())
     }
@@ -421,6 +470,7 @@ impl Driver {
         let mut p = redis::pipe();
         p.cmd("DEL").arg(self.keys.node(id)).ignore();
         p.cmd("DEL").arg(self.keys.quota(id)).ignore();
+        p.cmd("DEL").arg(self.keys.quota_lease(id)).ignore();
         p.cmd("DEL").arg(self.keys.members(id)).ignore();
         p.cmd("ZREM").arg(self.keys.nodes()).arg(id).ignore();
         let r: Result<redis::RedisResult<()>, _> =
@@ -430,6 +480,19 @@ impl Driver {
                 "cluster: could not remove this node's record; it expires with its lease"
             );
         }
+    }
+}
+
+/// Whether the server knows `SPUBLISH` (Redis 7 and Valkey): `COMMAND INFO` answers nil
+/// for a command it does not have.
+async fn has_sharded_pubsub(c: &mut MultiplexedConnection) -> Result<bool, String> {
+    let mut cmd = redis::cmd("COMMAND");
+    cmd.arg("INFO").arg("SPUBLISH");
+    match tokio::time::timeout(IO_TIMEOUT, cmd.query_async::<redis::Value>(c)).await {
+        Ok(Ok(redis::Value::Array(v))) => Ok(v.first().is_some_and(|x| *x != redis::Value::Nil)),
+        Ok(Ok(_)) => Ok(false),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("COMMAND INFO timed out".into()),
     }
 }
 

@@ -60,6 +60,10 @@ pub struct ClusterStats {
     pub bus_received: AtomicU64,
     /// Other nodes' member lists re-read (a gap, a reconnect, a new node).
     pub bus_resyncs: AtomicU64,
+    /// Room channels this node listens to (the rooms with a member here, the PeerJS realm).
+    pub bus_room_channels: AtomicU64,
+    /// Sharded pub/sub in use (Redis has it and `cluster.sharded_pubsub` allows).
+    pub bus_sharded: AtomicBool,
     /// Bus messages dropped on this node: a full queue, or Redis unreachable.
     pub bus_dropped: Arc<AtomicU64>,
     /// Publish-to-receive time of bus messages from other nodes.
@@ -272,6 +276,7 @@ impl ClusterService {
             advertised,
             max_allocations,
             max_relay_bytes_per_sec: cfg.cluster.max_relay_bytes_per_sec,
+            sharded_pubsub: cfg.cluster.sharded_pubsub,
             view: Arc::clone(&view),
             hook: Arc::clone(&hook),
             wake: Arc::clone(&wake),

@@ -125,6 +125,13 @@ impl Keys {
     pub fn quota(&self, id: &str) -> String {
         format!("{}quota:{id}", self.prefix)
     }
+
+    /// A node's per-user lease deadlines (sorted set user → Unix ms, TTL one lease): when
+    /// the user's latest allocation there ends unless refreshed; renewed by each Allocate
+    /// and Refresh. Other nodes count a user's allocations there only until then.
+    pub fn quota_lease(&self, id: &str) -> String {
+        format!("{}quota-lease:{id}", self.prefix)
+    }
 }
 
 #[cfg(test)]

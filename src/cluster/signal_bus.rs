@@ -1,9 +1,18 @@
 //! The Redis side of the cluster bus (`crate::signal::bus`), one instance per
-//! [`BusMachine`] (the native rooms, the PeerJS realm): a subscriber connection on
-//! `{prefix}bus:{CHANNEL}` whose pushes (RESP3) land in a bounded queue, publishing the
-//! machine's [`BusCmd`]s, this node's member list as a lease (`{prefix}members:{node}`,
-//! hash peer id → JSON), resyncs of other nodes from theirs, and the PeerJS id claims
-//! (`SET NX PX`, renewed each tick, compare-and-delete on release).
+//! [`BusMachine`] (the native rooms, the PeerJS realm): a subscriber connection whose
+//! pushes (RESP3) land in a bounded queue, listening to this node's channel
+//! (`{prefix}bus:{CHANNEL}:node:{node}`) and to the channel of each room with a member here
+//! (`{prefix}bus:{CHANNEL}:{room}`, subscribed and unsubscribed as the machine says);
+//! publishing the machine's [`BusCmd`]s; this node's member list as a lease
+//! (`{prefix}members:{node}`, hash peer id → JSON: whole each tick when it changed, and the
+//! entry a join or leave changes written just before that event is published, so a node
+//! that subscribes to the room and then reads the list misses nothing); resyncs of other
+//! nodes (or of one room) from theirs; and the PeerJS id claims (`SET NX PX`, renewed each
+//! tick, compare-and-delete on release).
+//!
+//! Sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis 7) when the server has it and
+//! `cluster.sharded_pubsub` allows, else plain `PUBLISH`/`SUBSCRIBE` on the same channel
+//! names: decided at each connect.
 //!
 //! Bounded everywhere: the machine's commands and the pushes each go through a fixed-size
 //! queue; what does not fit is dropped and shows up as a sequence gap, which the receiver
@@ -13,7 +22,7 @@
 //! rewritten whole on reconnect.
 //!
 //! Per wake-up the driver takes what is queued (up to [`BATCH`]): runs of publishes go out
-//! as one pipeline, in queue order (per-node sequence numbers stay ordered), and pushes are
+//! as one pipeline, in queue order (each sequence stays ordered), and pushes are
 //! applied under one lock. A batch whose outcome is unknown when Redis is lost is refused
 //! with the queue.
 
@@ -28,7 +37,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use super::registry::Keys;
-use crate::signal::bus::{BusCmd, BusMachine, Envelope, Member};
+use crate::signal::bus::{BusCmd, BusMachine, Chan, Envelope, Member};
 use crate::signal::driver::Hub;
 
 /// Pushes (incoming bus messages) queued before the driver takes them.
@@ -61,6 +70,11 @@ pub(super) struct SignalBus<M: BusMachine> {
     /// Commands taken from the queue and not yet known to be carried out: refused with
     /// the rest of the queue when Redis is lost (or a round trip timed out) meanwhile.
     inflight: Vec<BusCmd>,
+    /// Sharded pub/sub on the current connection.
+    sharded: bool,
+    /// Room channels subscribed on the current connection (bounded by the rooms with a
+    /// member here).
+    rooms: BTreeSet<String>,
 }
 
 /// One step of a batch of commands, in queue order: a run of consecutive publishes (one
@@ -90,8 +104,12 @@ fn plan(cmds: &[BusCmd]) -> Vec<Step> {
     steps
 }
 
-fn channel<M: BusMachine>(keys: &Keys) -> String {
-    keys.channel(M::CHANNEL)
+/// A bus channel's Redis name.
+fn channel<M: BusMachine>(keys: &Keys, to: &Chan) -> String {
+    match to {
+        Chan::Room(room) => keys.channel(&format!("{}:{room}", M::CHANNEL)),
+        Chan::Node(node) => keys.channel(&format!("{}:node:{node}", M::CHANNEL)),
+    }
 }
 
 impl<M: BusMachine> SignalBus<M> {
@@ -124,7 +142,76 @@ impl<M: BusMachine> SignalBus<M> {
             view,
             lease_ms,
             inflight: Vec::new(),
+            sharded: false,
+            rooms: BTreeSet::new(),
         }
+    }
+
+    /// `SUBSCRIBE`-like command `verb` ("SUBSCRIBE" or "UNSUBSCRIBE") on `chan`, sharded
+    /// when the connection is. One channel per command: its one confirmation is the reply.
+    async fn subscription(&mut self, verb: &str, chan: &str) -> redis::RedisResult<()> {
+        let Some(c) = self.sub.as_mut() else {
+            return Err((redis::ErrorKind::Io, "no subscriber connection").into());
+        };
+        let verb = if self.sharded {
+            format!("S{verb}")
+        } else {
+            verb.to_string()
+        };
+        redis::cmd(&verb).arg(chan).query_async::<()>(c).await
+    }
+
+    /// Listens to `room`'s channel (once per connection).
+    async fn subscribe_room(&mut self, room: &str) -> redis::RedisResult<()> {
+        let chan = channel::<M>(&self.keys, &Chan::Room(room.to_string()));
+        if self.rooms.insert(room.to_string()) {
+            self.subscription("SUBSCRIBE", &chan).await?;
+            self.view
+                .stats
+                .bus_room_channels
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe_room(&mut self, room: &str) -> redis::RedisResult<()> {
+        let chan = channel::<M>(&self.keys, &Chan::Room(room.to_string()));
+        if self.rooms.remove(room) {
+            self.view
+                .stats
+                .bus_room_channels
+                .fetch_sub(1, Ordering::Relaxed);
+            self.subscription("UNSUBSCRIBE", &chan).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the room subscriptions in line with the machine's rooms (each tick): a
+    /// Subscribe or Unsubscribe the hub could not queue is made up for here.
+    pub async fn reconcile_rooms(
+        &mut self,
+        c: &mut MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
+        let want: BTreeSet<String> = self.hub.with_core(|m| m.bus_rooms()).into_iter().collect();
+        let extra: Vec<String> = self.rooms.difference(&want).cloned().collect();
+        for room in extra {
+            self.unsubscribe_room(&room).await?;
+        }
+        let missing: Vec<String> = want.difference(&self.rooms).cloned().collect();
+        for room in missing {
+            self.command(c, BusCmd::Subscribe { room }).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the current connection's room subscriptions (for the gauge).
+    fn clear_rooms(&mut self) {
+        let n = self.rooms.len() as u64;
+        self.rooms.clear();
+        self.view
+            .stats
+            .bus_room_channels
+            .fetch_sub(n, Ordering::Relaxed);
     }
 
     /// After a (re)connect: subscribe on a connection of its own, then forget what was
@@ -133,6 +220,7 @@ impl<M: BusMachine> SignalBus<M> {
         &mut self,
         info: &ConnectionInfo,
         timeout: Duration,
+        sharded: bool,
     ) -> redis::RedisResult<()> {
         let (tx, rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
         let dropped = Arc::clone(&self.view.stats.bus_dropped);
@@ -147,12 +235,18 @@ impl<M: BusMachine> SignalBus<M> {
                 Ok::<(), std::convert::Infallible>(())
             });
         let client = redis::Client::open(info.clone())?;
-        let mut c = client
+        let c = client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await?;
-        c.subscribe(channel::<M>(&self.keys)).await?;
+        self.clear_rooms();
         self.sub = Some(c);
         self.pushes = Some(rx);
+        self.sharded = sharded;
+        let own = channel::<M>(&self.keys, &Chan::Node(self.node.clone()));
+        self.subscription("SUBSCRIBE", &own).await?;
+        for room in self.hub.with_core(|m| m.bus_rooms()) {
+            self.subscribe_room(&room).await?;
+        }
         self.known.clear();
         self.published = None;
         self.hub.drive(|m| m.bus_state(true));
@@ -163,6 +257,7 @@ impl<M: BusMachine> SignalBus<M> {
     pub fn lost(&mut self) {
         self.sub = None;
         self.pushes = None;
+        self.clear_rooms();
         self.hub.drive(|m| m.bus_state(false));
         // Nothing can be published meanwhile: what is queued (and what was in flight, maybe
         // published or not) is refused (the machine tells the clients concerned), taken
@@ -223,20 +318,22 @@ impl<M: BusMachine> SignalBus<M> {
     ) -> redis::RedisResult<()> {
         let now: BTreeSet<String> = ids.iter().filter(|n| **n != self.node).cloned().collect();
         for gone in self.known.difference(&now) {
-            self.hub.drive(|m| m.bus_snapshot(gone, &[]));
+            self.hub.drive(|m| m.bus_snapshot(gone, None, &[]));
         }
         let new: Vec<String> = now.difference(&self.known).cloned().collect();
         for n in new {
-            self.resync(c, &n).await?;
+            self.resync(c, &n, None).await?;
         }
         self.known = now;
         Ok(())
     }
 
+    /// Re-reads `node`'s member list (its members in `room` only, when given).
     async fn resync(
         &mut self,
         c: &mut MultiplexedConnection,
         node: &str,
+        room: Option<&str>,
     ) -> redis::RedisResult<()> {
         let raw: FxHashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.members_key(node))
@@ -247,7 +344,7 @@ impl<M: BusMachine> SignalBus<M> {
             .values()
             .filter_map(|j| serde_json::from_str(j).ok())
             .collect();
-        self.hub.drive(|m| m.bus_snapshot(node, &members));
+        self.hub.drive(|m| m.bus_snapshot(node, room, &members));
         Ok(())
     }
 
@@ -266,20 +363,25 @@ impl<M: BusMachine> SignalBus<M> {
                 Step::Publishes(r) => {
                     let n = r.len() as u64;
                     let mut p = redis::pipe();
-                    let chan = channel::<M>(&self.keys);
+                    self.add_directory(&mut p, &self.inflight[r.clone()]);
+                    let verb = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
                     let ts = super::driver::unix_us();
                     for cmd in &self.inflight[r] {
-                        let BusCmd::Publish { seq, ev } = cmd else {
+                        let BusCmd::Publish { to, ep, seq, ev } = cmd else {
                             continue;
                         };
                         let env = Envelope {
                             node: self.node.clone(),
+                            ep: *ep,
                             seq: *seq,
                             ev: ev.clone(),
                             ts,
                         };
                         let text = serde_json::to_string(&env).unwrap_or_default();
-                        p.cmd("PUBLISH").arg(&chan).arg(text).ignore();
+                        p.cmd(verb)
+                            .arg(channel::<M>(&self.keys, to))
+                            .arg(text)
+                            .ignore();
                     }
                     p.query_async::<()>(c).await?;
                     self.view
@@ -297,6 +399,38 @@ impl<M: BusMachine> SignalBus<M> {
         Ok(())
     }
 
+    /// Adds to `p` the member-list entries the membership events among `cmds` change,
+    /// as they are now (published before the events, so a node reading the list after
+    /// subscribing sees every member whose join it did not hear).
+    fn add_directory(&self, p: &mut redis::Pipeline, cmds: &[BusCmd]) {
+        let ids: Vec<&str> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                BusCmd::Publish { ev, .. } => ev.member(),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let key = self.members_key(&self.node);
+        let entries: Vec<(&str, Option<Member>)> = self
+            .hub
+            .with_core(|m| ids.iter().map(|id| (*id, m.bus_member(id))).collect());
+        for (id, m) in entries {
+            match m {
+                Some(m) => {
+                    let json = serde_json::to_string(&m).unwrap_or_default();
+                    p.cmd("HSET").arg(&key).arg(id).arg(json).ignore();
+                }
+                None => {
+                    p.cmd("HDEL").arg(&key).arg(id).ignore();
+                }
+            }
+        }
+        p.cmd("PEXPIRE").arg(&key).arg(self.lease_ms).ignore();
+    }
+
     /// Carries out one command other than a publish.
     async fn command(
         &mut self,
@@ -305,12 +439,23 @@ impl<M: BusMachine> SignalBus<M> {
     ) -> redis::RedisResult<()> {
         match cmd {
             BusCmd::Publish { .. } => Ok(()),
-            BusCmd::Resync { node } => {
+            BusCmd::Resync { node, room } => {
                 if self.known.contains(&node) {
-                    self.resync(c, &node).await?;
+                    self.resync(c, &node, room.as_deref()).await?;
                 }
                 Ok(())
             }
+            BusCmd::Subscribe { room } => {
+                // Listen first, then read: a join published meanwhile is either heard or
+                // already in its node's list.
+                self.subscribe_room(&room).await?;
+                let nodes: Vec<String> = self.known.iter().cloned().collect();
+                for n in nodes {
+                    self.resync(c, &n, Some(&room)).await?;
+                }
+                Ok(())
+            }
+            BusCmd::Unsubscribe { room } => self.unsubscribe_room(&room).await,
             BusCmd::Claim { id } => {
                 let key = self.keys.peerjs_id(&id);
                 let lease_ms = self.lease_ms;
@@ -352,7 +497,7 @@ impl<M: BusMachine> SignalBus<M> {
         let mut events = Vec::with_capacity(batch.len());
         for p in batch {
             match p.kind {
-                PushKind::Message => {
+                PushKind::Message | PushKind::SMessage => {
                     let Some(env) = p.data.get(1).and_then(decode) else {
                         tracing::debug!("cluster: unreadable bus message ignored");
                         continue;
@@ -378,7 +523,7 @@ impl<M: BusMachine> SignalBus<M> {
             self.hub.drive(|m| {
                 let mut outs = Vec::new();
                 for env in events {
-                    outs.extend(m.bus_event(&env.node, env.seq, env.ev));
+                    outs.extend(m.bus_event(&env.node, env.ep, env.seq, env.ev));
                 }
                 outs
             });
@@ -431,6 +576,8 @@ mod tests {
 
     fn publish(seq: u64) -> BusCmd {
         BusCmd::Publish {
+            to: Chan::Room("room:a".into()),
+            ep: 1,
             seq,
             ev: BusEvent::Left {
                 room: "room:a".into(),
@@ -447,7 +594,10 @@ mod tests {
             publish(3),
             BusCmd::Claim { id: "x".into() },
             publish(4),
-            BusCmd::Resync { node: "b".into() },
+            BusCmd::Resync {
+                node: "b".into(),
+                room: None,
+            },
             BusCmd::Release { id: "x".into() },
             publish(5),
             publish(6),
@@ -484,6 +634,7 @@ mod tests {
     fn decode_reads_bulk_bytes_and_refuses_garbage() {
         let env = Envelope {
             node: "a".into(),
+            ep: 3,
             seq: 7,
             ev: BusEvent::Left {
                 room: "room:a".into(),

@@ -35,6 +35,12 @@ metric_table! { pub DEFS;
     CLUSTER_BUS_DROPPED: Counter "tern_cluster_bus_dropped_total" []
         "Cluster mode: bus messages dropped on this node (a full queue, or Redis unreachable); \
         receivers repair the gap by a resync.";
+    CLUSTER_BUS_ROOM_CHANNELS: Gauge "tern_cluster_bus_room_channels" []
+        "Cluster mode: room channels this node subscribes to (the rooms with a member here, \
+        the LAN rooms, the PeerJS realm): only these rooms' traffic reaches it.";
+    CLUSTER_BUS_SHARDED: Gauge "tern_cluster_bus_sharded" []
+        "Cluster mode: 1 when the bus uses sharded pub/sub (SPUBLISH/SSUBSCRIBE), 0 for plain \
+        PUBLISH/SUBSCRIBE (Redis without it, or cluster.sharded_pubsub = false).";
 }
 
 /// Cluster mode's collector.
@@ -80,5 +86,15 @@ fn read(view: &Arc<ClusterView>, f: &mut Families) {
         &CLUSTER_BUS_DROPPED,
         &[],
         s.bus_dropped.load(Relaxed) + hub_dropped,
+    );
+    f.sample(
+        &CLUSTER_BUS_ROOM_CHANNELS,
+        &[],
+        s.bus_room_channels.load(Relaxed),
+    );
+    f.sample(
+        &CLUSTER_BUS_SHARDED,
+        &[],
+        u64::from(s.bus_sharded.load(Relaxed)),
     );
 }

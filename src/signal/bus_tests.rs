@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::config::SignalConfig;
-use crate::signal::bus::{BusCmd, BusEvent, Member};
+use crate::signal::bus::{BusCmd, BusEvent, Chan, Member};
 use crate::signal::rooms::tests::to;
 use crate::signal::rooms::RoomService;
 use crate::signal::Out;
@@ -43,25 +43,35 @@ fn local_in_r1(s: &mut RoomService) -> String {
     let o = s.connect(1, "v4:203.0.113.1".into(), None, t);
     let id = to(&o, 1)[0]["id"].as_str().unwrap().to_string();
     let o = s.message(1, r#"{"type":"join","room":"r1"}"#, t);
-    // The join is published, numbered after the LAN join.
+    // The room's first member here: its channel is listened to, then the join published
+    // on it, first in that room's sequence.
     let cmds = bus(&o);
     assert!(
-        matches!(&cmds[..], [BusCmd::Publish { seq: 2, ev: BusEvent::Joined { room, .. } }] if room == "room:r1")
+        matches!(&cmds[..], [BusCmd::Subscribe { room: sub }, BusCmd::Publish { to: Chan::Room(r), seq: 1, ev: BusEvent::Joined { room, .. }, .. }]
+            if sub == "room:r1" && r == "room:r1" && room == "room:r1"),
+        "{cmds:?}"
     );
     id
+}
+
+/// A second local peer (conn 3) in named room `other`, so that room is listened to.
+fn local_in_other(s: &mut RoomService) {
+    let t = Instant::now();
+    s.connect(3, "v4:192.0.2.9".into(), None, t);
+    s.message(3, r#"{"type":"join","room":"other"}"#, t);
 }
 
 #[test]
 fn remote_joins_and_leaves_reach_local_members_once() {
     let mut s = svc();
     local_in_r1(&mut s);
-    let o = s.bus_event("b", 1, joined("room:r1", "rb"));
+    let o = s.bus_event("b", 1, 1, joined("room:r1", "rb"));
     let m = to(&o, 1);
     assert_eq!(m.len(), 1);
     assert_eq!(m[0]["type"], "peer-joined");
     assert_eq!(m[0]["peer"]["id"], "rb");
     // The same event again (a duplicate from the bus): nothing.
-    assert!(s.bus_event("b", 1, joined("room:r1", "rb")).is_empty());
+    assert!(s.bus_event("b", 1, 1, joined("room:r1", "rb")).is_empty());
     // A new local member sees the remote one in the member list.
     let t = Instant::now();
     s.connect(2, "v4:198.51.100.7".into(), None, t);
@@ -74,6 +84,7 @@ fn remote_joins_and_leaves_reach_local_members_once() {
         .any(|p| p["id"] == "rb"));
     let o = s.bus_event(
         "b",
+        1,
         2,
         BusEvent::Left {
             room: "room:r1".into(),
@@ -88,8 +99,9 @@ fn remote_joins_and_leaves_reach_local_members_once() {
 fn signals_cross_nodes_only_between_peers_sharing_a_room() {
     let mut s = svc();
     let me = local_in_r1(&mut s);
-    s.bus_event("b", 1, joined("room:r1", "rb"));
-    s.bus_event("b", 2, joined("room:other", "rc"));
+    s.bus_event("b", 1, 1, joined("room:r1", "rb"));
+    local_in_other(&mut s);
+    s.bus_event("b", 1, 1, joined("room:other", "rc"));
     let t = Instant::now();
     let o = s.message(1, r#"{"type":"signal","to":"rb","data":{"sdp":"x"}}"#, t);
     let cmds = bus(&o);
@@ -103,6 +115,7 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
     // Incoming: delivered with `from` as published; not to a peer outside the room.
     let o = s.bus_event(
         "b",
+        1,
         3,
         BusEvent::Signal {
             to: me.clone(),
@@ -116,6 +129,7 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
     );
     let o = s.bus_event(
         "b",
+        1,
         4,
         BusEvent::Signal {
             to: me,
@@ -130,8 +144,9 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
 fn a_relay_to_a_peer_on_another_node_is_hosted_here_and_its_ticket_goes_on_the_bus() {
     let mut s = svc();
     let me = local_in_r1(&mut s);
-    s.bus_event("b", 1, joined("room:r1", "rb"));
-    s.bus_event("b", 2, joined("room:other", "rc"));
+    s.bus_event("b", 1, 1, joined("room:r1", "rb"));
+    local_in_other(&mut s);
+    s.bus_event("b", 1, 1, joined("room:other", "rc"));
     let t = Instant::now();
     // No advertised URL: the other node's peer could not reach this relay.
     let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
@@ -169,26 +184,29 @@ fn a_relay_to_a_peer_on_another_node_is_hosted_here_and_its_ticket_goes_on_the_b
         url: "ws://b.example/relay".into(),
         expires_in: 30,
     };
-    let o = s.bus_event("b", 3, ticket("rb"));
+    let o = s.bus_event("b", 1, 3, ticket("rb"));
     assert_eq!(
         to(&o, 1)[0],
         json!({"type": "relay-ticket", "peer": "rb", "ticket": "t1", "path": "/relay",
                "url": "ws://b.example/relay", "expires_in": 30})
     );
-    assert!(to(&s.bus_event("b", 4, ticket("rc")), 1).is_empty());
+    assert!(to(&s.bus_event("b", 1, 4, ticket("rc")), 1).is_empty());
 }
 
 #[test]
 fn a_gap_asks_for_a_resync_and_the_snapshot_repairs_membership() {
     let mut s = svc();
     local_in_r1(&mut s);
-    s.bus_event("b", 10, joined("room:r1", "rb"));
+    s.bus_event("b", 1, 10, joined("room:r1", "rb"));
     // 11 and 12 were lost (one of them was rb leaving, another rd joining).
-    let o = s.bus_event("b", 13, joined("room:r1", "re"));
+    let o = s.bus_event("b", 1, 13, joined("room:r1", "re"));
     assert_eq!(
         bus(&o),
-        [BusCmd::Resync { node: "b".into() }],
-        "the gap is detected"
+        [BusCmd::Resync {
+            node: "b".into(),
+            room: Some("room:r1".into())
+        }],
+        "the gap is detected, in that room's channel"
     );
     assert_eq!(
         to(&o, 1)[0]["peer"]["id"],
@@ -196,14 +214,14 @@ fn a_gap_asks_for_a_resync_and_the_snapshot_repairs_membership() {
         "the event itself still applies"
     );
     // Reordered: 12 arriving late is ignored (the resync covers it).
-    assert!(s.bus_event("b", 12, joined("room:r1", "rd")).is_empty());
+    assert!(s.bus_event("b", 1, 12, joined("room:r1", "rd")).is_empty());
     // The resync: b's member list is rd and re.
     let member = |id: &str| Member {
         id: id.into(),
         name: format!("name of {id}"),
         rooms: vec!["room:r1".into()],
     };
-    let o = s.bus_snapshot("b", &[member("rd"), member("re")]);
+    let o = s.bus_snapshot("b", None, &[member("rd"), member("re")]);
     let m = to(&o, 1);
     assert_eq!(m.len(), 2, "{m:?}");
     assert!(m
@@ -213,7 +231,7 @@ fn a_gap_asks_for_a_resync_and_the_snapshot_repairs_membership() {
         .iter()
         .any(|x| x["type"] == "peer-joined" && x["peer"]["id"] == "rd"));
     // A node gone: all its peers leave.
-    let o = s.bus_snapshot("b", &[]);
+    let o = s.bus_snapshot("b", None, &[]);
     assert_eq!(
         to(&o, 1)
             .iter()
@@ -227,7 +245,7 @@ fn a_gap_asks_for_a_resync_and_the_snapshot_repairs_membership() {
 fn redis_down_refuses_cross_node_signals_and_keeps_local_rooms() {
     let mut s = svc();
     local_in_r1(&mut s);
-    s.bus_event("b", 1, joined("room:r1", "rb"));
+    s.bus_event("b", 1, 1, joined("room:r1", "rb"));
     s.bus_state(false);
     let t = Instant::now();
     let o = s.message(1, r#"{"type":"signal","to":"rb","data":1}"#, t);
@@ -255,14 +273,14 @@ fn without_the_bus_nothing_is_published() {
     let mut o = s.connect(1, "v4:203.0.113.1".into(), None, t);
     o.extend(s.message(1, r#"{"type":"join","room":"r1"}"#, t));
     assert!(bus(&o).is_empty());
-    assert!(s.bus_event("b", 1, joined("room:r1", "rb")).is_empty());
+    assert!(s.bus_event("b", 1, 1, joined("room:r1", "rb")).is_empty());
 }
 
 #[test]
 fn a_signal_or_relay_ticket_the_bus_queue_cannot_take_is_refused_to_its_sender() {
     let mut s = svc();
     let me = local_in_r1(&mut s);
-    s.bus_event("b", 1, joined("room:r1", "rb"));
+    s.bus_event("b", 1, 1, joined("room:r1", "rb"));
     s.set_relay_url("ws://a.example/relay".into());
     let t = Instant::now();
     let o = s.message(1, r#"{"type":"signal","to":"rb","data":1}"#, t);
@@ -281,6 +299,8 @@ fn a_signal_or_relay_ticket_the_bus_queue_cannot_take_is_refused_to_its_sender()
     assert_eq!(to(&o, 1)[0]["code"], "cluster-busy");
     // A lost join needs nothing from the machine: receivers resync on the gap.
     let lost_join = BusCmd::Publish {
+        to: Chan::Room("room:r1".into()),
+        ep: 1,
         seq: 9,
         ev: joined("room:r1", &me),
     };
@@ -299,7 +319,7 @@ fn the_hub_hands_commands_its_full_bus_queue_refuses_back_to_the_machine() {
     use crate::signal::driver::{Hub, SendBudget};
     let mut s = svc();
     local_in_r1(&mut s);
-    s.bus_event("b", 1, joined("room:r1", "rb"));
+    s.bus_event("b", 1, 1, joined("room:r1", "rb"));
     let hub = Hub::new(
         s,
         SendBudget {
@@ -325,4 +345,174 @@ fn the_hub_hands_commands_its_full_bus_queue_refuses_back_to_the_machine() {
         .position(|r| *r == "cluster_busy")
         .unwrap();
     assert_eq!(hub.with_core(|m| m.stats().refused[busy]), 1);
+}
+
+#[test]
+fn a_room_is_listened_to_while_it_has_a_member_here() {
+    let mut s = svc();
+    let t = Instant::now();
+    let me = local_in_r1(&mut s);
+    // Events of a room without a member here are not for this node: ignored, no resync.
+    assert!(s
+        .bus_event("b", 1, 5, joined("room:elsewhere", "rx"))
+        .is_empty());
+    assert!(s
+        .bus_event("b", 1, 9, joined("room:elsewhere", "ry"))
+        .is_empty());
+    // A second member: no second subscription.
+    s.connect(2, "v4:198.51.100.7".into(), None, t);
+    let o = s.message(2, r#"{"type":"join","room":"r1"}"#, t);
+    assert!(
+        matches!(&bus(&o)[..], [BusCmd::Publish { to: Chan::Room(r), seq: 2, .. }] if r == "room:r1"),
+        "{:?}",
+        bus(&o)
+    );
+    s.bus_event("b", 1, 1, joined("room:r1", "rb"));
+    // The first leaves: published; the room still has a member here.
+    let o = s.message(1, r#"{"type":"leave","room":"r1"}"#, t);
+    let first_ep = match &bus(&o)[..] {
+        [BusCmd::Publish {
+            to: Chan::Room(r),
+            ep,
+            seq: 3,
+            ev: BusEvent::Left { id, .. },
+        }] if r == "room:r1" && *id == me => *ep,
+        other => panic!("{other:?}"),
+    };
+    // The last one leaves: its leave is published, then the channel is dropped, and so is
+    // what this node knew of the room's remote members.
+    let o = s.message(2, r#"{"type":"leave","room":"r1"}"#, t);
+    assert!(
+        matches!(&bus(&o)[..], [BusCmd::Publish { to: Chan::Room(r), seq: 4, ev: BusEvent::Left { .. }, .. }, BusCmd::Unsubscribe { room }]
+            if r == "room:r1" && room == "room:r1"),
+        "{:?}",
+        bus(&o)
+    );
+    assert!(
+        s.bus_event("b", 1, 2, joined("room:r1", "rc")).is_empty(),
+        "no longer listened to"
+    );
+    // Back in the room: subscribed again; this node's sequence for it restarts at 1
+    // under a later epoch, and the remote members come from the subscription's resync.
+    let o = s.message(1, r#"{"type":"join","room":"r1"}"#, t);
+    match &bus(&o)[..] {
+        [BusCmd::Subscribe { room }, BusCmd::Publish { ep, seq: 1, .. }] => {
+            assert_eq!(room, "room:r1");
+            assert!(*ep > first_ep);
+        }
+        other => panic!("{other:?}"),
+    }
+    let room = to(&o, 1).into_iter().find(|m| m["type"] == "room").unwrap();
+    assert_eq!(room["peers"].as_array().unwrap().len(), 0, "rb forgotten");
+    let member = |id: &str, rooms: &[&str]| Member {
+        id: id.into(),
+        name: format!("name of {id}"),
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+    };
+    let o = s.bus_snapshot(
+        "b",
+        Some("room:r1"),
+        &[member("rb", &["room:r1", "room:elsewhere"])],
+    );
+    let m = to(&o, 1);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0]["peer"]["id"], "rb");
+}
+
+#[test]
+fn gaps_duplicates_and_reordering_are_per_room_channel() {
+    let mut s = svc();
+    local_in_r1(&mut s);
+    local_in_other(&mut s);
+    // Node b's two room channels number independently: 1, 2 in r1 and 1 in other.
+    assert_eq!(
+        to(&s.bus_event("b", 1, 1, joined("room:r1", "p1")), 1).len(),
+        1
+    );
+    assert_eq!(
+        to(&s.bus_event("b", 7, 1, joined("room:other", "q1")), 3).len(),
+        1
+    );
+    assert_eq!(
+        to(&s.bus_event("b", 1, 2, joined("room:r1", "p2")), 1).len(),
+        1
+    );
+    // A duplicate in one room.
+    assert!(s.bus_event("b", 1, 2, joined("room:r1", "p2")).is_empty());
+    // A gap in other (2 lost): a resync of that room only; r1 is undisturbed.
+    let o = s.bus_event("b", 7, 3, joined("room:other", "q3"));
+    assert_eq!(
+        bus(&o),
+        [BusCmd::Resync {
+            node: "b".into(),
+            room: Some("room:other".into())
+        }]
+    );
+    let o = s.bus_event("b", 1, 3, joined("room:r1", "p3"));
+    assert!(bus(&o).is_empty(), "r1's sequence has no gap");
+    // Reordered within r1: 5 before 4. 5 is a gap (resync asked), 4 then a duplicate.
+    let left = |id: &str| BusEvent::Left {
+        room: "room:r1".into(),
+        id: id.into(),
+    };
+    let o = s.bus_event("b", 1, 5, left("p3"));
+    assert_eq!(
+        bus(&o),
+        [BusCmd::Resync {
+            node: "b".into(),
+            room: Some("room:r1".into())
+        }]
+    );
+    assert!(s.bus_event("b", 1, 4, left("p2")).is_empty());
+    // The resync of r1 repairs it: p2 left meanwhile; other's members stay as they were.
+    let member = |id: &str, rooms: &[&str]| Member {
+        id: id.into(),
+        name: format!("name of {id}"),
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+    };
+    let o = s.bus_snapshot(
+        "b",
+        Some("room:r1"),
+        &[member("p1", &["room:r1"]), member("q1", &["room:other"])],
+    );
+    let m = to(&o, 1);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(
+        (m[0]["type"].as_str(), m[0]["id"].as_str()),
+        (Some("peer-left"), Some("p2"))
+    );
+    assert!(to(&o, 3).is_empty(), "room other untouched");
+    // b restarted: its r1 sequence comes under a new epoch from 1: not a duplicate.
+    let o = s.bus_event("b", 2, 1, joined("room:r1", "p9"));
+    assert_eq!(to(&o, 1)[0]["peer"]["id"], "p9");
+    assert!(bus(&o).is_empty());
+}
+
+#[test]
+fn cross_node_signals_and_tickets_go_to_the_peer_s_node_channel() {
+    let mut s = svc();
+    local_in_r1(&mut s);
+    s.bus_event("node-b", 1, 1, joined("room:r1", "rb"));
+    s.set_relay_url("ws://a.example/relay".into());
+    let t = Instant::now();
+    let o = s.message(1, r#"{"type":"signal","to":"rb","data":1}"#, t);
+    let o2 = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    let Some(Out::Relay(g)) = o2.into_iter().find(|o| matches!(o, Out::Relay(_))) else {
+        panic!("a grant")
+    };
+    match (&bus(&o)[..], g.remote) {
+        (
+            [BusCmd::Publish {
+                to: Chan::Node(n1),
+                seq: 1,
+                ..
+            }],
+            Some(BusCmd::Publish {
+                to: Chan::Node(n2),
+                seq: 2,
+                ..
+            }),
+        ) => assert_eq!((n1.as_str(), n2.as_str()), ("node-b", "node-b")),
+        other => panic!("{other:?}"),
+    }
 }

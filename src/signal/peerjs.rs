@@ -28,7 +28,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use super::bus::{BusCmd, BusEvent, Member, RemoteMembers};
+use super::bus::{BusCmd, BusEvent, Chan, Member, RemoteMembers, PEERJS_REALM as BUS_ROOM};
 use super::{shrink_map, Out, Text, WsId};
 use crate::config::SignalConfig;
 use crate::rate::TokenBucket;
@@ -193,9 +193,6 @@ pub struct PeerJsService {
     /// Changes whenever the set of claimed ids does (the driver rewrites the list then).
     members_version: u64,
 }
-
-/// The one "room" every PeerJS id is in, in [`RemoteMembers`] and the published list.
-const BUS_ROOM: &str = "peerjs";
 
 fn id_taken_text() -> String {
     serde_json::json!({"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}}).to_string()
@@ -366,9 +363,10 @@ impl PeerJsService {
         if let Some(b) = self.bus.as_mut() {
             self.members_version += 1;
             if b.up {
-                out.push(Out::Bus(
-                    b.publish(BusEvent::PeerjsOpen { id: id.to_string() }),
-                ));
+                out.push(Out::Bus(b.publish(
+                    Chan::Room(BUS_ROOM.into()),
+                    BusEvent::PeerjsOpen { id: id.to_string() },
+                )));
             }
         }
         self.flush_queue(id, out);
@@ -565,11 +563,15 @@ impl PeerJsService {
             if let Some(b) = self.bus.as_mut().filter(|b| b.is_remote(&dst)) {
                 if b.up {
                     self.stats.forwarded += 1;
-                    out.push(Out::Bus(b.publish(BusEvent::Peerjs {
-                        to: dst,
-                        from: src,
-                        text,
-                    })));
+                    let node = b.node_of(&dst).unwrap_or_default().to_string();
+                    out.push(Out::Bus(b.publish(
+                        Chan::Node(node),
+                        BusEvent::Peerjs {
+                            to: dst,
+                            from: src,
+                            text,
+                        },
+                    )));
                 } else if kind != "LEAVE" && kind != "EXPIRE" {
                     // Redis away: the peer's node cannot be reached. EXPIRE, not ERROR
                     // (the client would abort its whole Peer).
@@ -642,9 +644,10 @@ impl PeerJsService {
         if claimed {
             self.members_version += 1;
             if b.up {
-                out.push(Out::Bus(
-                    b.publish(BusEvent::PeerjsClose { id: id.to_string() }),
-                ));
+                out.push(Out::Bus(b.publish(
+                    Chan::Room(BUS_ROOM.into()),
+                    BusEvent::PeerjsClose { id: id.to_string() },
+                )));
             }
         }
         // A pending claim may still succeed in Redis: release it either way.
@@ -715,7 +718,10 @@ impl PeerJsService {
 impl PeerJsService {
     /// Turns cluster mode on.
     pub fn enable_bus(&mut self) {
-        self.bus = Some(RemoteMembers::new());
+        let mut b = RemoteMembers::new();
+        // Every node with the PeerJS server listens to the realm's channel.
+        b.subscribe(BUS_ROOM);
+        self.bus = Some(b);
     }
 
     /// Redis reachable or not: while not, new ids open without a claim and messages for
@@ -756,6 +762,15 @@ impl PeerJsService {
             })
             .collect();
         (self.members_version, list)
+    }
+
+    /// `id`'s entry in [`PeerJsService::bus_members`] now.
+    pub fn bus_member(&self, id: &str) -> Option<Member> {
+        self.clients.get(id).filter(|c| c.claimed).map(|_| Member {
+            id: id.to_string(),
+            name: String::new(),
+            rooms: vec![BUS_ROOM.to_string()],
+        })
     }
 
     /// The outcome of a [`BusCmd::Claim`]: OPEN, or ID-TAKEN when another node holds it.
@@ -831,21 +846,33 @@ impl PeerJsService {
             self.unqueue(&m);
             self.stats.forwarded += 1;
             let b = self.bus.as_mut().expect("checked");
-            out.push(Out::Bus(b.publish(BusEvent::Peerjs {
-                to: id.to_string(),
-                from: m.src,
-                text: m.text,
-            })));
+            let node = b.node_of(id).unwrap_or_default().to_string();
+            out.push(Out::Bus(b.publish(
+                Chan::Node(node),
+                BusEvent::Peerjs {
+                    to: id.to_string(),
+                    from: m.src,
+                    text: m.text,
+                },
+            )));
         }
     }
 
-    /// An event published by `node` with sequence number `seq`.
-    pub fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent, now: Instant) -> Vec<Out> {
+    /// An event published by `node` with number `seq` of its sequence `ep` for the
+    /// channel it came on.
+    pub fn bus_event(
+        &mut self,
+        node: &str,
+        ep: u64,
+        seq: u64,
+        ev: BusEvent,
+        now: Instant,
+    ) -> Vec<Out> {
         let mut out = Vec::new();
         let Some(b) = self.bus.as_mut() else {
             return out;
         };
-        if !b.accept(node, seq, &mut out) {
+        if !b.accept(node, ep, seq, &ev, &mut out) {
             return out;
         }
         match ev {
@@ -884,7 +911,7 @@ impl PeerJsService {
         let Some(b) = self.bus.as_mut() else {
             return out;
         };
-        let (joined, _left) = b.replace_node(node, members);
+        let (joined, _left) = b.replace_node(node, None, members);
         for (_, id, _) in joined {
             self.forward_queue(&id, &mut out);
         }

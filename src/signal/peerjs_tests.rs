@@ -458,7 +458,7 @@ fn cluster_claim_before_open_and_id_taken_from_redis() {
 fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
     let mut s = clustered();
     let t0 = Instant::now();
-    s.bus_event("b", 1, open_ev("zed"), t0);
+    s.bus_event("b", 1, 1, open_ev("zed"), t0);
     let o = open(&mut s, 1, "zed", "t", t0);
     assert_eq!(texts(&o, 1)[0]["type"], "ID-TAKEN");
     assert!(
@@ -476,6 +476,7 @@ fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
     let BusCmd::Publish {
         seq: s1,
         ev: BusEvent::Peerjs { to, from, text },
+        ..
     } = &cmds[0]
     else {
         panic!("{cmds:?}")
@@ -498,6 +499,7 @@ fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
     // From zed to alice: delivered as is.
     let o = s.bus_event(
         "b",
+        1,
         2,
         BusEvent::Peerjs {
             to: "alice".into(),
@@ -508,7 +510,7 @@ fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
     );
     assert_eq!(texts(&o, 2), vec![serde_json::json!({"type":"ANSWER"})]);
     // zed leaves its node: ids free, messages for it are held then expire.
-    s.bus_event("b", 3, BusEvent::PeerjsClose { id: "zed".into() }, t0);
+    s.bus_event("b", 1, 3, BusEvent::PeerjsClose { id: "zed".into() }, t0);
     let o = open(&mut s, 3, "zed", "t", t0);
     assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "zed".into() }]);
 }
@@ -524,16 +526,25 @@ fn cluster_duplicate_gap_and_node_gone() {
         from: "zed".into(),
         text: format!("{{\"type\":\"CANDIDATE\",\"n\":{n}}}"),
     };
-    assert_eq!(texts(&s.bus_event("b", 1, open_ev("zed"), t0), 1).len(), 0);
-    assert_eq!(texts(&s.bus_event("b", 2, ans(1), t0), 1).len(), 1);
+    assert_eq!(
+        texts(&s.bus_event("b", 1, 1, open_ev("zed"), t0), 1).len(),
+        0
+    );
+    assert_eq!(texts(&s.bus_event("b", 1, 2, ans(1), t0), 1).len(), 1);
     // A duplicate is ignored.
-    assert!(s.bus_event("b", 2, ans(1), t0).is_empty());
+    assert!(s.bus_event("b", 1, 2, ans(1), t0).is_empty());
     // A gap: applied, and a resync of that node asked for.
-    let o = s.bus_event("b", 5, ans(2), t0);
+    let o = s.bus_event("b", 1, 5, ans(2), t0);
     assert_eq!(texts(&o, 1).len(), 1);
-    assert_eq!(bus_cmds(&o), [BusCmd::Resync { node: "b".into() }]);
+    assert_eq!(
+        bus_cmds(&o),
+        [BusCmd::Resync {
+            node: "b".into(),
+            room: None
+        }]
+    );
     // The late (reordered) one is a duplicate: the resync covers it.
-    assert!(s.bus_event("b", 4, ans(9), t0).is_empty());
+    assert!(s.bus_event("b", 1, 4, ans(9), t0).is_empty());
     // The resync shows zed gone and yan there.
     let yan = Member {
         id: "yan".into(),
@@ -565,7 +576,7 @@ fn cluster_duplicate_gap_and_node_gone() {
 fn cluster_redis_down_expires_cross_node_sends_and_opens_locally() {
     let mut s = clustered();
     let t0 = Instant::now();
-    s.bus_event("b", 1, open_ev("zed"), t0);
+    s.bus_event("b", 1, 1, open_ev("zed"), t0);
     open(&mut s, 1, "alice", "t1", t0);
     s.claim_result("alice", true);
     s.bus_state(false);
@@ -616,7 +627,7 @@ fn cluster_claim_pending_when_redis_goes_opens_locally() {
 fn cluster_commands_the_bus_queue_cannot_take_are_never_silent() {
     let mut s = clustered();
     let t0 = Instant::now();
-    s.bus_event("b", 1, open_ev("zed"), t0);
+    s.bus_event("b", 1, 1, open_ev("zed"), t0);
     open(&mut s, 1, "alice", "t1", t0);
     s.claim_result("alice", true);
     // A message for zed (on node b) that could not be queued: EXPIRE back to alice.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::bus::{BusCmd, BusEvent, Member, RemoteMembers};
+use super::bus::{BusCmd, BusEvent, Chan, Member, RemoteMembers};
 use super::names::friendly_name;
 use super::protocol::{rate_limited_text, ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
 use super::{shrink_map, Out, Text, WsId};
@@ -417,16 +417,24 @@ impl RoomService {
         let mut peers: Vec<PeerInfo> = others.iter().map(|o| self.info(o)).collect();
         if let Some(b) = self.bus.as_mut() {
             let bus_room = room.bus_name();
+            if others.is_empty() {
+                // The room's first member here: listen to its channel (and read who is in
+                // it elsewhere) before announcing the join.
+                out.push(Out::Bus(b.subscribe(&bus_room)));
+            }
             peers.extend(
                 b.members(&bus_room)
                     .into_iter()
                     .map(|(id, name)| PeerInfo { id, name }),
             );
-            out.push(Out::Bus(b.publish(BusEvent::Joined {
-                room: bus_room,
-                id: me.id.clone(),
-                name: me.name.clone(),
-            })));
+            out.push(Out::Bus(b.publish(
+                Chan::Room(bus_room.clone()),
+                BusEvent::Joined {
+                    room: bus_room,
+                    id: me.id.clone(),
+                    name: me.name.clone(),
+                },
+            )));
             self.members_version += 1;
         }
         let conn = self.peers[id].conn.expect("joining peer is attached");
@@ -468,10 +476,21 @@ impl RoomService {
             self.rooms.remove(room);
         }
         if let Some(b) = self.bus.as_mut() {
-            out.push(Out::Bus(b.publish(BusEvent::Left {
-                room: room.bus_name(),
-                id: id.to_string(),
-            })));
+            let bus_room = room.bus_name();
+            let chan = Chan::Room(bus_room.clone());
+            out.push(Out::Bus(b.publish(
+                chan.clone(),
+                BusEvent::Left {
+                    room: bus_room.clone(),
+                    id: id.to_string(),
+                },
+            )));
+            if rest.is_empty() {
+                // Its last member here: stop listening; this node's sequence for the room
+                // ends with that leave.
+                out.push(Out::Bus(b.unsubscribe(&bus_room)));
+                b.end_sequence(&chan);
+            }
             self.members_version += 1;
         }
         let left: Text = ServerMsg::PeerLeft {
@@ -940,6 +959,23 @@ impl RoomService {
         (self.members_version, list)
     }
 
+    /// Peer `id`'s entry in [`RoomService::bus_members`] now.
+    pub fn bus_member(&self, id: &str) -> Option<Member> {
+        let p = self.peers.get(id)?;
+        (p.conn.is_some() && !p.rooms.is_empty()).then(|| Member {
+            id: p.id.clone(),
+            name: p.name.clone(),
+            rooms: p.rooms.iter().map(RoomKey::bus_name).collect(),
+        })
+    }
+
+    /// The rooms with a member here, whose channels this node listens to.
+    pub fn bus_rooms(&self) -> Vec<String> {
+        self.bus
+            .as_ref()
+            .map_or_else(Vec::new, RemoteMembers::subscribed)
+    }
+
     /// Without the bus this is one branch: the single-node signal path is unchanged.
     fn is_remote(&self, id: &str) -> bool {
         self.bus.as_ref().is_some_and(|b| b.is_remote(id)) && !self.peers.contains_key(id)
@@ -957,7 +993,7 @@ impl RoomService {
     ) {
         let rooms: BTreeSet<String> = self.peers[id].rooms.iter().map(RoomKey::bus_name).collect();
         let Some(b) = self.bus.as_mut() else { return };
-        if b.shared(&to, &rooms).is_none() {
+        let Some(node) = b.shared(&to, &rooms).map(str::to_string) else {
             out.push(Self::error(
                 &mut self.stats,
                 conn,
@@ -965,7 +1001,9 @@ impl RoomService {
                 "that peer is not in a room with you".into(),
                 Some(&to),
             ));
-        } else if !b.up {
+            return;
+        };
+        if !b.up {
             out.push(Self::error(
                 &mut self.stats,
                 conn,
@@ -975,11 +1013,14 @@ impl RoomService {
             ));
         } else {
             self.stats.signals_forwarded += 1;
-            out.push(Out::Bus(b.publish(BusEvent::Signal {
-                to,
-                from: id.to_string(),
-                data,
-            })));
+            out.push(Out::Bus(b.publish(
+                Chan::Node(node),
+                BusEvent::Signal {
+                    to,
+                    from: id.to_string(),
+                    data,
+                },
+            )));
         }
     }
 
@@ -989,7 +1030,8 @@ impl RoomService {
     fn relay_remote(&mut self, conn: WsId, id: &str, to: String, out: &mut Vec<Out>) {
         let rooms: BTreeSet<String> = self.peers[id].rooms.iter().map(RoomKey::bus_name).collect();
         let Some(b) = self.bus.as_mut() else { return };
-        let refusal = if b.shared(&to, &rooms).is_none() {
+        let node = b.shared(&to, &rooms).map(str::to_string);
+        let refusal = if node.is_none() {
             Some((
                 ErrorCode::NotInSharedRoom,
                 "that peer is not in a room with you",
@@ -1023,13 +1065,16 @@ impl RoomService {
         let (ta, tb) = (self.token(16), self.token(16));
         let url = self.relay_url.clone().unwrap_or_default();
         let Some(b) = self.bus.as_mut() else { return };
-        let cmd = b.publish(BusEvent::RelayTicket {
-            to: to.clone(),
-            from: id.to_string(),
-            ticket: tb.clone(),
-            url,
-            expires_in: self.cfg.relay_ticket_ttl_secs,
-        });
+        let cmd = b.publish(
+            Chan::Node(node.unwrap_or_default()),
+            BusEvent::RelayTicket {
+                to: to.clone(),
+                from: id.to_string(),
+                ticket: tb.clone(),
+                url,
+                expires_in: self.cfg.relay_ticket_ttl_secs,
+            },
+        );
         out.push(Out::Relay(RelayGrant {
             session,
             sides: [(conn, to, ta), (conn, id.to_string(), tb)],
@@ -1077,13 +1122,14 @@ impl RoomService {
         }
     }
 
-    /// An event published by `node` with sequence number `seq`.
-    pub fn bus_event(&mut self, node: &str, seq: u64, ev: BusEvent) -> Vec<Out> {
+    /// An event published by `node` with number `seq` of its sequence `ep` for the
+    /// channel it came on.
+    pub fn bus_event(&mut self, node: &str, ep: u64, seq: u64, ev: BusEvent) -> Vec<Out> {
         let mut out = Vec::new();
         let Some(b) = self.bus.as_mut() else {
             return out;
         };
-        if !b.accept(node, seq, &mut out) {
+        if !b.accept(node, ep, seq, &ev, &mut out) {
             return out;
         }
         match ev {
@@ -1183,14 +1229,15 @@ impl RoomService {
         out
     }
 
-    /// `node`'s published member list (after a gap, a reconnect or a new node), or an
-    /// empty one when the node is gone: its peers join and leave the local rooms to match.
-    pub fn bus_snapshot(&mut self, node: &str, members: &[Member]) -> Vec<Out> {
+    /// `node`'s published member list (after a gap, a reconnect, a new node, or this
+    /// node subscribing to `room`; only `room`'s members count when given), or an empty
+    /// one when the node is gone: its peers join and leave the local rooms to match.
+    pub fn bus_snapshot(&mut self, node: &str, room: Option<&str>, members: &[Member]) -> Vec<Out> {
         let mut out = Vec::new();
         let Some(b) = self.bus.as_mut() else {
             return out;
         };
-        let (joined, left) = b.replace_node(node, members);
+        let (joined, left) = b.replace_node(node, room, members);
         for (room, id) in left {
             self.remote_left(&room, &id, &mut out);
         }

@@ -6,12 +6,16 @@
 //! So the check is local: this node's own count (in [`super::Shared`]) plus the count the
 //! user holds on other nodes as last read from Redis (at most one driver tick old, about a
 //! second). Local changes are marked dirty here; the driver writes them to Redis as leases,
-//! off the hot path. While Redis is unreachable the driver clears the remote counts, so
+//! off the hot path. Each Allocate and successful Refresh (RFC 8656 §7.1, §7.3) renews the
+//! user's lease here to the allocation's new expiry ([`ClusterHook::renew`]): the driver
+//! publishes it with the count, and other nodes count the user only until then, so an
+//! allocation whose Refresh stops stops holding quota cluster-wide when its lifetime ends. While Redis is unreachable the driver clears the remote counts, so
 //! the local quota applies alone. It owns no IO and must not block: one short lock each.
 //! Without `[cluster]` no hook is installed and nothing here runs.
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, RwLock};
+use std::time::Instant;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -26,6 +30,9 @@ pub struct ClusterHook {
     /// Users whose count on this node changed since the driver last took them. Bounded by
     /// the users allocating or releasing within one driver tick.
     dirty: Mutex<FxHashSet<String>>,
+    /// Per user with allocations here: when the latest-expiring one ends unless refreshed
+    /// (the user's lease). Entries go when the user's count here reaches 0.
+    leases: Mutex<FxHashMap<String, Instant>>,
     /// ALTERNATE-SERVER targets from the registry (healthy nodes, least loaded first), used
     /// only when `turn.alternate_*` are empty.
     alternates: RwLock<Alternates>,
@@ -53,6 +60,39 @@ impl ClusterHook {
         d.drain().collect()
     }
 
+    /// An Allocate or a successful Refresh: `user`'s lease runs at least until `expires`
+    /// (the allocation's new expiry), and the driver writes it at its next tick.
+    pub(crate) fn renew(&self, user: &str, expires: Instant) {
+        {
+            let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            match l.get_mut(user) {
+                Some(t) => *t = (*t).max(expires),
+                None => {
+                    l.insert(user.to_string(), expires);
+                }
+            }
+        }
+        self.mark(user);
+    }
+
+    /// When `user`'s lease here ends (None: no allocation renewed it).
+    pub fn lease(&self, user: &str) -> Option<Instant> {
+        let l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        l.get(user).copied()
+    }
+
+    /// `user` holds nothing here any more.
+    pub fn forget_lease(&self, user: &str) {
+        let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        l.remove(user);
+    }
+
+    /// Keeps the leases of `users` only (after a whole rewrite: the others hold nothing).
+    pub fn retain_leases(&self, users: &FxHashSet<&str>) {
+        let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        l.retain(|u, _| users.contains(u.as_str()));
+    }
+
     pub fn set_alternates(&self, a: Alternates) {
         *self.alternates.write().unwrap_or_else(|e| e.into_inner()) = a;
     }
@@ -73,5 +113,30 @@ impl ClusterHook {
         let a = self.alternates.read().unwrap_or_else(|e| e.into_inner());
         a.pick(transport, v6, 0)
             .map(|x| (x.addr, x.domain.map(str::to_string)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_refresh_extends_the_lease_and_marks_the_user() {
+        let h = ClusterHook::new();
+        let t0 = Instant::now();
+        h.renew("alice", t0 + Duration::from_secs(600));
+        assert_eq!(h.take_dirty(), ["alice"]);
+        // A refresh to a later expiry extends it; a shorter one keeps the later (another
+        // allocation of the same user may still run until then).
+        h.renew("alice", t0 + Duration::from_secs(900));
+        h.renew("alice", t0 + Duration::from_secs(60));
+        assert_eq!(h.lease("alice"), Some(t0 + Duration::from_secs(900)));
+        assert_eq!(h.take_dirty(), ["alice"]);
+        h.renew("bob", t0);
+        h.retain_leases(&["bob"].into_iter().collect());
+        assert_eq!(h.lease("alice"), None);
+        h.forget_lease("bob");
+        assert_eq!(h.lease("bob"), None);
     }
 }

@@ -164,6 +164,10 @@ pub(super) fn handle(
     );
     let slot = cx.tables.insert(alloc);
     cx.push_timer(expires, TimerKind::Allocation { slot, id });
+    // Cluster mode: the user's quota lease runs with this allocation's lifetime.
+    if let Some(c) = cx.shared.cluster() {
+        c.renew(&v.quota_user, expires);
+    }
     if let Some(a) = cx.tables.get(slot) {
         usage_tap::report(cx.shared, a, Event::Start, ctx.now.mono, io);
         usage_tap::attach_user_cap(cx.shared, cx.cfg, a, io);

@@ -78,6 +78,10 @@ pub(super) fn handle(
             cx.push_timer(expires, TimerKind::Allocation { slot, id })
         }
     }
+    // Cluster mode: the user's quota lease is renewed with the allocation.
+    if let (Some(c), Some(a)) = (cx.shared.cluster(), cx.tables.get(slot)) {
+        c.renew(&a.quota_user, expires);
+    }
     cx.respond(ctx, out, Ok(()), Some(v), |w| {
         w.attr_u32(attr::LIFETIME, lifetime)
     })
