@@ -241,7 +241,8 @@ impl Worker {
                         match unsafe { cx.stun(now, conn.tuple, frame) } {
                             None => {}
                             Some(Answer::Reply(len)) => {
-                                if !conn.out.push_control(&cx.out[..len]) {
+                                let queued = conn.out.push_control(&cx.out[..len]);
+                                if !queued {
                                     stop = Some(Stop::Close(CloseReason::Backlog));
                                 }
                             }
