@@ -608,8 +608,8 @@ pub struct ClusterConfig {
     pub max_allocations: u32,
     /// ... or at this relayed bandwidth, bytes per second (0: no ceiling).
     pub max_relay_bytes_per_sec: u64,
-    /// Signaling bus on sharded pub/sub (SPUBLISH/SSUBSCRIBE) when Redis has it; false (the
-    /// default for now, docs/cluster.md "Not yet"): plain PUBLISH/SUBSCRIBE.
+    /// Signaling bus on sharded pub/sub (SPUBLISH/SSUBSCRIBE) when Redis has it (the
+    /// default); false: plain PUBLISH/SUBSCRIBE.
     pub sharded_pubsub: bool,
 }
 
@@ -625,7 +625,7 @@ impl Default for ClusterConfig {
             lease_secs: 10,
             max_allocations: 0,
             max_relay_bytes_per_sec: 0,
-            sharded_pubsub: false,
+            sharded_pubsub: true,
         }
     }
 }

@@ -1106,8 +1106,6 @@ fn room_traffic_reaches_only_nodes_with_a_member(sharded: bool) {
 }
 
 #[test]
-#[ignore = "sharded pub/sub: node A lost its bus connection during the subscribe/unsubscribe \
-            cycles (Redis 7.0.15, redis 1.8.2); off by default until found"]
 fn room_traffic_reaches_only_nodes_with_a_member_sharded() {
     room_traffic_reaches_only_nodes_with_a_member(true);
 }

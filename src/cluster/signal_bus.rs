@@ -75,6 +75,11 @@ pub(super) struct SignalBus<M: BusMachine> {
     /// Room channels subscribed on the current connection (bounded by the rooms with a
     /// member here).
     rooms: BTreeSet<String>,
+    /// Sharded only: a room channel left that the subscriber connection still carries
+    /// (see [`Self::unsubscribe_room`]); replaced at the next reconcile.
+    stale_shards: bool,
+    /// How to open a subscriber connection (kept from the last connect).
+    sub_info: Option<(ConnectionInfo, Duration)>,
 }
 
 /// One step of a batch of commands, in queue order: a run of consecutive publishes (one
@@ -144,6 +149,8 @@ impl<M: BusMachine> SignalBus<M> {
             inflight: Vec::new(),
             sharded: false,
             rooms: BTreeSet::new(),
+            stale_shards: false,
+            sub_info: None,
         }
     }
 
@@ -174,6 +181,13 @@ impl<M: BusMachine> SignalBus<M> {
         Ok(())
     }
 
+    /// Stops listening to `room`'s channel. Sharded, no `SUNSUBSCRIBE` is sent: the redis
+    /// crate (1.8) does not take its confirmation push as the command's reply on a
+    /// multiplexed connection (redis-rs issue 2533), so every later reply would go to the
+    /// wrong request until a timeout drops the connection. Instead the subscriber
+    /// connection is replaced by one carrying only the wanted channels at the next
+    /// reconcile; until then the room's traffic still arrives and is ignored by the
+    /// machine (no member here).
     async fn unsubscribe_room(&mut self, room: &str) -> redis::RedisResult<()> {
         let chan = channel::<M>(&self.keys, &Chan::Room(room.to_string()));
         if self.rooms.remove(room) {
@@ -181,7 +195,64 @@ impl<M: BusMachine> SignalBus<M> {
                 .stats
                 .bus_room_channels
                 .fetch_sub(1, Ordering::Relaxed);
-            self.subscription("UNSUBSCRIBE", &chan).await?;
+            if self.sharded {
+                self.stale_shards = true;
+            } else {
+                self.subscription("UNSUBSCRIBE", &chan).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A fresh subscriber connection whose pushes go to a new bounded queue.
+    async fn open_subscriber(
+        &self,
+    ) -> redis::RedisResult<(MultiplexedConnection, mpsc::Receiver<PushInfo>)> {
+        let Some((info, timeout)) = self.sub_info.clone() else {
+            return Err((redis::ErrorKind::Io, "no subscriber connection").into());
+        };
+        let (tx, rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
+        let dropped = Arc::clone(&self.view.stats.bus_dropped);
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            // Full queue: the message is dropped here and its receiver sees a gap.
+            .set_push_sender(move |p: PushInfo| {
+                if tx.try_send(p).is_err() {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let client = redis::Client::open(info)?;
+        let c = client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await?;
+        Ok((c, rx))
+    }
+
+    /// Sharded: swaps the subscriber connection for one carrying this node's channel and
+    /// the rooms still wanted. The new one subscribes before the old one goes, so nothing
+    /// is missed; a message both carry is a duplicate, dropped by its sequence number.
+    async fn replace_subscriber(&mut self) -> redis::RedisResult<()> {
+        let (c, rx) = self.open_subscriber().await?;
+        let old = (self.sub.replace(c), self.pushes.replace(rx));
+        self.stale_shards = false;
+        let own = channel::<M>(&self.keys, &Chan::Node(self.node.clone()));
+        self.subscription("SUBSCRIBE", &own).await?;
+        let rooms: Vec<String> = self.rooms.iter().cloned().collect();
+        for room in rooms {
+            let chan = channel::<M>(&self.keys, &Chan::Room(room));
+            self.subscription("SUBSCRIBE", &chan).await?;
+        }
+        // Pushes still queued from the old connection are applied before it goes.
+        if let (_, Some(mut old_rx)) = old {
+            let mut left = Vec::new();
+            while let Ok(p) = old_rx.try_recv() {
+                left.push(p);
+            }
+            if !left.is_empty() {
+                self.pushes(left);
+            }
         }
         Ok(())
     }
@@ -200,6 +271,9 @@ impl<M: BusMachine> SignalBus<M> {
         let missing: Vec<String> = want.difference(&self.rooms).cloned().collect();
         for room in missing {
             self.command(c, BusCmd::Subscribe { room }).await?;
+        }
+        if self.stale_shards {
+            self.replace_subscriber().await?;
         }
         Ok(())
     }
@@ -222,23 +296,10 @@ impl<M: BusMachine> SignalBus<M> {
         timeout: Duration,
         sharded: bool,
     ) -> redis::RedisResult<()> {
-        let (tx, rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
-        let dropped = Arc::clone(&self.view.stats.bus_dropped);
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            // Full queue: the message is dropped here and its receiver sees a gap.
-            .set_push_sender(move |p: PushInfo| {
-                if tx.try_send(p).is_err() {
-                    dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok::<(), std::convert::Infallible>(())
-            });
-        let client = redis::Client::open(info.clone())?;
-        let c = client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await?;
+        self.sub_info = Some((info.clone(), timeout));
+        let (c, rx) = self.open_subscriber().await?;
         self.clear_rooms();
+        self.stale_shards = false;
         self.sub = Some(c);
         self.pushes = Some(rx);
         self.sharded = sharded;
