@@ -66,7 +66,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() {
-    for _ in $(seq 1 300); do
+    for _ in $(seq 1 600); do
         curl -sf "$1" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
