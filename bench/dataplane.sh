@@ -43,13 +43,8 @@ RELAY_PORTS=2000
 OUT="$ROOT/bench/out/dataplane-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 echo "results and logs: $OUT"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]-}"; do
-        [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
+# PIDS, cleanup on exit, free_port.
+. "$ROOT/bench/lib.sh"
 
 if [ -z "${TERN_BIN:-}" ]; then
     cargo build --release --quiet --bin tern
@@ -83,18 +78,6 @@ chmod 600 "$OUT/secret"
 TICKS=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 20000))
-        if ! ss -Hlnu "sport = :$p" | grep -q . && ! ss -Hlnt "sport = :$p" | grep -q .; then
-            echo "$p"
-            return
-        fi
-    done
-    echo "no free port" >&2
-    exit 1
-}
 
 wait_ready() { # port pid name
     for _ in $(seq 1 300); do

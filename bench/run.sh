@@ -46,13 +46,8 @@ OUT="$ROOT/bench/out/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 echo "results and logs: $OUT"
 
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]-}"; do
-        [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
+# PIDS, cleanup on exit, free_port.
+. "$ROOT/bench/lib.sh"
 
 echo "==> building tern (release) and bench/loadgen (release)"
 TERN_TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -70,18 +65,6 @@ chmod 600 "$OUT/secret"
 : >"$OUT/empty.conf"
 
 # A port that is free for UDP and TCP on 127.0.0.1 right now.
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 20000))
-        if ! ss -Hlnu "sport = :$p" | grep -q . && ! ss -Hlnt "sport = :$p" | grep -q .; then
-            echo "$p"
-            return
-        fi
-    done
-    echo "no free port" >&2
-    exit 1
-}
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }

@@ -36,13 +36,8 @@ done
 OUT="$ROOT/bench/out/soak-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 echo "soak for ${SOAK_SECS} s; results and logs: $OUT"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]-}"; do
-        [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
+# PIDS, cleanup on exit, free_port.
+. "$ROOT/bench/lib.sh"
 trap 'exit 143' TERM INT
 
 if [ -z "${TERN_BIN:-}" ]; then
@@ -53,7 +48,6 @@ LOADGEN_TARGET="$ROOT/bench/out/target-loadgen"
 CARGO_TARGET_DIR="$LOADGEN_TARGET" cargo build --release --quiet --manifest-path bench/loadgen/Cargo.toml
 LOADGEN="$LOADGEN_TARGET/release/tern-loadgen"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 TURN_PORT=$(free_port)
 TLS_PORT=$(free_port)
 API_PORT=$(free_port)
