@@ -42,10 +42,10 @@ fn start_cluster(
     use crate::cluster::{Advertised, ClusterService, CountsFn, LoadFn, LocalLoad};
     let api_cfg = faces.api_config(cfg);
     let advertised = Advertised::from_config(&api_cfg, crate::api::ice::turns_port(&api_cfg));
-    let shared = faces.turn.shared().cloned();
+    let shared = Arc::clone(faces.turn.shared());
     let turn_stats = faces.turn.stats_source();
     let http_stats = faces.http.as_ref().map(HttpService::stats_source);
-    let load_shared = shared.clone();
+    let load_shared = Arc::clone(&shared);
     let load: LoadFn = Box::new(move || {
         let n = turn_stats.net();
         let h = http_stats
@@ -59,25 +59,18 @@ fn start_cluster(
             + n.peer_to_client_tcp_bytes
             + n.peer_to_client_tls_bytes;
         LocalLoad {
-            allocations: load_shared.as_ref().map_or(0, |s| s.total_allocations()),
+            allocations: load_shared.total_allocations(),
             relayed_bytes: turn_bytes + h.relay_bytes_forwarded,
             signal_peers: (h.signal_peers + h.peerjs_clients) as u64,
-            draining: load_shared.as_ref().is_some_and(|s| s.draining()),
+            draining: load_shared.draining(),
         }
     });
-    let counts_shared = shared.clone();
-    let counts: CountsFn = Box::new(move |users| {
-        counts_shared
-            .as_ref()
-            .map(|s| s.local_user_counts(users))
-            .unwrap_or_default()
-    });
+    let counts_shared = Arc::clone(&shared);
+    let counts: CountsFn = Box::new(move |users| counts_shared.local_user_counts(users));
     let rooms = faces.http.as_ref().map(HttpService::rooms_hub);
     let peerjs = faces.http.as_ref().map(HttpService::peerjs_hub);
     let svc = ClusterService::start(cfg, advertised, load, counts, rooms, peerjs)?;
-    if let Some(s) = &shared {
-        s.set_cluster(svc.hook());
-    }
+    shared.set_cluster(svc.hook());
     if let Some(h) = &faces.http {
         h.set_cluster(svc.view())?;
     }

@@ -62,7 +62,7 @@ pub struct Metrics {
 impl Metrics {
     /// Registers the process collector and a collector per running face.
     pub fn new(
-        turn: Option<crate::net::StatsSource>,
+        turn: Option<crate::net::TurnStatsSource>,
         http: Option<crate::api::HttpStatsSource>,
     ) -> Result<Metrics, RegistryError> {
         let registry = Registry::new();

@@ -5,7 +5,7 @@
 
 use super::collect::{Face, Families};
 use crate::metrics_def::metric_table;
-use crate::net::StatsSource;
+use crate::net::TurnStatsSource;
 use crate::turn::stats::{
     result_label, AuthFailure, MethodLabel, ALLOCATION_FAMILIES, FAMILIES, LIFETIME_SECONDS_BOUNDS,
     REQUEST_SECONDS_BOUNDS, RESULT_CODES, TCP_BIND_RESULTS, TCP_CONNECT_RESULTS, TCP_CONN_STATES,
@@ -107,11 +107,11 @@ metric_table! { pub TURN;
 }
 
 /// The TURN face's collector (present when TURN runs).
-pub(super) fn collector(src: StatsSource) -> Face<StatsSource> {
+pub(super) fn collector(src: TurnStatsSource) -> Face<TurnStatsSource> {
     Face::new(RELAY.iter().chain(FASTPATH).chain(TURN), src, read)
 }
 
-fn read(src: &StatsSource, f: &mut Families) {
+fn read(src: &TurnStatsSource, f: &mut Families) {
     let net = src.net();
     let t = src.turn();
     for (dir, tr, bytes, packets) in [

@@ -26,7 +26,7 @@ use crate::config::{Config, TlsConfig, TurnConfig};
 use crate::tls::TlsContext;
 use crate::turn::RelayAddr;
 
-pub use stats::{NetStats, PortUse, StatsSource, WorkerStats};
+pub use stats::{NetStats, PortUse, TurnStatsSource, WorkerStats};
 
 /// Errors starting the network service.
 #[derive(Debug, thiserror::Error)]
@@ -107,8 +107,8 @@ impl TurnService {
     }
 
     /// The TURN core's cross-shard state (cluster mode installs its hook there).
-    pub fn shared(&self) -> Option<&Arc<crate::turn::Shared>> {
-        Some(&self.shared)
+    pub fn shared(&self) -> &Arc<crate::turn::Shared> {
+        &self.shared
     }
 
     /// Allocations alive across all workers.
@@ -281,8 +281,8 @@ impl TurnService {
     }
 
     /// A handle that reads the workers' counters, for the metrics face.
-    pub fn stats_source(&self) -> StatsSource {
-        StatsSource {
+    pub fn stats_source(&self) -> TurnStatsSource {
+        TurnStatsSource {
             workers: self.workers.iter().map(|w| Arc::clone(&w.stats)).collect(),
             shared: Some(Arc::clone(&self.shared)),
             relay_ips: self.relay_ips.iter().map(|r| r.local).collect(),

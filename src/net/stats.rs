@@ -17,13 +17,13 @@ pub struct PortUse {
 /// Read access to every worker's published counters, for the metrics face: cheap to
 /// clone, sums at each call (a short lock per worker, never on the data path).
 #[derive(Clone)]
-pub struct StatsSource {
+pub struct TurnStatsSource {
     pub(super) workers: Vec<Arc<Mutex<WorkerStats>>>,
     pub(super) shared: Option<Arc<Shared>>,
     pub(super) relay_ips: Vec<IpAddr>,
 }
 
-impl StatsSource {
+impl TurnStatsSource {
     /// Data-path counters summed over workers.
     pub fn net(&self) -> NetStats {
         let mut sum = NetStats::default();

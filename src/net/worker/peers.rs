@@ -1,17 +1,34 @@
 //! The peer side of RFC 6062 TCP relays in one worker: outgoing connects (§5.2), accepted
 //! peer connections (§5.3) waiting for their ConnectionBind, and bound ones spliced to a
 //! client data connection (§5.4). Sockets live here because the shard opens and closes
-//! them through [`crate::turn::RelayIo`]; the splicing itself is `splice.rs`.
+//! them through [`crate::turn::RelayIo`]; `Relays` holds this table (with the relay
+//! listeners the peers connect to), the splicing itself is `splice.rs`.
+//!
+//! Owns: the peer connections by slot (the mio token) and by CONNECTION-ID, kept in step by
+//! `add_mio` and `take`. Must not: call the core (`Relays` does, around this table).
 
 use std::collections::HashMap;
 use std::io;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
 use super::token::{Tok, MAX_SLOT};
 use crate::turn::{ConnId, RelayId};
+
+/// An outgoing peer connect that has not finished by then fails (447, RFC 6062 §5.2): a
+/// safety net behind the core's own 30 s timer.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(35);
+
+/// What an event on a peer socket asks of the worker.
+pub(super) enum PeerEvent {
+    Nothing,
+    /// The connect of `ConnId` ended, successfully or not (RFC 6062 §5.2).
+    ConnectDone(ConnId, bool),
+    /// Bound to client connection slot `ci`: pump the splice.
+    Pump(usize),
+}
 
 /// Where a peer connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +57,7 @@ pub(super) struct PeerConn {
 /// The peer connections of one worker, by slot (the mio token) and by CONNECTION-ID.
 #[derive(Default)]
 pub(super) struct Peers {
-    pub(super) slots: Vec<Option<PeerConn>>,
+    slots: Vec<Option<PeerConn>>,
     free: Vec<usize>,
     by_id: HashMap<ConnId, usize>,
     /// Connects that could not even start (counted here: the core answers 447).
@@ -57,8 +74,38 @@ impl Peers {
         self.by_id.get(&id).copied()
     }
 
+    pub(super) fn get(&self, slot: usize) -> Option<&PeerConn> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
     pub(super) fn get_mut(&mut self, slot: usize) -> Option<&mut PeerConn> {
         self.slots.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    /// An event on peer socket `slot`.
+    pub(super) fn event(&mut self, slot: usize) -> PeerEvent {
+        let Some(p) = self.get_mut(slot) else {
+            return PeerEvent::Nothing;
+        };
+        match p.state {
+            PeerState::Connecting(_) => {
+                // Writable (or an error/hang-up) ends a non-blocking connect.
+                let ok = match p.sock.take_error() {
+                    Ok(Some(_)) | Err(_) => Some(false),
+                    Ok(None) => match p.sock.peer_addr() {
+                        Ok(_) => Some(true),
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+                        Err(_) => Some(false),
+                    },
+                };
+                match ok {
+                    Some(ok) => PeerEvent::ConnectDone(p.id, ok),
+                    None => PeerEvent::Nothing,
+                }
+            }
+            PeerState::Waiting => PeerEvent::Nothing,
+            PeerState::Bound(ci) => PeerEvent::Pump(ci),
+        }
     }
 
     /// Registers `sock` as peer connection `id` of TCP relay `relay`.

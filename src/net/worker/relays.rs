@@ -1,23 +1,39 @@
 //! The relay sockets of one worker's allocations (opened by its shard through
-//! [`RelayIo`], closed when it asks through `Output`): UDP relay sockets, RFC 6062 TCP relay listeners and their peer
-//! connections (`peers.rs`), and the batch that sends client→peer datagrams.
+//! [`RelayIo`], closed when it asks through `Output`): UDP relay sockets, RFC 6062 TCP
+//! relay listeners and their peer connections (`peers.rs`), the batch that sends
+//! client→peer datagrams, and the framing of peer datagrams for their client.
+//!
+//! Owns: the relay sockets with their usage counters and `turn.max_bytes_per_sec` buckets,
+//! the peer connection table, the worker's side of the kernel fast path. Checks both
+//! bandwidth caps of a packet before spending either. Must not: touch client connections
+//! (`Output::ClosePeerConn` returns the client slot for the worker to close), or allocate
+//! per packet. Calls the core only for RFC 6062 peer accepts and connects (control path)
+//! and to read its channel routes for the fast path.
 
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Interest, Registry};
 
-use super::peers::Peers;
+use super::peers::{PeerConn, PeerEvent, PeerState, Peers};
 use super::token::{Tok, MAX_SLOT};
 use crate::fastpath::{self, Offload, Wanted};
 use crate::net::gso::GsoBatch;
 use crate::net::socket;
 use crate::net::stats::NetStats;
 use crate::rate::TokenBucket;
-use crate::turn::{ConnId, RelayId, RelayIo, RelayUsage, Server, Transport};
+use crate::stun::{
+    write_channel_data_header, write_data_indication, ChannelNumber, CHANNEL_DATA_HEADER,
+};
+use crate::turn::{ConnId, Now, RelayId, RelayIo, RelayUsage, Server, Transport};
+use crate::usage::UserCap;
+
+/// Peer connections accepted from one relay listener per turn.
+const ACCEPT_BATCH: usize = 64;
 
 /// What a relay is: a UDP socket, or a TCP listener for an RFC 6062 allocation (§5.1).
 pub(super) enum RelayKind {
@@ -70,52 +86,79 @@ impl RelayCap {
     }
 }
 
-/// The budgets of relay `id` (client→peer, peer→client) in bytes at `now`, `u64::MAX`
-/// without a cap. A free function over the socket table so the splice can hold a peer
-/// connection (in `Relays::peers`) at the same time.
-pub(super) fn bandwidth_budget(
-    socks: &mut [Option<RelaySock>],
-    id: RelayId,
-    now: Instant,
-) -> (u64, u64) {
-    match socks.get_mut(id.index()).and_then(Option::as_mut) {
-        Some(RelaySock { cap: Some(c), .. }) => (
-            c.to_peer.available(now) as u64,
-            c.to_client.available(now) as u64,
-        ),
-        _ => (u64::MAX, u64::MAX),
-    }
+/// Which way a relayed packet goes: picks the bucket of a [`RelayCap`] and of a `UserCap`.
+#[derive(Clone, Copy)]
+enum Dir {
+    ToPeer,
+    ToClient,
 }
 
-/// Spends what a splice moved from relay `id`'s budgets.
-pub(super) fn bandwidth_spend(
-    socks: &mut [Option<RelaySock>],
-    id: RelayId,
-    to_peer: u64,
-    to_client: u64,
-) {
-    if let Some(Some(RelaySock { cap: Some(c), .. })) = socks.get_mut(id.index()) {
-        c.to_peer.spend(to_peer as f64);
-        c.to_client.spend(to_client as f64);
+/// Whether `len` bytes may pass a relay's `turn.max_bytes_per_sec` bucket and its user's
+/// `turn.user_max_bytes_per_sec` cap now, spending both only when both allow it (a packet
+/// one of them drops costs the other nothing); a drop is counted in `stats` by which cap.
+#[inline]
+fn admit(
+    cap: &mut Option<RelayCap>,
+    user: Option<&UserCap>,
+    dir: Dir,
+    len: usize,
+    now: Instant,
+    stats: &mut NetStats,
+) -> bool {
+    let mut bucket = cap.as_mut().map(|c| match dir {
+        Dir::ToPeer => &mut c.to_peer,
+        Dir::ToClient => &mut c.to_client,
+    });
+    // The relay's bucket is only looked at first: the user's cap (shared atomics, no
+    // refund) spends when it allows, and only then the relay's bucket.
+    if let Some(b) = &mut bucket {
+        if b.available(now) < len as f64 {
+            stats.drop_bandwidth += 1;
+            return false;
+        }
     }
+    if let Some(u) = user {
+        let ok = match dir {
+            Dir::ToPeer => u.allow_to_peer(len, now),
+            Dir::ToClient => u.allow_to_client(len, now),
+        };
+        if !ok {
+            stats.drop_user_bandwidth += 1;
+            return false;
+        }
+    }
+    if let Some(b) = bucket {
+        b.spend(len as f64);
+    }
+    true
 }
 
 /// The relay sockets of this worker's allocations; the shard opens and closes them.
 pub struct Relays {
-    pub(super) registry: Registry,
-    pub(super) socks: Vec<Option<RelaySock>>,
-    pub(super) free: Vec<u32>,
-    pub(super) buffer_bytes: usize,
+    registry: Registry,
+    socks: Vec<Option<RelaySock>>,
+    free: Vec<u32>,
+    buffer_bytes: usize,
     /// Peer connections of the TCP relays (RFC 6062).
-    pub(super) peers: Peers,
+    peers: Peers,
     /// `turn.max_bytes_per_sec` (0: no cap) for relays opened from now on.
-    pub(super) max_bytes_per_sec: u64,
+    max_bytes_per_sec: u64,
     /// This worker's side of the kernel fast path (`turn.kernel_fast_path`), if loaded.
-    pub(super) fast: Option<Offload>,
+    fast: Option<Offload>,
     /// Reused list of the bindings to offload (control path).
-    pub(super) fast_wanted: Vec<Wanted>,
+    fast_wanted: Vec<Wanted>,
     /// Counter growth read from the fast path's maps, not yet in the worker's `NetStats`.
-    pub(super) fast_folded: RelayUsage,
+    fast_folded: RelayUsage,
+}
+
+/// What accepting peers on a TCP relay listener left to do.
+pub(super) enum Accepted {
+    /// Nothing more to accept now.
+    Done,
+    /// The batch ended with more waiting (fairness cap).
+    More,
+    /// accept() failed (e.g. out of file descriptors): retry at housekeeping.
+    Retry,
 }
 
 /// Moves `turn.max_bytes_per_sec` tokens between capped relays' buckets and the fast path:
@@ -156,6 +199,25 @@ fn fold_fast(
 }
 
 impl Relays {
+    pub(super) fn new(
+        registry: Registry,
+        buffer_bytes: usize,
+        max_bytes_per_sec: u64,
+        fast: Option<Offload>,
+    ) -> Relays {
+        Relays {
+            registry,
+            socks: Vec::new(),
+            free: Vec::new(),
+            buffer_bytes,
+            peers: Peers::default(),
+            max_bytes_per_sec,
+            fast,
+            fast_wanted: Vec::new(),
+            fast_folded: RelayUsage::default(),
+        }
+    }
+
     pub(super) fn fd(&self, id: RelayId) -> Option<RawFd> {
         match &self.socks.get(id.index())?.as_ref()?.kind {
             RelayKind::Udp(s) => Some(s.as_raw_fd()),
@@ -193,17 +255,15 @@ impl Relays {
         let RelayKind::Udp(sock) = &s.kind else {
             return None;
         };
-        if let Some(c) = &mut s.cap {
-            if !c.to_peer.try_take(len as f64, now) {
-                stats.drop_bandwidth += 1;
-                return None;
-            }
-        }
-        if let Some(u) = &s.user_cap {
-            if !u.allow_to_peer(len, now) {
-                stats.drop_user_bandwidth += 1;
-                return None;
-            }
+        if !admit(
+            &mut s.cap,
+            s.user_cap.as_deref(),
+            Dir::ToPeer,
+            len,
+            now,
+            stats,
+        ) {
+            return None;
         }
         s.usage.to_peer_bytes += len as u64;
         s.usage.to_peer_packets += 1;
@@ -222,19 +282,14 @@ impl Relays {
         let Some(Some(s)) = self.socks.get_mut(id.index()) else {
             return false;
         };
-        if let Some(c) = &mut s.cap {
-            if !c.to_client.try_take(len as f64, now) {
-                stats.drop_bandwidth += 1;
-                return false;
-            }
-        }
-        if let Some(u) = &s.user_cap {
-            if !u.allow_to_client(len, now) {
-                stats.drop_user_bandwidth += 1;
-                return false;
-            }
-        }
-        true
+        admit(
+            &mut s.cap,
+            s.user_cap.as_deref(),
+            Dir::ToClient,
+            len,
+            now,
+            stats,
+        )
     }
 
     /// Makes the fast path's maps hold this shard's established channel bindings, if they
@@ -309,11 +364,113 @@ impl Relays {
         }
     }
 
-    /// Counts bytes spliced from a client data connection to a peer of TCP relay `id`.
-    pub(super) fn count_to_peer(&mut self, id: RelayId, bytes: u64, chunks: u64) {
-        if let Some(s) = self.socks.get_mut(id.index()).and_then(Option::as_mut) {
-            s.usage.to_peer_bytes += bytes;
-            s.usage.to_peer_packets += chunks;
+    /// The budgets of relay `id` (client→peer, peer→client) in bytes at `now`, `u64::MAX`
+    /// without a cap: a splice moves at most this much, then reports it ([`Self::spliced`]).
+    pub(super) fn bandwidth_budget(&mut self, id: RelayId, now: Instant) -> (u64, u64) {
+        match self.socks.get_mut(id.index()).and_then(Option::as_mut) {
+            Some(RelaySock { cap: Some(c), .. }) => (
+                c.to_peer.available(now) as u64,
+                c.to_client.available(now) as u64,
+            ),
+            _ => (u64::MAX, u64::MAX),
+        }
+    }
+
+    /// What a splice on TCP relay `id` moved, `(bytes, chunks)` each way: counted for the
+    /// allocation and spent from its budgets.
+    pub(super) fn spliced(&mut self, id: RelayId, to_peer: (u64, u64), to_client: (u64, u64)) {
+        let Some(s) = self.socks.get_mut(id.index()).and_then(Option::as_mut) else {
+            return;
+        };
+        s.usage.to_peer_bytes += to_peer.0;
+        s.usage.to_peer_packets += to_peer.1;
+        s.usage.to_client_bytes += to_client.0;
+        s.usage.to_client_packets += to_client.1;
+        if let Some(c) = &mut s.cap {
+            c.to_peer.spend(to_peer.0 as f64);
+            c.to_client.spend(to_client.0 as f64);
+        }
+    }
+
+    pub(super) fn peer(&self, slot: usize) -> Option<&PeerConn> {
+        self.peers.get(slot)
+    }
+
+    pub(super) fn peer_mut(&mut self, slot: usize) -> Option<&mut PeerConn> {
+        self.peers.get_mut(slot)
+    }
+
+    /// An event on peer socket `slot`.
+    pub(super) fn peer_event(&mut self, slot: usize) -> PeerEvent {
+        self.peers.event(slot)
+    }
+
+    /// Peer sockets open now, and connects that could not even start.
+    pub(super) fn peer_counts(&self) -> (u64, u64) {
+        (self.peers.open() as u64, self.peers.connect_failures)
+    }
+
+    /// Connects started before `deadline` and still unfinished.
+    pub(super) fn connects_older_than(&self, deadline: Instant, out: &mut Vec<ConnId>) {
+        self.peers.connects_older_than(deadline, out);
+    }
+
+    /// Closes peer connection `id` from the client's side (its data connection closed);
+    /// `true` if it was still open (the core is then told).
+    pub(super) fn close_peer_from_client(&mut self, id: ConnId) -> bool {
+        self.peers.take(&self.registry, id).is_some()
+    }
+
+    /// Peer connection `id`, waiting for its ConnectionBind, is bound to client connection
+    /// `ci` (RFC 6062 §5.4); its slot, or `None` if it is not waiting.
+    pub(super) fn bind_peer(&mut self, id: ConnId, ci: usize) -> Option<usize> {
+        let slot = self.peers.slot_of(id)?;
+        let p = self.peers.get_mut(slot)?;
+        if p.state != PeerState::Waiting {
+            return None;
+        }
+        p.state = PeerState::Bound(ci);
+        Some(slot)
+    }
+
+    /// Peers connecting to TCP relay listener `relay` (RFC 6062 §5.3), each offered to
+    /// `core`, which refuses it (no permission, over the limit: the socket closes) or
+    /// names it.
+    pub(super) fn accept_peers(&mut self, relay: RelayId, core: &mut Server, now: Now) -> Accepted {
+        for _ in 0..ACCEPT_BATCH {
+            let Some((l, _)) = self.tcp_listener(relay) else {
+                return Accepted::Done;
+            };
+            let (sock, peer) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Accepted::Done,
+                Err(e) => {
+                    tracing::debug!(error = %e, "TCP relay accept failed");
+                    return Accepted::Retry;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            if let Some(id) = core.tcp_peer_accepted(now, relay, peer) {
+                if let Err(e) =
+                    self.peers
+                        .add_mio(&self.registry, sock, id, relay, PeerState::Waiting)
+                {
+                    tracing::debug!(error = %e, "TCP relay peer registration failed");
+                    core.tcp_conn_closed(id);
+                }
+            }
+        }
+        Accepted::More
+    }
+
+    /// The connect of peer connection `id` ended (RFC 6062 §5.2): `core` answers the
+    /// client's Connect; the connection waits for its ConnectionBind, or goes.
+    pub(super) fn connect_done(&mut self, core: &mut Server, id: ConnId, ok: bool, now: Now) {
+        let keep = core.tcp_connect_done(now, id, ok);
+        match self.peers.slot_of(id).and_then(|s| self.peers.get_mut(s)) {
+            Some(p) if keep && ok => p.state = PeerState::Waiting,
+            Some(_) => drop(self.peers.take(&self.registry, id)),
+            None => {}
         }
     }
 
@@ -409,7 +566,7 @@ impl RelayIo for Relays {
             ));
         };
         let r = socket::tcp_relay_connect(from, peer, self.buffer_bytes).and_then(|sock| {
-            let state = super::peers::PeerState::connecting();
+            let state = PeerState::connecting();
             self.peers.add(&self.registry, sock, conn, relay, state)
         });
         if r.is_err() {
@@ -440,6 +597,34 @@ impl RelayIo for Relays {
         }
         u
     }
+}
+
+/// Frames peer datagram `slot[at..at + len]` from `from` in place for its client: a
+/// ChannelData header before it, padded to 4 bytes over a stream (RFC 8656 §12.4, §12.5),
+/// or a Data indication around it (§11.4) with transaction id `txid`. The frame's range in
+/// `slot`; `None` if no STUN message can carry it (over 65504 bytes from an IPv6 peer).
+#[inline]
+pub(super) fn frame_for_client(
+    slot: &mut [u8],
+    at: usize,
+    len: usize,
+    channel: Option<ChannelNumber>,
+    stream: bool,
+    from: SocketAddr,
+    txid: [u8; 12],
+) -> Option<Range<usize>> {
+    let Some(ch) = channel else {
+        return write_data_indication(slot, at, len, from, txid);
+    };
+    // A UDP payload always fits 16 bits (the slot holds at most 65536).
+    write_channel_data_header(&mut slot[at - CHANNEL_DATA_HEADER..at], ch, len as u16);
+    let mut end = at + len;
+    if stream {
+        let pad = (4 - len % 4) % 4;
+        slot[end..end + pad].fill(0);
+        end += pad;
+    }
+    Some(at - CHANNEL_DATA_HEADER..end)
 }
 
 /// Client→peer datagrams for one relay socket at a time, sent with one sendmmsg.
@@ -501,8 +686,42 @@ impl PeerBatch {
 
 #[cfg(test)]
 mod tests {
-    use super::RelayCap;
+    use super::{admit, Dir, RelayCap};
+    use crate::net::stats::NetStats;
+    use crate::usage::UserCaps;
     use std::time::Instant;
+
+    /// A packet the user's cap drops leaves the relay's own bucket as it was (and the
+    /// reverse), in both directions.
+    #[test]
+    fn a_drop_by_one_cap_spends_nothing_of_the_other() {
+        let now = Instant::now();
+        let users = UserCaps::default();
+        users.set_rate(1000);
+        let user = users.get("u").unwrap();
+        for dir in [Dir::ToPeer, Dir::ToClient] {
+            let mut cap = RelayCap::new(10_000, now);
+            let mut stats = NetStats::default();
+            let bucket = |c: &mut Option<RelayCap>| {
+                let c = c.as_mut().unwrap();
+                match dir {
+                    Dir::ToPeer => c.to_peer.available(now),
+                    Dir::ToClient => c.to_client.available(now),
+                }
+            };
+            // The user's one second of burst (1000 bytes) passes both caps.
+            assert!(admit(&mut cap, Some(&user), dir, 1000, now, &mut stats));
+            assert_eq!(bucket(&mut cap), 9000.0);
+            // The user's cap is spent: dropped, and the relay's bucket keeps its tokens.
+            assert!(!admit(&mut cap, Some(&user), dir, 1000, now, &mut stats));
+            assert_eq!(stats.drop_user_bandwidth, 1);
+            assert_eq!(bucket(&mut cap), 9000.0);
+            // Over the relay's bucket: dropped by it.
+            assert!(!admit(&mut cap, None, dir, 9001, now, &mut stats));
+            assert_eq!(stats.drop_bandwidth, 1);
+            assert_eq!(bucket(&mut cap), 9000.0);
+        }
+    }
 
     #[test]
     fn rate_zero_is_no_cap() {

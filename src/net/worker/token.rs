@@ -1,8 +1,13 @@
 //! What a worker's mio tokens name: the kind of socket and its slot in the table of the
-//! struct that owns it. A leaf module: every owner registers its sockets with a [`Tok`],
-//! and only `mod.rs` turns events back into one.
+//! struct that owns it, and how much one event may do ([`MAX_BATCHES_PER_TURN`]). A leaf
+//! module: every owner registers its sockets with a [`Tok`], and only `mod.rs` turns
+//! events back into one.
 
 use mio::Token;
+
+/// Batches read from one socket (or reads of one connection) before the loop looks at
+/// other sockets (fairness); the socket's token is then served again on the next turn.
+pub(super) const MAX_BATCHES_PER_TURN: usize = 16;
 
 /// Kind bits above this shift, the owner's slot below.
 const KIND_SHIFT: u32 = 28;
