@@ -488,7 +488,8 @@ impl Conns {
                         match unsafe { cx.stun(now, conn.tuple, frame) } {
                             None => {}
                             Some(Answer::Reply(len)) => {
-                                if !conn.out.push_control(&cx.out[..len]) {
+                                let queued = conn.out.push_control(&cx.out[..len]);
+                                if !queued {
                                     stop = Some(Read::Close(CloseReason::Backlog));
                                 }
                             }
