@@ -13,8 +13,9 @@
 //! inbox other workers hand data connections to), `inbound` (the borrow of the core and
 //! relays through which UDP and TCP client input meets the core). None of them imports
 //! this file or another owner above it (`handover` → `conns` → `splice` → `relays` →
-//! `peers`; `udp`, `conns` → `inbound` → `relays`; all → `token`). Peer→client datagrams are routed here: relay socket →
-//! core's route → framed by `relays` → the client's owner (`udp` or `conns`).
+//! `peers`; `udp`, `conns` → `inbound` → `relays`; all → `token`). Peer→client datagrams
+//! are routed here: relay socket → core's route → framed by `relays` → the client's owner
+//! (`udp` or `conns`).
 //! Tests: `tests/`, driving the real core.
 
 use std::io;
