@@ -616,7 +616,10 @@ impl Harness {
                 self.io.open.contains_key(&(relay.index() as u32)),
                 "channel on a closed relay"
             );
-            assert_eq!(self.io.open[&(relay.index() as u32)].is_ipv4(), peer.is_ipv4());
+            assert_eq!(
+                self.io.open[&(relay.index() as u32)].is_ipv4(),
+                peer.is_ipv4()
+            );
         }
     }
 
@@ -932,7 +935,12 @@ impl Harness {
                 }
             }
             Op::PeerDatagram { relay, peer: p } => {
-                let ids: Vec<RelayId> = self.io.open.keys().map(|&i| RelayId::from_index(i as usize)).collect();
+                let ids: Vec<RelayId> = self
+                    .io
+                    .open
+                    .keys()
+                    .map(|&i| RelayId::from_index(i as usize))
+                    .collect();
                 let Some(&relay) = ids.get(usize::from(*relay) % ids.len().max(1)) else {
                     return;
                 };
@@ -974,13 +982,21 @@ impl Harness {
                 self.drain();
             }
             Op::PeerAccepted { relay, peer: p } => {
-                let ids: Vec<RelayId> = self.io.tcp_listeners.iter().map(|&i| RelayId::from_index(i as usize)).collect();
+                let ids: Vec<RelayId> = self
+                    .io
+                    .tcp_listeners
+                    .iter()
+                    .map(|&i| RelayId::from_index(i as usize))
+                    .collect();
                 let Some(&relay) = ids.get(usize::from(*relay) % ids.len().max(1)) else {
                     return;
                 };
                 let now = self.now();
                 if let Some(c) = self.server.tcp_peer_accepted(now, relay, peer(*p)) {
-                    assert!(!self.io.conns.contains_key(&c), "conn {c:?} handed out twice");
+                    assert!(
+                        !self.io.conns.contains_key(&c),
+                        "conn {c:?} handed out twice"
+                    );
                     self.io.closed_by_core.remove(&c);
                     self.io.closed_by_driver.remove(&c);
                     self.io.conns.insert(c, None);
