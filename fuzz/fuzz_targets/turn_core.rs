@@ -935,13 +935,7 @@ impl Harness {
                 }
             }
             Op::PeerDatagram { relay, peer: p } => {
-                let ids: Vec<RelayId> = self
-                    .io
-                    .open
-                    .keys()
-                    .map(|&i| RelayId::from_index(i as usize))
-                    .collect();
-                let Some(&relay) = ids.get(usize::from(*relay) % ids.len().max(1)) else {
+                let Some(relay) = nth_relay(self.io.open.keys(), *relay) else {
                     return;
                 };
                 if let Some(route) = self.server.peer_to_client(relay, peer(*p)) {
@@ -982,13 +976,7 @@ impl Harness {
                 self.drain();
             }
             Op::PeerAccepted { relay, peer: p } => {
-                let ids: Vec<RelayId> = self
-                    .io
-                    .tcp_listeners
-                    .iter()
-                    .map(|&i| RelayId::from_index(i as usize))
-                    .collect();
-                let Some(&relay) = ids.get(usize::from(*relay) % ids.len().max(1)) else {
+                let Some(relay) = nth_relay(self.io.tcp_listeners.iter(), *relay) else {
                     return;
                 };
                 let now = self.now();
@@ -1088,6 +1076,14 @@ impl Harness {
         );
         assert_eq!(self.shared.total_allocations(), 0, "quota leaked");
     }
+}
+
+/// The relay the fuzzer's index `i` names among `ids` (the driver's relay table slots).
+fn nth_relay<'a>(ids: impl ExactSizeIterator<Item = &'a u32>, i: u8) -> Option<RelayId> {
+    let n = ids.len().max(1);
+    ids.copied()
+        .nth(usize::from(i) % n)
+        .map(|r| RelayId::from_index(r as usize))
 }
 
 /// A request signed as alice with a valid REST credential.
