@@ -55,6 +55,15 @@ fn local_in_r1(s: &mut RoomService) -> String {
 }
 
 /// A second local peer (conn 3) in named room `other`, so that room is listened to.
+/// Local peer 1 and remote peer `rb` (on `node`) share room r1; this node has a relay URL.
+fn with_remote_rb(node: &str) -> RoomService {
+    let mut s = svc();
+    local_in_r1(&mut s);
+    s.bus_event(node, 1, 1, joined("room:r1", "rb"));
+    s.set_relay_url("ws://a.example/relay".into());
+    s
+}
+
 fn local_in_other(s: &mut RoomService) {
     let t = Instant::now();
     s.connect(ws_id(3), "v4:192.0.2.9".into(), None, t);
@@ -376,10 +385,7 @@ fn a_relay_ticket_the_bus_refuses_ends_its_session_at_once() {
     use crate::relay_ws::{RelayError, RelayHub};
     use crate::signal::driver::{Hub, SendBudget};
     use std::sync::atomic::Ordering::Relaxed;
-    let mut s = svc();
-    local_in_r1(&mut s);
-    s.bus_event("b", 1, 1, joined("room:r1", "rb"));
-    s.set_relay_url("ws://a.example/relay".into());
+    let s = with_remote_rb("b");
     let relay = RelayHub::new(Default::default(), std::time::Duration::from_secs(60));
     let budget = SendBudget {
         frames: 64,
@@ -575,10 +581,7 @@ fn gaps_duplicates_and_reordering_are_per_room_channel() {
 
 #[test]
 fn cross_node_signals_and_tickets_go_to_the_peer_s_node_channel() {
-    let mut s = svc();
-    local_in_r1(&mut s);
-    s.bus_event("node-b", 1, 1, joined("room:r1", "rb"));
-    s.set_relay_url("ws://a.example/relay".into());
+    let mut s = with_remote_rb("node-b");
     let t = Instant::now();
     let o = s.message(ws_id(1), r#"{"type":"signal","to":"rb","data":1}"#, t);
     let o2 = s.message(ws_id(1), r#"{"type":"relay","to":"rb"}"#, t);
