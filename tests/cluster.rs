@@ -1189,3 +1189,41 @@ fn quota_leases_are_renewed_by_refresh_and_lapse_with_the_allocation() {
     );
     assert!(score().is_some(), "c1's lease remains");
 }
+
+/// A registry record that does not decode (a node of another version, a stray writer under
+/// the key prefix) is skipped, counted in `tern_cluster_bad_records_total{record="node"}`
+/// on every tick that reads it, and logged at warn level once, not on every tick; the good
+/// records are still read.
+#[test]
+fn a_malformed_node_record_is_skipped_counted_and_logged_once() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let secret = random_secret();
+    let a = node(&redis, "rec-a", 16000, &secret, "");
+    let bad = "tern_cluster_bad_records_total{record=\"node\"}";
+    wait_for(Duration::from_secs(10), "the registry read", || {
+        metric(&a, "tern_cluster_nodes") == Some(1.0)
+    });
+    assert_eq!(metric(&a, bad), Some(0.0));
+    // A node listed in the registry whose record is not JSON.
+    let lease_end = (unix_now() + 3600) * 1000;
+    let added = redis.command(&format!("ZADD tern:nodes {lease_end} ghost"));
+    assert_eq!(added.as_deref(), Some(":1\r\n"));
+    let set = redis.command("SET tern:node:ghost not-a-record");
+    assert_eq!(set.as_deref(), Some("+OK\r\n"));
+    after_ticks(&a, 3.0);
+    let n = metric(&a, bad).unwrap_or(0.0);
+    assert!(n >= 2.0, "counted on each tick that read it: {n}");
+    assert_eq!(
+        metric(&a, "tern_cluster_nodes"),
+        Some(1.0),
+        "the good record is still read, the bad one skipped"
+    );
+    let log = a.log();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("does not decode") && l.contains("tern:node:ghost"))
+        .count();
+    assert_eq!(warned, 1, "one warning, not one per tick:\n{log}");
+}

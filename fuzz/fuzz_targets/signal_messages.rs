@@ -27,7 +27,7 @@ use tern::signal::client_ip::{client_ip, lan_key};
 use tern::signal::peerjs::PeerJsService;
 use tern::signal::protocol::ClientMsg;
 use tern::signal::rooms::RoomService;
-use tern::signal::Out;
+use tern::signal::{Out, WsId};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -133,8 +133,8 @@ struct Harness {
     resumes: Vec<String>,
     /// The connection id in each of 8 slots the fuzzer names. The driver never reuses an
     /// id: each connect takes a fresh one (an older connection in the slot lives on).
-    ws: [u64; 8],
-    pj: [u64; 8],
+    ws: [WsId; 8],
+    pj: [WsId; 8],
     next_conn: u64,
 }
 
@@ -148,20 +148,25 @@ fn check_outs(outs: &[Out]) {
                 assert!((1000..=4999).contains(code) && ![1004, 1005, 1006, 1015].contains(code));
             }
             Out::Relay(g) => {
+                // Without a cluster bus both sides are connections of this node.
+                assert!(g.remote.is_none(), "a remote grant without a bus");
                 assert_ne!(g.sides[0].0, g.sides[1].0, "relay grant to itself");
                 assert_ne!(g.sides[0].2, g.sides[1].2, "both sides got one ticket");
             }
             Out::Ping { .. } => {}
+            Out::Bus(cmd) => panic!("a bus command without a cluster bus: {cmd:?}"),
+            Out::CancelRelay { .. } => panic!("a relay cancelled without a cluster bus"),
         }
     }
 }
 
 impl Harness {
-    fn fresh(&mut self, native: bool, slot: u8) -> u64 {
+    fn fresh(&mut self, native: bool, slot: u8) -> WsId {
         self.next_conn += 1;
+        let id = WsId::new(self.next_conn);
         let slots = if native { &mut self.ws } else { &mut self.pj };
-        slots[usize::from(slot % 8)] = self.next_conn;
-        self.next_conn
+        slots[usize::from(slot % 8)] = id;
+        id
     }
 
     /// The driver closes the socket of an `Out::Close` and then reports it gone.
@@ -418,8 +423,8 @@ fuzz_target!(|input: Input| {
         elapsed: Duration::ZERO,
         ids: Vec::new(),
         resumes: Vec::new(),
-        ws: [0; 8],
-        pj: [0; 8],
+        ws: [WsId::new(0); 8],
+        pj: [WsId::new(0); 8],
         next_conn: 0,
     };
     for op in input.ops.iter().take(128) {

@@ -25,12 +25,12 @@ use sha2::{Digest, Sha256};
 use stun_types::message::Message;
 use tern::config::{Config, StaticUser};
 use tern::stun::{
-    attr, class, classify, message_type, method, pad4, tcp_frame_len, Kind, MessageWriter,
-    CHANNEL_DATA_HEADER,
+    attr, attributes, class, classify, message_type, method, pad4, tcp_frame_len, ChannelNumber,
+    Kind, MessageWriter, CHANNEL_DATA_HEADER,
 };
 use tern::turn::auth::{mint_rest_credential, Key};
 use tern::turn::{
-    Action, ConnId, FiveTuple, Now, RelayAddr, RelayId, RelayIo, Server, ServerConfig, Shared,
+    ConnId, FiveTuple, Now, Output, RelayAddr, RelayId, RelayIo, Server, ServerConfig, Shared,
     Transport,
 };
 
@@ -281,13 +281,6 @@ impl RelayIo for FakeIo {
         self.open.insert(id.index() as u32, addr);
         Ok(id)
     }
-    fn close_relay(&mut self, relay: RelayId) {
-        assert!(
-            self.open.remove(&(relay.index() as u32)).is_some(),
-            "closing unknown relay"
-        );
-        self.tcp_listeners.remove(&(relay.index() as u32));
-    }
     fn open_tcp_relay(&mut self, addr: SocketAddr) -> std::io::Result<RelayId> {
         let id = self.open_relay(addr)?;
         self.tcp_listeners.insert(id.index() as u32);
@@ -308,21 +301,37 @@ impl RelayIo for FakeIo {
         }
         assert!(
             !self.conns.contains_key(&conn),
-            "conn {conn} handed out twice"
+            "conn {conn:?} handed out twice"
         );
         self.conns.insert(conn, Some(relay.index() as u32));
         Ok(())
     }
+}
+
+/// What the driver does for `Output::CloseRelay` and `Output::ClosePeerConn`, with its
+/// rules asserted (the queue's order is the order the driver closes things in).
+impl FakeIo {
+    fn close_relay(&mut self, relay: RelayId) {
+        assert!(
+            self.open.remove(&(relay.index() as u32)).is_some(),
+            "closing unknown relay"
+        );
+        self.tcp_listeners.remove(&(relay.index() as u32));
+    }
+
     fn close_tcp_conn(&mut self, conn: ConnId) {
         assert!(
             !self.closed_by_driver.contains(&conn),
-            "core closed conn {conn} the driver had reported closed"
+            "core closed conn {conn:?} the driver had reported closed"
         );
-        assert!(self.closed_by_core.insert(conn), "conn {conn} closed twice");
+        assert!(
+            self.closed_by_core.insert(conn),
+            "conn {conn:?} closed twice"
+        );
         if let Some(Some(relay)) = self.conns.get(&conn) {
             assert!(
                 self.open.contains_key(relay),
-                "conn {conn} closed after its listener"
+                "conn {conn:?} closed after its listener"
             );
         }
         self.conns.remove(&conn);
@@ -403,20 +412,10 @@ fn peer(i: u8) -> SocketAddr {
 
 /// Values of attribute `t` in a message we trust to be well formed (our own answers).
 fn attrs(msg: &[u8], t: u16) -> Vec<&[u8]> {
-    let mut v = Vec::new();
-    let mut off = 20;
-    while off + 4 <= msg.len() {
-        let at = u16::from_be_bytes([msg[off], msg[off + 1]]);
-        let l = u16::from_be_bytes([msg[off + 2], msg[off + 3]]) as usize;
-        if off + 4 + l > msg.len() {
-            break;
-        }
-        if at == t {
-            v.push(&msg[off + 4..off + 4 + l]);
-        }
-        off += 4 + pad4(l);
-    }
-    v
+    attributes(msg)
+        .filter(|a| a.ty == t)
+        .filter_map(|a| a.value)
+        .collect()
 }
 
 impl Harness {
@@ -480,12 +479,19 @@ impl Harness {
         self.elapsed = end;
     }
 
-    /// What the core queued for clients: answers must be valid STUN; ids are remembered.
+    /// Carries out what the core queued outside a request (timers, RFC 6062 events,
+    /// closes): messages for clients must be valid STUN (ids are remembered); an answer
+    /// (`Reply`, `Forward`, `BindData`) only ever follows `handle_stun`.
     fn drain(&mut self) {
-        let mut msgs = Vec::new();
-        self.server.drain_outbox(|t, m| msgs.push((*t, m.to_vec())));
-        for (_, m) in msgs {
-            self.learn(&m);
+        while let Some(o) = self.server.poll_output() {
+            match o {
+                Output::Send { msg, .. } => self.learn(&msg),
+                Output::CloseRelay(r) => self.io.close_relay(r),
+                Output::ClosePeerConn(c) => self.io.close_tcp_conn(c),
+                o @ (Output::Reply { .. } | Output::Forward { .. } | Output::BindData { .. }) => {
+                    panic!("an answer outside a request: {o:?}")
+                }
+            }
         }
     }
 
@@ -501,7 +507,7 @@ impl Harness {
         }
         for c in attrs(m, attr::CONNECTION_ID) {
             if let Ok(b) = <[u8; 4]>::try_from(c) {
-                let id = u32::from_be_bytes(b);
+                let id = ConnId::from_wire(u32::from_be_bytes(b));
                 if self.conn_ids.len() < 32 && !self.conn_ids.contains(&id) {
                     self.conn_ids.push(id);
                 }
@@ -515,39 +521,48 @@ impl Harness {
             return None;
         }
         let now = self.now();
-        let action = self
-            .server
+        self.server
             .handle_stun(now, from, msg, &mut self.out, &mut self.io);
-        let reply = match action {
-            Action::None => None,
-            Action::Reply(n) => {
-                assert!(n <= OUT_LEN);
-                Some(self.out[..n].to_vec())
+        // The answer, if any, comes last and alone (the module contract).
+        let mut reply = None;
+        let mut answered = false;
+        while let Some(o) = self.server.poll_output() {
+            assert!(!answered, "output after the answer: {o:?}");
+            match o {
+                Output::Send { msg, .. } => self.learn(&msg),
+                Output::CloseRelay(r) => self.io.close_relay(r),
+                Output::ClosePeerConn(c) => self.io.close_tcp_conn(c),
+                Output::Reply { len } => {
+                    answered = true;
+                    assert!(len <= OUT_LEN);
+                    reply = Some(self.out[..len].to_vec());
+                }
+                Output::Forward {
+                    relay,
+                    peer,
+                    payload,
+                } => {
+                    answered = true;
+                    assert!(payload.end <= msg.len() && payload.start <= payload.end);
+                    assert!(
+                        self.io.open.contains_key(&(relay.index() as u32)),
+                        "forward on a closed relay"
+                    );
+                    assert_eq!(
+                        self.io.open[&(relay.index() as u32)].is_ipv4(),
+                        peer.is_ipv4(),
+                        "forward to a peer of the other family"
+                    );
+                }
+                Output::BindData { conn, len } => {
+                    answered = true;
+                    assert!(len <= OUT_LEN);
+                    assert_ne!(from.transport, Transport::Udp, "BindData over UDP");
+                    self.bound.insert(from, conn);
+                    reply = Some(self.out[..len].to_vec());
+                }
             }
-            Action::Forward {
-                relay,
-                peer,
-                payload,
-            } => {
-                assert!(payload.end <= msg.len() && payload.start <= payload.end);
-                assert!(
-                    self.io.open.contains_key(&(relay.index() as u32)),
-                    "forward on a closed relay"
-                );
-                assert_eq!(
-                    self.io.open[&(relay.index() as u32)].is_ipv4(),
-                    peer.is_ipv4(),
-                    "forward to a peer of the other family"
-                );
-                None
-            }
-            Action::BindData { conn, len } => {
-                assert!(len <= OUT_LEN);
-                assert_ne!(from.transport, Transport::Udp, "BindData over UDP");
-                self.bound.insert(from, conn);
-                Some(self.out[..len].to_vec())
-            }
-        };
+        }
         if let Some(r) = &reply {
             self.learn(r);
             let allocate_ok = message_type(method::ALLOCATE, class::SUCCESS);
@@ -558,7 +573,6 @@ impl Harness {
                 self.nonces.insert(from.client.ip(), n.to_vec());
             }
         }
-        self.drain();
         reply
     }
 
@@ -596,13 +610,16 @@ impl Harness {
         }
     }
 
-    fn channel_data(&mut self, from: FiveTuple, channel: u16) {
+    fn channel_data(&mut self, from: FiveTuple, channel: ChannelNumber) {
         if let Some((relay, peer)) = self.server.channel_to_peer(&from, channel) {
             assert!(
                 self.io.open.contains_key(&(relay.index() as u32)),
                 "channel on a closed relay"
             );
-            assert_eq!(self.io.open[&(relay.index() as u32)].is_ipv4(), peer.is_ipv4());
+            assert_eq!(
+                self.io.open[&(relay.index() as u32)].is_ipv4(),
+                peer.is_ipv4()
+            );
         }
     }
 
@@ -738,7 +755,7 @@ impl Harness {
                     .conn_ids
                     .get(usize::from(*i) % self.conn_ids.len().max(1))
                 {
-                    Some(c) => w.attr_u32(attr::CONNECTION_ID, *c),
+                    Some(c) => w.attr_u32(attr::CONNECTION_ID, c.to_wire()),
                     None => Ok(()),
                 },
                 A::RawConnId(c) => w.attr_u32(attr::CONNECTION_ID, *c),
@@ -918,8 +935,7 @@ impl Harness {
                 }
             }
             Op::PeerDatagram { relay, peer: p } => {
-                let ids: Vec<RelayId> = self.io.open.keys().map(|&i| RelayId::from_index(i as usize)).collect();
-                let Some(&relay) = ids.get(usize::from(*relay) % ids.len().max(1)) else {
+                let Some(relay) = nth_relay(self.io.open.keys(), *relay) else {
                     return;
                 };
                 if let Some(route) = self.server.peer_to_client(relay, peer(*p)) {
@@ -928,7 +944,6 @@ impl Harness {
                         "peer data routed to a client without an allocation"
                     );
                     if let Some(c) = route.channel {
-                        assert!((0x4000..=0x7FFE).contains(&c));
                         // The channel goes both ways.
                         assert_eq!(
                             self.server.channel_to_peer(&route.client, c),
@@ -961,13 +976,15 @@ impl Harness {
                 self.drain();
             }
             Op::PeerAccepted { relay, peer: p } => {
-                let ids: Vec<RelayId> = self.io.tcp_listeners.iter().map(|&i| RelayId::from_index(i as usize)).collect();
-                let Some(&relay) = ids.get(usize::from(*relay) % ids.len().max(1)) else {
+                let Some(relay) = nth_relay(self.io.tcp_listeners.iter(), *relay) else {
                     return;
                 };
                 let now = self.now();
                 if let Some(c) = self.server.tcp_peer_accepted(now, relay, peer(*p)) {
-                    assert!(!self.io.conns.contains_key(&c), "conn {c} handed out twice");
+                    assert!(
+                        !self.io.conns.contains_key(&c),
+                        "conn {c:?} handed out twice"
+                    );
                     self.io.closed_by_core.remove(&c);
                     self.io.closed_by_driver.remove(&c);
                     self.io.conns.insert(c, None);
@@ -1059,6 +1076,14 @@ impl Harness {
         );
         assert_eq!(self.shared.total_allocations(), 0, "quota leaked");
     }
+}
+
+/// The relay the fuzzer's index `i` names among `ids` (the driver's relay table slots).
+fn nth_relay<'a>(ids: impl ExactSizeIterator<Item = &'a u32>, i: u8) -> Option<RelayId> {
+    let n = ids.len().max(1);
+    ids.copied()
+        .nth(usize::from(i) % n)
+        .map(|r| RelayId::from_index(r as usize))
 }
 
 /// A request signed as alice with a valid REST credential.

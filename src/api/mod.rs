@@ -113,6 +113,7 @@ pub struct HttpStats {
     pub relay_frames_forwarded: u64,
     pub relay_oversized_frames: u64,
     pub relay_bad_tickets: u64,
+    pub relay_sessions_cancelled: u64,
     /// HTTP connections open now (plain or TLS, WebSockets included).
     pub connections_open: usize,
     pub connections_accepted: u64,
@@ -183,6 +184,7 @@ fn snapshot(st: &AppState) -> HttpStats {
         s.relay_frames_forwarded = r.stats.frames_forwarded.load(Relaxed);
         s.relay_oversized_frames = r.stats.oversized_frames.load(Relaxed);
         s.relay_bad_tickets = r.stats.bad_tickets.load(Relaxed);
+        s.relay_sessions_cancelled = r.stats.sessions_cancelled.load(Relaxed);
     }
     s
 }

@@ -20,7 +20,7 @@ use rustc_hash::FxHashMap;
 
 use super::registry::{self, Keys, NodeRecord};
 use super::signal_bus::{Input, SignalBus};
-use super::{Advertised, ClusterView, LoadFn};
+use super::{Advertised, BadRecord, ClusterView, LoadFn};
 use crate::signal::bus::BusMachine;
 use crate::signal::peerjs::PeerJsService;
 use crate::signal::rooms::RoomService;
@@ -434,11 +434,20 @@ impl Driver {
         } else {
             redis::from_redis_value(vals.remove(0))?
         };
-        let nodes: Vec<NodeRecord> = records
-            .into_iter()
-            .flatten()
-            .filter_map(|j| serde_json::from_str(&j).ok())
-            .collect();
+        // MGET answers in the order asked: `ids`, or this node's own key alone.
+        let read: Vec<&str> = if ids.is_empty() {
+            vec![id.as_str()]
+        } else {
+            ids.iter().map(String::as_str).collect()
+        };
+        let mut nodes: Vec<NodeRecord> = Vec::with_capacity(records.len());
+        for (n, rec) in read.into_iter().zip(records) {
+            match rec.map(|j| serde_json::from_str::<NodeRecord>(&j)) {
+                Some(Ok(r)) => nodes.push(r),
+                Some(Err(e)) => stats.bad_record(BadRecord::Node, &self.keys.node(n), &e),
+                None => {}
+            }
+        }
         let mut remote: FxHashMap<String, u32> = FxHashMap::default();
         let mut vals = vals.into_iter();
         while let (Some(c), Some(l)) = (vals.next(), vals.next()) {

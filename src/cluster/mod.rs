@@ -68,7 +68,41 @@ pub struct ClusterStats {
     pub bus_dropped: Arc<AtomicU64>,
     /// Publish-to-receive time of bus messages from other nodes.
     pub bus_latency: std::sync::Mutex<crate::turn::stats::Histo<{ BUS_LATENCY_BOUNDS.len() }>>,
+    /// Records read from Redis that did not decode (skipped), by [`BadRecord`].
+    pub bad_records: [AtomicU64; BadRecord::ALL.len()],
+    /// When each kind of bad record was last logged ([`ClusterStats::bad_record`]).
+    bad_record_logged: std::sync::Mutex<[Option<std::time::Instant>; BadRecord::ALL.len()]>,
 }
+
+/// A record read from Redis that does not decode. Another node (an older or newer
+/// version, a bug) or a person wrote it; it is skipped, counted
+/// (`tern_cluster_bad_records_total{record}`) and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadRecord {
+    /// A node's registry record (`{prefix}node:{id}`), read every tick.
+    Node,
+    /// An entry of a node's published member list (`{prefix}bus:…:members:{id}`).
+    Member,
+    /// A bus message's envelope (pub/sub).
+    BusMessage,
+}
+
+impl BadRecord {
+    pub const ALL: [BadRecord; 3] = [BadRecord::Node, BadRecord::Member, BadRecord::BusMessage];
+
+    /// The `record` label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            BadRecord::Node => "node",
+            BadRecord::Member => "member",
+            BadRecord::BusMessage => "bus_message",
+        }
+    }
+}
+
+/// At most one warning per kind of bad record in this time: a bad registry record is read
+/// again every tick until its node rewrites it or its lease ends.
+const BAD_RECORD_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Upper bounds (seconds) of the cross-node delivery latency histogram.
 pub const BUS_LATENCY_BOUNDS: [f64; 12] = [
@@ -76,6 +110,28 @@ pub const BUS_LATENCY_BOUNDS: [f64; 12] = [
 ];
 
 impl ClusterStats {
+    /// A record at `key` did not decode (`err`): counted, and logged at warn level unless
+    /// one of its kind was logged within [`BAD_RECORD_LOG_EVERY`].
+    pub fn bad_record(&self, kind: BadRecord, key: &str, err: &dyn std::fmt::Display) {
+        let total = self.bad_records[kind as usize].fetch_add(1, Ordering::Relaxed) + 1;
+        let now = std::time::Instant::now();
+        let mut logged = self
+            .bad_record_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let last = &mut logged[kind as usize];
+        if last.is_none_or(|t| now.duration_since(t) >= BAD_RECORD_LOG_EVERY) {
+            *last = Some(now);
+            tracing::warn!(
+                record = kind.label(),
+                key,
+                total,
+                "cluster: a record read from Redis does not decode ({err}); skipped \
+                 (tern_cluster_bad_records_total counts every one; this is logged once a minute)"
+            );
+        }
+    }
+
     /// A bus message published at `ts` (Unix µs) arrived now.
     pub fn observe_latency(&self, ts: u64) {
         let now = driver::unix_us();

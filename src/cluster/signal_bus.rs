@@ -37,6 +37,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use super::registry::Keys;
+use super::BadRecord;
 use crate::signal::bus::{BusCmd, BusMachine, Chan, Envelope, Member};
 use crate::signal::driver::Hub;
 
@@ -401,10 +402,16 @@ impl<M: BusMachine> SignalBus<M> {
             .query_async(c)
             .await?;
         self.view.stats.bus_resyncs.fetch_add(1, Ordering::Relaxed);
-        let members: Vec<Member> = raw
-            .values()
-            .filter_map(|j| serde_json::from_str(j).ok())
-            .collect();
+        let mut members: Vec<Member> = Vec::with_capacity(raw.len());
+        for (field, j) in &raw {
+            match serde_json::from_str(j) {
+                Ok(m) => members.push(m),
+                Err(e) => {
+                    let key = format!("{} {field}", self.members_key(node));
+                    self.view.stats.bad_record(BadRecord::Member, &key, &e);
+                }
+            }
+        }
         self.hub.drive(|m| m.bus_snapshot(node, room, &members));
         Ok(())
     }
@@ -559,9 +566,20 @@ impl<M: BusMachine> SignalBus<M> {
         for p in batch {
             match p.kind {
                 PushKind::Message | PushKind::SMessage => {
-                    let Some(env) = p.data.get(1).and_then(decode) else {
-                        tracing::debug!("cluster: unreadable bus message ignored");
-                        continue;
+                    let env = match p.data.get(1).map(decode) {
+                        Some(Ok(env)) => env,
+                        Some(Err(e)) => {
+                            let chan = match p.data.first() {
+                                Some(redis::Value::BulkString(b)) => {
+                                    String::from_utf8_lossy(b).into_owned()
+                                }
+                                _ => String::new(),
+                            };
+                            let stats = &self.view.stats;
+                            stats.bad_record(BadRecord::BusMessage, &chan, &e);
+                            continue;
+                        }
+                        None => continue,
                     };
                     if env.node != self.node {
                         self.view.stats.observe_latency(env.ts);
@@ -617,11 +635,11 @@ fn drain<T>(rx: &mut mpsc::Receiver<T>, first: T) -> Vec<T> {
 }
 
 /// A bus message's envelope, read straight from the push's bytes.
-fn decode(payload: &redis::Value) -> Option<Envelope> {
+fn decode(payload: &redis::Value) -> Result<Envelope, String> {
     match payload {
-        redis::Value::BulkString(b) => serde_json::from_slice(b).ok(),
-        redis::Value::SimpleString(s) => serde_json::from_str(s).ok(),
-        _ => None,
+        redis::Value::BulkString(b) => serde_json::from_slice(b).map_err(|e| e.to_string()),
+        redis::Value::SimpleString(s) => serde_json::from_str(s).map_err(|e| e.to_string()),
+        other => Err(format!("not a string: {other:?}")),
     }
 }
 
@@ -704,8 +722,8 @@ mod tests {
             ts: 1,
         };
         let bytes = serde_json::to_vec(&env).unwrap();
-        assert_eq!(decode(&redis::Value::BulkString(bytes)), Some(env));
-        assert_eq!(decode(&redis::Value::BulkString(b"{nope".to_vec())), None);
-        assert_eq!(decode(&redis::Value::Int(3)), None);
+        assert_eq!(decode(&redis::Value::BulkString(bytes)), Ok(env));
+        assert!(decode(&redis::Value::BulkString(b"{nope".to_vec())).is_err());
+        assert!(decode(&redis::Value::Int(3)).is_err());
     }
 }

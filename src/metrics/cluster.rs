@@ -38,6 +38,9 @@ metric_table! { pub DEFS;
     CLUSTER_BUS_ROOM_CHANNELS: Gauge "tern_cluster_bus_room_channels" []
         "Cluster mode: room channels this node subscribes to (the rooms with a member here, \
         the LAN rooms, the PeerJS realm): only these rooms' traffic reaches it.";
+    CLUSTER_BAD_RECORDS: Counter "tern_cluster_bad_records_total" ["record"]
+        "Cluster mode: records read from Redis that did not decode and were skipped: another \
+        node's registry record, a member list entry, or a bus message.";
     CLUSTER_BUS_SHARDED: Gauge "tern_cluster_bus_sharded" []
         "Cluster mode: 1 when the bus uses sharded pub/sub (SPUBLISH/SSUBSCRIBE), 0 for plain \
         PUBLISH/SUBSCRIBE (Redis without it, or cluster.sharded_pubsub = false).";
@@ -92,6 +95,10 @@ fn read(view: &Arc<ClusterView>, f: &mut Families) {
         &[],
         s.bus_room_channels.load(Relaxed),
     );
+    for kind in crate::cluster::BadRecord::ALL {
+        let n = s.bad_records[kind as usize].load(Relaxed);
+        f.sample(&CLUSTER_BAD_RECORDS, &[kind.label()], n);
+    }
     f.sample(
         &CLUSTER_BUS_SHARDED,
         &[],

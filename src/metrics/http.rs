@@ -53,6 +53,10 @@ metric_table! { pub RELAY_WS;
         "WebSocket relay connections closed for a frame over relay_ws.max_frame_bytes (1009).";
     WS_RELAY_BAD_TICKETS: Counter "tern_ws_relay_bad_tickets_total" []
         "WebSocket relay connections refused for an unknown, used or expired ticket.";
+    WS_RELAY_CANCELLED: Counter "tern_ws_relay_sessions_cancelled_total" []
+        "WebSocket relay sessions ended before their second side came, because signaling \
+        could not deliver its ticket (cluster mode: the bus refused it); a side already \
+        connected is closed with 1013.";
 }
 
 /// The HTTP face's collector (present when the API runs); the per-route request metrics
@@ -109,6 +113,7 @@ fn read(src: &HttpStatsSource, f: &mut Families) {
     f.sample(&WS_RELAY_FRAMES, &[], s.relay_frames_forwarded);
     f.sample(&WS_RELAY_OVERSIZED, &[], s.relay_oversized_frames);
     f.sample(&WS_RELAY_BAD_TICKETS, &[], s.relay_bad_tickets);
+    f.sample(&WS_RELAY_CANCELLED, &[], s.relay_sessions_cancelled);
     f.sample(&HTTP_CONNECTIONS, &[], s.connections_open as u64);
     f.sample(&HTTP_CONNECTIONS_ACCEPTED, &[], s.connections_accepted);
     let refused = [

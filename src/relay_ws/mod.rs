@@ -33,8 +33,22 @@ pub enum RelayError {
 pub(crate) type Chunk = (Bytes, OwnedSemaphorePermit);
 
 /// Counts live sessions; decremented when both sides (or the unclaimed ends) are gone.
+/// Shared by both sides: a cancelled session's waiting side reads why from here.
 struct SessionSlot {
     hub_active: Arc<AtomicUsize>,
+    cancelled: std::sync::OnceLock<&'static str>,
+}
+
+impl SessionSlot {
+    /// The close a side gets when its pipe to the other side ends: 1000 "peer left", or
+    /// 1013 (try again later) with the reason the session was cancelled before the other
+    /// side came ([`RelayHub::cancel`]).
+    fn peer_gone(&self) -> (u16, &'static str) {
+        match self.cancelled.get() {
+            Some(reason) => (1013, reason),
+            None => (1000, "peer left"),
+        }
+    }
 }
 
 impl Drop for SessionSlot {
@@ -46,6 +60,7 @@ impl Drop for SessionSlot {
 struct Pending {
     expires: Instant,
     sides: [Option<RelaySide>; 2],
+    slot: Arc<SessionSlot>,
 }
 
 #[derive(Default)]
@@ -62,6 +77,8 @@ pub struct RelayStats {
     pub sessions_started: AtomicU64,
     pub oversized_frames: AtomicU64,
     pub bad_tickets: AtomicU64,
+    /// Sessions ended before their second side came ([`RelayHub::cancel`]).
+    pub sessions_cancelled: AtomicU64,
 }
 
 /// Shared relay state: tickets, waiting sessions, limits.
@@ -120,6 +137,7 @@ impl RelayHub {
         }
         let slot = Arc::new(SessionSlot {
             hub_active: Arc::clone(&self.active),
+            cancelled: std::sync::OnceLock::new(),
         });
         let budget = self.cfg.buffer_bytes;
         let (tx01, rx01) = mpsc::unbounded_channel::<Chunk>();
@@ -128,12 +146,13 @@ impl RelayHub {
         let sem10 = Arc::new(Semaphore::new(budget));
         let expires = now + self.ticket_ttl;
         let side0 = RelaySide::new(tx01, sem01, rx10, Arc::clone(&slot), &self.cfg);
-        let side1 = RelaySide::new(tx10, sem10, rx01, slot, &self.cfg);
+        let side1 = RelaySide::new(tx10, sem10, rx01, Arc::clone(&slot), &self.cfg);
         t.pending.insert(
             session,
             Pending {
                 expires,
                 sides: [Some(side0), Some(side1)],
+                slot,
             },
         );
         t.tickets
@@ -164,6 +183,30 @@ impl RelayHub {
             t.pending.remove(&session);
         }
         Ok(end)
+    }
+
+    /// Ends the session of `ticket` if that side never connected: its partner can no
+    /// longer get the ticket (signaling could not deliver it). Both tickets stop working,
+    /// the session's slot is freed, and a side already waiting is closed at once with
+    /// 1013 and `reason` instead of waiting for the tickets to expire. False when the
+    /// ticket is unknown or already used (the session then goes on).
+    pub fn cancel(&self, ticket: &str, reason: &'static str) -> bool {
+        let mut t = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&(session, _, _)) = t.tickets.get(ticket) else {
+            return false;
+        };
+        t.tickets.retain(|_, (s, _, _)| *s != session);
+        let Some(p) = t.pending.remove(&session) else {
+            return false;
+        };
+        // Set before the unclaimed side drops: the waiting side reads it when its pipe
+        // closes.
+        let _ = p.slot.cancelled.set(reason);
+        drop(p);
+        self.stats
+            .sessions_cancelled
+            .fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Drops expired tickets and sessions whose second side never came (the waiting side
@@ -214,6 +257,42 @@ mod tests {
             hub.claim("c", t0 + Duration::from_secs(61)).err(),
             Some(RelayError::BadTicket)
         );
+    }
+
+    #[test]
+    fn a_cancelled_session_closes_its_waiting_side_with_the_reason_and_frees_its_slot() {
+        let hub = RelayHub::new(cfg(), Duration::from_secs(60));
+        let t0 = Instant::now();
+        hub.register(1, ["a", "b"], t0).unwrap();
+        let mut a = hub.claim("a", t0).unwrap();
+        assert!(!hub.cancel("zzz", "why"), "unknown ticket");
+        assert!(
+            !hub.cancel("a", "why"),
+            "a used ticket: the session goes on"
+        );
+        assert!(hub.cancel("b", "the ticket could not be delivered"));
+        // The waiting side's pipe from the other side is closed now, not at expiry, and
+        // it is told why.
+        assert!(matches!(
+            a.rx.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+        assert_eq!(
+            a.slot.peer_gone(),
+            (1013, "the ticket could not be delivered")
+        );
+        assert_eq!(hub.claim("b", t0).err(), Some(RelayError::BadTicket));
+        drop(a);
+        assert_eq!(hub.active_sessions(), 0);
+        assert_eq!(hub.stats.sessions_cancelled.load(Ordering::Relaxed), 1);
+        // Uncancelled sessions still say "peer left".
+        hub.register(2, ["c", "d"], t0).unwrap();
+        let c = hub.claim("c", t0).unwrap();
+        assert_eq!(c.slot.peer_gone(), (1000, "peer left"));
+        // An unclaimed session (nobody waiting) is cancelled by either ticket.
+        hub.register(3, ["e", "f"], t0).unwrap();
+        assert!(hub.cancel("e", "why"));
+        assert_eq!(hub.claim("f", t0).err(), Some(RelayError::BadTicket));
     }
 
     #[test]

@@ -24,9 +24,9 @@ pub struct RelaySide {
     tx: mpsc::UnboundedSender<Chunk>,
     budget: Arc<Semaphore>,
     budget_max: usize,
-    rx: mpsc::UnboundedReceiver<Chunk>,
+    pub(super) rx: mpsc::UnboundedReceiver<Chunk>,
     bucket: Option<TokenBucket>,
-    _slot: Arc<SessionSlot>,
+    pub(super) slot: Arc<SessionSlot>,
 }
 
 impl RelaySide {
@@ -47,7 +47,7 @@ impl RelaySide {
             budget_max: cfg.buffer_bytes,
             rx,
             bucket,
-            _slot: slot,
+            slot,
         }
     }
 }
@@ -78,7 +78,7 @@ pub async fn run_side(hub: Arc<RelayHub>, side: RelaySide, socket: WebSocket) {
         budget_max,
         mut rx,
         mut bucket,
-        _slot,
+        slot,
     } = side;
     let (mut sink, mut stream) = socket.split();
     let hub_r = Arc::clone(&hub);
@@ -132,7 +132,8 @@ pub async fn run_side(hub: Arc<RelayHub>, side: RelaySide, socket: WebSocket) {
             hub_w.stats.frames_forwarded.fetch_add(1, Ordering::Relaxed);
         }
         // The other side left and everything it sent has been delivered.
-        close(&mut sink, 1000, "peer left").await;
+        let (code, reason) = slot.peer_gone();
+        close(&mut sink, code, reason).await;
     };
     let mut reader = Box::pin(reader);
     let end = {
@@ -145,7 +146,10 @@ pub async fn run_side(hub: Arc<RelayHub>, side: RelaySide, socket: WebSocket) {
     match end {
         Some(ReadEnd::TooBig) => close(&mut sink, 1009, "frame too large").await,
         Some(ReadEnd::Text) => close(&mut sink, 1003, "binary frames only").await,
-        Some(ReadEnd::PeerGone) => close(&mut sink, 1000, "peer left").await,
+        Some(ReadEnd::PeerGone) => {
+            let (code, reason) = slot.peer_gone();
+            close(&mut sink, code, reason).await
+        }
         Some(ReadEnd::Gone) => {}
         None => {
             // We sent Close; give the client a moment to answer, then drop the connection.

@@ -11,7 +11,7 @@ use crate::config::SignalConfig;
 use crate::signal::bus::{BusCmd, BusEvent, Chan, Member};
 use crate::signal::rooms::tests::to;
 use crate::signal::rooms::RoomService;
-use crate::signal::Out;
+use crate::signal::{ws_id, Out};
 
 fn svc() -> RoomService {
     let mut s = RoomService::new(SignalConfig::default(), true, StdRng::seed_from_u64(9));
@@ -40,9 +40,9 @@ fn joined(room: &str, id: &str) -> BusEvent {
 /// A local peer on conn 1 in named room r1; returns its id.
 fn local_in_r1(s: &mut RoomService) -> String {
     let t = Instant::now();
-    let o = s.connect(1, "v4:203.0.113.1".into(), None, t);
-    let id = to(&o, 1)[0]["id"].as_str().unwrap().to_string();
-    let o = s.message(1, r#"{"type":"join","room":"r1"}"#, t);
+    let o = s.connect(ws_id(1), "v4:203.0.113.1".into(), None, t);
+    let id = to(&o, ws_id(1))[0]["id"].as_str().unwrap().to_string();
+    let o = s.message(ws_id(1), r#"{"type":"join","room":"r1"}"#, t);
     // The room's first member here: its channel is listened to, then the join published
     // on it, first in that room's sequence.
     let cmds = bus(&o);
@@ -55,10 +55,19 @@ fn local_in_r1(s: &mut RoomService) -> String {
 }
 
 /// A second local peer (conn 3) in named room `other`, so that room is listened to.
+/// Local peer 1 and remote peer `rb` (on `node`) share room r1; this node has a relay URL.
+fn with_remote_rb(node: &str) -> RoomService {
+    let mut s = svc();
+    local_in_r1(&mut s);
+    s.bus_event(node, 1, 1, joined("room:r1", "rb"));
+    s.set_relay_url("ws://a.example/relay".into());
+    s
+}
+
 fn local_in_other(s: &mut RoomService) {
     let t = Instant::now();
-    s.connect(3, "v4:192.0.2.9".into(), None, t);
-    s.message(3, r#"{"type":"join","room":"other"}"#, t);
+    s.connect(ws_id(3), "v4:192.0.2.9".into(), None, t);
+    s.message(ws_id(3), r#"{"type":"join","room":"other"}"#, t);
 }
 
 #[test]
@@ -66,7 +75,7 @@ fn remote_joins_and_leaves_reach_local_members_once() {
     let mut s = svc();
     local_in_r1(&mut s);
     let o = s.bus_event("b", 1, 1, joined("room:r1", "rb"));
-    let m = to(&o, 1);
+    let m = to(&o, ws_id(1));
     assert_eq!(m.len(), 1);
     assert_eq!(m[0]["type"], "peer-joined");
     assert_eq!(m[0]["peer"]["id"], "rb");
@@ -74,9 +83,12 @@ fn remote_joins_and_leaves_reach_local_members_once() {
     assert!(s.bus_event("b", 1, 1, joined("room:r1", "rb")).is_empty());
     // A new local member sees the remote one in the member list.
     let t = Instant::now();
-    s.connect(2, "v4:198.51.100.7".into(), None, t);
-    let o = s.message(2, r#"{"type":"join","room":"r1"}"#, t);
-    let room = to(&o, 2).into_iter().find(|m| m["type"] == "room").unwrap();
+    s.connect(ws_id(2), "v4:198.51.100.7".into(), None, t);
+    let o = s.message(ws_id(2), r#"{"type":"join","room":"r1"}"#, t);
+    let room = to(&o, ws_id(2))
+        .into_iter()
+        .find(|m| m["type"] == "room")
+        .unwrap();
     assert!(room["peers"]
         .as_array()
         .unwrap()
@@ -91,8 +103,8 @@ fn remote_joins_and_leaves_reach_local_members_once() {
             id: "rb".into(),
         },
     );
-    assert_eq!(to(&o, 1)[0]["type"], "peer-left");
-    assert_eq!(to(&o, 2)[0]["id"], "rb");
+    assert_eq!(to(&o, ws_id(1))[0]["type"], "peer-left");
+    assert_eq!(to(&o, ws_id(2))[0]["id"], "rb");
 }
 
 #[test]
@@ -103,15 +115,19 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
     local_in_other(&mut s);
     s.bus_event("b", 1, 1, joined("room:other", "rc"));
     let t = Instant::now();
-    let o = s.message(1, r#"{"type":"signal","to":"rb","data":{"sdp":"x"}}"#, t);
+    let o = s.message(
+        ws_id(1),
+        r#"{"type":"signal","to":"rb","data":{"sdp":"x"}}"#,
+        t,
+    );
     let cmds = bus(&o);
     assert!(
         matches!(&cmds[..], [BusCmd::Publish { ev: BusEvent::Signal { to, from, data }, .. }]
             if to == "rb" && *from == me && *data == json!({"sdp": "x"})),
         "{cmds:?}"
     );
-    let o = s.message(1, r#"{"type":"signal","to":"rc","data":1}"#, t);
-    assert_eq!(to(&o, 1)[0]["code"], "not-in-shared-room");
+    let o = s.message(ws_id(1), r#"{"type":"signal","to":"rc","data":1}"#, t);
+    assert_eq!(to(&o, ws_id(1))[0]["code"], "not-in-shared-room");
     // Incoming: delivered with `from` as published; not to a peer outside the room.
     let o = s.bus_event(
         "b",
@@ -124,7 +140,7 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
         },
     );
     assert_eq!(
-        to(&o, 1)[0],
+        to(&o, ws_id(1))[0],
         json!({"type": "signal", "from": "rb", "data": "hi"})
     );
     let o = s.bus_event(
@@ -137,7 +153,7 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
             data: json!("sneaky"),
         },
     );
-    assert!(to(&o, 1).is_empty());
+    assert!(to(&o, ws_id(1)).is_empty());
 }
 
 #[test]
@@ -149,12 +165,12 @@ fn a_relay_to_a_peer_on_another_node_is_hosted_here_and_its_ticket_goes_on_the_b
     s.bus_event("b", 1, 1, joined("room:other", "rc"));
     let t = Instant::now();
     // No advertised URL: the other node's peer could not reach this relay.
-    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
-    assert_eq!(to(&o, 1)[0]["code"], "relay-unavailable");
+    let o = s.message(ws_id(1), r#"{"type":"relay","to":"rb"}"#, t);
+    assert_eq!(to(&o, ws_id(1))[0]["code"], "relay-unavailable");
     s.set_relay_url("wss://a.example/relay".into());
-    let o = s.message(1, r#"{"type":"relay","to":"rc"}"#, t);
-    assert_eq!(to(&o, 1)[0]["code"], "not-in-shared-room");
-    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    let o = s.message(ws_id(1), r#"{"type":"relay","to":"rc"}"#, t);
+    assert_eq!(to(&o, ws_id(1))[0]["code"], "not-in-shared-room");
+    let o = s.message(ws_id(1), r#"{"type":"relay","to":"rb"}"#, t);
     let grant = o
         .iter()
         .find_map(|o| match o {
@@ -162,7 +178,7 @@ fn a_relay_to_a_peer_on_another_node_is_hosted_here_and_its_ticket_goes_on_the_b
             _ => None,
         })
         .expect("a grant");
-    assert_eq!(grant.sides[0].0, 1);
+    assert_eq!(grant.sides[0].0, ws_id(1));
     assert_eq!(grant.sides[0].1, "rb");
     let tb = grant.sides[1].2.clone();
     assert!(
@@ -172,8 +188,8 @@ fn a_relay_to_a_peer_on_another_node_is_hosted_here_and_its_ticket_goes_on_the_b
     );
     // Redis away: refused, never queued.
     s.bus_state(false);
-    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
-    assert_eq!(to(&o, 1)[0]["code"], "cluster-unavailable");
+    let o = s.message(ws_id(1), r#"{"type":"relay","to":"rb"}"#, t);
+    assert_eq!(to(&o, ws_id(1))[0]["code"], "cluster-unavailable");
     s.bus_state(true);
     // Incoming: the ticket for a local peer names the hosting node's URL; not for a peer
     // outside the requester's rooms.
@@ -186,11 +202,11 @@ fn a_relay_to_a_peer_on_another_node_is_hosted_here_and_its_ticket_goes_on_the_b
     };
     let o = s.bus_event("b", 1, 3, ticket("rb"));
     assert_eq!(
-        to(&o, 1)[0],
+        to(&o, ws_id(1))[0],
         json!({"type": "relay-ticket", "peer": "rb", "ticket": "t1", "path": "/relay",
                "url": "ws://b.example/relay", "expires_in": 30})
     );
-    assert!(to(&s.bus_event("b", 1, 4, ticket("rc")), 1).is_empty());
+    assert!(to(&s.bus_event("b", 1, 4, ticket("rc")), ws_id(1)).is_empty());
 }
 
 #[test]
@@ -209,7 +225,7 @@ fn a_gap_asks_for_a_resync_and_the_snapshot_repairs_membership() {
         "the gap is detected, in that room's channel"
     );
     assert_eq!(
-        to(&o, 1)[0]["peer"]["id"],
+        to(&o, ws_id(1))[0]["peer"]["id"],
         "re",
         "the event itself still applies"
     );
@@ -222,7 +238,7 @@ fn a_gap_asks_for_a_resync_and_the_snapshot_repairs_membership() {
         rooms: vec!["room:r1".into()],
     };
     let o = s.bus_snapshot("b", None, &[member("rd"), member("re")]);
-    let m = to(&o, 1);
+    let m = to(&o, ws_id(1));
     assert_eq!(m.len(), 2, "{m:?}");
     assert!(m
         .iter()
@@ -233,7 +249,7 @@ fn a_gap_asks_for_a_resync_and_the_snapshot_repairs_membership() {
     // A node gone: all its peers leave.
     let o = s.bus_snapshot("b", None, &[]);
     assert_eq!(
-        to(&o, 1)
+        to(&o, ws_id(1))
             .iter()
             .filter(|x| x["type"] == "peer-left")
             .count(),
@@ -248,30 +264,30 @@ fn redis_down_refuses_cross_node_signals_and_keeps_local_rooms() {
     s.bus_event("b", 1, 1, joined("room:r1", "rb"));
     s.bus_state(false);
     let t = Instant::now();
-    let o = s.message(1, r#"{"type":"signal","to":"rb","data":1}"#, t);
+    let o = s.message(ws_id(1), r#"{"type":"signal","to":"rb","data":1}"#, t);
     assert!(bus(&o).is_empty());
-    let e = &to(&o, 1)[0];
+    let e = &to(&o, ws_id(1))[0];
     assert_eq!(
         (e["code"].as_str(), e["to"].as_str()),
         (Some("cluster-unavailable"), Some("rb"))
     );
     // Local traffic is unaffected.
-    let o = s.connect(2, "v4:203.0.113.1".into(), None, t);
-    let id2 = to(&o, 2)[0]["id"].as_str().unwrap().to_string();
+    let o = s.connect(ws_id(2), "v4:203.0.113.1".into(), None, t);
+    let id2 = to(&o, ws_id(2))[0]["id"].as_str().unwrap().to_string();
     let o = s.message(
-        1,
+        ws_id(1),
         &format!(r#"{{"type":"signal","to":"{id2}","data":2}}"#),
         t,
     );
-    assert_eq!(to(&o, 2)[0]["data"], 2);
+    assert_eq!(to(&o, ws_id(2))[0]["data"], 2);
 }
 
 #[test]
 fn without_the_bus_nothing_is_published() {
     let mut s = RoomService::new(SignalConfig::default(), true, StdRng::seed_from_u64(9));
     let t = Instant::now();
-    let mut o = s.connect(1, "v4:203.0.113.1".into(), None, t);
-    o.extend(s.message(1, r#"{"type":"join","room":"r1"}"#, t));
+    let mut o = s.connect(ws_id(1), "v4:203.0.113.1".into(), None, t);
+    o.extend(s.message(ws_id(1), r#"{"type":"join","room":"r1"}"#, t));
     assert!(bus(&o).is_empty());
     assert!(s.bus_event("b", 1, 1, joined("room:r1", "rb")).is_empty());
 }
@@ -283,20 +299,33 @@ fn a_signal_or_relay_ticket_the_bus_queue_cannot_take_is_refused_to_its_sender()
     s.bus_event("b", 1, 1, joined("room:r1", "rb"));
     s.set_relay_url("ws://a.example/relay".into());
     let t = Instant::now();
-    let o = s.message(1, r#"{"type":"signal","to":"rb","data":1}"#, t);
+    let o = s.message(ws_id(1), r#"{"type":"signal","to":"rb","data":1}"#, t);
     let cmd = bus(&o).pop().unwrap();
     let o = s.bus_refused(cmd);
-    let e = &to(&o, 1)[0];
+    let e = &to(&o, ws_id(1))[0];
     assert_eq!(
         (e["code"].as_str(), e["to"].as_str()),
         (Some("cluster-busy"), Some("rb"))
     );
-    let o = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    let o = s.message(ws_id(1), r#"{"type":"relay","to":"rb"}"#, t);
     let Some(Out::Relay(g)) = o.into_iter().find(|o| matches!(o, Out::Relay(_))) else {
         panic!("a grant")
     };
+    let Some(BusCmd::Publish {
+        ev: BusEvent::RelayTicket { ticket, .. },
+        ..
+    }) = g.remote.clone()
+    else {
+        panic!("{g:?}")
+    };
     let o = s.bus_refused(g.remote.unwrap());
-    assert_eq!(to(&o, 1)[0]["code"], "cluster-busy");
+    assert_eq!(to(&o, ws_id(1))[0]["code"], "cluster-busy");
+    // The session the ticket belonged to ends at once (the requester may be waiting in it).
+    assert!(
+        o.iter()
+            .any(|x| matches!(x, Out::CancelRelay { ticket: t, .. } if *t == ticket)),
+        "{o:?}"
+    );
     // A lost join needs nothing from the machine: receivers resync on the gap.
     let lost_join = BusCmd::Publish {
         to: Chan::Room("room:r1".into()),
@@ -332,8 +361,8 @@ fn the_hub_hands_commands_its_full_bus_queue_refuses_back_to_the_machine() {
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     hub.set_bus(tx);
     let signal = r#"{"type":"signal","to":"rb","data":1}"#;
-    hub.drive(|m| m.message(1, signal, Instant::now()));
-    hub.drive(|m| m.message(1, signal, Instant::now()));
+    hub.drive(|m| m.message(ws_id(1), signal, Instant::now()));
+    hub.drive(|m| m.message(ws_id(1), signal, Instant::now()));
     assert!(rx.try_recv().is_ok(), "the first one was queued");
     assert!(rx.try_recv().is_err());
     assert_eq!(
@@ -345,6 +374,61 @@ fn the_hub_hands_commands_its_full_bus_queue_refuses_back_to_the_machine() {
         .position(|r| *r == "cluster_busy")
         .unwrap();
     assert_eq!(hub.with_core(|m| m.stats().refused[busy]), 1);
+}
+
+/// A cross-node relay whose ticket the bus refuses frees its session at once: when the
+/// hub's queue is full (the requester never got a ticket) and when Redis is lost with the
+/// ticket in flight (the requester may already wait on `/relay`), instead of holding a
+/// `relay_ws.max_sessions` slot until the tickets expire.
+#[test]
+fn a_relay_ticket_the_bus_refuses_ends_its_session_at_once() {
+    use crate::relay_ws::{RelayError, RelayHub};
+    use crate::signal::driver::{Hub, SendBudget};
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = with_remote_rb("b");
+    let relay = RelayHub::new(Default::default(), std::time::Duration::from_secs(60));
+    let budget = SendBudget {
+        frames: 64,
+        bytes: 1 << 20,
+    };
+    let hub = Hub::new(s, budget, Some(relay.clone()), 60);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    hub.set_bus(tx);
+    let ask = r#"{"type":"relay","to":"rb"}"#;
+    // Queued: the session waits for rb, whose ticket is in the queue to Redis.
+    hub.drive(|m| m.message(ws_id(1), ask, Instant::now()));
+    assert_eq!(relay.active_sessions(), 1);
+    // The queue is full now: the second session is refused and freed in the same call.
+    hub.drive(|m| m.message(ws_id(1), ask, Instant::now()));
+    assert_eq!(relay.active_sessions(), 1, "the refused one holds no slot");
+    assert_eq!(relay.stats.sessions_cancelled.load(Relaxed), 1);
+    // Redis is lost with the first ticket in flight: the cluster driver refuses it.
+    let cmd = rx.try_recv().expect("the first ticket was queued");
+    let BusCmd::Publish {
+        ev: BusEvent::RelayTicket { ticket, .. },
+        ..
+    } = &cmd
+    else {
+        panic!("{cmd:?}")
+    };
+    let ticket = ticket.clone();
+    hub.drive(|m| m.bus_refused(cmd));
+    assert_eq!(
+        relay.active_sessions(),
+        0,
+        "freed without waiting for the TTL"
+    );
+    assert_eq!(relay.stats.sessions_cancelled.load(Relaxed), 2);
+    assert_eq!(
+        relay.claim(&ticket, Instant::now()).err(),
+        Some(RelayError::BadTicket),
+        "a ticket that arrives anyway no longer opens the session"
+    );
+    let busy = crate::signal::rooms::REFUSAL_REASONS
+        .iter()
+        .position(|r| *r == "cluster_busy")
+        .unwrap();
+    assert_eq!(hub.with_core(|m| m.stats().refused[busy]), 2);
 }
 
 #[test]
@@ -360,8 +444,8 @@ fn a_room_is_listened_to_while_it_has_a_member_here() {
         .bus_event("b", 1, 9, joined("room:elsewhere", "ry"))
         .is_empty());
     // A second member: no second subscription.
-    s.connect(2, "v4:198.51.100.7".into(), None, t);
-    let o = s.message(2, r#"{"type":"join","room":"r1"}"#, t);
+    s.connect(ws_id(2), "v4:198.51.100.7".into(), None, t);
+    let o = s.message(ws_id(2), r#"{"type":"join","room":"r1"}"#, t);
     assert!(
         matches!(&bus(&o)[..], [BusCmd::Publish { to: Chan::Room(r), seq: 2, .. }] if r == "room:r1"),
         "{:?}",
@@ -369,7 +453,7 @@ fn a_room_is_listened_to_while_it_has_a_member_here() {
     );
     s.bus_event("b", 1, 1, joined("room:r1", "rb"));
     // The first leaves: published; the room still has a member here.
-    let o = s.message(1, r#"{"type":"leave","room":"r1"}"#, t);
+    let o = s.message(ws_id(1), r#"{"type":"leave","room":"r1"}"#, t);
     let first_ep = match &bus(&o)[..] {
         [BusCmd::Publish {
             to: Chan::Room(r),
@@ -381,7 +465,7 @@ fn a_room_is_listened_to_while_it_has_a_member_here() {
     };
     // The last one leaves: its leave is published, then the channel is dropped, and so is
     // what this node knew of the room's remote members.
-    let o = s.message(2, r#"{"type":"leave","room":"r1"}"#, t);
+    let o = s.message(ws_id(2), r#"{"type":"leave","room":"r1"}"#, t);
     assert!(
         matches!(&bus(&o)[..], [BusCmd::Publish { to: Chan::Room(r), seq: 4, ev: BusEvent::Left { .. }, .. }, BusCmd::Unsubscribe { room }]
             if r == "room:r1" && room == "room:r1"),
@@ -394,7 +478,7 @@ fn a_room_is_listened_to_while_it_has_a_member_here() {
     );
     // Back in the room: subscribed again; this node's sequence for it restarts at 1
     // under a later epoch, and the remote members come from the subscription's resync.
-    let o = s.message(1, r#"{"type":"join","room":"r1"}"#, t);
+    let o = s.message(ws_id(1), r#"{"type":"join","room":"r1"}"#, t);
     match &bus(&o)[..] {
         [BusCmd::Subscribe { room }, BusCmd::Publish { ep, seq: 1, .. }] => {
             assert_eq!(room, "room:r1");
@@ -402,7 +486,10 @@ fn a_room_is_listened_to_while_it_has_a_member_here() {
         }
         other => panic!("{other:?}"),
     }
-    let room = to(&o, 1).into_iter().find(|m| m["type"] == "room").unwrap();
+    let room = to(&o, ws_id(1))
+        .into_iter()
+        .find(|m| m["type"] == "room")
+        .unwrap();
     assert_eq!(room["peers"].as_array().unwrap().len(), 0, "rb forgotten");
     let member = |id: &str, rooms: &[&str]| Member {
         id: id.into(),
@@ -414,7 +501,7 @@ fn a_room_is_listened_to_while_it_has_a_member_here() {
         Some("room:r1"),
         &[member("rb", &["room:r1", "room:elsewhere"])],
     );
-    let m = to(&o, 1);
+    let m = to(&o, ws_id(1));
     assert_eq!(m.len(), 1, "{m:?}");
     assert_eq!(m[0]["peer"]["id"], "rb");
 }
@@ -426,15 +513,19 @@ fn gaps_duplicates_and_reordering_are_per_room_channel() {
     local_in_other(&mut s);
     // Node b's two room channels number independently: 1, 2 in r1 and 1 in other.
     assert_eq!(
-        to(&s.bus_event("b", 1, 1, joined("room:r1", "p1")), 1).len(),
+        to(&s.bus_event("b", 1, 1, joined("room:r1", "p1")), ws_id(1)).len(),
         1
     );
     assert_eq!(
-        to(&s.bus_event("b", 7, 1, joined("room:other", "q1")), 3).len(),
+        to(
+            &s.bus_event("b", 7, 1, joined("room:other", "q1")),
+            ws_id(3)
+        )
+        .len(),
         1
     );
     assert_eq!(
-        to(&s.bus_event("b", 1, 2, joined("room:r1", "p2")), 1).len(),
+        to(&s.bus_event("b", 1, 2, joined("room:r1", "p2")), ws_id(1)).len(),
         1
     );
     // A duplicate in one room.
@@ -475,28 +566,25 @@ fn gaps_duplicates_and_reordering_are_per_room_channel() {
         Some("room:r1"),
         &[member("p1", &["room:r1"]), member("q1", &["room:other"])],
     );
-    let m = to(&o, 1);
+    let m = to(&o, ws_id(1));
     assert_eq!(m.len(), 1, "{m:?}");
     assert_eq!(
         (m[0]["type"].as_str(), m[0]["id"].as_str()),
         (Some("peer-left"), Some("p2"))
     );
-    assert!(to(&o, 3).is_empty(), "room other untouched");
+    assert!(to(&o, ws_id(3)).is_empty(), "room other untouched");
     // b restarted: its r1 sequence comes under a new epoch from 1: not a duplicate.
     let o = s.bus_event("b", 2, 1, joined("room:r1", "p9"));
-    assert_eq!(to(&o, 1)[0]["peer"]["id"], "p9");
+    assert_eq!(to(&o, ws_id(1))[0]["peer"]["id"], "p9");
     assert!(bus(&o).is_empty());
 }
 
 #[test]
 fn cross_node_signals_and_tickets_go_to_the_peer_s_node_channel() {
-    let mut s = svc();
-    local_in_r1(&mut s);
-    s.bus_event("node-b", 1, 1, joined("room:r1", "rb"));
-    s.set_relay_url("ws://a.example/relay".into());
+    let mut s = with_remote_rb("node-b");
     let t = Instant::now();
-    let o = s.message(1, r#"{"type":"signal","to":"rb","data":1}"#, t);
-    let o2 = s.message(1, r#"{"type":"relay","to":"rb"}"#, t);
+    let o = s.message(ws_id(1), r#"{"type":"signal","to":"rb","data":1}"#, t);
+    let o2 = s.message(ws_id(1), r#"{"type":"relay","to":"rb"}"#, t);
     let Some(Out::Relay(g)) = o2.into_iter().find(|o| matches!(o, Out::Relay(_))) else {
         panic!("a grant")
     };

@@ -524,6 +524,11 @@ impl<M: Machine> Hub<M> {
                     Out::Relay(grant) => {
                         more.extend(self.grant_relay(g, grant, &mut dropped, &mut refused));
                     }
+                    Out::CancelRelay { ticket, reason } => {
+                        if let Some(r) = &self.relay {
+                            r.cancel(&ticket, reason);
+                        }
+                    }
                     Out::Bus(cmd) => refused.extend(self.to_bus(cmd)),
                 }
             }
@@ -533,7 +538,7 @@ impl<M: Machine> Hub<M> {
             }
             for conn in dropped {
                 self.dropped_slow.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(conn, "signaling client over its send budget, closing it");
+                tracing::debug!(%conn, "signaling client over its send budget, closing it");
                 work.extend(g.core.disconnect(conn, now));
             }
             work.extend(more);
@@ -621,7 +626,7 @@ impl<M: Machine> Hub<M> {
         &self,
         connect: impl FnOnce(&mut M, WsId, Instant) -> Vec<Out>,
     ) -> (WsId, Arc<Outbox>) {
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn = WsId::new(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let outbox = Arc::new(Outbox::default());
         let mut g = self.lock();
         g.outboxes.insert(conn, Arc::clone(&outbox));

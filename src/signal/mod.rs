@@ -25,9 +25,30 @@ pub(crate) fn shrink_map<K: Eq + std::hash::Hash, V>(m: &mut std::collections::H
 }
 
 /// One signaling WebSocket, numbered by the driver (`driver::Hub` counts from 1 and never
-/// reuses a number). Named for what it is so it is not read as TURN's RFC 6062
-/// CONNECTION-ID (`crate::turn::ConnId`), which once shared its name.
-pub type WsId = u64;
+/// reuses a number). Its own type so it cannot be confused with TURN's RFC 6062
+/// CONNECTION-ID (`crate::turn::ConnId`, which once shared its name) or with a count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WsId(u64);
+
+impl WsId {
+    /// The driver's `n`-th connection (`driver::Hub` hands the numbers out; tests and the
+    /// fuzz harness number their own).
+    pub const fn new(n: u64) -> WsId {
+        WsId(n)
+    }
+}
+
+/// Test shorthand for a connection number.
+#[cfg(test)]
+pub(crate) const fn ws_id(n: u64) -> WsId {
+    WsId(n)
+}
+
+impl std::fmt::Display for WsId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// An outgoing text frame: serialized once, shared by every recipient (a broadcast clones
 /// a reference count, not the text) and handed to the socket without another copy.
@@ -48,6 +69,13 @@ pub enum Out {
     },
     /// Register a relay session and hand each side its ticket.
     Relay(rooms::RelayGrant),
+    /// End the relay session of `ticket` if that side never connected (its ticket could
+    /// not be delivered): a side already waiting is closed with `reason` at once
+    /// (`crate::relay_ws::RelayHub::cancel`).
+    CancelRelay {
+        ticket: String,
+        reason: &'static str,
+    },
     /// Cluster mode: publish an event or resync a node through the cluster driver.
     Bus(bus::BusCmd),
 }

@@ -457,7 +457,7 @@ impl PeerJsService {
             self.stats.messages[INVALID] += 1;
             self.stats.refused[R_INVALID] += 1;
             tracing::debug!(
-                conn,
+                %conn,
                 "PeerJS message is not a JSON object of the protocol; ignored"
             );
             return out;

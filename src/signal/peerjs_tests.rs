@@ -1,5 +1,6 @@
 use super::*;
 use crate::signal::bus::{BusCmd, BusEvent, Member};
+use crate::signal::ws_id;
 use rand::SeedableRng;
 use serde_json::Value;
 
@@ -33,64 +34,70 @@ fn open(s: &mut PeerJsService, conn: WsId, id: &str, token: &str, now: Instant) 
 fn open_and_parameter_errors() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    let o = open(&mut s, 1, "alice", "t1", t0);
-    assert_eq!(texts(&o, 1), vec![serde_json::json!({"type":"OPEN"})]);
-    let o = s.connect(2, Some("peerjs"), Some("bob"), None, t0);
-    assert_eq!(texts(&o, 2)[0]["type"], "ERROR");
-    assert_eq!(texts(&o, 2)[0]["payload"]["msg"], INVALID_WS_PARAMETERS);
-    assert!(closed(&o, 2));
-    let o = s.connect(3, Some("wrong"), Some("bob"), Some("t"), t0);
-    assert_eq!(texts(&o, 3)[0]["payload"]["msg"], INVALID_KEY);
-    assert!(closed(&o, 3));
+    let o = open(&mut s, ws_id(1), "alice", "t1", t0);
+    assert_eq!(
+        texts(&o, ws_id(1)),
+        vec![serde_json::json!({"type":"OPEN"})]
+    );
+    let o = s.connect(ws_id(2), Some("peerjs"), Some("bob"), None, t0);
+    assert_eq!(texts(&o, ws_id(2))[0]["type"], "ERROR");
+    assert_eq!(
+        texts(&o, ws_id(2))[0]["payload"]["msg"],
+        INVALID_WS_PARAMETERS
+    );
+    assert!(closed(&o, ws_id(2)));
+    let o = s.connect(ws_id(3), Some("wrong"), Some("bob"), Some("t"), t0);
+    assert_eq!(texts(&o, ws_id(3))[0]["payload"]["msg"], INVALID_KEY);
+    assert!(closed(&o, ws_id(3)));
 }
 
 #[test]
 fn id_taken_and_silent_reattach() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
-    let o = open(&mut s, 2, "alice", "other", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
+    let o = open(&mut s, ws_id(2), "alice", "other", t0);
     assert_eq!(
-        texts(&o, 2),
+        texts(&o, ws_id(2)),
         vec![serde_json::json!({"type":"ID-TAKEN","payload":{"msg":"ID is taken"}})]
     );
-    assert!(closed(&o, 2) && !closed(&o, 1));
+    assert!(closed(&o, ws_id(2)) && !closed(&o, ws_id(1)));
     // Same token: the new socket takes over without OPEN; the old one is closed.
-    let o = open(&mut s, 3, "alice", "t1", t0);
-    assert!(texts(&o, 3).is_empty());
-    assert!(closed(&o, 1));
+    let o = open(&mut s, ws_id(3), "alice", "t1", t0);
+    assert!(texts(&o, ws_id(3)).is_empty());
+    assert!(closed(&o, ws_id(1)));
     // The old socket's close does not unregister alice.
-    s.disconnect(1, t0);
-    open(&mut s, 4, "bob", "tb", t0);
+    s.disconnect(ws_id(1), t0);
+    open(&mut s, ws_id(4), "bob", "tb", t0);
     let o = s.message(
-        4,
+        ws_id(4),
         r#"{"type":"OFFER","dst":"alice","payload":{"sdp":"x"}}"#,
         t0,
     );
-    assert_eq!(texts(&o, 3)[0]["src"], "bob");
+    assert_eq!(texts(&o, ws_id(3))[0]["src"], "bob");
 }
 
 #[test]
 fn forward_sets_src_and_keeps_only_protocol_fields() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
-    open(&mut s, 2, "bob", "t2", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
+    open(&mut s, ws_id(2), "bob", "t2", t0);
     let o = s.message(
-        1,
+        ws_id(1),
         r#"{"type":"CANDIDATE","src":"mallory","dst":"bob","payload":{"c":1},"extra":true}"#,
         t0,
     );
     assert_eq!(
-        texts(&o, 2),
+        texts(&o, ws_id(2)),
         vec![serde_json::json!({"type":"CANDIDATE","src":"alice","dst":"bob","payload":{"c":1}})]
     );
     // Malformed and unknown messages are ignored, not answered (ERROR would abort the client).
-    assert!(s.message(1, "not json", t0).is_empty());
+    assert!(s.message(ws_id(1), "not json", t0).is_empty());
     assert!(s
-        .message(1, r#"{"type":"DANCE","dst":"bob"}"#, t0)
+        .message(ws_id(1), r#"{"type":"DANCE","dst":"bob"}"#, t0)
         .is_empty());
-    assert!(s.message(1, r#"[1,2]"#, t0).is_empty());
+    assert!(s.message(ws_id(1), r#"[1,2]"#, t0).is_empty());
     assert_eq!(s.stats().bad_messages, 3);
 }
 
@@ -100,33 +107,46 @@ fn forward_sets_src_and_keeps_only_protocol_fields() {
 fn payload_is_forwarded_as_raw_json_text() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
-    open(&mut s, 2, "bob", "t2", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
+    open(&mut s, ws_id(2), "bob", "t2", t0);
     let payload = r#"{"sdp":"v=0\r\na=x \u00e9","n":[1, 2.50]}"#;
     let msg = format!(r#"{{"type":"OFFER","dst":"b\u006fb","payload":{payload}}}"#);
-    let o = s.message(1, &msg, t0);
-    let Some(Out::Send { conn: 2, text }) = o.first() else {
+    let o = s.message(ws_id(1), &msg, t0);
+    let Some(Out::Send {
+        conn: WsId(2),
+        text,
+    }) = o.first()
+    else {
         panic!("{o:?}")
     };
     assert_eq!(
         text.as_str(),
         format!(r#"{{"type":"OFFER","src":"alice","dst":"bob","payload":{payload}}}"#)
     );
-    let o = s.message(1, r#"{"type":"ANSWER","dst":"bob","payload":null}"#, t0);
-    assert_eq!(texts(&o, 2)[0]["payload"], Value::Null);
-    assert!(texts(&o, 2)[0].as_object().unwrap().contains_key("payload"));
+    let o = s.message(
+        ws_id(1),
+        r#"{"type":"ANSWER","dst":"bob","payload":null}"#,
+        t0,
+    );
+    assert_eq!(texts(&o, ws_id(2))[0]["payload"], Value::Null);
+    assert!(texts(&o, ws_id(2))[0]
+        .as_object()
+        .unwrap()
+        .contains_key("payload"));
     // A `dst` that is not a string is not a message of the protocol.
-    assert!(s.message(1, r#"{"type":"OFFER","dst":7}"#, t0).is_empty());
+    assert!(s
+        .message(ws_id(1), r#"{"type":"OFFER","dst":7}"#, t0)
+        .is_empty());
 }
 
 #[test]
 fn queue_for_absent_peer_then_expire_on_simulated_clock() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
     for i in 0..3 {
         let o = s.message(
-            1,
+            ws_id(1),
             &format!(r#"{{"type":"CANDIDATE","dst":"ghost","payload":{i}}}"#),
             t0,
         );
@@ -134,13 +154,13 @@ fn queue_for_absent_peer_then_expire_on_simulated_clock() {
     }
     // LEAVE and EXPIRE for an absent peer are dropped, not queued.
     assert!(s
-        .message(1, r#"{"type":"LEAVE","dst":"ghost"}"#, t0)
+        .message(ws_id(1), r#"{"type":"LEAVE","dst":"ghost"}"#, t0)
         .is_empty());
     assert!(s.tick(t0 + Duration::from_millis(4999)).is_empty());
     let o = s.tick(t0 + Duration::from_secs(5));
     // One EXPIRE per (sender, destination) pair, from the absent peer's id.
     assert_eq!(
-        texts(&o, 1),
+        texts(&o, ws_id(1)),
         vec![serde_json::json!({"type":"EXPIRE","src":"ghost","dst":"alice"})]
     );
     assert!(s.tick(t0 + Duration::from_secs(7)).is_empty());
@@ -150,11 +170,19 @@ fn queue_for_absent_peer_then_expire_on_simulated_clock() {
 fn queued_messages_are_delivered_when_the_peer_arrives() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
-    s.message(1, r#"{"type":"OFFER","dst":"bob","payload":"o"}"#, t0);
-    s.message(1, r#"{"type":"CANDIDATE","dst":"bob","payload":"c"}"#, t0);
-    let o = open(&mut s, 2, "bob", "t2", t0 + Duration::from_secs(2));
-    let got = texts(&o, 2);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
+    s.message(
+        ws_id(1),
+        r#"{"type":"OFFER","dst":"bob","payload":"o"}"#,
+        t0,
+    );
+    s.message(
+        ws_id(1),
+        r#"{"type":"CANDIDATE","dst":"bob","payload":"c"}"#,
+        t0,
+    );
+    let o = open(&mut s, ws_id(2), "bob", "t2", t0 + Duration::from_secs(2));
+    let got = texts(&o, ws_id(2));
     assert_eq!(got.len(), 3);
     assert_eq!(got[0]["type"], "OPEN");
     assert_eq!(got[1]["type"], "OFFER");
@@ -166,28 +194,32 @@ fn queued_messages_are_delivered_when_the_peer_arrives() {
 fn queue_is_bounded() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
     for i in 0..10 {
         s.message(
-            1,
+            ws_id(1),
             &format!(r#"{{"type":"CANDIDATE","dst":"ghost","payload":{i}}}"#),
             t0,
         );
     }
     assert_eq!(s.stats().queued_dropped, 6);
-    let o = open(&mut s, 2, "ghost", "g", t0);
-    assert_eq!(texts(&o, 2).len(), 1 + 4);
+    let o = open(&mut s, ws_id(2), "ghost", "g", t0);
+    assert_eq!(texts(&o, ws_id(2)).len(), 1 + 4);
 }
 
 #[test]
 fn alive_timeout_drops_silent_clients() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
-    open(&mut s, 2, "bob", "t2", t0);
-    s.message(2, r#"{"type":"HEARTBEAT"}"#, t0 + Duration::from_secs(30));
+    open(&mut s, ws_id(1), "alice", "t1", t0);
+    open(&mut s, ws_id(2), "bob", "t2", t0);
+    s.message(
+        ws_id(2),
+        r#"{"type":"HEARTBEAT"}"#,
+        t0 + Duration::from_secs(30),
+    );
     let o = s.tick(t0 + Duration::from_secs(60));
-    assert!(closed(&o, 1) && !closed(&o, 2));
+    assert!(closed(&o, ws_id(1)) && !closed(&o, ws_id(2)));
     assert_eq!(s.ids(), vec!["bob".to_string()]);
 }
 
@@ -196,11 +228,14 @@ fn concurrent_limit() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
     for i in 0..3 {
-        open(&mut s, i, &format!("p{i}"), "t", t0);
+        open(&mut s, ws_id(i), &format!("p{i}"), "t", t0);
     }
-    let o = open(&mut s, 9, "p9", "t", t0);
-    assert_eq!(texts(&o, 9)[0]["payload"]["msg"], CONNECTION_LIMIT_EXCEED);
-    assert!(closed(&o, 9));
+    let o = open(&mut s, ws_id(9), "p9", "t", t0);
+    assert_eq!(
+        texts(&o, ws_id(9))[0]["payload"]["msg"],
+        CONNECTION_LIMIT_EXCEED
+    );
+    assert!(closed(&o, ws_id(9)));
 }
 
 #[test]
@@ -227,26 +262,28 @@ fn close_of(outs: &[Out], conn: WsId) -> Option<(u16, &'static str)> {
 fn one_mib_offer_and_150_candidates_pass_at_defaults() {
     let mut s = PeerJsService::new(SignalConfig::default(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
-    open(&mut s, 2, "bob", "t2", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
+    open(&mut s, ws_id(2), "bob", "t2", t0);
     let sdp = "v".repeat(1 << 20);
     let o = s.message(
-        1,
+        ws_id(1),
         &format!(r#"{{"type":"OFFER","dst":"bob","payload":{{"sdp":{{"sdp":"{sdp}"}}}}}}"#),
         t0,
     );
     assert_eq!(
-        texts(&o, 2)[0]["payload"]["sdp"]["sdp"].as_str().unwrap(),
+        texts(&o, ws_id(2))[0]["payload"]["sdp"]["sdp"]
+            .as_str()
+            .unwrap(),
         sdp
     );
     for i in 0..150u64 {
         let o = s.message(
-            1,
+            ws_id(1),
             &format!(r#"{{"type":"CANDIDATE","dst":"bob","payload":{{"c":{i}}}}}"#),
             t0 + Duration::from_millis(i),
         );
-        assert_eq!(texts(&o, 2)[0]["payload"]["c"], i);
-        assert!(close_of(&o, 1).is_none());
+        assert_eq!(texts(&o, ws_id(2))[0]["payload"]["c"], i);
+        assert!(close_of(&o, ws_id(1)).is_none());
     }
     assert_eq!(s.stats().refused, [0; REFUSAL_REASONS.len()]);
 }
@@ -262,25 +299,33 @@ fn a_client_past_its_rate_is_disconnected_with_a_reason() {
         StdRng::seed_from_u64(1),
     );
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
-    open(&mut s, 2, "bob", "t2", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
+    open(&mut s, ws_id(2), "bob", "t2", t0);
     for i in 0..20 {
-        let o = s.message(1, r#"{"type":"CANDIDATE","dst":"bob","payload":1}"#, t0);
-        assert_eq!(texts(&o, 2).len(), 1, "message {i}");
+        let o = s.message(
+            ws_id(1),
+            r#"{"type":"CANDIDATE","dst":"bob","payload":1}"#,
+            t0,
+        );
+        assert_eq!(texts(&o, ws_id(2)).len(), 1, "message {i}");
     }
     // The 21st within the burst's instant: no ERROR (it would abort the client), no
     // silent drop: the connection closes with a reason naming the limit.
-    let o = s.message(1, r#"{"type":"CANDIDATE","dst":"bob","payload":1}"#, t0);
-    assert!(texts(&o, 1).is_empty() && texts(&o, 2).is_empty());
-    let (code, reason) = close_of(&o, 1).unwrap();
+    let o = s.message(
+        ws_id(1),
+        r#"{"type":"CANDIDATE","dst":"bob","payload":1}"#,
+        t0,
+    );
+    assert!(texts(&o, ws_id(1)).is_empty() && texts(&o, ws_id(2)).is_empty());
+    let (code, reason) = close_of(&o, ws_id(1)).unwrap();
     assert_eq!(code, 1008);
     assert!(reason.contains("signal.peerjs_rate_per_sec"), "{reason}");
     assert!(reason.len() <= 123, "fits a close frame");
     assert_eq!(s.stats().refused[R_RATE], 1);
     // Unregistered: the id is free for the client's reconnect.
     assert_eq!(s.ids(), vec!["bob".to_string()]);
-    let o = open(&mut s, 3, "alice", "t1", t0 + Duration::from_secs(1));
-    assert_eq!(texts(&o, 3)[0]["type"], "OPEN");
+    let o = open(&mut s, ws_id(3), "alice", "t1", t0 + Duration::from_secs(1));
+    assert_eq!(texts(&o, ws_id(3))[0]["type"], "OPEN");
 }
 
 #[test]
@@ -293,15 +338,15 @@ fn a_message_over_the_size_limit_closes_its_sender_with_1009() {
         StdRng::seed_from_u64(1),
     );
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
-    open(&mut s, 2, "bob", "t2", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
+    open(&mut s, ws_id(2), "bob", "t2", t0);
     let big = format!(
         r#"{{"type":"OFFER","dst":"bob","payload":"{}"}}"#,
         "x".repeat(1000)
     );
-    let o = s.message(1, &big, t0);
-    assert!(texts(&o, 2).is_empty());
-    let (code, reason) = close_of(&o, 1).unwrap();
+    let o = s.message(ws_id(1), &big, t0);
+    assert!(texts(&o, ws_id(2)).is_empty());
+    let (code, reason) = close_of(&o, ws_id(1)).unwrap();
     assert_eq!(code, 1009);
     assert!(reason.contains("signal.peerjs_max_message_bytes"));
     assert_eq!(s.stats().refused[R_TOO_LARGE], 1);
@@ -326,13 +371,13 @@ fn queued_bytes_are_bounded_per_sender_and_in_total_then_given_back() {
         StdRng::seed_from_u64(1),
     );
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
-    open(&mut s, 2, "bob", "t2", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
+    open(&mut s, ws_id(2), "bob", "t2", t0);
     // alice: 60 KB messages to distinct unknown ids; the 5th would pass 250 KB.
     let mut expired_now = Vec::new();
     for i in 0..8 {
-        let o = s.message(1, &big_offer(&format!("ghost{i}"), 60_000), t0);
-        expired_now.extend(texts(&o, 1));
+        let o = s.message(ws_id(1), &big_offer(&format!("ghost{i}"), 60_000), t0);
+        expired_now.extend(texts(&o, ws_id(1)));
     }
     assert_eq!(expired_now.len(), 4, "{expired_now:?}");
     assert_eq!(
@@ -345,8 +390,8 @@ fn queued_bytes_are_bounded_per_sender_and_in_total_then_given_back() {
     // bob: the total (400 KB) runs out first.
     let mut bob_expired = 0;
     for i in 0..4 {
-        let o = s.message(2, &big_offer(&format!("spirit{i}"), 60_000), t0);
-        bob_expired += texts(&o, 2).len();
+        let o = s.message(ws_id(2), &big_offer(&format!("spirit{i}"), 60_000), t0);
+        bob_expired += texts(&o, ws_id(2)).len();
     }
     let st = s.stats();
     assert_eq!(st.refused[R_TOTAL_BYTES], 2, "queue_total_bytes");
@@ -355,18 +400,22 @@ fn queued_bytes_are_bounded_per_sender_and_in_total_then_given_back() {
     assert_eq!(st.queued_dropped, 6);
     // One arrives: its message is delivered and its bytes given back.
     let before = s.stats().queued_bytes;
-    let o = open(&mut s, 3, "ghost0", "g", t0 + Duration::from_secs(1));
-    assert_eq!(texts(&o, 3).len(), 2);
+    let o = open(&mut s, ws_id(3), "ghost0", "g", t0 + Duration::from_secs(1));
+    assert_eq!(texts(&o, ws_id(3)).len(), 2);
     assert!(s.stats().queued_bytes < before);
     // The rest expire: one EXPIRE per pair, and every byte is back.
     let o = s.tick(t0 + Duration::from_secs(5));
-    assert_eq!(texts(&o, 1).len(), 3);
-    assert_eq!(texts(&o, 2).len(), 2);
+    assert_eq!(texts(&o, ws_id(1)).len(), 3);
+    assert_eq!(texts(&o, ws_id(2)).len(), 2);
     assert_eq!(s.stats().queued_bytes, 0);
     assert!(s.queued_by_sender.is_empty() && s.queues.is_empty());
     // Then alice may queue again.
-    let o = s.message(1, &big_offer("later", 60_000), t0 + Duration::from_secs(6));
-    assert!(texts(&o, 1).is_empty());
+    let o = s.message(
+        ws_id(1),
+        &big_offer("later", 60_000),
+        t0 + Duration::from_secs(6),
+    );
+    assert!(texts(&o, ws_id(1)).is_empty());
 }
 
 #[test]
@@ -380,13 +429,17 @@ fn maps_shrink_after_a_crowd_leaves() {
     );
     let t0 = Instant::now();
     for i in 0..2000 {
-        open(&mut s, i, &format!("p{i}"), "t", t0);
-        s.message(i, r#"{"type":"OFFER","dst":"nobody-yet","payload":1}"#, t0);
-        s.message(i, &big_offer(&format!("n{i}"), 10), t0);
+        open(&mut s, ws_id(i), &format!("p{i}"), "t", t0);
+        s.message(
+            ws_id(i),
+            r#"{"type":"OFFER","dst":"nobody-yet","payload":1}"#,
+            t0,
+        );
+        s.message(ws_id(i), &big_offer(&format!("n{i}"), 10), t0);
     }
     let big = s.clients.capacity();
     for i in 0..2000 {
-        s.disconnect(i, t0);
+        s.disconnect(ws_id(i), t0);
     }
     s.tick(t0 + Duration::from_secs(5));
     assert!(
@@ -424,16 +477,20 @@ fn open_ev(id: &str) -> BusEvent {
 fn cluster_claim_before_open_and_id_taken_from_redis() {
     let mut s = clustered();
     let t0 = Instant::now();
-    let o = open(&mut s, 1, "alice", "t1", t0);
-    assert!(texts(&o, 1).is_empty(), "no OPEN before the claim");
+    let o = open(&mut s, ws_id(1), "alice", "t1", t0);
+    assert!(texts(&o, ws_id(1)).is_empty(), "no OPEN before the claim");
     assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "alice".into() }]);
     // A message for alice meanwhile waits until OPEN.
-    open(&mut s, 2, "bob", "t2", t0);
+    open(&mut s, ws_id(2), "bob", "t2", t0);
     s.claim_result("bob", true);
-    let o = s.message(2, r#"{"type":"OFFER","dst":"alice","payload":{"n":1}}"#, t0);
-    assert!(texts(&o, 1).is_empty());
+    let o = s.message(
+        ws_id(2),
+        r#"{"type":"OFFER","dst":"alice","payload":{"n":1}}"#,
+        t0,
+    );
+    assert!(texts(&o, ws_id(1)).is_empty());
     let o = s.claim_result("alice", true);
-    let t = texts(&o, 1);
+    let t = texts(&o, ws_id(1));
     assert_eq!(t[0]["type"], "OPEN");
     assert_eq!(t[1]["type"], "OFFER");
     assert!(
@@ -441,14 +498,14 @@ fn cluster_claim_before_open_and_id_taken_from_redis() {
     );
     assert_eq!(s.bus_members().1.len(), 2);
     // Another node won the race for carol: ID-TAKEN, and the machine forgets carol.
-    open(&mut s, 3, "carol", "t3", t0);
+    open(&mut s, ws_id(3), "carol", "t3", t0);
     let o = s.claim_result("carol", false);
-    assert_eq!(texts(&o, 3)[0]["type"], "ID-TAKEN");
-    assert!(closed(&o, 3));
+    assert_eq!(texts(&o, ws_id(3))[0]["type"], "ID-TAKEN");
+    assert!(closed(&o, ws_id(3)));
     assert_eq!(s.client_count(), 2);
     // A claim that succeeds after its client left is released again.
-    open(&mut s, 4, "dave", "t4", t0);
-    let o = s.disconnect(4, t0);
+    open(&mut s, ws_id(4), "dave", "t4", t0);
+    let o = s.disconnect(ws_id(4), t0);
     assert_eq!(bus_cmds(&o), [BusCmd::Release { id: "dave".into() }]);
     let o = s.claim_result("dave", true);
     assert_eq!(bus_cmds(&o), [BusCmd::Release { id: "dave".into() }]);
@@ -459,16 +516,16 @@ fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
     let mut s = clustered();
     let t0 = Instant::now();
     s.bus_event("b", 1, 1, open_ev("zed"), t0);
-    let o = open(&mut s, 1, "zed", "t", t0);
-    assert_eq!(texts(&o, 1)[0]["type"], "ID-TAKEN");
+    let o = open(&mut s, ws_id(1), "zed", "t", t0);
+    assert_eq!(texts(&o, ws_id(1))[0]["type"], "ID-TAKEN");
     assert!(
         bus_cmds(&o).is_empty(),
         "no claim for an id known elsewhere"
     );
-    open(&mut s, 2, "alice", "t1", t0);
+    open(&mut s, ws_id(2), "alice", "t1", t0);
     s.claim_result("alice", true);
     let o = s.message(
-        2,
+        ws_id(2),
         r#"{"type":"OFFER","dst":"zed","payload":{"sdp":"x"}}"#,
         t0,
     );
@@ -488,7 +545,7 @@ fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
         serde_json::json!({"type":"OFFER","src":"alice","dst":"zed","payload":{"sdp":"x"}})
     );
     let o = s.message(
-        2,
+        ws_id(2),
         r#"{"type":"CANDIDATE","dst":"zed","payload":{"c":1}}"#,
         t0,
     );
@@ -508,10 +565,13 @@ fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
         },
         t0,
     );
-    assert_eq!(texts(&o, 2), vec![serde_json::json!({"type":"ANSWER"})]);
+    assert_eq!(
+        texts(&o, ws_id(2)),
+        vec![serde_json::json!({"type":"ANSWER"})]
+    );
     // zed leaves its node: ids free, messages for it are held then expire.
     s.bus_event("b", 1, 3, BusEvent::PeerjsClose { id: "zed".into() }, t0);
-    let o = open(&mut s, 3, "zed", "t", t0);
+    let o = open(&mut s, ws_id(3), "zed", "t", t0);
     assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "zed".into() }]);
 }
 
@@ -519,7 +579,7 @@ fn cluster_id_on_another_node_is_taken_and_messages_go_through_the_bus() {
 fn cluster_duplicate_gap_and_node_gone() {
     let mut s = clustered();
     let t0 = Instant::now();
-    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
     s.claim_result("alice", true);
     let ans = |n: u32| BusEvent::Peerjs {
         to: "alice".into(),
@@ -527,15 +587,18 @@ fn cluster_duplicate_gap_and_node_gone() {
         text: format!("{{\"type\":\"CANDIDATE\",\"n\":{n}}}"),
     };
     assert_eq!(
-        texts(&s.bus_event("b", 1, 1, open_ev("zed"), t0), 1).len(),
+        texts(&s.bus_event("b", 1, 1, open_ev("zed"), t0), ws_id(1)).len(),
         0
     );
-    assert_eq!(texts(&s.bus_event("b", 1, 2, ans(1), t0), 1).len(), 1);
+    assert_eq!(
+        texts(&s.bus_event("b", 1, 2, ans(1), t0), ws_id(1)).len(),
+        1
+    );
     // A duplicate is ignored.
     assert!(s.bus_event("b", 1, 2, ans(1), t0).is_empty());
     // A gap: applied, and a resync of that node asked for.
     let o = s.bus_event("b", 1, 5, ans(2), t0);
-    assert_eq!(texts(&o, 1).len(), 1);
+    assert_eq!(texts(&o, ws_id(1)).len(), 1);
     assert_eq!(
         bus_cmds(&o),
         [BusCmd::Resync {
@@ -553,21 +616,21 @@ fn cluster_duplicate_gap_and_node_gone() {
     };
     s.bus_snapshot("b", std::slice::from_ref(&yan));
     assert_eq!(
-        texts(&open(&mut s, 2, "yan", "t", t0), 2)[0]["type"],
+        texts(&open(&mut s, ws_id(2), "yan", "t", t0), ws_id(2))[0]["type"],
         "ID-TAKEN"
     );
-    let o = open(&mut s, 3, "zed", "t", t0);
+    let o = open(&mut s, ws_id(3), "zed", "t", t0);
     assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "zed".into() }]);
     // Node b gone (crashed): its ids are free; a message for one is held, then EXPIRE.
     s.bus_snapshot("b", &[]);
-    let o = s.message(1, r#"{"type":"OFFER","dst":"yan","payload":{}}"#, t0);
+    let o = s.message(ws_id(1), r#"{"type":"OFFER","dst":"yan","payload":{}}"#, t0);
     assert!(
-        bus_cmds(&o).is_empty() && texts(&o, 1).is_empty(),
+        bus_cmds(&o).is_empty() && texts(&o, ws_id(1)).is_empty(),
         "held here"
     );
     let o = s.tick(t0 + Duration::from_secs(6));
     assert_eq!(
-        texts(&o, 1),
+        texts(&o, ws_id(1)),
         vec![serde_json::json!({"type":"EXPIRE","src":"yan","dst":"alice"})]
     );
 }
@@ -577,32 +640,40 @@ fn cluster_redis_down_expires_cross_node_sends_and_opens_locally() {
     let mut s = clustered();
     let t0 = Instant::now();
     s.bus_event("b", 1, 1, open_ev("zed"), t0);
-    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
     s.claim_result("alice", true);
     s.bus_state(false);
-    let o = s.message(1, r#"{"type":"OFFER","dst":"zed","payload":{}}"#, t0);
+    let o = s.message(ws_id(1), r#"{"type":"OFFER","dst":"zed","payload":{}}"#, t0);
     assert!(bus_cmds(&o).is_empty());
     assert_eq!(
-        texts(&o, 1),
+        texts(&o, ws_id(1)),
         vec![serde_json::json!({"type":"EXPIRE","src":"zed","dst":"alice"})]
     );
     assert_eq!(s.stats().refused[R_CLUSTER], 1);
     // A new local id opens at once; it is in the list the driver rewrites on reconnect.
-    let o = open(&mut s, 2, "bob", "t2", t0);
-    assert_eq!(texts(&o, 2)[0]["type"], "OPEN");
+    let o = open(&mut s, ws_id(2), "bob", "t2", t0);
+    assert_eq!(texts(&o, ws_id(2))[0]["type"], "OPEN");
     assert!(s.bus_members().1.iter().any(|m| m.id == "bob"));
     // Messages between local peers are untouched.
-    let o = s.message(2, r#"{"type":"OFFER","dst":"alice","payload":{}}"#, t0);
-    assert_eq!(texts(&o, 1)[0]["type"], "OFFER");
+    let o = s.message(
+        ws_id(2),
+        r#"{"type":"OFFER","dst":"alice","payload":{}}"#,
+        t0,
+    );
+    assert_eq!(texts(&o, ws_id(1))[0]["type"], "OFFER");
 }
 
 #[test]
 fn single_node_emits_no_bus_commands() {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
     let t0 = Instant::now();
-    let mut all = open(&mut s, 1, "alice", "t1", t0);
-    all.extend(s.message(1, r#"{"type":"OFFER","dst":"nobody","payload":{}}"#, t0));
-    all.extend(s.disconnect(1, t0));
+    let mut all = open(&mut s, ws_id(1), "alice", "t1", t0);
+    all.extend(s.message(
+        ws_id(1),
+        r#"{"type":"OFFER","dst":"nobody","payload":{}}"#,
+        t0,
+    ));
+    all.extend(s.disconnect(ws_id(1), t0));
     assert!(bus_cmds(&all).is_empty());
 }
 
@@ -610,11 +681,14 @@ fn single_node_emits_no_bus_commands() {
 fn cluster_claim_pending_when_redis_goes_opens_locally() {
     let mut s = clustered();
     let t0 = Instant::now();
-    let o = open(&mut s, 1, "alice", "t1", t0);
+    let o = open(&mut s, ws_id(1), "alice", "t1", t0);
     assert_eq!(bus_cmds(&o), [BusCmd::Claim { id: "alice".into() }]);
     // The claim's answer never comes: Redis went away first.
     let o = s.bus_state(false);
-    assert_eq!(texts(&o, 1), vec![serde_json::json!({"type":"OPEN"})]);
+    assert_eq!(
+        texts(&o, ws_id(1)),
+        vec![serde_json::json!({"type":"OPEN"})]
+    );
     assert!(
         bus_cmds(&o).is_empty(),
         "nothing published while Redis is away"
@@ -628,27 +702,27 @@ fn cluster_commands_the_bus_queue_cannot_take_are_never_silent() {
     let mut s = clustered();
     let t0 = Instant::now();
     s.bus_event("b", 1, 1, open_ev("zed"), t0);
-    open(&mut s, 1, "alice", "t1", t0);
+    open(&mut s, ws_id(1), "alice", "t1", t0);
     s.claim_result("alice", true);
     // A message for zed (on node b) that could not be queued: EXPIRE back to alice.
-    let o = s.message(1, r#"{"type":"OFFER","dst":"zed","payload":{}}"#, t0);
+    let o = s.message(ws_id(1), r#"{"type":"OFFER","dst":"zed","payload":{}}"#, t0);
     let cmd = bus_cmds(&o).pop().unwrap();
     let o = s.bus_refused(cmd, t0);
-    let t = texts(&o, 1);
+    let t = texts(&o, ws_id(1));
     assert_eq!(
         (t[0]["type"].as_str(), t[0]["src"].as_str()),
         (Some("EXPIRE"), Some("zed"))
     );
     // A LEAVE lost that way needs no answer.
-    let o = s.message(1, r#"{"type":"LEAVE","dst":"zed"}"#, t0);
+    let o = s.message(ws_id(1), r#"{"type":"LEAVE","dst":"zed"}"#, t0);
     let cmd = bus_cmds(&o).pop().unwrap();
     assert!(s.bus_refused(cmd, t0).is_empty());
     // A claim that could not be queued: ERROR and a close, never a Peer left waiting.
-    let o = open(&mut s, 2, "bob", "t2", t0);
+    let o = open(&mut s, ws_id(2), "bob", "t2", t0);
     let cmd = bus_cmds(&o).pop().unwrap();
     let o = s.bus_refused(cmd, t0);
-    assert_eq!(texts(&o, 2)[0]["type"], "ERROR");
-    assert!(closed(&o, 2));
+    assert_eq!(texts(&o, ws_id(2))[0]["type"], "ERROR");
+    assert!(closed(&o, ws_id(2)));
     assert_eq!(s.client_count(), 1);
     let busy = crate::signal::peerjs::REFUSAL_REASONS
         .iter()

@@ -635,7 +635,7 @@ impl RoomService {
                 self.stats.bad_messages += 1;
                 self.stats.messages[INVALID] += 1;
                 let (code, message) = classify_parse_error(text, &e);
-                tracing::debug!(conn, ?code, "bad signaling message");
+                tracing::debug!(%conn, ?code, "bad signaling message");
                 out.push(Self::error(&mut self.stats, conn, code, message, None));
                 return out;
             }
@@ -1201,9 +1201,12 @@ impl RoomService {
         out
     }
 
-    /// A bus command the driver could not queue (its queue to Redis is full): a signal's or
-    /// a relay ticket's sender is told (`cluster-busy`); a lost join or leave needs nothing
-    /// here, since the receivers see the gap in this node's sequence and resync.
+    /// A bus command the driver could not queue (its queue to Redis is full), or one in
+    /// flight when Redis was lost: a signal's or a relay ticket's sender is told
+    /// (`cluster-busy`), and a relay ticket's session is cancelled so the requester's side,
+    /// if already connected to `/relay`, is closed at once rather than at the ticket's
+    /// expiry; a lost join or leave needs nothing here, since the receivers see the gap in
+    /// this node's sequence and resync.
     pub fn bus_refused(&mut self, cmd: BusCmd) -> Vec<Out> {
         let mut out = Vec::new();
         let BusCmd::Publish { ev, .. } = cmd else {
@@ -1214,7 +1217,16 @@ impl RoomService {
                 self.stats.signals_forwarded = self.stats.signals_forwarded.saturating_sub(1);
                 (from, to, "not sent")
             }
-            BusEvent::RelayTicket { from, to, .. } => (from, to, "no relay"),
+            BusEvent::RelayTicket {
+                from, to, ticket, ..
+            } => {
+                out.push(Out::CancelRelay {
+                    ticket,
+                    reason: "the other peer is on another node and the cluster bus could not \
+                             carry its ticket",
+                });
+                (from, to, "no relay")
+            }
             _ => return out,
         };
         if let Some(conn) = self.peers.get(&from).and_then(|p| p.conn) {

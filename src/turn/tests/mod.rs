@@ -217,6 +217,26 @@ impl Req {
     }
     /// Encodes, signed when `auth` is given (username, key, nonce).
     pub(super) fn encode(&self, auth: Option<(&str, &Key, &[u8])>) -> Vec<u8> {
+        match auth {
+            None => self.write(&[], None),
+            Some((user, key, nonce)) => {
+                let creds: [(u16, &[u8]); 3] = [
+                    (attr::USERNAME, user.as_bytes()),
+                    (attr::REALM, REALM.as_bytes()),
+                    (attr::NONCE, nonce),
+                ];
+                self.write(&creds, Some((key, false)))
+            }
+        }
+    }
+
+    /// Encodes with exactly the attributes given (no USERNAME, REALM or NONCE added),
+    /// signed with `key`: MESSAGE-INTEGRITY-SHA256 when `sha256`, else MESSAGE-INTEGRITY.
+    pub(super) fn signed(&self, key: &Key, sha256: bool) -> Vec<u8> {
+        self.write(&[], Some((key, sha256)))
+    }
+
+    fn write(&self, extra: &[(u16, &[u8])], sign: Option<(&Key, bool)>) -> Vec<u8> {
         let mut buf = vec![0u8; 4096];
         let mut w =
             MessageWriter::new(&mut buf, message_type(self.method, self.class), self.txid).unwrap();
@@ -229,11 +249,13 @@ impl Req {
         if let Some(d) = &self.data {
             w.attr(attr::DATA, d).unwrap();
         }
-        if let Some((user, key, nonce)) = auth {
-            w.attr(attr::USERNAME, user.as_bytes()).unwrap();
-            w.attr(attr::REALM, REALM.as_bytes()).unwrap();
-            w.attr(attr::NONCE, nonce).unwrap();
-            w.integrity_sha1(key.as_bytes()).unwrap();
+        for (t, v) in extra {
+            w.attr(*t, v).unwrap();
+        }
+        match sign {
+            Some((key, true)) => w.integrity_sha256(key.as_bytes()).unwrap(),
+            Some((key, false)) => w.integrity_sha1(key.as_bytes()).unwrap(),
+            None => {}
         }
         let n = w.finish_with_fingerprint().unwrap();
         buf.truncate(n);
@@ -570,23 +592,8 @@ fn userhash_identifies_static_user() {
         .attr(attr::USERHASH, &hash)
         .attr(attr::REALM, REALM.as_bytes())
         .attr(attr::NONCE, &nonce);
-    let mut msg = req.encode(None);
-    // Re-sign: strip FINGERPRINT, add MESSAGE-INTEGRITY then FINGERPRINT.
-    msg.truncate(msg.len() - 8);
-    let mut buf = vec![0u8; 2048];
-    buf[..msg.len()].copy_from_slice(&msg);
-    let mut w = MessageWriter::new(
-        &mut buf,
-        message_type(method::ALLOCATE, class::REQUEST),
-        req.txid,
-    )
-    .unwrap();
-    for (t, v) in &req.attrs {
-        w.attr(*t, v).unwrap();
-    }
-    w.integrity_sha1(key.as_bytes()).unwrap();
-    let n = w.finish_with_fingerprint().unwrap();
-    let r = h.send(client(1), &buf[..n]);
+    // Identified by USERHASH alone: no USERNAME.
+    let r = h.send(client(1), &req.signed(&key, false));
     assert_eq!(r.code(), 0);
 }
 
@@ -601,19 +608,7 @@ fn message_integrity_sha256_is_verified_and_answered_in_kind() {
         .attr(attr::USERNAME, u.as_bytes())
         .attr(attr::REALM, REALM.as_bytes())
         .attr(attr::NONCE, &nonce);
-    let mut buf = vec![0u8; 2048];
-    let mut w = MessageWriter::new(
-        &mut buf,
-        message_type(method::ALLOCATE, class::REQUEST),
-        req.txid,
-    )
-    .unwrap();
-    for (t, v) in &req.attrs {
-        w.attr(*t, v).unwrap();
-    }
-    w.integrity_sha256(k.as_bytes()).unwrap();
-    let n = w.finish_with_fingerprint().unwrap();
-    let r = h.send(client(1), &buf[..n]);
+    let r = h.send(client(1), &req.signed(&k, true));
     assert_eq!(r.code(), 0);
     assert!(r.has(attr::MESSAGE_INTEGRITY_SHA256));
     assert!(r.verifies_with(&k));
@@ -659,19 +654,7 @@ fn missing_realm_or_nonce_with_integrity_is_400() {
     let req = Req::new(method::ALLOCATE)
         .udp()
         .attr(attr::USERNAME, u.as_bytes());
-    let mut buf = vec![0u8; 2048];
-    let mut w = MessageWriter::new(
-        &mut buf,
-        message_type(method::ALLOCATE, class::REQUEST),
-        req.txid,
-    )
-    .unwrap();
-    for (t, v) in &req.attrs {
-        w.attr(*t, v).unwrap();
-    }
-    w.integrity_sha1(k.as_bytes()).unwrap();
-    let n = w.finish_with_fingerprint().unwrap();
-    assert_eq!(h.send(client(1), &buf[..n]).code(), 400);
+    assert_eq!(h.send(client(1), &req.signed(&k, false)).code(), 400);
 }
 
 #[test]
