@@ -159,8 +159,8 @@ async function startProfile(p) {
 }
 
 // Wall clock and both browsers' CPU seconds between start() and stop(), in all, by process
-// type (browser, renderer, the network and storage services, gpu...) and by thread (type and
-// thread name: the renderer's main thread, its WebRTC network thread...).
+// type (browser, renderer, the network and storage services, gpu...) and by thread (side,
+// type and thread name: "rcv:renderer:chromium" is the receiving renderer's main thread).
 function makeClock(browsers) {
   let t;
   let procs;
@@ -182,7 +182,7 @@ function makeClock(browsers) {
         const stat = await readFile(`/proc/${p.pid}/task/${tid}/stat`, 'utf8').catch(() => null);
         if (!stat) continue;
         const name = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')).replace(/[0-9]+$/, '');
-        const key = `${p.type}:${name}`;
+        const key = `${['snd', 'rcv'][p.side]}:${p.type}:${name}`;
         out.set(key, (out.get(key) || 0) + (await cpuSecs(`${p.pid}/task/${tid}`)));
       }
     }
