@@ -38,6 +38,7 @@ const ROUNDS = Number(args.rounds || 3);
 const PATHS = String(args.paths || 'direct,turn').split(',');
 const WEB = args.web || null;
 const PROFILE = !!args.profile;
+const TERN_PID = args['tern-pid'] || null; // run.sh passes the daemon's: its CPU (the TURN relay's work) per round
 const BYTES = MIB * 1024 * 1024;
 
 // In-page: a bare peer connection for `step` ('direct': STUN only; 'turn': relay only),
@@ -166,6 +167,7 @@ function makeClock(browsers) {
   let procs;
   let cpu0;
   let threads0;
+  let tern0;
   const typeOf = async (pid) => {
     const cmd = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0').join(' ');
     const m = /--type=(\S+)/.exec(cmd);
@@ -193,6 +195,7 @@ function makeClock(browsers) {
       const pids = await Promise.all(browsers.map((br) => browserPids(br.profile)));
       procs = await Promise.all(pids.flatMap((list, side) => list.map(async (pid) => ({ pid, side, type: await typeOf(pid) }))));
       threads0 = await threads();
+      tern0 = TERN_PID ? await cpuSecs(TERN_PID) : 0;
       cpu0 = await cpu();
       t = performance.now();
     },
@@ -200,6 +203,7 @@ function makeClock(browsers) {
       const secs = (performance.now() - t) / 1000;
       const now = await cpu();
       const threads1 = await threads();
+      const tern = TERN_PID ? (await cpuSecs(TERN_PID)) - tern0 : null;
       const byType = {};
       const bySide = browsers.map(() => 0); // [sender's browser, receiver's]
       procs.forEach((p, i) => {
@@ -208,7 +212,7 @@ function makeClock(browsers) {
       });
       const byThread = {};
       for (const [k, v] of threads1) if (v - (threads0.get(k) || 0) > 0) byThread[k] = v - (threads0.get(k) || 0);
-      return { secs, cpu: now.reduce((x, y) => x + y, 0) - cpu0.reduce((x, y) => x + y, 0), bySide, byType, byThread };
+      return { secs, cpu: now.reduce((x, y) => x + y, 0) - cpu0.reduce((x, y) => x + y, 0), bySide, byType, byThread, tern };
     },
   };
 }
@@ -270,6 +274,7 @@ try {
         const row = {
           step, round, kind, path: r.path, secs: r.secs, mbps: BYTES / 1e6 / r.secs, cpuMsPerMiB: r.cpu * 1000 / MIB,
           senderCpuMsPerMiB: r.bySide[0] * 1000 / MIB, receiverCpuMsPerMiB: r.bySide[1] * 1000 / MIB,
+          ternCpuMsPerMiB: r.tern === null ? null : r.tern * 1000 / MIB,
         };
         row.cpuMsPerMiBByType = Object.fromEntries(Object.entries(r.byType).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
         row.cpuMsPerMiBByThread = Object.fromEntries(Object.entries(r.byThread).sort((x, y) => y[1] - x[1])
@@ -277,7 +282,8 @@ try {
         rows.push(row);
         process.stderr.write(`round ${round} ${step} ${kind}: ${r.path} ${row.mbps.toFixed(1)} MB/s, ` +
           `${row.cpuMsPerMiB.toFixed(1)} ms CPU/MiB (sender ${row.senderCpuMsPerMiB.toFixed(1)}, receiver ` +
-          `${row.receiverCpuMsPerMiB.toFixed(1)}) ${JSON.stringify(row.cpuMsPerMiBByType)}, load ${load[load.length - 1]}\n` +
+          `${row.receiverCpuMsPerMiB.toFixed(1)}) ${JSON.stringify(row.cpuMsPerMiBByType)}, ` +
+          `${row.ternCpuMsPerMiB === null ? '' : `Tern ${row.ternCpuMsPerMiB.toFixed(1)} ms/MiB, `}load ${load[load.length - 1]}\n` +
           `  by thread (ms/MiB): ${JSON.stringify(row.cpuMsPerMiBByThread)}\n`);
         if (r.top) process.stderr.write(`  sender: ${r.top.sender.join('\n          ')}\n  receiver: ${r.top.receiver.join('\n            ')}\n`);
         if (r.top) row.top = r.top;
@@ -299,8 +305,8 @@ const cell = (step, kind, key = 'mbps') => rows.filter((r) => r.step === step &&
 const pct = (x) => `${(x * 100).toFixed(0)} %`;
 console.log(`${MIB} MiB, ${ROUNDS} rounds, bare and page alternating; load average during the runs ` +
   `${Math.min(...load).toFixed(1)}–${Math.max(...load).toFixed(1)} on ${(await readFile('/proc/cpuinfo', 'utf8')).match(/^processor/gm).length} cores${WEB ? `; page files from ${WEB}` : ''}\n`);
-console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | per-round ratios | CPU ms per MiB, bare / page (medians) | sender CPU ms/MiB bare / page | receiver CPU ms/MiB bare / page |');
-console.log('|---|---|---|---|---|---|---|---|---|');
+console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | per-round ratios | CPU ms per MiB, bare / page (medians) | sender CPU ms/MiB bare / page | receiver CPU ms/MiB bare / page | Tern CPU ms/MiB bare / page |');
+console.log('|---|---|---|---|---|---|---|---|---|---|');
 for (const step of PATHS) {
   const [b, p] = [cell(step, 'bare'), cell(step, 'page')];
   const paired = [];
@@ -315,6 +321,7 @@ for (const step of PATHS) {
     `(${pct(Math.min(...paired))}–${pct(Math.max(...paired))}) | ${paired.map((x) => (x * 100).toFixed(0)).join(', ')} | ` +
     `${median(cell(step, 'bare', 'cpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'cpuMsPerMiB')).toFixed(1)} | ` +
     `${median(cell(step, 'bare', 'senderCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'senderCpuMsPerMiB')).toFixed(1)} | ` +
-    `${median(cell(step, 'bare', 'receiverCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'receiverCpuMsPerMiB')).toFixed(1)} |`);
+    `${median(cell(step, 'bare', 'receiverCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'receiverCpuMsPerMiB')).toFixed(1)} | ` +
+    (TERN_PID ? `${median(cell(step, 'bare', 'ternCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'ternCpuMsPerMiB')).toFixed(1)} |` : '– |'));
 }
 console.log(JSON.stringify({ mib: MIB, rounds: ROUNDS, web: WEB, load, rows }));
