@@ -14,15 +14,16 @@
 // each path, the order alternating between rounds (so a load change hits both kinds alike);
 // reported are the median, the spread (min–max) and the ratio of medians, plus the median
 // of the per-round ratios (page run / the bare run next to it), and each round's ratio. Also
-// the CPU time both browsers used per MiB moved, in all and per side (the sending browser's
-// processes, the receiving one's; from /proc): it does not depend on the
-// CPU share the scheduler gave the run, so it shows what the page costs even on a busy box.
+// the CPU time both browsers used per MiB moved, in all, per side (the sending browser's
+// processes, the receiving one's; from /proc) and per thread of each side, and the daemon's
+// (--tern-pid: on the TURN path it relays every packet): it does not depend on the CPU share
+// the scheduler gave the run, so it shows what the page costs even on a busy box.
 //
 // usage: node bench/web/bench.mjs --url http://127.0.0.1:API [--mib 200] [--rounds 3]
 //        [--paths direct,turn] [--web DIR]  (serve the page's files from DIR instead of
 //        the daemon's embedded copy: for trying a change without rebuilding)
 //        [--profile]  (a CPU profile of each side in the first page run per path: the
-//        functions with the most self time)
+//        functions with the most self time) [--tern-pid PID]  (run.sh passes it)
 // Prints a Markdown table and one JSON line.
 
 import { createHash, randomBytes } from 'node:crypto';
