@@ -94,7 +94,12 @@ async function bare(a, b, step, clock) {
   const offer = await a.evaluate((s) => window.bare(s, null), step);
   const answer = await b.evaluate(([s, o]) => window.bare(s, o), [step, offer]);
   await a.evaluate((ans) => window.pc.setRemoteDescription(ans), answer);
-  await Promise.all([a.evaluate(() => window.opened), b.evaluate(() => window.opened)]);
+  // Bounded: on an overloaded box ICE may never finish (a stalled bench says nothing).
+  const opened = Promise.all([a.evaluate(() => window.opened), b.evaluate(() => window.opened)]);
+  let timer;
+  await Promise.race([opened, new Promise((_, bad) => {
+    timer = setTimeout(() => bad(new Error(`the bare ${step} channel did not open within 120 s`)), 120_000);
+  })]).finally(() => clearTimeout(timer));
   const path = await a.evaluate(() => window.barePath());
   const recv = b.evaluate((n) => window.bareRecv(n), BYTES);
   await clock.start();
