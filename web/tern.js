@@ -22,17 +22,21 @@
 // enough in the SCTP queue to keep a long (TURN) path busy while the sender sleeps.
 const HIGH_WATER = 4 << 20;
 const LOW_WATER = 1 << 20;
+// Largest frame on a data channel (when the negotiated SCTP max message size allows it:
+// Chromium offers 256 KiB). A file chunk is one message: fewer, larger messages mean fewer
+// send calls and message events on the two main threads; the SCTP packets are the same.
+const MAX_FRAME = 256 << 10;
 const WS_CHUNK = 64 << 10; // payload per relay frame (well under relay_ws.max_frame_bytes)
 const HEARTBEAT_MS = 2000;
 const DEAD_AFTER_MS = 12000;
 const RELAY_MS = 15000; // the WebSocket relay step, from asking for a ticket to both hellos
-// A file moves in pieces of PIECE bytes: the sender reads one piece at a time (the next one
-// being read meanwhile) and follows its chunks with the piece's SHA-256 from WebCrypto
-// (native, off the main thread); the receiver checks each piece the same way and writes it
-// as one storage write. The file's own SHA-256 (incremental, Sha256) is computed once, by
+// A file moves in pieces of PIECE bytes: the sender reads the file through one stream into
+// a piece at a time (the next one being read meanwhile) and follows its chunks with the
+// piece's SHA-256 from WebCrypto (native); the receiver checks each piece the same way (in
+// its piece worker) and writes it as one storage write. The file's own SHA-256 (incremental, Sha256) is computed once, by
 // the receiver over what it stored, and returned to the sender with its result.
 const PIECE = 1 << 20;
-const PROGRESS_MS = 250; // at most one progress event per transfer this often (each redraws)
+const PROGRESS_MS = 500; // at most one progress event per transfer this often (each redraws)
 const HASH_STEP = 64 << 10; // the receiver hashes a piece this much at a time, letting
 // channel messages in between: a whole piece at once blocks the main thread long enough
 // (~25 ms on a busy machine) for the SCTP receive window to close
@@ -647,6 +651,8 @@ export class Channel extends EventTarget {
     this._sendCtr = 0n;
     this._recvCtr = 0n;
     this._sendChain = Promise.resolve();
+    this._queued = 0; // frames in _sendChain not yet handed to the transport
+    this._scratch = null; // the reused buffer of _sendData's direct path
     this._recvChain = Promise.resolve();
     this._frag = [];
     this._lastHeard = Date.now();
@@ -762,9 +768,8 @@ export class Channel extends EventTarget {
       if (dc !== this._dc || this.state !== 'connecting') return;
       clearTimeout(this._timer);
       const max = this._pc.sctp?.maxMessageSize || 65536;
-      // Chunks from the negotiated SCTP max message size, capped at 64 KiB (larger
-      // messages block the SCTP stream longer and help nothing).
-      this.chunkSize = Math.max(1024, Math.min(max, 64 << 10) - 1);
+      // Frames up to the negotiated SCTP max message size, capped at MAX_FRAME.
+      this.chunkSize = Math.max(1024, Math.min(max, MAX_FRAME) - 1);
       this.path = await this._rtcPath();
       this._opened();
     };
@@ -1013,12 +1018,39 @@ export class Channel extends EventTarget {
     return this._sendFrame(K_CTL, enc.encode(JSON.stringify(obj)));
   }
 
+  /**
+   * A file chunk (`bytes` ≤ `dataStep`). On a data channel with no frame queued before it,
+   * it is built in one reused buffer and sent at once (`send` copies it): no allocation or
+   * promise per chunk. Returns null when the caller may send the next chunk at once, else
+   * a promise to await (the queue is above HIGH_WATER, or the chunk went behind queued
+   * frames).
+   */
   _sendData(id, bytes) {
+    const dc = this._dc;
+    if (this._queued === 0 && dc && !this._ws && this.state === 'open') {
+      if (dc.readyState !== 'open') return Promise.reject(new Error('data channel closed'));
+      const n = bytes.length + 5;
+      if (!this._scratch || this._scratch.length < n) {
+        this._scratch = new Uint8Array(Math.max(n, this.chunkSize + 1));
+        this._scratchDv = new DataView(this._scratch.buffer);
+      }
+      const f = this._scratch;
+      f[0] = K_DATA;
+      this._scratchDv.setUint32(1, id);
+      f.set(bytes, 5);
+      dc.send(n === f.length ? f : f.subarray(0, n));
+      return dc.bufferedAmount > HIGH_WATER ? this._drained(dc) : null;
+    }
     const frame = new Uint8Array(bytes.length + 5);
     frame[0] = K_DATA;
     new DataView(frame.buffer).setUint32(1, id);
     frame.set(bytes, 5);
     return this._queue(frame);
+  }
+
+  /** File bytes per chunk: pieces split evenly into frames of at most `chunkSize`. */
+  get dataStep() {
+    return Math.ceil(PIECE / Math.ceil(PIECE / (this.chunkSize - 4)));
   }
 
   /** Sends a string or binary message; large messages are split into `chunkSize` frames. */
@@ -1049,9 +1081,23 @@ export class Channel extends EventTarget {
 
   // Frames go out in order through one promise chain (encryption is async).
   _queue(frame) {
-    const p = this._sendChain.then(() => this._sendNow(frame));
+    this._queued++;
+    const p = this._sendChain.then(() => this._sendNow(frame)).finally(() => { this._queued--; });
     this._sendChain = p.catch(() => {});
     return p;
+  }
+
+  // Resolves when the data channel's queue is down to LOW_WATER (or the channel closed).
+  _drained(dc) {
+    return new Promise((resolve) => {
+      const done = () => {
+        dc.removeEventListener('bufferedamountlow', done);
+        dc.removeEventListener('close', done);
+        resolve();
+      };
+      dc.addEventListener('bufferedamountlow', done);
+      dc.addEventListener('close', done);
+    });
   }
 
   async _sendNow(frame) {
@@ -1070,17 +1116,7 @@ export class Channel extends EventTarget {
     const dc = this._dc;
     if (!dc || dc.readyState !== 'open') throw new Error('data channel closed');
     dc.send(frame);
-    if (dc.bufferedAmount > HIGH_WATER) {
-      await new Promise((resolve) => {
-        const done = () => {
-          dc.removeEventListener('bufferedamountlow', done);
-          dc.removeEventListener('close', done);
-          resolve();
-        };
-        dc.addEventListener('bufferedamountlow', done);
-        dc.addEventListener('close', done);
-      });
-    }
+    if (dc.bufferedAmount > HIGH_WATER) await this._drained(dc);
   }
 
   _fail(reason) {
@@ -1139,6 +1175,65 @@ function cleanFileName(s) {
 }
 
 /**
+ * A file read in pieces of PIECE bytes (the last one shorter) through one `stream()` of it
+ * (cheaper than a `slice().arrayBuffer()` per piece: one read of the file, no copy through
+ * a new buffer each time), into two reused buffers. `next()` resolves to the next piece
+ * and starts reading the one after it; a piece stays valid until the next call after that,
+ * so the caller hands it on (the channel and WebCrypto copy what they take) before asking
+ * again.
+ */
+class PieceReader {
+  constructor(file, size) {
+    this._size = size;
+    this._reader = size > 0 ? file.stream().getReader() : null;
+    this._bufs = [new Uint8Array(Math.min(PIECE, size)), null];
+    this._which = 0;
+    this._left = null; // the unused end of the last chunk read
+    this._read = 0; // bytes taken from the stream
+    this._next = this._reader ? this._fill(this._bufs[0]) : null;
+    this._next?.catch(() => {}); // a read still running when the transfer stops
+  }
+
+  async next() {
+    if (!this._next) throw new Error('read past the end of the file');
+    const piece = await this._next;
+    this._which ^= 1;
+    if (this._read < this._size) {
+      let buf = this._bufs[this._which];
+      if (!buf) buf = this._bufs[this._which] = new Uint8Array(Math.min(PIECE, this._size));
+      this._next = this._fill(buf);
+      this._next.catch(() => {});
+    } else this._next = null;
+    return piece;
+  }
+
+  async _fill(buf) {
+    const want = Math.min(buf.length, this._size - this._read);
+    let n = 0;
+    while (n < want) {
+      let c = this._left;
+      this._left = null;
+      if (!c) {
+        const { done, value } = await this._reader.read();
+        if (done) throw new Error('the file shrank while it was read');
+        c = value;
+      }
+      const take = Math.min(c.length, want - n);
+      buf.set(take === c.length ? c : c.subarray(0, take), n);
+      n += take;
+      if (take < c.length) this._left = c.subarray(take);
+    }
+    this._read += n;
+    return buf.subarray(0, n);
+  }
+
+  close() {
+    this._reader?.cancel().catch(() => {});
+    this._reader = null;
+  }
+}
+
+/**
  * One file to one peer. Fields: `id`, `peer`, `name`, `size`, `sent` (bytes handed to the
  * channel), `state` ('connecting' | 'sending' | 'verifying' | 'done' | 'failed' |
  * 'cancelled'), `path`, `error`, `sha256` (the receiver's, once done). `done` resolves when the receiver
@@ -1188,20 +1283,14 @@ export class OutgoingTransfer extends EventTarget {
     this._set('sending');
     await ch._sendCtl({ kind: 'file', id: this.id, name: this.name, size: this.size, mime: this.file.type || '' });
     this.t0 = performance.now();
-    const step = ch.chunkSize - 4;
-    const read = (o) => {
-      const p = this.file.slice(o, o + PIECE).arrayBuffer();
-      p.catch(() => {}); // a read still running when the transfer stops
-      return p;
-    };
+    const step = ch.dataStep;
+    const reader = new PieceReader(this.file, this.size);
+    this._reader = reader;
     let off = 0;
-    let next = this.size > 0 ? read(0) : null;
     while (off < this.size) {
       // One piece in hand and the next one being read: never more of the file in memory.
-      const buf = new Uint8Array(await next);
+      const buf = await reader.next();
       this._live();
-      if (buf.length === 0) throw new Error('the file shrank while it was read');
-      next = off + buf.length < this.size ? read(off + buf.length) : null;
       const digest = crypto.subtle.digest('SHA-256', buf); // copies buf; runs while it is sent
       for (let i = 0; i < buf.length; i += step) {
         while (this.sent - this.acked > WINDOW) {
@@ -1209,8 +1298,11 @@ export class OutgoingTransfer extends EventTarget {
           this._live();
         }
         const piece = buf.subarray(i, Math.min(i + step, buf.length));
-        await ch._sendData(this.id, piece);
-        this._live();
+        const wait = ch._sendData(this.id, piece);
+        if (wait) {
+          await wait;
+          this._live();
+        } else if (this.state !== 'sending') this._live();
         this.sent += piece.length;
       }
       await ch._sendCtl({ kind: 'file-piece', id: this.id, sha256: hex(new Uint8Array(await digest)) });
@@ -1218,6 +1310,7 @@ export class OutgoingTransfer extends EventTarget {
       off += buf.length;
       progress(this, this.sent);
     }
+    reader.close();
     await ch._sendCtl({ kind: 'file-end', id: this.id });
     this._live();
     this._set('verifying');
@@ -1250,6 +1343,7 @@ export class OutgoingTransfer extends EventTarget {
     if (this.state === 'done' || this.state === 'failed' || this.state === 'cancelled') return;
     this.error = why;
     this.ch?._out.delete(this.id);
+    this._reader?.close();
     this._set(state);
     this._wake?.();
     this._reject(new Error(why));

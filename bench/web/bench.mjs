@@ -14,15 +14,16 @@
 // each path, the order alternating between rounds (so a load change hits both kinds alike);
 // reported are the median, the spread (min–max) and the ratio of medians, plus the median
 // of the per-round ratios (page run / the bare run next to it), and each round's ratio. Also
-// the CPU time both browsers used per MiB moved, in all and per side (the sending browser's
-// processes, the receiving one's; from /proc): it does not depend on the
-// CPU share the scheduler gave the run, so it shows what the page costs even on a busy box.
+// the CPU time both browsers used per MiB moved, in all, per side (the sending browser's
+// processes, the receiving one's; from /proc) and per thread of each side, and the daemon's
+// (--tern-pid: on the TURN path it relays every packet): it does not depend on the CPU share
+// the scheduler gave the run, so it shows what the page costs even on a busy box.
 //
 // usage: node bench/web/bench.mjs --url http://127.0.0.1:API [--mib 200] [--rounds 3]
 //        [--paths direct,turn] [--web DIR]  (serve the page's files from DIR instead of
 //        the daemon's embedded copy: for trying a change without rebuilding)
 //        [--profile]  (a CPU profile of each side in the first page run per path: the
-//        functions with the most self time)
+//        functions with the most self time) [--tern-pid PID]  (run.sh passes it)
 // Prints a Markdown table and one JSON line.
 
 import { createHash, randomBytes } from 'node:crypto';
@@ -38,6 +39,7 @@ const ROUNDS = Number(args.rounds || 3);
 const PATHS = String(args.paths || 'direct,turn').split(',');
 const WEB = args.web || null;
 const PROFILE = !!args.profile;
+const TERN_PID = args['tern-pid'] || null; // run.sh passes the daemon's: its CPU (the TURN relay's work) per round
 const BYTES = MIB * 1024 * 1024;
 
 // In-page: a bare peer connection for `step` ('direct': STUN only; 'turn': relay only),
@@ -92,7 +94,12 @@ async function bare(a, b, step, clock) {
   const offer = await a.evaluate((s) => window.bare(s, null), step);
   const answer = await b.evaluate(([s, o]) => window.bare(s, o), [step, offer]);
   await a.evaluate((ans) => window.pc.setRemoteDescription(ans), answer);
-  await Promise.all([a.evaluate(() => window.opened), b.evaluate(() => window.opened)]);
+  // Bounded: on an overloaded box ICE may never finish (a stalled bench says nothing).
+  const opened = Promise.all([a.evaluate(() => window.opened), b.evaluate(() => window.opened)]);
+  let timer;
+  await Promise.race([opened, new Promise((_, bad) => {
+    timer = setTimeout(() => bad(new Error(`the bare ${step} channel did not open within 120 s`)), 120_000);
+  })]).finally(() => clearTimeout(timer));
   const path = await a.evaluate(() => window.barePath());
   const recv = b.evaluate((n) => window.bareRecv(n), BYTES);
   await clock.start();
@@ -159,13 +166,14 @@ async function startProfile(p) {
 }
 
 // Wall clock and both browsers' CPU seconds between start() and stop(), in all, by process
-// type (browser, renderer, the network and storage services, gpu...) and by thread (type and
-// thread name: the renderer's main thread, its WebRTC network thread...).
+// type (browser, renderer, the network and storage services, gpu...) and by thread (side,
+// type and thread name: "rcv:renderer:chromium" is the receiving renderer's main thread).
 function makeClock(browsers) {
   let t;
   let procs;
   let cpu0;
   let threads0;
+  let tern0;
   const typeOf = async (pid) => {
     const cmd = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0').join(' ');
     const m = /--type=(\S+)/.exec(cmd);
@@ -182,7 +190,7 @@ function makeClock(browsers) {
         const stat = await readFile(`/proc/${p.pid}/task/${tid}/stat`, 'utf8').catch(() => null);
         if (!stat) continue;
         const name = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')).replace(/[0-9]+$/, '');
-        const key = `${p.type}:${name}`;
+        const key = `${['snd', 'rcv'][p.side]}:${p.type}:${name}`;
         out.set(key, (out.get(key) || 0) + (await cpuSecs(`${p.pid}/task/${tid}`)));
       }
     }
@@ -193,6 +201,7 @@ function makeClock(browsers) {
       const pids = await Promise.all(browsers.map((br) => browserPids(br.profile)));
       procs = await Promise.all(pids.flatMap((list, side) => list.map(async (pid) => ({ pid, side, type: await typeOf(pid) }))));
       threads0 = await threads();
+      tern0 = TERN_PID ? await cpuSecs(TERN_PID) : 0;
       cpu0 = await cpu();
       t = performance.now();
     },
@@ -200,6 +209,7 @@ function makeClock(browsers) {
       const secs = (performance.now() - t) / 1000;
       const now = await cpu();
       const threads1 = await threads();
+      const tern = TERN_PID ? (await cpuSecs(TERN_PID)) - tern0 : null;
       const byType = {};
       const bySide = browsers.map(() => 0); // [sender's browser, receiver's]
       procs.forEach((p, i) => {
@@ -208,7 +218,7 @@ function makeClock(browsers) {
       });
       const byThread = {};
       for (const [k, v] of threads1) if (v - (threads0.get(k) || 0) > 0) byThread[k] = v - (threads0.get(k) || 0);
-      return { secs, cpu: now.reduce((x, y) => x + y, 0) - cpu0.reduce((x, y) => x + y, 0), bySide, byType, byThread };
+      return { secs, cpu: now.reduce((x, y) => x + y, 0) - cpu0.reduce((x, y) => x + y, 0), bySide, byType, byThread, tern };
     },
   };
 }
@@ -270,6 +280,7 @@ try {
         const row = {
           step, round, kind, path: r.path, secs: r.secs, mbps: BYTES / 1e6 / r.secs, cpuMsPerMiB: r.cpu * 1000 / MIB,
           senderCpuMsPerMiB: r.bySide[0] * 1000 / MIB, receiverCpuMsPerMiB: r.bySide[1] * 1000 / MIB,
+          ternCpuMsPerMiB: r.tern === null ? null : r.tern * 1000 / MIB,
         };
         row.cpuMsPerMiBByType = Object.fromEntries(Object.entries(r.byType).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
         row.cpuMsPerMiBByThread = Object.fromEntries(Object.entries(r.byThread).sort((x, y) => y[1] - x[1])
@@ -277,7 +288,8 @@ try {
         rows.push(row);
         process.stderr.write(`round ${round} ${step} ${kind}: ${r.path} ${row.mbps.toFixed(1)} MB/s, ` +
           `${row.cpuMsPerMiB.toFixed(1)} ms CPU/MiB (sender ${row.senderCpuMsPerMiB.toFixed(1)}, receiver ` +
-          `${row.receiverCpuMsPerMiB.toFixed(1)}) ${JSON.stringify(row.cpuMsPerMiBByType)}, load ${load[load.length - 1]}\n` +
+          `${row.receiverCpuMsPerMiB.toFixed(1)}) ${JSON.stringify(row.cpuMsPerMiBByType)}, ` +
+          `${row.ternCpuMsPerMiB === null ? '' : `Tern ${row.ternCpuMsPerMiB.toFixed(1)} ms/MiB, `}load ${load[load.length - 1]}\n` +
           `  by thread (ms/MiB): ${JSON.stringify(row.cpuMsPerMiBByThread)}\n`);
         if (r.top) process.stderr.write(`  sender: ${r.top.sender.join('\n          ')}\n  receiver: ${r.top.receiver.join('\n            ')}\n`);
         if (r.top) row.top = r.top;
@@ -299,8 +311,8 @@ const cell = (step, kind, key = 'mbps') => rows.filter((r) => r.step === step &&
 const pct = (x) => `${(x * 100).toFixed(0)} %`;
 console.log(`${MIB} MiB, ${ROUNDS} rounds, bare and page alternating; load average during the runs ` +
   `${Math.min(...load).toFixed(1)}–${Math.max(...load).toFixed(1)} on ${(await readFile('/proc/cpuinfo', 'utf8')).match(/^processor/gm).length} cores${WEB ? `; page files from ${WEB}` : ''}\n`);
-console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | per-round ratios | CPU ms per MiB, bare / page (medians) | sender CPU ms/MiB bare / page | receiver CPU ms/MiB bare / page |');
-console.log('|---|---|---|---|---|---|---|---|---|');
+console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | per-round ratios | CPU ms per MiB, bare / page (medians) | sender CPU ms/MiB bare / page | receiver CPU ms/MiB bare / page | Tern CPU ms/MiB bare / page |');
+console.log('|---|---|---|---|---|---|---|---|---|---|');
 for (const step of PATHS) {
   const [b, p] = [cell(step, 'bare'), cell(step, 'page')];
   const paired = [];
@@ -315,6 +327,7 @@ for (const step of PATHS) {
     `(${pct(Math.min(...paired))}–${pct(Math.max(...paired))}) | ${paired.map((x) => (x * 100).toFixed(0)).join(', ')} | ` +
     `${median(cell(step, 'bare', 'cpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'cpuMsPerMiB')).toFixed(1)} | ` +
     `${median(cell(step, 'bare', 'senderCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'senderCpuMsPerMiB')).toFixed(1)} | ` +
-    `${median(cell(step, 'bare', 'receiverCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'receiverCpuMsPerMiB')).toFixed(1)} |`);
+    `${median(cell(step, 'bare', 'receiverCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'receiverCpuMsPerMiB')).toFixed(1)} | ` +
+    (TERN_PID ? `${median(cell(step, 'bare', 'ternCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'ternCpuMsPerMiB')).toFixed(1)} |` : '– |'));
 }
 console.log(JSON.stringify({ mib: MIB, rounds: ROUNDS, web: WEB, load, rows }));

@@ -69,9 +69,10 @@ async function transfer(a, b, files) {
   for (const f of files) {
     const row = b.locator(`#transfers li.transfer[data-dir="in"][data-name="${f.name}"]`);
     await row.waitFor({ timeout: STEP_MS });
+    // An end state: 'verifying' (between the last byte and the file's hash) is not one.
     await b.waitForFunction((n) => {
       const li = document.querySelector(`#transfers li.transfer[data-dir="in"][data-name="${n}"]`);
-      return li && li.dataset.state !== 'receiving';
+      return li && ['done', 'failed', 'cancelled'].includes(li.dataset.state);
     }, f.name, { timeout: STEP_MS, polling: 200 });
     const state = await row.getAttribute('data-state');
     if (state !== 'done') throw new Error(`${f.name}: ${state}: ${await row.textContent()}`);
