@@ -30,8 +30,11 @@
 # load generator, all four NAPI threads): a starved NAPI thread overflows its veth ring
 # (256 frames) and that loss is the box's, not the relay's.
 #
+# TOPO=one puts client and peer behind one veth (one namespace with both addresses), so XDP
+# answers with XDP_TX instead of redirecting to the other veth.
+#
 # usage: bench/fastpath.sh  env: ALLOCS (32) SECS (10) SIZE (100) ROUNDS (1) PIN (1) NICE (-15)
-#        TERN_BIN LOADGEN_BIN
+#        TOPO (two) TERN_BIN LOADGEN_BIN
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -40,6 +43,7 @@ SECS=${SECS:-10}
 SIZE=${SIZE:-100}
 ROUNDS=${ROUNDS:-1}
 PIN=${PIN:-1}
+TOPO=${TOPO:-two}
 NICE=${NICE:--15}
 TERN_BIN=${TERN_BIN:-$ROOT/target/release/tern}
 LOADGEN_BIN=${LOADGEN_BIN:-$ROOT/bench/loadgen/target/release/tern-loadgen}
@@ -53,8 +57,17 @@ ID=$(( $$ % 100000 ))
 SUB=$(( ($$ % 200) + 20 ))
 CN=bfpc$ID PN=bfpp$ID CIF=bfc$ID PIF=bfp$ID
 S=10.215.$SUB.1 C=10.215.$SUB.2 R=10.216.$SUB.1 P=10.216.$SUB.2
+if [ "$TOPO" = one ]; then
+    # Client and peer behind the same veth (one namespace, two addresses): Tern's way out is
+    # the way in, so XDP sends with XDP_TX (the single-NIC server's case) instead of a
+    # redirect to another interface.
+    PN=$CN PIF=$CIF
+fi
+IFACES=$(printf '%s\n' "$CIF" "$PIF" | sort -u | tr '\n' ' ')
 TERN_PID=
+STATS_WAS=$(cat /proc/sys/kernel/bpf_stats_enabled)
 cleanup() {
+    echo "$STATS_WAS" > /proc/sys/kernel/bpf_stats_enabled
     [ -n "$TERN_PID" ] && kill "$TERN_PID" 2>/dev/null && wait "$TERN_PID" 2>/dev/null
     ip link del "$CIF" 2>/dev/null || true
     ip link del "$PIF" 2>/dev/null || true
@@ -62,21 +75,33 @@ cleanup() {
     ip netns del "$PN" 2>/dev/null || true
 }
 trap cleanup EXIT
-ip netns add "$CN"; ip netns add "$PN"
+ip netns add "$CN"; [ "$PN" = "$CN" ] || ip netns add "$PN"
 link() { # name ns here there
-    ip link add "$1" type veth peer name "$1x" netns "$2"
+    ip link show "$1" >/dev/null 2>&1 || ip link add "$1" type veth peer name "$1x" netns "$2"
     ip addr add "$3/24" dev "$1"; ip link set "$1" up
     ip -n "$2" addr add "$4/24" dev "$1x"; ip -n "$2" link set "$1x" up; ip -n "$2" link set lo up
 }
 link "$CIF" "$CN" "$S" "$C"
 link "$PIF" "$PN" "$R" "$P"
-for dev in "$CIF" "$PIF"; do echo 1 > "/proc/sys/net/ipv4/conf/$dev/forwarding"; done
+for dev in $IFACES; do echo 1 > "/proc/sys/net/ipv4/conf/$dev/forwarding"; done
+echo 1 > /proc/sys/kernel/bpf_stats_enabled
 # GRO on (NAPI: the veth driver's receive thread) and TSO off (veth hands a sender's datagram
 # to the receiver's NAPI only when the sender has no TSO, which XDP's attach forces on the
 # other end anyway) on all four ends, so every mode has the same receive path.
 for dev in "$CIF" "$PIF"; do ethtool -K "$dev" gro on tso off >/dev/null; done
 ip netns exec "$CN" ethtool -K "${CIF}x" gro on tso off >/dev/null
 ip netns exec "$PN" ethtool -K "${PIF}x" gro on tso off >/dev/null
+if [ "$TOPO" = one ]; then
+    # veth schedules the receive of XDP_TX frames on the other end only when that end has an
+    # XDP program of its own (GRO is enough for redirected frames, not for XDP_TX): without
+    # one they fill its ring (256) and the rest are dropped (xdp_tx_errors). A program that
+    # passes everything, on the namespace's end, in every mode alike.
+    command -v clang >/dev/null || { echo "TOPO=one needs clang (an XDP_PASS program)" >&2; exit 1; }
+    printf '%s\n' '__attribute__((section("xdp"), used)) int pass(void *ctx) { return 2; }' \
+        'char _license[] __attribute__((section("license"), used)) = "GPL";' > "$OUT/pass.c"
+    clang -O2 -target bpf -c "$OUT/pass.c" -o "$OUT/pass.o"
+    ip -n "$CN" link set dev "${CIF}x" xdpdrv obj "$OUT/pass.o" sec xdp
+fi
 # Threaded NAPI on Tern's two ends (again after each attach: XDP may re-create the NAPI).
 threaded() { echo 1 > "/sys/class/net/$CIF/threaded"; echo 1 > "/sys/class/net/$PIF/threaded"; }
 threaded
@@ -119,7 +144,7 @@ workers = 1
 user_quota = 10000
 max_bytes_per_sec = 0
 kernel_fast_path = "$1"
-kernel_fast_path_interfaces = ["$CIF", "$PIF"]
+kernel_fast_path_interfaces = [$(printf '"%s", ' $IFACES | sed 's/, $//')]
 [api]
 enabled = false
 [metrics]
@@ -142,19 +167,29 @@ stop_tern() { kill "$TERN_PID"; wait "$TERN_PID" 2>/dev/null || true; TERN_PID=;
 
 metric() { curl -s "127.0.0.1:$MPORT/metrics" | awk -v k="$1" 'index($0, k" ") == 1 {print $2+0}'; }
 
-printf "run\tmode\ttarget_pps\tsent\trelayed_pps\tloss_pct\ttern_cpu_s\tloadgen_cpu_s\ttern_us_per_pkt\tpps_per_core\trelay_napi_cpu_s\trelay_us_per_pkt\tpps_per_relay_core\tcounters\n" > "$OUT/results.tsv"
+PROG_STATS=$(cat <<'PY'
+import json, sys
+for p in json.load(sys.stdin):
+    if p.get("name") in ("tern_tc_ingress", "tern_xdp") and p.get("run_cnt"):
+        ns = p["run_time_ns"] / p["run_cnt"]
+        print(f"{p['name']}: {p['run_cnt']} runs, {ns:.0f} ns each")
+PY
+)
+
+printf "run\tmode\ttarget_pps\tsent\trelayed_pps\tloss_pct\ttern_cpu_s\tloadgen_cpu_s\ttern_us_per_pkt\tpps_per_core\trelay_napi_cpu_s\trelay_us_per_fwd\tfwd_per_relay_cpu_s\tcounters\n" > "$OUT/results.tsv"
 run() { # name mode rate
     local name=$1 mode=$2 rate=$3
     start_tern "$mode"
     threaded
     local relay_napi
-    relay_napi=$(napi_pids "$CIF" "$PIF" | tr '\n' ' ')
+    # shellcheck disable=SC2086
+    relay_napi=$(napi_pids $IFACES | tr '\n' ' ')
     [ -n "$relay_napi" ] || { echo "no NAPI threads on $CIF/$PIF" >&2; exit 1; }
     # shellcheck disable=SC2086
     pin 0 $(ls "/proc/$TERN_PID/task") $relay_napi
     if [ "$mode" = xdp ]; then
-        { ip -d link show "$CIF"; ip -d link show "$PIF"; } | grep -o "xdp[a-z]* .*prog/xdp id [0-9]*\|xdp[a-z]*" | sort | uniq -c > "$OUT/$name.xdp-mode" || true
-        { ethtool -S "$CIF"; ethtool -S "$PIF"; } | grep -i xdp > "$OUT/$name.xdp-before" || true
+        for dev in $IFACES; do ip -d link show "$dev"; done | grep -o "xdp[a-z]* .*prog/xdp id [0-9]*\|xdp[a-z]*" | sort | uniq -c > "$OUT/$name.xdp-mode" || true
+        for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-before" || true
     fi
     local t0 r0; t0=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
@@ -169,7 +204,12 @@ run() { # name mode rate
     # shellcheck disable=SC2086
     r1=$(cpu_ticks $relay_napi)
     if [ "$mode" = xdp ]; then
-        { ethtool -S "$CIF"; ethtool -S "$PIF"; } | grep -i xdp > "$OUT/$name.xdp-after" || true
+        for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-after" || true
+    fi
+    # The program's own run time (kernel.bpf_stats_enabled): ns per invocation.
+    if [ "$mode" != off ]; then
+        bpftool prog show -j 2>/dev/null | python3 -c "$PROG_STATS" > "$OUT/$name.prog" || true
+        cat "$OUT/$name.prog"
     fi
     sleep 1.2 # two housekeepings: the maps' counters reach the metrics
     local c2p p2c fc2p fp2c
@@ -203,9 +243,11 @@ us = 1e6 * tern_cpu / max(relayed, 1)
 r0, r1 = (int(x) for x in sys.argv[14:16])
 relay_napi = (r1 - r0) / hz
 relay_cpu = tern_cpu + relay_napi
-relay_us = 1e6 * relay_cpu / max(relayed, 1)
+# Per packet the relay forwarded (its own counters): what it did, whether or not the load
+# generator's sockets then kept up (flat out they overflow, after the relay).
+relay_us = 1e6 * relay_cpu / max(c2p + p2c, 1)
 print(f"{name}\t{mode}\t{rate}\t{j['sent']}\t{j['relayed_pps']}\t{j['loss_pct']}\t{tern_cpu:.2f}\t{lg_cpu:.2f}\t{us:.2f}\t{relayed / max(j['duration_s'], 1e-9) / max(cores, 1e-9):.0f}"
-      f"\t{relay_napi:.2f}\t{relay_us:.2f}\t{relayed / max(relay_cpu, 1e-9):.0f}\t{counters}")
+      f"\t{relay_napi:.2f}\t{relay_us:.2f}\t{(c2p + p2c) / max(relay_cpu, 1e-9):.0f}\t{counters}")
 PY
     tail -1 "$OUT/results.tsv"
 }
@@ -229,14 +271,16 @@ def mean(kind, col):
     v = [float(r[col]) for r in runs[kind]]
     return sum(v) / len(v)
 u_pps, u_core = mean("user-peak", "relayed_pps"), mean("user-peak", "pps_per_core")
-u_relay = mean("user-peak", "pps_per_relay_core")
+u_relay = mean("user-peak", "fwd_per_relay_cpu_s")
 for kind, label in (("tc-peak", "TC"), ("xdp-peak", "XDP")):
     pps, core = mean(kind, "relayed_pps"), mean(kind, "pps_per_core")
-    relay = mean(kind, "pps_per_relay_core")
-    print(f"{label}/user relayed packets/s: {pps / u_pps:.2f}x; per relay core (Tern + its NAPI threads): "
+    relay = mean(kind, "fwd_per_relay_cpu_s")
+    print(f"{label}/user relayed packets/s: {pps / u_pps:.2f}x; forwarded per relay CPU-second (Tern + its NAPI threads): "
           f"{relay / u_relay:.2f}x; per core of Tern + load generator processes: {core / u_core:.2f}x")
-print("relay-side CPU per relayed packet (Tern + its NAPI threads), user / TC / XDP: "
-      + " / ".join(f"{mean(k, 'relay_us_per_pkt'):.2f}" for k in ("user-peak", "tc-peak", "xdp-peak")) + " us")
+for sfx, what in (("peak", "flat out"), ("at-user-peak", "at the user-space peak rate")):
+    ks = ["user-peak"] + [f"{m}-{sfx}" for m in ("tc", "xdp")]
+    print(f"relay-side CPU per forwarded packet (Tern + its NAPI threads), {what}, user / TC / XDP: "
+          + " / ".join(f"{mean(k, 'relay_us_per_fwd'):.2f}" for k in ks) + " us")
 print(f"XDP/TC relayed packets/s: {mean('xdp-peak', 'relayed_pps') / mean('tc-peak', 'relayed_pps'):.2f}x; "
       f"per core: {mean('xdp-peak', 'pps_per_core') / mean('tc-peak', 'pps_per_core'):.2f}x")
 print("Tern process CPU per relayed packet, user / TC / XDP: "
