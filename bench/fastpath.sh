@@ -2,38 +2,43 @@
 # Kernel fast path benchmark (issue 15 item 3): a client namespace and a peer namespace, each
 # joined to this (root) namespace by a veth pair, Tern in the middle (one worker). bench/loadgen
 # runs in the client namespace (its echo peer's socket in the peer namespace), N allocations
-# with channels, closed-loop-free sends at a target rate. Five runs per round (ROUNDS rounds,
-# interleaved, so that the box's other load falls on every mode alike):
+# with channels, sends at a target rate. Six runs per round (ROUNDS rounds, interleaved, so
+# that the box's other load falls on every mode alike):
 #   1. user space (turn.kernel_fast_path = "off"), as fast as possible: its peak rate U;
 #   2. TC fast path ("tc"), as fast as possible;
 #   3. XDP fast path ("xdp", native mode on the veths), as fast as possible;
-#   4./5. TC and XDP at U: loss must be 0 and Tern's counters must equal what was sent.
-# XDP needs forwarding on the veths it is attached to (bpf_fib_lookup) and GRO on their
-# far ends (the veth driver takes redirected XDP frames only with NAPI on): both are set on
-# this script's own interfaces for every run, so all modes see the same topology.
-# Where the CPU goes (the "per core" of the goal is the relay's core): every veth end runs its
-# receive NAPI in a thread (GRO on, /sys/class/net/*/threaded = 1), so the kernel's work on
-# each side is a task of its own instead of softirq charged to whoever sent. The relay side
-# (Tern, and the NAPI threads of Tern's two veth ends, which receive for Tern's sockets in user
-# space and run the TC/XDP program on the fast path) is pinned to CPU 0; the endpoint side
-# (the load generator, and the NAPI threads of the namespaces' ends, which deliver into its
-# sockets) to CPU 1 (PIN=0 leaves all unpinned). For each run: relayed packets/s, loss, CPU
-# seconds of the relay side (Tern process + its NAPI threads) and of the endpoint side, and
-# relayed packets per relay CPU-second ("per relay core"); also the older figure, per CPU
-# of Tern + load generator processes. Ratios are fast/user. The XDP runs record `ip -d link`
-# (xdp = native, xdpgeneric = generic) and the veths' XDP statistics (`ethtool -S`).
+#   4./5./6. user space, TC and XDP at U: the fast paths must lose nothing and Tern's counters
+#      must equal what was sent; and the CPU each spends per packet at one and the same rate.
+# XDP needs forwarding on the veths it is attached to (bpf_fib_lookup) and NAPI on their far
+# ends (the veth driver takes redirected XDP frames only then): set on this script's own
+# interfaces for every run, so all modes see the same topology.
+#
+# Where the CPU goes ("per core" in the goal is the relay's core). Without care the fast
+# path's work is softirq run in the sender's context and so charged to the load generator,
+# whose own sending and receiving (as much kernel work per packet as Tern's) then dominates
+# any ratio. Here the receive of Tern's two veth ends runs in NAPI threads (GRO on, TSO off on
+# the senders so veth uses them in every mode, /sys/class/net/*/threaded = 1): the relay side
+# is Tern's process plus those two threads, which receive for Tern's sockets in user space and
+# run the TC/XDP program and its redirect on the fast path. Both also deliver into the far
+# end (the endpoint's socket) in their own context, in every mode alike. Reported per run:
+# relayed packets/s and loss (the load generator's view), CPU seconds of Tern, of its NAPI
+# threads and of the load generator, relay-side CPU per packet the relay forwarded (Tern's
+# counters) and forwarded packets per relay CPU-second; also the older figure, relayed
+# packets/s per CPU of the Tern and load generator processes. Ratios are fast/user. The
+# fast-path runs record the program's own run time (kernel.bpf_stats_enabled, restored at
+# exit), the XDP runs `ip -d link` (xdp = native, xdpgeneric = generic) and the veths' XDP
+# statistics (`ethtool -S`: redirects, XDP_TX, xmit errors).
+#
+# PIN=1 pins the relay side to CPU 0 and the load generator to CPU 1; NICE (-15) renices
+# every measured task alike: on a box shared with other work, a starved NAPI thread
+# overflows its veth ring (256 frames) and that loss is the box's, not the relay's.
+# TOPO=one puts client and peer behind one veth (one namespace with both addresses), so XDP
+# answers with XDP_TX instead of redirecting to the other veth.
 #
 # Root only; the namespaces and veths are created here and removed on exit; only PIDs this
 # script started are killed. Results: bench/out/fastpath-<time>/ (results.tsv, logs).
 #
-# On a box shared with other work, NICE (-15) renices every measured task alike (Tern, the
-# load generator, all four NAPI threads): a starved NAPI thread overflows its veth ring
-# (256 frames) and that loss is the box's, not the relay's.
-#
-# TOPO=one puts client and peer behind one veth (one namespace with both addresses), so XDP
-# answers with XDP_TX instead of redirecting to the other veth.
-#
-# usage: bench/fastpath.sh  env: ALLOCS (32) SECS (10) SIZE (100) ROUNDS (1) PIN (1) NICE (-15)
+# usage: bench/fastpath.sh  env: ALLOCS (32) SECS (10) SIZE (100) ROUNDS (1) PIN (0) NICE (-15)
 #        TOPO (two) TERN_BIN LOADGEN_BIN
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,7 +47,7 @@ ALLOCS=${ALLOCS:-32}
 SECS=${SECS:-10}
 SIZE=${SIZE:-100}
 ROUNDS=${ROUNDS:-1}
-PIN=${PIN:-1}
+PIN=${PIN:-0}
 TOPO=${TOPO:-two}
 NICE=${NICE:--15}
 TERN_BIN=${TERN_BIN:-$ROOT/target/release/tern}
@@ -258,6 +263,7 @@ for round in $(seq "$ROUNDS"); do
     run "xdp-peak-$round" xdp 0
     # loadgen's rate is client sends per second; relayed counts both directions.
     U=$(awk -F'\t' -v r="user-peak-$round" '$1 == r {printf "%d", $5 / 2}' "$OUT/results.tsv")
+    run "user-at-user-peak-$round" off "$U"
     run "tc-at-user-peak-$round" tc "$U"
     run "xdp-at-user-peak-$round" xdp "$U"
 done
@@ -277,15 +283,16 @@ for kind, label in (("tc-peak", "TC"), ("xdp-peak", "XDP")):
     relay = mean(kind, "fwd_per_relay_cpu_s")
     print(f"{label}/user relayed packets/s: {pps / u_pps:.2f}x; forwarded per relay CPU-second (Tern + its NAPI threads): "
           f"{relay / u_relay:.2f}x; per core of Tern + load generator processes: {core / u_core:.2f}x")
-for sfx, what in (("peak", "flat out"), ("at-user-peak", "at the user-space peak rate")):
-    ks = ["user-peak"] + [f"{m}-{sfx}" for m in ("tc", "xdp")]
+for sfx, what in (("peak", "flat out"), ("at-user-peak", "all at the user-space peak rate")):
+    ks = [f"{m}-{sfx}" for m in ("user", "tc", "xdp")]
+    us = [mean(k, "relay_us_per_fwd") for k in ks]
     print(f"relay-side CPU per forwarded packet (Tern + its NAPI threads), {what}, user / TC / XDP: "
-          + " / ".join(f"{mean(k, 'relay_us_per_fwd'):.2f}" for k in ks) + " us")
+          + " / ".join(f"{u:.2f}" for u in us) + f" us; per relay core TC {us[0] / us[1]:.2f}x, XDP {us[0] / us[2]:.2f}x")
 print(f"XDP/TC relayed packets/s: {mean('xdp-peak', 'relayed_pps') / mean('tc-peak', 'relayed_pps'):.2f}x; "
       f"per core: {mean('xdp-peak', 'pps_per_core') / mean('tc-peak', 'pps_per_core'):.2f}x")
 print("Tern process CPU per relayed packet, user / TC / XDP: "
       + " / ".join(f"{mean(k, 'tern_us_per_pkt'):.2f}" for k in ("user-peak", "tc-peak", "xdp-peak")) + " us")
-for kind in ("tc-at-user-peak", "xdp-at-user-peak"):
+for kind in ("user-at-user-peak", "tc-at-user-peak", "xdp-at-user-peak"):
     for r in runs[kind]:
         print(f"{r['run']} ({r['mode']}): loss {r['loss_pct']}%, counters: {r['counters']}")
 PY
