@@ -135,6 +135,22 @@ pin() { # cpu pids...: pinned (PIN=1) and reniced (NICE)
     done
     return 0
 }
+# Datagrams the load generator's sockets dropped (receive buffer full), both namespaces.
+sock_drops() {
+    local ns t=0
+    for ns in $(printf '%s\n' "$CN" "$PN" | sort -u); do
+        t=$(( t + $(ip netns exec "$ns" awk '/^Udp:/ && $2 ~ /^[0-9]/ {print $6}' /proc/net/snmp) ))
+    done
+    echo "$t"
+}
+# Datagrams the veths dropped on transmit (the receiving end's ring of 256 was full), all
+# four ends.
+ring_drops() {
+    { ip -j -s link show "$CIF"; [ "$PIF" = "$CIF" ] || ip -j -s link show "$PIF"
+      ip -n "$CN" -j -s link show "${CIF}x"; [ "$PIF" = "$CIF" ] || ip -n "$PN" -j -s link show "${PIF}x"; } |
+        python3 -c 'import json, sys
+print(sum(json.loads(l)[0]["stats64"]["tx"]["dropped"] for l in sys.stdin if l.strip()))'
+}
 
 start_tern() { # mode
     cat > "$OUT/tern-$1.toml" <<EOT
@@ -181,7 +197,7 @@ for p in json.load(sys.stdin):
 PY
 )
 
-printf "run\tmode\ttarget_pps\tsent\trelayed_pps\tloss_pct\ttern_cpu_s\tloadgen_cpu_s\ttern_us_per_pkt\tpps_per_core\trelay_napi_cpu_s\trelay_us_per_fwd\tfwd_per_relay_cpu_s\tcounters\n" > "$OUT/results.tsv"
+printf "run\tmode\ttarget_pps\tsent\trelayed_pps\tloss_pct\ttern_cpu_s\tloadgen_cpu_s\ttern_us_per_pkt\tpps_per_core\trelay_napi_cpu_s\trelay_us_per_fwd\tfwd_per_relay_cpu_s\tveth_ring_drops\tendpoint_rcvbuf_drops\tcounters\n" > "$OUT/results.tsv"
 run() { # name mode rate
     local name=$1 mode=$2 rate=$3
     start_tern "$mode"
@@ -192,10 +208,14 @@ run() { # name mode rate
     [ -n "$relay_napi" ] || { echo "no NAPI threads on $CIF/$PIF" >&2; exit 1; }
     # shellcheck disable=SC2086
     pin 0 $(ls "/proc/$TERN_PID/task") $relay_napi
+    # NAPI runs as softirq (above every task) unless threaded: its threads get a real-time
+    # priority, or a busy box delays them until the veth ring overflows.
+    for p in $relay_napi; do chrt -f -p 50 "$p"; done
     if [ "$mode" = xdp ]; then
         for dev in $IFACES; do ip -d link show "$dev"; done | grep -o "xdp[a-z]* .*prog/xdp id [0-9]*\|xdp[a-z]*" | sort | uniq -c > "$OUT/$name.xdp-mode" || true
         for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-before" || true
     fi
+    local d0 d1 k0 k1; d0=$(ring_drops); k0=$(sock_drops)
     local t0 r0; t0=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
     r0=$(cpu_ticks $relay_napi)
@@ -208,6 +228,7 @@ run() { # name mode rate
     local t1 r1; t1=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
     r1=$(cpu_ticks $relay_napi)
+    d1=$(ring_drops); k1=$(sock_drops)
     if [ "$mode" = xdp ]; then
         for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-after" || true
     fi
@@ -225,7 +246,7 @@ run() { # name mode rate
     grep -i "fast path" "$OUT/tern-$mode.log" | tail -1 | cut -c1-200 || true
     stop_tern
     python3 - "$OUT/$name.json" "$OUT/$name.time" "$name" "$mode" "$rate" "$t0" "$t1" \
-        "$c2p" "$p2c" "$fc2p" "$fp2c" "$SECS" "$(getconf CLK_TCK)" "$r0" "$r1" \
+        "$c2p" "$p2c" "$fc2p" "$fp2c" "$SECS" "$(getconf CLK_TCK)" "$r0" "$r1" "$((d1 - d0))" "$((k1 - k0))" \
         >> "$OUT/results.tsv" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
@@ -245,14 +266,14 @@ ok = c2p == j["sent"] == j["peer_received"] and p2c == j["peer_sent"]
 counters = (f"c2p {c2p} (fast {fc2p}) / sent {j['sent']} / peer_received {j['peer_received']}; "
             f"p2c {p2c} (fast {fp2c}) / peer_sent {j['peer_sent']}: {'all equal' if ok else 'differ'}")
 us = 1e6 * tern_cpu / max(relayed, 1)
-r0, r1 = (int(x) for x in sys.argv[14:16])
+r0, r1, drops, sock = (int(x) for x in sys.argv[14:18])
 relay_napi = (r1 - r0) / hz
 relay_cpu = tern_cpu + relay_napi
 # Per packet the relay forwarded (its own counters): what it did, whether or not the load
 # generator's sockets then kept up (flat out they overflow, after the relay).
 relay_us = 1e6 * relay_cpu / max(c2p + p2c, 1)
 print(f"{name}\t{mode}\t{rate}\t{j['sent']}\t{j['relayed_pps']}\t{j['loss_pct']}\t{tern_cpu:.2f}\t{lg_cpu:.2f}\t{us:.2f}\t{relayed / max(j['duration_s'], 1e-9) / max(cores, 1e-9):.0f}"
-      f"\t{relay_napi:.2f}\t{relay_us:.2f}\t{(c2p + p2c) / max(relay_cpu, 1e-9):.0f}\t{counters}")
+      f"\t{relay_napi:.2f}\t{relay_us:.2f}\t{(c2p + p2c) / max(relay_cpu, 1e-9):.0f}\t{drops}\t{sock}\t{counters}")
 PY
     tail -1 "$OUT/results.tsv"
 }
@@ -294,6 +315,6 @@ print("Tern process CPU per relayed packet, user / TC / XDP: "
       + " / ".join(f"{mean(k, 'tern_us_per_pkt'):.2f}" for k in ("user-peak", "tc-peak", "xdp-peak")) + " us")
 for kind in ("user-at-user-peak", "tc-at-user-peak", "xdp-at-user-peak"):
     for r in runs[kind]:
-        print(f"{r['run']} ({r['mode']}): loss {r['loss_pct']}%, counters: {r['counters']}")
+        print(f"{r['run']} ({r['mode']}): loss {r['loss_pct']}% (veth ring drops {r['veth_ring_drops']}, load generator's socket overflows {r['endpoint_rcvbuf_drops']}), counters: {r['counters']}")
 PY
 echo "results: $OUT/results.tsv (box load: $(cut -d' ' -f1-3 /proc/loadavg))"
