@@ -49,6 +49,7 @@ SIZE=${SIZE:-100}
 ROUNDS=${ROUNDS:-1}
 PIN=${PIN:-0}
 TOPO=${TOPO:-two}
+ENDS_THREADED=${ENDS_THREADED:-1}
 NICE=${NICE:--15}
 TERN_BIN=${TERN_BIN:-$ROOT/target/release/tern}
 LOADGEN_BIN=${LOADGEN_BIN:-$ROOT/bench/loadgen/target/release/tern-loadgen}
@@ -108,7 +109,13 @@ if [ "$TOPO" = one ]; then
     ip -n "$CN" link set dev "${CIF}x" xdpdrv obj "$OUT/pass.o" sec xdp
 fi
 # Threaded NAPI on Tern's two ends (again after each attach: XDP may re-create the NAPI).
-threaded() { echo 1 > "/sys/class/net/$CIF/threaded"; echo 1 > "/sys/class/net/$PIF/threaded"; }
+threaded() {
+    echo 1 > "/sys/class/net/$CIF/threaded"; echo 1 > "/sys/class/net/$PIF/threaded"
+    if [ "$ENDS_THREADED" = 1 ]; then
+        ip netns exec "$CN" sh -c "echo 1 > /sys/class/net/${CIF}x/threaded"
+        ip netns exec "$PN" sh -c "echo 1 > /sys/class/net/${PIF}x/threaded"
+    fi
+}
 threaded
 # The NAPI threads of the given interfaces (kernel threads named napi/<dev>-<id>).
 napi_pids() {
@@ -197,7 +204,7 @@ for p in json.load(sys.stdin):
 PY
 )
 
-printf "run\tmode\ttarget_pps\tsent\trelayed_pps\tloss_pct\ttern_cpu_s\tloadgen_cpu_s\ttern_us_per_pkt\tpps_per_core\trelay_napi_cpu_s\trelay_us_per_fwd\tfwd_per_relay_cpu_s\tveth_ring_drops\tendpoint_rcvbuf_drops\tcounters\n" > "$OUT/results.tsv"
+printf "run\tmode\ttarget_pps\tsent\trelayed_pps\tloss_pct\ttern_cpu_s\tloadgen_cpu_s\ttern_us_per_pkt\tpps_per_core\trelay_napi_cpu_s\tends_napi_cpu_s\trelay_us_per_fwd\tfwd_per_relay_cpu_s\tveth_ring_drops\tendpoint_rcvbuf_drops\tcounters\n" > "$OUT/results.tsv"
 run() { # name mode rate
     local name=$1 mode=$2 rate=$3
     start_tern "$mode"
@@ -211,14 +218,22 @@ run() { # name mode rate
     # NAPI runs as softirq (above every task) unless threaded: its threads get a real-time
     # priority, or a busy box delays them until the veth ring overflows.
     for p in $relay_napi; do chrt -f -p 50 "$p"; done
+    local ends_napi=
+    if [ "$ENDS_THREADED" = 1 ]; then
+        # shellcheck disable=SC2086
+        ends_napi=$(napi_pids $(printf '%sx\n' $IFACES) | tr '\n' ' ')
+        # shellcheck disable=SC2086
+        pin 1 $ends_napi
+        for p in $ends_napi; do chrt -f -p 50 "$p"; done
+    fi
     if [ "$mode" = xdp ]; then
         for dev in $IFACES; do ip -d link show "$dev"; done | grep -o "xdp[a-z]* .*prog/xdp id [0-9]*\|xdp[a-z]*" | sort | uniq -c > "$OUT/$name.xdp-mode" || true
         for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-before" || true
     fi
     local d0 d1 k0 k1; d0=$(ring_drops); k0=$(sock_drops)
-    local t0 r0; t0=$(cpu_ticks "$TERN_PID")
+    local t0 r0 e0 e1; t0=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
-    r0=$(cpu_ticks $relay_napi)
+    r0=$(cpu_ticks $relay_napi); e0=$(cpu_ticks $ends_napi)
     local pincmd=(nice -n "$NICE")
     [ "$PIN" = 1 ] && pincmd+=(taskset -c 1)
     /usr/bin/time -f "%U %S" -o "$OUT/$name.time" "${pincmd[@]}" ip netns exec "$CN" "$LOADGEN_BIN" \
@@ -227,7 +242,7 @@ run() { # name mode rate
         --peer-ip "$P" --peer-netns "$PN" --user-prefix "$name" > "$OUT/$name.json"
     local t1 r1; t1=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
-    r1=$(cpu_ticks $relay_napi)
+    r1=$(cpu_ticks $relay_napi); e1=$(cpu_ticks $ends_napi)
     d1=$(ring_drops); k1=$(sock_drops)
     if [ "$mode" = xdp ]; then
         for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-after" || true
@@ -246,7 +261,7 @@ run() { # name mode rate
     grep -i "fast path" "$OUT/tern-$mode.log" | tail -1 | cut -c1-200 || true
     stop_tern
     python3 - "$OUT/$name.json" "$OUT/$name.time" "$name" "$mode" "$rate" "$t0" "$t1" \
-        "$c2p" "$p2c" "$fc2p" "$fp2c" "$SECS" "$(getconf CLK_TCK)" "$r0" "$r1" "$((d1 - d0))" "$((k1 - k0))" \
+        "$c2p" "$p2c" "$fc2p" "$fp2c" "$SECS" "$(getconf CLK_TCK)" "$r0" "$r1" "$((d1 - d0))" "$((k1 - k0))" "$((e1 - e0))" \
         >> "$OUT/results.tsv" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
@@ -266,14 +281,14 @@ ok = c2p == j["sent"] == j["peer_received"] and p2c == j["peer_sent"]
 counters = (f"c2p {c2p} (fast {fc2p}) / sent {j['sent']} / peer_received {j['peer_received']}; "
             f"p2c {p2c} (fast {fp2c}) / peer_sent {j['peer_sent']}: {'all equal' if ok else 'differ'}")
 us = 1e6 * tern_cpu / max(relayed, 1)
-r0, r1, drops, sock = (int(x) for x in sys.argv[14:18])
-relay_napi = (r1 - r0) / hz
+r0, r1, drops, sock, ends = (int(x) for x in sys.argv[14:19])
+relay_napi, ends_napi = (r1 - r0) / hz, ends / hz
 relay_cpu = tern_cpu + relay_napi
 # Per packet the relay forwarded (its own counters): what it did, whether or not the load
 # generator's sockets then kept up (flat out they overflow, after the relay).
 relay_us = 1e6 * relay_cpu / max(c2p + p2c, 1)
 print(f"{name}\t{mode}\t{rate}\t{j['sent']}\t{j['relayed_pps']}\t{j['loss_pct']}\t{tern_cpu:.2f}\t{lg_cpu:.2f}\t{us:.2f}\t{relayed / max(j['duration_s'], 1e-9) / max(cores, 1e-9):.0f}"
-      f"\t{relay_napi:.2f}\t{relay_us:.2f}\t{(c2p + p2c) / max(relay_cpu, 1e-9):.0f}\t{drops}\t{sock}\t{counters}")
+      f"\t{relay_napi:.2f}\t{ends_napi:.2f}\t{relay_us:.2f}\t{(c2p + p2c) / max(relay_cpu, 1e-9):.0f}\t{drops}\t{sock}\t{counters}")
 PY
     tail -1 "$OUT/results.tsv"
 }
