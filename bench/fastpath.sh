@@ -19,8 +19,13 @@
 # any ratio. Here the receive of Tern's two veth ends runs in NAPI threads (GRO on, TSO off on
 # the senders so veth uses them in every mode, /sys/class/net/*/threaded = 1): the relay side
 # is Tern's process plus those two threads, which receive for Tern's sockets in user space and
-# run the TC/XDP program and its redirect on the fast path. Both also deliver into the far
-# end (the endpoint's socket) in their own context, in every mode alike. Reported per run:
+# run the TC/XDP program and its redirect on the fast path. The namespaces' ends receive as
+# softirq in the context of whoever sent into them, so the relay side is also charged with
+# the endpoints' socket delivery, in every mode alike (in user space Tern's sends pay it).
+# ENDS_THREADED=1 gives those ends NAPI threads of their own, charged to the endpoints; on
+# this box that costs more than it separates (a thread wakeup per small batch on both sides,
+# charged to the relay as well). NAPI threads get a real-time priority, as softirq would
+# have. Reported per run:
 # relayed packets/s and loss (the load generator's view), CPU seconds of Tern, of its NAPI
 # threads and of the load generator, relay-side CPU per packet the relay forwarded (Tern's
 # counters) and forwarded packets per relay CPU-second; also the older figure, relayed
@@ -39,7 +44,7 @@
 # script started are killed. Results: bench/out/fastpath-<time>/ (results.tsv, logs).
 #
 # usage: bench/fastpath.sh  env: ALLOCS (32) SECS (10) SIZE (100) ROUNDS (1) PIN (0) NICE (-15)
-#        TOPO (two) TERN_BIN LOADGEN_BIN
+#        TOPO (two) ENDS_THREADED (0) TERN_BIN LOADGEN_BIN
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -49,7 +54,7 @@ SIZE=${SIZE:-100}
 ROUNDS=${ROUNDS:-1}
 PIN=${PIN:-0}
 TOPO=${TOPO:-two}
-ENDS_THREADED=${ENDS_THREADED:-1}
+ENDS_THREADED=${ENDS_THREADED:-0}
 NICE=${NICE:--15}
 TERN_BIN=${TERN_BIN:-$ROOT/target/release/tern}
 LOADGEN_BIN=${LOADGEN_BIN:-$ROOT/bench/loadgen/target/release/tern-loadgen}
