@@ -44,7 +44,7 @@
 # script started are killed. Results: bench/out/fastpath-<time>/ (results.tsv, logs).
 #
 # usage: bench/fastpath.sh  env: ALLOCS (32) SECS (10) SIZE (100) ROUNDS (1) PIN (0) NICE (-15)
-#        TOPO (two) ENDS_THREADED (0) TERN_BIN LOADGEN_BIN
+#        TOPO (two) ENDS_THREADED (0) PERF (0) TERN_BIN LOADGEN_BIN
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -55,6 +55,7 @@ ROUNDS=${ROUNDS:-1}
 PIN=${PIN:-0}
 TOPO=${TOPO:-two}
 ENDS_THREADED=${ENDS_THREADED:-0}
+PERF=${PERF:-0}
 NICE=${NICE:--15}
 TERN_BIN=${TERN_BIN:-$ROOT/target/release/tern}
 LOADGEN_BIN=${LOADGEN_BIN:-$ROOT/bench/loadgen/target/release/tern-loadgen}
@@ -239,12 +240,27 @@ run() { # name mode rate
     local t0 r0 e0 e1; t0=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
     r0=$(cpu_ticks $relay_napi); e0=$(cpu_ticks $ends_napi)
+    # PERF=1: a call-graph profile of the relay side (Tern's threads and its NAPI threads) for
+    # the run, summarised by symbol into <run>.perf.txt.
+    local perf_pid=
+    if [ "$PERF" = 1 ]; then
+        # shellcheck disable=SC2086
+        perf record -q -g -o "$OUT/$name.perf.data" \
+            -t "$(echo $(ls "/proc/$TERN_PID/task") $relay_napi | tr ' ' ',')" -- sleep "$SECS" \
+            >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
     local pincmd=(nice -n "$NICE")
     [ "$PIN" = 1 ] && pincmd+=(taskset -c 1)
     /usr/bin/time -f "%U %S" -o "$OUT/$name.time" "${pincmd[@]}" ip netns exec "$CN" "$LOADGEN_BIN" \
         --server "$S:$PORT" --secret "$SECRET" --allocations "$ALLOCS" --rate "$rate" \
         --duration "$SECS" --packets 100000000 --size "$SIZE" --local-ip "$C" \
         --peer-ip "$P" --peer-netns "$PN" --user-prefix "$name" > "$OUT/$name.json"
+    if [ -n "$perf_pid" ]; then
+        wait "$perf_pid" || true
+        perf report -i "$OUT/$name.perf.data" --no-children --sort sym --percent-limit 1.5 \
+            --stdio -g none 2>/dev/null | grep -v '^#' | grep . > "$OUT/$name.perf.txt" || true
+    fi
     local t1 r1; t1=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
     r1=$(cpu_ticks $relay_napi); e1=$(cpu_ticks $ends_napi)
