@@ -245,9 +245,7 @@ run() { # name mode rate
     local perf_pid=
     if [ "$PERF" = 1 ]; then
         # shellcheck disable=SC2086
-        perf record -q -g -o "$OUT/$name.perf.data" \
-            -t "$(echo $(ls "/proc/$TERN_PID/task") $relay_napi | tr ' ' ',')" -- sleep "$SECS" \
-            >/dev/null 2>&1 &
+        perf record -q -a -g -o "$OUT/$name.perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
         perf_pid=$!
     fi
     local pincmd=(nice -n "$NICE")
@@ -258,7 +256,11 @@ run() { # name mode rate
         --peer-ip "$P" --peer-netns "$PN" --user-prefix "$name" > "$OUT/$name.json"
     if [ -n "$perf_pid" ]; then
         wait "$perf_pid" || true
+        # System-wide (per-thread sampling of kernel threads gave next to nothing), then only
+        # the relay side's threads.
+        # shellcheck disable=SC2086
         perf report -i "$OUT/$name.perf.data" --no-children --sort sym --percent-limit 1.5 \
+            --tid "$(echo $(ls "/proc/$TERN_PID/task") $relay_napi | tr ' ' ',')" \
             --stdio -g none 2>/dev/null | grep -v '^#' | grep . > "$OUT/$name.perf.txt" || true
     fi
     local t1 r1; t1=$(cpu_ticks "$TERN_PID")
