@@ -44,7 +44,7 @@
 # script started are killed. Results: bench/out/fastpath-<time>/ (results.tsv, logs).
 #
 # usage: bench/fastpath.sh  env: ALLOCS (32) SECS (10) SIZE (100) ROUNDS (1) PIN (0) NICE (-15)
-#        TOPO (two) ENDS_THREADED (0) PERF (0) TERN_BIN LOADGEN_BIN
+#        TOPO (two) ENDS_THREADED (0) TERN_BIN LOADGEN_BIN
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -55,7 +55,6 @@ ROUNDS=${ROUNDS:-1}
 PIN=${PIN:-0}
 TOPO=${TOPO:-two}
 ENDS_THREADED=${ENDS_THREADED:-0}
-PERF=${PERF:-0}
 NICE=${NICE:--15}
 TERN_BIN=${TERN_BIN:-$ROOT/target/release/tern}
 LOADGEN_BIN=${LOADGEN_BIN:-$ROOT/bench/loadgen/target/release/tern-loadgen}
@@ -76,6 +75,8 @@ if [ "$TOPO" = one ]; then
     PN=$CN PIF=$CIF
 fi
 IFACES=$(printf '%s\n' "$CIF" "$PIF" | sort -u | tr '\n' ' ')
+# shellcheck disable=SC2086
+IFACES_TOML=$(printf '"%s", ' $IFACES | sed 's/, $//')
 TERN_PID=
 STATS_WAS=$(cat /proc/sys/kernel/bpf_stats_enabled)
 cleanup() {
@@ -152,6 +153,7 @@ pin() { # cpu pids...: pinned (PIN=1) and reniced (NICE)
 sock_drops() {
     local ns t=0
     for ns in $(printf '%s\n' "$CN" "$PN" | sort -u); do
+        # shellcheck disable=SC2016
         t=$(( t + $(ip netns exec "$ns" awk '/^Udp:/ && $2 ~ /^[0-9]/ {print $6}' /proc/net/snmp) ))
     done
     echo "$t"
@@ -178,7 +180,7 @@ workers = 1
 user_quota = 10000
 max_bytes_per_sec = 0
 kernel_fast_path = "$1"
-kernel_fast_path_interfaces = [$(printf '"%s", ' $IFACES | sed 's/, $//')]
+kernel_fast_path_interfaces = [$IFACES_TOML]
 [api]
 enabled = false
 [metrics]
@@ -219,14 +221,14 @@ run() { # name mode rate
     # shellcheck disable=SC2086
     relay_napi=$(napi_pids $IFACES | tr '\n' ' ')
     [ -n "$relay_napi" ] || { echo "no NAPI threads on $CIF/$PIF" >&2; exit 1; }
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2046,SC2086
     pin 0 $(ls "/proc/$TERN_PID/task") $relay_napi
     # NAPI runs as softirq (above every task) unless threaded: its threads get a real-time
     # priority, or a busy box delays them until the veth ring overflows.
     for p in $relay_napi; do chrt -f -p 50 "$p"; done
     local ends_napi=
     if [ "$ENDS_THREADED" = 1 ]; then
-        # shellcheck disable=SC2086
+        # shellcheck disable=SC2046,SC2086
         ends_napi=$(napi_pids $(printf '%sx\n' $IFACES) | tr '\n' ' ')
         # shellcheck disable=SC2086
         pin 1 $ends_napi
@@ -239,33 +241,20 @@ run() { # name mode rate
     local d0 d1 k0 k1; d0=$(ring_drops); k0=$(sock_drops)
     local t0 r0 e0 e1; t0=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
-    r0=$(cpu_ticks $relay_napi); e0=$(cpu_ticks $ends_napi)
-    # PERF=1: a call-graph profile of the relay side (Tern's threads and its NAPI threads) for
-    # the run, summarised by symbol into <run>.perf.txt.
-    local perf_pid=
-    if [ "$PERF" = 1 ]; then
-        # shellcheck disable=SC2086
-        perf record -q -a -g -o "$OUT/$name.perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
-        perf_pid=$!
-    fi
+    r0=$(cpu_ticks $relay_napi)
+    # shellcheck disable=SC2086
+    e0=$(cpu_ticks $ends_napi)
     local pincmd=(nice -n "$NICE")
     [ "$PIN" = 1 ] && pincmd+=(taskset -c 1)
     /usr/bin/time -f "%U %S" -o "$OUT/$name.time" "${pincmd[@]}" ip netns exec "$CN" "$LOADGEN_BIN" \
         --server "$S:$PORT" --secret "$SECRET" --allocations "$ALLOCS" --rate "$rate" \
         --duration "$SECS" --packets 100000000 --size "$SIZE" --local-ip "$C" \
         --peer-ip "$P" --peer-netns "$PN" --user-prefix "$name" > "$OUT/$name.json"
-    if [ -n "$perf_pid" ]; then
-        wait "$perf_pid" || true
-        # System-wide (per-thread sampling of kernel threads gave next to nothing), then only
-        # the relay side's threads.
-        # shellcheck disable=SC2086
-        perf report -i "$OUT/$name.perf.data" --no-children --sort sym --percent-limit 1.5 \
-            --tid "$(echo $(ls "/proc/$TERN_PID/task") $relay_napi | tr ' ' ',')" \
-            --stdio -g none 2>/dev/null | grep -v '^#' | grep . > "$OUT/$name.perf.txt" || true
-    fi
     local t1 r1; t1=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
-    r1=$(cpu_ticks $relay_napi); e1=$(cpu_ticks $ends_napi)
+    r1=$(cpu_ticks $relay_napi)
+    # shellcheck disable=SC2086
+    e1=$(cpu_ticks $ends_napi)
     d1=$(ring_drops); k1=$(sock_drops)
     if [ "$mode" = xdp ]; then
         for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-after" || true
