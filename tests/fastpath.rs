@@ -5,7 +5,11 @@
 //! through it with no loss and every packet counted (metrics and the usage ledger); a
 //! hand-built client checks that data is rewritten both ways, that flows without a channel
 //! still reach user space (Data indications), and that deleting the allocation takes its
-//! binding out of the kernel at once (nothing more is forwarded).
+//! binding out of the kernel at once (nothing more is forwarded). The fallbacks are tested
+//! the same way, each asserting the mode in effect (`tern_fastpath_mode`, one log line) and
+//! a lossless relay: XDP native → generic on the interface whose driver refuses native mode
+//! (a veth with a jumbo peer MTU), XDP → TC where forwarding is off, and either → user space
+//! when BPF cannot load (Tern without capabilities).
 //!
 //! Needs root, network namespaces and a kernel that loads the program (5.15+). Where any is
 //! missing the tests print a loud SKIPPED line and pass, except under `CI=true` on a root
@@ -128,6 +132,32 @@ impl Topology {
             && resolved(&self.relay_ip, &self.peer_ip, &self.peer_if)
     }
 
+    /// `net.ipv4.conf.<iface>.forwarding` on this namespace's two ends (explicitly, whatever
+    /// `conf.default` gives new interfaces on this host).
+    fn set_forwarding(&self, on: bool) -> bool {
+        [&self.client_if, &self.peer_if].into_iter().all(|name| {
+            let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+            std::fs::write(path, if on { "1" } else { "0" }).is_ok()
+        })
+    }
+
+    /// A jumbo MTU on both ends of the peer side's veth pair: veth refuses native XDP when
+    /// its peer's MTU does not fit a frame in one page ("Peer MTU is too large to set XDP"),
+    /// so XDP runs there in generic mode, and natively on the client side.
+    fn jumbo_peer_side(&self) -> bool {
+        run(&["ip", "link", "set", &self.peer_if, "mtu", "9000"])
+            && run(&[
+                "ip",
+                "-n",
+                &self.peer_ns,
+                "link",
+                "set",
+                &format!("{}x", self.peer_if),
+                "mtu",
+                "9000",
+            ])
+    }
+
     fn link(&self, name: &str, ns: &str, here: &str, there: &str) -> bool {
         let inner = format!("{name}x");
         run(&[
@@ -242,7 +272,21 @@ impl Mode {
 
 /// Tern on both veths with the fast path on; `None` (after a skip) when it did not load.
 fn start(mode: Mode, t: &Topology, relay_min: u16, db: &std::path::Path, cap: u64) -> Option<Tern> {
+    let tern = launch(mode, t, relay_min, db, cap, Vec::new());
+    expect_on(&tern, mode.on_line(), &format!("{mode:?}")).then_some(tern)
+}
+
+/// Tern on both veths with `turn.kernel_fast_path = mode`, run through `wrapper` (if any).
+fn launch(
+    mode: Mode,
+    t: &Topology,
+    relay_min: u16,
+    db: &std::path::Path,
+    cap: u64,
+    wrapper: Vec<String>,
+) -> Tern {
     let mut opts = TernOpts::new(relay_min);
+    opts.wrapper = wrapper;
     opts.allow_loopback = false;
     opts.extra_listen = Some(t.server_ip.clone());
     opts.relay_ip = Some(t.relay_ip.clone());
@@ -257,7 +301,12 @@ fn start(mode: Mode, t: &Topology, relay_min: u16, db: &std::path::Path, cap: u6
         t.peer_if
     );
     opts.extra_sections = format!("[usage]\npath = {db:?}\ninterim_secs = 1\nflush_ms = 100\n");
-    let tern = Tern::start(opts);
+    Tern::start(opts)
+}
+
+/// Whether Tern logged `on_line` (the mode `what` attached as such); false after a loud skip
+/// when BPF did not load here or the mode fell back (a failure under `CI`).
+fn expect_on(tern: &Tern, on_line: &str, what: &str) -> bool {
     let log = tern.log();
     if log.contains("kernel fast path unavailable") {
         let line = log
@@ -266,19 +315,19 @@ fn start(mode: Mode, t: &Topology, relay_min: u16, db: &std::path::Path, cap: u6
             .unwrap_or_default()
             .to_string();
         skip(&format!("BPF did not load here: {line}"));
-        return None;
+        return false;
     }
-    if !log.contains(mode.on_line()) {
+    if !log.contains(on_line) {
         let line = log
             .lines()
             .find(|l| l.contains("kernel fast path on"))
             .unwrap_or_default()
             .to_string();
         assert!(!line.is_empty(), "{log}");
-        skip(&format!("{mode:?} did not attach as such here: {line}"));
-        return None;
+        skip(&format!("{what} did not attach as such here: {line}"));
+        return false;
     }
-    Some(tern)
+    true
 }
 
 fn metric(tern: &Tern, name: &str, labels: &str) -> u64 {
@@ -302,6 +351,11 @@ fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `turnutils_uclient`'s load: clients, messages each, message size.
+const CLIENTS: u64 = 4;
+const MESSAGES: u64 = 200;
+const SIZE: u64 = 120;
+
 const C2P: &str = "direction=\"client_to_peer\"";
 const P2C: &str = "direction=\"peer_to_client\"";
 const C2P_UDP: &str = "direction=\"client_to_peer\",transport=\"udp\"";
@@ -318,10 +372,6 @@ fn xdp_uclient_relays_through_the_fast_path_and_every_packet_is_counted() {
 }
 
 fn uclient_relays(mode: Mode) {
-    assert!(
-        have_tool("turnutils_uclient"),
-        "turnutils_uclient missing (apt-get install coturn)"
-    );
     let Some(t) = Topology::create(mode) else {
         return skip("cannot create network namespaces and veth pairs (not root?)");
     };
@@ -329,6 +379,22 @@ fn uclient_relays(mode: Mode) {
     let Some(tern) = start(mode, &t, mode.ports(0), &dir.path().join("usage.db"), 0) else {
         return;
     };
+    let want = match mode {
+        Mode::Tc => "tc",
+        Mode::Xdp => "xdp_native",
+    };
+    assert_eq!(mode_in_effect(&tern), want);
+    let r = uclient(&t, &tern);
+    assert_counted(&tern, &r, true);
+}
+
+/// Relays `turnutils_uclient`'s messages (4 clients, channels) from the client namespace
+/// to `turnutils_peer` in the peer namespace: none lost.
+fn uclient(t: &Topology, tern: &Tern) -> UclientReport {
+    assert!(
+        have_tool("turnutils_uclient"),
+        "turnutils_uclient missing (apt-get install coturn)"
+    );
     let mut peer = Topology::spawn_in(
         &t.peer_ns,
         &["turnutils_peer", "-L", &t.peer_ip, "-p", "3480"],
@@ -341,9 +407,6 @@ fn uclient_relays(mode: Mode) {
             .output()
             .is_ok_and(|o| !o.stdout.is_empty())
     });
-    const CLIENTS: u64 = 4;
-    const MESSAGES: u64 = 200;
-    const SIZE: u64 = 120;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &t.client_ns, "turnutils_uclient"])
         .args(["-W", &tern.secret, "-u", "fastpath"])
@@ -362,35 +425,47 @@ fn uclient_relays(mode: Mode) {
     assert_eq!(r.lost, Some(0), "{text}");
     assert_eq!(r.sent, CLIENTS * MESSAGES, "{text}");
     assert_eq!(r.received, r.sent, "{text}");
+    r
+}
+
+/// Every message of `r` is in the relay counters and the usage ledger; `offloaded`: and
+/// the kernel carried all of them (else none).
+fn assert_counted(tern: &Tern, r: &UclientReport, offloaded: bool) {
     // Everything relayed is in the relay counters (read from the maps at housekeeping)...
     wait_until("the relay counters", Duration::from_secs(10), || {
-        metric(&tern, "tern_relay_packets_total", C2P_UDP) == r.sent
-            && metric(&tern, "tern_relay_packets_total", P2C_UDP) == r.received
+        metric(tern, "tern_relay_packets_total", C2P_UDP) == r.sent
+            && metric(tern, "tern_relay_packets_total", P2C_UDP) == r.received
     });
     assert_eq!(
-        metric(&tern, "tern_relay_bytes_total", C2P_UDP),
+        metric(tern, "tern_relay_bytes_total", C2P_UDP),
         r.sent * SIZE
     );
     assert_eq!(
-        metric(&tern, "tern_relay_bytes_total", P2C_UDP),
+        metric(tern, "tern_relay_bytes_total", P2C_UDP),
         r.received * (SIZE + 4)
     );
-    // ... and the kernel carried it: ChannelData both ways once each channel was bound.
-    let fp_c2p = metric(&tern, "tern_fastpath_packets_total", C2P);
-    let fp_p2c = metric(&tern, "tern_fastpath_packets_total", P2C);
+    // ... and the kernel carried it (or none of it): ChannelData both ways once each
+    // channel was bound.
+    let fp_c2p = metric(tern, "tern_fastpath_packets_total", C2P);
+    let fp_p2c = metric(tern, "tern_fastpath_packets_total", P2C);
+    let (want_c2p, want_p2c) = if offloaded {
+        (r.sent, r.received)
+    } else {
+        (0, 0)
+    };
     assert_eq!(
         fp_c2p,
-        r.sent,
-        "every client datagram offloaded:\n{}",
+        want_c2p,
+        "client datagrams offloaded:\n{}",
         tern.log()
     );
-    assert_eq!(fp_p2c, r.received, "every peer datagram offloaded");
+    assert_eq!(fp_p2c, want_p2c, "peer datagrams offloaded");
     assert_eq!(
-        metric(&tern, "tern_fastpath_bytes_total", C2P),
+        metric(tern, "tern_fastpath_bytes_total", C2P),
         fp_c2p * SIZE
     );
     assert_eq!(
-        metric(&tern, "tern_fastpath_bytes_total", P2C),
+        metric(tern, "tern_fastpath_bytes_total", P2C),
         fp_p2c * SIZE
     );
     // The usage ledger (per allocation, read at each interim) saw the same bytes.
@@ -559,4 +634,138 @@ fn capped_relay(mode: Mode) {
         metric(&tern, "tern_fastpath_packets_total", C2P) > 0,
         "the kernel forwarded within the budget"
     );
+}
+
+/// The `mode` of `tern_fastpath_mode` whose value is 1 (exactly one is).
+fn mode_in_effect(tern: &Tern) -> String {
+    let (_, body) = scrape::get(tern.metrics_port, "/metrics");
+    let on: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("tern_fastpath_mode{mode=\""))
+        .filter_map(|l| l.strip_suffix("\"} 1"))
+        .collect();
+    assert_eq!(on.len(), 1, "one mode in effect:\n{body}");
+    on[0].to_string()
+}
+
+/// The log lines that mention `needle`.
+fn lines_with(tern: &Tern, needle: &str) -> Vec<String> {
+    tern.log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Relay ports of the fallback tests (a range no other test file uses).
+fn fallback_ports(test: u16) -> u16 {
+    14_000 + 400 * test
+}
+
+/// XDP native mode where the driver takes it, generic mode on the interface whose driver
+/// refuses it: one warning naming that interface only, `xdp_generic` in effect, and
+/// turnutils_uclient still relays through the kernel with nothing lost.
+#[test]
+fn xdp_falls_back_to_generic_mode_per_interface() {
+    let Some(t) = Topology::create(Mode::Xdp) else {
+        return skip("cannot create network namespaces and veth pairs (not root?)");
+    };
+    assert!(t.jumbo_peer_side(), "ip link set mtu 9000");
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("usage.db");
+    let tern = launch(Mode::Xdp, &t, fallback_ports(0), &db, 0, Vec::new());
+    if !expect_on(
+        &tern,
+        "kernel fast path on: XDP program attached, in generic (skb) mode",
+        "XDP with a generic-mode interface",
+    ) {
+        return;
+    }
+    let warned = lines_with(&tern, "kernel fast path");
+    assert_eq!(warned.len(), 1, "one line:\n{}", tern.log());
+    assert!(warned[0].contains("WARN"), "{}", warned[0]);
+    assert!(
+        warned[0].contains(&format!("generic=[\"{}\"]", t.peer_if)),
+        "names the peer side's interface only: {}",
+        warned[0]
+    );
+    assert_eq!(mode_in_effect(&tern), "xdp_generic");
+    let r = uclient(&t, &tern);
+    assert_counted(&tern, &r, true);
+}
+
+/// XDP where it cannot run (forwarding off on the interfaces, which `bpf_fib_lookup`
+/// needs): TC instead, one warning saying why, and every packet relayed through TC.
+#[test]
+fn xdp_falls_back_to_tc_where_forwarding_is_off() {
+    let Some(t) = Topology::create(Mode::Tc) else {
+        return skip("cannot create network namespaces and veth pairs (not root?)");
+    };
+    assert!(t.set_forwarding(false), "forwarding sysctl");
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("usage.db");
+    let tern = launch(Mode::Xdp, &t, fallback_ports(1), &db, 0, Vec::new());
+    if !expect_on(
+        &tern,
+        "kernel fast path on: TC ingress program attached (XDP unavailable)",
+        "TC in place of XDP",
+    ) {
+        return;
+    }
+    let warned = lines_with(&tern, "kernel fast path");
+    assert_eq!(warned.len(), 1, "one line:\n{}", tern.log());
+    assert!(warned[0].contains("WARN"), "{}", warned[0]);
+    assert!(
+        warned[0].contains(&format!("net.ipv4.conf.{}.forwarding is off", t.client_if)),
+        "says why: {}",
+        warned[0]
+    );
+    assert_eq!(mode_in_effect(&tern), "tc");
+    let r = uclient(&t, &tern);
+    assert_counted(&tern, &r, true);
+}
+
+#[test]
+fn tc_falls_back_to_user_space_when_bpf_cannot_load() {
+    user_space_fallback(Mode::Tc, fallback_ports(2));
+}
+
+#[test]
+fn xdp_falls_back_to_user_space_when_bpf_cannot_load() {
+    user_space_fallback(Mode::Xdp, fallback_ports(3));
+}
+
+/// Tern without the capabilities BPF needs (root, with every capability dropped from its
+/// bounding set, so `exec` grants none: the systemd unit's situation) on a topology where
+/// the mode would otherwise attach: one warning, `user_space` in effect, and everything
+/// relayed in user space with nothing lost and nothing counted as offloaded.
+fn user_space_fallback(mode: Mode, relay_min: u16) {
+    if !have_tool("setpriv") {
+        return skip("no setpriv (util-linux) to drop capabilities with");
+    }
+    let Some(t) = Topology::create(mode) else {
+        return skip("cannot create network namespaces and veth pairs (not root?)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("usage.db");
+    let no_caps = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"];
+    let tern = launch(
+        mode,
+        &t,
+        relay_min,
+        &db,
+        0,
+        no_caps.map(str::to_string).to_vec(),
+    );
+    let warned = lines_with(&tern, "kernel fast path");
+    assert_eq!(warned.len(), 1, "one line:\n{}", tern.log());
+    assert!(
+        warned[0].contains("WARN")
+            && warned[0].contains("kernel fast path unavailable; relaying in user space"),
+        "{}",
+        warned[0]
+    );
+    assert_eq!(mode_in_effect(&tern), "user_space");
+    let r = uclient(&t, &tern);
+    assert_counted(&tern, &r, false);
 }

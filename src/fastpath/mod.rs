@@ -21,6 +21,7 @@ mod route;
 pub use maps::Budget;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use aya::maps::{DevMapHash, HashMap as BpfHashMap, MapData};
 use aya::programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpFlags};
@@ -45,6 +46,53 @@ pub enum Mode {
     /// else generic), forwarding with XDP_TX / a devmap redirect; falls back to TC when XDP
     /// cannot run there (docs/fastpath.md).
     Xdp,
+}
+
+/// What relays established channel bindings in this process (`tern_fastpath_mode`):
+/// the mode [`FastPath::start`] ended in after its fallbacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Effective {
+    /// User space: the fast path is off, or it could not load or attach.
+    UserSpace = 0,
+    /// The TC program (asked for, or XDP's fallback).
+    Tc = 1,
+    /// The XDP program in native (driver) mode on every interface.
+    XdpNative = 2,
+    /// The XDP program, in generic (skb) mode on at least one interface.
+    XdpGeneric = 3,
+}
+
+impl Effective {
+    pub const ALL: [Effective; 4] = [
+        Effective::UserSpace,
+        Effective::Tc,
+        Effective::XdpNative,
+        Effective::XdpGeneric,
+    ];
+
+    /// The `mode` label of `tern_fastpath_mode`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Effective::UserSpace => "user_space",
+            Effective::Tc => "tc",
+            Effective::XdpNative => "xdp_native",
+            Effective::XdpGeneric => "xdp_generic",
+        }
+    }
+}
+
+/// The process's [`Effective`] mode: one TURN service per daemon sets it at start, and the
+/// metrics face reads it (a process-wide fact, like the program's attachments).
+static EFFECTIVE: AtomicU8 = AtomicU8::new(Effective::UserSpace as u8);
+
+/// The mode in effect now (user space before the service starts and after it stops).
+pub fn effective() -> Effective {
+    Effective::ALL[usize::from(EFFECTIVE.load(Ordering::Relaxed)).min(3)]
+}
+
+fn set_effective(e: Effective) {
+    EFFECTIVE.store(e as u8, Ordering::Relaxed);
 }
 
 /// The compiled programs (`bpf/build.sh` rebuilds them), 8-byte aligned for the ELF parser.
@@ -79,6 +127,7 @@ pub const CHANNEL_DATA_HEADER: u64 = 4;
 /// filters alike); the maps go with the last worker handle.
 pub struct FastPath {
     _ebpf: Ebpf,
+    effective: Effective,
     c2p_id: u32,
     p2c_id: u32,
     budget_id: u32,
@@ -90,6 +139,12 @@ impl FastPath {
     /// attach. XDP that cannot run natively on an interface runs in generic mode there, and
     /// XDP that cannot run at all falls back to TC; either says so in its one line.
     pub fn start(mode: Mode, interfaces: &[String]) -> Option<FastPath> {
+        let fp = Self::start_any(mode, interfaces);
+        set_effective(fp.as_ref().map_or(Effective::UserSpace, |f| f.effective));
+        fp
+    }
+
+    fn start_any(mode: Mode, interfaces: &[String]) -> Option<FastPath> {
         let xdp_error = match mode {
             Mode::Off => return None,
             Mode::Tc => None,
@@ -159,7 +214,7 @@ impl FastPath {
                     .map_err(|e| format!("attaching to {iface}: {e}"))?;
             }
         }
-        Self::with_maps(ebpf)
+        Self::with_maps(ebpf, Effective::Tc)
     }
 
     /// The XDP program on every interface, and those where it runs in generic mode.
@@ -203,11 +258,16 @@ impl FastPath {
                 .insert(ifindex, ifindex, None, 0)
                 .map_err(|e| format!("tern_egress: {e}"))?;
         }
-        Ok((Self::with_maps(ebpf)?, generic))
+        let effective = if generic.is_empty() {
+            Effective::XdpNative
+        } else {
+            Effective::XdpGeneric
+        };
+        Ok((Self::with_maps(ebpf, effective)?, generic))
     }
 
     /// The loaded program with the ids of its binding maps (for the workers' handles).
-    fn with_maps(ebpf: Ebpf) -> Result<FastPath, String> {
+    fn with_maps(ebpf: Ebpf, effective: Effective) -> Result<FastPath, String> {
         let id = |name: &str| -> Result<u32, String> {
             let map = ebpf.map(name).ok_or(format!("no map {name}"))?;
             let data: &MapData = match map {
@@ -219,6 +279,7 @@ impl FastPath {
         let (c2p_id, p2c_id, budget_id) = (id(C2P)?, id(P2C)?, id(BUDGET)?);
         Ok(FastPath {
             _ebpf: ebpf,
+            effective,
             c2p_id,
             p2c_id,
             budget_id,
@@ -244,6 +305,13 @@ impl FastPath {
             synced: None,
             failed: 0,
         })
+    }
+}
+
+impl Drop for FastPath {
+    fn drop(&mut self) {
+        // Detached with `_ebpf` right after this.
+        set_effective(Effective::UserSpace);
     }
 }
 

@@ -50,6 +50,8 @@ metric_table! { pub FASTPATH;
         "Channel bindings in the kernel fast path's maps.";
     FASTPATH_MAP_FULL: Counter "tern_fastpath_map_full_total" []
         "Channel bindings the fast path's maps refused (full); relayed in user space instead.";
+    FASTPATH_MODE: Gauge "tern_fastpath_mode" ["mode"]
+        "1 for what relays channel bindings now (after the fast path's fallbacks), 0 for the others.";
 }
 
 // The TURN cores (TurnStats): requests, allocations, permissions, channels, RFC 6062.
@@ -218,6 +220,10 @@ fn read(src: &TurnStatsSource, f: &mut Families) {
     }
     f.sample(&FASTPATH_BINDINGS, &[], net.fastpath_bindings);
     f.sample(&FASTPATH_MAP_FULL, &[], net.fastpath_map_full);
+    let mode = crate::fastpath::effective();
+    for e in crate::fastpath::Effective::ALL {
+        f.sample(&FASTPATH_MODE, &[e.label()], u64::from(e == mode));
+    }
     for (mi, m) in MethodLabel::ALL.iter().enumerate() {
         for ri in 0..RESULT_CODES.len() {
             f.sample(&REQUESTS, &[m.name(), result_label(ri)], t.requests[mi][ri]);

@@ -121,6 +121,9 @@ pub struct TernOpts {
     pub metrics: bool,
     /// The REST secret (None: a random one); nodes of one cluster share theirs.
     pub secret: Option<String>,
+    /// A command (and its arguments) that runs `tern`, e.g. `setpriv` dropping capabilities
+    /// (empty: run it directly).
+    pub wrapper: Vec<String>,
 }
 
 impl TernOpts {
@@ -141,6 +144,7 @@ impl TernOpts {
             relay_ip: None,
             metrics: false,
             secret: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -232,7 +236,16 @@ impl Tern {
         let cfg_path = dir.path().join("tern.toml");
         std::fs::write(&cfg_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("tern.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        let bin = env!("CARGO_BIN_EXE_tern");
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&cfg_path)
