@@ -124,6 +124,12 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
              own credentials needs turn.secret_file)"
         );
     }
+    match crate::ops::code_pages::map_in() {
+        Ok(bytes) => tracing::debug!(kib = bytes / 1024, "executable mapped in"),
+        Err(e) => {
+            tracing::info!("executable not mapped in at start (its pages fault in as used): {e}")
+        }
+    }
     let int = Arc::new(AtomicBool::new(false));
     let term = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));

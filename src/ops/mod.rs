@@ -1,11 +1,13 @@
 //! Operations support: the systemd notification protocol (`sd_notify`) with a watchdog fed
-//! by a self-probe, `tern firewall` rule generation and `tern migrate-coturn`.
+//! by a self-probe, mapping the binary's code in at start (`code_pages`), `tern firewall`
+//! rule generation and `tern migrate-coturn`.
 //!
 //! Owns process supervision glue and deploy-time helpers. It must not hold protocol state
 //! or sit on the data path: the daemon calls it from its main loop only, and the firewall
 //! and migration code only read configs and print text.
 
 mod cidr;
+pub mod code_pages;
 mod coturn_options;
 pub mod firewall;
 pub mod migrate;
