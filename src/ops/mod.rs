@@ -1,5 +1,6 @@
 //! Operations support: the systemd notification protocol (`sd_notify`) with a watchdog fed
-//! by a self-probe, mapping the binary's code in at start (`code_pages`), `tern firewall`
+//! by a self-probe, the process's memory (`memory`: the binary mapped in at start, freed heap
+//! returned every minute), `tern firewall`
 //! rule generation and `tern migrate-coturn`.
 //!
 //! Owns process supervision glue and deploy-time helpers. It must not hold protocol state
@@ -7,9 +8,9 @@
 //! and migration code only read configs and print text.
 
 mod cidr;
-pub mod code_pages;
 mod coturn_options;
 pub mod firewall;
+pub mod memory;
 pub mod migrate;
 pub mod notify;
 pub mod probe;
