@@ -117,6 +117,12 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
              own credentials needs turn.secret_file)"
         );
     }
+    match crate::ops::memory::map_in() {
+        Ok(bytes) => tracing::debug!(kib = bytes / 1024, "executable mapped in"),
+        Err(e) => {
+            tracing::info!("executable not mapped in at start (its pages fault in as used): {e}")
+        }
+    }
     let int = Arc::new(AtomicBool::new(false));
     let term = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
@@ -197,9 +203,11 @@ pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
     let mut running = cfg;
     let mut drain: Option<Instant> = None;
     let mut last_status = (u32::MAX, usize::MAX);
+    let mut trim = crate::ops::memory::HeapTrim::new(Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(100));
         sup.tick();
+        trim.tick(Instant::now());
         if int.load(Ordering::Relaxed) {
             tracing::info!("SIGINT received, shutting down");
             break;

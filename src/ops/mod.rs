@@ -1,5 +1,7 @@
 //! Operations support: the systemd notification protocol (`sd_notify`) with a watchdog fed
-//! by a self-probe, `tern firewall` rule generation and `tern migrate-coturn`.
+//! by a self-probe, the process's memory (`memory`: the binary mapped in at start, freed heap
+//! returned every minute), `tern firewall`
+//! rule generation and `tern migrate-coturn`.
 //!
 //! Owns process supervision glue and deploy-time helpers. It must not hold protocol state
 //! or sit on the data path: the daemon calls it from its main loop only, and the firewall
@@ -8,6 +10,7 @@
 mod cidr;
 mod coturn_options;
 pub mod firewall;
+pub mod memory;
 pub mod migrate;
 pub mod notify;
 pub mod probe;

@@ -225,6 +225,11 @@ impl Server {
                 }
             }
         }
+        if cx.timers.wants_sweep() {
+            let tables = &*cx.tables;
+            cx.timers
+                .compact(|at, kind| timer_can_act(tables, at, kind));
+        }
     }
 
     /// A TCP/TLS client connection closed: its allocation goes (RFC 8656 §3.1). `io` is
@@ -287,5 +292,30 @@ impl Server {
     #[cfg(test)]
     pub(super) fn timer_count(&self) -> usize {
         self.timers.len()
+    }
+
+    /// Timer entries the heap has room for, for tests that check memory is given back.
+    #[cfg(test)]
+    pub(super) fn timer_capacity(&self) -> usize {
+        self.timers.capacity()
+    }
+}
+
+/// Whether a timer entry could still act when it fires: the checks `handle_timeout` makes
+/// before acting, or `true` where it cannot tell cheaply (kept entries are harmless; a
+/// dropped live one would be a state that never expires).
+fn timer_can_act(tables: &Tables, at: Instant, kind: &TimerKind) -> bool {
+    match *kind {
+        TimerKind::Allocation { slot, id } => {
+            tables.live(slot, id).is_some_and(|a| a.timer_at == at)
+        }
+        TimerKind::Permission { slot, id, .. } | TimerKind::Usage { slot, id } => {
+            tables.live(slot, id).is_some()
+        }
+        TimerKind::Channel { slot, id, number } => tables
+            .live(slot, id)
+            .is_some_and(|a| a.channels.iter().any(|c| c.number == number)),
+        TimerKind::Reservations => true,
+        TimerKind::TcpConn { conn } => tables.conn(conn).is_some(),
     }
 }

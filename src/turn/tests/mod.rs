@@ -1705,6 +1705,44 @@ fn refresh_can_shorten_and_timers_stay_bounded() {
     assert_eq!(h.server.allocation_count(), 0);
 }
 
+#[test]
+fn churned_allocations_do_not_leave_the_timer_heap_grown() {
+    let mut h = H::new(|_| {});
+    let (u, k) = h.alice();
+    let perm = Req::new(method::CREATE_PERMISSION).peer(PEER);
+    let bind = Req::new(method::CHANNEL_BIND).channel(0x4000).peer(PEER);
+    let delete = Req::new(method::REFRESH).u32(attr::LIFETIME, 0);
+    // One allocation that stays, and 3000 that come and go, each leaving its allocation,
+    // permission and channel entries behind.
+    assert_eq!(h.allocate(client(1)).code(), 0);
+    assert_eq!(h.auth(client(1), &perm, &u, &k).code(), 0);
+    for n in 2..3002 {
+        assert_eq!(h.allocate(client(n)).code(), 0);
+        assert_eq!(h.auth(client(n), &perm, &u, &k).code(), 0);
+        assert_eq!(h.auth(client(n), &bind, &u, &k).code(), 0);
+        assert_eq!(h.auth(client(n), &delete, &u, &k).code(), 0);
+    }
+    assert!(h.server.timer_count() > 9000, "{}", h.server.timer_count());
+    // The permissions fall due at 300 s; the sweep after them drops the stale entries.
+    h.advance(300);
+    assert_eq!(h.server.allocation_count(), 1);
+    assert!(
+        h.server.timer_count() <= 2,
+        "{} timer entries",
+        h.server.timer_count()
+    );
+    assert!(
+        h.server.timer_capacity() <= 4096,
+        "{} entries of capacity kept",
+        h.server.timer_capacity()
+    );
+    // The allocation that stayed still expires on time (600 s default lifetime).
+    h.advance(299);
+    assert_eq!(h.server.allocation_count(), 1);
+    h.advance(1);
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
 mod fuzzish {
     use super::*;
     use proptest::prelude::*;
