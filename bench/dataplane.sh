@@ -96,12 +96,14 @@ wait_ready() { # port pid name
 # start_server NAME PORT MIN_PORT PEER_PORT [PIN] -> SERVER_PID
 start_server() {
     local name=$1 port=$2 min=$3 peer_port=$4 pin=${5:-}
-    local max=$((min + RELAY_PORTS - 1)) pre=()
-    [ -n "$pin" ] && pre=(taskset -c "$pin")
+    local max=$((min + RELAY_PORTS - 1)) pre=() threads=2
+    # Pinned to one core, every server runs one data-path thread (coturn would otherwise
+    # start one relay thread per online CPU whatever its affinity, the forwarder two).
+    [ -n "$pin" ] && pre=(taskset -c "$pin") threads=1
     case $name in
     forwarder)
         "${pre[@]}" "$LOADGEN" forward --listen "127.0.0.1:$port" --peer "127.0.0.1:$peer_port" \
-            --max-secs 900 >"$OUT/forwarder.log" 2>&1 &
+            --threads "$threads" --max-secs 900 >"$OUT/forwarder.log" 2>&1 &
         ;;
     tern | tern-base)
         local tbin=$TERN
@@ -116,6 +118,7 @@ start_server() {
             --set turn.unauth_rate_per_sec=1000000 --set turn.unauth_burst=1000000 \
             --set turn.socket_buffer_bytes=4194304 \
             --set api.enabled=false --set metrics.enabled=false --set log.level=warn \
+            --set "turn.workers=$threads" \
             >"$OUT/$name.log" 2>&1 &
         ;;
     coturn-deb | coturn-src | coturn-src-fast)
@@ -124,6 +127,7 @@ start_server() {
         if [ "$name" = coturn-src-fast ]; then
             extra=(--multiplex-peer --udp-gso --multiplex-peer-port "$(free_port)")
         fi
+        extra+=(--relay-threads "$threads")
         "${pre[@]}" "$bin" -c "$OUT/empty.conf" --no-cli --allow-loopback-peers \
             --use-auth-secret --static-auth-secret="$SECRET" --realm tern \
             --listening-ip 127.0.0.1 --listening-port "$port" --relay-ip 127.0.0.1 \
@@ -152,7 +156,10 @@ loadgen() {
 
 json() { grep -o "\"$1\":[0-9.]*" <<<"$2" | cut -d: -f2; }
 
-printf 'round\tserver\tload\trelayed_pps\tloss_pct\tcpu_us_per_pkt\trelayed_packets\tcpu_s\tavg_rtt_us\n' >"$OUT/results.tsv"
+# server_cores: the server's CPU seconds over the load's seconds; client_cpu_s: the load
+# generator's (near one core per busy thread: the clients set the pace, not the server);
+# loadavg: the box's 1-minute load average after the load (other work on a shared box).
+printf 'round\tserver\tload\trelayed_pps\tloss_pct\tcpu_us_per_pkt\trelayed_packets\tcpu_s\tavg_rtt_us\tserver_cores\tclient_cpu_s\tloadavg\n' >"$OUT/results.tsv"
 
 # The loads, by name.
 load_args() {
@@ -205,8 +212,9 @@ for round in $(seq 1 "$ROUNDS"); do
             secs=$(json duration_s "$j")
             awk -v r="$round" -v s="$server" -v l="$load" -v n="$relayed" -v d="$secs" \
                 -v loss="$(json loss_pct "$j")" -v t=$((c1 - c0)) -v hz="$TICKS" -v rtt="$(json avg_rtt_us "$j")" \
-                'BEGIN { printf "%s\t%s\t%s\t%.0f\t%s\t%.3f\t%s\t%.2f\t%s\n", r, s, l, n / d, loss, (n > 0 ? t / hz / n * 1e6 : 0), n, t / hz, rtt }' \
-                | tee -a "$OUT/results.tsv" | awk -F'\t' '{ printf "    %-16s %-7s %9s pkt/s  loss %5s%%  %6s us CPU/pkt  rtt %s us\n", $2, $3, $4, $5, $6, $9 }'
+                -v ccpu="$(json client_cpu_s "$j")" -v la="$(cut -d' ' -f1 /proc/loadavg)" \
+                'BEGIN { printf "%s\t%s\t%s\t%.0f\t%s\t%.3f\t%s\t%.2f\t%s\t%.2f\t%s\t%s\n", r, s, l, n / d, loss, (n > 0 ? t / hz / n * 1e6 : 0), n, t / hz, rtt, t / hz / d, ccpu, la }' \
+                | tee -a "$OUT/results.tsv" | awk -F'\t' '{ printf "    %-16s %-7s %9s pkt/s  loss %5s%%  %6s us CPU/pkt  rtt %s us  server %s cores  client %s s  load %s\n", $2, $3, $4, $5, $6, $9, $10, $11, $12 }'
         done
     done
 done

@@ -239,7 +239,7 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
     // --distinct-peers: one echo socket per allocation (servers that demultiplex a shared
     // relay socket by peer address, like coturn's --multiplex-peer, need distinct peers).
     let mut peers = vec![peer];
-    if a.distinct_peers && !a.bare {
+    if a.distinct_peers {
         for _ in 1..a.allocations {
             let p = UdpSocket::bind((a.peer_ip, 0))?;
             mmsg::set_buffers(p.as_raw_fd(), a.buffers);
@@ -263,7 +263,7 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
 
     let setup_start = Instant::now();
     let sessions = if a.bare {
-        bare_setup(a)
+        bare_setup(a, &peer_addrs)
     } else {
         setup(a, &peer_addrs)
     };
@@ -344,16 +344,37 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
         "send_eagain": c.send_eagain.load(Ordering::Relaxed),
         "bad_packets": c.bad_packets.load(Ordering::Relaxed),
         "release_errors": release_errors,
+        // The load generator's own CPU (all its threads, setup included): near one core
+        // per busy thread means the clients, not the server, set the pace.
+        "client_cpu_s": round(own_cpu_s()),
     }))
 }
 
-/// Bare sessions: plain sockets connected to the forwarder (no TURN exchange).
-fn bare_setup(a: &Args) -> io::Result<Vec<Session>> {
+/// CPU seconds (user + system) this process has used so far.
+fn own_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// Bare sessions: plain sockets connected to the forwarder (no TURN exchange). With one
+/// echo peer per session, each session first tells the forwarder its peer (a
+/// [`forward::BIND`] datagram, answered by the same datagram: the bare counterpart of a
+/// ChannelBind), so the forwarder carries the same load as a TURN server: one relay socket
+/// per session, each to its own peer.
+fn bare_setup(a: &Args, peers: &[SocketAddr]) -> io::Result<Vec<Session>> {
     (0..a.allocations)
-        .map(|_| {
+        .map(|i| {
             let sock = UdpSocket::bind((a.peer_ip, 0))?;
             sock.connect(a.server)?;
             mmsg::set_buffers(sock.as_raw_fd(), a.buffers);
+            if peers.len() > 1 {
+                bare_bind(&sock, peers[i % peers.len()])?;
+            }
             Ok(Session {
                 sock,
                 server: a.server,
@@ -362,6 +383,28 @@ fn bare_setup(a: &Args) -> io::Result<Vec<Session>> {
             })
         })
         .collect()
+}
+
+/// Asks the forwarder to relay this socket's datagrams to `peer`; waits for its answer.
+fn bare_bind(sock: &UdpSocket, peer: SocketAddr) -> io::Result<()> {
+    let mut msg = forward::BIND.to_vec();
+    msg.extend_from_slice(peer.to_string().as_bytes());
+    sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 128];
+    for _ in 0..6 {
+        sock.send(&msg)?;
+        match sock.recv(&mut buf) {
+            Ok(n) if buf[..n] == msg[..] => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("the forwarder did not answer a bind"))
 }
 
 /// Stamps `n` packets of `plen` bytes in `buf` with the send time and sequence numbers.
