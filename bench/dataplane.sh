@@ -5,6 +5,8 @@
 # logic) under the same loads, in one run, servers interleaved:
 #   closed  closed loop, ALLOCS allocations x INFLIGHT packets in flight, SIZE-byte payloads
 #   video   per allocation bursts of 20-40 packets of 1200 bytes at 30 bursts/s, echoed back
+#   video-gso  the same, each burst and each echo sent as one UDP GSO message (a GSO-capable
+#           sender such as a QUIC stack): a server with UDP GRO receives a burst as one buffer
 # Every allocation has its own echo peer (coturn --multiplex-peer demultiplexes its shared
 # relay socket by peer address, so it refuses a second allocation binding the same peer);
 # the forwarder, which has no allocations, echoes through one peer.
@@ -20,6 +22,7 @@
 # script started are stopped. Results: bench/out/dataplane-<time>/.
 #
 # env: ALLOCS (32) INFLIGHT (8) SIZE (100) SECS (10) VIDEO_ALLOCS (32) ROUNDS (1)
+#      LOADS ("closed video video-gso")
 #      SERVERS ("forwarder tern coturn-deb coturn-src coturn-src-fast")
 #      ONECORE (0) ONECORE_SECS (4) PROFILE (0) FLAME_DIR (bench/docs/flame)
 #      TERN_BIN (a tern binary instead of building one)
@@ -47,6 +50,7 @@ ONECORE=${ONECORE:-0}
 ONECORE_SECS=${ONECORE_SECS:-4}
 PROFILE=${PROFILE:-0}
 NICE=${NICE:-0}
+LOADS=${LOADS:-closed video video-gso}
 if [ "$NICE" != 0 ] && [ -w /proc/self/autogroup ]; then
     echo "$NICE" >/proc/self/autogroup
 fi
@@ -179,6 +183,7 @@ load_args() {
     case $1 in
     closed) echo "--allocations $ALLOCS --inflight $INFLIGHT --size $SIZE --duration $SECS --packets 100000000 --distinct-peers" ;;
     video) echo "--allocations $VIDEO_ALLOCS --video --size 1200 --duration $SECS --packets 100000000 --distinct-peers" ;;
+    video-gso) echo "$(load_args video) --gso" ;;
     esac
 }
 
@@ -203,7 +208,7 @@ profile_stop() { # load
 
 port_base=$((30000 + RANDOM % 8000))
 for round in $(seq 1 "$ROUNDS"); do
-    for load in closed video; do
+    for load in $LOADS; do
         for server in $SERVERS; do
             port=$(free_port)
             peer_port=$(free_port)

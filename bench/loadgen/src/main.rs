@@ -32,6 +32,7 @@ const USAGE: &str = "usage: tern-loadgen --server IP:PORT (--secret S | --secret
   [--local-ip IP (client sockets; default the loopback of the server's family)]
   [--peer-netns NAME (the echo peer's socket is made in network namespace NAME)]
   [--inflight K (closed loop)] [--video] [--bare --peer-port P] [--distinct-peers]
+  [--gso (video bursts and echoes as UDP GSO messages, as a GSO-capable sender would)]
 or:    tern-loadgen forward --listen IP:PORT --peer IP:PORT [--threads 2] [--gso 1]
   [--max-secs 3600] [--buffers 4194304]";
 
@@ -56,6 +57,8 @@ struct Args {
     peer_port: u16,
     /// One echo peer per allocation instead of one shared.
     distinct_peers: bool,
+    /// Video bursts and peer echoes leave as UDP GSO messages (one per burst).
+    gso: bool,
     local_ip: Option<IpAddr>,
     peer_netns: Option<String>,
 }
@@ -81,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
         bare: false,
         peer_port: 0,
         distinct_peers: false,
+        gso: false,
         local_ip: None,
         peer_netns: None,
     };
@@ -99,6 +103,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--distinct-peers" => {
                 a.distinct_peers = true;
+                continue;
+            }
+            "--gso" => {
+                a.gso = true;
                 continue;
             }
             _ => {}
@@ -252,11 +260,12 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
         .collect::<io::Result<Vec<_>>>()?;
     let echo = {
         let c = Arc::clone(&counters);
+        let gso = a.gso;
         std::thread::spawn(move || {
             if peers.len() == 1 {
                 echo_loop(&peers[0], &c)
             } else {
-                echo_many(&peers, &c)
+                echo_many(&peers, &c, gso)
             }
         })
     };
@@ -542,7 +551,12 @@ fn video_loop(a: &Args, fds: &[i32], start: Instant, c: &Counters) -> f64 {
                 start.elapsed().as_nanos() as u64,
                 &mut seq,
             );
-            match mmsg::send_connected(fd, &mut buf, plen, n) {
+            let r = if a.gso {
+                mmsg::send_connected_gso(fd, &mut buf, plen, n)
+            } else {
+                mmsg::send_connected(fd, &mut buf, plen, n)
+            };
+            match r {
                 Ok(k) => {
                     sent += k as u64;
                     if k < n {
@@ -739,7 +753,7 @@ fn receive_loop(fds: &[i32], plen: usize, start: Instant, c: &Counters) {
 }
 
 /// Several echo peers on one thread: each readable socket's batches back out.
-fn echo_many(socks: &[UdpSocket], c: &Counters) {
+fn echo_many(socks: &[UdpSocket], c: &Counters, gso: bool) {
     let mut batch = mmsg::RecvBatch::new();
     let fds: Vec<i32> = socks.iter().map(|s| s.as_raw_fd()).collect();
     while !c.receiving_done.load(Ordering::Acquire) {
@@ -748,7 +762,12 @@ fn echo_many(socks: &[UdpSocket], c: &Counters) {
             while let Ok(n) = batch.recv(fd, false) {
                 got += n;
                 c.peer_received.fetch_add(n as u64, Ordering::Relaxed);
-                if let Ok(k) = batch.echo(fd, n) {
+                let echoed = if gso {
+                    batch.echo_gso(fd, n)
+                } else {
+                    batch.echo(fd, n)
+                };
+                if let Ok(k) = echoed {
                     c.peer_sent.fetch_add(k as u64, Ordering::Relaxed);
                 }
                 if n < mmsg::MAX_BATCH {
