@@ -5,6 +5,8 @@
 # logic) under the same loads, in one run, servers interleaved:
 #   closed  closed loop, ALLOCS allocations x INFLIGHT packets in flight, SIZE-byte payloads
 #   video   per allocation bursts of 20-40 packets of 1200 bytes at 30 bursts/s, echoed back
+#   video-gso  the same, each burst and each echo sent as one UDP GSO message (a GSO-capable
+#           sender such as a QUIC stack): a server with UDP GRO receives a burst as one buffer
 # Every allocation has its own echo peer (coturn --multiplex-peer demultiplexes its shared
 # relay socket by peer address, so it refuses a second allocation binding the same peer);
 # the forwarder, which has no allocations, echoes through one peer.
@@ -20,11 +22,21 @@
 # script started are stopped. Results: bench/out/dataplane-<time>/.
 #
 # env: ALLOCS (32) INFLIGHT (8) SIZE (100) SECS (10) VIDEO_ALLOCS (32) ROUNDS (1)
+#      LOADS ("closed video video-gso")
 #      SERVERS ("forwarder tern coturn-deb coturn-src coturn-src-fast")
 #      ONECORE (0) ONECORE_SECS (4) PROFILE (0) FLAME_DIR (bench/docs/flame)
 #      TERN_BIN (a tern binary instead of building one)
 #      TERN_BASE_BIN (another tern binary, e.g. before a change: adds server "tern-base")
+#      NICE (0; e.g. -10: the run's scheduler autogroup gets that niceness, so a busy shared
+#      box's other work takes less of its CPU. It starves every other session: never while
+#      anything else on the box measures (a soak beside a NICE=-10 run lost packets))
+# The run is its own session (setsid), so with kernel.sched_autogroup_enabled it is its own
+# CFS group: its CPU share does not depend on what else runs in the caller's session (a
+# build beside it took most of the share of earlier runs).
 set -euo pipefail
+if [ -z "${DATAPLANE_SESSION:-}" ] && command -v setsid >/dev/null; then
+    DATAPLANE_SESSION=1 exec setsid -w "$0" "$@"
+fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 ALLOCS=${ALLOCS:-32}
@@ -37,6 +49,11 @@ SERVERS=${SERVERS:-forwarder tern coturn-deb coturn-src coturn-src-fast}
 ONECORE=${ONECORE:-0}
 ONECORE_SECS=${ONECORE_SECS:-4}
 PROFILE=${PROFILE:-0}
+NICE=${NICE:-0}
+LOADS=${LOADS:-closed video video-gso}
+if [ "$NICE" != 0 ] && [ -w /proc/self/autogroup ]; then
+    echo "$NICE" >/proc/self/autogroup
+fi
 FLAME_DIR=${FLAME_DIR:-$ROOT/bench/docs/flame}
 RELAY_PORTS=2000
 
@@ -96,12 +113,14 @@ wait_ready() { # port pid name
 # start_server NAME PORT MIN_PORT PEER_PORT [PIN] -> SERVER_PID
 start_server() {
     local name=$1 port=$2 min=$3 peer_port=$4 pin=${5:-}
-    local max=$((min + RELAY_PORTS - 1)) pre=()
-    [ -n "$pin" ] && pre=(taskset -c "$pin")
+    local max=$((min + RELAY_PORTS - 1)) pre=() threads=2
+    # Pinned to one core, every server runs one data-path thread (coturn would otherwise
+    # start one relay thread per online CPU whatever its affinity, the forwarder two).
+    [ -n "$pin" ] && pre=(taskset -c "$pin") threads=1
     case $name in
     forwarder)
         "${pre[@]}" "$LOADGEN" forward --listen "127.0.0.1:$port" --peer "127.0.0.1:$peer_port" \
-            --max-secs 900 >"$OUT/forwarder.log" 2>&1 &
+            --threads "$threads" --max-secs 900 >"$OUT/forwarder.log" 2>&1 &
         ;;
     tern | tern-base)
         local tbin=$TERN
@@ -116,6 +135,7 @@ start_server() {
             --set turn.unauth_rate_per_sec=1000000 --set turn.unauth_burst=1000000 \
             --set turn.socket_buffer_bytes=4194304 \
             --set api.enabled=false --set metrics.enabled=false --set log.level=warn \
+            --set "turn.workers=$threads" \
             >"$OUT/$name.log" 2>&1 &
         ;;
     coturn-deb | coturn-src | coturn-src-fast)
@@ -124,6 +144,7 @@ start_server() {
         if [ "$name" = coturn-src-fast ]; then
             extra=(--multiplex-peer --udp-gso --multiplex-peer-port "$(free_port)")
         fi
+        extra+=(--relay-threads "$threads")
         "${pre[@]}" "$bin" -c "$OUT/empty.conf" --no-cli --allow-loopback-peers \
             --use-auth-secret --static-auth-secret="$SECRET" --realm tern \
             --listening-ip 127.0.0.1 --listening-port "$port" --relay-ip 127.0.0.1 \
@@ -152,13 +173,17 @@ loadgen() {
 
 json() { grep -o "\"$1\":[0-9.]*" <<<"$2" | cut -d: -f2; }
 
-printf 'round\tserver\tload\trelayed_pps\tloss_pct\tcpu_us_per_pkt\trelayed_packets\tcpu_s\tavg_rtt_us\n' >"$OUT/results.tsv"
+# server_cores: the server's CPU seconds over the load's seconds; client_cpu_s: the load
+# generator's (near one core per busy thread: the clients set the pace, not the server);
+# loadavg: the box's 1-minute load average after the load (other work on a shared box).
+printf 'round\tserver\tload\trelayed_pps\tloss_pct\tcpu_us_per_pkt\trelayed_packets\tcpu_s\tavg_rtt_us\tserver_cores\tclient_cpu_s\tloadavg\n' >"$OUT/results.tsv"
 
 # The loads, by name.
 load_args() {
     case $1 in
     closed) echo "--allocations $ALLOCS --inflight $INFLIGHT --size $SIZE --duration $SECS --packets 100000000 --distinct-peers" ;;
     video) echo "--allocations $VIDEO_ALLOCS --video --size 1200 --duration $SECS --packets 100000000 --distinct-peers" ;;
+    video-gso) echo "$(load_args video) --gso" ;;
     esac
 }
 
@@ -183,7 +208,7 @@ profile_stop() { # load
 
 port_base=$((30000 + RANDOM % 8000))
 for round in $(seq 1 "$ROUNDS"); do
-    for load in closed video; do
+    for load in $LOADS; do
         for server in $SERVERS; do
             port=$(free_port)
             peer_port=$(free_port)
@@ -205,8 +230,9 @@ for round in $(seq 1 "$ROUNDS"); do
             secs=$(json duration_s "$j")
             awk -v r="$round" -v s="$server" -v l="$load" -v n="$relayed" -v d="$secs" \
                 -v loss="$(json loss_pct "$j")" -v t=$((c1 - c0)) -v hz="$TICKS" -v rtt="$(json avg_rtt_us "$j")" \
-                'BEGIN { printf "%s\t%s\t%s\t%.0f\t%s\t%.3f\t%s\t%.2f\t%s\n", r, s, l, n / d, loss, (n > 0 ? t / hz / n * 1e6 : 0), n, t / hz, rtt }' \
-                | tee -a "$OUT/results.tsv" | awk -F'\t' '{ printf "    %-16s %-7s %9s pkt/s  loss %5s%%  %6s us CPU/pkt  rtt %s us\n", $2, $3, $4, $5, $6, $9 }'
+                -v ccpu="$(json client_cpu_s "$j")" -v la="$(cut -d' ' -f1 /proc/loadavg)" \
+                'BEGIN { printf "%s\t%s\t%s\t%.0f\t%s\t%.3f\t%s\t%.2f\t%s\t%.2f\t%s\t%s\n", r, s, l, n / d, loss, (n > 0 ? t / hz / n * 1e6 : 0), n, t / hz, rtt, t / hz / d, ccpu, la }' \
+                | tee -a "$OUT/results.tsv" | awk -F'\t' '{ printf "    %-16s %-7s %9s pkt/s  loss %5s%%  %6s us CPU/pkt  rtt %s us  server %s cores  client %s s  load %s\n", $2, $3, $4, $5, $6, $9, $10, $11, $12 }'
         done
     done
 done
@@ -263,7 +289,7 @@ NR == 1 { next }
   if (!($3 in seen_l)) { seen_l[$3] = 1; lds[++nl] = $3 } }
 function med(a, k, m,   i, j, t, v) { for (i = 1; i <= m; i++) v[i] = a[k, i]
   for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
-  return v[int((m + 1) / 2)] }
+  return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2 }
 END {
   for (l = 1; l <= nl; l++) {
     ld = lds[l]

@@ -3,7 +3,9 @@
 //! with a per-user cap (`turn.user_max_bytes_per_sec`, shared atomics), counted with a
 //! global counting allocator in this test binary while the real workers and TURN core relay. Bursts of
 //! same-size datagrams take the UDP GSO send path (`src/net/gso.rs`: one message per run to
-//! one destination) both ways, and are counted the same way.
+//! one destination) both ways, and are counted the same way. Bursts sent as one UDP GSO
+//! message reach the worker's GRO-enabled sockets as one buffer (`src/net/mmsg.rs` splits
+//! it: in place on the listener, copied out with headroom on the relay socket), counted too.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
@@ -106,6 +108,7 @@ fn relay_paths_do_not_allocate() {
     // A cap far above what the test sends: every packet passes through the shared cells.
     udp_relay_path_does_not_allocate(Some(1 << 30));
     udp_burst_relay_path_does_not_allocate();
+    udp_gro_relay_path_does_not_allocate();
     tcp_relay_path_does_not_allocate();
 }
 
@@ -194,6 +197,111 @@ fn udp_burst_relay_path_does_not_allocate() {
         allocations, 0,
         "allocations while relaying 4800 UDP packets in bursts"
     );
+    svc.shutdown();
+}
+
+/// Sends `count` datagrams of `seg` bytes (back to back in `data`) to `to` as one UDP GSO
+/// message (`UDP_SEGMENT`), so a GRO receiver gets them as one buffer. Allocation-free.
+fn send_gso(sock: &UdpSocket, data: &[u8], seg: usize, to: SocketAddr) {
+    use std::os::fd::AsRawFd;
+    const UDP_SEGMENT: libc::c_int = 103;
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_port = to.port().to_be();
+    sin.sin_addr.s_addr = u32::from_ne_bytes(to.ip().octets());
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    #[repr(C, align(8))]
+    struct Ctrl([u8; 32]);
+    let mut ctrl = Ctrl([0; 32]);
+    // SAFETY: a msghdr whose pointers all point at locals that outlive the call.
+    let r = unsafe {
+        let mut h: libc::msghdr = std::mem::zeroed();
+        h.msg_name = (&mut sin as *mut libc::sockaddr_in).cast();
+        h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_iov = &mut iov;
+        h.msg_iovlen = 1;
+        h.msg_control = ctrl.0.as_mut_ptr().cast();
+        h.msg_controllen = libc::CMSG_SPACE(2) as _;
+        let c = libc::CMSG_FIRSTHDR(&h);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+        libc::sendmsg(sock.as_raw_fd(), &h, 0)
+    };
+    assert_eq!(r, data.len() as isize, "GSO send");
+}
+
+/// `n` bursts of GRO_BURST ChannelData frames sent as one GSO message by the client, and
+/// echoed as one GSO message of payloads by the peer: the worker receives each burst as one
+/// GRO buffer. Every datagram must arrive whole, in order per direction.
+fn udp_gro_bursts(
+    client: &UdpSocket,
+    server: SocketAddr,
+    peer: &UdpSocket,
+    n: usize,
+    buf: &mut [u8; 2048],
+) {
+    const GRO_BURST: usize = 24;
+    let mut frames = [0u8; GRO_BURST * (4 + PAYLOAD)];
+    let mut payloads = [0u8; GRO_BURST * PAYLOAD];
+    for (i, f) in frames.chunks_mut(4 + PAYLOAD).enumerate() {
+        f.copy_from_slice(&channel_data());
+        f[4] = i as u8;
+    }
+    for (i, p) in payloads.chunks_mut(PAYLOAD).enumerate() {
+        p.fill(0x5a);
+        p[0] = i as u8;
+    }
+    for _ in 0..n {
+        send_gso(client, &frames, 4 + PAYLOAD, server);
+        let mut relay = server;
+        for i in 0..GRO_BURST {
+            let (len, from) = peer.recv_from(buf).unwrap();
+            assert_eq!(
+                (len, buf[0]),
+                (PAYLOAD, i as u8),
+                "peer got datagram {i} whole"
+            );
+            relay = from;
+        }
+        send_gso(peer, &payloads, PAYLOAD, relay);
+        for i in 0..GRO_BURST {
+            let (len, _) = client.recv_from(buf).unwrap();
+            assert_eq!(
+                (len, buf[4]),
+                (4 + PAYLOAD, i as u8),
+                "client got frame {i} whole"
+            );
+            assert_eq!(buf[..2], CHANNEL.to_be_bytes());
+        }
+    }
+}
+
+fn udp_gro_relay_path_does_not_allocate() {
+    let (svc, server, client, peer) = udp_setup(None);
+    let mut buf = [0u8; 2048];
+    udp_gro_bursts(&client, server, &peer, 20, &mut buf);
+
+    let (before, split_before) = (
+        ALLOCATIONS.load(Ordering::SeqCst),
+        tern::net::gro_buffers_split(),
+    );
+    udp_gro_bursts(&client, server, &peer, 100, &mut buf);
+    let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
+    let split = tern::net::gro_buffers_split() - split_before;
+    assert_eq!(
+        allocations, 0,
+        "allocations while relaying 4800 UDP packets as GRO buffers"
+    );
+    // Both directions arrive as GRO buffers (one per burst unless the kernel cut one).
+    assert!(split >= 100, "GRO buffers split: {split}");
     svc.shutdown();
 }
 

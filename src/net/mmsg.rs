@@ -2,12 +2,29 @@
 //! reused forever: the relayed-packet path makes no heap allocation here. Packet-info
 //! control messages carry the local address of wildcard listeners both ways, so a reply
 //! leaves from the address the client reached on a multi-homed host.
+//!
+//! UDP GRO (`UDP_GRO`, Linux 5.0+, enabled by `socket::enable_gro`): the kernel may hand
+//! over several datagrams of one flow as one buffer with their segment size in a control
+//! message. [`RecvBatch::recv`] splits such a buffer back into datagrams, so callers see one
+//! datagram per index as without GRO: in place when no headroom is asked for, otherwise each
+//! further segment is copied into a spill area with its own headroom and tail room (a copy
+//! of the payload costs far less than the per-datagram trip through the stack GRO saves).
 
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// GRO buffers split by [`RecvBatch::recv`] in this process (a diagnostic: shows that the
+/// GRO receive path ran, e.g. in the allocation-counting test).
+static GRO_SPLIT: AtomicU64 = AtomicU64::new(0);
+
+/// How many GRO buffers of several datagrams this process has received and split.
+pub fn gro_buffers_split() -> u64 {
+    GRO_SPLIT.load(Ordering::Relaxed)
+}
 
 /// Writes `addr` into `storage` as a `sockaddr_in`/`sockaddr_in6`; returns its length.
 pub fn write_sockaddr(addr: SocketAddr, storage: &mut libc::sockaddr_storage) -> libc::socklen_t {
@@ -63,26 +80,35 @@ pub fn read_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// Control-message room per datagram: one IPv4 or IPv6 packet-info message, plus (in
-/// `gso::GsoBatch`) a UDP_SEGMENT size after it.
+/// Control-message room per datagram: one IPv4 or IPv6 packet-info message, plus a
+/// UDP_SEGMENT size after it (in `gso::GsoBatch`) or a UDP_GRO size (received).
 const CTRL_LEN: usize = 64;
+/// linux/udp.h: the GRO segment size control message (not in every libc target).
+pub(super) const UDP_GRO: libc::c_int = 104;
+/// Datagrams the kernel coalesces into one GRO buffer at most (UDP_GRO_CNT_MAX).
+const MAX_GRO_SEGS: usize = 64;
+/// Headroom plus tail room a split GRO segment can get in the spill area; a larger request
+/// drops the further segments of a coalesced buffer (counted as truncated).
+const MAX_SPILL_ROOM: usize = 64;
 
 /// A control-message buffer, aligned for `cmsghdr`.
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub(super) struct Ctrl(pub(super) [u8; CTRL_LEN]);
 
-/// The destination address of a received datagram, from its IP_PKTINFO / IPV6_PKTINFO
-/// control message (present only on sockets where packet info was enabled).
+/// What the control messages of a received datagram say: its destination address, from
+/// IP_PKTINFO / IPV6_PKTINFO (present only on sockets where packet info was enabled), and
+/// the segment size when it is a GRO buffer of several datagrams (UDP_GRO).
 ///
 /// # Safety
 /// `hdr` must be a msghdr the kernel just filled, its control buffer still alive.
 // msg_controllen is size_t on glibc but socklen_t on musl.
 #[allow(clippy::unnecessary_cast)]
-unsafe fn read_pktinfo(hdr: &libc::msghdr) -> Option<IpAddr> {
+unsafe fn read_cmsgs(hdr: &libc::msghdr) -> (Option<IpAddr>, usize) {
+    let (mut dst, mut gro) = (None, 0);
     if hdr.msg_control.is_null() || (hdr.msg_controllen as usize) < mem::size_of::<libc::cmsghdr>()
     {
-        return None;
+        return (dst, gro);
     }
     // SAFETY: the control buffer holds `msg_controllen` bytes of cmsgs written by the kernel.
     unsafe {
@@ -91,18 +117,20 @@ unsafe fn read_pktinfo(hdr: &libc::msghdr) -> Option<IpAddr> {
             let (level, ty) = ((*c).cmsg_level, (*c).cmsg_type);
             if level == libc::IPPROTO_IP && ty == libc::IP_PKTINFO {
                 let info: libc::in_pktinfo = ptr::read_unaligned(libc::CMSG_DATA(c).cast());
-                return Some(IpAddr::V4(Ipv4Addr::from(
+                dst = Some(IpAddr::V4(Ipv4Addr::from(
                     info.ipi_addr.s_addr.to_ne_bytes(),
                 )));
-            }
-            if level == libc::IPPROTO_IPV6 && ty == libc::IPV6_PKTINFO {
+            } else if level == libc::IPPROTO_IPV6 && ty == libc::IPV6_PKTINFO {
                 let info: libc::in6_pktinfo = ptr::read_unaligned(libc::CMSG_DATA(c).cast());
-                return Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                dst = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+            } else if level == libc::SOL_UDP && ty == UDP_GRO {
+                let size: libc::c_int = ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                gro = usize::try_from(size).unwrap_or(0);
             }
             c = libc::CMSG_NXTHDR(hdr, c);
         }
     }
-    None
+    (dst, gro)
 }
 
 /// Writes a packet-info control message asking the kernel to send from `src`; returns the
@@ -180,24 +208,37 @@ pub struct Received {
 ///
 /// Each datagram lands at a caller-chosen offset in its slot, so a header can later be
 /// written in place before the payload (ChannelData, Data indication: RFC 8656 §11.6, §12.5)
-/// and `tail` bytes stay free after it (ChannelData padding over TCP).
+/// and `tail` bytes stay free after it (ChannelData padding over TCP). A GRO buffer is
+/// split into its datagrams (module header): indexes count datagrams, not buffers.
 pub struct RecvBatch {
+    /// The slots, then the spill area for the further segments of GRO buffers.
     buf: Box<[u8]>,
+    slots: usize,
     slot_size: usize,
     data_at: usize,
     iov: Box<[libc::iovec]>,
     addrs: Box<[libc::sockaddr_storage]>,
     ctrl: Box<[Ctrl]>,
     hdrs: Box<[libc::mmsghdr]>,
+    /// Per datagram of the last `recv` (up to `slots * MAX_GRO_SEGS` of them).
     received: Box<[Received]>,
+    /// Per datagram: the region of `buf` that is its slot (payload at `data_at`).
+    region: Box<[(usize, usize)]>,
+    /// GRO buffers this batch split (tests look at it).
+    msgs_split: u64,
 }
 
 impl RecvBatch {
     pub fn new(slots: usize, slot_size: usize) -> RecvBatch {
         assert!(slots > 0 && slot_size > 0);
         let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        // Every payload byte of a batch may need a spill copy, each with its own room. The
+        // area is only touched when GRO buffers arrive (zeroed pages stay unmapped).
+        let spill = slots * slot_size + slots * MAX_GRO_SEGS * (MAX_SPILL_ROOM + 8);
+        let entries = slots * MAX_GRO_SEGS;
         RecvBatch {
-            buf: vec![0u8; slots * slot_size].into_boxed_slice(),
+            buf: vec![0u8; slots * slot_size + spill].into_boxed_slice(),
+            slots,
             slot_size,
             data_at: 0,
             iov: vec![
@@ -218,15 +259,18 @@ impl RecvBatch {
                     truncated: false,
                     dst: None,
                 };
-                slots
+                entries
             ]
             .into_boxed_slice(),
+            region: vec![(0, 0); entries].into_boxed_slice(),
+            msgs_split: 0,
         }
     }
 
     /// Receives up to one batch from the non-blocking socket `fd`, each datagram placed at
     /// `data_at` in its slot with `tail` bytes kept free after the largest accepted payload.
-    /// Returns how many arrived; `WouldBlock` when none were waiting.
+    /// Returns how many datagrams arrived (a GRO buffer counts as its datagrams);
+    /// `WouldBlock` when none were waiting.
     pub fn recv(&mut self, fd: RawFd, data_at: usize, tail: usize) -> io::Result<usize> {
         assert!(data_at + tail < self.slot_size);
         self.data_at = data_at;
@@ -265,27 +309,73 @@ impl RecvBatch {
                 return Err(e);
             }
         };
+        let mut count = 0;
+        let mut spill = self.slots * self.slot_size;
         for i in 0..n {
             let h = &self.hdrs[i];
-            // Slots keep their index so `slot_mut(i)` matches; an unknown address family is
-            // marked truncated so the caller drops it.
-            self.received[i] = match read_sockaddr(&self.addrs[i]) {
-                Some(from) => Received {
-                    from,
-                    len: h.msg_len as usize,
-                    truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
-                    // SAFETY: the kernel just filled this header and its control buffer.
-                    dst: unsafe { read_pktinfo(&h.msg_hdr) },
-                },
-                None => Received {
+            let slot = (i * self.slot_size, (i + 1) * self.slot_size);
+            let Some(from) = read_sockaddr(&self.addrs[i]) else {
+                // An unknown address family is marked truncated so the caller drops it.
+                self.received[count] = Received {
                     from: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
                     len: 0,
                     truncated: true,
                     dst: None,
-                },
+                };
+                self.region[count] = slot;
+                count += 1;
+                continue;
             };
+            let len = h.msg_len as usize;
+            let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            // SAFETY: the kernel just filled this header and its control buffer.
+            let (dst, gro) = unsafe { read_cmsgs(&h.msg_hdr) };
+            let first = if gro > 0 && !truncated {
+                gro.min(len)
+            } else {
+                len
+            };
+            self.received[count] = Received {
+                from,
+                len: first,
+                truncated,
+                dst,
+            };
+            self.region[count] = slot;
+            count += 1;
+            if first == len {
+                continue;
+            }
+            // A GRO buffer: segments of `gro` bytes (the last may be shorter) after the
+            // first, which stays where it is.
+            GRO_SPLIT.fetch_add(1, Ordering::Relaxed);
+            self.msgs_split += 1;
+            let in_place = data_at == 0 && tail == 0;
+            let mut at = slot.0 + data_at + first;
+            while at < slot.0 + data_at + len && count < self.received.len() {
+                let seg = gro.min(slot.0 + data_at + len - at);
+                let need = (data_at + seg + tail).next_multiple_of(8);
+                let region = if in_place {
+                    Some((at, at + seg))
+                } else if data_at + tail <= MAX_SPILL_ROOM && spill + need <= self.buf.len() {
+                    self.buf.copy_within(at..at + seg, spill + data_at);
+                    spill += need;
+                    Some((spill - need, spill - need + data_at + seg + tail))
+                } else {
+                    None
+                };
+                self.received[count] = Received {
+                    from,
+                    len: seg,
+                    truncated: region.is_none(),
+                    dst,
+                };
+                self.region[count] = region.unwrap_or(slot);
+                count += 1;
+                at += seg;
+            }
         }
-        Ok(n)
+        Ok(count)
     }
 
     /// Metadata of datagram `i` of the last `recv`.
@@ -300,14 +390,15 @@ impl RecvBatch {
 
     /// Payload of datagram `i`.
     pub fn payload(&self, i: usize) -> &[u8] {
-        let start = i * self.slot_size + self.data_at;
+        let start = self.region[i].0 + self.data_at;
         &self.buf[start..start + self.received[i].len]
     }
 
-    /// The whole slot of datagram `i` (payload at [`Self::data_at`]), for in-place framing.
+    /// The whole slot of datagram `i` (payload at [`Self::data_at`], the requested tail
+    /// room after it), for in-place framing.
     pub fn slot_mut(&mut self, i: usize) -> &mut [u8] {
-        let start = i * self.slot_size;
-        &mut self.buf[start..start + self.slot_size]
+        let (start, end) = self.region[i];
+        &mut self.buf[start..end]
     }
 }
 
@@ -496,6 +587,93 @@ mod tests {
             }
         }
         assert_eq!(got, payloads);
+    }
+
+    /// `count` datagrams of `len` bytes (first byte: the index) sent to `to` as one GSO
+    /// message, so a GRO receiver gets them as one buffer.
+    fn gso_burst(to: SocketAddr, count: usize, len: usize) -> Vec<Vec<u8>> {
+        let data: Vec<Vec<u8>> = (0..count)
+            .map(|i| {
+                let mut d = vec![0x40 + i as u8; len];
+                d[0] = i as u8;
+                d
+            })
+            .collect();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut b = crate::net::gso::GsoBatch::new(count);
+        for d in &data {
+            // SAFETY: `data` outlives the flush.
+            assert!(unsafe { b.push(d, to, None) });
+        }
+        assert_eq!(b.flush(tx.as_raw_fd()).sent, count);
+        data
+    }
+
+    /// Receives until `want` datagrams arrived (or 5 s passed): their payloads, each also
+    /// checked to sit at the headroom offset of its slot with `tail` bytes after it.
+    fn recv_datagrams(
+        rb: &mut RecvBatch,
+        rx: &UdpSocket,
+        want: usize,
+        at: usize,
+        tail: usize,
+    ) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < want && std::time::Instant::now() < deadline {
+            match rb.recv(rx.as_raw_fd(), at, tail) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let r = rb.received(i);
+                        assert!(!r.truncated);
+                        let p = rb.payload(i).to_vec();
+                        let slot = rb.slot_mut(i);
+                        assert!(slot.len() >= at + r.len + tail, "room after datagram {i}");
+                        assert_eq!(&slot[at..at + r.len], &p[..]);
+                        got.push(p);
+                    }
+                    // Framing in place (headroom before, tail after each payload) must not
+                    // touch another datagram of the same GRO buffer.
+                    if at > 0 || tail > 0 {
+                        let before: Vec<Vec<u8>> = (0..n).map(|i| rb.payload(i).to_vec()).collect();
+                        for i in 0..n {
+                            let len = rb.received(i).len;
+                            let slot = rb.slot_mut(i);
+                            slot[..at].fill(0xEE);
+                            slot[at + len..at + len + tail].fill(0xEE);
+                        }
+                        for (i, b) in before.iter().enumerate() {
+                            assert_eq!(rb.payload(i), &b[..], "datagram {i} intact");
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_gro_buffer_is_split_into_its_datagrams_in_place_and_with_headroom() {
+        // A relay socket has UDP_GRO on.
+        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut rb = RecvBatch::new(4, 48 + 65536 + 16);
+
+        // No headroom (a listener): the datagrams are used where they landed.
+        let sent = gso_burst(to, 20, 100);
+        assert_eq!(recv_datagrams(&mut rb, &rx, 20, 0, 0), sent);
+        assert!(rb.msgs_split > 0, "the kernel coalesced the burst");
+
+        // Headroom and tail room (a relay socket): the further datagrams are copied out.
+        let split = rb.msgs_split;
+        let mut sent = gso_burst(to, 40, 1200);
+        sent.extend(gso_burst(to, 3, 7));
+        assert_eq!(recv_datagrams(&mut rb, &rx, 43, 48, 16), sent);
+        assert!(rb.msgs_split > split, "the kernel coalesced the bursts");
     }
 
     #[test]

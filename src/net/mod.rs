@@ -26,6 +26,7 @@ use crate::config::{Config, TlsConfig, TurnConfig};
 use crate::tls::TlsContext;
 use crate::turn::RelayAddr;
 
+pub use mmsg::gro_buffers_split;
 pub use stats::{NetStats, PortUse, TurnStatsSource, WorkerStats};
 
 /// Errors starting the network service.

@@ -91,6 +91,24 @@ fn enable_pktinfo(s: &Socket, v6: bool) -> io::Result<()> {
     }
 }
 
+/// Lets the kernel coalesce consecutive datagrams of one flow into one GRO buffer
+/// (`UDP_GRO`, Linux 5.0+; `mmsg::RecvBatch` splits it again): one trip through the stack
+/// for a burst instead of one per datagram. Best effort: an older kernel keeps the socket
+/// as it was.
+fn enable_gro(s: &Socket) {
+    let one: libc::c_int = 1;
+    // SAFETY: a live socket and a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_UDP,
+            super::mmsg::UDP_GRO,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// A UDP listener socket that other workers can bind too (SO_REUSEPORT: the kernel hashes
 /// each client's 4-tuple to one of them). Wildcard listeners report packet info.
 pub fn udp_listener(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::net::UdpSocket> {
@@ -99,6 +117,7 @@ pub fn udp_listener(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::ne
     if addr.ip().is_unspecified() {
         enable_pktinfo(&s, addr.is_ipv6())?;
     }
+    enable_gro(&s);
     set_buffers(&s, buffer_bytes);
     s.bind(&SockAddr::from(addr))?;
     Ok(s.into())
@@ -119,6 +138,7 @@ pub fn tcp_listener(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::ne
 /// allocation, RFC 8656 §7.2).
 pub fn relay_socket(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::net::UdpSocket> {
     let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
+    enable_gro(&s);
     set_buffers(&s, buffer_bytes);
     s.bind(&SockAddr::from(addr))?;
     Ok(s.into())

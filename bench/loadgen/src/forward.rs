@@ -2,11 +2,14 @@
 //! Tern uses (recvmmsg/sendmmsg on epoll, UDP GSO where a batch holds a run of equal-size
 //! datagrams to one destination), without any TURN logic: no authentication, permissions,
 //! quotas or counters. Clients send ChannelData to `--listen`; the first datagram from a
-//! client gives it a relay socket connected to `--peer`; the 4-byte header is stripped
-//! toward the peer and written back in front of the peer's datagrams toward the client.
+//! client gives it a relay socket connected to `--peer`, or to the peer a [`BIND`] datagram
+//! names (the load generator's `--distinct-peers`: one echo peer per client, like one per
+//! TURN allocation); the 4-byte header is stripped toward the peer and written back in
+//! front of the peer's datagrams toward the client.
 //!
 //! Bounded: it exits after `--max-secs` (the bench script also stops it by PID).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -24,6 +27,9 @@ const MAX_SEGS: usize = 64;
 const MAX_GSO_BYTES: usize = 65000;
 /// linux/udp.h: the GSO segment size cmsg (not in every libc target).
 const UDP_SEGMENT: libc::c_int = 103;
+/// A client's first datagram `BIND` + "IP:PORT" gives it a relay socket connected to that
+/// peer instead of `--peer`; answered by the same datagram (the client waits for it).
+pub const BIND: &[u8; 8] = b"TRNBIND:";
 
 pub struct FwdArgs {
     pub listen: SocketAddr,
@@ -240,6 +246,23 @@ fn send_run(fd: RawFd, dest: Option<&libc::sockaddr_storage>, iovs: &mut [libc::
     }
 }
 
+/// A relay socket for the client at `client`, connected to `to`; returns its index.
+fn open_relay(
+    relays: &mut Vec<Relay>,
+    add: &impl Fn(RawFd, u64),
+    to: SocketAddr,
+    client: libc::sockaddr_storage,
+    buffers: usize,
+) -> io::Result<usize> {
+    let s = UdpSocket::bind((to.ip(), 0))?;
+    s.connect(to)?;
+    s.set_nonblocking(true)?;
+    mmsg::set_buffers(s.as_raw_fd(), buffers);
+    add(s.as_raw_fd(), relays.len() as u64 + 1);
+    relays.push(Relay { sock: s, client });
+    Ok(relays.len() - 1)
+}
+
 fn worker(
     listen: UdpSocket,
     peer: SocketAddr,
@@ -288,20 +311,27 @@ fn worker(
                     let mut i = 0;
                     while i < got {
                         let k = key(&b.addrs[i]);
+                        let bind = b.data[i][..b.lens[i]]
+                            .strip_prefix(&BIND[..])
+                            .and_then(|a| std::str::from_utf8(a).ok()?.parse::<SocketAddr>().ok());
+                        if let Some(to) = bind {
+                            if let Entry::Vacant(e) = by_client.entry(k) {
+                                e.insert(open_relay(&mut relays, &add, to, b.addrs[i], buffers)?);
+                            }
+                            let mut ack = [libc::iovec {
+                                iov_base: b.data[i].as_mut_ptr().cast(),
+                                iov_len: b.lens[i],
+                            }];
+                            send_run(lfd, Some(&b.addrs[i]), &mut ack, false);
+                            i += 1;
+                            continue;
+                        }
                         let ri = match by_client.get(&k) {
                             Some(&ri) => ri,
                             None => {
-                                let s = UdpSocket::bind((peer.ip(), 0))?;
-                                s.connect(peer)?;
-                                s.set_nonblocking(true)?;
-                                mmsg::set_buffers(s.as_raw_fd(), buffers);
-                                add(s.as_raw_fd(), relays.len() as u64 + 1);
-                                relays.push(Relay {
-                                    sock: s,
-                                    client: b.addrs[i],
-                                });
-                                by_client.insert(k, relays.len() - 1);
-                                relays.len() - 1
+                                let ri = open_relay(&mut relays, &add, peer, b.addrs[i], buffers)?;
+                                by_client.insert(k, ri);
+                                ri
                             }
                         };
                         let mut j = i;

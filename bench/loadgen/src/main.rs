@@ -32,6 +32,7 @@ const USAGE: &str = "usage: tern-loadgen --server IP:PORT (--secret S | --secret
   [--local-ip IP (client sockets; default the loopback of the server's family)]
   [--peer-netns NAME (the echo peer's socket is made in network namespace NAME)]
   [--inflight K (closed loop)] [--video] [--bare --peer-port P] [--distinct-peers]
+  [--gso (video bursts and echoes as UDP GSO messages, as a GSO-capable sender would)]
 or:    tern-loadgen forward --listen IP:PORT --peer IP:PORT [--threads 2] [--gso 1]
   [--max-secs 3600] [--buffers 4194304]";
 
@@ -56,6 +57,8 @@ struct Args {
     peer_port: u16,
     /// One echo peer per allocation instead of one shared.
     distinct_peers: bool,
+    /// Video bursts and peer echoes leave as UDP GSO messages (one per burst).
+    gso: bool,
     local_ip: Option<IpAddr>,
     peer_netns: Option<String>,
 }
@@ -81,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
         bare: false,
         peer_port: 0,
         distinct_peers: false,
+        gso: false,
         local_ip: None,
         peer_netns: None,
     };
@@ -99,6 +103,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--distinct-peers" => {
                 a.distinct_peers = true;
+                continue;
+            }
+            "--gso" => {
+                a.gso = true;
                 continue;
             }
             _ => {}
@@ -239,7 +247,7 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
     // --distinct-peers: one echo socket per allocation (servers that demultiplex a shared
     // relay socket by peer address, like coturn's --multiplex-peer, need distinct peers).
     let mut peers = vec![peer];
-    if a.distinct_peers && !a.bare {
+    if a.distinct_peers {
         for _ in 1..a.allocations {
             let p = UdpSocket::bind((a.peer_ip, 0))?;
             mmsg::set_buffers(p.as_raw_fd(), a.buffers);
@@ -252,18 +260,19 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
         .collect::<io::Result<Vec<_>>>()?;
     let echo = {
         let c = Arc::clone(&counters);
+        let gso = a.gso;
         std::thread::spawn(move || {
             if peers.len() == 1 {
                 echo_loop(&peers[0], &c)
             } else {
-                echo_many(&peers, &c)
+                echo_many(&peers, &c, gso)
             }
         })
     };
 
     let setup_start = Instant::now();
     let sessions = if a.bare {
-        bare_setup(a)
+        bare_setup(a, &peer_addrs)
     } else {
         setup(a, &peer_addrs)
     };
@@ -344,16 +353,37 @@ fn run(a: &Args) -> io::Result<serde_json::Value> {
         "send_eagain": c.send_eagain.load(Ordering::Relaxed),
         "bad_packets": c.bad_packets.load(Ordering::Relaxed),
         "release_errors": release_errors,
+        // The load generator's own CPU (all its threads, setup included): near one core
+        // per busy thread means the clients, not the server, set the pace.
+        "client_cpu_s": round(own_cpu_s()),
     }))
 }
 
-/// Bare sessions: plain sockets connected to the forwarder (no TURN exchange).
-fn bare_setup(a: &Args) -> io::Result<Vec<Session>> {
+/// CPU seconds (user + system) this process has used so far.
+fn own_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// Bare sessions: plain sockets connected to the forwarder (no TURN exchange). With one
+/// echo peer per session, each session first tells the forwarder its peer (a
+/// [`forward::BIND`] datagram, answered by the same datagram: the bare counterpart of a
+/// ChannelBind), so the forwarder carries the same load as a TURN server: one relay socket
+/// per session, each to its own peer.
+fn bare_setup(a: &Args, peers: &[SocketAddr]) -> io::Result<Vec<Session>> {
     (0..a.allocations)
-        .map(|_| {
+        .map(|i| {
             let sock = UdpSocket::bind((a.peer_ip, 0))?;
             sock.connect(a.server)?;
             mmsg::set_buffers(sock.as_raw_fd(), a.buffers);
+            if peers.len() > 1 {
+                bare_bind(&sock, peers[i % peers.len()])?;
+            }
             Ok(Session {
                 sock,
                 server: a.server,
@@ -362,6 +392,28 @@ fn bare_setup(a: &Args) -> io::Result<Vec<Session>> {
             })
         })
         .collect()
+}
+
+/// Asks the forwarder to relay this socket's datagrams to `peer`; waits for its answer.
+fn bare_bind(sock: &UdpSocket, peer: SocketAddr) -> io::Result<()> {
+    let mut msg = forward::BIND.to_vec();
+    msg.extend_from_slice(peer.to_string().as_bytes());
+    sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 128];
+    for _ in 0..6 {
+        sock.send(&msg)?;
+        match sock.recv(&mut buf) {
+            Ok(n) if buf[..n] == msg[..] => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("the forwarder did not answer a bind"))
 }
 
 /// Stamps `n` packets of `plen` bytes in `buf` with the send time and sequence numbers.
@@ -499,7 +551,12 @@ fn video_loop(a: &Args, fds: &[i32], start: Instant, c: &Counters) -> f64 {
                 start.elapsed().as_nanos() as u64,
                 &mut seq,
             );
-            match mmsg::send_connected(fd, &mut buf, plen, n) {
+            let r = if a.gso {
+                mmsg::send_connected_gso(fd, &mut buf, plen, n)
+            } else {
+                mmsg::send_connected(fd, &mut buf, plen, n)
+            };
+            match r {
                 Ok(k) => {
                     sent += k as u64;
                     if k < n {
@@ -696,7 +753,7 @@ fn receive_loop(fds: &[i32], plen: usize, start: Instant, c: &Counters) {
 }
 
 /// Several echo peers on one thread: each readable socket's batches back out.
-fn echo_many(socks: &[UdpSocket], c: &Counters) {
+fn echo_many(socks: &[UdpSocket], c: &Counters, gso: bool) {
     let mut batch = mmsg::RecvBatch::new();
     let fds: Vec<i32> = socks.iter().map(|s| s.as_raw_fd()).collect();
     while !c.receiving_done.load(Ordering::Acquire) {
@@ -705,7 +762,12 @@ fn echo_many(socks: &[UdpSocket], c: &Counters) {
             while let Ok(n) = batch.recv(fd, false) {
                 got += n;
                 c.peer_received.fetch_add(n as u64, Ordering::Relaxed);
-                if let Ok(k) = batch.echo(fd, n) {
+                let echoed = if gso {
+                    batch.echo_gso(fd, n)
+                } else {
+                    batch.echo(fd, n)
+                };
+                if let Ok(k) = echoed {
                     c.peer_sent.fetch_add(k as u64, Ordering::Relaxed);
                 }
                 if n < mmsg::MAX_BATCH {

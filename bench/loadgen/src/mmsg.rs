@@ -87,6 +87,94 @@ impl RecvBatch {
         }
         send_all(fd, &mut hdrs[..n])
     }
+
+    /// As [`Self::echo`], but a batch of equal-size datagrams from one address goes back as
+    /// one UDP GSO message (`--gso`); anything else as `echo` does.
+    pub fn echo_gso(&mut self, fd: RawFd, n: usize) -> io::Result<usize> {
+        let same = n > 1
+            && n * self.lens[0] <= MAX_GSO_BYTES
+            && (1..n)
+                .all(|i| self.lens[i] == self.lens[0] && same_addr(&self.addrs[i], &self.addrs[0]));
+        if !same {
+            return self.echo(fd, n);
+        }
+        // SAFETY: as in `recv`.
+        let mut iov: [libc::iovec; MAX_BATCH] = unsafe { zeroed() };
+        for ((v, b), &len) in iov.iter_mut().zip(&mut self.bufs).zip(&self.lens).take(n) {
+            v.iov_base = b.as_mut_ptr().cast();
+            v.iov_len = len;
+        }
+        let to = self.addrs[0];
+        send_gso(fd, Some(&to), &mut iov[..n], self.lens[0]).map(|_| n)
+    }
+}
+
+/// Bytes in one GSO message (an IPv4 UDP payload's limit, rounded down).
+pub const MAX_GSO_BYTES: usize = 65000;
+
+fn same_addr(a: &libc::sockaddr_storage, b: &libc::sockaddr_storage) -> bool {
+    let len = sockaddr_len(a) as usize;
+    // SAFETY: both are sockaddr_storage, at least `len` bytes.
+    unsafe {
+        std::slice::from_raw_parts((a as *const libc::sockaddr_storage).cast::<u8>(), len)
+            == std::slice::from_raw_parts((b as *const libc::sockaddr_storage).cast::<u8>(), len)
+    }
+}
+
+/// One sendmsg of `iov` as UDP GSO segments of `seg` bytes (to `to`, or on a connected
+/// socket). Returns the bytes sent.
+fn send_gso(
+    fd: RawFd,
+    to: Option<&libc::sockaddr_storage>,
+    iov: &mut [libc::iovec],
+    seg: usize,
+) -> io::Result<usize> {
+    const UDP_SEGMENT: libc::c_int = 103;
+    #[repr(C, align(8))]
+    struct Ctrl([u8; 32]);
+    let mut ctrl = Ctrl([0; 32]);
+    // SAFETY: a msghdr whose pointers point at locals and at `iov`, alive for the call.
+    let r = unsafe {
+        let mut h: libc::msghdr = zeroed();
+        if let Some(to) = to {
+            h.msg_name =
+                (to as *const libc::sockaddr_storage as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = sockaddr_len(to);
+        }
+        h.msg_iov = iov.as_mut_ptr();
+        h.msg_iovlen = iov.len() as _;
+        h.msg_control = ctrl.0.as_mut_ptr().cast();
+        h.msg_controllen = libc::CMSG_SPACE(2) as _;
+        let c = libc::CMSG_FIRSTHDR(&h);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+        libc::sendmsg(fd, &h, libc::MSG_DONTWAIT)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// Sends `count` packets of `packet_len` bytes (back to back in `buf`) on a connected socket
+/// as one UDP GSO message. Returns how many the kernel accepted (all or none).
+pub fn send_connected_gso(
+    fd: RawFd,
+    buf: &mut [u8],
+    packet_len: usize,
+    count: usize,
+) -> io::Result<usize> {
+    let count = count
+        .min(MAX_BATCH)
+        .min(buf.len() / packet_len)
+        .min(MAX_GSO_BYTES / packet_len);
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: count * packet_len,
+    }];
+    send_gso(fd, None, &mut iov, packet_len).map(|_| count)
 }
 
 fn sockaddr_len(a: &libc::sockaddr_storage) -> u32 {
