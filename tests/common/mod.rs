@@ -432,27 +432,44 @@ impl EchoPeer {
         EchoPeer::start_on("127.0.0.1")
     }
 
-    /// An echo peer listening on `ip` (a loopback address).
+    /// An echo peer listening on `ip` (a loopback address). The free port is picked before
+    /// turnutils_peer binds it, so another process may take it first: then turnutils_peer
+    /// exits and the peer is started again on a new port. The wait is long because a
+    /// loaded 2-core machine was seen to need more than 10 s to start it.
     pub fn start_on(ip: &str) -> EchoPeer {
-        let port = if ip.contains(':') {
-            free_port_v4_v6()
-        } else {
-            free_port()
-        };
-        let child = Command::new("turnutils_peer")
-            .args(["-L", ip, "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn turnutils_peer");
-        // Wait until its UDP port is taken.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UdpSocket::bind((ip, port)).is_ok() {
-            assert!(Instant::now() < deadline, "turnutils_peer did not bind");
-            std::thread::sleep(Duration::from_millis(20));
+        let mut last_exit = None;
+        for _ in 0..3 {
+            let port = if ip.contains(':') {
+                free_port_v4_v6()
+            } else {
+                free_port()
+            };
+            let mut child = Command::new("turnutils_peer")
+                .args(["-L", ip, "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn turnutils_peer");
+            // Wait until its UDP port is taken (or it has exited).
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if UdpSocket::bind((ip, port)).is_err() {
+                    return EchoPeer { child, port };
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    last_exit = Some(status);
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("turnutils_peer did not bind {ip}:{port} in 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        EchoPeer { child, port }
+        panic!("turnutils_peer exited three times before binding (last: {last_exit:?})");
     }
 }
 
