@@ -1177,7 +1177,7 @@ fn quota_leases_are_renewed_by_refresh_and_lapse_with_the_allocation() {
 /// A registry record that does not decode (a node of another version, a stray writer under
 /// the key prefix) is skipped, counted in `tern_cluster_bad_records_total{record="node"}`
 /// on every tick that reads it, and logged at warn level once, not on every tick; the good
-/// records are still read.
+/// records are still read. `tern cluster status` lists it (and one missing a field) by key.
 #[test]
 fn a_malformed_node_record_is_skipped_counted_and_logged_once() {
     let Some(redis) = Redis::start() else {
@@ -1210,4 +1210,27 @@ fn a_malformed_node_record_is_skipped_counted_and_logged_once() {
         .filter(|l| l.contains("does not decode") && l.contains("tern:node:ghost"))
         .count();
     assert_eq!(warned, 1, "one warning, not one per tick:\n{log}");
+
+    // `tern cluster status` reports what it cannot read with its key, not only the good
+    // records: bad JSON, and a record missing a field.
+    let partial = r#"{\"id\":\"partial\",\"version\":\"0.0.1\"}"#;
+    let set = redis.command(&format!("SET tern:node:partial \"{partial}\""));
+    assert_eq!(set.as_deref(), Some("+OK\r\n"));
+    let added = redis.command(&format!("ZADD tern:nodes {lease_end} partial"));
+    assert_eq!(added.as_deref(), Some(":1\r\n"));
+    let s = status_lines(&a);
+    assert!(
+        s.contains("BAD RECORD tern:node:ghost: does not decode"),
+        "{s}"
+    );
+    assert!(
+        s.lines().any(|l| l.starts_with("BAD RECORD tern:node:partial: ")
+            && l.contains("missing field")),
+        "{s}"
+    );
+    assert!(
+        s.contains("rec-a")
+            && s.ends_with("1 live node(s), 2 bad record(s) (not counted; listed above)\n"),
+        "{s}"
+    );
 }
