@@ -15,7 +15,7 @@ use crate::signal::{ws_id, Out};
 
 fn svc() -> RoomService {
     let mut s = RoomService::new(SignalConfig::default(), true, StdRng::seed_from_u64(9));
-    s.enable_bus();
+    s.enable_bus(1);
     s.bus_state(true);
     s
 }

@@ -926,8 +926,9 @@ impl RoomService {
 /// [`RoomService::enable_bus`] none of this is consulted.
 impl RoomService {
     /// Turns cluster mode on: joins, leaves and cross-node signals become bus commands.
-    pub fn enable_bus(&mut self) {
-        self.bus = Some(RemoteMembers::new());
+    /// `now_unix_us`: the driver's wall clock, where this node's sequence epochs start.
+    pub fn enable_bus(&mut self, now_unix_us: u64) {
+        self.bus = Some(RemoteMembers::new(now_unix_us));
     }
 
     /// This node's `/relay` URL for peers on other nodes (`ws(s)://…/relay`): with it, a
