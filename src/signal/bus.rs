@@ -10,7 +10,9 @@
 //! [`BusCmd::Subscribe`] when the room's first local member joins and
 //! [`BusCmd::Unsubscribe`] when its last one leaves); traffic for one peer elsewhere
 //! (signals, relay tickets, PeerJS messages) goes to the channel of the node holding it
-//! ([`Chan::Node`]). The driver maps them to sharded pub/sub where Redis has it.
+//! ([`Chan::Node`]); a signal or ticket that node cannot hand to its peer goes back to
+//! the sender's node as [`BusEvent::Undeliverable`], never dropped there. The driver maps
+//! them to sharded pub/sub where Redis has it.
 //!
 //! Sans-IO like the rooms: the Redis side lives in `crate::cluster`. Each node numbers the
 //! events it publishes, one sequence per destination channel (assigned here, so an event
@@ -58,6 +60,19 @@ pub enum BusEvent {
         url: String,
         expires_in: u32,
     },
+    /// The answer to a [`BusEvent::Signal`] or [`BusEvent::RelayTicket`] the publishing node
+    /// could not deliver: its addressee `peer` is not connected there (it left, or was never
+    /// there) or shares no room with the sender. Published at once to the sender's node
+    /// for `to` (the sender), which refuses the original message there with the error one
+    /// node gives ([`Undelivered`]) instead of it vanishing. `ticket`: the relay ticket that
+    /// will never be used (the hosting node ends its session), None for a signal.
+    Undeliverable {
+        to: String,
+        peer: String,
+        why: Undelivered,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ticket: Option<String>,
+    },
     /// PeerJS: the publishing node holds id `id` now (its claim in Redis succeeded).
     PeerjsOpen {
         id: String,
@@ -75,15 +90,27 @@ pub enum BusEvent {
     },
 }
 
+/// Why a node could not deliver a signal or relay ticket sent to one of its peers: the
+/// two checks `signal` and `relay` make on one node, with the same error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Undelivered {
+    /// No connected peer with that id there (`peer-not-found`).
+    NoPeer,
+    /// Connected, but in no room with the sender (`not-in-shared-room`).
+    NotInSharedRoom,
+}
+
 impl BusEvent {
     /// The room whose channel carries this event (None: it goes to one node's channel).
     pub fn room(&self) -> Option<&str> {
         match self {
             BusEvent::Joined { room, .. } | BusEvent::Left { room, .. } => Some(room),
             BusEvent::PeerjsOpen { .. } | BusEvent::PeerjsClose { .. } => Some(PEERJS_REALM),
-            BusEvent::Signal { .. } | BusEvent::RelayTicket { .. } | BusEvent::Peerjs { .. } => {
-                None
-            }
+            BusEvent::Signal { .. }
+            | BusEvent::RelayTicket { .. }
+            | BusEvent::Undeliverable { .. }
+            | BusEvent::Peerjs { .. } => None,
         }
     }
 

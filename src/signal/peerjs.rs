@@ -900,7 +900,8 @@ impl PeerJsService {
             BusEvent::Joined { .. }
             | BusEvent::Left { .. }
             | BusEvent::Signal { .. }
-            | BusEvent::RelayTicket { .. } => {}
+            | BusEvent::RelayTicket { .. }
+            | BusEvent::Undeliverable { .. } => {}
         }
         out
     }
