@@ -978,6 +978,19 @@ fn relay_between_peers_on_two_nodes_meets_on_the_requesters_node_and_moves_20_mi
     });
 }
 
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/PID/task/*/stat`).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    })
+}
+
 /// A signal or relay ticket that reaches a node whose addressee is not there (it left, or,
 /// as here, never was: a stale entry in that node's member list) is answered over the bus
 /// at once: the sender gets `peer-not-found` as on one node, counted as `no_target`, and a
@@ -1040,6 +1053,11 @@ fn a_signal_or_relay_ticket_for_a_gone_peer_is_refused_to_its_sender_at_once() {
         // A relay: the requester's ticket comes from A at once; it waits on A's /relay
         // while B is stopped, and is closed with 1013 once B answers.
         b.signal(libc::SIGSTOP);
+        // kill(2) returns before every thread has stopped: B's cluster thread could still
+        // answer for a moment.
+        wait_for(Duration::from_secs(5), "node B stopped", || {
+            all_stopped(b.pid())
+        });
         send_text(&mut a1, r#"{"type":"relay","to":"ghost"}"#).await;
         let ta = wait_msg(&mut a1, t, "A's ticket", |m| m["type"] == "relay-ticket").await;
         let ticket = ta["ticket"].as_str().unwrap();
