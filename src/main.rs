@@ -313,8 +313,8 @@ fn main() -> anyhow::Result<()> {
                 bail!("cluster mode is off: set cluster.redis_url");
             }
             match tern::cluster::status::live_nodes(&c.cluster, Duration::from_secs(3)) {
-                Ok(nodes) => {
-                    print!("{}", tern::cluster::status::render(&nodes));
+                Ok(reg) => {
+                    print!("{}", tern::cluster::status::render(&reg));
                     Ok(())
                 }
                 Err(e) => {

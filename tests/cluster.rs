@@ -27,7 +27,7 @@ pub(crate) struct Redis {
 
 impl Redis {
     pub(crate) fn start() -> Option<Redis> {
-        if !have_redis() {
+        if !have_tool_from("redis-server", "redis-server") {
             return None;
         }
         Some(Redis::start_on(redis_port()))
@@ -112,22 +112,6 @@ fn redis_port() -> u16 {
         }
     }
     panic!("no free port in 30000..32700 for a test Redis");
-}
-
-fn have_redis() -> bool {
-    let found = Command::new("sh")
-        .args(["-c", "command -v redis-server"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "redis-server is missing (apt-get install redis-server)"
-        );
-        eprintln!("SKIPPED: redis-server not installed");
-    }
-    found
 }
 
 /// One node of the test cluster.
@@ -876,6 +860,17 @@ fn redis_stat(redis: &Redis, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in INFO stats: {info}"))
 }
 
+/// Two nodes `ids` (relay ports from `relay_min`) that host cross-node relays: each
+/// advertises its HTTP URL.
+fn relay_nodes(redis: &Redis, ids: [&str; 2], relay_min: [u16; 2]) -> (Tern, Tern) {
+    let secret = random_secret();
+    let url = "advertise_http_url = \"http://127.0.0.1:{api_port}\"";
+    (
+        node(redis, ids[0], relay_min[0], &secret, url),
+        node(redis, ids[1], relay_min[1], &secret, url),
+    )
+}
+
 #[test]
 fn relay_between_peers_on_two_nodes_meets_on_the_requesters_node_and_moves_20_mib() {
     use crate::signal_common::{send_text, ws};
@@ -885,10 +880,7 @@ fn relay_between_peers_on_two_nodes_meets_on_the_requesters_node_and_moves_20_mi
     let Some(redis) = Redis::start() else {
         return;
     };
-    let secret = random_secret();
-    let url = "advertise_http_url = \"http://127.0.0.1:{api_port}\"";
-    let a = node(&redis, "relay-a", 13000, &secret, url);
-    let b = node(&redis, "relay-b", 13200, &secret, url);
+    let (a, b) = relay_nodes(&redis, ["relay-a", "relay-b"], [13000, 13200]);
     after_ticks(&a, 1.0);
     after_ticks(&b, 1.0);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -983,6 +975,111 @@ fn relay_between_peers_on_two_nodes_meets_on_the_requesters_node_and_moves_20_mi
         let relayed = metric(&a, "tern_ws_relay_bytes_total").unwrap_or(0.0);
         assert!(relayed >= TOTAL as f64, "A hosted the session: {relayed}");
         assert_eq!(metric(&b, "tern_ws_relay_bytes_total").unwrap_or(0.0), 0.0);
+    });
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/PID/task/*/stat`).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    })
+}
+
+/// A signal or relay ticket that reaches a node whose addressee is not there (it left, or,
+/// as here, never was: a stale entry in that node's member list) is answered over the bus
+/// at once: the sender gets `peer-not-found` as on one node, counted as `no_target`, and a
+/// requester already waiting on `/relay` is closed with 1013 rather than at the ticket's
+/// expiry (60 s). Node B is stopped (SIGSTOP) while the requester connects to `/relay`, so
+/// the answer comes while it waits.
+#[test]
+fn a_signal_or_relay_ticket_for_a_gone_peer_is_refused_to_its_sender_at_once() {
+    use crate::signal_common::{close_code, send_text, ws};
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let (a, b) = relay_nodes(&redis, ["und-a", "und-b"], [19000, 19400]);
+    // B has no peer: its member list is written (empty) at its first tick and only renewed
+    // after, so a stale entry put there stays. A then knows B.
+    after_ticks(&b, 1.0);
+    let ghost = r#"{\"id\":\"ghost\",\"name\":\"Ghost\",\"rooms\":[\"room:gx\"]}"#;
+    let set = redis.command(&format!("HSET tern:members:und-b ghost \"{ghost}\""));
+    assert_eq!(set.as_deref(), Some(":1\r\n"));
+    after_ticks(&a, 2.0);
+    let no_target = "tern_signal_refused_total{protocol=\"native\",reason=\"no_target\"}";
+    let cancelled = "tern_ws_relay_sessions_cancelled_total";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = Duration::from_secs(10);
+        let mut a1 = ws(a.api_addr(), "/ws").await;
+        wait_msg(&mut a1, t, "welcome on A", |m| m["type"] == "welcome").await;
+        // Joining gx, A subscribes to it and reads B's members of it: the ghost.
+        send_text(&mut a1, r#"{"type":"join","room":"gx"}"#).await;
+        let room = wait_msg(&mut a1, t, "gx on A", |m| {
+            m["type"] == "room" && m["room"] == "gx"
+        })
+        .await;
+        let listed = room["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "ghost");
+        if !listed {
+            wait_msg(&mut a1, t, "the ghost in gx on A", |m| {
+                m["type"] == "peer-joined" && m["room"] == "gx" && m["peer"]["id"] == "ghost"
+            })
+            .await;
+        }
+        let refused0 = metric(&a, no_target).unwrap_or(0.0);
+
+        // A signal: B answers that it has no such peer; a1 hears it as on one node.
+        let sent = Instant::now();
+        send_text(&mut a1, r#"{"type":"signal","to":"ghost","data":1}"#).await;
+        let e = wait_msg(&mut a1, t, "the signal refused", |m| m["type"] == "error").await;
+        let took = sent.elapsed();
+        assert_eq!(
+            (e["code"].as_str(), e["to"].as_str()),
+            (Some("peer-not-found"), Some("ghost")),
+            "{e}"
+        );
+        assert_eq!(metric(&a, no_target), Some(refused0 + 1.0));
+        eprintln!("undeliverable signal refused {took:?} after it was sent");
+
+        // A relay: the requester's ticket comes from A at once; it waits on A's /relay
+        // while B is stopped, and is closed with 1013 once B answers.
+        b.signal(libc::SIGSTOP);
+        // kill(2) returns before every thread has stopped: B's cluster thread could still
+        // answer for a moment.
+        wait_for(Duration::from_secs(5), "node B stopped", || {
+            all_stopped(b.pid())
+        });
+        send_text(&mut a1, r#"{"type":"relay","to":"ghost"}"#).await;
+        let ta = wait_msg(&mut a1, t, "A's ticket", |m| m["type"] == "relay-ticket").await;
+        let ticket = ta["ticket"].as_str().unwrap();
+        let mut ra = ws(a.api_addr(), &format!("/relay?ticket={ticket}")).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metric(&a, cancelled), Some(0.0), "still waiting");
+        let resumed = Instant::now();
+        b.signal(libc::SIGCONT);
+        let code = tokio::time::timeout(t, close_code(&mut ra))
+            .await
+            .expect("the waiting relay side is closed");
+        let took = resumed.elapsed();
+        assert_eq!(code, Some(1013));
+        let e = wait_msg(&mut a1, t, "the relay refused", |m| m["type"] == "error").await;
+        assert_eq!(
+            (e["code"].as_str(), e["to"].as_str()),
+            (Some("peer-not-found"), Some("ghost")),
+            "{e}"
+        );
+        assert_eq!(metric(&a, cancelled), Some(1.0));
+        assert_eq!(metric(&a, no_target), Some(refused0 + 2.0));
+        eprintln!("waiting relay side closed {took:?} after the ghost's node resumed");
     });
 }
 
@@ -1193,7 +1290,7 @@ fn quota_leases_are_renewed_by_refresh_and_lapse_with_the_allocation() {
 /// A registry record that does not decode (a node of another version, a stray writer under
 /// the key prefix) is skipped, counted in `tern_cluster_bad_records_total{record="node"}`
 /// on every tick that reads it, and logged at warn level once, not on every tick; the good
-/// records are still read.
+/// records are still read. `tern cluster status` lists it (and one missing a field) by key.
 #[test]
 fn a_malformed_node_record_is_skipped_counted_and_logged_once() {
     let Some(redis) = Redis::start() else {
@@ -1226,4 +1323,27 @@ fn a_malformed_node_record_is_skipped_counted_and_logged_once() {
         .filter(|l| l.contains("does not decode") && l.contains("tern:node:ghost"))
         .count();
     assert_eq!(warned, 1, "one warning, not one per tick:\n{log}");
+
+    // `tern cluster status` reports what it cannot read with its key, not only the good
+    // records: bad JSON, and a record missing a field.
+    let partial = r#"{\"id\":\"partial\",\"version\":\"0.0.1\"}"#;
+    let set = redis.command(&format!("SET tern:node:partial \"{partial}\""));
+    assert_eq!(set.as_deref(), Some("+OK\r\n"));
+    let added = redis.command(&format!("ZADD tern:nodes {lease_end} partial"));
+    assert_eq!(added.as_deref(), Some(":1\r\n"));
+    let s = status_lines(&a);
+    assert!(
+        s.contains("BAD RECORD tern:node:ghost: does not decode"),
+        "{s}"
+    );
+    assert!(
+        s.lines().any(|l| l.starts_with("BAD RECORD tern:node:partial: ")
+            && l.contains("missing field")),
+        "{s}"
+    );
+    assert!(
+        s.contains("rec-a")
+            && s.ends_with("1 live node(s), 2 bad record(s) (not counted; listed above)\n"),
+        "{s}"
+    );
 }

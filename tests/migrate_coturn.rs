@@ -3,124 +3,18 @@
 //! moved to free ones), and credentials minted for coturn's secret by coturn's own client
 //! (`turnutils_uclient -W SECRET`) relay traffic through it, while a wrong secret does not.
 
+use crate::common;
 use crate::ops_common;
 
-use std::io::Read;
-use std::net::UdpSocket;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use common::{have_tool, uclient_run_port, EchoPeer};
 use ops_common::{serving_addrs, NotifyAddr, Supervised};
-
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is missing (apt-get install coturn)"
-        );
-        eprintln!("SKIPPED: {tool} not installed (apt-get install coturn)");
-    }
-    found
-}
-
-/// Runs `cmd` to completion, killing it after `limit`.
-fn run_limited(cmd: &mut Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    }
-}
-
-/// `turnutils_peer` echoing on 127.0.0.1, killed on drop.
-struct Peer(Child, u16);
-
-impl Peer {
-    fn start() -> Peer {
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("turnutils_peer")
-            .args(["-L", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn turnutils_peer");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            assert!(Instant::now() < deadline, "turnutils_peer did not bind");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Peer(child, port)
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// (sent, received) from uclient's `tot_send_msgs=N, tot_recv_msgs=M` line.
-fn totals(text: &str) -> (u64, u64) {
-    let after = |line: &str, key: &str| -> u64 {
-        let i = line.find(key).unwrap() + key.len();
-        line[i..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse()
-            .unwrap()
-    };
-    text.lines()
-        .rev()
-        .find(|l| l.contains("tot_send_msgs=") && l.contains("tot_recv_msgs="))
-        .map(|l| (after(l, "tot_send_msgs="), after(l, "tot_recv_msgs=")))
-        .unwrap_or((0, 0))
-}
 
 #[test]
 fn coturn_rest_config_migrates_and_serves_coturn_credentials() {
-    if !have("turnutils_uclient") || !have("turnutils_peer") {
+    if !have_tool("turnutils_uclient") || !have_tool("turnutils_peer") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -217,27 +111,35 @@ fn coturn_rest_config_migrates_and_serves_coturn_credentials() {
 
     // 4. coturn's client mints credentials from coturn's secret (-W) and relays through Tern
     // (Send indications, -s: what is under test is the credential, not the framing).
-    let peer = Peer::start();
+    let peer = EchoPeer::start();
     let uclient = |secret: &str| {
-        let out = run_limited(
-            Command::new("turnutils_uclient")
-                .args(["-W", secret, "-u", "migrated", "-p", &port.to_string()])
-                .args(["-e", "127.0.0.1", "-r", &peer.1.to_string()])
-                .args(["-m", "2", "-n", "30", "-l", "120", "-c", "-s", "127.0.0.1"]),
+        let mut cmd = Command::new("turnutils_uclient");
+        cmd.args(["-W", secret, "-u", "migrated"]);
+        let args = ["-m", "2", "-n", "30", "-l", "120", "-c", "-s"];
+        uclient_run_port(
+            &mut cmd,
+            port,
+            "127.0.0.1",
+            peer.port,
+            &args,
             Duration::from_secs(60),
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+        )
     };
     let good = uclient(&secret);
-    let (sent, received) = totals(&good);
     assert!(
-        sent >= 60 && received == sent,
-        "coturn credentials did not relay: sent={sent} received={received}\n{good}\n{}",
+        good.sent >= 60 && good.received == good.sent,
+        "coturn credentials did not relay: sent={} received={}\n{}\n{}",
+        good.sent,
+        good.received,
+        good.output,
         tern.log()
     );
     let bad = uclient("not-the-secret");
-    let (_, received) = totals(&bad);
-    assert_eq!(received, 0, "a wrong secret relayed traffic:\n{bad}");
+    assert_eq!(
+        bad.received, 0,
+        "a wrong secret relayed traffic:\n{}",
+        bad.output
+    );
 
     let (_, clean) = tern.terminate();
     assert!(clean);

@@ -342,7 +342,7 @@ impl ClusterService {
                 let _ = view.rooms.set(Arc::clone(&hub));
                 let (tx, rx) = tokio::sync::mpsc::channel(signal_bus::CMD_QUEUE);
                 hub.with_core(|m| {
-                    m.enable_bus();
+                    m.enable_bus(driver::unix_us());
                     if let Some(u) = relay_url {
                         m.set_relay_url(u);
                     }
@@ -359,7 +359,7 @@ impl ClusterService {
             }),
             peerjs: peerjs.map(|hub| {
                 let (tx, rx) = tokio::sync::mpsc::channel(signal_bus::CMD_QUEUE);
-                hub.with_core(|m| m.enable_bus());
+                hub.with_core(|m| m.enable_bus(driver::unix_us()));
                 hub.set_bus(tx);
                 signal_bus::SignalBus::new(
                     hub,

@@ -599,10 +599,11 @@ impl<M: BusMachine> SignalBus<M> {
                 .stats
                 .bus_received
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
+            let now = std::time::Instant::now();
             self.hub.drive(|m| {
                 let mut outs = Vec::new();
                 for env in events {
-                    outs.extend(m.bus_event(&env.node, env.ep, env.seq, env.ev));
+                    outs.extend(m.bus_event(&env.node, env.ep, env.seq, env.ev, now));
                 }
                 outs
             });

@@ -10,7 +10,9 @@
 //! [`BusCmd::Subscribe`] when the room's first local member joins and
 //! [`BusCmd::Unsubscribe`] when its last one leaves); traffic for one peer elsewhere
 //! (signals, relay tickets, PeerJS messages) goes to the channel of the node holding it
-//! ([`Chan::Node`]). The driver maps them to sharded pub/sub where Redis has it.
+//! ([`Chan::Node`]); a signal or ticket that node cannot hand to its peer goes back to
+//! the sender's node as [`BusEvent::Undeliverable`], never dropped there. The driver maps
+//! them to sharded pub/sub where Redis has it.
 //!
 //! Sans-IO like the rooms: the Redis side lives in `crate::cluster`. Each node numbers the
 //! events it publishes, one sequence per destination channel (assigned here, so an event
@@ -58,6 +60,19 @@ pub enum BusEvent {
         url: String,
         expires_in: u32,
     },
+    /// The answer to a [`BusEvent::Signal`] or [`BusEvent::RelayTicket`] the publishing node
+    /// could not deliver: its addressee `peer` is not connected there (it left, or was never
+    /// there) or shares no room with the sender. Published at once to the sender's node
+    /// for `to` (the sender), which refuses the original message there with the error one
+    /// node gives ([`Undelivered`]) instead of it vanishing. `ticket`: the relay ticket that
+    /// will never be used (the hosting node ends its session), None for a signal.
+    Undeliverable {
+        to: String,
+        peer: String,
+        why: Undelivered,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ticket: Option<String>,
+    },
     /// PeerJS: the publishing node holds id `id` now (its claim in Redis succeeded).
     PeerjsOpen {
         id: String,
@@ -75,15 +90,27 @@ pub enum BusEvent {
     },
 }
 
+/// Why a node could not deliver a signal or relay ticket sent to one of its peers: the
+/// two checks `signal` and `relay` make on one node, with the same error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Undelivered {
+    /// No connected peer with that id there (`peer-not-found`).
+    NoPeer,
+    /// Connected, but in no room with the sender (`not-in-shared-room`).
+    NotInSharedRoom,
+}
+
 impl BusEvent {
     /// The room whose channel carries this event (None: it goes to one node's channel).
     pub fn room(&self) -> Option<&str> {
         match self {
             BusEvent::Joined { room, .. } | BusEvent::Left { room, .. } => Some(room),
             BusEvent::PeerjsOpen { .. } | BusEvent::PeerjsClose { .. } => Some(PEERJS_REALM),
-            BusEvent::Signal { .. } | BusEvent::RelayTicket { .. } | BusEvent::Peerjs { .. } => {
-                None
-            }
+            BusEvent::Signal { .. }
+            | BusEvent::RelayTicket { .. }
+            | BusEvent::Undeliverable { .. }
+            | BusEvent::Peerjs { .. } => None,
         }
     }
 
@@ -172,7 +199,15 @@ pub trait BusMachine: super::driver::Machine {
     fn bus_member(&self, id: &str) -> Option<Member>;
     /// The rooms whose channels this node listens to.
     fn bus_rooms(&self) -> Vec<String>;
-    fn bus_event(&mut self, node: &str, ep: u64, seq: u64, ev: BusEvent) -> Vec<super::Out>;
+    /// An event published by `node`, received at `now` (the driver's clock).
+    fn bus_event(
+        &mut self,
+        node: &str,
+        ep: u64,
+        seq: u64,
+        ev: BusEvent,
+        now: std::time::Instant,
+    ) -> Vec<super::Out>;
     fn bus_snapshot(
         &mut self,
         node: &str,
@@ -200,7 +235,14 @@ impl BusMachine for super::rooms::RoomService {
     fn bus_rooms(&self) -> Vec<String> {
         Self::bus_rooms(self)
     }
-    fn bus_event(&mut self, node: &str, ep: u64, seq: u64, ev: BusEvent) -> Vec<super::Out> {
+    fn bus_event(
+        &mut self,
+        node: &str,
+        ep: u64,
+        seq: u64,
+        ev: BusEvent,
+        _now: std::time::Instant,
+    ) -> Vec<super::Out> {
         Self::bus_event(self, node, ep, seq, ev)
     }
     fn bus_snapshot(
@@ -227,8 +269,15 @@ impl BusMachine for super::peerjs::PeerJsService {
     fn bus_rooms(&self) -> Vec<String> {
         vec![PEERJS_REALM.to_string()]
     }
-    fn bus_event(&mut self, node: &str, ep: u64, seq: u64, ev: BusEvent) -> Vec<super::Out> {
-        Self::bus_event(self, node, ep, seq, ev, std::time::Instant::now())
+    fn bus_event(
+        &mut self,
+        node: &str,
+        ep: u64,
+        seq: u64,
+        ev: BusEvent,
+        now: std::time::Instant,
+    ) -> Vec<super::Out> {
+        Self::bus_event(self, node, ep, seq, ev, now)
     }
     fn bus_snapshot(
         &mut self,
@@ -277,20 +326,19 @@ pub struct RemoteMembers {
     last_seq: HashMap<Stream, (u64, u64)>,
     /// This node's sequences: (epoch, next number) per destination channel.
     next_seq: HashMap<Chan, (u64, u64)>,
-    /// The next epoch a sequence starts under (starts at the clock, so a restarted node's
-    /// numbers are not mistaken for old ones).
+    /// The next epoch a sequence starts under (starts at the wall clock the driver gives,
+    /// so a restarted node's numbers are not mistaken for old ones).
     next_epoch: u64,
     /// Redis reachable: cross-node sends are refused while it is not.
     pub up: bool,
 }
 
 impl RemoteMembers {
-    pub fn new() -> RemoteMembers {
-        let now_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_micros() as u64);
+    /// `now_unix_us`: the driver's wall clock (Unix time, µs), the first epoch. Sans-IO:
+    /// this core reads no clock of its own.
+    pub fn new(now_unix_us: u64) -> RemoteMembers {
         RemoteMembers {
-            next_epoch: now_us.max(1),
+            next_epoch: now_unix_us.max(1),
             ..RemoteMembers::default()
         }
     }
@@ -510,7 +558,7 @@ mod tests {
 
     #[test]
     fn sequence_numbers_detect_gaps_duplicates_and_reordering_per_stream() {
-        let mut r = RemoteMembers::new();
+        let mut r = RemoteMembers::new(1);
         let x = Some("room:x");
         assert_eq!(r.check_seq("a", x, 5, 7), SeqCheck::Next, "first heard");
         assert_eq!(r.check_seq("a", x, 5, 8), SeqCheck::Next);
@@ -541,7 +589,7 @@ mod tests {
 
     #[test]
     fn each_destination_has_its_own_sequence_and_a_new_epoch_after_it_ends() {
-        let mut r = RemoteMembers::new();
+        let mut r = RemoteMembers::new(1);
         let left = |id: &str| BusEvent::Left {
             room: "room:x".into(),
             id: id.into(),
@@ -565,7 +613,7 @@ mod tests {
 
     #[test]
     fn replacing_a_node_yields_joins_and_leaves_in_rooms_listened_to() {
-        let mut r = RemoteMembers::new();
+        let mut r = RemoteMembers::new(1);
         r.subscribe("room:x");
         r.subscribe("room:y");
         assert!(r.join("a", "room:x", "p1", "Otter"));
@@ -595,7 +643,7 @@ mod tests {
 
     #[test]
     fn unsubscribing_forgets_the_room_and_its_sequences() {
-        let mut r = RemoteMembers::new();
+        let mut r = RemoteMembers::new(1);
         r.subscribe("room:x");
         r.join("a", "room:x", "p1", "Otter");
         assert_eq!(r.check_seq("a", Some("room:x"), 3, 4), SeqCheck::Next);

@@ -8,14 +8,14 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::config::SignalConfig;
-use crate::signal::bus::{BusCmd, BusEvent, Chan, Member};
+use crate::signal::bus::{BusCmd, BusEvent, Chan, Member, Undelivered};
 use crate::signal::rooms::tests::to;
 use crate::signal::rooms::RoomService;
 use crate::signal::{ws_id, Out};
 
 fn svc() -> RoomService {
     let mut s = RoomService::new(SignalConfig::default(), true, StdRng::seed_from_u64(9));
-    s.enable_bus();
+    s.enable_bus(1);
     s.bus_state(true);
     s
 }
@@ -154,6 +154,147 @@ fn signals_cross_nodes_only_between_peers_sharing_a_room() {
         },
     );
     assert!(to(&o, ws_id(1)).is_empty());
+    // ...but answered to its node, never dropped silently.
+    let me = me_id(&s);
+    assert!(
+        matches!(&bus(&o)[..], [BusCmd::Publish { to: Chan::Node(n), seq: 2, ev, .. }]
+            if n == "b" && *ev == undeliverable("rc", &me, Undelivered::NotInSharedRoom, None)),
+        "{:?}",
+        bus(&o)
+    );
+}
+
+/// The id of the peer on conn 1.
+fn me_id(s: &RoomService) -> String {
+    s.bus_members()
+        .1
+        .into_iter()
+        .find(|m| m.rooms.iter().any(|r| r == "room:r1"))
+        .map(|m| m.id)
+        .expect("a local member of r1")
+}
+
+fn undeliverable(to: &str, peer: &str, why: Undelivered, ticket: Option<&str>) -> BusEvent {
+    BusEvent::Undeliverable {
+        to: to.into(),
+        peer: peer.into(),
+        why,
+        ticket: ticket.map(str::to_string),
+    }
+}
+
+/// The receiving node: a signal or ticket for a peer that is not connected here (never
+/// was, or left) goes back to the sender's node, on that node's channel, at once.
+#[test]
+fn a_signal_or_ticket_for_a_peer_not_here_is_answered_to_the_sender_s_node() {
+    let mut s = with_remote_rb("node-b");
+    let me = me_id(&s);
+    let signal = |to: &str| BusEvent::Signal {
+        to: to.into(),
+        from: "rb".into(),
+        data: json!(1),
+    };
+    let ticket = |to: &str| BusEvent::RelayTicket {
+        to: to.into(),
+        from: "rb".into(),
+        ticket: "tb".into(),
+        url: "ws://b.example/relay".into(),
+        expires_in: 30,
+    };
+    let answer = |o: &[Out]| match &bus(o)[..] {
+        [BusCmd::Publish {
+            to: Chan::Node(n),
+            ev,
+            ..
+        }] if n == "node-b" => ev.clone(),
+        other => panic!("{other:?}"),
+    };
+    let o = s.bus_event("node-b", 1, 1, signal("never-here"));
+    assert!(to(&o, ws_id(1)).is_empty());
+    assert_eq!(
+        answer(&o),
+        undeliverable("rb", "never-here", Undelivered::NoPeer, None)
+    );
+    let o = s.bus_event("node-b", 1, 2, ticket("never-here"));
+    assert_eq!(
+        answer(&o),
+        undeliverable("rb", "never-here", Undelivered::NoPeer, Some("tb"))
+    );
+    // Delivered while `me` is here; once it has gone, the same is answered.
+    let o = s.bus_event("node-b", 1, 3, signal(&me));
+    assert_eq!(to(&o, ws_id(1))[0]["type"], "signal");
+    assert!(bus(&o).is_empty());
+    s.disconnect(ws_id(1), Instant::now());
+    let o = s.bus_event("node-b", 1, 4, signal(&me));
+    assert_eq!(
+        answer(&o),
+        undeliverable("rb", &me, Undelivered::NoPeer, None)
+    );
+    let o = s.bus_event("node-b", 1, 5, ticket(&me));
+    assert_eq!(
+        answer(&o),
+        undeliverable("rb", &me, Undelivered::NoPeer, Some("tb"))
+    );
+}
+
+/// The sending node: the answer refuses the signal or relay to its sender with the error
+/// one node gives, counted under `no_target`, and ends the relay's session at once.
+#[test]
+fn an_undeliverable_answer_refuses_the_signal_or_relay_to_its_sender() {
+    let mut s = with_remote_rb("b");
+    let me = me_id(&s);
+    let no_target = crate::signal::rooms::REFUSAL_REASONS
+        .iter()
+        .position(|r| *r == "no_target")
+        .unwrap();
+    let t = Instant::now();
+    s.message(ws_id(1), r#"{"type":"signal","to":"rb","data":1}"#, t);
+    assert_eq!(s.stats().signals_forwarded, 1);
+    let o = s.bus_event(
+        "b",
+        1,
+        2,
+        undeliverable(&me, "rb", Undelivered::NoPeer, None),
+    );
+    let e = &to(&o, ws_id(1))[0];
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str(), e["to"].as_str()),
+        (Some("error"), Some("peer-not-found"), Some("rb")),
+        "{e}"
+    );
+    assert_eq!(s.stats().refused[no_target], 1);
+    assert_eq!(
+        s.stats().signals_forwarded,
+        0,
+        "it was not forwarded after all"
+    );
+    assert!(bus(&o).is_empty(), "an answer is never answered");
+
+    let o = s.message(ws_id(1), r#"{"type":"relay","to":"rb"}"#, t);
+    let Some(Out::Relay(g)) = o.into_iter().find(|o| matches!(o, Out::Relay(_))) else {
+        panic!("a grant")
+    };
+    let tb = g.sides[1].2.clone();
+    let ev = undeliverable(&me, "rb", Undelivered::NotInSharedRoom, Some(&tb));
+    let o = s.bus_event("b", 1, 3, ev);
+    assert!(
+        o.iter()
+            .any(|x| matches!(x, Out::CancelRelay { ticket, .. } if *ticket == tb)),
+        "the session ends, closing a waiting requester: {o:?}"
+    );
+    assert_eq!(to(&o, ws_id(1))[0]["code"], "not-in-shared-room");
+    assert_eq!(s.stats().refused[no_target], 2);
+
+    // The sender left meanwhile: nobody to tell, still counted.
+    s.disconnect(ws_id(1), t);
+    let o = s.bus_event(
+        "b",
+        1,
+        4,
+        undeliverable(&me, "rb", Undelivered::NoPeer, None),
+    );
+    assert!(to(&o, ws_id(1)).is_empty());
+    assert_eq!(s.stats().refused[no_target], 3);
 }
 
 #[test]

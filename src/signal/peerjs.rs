@@ -716,9 +716,10 @@ impl PeerJsService {
 /// ([`BusCmd::Claim`]), so one id is held by one node; messages for an id another node holds
 /// are published for it. Without [`PeerJsService::enable_bus`] none of this is consulted.
 impl PeerJsService {
-    /// Turns cluster mode on.
-    pub fn enable_bus(&mut self) {
-        let mut b = RemoteMembers::new();
+    /// Turns cluster mode on. `now_unix_us`: the driver's wall clock, where this node's
+    /// sequence epochs start.
+    pub fn enable_bus(&mut self, now_unix_us: u64) {
+        let mut b = RemoteMembers::new(now_unix_us);
         // Every node with the PeerJS server listens to the realm's channel.
         b.subscribe(BUS_ROOM);
         self.bus = Some(b);
@@ -899,7 +900,8 @@ impl PeerJsService {
             BusEvent::Joined { .. }
             | BusEvent::Left { .. }
             | BusEvent::Signal { .. }
-            | BusEvent::RelayTicket { .. } => {}
+            | BusEvent::RelayTicket { .. }
+            | BusEvent::Undeliverable { .. } => {}
         }
         out
     }

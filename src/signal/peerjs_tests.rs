@@ -464,7 +464,7 @@ fn bus_cmds(outs: &[Out]) -> Vec<BusCmd> {
 
 fn clustered() -> PeerJsService {
     let mut s = PeerJsService::new(cfg(), StdRng::seed_from_u64(1));
-    s.enable_bus();
+    s.enable_bus(1);
     s.bus_state(true);
     s
 }

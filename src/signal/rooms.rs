@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::bus::{BusCmd, BusEvent, Chan, Member, RemoteMembers};
+use super::bus::{BusCmd, BusEvent, Chan, Member, RemoteMembers, Undelivered};
 use super::names::friendly_name;
 use super::protocol::{rate_limited_text, ClientMsg, ErrorCode, PeerInfo, ServerMsg, CLIENT_TYPES};
 use super::{shrink_map, Out, Text, WsId};
@@ -926,8 +926,9 @@ impl RoomService {
 /// [`RoomService::enable_bus`] none of this is consulted.
 impl RoomService {
     /// Turns cluster mode on: joins, leaves and cross-node signals become bus commands.
-    pub fn enable_bus(&mut self) {
-        self.bus = Some(RemoteMembers::new());
+    /// `now_unix_us`: the driver's wall clock, where this node's sequence epochs start.
+    pub fn enable_bus(&mut self, now_unix_us: u64) {
+        self.bus = Some(RemoteMembers::new(now_unix_us));
     }
 
     /// This node's `/relay` URL for peers on other nodes (`ws(s)://…/relay`): with it, a
@@ -1143,18 +1144,8 @@ impl RoomService {
                     self.remote_left(&room, &id, &mut out);
                 }
             }
-            BusEvent::Signal { to, from, data } => {
-                let Some((conn, rooms)) = self.peers.get(&to).and_then(|p| {
-                    let rooms: BTreeSet<String> = p.rooms.iter().map(RoomKey::bus_name).collect();
-                    p.conn.map(|c| (c, rooms))
-                }) else {
-                    return out;
-                };
-                if self
-                    .bus
-                    .as_ref()
-                    .is_some_and(|b| b.shared(&from, &rooms).is_some())
-                {
+            BusEvent::Signal { to, from, data } => match self.bus_target(&to, &from) {
+                Ok(conn) => {
                     self.stats.signals_forwarded += 1;
                     out.push(Out::Send {
                         conn,
@@ -1166,39 +1157,109 @@ impl RoomService {
                         .into(),
                     });
                 }
-            }
+                Err(why) => out.extend(self.undeliverable(node, from, to, why, None)),
+            },
             BusEvent::RelayTicket {
                 to,
                 from,
                 ticket,
                 url,
                 expires_in,
-            } => {
-                // Only to a peer here that shares a room with the requester; otherwise
-                // the unused ticket expires on the hosting node.
-                let target = self.peers.get(&to).and_then(|p| {
-                    let rooms: BTreeSet<String> = p.rooms.iter().map(RoomKey::bus_name).collect();
-                    p.conn.map(|c| (c, rooms))
-                });
-                if let Some((conn, rooms)) = target {
-                    if self
-                        .bus
-                        .as_ref()
-                        .is_some_and(|b| b.shared(&from, &rooms).is_some())
-                    {
-                        out.push(Out::Send {
-                            conn,
-                            text: ticket_text(&from, &ticket, expires_in, Some(&url)).into(),
-                        });
-                    }
-                }
-            }
+            } => match self.bus_target(&to, &from) {
+                Ok(conn) => out.push(Out::Send {
+                    conn,
+                    text: ticket_text(&from, &ticket, expires_in, Some(&url)).into(),
+                }),
+                Err(why) => out.extend(self.undeliverable(node, from, to, why, Some(ticket))),
+            },
+            BusEvent::Undeliverable {
+                to,
+                peer,
+                why,
+                ticket,
+            } => self.undelivered(to, &peer, why, ticket, &mut out),
             // PeerJS events travel on their own channel, never this one.
             BusEvent::PeerjsOpen { .. }
             | BusEvent::PeerjsClose { .. }
             | BusEvent::Peerjs { .. } => {}
         }
         out
+    }
+
+    /// The local connection for a signal or relay ticket from `from` (a peer on another
+    /// node) to `to`: the checks `check_target` makes on one node, `to` connected here and
+    /// sharing a room with `from`.
+    fn bus_target(&self, to: &str, from: &str) -> Result<WsId, Undelivered> {
+        let Some((p, conn)) = self.peers.get(to).and_then(|p| p.conn.map(|c| (p, c))) else {
+            return Err(Undelivered::NoPeer);
+        };
+        let rooms: BTreeSet<String> = p.rooms.iter().map(RoomKey::bus_name).collect();
+        match self.bus.as_ref().and_then(|b| b.shared(from, &rooms)) {
+            Some(_) => Ok(conn),
+            None => Err(Undelivered::NotInSharedRoom),
+        }
+    }
+
+    /// A signal or relay ticket from `from` on `node` that cannot reach `to` here: the
+    /// answer for `node`, which refuses it to its sender ([`Self::undelivered`]).
+    fn undeliverable(
+        &mut self,
+        node: &str,
+        from: String,
+        to: String,
+        why: Undelivered,
+        ticket: Option<String>,
+    ) -> Option<Out> {
+        let b = self.bus.as_mut()?;
+        let ev = BusEvent::Undeliverable {
+            to: from,
+            peer: to,
+            why,
+            ticket,
+        };
+        Some(Out::Bus(b.publish(Chan::Node(node.to_string()), ev)))
+    }
+
+    /// Another node could not deliver what local peer `to` sent to its peer `peer`: `to`
+    /// gets the error one node gives for that target (counted under its reason,
+    /// `no_target`), and a relay's session (of `ticket`) ends at once, closing the
+    /// requester's `/relay` socket with 1013 if it already waits there. A sender that is
+    /// gone too is told nothing, but the refusal is still counted.
+    fn undelivered(
+        &mut self,
+        to: String,
+        peer: &str,
+        why: Undelivered,
+        ticket: Option<String>,
+        out: &mut Vec<Out>,
+    ) {
+        let (code, message) = match why {
+            Undelivered::NoPeer => (ErrorCode::PeerNotFound, "no connected peer with that id"),
+            Undelivered::NotInSharedRoom => (
+                ErrorCode::NotInSharedRoom,
+                "that peer is not in a room with you",
+            ),
+        };
+        match ticket {
+            Some(ticket) => out.push(Out::CancelRelay {
+                ticket,
+                reason: "the other peer is not connected to its node; no relay",
+            }),
+            // Counted as forwarded when published; it never was.
+            None => {
+                self.stats.signals_forwarded = self.stats.signals_forwarded.saturating_sub(1);
+            }
+        }
+        match self.peers.get(&to).and_then(|p| p.conn) {
+            Some(conn) => out.push(Self::error(
+                &mut self.stats,
+                conn,
+                code,
+                message.into(),
+                Some(peer),
+            )),
+            None => self.stats.refused[refusal_reason(code)] += 1,
+        }
     }
 
     /// A bus command the driver could not queue (its queue to Redis is full), or one in

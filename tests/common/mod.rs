@@ -56,6 +56,12 @@ pub fn have_ipv6() -> bool {
 /// True if coturn's client tool `name` is installed. When it is missing the test is skipped
 /// locally, but fails under CI (the `CI` variable), where .ci/run must have installed it.
 pub fn have_tool(name: &str) -> bool {
+    have_tool_from(name, "coturn")
+}
+
+/// True if the program `name` (from the Debian package `package`) is installed; skipped
+/// locally and failing under CI when it is not, as [`have_tool`].
+pub fn have_tool_from(name: &str, package: &str) -> bool {
     let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {name}"))
@@ -66,9 +72,9 @@ pub fn have_tool(name: &str) -> bool {
     if !found {
         assert!(
             std::env::var_os("CI").is_none(),
-            "{name} is missing (apt-get install coturn)"
+            "{name} is missing (apt-get install {package})"
         );
-        eprintln!("SKIPPED: {name} not installed (apt-get install coturn)");
+        eprintln!("SKIPPED: {name} not installed (apt-get install {package})");
     }
     found
 }
@@ -555,7 +561,9 @@ fn rest_uclient(tern: &Tern) -> Command {
     cmd
 }
 
-fn uclient_run_port(
+/// Runs `cmd` (`turnutils_uclient` with its credential options) against the TURN server
+/// at `ip`:`port`, the echo peer at `ip`:`peer_port`, with `args`; killed after `limit`.
+pub fn uclient_run_port(
     cmd: &mut Command,
     port: u16,
     ip: &str,
