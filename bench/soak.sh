@@ -12,7 +12,9 @@
 #   tcp      turnutils_uclient -t: TURN over TCP with channels
 #   tls      turnutils_uclient -t -S: TURN over TLS (self-signed certificate made here)
 #   signal   bench/signal/load.mjs: PeerJS peers bouncing CANDIDATEs through /peerjs
-# Loopback only; every part bounded by the end time; only PIDs started here are stopped.
+# Loopback only; every part bounded by the end time. The daemon, the echo peer and each part
+# run as process groups of their own, stopped by group id on exit or interrupt (bench/lib.sh),
+# so a part's load client goes with it; nothing is stopped by name.
 # Results: bench/out/soak-<time>/ (soak.csv, logs); the CSV, PNG and summary are copied to
 # DOCS (bench/docs) unless DOCS is empty.
 #
@@ -32,11 +34,14 @@ DOCS=${DOCS-$ROOT/bench/docs}
 for tool in turnutils_uclient turnutils_peer openssl gnuplot node curl; do
     command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install coturn openssl gnuplot-nox nodejs curl)" >&2; exit 1; }
 done
+# The signaling part's WebSocket client; without it every signaling run fails at once and the
+# soak runs without its signaling load.
+[ -d tests/browser/node_modules/ws ] || { echo "missing the ws module: (cd tests/browser && npm ci)" >&2; exit 1; }
 
 OUT="$ROOT/bench/out/soak-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 echo "soak for ${SOAK_SECS} s; results and logs: $OUT"
-# PIDS, cleanup on exit, free_port.
+# in_group, cleanup on exit, free_port.
 . "$ROOT/bench/lib.sh"
 trap 'exit 143' TERM INT
 
@@ -96,17 +101,19 @@ enabled = true
 listen = "127.0.0.1:$METRICS_PORT"
 [log]
 level = "warn"
+[daemon]
+# On exit the loads stop first; turnutils_uclient's allocations would hold the drain open for
+# their 90 s lifetime.
+drain_timeout_secs = 5
 TOML
-"$TERN" serve --config "$OUT/tern.toml" >"$OUT/tern.log" 2>&1 &
+in_group "$TERN" serve --config "$OUT/tern.toml" >"$OUT/tern.log" 2>&1
 TERN_PID=$!
-PIDS+=("$TERN_PID")
 for _ in $(seq 1 300); do
     curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" >/dev/null 2>&1 && break
     kill -0 "$TERN_PID" 2>/dev/null || { echo "tern exited; see $OUT/tern.log" >&2; exit 1; }
     sleep 0.1
 done
-turnutils_peer -p "$PEER_PORT" -L 127.0.0.1 >"$OUT/peer.log" 2>&1 &
-PIDS+=("$!")
+in_group turnutils_peer -p "$PEER_PORT" -L 127.0.0.1 >"$OUT/peer.log" 2>&1
 
 START=$(date +%s)
 END=$((START + SOAK_SECS))
@@ -133,7 +140,7 @@ part_uclient() { # name flags...
     local name=$1
     shift
     while [ "$(left)" -gt 15 ]; do
-        timeout 60 turnutils_uclient -W "$SECRET" -u soak -e 127.0.0.1 -r "$PEER_PORT" \
+        timeout --foreground -k 5 60 turnutils_uclient -W "$SECRET" -u soak -e 127.0.0.1 -r "$PEER_PORT" \
             -m "$UC_CLIENTS" -n 300 -l 200 -z 20 "$@" 127.0.0.1 >"$OUT/$name.last" 2>&1 || true
         grep -h 'Total lost packets\|tot_send_msgs' "$OUT/$name.last" | tail -2 >>"$OUT/$name.log" || true
     done
@@ -142,25 +149,26 @@ part_signal() {
     while [ "$(left)" -gt 20 ]; do
         local d=$(($(left) - 15))
         [ "$d" -gt 60 ] && d=60
-        timeout $((d + 60)) node bench/signal/load.mjs --url "ws://127.0.0.1:$API_PORT/peerjs/peerjs" \
+        timeout --foreground -k 5 $((d + 60)) node bench/signal/load.mjs --url "ws://127.0.0.1:$API_PORT/peerjs/peerjs" \
             --key peerjs --pid "$TERN_PID" --procs 1 --peers "$SIG_PEERS" --batch 50 --kind bounce \
             --window 1 --secs "$d" >>"$OUT/signal.jsonl" 2>>"$OUT/signal.stderr" || true
     done
 }
+# `timeout --foreground` in the parts: timeout otherwise moves itself and its command into a
+# process group of its own, out of reach of the part's.
 PARTS=()
-part_udp &
+in_group part_udp
 PARTS+=("$!")
-part_churn &
+in_group part_churn
 PARTS+=("$!")
-part_uclient send -c -s -p "$TURN_PORT" &
+in_group part_uclient send -c -s -p "$TURN_PORT"
 PARTS+=("$!")
-part_uclient tcp -c -t -p "$TURN_PORT" &
+in_group part_uclient tcp -c -t -p "$TURN_PORT"
 PARTS+=("$!")
-part_uclient tls -c -t -S -p "$TLS_PORT" &
+in_group part_uclient tls -c -t -S -p "$TLS_PORT"
 PARTS+=("$!")
-part_signal &
+in_group part_signal
 PARTS+=("$!")
-PIDS+=("${PARTS[@]}")
 
 # Sampler: every 10 s.
 TICKS=$(getconf CLK_TCK)
@@ -185,7 +193,7 @@ while [ "$(date +%s)" -lt "$END" ]; do
     r=$(relayed)
     read -r rss anon file < <(awk '/^VmRSS:/ { r = $2 } /^RssAnon:/ { a = $2 } /^RssFile:/ { f = $2 }
         END { print r, a, f }' "/proc/$TERN_PID/status")
-    fds=$(ls "/proc/$TERN_PID/fd" | wc -l)
+    fds=$(find "/proc/$TERN_PID/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
     read -r sent lost < <(loss_totals)
     awk -v t=$(($(date +%s) - START)) -v rss="$rss" -v fds="$fds" -v dc=$((c - c_prev)) -v dr=$((r - r_prev)) \
         -v hz="$TICKS" -v s="$sent" -v l="$lost" -v anon="$anon" -v file="$file" \
