@@ -20,6 +20,8 @@ metric_table! { pub RELAY;
         "Packets relayed, by direction and client transport.";
     RELAY_DROPPED: Counter "tern_relay_dropped_packets_total" ["reason"]
         "Packets not relayed, by reason.";
+    RELAY_GRO_BUFFERS: Counter "tern_relay_gro_buffers_total" []
+        "UDP GRO buffers (datagrams coalesced by the kernel) received and split into datagrams.";
     TCP_ACCEPTED: Counter "tern_turn_tcp_connections_accepted_total" []
         "TCP client connections accepted by the TURN listeners.";
     TCP_REFUSED: Counter "tern_turn_tcp_connections_refused_total" []
@@ -163,12 +165,14 @@ fn read(src: &TurnStatsSource, f: &mut Families) {
         ("tcp_queue_full", net.drop_tcp_queue_full),
         ("send_error", net.drop_send_error),
         ("truncated", net.drop_truncated),
+        ("gro_overflow", net.drop_gro_overflow),
         ("bandwidth", net.drop_bandwidth),
         ("user_bandwidth", net.drop_user_bandwidth),
         ("invalid", net.drop_invalid),
     ] {
         f.sample(&RELAY_DROPPED, &[reason], v);
     }
+    f.sample(&RELAY_GRO_BUFFERS, &[], net.gro_buffers);
     f.sample(&TCP_ACCEPTED, &[], net.tcp_accepted);
     f.sample(&TCP_REFUSED, &[], net.tcp_rejected_per_ip);
     for (reason, v) in [

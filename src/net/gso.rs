@@ -14,13 +14,7 @@ use std::os::fd::RawFd;
 use std::ptr;
 
 use super::mmsg::{write_pktinfo, write_sockaddr, Ctrl, Flushed};
-
-/// linux/udp.h: the GSO segment size control message (not in every libc target).
-const UDP_SEGMENT: libc::c_int = 103;
-/// Segments in one GSO message (UDP_MAX_SEGMENTS is 64 on older kernels, 128 on newer).
-const MAX_SEGMENTS: usize = 64;
-/// Bytes in one GSO message: an IPv6 UDP payload's limit (65535 - 40 - 8), rounded down.
-const MAX_GSO_BYTES: usize = 65000;
+use super::udp_segment::{self, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 
 /// One message of the batch: a lone datagram or a GSO run.
 #[derive(Clone, Copy)]
@@ -114,7 +108,7 @@ impl GsoBatch {
                 && r.seg == data.len()
                 && r.seg > 0
                 && r.seg <= self.max_seg
-                && r.count < MAX_SEGMENTS
+                && r.count < MAX_GSO_SEGMENTS
                 && (r.count + 1) * r.seg <= MAX_GSO_BYTES
         };
         if joins {
@@ -153,21 +147,11 @@ impl GsoBatch {
         if gso && r.count > 1 {
             // The segment size goes after the packet info (if any) in the same buffer,
             // which has room for both (CMSG_SPACE of in6_pktinfo plus of a u16).
-            // SAFETY: `ctrl[m]` is 8-aligned and large enough; CMSG_* walk within it.
-            unsafe {
-                let used = h.msg_controllen as usize;
-                let base: *mut u8 = self.ctrl[m].0.as_mut_ptr();
-                if used == 0 {
-                    ptr::write_bytes(base, 0, self.ctrl[m].0.len());
-                }
-                h.msg_control = base.cast();
-                h.msg_controllen = (used + libc::CMSG_SPACE(2) as usize) as _;
-                let c = base.add(used).cast::<libc::cmsghdr>();
-                (*c).cmsg_level = libc::SOL_UDP;
-                (*c).cmsg_type = UDP_SEGMENT;
-                (*c).cmsg_len = libc::CMSG_LEN(2) as _;
-                ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), r.seg as u16);
-            }
+            let used = h.msg_controllen as usize;
+            let ctrl = &mut self.ctrl[m].0;
+            h.msg_control = ctrl.as_mut_ptr().cast();
+            // A run's segment is at most MAX_GSO_BYTES, so it fits the u16.
+            h.msg_controllen = udp_segment::write_segment(ctrl, used, r.seg as u16) as _;
         }
         self.hdrs[m].msg_len = 0;
     }
@@ -347,7 +331,7 @@ mod tests {
     fn a_long_run_is_cut_at_the_segment_limit() {
         let a = receiver();
         let to = a.local_addr().unwrap();
-        let data: Vec<Vec<u8>> = (0..MAX_SEGMENTS + 6)
+        let data: Vec<Vec<u8>> = (0..MAX_GSO_SEGMENTS + 6)
             .map(|i| datagram(b'x', i, 1200))
             .collect();
         let mut batch = GsoBatch::new(data.len());

@@ -9,22 +9,19 @@
 //! datagram per index as without GRO: in place when no headroom is asked for, otherwise each
 //! further segment is copied into a spill area with its own headroom and tail room (a copy
 //! of the payload costs far less than the per-datagram trip through the stack GRO saves).
+//! The batch has room for every segment of a full buffer in every slot
+//! (`udp_segment::MAX_GRO_SEGMENTS`); a segment that still finds none is counted as the
+//! drop reason `gro_overflow`, never lost silently. GRO buffers are counted per worker in
+//! its [`NetStats`] (`tern_relay_gro_buffers_total`), not in a process-wide counter.
 
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-/// GRO buffers split by [`RecvBatch::recv`] in this process (a diagnostic: shows that the
-/// GRO receive path ran, e.g. in the allocation-counting test).
-static GRO_SPLIT: AtomicU64 = AtomicU64::new(0);
-
-/// How many GRO buffers of several datagrams this process has received and split.
-pub fn gro_buffers_split() -> u64 {
-    GRO_SPLIT.load(Ordering::Relaxed)
-}
+use super::stats::NetStats;
+use super::udp_segment::{self, MAX_GRO_SEGMENTS};
 
 /// Writes `addr` into `storage` as a `sockaddr_in`/`sockaddr_in6`; returns its length.
 pub fn write_sockaddr(addr: SocketAddr, storage: &mut libc::sockaddr_storage) -> libc::socklen_t {
@@ -83,12 +80,8 @@ pub fn read_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
 /// Control-message room per datagram: one IPv4 or IPv6 packet-info message, plus a
 /// UDP_SEGMENT size after it (in `gso::GsoBatch`) or a UDP_GRO size (received).
 const CTRL_LEN: usize = 64;
-/// linux/udp.h: the GRO segment size control message (not in every libc target).
-pub(super) const UDP_GRO: libc::c_int = 104;
-/// Datagrams the kernel coalesces into one GRO buffer at most (UDP_GRO_CNT_MAX).
-const MAX_GRO_SEGS: usize = 64;
 /// Headroom plus tail room a split GRO segment can get in the spill area; a larger request
-/// drops the further segments of a coalesced buffer (counted as truncated).
+/// drops the further segments of a coalesced buffer (counted as `gro_overflow`).
 const MAX_SPILL_ROOM: usize = 64;
 
 /// A control-message buffer, aligned for `cmsghdr`.
@@ -123,9 +116,8 @@ unsafe fn read_cmsgs(hdr: &libc::msghdr) -> (Option<IpAddr>, usize) {
             } else if level == libc::IPPROTO_IPV6 && ty == libc::IPV6_PKTINFO {
                 let info: libc::in6_pktinfo = ptr::read_unaligned(libc::CMSG_DATA(c).cast());
                 dst = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
-            } else if level == libc::SOL_UDP && ty == UDP_GRO {
-                let size: libc::c_int = ptr::read_unaligned(libc::CMSG_DATA(c).cast());
-                gro = usize::try_from(size).unwrap_or(0);
+            } else if let Some(size) = udp_segment::read_gro(c) {
+                gro = size;
             }
             c = libc::CMSG_NXTHDR(hdr, c);
         }
@@ -220,22 +212,28 @@ pub struct RecvBatch {
     addrs: Box<[libc::sockaddr_storage]>,
     ctrl: Box<[Ctrl]>,
     hdrs: Box<[libc::mmsghdr]>,
-    /// Per datagram of the last `recv` (up to `slots * MAX_GRO_SEGS` of them).
+    /// Per datagram of the last `recv` (up to `slots * segments per slot` of them).
     received: Box<[Received]>,
     /// Per datagram: the region of `buf` that is its slot (payload at `data_at`).
     region: Box<[(usize, usize)]>,
-    /// GRO buffers this batch split (tests look at it).
-    msgs_split: u64,
 }
 
 impl RecvBatch {
     pub fn new(slots: usize, slot_size: usize) -> RecvBatch {
-        assert!(slots > 0 && slot_size > 0);
+        // A segment holds at least one byte, so a slot never holds more than slot_size.
+        RecvBatch::with_segments(slots, slot_size, MAX_GRO_SEGMENTS.min(slot_size))
+    }
+
+    /// A batch with room for `segs` datagrams per slot (the tests provoke `gro_overflow`
+    /// with fewer than a GRO buffer can hold).
+    fn with_segments(slots: usize, slot_size: usize, segs: usize) -> RecvBatch {
+        assert!(slots > 0 && slot_size > 0 && segs > 0);
         let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-        // Every payload byte of a batch may need a spill copy, each with its own room. The
-        // area is only touched when GRO buffers arrive (zeroed pages stay unmapped).
-        let spill = slots * slot_size + slots * MAX_GRO_SEGS * (MAX_SPILL_ROOM + 8);
-        let entries = slots * MAX_GRO_SEGS;
+        // Every payload byte of a batch may need a spill copy, each segment with its own
+        // room (at most MAX_SPILL_ROOM, plus up to 7 bytes to keep the next one aligned).
+        // The area is only touched when GRO buffers arrive (zeroed pages stay unmapped).
+        let spill = slots * slot_size + slots * segs * (MAX_SPILL_ROOM + 8);
+        let entries = slots * segs;
         RecvBatch {
             buf: vec![0u8; slots * slot_size + spill].into_boxed_slice(),
             slots,
@@ -263,15 +261,21 @@ impl RecvBatch {
             ]
             .into_boxed_slice(),
             region: vec![(0, 0); entries].into_boxed_slice(),
-            msgs_split: 0,
         }
     }
 
     /// Receives up to one batch from the non-blocking socket `fd`, each datagram placed at
     /// `data_at` in its slot with `tail` bytes kept free after the largest accepted payload.
     /// Returns how many datagrams arrived (a GRO buffer counts as its datagrams);
-    /// `WouldBlock` when none were waiting.
-    pub fn recv(&mut self, fd: RawFd, data_at: usize, tail: usize) -> io::Result<usize> {
+    /// `WouldBlock` when none were waiting. GRO buffers, and segments of them that found no
+    /// room (`drop_gro_overflow`), are counted in `stats`.
+    pub fn recv(
+        &mut self,
+        fd: RawFd,
+        data_at: usize,
+        tail: usize,
+        stats: &mut NetStats,
+    ) -> io::Result<usize> {
         assert!(data_at + tail < self.slot_size);
         self.data_at = data_at;
         let room = self.slot_size - data_at - tail;
@@ -309,9 +313,13 @@ impl RecvBatch {
                 return Err(e);
             }
         };
+        let entries = self.received.len();
         let mut count = 0;
         let mut spill = self.slots * self.slot_size;
         for i in 0..n {
+            // One entry stays free for the first datagram of each later buffer, so a long
+            // GRO buffer cannot take their place (`entries >= slots >= n`).
+            let limit = entries - (n - 1 - i);
             let h = &self.hdrs[i];
             let slot = (i * self.slot_size, (i + 1) * self.slot_size);
             let Some(from) = read_sockaddr(&self.addrs[i]) else {
@@ -348,12 +356,17 @@ impl RecvBatch {
             }
             // A GRO buffer: segments of `gro` bytes (the last may be shorter) after the
             // first, which stays where it is.
-            GRO_SPLIT.fetch_add(1, Ordering::Relaxed);
-            self.msgs_split += 1;
+            stats.gro_buffers += 1;
             let in_place = data_at == 0 && tail == 0;
+            let end = slot.0 + data_at + len;
             let mut at = slot.0 + data_at + first;
-            while at < slot.0 + data_at + len && count < self.received.len() {
-                let seg = gro.min(slot.0 + data_at + len - at);
+            while at < end {
+                if count == limit {
+                    // More segments than a GRO buffer can hold today: count what is left.
+                    stats.drop_gro_overflow += (end - at).div_ceil(gro) as u64;
+                    break;
+                }
+                let seg = gro.min(end - at);
                 let need = (data_at + seg + tail).next_multiple_of(8);
                 let region = if in_place {
                     Some((at, at + seg))
@@ -364,15 +377,20 @@ impl RecvBatch {
                 } else {
                     None
                 };
+                at += seg;
+                let Some(region) = region else {
+                    // More room asked around each datagram than the spill area has.
+                    stats.drop_gro_overflow += 1;
+                    continue;
+                };
                 self.received[count] = Received {
                     from,
                     len: seg,
-                    truncated: region.is_none(),
+                    truncated: false,
                     dst,
                 };
-                self.region[count] = region.unwrap_or(slot);
+                self.region[count] = region;
                 count += 1;
-                at += seg;
             }
         }
         Ok(count)
@@ -565,10 +583,11 @@ mod tests {
         assert_eq!(f.failed, 0);
 
         let mut rb = RecvBatch::new(8, 128);
+        let mut stats = NetStats::default();
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while got.len() < 5 && std::time::Instant::now() < deadline {
-            match rb.recv(rx.as_raw_fd(), 48, 4) {
+            match rb.recv(rx.as_raw_fd(), 48, 4, &mut stats) {
                 Ok(n) => {
                     for i in 0..n {
                         let r = rb.received(i);
@@ -587,6 +606,7 @@ mod tests {
             }
         }
         assert_eq!(got, payloads);
+        assert_eq!(stats, NetStats::default(), "no GRO buffer, nothing dropped");
     }
 
     /// `count` datagrams of `len` bytes (first byte: the index) sent to `to` as one GSO
@@ -609,19 +629,22 @@ mod tests {
         data
     }
 
-    /// Receives until `want` datagrams arrived (or 5 s passed): their payloads, each also
-    /// checked to sit at the headroom offset of its slot with `tail` bytes after it.
+    /// Receives until `want` datagrams arrived or were counted as `gro_overflow` in `stats`
+    /// (or 5 s passed): the payloads received, each also checked to sit at the headroom
+    /// offset of its slot with `tail` bytes after it.
     fn recv_datagrams(
         rb: &mut RecvBatch,
         rx: &UdpSocket,
         want: usize,
-        at: usize,
-        tail: usize,
+        (at, tail): (usize, usize),
+        stats: &mut NetStats,
     ) -> Vec<Vec<u8>> {
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while got.len() < want && std::time::Instant::now() < deadline {
-            match rb.recv(rx.as_raw_fd(), at, tail) {
+        while got.len() + (stats.drop_gro_overflow as usize) < want
+            && std::time::Instant::now() < deadline
+        {
+            match rb.recv(rx.as_raw_fd(), at, tail, stats) {
                 Ok(n) => {
                     for i in 0..n {
                         let r = rb.received(i);
@@ -662,18 +685,116 @@ mod tests {
         let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
         let to = rx.local_addr().unwrap();
         let mut rb = RecvBatch::new(4, 48 + 65536 + 16);
+        let mut stats = NetStats::default();
 
         // No headroom (a listener): the datagrams are used where they landed.
         let sent = gso_burst(to, 20, 100);
-        assert_eq!(recv_datagrams(&mut rb, &rx, 20, 0, 0), sent);
-        assert!(rb.msgs_split > 0, "the kernel coalesced the burst");
+        assert_eq!(recv_datagrams(&mut rb, &rx, 20, (0, 0), &mut stats), sent);
+        assert!(stats.gro_buffers > 0, "the kernel coalesced the burst");
 
         // Headroom and tail room (a relay socket): the further datagrams are copied out.
-        let split = rb.msgs_split;
+        let split = stats.gro_buffers;
         let mut sent = gso_burst(to, 40, 1200);
         sent.extend(gso_burst(to, 3, 7));
-        assert_eq!(recv_datagrams(&mut rb, &rx, 43, 48, 16), sent);
-        assert!(rb.msgs_split > split, "the kernel coalesced the bursts");
+        assert_eq!(recv_datagrams(&mut rb, &rx, 43, (48, 16), &mut stats), sent);
+        assert!(stats.gro_buffers > split, "the kernel coalesced the bursts");
+        assert_eq!(stats.drop_gro_overflow, 0);
+    }
+
+    /// Sends `data` to `to` as one GSO message of `seg`-byte segments, straight through
+    /// `sendmsg` (past `GsoBatch`'s limit of MAX_GSO_SEGMENTS per message).
+    fn send_segments(to: SocketAddr, data: &[u8], seg: usize) -> io::Result<()> {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut addr = zeroed_storage();
+        let namelen = write_sockaddr(to, &mut addr);
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut ctrl = udp_segment::SegmentCtrl::new(seg as u16);
+        let mut h = zeroed_hdr().msg_hdr;
+        h.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+        h.msg_namelen = namelen;
+        h.msg_iov = &mut iov;
+        h.msg_iovlen = 1;
+        ctrl.attach(&mut h);
+        // SAFETY: every pointer in `h` points at a local alive for the call.
+        if unsafe { libc::sendmsg(tx.as_raw_fd(), &h, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_full_gro_buffer_of_the_largest_count_finds_room() {
+        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let to = rx.local_addr().unwrap();
+        // MAX_GRO_SEGMENTS one-byte datagrams reach the GRO socket as one buffer.
+        let data: Vec<u8> = (0..MAX_GRO_SEGMENTS as u8).collect();
+        if let Err(e) = send_segments(to, &data, 1) {
+            // Kernels before 6.10 take at most 64 segments per GSO message (the receive
+            // side of those cannot see more either).
+            eprintln!("SKIP: this kernel refuses {MAX_GRO_SEGMENTS} GSO segments: {e}");
+            return;
+        }
+        let sent = gso_burst(to, 3, 7);
+        let mut rb = RecvBatch::new(2, 48 + 65536 + 16);
+        let mut stats = NetStats::default();
+        let got = recv_datagrams(&mut rb, &rx, data.len() + 3, (48, 16), &mut stats);
+        let want: Vec<Vec<u8>> = data.iter().map(|&b| vec![b]).chain(sent).collect();
+        assert_eq!(got, want);
+        assert_eq!(stats.drop_gro_overflow, 0);
+        assert!(stats.gro_buffers >= 1);
+    }
+
+    #[test]
+    fn gro_segments_without_room_are_counted_as_gro_overflow() {
+        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let to = rx.local_addr().unwrap();
+
+        // Room for 8 datagrams per slot, a buffer of 20: 12 have no entry.
+        let mut rb = RecvBatch::with_segments(1, 48 + 65536 + 16, 8);
+        let mut stats = NetStats::default();
+        let sent = gso_burst(to, 20, 100);
+        let got = recv_datagrams(&mut rb, &rx, 20, (0, 0), &mut stats);
+        assert!(stats.gro_buffers >= 1, "the kernel coalesced the burst");
+        assert!(stats.drop_gro_overflow > 0, "overflow counted");
+        assert_eq!(got.len() + stats.drop_gro_overflow as usize, 20);
+        // What was delivered is whole and in order: the head of each buffer.
+        assert!(got.iter().all(|d| sent.contains(d)));
+        assert!(got.windows(2).all(|w| w[0][0] < w[1][0]));
+
+        // More head and tail room than the spill area gives each datagram: only the first
+        // of each buffer (it stays in its slot) is delivered, the rest counted.
+        let mut rb = RecvBatch::new(1, 48 + 65536 + 64);
+        let mut stats = NetStats::default();
+        let sent = gso_burst(to, 5, 100);
+        let got = recv_datagrams(&mut rb, &rx, 5, (48, MAX_SPILL_ROOM), &mut stats);
+        assert!(stats.gro_buffers >= 1, "the kernel coalesced the burst");
+        assert_eq!(got.len() + stats.drop_gro_overflow as usize, 5);
+        assert_eq!(got.len() as u64, stats.gro_buffers, "one per buffer");
+        assert_eq!(got[0], sent[0]);
+        assert_eq!(stats.drop_truncated, 0, "not reported as truncated");
+    }
+
+    #[test]
+    fn a_long_gro_buffer_leaves_an_entry_for_each_later_buffer() {
+        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let to = rx.local_addr().unwrap();
+        // Two slots of 4 entries: 8 in all. A first buffer of 20 may use 7, never the 8th,
+        // which the next buffer's first datagram needs.
+        let mut rb = RecvBatch::with_segments(2, 65536, 4);
+        let mut stats = NetStats::default();
+        let first = gso_burst(to, 20, 100);
+        let second = gso_burst(to, 1, 50);
+        let got = recv_datagrams(&mut rb, &rx, 21, (0, 0), &mut stats);
+        assert_eq!(got.len() + stats.drop_gro_overflow as usize, 21);
+        assert_eq!(
+            got.last(),
+            second.last(),
+            "the later datagram was delivered"
+        );
+        assert_eq!(got[0], first[0]);
     }
 
     #[test]
@@ -687,10 +808,13 @@ mod tests {
         rx.peek_from(&mut peek).unwrap();
         rx.set_nonblocking(true).unwrap();
         let mut rb = RecvBatch::new(2, 100);
-        assert_eq!(rb.recv(rx.as_raw_fd(), 0, 0).unwrap(), 1);
+        let mut stats = NetStats::default();
+        assert_eq!(rb.recv(rx.as_raw_fd(), 0, 0, &mut stats).unwrap(), 1);
         assert!(rb.received(0).truncated);
         assert_eq!(
-            rb.recv(rx.as_raw_fd(), 0, 0).unwrap_err().kind(),
+            rb.recv(rx.as_raw_fd(), 0, 0, &mut stats)
+                .unwrap_err()
+                .kind(),
             io::ErrorKind::WouldBlock
         );
     }

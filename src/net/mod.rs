@@ -14,6 +14,7 @@ mod relay_addr;
 mod socket;
 mod stats;
 mod tcp;
+pub mod udp_segment;
 mod worker;
 
 use std::net::SocketAddr;
@@ -26,7 +27,6 @@ use crate::config::{Config, TlsConfig, TurnConfig};
 use crate::tls::TlsContext;
 use crate::turn::RelayAddr;
 
-pub use mmsg::gro_buffers_split;
 pub use stats::{NetStats, PortUse, TurnStatsSource, WorkerStats};
 
 /// Errors starting the network service.

@@ -102,7 +102,7 @@ fn enable_gro(s: &Socket) {
         libc::setsockopt(
             s.as_raw_fd(),
             libc::SOL_UDP,
-            super::mmsg::UDP_GRO,
+            super::udp_segment::UDP_GRO,
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );

@@ -99,6 +99,10 @@ pub struct NetStats {
     pub drop_send_error: u64,
     /// Datagrams larger than the receive slot, or too large for a Data indication.
     pub drop_truncated: u64,
+    /// Datagrams of a received UDP GRO buffer that found no room in the receive batch
+    /// (more segments than a buffer can hold, or more head and tail room asked than the
+    /// spill area has): `net::mmsg`.
+    pub drop_gro_overflow: u64,
     /// Datagrams over their relayed address's `turn.max_bytes_per_sec`, either direction.
     pub drop_bandwidth: u64,
     /// Datagrams over their user's `turn.user_max_bytes_per_sec` (all of the user's relays
@@ -106,6 +110,9 @@ pub struct NetStats {
     pub drop_user_bandwidth: u64,
     /// Client input that is neither STUN nor ChannelData.
     pub drop_invalid: u64,
+    /// UDP GRO buffers received (several datagrams coalesced by the kernel) and split back
+    /// into datagrams, on listeners and relay sockets.
+    pub gro_buffers: u64,
     /// TCP connections closed for garbage or oversized frames.
     pub tcp_closed_garbage: u64,
     /// TCP connections closed because no message completed within the idle timeout.
@@ -171,9 +178,11 @@ impl AddAssign for NetStats {
         self.drop_tcp_queue_full += o.drop_tcp_queue_full;
         self.drop_send_error += o.drop_send_error;
         self.drop_truncated += o.drop_truncated;
+        self.drop_gro_overflow += o.drop_gro_overflow;
         self.drop_bandwidth += o.drop_bandwidth;
         self.drop_user_bandwidth += o.drop_user_bandwidth;
         self.drop_invalid += o.drop_invalid;
+        self.gro_buffers += o.gro_buffers;
         self.tcp_closed_garbage += o.tcp_closed_garbage;
         self.tcp_closed_idle += o.tcp_closed_idle;
         self.tcp_rejected_per_ip += o.tcp_rejected_per_ip;

@@ -18,15 +18,10 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::mmsg::{self, MAX_BATCH};
+use crate::udp_segment::{MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 
 const SLOT: usize = 2048;
 const HEAD: usize = 4;
-/// Segments per GSO send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
-const MAX_SEGS: usize = 64;
-/// Bytes per GSO send (an IPv4 UDP payload's limit, rounded down).
-const MAX_GSO_BYTES: usize = 65000;
-/// linux/udp.h: the GSO segment size cmsg (not in every libc target).
-const UDP_SEGMENT: libc::c_int = 103;
 /// A client's first datagram `BIND` + "IP:PORT" gives it a relay socket connected to that
 /// peer instead of `--peer`; answered by the same datagram (the client waits for it).
 pub const BIND: &[u8; 8] = b"TRNBIND:";
@@ -180,46 +175,24 @@ impl Bufs {
 /// Sends `iovs` (one datagram each) to `dest` (None: the socket is connected): one sendmsg
 /// with UDP_SEGMENT per run of equal-size datagrams when `gso`, else one sendmmsg.
 fn send_run(fd: RawFd, dest: Option<&libc::sockaddr_storage>, iovs: &mut [libc::iovec], gso: bool) {
-    let (name, namelen) = match dest {
-        Some(d) => (
-            d as *const libc::sockaddr_storage as *mut libc::c_void,
-            if d.ss_family as i32 == libc::AF_INET6 {
-                size_of::<libc::sockaddr_in6>() as u32
-            } else {
-                size_of::<libc::sockaddr_in>() as u32
-            },
-        ),
-        None => (std::ptr::null_mut(), 0),
-    };
     if gso && iovs.len() > 1 && iovs.iter().all(|v| v.iov_len == iovs[0].iov_len) {
         let seg = iovs[0].iov_len;
-        let per = MAX_SEGS.min(MAX_GSO_BYTES / seg.max(1)).max(1);
+        let per = MAX_GSO_SEGMENTS.min(MAX_GSO_BYTES / seg.max(1)).max(1);
         for chunk in iovs.chunks_mut(per) {
-            #[repr(C, align(8))]
-            struct Ctrl([u8; 32]);
-            let mut ctrl = Ctrl([0; 32]);
-            // SAFETY: msghdr/cmsg set up as the kernel expects; buffers outlive the call.
-            unsafe {
-                let mut h: libc::msghdr = zeroed();
-                h.msg_name = name;
-                h.msg_namelen = namelen;
-                h.msg_iov = chunk.as_mut_ptr();
-                h.msg_iovlen = chunk.len() as _;
-                if chunk.len() > 1 {
-                    h.msg_control = ctrl.0.as_mut_ptr().cast();
-                    h.msg_controllen = libc::CMSG_SPACE(2) as _;
-                    let c = libc::CMSG_FIRSTHDR(&h);
-                    (*c).cmsg_level = libc::SOL_UDP;
-                    (*c).cmsg_type = UDP_SEGMENT;
-                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
-                }
-                libc::sendmsg(fd, &h, libc::MSG_DONTWAIT);
-            }
+            // A lone datagram with a segment size of its own length goes out as it is. A
+            // refused send is a loss the load generator counts, as for sendmmsg below.
+            let _ = mmsg::send_gso(fd, dest, chunk, seg);
         }
         return;
     }
-    // SAFETY: as above, one header per datagram.
+    let (name, namelen) = match dest {
+        Some(d) => (
+            d as *const libc::sockaddr_storage as *mut libc::c_void,
+            mmsg::sockaddr_len(d),
+        ),
+        None => (std::ptr::null_mut(), 0),
+    };
+    // SAFETY: zeroed mmsghdrs are valid; one is filled per datagram below.
     let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { zeroed() };
     let n = iovs.len().min(MAX_BATCH);
     for i in 0..n {

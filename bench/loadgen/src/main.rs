@@ -14,6 +14,10 @@
 mod control;
 mod forward;
 mod mmsg;
+// Tern's UDP_SEGMENT/UDP_GRO control messages: one copy of the cmsg layout for both.
+#[allow(dead_code)]
+#[path = "../../../src/net/udp_segment.rs"]
+mod udp_segment;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};

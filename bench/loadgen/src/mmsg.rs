@@ -4,6 +4,8 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::os::fd::RawFd;
 
+use crate::udp_segment::{SegmentCtrl, MAX_GSO_BYTES};
+
 /// Largest batch one call handles.
 pub const MAX_BATCH: usize = 64;
 /// Receive buffer per datagram.
@@ -109,9 +111,6 @@ impl RecvBatch {
     }
 }
 
-/// Bytes in one GSO message (an IPv4 UDP payload's limit, rounded down).
-pub const MAX_GSO_BYTES: usize = 65000;
-
 fn same_addr(a: &libc::sockaddr_storage, b: &libc::sockaddr_storage) -> bool {
     let len = sockaddr_len(a) as usize;
     // SAFETY: both are sockaddr_storage, at least `len` bytes.
@@ -123,16 +122,13 @@ fn same_addr(a: &libc::sockaddr_storage, b: &libc::sockaddr_storage) -> bool {
 
 /// One sendmsg of `iov` as UDP GSO segments of `seg` bytes (to `to`, or on a connected
 /// socket). Returns the bytes sent.
-fn send_gso(
+pub fn send_gso(
     fd: RawFd,
     to: Option<&libc::sockaddr_storage>,
     iov: &mut [libc::iovec],
     seg: usize,
 ) -> io::Result<usize> {
-    const UDP_SEGMENT: libc::c_int = 103;
-    #[repr(C, align(8))]
-    struct Ctrl([u8; 32]);
-    let mut ctrl = Ctrl([0; 32]);
+    let mut ctrl = SegmentCtrl::new(seg as u16);
     // SAFETY: a msghdr whose pointers point at locals and at `iov`, alive for the call.
     let r = unsafe {
         let mut h: libc::msghdr = zeroed();
@@ -143,13 +139,7 @@ fn send_gso(
         }
         h.msg_iov = iov.as_mut_ptr();
         h.msg_iovlen = iov.len() as _;
-        h.msg_control = ctrl.0.as_mut_ptr().cast();
-        h.msg_controllen = libc::CMSG_SPACE(2) as _;
-        let c = libc::CMSG_FIRSTHDR(&h);
-        (*c).cmsg_level = libc::SOL_UDP;
-        (*c).cmsg_type = UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(2) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+        ctrl.attach(&mut h);
         libc::sendmsg(fd, &h, libc::MSG_DONTWAIT)
     };
     if r < 0 {
@@ -177,7 +167,8 @@ pub fn send_connected_gso(
     send_gso(fd, None, &mut iov, packet_len).map(|_| count)
 }
 
-fn sockaddr_len(a: &libc::sockaddr_storage) -> u32 {
+/// The length of the sockaddr in `a` (IPv6 or IPv4), for msg_namelen.
+pub fn sockaddr_len(a: &libc::sockaddr_storage) -> u32 {
     if a.ss_family as i32 == libc::AF_INET6 {
         size_of::<libc::sockaddr_in6>() as u32
     } else {

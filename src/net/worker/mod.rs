@@ -621,7 +621,10 @@ impl Worker {
             return false;
         };
         for _ in 0..MAX_BATCHES_PER_TURN {
-            let n = match self.rx.recv(fd, DATA_INDICATION_HEADROOM, TAIL_ROOM) {
+            let n = match self
+                .rx
+                .recv(fd, DATA_INDICATION_HEADROOM, TAIL_ROOM, &mut self.stats)
+            {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {

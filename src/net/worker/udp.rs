@@ -111,7 +111,7 @@ impl Udp {
         let l = self.listeners.get(li)?;
         let fd = l.sock.as_raw_fd();
         let (bound, wildcard) = (l.addr, l.wildcard);
-        let n = match rx.recv(fd, 0, 0) {
+        let n = match rx.recv(fd, 0, 0, cx.stats) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
             Err(e) => {
