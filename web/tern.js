@@ -1529,9 +1529,9 @@ export class IncomingTransfer extends EventTarget {
 }
 
 /**
- * A piece's check and the file's own SHA-256: `add(u8, sha256)` rejects a piece whose
- * WebCrypto SHA-256 is not the sender's, else adds it to the file's hash (`step` bytes at a
- * time, awaiting `pause()` in between).
+ * A piece's check and the file's own SHA-256: `check(u8, sha256)` rejects a piece whose
+ * WebCrypto SHA-256 is not the sender's; `add(u8, sha256)` checks it and adds it to the
+ * file's hash (`step` bytes at a time, awaiting `pause()` in between).
  */
 class PieceHasher {
   constructor() {
@@ -1539,14 +1539,18 @@ class PieceHasher {
     this.at = 0;
   }
 
-  async add(u8, sha256, step = u8.length, pause = null) {
+  async check(u8, sha256) {
     const got = hex(new Uint8Array(await crypto.subtle.digest('SHA-256', u8)));
     if (got !== sha256) throw new Error(`the piece at byte ${this.at} does not match its SHA-256`);
+    this.at += u8.length;
+  }
+
+  async add(u8, sha256, step = u8.length, pause = null) {
+    await this.check(u8, sha256);
     for (let o = 0; o < u8.length; o += step) {
       this.hash.update(u8.subarray(o, o + step));
       if (pause) await pause();
     }
-    this.at += u8.length;
   }
 }
 
@@ -1625,10 +1629,14 @@ class WorkerPieces {
 
 // The piece worker: this module again, in a dedicated Worker named PIECE_WORKER, one per
 // tab. It takes the receiver's per-piece work off the main thread (which then only
-// gathers a piece's chunks from the channel): the piece's SHA-256 check, the file's own
-// SHA-256 (the one JS pass over the file, ~15-20 ms per MiB on the test machine) and, in
-// OPFS, the write through a FileSystemSyncAccessHandle (a file write from the renderer,
-// where a writable stream sends every piece through the browser process).
+// gathers a piece's chunks from the channel): the piece's SHA-256 check (WebCrypto), the
+// file's own SHA-256 (the one WebAssembly pass over the file, ~4-5 ms per MiB on the test
+// machine) and, in OPFS, the write through a FileSystemSyncAccessHandle (a file write from
+// the renderer, where a writable stream sends every piece through the browser process).
+// In OPFS the file's SHA-256 is taken at the end, over the bytes read back from the stored
+// file: that also checks the writes, and keeps the WebAssembly pass off the cores while the
+// data channel runs (done alongside, it cost the page a fifth of its speed on the direct
+// path in bench/web: the transport threads lose more than the hash itself takes).
 const PIECE_WORKER = 'tern-pieces';
 let pieceWorkerP = null;
 
@@ -1688,7 +1696,7 @@ class PieceWorkerClient {
 // The worker's side: files by key, each with its hash, its sync access handle (or none)
 // and a queue, so one file's operations run in order.
 function pieceWorkerMain() {
-  const files = new Map(); // key -> {h: PieceHasher, ah, queue, dead}
+  const files = new Map(); // key -> {h: PieceHasher, ah, scratch, queue, dead, dropped}
   const run = async (f, m) => {
     switch (m.op) {
       case 'open':
@@ -1703,7 +1711,9 @@ function pieceWorkerMain() {
         const u8 = concat(m.parts, m.n, f.ah ? f.scratch : null);
         const at = f.h.at;
         try {
-          await f.h.add(u8, m.sha256);
+          // Stored here: the file's hash is taken from the stored file at 'close'.
+          if (f.ah) await f.h.check(u8, m.sha256);
+          else await f.h.add(u8, m.sha256);
         } catch (e) {
           f.dead = e.message;
           throw e;
@@ -1718,11 +1728,15 @@ function pieceWorkerMain() {
         return [null];
       }
       case 'close':
-        files.delete(m.key);
         if (f.ah) {
-          f.ah.flush();
-          f.ah.close();
+          try {
+            f.ah.flush();
+            await hashStored(f);
+          } finally {
+            f.ah.close();
+          }
         }
+        files.delete(m.key);
         return [f.h.hash.hex()];
       case 'drop':
         files.delete(m.key);
@@ -1732,13 +1746,33 @@ function pieceWorkerMain() {
         throw new Error(`unknown operation ${m.op}`);
     }
   };
+  // The file's SHA-256 over what was stored, read back a piece at a time into the piece
+  // buffer (no more memory than receiving took); between reads, queued messages run, so a
+  // 'drop' (the transfer cancelled while verifying) stops it at once, not after the file.
+  const hashStored = async (f) => {
+    const size = f.ah.getSize();
+    if (size !== f.h.at) throw new Error(`storage: ${size} bytes stored, ${f.h.at} received`);
+    const buf = f.scratch;
+    for (let at = 0; at < size;) {
+      const n = f.ah.read(buf.subarray(0, Math.min(buf.length, size - at)), { at });
+      if (n <= 0) throw new Error('storage: short read');
+      f.h.hash.update(buf.subarray(0, n));
+      at += n;
+      await yieldToEvents();
+      if (f.dropped) throw new Error('cancelled');
+    }
+  };
   globalThis.onmessage = (e) => {
     const m = e.data;
+    // Seen at once, not behind the file's queue: stops a read-back hash in progress.
+    if (m.op === 'drop' && files.has(m.key)) files.get(m.key).dropped = true;
     if (m.op === 'ping') {
       globalThis.postMessage({ seq: m.seq, value: null });
       return;
     }
-    if (m.op === 'open') files.set(m.key, { h: new PieceHasher(), ah: null, scratch: null, queue: Promise.resolve(), dead: null });
+    if (m.op === 'open') {
+      files.set(m.key, { h: new PieceHasher(), ah: null, scratch: null, queue: Promise.resolve(), dead: null, dropped: false });
+    }
     const f = files.get(m.key);
     if (!f) {
       globalThis.postMessage({ seq: m.seq, error: 'no such file' });

@@ -22,6 +22,8 @@
 // usage: node bench/web/bench.mjs --url http://127.0.0.1:API [--mib 200] [--rounds 3]
 //        [--paths direct,turn] [--web DIR]  (serve the page's files from DIR instead of
 //        the daemon's embedded copy: for trying a change without rebuilding)
+//        [--kinds bare,page]  (which kinds run each round: `page` alone against an earlier
+//        run's bare figures is not a same-run ratio, so the table needs both to give one)
 //        [--profile]  (a CPU profile of each side in the first page run per path: the
 //        functions with the most self time) [--tern-pid PID]  (run.sh passes it)
 // Prints a Markdown table and one JSON line.
@@ -39,6 +41,8 @@ const ROUNDS = Number(args.rounds || 3);
 const PATHS = String(args.paths || 'direct,turn').split(',');
 const WEB = args.web || null;
 const PROFILE = !!args.profile;
+const KINDS = String(args.kinds || 'bare,page').split(',');
+for (const k of KINDS) if (k !== 'bare' && k !== 'page') throw new Error(`--kinds: unknown kind ${k}`);
 const TERN_PID = args['tern-pid'] || null; // run.sh passes the daemon's: its CPU (the TURN relay's work) per round
 const BYTES = MIB * 1024 * 1024;
 
@@ -89,6 +93,47 @@ window.barePath = async () => {
 };
 `;
 
+// In-page: packet counters of a peer connection's selected transport (getStats), to give
+// packets per MiB and packets lost (sent by one side, not received by the other) per kind.
+const PKTS = String.raw`
+window.pcPackets = async (peer) => {
+  const pc = peer === null ? window.pc : window.tern.channels.get(peer)._pc;
+  const st = await pc.getStats();
+  const o = { sent: 0, received: 0, discarded: 0, messagesSent: 0, messagesReceived: 0 };
+  st.forEach((s) => {
+    if (s.type === 'transport' && s.selectedCandidatePairId) {
+      o.sent += s.packetsSent || 0;
+      o.received += s.packetsReceived || 0;
+      o.discarded += st.get(s.selectedCandidatePairId)?.packetsDiscardedOnSend || 0;
+    }
+    if (s.type === 'data-channel') {
+      o.messagesSent += s.messagesSent || 0;
+      o.messagesReceived += s.messagesReceived || 0;
+    }
+  });
+  return o;
+};
+`;
+
+// The packet counters in page `p` of the bare peer connection (peer null) or of the page's
+// channel to `peer`.
+async function packets(p, peer) {
+  await p.evaluate(PKTS);
+  return p.evaluate((id) => window.pcPackets(id), peer);
+}
+
+// Per MiB moved between two packets() readings: data packets sent, lost (sent by the sender
+// and not received by the receiver: drops on loopback are the socket buffers'), discarded on
+// send, and messages.
+function packetRates([s0, r0], [s1, r1]) {
+  return {
+    pktsPerMiB: (s1.sent - s0.sent) / MIB,
+    lostPerMiB: (s1.sent - s0.sent - (r1.received - r0.received)) / MIB,
+    discardedPerMiB: (s1.discarded - s0.discarded) / MIB,
+    msgsPerMiB: (s1.messagesSent - s0.messagesSent) / MIB,
+  };
+}
+
 async function bare(a, b, step, clock) {
   for (const p of [a, b]) await p.evaluate(PC);
   const offer = await a.evaluate((s) => window.bare(s, null), step);
@@ -102,10 +147,12 @@ async function bare(a, b, step, clock) {
   })]).finally(() => clearTimeout(timer));
   const path = await a.evaluate(() => window.barePath());
   const recv = b.evaluate((n) => window.bareRecv(n), BYTES);
+  const p0 = await Promise.all([a, b].map((p) => packets(p, null)));
   await clock.start();
   await a.evaluate((n) => window.bareSend(n), BYTES);
   await recv;
   const r = await clock.stop();
+  r.packets = packetRates(p0, await Promise.all([a, b].map((p) => packets(p, null))));
   await Promise.all([a.evaluate(() => window.pc.close()), b.evaluate(() => window.pc.close())]);
   return { path, ...r };
 }
@@ -116,6 +163,9 @@ async function page(a, b, file, clock, profile) {
   await a.waitForFunction(() => document.getElementById('status').dataset.state === 'connected', null, { timeout: 60_000 });
   const path = await a.locator('#path').textContent();
   const prof = profile ? await Promise.all([a, b].map(startProfile)) : null;
+  const idA = await a.evaluate(() => window.tern.id);
+  const packetsBoth = () => Promise.all([packets(a, idB), packets(b, idA)]);
+  const p0 = await packetsBoth();
   await clock.start();
   await a.locator('#files').setInputFiles([file.path]);
   // Told by the page when the row's state changes (no polling, which would add main-thread
@@ -134,6 +184,7 @@ async function page(a, b, file, clock, profile) {
     check();
   }));
   const r = await clock.stop();
+  r.packets = packetRates(p0, await packetsBoth());
   const sha = await b.locator('#transfers li.transfer[data-dir="in"]').first().getAttribute('data-sha256');
   if (state !== 'done' || sha !== file.sha) throw new Error(`page transfer ${state}, SHA-256 ${sha}`);
   const top = prof ? { sender: await prof[0](), receiver: await prof[1]() } : undefined;
@@ -267,7 +318,7 @@ try {
   for (let round = 0; round < ROUNDS; round++) {
     for (const step of PATHS) {
       const q = step === 'turn' ? '?path=turn' : '';
-      const kinds = round % 2 === 0 ? ['bare', 'page'] : ['page', 'bare'];
+      const kinds = round % 2 === 0 ? KINDS : [...KINDS].reverse();
       for (const kind of kinds) {
         const a = await ba.newPage();
         const b = await bb.newPage();
@@ -280,7 +331,7 @@ try {
         const row = {
           step, round, kind, path: r.path, secs: r.secs, mbps: BYTES / 1e6 / r.secs, cpuMsPerMiB: r.cpu * 1000 / MIB,
           senderCpuMsPerMiB: r.bySide[0] * 1000 / MIB, receiverCpuMsPerMiB: r.bySide[1] * 1000 / MIB,
-          ternCpuMsPerMiB: r.tern === null ? null : r.tern * 1000 / MIB,
+          ternCpuMsPerMiB: r.tern === null ? null : r.tern * 1000 / MIB, ...r.packets,
         };
         row.cpuMsPerMiBByType = Object.fromEntries(Object.entries(r.byType).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
         row.cpuMsPerMiBByThread = Object.fromEntries(Object.entries(r.byThread).sort((x, y) => y[1] - x[1])
@@ -290,6 +341,8 @@ try {
           `${row.cpuMsPerMiB.toFixed(1)} ms CPU/MiB (sender ${row.senderCpuMsPerMiB.toFixed(1)}, receiver ` +
           `${row.receiverCpuMsPerMiB.toFixed(1)}) ${JSON.stringify(row.cpuMsPerMiBByType)}, ` +
           `${row.ternCpuMsPerMiB === null ? '' : `Tern ${row.ternCpuMsPerMiB.toFixed(1)} ms/MiB, `}load ${load[load.length - 1]}\n` +
+          `  per MiB: ${row.pktsPerMiB.toFixed(0)} packets, ${row.lostPerMiB.toFixed(1)} lost, ${row.discardedPerMiB.toFixed(1)} ` +
+          `discarded on send, ${row.msgsPerMiB.toFixed(1)} messages\n` +
           `  by thread (ms/MiB): ${JSON.stringify(row.cpuMsPerMiBByThread)}\n`);
         if (r.top) process.stderr.write(`  sender: ${r.top.sender.join('\n          ')}\n  receiver: ${r.top.receiver.join('\n            ')}\n`);
         if (r.top) row.top = r.top;
@@ -311,9 +364,20 @@ const cell = (step, kind, key = 'mbps') => rows.filter((r) => r.step === step &&
 const pct = (x) => `${(x * 100).toFixed(0)} %`;
 console.log(`${MIB} MiB, ${ROUNDS} rounds, bare and page alternating; load average during the runs ` +
   `${Math.min(...load).toFixed(1)}–${Math.max(...load).toFixed(1)} on ${(await readFile('/proc/cpuinfo', 'utf8')).match(/^processor/gm).length} cores${WEB ? `; page files from ${WEB}` : ''}\n`);
-console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | per-round ratios | CPU ms per MiB, bare / page (medians) | sender CPU ms/MiB bare / page | receiver CPU ms/MiB bare / page | Tern CPU ms/MiB bare / page |');
-console.log('|---|---|---|---|---|---|---|---|---|---|');
-for (const step of PATHS) {
+if (KINDS.length < 2) {
+  // One kind: its figures alone (no ratio without the other kind in the same run).
+  console.log('| path | kind | MB/s median (min–max) | CPU ms/MiB: both, sender, receiver (medians) | packets per MiB (lost) |');
+  console.log('|---|---|---|---|---|');
+  for (const step of PATHS) {
+    const v = cell(step, KINDS[0]);
+    const m = (key) => median(cell(step, KINDS[0], key)).toFixed(1);
+    console.log(`| ${step} | ${KINDS[0]} | ${median(v).toFixed(1)} (${Math.min(...v).toFixed(1)}–${Math.max(...v).toFixed(1)}) | ` +
+      `${m('cpuMsPerMiB')}, ${m('senderCpuMsPerMiB')}, ${m('receiverCpuMsPerMiB')} | ${m('pktsPerMiB')} (${m('lostPerMiB')}) |`);
+  }
+}
+if (KINDS.length === 2) console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | per-round ratios | CPU ms per MiB, bare / page (medians) | sender CPU ms/MiB bare / page | receiver CPU ms/MiB bare / page | Tern CPU ms/MiB bare / page | page median / fastest bare | packets per MiB bare / page (lost) |');
+if (KINDS.length === 2) console.log('|---|---|---|---|---|---|---|---|---|---|---|---|');
+for (const step of KINDS.length === 2 ? PATHS : []) {
   const [b, p] = [cell(step, 'bare'), cell(step, 'page')];
   const paired = [];
   for (let r = 0; r < ROUNDS; r++) {
@@ -328,6 +392,10 @@ for (const step of PATHS) {
     `${median(cell(step, 'bare', 'cpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'cpuMsPerMiB')).toFixed(1)} | ` +
     `${median(cell(step, 'bare', 'senderCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'senderCpuMsPerMiB')).toFixed(1)} | ` +
     `${median(cell(step, 'bare', 'receiverCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'receiverCpuMsPerMiB')).toFixed(1)} | ` +
-    (TERN_PID ? `${median(cell(step, 'bare', 'ternCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'ternCpuMsPerMiB')).toFixed(1)} |` : '– |'));
+    (TERN_PID ? `${median(cell(step, 'bare', 'ternCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'ternCpuMsPerMiB')).toFixed(1)} |` : '– |') +
+    // The strictest reference: the bare channel's best round, as on a box with no other load.
+    ` ${pct(median(p) / Math.max(...b))} | ${median(cell(step, 'bare', 'pktsPerMiB')).toFixed(0)} ` +
+    `(${median(cell(step, 'bare', 'lostPerMiB')).toFixed(1)}) / ${median(cell(step, 'page', 'pktsPerMiB')).toFixed(0)} ` +
+    `(${median(cell(step, 'page', 'lostPerMiB')).toFixed(1)}) |`);
 }
 console.log(JSON.stringify({ mib: MIB, rounds: ROUNDS, web: WEB, load, rows }));

@@ -3,7 +3,7 @@
 # Tern on free loopback ports (TURN relay to loopback allowed, bandwidth cap off like the
 # other benches), runs the benchmark, stops the daemon by its PID.
 #
-# usage: bench/web/run.sh [--mib 200] [--rounds 3] [--paths direct,turn] [--web web] [--profile]
+# usage: bench/web/run.sh [--mib 200] [--rounds 3] [--paths direct,turn] [--kinds bare,page] [--web web] [--profile]
 #        env: TERN_BIN (default: build one)
 #             NICE (0): run Tern and the browsers at this nice value, e.g. -10 on a box busy
 #             with other work. With the kernel's autogroups nice only ranks processes within
