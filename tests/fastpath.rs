@@ -803,9 +803,9 @@ fn user_space_fallback(mode: Mode, relay_min: u16) {
 
 /// Bursts of equal-sized datagrams, the kind GRO coalesces, on a topology where Tern's veth
 /// ends receive with GRO in NAPI threads: every datagram, both ways, goes through the
-/// kernel, because Tern leaves UDP GRO off its sockets in these modes (TC here; generic XDP
-/// in the test below). With it on, GRO would hand the program whole bursts, which go up to
-/// user space: relayed, but not offloaded (the counters below would fall short).
+/// kernel, because Tern leaves UDP GRO off its sockets in TC mode. With it on, GRO hands
+/// the program whole bursts, which go up to user space: relayed, but not offloaded
+/// (measured with UDP_GRO forced on: 96 and 70 of 640 offloaded, and this test failed).
 #[test]
 fn tc_bursts_go_through_the_fast_path_with_gro_on_the_interfaces() {
     let Some(t) = Topology::create(Mode::Tc) else {
@@ -822,7 +822,8 @@ fn tc_bursts_go_through_the_fast_path_with_gro_on_the_interfaces() {
 }
 
 /// As above with XDP in generic mode on the peer side (which runs after GRO, as TC does):
-/// the peer's bursts all go through the kernel.
+/// the peer's bursts all go through the kernel. Weaker than the TC test: with UDP_GRO
+/// forced on, the generic-mode veth here (jumbo MTU) did not coalesce, and this passed.
 #[test]
 fn xdp_generic_bursts_go_through_the_fast_path_with_gro_on_the_interfaces() {
     let Some(t) = Topology::create(Mode::Xdp) else {
