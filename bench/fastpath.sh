@@ -274,7 +274,7 @@ run() { # name mode rate
         for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-after" || true
     fi
     # The program's own run time (kernel.bpf_stats_enabled): ns per invocation.
-    if [ "$mode" != off ]; then
+    if [ "$mode" != off ] && command -v bpftool >/dev/null; then
         bpftool prog show -j 2>/dev/null | python3 -c "$PROG_STATS" > "$OUT/$name.prog" || true
         cat "$OUT/$name.prog"
     fi
