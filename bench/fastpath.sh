@@ -26,8 +26,9 @@
 # this box that costs more than it separates (a thread wakeup per small batch on both sides,
 # charged to the relay as well). NAPI threads get a real-time priority, as softirq would
 # have. Reported per run:
-# relayed packets/s and loss (the load generator's view), CPU seconds of Tern, of its NAPI
-# threads and of the load generator, relay-side CPU per packet the relay forwarded (Tern's
+# relayed packets/s and loss (the load generator's view), every lost datagram put down to
+# where it was dropped (drop_counters below; what none of them explains too), CPU seconds
+# of Tern, of its NAPI threads and of the load generator, relay-side CPU per packet the relay forwarded (Tern's
 # counters) and forwarded packets per relay CPU-second; also the older figure, relayed
 # packets/s per CPU of the Tern and load generator processes. Ratios are fast/user. The
 # fast-path runs record the program's own run time (kernel.bpf_stats_enabled, restored at
@@ -149,22 +150,35 @@ pin() { # cpu pids...: pinned (PIN=1) and reniced (NICE)
     done
     return 0
 }
-# Datagrams the load generator's sockets dropped (receive buffer full), both namespaces.
-sock_drops() {
-    local ns t=0
-    for ns in $(printf '%s\n' "$CN" "$PN" | sort -u); do
-        # shellcheck disable=SC2016
-        t=$(( t + $(ip netns exec "$ns" awk '/^Udp:/ && $2 ~ /^[0-9]/ {print $6}' /proc/net/snmp) ))
-    done
-    echo "$t"
-}
-# Datagrams the veths dropped on transmit (the receiving end's ring of 256 was full), all
-# four ends.
-ring_drops() {
+# Every place on the way where a datagram can be dropped, as counters (one line each,
+# "name value"), read before and after a run; the run reports their growth beside what the
+# load generator lost, and what none of them explains.
+#   veth_tx: the veths' transmit drops, all four ends (the receiving end's ring of 256 full,
+#     a failed redirect, XDP_TX and redirect-into errors: veth counts all of them there);
+#   veth_rx: drops in the veths' receive (NAPI rx drops, XDP_DROP), all four ends;
+#   backlog: softnet backlog overflows (box-wide, /proc/net/softnet_stat);
+#   relay_sock: UDP receive errors in this (root) namespace: Tern's sockets overflowing
+#     (box-wide in this namespace: other work on a shared box counts too);
+#   endpoint_sock: UDP receive errors in the load generator's namespaces (its sockets full)
+#     and datagrams to a port nobody listened on.
+drop_counters() {
+    local ns
     { ip -j -s link show "$CIF"; [ "$PIF" = "$CIF" ] || ip -j -s link show "$PIF"
       ip -n "$CN" -j -s link show "${CIF}x"; [ "$PIF" = "$CIF" ] || ip -n "$PN" -j -s link show "${PIF}x"; } |
         python3 -c 'import json, sys
-print(sum(json.loads(l)[0]["stats64"]["tx"]["dropped"] for l in sys.stdin if l.strip()))'
+print("veth_tx", sum(json.loads(l)[0]["stats64"]["tx"]["dropped"] for l in sys.stdin if l.strip()))'
+    { ethtool -S "$CIF"; [ "$PIF" = "$CIF" ] || ethtool -S "$PIF"
+      ip netns exec "$CN" ethtool -S "${CIF}x"; [ "$PIF" = "$CIF" ] || ip netns exec "$PN" ethtool -S "${PIF}x"; } |
+        awk '$1 ~ /^rx_queue_[0-9]+_(drops|xdp_drops):$/ {t += $2} END {print "veth_rx", t + 0}'
+    python3 -c 'print("backlog", sum(int(l.split()[1], 16) for l in open("/proc/net/softnet_stat")))'
+    # Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors ...: InErrors includes
+    # RcvbufErrors.
+    # shellcheck disable=SC2016
+    awk '/^Udp:/ && $2 ~ /^[0-9]/ {print "relay_sock", $4}' /proc/net/snmp
+    for ns in $(printf '%s\n' "$CN" "$PN" | sort -u); do
+        # shellcheck disable=SC2016
+        ip netns exec "$ns" awk '/^Udp:/ && $2 ~ /^[0-9]/ {print "endpoint_sock", $3 + $4}' /proc/net/snmp
+    done
 }
 
 start_tern() { # mode
@@ -212,7 +226,7 @@ for p in json.load(sys.stdin):
 PY
 )
 
-printf "run\tmode\ttarget_pps\tsent\trelayed_pps\tloss_pct\ttern_cpu_s\tloadgen_cpu_s\ttern_us_per_pkt\tpps_per_core\trelay_napi_cpu_s\tends_napi_cpu_s\trelay_us_per_fwd\tfwd_per_relay_cpu_s\tveth_ring_drops\tendpoint_rcvbuf_drops\tcounters\n" > "$OUT/results.tsv"
+printf "run\tmode\ttarget_pps\tsent\trelayed_pps\tloss_pct\ttern_cpu_s\tloadgen_cpu_s\ttern_us_per_pkt\tpps_per_core\trelay_napi_cpu_s\tends_napi_cpu_s\trelay_us_per_fwd\tfwd_per_relay_cpu_s\tveth_tx_drops\tendpoint_sock_drops\tlosses\tcounters\n" > "$OUT/results.tsv"
 run() { # name mode rate
     local name=$1 mode=$2 rate=$3
     start_tern "$mode"
@@ -238,7 +252,7 @@ run() { # name mode rate
         for dev in $IFACES; do ip -d link show "$dev"; done | grep -o "xdp[a-z]* .*prog/xdp id [0-9]*\|xdp[a-z]*" | sort | uniq -c > "$OUT/$name.xdp-mode" || true
         for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-before" || true
     fi
-    local d0 d1 k0 k1; d0=$(ring_drops); k0=$(sock_drops)
+    drop_counters > "$OUT/$name.drops-before"
     local t0 r0 e0 e1; t0=$(cpu_ticks "$TERN_PID")
     # shellcheck disable=SC2086
     r0=$(cpu_ticks $relay_napi)
@@ -255,12 +269,12 @@ run() { # name mode rate
     r1=$(cpu_ticks $relay_napi)
     # shellcheck disable=SC2086
     e1=$(cpu_ticks $ends_napi)
-    d1=$(ring_drops); k1=$(sock_drops)
+    drop_counters > "$OUT/$name.drops-after"
     if [ "$mode" = xdp ]; then
         for dev in $IFACES; do ethtool -S "$dev"; done | grep -i xdp > "$OUT/$name.xdp-after" || true
     fi
     # The program's own run time (kernel.bpf_stats_enabled): ns per invocation.
-    if [ "$mode" != off ]; then
+    if [ "$mode" != off ] && command -v bpftool >/dev/null; then
         bpftool prog show -j 2>/dev/null | python3 -c "$PROG_STATS" > "$OUT/$name.prog" || true
         cat "$OUT/$name.prog"
     fi
@@ -273,7 +287,7 @@ run() { # name mode rate
     grep -i "fast path" "$OUT/tern-$mode.log" | tail -1 | cut -c1-200 || true
     stop_tern
     python3 - "$OUT/$name.json" "$OUT/$name.time" "$name" "$mode" "$rate" "$t0" "$t1" \
-        "$c2p" "$p2c" "$fc2p" "$fp2c" "$SECS" "$(getconf CLK_TCK)" "$r0" "$r1" "$((d1 - d0))" "$((k1 - k0))" "$((e1 - e0))" \
+        "$c2p" "$p2c" "$fc2p" "$fp2c" "$SECS" "$(getconf CLK_TCK)" "$r0" "$r1" "$OUT/$name.drops-before" "$OUT/$name.drops-after" "$((e1 - e0))" \
         >> "$OUT/results.tsv" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
@@ -293,14 +307,27 @@ ok = c2p == j["sent"] == j["peer_received"] and p2c == j["peer_sent"]
 counters = (f"c2p {c2p} (fast {fc2p}) / sent {j['sent']} / peer_received {j['peer_received']}; "
             f"p2c {p2c} (fast {fp2c}) / peer_sent {j['peer_sent']}: {'all equal' if ok else 'differ'}")
 us = 1e6 * tern_cpu / max(relayed, 1)
-r0, r1, drops, sock, ends = (int(x) for x in sys.argv[14:19])
+r0, r1, ends = int(sys.argv[14]), int(sys.argv[15]), int(sys.argv[18])
+def counters_in(path):
+    c = {}
+    for line in open(path):
+        k, v = line.split()
+        c[k] = c.get(k, 0) + int(v)
+    return c
+before, after = counters_in(sys.argv[16]), counters_in(sys.argv[17])
+dropped = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+# Lost both ways: client datagrams the peer never got, peer datagrams the client never got.
+lost = (j["sent"] - j["peer_received"]) + (j["peer_sent"] - j["received"])
+explained = sum(dropped.values())
+losses = (f"lost {lost}: " + ", ".join(f"{k} {v}" for k, v in dropped.items())
+          + f"; unexplained {lost - explained}")
 relay_napi, ends_napi = (r1 - r0) / hz, ends / hz
 relay_cpu = tern_cpu + relay_napi
 # Per packet the relay forwarded (its own counters): what it did, whether or not the load
 # generator's sockets then kept up (flat out they overflow, after the relay).
 relay_us = 1e6 * relay_cpu / max(c2p + p2c, 1)
 print(f"{name}\t{mode}\t{rate}\t{j['sent']}\t{j['relayed_pps']}\t{j['loss_pct']}\t{tern_cpu:.2f}\t{lg_cpu:.2f}\t{us:.2f}\t{relayed / max(j['duration_s'], 1e-9) / max(cores, 1e-9):.0f}"
-      f"\t{relay_napi:.2f}\t{ends_napi:.2f}\t{relay_us:.2f}\t{(c2p + p2c) / max(relay_cpu, 1e-9):.0f}\t{drops}\t{sock}\t{counters}")
+      f"\t{relay_napi:.2f}\t{ends_napi:.2f}\t{relay_us:.2f}\t{(c2p + p2c) / max(relay_cpu, 1e-9):.0f}\t{dropped['veth_tx']}\t{dropped['endpoint_sock']}\t{losses}\t{counters}")
 PY
     tail -1 "$OUT/results.tsv"
 }
@@ -342,6 +369,9 @@ print("Tern process CPU per relayed packet, user / TC / XDP: "
       + " / ".join(f"{mean(k, 'tern_us_per_pkt'):.2f}" for k in ("user-peak", "tc-peak", "xdp-peak")) + " us")
 for kind in ("user-at-user-peak", "tc-at-user-peak", "xdp-at-user-peak"):
     for r in runs[kind]:
-        print(f"{r['run']} ({r['mode']}): loss {r['loss_pct']}% (veth ring drops {r['veth_ring_drops']}, load generator's socket overflows {r['endpoint_rcvbuf_drops']}), counters: {r['counters']}")
+        print(f"{r['run']} ({r['mode']}): loss {r['loss_pct']}% ({r['losses']}), counters: {r['counters']}")
+for kind in ("user-peak", "tc-peak", "xdp-peak"):
+    for r in runs[kind]:
+        print(f"{r['run']} ({r['mode']}, flat out): {r['losses']}")
 PY
 echo "results: $OUT/results.tsv (box load: $(cut -d' ' -f1-3 /proc/loadavg))"

@@ -52,8 +52,10 @@ INLINE int parse(struct __sk_buff *skb, struct hdrs *h, __u32 need)
 	return parse_at(data, end, h, need);
 }
 
-/* Out through `ifindex`, the link-layer header from the neighbour table (the next hop is
- * the route's for the rewritten destination; no forwarding sysctl involved). */
+/* Out through `ifindex` (src/fastpath/route.rs found it for the binding), the kernel filling
+ * in the link-layer header: bpf_redirect_neigh (5.10+) looks up the next hop for the
+ * rewritten destination in the FIB and its MAC in the neighbour table, resolving it (ARP)
+ * when missing instead of dropping, so no MAC handling here and no forwarding sysctl. */
 INLINE long send(__u32 ifindex)
 {
 	return bpf_redirect_neigh(ifindex, 0, 0, 0);
@@ -68,7 +70,7 @@ INLINE long client_to_peer(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	__u16 data_len;
 	struct c2p_val *v = c2p_match(&h, &data_len);
-	if (!v || !spend(v->relay_ip, v->relay_port, data_len, 1))
+	if (!v || !WITHIN_CAP(v, v->relay_ip, v->relay_port, data_len, 1))
 		return TC_ACT_OK;
 	ip_rewrite(h.ip, v->relay_ip, v->peer_ip, bswap16(IP_LEN + UDP_LEN + data_len));
 	struct udphdr nu = c2p_udp(v, data_len);
@@ -99,7 +101,7 @@ INLINE long peer_to_client(struct __sk_buff *skb)
 	__u32 mtu_len = 0;
 	if (bpf_check_mtu(skb, v->ifindex, &mtu_len, CD_LEN, 0) != 0)
 		return TC_ACT_OK;
-	if (!spend(relay_ip, relay_port, data_len, 0))
+	if (!WITHIN_CAP(v, relay_ip, relay_port, data_len, 0))
 		return TC_ACT_OK;
 	ip_rewrite(h.ip, v->server_ip, v->client_ip, bswap16(IP_LEN + UDP_LEN + CD_LEN + data_len));
 	struct cd_hdrs nh = p2c_hdrs(v, data_len);

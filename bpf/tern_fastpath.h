@@ -45,6 +45,8 @@ struct c2p_val {
 	__u16 relay_port;
 	__u16 peer_port;
 	__u32 ifindex; /* where the peer is routed (Tern asks the kernel when it adds this) */
+	__u32 capped;  /* 1: the relay has a byte budget in tern_budget (see spend()) */
+	__u32 pad;
 	__u64 packets;
 	__u64 bytes; /* application data: the ChannelData payload */
 };
@@ -64,7 +66,7 @@ struct p2c_val {
 	__u16 client_port;
 	__u16 channel; /* host byte order */
 	__u16 pad;
-	__u32 pad2;
+	__u32 capped; /* as in c2p_val */
 	__u64 packets;
 	__u64 bytes; /* application data: the peer's UDP payload */
 };
@@ -83,9 +85,11 @@ struct {
 	__type(value, struct p2c_val);
 } tern_p2c SEC(".maps");
 
-/* `turn.max_bytes_per_sec` budgets of a capped relayed address (absent: no cap), in payload
- * bytes per direction. Tern grants what its token buckets hold twice a second and takes back
- * what is left; a datagram over the budget goes up to user space, whose bucket then drops it. */
+/* `turn.max_bytes_per_sec` budgets of a capped relayed address, in payload bytes per
+ * direction. Tern grants what its token buckets hold twice a second and takes back what is
+ * left; a datagram over the budget goes up to user space, whose bucket then drops it. Only
+ * bindings whose value says `capped` look here: an uncapped one (the common case) costs no
+ * lookup per packet. */
 struct budget_key {
 	__u32 relay_ip;
 	__u16 relay_port;
@@ -104,15 +108,17 @@ struct {
 	__type(value, struct budget);
 } tern_budget SEC(".maps");
 
-/* Takes `len` bytes from the budget of relay `ip`:`port` (`to_peer` or the other direction);
- * 0 when it cannot. Racing CPUs may overdraw by a datagram each: Tern takes that off the
+/* Takes `len` bytes from the budget of capped relay `ip`:`port` (`to_peer` or the other
+ * direction); 0 when it cannot, or when the budget entry is missing (Tern puts it in before
+ * a capped binding and takes it out after: a gap sends the datagram up, where the token
+ * bucket decides). Racing CPUs may overdraw by a datagram each: Tern takes that off the
  * next grant. Called last before the rewrite, so a datagram that goes up spent nothing. */
 INLINE int spend(__u32 ip, __u16 port, __u16 len, int to_peer)
 {
 	struct budget_key k = {.relay_ip = ip, .relay_port = port};
 	struct budget *b = bpf_map_lookup_elem(&tern_budget, &k);
 	if (!b)
-		return 1;
+		return 0;
 	__s64 *left = to_peer ? &b->to_peer : &b->to_client;
 	if (*left < (__s64)len)
 		return 0;
@@ -121,6 +127,9 @@ INLINE int spend(__u32 ip, __u16 port, __u16 len, int to_peer)
 }
 
 /* What a binding forwarded (the map values' counters, read by Tern at housekeeping). */
+/* Whether binding `v` may forward `len` bytes now: always when uncapped (no map lookup). */
+#define WITHIN_CAP(v, ip, port, len, to_peer) (!(v)->capped || spend(ip, port, len, to_peer))
+
 #define COUNT(v, len)                                                                          \
 	do {                                                                                   \
 		__sync_fetch_and_add(&(v)->packets, 1);                                        \

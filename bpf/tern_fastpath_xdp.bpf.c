@@ -6,7 +6,8 @@
  *
  * - the next hop and both MAC addresses come from the kernel's FIB (`bpf_fib_lookup`, which
  *   also checks the egress MTU, and needs `net.ipv4.conf.<ingress>.forwarding = 1`: Tern
- *   checks that before attaching);
+ *   checks that before attaching). XDP has no bpf_redirect_neigh (the TC program's way),
+ *   so it looks up per packet and ignores the bindings' `ifindex`;
  * - the datagram leaves by XDP_TX when the egress is the interface it came in on, else by
  *   `bpf_redirect_map` into `tern_egress`, which holds the interfaces Tern attached to (an
  *   egress outside it, a missing neighbour entry, a route elsewhere: up to user space,
@@ -90,7 +91,7 @@ INLINE int client_to_peer(struct xdp_md *ctx)
 	__u16 tot = IP_LEN + UDP_LEN + data_len;
 	struct bpf_fib_lookup fib;
 	if (!route(ctx, &fib, v->relay_ip, v->peer_ip, v->relay_port, v->peer_port, tot) ||
-	    !spend(v->relay_ip, v->relay_port, data_len, 1))
+	    !WITHIN_CAP(v, v->relay_ip, v->relay_port, data_len, 1))
 		return XDP_PASS;
 	struct iphdr ip = *h.ip;
 	ip_rewrite(&ip, v->relay_ip, v->peer_ip, bswap16(tot));
@@ -117,7 +118,7 @@ INLINE int peer_to_client(struct xdp_md *ctx)
 	__u16 tot = IP_LEN + UDP_LEN + CD_LEN + data_len;
 	struct bpf_fib_lookup fib;
 	if (!route(ctx, &fib, v->server_ip, v->client_ip, v->server_port, v->client_port, tot) ||
-	    !spend(h.ip->daddr, h.udp->dest, data_len, 0))
+	    !WITHIN_CAP(v, h.ip->daddr, h.udp->dest, data_len, 0))
 		return XDP_PASS;
 	struct iphdr ip = *h.ip;
 	ip_rewrite(&ip, v->server_ip, v->client_ip, bswap16(tot));

@@ -1,5 +1,8 @@
-//! The BPF maps' keys and values, byte-for-byte the structs in `bpf/tern_fastpath.bpf.c`
+//! The BPF maps' keys and values, byte-for-byte the structs in `bpf/tern_fastpath.h`
 //! (addresses and ports in network byte order, channel numbers in host order).
+//!
+//! Owns: the layouts and the translation of a binding into its two entries. Must not: touch
+//! the maps (`super::Offload` does).
 
 use std::net::SocketAddrV4;
 
@@ -24,6 +27,9 @@ pub struct C2pVal {
     relay_port: u16,
     peer_port: u16,
     ifindex: u32,
+    /// 1: the program spends from the relay's `tern_budget` entry; 0: it never looks.
+    capped: u32,
+    pad: u32,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -49,7 +55,8 @@ pub struct P2cVal {
     client_port: u16,
     channel: u16,
     pad: u16,
-    pad2: u32,
+    /// As in [`C2pVal`].
+    capped: u32,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -103,8 +110,7 @@ fn port(a: &SocketAddrV4) -> u16 {
     a.port().to_be()
 }
 
-/// One channel binding as the program sees it, with the interfaces its two directions
-/// leave through.
+/// One channel binding as the program sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct V4Binding {
     pub client: SocketAddrV4,
@@ -112,6 +118,9 @@ pub struct V4Binding {
     pub channel: u16,
     pub relay: SocketAddrV4,
     pub peer: SocketAddrV4,
+    /// The relay has a `turn.max_bytes_per_sec` cap: the program spends from its budget
+    /// entry (which must exist first, or every datagram goes up to user space).
+    pub capped: bool,
 }
 
 /// The two map entries of binding `b`: client → peer (out through `to_peer_if`) and
@@ -127,7 +136,9 @@ pub fn entries(
         channel,
         relay,
         peer,
+        capped,
     } = *b;
+    let capped = u32::from(capped);
     (
         C2pKey {
             client_ip: ip(&client),
@@ -143,6 +154,7 @@ pub fn entries(
             relay_port: port(&relay),
             peer_port: port(&peer),
             ifindex: to_peer_if,
+            capped,
             ..Default::default()
         },
         P2cKey {
@@ -158,6 +170,7 @@ pub fn entries(
             client_port: port(&client),
             channel,
             ifindex: to_client_if,
+            capped,
             ..Default::default()
         },
     )
@@ -171,7 +184,7 @@ mod tests {
     #[test]
     fn layouts_match_the_bpf_structs() {
         assert_eq!(std::mem::size_of::<C2pKey>(), 16);
-        assert_eq!(std::mem::size_of::<C2pVal>(), 32);
+        assert_eq!(std::mem::size_of::<C2pVal>(), 40);
         assert_eq!(std::mem::size_of::<P2cKey>(), 12);
         assert_eq!(std::mem::size_of::<P2cVal>(), 40);
         assert_eq!(std::mem::size_of::<BudgetKey>(), 8);
@@ -187,11 +200,39 @@ mod tests {
             channel: 0x4001,
             relay: a,
             peer: a,
+            capped: false,
         };
         let (k, ..) = entries(&b, 7, 8);
         let bytes: [u8; 16] = unsafe { std::mem::transmute(k) };
         assert_eq!(&bytes[..4], &[10, 1, 2, 3]);
         assert_eq!(&bytes[8..10], &[0x12, 0x34]);
         assert_eq!(u16::from_ne_bytes([bytes[12], bytes[13]]), 0x4001);
+    }
+
+    /// The `capped` flag sits where the C structs have it (after `ifindex` in `c2p_val`,
+    /// after `pad` in `p2c_val`), 1 or 0, in both values of a binding.
+    #[test]
+    fn capped_flag_is_where_the_program_reads_it() {
+        let a: SocketAddrV4 = "10.1.2.3:4660".parse().unwrap();
+        let flag = |capped| {
+            let b = V4Binding {
+                client: a,
+                server: a,
+                channel: 0x4001,
+                relay: a,
+                peer: a,
+                capped,
+            };
+            let (_, cv, _, pv) = entries(&b, 7, 8);
+            // SAFETY: plain integers, sizes checked above.
+            let c: [u8; 40] = unsafe { std::mem::transmute(cv) };
+            let p: [u8; 40] = unsafe { std::mem::transmute(pv) };
+            (
+                u32::from_ne_bytes(c[16..20].try_into().unwrap()),
+                u32::from_ne_bytes(p[20..24].try_into().unwrap()),
+            )
+        };
+        assert_eq!(flag(true), (1, 1));
+        assert_eq!(flag(false), (0, 0));
     }
 }

@@ -1,7 +1,18 @@
 //! Which interface the kernel routes a destination through (one RTM_GETROUTE request on a
-//! netlink socket, as `ip route get DST from SRC`): the fast path's program sends through
-//! that interface and takes the link-layer header from the neighbour table. Control path
-//! only: once per binding added.
+//! netlink socket, as `ip route get DST from SRC`), asked once per binding added (control
+//! path only). What the programs do with the answer (the `ifindex` of each map value):
+//! - TC (`bpf/tern_fastpath.bpf.c`) redirects through that interface with
+//!   `bpf_redirect_neigh`, and the kernel fills in the L2 next hop (FIB next hop for the
+//!   rewritten destination, MAC from the neighbour table, resolved there when missing);
+//! - XDP (`bpf/tern_fastpath_xdp.bpf.c`) has no `bpf_redirect_neigh`: it asks the FIB per
+//!   packet (`bpf_fib_lookup`, egress and both MACs) and ignores the `ifindex`.
+//!
+//! In both modes a destination with no route, or routed through the loopback (a local
+//! peer), gets no map entry here and stays in user space.
+//!
+//! Owns: the netlink request and the parsing of its answer. Must not: cache routes (a route
+//! that changes later is the FIB's business: TC's redirect and XDP's lookup follow it for
+//! the next hop, only the egress interface is fixed at binding time).
 
 use std::io;
 use std::net::Ipv4Addr;

@@ -682,7 +682,8 @@ mod tests {
     #[test]
     fn a_gro_buffer_is_split_into_its_datagrams_in_place_and_with_headroom() {
         // A relay socket has UDP_GRO on.
-        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20, true)
+            .unwrap();
         let to = rx.local_addr().unwrap();
         let mut rb = RecvBatch::new(4, 48 + 65536 + 16);
         let mut stats = NetStats::default();

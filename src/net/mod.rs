@@ -127,9 +127,16 @@ impl TurnService {
         shared: Arc<crate::turn::Shared>,
     ) -> Result<TurnService, NetError> {
         let n = t.worker_count();
+        // Loaded before the workers, dropped (detached) after they are joined; and before
+        // the UDP sockets, whose GRO depends on the mode it ends up in.
+        let fast_path =
+            crate::fastpath::FastPath::start(t.kernel_fast_path, &t.kernel_fast_path_interfaces);
+        let udp_gro = fast_path
+            .as_ref()
+            .is_none_or(|fp| fp.effective().allows_udp_gro());
         let default_listen = t.listen == TurnConfig::default().listen;
         let (addrs, per_worker) = bind_each(&t.listen, default_listen, n, "", |addr| {
-            socket::bind_listeners(addr, n, t.socket_buffer_bytes)
+            socket::bind_listeners(addr, n, t.socket_buffer_bytes, udp_gro)
         })?;
         let (tls_addrs, tls_per_worker) = match &tls {
             Some((tc, _)) => {
@@ -146,9 +153,6 @@ impl TurnService {
             .map_or(Duration::from_secs(10), |x| x.handshake_timeout);
         let stop = Arc::new(AtomicBool::new(false));
         let per_ip = tcp::PerIpLimit::new(t.tcp_max_per_ip);
-        // Loaded before the workers, dropped (detached) after they are joined.
-        let fast_path =
-            crate::fastpath::FastPath::start(t.kernel_fast_path, &t.kernel_fast_path_interfaces);
         let mut workers = Vec::with_capacity(n);
         let mut service = TurnService {
             addrs,
@@ -191,6 +195,7 @@ impl TurnService {
                 handshake_timeout,
                 sniff_tls: t.sniff_tls,
                 buffer_bytes: t.socket_buffer_bytes,
+                udp_gro,
                 max_bytes_per_sec: t.max_bytes_per_sec,
                 tcp_idle: Duration::from_secs(t.tcp_idle_timeout_secs.max(1).into()),
                 per_ip: per_ip.clone(),

@@ -94,7 +94,8 @@ fn enable_pktinfo(s: &Socket, v6: bool) -> io::Result<()> {
 /// Lets the kernel coalesce consecutive datagrams of one flow into one GRO buffer
 /// (`UDP_GRO`, Linux 5.0+; `mmsg::RecvBatch` splits it again): one trip through the stack
 /// for a burst instead of one per datagram. Best effort: an older kernel keeps the socket
-/// as it was.
+/// as it was. Not while the kernel fast path runs where GRO comes first (the callers'
+/// `gro` flag, `fastpath::Effective::allows_udp_gro` says why).
 fn enable_gro(s: &Socket) {
     let one: libc::c_int = 1;
     // SAFETY: a live socket and a c_int option value.
@@ -110,14 +111,21 @@ fn enable_gro(s: &Socket) {
 }
 
 /// A UDP listener socket that other workers can bind too (SO_REUSEPORT: the kernel hashes
-/// each client's 4-tuple to one of them). Wildcard listeners report packet info.
-pub fn udp_listener(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::net::UdpSocket> {
+/// each client's 4-tuple to one of them). Wildcard listeners report packet info; `gro`:
+/// UDP GRO on ([`enable_gro`]).
+pub fn udp_listener(
+    addr: SocketAddr,
+    buffer_bytes: usize,
+    gro: bool,
+) -> io::Result<std::net::UdpSocket> {
     let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
     s.set_reuse_port(true)?;
     if addr.ip().is_unspecified() {
         enable_pktinfo(&s, addr.is_ipv6())?;
     }
-    enable_gro(&s);
+    if gro {
+        enable_gro(&s);
+    }
     set_buffers(&s, buffer_bytes);
     s.bind(&SockAddr::from(addr))?;
     Ok(s.into())
@@ -135,10 +143,16 @@ pub fn tcp_listener(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::ne
 }
 
 /// A relay socket bound to exactly `addr` (no address sharing: the port belongs to one
-/// allocation, RFC 8656 §7.2).
-pub fn relay_socket(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::net::UdpSocket> {
+/// allocation, RFC 8656 §7.2); `gro`: UDP GRO on ([`enable_gro`]).
+pub fn relay_socket(
+    addr: SocketAddr,
+    buffer_bytes: usize,
+    gro: bool,
+) -> io::Result<std::net::UdpSocket> {
     let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
-    enable_gro(&s);
+    if gro {
+        enable_gro(&s);
+    }
     set_buffers(&s, buffer_bytes);
     s.bind(&SockAddr::from(addr))?;
     Ok(s.into())
@@ -198,17 +212,19 @@ pub struct ListenerPair {
     pub tcp: std::net::TcpListener,
 }
 
-/// Binds `workers` UDP+TCP socket pairs on `addr`. With port 0 the first UDP socket picks a
-/// port and everything else binds that same port (retrying if TCP finds it taken).
+/// Binds `workers` UDP+TCP socket pairs on `addr` (`gro`: UDP GRO on the UDP ones). With
+/// port 0 the first UDP socket picks a port and everything else binds that same port
+/// (retrying if TCP finds it taken).
 pub fn bind_listeners(
     addr: SocketAddr,
     workers: usize,
     buffer_bytes: usize,
+    gro: bool,
 ) -> io::Result<(SocketAddr, Vec<ListenerPair>)> {
     const ATTEMPTS: usize = 16;
     let mut last_err = None;
     for _ in 0..ATTEMPTS {
-        match bind_once(addr, workers, buffer_bytes) {
+        match bind_once(addr, workers, buffer_bytes, gro) {
             Ok(v) => return Ok(v),
             // Only an ephemeral port is worth another try.
             Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => {
@@ -236,19 +252,20 @@ fn bind_once(
     addr: SocketAddr,
     workers: usize,
     buffer_bytes: usize,
+    gro: bool,
 ) -> io::Result<(SocketAddr, Vec<ListenerPair>)> {
     if addr.port() != 0 {
         probe_exclusive(addr, Type::DGRAM, Protocol::UDP)?;
         probe_exclusive(addr, Type::STREAM, Protocol::TCP)?;
     }
-    let first_udp = udp_listener(addr, buffer_bytes)?;
+    let first_udp = udp_listener(addr, buffer_bytes, gro)?;
     let bound = first_udp.local_addr()?;
     let mut pairs = Vec::with_capacity(workers);
     let mut first_udp = Some(first_udp);
     for _ in 0..workers {
         let udp = match first_udp.take() {
             Some(u) => u,
-            None => udp_listener(bound, buffer_bytes)?,
+            None => udp_listener(bound, buffer_bytes, gro)?,
         };
         let tcp = tcp_listener(bound, buffer_bytes)?;
         pairs.push(ListenerPair { udp, tcp });
@@ -281,7 +298,8 @@ mod tests {
 
     #[test]
     fn port_zero_gives_every_worker_the_same_port_on_both_transports() {
-        let (bound, pairs) = bind_listeners("127.0.0.1:0".parse().unwrap(), 3, 1 << 16).unwrap();
+        let (bound, pairs) =
+            bind_listeners("127.0.0.1:0".parse().unwrap(), 3, 1 << 16, true).unwrap();
         assert_ne!(bound.port(), 0);
         assert_eq!(pairs.len(), 3);
         for p in &pairs {
@@ -293,8 +311,9 @@ mod tests {
     #[test]
     fn a_port_held_by_another_reuseport_group_is_refused() {
         // Someone else's SO_REUSEPORT listener (another daemon on the same port).
-        let (bound, _theirs) = bind_listeners("127.0.0.1:0".parse().unwrap(), 1, 1 << 16).unwrap();
-        let e = bind_listeners(bound, 2, 1 << 16)
+        let (bound, _theirs) =
+            bind_listeners("127.0.0.1:0".parse().unwrap(), 1, 1 << 16, true).unwrap();
+        let e = bind_listeners(bound, 2, 1 << 16, true)
             .err()
             .expect("must not join their group");
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
@@ -302,10 +321,47 @@ mod tests {
 
     #[test]
     fn relay_socket_port_is_exclusive() {
-        let a = relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 16).unwrap();
+        let a = relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 16, true).unwrap();
         let taken = a.local_addr().unwrap();
-        let e = relay_socket(taken, 1 << 16).unwrap_err();
+        let e = relay_socket(taken, 1 << 16, true).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    /// UDP_GRO as the kernel reports it for `s` (Linux 5.0+ answers getsockopt too).
+    fn gro_of(s: &std::net::UdpSocket) -> libc::c_int {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a live socket; `v` and `len` are valid for the kernel to write.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_UDP,
+                crate::net::mmsg::UDP_GRO,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt UDP_GRO: {}", io::Error::last_os_error());
+        v
+    }
+
+    /// The `gro` flag decides UDP_GRO on listeners and relay sockets alike (off while the
+    /// kernel fast path runs where GRO would hide datagrams from it).
+    #[test]
+    fn udp_gro_follows_the_flag_on_listeners_and_relay_sockets() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        for gro in [true, false] {
+            let relay = relay_socket(any, 1 << 16, gro).unwrap();
+            assert_eq!(gro_of(&relay), libc::c_int::from(gro), "relay, gro {gro}");
+            let (_, pairs) = bind_listeners(any, 2, 1 << 16, gro).unwrap();
+            for p in &pairs {
+                assert_eq!(
+                    gro_of(&p.udp),
+                    libc::c_int::from(gro),
+                    "listener, gro {gro}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -323,9 +379,9 @@ mod tests {
 
     #[test]
     fn ipv6_wildcard_coexists_with_ipv4_wildcard() {
-        let (v4, _p4) = bind_listeners("0.0.0.0:0".parse().unwrap(), 1, 1 << 16).unwrap();
+        let (v4, _p4) = bind_listeners("0.0.0.0:0".parse().unwrap(), 1, 1 << 16, true).unwrap();
         let v6: SocketAddr = format!("[::]:{}", v4.port()).parse().unwrap();
-        match bind_listeners(v6, 1, 1 << 16) {
+        match bind_listeners(v6, 1, 1 << 16, true) {
             Ok((b, _)) => assert_eq!(b.port(), v4.port()),
             // No IPv6 on this machine: nothing to check.
             Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {}

@@ -86,6 +86,9 @@ pub struct WorkerParams {
     /// The plain TCP listeners also accept TLS (`turn.sniff_tls`).
     pub sniff_tls: bool,
     pub buffer_bytes: usize,
+    /// UDP GRO on the relay sockets this worker opens (off while the kernel fast path runs
+    /// where GRO would come first: `fastpath::Effective::allows_udp_gro`).
+    pub udp_gro: bool,
     /// `turn.max_bytes_per_sec` at start; reloads arrive with the shard's config.
     pub max_bytes_per_sec: u64,
     pub tcp_idle: Duration,
@@ -183,6 +186,7 @@ impl Worker {
         let relays = Relays::new(
             registry.try_clone()?,
             p.buffer_bytes,
+            p.udp_gro,
             p.max_bytes_per_sec,
             p.offload,
         );

@@ -139,6 +139,8 @@ pub struct Relays {
     socks: Vec<Option<RelaySock>>,
     free: Vec<u32>,
     buffer_bytes: usize,
+    /// UDP GRO on new relay sockets (`WorkerParams::udp_gro`).
+    udp_gro: bool,
     /// Peer connections of the TCP relays (RFC 6062).
     peers: Peers,
     /// `turn.max_bytes_per_sec` (0: no cap) for relays opened from now on.
@@ -202,6 +204,7 @@ impl Relays {
     pub(super) fn new(
         registry: Registry,
         buffer_bytes: usize,
+        udp_gro: bool,
         max_bytes_per_sec: u64,
         fast: Option<Offload>,
     ) -> Relays {
@@ -210,6 +213,7 @@ impl Relays {
             socks: Vec::new(),
             free: Vec::new(),
             buffer_bytes,
+            udp_gro,
             peers: Peers::default(),
             max_bytes_per_sec,
             fast,
@@ -521,7 +525,8 @@ impl Relays {
 
 impl RelayIo for Relays {
     fn open_relay(&mut self, addr: SocketAddr) -> io::Result<RelayId> {
-        let mut sock = UdpSocket::from_std(socket::relay_socket(addr, self.buffer_bytes)?);
+        let mut sock =
+            UdpSocket::from_std(socket::relay_socket(addr, self.buffer_bytes, self.udp_gro)?);
         let idx = self.slot()?;
         if let Err(e) =
             self.registry
