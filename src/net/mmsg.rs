@@ -728,7 +728,8 @@ mod tests {
 
     #[test]
     fn a_full_gro_buffer_of_the_largest_count_finds_room() {
-        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20, true)
+            .unwrap();
         let to = rx.local_addr().unwrap();
         // MAX_GRO_SEGMENTS one-byte datagrams reach the GRO socket as one buffer.
         let data: Vec<u8> = (0..MAX_GRO_SEGMENTS as u8).collect();
@@ -750,7 +751,8 @@ mod tests {
 
     #[test]
     fn gro_segments_without_room_are_counted_as_gro_overflow() {
-        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20, true)
+            .unwrap();
         let to = rx.local_addr().unwrap();
 
         // Room for 8 datagrams per slot, a buffer of 20: 12 have no entry.
@@ -780,7 +782,8 @@ mod tests {
 
     #[test]
     fn a_long_gro_buffer_leaves_an_entry_for_each_later_buffer() {
-        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let rx = crate::net::socket::relay_socket("127.0.0.1:0".parse().unwrap(), 1 << 20, true)
+            .unwrap();
         let to = rx.local_addr().unwrap();
         // Two slots of 4 entries: 8 in all. A first buffer of 20 may use 7, never the 8th,
         // which the next buffer's first datagram needs.

@@ -336,7 +336,7 @@ mod tests {
             libc::getsockopt(
                 s.as_raw_fd(),
                 libc::SOL_UDP,
-                crate::net::mmsg::UDP_GRO,
+                crate::net::udp_segment::UDP_GRO,
                 (&mut v as *mut libc::c_int).cast(),
                 &mut len,
             )
