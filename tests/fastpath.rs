@@ -113,24 +113,8 @@ impl Topology {
         };
         [&self.client_if, &self.peer_if].into_iter().all(|name| {
             std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/forwarding"), "1").is_ok()
-        }) && [
-            (&self.client_ns, &self.client_if),
-            (&self.peer_ns, &self.peer_if),
-        ]
-        .into_iter()
-        .all(|(ns, name)| {
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "ethtool",
-                "-K",
-                &format!("{name}x"),
-                "gro",
-                "on",
-            ])
-        }) && resolved(&self.server_ip, &self.client_ip, &self.client_if)
+        }) && self.far_ends_ethtool("gro", "on")
+            && resolved(&self.server_ip, &self.client_ip, &self.client_if)
             && resolved(&self.relay_ip, &self.peer_ip, &self.peer_if)
     }
 
@@ -169,7 +153,12 @@ impl Topology {
         [&self.client_if, &self.peer_if].into_iter().all(|name| {
             run(&["ethtool", "-K", name, "gro", "on"])
                 && std::fs::write(format!("/sys/class/net/{name}/threaded"), "1").is_ok()
-        }) && [
+        }) && self.far_ends_ethtool("tso", "off")
+    }
+
+    /// `ethtool -K <end> <feature> <value>` on the namespaces' ends of both veth pairs.
+    fn far_ends_ethtool(&self, feature: &str, value: &str) -> bool {
+        [
             (&self.client_ns, &self.client_if),
             (&self.peer_ns, &self.peer_if),
         ]
@@ -183,8 +172,8 @@ impl Topology {
                 "ethtool",
                 "-K",
                 &format!("{name}x"),
-                "tso",
-                "off",
+                feature,
+                value,
             ])
         })
     }
