@@ -191,18 +191,22 @@ mod tests {
         assert_eq!(std::mem::size_of::<Budget>(), 16);
     }
 
-    #[test]
-    fn addresses_and_ports_are_in_network_order() {
+    /// Channel 0x4001 with every address 10.1.2.3:4660 (port 0x1234).
+    fn one_address_binding(capped: bool) -> V4Binding {
         let a: SocketAddrV4 = "10.1.2.3:4660".parse().unwrap();
-        let b = V4Binding {
+        V4Binding {
             client: a,
             server: a,
             channel: 0x4001,
             relay: a,
             peer: a,
-            capped: false,
-        };
-        let (k, ..) = entries(&b, 7, 8);
+            capped,
+        }
+    }
+
+    #[test]
+    fn addresses_and_ports_are_in_network_order() {
+        let (k, ..) = entries(&one_address_binding(false), 7, 8);
         let bytes: [u8; 16] = unsafe { std::mem::transmute(k) };
         assert_eq!(&bytes[..4], &[10, 1, 2, 3]);
         assert_eq!(&bytes[8..10], &[0x12, 0x34]);
@@ -213,17 +217,8 @@ mod tests {
     /// after `pad` in `p2c_val`), 1 or 0, in both values of a binding.
     #[test]
     fn capped_flag_is_where_the_program_reads_it() {
-        let a: SocketAddrV4 = "10.1.2.3:4660".parse().unwrap();
         let flag = |capped| {
-            let b = V4Binding {
-                client: a,
-                server: a,
-                channel: 0x4001,
-                relay: a,
-                peer: a,
-                capped,
-            };
-            let (_, cv, _, pv) = entries(&b, 7, 8);
+            let (_, cv, _, pv) = entries(&one_address_binding(capped), 7, 8);
             // SAFETY: plain integers, sizes checked above.
             let c: [u8; 40] = unsafe { std::mem::transmute(cv) };
             let p: [u8; 40] = unsafe { std::mem::transmute(pv) };
