@@ -107,12 +107,6 @@ impl Faces {
 /// Runs until SIGINT, or SIGTERM and the drain, then stops the listeners and returns.
 /// `source` is where `cfg` came from; SIGHUP loads it again.
 pub fn run(mut cfg: Config, source: ConfigSource) -> Result<(), DaemonError> {
-    // First, before the runtime and the workers start threads: glibc applies the cap only
-    // to threads that have no arena yet.
-    match crate::ops::memory::limit_arenas() {
-        Ok(did) => tracing::info!("{did}"),
-        Err(e) => tracing::info!("malloc arenas not capped (each thread may get its own): {e}"),
-    }
     // Kept across reloads while the config still names no secret and no user.
     let mut ephemeral = None;
     if cfg.add_ephemeral_secret_if_none()? {

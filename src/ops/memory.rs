@@ -1,5 +1,5 @@
-//! The process's memory: caps glibc's malloc arenas and maps the executable in at start-up,
-//! and gives freed heap back to the kernel once a minute.
+//! The process's memory: maps the executable in at start-up, and gives freed heap back
+//! to the kernel once a minute.
 //!
 //! Without the first, the kernel faults the binary's pages in as each code path first runs:
 //! the first TLS handshake, the first TCP allocation, the first error reply each take page
@@ -15,21 +15,9 @@
 //! pages; once a minute costs a few milliseconds on the daemon's main thread, never on a
 //! worker's data path (which does not allocate).
 //!
-//! Third, glibc gives each thread that allocates while the others hold theirs an arena of
-//! its own, up to eight per core, and a freed chunk can only be reused by its own arena: the
-//! tokio runtime's threads and the workers spread the heap over many arenas, each keeping its
-//! own free space, and `malloc_trim` cannot hand back a page with one live chunk on it. The
-//! hour soak's remaining growth (+10 % anonymous while heaptrack showed the live heap flat)
-//! was that fragmentation. [`limit_arenas`] caps them at [`ARENA_MAX`] before the first thread
-//! starts; the daemon's data path does not allocate, so the lock contention this trades for
-//! is on start-up, signaling and HTTP only. `MALLOC_ARENA_MAX` (or `glibc.malloc.arena_max`
-//! in `GLIBC_TUNABLES`) in the environment wins: an operator who set it is left alone.
-//!
-//! Owns the process-wide allocator settings and the executable's mappings; must not change
-//! what any mapping holds. Must not fail the start:
-//! any error is returned for one log line and the daemon runs as before.
+//! Must not fail the start: any error is returned for one log line and the daemon runs as
+//! before.
 
-use std::ffi::OsStr;
 use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -105,75 +93,6 @@ fn touch_pages(start: usize, end: usize) {
         unsafe { std::ptr::read_volatile(at as *const u8) };
         at += page;
     }
-}
-
-/// The arenas [`limit_arenas`] allows: the main thread's and one for every other thread.
-pub const ARENA_MAX: i32 = 2;
-
-/// What [`limit_arenas`] did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Arenas {
-    /// Capped at this many (`mallopt(M_ARENA_MAX)`).
-    Capped(i32),
-    /// The environment sets the cap (the setting, as found); glibc applied it at start.
-    FromEnv(String),
-    /// Not glibc: nothing to cap.
-    NotGlibc,
-}
-
-impl std::fmt::Display for Arenas {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Arenas::Capped(n) => write!(f, "malloc arenas capped at {n}"),
-            Arenas::FromEnv(s) => write!(f, "malloc arenas as the environment sets them ({s})"),
-            Arenas::NotGlibc => f.write_str("malloc arenas left as they are (not glibc)"),
-        }
-    }
-}
-
-/// The arena cap the environment sets, if any: `MALLOC_ARENA_MAX`, or
-/// `glibc.malloc.arena_max` among the colon-separated `GLIBC_TUNABLES`. An empty
-/// `MALLOC_ARENA_MAX` sets nothing (glibc ignores it too).
-fn arena_max_from_env(
-    malloc_arena_max: Option<&OsStr>,
-    tunables: Option<&OsStr>,
-) -> Option<String> {
-    if let Some(v) = malloc_arena_max.filter(|v| !v.is_empty()) {
-        return Some(format!("MALLOC_ARENA_MAX={}", v.to_string_lossy()));
-    }
-    let tunables = tunables?.to_string_lossy();
-    tunables
-        .split(':')
-        .find(|t| t.starts_with("glibc.malloc.arena_max="))
-        .map(|t| format!("GLIBC_TUNABLES {t}"))
-}
-
-/// Caps glibc's malloc arenas at [`ARENA_MAX`] unless the environment sets a cap (then
-/// that one stands). Call before any thread starts: glibc checks the cap only when a
-/// thread without an arena allocates, so arenas made before stay.
-pub fn limit_arenas() -> io::Result<Arenas> {
-    let env = arena_max_from_env(
-        std::env::var_os("MALLOC_ARENA_MAX").as_deref(),
-        std::env::var_os("GLIBC_TUNABLES").as_deref(),
-    );
-    if let Some(setting) = env {
-        return Ok(Arenas::FromEnv(setting));
-    }
-    set_arena_max(ARENA_MAX)
-}
-
-#[cfg(target_env = "gnu")]
-fn set_arena_max(n: i32) -> io::Result<Arenas> {
-    // SAFETY: mallopt only stores the limit (under malloc's own lock); no pointer is passed.
-    match unsafe { libc::mallopt(libc::M_ARENA_MAX, n) } {
-        1 => Ok(Arenas::Capped(n)),
-        _ => Err(io::Error::other("mallopt(M_ARENA_MAX) refused")),
-    }
-}
-
-#[cfg(not(target_env = "gnu"))]
-fn set_arena_max(_: i32) -> io::Result<Arenas> {
-    Ok(Arenas::NotGlibc)
 }
 
 /// How often [`HeapTrim`] gives memory back.
@@ -293,137 +212,6 @@ mod tests {
         })
         .join()
         .unwrap();
-    }
-
-    #[test]
-    fn the_environments_arena_cap_wins() {
-        let os = |s: &str| Some(OsStr::new(s).to_owned());
-        let d = |m: Option<std::ffi::OsString>, t: Option<std::ffi::OsString>| {
-            arena_max_from_env(m.as_deref(), t.as_deref())
-        };
-        assert_eq!(d(None, None), None);
-        assert_eq!(d(os(""), None), None);
-        assert_eq!(d(os("4"), None).as_deref(), Some("MALLOC_ARENA_MAX=4"));
-        assert_eq!(
-            d(
-                None,
-                os("glibc.malloc.tcache_count=0:glibc.malloc.arena_max=1")
-            )
-            .as_deref(),
-            Some("GLIBC_TUNABLES glibc.malloc.arena_max=1")
-        );
-        assert_eq!(d(None, os("glibc.malloc.arena_test=1")), None);
-        assert_eq!(
-            d(os("8"), os("glibc.malloc.arena_max=1")).as_deref(),
-            Some("MALLOC_ARENA_MAX=8")
-        );
-    }
-
-    /// Runs [`arena_child`] in a fresh copy of this test binary (arenas are per process, and
-    /// this one's other tests have made theirs) and returns its output.
-    #[cfg(target_env = "gnu")]
-    fn run_arena_child(mode: &str, env: &[(&str, &str)]) -> String {
-        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
-            "ops::memory::tests::arena_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_remove("MALLOC_ARENA_MAX")
-        .env_remove("GLIBC_TUNABLES")
-        .env("TERN_ARENA_CHILD", mode);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    }
-
-    /// The value after `key: ` in the child's output (the test harness may print its own
-    /// words before it on the line).
-    #[cfg(target_env = "gnu")]
-    fn child_field<'a>(out: &'a str, key: &str) -> &'a str {
-        let tag = format!("{key}: ");
-        out.lines()
-            .find_map(|l| Some(l.split_once(tag.as_str())?.1.trim_end()))
-            .unwrap_or_else(|| panic!("no {key} in {out}"))
-    }
-
-    #[test]
-    #[cfg(target_env = "gnu")]
-    fn capped_arenas_hold_eight_allocating_threads() {
-        // Control: without the cap, eight threads allocating at once get eight arenas.
-        let out = run_arena_child("none", &[]);
-        let arenas: usize = child_field(&out, "arenas").parse().unwrap();
-        assert!(arenas >= 9, "{out}");
-
-        let out = run_arena_child("limit", &[]);
-        assert_eq!(child_field(&out, "did"), "Capped(2)");
-        let arenas: usize = child_field(&out, "arenas").parse().unwrap();
-        assert!(arenas <= ARENA_MAX as usize, "{out}");
-
-        let out = run_arena_child("limit", &[("MALLOC_ARENA_MAX", "3")]);
-        assert_eq!(child_field(&out, "did"), "FromEnv(\"MALLOC_ARENA_MAX=3\")");
-        let arenas: usize = child_field(&out, "arenas").parse().unwrap();
-        assert!((2..=3).contains(&arenas), "{out}");
-    }
-
-    /// The child of [`capped_arenas_hold_eight_allocating_threads`]: caps the arenas
-    /// (`TERN_ARENA_CHILD=limit`) or not (`none`), lets eight threads allocate while all
-    /// are alive, and prints what `limit_arenas` did and how many arenas malloc_info lists.
-    #[test]
-    #[ignore = "run by capped_arenas_hold_eight_allocating_threads in a process of its own"]
-    #[cfg(target_env = "gnu")]
-    fn arena_child() {
-        let Ok(mode) = std::env::var("TERN_ARENA_CHILD") else {
-            return;
-        };
-        if mode == "limit" {
-            println!("did: {:?}", limit_arenas().unwrap());
-        }
-        let all = std::sync::Arc::new(std::sync::Barrier::new(8));
-        let threads: Vec<_> = (0..8)
-            .map(|i| {
-                let all = std::sync::Arc::clone(&all);
-                std::thread::spawn(move || {
-                    let block = std::hint::black_box(vec![i as u8; 1024]);
-                    // Each holds its arena until all have allocated.
-                    all.wait();
-                    block[0]
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        println!("arenas: {}", malloc_info_heaps());
-    }
-
-    /// How many arenas ("<heap nr=...>") glibc's malloc_info reports.
-    #[cfg(target_env = "gnu")]
-    fn malloc_info_heaps() -> usize {
-        let mut buf: *mut libc::c_char = std::ptr::null_mut();
-        let mut len: libc::size_t = 0;
-        // SAFETY: open_memstream writes the buffer pointer and length on fclose; malloc_info
-        // writes to the stream; the buffer is read once, then freed with free() as documented.
-        let xml = unsafe {
-            let f = libc::open_memstream(&mut buf, &mut len);
-            assert!(!f.is_null());
-            assert_eq!(libc::malloc_info(0, f), 0);
-            libc::fclose(f);
-            let xml = std::slice::from_raw_parts(buf as *const u8, len).to_vec();
-            libc::free(buf.cast());
-            String::from_utf8(xml).unwrap()
-        };
-        xml.matches("<heap nr=").count()
     }
 
     #[test]
