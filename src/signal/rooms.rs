@@ -109,6 +109,18 @@ pub const REFUSAL_REASONS: [&str; 8] = [
 ];
 const R_RATE: usize = 0;
 
+/// The error a signal or relay request gets when its target cannot take it, on one node
+/// (`check_target`) and across nodes ([`BusEvent::Undeliverable`]) alike.
+fn target_error(why: Undelivered) -> (ErrorCode, &'static str) {
+    match why {
+        Undelivered::NoPeer => (ErrorCode::PeerNotFound, "no connected peer with that id"),
+        Undelivered::NotInSharedRoom => (
+            ErrorCode::NotInSharedRoom,
+            "that peer is not in a room with you",
+        ),
+    }
+}
+
 /// The [`REFUSAL_REASONS`] index an error code is counted under.
 fn refusal_reason(code: ErrorCode) -> usize {
     match code {
@@ -814,28 +826,25 @@ impl RoomService {
     /// The target's connection if it exists, is connected and shares a room with `id`.
     fn check_target(&mut self, conn: WsId, id: &str, to: &str, out: &mut Vec<Out>) -> Option<WsId> {
         let target = self.peers.get(to).and_then(|t| t.conn.map(|c| (t, c)));
-        let Some((t, tconn)) = target else {
-            out.push(Self::error(
-                &mut self.stats,
-                conn,
-                ErrorCode::PeerNotFound,
-                "no connected peer with that id".into(),
-                Some(to),
-            ));
-            return None;
+        let why = match target {
+            None => Undelivered::NoPeer,
+            Some((t, tconn)) => {
+                let me = &self.peers[id];
+                if t.id != me.id && !me.rooms.is_disjoint(&t.rooms) {
+                    return Some(tconn);
+                }
+                Undelivered::NotInSharedRoom
+            }
         };
-        let me = &self.peers[id];
-        if t.id == me.id || me.rooms.is_disjoint(&t.rooms) {
-            out.push(Self::error(
-                &mut self.stats,
-                conn,
-                ErrorCode::NotInSharedRoom,
-                "that peer is not in a room with you".into(),
-                Some(to),
-            ));
-            return None;
-        }
-        Some(tconn)
+        let (code, message) = target_error(why);
+        out.push(Self::error(
+            &mut self.stats,
+            conn,
+            code,
+            message.into(),
+            Some(to),
+        ));
+        None
     }
 
     /// The connection closed (or the driver dropped it).
@@ -1233,13 +1242,7 @@ impl RoomService {
         ticket: Option<String>,
         out: &mut Vec<Out>,
     ) {
-        let (code, message) = match why {
-            Undelivered::NoPeer => (ErrorCode::PeerNotFound, "no connected peer with that id"),
-            Undelivered::NotInSharedRoom => (
-                ErrorCode::NotInSharedRoom,
-                "that peer is not in a room with you",
-            ),
-        };
+        let (code, message) = target_error(why);
         match ticket {
             Some(ticket) => out.push(Out::CancelRelay {
                 ticket,
