@@ -164,6 +164,8 @@ const R_CLUSTER_BUSY: usize = 7;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PeerJsStats {
     pub bad_messages: u64,
+    /// Messages delivered to a client's connection; one that crosses the cluster bus is
+    /// counted once, by the node that delivers it.
     pub forwarded: u64,
     /// Messages for absent peers refused (any `queue_*` reason): the sender got EXPIRE.
     pub queued_dropped: u64,
@@ -562,7 +564,7 @@ impl PeerJsService {
         if !self.clients.contains_key(&dst) {
             if let Some(b) = self.bus.as_mut().filter(|b| b.is_remote(&dst)) {
                 if b.up {
-                    self.stats.forwarded += 1;
+                    // Counted by the node that delivers it.
                     let node = b.node_of(&dst).unwrap_or_default().to_string();
                     out.push(Out::Bus(b.publish(
                         Chan::Node(node),
@@ -808,7 +810,6 @@ impl PeerJsService {
                 ev: BusEvent::Peerjs { to, from, text },
                 ..
             } => {
-                self.stats.forwarded = self.stats.forwarded.saturating_sub(1);
                 let kind = serde_json::from_str::<serde_json::Value>(&text)
                     .ok()
                     .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
@@ -845,7 +846,6 @@ impl PeerJsService {
         let q = self.queues.remove(id).expect("checked");
         for m in q.msgs {
             self.unqueue(&m);
-            self.stats.forwarded += 1;
             let b = self.bus.as_mut().expect("checked");
             let node = b.node_of(id).unwrap_or_default().to_string();
             out.push(Out::Bus(b.publish(

@@ -152,6 +152,8 @@ const INVALID: usize = 6;
 pub struct RoomStats {
     pub bad_messages: u64,
     pub rate_limited: u64,
+    /// Signals delivered to a peer's connection. One that crosses the cluster bus is
+    /// counted once, by the node that delivers it, so the counter only ever grows.
     pub signals_forwarded: u64,
     /// Messages accepted past the rate limit, by type ([`MESSAGE_TYPES`]).
     pub messages: [u64; MESSAGE_TYPES.len()],
@@ -1022,7 +1024,7 @@ impl RoomService {
                 Some(&to),
             ));
         } else {
-            self.stats.signals_forwarded += 1;
+            // Counted by the node that delivers it.
             out.push(Out::Bus(b.publish(
                 Chan::Node(node),
                 BusEvent::Signal {
@@ -1243,15 +1245,11 @@ impl RoomService {
         out: &mut Vec<Out>,
     ) {
         let (code, message) = target_error(why);
-        match ticket {
-            Some(ticket) => out.push(Out::CancelRelay {
+        if let Some(ticket) = ticket {
+            out.push(Out::CancelRelay {
                 ticket,
                 reason: "the other peer is not connected to its node; no relay",
-            }),
-            // Counted as forwarded when published; it never was.
-            None => {
-                self.stats.signals_forwarded = self.stats.signals_forwarded.saturating_sub(1);
-            }
+            });
         }
         match self.peers.get(&to).and_then(|p| p.conn) {
             Some(conn) => out.push(Self::error(
@@ -1277,10 +1275,7 @@ impl RoomService {
             return out;
         };
         let (from, to, what) = match ev {
-            BusEvent::Signal { from, to, .. } => {
-                self.stats.signals_forwarded = self.stats.signals_forwarded.saturating_sub(1);
-                (from, to, "not sent")
-            }
+            BusEvent::Signal { from, to, .. } => (from, to, "not sent"),
             BusEvent::RelayTicket {
                 from, to, ticket, ..
             } => {
