@@ -33,9 +33,15 @@ const RELAY_MS = 15000; // the WebSocket relay step, from asking for a ticket to
 // A file moves in pieces of PIECE bytes: the sender reads the file through one stream into
 // a piece at a time (the next one being read meanwhile) and follows its chunks with the
 // piece's SHA-256 from WebCrypto (native); the receiver checks each piece the same way (in
-// its piece worker) and writes it as one storage write. The file's own SHA-256 (incremental, Sha256) is computed once, by
-// the receiver over what it stored, and returned to the sender with its result.
-const PIECE = 1 << 20;
+// its piece worker) and writes it as one storage write. Both ends take the transfer's
+// digest, the SHA-256 of the piece hashes in order; the sender's goes with the last piece
+// and the receiver compares it with its own. The file's own SHA-256 (`Sha256`, incremental, 6-7x the CPU of native
+// SHA-256) is taken on request from the stored file (`fileSha256()`), or alongside where the
+// page cannot read the stored file back (a download).
+// 255 KiB: one 256 KiB SCTP message between Chromiums with its frame header, so the
+// receiver checks and stores a piece as it came (no joining copy), and a piece's buffers
+// stay in cache; 1 MiB pieces cost the page 11-29 ms more CPU per MiB in bench/web.
+const PIECE = 255 << 10;
 const PROGRESS_MS = 500; // at most one progress event per transfer this often (each redraws)
 const HASH_STEP = 64 << 10; // the receiver hashes a piece this much at a time, letting
 // channel messages in between: a whole piece at once blocks the main thread long enough
@@ -993,7 +999,7 @@ export class Channel extends EventTarget {
         }
         return;
       case 'file-end':
-        this._in.get(id)?._onEnd();
+        this._in.get(id)?._onEnd(String(d.digest || ''));
         return;
       case 'file-piece':
         this._in.get(id)?._onPiece(String(d.sha256 || ''));
@@ -1003,7 +1009,7 @@ export class Channel extends EventTarget {
         return;
       case 'file-ok':
       case 'file-bad':
-        this._out.get(id)?._onResult(d.kind === 'file-ok', String(d.why || ''), String(d.sha256 || ''));
+        this._out.get(id)?._onResult(d.kind === 'file-ok', String(d.why || ''), String(d.digest || ''), String(d.sha256 || ''));
         return;
       case 'file-cancel':
         if (d.from === 'receiver') this._out.get(id)?._fail('cancelled by the receiver', 'cancelled');
@@ -1236,9 +1242,10 @@ class PieceReader {
 /**
  * One file to one peer. Fields: `id`, `peer`, `name`, `size`, `sent` (bytes handed to the
  * channel), `state` ('connecting' | 'sending' | 'verifying' | 'done' | 'failed' |
- * 'cancelled'), `path`, `error`, `sha256` (the receiver's, once done). `done` resolves when the receiver
- * has stored the file and verified its SHA-256. Events: `state`, `progress`. `cancel()`
- * stops it on both sides.
+ * 'cancelled'), `path`, `error`, `digest` (the SHA-256 of the pieces' SHA-256, sent with
+ * the last piece), `sha256` (the file's own, once known: see `fileSha256()`). `done`
+ * resolves when the receiver has stored every piece, each matching its SHA-256, and its
+ * digest matched. Events: `state`, `progress`. `cancel()` stops it on both sides.
  */
 export class OutgoingTransfer extends EventTarget {
   constructor(tern, peer, file) {
@@ -1255,6 +1262,7 @@ export class OutgoingTransfer extends EventTarget {
     this.path = null;
     this.error = null;
     this.sha256 = null;
+    this.digest = null;
     this.t0 = performance.now();
     this._wake = null;
     this.done = new Promise((res, rej) => {
@@ -1286,6 +1294,7 @@ export class OutgoingTransfer extends EventTarget {
     const step = ch.dataStep;
     const reader = new PieceReader(this.file, this.size);
     this._reader = reader;
+    const list = new PieceList();
     let off = 0;
     while (off < this.size) {
       // One piece in hand and the next one being read: never more of the file in memory.
@@ -1305,13 +1314,16 @@ export class OutgoingTransfer extends EventTarget {
         } else if (this.state !== 'sending') this._live();
         this.sent += piece.length;
       }
-      await ch._sendCtl({ kind: 'file-piece', id: this.id, sha256: hex(new Uint8Array(await digest)) });
+      const d = new Uint8Array(await digest);
+      list.push(d);
+      await ch._sendCtl({ kind: 'file-piece', id: this.id, sha256: hex(d) });
       this._live();
       off += buf.length;
       progress(this, this.sent);
     }
     reader.close();
-    await ch._sendCtl({ kind: 'file-end', id: this.id });
+    this.digest = await list.hex();
+    await ch._sendCtl({ kind: 'file-end', id: this.id, digest: this.digest });
     this._live();
     this._set('verifying');
   }
@@ -1321,15 +1333,25 @@ export class OutgoingTransfer extends EventTarget {
     return this.sent / Math.max((performance.now() - this.t0) / 1000, 0.001);
   }
 
+  /** The file's own SHA-256 (hex, what `sha256sum` prints), read through `Sha256`. */
+  async fileSha256() {
+    this.sha256 ??= await sha256File(this.file);
+    return this.sha256;
+  }
+
   _onAck(bytes) {
     this.acked = Math.max(this.acked, bytes);
     this._wake?.();
   }
 
-  _onResult(ok, why, sha256) {
+  _onResult(ok, why, digest, sha256) {
     if (this.state !== 'verifying' && this.state !== 'sending') return;
     if (!ok) {
       this._fail(`the receiver rejected the file: ${why}`);
+      return;
+    }
+    if (digest !== this.digest) {
+      this._fail(`the receiver's digest ${digest.slice(0, 16) || '(none)'}… is not the file's`);
       return;
     }
     this.sha256 = /^[0-9a-f]{64}$/.test(sha256) ? sha256 : null;
@@ -1361,10 +1383,11 @@ export class OutgoingTransfer extends EventTarget {
 /**
  * One file arriving from a peer, written to storage as it comes (this tab's folder in the
  * Origin Private File System, the browser's downloads through a Service Worker where OPFS has no
- * writable streams, or memory) and hashed on the way.
+ * writable streams, or memory), each piece checked against the sender's SHA-256 of it.
  * Fields: `id`, `peer`, `name` (plain text), `size`, `mime`, `received`, `state`
  * ('receiving' | 'verifying' | 'done' | 'failed' | 'cancelled'), `path`, `error`,
- * `sha256` (verified), `storage` ('opfs' | 'download' | 'memory'), `file` (a disk-backed
+ * `digest` (the SHA-256 of the pieces' SHA-256, equal to the sender's), `sha256` (the
+ * file's own: see `fileSha256()`), `storage` ('opfs' | 'download' | 'memory'), `file` (a disk-backed
  * File once done; null for `download`: the file is in the browser's downloads). `done`
  * resolves to that File (or null).
  * `cancel()` stops it on both sides and deletes what was stored; `discard()` deletes a
@@ -1386,6 +1409,7 @@ export class IncomingTransfer extends EventTarget {
     this.state = 'receiving';
     this.error = null;
     this.sha256 = null;
+    this.digest = null;
     this.file = null;
     this.t0 = performance.now();
     this._parts = [];
@@ -1479,7 +1503,9 @@ export class IncomingTransfer extends EventTarget {
     this._fail(why);
   }
 
-  _onEnd() {
+  // The sender's digest (its pieces' SHA-256 in order) against the one of the pieces
+  // checked here: a piece missing, repeated or out of order fails the transfer.
+  _onEnd(digest) {
     if (this._partsLen > 0) this._bad('data after the last piece');
     this._chain = this._chain.then(async () => {
       if (this.state !== 'receiving') return;
@@ -1488,11 +1514,17 @@ export class IncomingTransfer extends EventTarget {
         this._bad(`${this._written} of ${this.size} bytes arrived`);
         return;
       }
-      this.sha256 = await this._pieces.finish();
+      const r = await this._pieces.finish();
+      if (r.digest !== digest) {
+        this._bad(`the pieces' digest ${r.digest.slice(0, 16)}… is not the sender's ${digest.slice(0, 16)}…`);
+        return;
+      }
+      this.digest = r.digest;
+      this.sha256 = r.sha256;
       this.file = await this._sink.close();
       this.secs = (performance.now() - this.t0) / 1000;
       this.ch._in.delete(this.id);
-      this.ch._sendCtl({ kind: 'file-ok', id: this.id, sha256: this.sha256 }).catch(() => {});
+      this.ch._sendCtl({ kind: 'file-ok', id: this.id, digest: this.digest, sha256: this.sha256 }).catch(() => {});
       this._set('done');
       this._resolve(this.file);
     });
@@ -1522,6 +1554,19 @@ export class IncomingTransfer extends EventTarget {
     this._fail('cancelled', 'cancelled');
   }
 
+  /**
+   * The stored file's own SHA-256 (hex, what `sha256sum` prints): known at `done` for a
+   * download (hashed alongside: it cannot be read back), else read back from storage now
+   * (~4-5 ms of CPU per MiB on the test machine) and kept in `sha256`.
+   */
+  async fileSha256() {
+    if (!this.sha256) {
+      if (this.state !== 'done' || !this.file) throw new Error(`no stored file to hash (${this.state}, ${this.storage})`);
+      this.sha256 = await sha256File(this.file);
+    }
+    return this.sha256;
+  }
+
   /** Deletes a received file from storage (its `file` can no longer be read). */
   async discard() {
     if (this.state === 'done') await this._sink?.remove();
@@ -1529,28 +1574,84 @@ export class IncomingTransfer extends EventTarget {
 }
 
 /**
- * A piece's check and the file's own SHA-256: `check(u8, sha256)` rejects a piece whose
- * WebCrypto SHA-256 is not the sender's; `add(u8, sha256)` checks it and adds it to the
- * file's hash (`step` bytes at a time, awaiting `pause()` in between).
+ * A transfer's digest: the SHA-256 of its pieces' SHA-256 digests (32 bytes each), in order
+ * (a hash list). Both ends keep one; the receiver compares the sender's (sent with the last
+ * piece) with its own, so a piece lost, repeated or out of order anywhere fails the
+ * transfer. 32 bytes per piece.
+ */
+class PieceList {
+  constructor() {
+    this._b = new Uint8Array(32 * 64);
+    this._n = 0;
+  }
+
+  push(d) {
+    if (this._n + 32 > this._b.length) {
+      const b = new Uint8Array(this._b.length * 2);
+      b.set(this._b);
+      this._b = b;
+    }
+    this._b.set(d, this._n);
+    this._n += 32;
+  }
+
+  async hex() {
+    return hex(new Uint8Array(await crypto.subtle.digest('SHA-256', this._b.subarray(0, this._n))));
+  }
+}
+
+/**
+ * The receiver's checks: `check(u8, sha256)` rejects a piece whose WebCrypto SHA-256 is
+ * not the sender's and adds it to the transfer's `list`. With `flat` (where the stored file
+ * cannot be read back) `add(u8, sha256)` also feeds the file's own SHA-256 (`hash`, `step`
+ * bytes at a time, awaiting `pause()` in between); without it `hash` is null.
  */
 class PieceHasher {
-  constructor() {
-    this.hash = new Sha256();
+  constructor(flat) {
+    this.hash = flat ? new Sha256() : null;
+    this.list = new PieceList();
     this.at = 0;
   }
 
   async check(u8, sha256) {
-    const got = hex(new Uint8Array(await crypto.subtle.digest('SHA-256', u8)));
-    if (got !== sha256) throw new Error(`the piece at byte ${this.at} does not match its SHA-256`);
+    const d = new Uint8Array(await crypto.subtle.digest('SHA-256', u8));
+    if (hex(d) !== sha256) throw new Error(`the piece at byte ${this.at} does not match its SHA-256`);
+    this.list.push(d);
     this.at += u8.length;
   }
 
   async add(u8, sha256, step = u8.length, pause = null) {
     await this.check(u8, sha256);
+    if (!this.hash) return;
     for (let o = 0; o < u8.length; o += step) {
       this.hash.update(u8.subarray(o, o + step));
       if (pause) await pause();
     }
+  }
+
+  /** {digest, sha256}: the transfer's digest, and the file's SHA-256 when it was fed. */
+  async finish() {
+    return { digest: await this.list.hex(), sha256: this.hash ? this.hash.hex() : null };
+  }
+}
+
+/**
+ * The SHA-256 (hex) of a Blob or File, read through its stream with `Sha256` (memory: one
+ * chunk of the stream). In the tab's piece worker when one runs, off the main thread.
+ */
+export async function sha256File(blob) {
+  const w = typeof window !== 'undefined' ? await pieceWorker() : null;
+  if (w) return w.call({ op: 'sha256', file: blob });
+  return blobSha256(blob);
+}
+
+async function blobSha256(blob) {
+  const h = new Sha256();
+  const r = blob.stream().getReader();
+  for (;;) {
+    const { done, value } = await r.read();
+    if (done) return h.hex();
+    h.update(value);
   }
 }
 
@@ -1567,14 +1668,14 @@ function concat(parts, n, into = null) {
 }
 
 /**
- * Pieces checked and hashed on the main thread, in order (where no worker can run: tern.js
- * loaded from another origin). `piece(parts, n, sha256)` (a piece's chunks and their
- * length) resolves to the piece in one buffer for the sink to write; `finish()` to the
- * file's SHA-256.
+ * Pieces checked (and with `flat` hashed) on the main thread, in order (where no worker can
+ * run: tern.js loaded from another origin). `piece(parts, n, sha256)` (a piece's chunks and
+ * their length) resolves to the piece in one buffer for the sink to write; `finish()` to
+ * `{digest, sha256}` (PieceHasher's).
  */
 class InlinePieces {
-  constructor() {
-    this._h = new PieceHasher();
+  constructor(flat) {
+    this._h = new PieceHasher(flat);
     this._c = Promise.resolve();
   }
 
@@ -1588,7 +1689,7 @@ class InlinePieces {
 
   async finish() {
     await this._c;
-    return this._h.hash.hex();
+    return this._h.finish();
   }
 
   async drop() {}
@@ -1601,8 +1702,8 @@ class InlinePieces {
  * InlinePieces.
  */
 class WorkerPieces {
-  static async open(w, key, fh) {
-    await w.call({ op: 'open', key, fh });
+  static async open(w, key, fh, flat) {
+    await w.call({ op: 'open', key, fh, flat });
     return new WorkerPieces(w, key);
   }
 
@@ -1629,14 +1730,13 @@ class WorkerPieces {
 
 // The piece worker: this module again, in a dedicated Worker named PIECE_WORKER, one per
 // tab. It takes the receiver's per-piece work off the main thread (which then only
-// gathers a piece's chunks from the channel): the piece's SHA-256 check (WebCrypto), the
-// file's own SHA-256 (the one WebAssembly pass over the file, ~4-5 ms per MiB on the test
-// machine) and, in OPFS, the write through a FileSystemSyncAccessHandle (a file write from
-// the renderer, where a writable stream sends every piece through the browser process).
-// In OPFS the file's SHA-256 is taken at the end, over the bytes read back from the stored
-// file: that also checks the writes, and keeps the WebAssembly pass off the cores while the
-// data channel runs (done alongside, it cost the page a fifth of its speed on the direct
-// path in bench/web: the transport threads lose more than the hash itself takes).
+// gathers a piece's chunks from the channel): the piece's SHA-256 check (WebCrypto) and,
+// in OPFS, the write through a FileSystemSyncAccessHandle (a file write from the renderer,
+// where a writable stream sends every piece through the browser process). The file's own
+// SHA-256 (the WebAssembly pass, ~4-5 ms per MiB on the test machine against ~0.7 for
+// WebCrypto's) runs here alongside only for a download, which cannot be read back; else on
+// request (`fileSha256`). Taken for every file, alongside or read back at the end, it cost
+// the page 10-25 % of its speed in bench/web on two cores (docs/client.md, Speed).
 const PIECE_WORKER = 'tern-pieces';
 let pieceWorkerP = null;
 
@@ -1696,7 +1796,7 @@ class PieceWorkerClient {
 // The worker's side: files by key, each with its hash, its sync access handle (or none)
 // and a queue, so one file's operations run in order.
 function pieceWorkerMain() {
-  const files = new Map(); // key -> {h: PieceHasher, ah, scratch, queue, dead, dropped}
+  const files = new Map(); // key -> {h: PieceHasher, ah, scratch, queue, dead}
   const run = async (f, m) => {
     switch (m.op) {
       case 'open':
@@ -1705,15 +1805,17 @@ function pieceWorkerMain() {
       case 'piece': {
         if (f.dead) throw new Error(f.dead);
         if (m.n > PIECE) throw new Error(`a piece longer than ${PIECE} bytes`);
-        // Written here: joined in one buffer reused for every piece; else a new one to
-        // hand back.
-        if (f.ah && !f.scratch) f.scratch = new Uint8Array(PIECE);
-        const u8 = concat(m.parts, m.n, f.ah ? f.scratch : null);
+        // Written here: one chunk as it came (a piece is one message between Chromiums),
+        // else joined in one buffer reused for every piece; handed back: a new buffer.
+        let u8;
+        if (f.ah && m.parts.length === 1) u8 = m.parts[0];
+        else {
+          if (f.ah && !f.scratch) f.scratch = new Uint8Array(PIECE);
+          u8 = concat(m.parts, m.n, f.ah ? f.scratch : null);
+        }
         const at = f.h.at;
         try {
-          // Stored here: the file's hash is taken from the stored file at 'close'.
-          if (f.ah) await f.h.check(u8, m.sha256);
-          else await f.h.add(u8, m.sha256);
+          await f.h.add(u8, m.sha256);
         } catch (e) {
           f.dead = e.message;
           throw e;
@@ -1731,13 +1833,14 @@ function pieceWorkerMain() {
         if (f.ah) {
           try {
             f.ah.flush();
-            await hashStored(f);
+            const size = f.ah.getSize();
+            if (size !== f.h.at) throw new Error(`storage: ${size} bytes stored, ${f.h.at} received`);
           } finally {
             f.ah.close();
           }
         }
         files.delete(m.key);
-        return [f.h.hash.hex()];
+        return [await f.h.finish()];
       case 'drop':
         files.delete(m.key);
         f.ah?.close();
@@ -1746,32 +1849,21 @@ function pieceWorkerMain() {
         throw new Error(`unknown operation ${m.op}`);
     }
   };
-  // The file's SHA-256 over what was stored, read back a piece at a time into the piece
-  // buffer (no more memory than receiving took); between reads, queued messages run, so a
-  // 'drop' (the transfer cancelled while verifying) stops it at once, not after the file.
-  const hashStored = async (f) => {
-    const size = f.ah.getSize();
-    if (size !== f.h.at) throw new Error(`storage: ${size} bytes stored, ${f.h.at} received`);
-    const buf = f.scratch;
-    for (let at = 0; at < size;) {
-      const n = f.ah.read(buf.subarray(0, Math.min(buf.length, size - at)), { at });
-      if (n <= 0) throw new Error('storage: short read');
-      f.h.hash.update(buf.subarray(0, n));
-      at += n;
-      await yieldToEvents();
-      if (f.dropped) throw new Error('cancelled');
-    }
-  };
   globalThis.onmessage = (e) => {
     const m = e.data;
-    // Seen at once, not behind the file's queue: stops a read-back hash in progress.
-    if (m.op === 'drop' && files.has(m.key)) files.get(m.key).dropped = true;
     if (m.op === 'ping') {
       globalThis.postMessage({ seq: m.seq, value: null });
       return;
     }
+    if (m.op === 'sha256') {
+      blobSha256(m.file).then(
+        (value) => globalThis.postMessage({ seq: m.seq, value }),
+        (err) => globalThis.postMessage({ seq: m.seq, error: String(err?.message || err) }),
+      );
+      return;
+    }
     if (m.op === 'open') {
-      files.set(m.key, { h: new PieceHasher(), ah: null, scratch: null, queue: Promise.resolve(), dead: null, dropped: false });
+      files.set(m.key, { h: new PieceHasher(!!m.flat), ah: null, scratch: null, queue: Promise.resolve(), dead: null });
     }
     const f = files.get(m.key);
     if (!f) {
@@ -1854,6 +1946,7 @@ class ReceiveStore {
    */
   async open(key, meta) {
     const w = await pieceWorker();
+    const flat = this.kind === 'download'; // the file's SHA-256 alongside: no read-back there
     if (w && this.kind === 'opfs') {
       const fh = await this.dir.getFileHandle(key, { create: true });
       const sink = {
@@ -1862,7 +1955,7 @@ class ReceiveStore {
         remove: () => this.dir.removeEntry(key).catch(() => {}),
       };
       try {
-        return [sink, await WorkerPieces.open(w, key, fh)];
+        return [sink, await WorkerPieces.open(w, key, fh, false)];
       } catch {
         await sink.remove(); // no sync access handle here: the writable stream below
       }
@@ -1870,12 +1963,12 @@ class ReceiveStore {
     const sink = await this.create(key, meta);
     if (w) {
       try {
-        return [sink, await WorkerPieces.open(w, key, null)];
+        return [sink, await WorkerPieces.open(w, key, null, flat)];
       } catch {
         /* the worker is gone: check and hash here */
       }
     }
-    return [sink, new InlinePieces()];
+    return [sink, new InlinePieces(flat)];
   }
 
   /**
