@@ -1562,7 +1562,7 @@ export class IncomingTransfer extends EventTarget {
   async fileSha256() {
     if (!this.sha256) {
       if (this.state !== 'done' || !this.file) throw new Error(`no stored file to hash (${this.state}, ${this.storage})`);
-      this.sha256 = await sha256File(this.file);
+      this.sha256 = await sha256File(this.file, this._sink?.handle);
     }
     return this.sha256;
   }
@@ -1636,13 +1636,35 @@ class PieceHasher {
 }
 
 /**
- * The SHA-256 (hex) of a Blob or File, read through its stream with `Sha256` (memory: one
- * chunk of the stream). In the tab's piece worker when one runs, off the main thread.
+ * The SHA-256 (hex) of a Blob or File, read through its stream with `Sha256`. In the tab's
+ * piece worker when one runs, off the main thread; given the file's OPFS handle (`fh`) the
+ * worker reads it through a sync access handle into one reused buffer, so no memory
+ * beyond that buffer is used however large the file (a stream's chunks are garbage until
+ * the worker's next collection: a 1 GiB read-back took its renderer to 529 MiB).
  */
-export async function sha256File(blob) {
+export async function sha256File(blob, fh = null) {
   const w = typeof window !== 'undefined' ? await pieceWorker() : null;
-  if (w) return w.call({ op: 'sha256', file: blob });
+  if (w) return w.call({ op: 'sha256', file: blob, fh });
   return blobSha256(blob);
+}
+
+// The worker's side of sha256File with an OPFS handle.
+async function storedSha256(fh) {
+  const ah = await fh.createSyncAccessHandle();
+  try {
+    const h = new Sha256();
+    const buf = new Uint8Array(PIECE);
+    const size = ah.getSize();
+    for (let at = 0; at < size;) {
+      const n = ah.read(buf, { at });
+      if (n <= 0) throw new Error('storage: short read');
+      h.update(n === buf.length ? buf : buf.subarray(0, n));
+      at += n;
+    }
+    return h.hex();
+  } finally {
+    ah.close();
+  }
 }
 
 async function blobSha256(blob) {
@@ -1856,7 +1878,7 @@ function pieceWorkerMain() {
       return;
     }
     if (m.op === 'sha256') {
-      blobSha256(m.file).then(
+      (m.fh ? storedSha256(m.fh) : blobSha256(m.file)).then(
         (value) => globalThis.postMessage({ seq: m.seq, value }),
         (err) => globalThis.postMessage({ seq: m.seq, error: String(err?.message || err) }),
       );
@@ -1951,6 +1973,7 @@ class ReceiveStore {
       const fh = await this.dir.getFileHandle(key, { create: true });
       const sink = {
         write: null,
+        handle: fh, // for the file's own SHA-256, read back (sha256File)
         close: async () => new File([await fh.getFile()], meta.name, { type: meta.mime }),
         remove: () => this.dir.removeEntry(key).catch(() => {}),
       };
