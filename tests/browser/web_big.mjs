@@ -8,7 +8,9 @@
 //     --bound-mib, also while the receiver reads the stored file back for its own SHA-256
 //     (the row's button), which must equal Node's hash of the file; both rows show the same
 //     digest (the SHA-256 of the pieces' SHA-256);
-//  3. the receiver cancels one send and the sender cancels another: both rows end
+//  3. a sender whose digest (file-end) does not match the pieces it sent: the receiver
+//     refuses the file, both rows end "failed" naming the digest, nothing of it is stored;
+//  4. the receiver cancels one send and the sender cancels another: both rows end
 //     "cancelled" on both sides, and the receiver's Origin Private File System then holds
 //     nothing but the finished file.
 // A screenshot of the receiver mid-transfer goes to --out.
@@ -63,6 +65,7 @@ let ba;
 let bb;
 const t0 = Date.now();
 const bigPath = join(OUT, 'in', 'big-file.bin');
+const liarPath = join(OUT, 'in', 'digest-liar.bin');
 try {
   await mkdir(join(OUT, 'in'), { recursive: true });
   const ARGS = ['--allow-loopback-in-peer-connection'];
@@ -164,7 +167,29 @@ try {
   if (peak > BOUND_MIB) throw new Error(`receiving renderer reached ${Math.round(peak)} MiB RSS, over the ${BOUND_MIB} MiB bound`);
   if (sendPeak > BOUND_MIB) throw new Error(`sending renderer reached ${Math.round(sendPeak)} MiB RSS, over the ${BOUND_MIB} MiB bound`);
 
-  // 3. Cancels from either side free the receiver's storage.
+  // 3. A digest that is not the pieces' (the sender's channel patched to send a wrong one):
+  // refused by the receiver, the reason on both sides, its storage freed (checked below).
+  s = Date.now();
+  await bigFile(liarPath, 3 * 1048576 + 12345);
+  await a.evaluate(async (id) => {
+    const ch = await window.tern.open(id);
+    const send = ch._sendCtl.bind(ch);
+    ch._sendCtl = (o) => send(o.kind === 'file-end' ? { ...o, digest: '0'.repeat(64) } : o);
+    window.unpatchDigest = () => { delete ch._sendCtl; };
+  }, idB);
+  const [nIn, nOut] = [(await rows(b, 'in')) + 1, (await rows(a, 'out')) + 1];
+  await a.locator('#files').setInputFiles([liarPath]);
+  await progressOver(b, 'in', -1, nIn);
+  await progressOver(a, 'out', -1, nOut);
+  const liar = [await endState(a, 'out'), await endState(b, 'in')];
+  await a.evaluate(() => window.unpatchDigest());
+  const liarShows = { sender: await outRow(a).locator('.info').textContent(), receiver: await inRow(b).locator('.info').textContent() };
+  if (liar[0] !== 'failed' || liar[1] !== 'failed' || !/digest/.test(liarShows.sender) || !/digest/.test(liarShows.receiver)) {
+    throw new Error(`a wrong digest: sender ${liar[0]}, receiver ${liar[1]}: ${JSON.stringify(liarShows)}`);
+  }
+  result.steps.wrongDigest = { ...liarShows, secs: (Date.now() - s) / 1000 };
+
+  // 4. Cancels from either side free the receiver's storage.
   s = Date.now();
   const cancels = {};
   for (const who of ['receiver', 'sender']) {
@@ -203,6 +228,7 @@ try {
 } finally {
   result.secs = (Date.now() - t0) / 1000;
   await rm(bigPath, { force: true });
+  await rm(liarPath, { force: true });
   await ba?.close();
   await bb?.close();
 }
