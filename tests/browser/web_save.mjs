@@ -1,7 +1,10 @@
 // The Service Worker download, tern.js's storage where the Origin Private File System has no
 // writable streams: the receiving page is made such a browser (FileSystemFileHandle's
 // createWritable removed before any script runs), so tern.js falls back to streaming each
-// received file into the browser's downloads through /tern-sw.js.
+// received file into the browser's downloads through /tern-sw.js. The sending page is made a
+// browser whose file streams have no BYOB reader (getReader({mode: 'byob'}) throws), so
+// tern.js copies the stream's chunks into its pieces (Chromium's own file streams take the
+// BYOB path, which the other tests cover).
 //  1. a file of --bytes (24 MiB by default: several times the worker's 4 MiB queue and the
 //     sender's window, so backpressure runs) is sent direct; the receiver's row ends "done"
 //     with storage 'download', the browser's download completes, and the downloaded file's
@@ -30,6 +33,17 @@ const STEP_MS = 120_000;
 const NO_WRITABLE = () => {
   delete FileSystemFileHandle.prototype.createWritable;
 };
+const NO_BYOB = () => {
+  const get = ReadableStream.prototype.getReader;
+  window.byobRefused = 0;
+  ReadableStream.prototype.getReader = function getReader(o) {
+    if (o?.mode === 'byob') {
+      window.byobRefused++;
+      throw new TypeError('no BYOB reader in this browser');
+    }
+    return get.call(this, o);
+  };
+};
 
 const inRow = (page) => page.locator('#transfers li.transfer[data-dir="in"]').first();
 const endState = (page, dir) => page.waitForFunction((d) => {
@@ -54,6 +68,7 @@ try {
   const a = await ba.newPage();
   const b = await bb.newPage();
   await b.addInitScript(NO_WRITABLE);
+  await a.addInitScript(NO_BYOB);
   await a.goto(`${BASE}/`);
   await b.goto(`${BASE}/`);
   for (const p of [a, b]) await p.waitForSelector('body[data-ready="true"]');
@@ -77,6 +92,7 @@ try {
   if ((await endState(a, 'out')) !== 'done') throw new Error('sender row not done');
   const storage = await inRow(b).getAttribute('data-storage');
   if (storage !== 'download') throw new Error(`receiver stored the file in ${storage}, not a download`);
+  if (!(await a.evaluate(() => window.byobRefused))) throw new Error('the sender never asked for a BYOB reader');
   const opfs = await b.evaluate(async () => {
     const names = [];
     const walk = async (dir, prefix) => {
