@@ -4,7 +4,10 @@
 //
 // Bare: one data channel, 64 KiB messages from one reused buffer, sent while
 // bufferedAmount is under 4 MiB and resumed at bufferedamountlow (1 MiB): the usual
-// well-behaved sender, nothing read, hashed or stored. Page: the file picked in the page's
+// well-behaved sender, nothing read, hashed or stored. File: the same bare channel moving
+// the same file, the least a sender of a file does: the file picked in an input, read
+// through its stream, each chunk sent in 64 KiB messages with the same backpressure; the
+// receiver counts the bytes (nothing hashed or stored). Page: the file picked in the page's
 // file input, one peer picked; the clock runs from the pick to the receiver's row showing
 // the file stored (OPFS) with every piece checked against the sender's SHA-256 and the
 // digests of both ends equal, so it includes reading the file in pieces, hashing each on
@@ -21,18 +24,26 @@
 // (--tern-pid: on the TURN path it relays every packet): it does not depend on the CPU share
 // the scheduler gave the run, so it shows what the page costs even on a busy box.
 //
+// --pin puts each browser on its own CPU (taskset: the sender's on CPU 0, the receiver's on
+// CPU 1), as two one-core machines: on the two-core test box the browsers' dozen busy
+// threads, left to the scheduler, move between the shared cores, and the same bare
+// transfer took twice the CPU per MiB pinned than not (110 against 53-60 ms) at half the
+// speed. Pinned, each side's own cost limits the speed (the slower side sets it); unpinned
+// (the default, as in every earlier run) both browsers' costs add up.
+//
 // usage: node bench/web/bench.mjs --url http://127.0.0.1:API [--mib 200] [--rounds 3]
 //        [--paths direct,turn] [--web DIR]  (serve the page's files from DIR instead of
 //        the daemon's embedded copy: for trying a change without rebuilding)
-//        [--kinds bare,page]  (which kinds run each round: `page` alone against an earlier
-//        run's bare figures is not a same-run ratio, so the table needs both to give one)
+//        [--kinds bare,file,page]  (which kinds run each round: `page` alone against an
+//        earlier run's bare figures is not a same-run ratio, so a table needs both)
+//        [--pin]  (each browser on its own CPU: see above)
 //        [--profile]  (a CPU profile of each side in the first page run per path: the
 //        functions with the most self time) [--tern-pid PID]  (run.sh passes it)
 // Prints a Markdown table and one JSON line.
 
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtemp, open, readdir, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { browserPids, cpuSecs, launchChromium, parseArgs } from '../../tests/browser/lib.mjs';
 
@@ -43,10 +54,12 @@ const ROUNDS = Number(args.rounds || 3);
 const PATHS = String(args.paths || 'direct,turn').split(',');
 const WEB = args.web || null;
 const PROFILE = !!args.profile;
-const KINDS = String(args.kinds || 'bare,page').split(',');
-for (const k of KINDS) if (k !== 'bare' && k !== 'page') throw new Error(`--kinds: unknown kind ${k}`);
+const KINDS = String(args.kinds || 'bare,file,page').split(',');
+for (const k of KINDS) if (!['bare', 'file', 'page'].includes(k)) throw new Error(`--kinds: unknown kind ${k}`);
 const TERN_PID = args['tern-pid'] || null; // run.sh passes the daemon's: its CPU (the TURN relay's work) per round
 const BYTES = MIB * 1024 * 1024;
+const PIN = !!args.pin;
+if (PIN && cpus().length < 2) throw new Error('--pin needs two CPUs');
 
 // In-page: a bare peer connection for `step` ('direct': STUN only; 'turn': relay only),
 // non-trickle (the SDP carries all candidates once gathering completes).
@@ -84,6 +97,19 @@ window.bareSend = async (bytes) => {
     const n = Math.min(buf.length, bytes - sent);
     dc.send(n === buf.length ? buf : buf.subarray(0, n));
     sent += n;
+  }
+};
+window.bareSendFile = async () => {
+  const dc = window.dc;
+  dc.bufferedAmountLowThreshold = 1 << 20;
+  const r = document.getElementById('bench-file').files[0].stream().getReader();
+  for (;;) {
+    const { done, value } = await r.read();
+    if (done) return;
+    for (let o = 0; o < value.length; o += 64 << 10) {
+      if (dc.bufferedAmount > 4 << 20) await new Promise((res) => { dc.onbufferedamountlow = res; });
+      dc.send(value.subarray(o, Math.min(o + (64 << 10), value.length)));
+    }
   }
 };
 window.barePath = async () => {
@@ -136,8 +162,11 @@ function packetRates([s0, r0], [s1, r1]) {
   };
 }
 
-async function bare(a, b, step, clock) {
+// A bare channel moving BYTES from memory, or with `file` that file (picked in page a's own
+// input inside the clock, as the page's file is).
+async function bare(a, b, step, clock, file = null) {
   for (const p of [a, b]) await p.evaluate(PC);
+  if (file) await a.evaluate(() => document.body.insertAdjacentHTML('beforeend', '<input type="file" id="bench-file" hidden>'));
   const offer = await a.evaluate((s) => window.bare(s, null), step);
   const answer = await b.evaluate(([s, o]) => window.bare(s, o), [step, offer]);
   await a.evaluate((ans) => window.pc.setRemoteDescription(ans), answer);
@@ -151,7 +180,10 @@ async function bare(a, b, step, clock) {
   const recv = b.evaluate((n) => window.bareRecv(n), BYTES);
   const p0 = await Promise.all([a, b].map((p) => packets(p, null)));
   await clock.start();
-  await a.evaluate((n) => window.bareSend(n), BYTES);
+  if (file) {
+    await a.locator('#bench-file').setInputFiles([file.path]);
+    await a.evaluate(() => window.bareSendFile());
+  } else await a.evaluate((n) => window.bareSend(n), BYTES);
   await recv;
   const r = await clock.stop();
   r.packets = packetRates(p0, await Promise.all([a, b].map((p) => packets(p, null))));
@@ -321,8 +353,8 @@ const ARGS = ['--allow-loopback-in-peer-connection'];
 // A fulfilled response carries no address, so Chromium would take the page for a public
 // one and block its connections back to loopback.
 if (WEB) ARGS.push('--disable-features=LocalNetworkAccessChecks');
-const ba = await launchChromium({ extraArgs: ARGS });
-const bb = await launchChromium({ extraArgs: ARGS });
+const ba = await launchChromium({ extraArgs: ARGS, cpus: PIN ? '0' : null });
+const bb = await launchChromium({ extraArgs: ARGS, cpus: PIN ? '1' : null });
 for (const br of [ba, bb]) {
   await br.context.grantPermissions(['camera', 'microphone'], { origin: BASE });
   if (WEB) await routeWeb(br.context);
@@ -344,15 +376,15 @@ try {
         for (const p of [a, b]) await p.waitForSelector('body[data-ready="true"]');
         load.push(await loadavg());
         const profile = PROFILE && kind === 'page' && round === 0;
-        const r = kind === 'bare' ? await bare(a, b, step, clock) : await page(a, b, file, clock, profile);
+        const r = kind === 'page' ? await page(a, b, file, clock, profile) : await bare(a, b, step, clock, kind === 'file' ? file : null);
         const row = {
           step, round, kind, path: r.path, secs: r.secs, mbps: BYTES / 1e6 / r.secs, cpuMsPerMiB: r.cpu * 1000 / MIB,
           senderCpuMsPerMiB: r.bySide[0] * 1000 / MIB, receiverCpuMsPerMiB: r.bySide[1] * 1000 / MIB,
           ternCpuMsPerMiB: r.tern === null ? null : r.tern * 1000 / MIB, ...r.packets,
         };
-        row.cpuMsPerMiBByType = Object.fromEntries(Object.entries(r.byType).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
+        row.cpuMsPerMiBByType = Object.fromEntries(Object.entries(r.byType).map(([k, v]) => [k, Math.round(v * 10000 / MIB) / 10]));
         row.cpuMsPerMiBByThread = Object.fromEntries(Object.entries(r.byThread).sort((x, y) => y[1] - x[1])
-          .filter(([, v]) => v * 1000 / MIB >= 1).map(([k, v]) => [k, Math.round(v * 1000 / MIB)]));
+          .filter(([, v]) => v * 1000 / MIB >= 0.1).map(([k, v]) => [k, Math.round(v * 10000 / MIB) / 10]));
         rows.push(row);
         process.stderr.write(`round ${round} ${step} ${kind}: ${r.path} ${row.mbps.toFixed(1)} MB/s, ` +
           `${row.cpuMsPerMiB.toFixed(1)} ms CPU/MiB (sender ${row.senderCpuMsPerMiB.toFixed(1)}, receiver ` +
@@ -379,8 +411,8 @@ const median = (v) => {
 };
 const cell = (step, kind, key = 'mbps') => rows.filter((r) => r.step === step && r.kind === kind).map((r) => r[key]);
 const pct = (x) => `${(x * 100).toFixed(0)} %`;
-console.log(`${MIB} MiB, ${ROUNDS} rounds, bare and page alternating; load average during the runs ` +
-  `${Math.min(...load).toFixed(1)}–${Math.max(...load).toFixed(1)} on ${(await readFile('/proc/cpuinfo', 'utf8')).match(/^processor/gm).length} cores${WEB ? `; page files from ${WEB}` : ''}\n`);
+console.log(`${MIB} MiB, ${ROUNDS} rounds of ${KINDS.join(', ')} (the order reversed every other round); load average during the runs ` +
+  `${Math.min(...load).toFixed(1)}–${Math.max(...load).toFixed(1)} on ${cpus().length} cores, ${PIN ? "the sender's browser on CPU 0, the receiver's on CPU 1" : 'the browsers unpinned'}${WEB ? `; page files from ${WEB}` : ''}\n`);
 if (KINDS.length < 2) {
   // One kind: its figures alone (no ratio without the other kind in the same run).
   console.log('| path | kind | MB/s median (min–max) | CPU ms/MiB: both, sender, receiver (medians) | packets per MiB (lost) |');
@@ -392,27 +424,30 @@ if (KINDS.length < 2) {
       `${m('cpuMsPerMiB')}, ${m('senderCpuMsPerMiB')}, ${m('receiverCpuMsPerMiB')} | ${m('pktsPerMiB')} (${m('lostPerMiB')}) |`);
   }
 }
-if (KINDS.length === 2) console.log('| path | bare MB/s median (min–max) | page MB/s median (min–max) | page / bare (medians) | per-round page / bare: median (min–max) | per-round ratios | CPU ms per MiB, bare / page (medians) | sender CPU ms/MiB bare / page | receiver CPU ms/MiB bare / page | Tern CPU ms/MiB bare / page | page median / fastest bare | packets per MiB bare / page (lost) |');
-if (KINDS.length === 2) console.log('|---|---|---|---|---|---|---|---|---|---|---|---|');
-for (const step of KINDS.length === 2 ? PATHS : []) {
-  const [b, p] = [cell(step, 'bare'), cell(step, 'page')];
-  const paired = [];
-  for (let r = 0; r < ROUNDS; r++) {
-    const x = rows.find((o) => o.step === step && o.kind === 'bare' && o.round === r);
-    const y = rows.find((o) => o.step === step && o.kind === 'page' && o.round === r);
-    if (x && y) paired.push(y.mbps / x.mbps);
+// The page against each other kind in the run, same rounds.
+for (const ref of KINDS.includes('page') ? KINDS.filter((k) => k !== 'page') : []) {
+  console.log(`\npage against ${ref === 'bare' ? 'the bare channel (from memory)' : 'the bare channel moving the same file'}:\n`);
+  console.log(`| path | ${ref} MB/s median (min–max) | page MB/s median (min–max) | page / ${ref} (medians) | per-round page / ${ref}: median (min–max) | per-round ratios | CPU ms per MiB, ${ref} / page (medians) | sender CPU ms/MiB ${ref} / page | receiver CPU ms/MiB ${ref} / page | Tern CPU ms/MiB ${ref} / page | page median / fastest ${ref} | packets per MiB ${ref} / page (lost) |`);
+  console.log('|---|---|---|---|---|---|---|---|---|---|---|---|');
+  for (const step of PATHS) {
+    const two = (key) => `${median(cell(step, ref, key)).toFixed(1)} / ${median(cell(step, 'page', key)).toFixed(1)}`;
+    const [b, p] = [cell(step, ref), cell(step, 'page')];
+    const paired = [];
+    for (let r = 0; r < ROUNDS; r++) {
+      const x = rows.find((o) => o.step === step && o.kind === ref && o.round === r);
+      const y = rows.find((o) => o.step === step && o.kind === 'page' && o.round === r);
+      if (x && y) paired.push(y.mbps / x.mbps);
+    }
+    const f = (v) => `${median(v).toFixed(1)} (${Math.min(...v).toFixed(1)}–${Math.max(...v).toFixed(1)})`;
+    const path = rows.find((r) => r.step === step && r.kind === 'page')?.path;
+    console.log(`| ${step} (${path}) | ${f(b)} | ${f(p)} | ${pct(median(p) / median(b))} | ${pct(median(paired))} ` +
+      `(${pct(Math.min(...paired))}–${pct(Math.max(...paired))}) | ${paired.map((x) => (x * 100).toFixed(0)).join(', ')} | ` +
+      `${two('cpuMsPerMiB')} | ${two('senderCpuMsPerMiB')} | ${two('receiverCpuMsPerMiB')} | ` +
+      (TERN_PID ? `${two('ternCpuMsPerMiB')} |` : '– |') +
+      // The strictest reference: the other kind's best round, as on a box with no other load.
+      ` ${pct(median(p) / Math.max(...b))} | ${median(cell(step, ref, 'pktsPerMiB')).toFixed(0)} ` +
+      `(${median(cell(step, ref, 'lostPerMiB')).toFixed(1)}) / ${median(cell(step, 'page', 'pktsPerMiB')).toFixed(0)} ` +
+      `(${median(cell(step, 'page', 'lostPerMiB')).toFixed(1)}) |`);
   }
-  const f = (v) => `${median(v).toFixed(1)} (${Math.min(...v).toFixed(1)}–${Math.max(...v).toFixed(1)})`;
-  const path = rows.find((r) => r.step === step && r.kind === 'page')?.path;
-  console.log(`| ${step} (${path}) | ${f(b)} | ${f(p)} | ${pct(median(p) / median(b))} | ${pct(median(paired))} ` +
-    `(${pct(Math.min(...paired))}–${pct(Math.max(...paired))}) | ${paired.map((x) => (x * 100).toFixed(0)).join(', ')} | ` +
-    `${median(cell(step, 'bare', 'cpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'cpuMsPerMiB')).toFixed(1)} | ` +
-    `${median(cell(step, 'bare', 'senderCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'senderCpuMsPerMiB')).toFixed(1)} | ` +
-    `${median(cell(step, 'bare', 'receiverCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'receiverCpuMsPerMiB')).toFixed(1)} | ` +
-    (TERN_PID ? `${median(cell(step, 'bare', 'ternCpuMsPerMiB')).toFixed(1)} / ${median(cell(step, 'page', 'ternCpuMsPerMiB')).toFixed(1)} |` : '– |') +
-    // The strictest reference: the bare channel's best round, as on a box with no other load.
-    ` ${pct(median(p) / Math.max(...b))} | ${median(cell(step, 'bare', 'pktsPerMiB')).toFixed(0)} ` +
-    `(${median(cell(step, 'bare', 'lostPerMiB')).toFixed(1)}) / ${median(cell(step, 'page', 'pktsPerMiB')).toFixed(0)} ` +
-    `(${median(cell(step, 'page', 'lostPerMiB')).toFixed(1)}) |`);
 }
-console.log(JSON.stringify({ mib: MIB, rounds: ROUNDS, web: WEB, load, rows }));
+console.log(JSON.stringify({ mib: MIB, rounds: ROUNDS, web: WEB, pinned: PIN, load, rows }));

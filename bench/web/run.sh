@@ -3,7 +3,7 @@
 # Tern on free loopback ports (TURN relay to loopback allowed, bandwidth cap off like the
 # other benches), runs the benchmark, stops the daemon by its PID.
 #
-# usage: bench/web/run.sh [--mib 200] [--rounds 3] [--paths direct,turn] [--kinds bare,page] [--web web] [--profile]
+# usage: bench/web/run.sh [--mib 200] [--rounds 3] [--paths direct,turn] [--kinds bare,file,page] [--web web] [--pin] [--profile]
 #        env: TERN_BIN (default: build one)
 #             NICE (0): run Tern and the browsers at this nice value, e.g. -10 on a box busy
 #             with other work. With the kernel's autogroups nice only ranks processes within
@@ -58,4 +58,4 @@ for _ in $(seq 50); do
     curl -sf "http://127.0.0.1:$API/api/ice" > /dev/null && break
     sleep 0.2
 done
-nice -n "$NICE" node "$ROOT/bench/web/bench.mjs" --url "http://127.0.0.1:$API" --tern-pid "$TERN_PID" "$@" | tee "$OUT/results.md"
+nice -n "$NICE" node "$ROOT/bench/web/${BENCH_JS:-bench.mjs}" --url "http://127.0.0.1:$API" --tern-pid "$TERN_PID" "$@" | tee "$OUT/results.md"

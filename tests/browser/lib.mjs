@@ -3,7 +3,7 @@
 // helper that reads the selected ICE candidate pair from getStats().
 
 import { createHmac } from 'node:crypto';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,15 +24,23 @@ export const CHROMIUM_ARGS = [
 ];
 
 /**
- * Launches Chromium with a fresh user-data-dir in a temp dir.
+ * Launches Chromium with a fresh user-data-dir in a temp dir; with `cpus` (a `taskset -c`
+ * list, e.g. "1"), the browser and every process it starts run only on those CPUs.
  * Returns { context, profile, newPage(), close() }; close() also removes the profile.
  */
-export async function launchChromium({ extraArgs = [] } = {}) {
+export async function launchChromium({ extraArgs = [], cpus = null } = {}) {
   const profile = await mkdtemp(join(tmpdir(), 'tern-chromium-'));
   let context;
+  let executablePath = CHROMIUM;
   try {
+    if (cpus !== null) {
+      // Playwright runs an executable, not a command line: a script in the profile that
+      // execs the browser under taskset (the affinity is inherited by its children).
+      executablePath = join(profile, 'taskset-chromium.sh');
+      await writeFile(executablePath, `#!/bin/sh\nexec taskset -c ${cpus} ${CHROMIUM} "$@"\n`, { mode: 0o755 });
+    }
     context = await chromium.launchPersistentContext(profile, {
-      executablePath: CHROMIUM,
+      executablePath,
       headless: true,
       args: [...CHROMIUM_ARGS, ...extraArgs],
     });
