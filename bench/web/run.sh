@@ -58,4 +58,4 @@ for _ in $(seq 50); do
     curl -sf "http://127.0.0.1:$API/api/ice" > /dev/null && break
     sleep 0.2
 done
-nice -n "$NICE" node "$ROOT/bench/web/${BENCH_JS:-bench.mjs}" --url "http://127.0.0.1:$API" --tern-pid "$TERN_PID" "$@" | tee "$OUT/results.md"
+nice -n "$NICE" node "$ROOT/bench/web/bench.mjs" --url "http://127.0.0.1:$API" --tern-pid "$TERN_PID" "$@" | tee "$OUT/results.md"
