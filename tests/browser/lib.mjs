@@ -37,7 +37,7 @@ export async function launchChromium({ extraArgs = [], cpus = null } = {}) {
       // Playwright runs an executable, not a command line: a script in the profile that
       // execs the browser under taskset (the affinity is inherited by its children).
       executablePath = join(profile, 'taskset-chromium.sh');
-      await writeFile(executablePath, `#!/bin/sh\nexec taskset -c ${cpus} ${CHROMIUM} "$@"\n`, { mode: 0o755 });
+      await writeFile(executablePath, `#!/bin/sh\nexec taskset -c '${cpus}' '${CHROMIUM}' "$@"\n`, { mode: 0o755 });
     }
     context = await chromium.launchPersistentContext(profile, {
       executablePath,
