@@ -1183,10 +1183,9 @@ function cleanFileName(s) {
 /**
  * A file read in pieces of PIECE bytes (the last one shorter) through one `stream()` of it,
  * into two buffers used in turn. The file's stream is a byte stream where the browser has
- * them (Chromium): a BYOB reader reads straight into the piece's buffer (bench/web's
- * reading test: 1.8-2.3 ms of CPU per MiB against 2.7-3.1 for a default reader's chunks
- * copied in, and 8.5-10 for a `slice().arrayBuffer()` per piece); elsewhere the chunks are
- * copied in. `next()` resolves to the next piece and starts reading the one after it; a
+ * them (Chromium): a BYOB reader reads straight into the piece's buffer (bench/web/read.mjs:
+ * 1.4-2.5 ms of CPU per MiB against 2.3-4.1 for a default reader's chunks copied in, and
+ * 8.5-9.2 for a `slice().arrayBuffer()` per piece); elsewhere the chunks are copied in. `next()` resolves to the next piece and starts reading the one after it; a
  * piece stays valid until the next call after that, so the caller hands it on (the channel
  * and WebCrypto copy what they take) before asking again.
  */
@@ -1654,7 +1653,7 @@ class PieceHasher {
 }
 
 /**
- * The SHA-256 (hex) of a Blob or File, read through its stream with `Sha256`. In the tab's
+ * The SHA-256 (hex) of a Blob or File, read in pieces (PieceReader) with `Sha256`. In the tab's
  * piece worker when one runs, off the main thread; given the file's OPFS handle (`fh`) the
  * worker reads it through a sync access handle into one reused buffer, so no memory
  * beyond that buffer is used however large the file (a stream's chunks are garbage until
@@ -1685,14 +1684,22 @@ async function storedSha256(fh) {
   }
 }
 
+// Read through PieceReader into its two piece buffers (a BYOB reader in Chromium): like
+// storedSha256's one buffer, no garbage however large the file (the stream's own chunks
+// are garbage until the worker's next collection).
 async function blobSha256(blob) {
   const h = new Sha256();
-  const r = blob.stream().getReader();
-  for (;;) {
-    const { done, value } = await r.read();
-    if (done) return h.hex();
-    h.update(value);
+  const r = new PieceReader(blob, blob.size);
+  try {
+    for (let at = 0; at < blob.size;) {
+      const piece = await r.next();
+      h.update(piece);
+      at += piece.length;
+    }
+  } finally {
+    r.close();
   }
+  return h.hex();
 }
 
 // The `n` bytes of `parts` (Uint8Arrays) in one buffer: `into` when given (its first n

@@ -6,7 +6,8 @@
 //     renderer's resident memory (/proc/PID/status VmRSS of every renderer process of the
 //     receiving browser and of the sending one, sampled every 200 ms) stays under
 //     --bound-mib, also while the receiver reads the stored file back for its own SHA-256
-//     (the row's button), which must equal Node's hash of the file; both rows show the same
+//     and the sender reads the picked file again for its (each row's button), both of
+//     which must equal Node's hash of the file; both rows show the same
 //     digest (the SHA-256 of the pieces' SHA-256);
 //  3. a sender whose digest (file-end) does not match the pieces it sent: the receiver
 //     refuses the file, both rows end "failed" naming the digest, nothing of it is stored;
@@ -153,6 +154,11 @@ try {
     hashSecs = (Date.now() - h0) / 1000;
     const got = await inRow(b).getAttribute('data-sha256');
     if (got !== want) throw new Error(`the stored file's SHA-256 ${got}, the file's ${want}`);
+    // The sender's own button: the picked file read again (in its piece worker).
+    await outRow(a).locator('button.sha').click();
+    await outRow(a).locator('div.sha').waitFor({ timeout: STEP_MS });
+    const sent = await outRow(a).getAttribute('data-sha256');
+    if (sent !== want) throw new Error(`the sender's SHA-256 of the file ${sent}, Node's ${want}`);
   } finally {
     sampling = false;
     clearInterval(heapSampler);
