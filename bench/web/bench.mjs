@@ -87,29 +87,26 @@ window.bareRecv = (bytes) => new Promise((r) => {
   let got = 0;
   window.dc.onmessage = (e) => { got += e.data.byteLength; if (got >= bytes) r(got); };
 });
-window.bareSend = async (bytes) => {
+// Sends u8 in 64 KiB messages, waiting for bufferedamountlow (1 MiB) above 4 MiB queued.
+window.bareWrite = async (u8) => {
   const dc = window.dc;
   dc.bufferedAmountLowThreshold = 1 << 20;
-  const buf = new Uint8Array(64 << 10);
-  crypto.getRandomValues(buf);
-  for (let sent = 0; sent < bytes;) {
+  for (let o = 0; o < u8.length; o += 64 << 10) {
     if (dc.bufferedAmount > 4 << 20) await new Promise((r) => { dc.onbufferedamountlow = r; });
-    const n = Math.min(buf.length, bytes - sent);
-    dc.send(n === buf.length ? buf : buf.subarray(0, n));
-    sent += n;
+    dc.send(u8.subarray(o, Math.min(o + (64 << 10), u8.length)));
   }
 };
+window.bareSend = async (bytes) => {
+  const buf = new Uint8Array(64 << 10);
+  crypto.getRandomValues(buf);
+  for (let sent = 0; sent < bytes; sent += buf.length) await window.bareWrite(buf.subarray(0, Math.min(buf.length, bytes - sent)));
+};
 window.bareSendFile = async () => {
-  const dc = window.dc;
-  dc.bufferedAmountLowThreshold = 1 << 20;
   const r = document.getElementById('bench-file').files[0].stream().getReader();
   for (;;) {
     const { done, value } = await r.read();
     if (done) return;
-    for (let o = 0; o < value.length; o += 64 << 10) {
-      if (dc.bufferedAmount > 4 << 20) await new Promise((res) => { dc.onbufferedamountlow = res; });
-      dc.send(value.subarray(o, Math.min(o + (64 << 10), value.length)));
-    }
+    await window.bareWrite(value);
   }
 };
 window.barePath = async () => {
@@ -413,15 +410,17 @@ const cell = (step, kind, key = 'mbps') => rows.filter((r) => r.step === step &&
 const pct = (x) => `${(x * 100).toFixed(0)} %`;
 console.log(`${MIB} MiB, ${ROUNDS} rounds of ${KINDS.join(', ')} (the order reversed every other round); load average during the runs ` +
   `${Math.min(...load).toFixed(1)}–${Math.max(...load).toFixed(1)} on ${cpus().length} cores, ${PIN ? "the sender's browser on CPU 0, the receiver's on CPU 1" : 'the browsers unpinned'}${WEB ? `; page files from ${WEB}` : ''}\n`);
-if (KINDS.length < 2) {
-  // One kind: its figures alone (no ratio without the other kind in the same run).
+if (KINDS.length < 2 || !KINDS.includes('page')) {
+  // Without the page against another kind: each kind's figures alone.
   console.log('| path | kind | MB/s median (min–max) | CPU ms/MiB: both, sender, receiver (medians) | packets per MiB (lost) |');
   console.log('|---|---|---|---|---|');
   for (const step of PATHS) {
-    const v = cell(step, KINDS[0]);
-    const m = (key) => median(cell(step, KINDS[0], key)).toFixed(1);
-    console.log(`| ${step} | ${KINDS[0]} | ${median(v).toFixed(1)} (${Math.min(...v).toFixed(1)}–${Math.max(...v).toFixed(1)}) | ` +
-      `${m('cpuMsPerMiB')}, ${m('senderCpuMsPerMiB')}, ${m('receiverCpuMsPerMiB')} | ${m('pktsPerMiB')} (${m('lostPerMiB')}) |`);
+    for (const kind of KINDS) {
+      const v = cell(step, kind);
+      const m = (key) => median(cell(step, kind, key)).toFixed(1);
+      console.log(`| ${step} | ${kind} | ${median(v).toFixed(1)} (${Math.min(...v).toFixed(1)}–${Math.max(...v).toFixed(1)}) | ` +
+        `${m('cpuMsPerMiB')}, ${m('senderCpuMsPerMiB')}, ${m('receiverCpuMsPerMiB')} | ${m('pktsPerMiB')} (${m('lostPerMiB')}) |`);
+    }
   }
 }
 // The page against each other kind in the run, same rounds.
