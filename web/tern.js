@@ -31,11 +31,11 @@ const HEARTBEAT_MS = 2000;
 const DEAD_AFTER_MS = 12000;
 const RELAY_MS = 15000; // the WebSocket relay step, from asking for a ticket to both hellos
 // A file moves in pieces of PIECE bytes: the sender reads the file through one stream into
-// a piece at a time (the next one being read meanwhile) and follows its chunks with the
-// piece's SHA-256 from WebCrypto (native); the receiver checks each piece the same way (in
-// its piece worker) and writes it as one storage write. Both ends take the transfer's
-// digest, the SHA-256 of the piece hashes in order; the sender's goes with the last piece
-// and the receiver compares it with its own. The file's own SHA-256 (`Sha256`, incremental, 6-7x the CPU of native
+// a piece at a time (the next one being read meanwhile) and sends the piece's SHA-256 from
+// WebCrypto (native) in the frame of its last chunk (K_PIECE); the receiver checks each
+// piece the same way (in its piece worker, BATCH pieces per message) and writes a batch as
+// one storage write. Both ends take the transfer's digest, the SHA-256 of the piece hashes
+// in order; the sender's goes with the last piece and the receiver compares it with its own. The file's own SHA-256 (`Sha256`, incremental, 6-7x the CPU of native
 // SHA-256) is taken on request from the stored file (`fileSha256()`), or alongside where the
 // page cannot read the stored file back (a download).
 // 255 KiB: one 256 KiB SCTP message between Chromiums with its frame header, so the
@@ -46,6 +46,12 @@ const PROGRESS_MS = 500; // at most one progress event per transfer this often (
 const HASH_STEP = 64 << 10; // the receiver hashes a piece this much at a time, letting
 // channel messages in between: a whole piece at once blocks the main thread long enough
 // (~25 ms on a busy machine) for the SCTP receive window to close
+// The receiver hands its checker (the piece worker) this many pieces at a time, ~1 MiB: one
+// message to the worker and one storage write per batch instead of per piece (each is a
+// thread hop, and an OPFS write a message to the browser process too). In bench/web, pieces
+// of 64 KiB, each handed on alone, cost 23 ms of CPU per MiB more than 255 KiB ones: the
+// per-piece hops, not the bytes.
+const BATCH = 4;
 const WINDOW = 16 << 20; // bytes a sender may have in flight beyond the receiver's last ack
 const ACK_EVERY = 2 << 20; // the receiver acks after writing this much
 const MAX_CHAT_BYTES = 32 << 10; // chat text (UTF-8): under signaling's 64 KiB message cap
@@ -60,6 +66,9 @@ const K_PONG = 5;
 const K_HELLO = 6; // first frame over the WebSocket relay: proves both sides hold the key
 const K_CTL = 7; // the library's own JSON (chat, file offers, acks, cancel): never a `message`
 const K_DATA = 8; // a file chunk: u32 transfer id, then bytes
+const K_PIECE = 9; // a piece's last chunk: u32 transfer id, the piece's SHA-256 (32 bytes), then bytes
+const DATA_HEAD = 5; // kind and id before a K_DATA chunk's bytes
+const PIECE_HEAD = 37; // kind, id and SHA-256 before a K_PIECE chunk's bytes
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -960,6 +969,13 @@ export class Channel extends EventTarget {
           this._in.get(id)?._onData(body.subarray(4));
         }
         return;
+      case K_PIECE:
+        if (body.length >= PIECE_HEAD - 1) {
+          const t = this._in.get(new DataView(body.buffer, body.byteOffset, 4).getUint32(0));
+          t?._onData(body.subarray(PIECE_HEAD - 1));
+          t?._onPiece(hex(body.subarray(4, PIECE_HEAD - 1)));
+        }
+        return;
       case K_BIN:
       case K_TXT:
         this._frag.push(body.slice());
@@ -1001,7 +1017,7 @@ export class Channel extends EventTarget {
       case 'file-end':
         this._in.get(id)?._onEnd(String(d.digest || ''));
         return;
-      case 'file-piece':
+      case 'file-piece': // a piece's SHA-256 apart from its chunk (tern.js before K_PIECE)
         this._in.get(id)?._onPiece(String(d.sha256 || ''));
         return;
       case 'file-ack':
@@ -1025,38 +1041,40 @@ export class Channel extends EventTarget {
   }
 
   /**
-   * A file chunk (`bytes` ≤ `dataStep`). On a data channel with no frame queued before it,
-   * it is built in one reused buffer and sent at once (`send` copies it): no allocation or
-   * promise per chunk. Returns null when the caller may send the next chunk at once, else
-   * a promise to await (the queue is above HIGH_WATER, or the chunk went behind queued
-   * frames).
+   * A file chunk (`bytes` ≤ `dataStep`): K_DATA, or with `sha256` (the piece's, 32 bytes)
+   * K_PIECE, its piece's last chunk. On a data channel with no frame queued before it, it
+   * is sent at once (`send` copies it): framed in place when `room` says the bytes before
+   * `bytes` in its buffer are the caller's headroom (PieceReader's: no copy at all), else in
+   * one reused buffer; no allocation or promise per chunk. Returns null when the caller may
+   * send the next chunk at once, else a promise to await (the queue is above HIGH_WATER, or
+   * the chunk went behind queued frames).
    */
-  _sendData(id, bytes) {
+  _sendData(id, bytes, sha256 = null, room = false) {
+    const head = sha256 ? PIECE_HEAD : DATA_HEAD;
+    const n = bytes.length + head;
     const dc = this._dc;
     if (this._queued === 0 && dc && !this._ws && this.state === 'open') {
       if (dc.readyState !== 'open') return Promise.reject(new Error('data channel closed'));
-      const n = bytes.length + 5;
-      if (!this._scratch || this._scratch.length < n) {
-        this._scratch = new Uint8Array(Math.max(n, this.chunkSize + 1));
-        this._scratchDv = new DataView(this._scratch.buffer);
+      let f;
+      if (room && bytes.byteOffset >= head) f = new Uint8Array(bytes.buffer, bytes.byteOffset - head, n);
+      else {
+        if (!this._scratch || this._scratch.length < n) this._scratch = new Uint8Array(Math.max(n, this.chunkSize + 1));
+        f = this._scratch.subarray(0, n);
+        f.set(bytes, head);
       }
-      const f = this._scratch;
-      f[0] = K_DATA;
-      this._scratchDv.setUint32(1, id);
-      f.set(bytes, 5);
-      dc.send(n === f.length ? f : f.subarray(0, n));
+      frameHead(f, id, sha256);
+      dc.send(f);
       return dc.bufferedAmount > HIGH_WATER ? this._drained(dc) : null;
     }
-    const frame = new Uint8Array(bytes.length + 5);
-    frame[0] = K_DATA;
-    new DataView(frame.buffer).setUint32(1, id);
-    frame.set(bytes, 5);
+    const frame = new Uint8Array(n);
+    frameHead(frame, id, sha256);
+    frame.set(bytes, head);
     return this._queue(frame);
   }
 
   /** File bytes per chunk: pieces split evenly into frames of at most `chunkSize`. */
   get dataStep() {
-    return Math.ceil(PIECE / Math.ceil(PIECE / (this.chunkSize - 4)));
+    return Math.ceil(PIECE / Math.ceil(PIECE / (this.chunkSize - (PIECE_HEAD - 1))));
   }
 
   /** Sends a string or binary message; large messages are split into `chunkSize` frames. */
@@ -1175,6 +1193,17 @@ function progress(t, n) {
   }
 }
 
+// A file chunk's frame header: K_DATA and the transfer id, or K_PIECE, the id and the
+// piece's SHA-256.
+function frameHead(f, id, sha256) {
+  f[0] = sha256 ? K_PIECE : K_DATA;
+  f[1] = id >>> 24;
+  f[2] = (id >>> 16) & 255;
+  f[3] = (id >>> 8) & 255;
+  f[4] = id & 255;
+  if (sha256) f.set(sha256, DATA_HEAD);
+}
+
 function cleanFileName(s) {
   // Path separators and control characters never reach a download name.
   return String(s || 'file').replace(/[\u0000-\u001f\u007f/\\]/g, '_').slice(0, 255) || 'file';
@@ -1187,11 +1216,13 @@ function cleanFileName(s) {
  * 1.4-2.5 ms of CPU per MiB against 2.3-4.1 for a default reader's chunks copied in, and
  * 8.5-9.2 for a `slice().arrayBuffer()` per piece); elsewhere the chunks are copied in. `next()` resolves to the next piece and starts reading the one after it; a
  * piece stays valid until the next call after that, so the caller hands it on (the channel
- * and WebCrypto copy what they take) before asking again.
+ * and WebCrypto copy what they take) before asking again. With `room`, each piece's buffer
+ * keeps that many bytes before the piece for the caller (a frame header).
  */
 class PieceReader {
-  constructor(file, size) {
+  constructor(file, size, room = 0) {
     this._size = size;
+    this._room = room;
     this._byob = false;
     this._reader = null;
     if (size > 0) {
@@ -1206,7 +1237,7 @@ class PieceReader {
     this._spare = null; // the buffer of the piece before the last one handed out
     this._left = null; // the unused end of the last chunk read (default reader)
     this._read = 0; // bytes taken from the stream
-    this._next = this._reader ? this._fill(new ArrayBuffer(Math.min(PIECE, size))) : null;
+    this._next = this._reader ? this._fill(this._buffer()) : null;
     this._next?.catch(() => {}); // a read still running when the transfer stops
   }
 
@@ -1214,21 +1245,26 @@ class PieceReader {
     if (!this._next) throw new Error('read past the end of the file');
     const piece = await this._next;
     if (this._read < this._size) {
-      this._next = this._fill(this._spare || new ArrayBuffer(Math.min(PIECE, this._size)));
+      this._next = this._fill(this._spare || this._buffer());
       this._next.catch(() => {});
     } else this._next = null;
     this._spare = piece.buffer;
     return piece;
   }
 
-  // Reads the next piece into `ab` (a BYOB read transfers it: the piece is a view of the
-  // buffer the last read gave back).
+  _buffer() {
+    return new ArrayBuffer(this._room + Math.min(PIECE, this._size));
+  }
+
+  // Reads the next piece into `ab` after its room (a BYOB read transfers it: the piece is a
+  // view of the buffer the last read gave back).
   async _fill(ab) {
-    const want = Math.min(ab.byteLength, this._size - this._read);
+    const at = this._room;
+    const want = Math.min(ab.byteLength - at, this._size - this._read);
     let n = 0;
     while (n < want) {
       if (this._byob) {
-        const { done, value } = await this._reader.read(new Uint8Array(ab, n, want - n));
+        const { done, value } = await this._reader.read(new Uint8Array(ab, at + n, want - n));
         if (done) throw new Error('the file shrank while it was read');
         ab = value.buffer;
         n += value.length;
@@ -1242,12 +1278,12 @@ class PieceReader {
         c = value;
       }
       const take = Math.min(c.length, want - n);
-      new Uint8Array(ab, n, take).set(take === c.length ? c : c.subarray(0, take));
+      new Uint8Array(ab, at + n, take).set(take === c.length ? c : c.subarray(0, take));
       n += take;
       if (take < c.length) this._left = c.subarray(take);
     }
     this._read += n;
-    return new Uint8Array(ab, 0, n);
+    return new Uint8Array(ab, at, n);
   }
 
   close() {
@@ -1309,7 +1345,9 @@ export class OutgoingTransfer extends EventTarget {
     await ch._sendCtl({ kind: 'file', id: this.id, name: this.name, size: this.size, mime: this.file.type || '' });
     this.t0 = performance.now();
     const step = ch.dataStep;
-    const reader = new PieceReader(this.file, this.size);
+    // Pieces are read with room for a frame header before them: a piece that is one frame
+    // goes to `send` as it was read.
+    const reader = new PieceReader(this.file, this.size, PIECE_HEAD);
     this._reader = reader;
     const list = new PieceList();
     let off = 0;
@@ -1317,24 +1355,25 @@ export class OutgoingTransfer extends EventTarget {
       // One piece in hand and the next one being read: never more of the file in memory.
       const buf = await reader.next();
       this._live();
-      const digest = crypto.subtle.digest('SHA-256', buf); // copies buf; runs while it is sent
+      // The piece's SHA-256 goes in the frame of its last chunk (the channel's queue, 1-4 MiB,
+      // keeps the path busy meanwhile).
+      const d = new Uint8Array(await crypto.subtle.digest('SHA-256', buf));
+      this._live();
+      list.push(d);
       for (let i = 0; i < buf.length; i += step) {
         while (this.sent - this.acked > WINDOW) {
           await new Promise((r) => { this._wake = r; });
           this._live();
         }
-        const piece = buf.subarray(i, Math.min(i + step, buf.length));
-        const wait = ch._sendData(this.id, piece);
+        const end = Math.min(i + step, buf.length);
+        const chunk = buf.subarray(i, end);
+        const wait = ch._sendData(this.id, chunk, end === buf.length ? d : null, i === 0);
         if (wait) {
           await wait;
           this._live();
         } else if (this.state !== 'sending') this._live();
-        this.sent += piece.length;
+        this.sent += chunk.length;
       }
-      const d = new Uint8Array(await digest);
-      list.push(d);
-      await ch._sendCtl({ kind: 'file-piece', id: this.id, sha256: hex(d) });
-      this._live();
       off += buf.length;
       progress(this, this.sent);
     }
@@ -1431,6 +1470,8 @@ export class IncomingTransfer extends EventTarget {
     this.t0 = performance.now();
     this._parts = [];
     this._partsLen = 0;
+    this._batch = []; // pieces complete and not yet handed to _pieces: [{parts, n, sha256}]
+    this._batchLen = 0;
     this._written = 0;
     this._acked = 0;
     this.done = new Promise((res, rej) => {
@@ -1479,15 +1520,26 @@ export class IncomingTransfer extends EventTarget {
     progress(this, this.received);
   }
 
-  // The chunks since the last piece, with the sender's SHA-256 of them: checked, added to
-  // the file's hash and written as one storage write; pieces are handled in order.
+  // The chunks since the last piece, with the sender's SHA-256 of them: one piece, handed
+  // on in a batch of BATCH.
   _onPiece(sha256) {
     if (this.state !== 'receiving') return;
-    const parts = this._parts;
-    const n = this._partsLen;
+    this._batch.push({ parts: this._parts, n: this._partsLen, sha256 });
+    this._batchLen += this._partsLen;
     this._parts = [];
     this._partsLen = 0;
-    const checked = this._ready.then(() => this._pieces.piece(parts, n, sha256));
+    if (this._batch.length >= BATCH) this._handOn();
+  }
+
+  // The pieces batched: checked, added to the transfer's digest and written (one storage
+  // write), in order.
+  _handOn() {
+    if (this._batch.length === 0) return;
+    const list = this._batch;
+    const n = this._batchLen;
+    this._batch = [];
+    this._batchLen = 0;
+    const checked = this._ready.then(() => this._pieces.take(list));
     checked.catch(() => {});
     this._chain = this._chain.then(async () => {
       if (this.state !== 'receiving') return;
@@ -1524,6 +1576,7 @@ export class IncomingTransfer extends EventTarget {
   // checked here: a piece missing, repeated or out of order fails the transfer.
   _onEnd(digest) {
     if (this._partsLen > 0) this._bad('data after the last piece');
+    this._handOn();
     this._chain = this._chain.then(async () => {
       if (this.state !== 'receiving') return;
       this._set('verifying');
@@ -1553,6 +1606,8 @@ export class IncomingTransfer extends EventTarget {
     this.error = why;
     this._parts = [];
     this._partsLen = 0;
+    this._batch = [];
+    this._batchLen = 0;
     this.ch._in.delete(this.id);
     this._set(state);
     this._reject(new Error(why));
@@ -1716,9 +1771,9 @@ function concat(parts, n, into = null) {
 
 /**
  * Pieces checked (and with `flat` hashed) on the main thread, in order (where no worker can
- * run: tern.js loaded from another origin). `piece(parts, n, sha256)` (a piece's chunks and
- * their length) resolves to the piece in one buffer for the sink to write; `finish()` to
- * `{digest, sha256}` (PieceHasher's).
+ * run: tern.js loaded from another origin). `take(list)` (a batch of pieces, each
+ * `{parts, n, sha256}`: its chunks, their length and the sender's SHA-256) resolves to the
+ * batch in one buffer for the sink to write; `finish()` to `{digest, sha256}` (PieceHasher's).
  */
 class InlinePieces {
   constructor(flat) {
@@ -1726,10 +1781,17 @@ class InlinePieces {
     this._c = Promise.resolve();
   }
 
-  piece(parts, n, sha256) {
-    const u8 = concat(parts, n);
-    // HASH_STEP at a time, letting channel messages in between.
-    const p = this._c.then(() => this._h.add(u8, sha256, HASH_STEP, yieldToEvents)).then(() => u8);
+  take(list) {
+    const u8 = concat(list.flatMap((p) => p.parts), batchLength(list));
+    const p = this._c.then(async () => {
+      let o = 0;
+      for (const { n, sha256 } of list) {
+        // HASH_STEP at a time, letting channel messages in between.
+        await this._h.add(u8.subarray(o, o + n), sha256, HASH_STEP, yieldToEvents);
+        o += n;
+      }
+      return u8;
+    });
     this._c = p.catch(() => {});
     return p;
   }
@@ -1742,11 +1804,16 @@ class InlinePieces {
   async drop() {}
 }
 
+/** The bytes in a batch of pieces. */
+function batchLength(list) {
+  return list.reduce((a, p) => a + p.n, 0);
+}
+
 /**
- * Pieces of one file in the piece worker: a piece's chunks are transferred (not copied) to
- * it; it joins them, and the piece comes back only where the main thread's sink writes it
- * (`download`, `memory`); with a file handle the worker writes it. Same interface as
- * InlinePieces.
+ * Pieces of one file in the piece worker: a batch's chunks are transferred (not copied) to
+ * it in one message; it checks each piece, and the batch comes back in one buffer only
+ * where the main thread's sink writes it (`download`, `memory`); with a file handle the
+ * worker writes it. Same interface as InlinePieces.
  */
 class WorkerPieces {
   static async open(w, key, fh, flat) {
@@ -1759,10 +1826,10 @@ class WorkerPieces {
     this._key = key;
   }
 
-  async piece(parts, n, sha256) {
+  async take(list) {
     // Each chunk is a view into its own channel message's buffer.
-    const bufs = [...new Set(parts.map((p) => p.buffer))];
-    const back = await this._w.call({ op: 'piece', key: this._key, parts, n, sha256 }, bufs);
+    const bufs = [...new Set(list.flatMap((p) => p.parts.map((c) => c.buffer)))];
+    const back = await this._w.call({ op: 'pieces', key: this._key, list }, bufs);
     return back ? new Uint8Array(back) : null;
   }
 
@@ -1849,20 +1916,28 @@ function pieceWorkerMain() {
       case 'open':
         if (m.fh) f.ah = await m.fh.createSyncAccessHandle();
         return [null];
-      case 'piece': {
+      case 'pieces': {
         if (f.dead) throw new Error(f.dead);
-        if (m.n > PIECE) throw new Error(`a piece longer than ${PIECE} bytes`);
-        // Written here: one chunk as it came (a piece is one message between Chromiums),
-        // else joined in one buffer reused for every piece; handed back: a new buffer.
+        if (m.list.length > BATCH || m.list.some((p) => p.n > PIECE)) {
+          throw new Error(`more than ${BATCH} pieces of at most ${PIECE} bytes`);
+        }
+        const n = batchLength(m.list);
+        // Written here in one write: a lone chunk as it came (a piece is one message between
+        // Chromiums), else the batch joined in one buffer reused for every batch; handed
+        // back: a new buffer.
         let u8;
-        if (f.ah && m.parts.length === 1) u8 = m.parts[0];
+        if (f.ah && m.list.length === 1 && m.list[0].parts.length === 1) u8 = m.list[0].parts[0];
         else {
-          if (f.ah && !f.scratch) f.scratch = new Uint8Array(PIECE);
-          u8 = concat(m.parts, m.n, f.ah ? f.scratch : null);
+          if (f.ah && !f.scratch) f.scratch = new Uint8Array(BATCH * PIECE);
+          u8 = concat(m.list.flatMap((p) => p.parts), n, f.ah ? f.scratch : null);
         }
         const at = f.h.at;
         try {
-          await f.h.add(u8, m.sha256);
+          let o = 0;
+          for (const p of m.list) {
+            await f.h.add(u8.subarray(o, o + p.n), p.sha256);
+            o += p.n;
+          }
         } catch (e) {
           f.dead = e.message;
           throw e;

@@ -12,10 +12,14 @@
 //  2. a second send is cancelled by the receiver a few percent in: both rows end
 //     "cancelled" and the browser's download fails (no file is kept);
 //  3. one byte of one chunk is flipped on its way out of the sender (its data channel's
-//     send patched): the receiver's check of that 1 MiB piece fails, both rows end
+//     send patched): the receiver's check of that piece fails, both rows end
 //     "failed" saying so, and the browser's download fails;
 //  4. the download is cancelled in the browser (its download manager, as a user would):
-//     the receiver's row fails saying so, and so does the sender's (it stops sending).
+//     the receiver's row fails saying so, and so does the sender's (it stops sending);
+//  5. a third page, whose browser runs no Worker (the constructor throws, as where tern.js
+//     is loaded from another origin), receives the file: its main thread checks the pieces
+//     in batches and an OPFS writable stream stores them; the row ends "done" with storage
+//     'opfs', and the stored file's SHA-256 (its button, read back) equals the file's.
 //
 // usage: node web_save.mjs --url http://127.0.0.1:API --out DIR [--bytes N]
 // Prints one JSON line and "PASS" on success.
@@ -42,6 +46,14 @@ const NO_BYOB = () => {
       throw new TypeError('no BYOB reader in this browser');
     }
     return get.call(this, o);
+  };
+};
+
+const NO_WORKER = () => {
+  window.workerRefused = 0;
+  window.Worker = function Worker() {
+    window.workerRefused++;
+    throw new DOMException('no workers in this browser', 'SecurityError');
   };
 };
 
@@ -135,7 +147,7 @@ try {
     const send = RTCDataChannel.prototype.send;
     let flipped = false;
     RTCDataChannel.prototype.send = function (d) {
-      if (!flipped && d instanceof Uint8Array && d[0] === 8 && d.length > 1000) { // a file chunk (kind 8)
+      if (!flipped && d instanceof Uint8Array && (d[0] === 8 || d[0] === 9) && d.length > 1000) { // a file chunk (kind 8 or 9)
         flipped = true;
         d = d.slice();
         d[d.length - 1] ^= 1;
@@ -166,6 +178,28 @@ try {
     throw new Error(`download cancelled in the browser: sender ${sa4}, receiver ${sb4}, rows say ${JSON.stringify(why4)}`);
   }
   result.steps.browserCancel = { secs: (Date.now() - s) / 1000, ...why4 };
+
+  // 5. No piece worker: the receiving main thread checks, a writable stream stores.
+  s = Date.now();
+  const c = await bb.newPage();
+  await c.addInitScript(NO_WORKER);
+  await c.goto(`${BASE}/`);
+  await c.waitForSelector('body[data-ready="true"]');
+  const idC = await c.evaluate(() => window.tern.id);
+  await a.locator(`#peers li.peer[data-id="${idB}"] input.pick`).uncheck({ timeout: STEP_MS });
+  await a.locator(`#peers li.peer[data-id="${idC}"] input.pick`).check({ timeout: STEP_MS });
+  await a.waitForFunction(() => document.getElementById('status').dataset.state === 'connected', null, { timeout: 60_000 });
+  await a.locator('#files').setInputFiles([file]);
+  const sc5 = await endState(c, 'in');
+  if (sc5 !== 'done') throw new Error(`no worker: receive ended ${sc5}: ${await inRow(c).textContent()}`);
+  const storage5 = await inRow(c).getAttribute('data-storage');
+  if (storage5 !== 'opfs') throw new Error(`no worker: stored in ${storage5}, not OPFS`);
+  if (!(await c.evaluate(() => window.workerRefused))) throw new Error('the receiving page never tried to start a worker');
+  await inRow(c).locator('button.sha').click();
+  await inRow(c).locator('div.sha').waitFor({ timeout: STEP_MS });
+  const sha5 = await inRow(c).getAttribute('data-sha256');
+  if (sha5 !== want) throw new Error(`no worker: the stored file's SHA-256 ${sha5}, the file's ${want}`);
+  result.steps.noWorker = { secs: (Date.now() - s) / 1000, storage: storage5, shown: await inRow(c).locator('.info').textContent() };
   result.ok = true;
 } catch (e) {
   result.error = String(e?.stack || e);
