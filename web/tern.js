@@ -35,12 +35,13 @@ const RELAY_MS = 15000; // the WebSocket relay step, from asking for a ticket to
 // WebCrypto (native) in the frame of its last chunk (K_PIECE); the receiver checks each
 // piece the same way (in its piece worker, BATCH pieces per message) and writes a batch as
 // one storage write. Both ends take the transfer's digest, the SHA-256 of the piece hashes
-// in order; the sender's goes with the last piece and the receiver compares it with its own. The file's own SHA-256 (`Sha256`, incremental, 6-7x the CPU of native
-// SHA-256) is taken on request from the stored file (`fileSha256()`), or alongside where the
-// page cannot read the stored file back (a download).
+// in order; the sender's goes with the last piece and the receiver compares it with its own.
+// The file's own SHA-256 (`Sha256`, incremental, 6-7x the CPU of native SHA-256) is taken on
+// request from the stored file (`fileSha256()`), or alongside where the page cannot read the
+// stored file back (a download).
 // 255 KiB: one 256 KiB SCTP message between Chromiums with its frame header, so the
-// receiver checks and stores a piece as it came (no joining copy), and a piece's buffers
-// stay in cache; 1 MiB pieces cost the page 11-29 ms more CPU per MiB in bench/web.
+// receiver checks a piece as it came (no joining copy), and a piece's buffers stay in
+// cache; 1 MiB pieces cost the page 11-29 ms more CPU per MiB in bench/web.
 const PIECE = 255 << 10;
 const PROGRESS_MS = 500; // at most one progress event per transfer this often (each redraws)
 const HASH_STEP = 64 << 10; // the receiver hashes a piece this much at a time, letting
