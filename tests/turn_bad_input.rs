@@ -145,7 +145,7 @@ fn bad_fingerprint_and_bad_message_integrity() {
 fn channel_data_on_unbound_channel_is_dropped() {
     let mut tern = Tern::start(TernOpts::new(25200));
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    for ch in [0x4000u16, 0x4fff, 0x7ffe] {
+    for ch in [0x4000u16, 0x4fff, 0x7fff] {
         let mut m = ch.to_be_bytes().to_vec();
         m.extend_from_slice(&4u16.to_be_bytes());
         m.extend_from_slice(b"data");

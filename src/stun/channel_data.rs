@@ -44,7 +44,7 @@ mod tests {
     proptest! {
         #[test]
         fn header_round_trips_through_classify_and_framing(
-            channel in 0x4000u16..=0x7FFE,
+            channel in 0x4000u16..=0x7FFF,
             payload in proptest::collection::vec(any::<u8>(), 0..1500),
         ) {
             let channel = ChannelNumber::new(channel).unwrap();

@@ -32,11 +32,13 @@ pub const MAGIC_COOKIE: u32 = 0x2112_A442;
 pub const HEADER_LEN: usize = 20;
 
 /// First and last accepted channel numbers. RFC 8656 §12 narrowed the range to
-/// 0x4000-0x4FFF, but RFC 5766 clients (coturn's `turnutils_uclient` among them) pick
-/// numbers up to 0x7FFE, and coturn accepts them; so do we. Every number of this range
-/// starts with the bits 01, so ChannelData stays distinct from STUN, DTLS and RTP.
+/// 0x4000-0x4FFF, but RFC 5766 §11 clients pick from 0x4000-0x7FFF: coturn's client
+/// library (`turnutils_uclient` among its users) draws uniformly from it, 0x7FFF included,
+/// and coturn accepts every one; so do we (refusing 0x7FFF failed one bind in 16384).
+/// Every number of this range starts with the bits 01, so ChannelData stays distinct from
+/// STUN, DTLS and RTP.
 pub const CHANNEL_MIN: u16 = 0x4000;
-pub const CHANNEL_MAX: u16 = 0x7FFE;
+pub const CHANNEL_MAX: u16 = 0x7FFF;
 
 /// Method numbers (RFC 8489 §18.2, RFC 8656 §17).
 pub mod method {
@@ -127,7 +129,7 @@ pub enum Kind {
 /// Classifies a UDP datagram by its first two bits (RFC 8656 §12) and checks lengths.
 ///
 /// STUN: 20-byte header, magic cookie, length a multiple of 4 that matches the datagram.
-/// ChannelData: channel 0x4000..=0x7FFE and a length that fits in the datagram (trailing
+/// ChannelData: channel 0x4000..=0x7FFF and a length that fits in the datagram (trailing
 /// padding is allowed over UDP, RFC 8656 §12.5).
 pub fn classify(datagram: &[u8]) -> Kind {
     if datagram.len() < CHANNEL_DATA_HEADER {
@@ -200,7 +202,7 @@ mod tests {
             }
         );
         assert_eq!(classify(&cd[..6]), Kind::Invalid);
-        // RFC 5766 numbers above 0x4FFF are accepted; 0x7FFF is reserved.
+        // RFC 5766 numbers above 0x4FFF are accepted, up to 0x7FFF.
         assert_eq!(
             classify(&[0x50, 0, 0, 0]),
             Kind::ChannelData {
@@ -208,7 +210,13 @@ mod tests {
                 len: 0
             }
         );
-        assert_eq!(classify(&[0x7F, 0xFF, 0, 0]), Kind::Invalid);
+        assert_eq!(
+            classify(&[0x7F, 0xFF, 0, 0]),
+            Kind::ChannelData {
+                channel: ChannelNumber::new(0x7FFF).unwrap(),
+                len: 0
+            }
+        );
         assert_eq!(classify(&[0x80, 0, 0, 0]), Kind::Invalid);
         assert_eq!(classify(&[0x40, 0]), Kind::Invalid);
     }
