@@ -1,6 +1,6 @@
 //! Message boundaries in a TCP/TLS byte stream (RFC 8489 §6.2.2, RFC 8656 §12.5).
 
-use super::{pad4, CHANNEL_MAX, CHANNEL_MIN, HEADER_LEN, MAGIC_COOKIE};
+use super::{pad4, HEADER_LEN, MAGIC_COOKIE};
 
 /// The stream holds bytes that are neither STUN nor ChannelData: the caller closes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -11,8 +11,6 @@ pub enum FrameError {
     BadCookie,
     #[error("STUN message length {0} is not a multiple of 4")]
     BadLength(u16),
-    #[error("channel number {0:#06x} outside 0x4000-0x7FFF")]
-    BadChannel(u16),
 }
 
 /// Length of the first frame in `buf`: `Ok(None)` if more bytes are needed,
@@ -41,12 +39,10 @@ pub fn tcp_frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
             Ok((buf.len() >= n).then_some(n))
         }
         0b01 => {
+            // The bits 01 are the whole accepted channel range, 0x4000-0x7FFF
+            // (`stun::CHANNEL_MAX`): every such frame is ChannelData.
             if buf.len() < 4 {
                 return Ok(None);
-            }
-            let channel = u16::from_be_bytes([buf[0], buf[1]]);
-            if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&channel) {
-                return Err(FrameError::BadChannel(channel));
             }
             let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
             let n = pad4(4 + len);
