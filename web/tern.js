@@ -971,10 +971,14 @@ export class Channel extends EventTarget {
         }
         return;
       case K_PIECE:
-        if (body.length >= PIECE_HEAD - 1) {
+        if (body.length >= 4) {
           const t = this._in.get(new DataView(body.buffer, body.byteOffset, 4).getUint32(0));
-          t?._onData(body.subarray(PIECE_HEAD - 1));
-          t?._onPiece(hex(body.subarray(4, PIECE_HEAD - 1)));
+          // Cut short before its SHA-256: the transfer fails and the sender is told why.
+          if (body.length < PIECE_HEAD - 1) t?._bad(`a piece frame of ${body.length + 1} bytes, shorter than its ${PIECE_HEAD}-byte header`);
+          else {
+            t?._onData(body.subarray(PIECE_HEAD - 1));
+            t?._onPiece(hex(body.subarray(4, PIECE_HEAD - 1)));
+          }
         }
         return;
       case K_BIN:

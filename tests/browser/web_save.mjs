@@ -19,7 +19,9 @@
 //  5. a third page, whose browser runs no Worker (the constructor throws, as where tern.js
 //     is loaded from another origin), receives the file: its main thread checks the pieces
 //     in batches and an OPFS writable stream stores them; the row ends "done" with storage
-//     'opfs', and the stored file's SHA-256 (its button, read back) equals the file's.
+//     'opfs', and the stored file's SHA-256 (its button, read back) equals the file's;
+//  6. a piece's frame (kind 9) is cut short before its SHA-256 on its way out of the
+//     sender: the receiver fails the transfer saying so, and the sender hears why.
 //
 // usage: node web_save.mjs --url http://127.0.0.1:API --out DIR [--bytes N]
 // Prints one JSON line and "PASS" on success.
@@ -200,6 +202,28 @@ try {
   const sha5 = await inRow(c).getAttribute('data-sha256');
   if (sha5 !== want) throw new Error(`no worker: the stored file's SHA-256 ${sha5}, the file's ${want}`);
   result.steps.noWorker = { secs: (Date.now() - s) / 1000, storage: storage5, shown: await inRow(c).locator('.info').textContent() };
+
+  // 6. A piece frame cut short before its SHA-256.
+  s = Date.now();
+  await a.evaluate(() => {
+    const send = RTCDataChannel.prototype.send;
+    let cut = false;
+    RTCDataChannel.prototype.send = function (d) {
+      if (!cut && d instanceof Uint8Array && d[0] === 9) { // a piece's last chunk (kind 9)
+        cut = true;
+        d = d.slice(0, 20);
+      }
+      return send.call(this, d);
+    };
+  });
+  await a.locator('#files').setInputFiles([file]);
+  const outRow = a.locator('#transfers li.transfer[data-dir="out"]').first();
+  const [sa6, sc6] = [await endState(a, 'out'), await endState(c, 'in')];
+  const why6 = { receiver: await inRow(c).locator('.info').textContent(), sender: await outRow.locator('.info').textContent() };
+  if (sa6 !== 'failed' || sc6 !== 'failed' || !why6.receiver.includes('shorter than its') || !why6.sender.includes('shorter than its')) {
+    throw new Error(`a piece frame cut short: sender ${sa6}, receiver ${sc6}, rows say ${JSON.stringify(why6)}`);
+  }
+  result.steps.shortFrame = { secs: (Date.now() - s) / 1000, ...why6 };
   result.ok = true;
 } catch (e) {
   result.error = String(e?.stack || e);
