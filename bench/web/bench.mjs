@@ -42,10 +42,10 @@
 // Prints a Markdown table and one JSON line.
 
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, open, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { browserPids, cpuSecs, launchChromium, parseArgs } from '../../tests/browser/lib.mjs';
+import { browserPids, cpuSecs, launchChromium, parseArgs, threadCpu } from '../../tests/browser/lib.mjs';
 
 const args = parseArgs(process.argv.slice(2));
 const BASE = args.url;
@@ -273,13 +273,9 @@ function makeClock(browsers) {
   const threads = async () => {
     const out = new Map();
     for (const p of procs) {
-      const tids = await readdir(`/proc/${p.pid}/task`).catch(() => []);
-      for (const tid of tids) {
-        const stat = await readFile(`/proc/${p.pid}/task/${tid}/stat`, 'utf8').catch(() => null);
-        if (!stat) continue;
-        const name = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')).replace(/[0-9]+$/, '');
-        const key = `${['snd', 'rcv'][p.side]}:${p.type}:${name}`;
-        out.set(key, (out.get(key) || 0) + (await cpuSecs(`${p.pid}/task/${tid}`)));
+      for (const t of await threadCpu(p.pid)) {
+        const key = `${['snd', 'rcv'][p.side]}:${p.type}:${t.name}`;
+        out.set(key, (out.get(key) || 0) + t.user + t.sys);
       }
     }
     return out;

@@ -17,7 +17,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { browserPids, cpuSecs, launchChromium, parseArgs, servePage } from '../../tests/browser/lib.mjs';
+import { measuredPage, parseArgs } from '../../tests/browser/lib.mjs';
 
 const args = parseArgs(process.argv.slice(2));
 const MIB = Number(args.mib || 200);
@@ -81,15 +81,10 @@ const path = join(dir, 'read.bin');
 const fh = await open(path, 'w');
 for (let left = MIB << 20; left > 0; left -= 16 << 20) await fh.write(randomBytes(Math.min(left, 16 << 20)));
 await fh.close();
-const srv = await servePage(PAGE);
-const br = await launchChromium();
+const { page: p, cpu, close } = await measuredPage(PAGE);
 const out = [];
 try {
-  const p = await br.newPage();
-  await p.goto(srv.url);
   await p.locator('#f').setInputFiles([path]);
-  const pids = await browserPids(br.profile);
-  const cpu = async () => (await Promise.all(pids.map((x) => cpuSecs(x)))).reduce((a, c) => a + c, 0);
   for (let rep = 0; rep < REPS; rep++) {
     for (const way of ['stream-copy', 'stream-touch', 'byob', 'slice', 'file-reader']) {
       const c0 = await cpu();
@@ -102,8 +97,7 @@ try {
     }
   }
 } finally {
-  await br.close();
-  await srv.close();
+  await close();
   await rm(dir, { recursive: true, force: true });
 }
 console.log(JSON.stringify({ mib: MIB, reps: REPS, rows: out }));

@@ -16,8 +16,7 @@
 // usage: node bench/web/store.mjs [--mib 200] [--reps 3]
 // Prints one line per way and rep, then one JSON line.
 
-import { readdir, readFile } from 'node:fs/promises';
-import { browserPids, cpuSecs, launchChromium, parseArgs, servePage } from '../../tests/browser/lib.mjs';
+import { measuredPage, parseArgs, threadCpu } from '../../tests/browser/lib.mjs';
 
 const args = parseArgs(process.argv.slice(2));
 const MIB = Number(args.mib || 200);
@@ -86,24 +85,15 @@ window.run = async (way, bytes) => {
 };
 </script>`;
 
-const srv = await servePage(PAGE);
-const br = await launchChromium();
+const { page: p, pids, cpu, close } = await measuredPage(PAGE);
 const out = [];
 try {
-  const p = await br.newPage();
-  await p.goto(srv.url);
-  const pids = await browserPids(br.profile);
-  const cpu = async () => (await Promise.all(pids.map((x) => cpuSecs(x)))).reduce((a, c) => a + c, 0);
-  // Thread name (digits dropped) and user/system split -> CPU seconds, over every process.
+  // "thread name user|sys" -> CPU seconds, over every process.
   const threads = async () => {
     const m = new Map();
     for (const pid of pids) {
-      for (const tid of await readdir(`/proc/${pid}/task`).catch(() => [])) {
-        const st = await readFile(`/proc/${pid}/task/${tid}/stat`, 'utf8').catch(() => null);
-        if (!st) continue;
-        const name = st.slice(st.indexOf('(') + 1, st.lastIndexOf(')')).replace(/[0-9]+$/, '');
-        const f = st.slice(st.lastIndexOf(')') + 2).split(' ');
-        for (const [k, v] of [[`${name} user`, Number(f[11]) / 100], [`${name} sys`, Number(f[12]) / 100]]) m.set(k, (m.get(k) || 0) + v);
+      for (const t of await threadCpu(pid)) {
+        for (const k of ['user', 'sys']) m.set(`${t.name} ${k}`, (m.get(`${t.name} ${k}`) || 0) + t[k]);
       }
     }
     return m;
@@ -126,7 +116,6 @@ try {
     }
   }
 } finally {
-  await br.close();
-  await srv.close();
+  await close();
 }
 console.log(JSON.stringify({ mib: MIB, reps: REPS, rows: out }));

@@ -207,6 +207,48 @@ export async function rssMiB(pid) {
   }
 }
 
+/**
+ * One Chromium with one page on `html` (servePage), for measuring what work in a page
+ * costs: { page, pids, cpu() (CPU seconds every process of that browser has used), close() }.
+ */
+export async function measuredPage(html) {
+  const srv = await servePage(html);
+  const br = await launchChromium();
+  const close = async () => {
+    await br.close();
+    await srv.close();
+  };
+  try {
+    const page = await br.newPage();
+    await page.goto(srv.url);
+    const pids = await browserPids(br.profile);
+    const cpu = async () => (await Promise.all(pids.map((x) => cpuSecs(x)))).reduce((a, c) => a + c, 0);
+    return { page, pids, cpu, close };
+  } catch (e) {
+    await close();
+    throw e;
+  }
+}
+
+/**
+ * Every thread of process `pid` (none when it is gone): [{ name, user, sys }], the name
+ * without its trailing digits (so a pool's threads share one), CPU in seconds.
+ */
+export async function threadCpu(pid) {
+  const out = [];
+  for (const tid of await readdir(`/proc/${pid}/task`).catch(() => [])) {
+    const stat = await readFile(`/proc/${pid}/task/${tid}/stat`, 'utf8').catch(() => null);
+    if (!stat) continue;
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    out.push({
+      name: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')).replace(/[0-9]+$/, ''),
+      user: Number(f[11]) / 100,
+      sys: Number(f[12]) / 100,
+    });
+  }
+  return out;
+}
+
 /** CPU seconds (user + system) a process (`pid`, or `pid/task/tid` for one thread) has used, 0 when it is gone. */
 export async function cpuSecs(pid) {
   try {
