@@ -10,7 +10,9 @@
 //!   receiving renderer's memory bounded, cancels from both sides leaving nothing stored;
 //! - tests/browser/web_steps.mjs: ICE made to fail, each step named before the relay;
 //! - tests/browser/web_save.mjs: a browser without OPFS writable streams: received files
-//!   stream into its downloads through the Service Worker, hash checked; a cancel fails it.
+//!   stream into its downloads through the Service Worker, hash checked; a cancel fails it;
+//!   a sender without BYOB readers, a receiver without workers, a corrupted chunk and a
+//!   piece frame cut short each end as they should.
 //!
 //! Screenshots land in the test's output dir.
 
